@@ -1,0 +1,55 @@
+# Set-up and everyday commands. Each target installs what it needs into .venv first.
+#   make test     unit and end-to-end tests (CPU)
+#   make bench    the default suite (CUDA when present, else CPU)
+#   make report   an HTML report of the latest run
+#   make lint     ruff
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch installed when none is importable: a CPU build where no NVIDIA driver is seen.
+# Override, e.g. TORCH_SPEC="torch==2.11.0", or install your own torch into .venv first.
+TORCH_SPEC ?= torch==2.13.0
+SUITE ?= suites/default.toml
+
+.PHONY: test bench report lint smoke clean
+
+# --system-site-packages: a torch already installed for this Python is used, not replaced.
+$(VENV)/bin/python:
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.torch: $(VENV)/bin/python
+	@$(PY) -c "import torch" 2>/dev/null && echo "using installed torch $$($(PY) -c 'import torch; print(torch.__version__)')" \
+	  || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	@touch $@
+
+$(VENV)/.base: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PY) -m pip install --quiet -e ".[test]"
+	@touch $@
+
+$(VENV)/.report: $(VENV)/.base
+	$(PY) -m pip install --quiet -e ".[report]"
+	@touch $@
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.base
+	$(VENV)/bin/moebench run $(SUITE)
+
+smoke: $(VENV)/.base
+	$(VENV)/bin/moebench run suites/smoke.toml
+
+report: $(VENV)/.report
+	$(VENV)/bin/moebench report latest -o report.html
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check moebench tests
+	$(VENV)/bin/ruff format --check moebench tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

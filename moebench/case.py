@@ -1,0 +1,151 @@
+"""Cases: everything needed to reproduce one measurement, as frozen dataclasses.
+
+A `Case` is a layer shape, a workload and the implementation, device, dtype, routing,
+world size and seed. Its `case_id` is a hash of those fields (never of the suite name),
+so a run can resume and two runs can be matched case by case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+Mode = Literal["forward", "train"]
+MODES: tuple[str, ...] = ("forward", "train")
+ACTIVATIONS: tuple[str, ...] = ("swiglu",)
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The shape of one MoE layer.
+
+    hidden: model width D. ffn: width F of one routed expert's hidden layer.
+    num_experts: routed experts E. top_k: experts per token. shared_experts: experts of
+    width `ffn` that every token passes through. capacity_factor: only read by capacity-
+    limited implementations (slots per expert = capacity_factor x tokens x top_k / E).
+    """
+
+    hidden: int
+    ffn: int
+    num_experts: int
+    top_k: int
+    shared_experts: int = 0
+    capacity_factor: float = 1.25
+    activation: str = "swiglu"
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, message) for every value that cannot describe a layer."""
+        found = []
+        for name in ("hidden", "ffn", "num_experts", "top_k"):
+            if getattr(self, name) < 1:
+                found.append((name, f"must be >= 1, got {getattr(self, name)}"))
+        if self.top_k > self.num_experts:
+            found.append(
+                ("top_k", f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+            )
+        if self.shared_experts < 0:
+            found.append(("shared_experts", f"must be >= 0, got {self.shared_experts}"))
+        if self.capacity_factor <= 0:
+            found.append(
+                ("capacity_factor", f"must be > 0, got {self.capacity_factor}")
+            )
+        if self.activation not in ACTIVATIONS:
+            found.append(("activation", f"{self.activation!r} not in {list(ACTIVATIONS)}"))
+        return found
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one SwiGLU expert: gate, up (D x F each) and down (F x D)."""
+        return 3 * self.hidden * self.ffn
+
+    @property
+    def router_params(self) -> int:
+        return self.hidden * self.num_experts
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is pushed through the layer: batch x seq_len tokens, forward or train."""
+
+    batch: int
+    seq_len: int
+    mode: str = "forward"
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
+        for name in ("batch", "seq_len"):
+            if getattr(self, name) < 1:
+                found.append((name, f"must be >= 1, got {getattr(self, name)}"))
+        if self.mode not in MODES:
+            found.append(("mode", f"{self.mode!r} not in {list(MODES)}"))
+        return found
+
+
+@dataclass(frozen=True)
+class Case:
+    """One sweep point. `options` holds implementation-specific knobs as sorted pairs."""
+
+    shape: LayerShape
+    workload: Workload
+    impl: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    routing: str = "uniform"
+    seed: int = 0
+    world_size: int = 1
+    preset: str = ""
+    options: tuple[tuple[str, Any], ...] = field(default=())
+
+    @property
+    def tokens(self) -> int:
+        return self.workload.tokens
+
+    @property
+    def case_id(self) -> str:
+        """Stable 16-hex-digit hash of every field (the preset label excluded)."""
+        fields_ = self.fields()
+        fields_.pop("preset")
+        blob = json.dumps(fields_, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return dict(self.options).get(name, default)
+
+    def fields(self) -> dict[str, Any]:
+        """Flat mapping of every case field, as stored in the results table."""
+        flat: dict[str, Any] = {}
+        flat.update(asdict(self.shape))
+        flat.update(asdict(self.workload))
+        for f in fields(self):
+            if f.name not in ("shape", "workload", "options"):
+                flat[f.name] = getattr(self, f.name)
+        flat["tokens"] = self.tokens
+        flat["options"] = json.dumps(dict(self.options), sort_keys=True)
+        return flat
+
+    def label(self) -> str:
+        """Short human-readable name for progress bars and tables."""
+        s, w = self.shape, self.workload
+        name = self.preset or f"D{s.hidden}F{s.ffn}"
+        return (
+            f"{self.impl} {name} E{s.num_experts}k{s.top_k} T{w.tokens} {w.mode} "
+            f"{self.dtype} {self.routing}"
+        )
+
+    def with_(self, **changes: Any) -> Case:
+        return replace(self, **changes)
+
+
+SHAPE_FIELDS = tuple(f.name for f in fields(LayerShape))
+WORKLOAD_FIELDS = tuple(f.name for f in fields(Workload))
+CASE_FIELDS = tuple(
+    f.name for f in fields(Case) if f.name not in ("shape", "workload")
+)
+ALL_FIELDS = SHAPE_FIELDS + WORKLOAD_FIELDS + CASE_FIELDS

@@ -1,0 +1,305 @@
+"""The `moebench` command: run, list, show, env, report, compare, export.
+
+Exit codes: 0 done, 1 failure of what was asked (a regression, or --strict with failed
+cases), 2 bad input (a message says what is wrong), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+STATUS_STYLE = {
+    "ok": "green", "mismatch": "bold red", "error": "red", "oom": "magenta",
+    "timeout": "yellow", "crashed": "bold magenta", "skipped": "dim",
+}
+
+
+def _fmt(value: Any, spec: str = ".3g") -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return format(value, spec)
+
+
+def _mib(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return f"{value / 2**20:,.1f}"
+
+
+def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """One line per case: what ran, its status, latency, throughput, memory, error."""
+    table = Table(title=title, show_lines=False)
+    for name, justify in (
+        ("impl", "left"), ("shape", "left"), ("tokens", "right"), ("mode", "left"),
+        ("dtype", "left"), ("status", "left"), ("latency ms", "right"),
+        ("p10-p90 ms", "right"), ("tokens/s", "right"), ("peak MiB", "right"),
+        ("err", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        status = row.get("status") or "?"
+        shape = row.get("preset") or f"D{row.get('hidden')} F{row.get('ffn')}"
+        shape += f" E{row.get('num_experts')} k{row.get('top_k')}"
+        if row.get("routing") not in (None, "uniform"):
+            shape += f" {row['routing']}"
+        err = row.get("rel_err")
+        if err is None or err != err:
+            err = row.get("fidelity_err")
+        spread = "-"
+        if row.get("latency_p10_ms") is not None and row.get("latency_p10_ms") == row.get(
+            "latency_p10_ms"
+        ):
+            spread = f"{row['latency_p10_ms']:.3g}-{row['latency_p90_ms']:.3g}"
+        table.add_row(
+            str(row.get("impl")), shape, str(row.get("tokens")), str(row.get("mode")),
+            str(row.get("dtype")), f"[{STATUS_STYLE.get(status, '')}]{status}[/]",
+            _fmt(row.get("latency_ms")), spread, _fmt(row.get("tokens_per_s"), ",.0f"),
+            _mib(row.get("peak_mem_bytes")), _fmt(err, ".2e"),
+        )
+    return table
+
+
+class RichProgress:
+    """Progress bar: case i of N, the current case, elapsed time and ETA."""
+
+    def __init__(self, console: Console):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("case"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"),
+            console=console, transient=False,
+        )
+        self.task: Any = None
+        self.failed = 0
+
+    def start(self, total: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("", total=total)
+
+    def begin(self, case: Any) -> None:
+        self.progress.update(self.task, description=case.label())
+
+    def advance(self, case: Any, row: dict[str, Any]) -> None:
+        if row.get("status") != "ok":
+            self.failed += 1
+            self.progress.console.print(
+                f"[{STATUS_STYLE.get(row.get('status', ''), 'red')}]{row.get('status')}[/] "
+                f"{case.label()}: {row.get('error')}"
+            )
+        self.progress.advance(self.task)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from moebench.measure.timing import TimingPlan
+    from moebench.plugins import PluginError, import_plugin
+    from moebench.runner import FilterError, filter_cases, run_cases
+    from moebench.store import StoreError
+    from moebench.suite import SuiteError, load_suite
+
+    try:
+        for spec in args.plugin:
+            import_plugin(spec)
+        suite = load_suite(args.suite, device=args.device)
+        cases = filter_cases(suite.cases, args.filter)
+    except (SuiteError, FilterError, PluginError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return EXIT_BAD_INPUT
+    if not cases:
+        console.print(f"[red]error:[/] --filter {args.filter} leaves no case of {suite.path}")
+        return EXIT_BAD_INPUT
+    plan = TimingPlan(
+        budget_ms=suite.budget_ms, warmup=suite.warmup, min_repeats=suite.min_repeats,
+        max_repeats=suite.max_repeats,
+    )
+    console.print(
+        f"[bold]{suite.name}[/]: {len(cases)} cases on {suite.device} "
+        f"(timeout {suite.timeout_s:g} s per case)"
+    )
+    progress = RichProgress(console) if not args.quiet else None
+    try:
+        outcome = run_cases(
+            cases, suite_name=suite.name, plan=plan, timeout_s=suite.timeout_s,
+            out_root=args.out, resume=args.resume, isolate=not args.in_process,
+            plugins=tuple(args.plugin), progress=progress,
+            meta={"suite_path": str(suite.path), "device": suite.device},
+        )
+    except StoreError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return EXIT_BAD_INPUT
+    console.print(summary_table(outcome.rows, f"run {outcome.run_id}"))
+    if outcome.skipped:
+        console.print(f"{outcome.skipped} cases already done in {outcome.run_id} were skipped")
+    failed = [r for r in outcome.rows if r.get("status") != "ok"]
+    console.print(
+        f"{len(outcome.rows) - len(failed)} ok, {len(failed)} not ok; results: "
+        f"{outcome.results_path}"
+    )
+    if outcome.interrupted:
+        console.print(
+            f"[yellow]interrupted[/]: finished cases are saved; continue with "
+            f"`moebench run {args.suite} --resume {outcome.run_id}`"
+        )
+        return EXIT_INTERRUPTED
+    return EXIT_FAIL if (args.strict and failed) else EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    from moebench import registry
+    from moebench.plugins import PluginError, import_plugin
+
+    try:
+        for spec in args.plugin:
+            import_plugin(spec)
+    except PluginError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return EXIT_BAD_INPUT
+    table = Table(title="implementations")
+    for column in ("name", "family", "kind", "devices", "dtypes", "description"):
+        table.add_column(column)
+    for info in registry.available().values():
+        table.add_row(
+            info.name, info.family, "exact" if info.exact else "variant",
+            ",".join(info.devices), ",".join(info.dtypes), info.description,
+        )
+    for broken in registry.broken().values():
+        table.add_row(
+            broken.name, "-", "[red]broken[/]", "-", "-", f"{broken.target}: {broken.error}"
+        )
+    console.print(table)
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace, console: Console) -> int:
+    from moebench.store import StoreError, read_metadata, read_run
+
+    try:
+        frame = read_run(args.run, root=args.root)
+        meta = read_metadata(args.run, root=args.root)
+    except StoreError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return EXIT_BAD_INPUT
+    env = meta.get("environment", {})
+    gpus = ", ".join(g.get("name", "?") for g in env.get("gpus", [])) or "none"
+    console.print(
+        f"run {meta.get('run_id', args.run)}  suite {meta.get('suite')}  started "
+        f"{meta.get('started_at')}\nhost {env.get('host')}  gpu {gpus}  torch "
+        f"{env.get('torch')}  git {env.get('git_sha')}"
+    )
+    rows = frame.to_dict("records")
+    console.print(summary_table(rows, f"{len(rows)} cases"))
+    return EXIT_OK
+
+
+def cmd_env(args: argparse.Namespace, console: Console) -> int:
+    from moebench.env import collect_environment
+
+    env = collect_environment()
+    if args.json:
+        print(json.dumps(env, indent=2, default=str))
+        return EXIT_OK
+    table = Table(title="what moebench sees", show_header=False)
+    table.add_column("key")
+    table.add_column("value")
+    for key, value in env.items():
+        if key != "gpus":
+            table.add_row(key, str(value))
+    for gpu in env["gpus"]:
+        table.add_row(f"gpu {gpu['index']}", ", ".join(f"{k}={v}" for k, v in gpu.items()))
+    if not env["gpus"]:
+        table.add_row("gpus", "none visible to torch (CPU runs only); NVML not queried")
+    console.print(table)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moebench", description="Benchmark and profile Mixture-of-Experts layers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a suite into results/<run_id>/")
+    run.add_argument("suite", help="suite TOML file (e.g. suites/smoke.toml)")
+    run.add_argument("--device", help="override the suite's device: cpu, cuda, cuda:N, auto")
+    run.add_argument("--out", default="results", help="results root folder (default: results)")
+    run.add_argument(
+        "--filter", action="append", default=[],
+        help="keep cases matching KEY=V1,V2 or a regex on the case label (repeatable)",
+    )
+    run.add_argument("--resume", metavar="RUN_ID", help="finish run RUN_ID: only missing cases")
+    run.add_argument(
+        "--plugin", action="append", default=[],
+        help="import MODULE or FILE.py that registers implementations (repeatable)",
+    )
+    run.add_argument(
+        "--in-process", action="store_true",
+        help="run cases in this process (no worker: no hard timeout, easier debugging)",
+    )
+    run.add_argument("--strict", action="store_true", help="exit 1 if any case is not ok")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(handler=cmd_run)
+
+    lst = sub.add_parser("list", help="list implementations (and broken plugins)")
+    lst.add_argument("--plugin", action="append", default=[], help="import MODULE or FILE.py")
+    lst.set_defaults(handler=cmd_list)
+
+    show = sub.add_parser("show", help="print a run's cases")
+    show.add_argument("run", help="run id, run folder, parquet file, or 'latest'")
+    show.add_argument("--root", default="results", help="results root folder")
+    show.set_defaults(handler=cmd_show)
+
+    env = sub.add_parser("env", help="what the harness sees: devices, NVML, versions")
+    env.add_argument("--json", action="store_true", help="print JSON")
+    env.set_defaults(handler=cmd_env)
+
+    for module in ("moebench.report.command", "moebench.compare", "moebench.export"):
+        _add_optional_command(sub, module)
+    return parser
+
+
+def _add_optional_command(sub: Any, module_name: str) -> None:
+    """Commands living in their own module expose COMMAND, add_arguments and main."""
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        return
+    command = sub.add_parser(module.COMMAND, help=module.HELP)
+    module.add_arguments(command)
+    command.set_defaults(handler=lambda args, console: module.main(args, console))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `moebench` console script."""
+    console = Console(stderr=False)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args, console))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,1 @@
+"""Built-in implementations, one file each; importing a file registers it."""

@@ -1,0 +1,82 @@
+"""`grouped`: dropless MoE on grouped GEMMs (MegaBlocks / torchtitan style).
+
+(token, slot) assignments are sorted by expert so each expert's tokens are contiguous;
+one grouped matrix product per weight (`torch.nn.functional.grouped_mm`, or the older
+`torch._grouped_mm`) computes every expert at once; a scatter-add un-permutes. Where the
+torch build or the dtype has no grouped GEMM, a per-expert loop over the same sorted
+buffer stands in (reported in `impl_detail`).
+
+Shape legend: T tokens, D hidden, F expert width, E routed experts, K top_k, A = T x K.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from moebench.case import Case
+from moebench.layer import MoELayer, expert_parameters
+from moebench.registry import register
+from moebench.weights import ExpertWeights
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm_works(device: torch.device, dtype: torch.dtype, backward: bool) -> bool:
+    """Probe: the op exists and runs here (and its backward, if `backward`). Some builds
+    lack a kernel for a dtype or device, or its backward (CPU torch 2.13)."""
+    if _GROUPED_MM is None:
+        return False
+    try:
+        a = torch.randn(32, 16, device=device, dtype=dtype, requires_grad=backward)
+        b = torch.randn(2, 16, 16, device=device, dtype=dtype, requires_grad=backward)
+        offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
+        out = _GROUPED_MM(a, b, offs=offs)
+        if backward:
+            out.sum().backward()
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+class GroupedMoE(MoELayer):
+    def __init__(self, weights: ExpertWeights, case: Case):
+        super().__init__(weights, case)
+        self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD = expert_parameters(weights)
+        self.use_grouped_mm = _grouped_mm_works(
+            weights.device, weights.dtype, backward=case.workload.mode == "train"
+        )
+        self.impl_detail = "grouped_mm" if self.use_grouped_mm else "per-expert fallback"
+
+    def _experts(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if self.use_grouped_mm:
+            offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+            gate_AF = _GROUPED_MM(x_AD, self.w_gate_EDF, offs=offsets_E)
+            up_AF = _GROUPED_MM(x_AD, self.w_up_EDF, offs=offsets_E)
+            return _GROUPED_MM(F.silu(gate_AF) * up_AF, self.w_down_EFD, offs=offsets_E)
+        outputs = []
+        for expert, x_ND in enumerate(torch.split(x_AD, counts_E.tolist())):
+            h_NF = F.silu(x_ND @ self.w_gate_EDF[expert]) * (x_ND @ self.w_up_EDF[expert])
+            outputs.append(h_NF @ self.w_down_EFD[expert])
+        return torch.cat(outputs)
+
+    def routed(
+        self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
+    ) -> torch.Tensor:
+        expert_ids_A = expert_ids_TK.flatten()
+        order_A = torch.argsort(expert_ids_A, stable=True)
+        token_of_A = order_A // self.top_k
+        counts_E = torch.bincount(expert_ids_A, minlength=self.num_experts)
+        out_AD = self._experts(x_TD[token_of_A], counts_E)
+        out_AD = out_AD * gate_weights_TK.flatten()[order_A, None]
+        return torch.zeros_like(x_TD).index_add(0, token_of_A, out_AD)
+
+
+@register(
+    "grouped",
+    family="dropless",
+    description="dropless: tokens sorted by expert, one grouped GEMM per weight",
+)
+def build(weights: ExpertWeights, case: Case) -> nn.Module:
+    return GroupedMoE(weights, case)

@@ -1,0 +1,82 @@
+"""`reference`: the plain per-expert loop, the ground truth every exact layer is checked
+against; and `reference_output`, the float32 golden output used for that check.
+
+Shape legend: T tokens, D hidden, F expert width, E routed experts, K top_k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moebench.case import Case
+from moebench.layer import MoELayer, expert_parameters, swiglu
+from moebench.registry import register
+from moebench.weights import ExpertWeights
+
+
+class ReferenceMoE(MoELayer):
+    """For each expert: gather its tokens, run the expert, scatter-add weighted outputs."""
+
+    def __init__(self, weights: ExpertWeights, case: Case):
+        super().__init__(weights, case)
+        self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD = expert_parameters(weights)
+
+    def routed(
+        self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
+    ) -> torch.Tensor:
+        y_TD = torch.zeros_like(x_TD)
+        for expert in range(self.num_experts):
+            token_idx, slot_idx = torch.where(expert_ids_TK == expert)
+            if token_idx.numel() == 0:
+                continue
+            out = swiglu(
+                x_TD[token_idx], self.w_gate_EDF[expert], self.w_up_EDF[expert],
+                self.w_down_EFD[expert],
+            )
+            y_TD = y_TD.index_add(0, token_idx, out * gate_weights_TK[token_idx, slot_idx, None])
+        return y_TD
+
+
+@register(
+    "reference",
+    family="reference",
+    description="plain loop over experts (gather, SwiGLU, scatter-add): the ground truth",
+    dtypes=("float32", "bfloat16", "float16", "float64"),
+)
+def build(weights: ExpertWeights, case: Case) -> ReferenceMoE:
+    return ReferenceMoE(weights, case)
+
+
+@torch.no_grad()
+def reference_output(
+    weights: ExpertWeights, x_TD: torch.Tensor, keep_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The layer's output in float32 (one expert upcast at a time, so it fits beside the
+    weights). keep_TK: optional bool mask of (token, slot) assignments to keep, for
+    layers that drop some on purpose."""
+    shape = weights.shape
+    x32_TD = x_TD.float()
+    logits_TE = x32_TD @ weights.w_router_DE.float() + weights.router_bias_E.float()
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    top_probs_TK, expert_ids_TK = torch.topk(probs_TE, shape.top_k, dim=-1)
+    gate_TK = top_probs_TK / top_probs_TK.sum(dim=-1, keepdim=True)
+    # Round the gate weights as the layer does, so the check measures the experts' error.
+    gate_TK = gate_TK.to(x_TD.dtype).float()
+    if keep_TK is not None:
+        gate_TK = gate_TK * keep_TK
+    y_TD = torch.zeros_like(x32_TD)
+    for expert in range(shape.num_experts):
+        token_idx, slot_idx = torch.where(expert_ids_TK == expert)
+        if token_idx.numel() == 0:
+            continue
+        out = swiglu(
+            x32_TD[token_idx], weights.w_gate_EDF[expert].float(),
+            weights.w_up_EDF[expert].float(), weights.w_down_EFD[expert].float(),
+        )
+        y_TD.index_add_(0, token_idx, out * gate_TK[token_idx, slot_idx, None])
+    if weights.w_shared_gate_DS is not None:
+        y_TD += swiglu(
+            x32_TD, weights.w_shared_gate_DS.float(), weights.w_shared_up_DS.float(),
+            weights.w_shared_down_SD.float(),
+        )
+    return y_TD

@@ -1,0 +1,110 @@
+"""The base class every MoE layer derives from: router + routed experts + shared experts.
+
+Shape legend: T tokens, D hidden, F expert width, E routed experts, K top_k.
+
+A subclass implements `routed(x_TD, gate_weights_TK, expert_ids_TK) -> y_TD`; the base
+class routes, adds the shared experts, and keeps references to the routing tensors of the
+last call (no copy, no sync: nothing in the timed path) so that `stats()` can report the
+load afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from moebench.case import Case
+from moebench.routing import Router, switch_aux_loss
+from moebench.weights import ExpertWeights
+
+
+def swiglu(
+    x_TD: torch.Tensor, w_gate_DF: torch.Tensor, w_up_DF: torch.Tensor, w_down_FD: torch.Tensor
+) -> torch.Tensor:
+    """One SwiGLU expert: (silu(x W_gate) * (x W_up)) W_down."""
+    return (F.silu(x_TD @ w_gate_DF) * (x_TD @ w_up_DF)) @ w_down_FD
+
+
+@dataclass
+class LayerStats:
+    """Load and balance of the last forward, as plain Python numbers."""
+
+    tokens_per_expert: list[int]
+    dropped_slots: int
+    total_slots: int
+    aux_loss: float
+
+    @property
+    def imbalance(self) -> float:
+        """max / mean of tokens per expert (1.0 = perfectly balanced)."""
+        mean = sum(self.tokens_per_expert) / max(len(self.tokens_per_expert), 1)
+        return max(self.tokens_per_expert) / mean if mean else float("nan")
+
+    @property
+    def dropped_frac(self) -> float:
+        return self.dropped_slots / self.total_slots if self.total_slots else 0.0
+
+    @property
+    def experts_used(self) -> int:
+        return sum(1 for n in self.tokens_per_expert if n > 0)
+
+
+class MoELayer(nn.Module):
+    """Router, routed experts (the subclass's job) and shared experts."""
+
+    def __init__(self, weights: ExpertWeights, case: Case):
+        super().__init__()
+        shape = weights.shape
+        self.num_experts = shape.num_experts
+        self.top_k = shape.top_k
+        self.router = Router(weights.w_router_DE, weights.router_bias_E, shape.top_k)
+        self.shared: nn.ParameterList | None = None
+        if weights.w_shared_gate_DS is not None:
+            self.shared = nn.ParameterList(
+                [weights.w_shared_gate_DS, weights.w_shared_up_DS, weights.w_shared_down_SD]
+            )
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Set by layers that drop (token, slot) assignments: bool mask, shape T x K.
+        self._last_dropped_TK: torch.Tensor | None = None
+
+    def routed(
+        self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        gate_weights_TK, expert_ids_TK, probs_TE = self.router(x_TD)
+        self._last = (expert_ids_TK, probs_TE)
+        y_TD = self.routed(x_TD, gate_weights_TK, expert_ids_TK)
+        if self.shared is not None:
+            y_TD = y_TD + swiglu(x_TD, *self.shared)
+        return y_TD
+
+    def stats(self) -> LayerStats | None:
+        """Load of the last forward (syncs the device; call outside timed regions)."""
+        if self._last is None:
+            return None
+        expert_ids_TK, probs_TE = self._last
+        kept_ids = expert_ids_TK
+        dropped = 0
+        if self._last_dropped_TK is not None:
+            kept_ids = expert_ids_TK[~self._last_dropped_TK]
+            dropped = int(self._last_dropped_TK.sum())
+        counts = torch.bincount(kept_ids.flatten(), minlength=self.num_experts)
+        return LayerStats(
+            tokens_per_expert=[int(n) for n in counts.tolist()],
+            dropped_slots=dropped,
+            total_slots=expert_ids_TK.numel(),
+            aux_loss=float(switch_aux_loss(probs_TE, expert_ids_TK, self.num_experts)),
+        )
+
+
+def expert_parameters(weights: ExpertWeights) -> list[nn.Parameter]:
+    """The three routed-expert weight tensors as Parameters (no copy)."""
+    return [
+        nn.Parameter(t)
+        for t in (weights.w_gate_EDF, weights.w_up_EDF, weights.w_down_EFD)
+    ]

@@ -1,0 +1,1 @@
+"""Measurement: timing, statistics, memory, analytic counters, NVML, device ceilings."""

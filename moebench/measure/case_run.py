@@ -1,0 +1,200 @@
+"""Measure one case, start to finish: build, check against the reference, peak memory,
+latency, counts, balance and energy. Returns the measured columns of one results row.
+
+Correctness comes first: a layer whose output is not within the dtype's tolerance of the
+float32 reference is a `mismatch` row and is never timed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moebench import registry
+from moebench.case import Case
+from moebench.impls.reference import reference_output
+from moebench.layer import LayerStats
+from moebench.measure import counters, nvml
+from moebench.measure.memory import peak_during, weight_bytes
+from moebench.measure.stats import summarize
+from moebench.measure.timing import TimingPlan, time_repeats
+from moebench.weights import ExpertWeights, make_inputs, make_weights, torch_dtype, weights_key
+
+# Relative error ||y - y_ref|| / ||y_ref|| allowed against the float32 reference.
+TOLERANCE = {"float64": 1e-6, "float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
+# Inputs rotated through while timing: enough distinct bytes to spill a 50 MB L2.
+ROTATE_BYTES = 64 * 1024 * 1024
+MAX_ROTATIONS = 8
+ENERGY_WINDOW_S = 0.25
+
+
+@dataclass
+class WeightCache:
+    """Holds the last weight set (and its reference outputs) so the implementations of one
+    shape share it; a new shape frees the old one first."""
+
+    key: tuple | None = None
+    weights: ExpertWeights | None = None
+    golden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def get(self, case: Case) -> ExpertWeights:
+        key = weights_key(case)
+        if key != self.key:
+            self.key, self.weights, self.golden = None, None, {}
+            if case.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            self.weights = make_weights(case)
+            self.key = key
+        assert self.weights is not None
+        return self.weights
+
+    def reference(self, case: Case, x_TD: torch.Tensor) -> torch.Tensor:
+        if case.tokens not in self.golden:
+            self.golden = {case.tokens: reference_output(self.get(case), x_TD)}
+        return self.golden[case.tokens]
+
+
+def relative_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
+    """||y - y_ref|| / ||y_ref|| in float64; inf when y has a NaN or inf."""
+    y64, ref64 = y.detach().double(), y_ref.double()
+    if not torch.isfinite(y64).all():
+        return math.inf
+    return float(torch.linalg.vector_norm(y64 - ref64) / torch.linalg.vector_norm(ref64))
+
+
+def _step_fn(case: Case, layer: torch.nn.Module, inputs: list[torch.Tensor]):
+    """The timed callable: one forward, or one forward + backward with fresh gradients."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    if case.workload.mode == "forward":
+        return lambda i: layer(inputs[i % len(inputs)])
+    grads = [torch.randn_like(x) for x in inputs[:1]]
+
+    def train_step(i: int) -> None:
+        for p in params:
+            p.grad = None
+        x = inputs[i % len(inputs)]
+        layer(x).backward(grads[0])
+
+    return train_step
+
+
+def measure_case(
+    case: Case,
+    plan: TimingPlan,
+    cache: WeightCache,
+    ceilings: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Measure `case`; raises on failure (the runner turns exceptions into rows)."""
+    info = registry.get(case.impl)
+    device = torch.device(case.device)
+    dtype = torch_dtype(case.dtype)
+    weights = cache.get(case)
+    torch.manual_seed(case.seed)
+    layer = info.build(weights, case)
+    row: dict[str, Any] = {
+        "family": info.family,
+        "exact": info.exact,
+        "impl_detail": getattr(layer, "impl_detail", None),
+        "weight_bytes": weight_bytes(layer),
+    }
+    input_bytes = case.tokens * case.shape.hidden * torch.empty((), dtype=dtype).element_size()
+    rotations = max(1, min(MAX_ROTATIONS, math.ceil(ROTATE_BYTES / input_bytes)))
+    if device.type == "cpu":
+        rotations = min(rotations, 2)  # CPU caches are small next to these inputs anyway
+    inputs = make_inputs(case, rotations)
+    if case.workload.mode == "train":
+        for x in inputs:
+            x.requires_grad_(True)
+
+    # 1. Correctness, before any timing.
+    with torch.no_grad():
+        y = layer(inputs[0])
+        stats: LayerStats | None = layer.stats() if hasattr(layer, "stats") else None
+        error = relative_error(y, cache.reference(case, inputs[0]))
+    del y
+    tolerance = TOLERANCE[case.dtype]
+    row["tolerance"] = tolerance
+    if info.exact:
+        row["rel_err"] = error
+        if not error <= tolerance:
+            row["status"] = "mismatch"
+            row["error"] = f"relative error {error:.3g} > tolerance {tolerance:g} ({case.dtype})"
+            return row
+    else:
+        row["fidelity_err"] = error
+    if stats is not None:
+        row.update(
+            tokens_per_expert=stats.tokens_per_expert,
+            imbalance=stats.imbalance,
+            dropped_frac=stats.dropped_frac,
+            aux_loss=stats.aux_loss,
+        )
+
+    # 2. Peak memory of one call, then 3. latency.
+    step = _step_fn(case, layer, inputs)
+    grad_mode = torch.inference_mode() if case.workload.mode == "forward" else torch.enable_grad()
+    with grad_mode:
+        step(0)  # first call outside the memory window: lazy init and workspaces
+        peak, added = peak_during(lambda: step(1), device)
+        samples_ms = time_repeats(step, device, plan)
+        energy = _energy(step, device) if device.type == "cuda" else None
+    row.update(peak_mem_bytes=peak, activation_bytes=added)
+    row.update(summarize(samples_ms))
+    row["samples_ms"] = samples_ms
+    row["repeats"] = len(samples_ms)
+    latency_s = row["latency_ms"] / 1e3
+    row["tokens_per_s"] = case.tokens / latency_s
+
+    # 4. Counts and the work they imply.
+    params = counters.param_counts(case, layer, stats)
+    work_flops = counters.flops(case, params)
+    work_bytes = counters.min_bytes(case, params, dtype)
+    row.update(
+        total_params=params.total, active_params=params.active,
+        touched_params=params.touched, router_params=params.router,
+        flops=work_flops, min_bytes=work_bytes,
+        achieved_tflops=work_flops / latency_s / 1e12,
+        achieved_gbps=work_bytes / latency_s / 1e9,
+    )
+    if ceilings and f"matmul_tflops_{case.dtype}" in ceilings:
+        floor_s = max(
+            work_flops / (ceilings[f"matmul_tflops_{case.dtype}"] * 1e12),
+            work_bytes / (ceilings["copy_gbps"] * 1e9),
+        )
+        row["roofline_frac"] = floor_s / latency_s
+    if case.world_size == 1:
+        row.update(comm_ms=0.0, dispatch_ms=0.0, combine_ms=0.0, comm_bytes=0)
+    if energy is not None:
+        joules, calls = energy
+        row["energy_j"] = joules / calls
+        row["j_per_token"] = joules / calls / case.tokens
+    if device.type == "cuda":
+        row["device_mem_used_bytes"] = nvml.memory_used_bytes(device.index or 0)
+    row["status"] = "ok"
+    return row
+
+
+def _energy(step, device: torch.device) -> tuple[float, int] | None:
+    """(joules, calls) over a window of back-to-back calls, from NVML's energy counter."""
+    index = device.index or 0
+    start_mj = nvml.energy_mj(index)
+    if start_mj is None:
+        return None
+    torch.cuda.synchronize(device)
+    start_mj = nvml.energy_mj(index)
+    started = time.perf_counter()
+    calls = 0
+    while calls < 3 or time.perf_counter() - started < ENERGY_WINDOW_S:
+        step(calls)
+        calls += 1
+        if calls % 8 == 0:
+            torch.cuda.synchronize(device)
+    torch.cuda.synchronize(device)
+    end_mj = nvml.energy_mj(index)
+    if end_mj is None or end_mj <= start_mj:
+        return None
+    return (end_mj - start_mj) / 1e3, calls

@@ -1,0 +1,97 @@
+"""Timing: CUDA events on GPU, perf_counter_ns on CPU; every sample is returned.
+
+Recipe (after Triton's do_bench): warm up, then repeat in growing batches until the
+median is stable, the time budget is spent or max_repeats is reached. On CUDA each repeat
+is bracketed by its own pair of events, the L2 cache is flushed before each repeat
+(outside the events) so small cases are not flattered by a warm cache, and the device is
+synchronised once per batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from moebench.measure.stats import is_stable
+
+L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    """How long and how often to time one case."""
+
+    budget_ms: float = 2000.0
+    warmup: int = 3
+    min_repeats: int = 5
+    max_repeats: int = 200
+    flush_l2: bool = True
+
+
+def time_repeats(
+    fn: Callable[[int], object], device: torch.device, plan: TimingPlan
+) -> list[float]:
+    """Call `fn(i)` repeatedly (i = repeat index, for rotating inputs) and return the
+    duration of each timed call in milliseconds."""
+    for i in range(plan.warmup):
+        fn(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        flush = (
+            torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+            if plan.flush_l2
+            else None
+        )
+        run_batch: Callable[[int, int], list[float]] = lambda start, n: _cuda_batch(  # noqa: E731
+            fn, start, n, device, flush
+        )
+    else:
+        run_batch = lambda start, n: _cpu_batch(fn, start, n)  # noqa: E731
+
+    samples: list[float] = []
+    started = time.perf_counter()
+    batch = max(1, plan.min_repeats)
+    while True:
+        batch = min(batch, plan.max_repeats - len(samples))
+        samples.extend(run_batch(len(samples), batch))
+        spent_ms = (time.perf_counter() - started) * 1e3
+        if len(samples) >= plan.max_repeats:
+            break
+        if len(samples) >= plan.min_repeats and (spent_ms >= plan.budget_ms or is_stable(samples)):
+            break
+        # Size the next batch to at most the budget left, judged by the time so far.
+        per_call_ms = spent_ms / len(samples)
+        left = max(1, int((plan.budget_ms - spent_ms) / max(per_call_ms, 1e-6)))
+        batch = max(1, min(len(samples), left))
+    return samples
+
+
+def _cpu_batch(fn: Callable[[int], object], start: int, n: int) -> list[float]:
+    out = []
+    for i in range(start, start + n):
+        t0 = time.perf_counter_ns()
+        fn(i)
+        out.append((time.perf_counter_ns() - t0) / 1e6)
+    return out
+
+
+def _cuda_batch(
+    fn: Callable[[int], object],
+    start: int,
+    n: int,
+    device: torch.device,
+    flush: torch.Tensor | None,
+) -> list[float]:
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for j in range(n):
+        if flush is not None:
+            flush.zero_()
+        starts[j].record()
+        fn(start + j)
+        ends[j].record()
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]

@@ -1,0 +1,161 @@
+"""The implementation registry: `@register` for built-ins and plugins alike.
+
+An implementation is a function `build(weights, case) -> torch.nn.Module` whose module
+maps `x_TD` to `y_TD` (see `moebench.layer.MoELayer`). Other packages publish theirs
+under the entry-point group `moebench.implementations`; the entry point names a module
+(or an object in it) whose import runs `@register`:
+
+    # my_pkg/moe.py
+    from moebench import register
+    from moebench.layer import MoELayer
+
+    @register("my-moe", family="mine", description="my fused MoE kernel")
+    def build(weights, case):
+        return MyLayer(weights, case)
+
+    # pyproject.toml of my_pkg
+    [project.entry-points."moebench.implementations"]
+    my-moe = "my_pkg.moe"
+
+A plugin that fails to import is listed as broken with its error; nothing else breaks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+ENTRY_POINT_GROUP = "moebench.implementations"
+BUILTIN_MODULES = (
+    "moebench.impls.reference",
+    "moebench.impls.dense",
+    "moebench.impls.grouped",
+    "moebench.impls.capacity",
+)
+
+
+@dataclass(frozen=True)
+class ImplInfo:
+    """What the registry knows of one implementation."""
+
+    name: str
+    build: Callable[..., Any]
+    family: str
+    description: str
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
+    exact: bool = True
+    modes: tuple[str, ...] = ("forward", "train")
+    source: str = "builtin"
+    options: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """An entry point that could not be loaded, with the reason."""
+
+    name: str
+    target: str
+    error: str
+
+
+_REGISTRY: dict[str, ImplInfo] = {}
+_BROKEN: dict[str, BrokenPlugin] = {}
+_loaded = False
+_current_source = "builtin"
+
+
+class RegistryError(ValueError):
+    """A registration or look-up that cannot be honoured."""
+
+
+def register(
+    name: str,
+    *,
+    family: str,
+    description: str,
+    devices: tuple[str, ...] = ("cpu", "cuda"),
+    dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16"),
+    exact: bool = True,
+    modes: tuple[str, ...] = ("forward", "train"),
+    options: tuple[str, ...] = (),
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register `build(weights, case) -> nn.Module` under `name`; refuse duplicates.
+
+    exact: True if the layer computes the reference function (checked against it before
+    timing); False for variants that change it on purpose (their deviation is recorded
+    as `fidelity_err`). options: names of the case options the implementation reads.
+    """
+
+    def decorate(build: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY:
+            raise RegistryError(
+                f"implementation {name!r} is already registered "
+                f"(by {_REGISTRY[name].source}); pick another name"
+            )
+        _REGISTRY[name] = ImplInfo(
+            name=name,
+            build=build,
+            family=family,
+            description=description,
+            devices=tuple(devices),
+            dtypes=tuple(dtypes),
+            exact=exact,
+            modes=tuple(modes),
+            source=_current_source,
+            options=tuple(options),
+        )
+        return build
+
+    return decorate
+
+
+def unregister(name: str) -> None:
+    """Remove an implementation (for tests and interactive use)."""
+    _REGISTRY.pop(name, None)
+
+
+def load_all() -> None:
+    """Import the built-ins and every entry-point plugin, once."""
+    global _loaded, _current_source
+    if _loaded:
+        return
+    _loaded = True
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        _current_source = f"plugin {ep.name} ({ep.value})"
+        try:
+            ep.load()
+        except Exception as exc:  # a broken plugin must not break the others
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            _BROKEN[ep.name] = BrokenPlugin(ep.name, ep.value, detail)
+        finally:
+            _current_source = "builtin"
+
+
+def get(name: str) -> ImplInfo:
+    """The implementation called `name`, or an error listing the known names."""
+    load_all()
+    if name not in _REGISTRY:
+        hint = ""
+        if name in _BROKEN:
+            hint = f" (its plugin is broken: {_BROKEN[name].error})"
+        raise RegistryError(
+            f"unknown implementation {name!r}{hint}; known: {sorted(_REGISTRY)}"
+        )
+    return _REGISTRY[name]
+
+
+def available() -> dict[str, ImplInfo]:
+    load_all()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def broken() -> dict[str, BrokenPlugin]:
+    load_all()
+    return dict(_BROKEN)

@@ -1,0 +1,315 @@
+"""Run cases: one row per case, on disk before the next case starts, whatever happens.
+
+Each case runs in a worker process (spawned once, reused while it is healthy) so that a
+per-case timeout can be enforced and a crash (a segfault, the kernel's OOM killer) costs
+one row, not the sweep: the worker is replaced and the sweep goes on. `isolate=False` runs
+cases in this process (faster to start, easier to debug; no hard timeout).
+
+Statuses: ok, mismatch (failed the correctness check; not timed), error (an exception,
+message in `error`), oom, timeout, crashed (the worker died).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import re
+import time
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moebench import registry
+from moebench.case import Case
+from moebench.measure.case_run import WeightCache, measure_case
+from moebench.measure.ceilings import measure_ceilings
+from moebench.measure.timing import TimingPlan
+from moebench.store import ResultStore, new_run_id
+
+WORKER_START_TIMEOUT_S = 180.0
+
+
+class FilterError(ValueError):
+    """A --filter expression that does not parse."""
+
+
+def filter_cases(cases: Iterable[Case], expressions: list[str]) -> list[Case]:
+    """Keep cases matching every expression: `key=v1,v2` on a case field, or a regular
+    expression searched in the case's label."""
+    kept = list(cases)
+    for expr in expressions:
+        if "=" in expr:
+            key, _, values = expr.partition("=")
+            wanted = {v.strip() for v in values.split(",")}
+            if kept and key not in kept[0].fields():
+                raise FilterError(
+                    f"--filter {expr!r}: unknown field {key!r}; fields: {sorted(kept[0].fields())}"
+                )
+            kept = [c for c in kept if str(c.fields()[key]) in wanted]
+        else:
+            try:
+                pattern = re.compile(expr)
+            except re.error as exc:
+                raise FilterError(f"--filter {expr!r}: {exc}") from exc
+            kept = [c for c in kept if pattern.search(c.label())]
+    return kept
+
+
+def base_row(case: Case, run_id: str, suite: str) -> dict[str, Any]:
+    """Identity and case columns of a row."""
+    row = case.fields()
+    row.update(run_id=run_id, case_id=case.case_id, suite=suite)
+    row["started_at"] = datetime.now(UTC).isoformat()
+    return row
+
+
+def _describe(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+class InProcessExecutor:
+    """Measures cases in this process; exceptions become rows."""
+
+    def __init__(self, plan: TimingPlan, plugins: tuple[str, ...] = ()):
+        from moebench.plugins import import_plugin
+
+        for spec in plugins:
+            import_plugin(spec)
+        self.plan = plan
+        self.cache = WeightCache()
+        self.ceilings: dict[str, float] | None = None
+
+    def measure_ceilings(self, device: str, dtypes: list[str]) -> dict[str, float]:
+        self.ceilings = measure_ceilings(device, dtypes)
+        return self.ceilings
+
+    def run(self, case: Case, timeout_s: float) -> dict[str, Any]:
+        try:
+            return measure_case(case, self.plan, self.cache, self.ceilings)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            self.cache = WeightCache()
+            if case.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            return {"status": "oom", "error": _describe(exc)}
+        except Exception as exc:
+            return {"status": "error", "error": _describe(exc)}
+
+    def close(self) -> None:
+        self.cache = WeightCache()
+
+
+def _worker_main(conn: Any, plan: TimingPlan, plugins: tuple[str, ...]) -> None:
+    executor = InProcessExecutor(plan, plugins)
+    registry.load_all()
+    conn.send(("ready", None))
+    while True:
+        message = conn.recv()
+        if message[0] == "stop":
+            return
+        if message[0] == "ceilings":
+            conn.send(("ceilings", executor.measure_ceilings(*message[1])))
+        elif message[0] == "case":
+            conn.send(("row", executor.run(message[1], message[2])))
+
+
+class IsolatedExecutor:
+    """Measures cases in a spawned worker process; timeouts and crashes become rows."""
+
+    def __init__(self, plan: TimingPlan, plugins: tuple[str, ...] = ()):
+        self.plan = plan
+        self.plugins = plugins
+        self._ceilings_request: tuple[str, list[str]] | None = None
+        self.ceilings: dict[str, float] | None = None
+        self._process: Any = None
+        self._conn: Any = None
+        self._exitcode: int | None = None
+
+    def _start(self) -> None:
+        context = mp.get_context("spawn")
+        parent, child = context.Pipe()
+        process = context.Process(
+            target=_worker_main, args=(child, self.plan, self.plugins), daemon=True
+        )
+        process.start()
+        self._process = process
+        child.close()
+        self._conn = parent
+        kind, reply = self._receive(WORKER_START_TIMEOUT_S)
+        if kind != "ready":
+            raise RuntimeError(f"worker process failed to start ({kind}: {reply})")
+        if self.ceilings is not None:  # a replacement worker: give it the run's ceilings
+            self._conn.send(("set_ceilings", self.ceilings))
+
+    def _receive(self, timeout_s: float) -> tuple[str, Any]:
+        """("row"/"ready"/"ceilings", payload), or ("timeout"/"died", exit code); a
+        worker that timed out or died is gone afterwards."""
+        try:
+            if self._conn.poll(timeout_s):
+                return self._conn.recv()
+            outcome = "timeout"
+        except (EOFError, OSError):
+            outcome = "died"
+        self._kill()
+        return outcome, self._exitcode
+
+    def _kill(self) -> None:
+        self._exitcode = None
+        if self._process is not None:
+            if self._process.is_alive():
+                self._process.kill()
+            self._process.join(timeout=10)
+            self._exitcode = self._process.exitcode
+        self._process, self._conn = None, None
+
+    def measure_ceilings(self, device: str, dtypes: list[str]) -> dict[str, float]:
+        if self._process is None:
+            self._start()
+        self._conn.send(("ceilings", (device, dtypes)))
+        kind, reply = self._receive(WORKER_START_TIMEOUT_S)
+        self.ceilings = reply if kind == "ceilings" else {}
+        return self.ceilings
+
+    def run(self, case: Case, timeout_s: float) -> dict[str, Any]:
+        if self._process is None:
+            self._start()
+        self._conn.send(("case", case, timeout_s))
+        kind, reply = self._receive(timeout_s)
+        if kind == "row":
+            return reply
+        if kind == "timeout":
+            return {"status": "timeout", "error": f"no result within the {timeout_s:g} s timeout"}
+        return {"status": "crashed", "error": f"worker process died (exit code {reply})"}
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.send(("stop", None))
+                self._process.join(timeout=10)
+            except OSError:
+                pass
+        self._kill()
+
+
+def _worker_main(conn: Any, plan: TimingPlan, plugins: tuple[str, ...]) -> None:
+    executor = InProcessExecutor(plan, plugins)
+    registry.load_all()
+    conn.send(("ready", None))
+    while True:
+        message = conn.recv()
+        if message[0] == "stop":
+            return
+        if message[0] == "ceilings":
+            conn.send(("ceilings", executor.measure_ceilings(*message[1])))
+        elif message[0] == "set_ceilings":
+            executor.ceilings = message[1]
+        elif message[0] == "case":
+            conn.send(("row", executor.run(message[1], message[2])))
+
+
+@dataclass
+class RunOutcome:
+    """What a run left on disk and in memory."""
+
+    run_id: str
+    run_dir: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: int = 0
+    interrupted: bool = False
+    results_path: Path | None = None
+
+
+def run_cases(
+    cases: list[Case],
+    *,
+    suite_name: str,
+    plan: TimingPlan,
+    timeout_s: float,
+    out_root: Path | str = "results",
+    resume: str | None = None,
+    isolate: bool = True,
+    plugins: tuple[str, ...] = (),
+    meta: dict[str, Any] | None = None,
+    progress: Any = None,
+) -> RunOutcome:
+    """Run `cases` into a new run folder (or finish run `resume`), one part per case.
+
+    progress: an object with `start(total)`, `begin(case)`, `advance(case, row)` and
+    `stop()` (the CLI passes a rich progress bar), or None.
+    """
+    from moebench.env import collect_environment
+
+    out_root = Path(out_root)
+    if resume:
+        store = ResultStore.open(out_root, resume)
+        done = store.done_case_ids()
+        meta_all = store.read_meta()
+        meta_all.setdefault("resumed_at", []).append(datetime.now(UTC).isoformat())
+    else:
+        store = ResultStore.create(out_root, new_run_id(suite_name))
+        done = set()
+        meta_all = {
+            "run_id": store.run_id, "suite": suite_name,
+            "started_at": datetime.now(UTC).isoformat(),
+            "environment": collect_environment(), **(meta or {}),
+        }
+    todo = [c for c in cases if c.case_id not in done]
+    outcome = RunOutcome(store.run_id, store.run_dir, skipped=len(cases) - len(todo))
+    meta_all["cases_total"] = len(cases)
+    store.write_meta(meta_all)
+
+    executor = IsolatedExecutor(plan, plugins) if isolate else InProcessExecutor(plan, plugins)
+    if progress is not None:
+        progress.start(len(todo))
+    try:
+        if "ceilings" in meta_all:
+            executor.ceilings = meta_all["ceilings"]
+        elif todo:
+            devices = sorted({c.device for c in todo})
+            dtypes = sorted({c.dtype for c in todo})
+            meta_all["ceilings"] = executor.measure_ceilings(devices[0], dtypes)
+            store.write_meta(meta_all)
+        for case in todo:
+            if progress is not None:
+                progress.begin(case)
+            row = base_row(case, store.run_id, suite_name)
+            started = time.perf_counter()
+            measured = executor.run(case, timeout_s)
+            row.update(measured)
+            row["wall_s"] = time.perf_counter() - started
+            row.setdefault("family", _family(case.impl))
+            row.setdefault("exact", _exact(case.impl))
+            store.write_row(row)
+            outcome.rows.append(row)
+            if progress is not None:
+                progress.advance(case, row)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+    finally:
+        executor.close()
+        if progress is not None:
+            progress.stop()
+        meta_all["finished_at"] = datetime.now(UTC).isoformat()
+        meta_all["interrupted"] = outcome.interrupted
+        store.write_meta(meta_all)
+        outcome.results_path = store.consolidate()
+    return outcome
+
+
+def _family(impl: str) -> str | None:
+    try:
+        return registry.get(impl).family
+    except registry.RegistryError:
+        return None
+
+
+def _exact(impl: str) -> bool | None:
+    try:
+        return registry.get(impl).exact
+    except registry.RegistryError:
+        return None

@@ -1,0 +1,207 @@
+"""The results table: schema, atomic parquet parts, run metadata, reading back.
+
+A run is a folder `results/<run_id>/`:
+
+    run.json              environment and suite facts (also in the parquet metadata)
+    parts/<case_id>.parquet   one row per finished case, written atomically
+    results.parquet       all parts consolidated when the run ends
+
+Every finished case is on disk before the next starts, so a killed run loses nothing;
+`read_run` reads the consolidated file, or the parts of a run that never finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"moebench"
+
+_I = pa.int64()
+_F = pa.float64()
+_S = pa.string()
+# Every column of the table (DESIGN.md), with its type. Implementations may add columns
+# of their own (prefixed by their family); those are typed by inference.
+COLUMNS: dict[str, pa.DataType] = {
+    # identity
+    "run_id": _S, "case_id": _S, "suite": _S, "impl": _S, "family": _S, "exact": pa.bool_(),
+    "status": _S, "error": _S, "started_at": _S, "impl_detail": _S,
+    # case
+    "device": _S, "dtype": _S, "mode": _S, "preset": _S, "hidden": _I, "ffn": _I,
+    "num_experts": _I, "top_k": _I, "shared_experts": _I, "capacity_factor": _F,
+    "activation": _S, "batch": _I, "seq_len": _I, "tokens": _I, "routing": _S,
+    "world_size": _I, "seed": _I, "options": _S,
+    # time
+    "latency_ms": _F, "latency_p10_ms": _F, "latency_p90_ms": _F, "latency_std_ms": _F,
+    "repeats": _I, "samples_ms": pa.list_(_F), "tokens_per_s": _F, "wall_s": _F,
+    # memory
+    "peak_mem_bytes": _I, "weight_bytes": _I, "activation_bytes": _I,
+    "device_mem_used_bytes": _I,
+    # parameters
+    "total_params": _I, "active_params": _I, "touched_params": _I, "router_params": _I,
+    # work
+    "flops": _I, "min_bytes": _I, "achieved_tflops": _F, "achieved_gbps": _F,
+    "roofline_frac": _F,
+    # communication (zero or null on one device)
+    "comm_ms": _F, "dispatch_ms": _F, "combine_ms": _F, "comm_bytes": _I,
+    # balance
+    "tokens_per_expert": pa.list_(_I), "imbalance": _F, "dropped_frac": _F, "aux_loss": _F,
+    # energy
+    "energy_j": _F, "j_per_token": _F,
+    # fidelity
+    "rel_err": _F, "fidelity_err": _F, "tolerance": _F,
+}
+STATUSES = ("ok", "mismatch", "error", "oom", "timeout", "crashed", "skipped")
+
+
+class StoreError(ValueError):
+    """A run or results file that cannot be found or read."""
+
+
+def new_run_id(suite: str) -> str:
+    """`<suite>-<UTC date-time>-<4 hex>`: sortable and unique."""
+    return f"{suite}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+def row_table(row: dict[str, Any], metadata: dict[str, Any] | None = None) -> pa.Table:
+    """One row as a table with the schema's types (unknown columns inferred)."""
+    unknown = {k: v for k, v in row.items() if k not in COLUMNS}
+    fields = [pa.field(name, typ) for name, typ in COLUMNS.items()]
+    arrays = [pa.array([row.get(name)], type=typ) for name, typ in COLUMNS.items()]
+    for name, value in unknown.items():
+        array = pa.array([value])
+        fields.append(pa.field(name, array.type))
+        arrays.append(array)
+    schema = pa.schema(fields)
+    if metadata is not None:
+        schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, default=str)})
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _atomic_write(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class ResultStore:
+    """The folder of one run."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.parts_dir = self.run_dir / "parts"
+
+    @property
+    def run_id(self) -> str:
+        return self.run_dir.name
+
+    @classmethod
+    def create(cls, root: Path, run_id: str) -> ResultStore:
+        store = cls(Path(root) / run_id)
+        if store.run_dir.exists():
+            raise StoreError(f"run folder {store.run_dir} already exists; never overwritten")
+        store.parts_dir.mkdir(parents=True)
+        return store
+
+    @classmethod
+    def open(cls, root: Path, run_id: str) -> ResultStore:
+        store = cls(Path(root) / run_id)
+        if not store.parts_dir.is_dir():
+            known = sorted(p.name for p in Path(root).glob("*/parts"))
+            raise StoreError(f"no run {run_id!r} under {root}; runs there: {known}")
+        return store
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        tmp = self.run_dir / ".run.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2, default=str))
+        os.replace(tmp, self.run_dir / "run.json")
+
+    def read_meta(self) -> dict[str, Any]:
+        path = self.run_dir / "run.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def done_case_ids(self) -> set[str]:
+        return {p.stem for p in self.parts_dir.glob("*.parquet")}
+
+    def write_row(self, row: dict[str, Any]) -> Path:
+        """Write one finished case, atomically (a kill leaves the old state or the new)."""
+        path = self.parts_dir / f"{row['case_id']}.parquet"
+        _atomic_write(row_table(row), path)
+        return path
+
+    def consolidate(self) -> Path:
+        """Join every part into results.parquet, with run.json in the schema metadata."""
+        parts = sorted(self.parts_dir.glob("*.parquet"))
+        tables = [pq.read_table(p) for p in parts]
+        if tables:
+            table = pa.concat_tables(tables, promote_options="permissive")
+            table = table.sort_by([("started_at", "ascending")])
+        else:
+            table = row_table({}).slice(0, 0)
+        table = table.replace_schema_metadata(
+            {METADATA_KEY: json.dumps(self.read_meta(), default=str)}
+        )
+        path = self.run_dir / "results.parquet"
+        _atomic_write(table, path)
+        return path
+
+
+def resolve_run(spec: str | Path, root: str | Path = "results") -> Path:
+    """A run folder or parquet file from a run id, a folder, a file or "latest"."""
+    root = Path(root)
+    candidate = Path(spec)
+    if str(spec) == "latest":
+        runs = sorted(
+            (p.parent for p in root.glob("*/run.json")), key=lambda p: p.stat().st_mtime
+        )
+        if not runs:
+            raise StoreError(f"no runs under {root}")
+        return runs[-1]
+    for path in (candidate, root / candidate):
+        if path.is_file() and path.suffix == ".parquet":
+            return path
+        if (path / "parts").is_dir() or (path / "results.parquet").is_file():
+            return path
+    raise StoreError(f"no run or parquet file {str(spec)!r} (looked in . and {root}/)")
+
+
+def read_run(spec: str | Path, root: str | Path = "results") -> pd.DataFrame:
+    """One run as a DataFrame (the consolidated file, or the parts if unfinished)."""
+    path = resolve_run(spec, root)
+    try:
+        if path.is_file():
+            return pq.read_table(path).to_pandas()
+        if (path / "results.parquet").is_file():
+            return pq.read_table(path / "results.parquet").to_pandas()
+        tables = [pq.read_table(p) for p in sorted((path / "parts").glob("*.parquet"))]
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StoreError(f"cannot read results at {path}: {exc}") from exc
+    if not tables:
+        return row_table({}).slice(0, 0).to_pandas()
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+
+
+def read_runs(specs: list[str | Path], root: str | Path = "results") -> pd.DataFrame:
+    """Several runs stacked into one DataFrame (`run_id` tells them apart)."""
+    frames = [read_run(spec, root) for spec in specs]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def read_metadata(spec: str | Path, root: str | Path = "results") -> dict[str, Any]:
+    """The run-level facts (run.json) of a run or parquet file."""
+    path = resolve_run(spec, root)
+    if path.is_dir():
+        return ResultStore(path).read_meta()
+    raw = pq.read_schema(path).metadata or {}
+    return json.loads(raw.get(METADATA_KEY, b"{}"))
