@@ -92,6 +92,7 @@ def register(
     """
 
     def decorate(build: Callable[..., Any]) -> Callable[..., Any]:
+        load_all()  # built-ins first, so a plugin cannot take a built-in's name unnoticed
         if name in _REGISTRY:
             raise RegistryError(
                 f"implementation {name!r} is already registered "

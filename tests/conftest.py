@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny cases and a fast timing plan."""
+
+from __future__ import annotations
+
+import pytest
+
+from moebench.case import Case, LayerShape, Workload
+from moebench.measure.timing import TimingPlan
+
+FAST_PLAN = TimingPlan(budget_ms=20, warmup=1, min_repeats=2, max_repeats=5)
+
+
+def tiny_case(impl: str = "grouped", **changes) -> Case:
+    """A case small enough to run in milliseconds on a CPU."""
+    shape = LayerShape(
+        hidden=changes.pop("hidden", 32), ffn=changes.pop("ffn", 48),
+        num_experts=changes.pop("num_experts", 4), top_k=changes.pop("top_k", 2),
+        shared_experts=changes.pop("shared_experts", 0),
+        capacity_factor=changes.pop("capacity_factor", 1.25),
+    )
+    workload = Workload(
+        batch=changes.pop("batch", 2), seq_len=changes.pop("seq_len", 8),
+        mode=changes.pop("mode", "forward"),
+    )
+    return Case(shape=shape, workload=workload, impl=impl, **changes)
+
+
+@pytest.fixture
+def fast_plan() -> TimingPlan:
+    return FAST_PLAN

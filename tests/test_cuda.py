@@ -1,0 +1,87 @@
+"""CUDA paths: skipped without a GPU; run on the lent GPU (see README, "GPU checks").
+
+Besides correctness on the device, this checks moebench's CUDA-event latencies against
+two independent timers (triton.testing.do_bench and torch.utils.benchmark) on the same
+layer and input: the numbers must agree, or the timer is lying.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from moebench import registry
+from moebench.case import Case, LayerShape, Workload
+from moebench.impls.reference import reference_output
+from moebench.measure.case_run import TOLERANCE, WeightCache, measure_case, relative_error
+from moebench.measure.timing import TimingPlan, time_repeats
+from moebench.presets import PRESETS
+from moebench.weights import make_inputs, make_weights
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _case(impl: str, preset: str | None = None, tokens: int = 64, **kw) -> Case:
+    shape = PRESETS[preset] if preset else LayerShape(256, 512, 8, 2, shared_experts=1)
+    return Case(shape, Workload(tokens, 1, kw.pop("mode", "forward")), impl, device="cuda",
+                dtype=kw.pop("dtype", "bfloat16"), preset=preset or "", **kw)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("impl", ["reference", "grouped", "capacity"])
+def test_exact_impls_match_reference_on_cuda(impl, dtype):
+    case = _case(impl, dtype=dtype).with_(
+        shape=LayerShape(256, 512, 8, 2, shared_experts=1, capacity_factor=100.0)
+    )
+    weights = make_weights(case)
+    layer = registry.get(impl).build(weights, case)
+    x = make_inputs(case, 1)[0]
+    with torch.no_grad():
+        error = relative_error(layer(x), reference_output(weights, x))
+    assert error <= TOLERANCE[dtype]
+    if impl == "grouped" and dtype == "bfloat16":
+        assert layer.impl_detail == "grouped_mm"
+
+
+def test_measure_case_on_cuda_fills_memory_and_energy():
+    case = _case("grouped", "olmoe-1b-7b", tokens=512)
+    row = measure_case(case, TimingPlan(budget_ms=100), WeightCache(), {"copy_gbps": 3000.0,
+                       "matmul_tflops_bfloat16": 780.0})
+    assert row["status"] == "ok"
+    assert row["peak_mem_bytes"] >= row["weight_bytes"] > 0 and row["activation_bytes"] > 0
+    assert row["device_mem_used_bytes"] > row["weight_bytes"]
+    assert 0 < row["roofline_frac"] < 1.2
+    print(f"\nolmoe grouped 512 tok: {row['latency_ms']:.3f} ms, energy/token "
+          f"{row.get('j_per_token')} J")
+
+
+CROSSCHECK = [
+    ("grouped", "mixtral-8x7b", 64),
+    ("grouped", "qwen3-30b-a3b", 4096),
+    ("dense", "olmoe-1b-7b", 4096),
+    ("capacity", "mixtral-8x7b", 1024),
+]
+
+
+@pytest.mark.parametrize("impl, preset, tokens", CROSSCHECK)
+def test_latency_agrees_with_independent_timers(impl, preset, tokens):
+    triton_testing = pytest.importorskip("triton.testing")
+    from torch.utils import benchmark
+
+    case = _case(impl, preset, tokens)
+    layer = registry.get(impl).build(make_weights(case), case)
+    x = make_inputs(case, 1)[0]
+    with torch.inference_mode():
+        ours = statistics.median(
+            time_repeats(lambda _: layer(x), torch.device("cuda"), TimingPlan(budget_ms=500))
+        )
+        triton_ms = triton_testing.do_bench(lambda: layer(x), warmup=50, rep=500,
+                                            return_mode="median")
+        timer = benchmark.Timer("layer(x)", globals={"layer": layer, "x": x})
+        torch_ms = timer.blocked_autorange(min_run_time=0.5).median * 1e3
+    print(f"\n{impl} {preset} {tokens} tok: moebench {ours:.4f} ms, do_bench {triton_ms:.4f} "
+          f"ms ({ours / triton_ms - 1:+.1%}), torch.utils.benchmark {torch_ms:.4f} ms "
+          f"({ours / torch_ms - 1:+.1%})")
+    assert abs(ours / triton_ms - 1) < 0.05

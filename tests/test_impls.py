@@ -1,0 +1,123 @@
+"""Every built-in computes what it claims, on several shapes and dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moebench import registry
+from moebench.impls.capacity import expert_capacity, slot_positions
+from moebench.impls.reference import reference_output
+from moebench.measure.case_run import TOLERANCE, relative_error
+from moebench.weights import make_inputs, make_weights
+from tests.conftest import tiny_case
+
+EXACT = ["reference", "grouped"]
+SHAPES = [
+    dict(num_experts=4, top_k=2),
+    dict(num_experts=8, top_k=1, hidden=48, ffn=32),
+    dict(num_experts=4, top_k=4),  # top_k == num_experts
+    dict(num_experts=16, top_k=2, batch=1, seq_len=3),  # most experts get no token
+    dict(num_experts=6, top_k=3, shared_experts=2),
+]
+
+
+def _run(impl: str, case) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    weights = make_weights(case)
+    layer = registry.get(impl).build(weights, case)
+    x = make_inputs(case, 1)[0]
+    with torch.no_grad():
+        return layer(x), reference_output(weights, x), layer
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("impl", [*EXACT, "capacity"])
+def test_exact_impls_match_reference(impl, shape, dtype):
+    # capacity with a factor large enough to drop nothing is the reference function too
+    case = tiny_case(impl, dtype=dtype, capacity_factor=100.0, **shape)
+    y, y_ref, _layer = _run(impl, case)
+    assert y.dtype == getattr(torch, dtype) and y.shape == y_ref.shape
+    assert relative_error(y, y_ref) <= TOLERANCE[dtype]
+
+
+def test_some_experts_receive_no_token():
+    case = tiny_case("grouped", num_experts=16, top_k=1, batch=1, seq_len=2)
+    y, y_ref, layer = _run("grouped", case)
+    stats = layer.stats()
+    assert stats.experts_used <= 2 and stats.tokens_per_expert.count(0) >= 14
+    assert relative_error(y, y_ref) <= TOLERANCE["float32"]
+
+
+def test_train_mode_gradients_match_reference():
+    case = tiny_case("grouped", mode="train", shared_experts=1)
+    weights = make_weights(case)
+    grads = {}
+    for impl in [*EXACT, "capacity"]:
+        layer = registry.get(impl).build(weights, case.with_(impl=impl, shape=case.shape))
+        x = make_inputs(case, 1)[0].requires_grad_(True)
+        layer(x).square().sum().backward()
+        grads[impl] = x.grad
+    for impl in ("grouped",):
+        assert relative_error(grads[impl], grads["reference"]) < 1e-4
+
+
+def test_capacity_drops_exactly_what_it_reports():
+    case = tiny_case("capacity", num_experts=4, top_k=2, capacity_factor=0.5, batch=4)
+    weights = make_weights(case.with_(routing="hot:1:0.9"))
+    case = case.with_(routing="hot:1:0.9")
+    layer = registry.get("capacity").build(weights, case)
+    x = make_inputs(case, 1)[0]
+    with torch.no_grad():
+        y = layer(x)
+    stats = layer.stats()
+    dropped_TK = layer._last_dropped_TK
+    capacity = expert_capacity(case.tokens, 2, 4, 0.5)
+    assert stats.dropped_slots == int(dropped_TK.sum()) > 0
+    assert max(stats.tokens_per_expert) <= capacity
+    assert sum(stats.tokens_per_expert) + stats.dropped_slots == case.tokens * 2
+    # the output is the reference with exactly the reported assignments removed
+    expected = reference_output(weights, x, keep_TK=~dropped_TK)
+    assert relative_error(y, expected) < 1e-5
+    assert relative_error(y, reference_output(weights, x)) > 1e-3
+
+
+def test_slot_positions_give_first_choices_priority():
+    ids_TK = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    pos_TK = slot_positions(ids_TK, 2)
+    # first choices: token0->e0 pos0, token1->e1 pos0, token2->e0 pos1; second choices after
+    assert pos_TK.tolist() == [[0, 1], [0, 2], [1, 2]]
+
+
+def test_dense_has_the_active_parameters_of_the_moe():
+    case = tiny_case("dense", num_experts=8, top_k=2, shared_experts=1)
+    layer = registry.get("dense").build(make_weights(case), case)
+    total, active = layer.param_counts()
+    assert total == active == (2 + 1) * case.shape.expert_params
+
+
+@pytest.mark.parametrize("routing", ["zipf:1.5", "hot:1:0.8"])
+def test_skewed_routing_is_real_and_reproducible(routing):
+    case = tiny_case("grouped", num_experts=8, top_k=1, batch=32, seq_len=16, routing=routing)
+    _, _, layer = _run("grouped", case)
+    skewed = layer.stats()
+    _, _, uniform_layer = _run("grouped", case.with_(routing="uniform"))
+    assert skewed.imbalance > uniform_layer.stats().imbalance
+    _, _, again = _run("grouped", case)
+    assert again.stats().tokens_per_expert == skewed.tokens_per_expert
+
+
+def test_aux_loss_is_one_for_perfect_balance():
+    from moebench.routing import switch_aux_loss
+
+    ids = torch.arange(8).view(8, 1) % 4
+    probs = torch.full((8, 4), 0.25)
+    assert float(switch_aux_loss(probs, ids, 4)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad", ["zipf", "zipf:-1", "hot:0:0.5", "hot:2:1.5", "trace", "zipf:x"])
+def test_bad_routing_names_the_allowed_forms(bad):
+    from moebench.routing import RoutingSpecError, routing_prior
+
+    with pytest.raises(RoutingSpecError, match="allowed"):
+        routing_prior(bad, 8)

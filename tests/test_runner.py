@@ -1,0 +1,160 @@
+"""The runner end to end: real cases into a temp dir, parquet read back; failures become
+rows; a killed run resumes with every case exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from moebench.plugins import import_plugin
+from moebench.runner import filter_cases, run_cases
+from moebench.store import read_metadata, read_run
+from tests.conftest import FAST_PLAN, tiny_case
+
+PLUGIN = str(Path(__file__).with_name("plugin_faulty.py"))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_in_process_run_fills_the_schema(tmp_path):
+    cases = [
+        tiny_case(impl, mode=mode)
+        for impl in ("reference", "grouped", "capacity", "dense")
+        for mode in ("forward", "train")
+    ]
+    outcome = run_cases(
+        cases, suite_name="t", plan=FAST_PLAN, timeout_s=60, out_root=tmp_path, isolate=False
+    )
+    frame = read_run(outcome.results_path)
+    assert len(frame) == len(cases) and set(frame["status"]) == {"ok"}
+    assert frame["case_id"].is_unique
+    for row in frame.to_dict("records"):
+        assert row["repeats"] == len(row["samples_ms"]) >= FAST_PLAN.min_repeats
+        assert row["latency_p10_ms"] <= row["latency_ms"] <= row["latency_p90_ms"]
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["latency_ms"] * 1e3)
+        assert row["flops"] > 0 and row["min_bytes"] > 0 and row["achieved_tflops"] > 0
+        assert row["roofline_frac"] > 0
+        assert row["total_params"] >= row["touched_params"] >= row["active_params"] > 0 or (
+            row["impl"] == "dense"
+        )
+        assert row["weight_bytes"] > 0
+        assert row["comm_ms"] == 0.0 and row["world_size"] == 1
+        if row["exact"]:
+            assert row["rel_err"] <= row["tolerance"] and pd.isna(row["fidelity_err"])
+        else:
+            assert row["fidelity_err"] >= 0 and pd.isna(row["rel_err"])
+        if row["impl"] != "dense":
+            assert sum(row["tokens_per_expert"]) + row["dropped_frac"] * row["tokens"] * 2 == (
+                pytest.approx(row["tokens"] * 2)
+            )
+            assert row["imbalance"] >= 1.0 and row["aux_loss"] > 0
+    meta = read_metadata(outcome.results_path)
+    assert meta["environment"]["torch"] and meta["ceilings"]["copy_gbps"] > 0
+    assert meta["cases_total"] == len(cases)
+
+
+def test_a_mismatch_is_a_row_not_a_timing(tmp_path, monkeypatch):
+    from moebench.measure import case_run
+
+    monkeypatch.setitem(case_run.TOLERANCE, "float32", -1.0)  # nothing can pass
+    outcome = run_cases(
+        [tiny_case("grouped")], suite_name="t", plan=FAST_PLAN, timeout_s=60,
+        out_root=tmp_path, isolate=False,
+    )
+    row = read_run(outcome.results_path).iloc[0]
+    assert row["status"] == "mismatch" and "tolerance" in row["error"]
+    assert pd.isna(row["latency_ms"])
+
+
+def test_failures_become_rows_and_the_sweep_goes_on(tmp_path):
+    import_plugin(PLUGIN)
+    cases = [
+        tiny_case("test-raises"), tiny_case("grouped"), tiny_case("test-crashes"),
+        tiny_case("test-hangs"), tiny_case("reference"),
+    ]
+    outcome = run_cases(
+        cases, suite_name="t", plan=FAST_PLAN, timeout_s=8, out_root=tmp_path,
+        isolate=True, plugins=(PLUGIN,),
+    )
+    frame = read_run(outcome.results_path).set_index("impl")
+    assert frame.loc["test-raises", "status"] == "error"
+    assert "build exploded on purpose" in frame.loc["test-raises", "error"]
+    assert frame.loc["test-crashes", "status"] == "crashed"
+    assert "exit code 3" in frame.loc["test-crashes", "error"]
+    assert frame.loc["test-hangs", "status"] == "timeout"
+    assert frame.loc["grouped", "status"] == frame.loc["reference", "status"] == "ok"
+
+
+def test_filter_cases():
+    cases = [tiny_case(impl, num_experts=e) for impl in ("grouped", "dense") for e in (4, 8)]
+    assert len(filter_cases(cases, ["impl=grouped"])) == 2
+    assert len(filter_cases(cases, ["impl=grouped", "num_experts=8"])) == 1
+    assert len(filter_cases(cases, ["^dense"])) == 2
+    with pytest.raises(ValueError, match="unknown field 'nope'"):
+        filter_cases(cases, ["nope=1"])
+
+
+SLOW_SUITE = """
+[suite]
+name = "killme"
+device = "cpu"
+budget_ms = 10
+warmup = 1
+min_repeats = 2
+max_repeats = 3
+timeout_s = 60
+
+[grid]
+impl = "test-slow"
+hidden = 32
+ffn = 48
+num_experts = 4
+top_k = [1, 2]
+batch = [1, 2, 3]
+seq_len = 4
+"""
+
+
+def _moebench(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "moebench", *args], cwd=REPO, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_killed_run_resumes_with_every_case_once(tmp_path, how):
+    suite = tmp_path / "killme.toml"
+    suite.write_text(SLOW_SUITE)
+    out = tmp_path / "results"
+    proc = _moebench("run", str(suite), "--out", str(out), "--plugin", PLUGIN, "--quiet")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        parts = list(out.glob("*/parts/*.parquet"))
+        if len(parts) >= 2:
+            break
+        time.sleep(0.05)
+    assert len(parts) >= 2, proc.communicate()[0] if proc.poll() is not None else "too slow"
+    os.killpg(proc.pid, how)
+    output = proc.communicate(timeout=60)[0]
+    run_dir = parts[0].parent.parent
+    done = len(list(run_dir.glob("parts/*.parquet")))
+    assert 2 <= done < 6, output
+    if how == signal.SIGINT:
+        assert proc.returncode == 130 and "--resume" in output
+    resumed = _moebench(
+        "run", str(suite), "--out", str(out), "--plugin", PLUGIN, "--quiet",
+        "--resume", run_dir.name,
+    )
+    output = resumed.communicate(timeout=120)[0]
+    assert resumed.returncode == 0, output
+    assert f"{done} cases already done" in output
+    frame = read_run(run_dir)
+    assert len(frame) == 6 and frame["case_id"].is_unique and set(frame["status"]) == {"ok"}
