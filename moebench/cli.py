@@ -281,8 +281,8 @@ def _add_optional_command(sub: Any, module_name: str) -> None:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
+        if exc.name is None or not module_name.startswith(exc.name):
+            raise  # the command's module exists but something it imports is missing
         return
     command = sub.add_parser(module.COMMAND, help=module.HELP)
     module.add_arguments(command)

@@ -45,7 +45,7 @@ COLUMNS: dict[str, pa.DataType] = {
     "repeats": _I, "samples_ms": pa.list_(_F), "tokens_per_s": _F, "wall_s": _F,
     # memory
     "peak_mem_bytes": _I, "weight_bytes": _I, "activation_bytes": _I,
-    "device_mem_used_bytes": _I,
+    "allocator_peak_bytes": _I, "device_mem_used_bytes": _I,
     # parameters
     "total_params": _I, "active_params": _I, "touched_params": _I, "router_params": _I,
     # work

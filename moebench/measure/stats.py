@@ -26,10 +26,14 @@ def summarize(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
+STABLE_MIN_SAMPLES = 30
+
+
 def is_stable(samples: list[float], tolerance: float = 0.01) -> bool:
-    """True when the median of all samples is within `tolerance` of the median of the
+    """True when there are enough samples for percentiles and a confidence interval
+    (STABLE_MIN_SAMPLES) and the median of all is within `tolerance` of the median of the
     first half: more repeats would not move the answer."""
-    if len(samples) < 10:
+    if len(samples) < STABLE_MIN_SAMPLES:
         return False
     whole = statistics.median(samples)
     half = statistics.median(samples[: len(samples) // 2])
