@@ -68,11 +68,13 @@ class LayerShape:
 
 @dataclass(frozen=True)
 class Workload:
-    """What is pushed through the layer: batch x seq_len tokens, forward or train."""
+    """What is pushed through the layer: batch x seq_len tokens, forward or train, through
+    `layers` MoE layers in sequence (each with its own weights and a residual connection)."""
 
     batch: int
     seq_len: int
     mode: str = "forward"
+    layers: int = 1
 
     @property
     def tokens(self) -> int:
@@ -80,7 +82,7 @@ class Workload:
 
     def problems(self) -> list[tuple[str, str]]:
         found = []
-        for name in ("batch", "seq_len"):
+        for name in ("batch", "seq_len", "layers"):
             if getattr(self, name) < 1:
                 found.append((name, f"must be >= 1, got {getattr(self, name)}"))
         if self.mode not in MODES:
@@ -109,9 +111,14 @@ class Case:
 
     @property
     def case_id(self) -> str:
-        """Stable 16-hex-digit hash of every field (the preset label excluded)."""
+        """Stable 16-hex-digit hash of every field (the preset label excluded). Fields
+        added after the first release are left out while at their default, so the ids
+        of earlier runs' cases stay valid."""
         fields_ = self.fields()
         fields_.pop("preset")
+        for name, default in _HASHED_ONLY_IF_NOT.items():
+            if fields_[name] == default:
+                fields_.pop(name)
         blob = json.dumps(fields_, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -134,14 +141,18 @@ class Case:
         """Short human-readable name for progress bars and tables."""
         s, w = self.shape, self.workload
         name = self.preset or f"D{s.hidden}F{s.ffn}"
+        stack = f" L{w.layers}" if w.layers > 1 else ""
         return (
-            f"{self.impl} {name} E{s.num_experts}k{s.top_k} T{w.tokens} {w.mode} "
+            f"{self.impl} {name} E{s.num_experts}k{s.top_k} T{w.tokens}{stack} {w.mode} "
             f"{self.dtype} {self.routing}"
         )
 
     def with_(self, **changes: Any) -> Case:
         return replace(self, **changes)
 
+
+# Fields added after the first release, with the default that leaves them out of case_id.
+_HASHED_ONLY_IF_NOT: dict[str, Any] = {"layers": 1}
 
 SHAPE_FIELDS = tuple(f.name for f in fields(LayerShape))
 WORKLOAD_FIELDS = tuple(f.name for f in fields(Workload))

@@ -108,3 +108,41 @@ def expert_parameters(weights: ExpertWeights) -> list[nn.Parameter]:
         nn.Parameter(t)
         for t in (weights.w_gate_EDF, weights.w_up_EDF, weights.w_down_EFD)
     ]
+
+
+class Stack(nn.Module):
+    """`layers` MoE layers in sequence with residual connections: x <- x + layer(x).
+
+    A layer that needs state from the layer before it (MoE++'s gating residuals pass the
+    previous router's logits on) defines `forward_with_carry(x_TD, carry) -> (y_TD,
+    carry)`; `carry` is None for the first layer. Other layers are called plainly.
+    """
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        details = {getattr(layer, "impl_detail", None) for layer in layers}
+        self.impl_detail = details.pop() if len(details) == 1 else "mixed"
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        carry = None
+        for layer in self.layers:
+            if hasattr(layer, "forward_with_carry"):
+                y_TD, carry = layer.forward_with_carry(x_TD, carry)
+            else:
+                y_TD = layer(x_TD)
+            x_TD = x_TD + y_TD
+        return x_TD
+
+    def stats(self) -> LayerStats | None:
+        """Load summed over the layers (per expert index); aux loss averaged."""
+        per_layer = [layer.stats() for layer in self.layers if hasattr(layer, "stats")]
+        per_layer = [s for s in per_layer if s is not None]
+        if not per_layer:
+            return None
+        return LayerStats(
+            tokens_per_expert=[sum(c) for c in zip(*(s.tokens_per_expert for s in per_layer))],
+            dropped_slots=sum(s.dropped_slots for s in per_layer),
+            total_slots=sum(s.total_slots for s in per_layer),
+            aux_loss=sum(s.aux_loss for s in per_layer) / len(per_layer),
+        )

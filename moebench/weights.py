@@ -64,12 +64,19 @@ def weights_key(case: Case) -> tuple:
     return (case.shape, case.seed, case.routing, case.dtype, case.device)
 
 
-def make_weights(case: Case) -> ExpertWeights:
-    """Draw the weight set of `case` (deterministic in shape, seed, routing, device)."""
+# Seeds of successive layers of a stack are this far apart.
+LAYER_SEED_STRIDE = 1_000_033
+
+
+def make_weights(case: Case, layer: int = 0) -> ExpertWeights:
+    """Draw the weight set of layer `layer` of `case` (deterministic in shape, seed,
+    routing, device and layer index). The routing bias is the same for every layer."""
     shape = case.shape
     device = torch.device(case.device)
     dtype = torch_dtype(case.dtype)
-    generator = torch.Generator(device=device).manual_seed(case.seed)
+    generator = torch.Generator(device=device).manual_seed(
+        case.seed + LAYER_SEED_STRIDE * layer
+    )
 
     def normal(*size: int, out_dtype: torch.dtype = dtype) -> torch.Tensor:
         t = torch.randn(*size, generator=generator, device=device, dtype=torch.float32)

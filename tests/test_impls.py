@@ -121,3 +121,46 @@ def test_bad_routing_names_the_allowed_forms(bad):
 
     with pytest.raises(RoutingSpecError, match="allowed"):
         routing_prior(bad, 8)
+
+
+@pytest.mark.parametrize("impl", ["reference", "grouped", "capacity", "dense"])
+def test_stacked_layers_run_and_count(tmp_path, impl):
+    from moebench.runner import run_cases
+    from moebench.store import read_run
+    from tests.conftest import FAST_PLAN
+
+    one, three = tiny_case(impl), tiny_case(impl).with_(
+        workload=tiny_case(impl).workload.__class__(2, 8, "forward", layers=3)
+    )
+    assert "L3" in three.label() and one.case_id != three.case_id
+    outcome = run_cases([one, three], suite_name="t", plan=FAST_PLAN, timeout_s=60,
+                        out_root=tmp_path, isolate=False)
+    frame = read_run(outcome.results_path).set_index("layers")
+    assert set(frame["status"]) == {"ok"}, frame["error"].tolist()
+    assert frame.loc[3, "total_params"] == 3 * frame.loc[1, "total_params"]
+    assert frame.loc[3, "flops"] == 3 * frame.loc[1, "flops"]
+    if impl != "dense":  # every (token, slot) of every layer is either computed or dropped
+        for layers in (1, 3):
+            row = frame.loc[layers]
+            slots = row["tokens"] * row["top_k"] * layers
+            kept = sum(row["tokens_per_expert"])
+            assert kept + round(row["dropped_frac"] * slots) == slots
+
+
+def test_stack_matches_its_reference_and_layers_differ():
+    from moebench.impls.reference import reference_stack_output
+    from moebench.layer import Stack
+    from moebench.weights import make_weights
+
+    case = tiny_case("grouped")
+    weights = [make_weights(case, i) for i in range(3)]
+    assert not torch.equal(weights[0].w_gate_EDF, weights[1].w_gate_EDF)
+    stack = Stack([registry.get("grouped").build(w, case) for w in weights])
+    x = make_inputs(case, 1)[0]
+    with torch.no_grad():
+        assert relative_error(stack(x), reference_stack_output(weights, x)) < 1e-5
+
+
+def test_case_id_is_unchanged_by_the_layers_field_at_its_default():
+    # pinned: ids of runs made before `layers` existed must still match
+    assert tiny_case("grouped").case_id == "ea4a1ce5a8710a97"

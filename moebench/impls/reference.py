@@ -80,3 +80,13 @@ def reference_output(
             weights.w_shared_down_SD.float(),
         )
     return y_TD
+
+
+@torch.no_grad()
+def reference_stack_output(weights: list[ExpertWeights], x_TD: torch.Tensor) -> torch.Tensor:
+    """The float32 output of a stack of layers with residuals (x <- x + layer(x)). Each
+    layer's input is rounded to the stack's dtype, as the layers under test see it."""
+    x32_TD = x_TD.float()
+    for layer_weights in weights:
+        x32_TD = x32_TD + reference_output(layer_weights, x32_TD.to(x_TD.dtype))
+    return x32_TD

@@ -16,8 +16,8 @@ import torch
 
 from moebench import registry
 from moebench.case import Case
-from moebench.impls.reference import reference_output
-from moebench.layer import LayerStats
+from moebench.impls.reference import reference_output, reference_stack_output
+from moebench.layer import LayerStats, Stack
 from moebench.measure import counters, nvml
 from moebench.measure.memory import peak_during, weight_bytes
 from moebench.measure.stats import summarize
@@ -34,28 +34,42 @@ ENERGY_WINDOW_S = 0.25
 
 @dataclass
 class WeightCache:
-    """Holds the last weight set (and its reference outputs) so the implementations of one
-    shape share it; a new shape frees the old one first."""
+    """Holds the last weight sets (one per layer of the stack) and their reference
+    outputs, so the implementations of one shape share them; a new shape frees the old
+    ones first."""
 
     key: tuple | None = None
-    weights: ExpertWeights | None = None
+    weights: list[ExpertWeights] = field(default_factory=list)
     golden: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def get(self, case: Case) -> ExpertWeights:
-        key = weights_key(case)
+    def get(self, case: Case) -> list[ExpertWeights]:
+        key = (*weights_key(case), case.workload.layers)
         if key != self.key:
-            self.key, self.weights, self.golden = None, None, {}
+            self.key, self.weights, self.golden = None, [], {}
             if case.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            self.weights = make_weights(case)
+            self.weights = [make_weights(case, i) for i in range(case.workload.layers)]
             self.key = key
-        assert self.weights is not None
         return self.weights
 
     def reference(self, case: Case, x_TD: torch.Tensor) -> torch.Tensor:
         if case.tokens not in self.golden:
-            self.golden = {case.tokens: reference_output(self.get(case), x_TD)}
+            weights = self.get(case)
+            golden = (
+                reference_output(weights[0], x_TD)
+                if len(weights) == 1
+                else reference_stack_output(weights, x_TD)
+            )
+            self.golden = {case.tokens: golden}
         return self.golden[case.tokens]
+
+
+def build_layer(case: Case, weights: list[ExpertWeights]) -> torch.nn.Module:
+    """The implementation's layer, or a residual Stack of one per weight set."""
+    build = registry.get(case.impl).build
+    if len(weights) == 1:
+        return build(weights[0], case)
+    return Stack([build(w, case) for w in weights])
 
 
 def relative_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
@@ -94,7 +108,7 @@ def measure_case(
     dtype = torch_dtype(case.dtype)
     weights = cache.get(case)
     torch.manual_seed(case.seed)
-    layer = info.build(weights, case)
+    layer = build_layer(case, weights)
     row: dict[str, Any] = {
         "family": info.family,
         "exact": info.exact,
@@ -114,6 +128,8 @@ def measure_case(
     with torch.no_grad():
         y = layer(inputs[0])
         stats: LayerStats | None = layer.stats() if hasattr(layer, "stats") else None
+        modules = list(layer.layers) if isinstance(layer, Stack) else [layer]
+        module_stats = [m.stats() if hasattr(m, "stats") else None for m in modules]
         error = relative_error(y, cache.reference(case, inputs[0]))
     del y
     tolerance = TOLERANCE[case.dtype]
@@ -159,7 +175,10 @@ def measure_case(
     row["tokens_per_s"] = case.tokens / latency_s
 
     # 4. Counts and the work they imply.
-    params = counters.param_counts(case, layer, stats)
+    params = sum(
+        (counters.param_counts(case, m, st) for m, st in zip(modules, module_stats)),
+        start=counters.ParamCounts(0, 0, 0, 0),
+    )
     work_flops = counters.flops(case, params)
     work_bytes = counters.min_bytes(case, params, dtype)
     row.update(

@@ -27,6 +27,13 @@ class ParamCounts:
     touched: int
     router: int
 
+    def __add__(self, other: ParamCounts) -> ParamCounts:
+        """Counts of two layers together (a stack)."""
+        return ParamCounts(
+            self.total + other.total, self.active + other.active,
+            self.touched + other.touched, self.router + other.router,
+        )
+
 
 def param_counts(case: Case, layer: torch.nn.Module, stats: LayerStats | None) -> ParamCounts:
     """Parameter counts; a layer with its own structure reports (total, active) through a
@@ -58,7 +65,8 @@ def min_bytes(case: Case, params: ParamCounts, dtype: torch.dtype) -> int:
     """Fewest bytes one timed call must move through device memory."""
     element = torch.empty((), dtype=dtype).element_size()
     weights = (params.touched - params.router) * element + params.router * 4
-    activations = 2 * case.tokens * case.shape.hidden * element  # x in, y out
+    # x in and y out of every layer of the stack
+    activations = 2 * case.tokens * case.shape.hidden * element * case.workload.layers
     if case.workload.mode == "train":
         return 2 * weights + 2 * activations
     return weights + activations
