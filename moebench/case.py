@@ -103,6 +103,7 @@ class Case:
     seed: int = 0
     world_size: int = 1
     preset: str = ""
+    weights: str = "random"
     options: tuple[tuple[str, Any], ...] = field(default=())
 
     @property
@@ -152,7 +153,7 @@ class Case:
 
 
 # Fields added after the first release, with the default that leaves them out of case_id.
-_HASHED_ONLY_IF_NOT: dict[str, Any] = {"layers": 1}
+_HASHED_ONLY_IF_NOT: dict[str, Any] = {"layers": 1, "weights": "random"}
 
 SHAPE_FIELDS = tuple(f.name for f in fields(LayerShape))
 WORKLOAD_FIELDS = tuple(f.name for f in fields(Workload))

@@ -52,6 +52,7 @@ class ImplInfo:
     modes: tuple[str, ...] = ("forward", "train")
     source: str = "builtin"
     options: tuple[str, ...] = field(default=())
+    reference: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,17 @@ def register(
     exact: bool = True,
     modes: tuple[str, ...] = ("forward", "train"),
     options: tuple[str, ...] = (),
+    reference: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `build(weights, case) -> nn.Module` under `name`; refuse duplicates.
 
     exact: True if the layer computes the reference function (checked against it before
     timing); False for variants that change it on purpose (their deviation is recorded
     as `fidelity_err`). options: names of the case options the implementation reads.
+    reference: for a variant, `reference(weights_list, x_TD, case) -> y_TD` (float32),
+    the plain reference of its own design (weights_list: one weight set per stacked
+    layer); the variant is then checked against it like an exact layer (`rel_err`,
+    `mismatch`) and still reports `fidelity_err` against the base MoE layer.
     """
 
     def decorate(build: Callable[..., Any]) -> Callable[..., Any]:
@@ -109,6 +115,7 @@ def register(
             modes=tuple(modes),
             source=_current_source,
             options=tuple(options),
+            reference=reference,
         )
         return build
 

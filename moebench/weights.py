@@ -61,7 +61,7 @@ class ExpertWeights:
 
 def weights_key(case: Case) -> tuple:
     """Cases with equal keys share one weight set."""
-    return (case.shape, case.seed, case.routing, case.dtype, case.device)
+    return (case.shape, case.seed, case.routing, case.dtype, case.device, case.weights)
 
 
 # Seeds of successive layers of a stack are this far apart.
@@ -70,7 +70,12 @@ LAYER_SEED_STRIDE = 1_000_033
 
 def make_weights(case: Case, layer: int = 0) -> ExpertWeights:
     """Draw the weight set of layer `layer` of `case` (deterministic in shape, seed,
-    routing, device and layer index). The routing bias is the same for every layer."""
+    routing, device and layer index). The routing bias is the same for every layer.
+    `case.weights` other than "random" names another source (moebench.weight_sources)."""
+    if case.weights != "random":
+        from moebench.weight_sources import load_weights
+
+        return load_weights(case, layer)
     shape = case.shape
     device = torch.device(case.device)
     dtype = torch_dtype(case.dtype)
