@@ -11,6 +11,7 @@ load afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,6 +111,9 @@ def expert_parameters(weights: ExpertWeights) -> list[nn.Parameter]:
     ]
 
 
+ADDITIVE_SUFFIXES = ("_bytes", "_ms", "_count", "_j")
+
+
 class Stack(nn.Module):
     """`layers` MoE layers in sequence with residual connections: x <- x + layer(x).
 
@@ -146,3 +150,25 @@ class Stack(nn.Module):
             total_slots=sum(s.total_slots for s in per_layer),
             aux_loss=sum(s.aux_loss for s in per_layer) / len(per_layer),
         )
+
+    def extra_metrics(self) -> dict[str, Any]:
+        """The layers' design-specific metrics combined: quantities that add up over
+        layers (names ending in _bytes, _ms, _count, _j) are summed, lists are summed
+        element-wise, other numbers (fractions, rates, means) are averaged."""
+        per_layer = [
+            layer.extra_metrics() for layer in self.layers if hasattr(layer, "extra_metrics")
+        ]
+        if not per_layer:
+            return {}
+        combined: dict[str, Any] = {}
+        for key in per_layer[0]:
+            values = [m[key] for m in per_layer if m.get(key) is not None]
+            if not values:
+                combined[key] = None
+            elif isinstance(values[0], list):
+                combined[key] = [sum(v) for v in zip(*values)]
+            elif key.endswith(ADDITIVE_SUFFIXES):
+                combined[key] = sum(values)
+            else:
+                combined[key] = sum(values) / len(values)
+        return combined

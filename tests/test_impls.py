@@ -164,3 +164,18 @@ def test_stack_matches_its_reference_and_layers_differ():
 def test_case_id_is_unchanged_by_the_layers_field_at_its_default():
     # pinned: ids of runs made before `layers` existed must still match
     assert tiny_case("grouped").case_id == "ea4a1ce5a8710a97"
+
+
+def test_stack_combines_design_metrics():
+    from moebench.layer import Stack
+
+    class Fake(torch.nn.Module):
+        def __init__(self, frac, nbytes):
+            super().__init__()
+            self.metrics = {"x_hit_rate": frac, "x_h2d_bytes": nbytes, "x_per_expert": [1, 2]}
+
+        def extra_metrics(self):
+            return self.metrics
+
+    combined = Stack([Fake(0.5, 10), Fake(1.0, 30)]).extra_metrics()
+    assert combined == {"x_hit_rate": 0.75, "x_h2d_bytes": 40, "x_per_expert": [2, 4]}

@@ -199,6 +199,10 @@ def measure_case(
         row["roofline_frac"] = floor_s / latency_s
     if case.world_size == 1:
         row.update(comm_ms=0.0, dispatch_ms=0.0, combine_ms=0.0, comm_bytes=0)
+    # Design-specific columns, from the last timed call (steady state: a warm cache, say).
+    # A layer that moves data itself (offloading) reports comm_ms / comm_bytes here too.
+    if hasattr(layer, "extra_metrics"):
+        row.update(layer.extra_metrics())
     if energy is not None:
         joules, calls = energy
         row["energy_j"] = joules / calls
