@@ -39,7 +39,7 @@ COLUMNS: dict[str, pa.DataType] = {
     "device": _S, "dtype": _S, "mode": _S, "preset": _S, "hidden": _I, "ffn": _I,
     "num_experts": _I, "top_k": _I, "shared_experts": _I, "capacity_factor": _F,
     "activation": _S, "batch": _I, "seq_len": _I, "tokens": _I, "routing": _S,
-    "world_size": _I, "seed": _I, "options": _S,
+    "world_size": _I, "seed": _I, "options": _S, "layers": _I, "weights": _S,
     # time
     "latency_ms": _F, "latency_p10_ms": _F, "latency_p90_ms": _F, "latency_std_ms": _F,
     "repeats": _I, "samples_ms": pa.list_(_F), "tokens_per_s": _F, "wall_s": _F,
