@@ -1,0 +1,599 @@
+"""The HTML page: one self-contained file (plotly.js inlined once, no network), filled from
+templates with named slots; every piece of text from the data is HTML-escaped.
+
+The page embeds a JSON manifest (`<script id="moebench-manifest">`: each figure with its
+trace and point counts, each section left out with the reason) and a small script that
+records script errors into `#moebench-errors` and, once loaded, writes
+`<div id="moebench-ready" data-plots=N>` (tests and headless browsers read both).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from datetime import UTC, datetime
+from string import Template
+from typing import Any
+
+import pandas as pd
+
+from moebench.report.data import ReportData, RunInfo, Standing, leaderboard
+from moebench.report.figures import Section, TableData
+from moebench.report.style import FONT, STATUS_COLORS, figure_json
+
+PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"scale": 2}}
+MIB = 2**20
+
+PAGE = Template("""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="moebench $version">
+<title>$title</title>
+<style>:root { --font: $font; }
+$css</style>
+<script>$error_hook</script>
+<script>$plotlyjs</script>
+</head>
+<body>
+<header>
+<h1>$title</h1>
+<p class="sub">$subtitle</p>
+$environment
+</header>
+<pre id="moebench-errors" hidden></pre>
+<nav>$nav</nav>
+<main>
+$verdict
+$failures
+$sections
+$cases
+</main>
+<footer>Made by moebench $version on $made. Hover a point for its case; click a legend entry to
+hide it, double-click to keep only it; drag to zoom, double-click to reset.</footer>
+<script type="application/json" id="moebench-manifest">$manifest</script>
+<script>$page_js</script>
+</body>
+</html>
+""")
+
+SECTION = Template("""<section id="$key">
+<h2>$title</h2>
+<p class="desc">$description</p>
+$body
+</section>
+""")
+FIGURE = Template('<div class="figure" data-section="$section">$plot</div>\n')
+OMITTED = Template('<p class="omitted" data-omitted="$key">Left out: $reason.</p>\n')
+NOTE = Template('<p class="note">$text</p>\n')
+NAV_LINK = Template('<a href="#$key" class="$css_class">$title</a>')
+TABLE = Template("""<div class="table-wrap $wrap_class"><table class="$css_class">
+<thead><tr>$head</tr></thead>
+<tbody>
+$body
+</tbody></table></div>
+""")
+HEAD_CELL = Template('<th data-type="$kind" title="click to sort">$text</th>')
+ROW = Template('<tr class="$css_class">$cells</tr>\n')
+CELL = Template('<td class="$css_class" data-v="$sort">$text</td>')
+SWATCH = Template('<span class="swatch" style="background:$color"></span>$text')
+STATUS = Template('<span class="status" style="background:$color">$text</span>')
+BAR = Template('<span class="bar"><span style="width:$pct%;background:$color"></span></span>')
+VERDICT = Template("""<section id="verdict" class="verdict">
+<h2>At a glance</h2>
+$headlines
+$table
+</section>
+""")
+HEADLINE = Template('<p class="headline $css_class">$text</p>\n')
+FAILURES = Template("""<section id="failures" class="failures">
+<h2>$count of $total cases did not finish ok</h2>
+<p class="desc">By status: $by_status. Their errors are listed here and in the table of
+cases.</p>
+$table
+</section>
+""")
+CASES = Template("""<section id="cases">
+<h2>All cases</h2>
+<p class="desc">One row per case; click a column head to sort. Latency is the median of the
+timed calls; "vs base" is the speed relative to $base on the same case.</p>
+$table
+</section>
+""")
+ENV = Template('<div class="table-wrap env"><table class="env">$rows</table></div>')
+ENV_ROW = Template("<tr><th>$key</th>$cells</tr>")
+ENV_CELL = Template("<td>$value</td>")
+
+CSS = """
+:root { --ink: #1d2430; --muted: #5b6675; --line: #e3e7ec; --bg: #f6f8fa; }
+* { box-sizing: border-box; }
+body { font-family: var(--font); color: var(--ink); margin: 0; background: #fff; font-size: 14px; }
+header { background: var(--bg); border-bottom: 1px solid var(--line); padding: 18px 28px; }
+h1 { margin: 0 0 4px; font-size: 22px; }
+h2 { font-size: 18px; margin: 0 0 6px; }
+.sub, .desc, footer, .note { color: var(--muted); }
+.desc { max-width: 70em; margin: 0 0 10px; }
+nav { position: sticky; top: 0; z-index: 5; background: #fff; border-bottom: 1px solid
+  var(--line); padding: 8px 28px; display: flex; flex-wrap: wrap; gap: 6px 16px; }
+nav a { color: #1f5fbf; text-decoration: none; font-size: 13px; }
+nav a.off { color: #9aa4b1; }
+main { padding: 6px 28px 24px; }
+section { padding: 16px 0 10px; border-bottom: 1px solid var(--line); }
+.figure { margin: 6px 0; }
+.omitted { color: var(--muted); font-style: italic; margin: 4px 0; }
+.note { margin: 4px 0; font-size: 13px; }
+.table-wrap { overflow: auto; max-height: 640px; border: 1px solid var(--line);
+  border-radius: 6px; margin: 8px 0; }
+.table-wrap.env, .table-wrap.small { max-height: none; display: inline-block; max-width: 100%; }
+table { border-collapse: collapse; font-size: 12.5px; width: 100%; }
+th, td { padding: 4px 9px; border-bottom: 1px solid var(--line); text-align: left;
+  vertical-align: top; white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.error { white-space: pre-wrap; color: #9b1c1c; max-width: 48em; min-width: 20em;
+  font-family: ui-monospace, Menlo, monospace; font-size: 11.5px; }
+thead th { position: sticky; top: 0; background: var(--bg); cursor: pointer;
+  user-select: none; }
+thead th.sorted-asc::after { content: " \\25B2"; font-size: 9px; }
+thead th.sorted-desc::after { content: " \\25BC"; font-size: 9px; }
+table.env th { background: var(--bg); cursor: default; position: static; }
+table.env td, table.env th { white-space: normal; }
+tr.failed td { background: #fff4f4; }
+tr.regression td { background: #fff0f0; }
+.status { color: #fff; border-radius: 3px; padding: 1px 6px; font-size: 11.5px;
+  font-weight: 600; }
+.swatch { display: inline-block; width: 11px; height: 11px; border-radius: 2px;
+  margin-right: 6px; vertical-align: -1px; }
+.bar { display: inline-block; width: 80px; height: 8px; background: #eef1f4;
+  border-radius: 4px; margin-left: 8px; vertical-align: 0; overflow: hidden; }
+.bar span { display: block; height: 100%; }
+.verdict .headline { font-size: 16px; margin: 4px 0; }
+.headline.win { font-size: 18px; }
+.headline.bad { color: #9b1c1c; font-weight: 600; }
+.failures h2 { color: #9b1c1c; }
+#moebench-errors { background: #fff0f0; color: #9b1c1c; padding: 8px 28px; margin: 0; }
+footer { padding: 12px 28px 30px; font-size: 12px; }
+"""
+
+ERROR_HOOK = """
+window.moebenchErrors = [];
+window.addEventListener('error', function (event) {
+  window.moebenchErrors.push(String(event.message || event));
+  var box = document.getElementById('moebench-errors');
+  if (box) { box.textContent = window.moebenchErrors.join('\\n'); box.hidden = false; }
+});
+"""
+
+PAGE_JS = """
+(function () {
+  function value(cell, type) {
+    var raw = cell.getAttribute('data-v');
+    if (type === 'num') {
+      var n = parseFloat(raw);
+      return isNaN(n) ? -Infinity : n;
+    }
+    return (raw || cell.textContent).toLowerCase();
+  }
+  document.querySelectorAll('table.sortable').forEach(function (table) {
+    table.querySelectorAll('thead th').forEach(function (th, index) {
+      th.addEventListener('click', function () {
+        var type = th.getAttribute('data-type');
+        var asc = !th.classList.contains('sorted-asc');
+        table.querySelectorAll('thead th').forEach(function (other) {
+          other.classList.remove('sorted-asc', 'sorted-desc');
+        });
+        th.classList.add(asc ? 'sorted-asc' : 'sorted-desc');
+        var body = table.tBodies[0];
+        var rows = Array.prototype.slice.call(body.rows);
+        rows.sort(function (a, b) {
+          var x = value(a.cells[index], type), y = value(b.cells[index], type);
+          return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1);
+        });
+        rows.forEach(function (row) { body.appendChild(row); });
+      });
+    });
+  });
+  window.addEventListener('load', function () {
+    var marker = document.createElement('div');
+    marker.id = 'moebench-ready';
+    marker.hidden = true;
+    marker.setAttribute('data-plots', document.querySelectorAll('.js-plotly-plot').length);
+    marker.setAttribute('data-svgs', document.querySelectorAll('svg.main-svg').length);
+    marker.setAttribute('data-errors', window.moebenchErrors.length);
+    document.body.appendChild(marker);
+  });
+})();
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def _num(value: Any, spec: str) -> str:
+    return "-" if _missing(value) else format(value, spec)
+
+
+def render_page(data: ReportData, sections: list[Section], *, plotlyjs: str, version: str) -> str:
+    """The whole page as one string."""
+    import plotly.io as pio
+
+    figures_manifest, omitted_manifest, rendered = [], [], []
+    for section in sections:
+        body: list[str] = []
+        if section.omitted:
+            body.append(OMITTED.substitute(key=_e(section.key), reason=_e(section.omitted)))
+            omitted_manifest.append({"section": section.key, "reason": section.omitted})
+        for div_id, figure in section.figures:
+            plot = pio.to_html(
+                figure_json(figure),
+                full_html=False,
+                include_plotlyjs=False,
+                div_id=div_id,
+                config=PLOTLY_CONFIG,
+                default_width="100%",
+                default_height=f"{figure.layout.height or 460}px",
+                validate=False,
+            )
+            body.append(FIGURE.substitute(section=_e(section.key), plot=plot))
+            figures_manifest.append(_figure_manifest(section.key, div_id, figure))
+        body += [NOTE.substitute(text=_e(note)) for note in section.notes]
+        if section.table is not None:
+            body.append(_small_table(section.table))
+        rendered.append(
+            SECTION.substitute(
+                key=_e(section.key),
+                title=_e(section.title),
+                description=_e(section.description),
+                body="".join(body),
+            )
+        )
+    frame = data.frame
+    manifest = {
+        "version": version,
+        "runs": [{"label": r.label, "run_id": r.run_id, "cases": r.cases} for r in data.runs],
+        "cases": len(frame),
+        "statuses": {str(k): int(v) for k, v in frame["status"].value_counts().items()},
+        "colors": data.colors,
+        "figures": figures_manifest,
+        "omitted": omitted_manifest,
+    }
+    run_ids = ", ".join(r.run_id for r in data.runs)
+    title = "moebench report" + (f": {data.runs[0].run_id}" if len(data.runs) == 1 else "")
+    subtitle = (
+        f"{len(frame)} cases from {len(data.runs)} run{'s' if data.multi_run else ''} ({run_ids})"
+    )
+    return PAGE.substitute(
+        version=_e(version),
+        title=_e(title),
+        subtitle=_e(subtitle),
+        css=CSS,
+        font=FONT,
+        error_hook=ERROR_HOOK,
+        plotlyjs=plotlyjs,
+        environment=_environment(data.runs),
+        nav=_nav(sections, data),
+        verdict=_verdict(data),
+        failures=_failures(data),
+        sections="".join(rendered),
+        cases=_cases(data),
+        made=_e(datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")),
+        manifest=json.dumps(manifest).replace("</", "<\\/"),
+        page_js=PAGE_JS,
+    )
+
+
+def _figure_manifest(section: str, div_id: str, figure: Any) -> dict[str, Any]:
+    points = 0
+    for trace in figure.data:
+        for name in ("z", "y", "x"):
+            values = getattr(trace, name, None)
+            if values is not None:
+                points += sum(1 for v in values if v is not None)
+                break
+    return {"id": div_id, "section": section, "traces": len(figure.data), "points": points}
+
+
+def _nav(sections: list[Section], data: ReportData) -> str:
+    links = [NAV_LINK.substitute(key="verdict", css_class="", title="At a glance")]
+    if (data.frame["status"] != "ok").any():
+        links.append(NAV_LINK.substitute(key="failures", css_class="", title="Failures"))
+    links += [
+        NAV_LINK.substitute(key=_e(s.key), css_class="off" if s.omitted else "", title=_e(s.title))
+        for s in sections
+    ]
+    links.append(NAV_LINK.substitute(key="cases", css_class="", title="All cases"))
+    return " ".join(links)
+
+
+def _gpu_text(env: dict[str, Any]) -> str:
+    gpus = env.get("gpus") or []
+    if not gpus:
+        cpu = env.get("cpu") or "?"
+        cores = env.get("cpu_count")
+        return f"CPU: {cpu}" + (f" ({cores} cores)" if cores else "")
+    names: dict[str, int] = {}
+    for gpu in gpus:
+        names[gpu.get("name", "?")] = names.get(gpu.get("name", "?"), 0) + 1
+    return ", ".join(f"{n} x{c}" if c > 1 else n for n, c in names.items())
+
+
+def _environment(runs: list[RunInfo]) -> str:
+    def facts(run: RunInfo) -> dict[str, str]:
+        """The header's lines for one run, from its run.json."""
+        meta = run.meta
+        env = meta.get("environment") or {}
+        gpus = env.get("gpus") or []
+        ceilings = meta.get("ceilings") or {}
+        roofs = ", ".join(
+            f"{k.removeprefix('matmul_tflops_')} {v:.4g} TFLOP/s"
+            for k, v in ceilings.items()
+            if k.startswith("matmul_tflops_")
+        )
+        if ceilings.get("copy_gbps"):
+            roofs = f"copy {ceilings['copy_gbps']:.4g} GB/s" + (f", {roofs}" if roofs else "")
+        sha = env.get("git_sha") or "-"
+        return {
+            "run": f"{run.label}: {run.run_id}",
+            "suite": str(meta.get("suite") or "-"),
+            "date": str(meta.get("started_at") or "-").replace("T", " ")[:19],
+            "device": _gpu_text(env),
+            "driver": str(env.get("driver") or (gpus[0].get("driver") if gpus else None) or "-"),
+            "torch / CUDA / triton": (
+                f"{env.get('torch') or '-'} / {env.get('torch_cuda') or '-'} / "
+                f"{env.get('triton') or '-'}"
+            ),
+            "moebench / git": f"{env.get('moebench') or '-'} / {sha[:12]}",
+            "host": str(env.get("host") or "-"),
+            "ceilings (measured)": roofs or "-",
+            "cases": f"{run.cases}"
+            + (
+                f" of {meta['cases_total']}"
+                if meta.get("cases_total") not in (None, run.cases)
+                else ""
+            )
+            + (" (interrupted)" if meta.get("interrupted") else ""),
+        }
+
+    table = [facts(run) for run in runs]
+    rows = (
+        [
+            ENV_ROW.substitute(
+                key=_e(key), cells="".join(ENV_CELL.substitute(value=_e(t[key])) for t in table)
+            )
+            for key in table[0]
+        ]
+        if table
+        else []
+    )
+    return ENV.substitute(rows="".join(rows))
+
+
+def _table(
+    headers: list[tuple[str, str]],
+    rows: list[tuple[str, list[str]]],
+    css_class: str,
+    wrap_class: str = "",
+) -> str:
+    head = "".join(HEAD_CELL.substitute(kind=kind, text=_e(text)) for text, kind in headers)
+    body = "".join(ROW.substitute(css_class=cls, cells="".join(cells)) for cls, cells in rows)
+    return TABLE.substitute(head=head, body=body, css_class=css_class, wrap_class=wrap_class)
+
+
+def _cell(text: str, sort: Any = "", css_class: str = "", raw: bool = False) -> str:
+    return CELL.substitute(
+        css_class=css_class,
+        sort=_e("" if _missing(sort) else sort),
+        text=text if raw else _e(text),
+    )
+
+
+def _small_table(table: TableData) -> str:
+    classes = table.row_classes or [""] * len(table.rows)
+    rows = [(cls, [_cell(text) for text in row]) for cls, row in zip(classes, table.rows)]
+    return _table([(h, "text") for h in table.headers], rows, "sortable", "small")
+
+
+def _status_html(status: str) -> str:
+    return STATUS.substitute(color=STATUS_COLORS.get(status, "#666"), text=_e(status))
+
+
+def _impl_html(data: ReportData, impl: str) -> str:
+    return SWATCH.substitute(color=_e(data.colors.get(impl, "#999")), text=_e(impl))
+
+
+def _verdict(data: ReportData) -> str:
+    standings = leaderboard(data)
+    headlines = [
+        HEADLINE.substitute(css_class=css, text=text) for css, text in _headlines(data, standings)
+    ]
+    base_names = sorted({b for b in data.base_impls.values() if b})
+    base = " / ".join(base_names) or "base"
+    most = max((s.contests for s in standings), default=0) or 1
+    rows = []
+    for s in standings:
+        wins = (
+            f"{s.wins} of {s.contests}"
+            + BAR.substitute(
+                pct=f"{100 * s.wins / most:.0f}", color=_e(data.colors.get(s.impl, "#999"))
+            )
+            if s.exact and s.contests
+            else "-"
+        )
+        rows.append(
+            (
+                "",
+                [
+                    _cell(_impl_html(data, s.impl), s.impl, raw=True),
+                    _cell("exact" if s.exact else "variant"),
+                    _cell(f"{s.ok} / {s.total}", s.ok, "num"),
+                    _cell(wins, s.wins, raw=True),
+                    _cell(
+                        _num(s.geomean_speedup, ".3g") + ("x" if s.geomean_speedup else ""),
+                        s.geomean_speedup,
+                        "num",
+                    ),
+                    _cell(_num(s.median_err, ".2e"), s.median_err, "num"),
+                ],
+            )
+        )
+    table = _table(
+        [
+            ("implementation", "text"),
+            ("kind", "text"),
+            ("ok / cases", "num"),
+            ("fastest exact on", "num"),
+            (f"speed vs {base} (geomean)", "num"),
+            ("median error", "num"),
+        ],
+        rows,
+        "sortable",
+        "small",
+    )
+    return VERDICT.substitute(headlines="".join(headlines), table=table)
+
+
+def _headlines(data: ReportData, standings: list[Standing]) -> list[tuple[str, str]]:
+    """(css class, escaped HTML) lines that say who wins."""
+    if data.ok.empty:
+        return [
+            (
+                "bad",
+                _e(
+                    f"No case finished ok ({len(data.frame)} cases): every figure is left out. "
+                    "The errors are listed below."
+                ),
+            )
+        ]
+    lines = []
+    exact = [s for s in standings if s.exact and s.contests]
+    if exact:
+        best = exact[0]
+        lines.append(
+            (
+                "win",
+                (
+                    f"Fastest exact implementation: <b>{_impl_html(data, best.impl)}</b> &mdash; "
+                    f"the fastest on {best.wins} of {best.contests} cases where exact "
+                    "implementations met."
+                ),
+            )
+        )
+    base_names = sorted({b for b in data.base_impls.values() if b})
+    variants = [s for s in standings if not s.exact and s.geomean_speedup]
+    for s in sorted(variants, key=lambda v: -(v.geomean_speedup or 0)):
+        lines.append(
+            (
+                "",
+                _e(
+                    f"Variant {s.impl}: {s.geomean_speedup:.3g}x the speed of "
+                    f"{' / '.join(base_names)} (geometric mean), median fidelity error "
+                    f"{_num(s.median_err, '.2g')}."
+                ),
+            )
+        )
+    failed = int((data.frame["status"] != "ok").sum())
+    if failed:
+        lines.append(("bad", _e(f"{failed} of {len(data.frame)} cases did not finish ok.")))
+    return lines
+
+
+def _failures(data: ReportData) -> str:
+    frame = data.frame
+    failed = frame[frame["status"] != "ok"]
+    if failed.empty:
+        return ""
+    counts = failed["status"].value_counts()
+    by_status = ", ".join(f"{n} {s}" for s, n in counts.items())
+    rows = [
+        (
+            "failed",
+            [
+                _cell(_impl_html(data, r["impl"]), r["impl"], raw=True),
+                _cell(r["case_label"]),
+                _cell(_status_html(str(r["status"])), r["status"], raw=True),
+                _cell(
+                    "(no message)" if _missing(r.get("error")) else str(r["error"]),
+                    css_class="error",
+                ),
+            ],
+        )
+        for r in failed.to_dict("records")
+    ]
+    table = _table(
+        [("implementation", "text"), ("case", "text"), ("status", "text"), ("error", "text")],
+        rows,
+        "sortable",
+    )
+    return FAILURES.substitute(
+        count=len(failed), total=len(frame), by_status=_e(by_status), table=table
+    )
+
+
+def _cases(data: ReportData) -> str:
+    frame = data.frame.sort_values(["run_index", "facet_label", "tokens", "impl"])
+    headers = [("impl", "text")]
+    if data.multi_run:
+        headers.append(("run", "text"))
+    headers += [
+        ("shape", "text"),
+        ("tokens", "num"),
+        ("mode", "text"),
+        ("dtype", "text"),
+        ("routing", "text"),
+        ("status", "text"),
+        ("latency ms", "num"),
+        ("p10-p90 ms", "num"),
+        ("tokens/s", "num"),
+        ("vs base", "num"),
+        ("peak MiB", "num"),
+        ("weights MiB", "num"),
+        ("roofline", "num"),
+        ("error (rel / fidelity)", "num"),
+        ("message", "text"),
+    ]
+    rows = []
+    for r in frame.to_dict("records"):
+        status = str(r.get("status"))
+        cells = [_cell(_impl_html(data, r["impl"]), r["impl"], raw=True)]
+        if data.multi_run:
+            cells.append(_cell(r["run_label"]))
+        spread = "-"
+        if not _missing(r.get("latency_p10_ms")) and not _missing(r.get("latency_p90_ms")):
+            spread = f"{r['latency_p10_ms']:.3g}-{r['latency_p90_ms']:.3g}"
+        speedup = r.get("base_speedup")
+        cells += [
+            _cell(r["shape_label"]),
+            _cell(_num(r.get("tokens"), ".0f"), r.get("tokens"), "num"),
+            _cell(str(r.get("mode"))),
+            _cell(str(r.get("dtype"))),
+            _cell(str(r.get("routing"))),
+            _cell(_status_html(status), status, raw=True),
+            _cell(_num(r.get("latency_ms"), ".4g"), r.get("latency_ms"), "num"),
+            _cell(spread, r.get("latency_p10_ms"), "num"),
+            _cell(_num(r.get("tokens_per_s"), ",.0f"), r.get("tokens_per_s"), "num"),
+            _cell("-" if _missing(speedup) else f"{speedup:.3g}x", speedup, "num"),
+            _cell(_mib(r.get("peak_mem_bytes")), r.get("peak_mem_bytes"), "num"),
+            _cell(_mib(r.get("weight_bytes")), r.get("weight_bytes"), "num"),
+            _cell(_num(r.get("roofline_frac"), ".1%"), r.get("roofline_frac"), "num"),
+            _cell(_num(r.get("err"), ".2e"), r.get("err"), "num"),
+            _cell(
+                "" if _missing(r.get("error")) else str(r["error"]),
+                css_class="error" if status != "ok" else "",
+            ),
+        ]
+        rows.append(("failed" if status != "ok" else "", cells))
+    base_names = sorted({b for b in data.base_impls.values() if b})
+    return CASES.substitute(
+        table=_table(headers, rows, "sortable cases"),
+        base=_e(" / ".join(base_names) or "the base layer"),
+    )
+
+
+def _mib(value: Any) -> str:
+    return "-" if _missing(value) else f"{value / MIB:,.2f}"
