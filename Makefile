@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 SUITE ?= suites/default.toml
 
-.PHONY: test bench report lint smoke clean
+.PHONY: test bench report lint smoke perf-gate clean
 
 # --system-site-packages: a torch already installed for this Python is used, not replaced.
 $(VENV)/bin/python:
@@ -46,6 +46,21 @@ smoke: $(VENV)/.base
 
 report: $(VENV)/.report
 	$(VENV)/bin/moebench report latest -o report.html
+
+# Performance gate: the smoke suite against the committed reference run. Normalized by the
+# reference implementation (the CI machine is not the one that made the baseline) and gated
+# per implementation at 40%: on a shared 2-core CPU a tiny case moves tens of percent between
+# runs; an implementation's geometric mean over its cases moved at most 23% in 35 same-code
+# comparisons (moebench/compare/aggregate.py). One thread: a sleeping 2-thread OpenMP pool
+# stalls tiny CPU cases by up to 1000x on a busy machine.
+BASELINE ?= results/reference/smoke.parquet
+GATE_THRESHOLD ?= 40%
+perf-gate: $(VENV)/.base
+	rm -rf results/ci
+	OMP_NUM_THREADS=1 $(VENV)/bin/moebench run suites/smoke.toml --out results/ci --quiet
+	$(VENV)/bin/moebench compare $(BASELINE) latest --root results/ci \
+	  --normalize reference --gate impl --threshold $(GATE_THRESHOLD) \
+	  --markdown results/ci/compare.md --json results/ci/compare.json
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check moebench tests

@@ -1,0 +1,653 @@
+"""Match cases between two runs (or two implementations of one run) and judge each pair.
+
+Between runs, cases are matched on `case_id`, a hash of every case field: equal ids are
+the same case. Within a run (`--impls a,b`) and for normalization (`--normalize IMPL`),
+rows are matched on the case fields except `impl` (and `options` and `preset`, which
+belong to an implementation or only label a shape).
+
+Normalizing divides a case's metric (and its samples) by the normalizing implementation's
+metric on the same case of the same run, so a runner that is uniformly slower (a busier
+machine, a different card) changes nothing, while one slowed implementation still shows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from moebench.case import ALL_FIELDS
+from moebench.compare.aggregate import ImplSummary, summarize
+from moebench.compare.bootstrap import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    MIN_SAMPLES,
+    Side,
+    ratio_ci,
+)
+from moebench.compare.verdict import (
+    METRICS,
+    VERDICTS,
+    Change,
+    Decision,
+    Metric,
+    Threshold,
+    VerdictName,
+    decide,
+    fails_gate,
+    status_decision,
+)
+from moebench.store import StoreError, read_metadata, read_run
+
+Gate = Literal["case", "impl"]
+GATES: tuple[str, ...] = ("case", "impl")
+REQUIRED_COLUMNS = ("case_id", "impl", "status")
+# Case fields that do not say which computation was measured, left out of the match key
+# between implementations: options are an implementation's own knobs, preset a label.
+NOT_IN_IMPL_KEY = ("impl", "options", "preset")
+JUDGED = ("regressed", "improved", "unchanged")
+LABEL_FIELDS = ("preset", "hidden", "ffn", "num_experts", "top_k", "tokens", "mode", "dtype")
+
+
+class CompareError(ValueError):
+    """Inputs that cannot be compared (the message says why); exit code 2."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run's rows, keyed by case id, and its run-level facts."""
+
+    name: str
+    rows: dict[str, dict[str, Any]]
+    meta: dict[str, Any]
+
+    @property
+    def impls(self) -> list[str]:
+        return sorted({str(row.get("impl")) for row in self.rows.values()})
+
+    def describe(self) -> str:
+        """'run-id (cpu, AMD EPYC, git 6466b0a)'."""
+        env = self.meta.get("environment") or {}
+        gpus = ", ".join(g.get("name", "?") for g in env.get("gpus") or [])
+        parts = [p for p in (self.meta.get("device"), gpus or env.get("cpu")) if p]
+        if env.get("git_sha"):
+            parts.append(f"git {str(env['git_sha'])[:7]}")
+        return f"{self.name} ({', '.join(parts)})" if parts else self.name
+
+
+def load_run(spec: str | Path, root: str | Path = "results") -> Run:
+    """Read a run (id, folder, parquet file or 'latest') and check it can be compared."""
+    try:
+        frame = read_run(spec, root)
+        meta = read_metadata(spec, root)
+    except StoreError as exc:
+        raise CompareError(str(exc)) from exc
+    except (OSError, ValueError) as exc:  # unreadable metadata, a truncated file
+        raise CompareError(f"cannot read results {str(spec)!r}: {exc}") from exc
+    return run_from_frame(frame, str(meta.get("run_id") or _name_of(spec)), meta)
+
+
+def _name_of(spec: str | Path) -> str:
+    path = Path(spec)
+    return path.parent.name if path.name == "results.parquet" else path.name
+
+
+def run_from_frame(frame: pd.DataFrame, name: str, meta: dict[str, Any] | None = None) -> Run:
+    """A Run from a results table; CompareError if it is not one or has duplicate ids."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise CompareError(
+            f"{name}: not a moebench results table (missing columns {missing}; "
+            f"it has {sorted(frame.columns)[:12]})"
+        )
+    rows: dict[str, dict[str, Any]] = {}
+    duplicates = set()
+    for row in frame.to_dict("records"):
+        case_id = str(row["case_id"])
+        if case_id in rows:
+            duplicates.add(case_id)
+        rows[case_id] = row
+    if duplicates:
+        raise CompareError(
+            f"{name}: {len(duplicates)} case ids appear more than once (several runs stacked "
+            "into one file?); compare one run at a time"
+        )
+    return Run(name, rows, dict(meta or {}))
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """The comparison of one case: values, ratio, CI, verdict and its sentence."""
+
+    key: str
+    label: str
+    verdict: VerdictName
+    sentence: str
+    fields: dict[str, Any]
+    baseline_value: float | None = None
+    candidate_value: float | None = None
+    ratio: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    baseline_samples: int = 0
+    candidate_samples: int = 0
+    baseline_status: str | None = None
+    candidate_status: str | None = None
+    fails_gate: bool = False
+    normalized: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "case_id": self.key,
+            "label": self.label,
+            "verdict": self.verdict,
+            "sentence": self.sentence,
+            "fails_gate": self.fails_gate,
+            "baseline_value": self.baseline_value,
+            "candidate_value": self.candidate_value,
+            "ratio": self.ratio,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "normalized": self.normalized,
+            "baseline_samples": self.baseline_samples,
+            "candidate_samples": self.candidate_samples,
+            "baseline_status": self.baseline_status,
+            "candidate_status": self.candidate_status,
+            "fields": self.fields,
+        }
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to judge: metric, threshold, normalizer and the bootstrap's parameters."""
+
+    metric: Metric
+    threshold: Threshold
+    normalize: str | None = None
+    confidence: float = DEFAULT_CONFIDENCE
+    resamples: int = DEFAULT_RESAMPLES
+    seed: int = DEFAULT_SEED
+    gate: Gate = "case"
+
+    @property
+    def case_gate(self) -> bool:
+        """Whether single cases' regressions fail the gate (else implementations')."""
+        return self.gate == "case"
+
+
+@dataclass(frozen=True)
+class Report:
+    """Every case's result, and what the comparison was."""
+
+    baseline: str
+    candidate: str
+    settings: Settings
+    results: list[CaseResult]
+    mode: str = "runs"  # "runs": baseline vs candidate run; "impls": two impls of one run
+    notes: list[str] = field(default_factory=list)
+    impl_summaries: list[ImplSummary] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {v: sum(r.verdict == v for r in self.results) for v in VERDICTS}
+
+    @property
+    def failing(self) -> list[CaseResult | ImplSummary]:
+        """What fails the gate: cases, then implementations (with --gate impl)."""
+        return [r for r in (*self.results, *self.impl_summaries) if r.fails_gate]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failing
+
+    def summary(self) -> str:
+        """'cases: 1 regressed, 30 unchanged (44); implementations: ...; gate: FAIL ...'."""
+        parts = [f"{n} {v}" for v, n in self.counts.items() if n]
+        text = f"cases: {', '.join(parts) or 'none'} ({len(self.results)})"
+        if self.impl_summaries:
+            by_impl = ", ".join(f"{s.name} {s.verdict}" for s in self.impl_summaries)
+            text += f"; implementations: {by_impl}"
+        outcome = "ok" if self.passed else f"FAIL ({len(self.failing)} failing)"
+        return f"{text}; gate ({self.settings.gate}): {outcome}"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def number(value: Any) -> float | None:
+    """A finite-or-infinite float, or None for missing/NaN/non-numbers."""
+    if value is None or isinstance(value, (str, bytes, list, tuple, dict)):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(out) else out
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly scalar (numpy numbers and NaN made plain)."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()
+        except (ValueError, AttributeError):
+            return str(value)
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def case_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The case fields of a row (those present), JSON-friendly."""
+    names = (*ALL_FIELDS, "tokens")
+    return {name: _plain(row.get(name)) for name in names if name in row}
+
+
+def impl_key(row: Mapping[str, Any]) -> str:
+    """The case fields except the implementation's own, as a hashable key."""
+    fields_ = {
+        k: v for k, v in case_fields(row).items() if k not in NOT_IN_IMPL_KEY and k != "tokens"
+    }
+    return json.dumps(fields_, sort_keys=True, default=str)
+
+
+def shape_words(row: Mapping[str, Any]) -> list[str]:
+    """The words of Case.label() minus the implementation, from a results row, plus the
+    fields a label leaves out when they are not at their default (seed, world size,
+    weight source, options): ['D64F128', 'E4k2', 'T16', 'forward', 'float32', 'uniform']."""
+    f = {k: _plain(row.get(k)) for k in (*LABEL_FIELDS, "routing", "seed", "world_size")}
+    words = [
+        str(f["preset"] or f"D{f['hidden']}F{f['ffn']}"),
+        f"E{f['num_experts']}k{f['top_k']}",
+        f"T{f['tokens']}",
+    ]
+    layers = _plain(row.get("layers"))
+    if layers not in (None, 1):
+        words.append(f"L{layers}")
+    words += [str(f["mode"]), str(f["dtype"]), str(f["routing"])]
+    if f["world_size"] not in (None, 1):
+        words.append(f"ws{f['world_size']}")
+    if f["seed"] not in (None, 0):
+        words.append(f"seed{f['seed']}")
+    source = _plain(row.get("weights"))
+    if source not in (None, "", "random"):
+        words.append(str(source))
+    options = row.get("options")
+    if options and options != "{}":
+        words.append(str(options))
+    return words
+
+
+def shape_label(row: Mapping[str, Any]) -> str:
+    """'D64F128 E4k2 T16 forward float32 uniform' (what Case.label says, minus impl)."""
+    return " ".join(shape_words(row))
+
+
+def case_label(row: Mapping[str, Any]) -> str:
+    """'grouped D64F128 E4k2 T16 forward float32 uniform'."""
+    return f"{row.get('impl')} {shape_label(row)}"
+
+
+def _status(row: Mapping[str, Any] | None) -> str | None:
+    return None if row is None else str(row.get("status"))
+
+
+def _error(row: Mapping[str, Any] | None) -> str:
+    return "" if row is None or not row.get("error") else str(row.get("error"))
+
+
+@dataclass(frozen=True)
+class _Value:
+    """A metric's point value and samples for one row, maybe divided by a normalizer."""
+
+    value: float | None
+    side: Side
+    raw: float | None
+    problem: str | None = None
+
+
+def _measure(
+    row: Mapping[str, Any],
+    metric: Metric,
+    normalizer: Mapping[str, Any] | None,
+    normalize: str | None,
+    run_name: str,
+) -> _Value:
+    raw = number(row.get(metric.name))
+    samples = tuple(metric.samples_of(row)) if metric.samples_of else ()
+    if raw is None and samples:
+        raw = float(pd.Series(samples).median())
+    if normalize is None:
+        return _Value(raw, Side(samples), raw)
+    if normalizer is None:
+        return _Value(
+            None,
+            Side(()),
+            raw,
+            f"no {normalize} case with the same fields in {run_name} to normalize by",
+        )
+    if normalizer.get("status") != "ok":
+        return _Value(
+            None,
+            Side(()),
+            raw,
+            f"its normalizer {normalize} is {normalizer.get('status')} in {run_name}",
+        )
+    divisor = number(normalizer.get(metric.name))
+    divisor_samples = tuple(metric.samples_of(normalizer)) if metric.samples_of else ()
+    if divisor is None or divisor == 0 or raw is None:
+        return _Value(None, Side(()), raw, f"{normalize} has no {metric.name} in {run_name}")
+    return _Value(raw / divisor, Side(samples, divisor_samples if samples else None), raw)
+
+
+def _format_value(value: float | None, metric: Metric) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g} {metric.unit}".rstrip()
+
+
+def _judge(
+    key: str,
+    label: str,
+    fields_: dict[str, Any],
+    base: tuple[Mapping[str, Any] | None, Mapping[str, Any] | None],
+    cand: tuple[Mapping[str, Any] | None, Mapping[str, Any] | None],
+    names: tuple[str, str],
+    settings: Settings,
+) -> CaseResult:
+    """One case: (row, normalizer row) of each side -> a CaseResult."""
+    metric = settings.metric
+    (base_row, base_norm), (cand_row, cand_norm) = base, cand
+    statuses = (_status(base_row), _status(cand_row))
+    common = {
+        "key": key,
+        "label": label,
+        "fields": fields_,
+        "baseline_status": statuses[0],
+        "candidate_status": statuses[1],
+        "normalized": settings.normalize is not None,
+    }
+    if base_row is None or cand_row is None:
+        verdict: VerdictName = "new" if base_row is None else "missing"
+        where = names[1] if base_row is None else names[0]
+        other = names[0] if base_row is None else names[1]
+        return CaseResult(
+            verdict=verdict, sentence=f"{label}: only in {where}, not in {other}", **common
+        )
+    failed = status_decision(*statuses, (_error(base_row), _error(cand_row)))
+    if failed is not None:
+        return CaseResult(
+            verdict="failed",
+            sentence=f"{label}: {failed.reason}",
+            fails_gate=fails_gate("failed", *statuses),
+            **common,
+        )
+    b = _measure(base_row, metric, base_norm, settings.normalize, names[0])
+    c = _measure(cand_row, metric, cand_norm, settings.normalize, names[1])
+    values = {
+        "baseline_value": b.raw,
+        "candidate_value": c.raw,
+        "baseline_samples": len(b.side.samples),
+        "candidate_samples": len(c.side.samples),
+    }
+    change_text = f"{metric.name} {_format_value(b.raw, metric)} -> {_format_value(c.raw, metric)}"
+    problem = b.problem or c.problem
+    if problem or b.value is None or c.value is None:
+        why = problem or f"no {metric.name} value in {names[0] if b.value is None else names[1]}"
+        return CaseResult(
+            verdict="skipped",
+            sentence=f"{label}: {change_text}; not judged: {why}",
+            **values,
+            **common,
+        )
+    ratio = _ratio(c.value, b.value)
+    ci = ratio_ci(
+        b.side,
+        c.side,
+        key=key,
+        confidence=settings.confidence,
+        resamples=settings.resamples,
+        seed=settings.seed,
+    )
+    change = Change(
+        ratio=ratio,
+        low=ci[0] if ci else None,
+        high=ci[1] if ci else None,
+        higher_is_better=metric.higher_is_better,
+        confidence=settings.confidence,
+    )
+    decision: Decision = decide(change, settings.threshold)
+    if settings.normalize:
+        change_text += f", relative to {settings.normalize}"
+    if ci is None and metric.has_samples:
+        change_text += f" (fewer than {MIN_SAMPLES} samples: no CI)"
+    return CaseResult(
+        verdict=decision.verdict,
+        sentence=f"{label}: {change_text}: {decision.reason}",
+        ratio=ratio,
+        ci_low=change.low,
+        ci_high=change.high,
+        fails_gate=fails_gate(decision.verdict, *statuses, regressions_count=settings.case_gate),
+        **values,
+        **common,
+    )
+
+
+def _ratio(candidate: float, baseline: float) -> float:
+    if baseline == 0:
+        return math.nan if candidate == 0 else math.copysign(math.inf, candidate)
+    return candidate / baseline
+
+
+def _impl_index(run: Run, impl: str) -> dict[str, dict[str, Any]]:
+    """impl_key -> row, for the rows of `impl` in `run` (a key seen twice is dropped:
+    an implementation swept over its own options cannot be a single yardstick)."""
+    index: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+    for row in run.rows.values():
+        if row.get("impl") != impl:
+            continue
+        key = impl_key(row)
+        if key in seen:
+            index.pop(key, None)
+        else:
+            index[key] = row
+        seen.add(key)
+    return index
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def compare_runs(baseline: Run, candidate: Run, settings: Settings) -> Report:
+    """Judge every case of `candidate` against the same case (case_id) of `baseline`."""
+    _check_metric(settings.metric, [baseline, candidate])
+    common = baseline.rows.keys() & candidate.rows.keys()
+    if not common:
+        raise CompareError(_no_common_cases(baseline, candidate))
+    notes = []
+    norms: tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]] = ({}, {})
+    if settings.normalize:
+        impl = settings.normalize
+        if impl not in baseline.impls or impl not in candidate.impls:
+            lacking = [r.name for r in (baseline, candidate) if impl not in r.impls]
+            raise CompareError(
+                f"--normalize {impl}: unknown implementation in {', '.join(lacking)}; "
+                f"implementations there: {sorted(set(baseline.impls) & set(candidate.impls))}"
+            )
+        norms = (_impl_index(baseline, impl), _impl_index(candidate, impl))
+        notes.append(
+            f"normalized by {impl}: each case's {settings.metric.name} is divided by {impl}'s "
+            f"on the same case of the same run; {impl}'s own cases are not judged"
+        )
+    names = (baseline.name, candidate.name)
+    results = []
+    for key in [*baseline.rows, *(k for k in candidate.rows if k not in baseline.rows)]:
+        base_row, cand_row = baseline.rows.get(key), candidate.rows.get(key)
+        row = base_row if base_row is not None else cand_row
+        assert row is not None
+        if settings.normalize and row.get("impl") == settings.normalize:
+            results.append(_normalizer_result(key, row, base_row, cand_row, names, settings))
+            continue
+        norm_key = impl_key(row)
+        results.append(
+            _judge(
+                key,
+                case_label(row),
+                case_fields(row),
+                (base_row, norms[0].get(norm_key) if settings.normalize else None),
+                (cand_row, norms[1].get(norm_key) if settings.normalize else None),
+                names,
+                settings,
+            )
+        )
+    summaries = _summaries(results, settings, lambda r: str(r.fields.get("impl")))
+    return Report(
+        baseline.describe(),
+        candidate.describe(),
+        settings,
+        _ordered(results),
+        "runs",
+        notes,
+        summaries,
+    )
+
+
+def _normalizer_result(
+    key: str,
+    row: Mapping[str, Any],
+    base_row: Mapping[str, Any] | None,
+    cand_row: Mapping[str, Any] | None,
+    names: tuple[str, str],
+    settings: Settings,
+) -> CaseResult:
+    """The normalizer's own case: its status still counts, its metric is only reported."""
+    raw = replace(settings, normalize=None)
+    judged = _judge(
+        key, case_label(row), case_fields(row), (base_row, None), (cand_row, None), names, raw
+    )
+    if judged.verdict in ("failed", "new", "missing"):
+        return judged
+    ratio = "-" if judged.ratio is None else f"x{judged.ratio:.3g}"
+    return CaseResult(
+        key=key,
+        label=judged.label,
+        verdict="skipped",
+        fields=judged.fields,
+        sentence=f"{judged.label}: the normalizer; its own {settings.metric.name} changed "
+        f"{ratio} (not judged)",
+        baseline_value=judged.baseline_value,
+        candidate_value=judged.candidate_value,
+        ratio=judged.ratio,
+        ci_low=judged.ci_low,
+        ci_high=judged.ci_high,
+        baseline_samples=judged.baseline_samples,
+        candidate_samples=judged.candidate_samples,
+        baseline_status=judged.baseline_status,
+        candidate_status=judged.candidate_status,
+    )
+
+
+def compare_impls(run: Run, baseline_impl: str, candidate_impl: str, settings: Settings) -> Report:
+    """Judge `candidate_impl` against `baseline_impl` on each case of one run (matched on
+    the case fields except impl): a ratio < 1 of latency is a speedup of the candidate."""
+    _check_metric(settings.metric, [run])
+    for impl in (baseline_impl, candidate_impl):
+        if impl not in run.impls:
+            raise CompareError(
+                f"--impls: no implementation {impl!r} in {run.name}; it has {run.impls}"
+            )
+    if baseline_impl == candidate_impl:
+        raise CompareError(f"--impls: two different implementations, not {baseline_impl} twice")
+    base, cand = _impl_index(run, baseline_impl), _impl_index(run, candidate_impl)
+    if not base.keys() & cand.keys():
+        raise CompareError(
+            f"{run.name}: {baseline_impl} and {candidate_impl} share no case "
+            "(same fields except impl)"
+        )
+    results = []
+    for key in [*base, *(k for k in cand if k not in base)]:
+        row = base.get(key) or cand[key]
+        label = shape_label(row)
+        results.append(
+            _judge(
+                str(row.get("case_id")),
+                label,
+                case_fields(row),
+                (base.get(key), None),
+                (cand.get(key), None),
+                (baseline_impl, candidate_impl),
+                settings,
+            )
+        )
+    notes = [f"{candidate_impl} vs {baseline_impl} within run {run.name}"]
+    summaries = _summaries(results, settings, lambda r: f"{candidate_impl} vs {baseline_impl}")
+    return Report(
+        baseline_impl, candidate_impl, settings, _ordered(results), "impls", notes, summaries
+    )
+
+
+def _summaries(
+    results: list[CaseResult], settings: Settings, group: Callable[[CaseResult], str]
+) -> list[ImplSummary]:
+    """The geometric-mean summary of each group of judged cases (see `aggregate`)."""
+    groups: dict[str, list[float]] = {}
+    for result in results:
+        if result.verdict in JUDGED and result.ratio is not None:
+            groups.setdefault(group(result), []).append(result.ratio)
+    return [
+        summarize(
+            name,
+            ratios,
+            settings.threshold,
+            higher_is_better=settings.metric.higher_is_better,
+            gate=not settings.case_gate,
+            confidence=settings.confidence,
+            resamples=settings.resamples,
+            seed=settings.seed,
+        )
+        for name, ratios in groups.items()
+    ]
+
+
+def _ordered(results: Iterable[CaseResult]) -> list[CaseResult]:
+    rank = {v: i for i, v in enumerate(VERDICTS)}
+    return sorted(results, key=lambda r: rank[r.verdict])  # stable: run order within
+
+
+def _check_metric(metric: Metric, runs: list[Run]) -> None:
+    for run in runs:
+        ok_rows = [r for r in run.rows.values() if r.get("status") == "ok"]
+        if not ok_rows:
+            continue
+        if not any(number(r.get(metric.name)) is not None for r in ok_rows):
+            raise CompareError(
+                f"metric {metric.name!r} has no values in {run.name} "
+                "(not measured on this device or in this version?)"
+            )
+
+
+def _no_common_cases(baseline: Run, candidate: Run) -> str:
+    def facts(run: Run) -> str:
+        rows = list(run.rows.values())
+        devices = sorted({str(r.get("device")) for r in rows})
+        suites = sorted({str(r.get("suite")) for r in rows})
+        return f"{run.name}: {len(rows)} cases, suite {suites}, device {devices}"
+
+    return (
+        "no common cases (case ids hash every case field, device and dtype included); "
+        f"{facts(baseline)}; {facts(candidate)}"
+    )
+
+
+def get_metric(name: str) -> Metric:
+    """The metric called `name`, or CompareError listing the known ones."""
+    if name not in METRICS:
+        raise CompareError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+    return METRICS[name]

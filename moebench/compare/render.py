@@ -1,0 +1,268 @@
+"""A comparison as a rich table (terminal), Markdown (a CI job summary) and JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from rich.table import Table
+
+from moebench.compare.aggregate import ImplSummary
+from moebench.compare.pairing import CaseResult, Report
+from moebench.compare.verdict import Metric
+
+VERDICT_STYLE = {
+    "failed": "bold red",
+    "regressed": "red",
+    "improved": "green",
+    "unchanged": "",
+    "new": "cyan",
+    "missing": "yellow",
+    "skipped": "dim",
+}
+VERDICT_ICON = {
+    "failed": "❌",
+    "regressed": "🔴",
+    "improved": "🟢",
+    "unchanged": "⚪",
+    "new": "🆕",
+    "missing": "❔",
+    "skipped": "➖",
+}
+# Markdown: the full table only up to this many rows (GitHub caps a summary at 1 MiB).
+MARKDOWN_MAX_ROWS = 500
+
+
+def format_value(value: float | None, metric: Metric) -> str:
+    """A metric value in its unit: '1.23 ms', '12.0 MiB', '4,513 tokens/s'."""
+    if value is None:
+        return "-"
+    if metric.unit == "bytes":
+        return f"{value / 2**20:,.1f} MiB"
+    if metric.unit == "tokens/s":
+        return f"{value:,.0f}/s"
+    return f"{value:.3g} {metric.unit}".rstrip()
+
+
+def format_ratio(result: CaseResult | ImplSummary) -> str:
+    """'x1.32' (candidate / baseline), '-' when there is none."""
+    return "-" if result.ratio is None else f"x{result.ratio:.3g}"
+
+
+def format_ci(result: CaseResult | ImplSummary) -> str:
+    """'1.25-1.40', '-' when there is no CI."""
+    if result.ci_low is None or result.ci_high is None:
+        return "-"
+    return f"{result.ci_low:.3g}-{result.ci_high:.3g}"
+
+
+def _headings(report: Report) -> tuple[str, str, str, str]:
+    """Column titles: baseline, candidate, ratio, CI."""
+    s = report.settings
+    ratio = "ratio" if not s.normalize else f"ratio / {s.normalize}"
+    ci = f"{s.confidence:.0%} CI"
+    if report.mode == "impls":
+        return report.baseline, report.candidate, ratio, ci
+    return "baseline", "candidate", ratio, ci
+
+
+def title(report: Report) -> str:
+    """'moebench compare: latency_ms, normalized by reference'."""
+    s = report.settings
+    what = f"{report.candidate} vs {report.baseline}" if report.mode == "impls" else "compare"
+    text = f"moebench {what}: {s.metric.name}"
+    if s.normalize:
+        text += f", normalized by {s.normalize}"
+    return text
+
+
+def method(report: Report) -> str:
+    """One line on how verdicts are reached."""
+    s = report.settings
+    direction = "higher" if s.metric.higher_is_better else "lower"
+    ci = (
+        f"{s.confidence:.0%} CI of the ratio of medians by a seeded bootstrap of the kept "
+        f"samples ({s.resamples} resamples, seed {s.seed})"
+        if s.metric.has_samples
+        else "no samples for this metric: judged on the threshold alone"
+    )
+    gate = (
+        "the gate is on single cases"
+        if s.case_gate
+        else "the gate is on each implementation's geometric mean over its cases"
+    )
+    return (
+        f"threshold {s.threshold}; {direction} is better; {ci}; regressed = beyond the "
+        f"threshold and the CI excludes x1; {gate}"
+    )
+
+
+def _styled(verdict: str, fails: bool) -> str:
+    style = VERDICT_STYLE[verdict]
+    text = f"[{style}]{verdict}[/]" if style else verdict
+    return text + (" [bold](gate)[/]" if fails else "")
+
+
+def rich_table(report: Report) -> Table:
+    """The terminal table, most severe verdicts first."""
+    base_head, cand_head, ratio_head, ci_head = _headings(report)
+    table = Table(title=title(report), caption=method(report))
+    table.add_column("verdict")
+    table.add_column("case", ratio=1, min_width=20)
+    for head in (base_head, cand_head, ratio_head, ci_head):
+        table.add_column(head, justify="right", no_wrap=True)
+    metric = report.settings.metric
+    for result in report.results:
+        table.add_row(
+            _styled(result.verdict, result.fails_gate),
+            result.label,
+            format_value(result.baseline_value, metric),
+            format_value(result.candidate_value, metric),
+            format_ratio(result),
+            format_ci(result),
+        )
+    return table
+
+
+def rich_impl_table(report: Report) -> Table:
+    """One line per implementation: the geometric mean of its case ratios."""
+    _, _, ratio_head, ci_head = _headings(report)
+    table = Table(title="per implementation: geometric mean of the case ratios")
+    table.add_column("verdict")
+    table.add_column("implementation")
+    table.add_column("cases", justify="right")
+    table.add_column(ratio_head, justify="right", no_wrap=True)
+    table.add_column(ci_head, justify="right", no_wrap=True)
+    for summary in report.impl_summaries:
+        table.add_row(
+            _styled(summary.verdict, summary.fails_gate),
+            summary.name,
+            str(summary.cases),
+            format_ratio(summary),
+            format_ci(summary),
+        )
+    return table
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(report: Report) -> str:
+    """A job summary: the outcome, what was compared, the per-implementation summary, the
+    cases that need a look, then every case in a collapsed table."""
+    counts = report.counts
+    outcome = (
+        f"✅ passed ({report.settings.gate} gate)"
+        if report.passed
+        else f"❌ failed ({report.settings.gate} gate): {len(report.failing)} failing"
+    )
+    lines = [
+        f"## {title(report)}",
+        "",
+        f"**{outcome}** · " + " · ".join(f"{n} {v}" for v, n in counts.items() if n),
+        "",
+    ]
+    if report.mode == "runs":
+        lines.append(f"baseline `{report.baseline}` → candidate `{report.candidate}`  ")
+    lines.append(_cell(method(report)) + "  ")
+    lines.extend(f"{_cell(note)}  " for note in report.notes)
+    lines.append("")
+    _, _, ratio_head, ci_head = _headings(report)
+    if report.impl_summaries:
+        lines.extend(
+            [
+                "### Per implementation (geometric mean of the case ratios)",
+                "",
+                f"| verdict | implementation | cases | {ratio_head} | {ci_head} |",
+                "|---|---|--:|--:|--:|",
+            ]
+        )
+        for summary in report.impl_summaries:
+            gate = " (gate)" if summary.fails_gate else ""
+            lines.append(
+                f"| {VERDICT_ICON[summary.verdict]} {summary.verdict}{gate} | "
+                f"{_cell(summary.name)} | {summary.cases} | {format_ratio(summary)} | "
+                f"{format_ci(summary)} |"
+            )
+        lines.append("")
+    notable = [r for r in report.results if r.verdict in ("failed", "regressed", "improved")]
+    if notable:
+        heading = "### Cases changed or failed"
+        if not report.settings.case_gate:
+            heading += " (single cases inform; the gate is per implementation)"
+        lines.extend([heading, "", *_md_table(report, notable), ""])
+        lines.extend(f"- {VERDICT_ICON[r.verdict]} {_cell(r.sentence)}" for r in notable)
+        lines.append("")
+    shown = report.results[:MARKDOWN_MAX_ROWS]
+    lines.extend(
+        [
+            f"<details><summary>All {len(report.results)} cases</summary>",
+            "",
+            *_md_table(report, shown),
+            "",
+        ]
+    )
+    if len(report.results) > len(shown):
+        lines.append(f"({len(report.results) - len(shown)} more in the JSON output)")
+    lines.extend(["</details>", ""])
+    return "\n".join(lines)
+
+
+def _md_table(report: Report, results: list[CaseResult]) -> list[str]:
+    heads = _headings(report)
+    metric = report.settings.metric
+    rows = [
+        f"| verdict | case | {' | '.join(heads)} |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        gate = " (gate)" if r.fails_gate else ""
+        rows.append(
+            f"| {VERDICT_ICON[r.verdict]} {r.verdict}{gate} | {_cell(r.label)} | "
+            f"{format_value(r.baseline_value, metric)} | "
+            f"{format_value(r.candidate_value, metric)} | {format_ratio(r)} | "
+            f"{format_ci(r)} |"
+        )
+    return rows
+
+
+def as_json(report: Report) -> dict[str, Any]:
+    """Everything in the report, for machines (the exit status is `passed`)."""
+    s = report.settings
+    return {
+        "mode": report.mode,
+        "baseline": report.baseline,
+        "candidate": report.candidate,
+        "metric": s.metric.name,
+        "higher_is_better": s.metric.higher_is_better,
+        "unit": s.metric.unit,
+        "threshold": s.threshold.fraction,
+        "normalize": s.normalize,
+        "confidence": s.confidence,
+        "bootstrap": {"resamples": s.resamples, "seed": s.seed, "statistic": "ratio of medians"},
+        "passed": report.passed,
+        "gate": s.gate,
+        "counts": report.counts,
+        "impls": [summary.as_dict() for summary in report.impl_summaries],
+        "summary": report.summary(),
+        "notes": report.notes,
+        "cases": [r.as_dict() for r in report.results],
+    }
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no inf or NaN: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def dumps(report: Report) -> str:
+    """The report as strict JSON text."""
+    return json.dumps(_finite(as_json(report)), indent=2, default=str, allow_nan=False)

@@ -1,0 +1,282 @@
+"""`moebench export`: a run as pytest-benchmark JSON or as CSV.
+
+    moebench export RUN --format pytest-benchmark -o .benchmarks/moebench/0001_run.json
+    pytest-benchmark compare .benchmarks/moebench/0001_run.json   # reads it like its own
+    moebench export RUN --format csv -o run.csv
+
+pytest-benchmark format (its storage files, as `pytest --benchmark-json` writes them):
+`machine_info`, `commit_info`, `benchmarks`, `datetime`, `version`. Each ok case is one
+benchmark: `group` is the case without the implementation (so pytest-benchmark lines up
+the implementations of one case), `name` is `impl[case]`, `params` are the case fields,
+`stats` are derived from the kept samples in seconds with pytest-benchmark's definitions
+(quartiles, Tukey outliers, ops = rounds / total), `data` the samples themselves, and
+`iterations` 1 (every sample is one call). Cases that did not finish ok are left out, as
+pytest-benchmark leaves out benchmarks that errored. Run-level facts come from run.json.
+
+CSV: the results table as is, one row per case; list columns (`samples_ms`,
+`tokens_per_expert`) as JSON arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from bisect import bisect_left, bisect_right
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.markup import escape
+
+from moebench.case import ALL_FIELDS
+from moebench.compare.pairing import shape_words
+from moebench.store import StoreError, read_metadata, read_run
+
+COMMAND = "export"
+HELP = "write a run as pytest-benchmark JSON or CSV"
+FORMATS = ("pytest-benchmark", "csv")
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+# The pytest-benchmark storage layout this writes (stable since 3.x; 'ops' since 3.1).
+PYTEST_BENCHMARK_FORMAT = "5.1.0"
+CASE_PARAMS = (*ALL_FIELDS, "tokens")
+EXTRA_INFO = (
+    "run_id", "case_id", "suite", "family", "impl_detail", "latency_ms", "tokens_per_s",
+    "peak_mem_bytes", "active_params", "achieved_tflops", "rel_err", "fidelity_err",
+)  # fmt: skip
+
+
+def _quartiles(data: Sequence[float]) -> tuple[float, float]:
+    """q1, q3 by pytest-benchmark's method (its Stats.q1 / q3)."""
+    n = len(data)
+    if n == 1:
+        return data[0], data[0]
+    if n % 2:
+        k, rem = n // 4, n % 4
+        if rem == 1:
+            q1 = 0.25 * data[k - 1] + 0.75 * data[k]
+            q3 = 0.75 * data[3 * k] + 0.25 * data[3 * k + 1]
+        else:
+            q1 = 0.75 * data[k] + 0.25 * data[k + 1]
+            q3 = 0.25 * data[3 * k + 1] + 0.75 * data[3 * k + 2]
+        return q1, q3
+    return statistics.median(data[: n // 2]), statistics.median(data[n // 2 :])
+
+
+def benchmark_stats(samples_s: Sequence[float]) -> dict[str, Any]:
+    """pytest-benchmark's `stats` of samples in seconds (same fields and definitions).
+
+    >>> stats = benchmark_stats([0.001, 0.002, 0.003])
+    >>> stats["median"], stats["rounds"], stats["ops"]
+    (0.002, 3, 500.0)
+    """
+    data = list(samples_s)
+    if not data:
+        raise ValueError("no samples")
+    ordered = sorted(data)
+    mean = statistics.mean(data)
+    stddev = statistics.stdev(data) if len(data) > 1 else 0.0
+    q1, q3 = _quartiles(ordered)
+    iqr = q3 - q1
+    if len(data) == 1:
+        ld15iqr = hd15iqr = data[0]
+    else:
+        ld15iqr = ordered[bisect_left(ordered, q1 - 1.5 * iqr)]
+        pos = bisect_right(ordered, q3 + 1.5 * iqr)
+        hd15iqr = ordered[-1] if pos == len(ordered) else ordered[pos]
+    iqr_outliers = sum(v < q1 - 1.5 * iqr or v > q3 + 1.5 * iqr for v in data)
+    stddev_outliers = sum(v < mean - stddev or v > mean + stddev for v in data)
+    total = sum(data)
+    return {
+        "min": ordered[0],
+        "max": ordered[-1],
+        "mean": mean,
+        "stddev": stddev,
+        "rounds": len(data),
+        "median": statistics.median(data),
+        "iqr": iqr,
+        "q1": q1,
+        "q3": q3,
+        "iqr_outliers": iqr_outliers,
+        "stddev_outliers": stddev_outliers,
+        "outliers": f"{stddev_outliers};{iqr_outliers}",
+        "ld15iqr": ld15iqr,
+        "hd15iqr": hd15iqr,
+        "ops": len(data) / total if total else 0,
+        "total": total,
+        "data": data,
+        "iterations": 1,
+    }
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()
+        except (ValueError, AttributeError):
+            return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _samples_s(row: Mapping[str, Any]) -> list[float]:
+    samples = row.get("samples_ms")
+    if samples is None or isinstance(samples, float):
+        return []
+    return [float(v) / 1e3 for v in samples if v is not None and v == v]
+
+
+def _case_text(row: Mapping[str, Any]) -> str:
+    """'D64F128-E4k2-T16-forward-float32-uniform' (a pytest-style id, no spaces)."""
+    return "-".join(shape_words(row))
+
+
+def _machine_info(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """pytest-benchmark's machine_info keys, filled from run.json's environment."""
+    env = meta.get("environment") or {}
+    python = str(env.get("python") or "")
+    return {
+        "node": env.get("host"),
+        "processor": env.get("cpu"),
+        "machine": env.get("platform"),
+        "python_implementation": "CPython",
+        "python_version": python,
+        "python_version_tuple": python.split(".") if python else [],
+        "release": env.get("platform"),
+        "system": str(env.get("platform") or "").split("-")[0] or None,
+        "cpu": {"brand_raw": env.get("cpu"), "count": env.get("cpu_count")},
+        "gpus": [g.get("name") for g in env.get("gpus") or []],
+        "torch": env.get("torch"),
+        "moebench": env.get("moebench"),
+        "device": meta.get("device"),
+    }
+
+
+def _commit_info(meta: Mapping[str, Any]) -> dict[str, Any]:
+    env = meta.get("environment") or {}
+    return {
+        "id": env.get("git_sha") or "unversioned",
+        "time": None,
+        "author_time": None,
+        "dirty": None,
+        "project": "moebench",
+        "branch": None,
+    }
+
+
+def to_pytest_benchmark(frame: pd.DataFrame, meta: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+    """(the JSON document, how many cases were left out: not ok or without samples)."""
+    benchmarks = []
+    left_out = 0
+    suite = meta.get("suite") or "moebench"
+    for row in frame.to_dict("records"):
+        samples = _samples_s(row)
+        if row.get("status") != "ok" or not samples:
+            left_out += 1
+            continue
+        case = _case_text(row)
+        name = f"{row.get('impl')}[{case}]"
+        params = {k: _plain(row.get(k)) for k in CASE_PARAMS if k in row}
+        benchmarks.append(
+            {
+                "group": case,
+                "name": name,
+                "fullname": f"{suite}::{name}",
+                "params": params,
+                "param": case,
+                "extra_info": {k: _plain(row.get(k)) for k in EXTRA_INFO if k in row},
+                "options": {
+                    "disable_gc": False,
+                    "timer": "cuda_event"
+                    if str(row.get("device")).startswith("cuda")
+                    else "perf_counter_ns",
+                    "min_rounds": None,
+                    "max_time": None,
+                    "min_time": None,
+                    "warmup": True,
+                },
+                "stats": benchmark_stats(samples),
+            }
+        )
+    document = {
+        "machine_info": _machine_info(meta),
+        "commit_info": _commit_info(meta),
+        "benchmarks": benchmarks,
+        "datetime": str(meta.get("started_at") or datetime.now(UTC).isoformat()),
+        "version": _pytest_benchmark_version(),
+    }
+    return document, left_out
+
+
+def _pytest_benchmark_version() -> str:
+    try:
+        return metadata.version("pytest-benchmark")
+    except metadata.PackageNotFoundError:
+        return PYTEST_BENCHMARK_FORMAT
+
+
+def to_csv(frame: pd.DataFrame) -> str:
+    """The table as CSV; list-valued cells as JSON arrays."""
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].map(lambda v: hasattr(v, "__len__") and not isinstance(v, str)).any():
+            out[column] = out[column].map(_json_cell)
+    return out.to_csv(index=False)
+
+
+def _json_cell(value: Any) -> Any:
+    if value is None or isinstance(value, (str, float)):
+        return value
+    return json.dumps([_plain(v) for v in value])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `moebench export`."""
+    parser.add_argument("run", help="run id, run folder, parquet file or 'latest'")
+    parser.add_argument(
+        "--format", choices=FORMATS, default="pytest-benchmark",
+        help="pytest-benchmark JSON (default; `pytest-benchmark compare FILE` reads it) or csv",
+    )  # fmt: skip
+    parser.add_argument("-o", "--output", default="-", help="output file ('-': stdout)")
+    parser.add_argument("--root", default="results", help="results root for run ids")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def main(args: argparse.Namespace, console: Console) -> int:
+    """Run `moebench export`; returns the exit status."""
+    try:
+        frame = read_run(args.run, args.root)
+        meta = read_metadata(args.run, args.root)
+    except (StoreError, OSError, ValueError) as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        return EXIT_BAD_INPUT
+    if args.format == "csv":
+        text, note = to_csv(frame), f"{len(frame)} cases"
+    else:
+        document, left_out = to_pytest_benchmark(frame, meta)
+        text = json.dumps(document, indent=4, default=str, allow_nan=False)
+        note = f"{len(document['benchmarks'])} benchmarks"
+        if left_out:
+            note += f" ({left_out} cases not ok or without samples left out)"
+    if args.output == "-":
+        sys.stdout.write(text)
+        return EXIT_OK
+    path = Path(args.output)
+    if path.exists() and not args.force:  # results files are not overwritten by accident
+        console.print(f"[red]error:[/] {path} exists; pass --force to overwrite it")
+        return EXIT_BAD_INPUT
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        console.print(f"[red]error:[/] cannot write {path}: {escape(str(exc))}")
+        return EXIT_BAD_INPUT
+    console.print(f"wrote {escape(note)} to {path}")
+    return EXIT_OK
