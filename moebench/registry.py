@@ -35,6 +35,8 @@ BUILTIN_MODULES = (
     "moebench.impls.dense",
     "moebench.impls.grouped",
     "moebench.impls.capacity",
+    "moebench.impls.merging",
+    "moebench.impls.offload",
 )
 
 

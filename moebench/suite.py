@@ -826,6 +826,11 @@ class _SuiteParser:
                 routing_prior(case.routing, case.shape.num_experts)
             except RoutingSpecError as exc:
                 problems.append(("routing", str(exc)))
+        if case.weights != "random":
+            from moebench.weight_sources import validate_weights_spec
+
+            if problem := validate_weights_spec(case.weights):
+                problems.append(("weights", problem))
         for key, minimum in (("world_size", 1), ("seed", 0)):
             if getattr(case, key) < minimum:
                 problems.append((key, f"must be >= {minimum}, got {getattr(case, key)}"))

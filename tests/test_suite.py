@@ -459,3 +459,14 @@ def test_unknown_option_error_lists_the_declared_ones(tmp_path: Path, option_imp
     text = with_lines(BASE, impl=f'["grouped", "{option_impl}"]')
     message = error_of(tmp_path, text + "[options]\ncache_expert = 2\n")
     assert "cache_expert" in message and "allowed: cache_experts" in message
+
+
+def test_bad_weights_spec_names_the_key(tmp_path):
+    path = tmp_path / "bad_weights.toml"
+    path.write_text(
+        '[suite]\ndevice = "cpu"\n[grid]\nimpl = "grouped"\nhidden = 32\nffn = 48\n'
+        'num_experts = 4\ntop_k = 2\nbatch = 1\nseq_len = 4\nweights = "redundant:7"\n'
+    )
+    with pytest.raises(SuiteError) as info:
+        load_suite(path)
+    assert "bad_weights.toml" in str(info.value) and "'weights'" in str(info.value)

@@ -20,19 +20,19 @@ from moebench.layer import MoELayer, expert_parameters
 from moebench.registry import register
 from moebench.weights import ExpertWeights
 
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def _grouped_mm_works(device: torch.device, dtype: torch.dtype, backward: bool) -> bool:
+def grouped_mm_works(device: torch.device, dtype: torch.dtype, backward: bool) -> bool:
     """Probe: the op exists and runs here (and its backward, if `backward`). Some builds
     lack a kernel for a dtype or device, or its backward."""
-    if _GROUPED_MM is None:
+    if GROUPED_MM is None:
         return False
     try:
         a = torch.randn(32, 16, device=device, dtype=dtype, requires_grad=backward)
         b = torch.randn(2, 16, 16, device=device, dtype=dtype, requires_grad=backward)
         offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
-        out = _GROUPED_MM(a, b, offs=offs)
+        out = GROUPED_MM(a, b, offs=offs)
         if backward:  # a dense gradient: sum()'s expanded one has strides the op rejects
             out.backward(torch.randn_like(out))
         return True
@@ -44,7 +44,7 @@ class GroupedMoE(MoELayer):
     def __init__(self, weights: ExpertWeights, case: Case):
         super().__init__(weights, case)
         self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD = expert_parameters(weights)
-        self.use_grouped_mm = _grouped_mm_works(
+        self.use_grouped_mm = grouped_mm_works(
             weights.device, weights.dtype, backward=case.workload.mode == "train"
         )
         self.impl_detail = "grouped_mm" if self.use_grouped_mm else "per-expert fallback"
@@ -52,9 +52,9 @@ class GroupedMoE(MoELayer):
     def _experts(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         if self.use_grouped_mm:
             offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-            gate_AF = _GROUPED_MM(x_AD, self.w_gate_EDF, offs=offsets_E)
-            up_AF = _GROUPED_MM(x_AD, self.w_up_EDF, offs=offsets_E)
-            return _GROUPED_MM(F.silu(gate_AF) * up_AF, self.w_down_EFD, offs=offsets_E)
+            gate_AF = GROUPED_MM(x_AD, self.w_gate_EDF, offs=offsets_E)
+            up_AF = GROUPED_MM(x_AD, self.w_up_EDF, offs=offsets_E)
+            return GROUPED_MM(F.silu(gate_AF) * up_AF, self.w_down_EFD, offs=offsets_E)
         outputs = []
         for expert, x_ND in enumerate(torch.split(x_AD, counts_E.tolist())):
             h_NF = F.silu(x_ND @ self.w_gate_EDF[expert]) * (x_ND @ self.w_up_EDF[expert])
