@@ -37,6 +37,10 @@ BUILTIN_MODULES = (
     "moebench.impls.capacity",
     "moebench.impls.merging",
     "moebench.impls.offload",
+    "moebench.impls.deepseek",
+    "moebench.impls.moepp",
+    "moebench.impls.dsmoe",
+    "moebench.impls.topp",
 )
 
 
@@ -100,7 +104,10 @@ def register(
     """
 
     def decorate(build: Callable[..., Any]) -> Callable[..., Any]:
-        load_all()  # built-ins first, so a plugin cannot take a built-in's name unnoticed
+        if build.__module__ not in BUILTIN_MODULES:
+            # Built-ins first, so a plugin cannot take a built-in's name unnoticed. (Not
+            # for the built-ins themselves: one may import another while half-loaded.)
+            load_all()
         if name in _REGISTRY:
             raise RegistryError(
                 f"implementation {name!r} is already registered "
