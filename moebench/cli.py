@@ -125,6 +125,15 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if not cases:
         console.print(f"[red]error:[/] --filter {args.filter} leaves no case of {suite.path}")
         return EXIT_BAD_INPUT
+    # Expert parallelism (moebench.distributed): under torchrun, ranks other than 0 only
+    # compute what rank 0 sends them; rank 0 runs the sweep below and writes the results.
+    from moebench import distributed
+
+    if problem := distributed.nproc_problem(args.nproc):
+        console.print(f"[red]error:[/] {problem}")
+        return EXIT_BAD_INPUT
+    if distributed.is_follower():
+        return distributed.follow(tuple(args.plugin))
     plan = TimingPlan(
         budget_ms=suite.budget_ms, warmup=suite.warmup, min_repeats=suite.min_repeats,
         max_repeats=suite.max_repeats,
@@ -138,7 +147,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         outcome = run_cases(
             cases, suite_name=suite.name, plan=plan, timeout_s=suite.timeout_s,
             out_root=args.out, resume=args.resume, isolate=not args.in_process,
-            plugins=tuple(args.plugin), progress=progress,
+            plugins=tuple(args.plugin), progress=progress, nproc=args.nproc,
             meta={"suite_path": str(suite.path), "device": suite.device},
         )
     except StoreError as exc:
@@ -251,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--in-process", action="store_true",
         help="run cases in this process (no worker: no hard timeout, easier debugging)",
+    )
+    run.add_argument(
+        "--nproc", type=int, metavar="N",
+        help="ranks to start for the expert-parallel cases, as torchrun --nproc-per-node N "
+        "(default: the suite's largest world_size; cases needing more are skipped)",
     )
     run.add_argument("--strict", action="store_true", help="exit 1 if any case is not ok")
     run.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -236,11 +236,14 @@ def run_cases(
     plugins: tuple[str, ...] = (),
     meta: dict[str, Any] | None = None,
     progress: Any = None,
+    nproc: int | None = None,
 ) -> RunOutcome:
     """Run `cases` into a new run folder (or finish run `resume`), one part per case.
 
     progress: an object with `start(total)`, `begin(case)`, `advance(case, row)` and
     `stop()` (the CLI passes a rich progress bar), or None.
+    nproc: ranks for the multi-rank and expert-parallel cases (moebench.distributed); None:
+    the largest world_size among them.
     """
     from moebench.env import collect_environment
 
@@ -264,6 +267,11 @@ def run_cases(
     store.write_meta(meta_all)
 
     executor = IsolatedExecutor(plan, plugins) if isolate else InProcessExecutor(plan, plugins)
+    # Multi-rank and expert-parallel cases run on ranks of moebench.distributed (started on
+    # first use, or torchrun's); every other case on the executor.
+    from moebench.distributed import make_launcher
+
+    ranks = make_launcher(plan, plugins, nproc, todo)
     if progress is not None:
         progress.start(len(todo))
     try:
@@ -279,7 +287,7 @@ def run_cases(
                 progress.begin(case)
             row = base_row(case, store.run_id, suite_name)
             started = time.perf_counter()
-            measured = executor.run(case, timeout_s)
+            measured = (ranks if ranks.handles(case) else executor).run(case, timeout_s)
             row.update(measured)
             row["wall_s"] = time.perf_counter() - started
             row.setdefault("family", _family(case.impl))
@@ -291,6 +299,7 @@ def run_cases(
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
+        ranks.close()
         executor.close()
         if progress is not None:
             progress.stop()
