@@ -1,6 +1,6 @@
 """moebench: benchmark and profile Mixture-of-Experts layers.
 
-    from moebench import register, read_run, read_runs
+from moebench import register, read_run, read_runs
 """
 
 from moebench.registry import register

@@ -43,15 +43,11 @@ class LayerShape:
             if getattr(self, name) < 1:
                 found.append((name, f"must be >= 1, got {getattr(self, name)}"))
         if self.top_k > self.num_experts:
-            found.append(
-                ("top_k", f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
-            )
+            found.append(("top_k", f"top_k={self.top_k} exceeds num_experts={self.num_experts}"))
         if self.shared_experts < 0:
             found.append(("shared_experts", f"must be >= 0, got {self.shared_experts}"))
         if self.capacity_factor <= 0:
-            found.append(
-                ("capacity_factor", f"must be > 0, got {self.capacity_factor}")
-            )
+            found.append(("capacity_factor", f"must be > 0, got {self.capacity_factor}"))
         if self.activation not in ACTIVATIONS:
             found.append(("activation", f"{self.activation!r} not in {list(ACTIVATIONS)}"))
         return found
@@ -157,7 +153,5 @@ _HASHED_ONLY_IF_NOT: dict[str, Any] = {"layers": 1, "weights": "random"}
 
 SHAPE_FIELDS = tuple(f.name for f in fields(LayerShape))
 WORKLOAD_FIELDS = tuple(f.name for f in fields(Workload))
-CASE_FIELDS = tuple(
-    f.name for f in fields(Case) if f.name not in ("shape", "workload")
-)
+CASE_FIELDS = tuple(f.name for f in fields(Case) if f.name not in ("shape", "workload"))
 ALL_FIELDS = SHAPE_FIELDS + WORKLOAD_FIELDS + CASE_FIELDS

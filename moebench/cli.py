@@ -16,8 +16,13 @@ from rich.table import Table
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 STATUS_STYLE = {
-    "ok": "green", "mismatch": "bold red", "error": "red", "oom": "magenta",
-    "timeout": "yellow", "crashed": "bold magenta", "skipped": "dim",
+    "ok": "green",
+    "mismatch": "bold red",
+    "error": "red",
+    "oom": "magenta",
+    "timeout": "yellow",
+    "crashed": "bold magenta",
+    "skipped": "dim",
 }
 
 
@@ -37,9 +42,16 @@ def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
     """One line per case: what ran, its status, latency, throughput, memory, error."""
     table = Table(title=title, show_lines=False)
     for name, justify in (
-        ("impl", "left"), ("shape", "left"), ("tokens", "right"), ("mode", "left"),
-        ("dtype", "left"), ("status", "left"), ("latency ms", "right"),
-        ("p10-p90 ms", "right"), ("tokens/s", "right"), ("peak MiB", "right"),
+        ("impl", "left"),
+        ("shape", "left"),
+        ("tokens", "right"),
+        ("mode", "left"),
+        ("dtype", "left"),
+        ("status", "left"),
+        ("latency ms", "right"),
+        ("p10-p90 ms", "right"),
+        ("tokens/s", "right"),
+        ("peak MiB", "right"),
         ("err", "right"),
     ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -58,10 +70,17 @@ def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
         ):
             spread = f"{row['latency_p10_ms']:.3g}-{row['latency_p90_ms']:.3g}"
         table.add_row(
-            str(row.get("impl")), shape, str(row.get("tokens")), str(row.get("mode")),
-            str(row.get("dtype")), f"[{STATUS_STYLE.get(status, '')}]{status}[/]",
-            _fmt(row.get("latency_ms")), spread, _fmt(row.get("tokens_per_s"), ",.0f"),
-            _mib(row.get("peak_mem_bytes")), _fmt(err, ".2e"),
+            str(row.get("impl")),
+            shape,
+            str(row.get("tokens")),
+            str(row.get("mode")),
+            str(row.get("dtype")),
+            f"[{STATUS_STYLE.get(status, '')}]{status}[/]",
+            _fmt(row.get("latency_ms")),
+            spread,
+            _fmt(row.get("tokens_per_s"), ",.0f"),
+            _mib(row.get("peak_mem_bytes")),
+            _fmt(err, ".2e"),
         )
     return table
 
@@ -80,9 +99,15 @@ class RichProgress:
         )
 
         self.progress = Progress(
-            TextColumn("case"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"),
-            console=console, transient=False,
+            TextColumn("case"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            console=console,
+            transient=False,
         )
         self.task: Any = None
         self.failed = 0
@@ -135,7 +160,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if distributed.is_follower():
         return distributed.follow(tuple(args.plugin))
     plan = TimingPlan(
-        budget_ms=suite.budget_ms, warmup=suite.warmup, min_repeats=suite.min_repeats,
+        budget_ms=suite.budget_ms,
+        warmup=suite.warmup,
+        min_repeats=suite.min_repeats,
         max_repeats=suite.max_repeats,
     )
     console.print(
@@ -145,9 +172,16 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     progress = RichProgress(console) if not args.quiet else None
     try:
         outcome = run_cases(
-            cases, suite_name=suite.name, plan=plan, timeout_s=suite.timeout_s,
-            out_root=args.out, resume=args.resume, isolate=not args.in_process,
-            plugins=tuple(args.plugin), progress=progress, nproc=args.nproc,
+            cases,
+            suite_name=suite.name,
+            plan=plan,
+            timeout_s=suite.timeout_s,
+            out_root=args.out,
+            resume=args.resume,
+            isolate=not args.in_process,
+            plugins=tuple(args.plugin),
+            progress=progress,
+            nproc=args.nproc,
             meta={"suite_path": str(suite.path), "device": suite.device},
         )
     except StoreError as exc:
@@ -185,8 +219,12 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
         table.add_column(column)
     for info in registry.available().values():
         table.add_row(
-            info.name, info.family, "exact" if info.exact else "variant",
-            ",".join(info.devices), ",".join(info.dtypes), info.description,
+            info.name,
+            info.family,
+            "exact" if info.exact else "variant",
+            ",".join(info.devices),
+            ",".join(info.dtypes),
+            info.description,
         )
     for broken in registry.broken().values():
         table.add_row(
@@ -249,20 +287,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="override the suite's device: cpu, cuda, cuda:N, auto")
     run.add_argument("--out", default="results", help="results root folder (default: results)")
     run.add_argument(
-        "--filter", action="append", default=[],
+        "--filter",
+        action="append",
+        default=[],
         help="keep cases matching KEY=V1,V2 or a regex on the case label (repeatable)",
     )
     run.add_argument("--resume", metavar="RUN_ID", help="finish run RUN_ID: only missing cases")
     run.add_argument(
-        "--plugin", action="append", default=[],
+        "--plugin",
+        action="append",
+        default=[],
         help="import MODULE or FILE.py that registers implementations (repeatable)",
     )
     run.add_argument(
-        "--in-process", action="store_true",
+        "--in-process",
+        action="store_true",
         help="run cases in this process (no worker: no hard timeout, easier debugging)",
     )
     run.add_argument(
-        "--nproc", type=int, metavar="N",
+        "--nproc",
+        type=int,
+        metavar="N",
         help="ranks to start for the expert-parallel cases, as torchrun --nproc-per-node N "
         "(default: the suite's largest world_size; cases needing more are skipped)",
     )
@@ -316,4 +361,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

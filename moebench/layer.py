@@ -105,10 +105,7 @@ class MoELayer(nn.Module):
 
 def expert_parameters(weights: ExpertWeights) -> list[nn.Parameter]:
     """The three routed-expert weight tensors as Parameters (no copy)."""
-    return [
-        nn.Parameter(t)
-        for t in (weights.w_gate_EDF, weights.w_up_EDF, weights.w_down_EFD)
-    ]
+    return [nn.Parameter(t) for t in (weights.w_gate_EDF, weights.w_up_EDF, weights.w_down_EFD)]
 
 
 ADDITIVE_SUFFIXES = ("_bytes", "_ms", "_count", "_j")

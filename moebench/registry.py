@@ -163,9 +163,7 @@ def get(name: str) -> ImplInfo:
         hint = ""
         if name in _BROKEN:
             hint = f" (its plugin is broken: {_BROKEN[name].error})"
-        raise RegistryError(
-            f"unknown implementation {name!r}{hint}; known: {sorted(_REGISTRY)}"
-        )
+        raise RegistryError(f"unknown implementation {name!r}{hint}; known: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
 
 

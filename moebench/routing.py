@@ -76,9 +76,7 @@ class Router(nn.Module):
         self.register_buffer("bias_E", bias_E.float())
         self.top_k = top_k
 
-    def forward(
-        self, x_TD: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (gate_weights_TK in x's dtype, expert_ids_TK int64, probs_TE float32)."""
         logits_TE = x_TD.float() @ self.w_router_DE + self.bias_E
         probs_TE = torch.softmax(logits_TE, dim=-1)

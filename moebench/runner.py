@@ -257,9 +257,11 @@ def run_cases(
         store = ResultStore.create(out_root, new_run_id(suite_name))
         done = set()
         meta_all = {
-            "run_id": store.run_id, "suite": suite_name,
+            "run_id": store.run_id,
+            "suite": suite_name,
             "started_at": datetime.now(UTC).isoformat(),
-            "environment": collect_environment(), **(meta or {}),
+            "environment": collect_environment(),
+            **(meta or {}),
         }
     todo = [c for c in cases if c.case_id not in done]
     outcome = RunOutcome(store.run_id, store.run_dir, skipped=len(cases) - len(todo))

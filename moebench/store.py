@@ -33,32 +33,80 @@ _S = pa.string()
 # of their own (prefixed by their family); those are typed by inference.
 COLUMNS: dict[str, pa.DataType] = {
     # identity
-    "run_id": _S, "case_id": _S, "suite": _S, "impl": _S, "family": _S, "exact": pa.bool_(),
-    "status": _S, "error": _S, "started_at": _S, "impl_detail": _S,
+    "run_id": _S,
+    "case_id": _S,
+    "suite": _S,
+    "impl": _S,
+    "family": _S,
+    "exact": pa.bool_(),
+    "status": _S,
+    "error": _S,
+    "started_at": _S,
+    "impl_detail": _S,
     # case
-    "device": _S, "dtype": _S, "mode": _S, "preset": _S, "hidden": _I, "ffn": _I,
-    "num_experts": _I, "top_k": _I, "shared_experts": _I, "capacity_factor": _F,
-    "activation": _S, "batch": _I, "seq_len": _I, "tokens": _I, "routing": _S,
-    "world_size": _I, "seed": _I, "options": _S, "layers": _I, "weights": _S,
+    "device": _S,
+    "dtype": _S,
+    "mode": _S,
+    "preset": _S,
+    "hidden": _I,
+    "ffn": _I,
+    "num_experts": _I,
+    "top_k": _I,
+    "shared_experts": _I,
+    "capacity_factor": _F,
+    "activation": _S,
+    "batch": _I,
+    "seq_len": _I,
+    "tokens": _I,
+    "routing": _S,
+    "world_size": _I,
+    "seed": _I,
+    "options": _S,
+    "layers": _I,
+    "weights": _S,
     # time
-    "latency_ms": _F, "latency_p10_ms": _F, "latency_p90_ms": _F, "latency_std_ms": _F,
-    "repeats": _I, "samples_ms": pa.list_(_F), "tokens_per_s": _F, "wall_s": _F,
+    "latency_ms": _F,
+    "latency_p10_ms": _F,
+    "latency_p90_ms": _F,
+    "latency_std_ms": _F,
+    "repeats": _I,
+    "samples_ms": pa.list_(_F),
+    "tokens_per_s": _F,
+    "wall_s": _F,
     # memory
-    "peak_mem_bytes": _I, "weight_bytes": _I, "activation_bytes": _I,
-    "allocator_peak_bytes": _I, "device_mem_used_bytes": _I,
+    "peak_mem_bytes": _I,
+    "weight_bytes": _I,
+    "activation_bytes": _I,
+    "allocator_peak_bytes": _I,
+    "device_mem_used_bytes": _I,
     # parameters
-    "total_params": _I, "active_params": _I, "touched_params": _I, "router_params": _I,
+    "total_params": _I,
+    "active_params": _I,
+    "touched_params": _I,
+    "router_params": _I,
     # work
-    "flops": _I, "min_bytes": _I, "achieved_tflops": _F, "achieved_gbps": _F,
+    "flops": _I,
+    "min_bytes": _I,
+    "achieved_tflops": _F,
+    "achieved_gbps": _F,
     "roofline_frac": _F,
     # communication (zero or null on one device)
-    "comm_ms": _F, "dispatch_ms": _F, "combine_ms": _F, "comm_bytes": _I,
+    "comm_ms": _F,
+    "dispatch_ms": _F,
+    "combine_ms": _F,
+    "comm_bytes": _I,
     # balance
-    "tokens_per_expert": pa.list_(_I), "imbalance": _F, "dropped_frac": _F, "aux_loss": _F,
+    "tokens_per_expert": pa.list_(_I),
+    "imbalance": _F,
+    "dropped_frac": _F,
+    "aux_loss": _F,
     # energy
-    "energy_j": _F, "j_per_token": _F,
+    "energy_j": _F,
+    "j_per_token": _F,
     # fidelity
-    "rel_err": _F, "fidelity_err": _F, "tolerance": _F,
+    "rel_err": _F,
+    "fidelity_err": _F,
+    "tolerance": _F,
 }
 STATUSES = ("ok", "mismatch", "error", "oom", "timeout", "crashed", "skipped")
 
@@ -162,9 +210,7 @@ def resolve_run(spec: str | Path, root: str | Path = "results") -> Path:
     root = Path(root)
     candidate = Path(spec)
     if str(spec) == "latest":
-        runs = sorted(
-            (p.parent for p in root.glob("*/run.json")), key=lambda p: p.stat().st_mtime
-        )
+        runs = sorted((p.parent for p in root.glob("*/run.json")), key=lambda p: p.stat().st_mtime)
         if not runs:
             raise StoreError(f"no runs under {root}")
         return runs[-1]

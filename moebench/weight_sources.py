@@ -236,7 +236,7 @@ def _redundant_seed(case: Case, layer: int) -> int:
 
 
 def redundant_weights(case: Case, layer: int, redundancy: float) -> ExpertWeights:
-    """"redundant:R" weights (module docstring): the random weight set with its routed
+    """ "redundant:R" weights (module docstring): the random weight set with its routed
     experts replaced by clustered ones."""
     weights = make_weights(case.with_(weights="random"), layer)
     shape = case.shape
@@ -510,7 +510,9 @@ class _LayerReader:
         per_expert = {
             "Mixtral (w1, w3, w2)": ("w1", "w3", "w2"),
             "Qwen/OLMoE/DeepSeek (gate_proj, up_proj, down_proj)": (
-                "gate_proj", "up_proj", "down_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
             ),
         }
         for names in per_expert.values():
@@ -640,8 +642,7 @@ def checkpoint_weights(case: Case, layer: int, spec: CheckpointSpec) -> ExpertWe
     dtype = torch_dtype(case.dtype)
     with _open_tensors(folder, spec_text) as tensors:
         reader = _LayerReader(tensors, config, dims, spec_text)
-        _check_shape(case, dims, reader.shared_width(checkpoint_layer), checkpoint_layer,
-                     spec_text)
+        _check_shape(case, dims, reader.shared_width(checkpoint_layer), checkpoint_layer, spec_text)
         weights, correction_E = reader.layer_weights(checkpoint_layer, case.shape, device, dtype)
     weights.router_bias_E = routing_bias(case.routing, dims.num_experts, case.seed).to(device)
     # Not an ExpertWeights field (yet): an attribute a DeepSeek-style router may read.

@@ -52,8 +52,13 @@ class ExpertWeights:
 
     def nbytes(self) -> int:
         tensors = [
-            self.w_router_DE, self.router_bias_E, self.w_gate_EDF, self.w_up_EDF,
-            self.w_down_EFD, self.w_shared_gate_DS, self.w_shared_up_DS,
+            self.w_router_DE,
+            self.router_bias_E,
+            self.w_gate_EDF,
+            self.w_up_EDF,
+            self.w_down_EFD,
+            self.w_shared_gate_DS,
+            self.w_shared_up_DS,
             self.w_shared_down_SD,
         ]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -79,9 +84,7 @@ def make_weights(case: Case, layer: int = 0) -> ExpertWeights:
     shape = case.shape
     device = torch.device(case.device)
     dtype = torch_dtype(case.dtype)
-    generator = torch.Generator(device=device).manual_seed(
-        case.seed + LAYER_SEED_STRIDE * layer
-    )
+    generator = torch.Generator(device=device).manual_seed(case.seed + LAYER_SEED_STRIDE * layer)
 
     def normal(*size: int, out_dtype: torch.dtype = dtype) -> torch.Tensor:
         t = torch.randn(*size, generator=generator, device=device, dtype=torch.float32)

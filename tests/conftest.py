@@ -13,13 +13,16 @@ FAST_PLAN = TimingPlan(budget_ms=20, warmup=1, min_repeats=2, max_repeats=5)
 def tiny_case(impl: str = "grouped", **changes) -> Case:
     """A case small enough to run in milliseconds on a CPU."""
     shape = LayerShape(
-        hidden=changes.pop("hidden", 32), ffn=changes.pop("ffn", 48),
-        num_experts=changes.pop("num_experts", 4), top_k=changes.pop("top_k", 2),
+        hidden=changes.pop("hidden", 32),
+        ffn=changes.pop("ffn", 48),
+        num_experts=changes.pop("num_experts", 4),
+        top_k=changes.pop("top_k", 2),
         shared_experts=changes.pop("shared_experts", 0),
         capacity_factor=changes.pop("capacity_factor", 1.25),
     )
     workload = Workload(
-        batch=changes.pop("batch", 2), seq_len=changes.pop("seq_len", 8),
+        batch=changes.pop("batch", 2),
+        seq_len=changes.pop("seq_len", 8),
         mode=changes.pop("mode", "forward"),
     )
     return Case(shape=shape, workload=workload, impl=impl, **changes)

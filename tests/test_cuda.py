@@ -25,8 +25,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _case(impl: str, preset: str | None = None, tokens: int = 64, **kw) -> Case:
     shape = PRESETS[preset] if preset else LayerShape(256, 512, 8, 2, shared_experts=1)
-    return Case(shape, Workload(tokens, 1, kw.pop("mode", "forward")), impl, device="cuda",
-                dtype=kw.pop("dtype", "bfloat16"), preset=preset or "", **kw)
+    return Case(
+        shape,
+        Workload(tokens, 1, kw.pop("mode", "forward")),
+        impl,
+        device="cuda",
+        dtype=kw.pop("dtype", "bfloat16"),
+        preset=preset or "",
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -47,14 +54,20 @@ def test_exact_impls_match_reference_on_cuda(impl, dtype):
 
 def test_measure_case_on_cuda_fills_memory_and_energy():
     case = _case("grouped", "olmoe-1b-7b", tokens=512)
-    row = measure_case(case, TimingPlan(budget_ms=100), WeightCache(), {"copy_gbps": 3000.0,
-                       "matmul_tflops_bfloat16": 780.0})
+    row = measure_case(
+        case,
+        TimingPlan(budget_ms=100),
+        WeightCache(),
+        {"copy_gbps": 3000.0, "matmul_tflops_bfloat16": 780.0},
+    )
     assert row["status"] == "ok"
     assert row["peak_mem_bytes"] >= row["weight_bytes"] > 0 and row["activation_bytes"] > 0
     assert row["device_mem_used_bytes"] > row["weight_bytes"]
     assert 0 < row["roofline_frac"] < 1.2
-    print(f"\nolmoe grouped 512 tok: {row['latency_ms']:.3f} ms, energy/token "
-          f"{row.get('j_per_token')} J")
+    print(
+        f"\nolmoe grouped 512 tok: {row['latency_ms']:.3f} ms, energy/token "
+        f"{row.get('j_per_token')} J"
+    )
 
 
 CROSSCHECK = [
@@ -79,12 +92,14 @@ def _three_timers(impl: str, preset: str, tokens: int) -> tuple[float, float, fl
         # Interleaved, twice each: clocks drift as the card warms, and whichever timer ran
         # last would otherwise look slower.
         for _ in range(2):
-            triton_runs.append(triton_testing.do_bench(
-                lambda: layer(x), warmup=50, rep=300, return_mode="median"
-            ))
-            ours_runs.append(statistics.median(
-                time_repeats(lambda _: layer(x), device, TimingPlan(budget_ms=300))
-            ))
+            triton_runs.append(
+                triton_testing.do_bench(lambda: layer(x), warmup=50, rep=300, return_mode="median")
+            )
+            ours_runs.append(
+                statistics.median(
+                    time_repeats(lambda _: layer(x), device, TimingPlan(budget_ms=300))
+                )
+            )
             timer = benchmark.Timer("layer(x)", globals={"layer": layer, "x": x})
             torch_runs.append(timer.blocked_autorange(min_run_time=0.3).median * 1e3)
     return tuple(statistics.median(r) for r in (ours_runs, triton_runs, torch_runs))
@@ -97,8 +112,10 @@ def test_latency_agrees_with_independent_timers():
     for impl, preset, tokens in CROSSCHECK:
         ours, triton_ms, torch_ms = _three_timers(impl, preset, tokens)
         ratios.append(ours / triton_ms)
-        print(f"\n{impl} {preset} {tokens} tok: moebench {ours:.4f} ms, do_bench "
-              f"{triton_ms:.4f} ms ({ours / triton_ms - 1:+.1%}), torch.utils.benchmark "
-              f"{torch_ms:.4f} ms ({ours / torch_ms - 1:+.1%})")
+        print(
+            f"\n{impl} {preset} {tokens} tok: moebench {ours:.4f} ms, do_bench "
+            f"{triton_ms:.4f} ms ({ours / triton_ms - 1:+.1%}), torch.utils.benchmark "
+            f"{torch_ms:.4f} ms ({ours / torch_ms - 1:+.1%})"
+        )
     assert all(abs(r - 1) < 0.10 for r in ratios), ratios
     assert sum(abs(r - 1) < 0.05 for r in ratios) >= 3, ratios

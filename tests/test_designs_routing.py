@@ -39,8 +39,8 @@ def _build(case: Case) -> tuple[torch.nn.Module, list[ExpertWeights], torch.Tens
     """(layer or Stack, weights per layer, input) as measure_case builds them."""
     weights = [make_weights(case, i) for i in range(case.workload.layers)]
     build = registry.get(case.impl).build
-    layer = build(weights[0], case) if len(weights) == 1 else Stack(
-        [build(w, case) for w in weights]
+    layer = (
+        build(weights[0], case) if len(weights) == 1 else Stack([build(w, case) for w in weights])
     )
     return layer, weights, make_inputs(case, 1)[0]
 
@@ -59,13 +59,17 @@ def _dense_moe(weights: ExpertWeights, x_TD: torch.Tensor, gate_TE: torch.Tensor
     y_TD = torch.zeros_like(x64_TD)
     for e in range(weights.shape.num_experts):
         out = swiglu(
-            x64_TD, weights.w_gate_EDF[e].double(), weights.w_up_EDF[e].double(),
+            x64_TD,
+            weights.w_gate_EDF[e].double(),
+            weights.w_up_EDF[e].double(),
             weights.w_down_EFD[e].double(),
         )
         y_TD += gate_TE[:, e, None].double() * out
     if weights.w_shared_gate_DS is not None:
         y_TD += swiglu(
-            x64_TD, weights.w_shared_gate_DS.double(), weights.w_shared_up_DS.double(),
+            x64_TD,
+            weights.w_shared_gate_DS.double(),
+            weights.w_shared_up_DS.double(),
             weights.w_shared_down_SD.double(),
         )
     return y_TD
@@ -88,8 +92,10 @@ def test_designs_are_registered_as_variants_with_references():
 
 DESIGN_CASES = [
     ("deepseek", ()),
-    ("deepseek", (("n_groups", 2), ("routed_scaling", 2.5), ("scoring", "sigmoid"),
-                  ("topk_groups", 1))),
+    (
+        "deepseek",
+        (("n_groups", 2), ("routed_scaling", 2.5), ("scoring", "sigmoid"), ("topk_groups", 1)),
+    ),
     ("moepp", ()),
     ("moepp", (("const_experts", 0), ("copy_experts", 0), ("zero_experts", 3))),
     ("dsmoe", ()),
@@ -147,12 +153,10 @@ def test_deepseek_group_limited_routing_picks_only_inside_the_best_groups():
     with torch.no_grad():
         layer(x_TD)
     expert_ids_TK = layer._last[0]
-    scores_TE = torch.sigmoid(
-        x_TD.float() @ weights[0].w_router_DE + weights[0].router_bias_E
-    )
+    scores_TE = torch.sigmoid(x_TD.float() @ weights[0].w_router_DE + weights[0].router_bias_E)
     for t in range(x_TD.shape[0]):
         group_scores = [
-            sorted(scores_TE[t, 4 * g:4 * g + 4].tolist(), reverse=True)[:2] for g in range(4)
+            sorted(scores_TE[t, 4 * g : 4 * g + 4].tolist(), reverse=True)[:2] for g in range(4)
         ]
         best = sorted(range(4), key=lambda g: -sum(group_scores[g]))[:2]
         allowed = {e for g in best for e in range(4 * g, 4 * g + 4)}
@@ -209,7 +213,7 @@ def test_deepseek_bad_options_name_the_option(options, message):
 
 def _force(layer: moepp.MoEPPLayer, first: int, count: int) -> None:
     """Route every token's slots to experts [first, first + count) of all N."""
-    layer.router.bias_N[first:first + count] = 1e4
+    layer.router.bias_N[first : first + count] = 1e4
 
 
 def test_moepp_all_slots_to_zero_experts_output_zero_and_stack_passes_x_through():
@@ -282,8 +286,12 @@ def test_moepp_metrics_add_up():
         layer(x_TD)
     m = layer.extra_metrics()
     assert set(m) == {
-        "moepp_zc_slot_frac", "moepp_zero_slot_frac", "moepp_copy_slot_frac",
-        "moepp_const_slot_frac", "moepp_token_skip_frac", "moepp_ffn_experts_per_token",
+        "moepp_zc_slot_frac",
+        "moepp_zero_slot_frac",
+        "moepp_copy_slot_frac",
+        "moepp_const_slot_frac",
+        "moepp_token_skip_frac",
+        "moepp_ffn_experts_per_token",
     }
     assert 0 < m["moepp_zc_slot_frac"] < 1
     assert m["moepp_zc_slot_frac"] == pytest.approx(
@@ -362,9 +370,12 @@ def test_dsmoe_threshold_keeps_experts_above_it_and_at_least_the_best():
     )
     dense_TD = _dense_moe(weights[0], x_TD, probs_TE)
     assert m["dsmoe_sparse_err"] == pytest.approx(relative_error(y_TD, dense_TD), rel=1e-4)
-    assert layer.param_counts()[1] < registry.get("dsmoe").build(
-        weights[0], tiny_case("dsmoe", mode="train")
-    ).param_counts()[1]
+    assert (
+        layer.param_counts()[1]
+        < registry.get("dsmoe")
+        .build(weights[0], tiny_case("dsmoe", mode="train"))
+        .param_counts()[1]
+    )
 
 
 def test_dsmoe_topk_runs_top_k_experts_weighted_by_their_probabilities():
@@ -391,10 +402,13 @@ def test_dsmoe_bad_options(options):
 
 
 def test_top_p_mask_takes_the_fewest_experts_reaching_p():
-    probs_TE = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4], [0.97, 0.01, 0.01,
-                                                                           0.01]])
+    probs_TE = torch.tensor(
+        [[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4], [0.97, 0.01, 0.01, 0.01]]
+    )
     assert topp.top_p_mask(probs_TE, 0.5).tolist() == [
-        [True, False, False, False], [False, False, True, True], [True, False, False, False]
+        [True, False, False, False],
+        [False, False, True, True],
+        [True, False, False, False],
     ]
     assert topp.top_p_mask(probs_TE, 0.81).sum(-1).tolist() == [3, 3, 1]
     assert topp.top_p_mask(probs_TE, 1.0).all()

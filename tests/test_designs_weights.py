@@ -38,8 +38,15 @@ from tests.conftest import FAST_PLAN, tiny_case
 
 
 @pytest.mark.parametrize(
-    "spec", ["random", "redundant:0", "redundant:0.8", "redundant:1", "checkpoint:/m:0",
-             "checkpoint:C:/odd:path:12"],
+    "spec",
+    [
+        "random",
+        "redundant:0",
+        "redundant:0.8",
+        "redundant:1",
+        "checkpoint:/m:0",
+        "checkpoint:C:/odd:path:12",
+    ],
 )
 def test_good_specs_parse(spec):
     assert validate_weights_spec(spec) is None
@@ -47,9 +54,20 @@ def test_good_specs_parse(spec):
 
 @pytest.mark.parametrize(
     "spec",
-    ["redundant:1.5", "redundant:-0.1", "redundant:x", "redundant:nan", "redundant",
-     "checkpoint:/m", "checkpoint:/m:-1", "checkpoint:/m:x", "checkpoint::3", "random:1",
-     "normal", ""],
+    [
+        "redundant:1.5",
+        "redundant:-0.1",
+        "redundant:x",
+        "redundant:nan",
+        "redundant",
+        "checkpoint:/m",
+        "checkpoint:/m:-1",
+        "checkpoint:/m:x",
+        "checkpoint::3",
+        "random:1",
+        "normal",
+        "",
+    ],
 )
 def test_bad_specs_name_the_spec_and_the_allowed_forms(spec):
     message = validate_weights_spec(spec)
@@ -145,20 +163,35 @@ def _moe_tensors(
 
 CONFIGS = {
     "mixtral": {"model_type": "mixtral", "intermediate_size": FF, "num_local_experts": E},
-    "qwen3": {"model_type": "qwen3_moe", "intermediate_size": 999, "moe_intermediate_size": FF,
-              "num_experts": E, "norm_topk_prob": True},
+    "qwen3": {
+        "model_type": "qwen3_moe",
+        "intermediate_size": 999,
+        "moe_intermediate_size": FF,
+        "num_experts": E,
+        "norm_topk_prob": True,
+    },
     "olmoe": {"model_type": "olmoe", "intermediate_size": FF, "num_experts": E},
-    "qwen2": {"model_type": "qwen2_moe", "moe_intermediate_size": FF, "num_experts": E,
-              "shared_expert_intermediate_size": 2 * FF},
-    "deepseek": {"model_type": "deepseek_v3", "intermediate_size": 999,
-                 "moe_intermediate_size": FF, "n_routed_experts": E, "n_shared_experts": 1,
-                 "first_k_dense_replace": 1},
+    "qwen2": {
+        "model_type": "qwen2_moe",
+        "moe_intermediate_size": FF,
+        "num_experts": E,
+        "shared_expert_intermediate_size": 2 * FF,
+    },
+    "deepseek": {
+        "model_type": "deepseek_v3",
+        "intermediate_size": 999,
+        "moe_intermediate_size": FF,
+        "n_routed_experts": E,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+    },
     "stacked": {"model_type": "qwen3_moe", "moe_intermediate_size": FF, "num_experts": E},
 }
 
 
-def write_checkpoint(folder: Path, layout: str, layers: int = 3, shards: int = 1,
-                     shared: int = 0) -> dict[str, torch.Tensor]:
+def write_checkpoint(
+    folder: Path, layout: str, layers: int = 3, shards: int = 1, shared: int = 0
+) -> dict[str, torch.Tensor]:
     """A tiny checkpoint of `layout` (config.json + safetensors); returns its tensors."""
     from safetensors.torch import save_file
 
@@ -167,14 +200,21 @@ def write_checkpoint(folder: Path, layout: str, layers: int = 3, shards: int = 1
     for layer in range(layers):
         tensors[f"model.layers.{layer}.self_attn.q_proj.weight"] = _linear(D, D, generator)
         if layout == "deepseek" and layer == 0:  # first_k_dense_replace: a dense MLP
-            for name, shape in (("gate_proj", (999, D)), ("up_proj", (999, D)),
-                                ("down_proj", (D, 999))):
+            for name, shape in (
+                ("gate_proj", (999, D)),
+                ("up_proj", (999, D)),
+                ("down_proj", (D, 999)),
+            ):
                 tensors[f"model.layers.0.mlp.{name}.weight"] = _linear(*shape, generator)
             continue
         tensors.update(_moe_tensors(layout, layer, generator, shared))
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"hidden_size": D, "num_experts_per_tok": 2, "num_hidden_layers": layers,
-              **CONFIGS[layout]}
+    config = {
+        "hidden_size": D,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": layers,
+        **CONFIGS[layout],
+    }
     (folder / "config.json").write_text(json.dumps(config))
     names = sorted(tensors)
     if shards == 1:
@@ -192,7 +232,11 @@ def write_checkpoint(folder: Path, layout: str, layers: int = 3, shards: int = 1
 
 
 def hand_forward(
-    t: dict[str, torch.Tensor], layout: str, layer: int, x_TD: torch.Tensor, top_k: int = 2,
+    t: dict[str, torch.Tensor],
+    layout: str,
+    layer: int,
+    x_TD: torch.Tensor,
+    top_k: int = 2,
     shared: bool = False,
 ) -> torch.Tensor:
     """The MoE layer written out from the HF tensors, token by token, in float64, with
@@ -211,11 +255,10 @@ def hand_forward(
             w_gate, w_up = gate_up[:FF], gate_up[FF:]
             w_down = t[f"{base}.experts.down_proj"][e].double()  # (D, F)
         else:
-            names = ("w1", "w3", "w2") if layout == "mixtral" else (
-                "gate_proj", "up_proj", "down_proj")
-            w_gate, w_up, w_down = (
-                t[f"{base}.experts.{e}.{n}.weight"].double() for n in names
+            names = (
+                ("w1", "w3", "w2") if layout == "mixtral" else ("gate_proj", "up_proj", "down_proj")
             )
+            w_gate, w_up, w_down = (t[f"{base}.experts.{e}.{n}.weight"].double() for n in names)
         return (F.silu(v @ w_gate.T) * (v @ w_up.T)) @ w_down.T
 
     y = torch.zeros_like(x)
@@ -224,22 +267,30 @@ def hand_forward(
             y[token] += gates[token, k] * expert(int(ids[token, k]), x[token])
     if shared:
         block = "shared_experts" if layout == "deepseek" else "shared_expert"
-        g, u, d = (t[f"{base}.{block}.{n}.weight"].double()
-                   for n in ("gate_proj", "up_proj", "down_proj"))
+        g, u, d = (
+            t[f"{base}.{block}.{n}.weight"].double() for n in ("gate_proj", "up_proj", "down_proj")
+        )
         y += (F.silu(x @ g.T) * (x @ u.T)) @ d.T  # Qwen2's shared_expert_gate: ignored
     return y
 
 
 def _ckpt_case(path: Path, layer: int, shared: int = 0, **changes):
     shape = {"hidden": D, "ffn": FF, "num_experts": E, "top_k": 2, **changes}
-    return tiny_case("grouped", shared_experts=shared, weights=f"checkpoint:{path}:{layer}",
-                     **shape)
+    return tiny_case(
+        "grouped", shared_experts=shared, weights=f"checkpoint:{path}:{layer}", **shape
+    )
 
 
 @pytest.mark.parametrize(
     ("layout", "shards", "shared", "layer"),
-    [("mixtral", 1, 0, 1), ("qwen3", 2, 0, 2), ("olmoe", 3, 0, 0), ("qwen2", 2, 2, 1),
-     ("deepseek", 2, 1, 1), ("stacked", 1, 0, 2)],
+    [
+        ("mixtral", 1, 0, 1),
+        ("qwen3", 2, 0, 2),
+        ("olmoe", 3, 0, 0),
+        ("qwen2", 2, 2, 1),
+        ("deepseek", 2, 1, 1),
+        ("stacked", 1, 0, 2),
+    ],
 )
 def test_checkpoint_layer_computes_the_hand_written_forward(
     tmp_path, layout, shards, shared, layer
@@ -287,8 +338,9 @@ def test_checkpoint_in_bfloat16_with_skewed_routing(tmp_path):
     weights = make_weights(case)
     assert weights.w_gate_EDF.dtype == torch.bfloat16
     base = "model.layers.0.mlp"
-    assert torch.equal(weights.w_up_EDF[3], tensors[f"{base}.experts.3.up_proj.weight"].T.to(
-        torch.bfloat16))
+    assert torch.equal(
+        weights.w_up_EDF[3], tensors[f"{base}.experts.3.up_proj.weight"].T.to(torch.bfloat16)
+    )
     assert torch.equal(weights.router_bias_E, routing_bias("zipf:1.2", E, case.seed))
 
 
@@ -371,8 +423,10 @@ def test_merging_keep_ratio_one_is_the_original_exactly(merge_by):
     case = _merging_case(options={"keep_ratio": 1.0, "merge_by": merge_by}, shared_experts=1)
     weights = make_weights(case)
     layer = merging.build(weights, case)
-    assert layer.groups == [[e] for e in range(8)] and layer.extra_metrics()[
-        "merge_saved_weight_bytes"] == 0
+    assert (
+        layer.groups == [[e] for e in range(8)]
+        and layer.extra_metrics()["merge_saved_weight_bytes"] == 0
+    )
     assert torch.equal(layer.w_gate_EDF, weights.w_gate_EDF)
     assert torch.equal(layer.w_down_EFD, weights.w_down_EFD)
     for x in make_inputs(case, 2):
@@ -389,18 +443,19 @@ def test_merging_redundant_experts_costs_far_less_fidelity_than_random():
         x = make_inputs(case, 1)[0]
         errors[source] = relative_error(_forward(layer, x), reference_output(weights, x))
         assert layer.extra_metrics()["merge_calib_fidelity_err"] == pytest.approx(
-            errors[source], rel=0.5)
+            errors[source], rel=0.5
+        )
     assert errors["redundant:0.9"] < 0.4 * errors["random"]
 
 
 def test_merging_recovers_the_clusters_of_redundant_weights():
-    case = _merging_case(options={"keep_ratio": 0.25}, weights="redundant:0.8", hidden=64,
-                         ffn=96)
+    case = _merging_case(options={"keep_ratio": 0.25}, weights="redundant:0.8", hidden=64, ffn=96)
     clusters = redundant_cluster_of(case)
     expected = sorted(sorted(e for e in range(8) if clusters[e] == c) for c in (0, 1))
     for merge_by in ("weights", "outputs"):
-        layer = merging.build(make_weights(case), case.with_(
-            options=(("keep_ratio", 0.25), ("merge_by", merge_by))))
+        layer = merging.build(
+            make_weights(case), case.with_(options=(("keep_ratio", 0.25), ("merge_by", merge_by)))
+        )
         assert layer.groups == expected
 
 
@@ -440,15 +495,18 @@ def test_merging_combines_a_tokens_duplicate_groups():
     assert len(stats.tokens_per_expert) == 2 and stats.dropped_slots == 0
     # every token picked 2 experts; some picked two of one group and count once
     assert case.tokens <= sum(stats.tokens_per_expert) < case.tokens * 2
-    assert layer.extra_metrics()["merge_groups_per_token"] == sum(
-        stats.tokens_per_expert) / case.tokens
+    assert (
+        layer.extra_metrics()["merge_groups_per_token"]
+        == sum(stats.tokens_per_expert) / case.tokens
+    )
     assert relative_error(y, merging.merged_reference([weights], x, case)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_merging_matches_its_design_reference(dtype):
-    case = _merging_case(options={"keep_ratio": 0.5, "merge_by": "outputs"}, dtype=dtype,
-                         shared_experts=1, top_k=3)
+    case = _merging_case(
+        options={"keep_ratio": 0.5, "merge_by": "outputs"}, dtype=dtype, shared_experts=1, top_k=3
+    )
     weights = make_weights(case)
     x = make_inputs(case, 1)[0]
     y = _forward(merging.build(weights, case), x)
@@ -458,12 +516,14 @@ def test_merging_matches_its_design_reference(dtype):
 def test_merge_rules():
     assert [merging.kept_experts(8, r) for r in (0.25, 0.5, 0.75, 1.0, 0.01)] == [2, 4, 6, 8, 1]
     assert merging.kept_experts(5, 0.5) == 3  # 2.5 rounds up
-    similarity = torch.tensor([
-        [1.0, 0.9, 0.1, 0.0],
-        [0.9, 1.0, 0.2, 0.1],
-        [0.1, 0.2, 1.0, 0.5],
-        [0.0, 0.1, 0.5, 1.0],
-    ])
+    similarity = torch.tensor(
+        [
+            [1.0, 0.9, 0.1, 0.0],
+            [0.9, 1.0, 0.2, 0.1],
+            [0.1, 0.2, 1.0, 0.5],
+            [0.0, 0.1, 0.5, 1.0],
+        ]
+    )
     assert merging.agglomerate(similarity, 3) == [[0, 1], [2], [3]]
     assert merging.agglomerate(similarity, 2) == [[0, 1], [2, 3]]
     assert merging.agglomerate(similarity, 1) == [[0, 1, 2, 3]]
@@ -472,9 +532,12 @@ def test_merge_rules():
 
 @pytest.mark.parametrize(
     ("options", "match"),
-    [({"keep_ratio": 0}, "keep_ratio"), ({"keep_ratio": 1.5}, "keep_ratio"),
-     ({"merge_by": "vibes"}, r"merge_by.*'weights', 'outputs'"),
-     ({"calib_tokens": 0}, "calib_tokens")],
+    [
+        ({"keep_ratio": 0}, "keep_ratio"),
+        ({"keep_ratio": 1.5}, "keep_ratio"),
+        ({"merge_by": "vibes"}, r"merge_by.*'weights', 'outputs'"),
+        ({"calib_tokens": 0}, "calib_tokens"),
+    ],
 )
 def test_merging_bad_options_are_named(options, match):
     case = _merging_case(options=options)
@@ -589,8 +652,9 @@ def _run(tmp_path, cases):
     from moebench.runner import run_cases
     from moebench.store import read_run
 
-    outcome = run_cases(cases, suite_name="t", plan=FAST_PLAN, timeout_s=60,
-                        out_root=tmp_path, isolate=False)
+    outcome = run_cases(
+        cases, suite_name="t", plan=FAST_PLAN, timeout_s=60, out_root=tmp_path, isolate=False
+    )
     frame = read_run(outcome.results_path)
     assert set(frame["status"]) == {"ok"}, frame["error"].tolist()
     return frame
@@ -610,13 +674,13 @@ def test_end_to_end_merging(tmp_path):
     assert list(frame["weights"]) == ["redundant:0.8", "random", "random"]
     assert list(frame["merge_experts_kept"]) == [4, 4, 2]  # the stack: the mean of 2 layers
     assert list(frame["merge_saved_weight_bytes"]) == [4 * 3 * 32 * 48 * 4] * 2 + [
-        2 * 6 * 3 * 32 * 48 * 4]  # summed over the stack's layers
+        2 * 6 * 3 * 32 * 48 * 4
+    ]  # summed over the stack's layers
     assert (frame["merge_calib_fidelity_err"] > 0).all()
 
 
 def test_end_to_end_offload(tmp_path):
-    cases = [tiny_case("offload", num_experts=8, options=(("cache_experts", c),))
-             for c in (2, 8)]
+    cases = [tiny_case("offload", num_experts=8, options=(("cache_experts", c),)) for c in (2, 8)]
     frame = _run(tmp_path, cases)
     assert (frame["rel_err"] <= frame["tolerance"]).all() and frame["exact"].all()
     by_cache = frame.set_index("offload_cache_experts")
@@ -628,8 +692,10 @@ def test_end_to_end_offload(tmp_path):
 def test_end_to_end_checkpoint_weights(tmp_path):
     pytest.importorskip("safetensors")
     write_checkpoint(tmp_path / "ckpt", "olmoe", layers=2)
-    cases = [_ckpt_case(tmp_path / "ckpt", 0).with_(impl=impl)
-             for impl in ("grouped", "offload", "merging")]
+    cases = [
+        _ckpt_case(tmp_path / "ckpt", 0).with_(impl=impl)
+        for impl in ("grouped", "offload", "merging")
+    ]
     frame = _run(tmp_path / "out", cases)
     assert set(frame["weights"]) == {f"checkpoint:{tmp_path / 'ckpt'}:0"}
 

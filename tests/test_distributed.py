@@ -84,13 +84,16 @@ for fault in ("raises", "hangs", "dies", "wrong"):
 def ep_case(impl: str = "ep-dropless", **changes) -> Case:
     """A tiny expert-parallel case on the CPU."""
     shape = LayerShape(
-        hidden=changes.pop("hidden", 32), ffn=changes.pop("ffn", 48),
-        num_experts=changes.pop("num_experts", 8), top_k=changes.pop("top_k", 2),
+        hidden=changes.pop("hidden", 32),
+        ffn=changes.pop("ffn", 48),
+        num_experts=changes.pop("num_experts", 8),
+        top_k=changes.pop("top_k", 2),
         shared_experts=changes.pop("shared_experts", 0),
         capacity_factor=changes.pop("capacity_factor", 1.0),
     )
     workload = Workload(
-        batch=changes.pop("batch", 2), seq_len=changes.pop("seq_len", 16),
+        batch=changes.pop("batch", 2),
+        seq_len=changes.pop("seq_len", 16),
         layers=changes.pop("layers", 1),
     )
     return Case(shape=shape, workload=workload, impl=impl, **changes)
@@ -123,9 +126,7 @@ def hand_count(case: Case, chunks: int = 1) -> tuple[int, list[int]]:
     assert T % W == 0
     weights = make_weights(case)
     x_TD = make_inputs(case, 1)[0]
-    _, expert_ids_TK, _ = Router(weights.w_router_DE, weights.router_bias_E, case.shape.top_k)(
-        x_TD
-    )
+    _, expert_ids_TK, _ = Router(weights.w_router_DE, weights.router_bias_E, case.shape.top_k)(x_TD)
     remote, received = 0, [0] * W
     for rank in range(W):
         owner_TK = expert_ids_TK[rank * T // W : (rank + 1) * T // W] // L
@@ -168,8 +169,15 @@ def test_phase_timer_on_cpu():
 def test_ep_output_equals_reference_on_gloo(ranks, world_size):
     cases = [ep_case(impl, world_size=world_size) for impl in EP_IMPLS]
     cases += [  # skewed routing, a shared expert and a batch that does not split evenly
-        ep_case(impl, world_size=world_size, routing="zipf:1.2", shared_experts=1, batch=1,
-                seq_len=18, top_k=3)
+        ep_case(
+            impl,
+            world_size=world_size,
+            routing="zipf:1.2",
+            shared_experts=1,
+            batch=1,
+            seq_len=18,
+            top_k=3,
+        )
         for impl in EP_IMPLS
     ]
     for case in cases:
@@ -239,9 +247,7 @@ def test_comm_bytes_of_a_constructed_routing(ranks):
 
 def test_skewed_routing_loads_the_rank_of_the_hot_expert(ranks):
     rows = {
-        routing: ranks.run(
-            ep_case(world_size=4, routing=routing, batch=4, top_k=1), timeout_s=60
-        )
+        routing: ranks.run(ep_case(world_size=4, routing=routing, batch=4, top_k=1), timeout_s=60)
         for routing in ("uniform", "hot:1:0.9")
     }
     uniform, hot = rows["uniform"], rows["hot:1:0.9"]
@@ -270,16 +276,31 @@ def test_failing_ranks_fail_their_case_and_the_sweep_goes_on(tmp_path, faults):
     ]
     started = time.perf_counter()
     outcome = run_cases(
-        cases, suite_name="t", plan=FAST_PLAN, timeout_s=4, out_root=tmp_path, isolate=False,
-        plugins=(EP_PLUGIN, faults), nproc=2,
+        cases,
+        suite_name="t",
+        plan=FAST_PLAN,
+        timeout_s=4,
+        out_root=tmp_path,
+        isolate=False,
+        plugins=(EP_PLUGIN, faults),
+        nproc=2,
     )
     frame = read_run(outcome.results_path)
     rows = {row["case_id"]: row for row in frame.to_dict("records")}
     status = [rows[case.case_id]["status"] for case in cases]
     error = [rows[case.case_id]["error"] for case in cases]
     assert status == [
-        "ok", "error", "timeout", "crashed", "mismatch", "error", "error", "skipped",
-        "skipped", "error", "ok",
+        "ok",
+        "error",
+        "timeout",
+        "crashed",
+        "mismatch",
+        "error",
+        "error",
+        "skipped",
+        "skipped",
+        "error",
+        "ok",
     ], error
     assert "rank 1: ValueError: rank one fails on purpose" in error[1]
     assert "within the 4 s timeout" in error[2] and rows[cases[2].case_id]["wall_s"] < 8
@@ -288,8 +309,9 @@ def test_failing_ranks_fail_their_case_and_the_sweep_goes_on(tmp_path, faults):
     assert "runs on one device" in error[5] and "ep-dropless" in error[5]
     assert "num_experts=6 is not divisible by world_size=4" in error[6]
     assert "needs 4 ranks, --nproc 2 started 2" in error[7]
-    assert f"needs {cases[8].world_size} CUDA devices, {torch.cuda.device_count()} visible" in (
-        error[8]
+    assert (
+        f"needs {cases[8].world_size} CUDA devices, {torch.cuda.device_count()} visible"
+        in (error[8])
     )
     assert "layers=2: expert-parallel cases measure one layer" in error[9]
     assert time.perf_counter() - started < 40
@@ -299,10 +321,20 @@ def test_cli_nproc_writes_comm_columns(tmp_path):
     suite = tmp_path / "tiny_ep.toml"
     suite.write_text(TINY_SUITE)
     out = tmp_path / "results"
-    code = cli_main([
-        "run", str(suite), "--nproc", "2", "--out", str(out), "--quiet", "--in-process",
-        "--plugin", EP_PLUGIN,
-    ])
+    code = cli_main(
+        [
+            "run",
+            str(suite),
+            "--nproc",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+            "--in-process",
+            "--plugin",
+            EP_PLUGIN,
+        ]
+    )
     assert code == 0
     frame = read_run(next(out.glob("*/results.parquet")))
     assert len(frame) == 4 and set(frame["status"]) == {"ok"}
@@ -346,13 +378,25 @@ def test_torchrun_gives_the_results_of_nproc(tmp_path):
     suite.write_text(TINY_SUITE)
     common = ["--quiet", "--in-process", "--plugin", EP_PLUGIN]
     torchrun = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "-m", "moebench", "run", str(suite), "--out", str(tmp_path / "torchrun"), *common,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "moebench",
+        "run",
+        str(suite),
+        "--out",
+        str(tmp_path / "torchrun"),
+        *common,
     ]
     done = subprocess.run(torchrun, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert cli_main(["run", str(suite), "--nproc", "2", "--out", str(tmp_path / "nproc"),
-                     *common]) == 0
+    assert (
+        cli_main(["run", str(suite), "--nproc", "2", "--out", str(tmp_path / "nproc"), *common])
+        == 0
+    )
     runs = [
         read_run(next((tmp_path / name).glob("*/results.parquet"))).set_index("case_id")
         for name in ("torchrun", "nproc")
@@ -373,8 +417,12 @@ def cuda_case(impl: str, world_size: int = 1) -> Case:
     """Big enough to be bound by the GPU, not by kernel launches (so the phases' CUDA-event
     times add up to about the latency)."""
     return Case(
-        LayerShape(2048, 4096, 16, 4, shared_experts=1), Workload(16384, 1), impl,
-        device="cuda", dtype="bfloat16", world_size=world_size,
+        LayerShape(2048, 4096, 16, 4, shared_experts=1),
+        Workload(16384, 1),
+        impl,
+        device="cuda",
+        dtype="bfloat16",
+        world_size=world_size,
     )
 
 
@@ -421,4 +469,3 @@ def test_cuda_two_rank_nccl_group():
                 assert 0 <= row["comm_hidden_frac"] <= 1
     finally:
         launcher.close()
-

@@ -129,12 +129,16 @@ def test_stacked_layers_run_and_count(tmp_path, impl):
     from moebench.store import read_run
     from tests.conftest import FAST_PLAN
 
-    one, three = tiny_case(impl), tiny_case(impl).with_(
-        workload=tiny_case(impl).workload.__class__(2, 8, "forward", layers=3)
+    one, three = (
+        tiny_case(impl),
+        tiny_case(impl).with_(
+            workload=tiny_case(impl).workload.__class__(2, 8, "forward", layers=3)
+        ),
     )
     assert "L3" in three.label() and one.case_id != three.case_id
-    outcome = run_cases([one, three], suite_name="t", plan=FAST_PLAN, timeout_s=60,
-                        out_root=tmp_path, isolate=False)
+    outcome = run_cases(
+        [one, three], suite_name="t", plan=FAST_PLAN, timeout_s=60, out_root=tmp_path, isolate=False
+    )
     frame = read_run(outcome.results_path).set_index("layers")
     assert set(frame["status"]) == {"ok"}, frame["error"].tolist()
     assert frame.loc[3, "total_params"] == 3 * frame.loc[1, "total_params"]

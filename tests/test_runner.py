@@ -64,8 +64,12 @@ def test_a_mismatch_is_a_row_not_a_timing(tmp_path, monkeypatch):
 
     monkeypatch.setitem(case_run.TOLERANCE, "float32", -1.0)  # nothing can pass
     outcome = run_cases(
-        [tiny_case("grouped")], suite_name="t", plan=FAST_PLAN, timeout_s=60,
-        out_root=tmp_path, isolate=False,
+        [tiny_case("grouped")],
+        suite_name="t",
+        plan=FAST_PLAN,
+        timeout_s=60,
+        out_root=tmp_path,
+        isolate=False,
     )
     row = read_run(outcome.results_path).iloc[0]
     assert row["status"] == "mismatch" and "tolerance" in row["error"]
@@ -75,12 +79,20 @@ def test_a_mismatch_is_a_row_not_a_timing(tmp_path, monkeypatch):
 def test_failures_become_rows_and_the_sweep_goes_on(tmp_path):
     import_plugin(PLUGIN)
     cases = [
-        tiny_case("test-raises"), tiny_case("grouped"), tiny_case("test-crashes"),
-        tiny_case("test-hangs"), tiny_case("reference"),
+        tiny_case("test-raises"),
+        tiny_case("grouped"),
+        tiny_case("test-crashes"),
+        tiny_case("test-hangs"),
+        tiny_case("reference"),
     ]
     outcome = run_cases(
-        cases, suite_name="t", plan=FAST_PLAN, timeout_s=8, out_root=tmp_path,
-        isolate=True, plugins=(PLUGIN,),
+        cases,
+        suite_name="t",
+        plan=FAST_PLAN,
+        timeout_s=8,
+        out_root=tmp_path,
+        isolate=True,
+        plugins=(PLUGIN,),
     )
     frame = read_run(outcome.results_path).set_index("impl")
     assert frame.loc["test-raises", "status"] == "error"
@@ -123,8 +135,12 @@ seq_len = 4
 
 def _moebench(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "moebench", *args], cwd=REPO, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "moebench", *args],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -150,8 +166,15 @@ def test_killed_run_resumes_with_every_case_once(tmp_path, how):
     if how == signal.SIGINT:
         assert proc.returncode == 130 and "--resume" in output
     resumed = _moebench(
-        "run", str(suite), "--out", str(out), "--plugin", PLUGIN, "--quiet",
-        "--resume", run_dir.name,
+        "run",
+        str(suite),
+        "--out",
+        str(out),
+        "--plugin",
+        PLUGIN,
+        "--quiet",
+        "--resume",
+        run_dir.name,
     )
     output = resumed.communicate(timeout=120)[0]
     assert resumed.returncode == 0, output

@@ -19,9 +19,16 @@ from moebench.store import (
 
 
 def _row(case_id: str, **extra) -> dict:
-    row = {"run_id": "r", "case_id": case_id, "impl": "grouped", "status": "ok",
-           "started_at": f"2026-01-01T00:00:0{case_id[-1]}", "samples_ms": [1.0, 2.0],
-           "tokens_per_expert": [3, 0, 1], "latency_ms": 1.5}
+    row = {
+        "run_id": "r",
+        "case_id": case_id,
+        "impl": "grouped",
+        "status": "ok",
+        "started_at": f"2026-01-01T00:00:0{case_id[-1]}",
+        "samples_ms": [1.0, 2.0],
+        "tokens_per_expert": [3, 0, 1],
+        "latency_ms": 1.5,
+    }
     row.update(extra)
     return row
 

@@ -129,8 +129,12 @@ class AllToAllDispatcher:
         """Send the kept rows to their experts' ranks: (received rows, handle or None)."""
         recv_RD = route.x_AD.new_empty(splits.received, route.x_AD.shape[1])
         work = dist.all_to_all_single(
-            recv_RD, route.x_AD[: splits.sent], output_split_sizes=splits.recv_W,
-            input_split_sizes=splits.send_W, group=self.group, async_op=async_op,
+            recv_RD,
+            route.x_AD[: splits.sent],
+            output_split_sizes=splits.recv_W,
+            input_split_sizes=splits.send_W,
+            group=self.group,
+            async_op=async_op,
         )
         return recv_RD, work
 
@@ -166,8 +170,12 @@ class AllToAllDispatcher:
         """Send the experts' outputs back to the rows' ranks: (rows in sorted order, handle)."""
         out_AD = out_RD.new_empty(splits.sent, out_RD.shape[1])
         work = dist.all_to_all_single(
-            out_AD, out_RD, output_split_sizes=splits.send_W, input_split_sizes=splits.recv_W,
-            group=self.group, async_op=async_op,
+            out_AD,
+            out_RD,
+            output_split_sizes=splits.send_W,
+            input_split_sizes=splits.recv_W,
+            group=self.group,
+            async_op=async_op,
         )
         return out_AD, work
 
@@ -180,9 +188,7 @@ class AllToAllDispatcher:
     def traffic(self) -> Traffic:
         """Rows and count bytes of the last step (host numbers, no device sync)."""
         peers = self.world_size - 1
-        remote = sum(
-            sum(s.send_W) - s.send_W[self.rank] for s in self.last_splits
-        )
+        remote = sum(sum(s.send_W) - s.send_W[self.rank] for s in self.last_splits)
         return Traffic(
             rows_sent_remote=remote,
             rows_received=sum(s.received for s in self.last_splits),

@@ -98,7 +98,9 @@ class LocalRanks:
         for spec in specs:
             parent, child = context.Pipe()
             process = context.Process(
-                target=rank_main, args=(spec, child), daemon=True,
+                target=rank_main,
+                args=(spec, child),
+                daemon=True,
                 name=f"moebench-rank-{spec.rank}",
             )
             process.start()
@@ -131,12 +133,14 @@ class LocalRanks:
             if failures and (any(f.primary for f in failures) or now >= settle_by):
                 return root_cause(failures)
             if now >= deadline:
-                failures.append(Failure(
-                    "timeout",
-                    f"no result within the {timeout_s:g} s timeout (rank(s) "
-                    f"{', '.join(map(str, sorted(pending)))} did not answer)",
-                    primary=False,
-                ))
+                failures.append(
+                    Failure(
+                        "timeout",
+                        f"no result within the {timeout_s:g} s timeout (rank(s) "
+                        f"{', '.join(map(str, sorted(pending)))} did not answer)",
+                        primary=False,
+                    )
+                )
                 return root_cause(failures)
             waitables = [self.conns[i] for i in pending.values()]
             waitables += [self.processes[i].sentinel for i in pending.values()]
@@ -228,9 +232,7 @@ class SpawnLauncher:
         self.plan = plan
         self.plugins = plugins
         self.nproc = nproc
-        self.world_size = nproc or max(
-            (c.world_size for c in cases if handles(c)), default=1
-        )
+        self.world_size = nproc or max((c.world_size for c in cases if handles(c)), default=1)
         self._store: dist.TCPStore | None = None
         self._ranks: LocalRanks | None = None
         self._key: tuple[str, int] | None = None
@@ -265,16 +267,25 @@ class SpawnLauncher:
     def _start(self, device_type: str, world: int, timeout_s: float) -> Failure | None:
         if self._store is None:
             self._store = dist.TCPStore(
-                "127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                "127.0.0.1",
+                0,
+                is_master=True,
+                wait_for_workers=False,
                 timeout=timedelta(seconds=START_TIMEOUT_S),
             )
         self._generation += 1
         specs = [
             RankSpec(
-                rank=rank, world_size=world, local_rank=rank, local_world_size=world,
-                store_host="127.0.0.1", store_port=self._store.port,
-                store_prefix=f"moebench/pg/{self._generation}", device_type=device_type,
-                timeout_s=timeout_s, plugins=self.plugins,
+                rank=rank,
+                world_size=world,
+                local_rank=rank,
+                local_world_size=world,
+                store_host="127.0.0.1",
+                store_port=self._store.port,
+                store_prefix=f"moebench/pg/{self._generation}",
+                device_type=device_type,
+                timeout_s=timeout_s,
+                plugins=self.plugins,
             )
             for rank in range(world)
         ]
@@ -307,8 +318,11 @@ def _control_store(env: LaunchEnv) -> dist.TCPStore:
 
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     return dist.TCPStore(
-        env.master_addr, env.master_port, is_master=env.rank == 0 and not agent_store,
-        wait_for_workers=False, timeout=timedelta(seconds=START_TIMEOUT_S),
+        env.master_addr,
+        env.master_port,
+        is_master=env.rank == 0 and not agent_store,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=START_TIMEOUT_S),
     )
 
 
@@ -337,11 +351,16 @@ class _TorchrunRank:
         if self.ranks is None or self.generation != generation:
             self.kill()
             spec = RankSpec(
-                rank=self.env.rank, world_size=self.env.world_size,
-                local_rank=self.env.local_rank, local_world_size=self.env.local_world_size,
-                store_host=self.env.master_addr, store_port=self.env.master_port,
+                rank=self.env.rank,
+                world_size=self.env.world_size,
+                local_rank=self.env.local_rank,
+                local_world_size=self.env.local_world_size,
+                store_host=self.env.master_addr,
+                store_port=self.env.master_port,
                 store_prefix=f"{self.env.key_prefix}/pg/{generation}/{device_type}",
-                device_type=device_type, timeout_s=timeout_s, plugins=self.plugins,
+                device_type=device_type,
+                timeout_s=timeout_s,
+                plugins=self.plugins,
             )
             self.ranks, self.generation = LocalRanks([spec]), generation
             ready = self.ranks.gather(time.monotonic() + START_TIMEOUT_S, START_TIMEOUT_S, abort)
@@ -425,16 +444,21 @@ class TorchrunLeader:
             time.sleep(POLL_S)
         failures = [outcome] if isinstance(outcome, Failure) else []
         failures += [Failure(*report) for report in answered.values() if report[0] != "ok"]
-        silent = [r for r in range(1, self.env.world_size) if answered.get(r, ("timeout",))[0]
-                  == "timeout"]
+        silent = [
+            r
+            for r in range(1, self.env.world_size)
+            if answered.get(r, ("timeout",))[0] == "timeout"
+        ]
         if silent:  # one message naming every rank that did not answer in time
             mine = [0] if isinstance(outcome, Failure) and outcome.status == "timeout" else []
-            failures = [f for f in failures if f.status != "timeout"] + [Failure(
-                "timeout",
-                f"no result within the {timeout_s:g} s timeout (rank(s) "
-                f"{', '.join(map(str, mine + silent))} did not answer)",
-                primary=False,
-            )]
+            failures = [f for f in failures if f.status != "timeout"] + [
+                Failure(
+                    "timeout",
+                    f"no result within the {timeout_s:g} s timeout (rank(s) "
+                    f"{', '.join(map(str, mine + silent))} did not answer)",
+                    primary=False,
+                )
+            ]
         self.store.set(self._key("end", seq), b"abort" if failures else b"ok")
         if failures:
             self.rank.kill()
@@ -475,8 +499,10 @@ def follow(plugins: tuple[str, ...]) -> int:
                 return None
 
             outcome = rank.run(message, aborted)
-            report = ("ok", None) if not isinstance(outcome, Failure) else (
-                outcome.status, outcome.error, outcome.primary
+            report = (
+                ("ok", None)
+                if not isinstance(outcome, Failure)
+                else (outcome.status, outcome.error, outcome.primary)
             )
             store.set(key("res", seq, env.rank), pickle.dumps(report))
             if _wait_load(store, end_key, raw=True) != b"ok" or isinstance(outcome, Failure):

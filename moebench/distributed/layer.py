@@ -48,7 +48,9 @@ def local_weights(weights: ExpertWeights, rank: int, local_experts: int) -> Expe
     shape = weights.shape
     return ExpertWeights(
         shape=replace(
-            shape, num_experts=local_experts, top_k=min(shape.top_k, local_experts),
+            shape,
+            num_experts=local_experts,
+            top_k=min(shape.top_k, local_experts),
             shared_experts=0,
         ),
         w_router_DE=weights.w_router_DE[:, experts],
@@ -133,17 +135,18 @@ class ExpertParallelMoE(MoELayer):
         with timer.phase("permute"):
             keep_TK = None
             if self.capacity_factor is not None:
-                capacity = expert_capacity(
-                    T, self.top_k, self.num_experts, self.capacity_factor
-                )
+                capacity = expert_capacity(T, self.top_k, self.num_experts, self.capacity_factor)
                 keep_TK = slot_positions(expert_ids_TK, self.num_experts) < capacity
                 self._last_dropped_TK = ~keep_TK
             chunks = max(1, min(self.chunks, T))
             starts = [round(i * T / chunks) for i in range(chunks + 1)]
             routes = [
                 dispatcher.permute(
-                    x_TD[a:b], gate_weights_TK[a:b], expert_ids_TK[a:b],
-                    None if keep_TK is None else keep_TK[a:b], token_offset=a,
+                    x_TD[a:b],
+                    gate_weights_TK[a:b],
+                    expert_ids_TK[a:b],
+                    None if keep_TK is None else keep_TK[a:b],
+                    token_offset=a,
                 )
                 for a, b in itertools.pairwise(starts)
             ]
@@ -185,8 +188,7 @@ class ExpertParallelMoE(MoELayer):
         Only the waits are timed, as "exposed" communication."""
         timer, dispatcher = self.timer, self.dispatcher
         pending = [
-            dispatcher.dispatch(route, split, async_op=True)
-            for route, split in zip(routes, splits)
+            dispatcher.dispatch(route, split, async_op=True) for route, split in zip(routes, splits)
         ]
         shared_TD = None if x_TD is None else self._shared(x_TD)
         combines = []
@@ -218,15 +220,18 @@ class ExpertParallelMoE(MoELayer):
             kept_ids = expert_ids_TK[~self._last_dropped_TK]
             dropped = int(self._last_dropped_TK.sum())
         E = self.num_experts
-        summed = torch.cat([
-            torch.bincount(kept_ids.flatten(), minlength=E).double(),
-            torch.bincount(expert_ids_TK.flatten(), minlength=E).double(),
-            probs_TE.double().sum(0),
-            torch.tensor(
-                [dropped, expert_ids_TK.numel(), expert_ids_TK.shape[0]],
-                dtype=torch.float64, device=probs_TE.device,
-            ),
-        ])
+        summed = torch.cat(
+            [
+                torch.bincount(kept_ids.flatten(), minlength=E).double(),
+                torch.bincount(expert_ids_TK.flatten(), minlength=E).double(),
+                probs_TE.double().sum(0),
+                torch.tensor(
+                    [dropped, expert_ids_TK.numel(), expert_ids_TK.shape[0]],
+                    dtype=torch.float64,
+                    device=probs_TE.device,
+                ),
+            ]
+        )
         dist.all_reduce(summed, group=self.dispatcher.group)
         kept_E, all_E, probs_sum_E = summed[:E], summed[E : 2 * E], summed[2 * E : 3 * E]
         dropped_all, slots, tokens = summed[3 * E :].tolist()

@@ -177,8 +177,13 @@ def breakdown(
 def _broadcast_weights(weights: ExpertWeights, group: dist.ProcessGroup) -> None:
     source = dist.get_global_rank(group, 0)
     for tensor in (
-        weights.w_router_DE, weights.router_bias_E, weights.w_gate_EDF, weights.w_up_EDF,
-        weights.w_down_EFD, weights.w_shared_gate_DS, weights.w_shared_up_DS,
+        weights.w_router_DE,
+        weights.router_bias_E,
+        weights.w_gate_EDF,
+        weights.w_up_EDF,
+        weights.w_down_EFD,
+        weights.w_shared_gate_DS,
+        weights.w_shared_up_DS,
         weights.w_shared_down_SD,
     ):
         if tensor is not None:
@@ -228,10 +233,14 @@ def measure_on_rank(
     with use_group(group):
         layer = info.build(weights, rank_case)
     if not isinstance(layer, ExpertParallelMoE):
-        raise TypeError(f"impl {case.impl!r} built a {type(layer).__name__}, not an "
-                        "ExpertParallelMoE")
-    row: dict[str, Any] = {"family": info.family, "exact": info.exact,
-                           "impl_detail": layer.impl_detail}
+        raise TypeError(
+            f"impl {case.impl!r} built a {type(layer).__name__}, not an ExpertParallelMoE"
+        )
+    row: dict[str, Any] = {
+        "family": info.family,
+        "exact": info.exact,
+        "impl_detail": layer.impl_detail,
+    }
 
     # 1. Correctness, before any timing.
     with torch.no_grad():
@@ -263,8 +272,10 @@ def measure_on_rank(
         return row if rank == 0 else None
     if stats is not None:
         row.update(
-            tokens_per_expert=stats.tokens_per_expert, imbalance=stats.imbalance,
-            dropped_frac=stats.dropped_frac, aux_loss=stats.aux_loss,
+            tokens_per_expert=stats.tokens_per_expert,
+            imbalance=stats.imbalance,
+            dropped_frac=stats.dropped_frac,
+            aux_loss=stats.aux_loss,
         )
 
     # 2. Peak memory of one step, 3. latency, 4. the phase breakdown.
@@ -291,11 +302,13 @@ def measure_on_rank(
     own_weight_bytes = weight_bytes(layer)
     memory = _max_over_ranks(
         [own_weight_bytes, -1 if added is None else added, -1 if peak is None else peak],
-        device, group,
+        device,
+        group,
     )
     per_rank = torch.tensor(
         [traffic.rows_sent_remote, traffic.rows_received, traffic.count_bytes_sent],
-        dtype=torch.int64, device=device,
+        dtype=torch.int64,
+        device=device,
     )
     gathered = [torch.empty_like(per_rank) for _ in range(world_size)]
     dist.all_gather(gathered, per_rank, group=group)
@@ -318,9 +331,12 @@ def measure_on_rank(
     work_flops = counters.flops(case, params)
     work_bytes = counters.min_bytes(case, params, dtype)
     row.update(
-        total_params=params.total, active_params=params.active,
-        touched_params=params.touched, router_params=params.router,
-        flops=work_flops, min_bytes=work_bytes,
+        total_params=params.total,
+        active_params=params.active,
+        touched_params=params.touched,
+        router_params=params.router,
+        flops=work_flops,
+        min_bytes=work_bytes,
         achieved_tflops=work_flops / latency_s / 1e12,
         achieved_gbps=work_bytes / latency_s / 1e9,
     )
@@ -340,7 +356,8 @@ def measure_on_rank(
         comm_bytes=comm_bytes,
         dispatch_bytes=dispatch_bytes,
         combine_bytes=combine_bytes,
-        comm_gbps=comm_bytes / world_size / (comm_ms / 1e3) / 1e9 if comm_bytes and comm_ms
+        comm_gbps=comm_bytes / world_size / (comm_ms / 1e3) / 1e9
+        if comm_bytes and comm_ms
         else None,
         exposed_comm_ms=exposed_ms,
         comm_hidden_frac=min(1.0, max(0.0, 1.0 - exposed_ms / comm_ms)) if comm_ms else 0.0,

@@ -21,7 +21,14 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 
 PHASES: tuple[str, ...] = (
-    "router", "permute", "dispatch", "expert", "combine", "unpermute", "shared", "exposed",
+    "router",
+    "permute",
+    "dispatch",
+    "expert",
+    "combine",
+    "unpermute",
+    "shared",
+    "exposed",
 )
 _NULL = nullcontext()
 

@@ -79,7 +79,9 @@ def join_group(spec: RankSpec) -> torch.device:
     else:  # the machine's cores shared among its ranks, as torchrun's OMP_NUM_THREADS does
         torch.set_num_threads(_cpu_threads(spec.local_world_size))
     store = dist.TCPStore(
-        spec.store_host, spec.store_port, is_master=False,
+        spec.store_host,
+        spec.store_port,
+        is_master=False,
         timeout=timedelta(seconds=JOIN_TIMEOUT_S),
     )
     extra: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}

@@ -112,8 +112,10 @@ def deepseek_route(
     gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True)
     if routing.routed_scaling != 1.0:
         gate_TK = gate_TK * routing.routed_scaling
-    probs_TE = scores_TE if routing.scoring == "softmax" else (
-        scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+    probs_TE = (
+        scores_TE
+        if routing.scoring == "softmax"
+        else (scores_TE / scores_TE.sum(dim=-1, keepdim=True))
     )
     return gate_TK, expert_ids_TK, probs_TE
 

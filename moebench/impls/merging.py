@@ -90,9 +90,7 @@ class MergeOptions:
                 f"merging: option merge_by={merge_by!r}; allowed: {', '.join(map(repr, MERGE_BY))}"
             )
         if isinstance(calib_tokens, bool) or not isinstance(calib_tokens, int) or calib_tokens < 1:
-            raise ValueError(
-                f"merging: option calib_tokens={calib_tokens!r}; allowed: an int >= 1"
-            )
+            raise ValueError(f"merging: option calib_tokens={calib_tokens!r}; allowed: an int >= 1")
         return cls(float(keep_ratio), merge_by, calib_tokens)
 
 
@@ -270,13 +268,17 @@ def merged_output(weights: ExpertWeights, plan: MergePlan, x_TD: torch.Tensor) -
         )
         tokens = torch.unique(token_idx)
         out_ND = swiglu(
-            x32_TD[tokens], plan.w_gate_GDF[g].float(), plan.w_up_GDF[g].float(),
+            x32_TD[tokens],
+            plan.w_gate_GDF[g].float(),
+            plan.w_up_GDF[g].float(),
             plan.w_down_GFD[g].float(),
         )
         y_TD.index_add_(0, tokens, out_ND * gate_T[tokens, None])
     if weights.w_shared_gate_DS is not None:
         y_TD += swiglu(
-            x32_TD, weights.w_shared_gate_DS.float(), weights.w_shared_up_DS.float(),
+            x32_TD,
+            weights.w_shared_gate_DS.float(),
+            weights.w_shared_up_DS.float(),
             weights.w_shared_down_SD.float(),
         )
     return y_TD
@@ -316,8 +318,8 @@ class MergedMoE(GroupedMoE):
         self.has_merged = self.num_groups < self.num_experts
         self.calib_tokens = plan.calib_x_ND.shape[0]
         self.expert_bytes = weights.shape.expert_params * weights.w_gate_EDF.element_size()
-        self.shared_params = 3 * weights.shape.hidden * weights.shape.ffn * (
-            weights.shape.shared_experts
+        self.shared_params = (
+            3 * weights.shape.hidden * weights.shape.ffn * (weights.shape.shared_experts)
         )
         self.calib_fidelity_err = _relative_error(
             merged_output(weights, plan, plan.calib_x_ND),

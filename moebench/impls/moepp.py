@@ -123,7 +123,10 @@ class MoEPPRouter(nn.Module):
     """Scores over all N experts, with the previous layer's scores projected by W_g."""
 
     def __init__(
-        self, w_router_DN: torch.Tensor, bias_N: torch.Tensor, w_residual_NN: torch.Tensor,
+        self,
+        w_router_DN: torch.Tensor,
+        bias_N: torch.Tensor,
+        w_residual_NN: torch.Tensor,
         top_k: int,
     ):
         super().__init__()
@@ -192,11 +195,11 @@ class MoEPPLayer(AssignmentMixin, GroupedMoE):
         gate_TN = torch.zeros(
             gate_TK.shape[0], c.total, device=gate_TK.device, dtype=torch.float32
         ).scatter_add(1, expert_ids_TK, gate_TK)
-        scale_T = gate_TN[:, c.copy_start:c.const_start].sum(dim=-1)
+        scale_T = gate_TN[:, c.copy_start : c.const_start].sum(dim=-1)
         out_TD = x32_TD.new_zeros(())
         if c.const:
             mix_TQ2 = torch.softmax(torch.einsum("td,qdc->tqc", x32_TD, self.const_gate_QD2), -1)
-            const_gate_TQ = gate_TN[:, c.const_start:]
+            const_gate_TQ = gate_TN[:, c.const_start :]
             scale_T = scale_T + (const_gate_TQ * mix_TQ2[..., 0]).sum(dim=-1)
             out_TD = (const_gate_TQ * mix_TQ2[..., 1]) @ self.const_value_QD
         return (scale_T[:, None] * x32_TD + out_TD).to(self.w_gate_EDF.dtype)
@@ -269,9 +272,7 @@ def moepp_reference(
         scores_TN = x32_TD @ w_router_DN
         if carry_TN is not None:
             scores_TN = scores_TN + carry_TN @ params.w_residual_NN
-        bias_N = torch.cat(
-            [weights.router_bias_E.float(), scores_TN.new_zeros(c.total - c.ffn)]
-        )
+        bias_N = torch.cat([weights.router_bias_E.float(), scores_TN.new_zeros(c.total - c.ffn)])
         gate_TK, expert_ids_TK, _ = route_all(scores_TN, bias_N, case.shape.top_k)
         gate_TK = gate_TK.to(x_TD.dtype).float()  # rounded as the layer rounds it
         y_TD = torch.zeros_like(x32_TD)
@@ -282,7 +283,9 @@ def moepp_reference(
             x_ND = x32_TD[token_idx]
             if expert < c.ffn:
                 out_ND = swiglu(
-                    x_ND, weights.w_gate_EDF[expert].float(), weights.w_up_EDF[expert].float(),
+                    x_ND,
+                    weights.w_gate_EDF[expert].float(),
+                    weights.w_up_EDF[expert].float(),
                     weights.w_down_EFD[expert].float(),
                 )
             elif expert < c.const_start:
@@ -294,7 +297,9 @@ def moepp_reference(
             y_TD.index_add_(0, token_idx, out_ND * gate_TK[token_idx, slot_idx, None])
         if weights.w_shared_gate_DS is not None:
             y_TD += swiglu(
-                x32_TD, weights.w_shared_gate_DS.float(), weights.w_shared_up_DS.float(),
+                x32_TD,
+                weights.w_shared_gate_DS.float(),
+                weights.w_shared_up_DS.float(),
                 weights.w_shared_down_SD.float(),
             )
         return y_TD, scores_TN

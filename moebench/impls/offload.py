@@ -293,7 +293,9 @@ class OffloadMoE(MoELayer):
                 torch.cuda.current_stream(x_TD.device).wait_event(event)
             rows = slice(starts[expert], starts[expert] + counts[expert])
             out_AD[rows] = swiglu(
-                x_AD[rows], self.cache_gate_CDF[slot], self.cache_up_CDF[slot],
+                x_AD[rows],
+                self.cache_gate_CDF[slot],
+                self.cache_up_CDF[slot],
                 self.cache_down_CFD[slot],
             )
             self._mark_read([slot])

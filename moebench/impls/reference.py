@@ -30,7 +30,9 @@ class ReferenceMoE(MoELayer):
             if token_idx.numel() == 0:
                 continue
             out = swiglu(
-                x_TD[token_idx], self.w_gate_EDF[expert], self.w_up_EDF[expert],
+                x_TD[token_idx],
+                self.w_gate_EDF[expert],
+                self.w_up_EDF[expert],
                 self.w_down_EFD[expert],
             )
             y_TD = y_TD.index_add(0, token_idx, out * gate_weights_TK[token_idx, slot_idx, None])
@@ -70,13 +72,17 @@ def reference_output(
         if token_idx.numel() == 0:
             continue
         out = swiglu(
-            x32_TD[token_idx], weights.w_gate_EDF[expert].float(),
-            weights.w_up_EDF[expert].float(), weights.w_down_EFD[expert].float(),
+            x32_TD[token_idx],
+            weights.w_gate_EDF[expert].float(),
+            weights.w_up_EDF[expert].float(),
+            weights.w_down_EFD[expert].float(),
         )
         y_TD.index_add_(0, token_idx, out * gate_TK[token_idx, slot_idx, None])
     if weights.w_shared_gate_DS is not None:
         y_TD += swiglu(
-            x32_TD, weights.w_shared_gate_DS.float(), weights.w_shared_up_DS.float(),
+            x32_TD,
+            weights.w_shared_gate_DS.float(),
+            weights.w_shared_up_DS.float(),
             weights.w_shared_down_SD.float(),
         )
     return y_TD

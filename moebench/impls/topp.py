@@ -127,13 +127,17 @@ def reference_experts(
         if token_idx.numel() == 0:
             continue
         out = swiglu(
-            x32_TD[token_idx], weights.w_gate_EDF[expert].float(),
-            weights.w_up_EDF[expert].float(), weights.w_down_EFD[expert].float(),
+            x32_TD[token_idx],
+            weights.w_gate_EDF[expert].float(),
+            weights.w_up_EDF[expert].float(),
+            weights.w_down_EFD[expert].float(),
         )
         y_TD.index_add_(0, token_idx, out * gate_TE[token_idx, expert, None])
     if weights.w_shared_gate_DS is not None:
         y_TD += swiglu(
-            x32_TD, weights.w_shared_gate_DS.float(), weights.w_shared_up_DS.float(),
+            x32_TD,
+            weights.w_shared_gate_DS.float(),
+            weights.w_shared_up_DS.float(),
             weights.w_shared_down_SD.float(),
         )
     return y_TD

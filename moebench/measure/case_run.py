@@ -185,9 +185,12 @@ def measure_case(
     work_flops = counters.flops(case, params)
     work_bytes = counters.min_bytes(case, params, dtype)
     row.update(
-        total_params=params.total, active_params=params.active,
-        touched_params=params.touched, router_params=params.router,
-        flops=work_flops, min_bytes=work_bytes,
+        total_params=params.total,
+        active_params=params.active,
+        touched_params=params.touched,
+        router_params=params.router,
+        flops=work_flops,
+        min_bytes=work_bytes,
         achieved_tflops=work_flops / latency_s / 1e12,
         achieved_gbps=work_bytes / latency_s / 1e9,
     )

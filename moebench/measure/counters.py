@@ -30,8 +30,10 @@ class ParamCounts:
     def __add__(self, other: ParamCounts) -> ParamCounts:
         """Counts of two layers together (a stack)."""
         return ParamCounts(
-            self.total + other.total, self.active + other.active,
-            self.touched + other.touched, self.router + other.router,
+            self.total + other.total,
+            self.active + other.active,
+            self.touched + other.touched,
+            self.router + other.router,
         )
 
 
