@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from moebench.case import Case
+from moebench.designs import reference_experts, reference_stack
 from moebench.impls.grouped import GroupedMoE
-from moebench.impls.topp import reference_experts, reference_stack
 from moebench.registry import register
 from moebench.weights import ExpertWeights
 

@@ -35,15 +35,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from moebench.case import Case
-from moebench.impls.grouped import GroupedMoE
-from moebench.impls.topp import (
-    AssignmentMixin,
+from moebench.designs import (
     assignment_stats,
     mean_std,
     reference_experts,
     reference_stack,
     router_probs,
 )
+from moebench.impls.grouped import GroupedMoE
 from moebench.layer import LayerStats
 from moebench.registry import register
 from moebench.weights import ExpertWeights
@@ -94,7 +93,7 @@ class SparseRule:
         return (probs_TE > self.threshold).scatter(1, best_T1, True)
 
 
-class DSMoELayer(AssignmentMixin, GroupedMoE):
+class DSMoELayer(GroupedMoE):
     """Dense all-experts computation in training, sparse experts at inference."""
 
     def __init__(self, weights: ExpertWeights, case: Case):

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moebench.case import Case
-from moebench.layer import MoELayer, expert_parameters
+from moebench.layer import MoELayer, expert_parameters, swiglu
 from moebench.registry import register
 from moebench.weights import ExpertWeights
 
@@ -60,6 +60,39 @@ class GroupedMoE(MoELayer):
             h_NF = F.silu(x_ND @ self.w_gate_EDF[expert]) * (x_ND @ self.w_up_EDF[expert])
             outputs.append(h_NF @ self.w_down_EFD[expert])
         return torch.cat(outputs)
+
+    def routed_assignments(
+        self,
+        x_TD: torch.Tensor,
+        token_A: torch.Tensor,
+        expert_A: torch.Tensor,
+        weight_A: torch.Tensor,
+    ) -> torch.Tensor:
+        """sum over assignments a of weight_A[a] * expert_A[a](x_TD[token_A[a]]), as T x D
+        in x's dtype: assignments sorted by expert, one grouped GEMM per weight matrix."""
+        if token_A.numel() == 0:
+            return torch.zeros_like(x_TD)
+        order_A = torch.argsort(expert_A, stable=True)
+        token_A = token_A[order_A]
+        counts_E = torch.bincount(expert_A, minlength=self.num_experts)
+        out_AD = self._experts(x_TD[token_A], counts_E)
+        out_AD = out_AD * weight_A[order_A, None].to(x_TD.dtype)
+        return torch.zeros_like(x_TD).index_add(0, token_A, out_AD)
+
+    def add_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+        """y plus the shared experts' output (if the shape has shared experts)."""
+        if self.shared is None:
+            return y_TD
+        return y_TD + swiglu(x_TD, *self.shared)
+
+    def active_param_counts(self, experts_per_token: float) -> tuple[int, int]:
+        """(total, active per token) for a layer whose tokens use `experts_per_token`
+        routed experts on average; every non-expert parameter (router, shared experts,
+        a design's own small parameters) counts as active."""
+        total = sum(p.numel() for p in self.parameters())
+        expert = self.w_gate_EDF[0].numel() * 3
+        other = total - self.num_experts * expert
+        return total, round(experts_per_token * expert + other)
 
     def routed(
         self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from moebench.case import Case
+from moebench.designs import mean_std, reference_stack
 from moebench.impls.grouped import GroupedMoE
-from moebench.impls.topp import AssignmentMixin, mean_std, reference_stack
 from moebench.layer import LayerStats, swiglu
 from moebench.registry import register
 from moebench.routing import switch_aux_loss
@@ -145,7 +145,7 @@ class MoEPPRouter(nn.Module):
         return (*route_all(scores_TN, self.bias_N, self.top_k), scores_TN)
 
 
-class MoEPPLayer(AssignmentMixin, GroupedMoE):
+class MoEPPLayer(GroupedMoE):
     """FFN experts on grouped GEMMs plus zero, copy and constant experts."""
 
     def __init__(self, weights: ExpertWeights, case: Case):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from moebench.case import Case
+from moebench.designs import reference_experts
 from moebench.layer import MoELayer, expert_parameters, swiglu
 from moebench.registry import register
 from moebench.weights import ExpertWeights
@@ -66,26 +67,10 @@ def reference_output(
     gate_TK = gate_TK.to(x_TD.dtype).float()
     if keep_TK is not None:
         gate_TK = gate_TK * keep_TK
-    y_TD = torch.zeros_like(x32_TD)
-    for expert in range(shape.num_experts):
-        token_idx, slot_idx = torch.where(expert_ids_TK == expert)
-        if token_idx.numel() == 0:
-            continue
-        out = swiglu(
-            x32_TD[token_idx],
-            weights.w_gate_EDF[expert].float(),
-            weights.w_up_EDF[expert].float(),
-            weights.w_down_EFD[expert].float(),
-        )
-        y_TD.index_add_(0, token_idx, out * gate_TK[token_idx, slot_idx, None])
-    if weights.w_shared_gate_DS is not None:
-        y_TD += swiglu(
-            x32_TD,
-            weights.w_shared_gate_DS.float(),
-            weights.w_shared_up_DS.float(),
-            weights.w_shared_down_SD.float(),
-        )
-    return y_TD
+    # Top-k ids are distinct per token, so the T x E scatter loses nothing.
+    gate_TE = torch.zeros_like(probs_TE).scatter_(1, expert_ids_TK, gate_TK)
+    chosen_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(1, expert_ids_TK, True)
+    return reference_experts(weights, x32_TD, gate_TE, chosen_TE)
 
 
 @torch.no_grad()

@@ -1,0 +1,96 @@
+"""Pieces the design variants share (`topp`, `moepp`, `dsmoe`, `deepseek`, `merging`):
+the base router's full distribution, load statistics of a forward given as flat
+(token, expert) assignments, and plain float32 references over experts and over stacks.
+
+Shape legend: T tokens, D hidden, E routed experts, A (token, expert) assignments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from moebench.layer import LayerStats, swiglu
+from moebench.routing import Router, switch_aux_loss
+from moebench.weights import ExpertWeights
+
+
+def router_probs(router: Router, x_TD: torch.Tensor) -> torch.Tensor:
+    """The base router's full softmax distribution (float32, T x E), no top-k."""
+    return torch.softmax(x_TD.float() @ router.w_router_DE + router.bias_E, dim=-1)
+
+
+def assignment_stats(
+    expert_A: torch.Tensor, probs_TE: torch.Tensor, num_experts: int
+) -> LayerStats:
+    """Load of a forward given as flat assignments (none dropped); aux loss as the Switch
+    loss with f_e the fraction of assignments sent to expert e."""
+    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    aux = (
+        float(switch_aux_loss(probs_TE, expert_A.view(-1, 1), num_experts))
+        if expert_A.numel()
+        else float("nan")
+    )
+    return LayerStats(
+        tokens_per_expert=[int(n) for n in counts_E.tolist()],
+        dropped_slots=0,
+        total_slots=expert_A.numel(),
+        aux_loss=aux,
+    )
+
+
+def mean_std(values_T: torch.Tensor) -> tuple[float, float]:
+    """Mean and population standard deviation of a per-token quantity, as floats."""
+    values_T = values_T.double()
+    return float(values_T.mean()), float(values_T.std(correction=0))
+
+
+@torch.no_grad()
+def reference_experts(
+    weights: ExpertWeights, x32_TD: torch.Tensor, gate_TE: torch.Tensor, mask_TE: torch.Tensor
+) -> torch.Tensor:
+    """Plain loop, float32: for each expert, its chosen tokens (mask_TE) through it,
+    weighted by gate_TE and scatter-added; then the shared experts."""
+    y_TD = torch.zeros_like(x32_TD)
+    for expert in range(weights.shape.num_experts):
+        token_idx = torch.where(mask_TE[:, expert])[0]
+        if token_idx.numel() == 0:
+            continue
+        out = swiglu(
+            x32_TD[token_idx],
+            weights.w_gate_EDF[expert].float(),
+            weights.w_up_EDF[expert].float(),
+            weights.w_down_EFD[expert].float(),
+        )
+        y_TD.index_add_(0, token_idx, out * gate_TE[token_idx, expert, None])
+    if weights.w_shared_gate_DS is not None:
+        y_TD += swiglu(
+            x32_TD,
+            weights.w_shared_gate_DS.float(),
+            weights.w_shared_up_DS.float(),
+            weights.w_shared_down_SD.float(),
+        )
+    return y_TD
+
+
+ReferenceLayer = Callable[[ExpertWeights, torch.Tensor, Any], tuple[torch.Tensor, Any]]
+
+
+@torch.no_grad()
+def reference_stack(
+    weights_list: list[ExpertWeights], x_TD: torch.Tensor, layer: ReferenceLayer
+) -> torch.Tensor:
+    """A design reference over a stack, float32: `layer(weights, x32_TD, carry) ->
+    (y32_TD, carry)` (carry None for the first layer). One layer: its output; several:
+    x <- x + layer(x) with each layer's input rounded to x's dtype, as the layers under
+    test see it (like `reference_stack_output`)."""
+    x32_TD = x_TD.float()
+    carry: Any = None
+    for weights in weights_list:
+        y32_TD, carry = layer(weights, x32_TD.to(x_TD.dtype).float(), carry)
+        if len(weights_list) == 1:
+            return y32_TD
+        x32_TD = x32_TD + y32_TD
+    return x32_TD
