@@ -104,20 +104,6 @@ class InProcessExecutor:
         self.cache = WeightCache()
 
 
-def _worker_main(conn: Any, plan: TimingPlan, plugins: tuple[str, ...]) -> None:
-    executor = InProcessExecutor(plan, plugins)
-    registry.load_all()
-    conn.send(("ready", None))
-    while True:
-        message = conn.recv()
-        if message[0] == "stop":
-            return
-        if message[0] == "ceilings":
-            conn.send(("ceilings", executor.measure_ceilings(*message[1])))
-        elif message[0] == "case":
-            conn.send(("row", executor.run(message[1], message[2])))
-
-
 class IsolatedExecutor:
     """Measures cases in a spawned worker process; timeouts and crashes become rows."""
 

@@ -328,18 +328,7 @@ def measure_on_rank(
     row["tokens_per_s"] = case.tokens / latency_s
 
     params = counters.param_counts(case, layer, stats)
-    work_flops = counters.flops(case, params)
-    work_bytes = counters.min_bytes(case, params, dtype)
-    row.update(
-        total_params=params.total,
-        active_params=params.active,
-        touched_params=params.touched,
-        router_params=params.router,
-        flops=work_flops,
-        min_bytes=work_bytes,
-        achieved_tflops=work_flops / latency_s / 1e12,
-        achieved_gbps=work_bytes / latency_s / 1e9,
-    )
+    row.update(counters.work_columns(case, params, dtype, latency_s))
 
     traffic_rows = [t.tolist() for t in gathered]
     row_bytes = case.shape.hidden * element

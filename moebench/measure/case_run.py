@@ -182,24 +182,7 @@ def measure_case(
         (counters.param_counts(case, m, st) for m, st in zip(modules, module_stats)),
         start=counters.ParamCounts(0, 0, 0, 0),
     )
-    work_flops = counters.flops(case, params)
-    work_bytes = counters.min_bytes(case, params, dtype)
-    row.update(
-        total_params=params.total,
-        active_params=params.active,
-        touched_params=params.touched,
-        router_params=params.router,
-        flops=work_flops,
-        min_bytes=work_bytes,
-        achieved_tflops=work_flops / latency_s / 1e12,
-        achieved_gbps=work_bytes / latency_s / 1e9,
-    )
-    if ceilings and f"matmul_tflops_{case.dtype}" in ceilings:
-        floor_s = max(
-            work_flops / (ceilings[f"matmul_tflops_{case.dtype}"] * 1e12),
-            work_bytes / (ceilings["copy_gbps"] * 1e9),
-        )
-        row["roofline_frac"] = floor_s / latency_s
+    row.update(counters.work_columns(case, params, dtype, latency_s, ceilings))
     if case.world_size == 1:
         row.update(comm_ms=0.0, dispatch_ms=0.0, combine_ms=0.0, comm_bytes=0)
     # Design-specific columns, from the last timed call (steady state: a warm cache, say).

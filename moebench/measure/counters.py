@@ -72,3 +72,34 @@ def min_bytes(case: Case, params: ParamCounts, dtype: torch.dtype) -> int:
     if case.workload.mode == "train":
         return 2 * weights + 2 * activations
     return weights + activations
+
+
+def work_columns(
+    case: Case,
+    params: ParamCounts,
+    dtype: torch.dtype,
+    latency_s: float,
+    ceilings: dict[str, float] | None = None,
+) -> dict[str, float | int]:
+    """The parameter, work and roofline columns of a row measured at `latency_s` a call.
+    roofline_frac needs the run's measured ceilings (copy_gbps, matmul_tflops_<dtype>)."""
+    work_flops = flops(case, params)
+    work_bytes = min_bytes(case, params, dtype)
+    columns: dict[str, float | int] = {
+        "total_params": params.total,
+        "active_params": params.active,
+        "touched_params": params.touched,
+        "router_params": params.router,
+        "flops": work_flops,
+        "min_bytes": work_bytes,
+        "achieved_tflops": work_flops / latency_s / 1e12,
+        "achieved_gbps": work_bytes / latency_s / 1e9,
+    }
+    matmul_key = f"matmul_tflops_{case.dtype}"
+    if ceilings and matmul_key in ceilings and "copy_gbps" in ceilings:
+        floor_s = max(
+            work_flops / (ceilings[matmul_key] * 1e12),
+            work_bytes / (ceilings["copy_gbps"] * 1e9),
+        )
+        columns["roofline_frac"] = floor_s / latency_s
+    return columns
