@@ -350,7 +350,8 @@ def _add_optional_command(sub: Any, module_name: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `moebench` console script."""
-    console = Console(stderr=False)
+    # Logs and CI jobs are no terminal: give their tables room instead of rich's 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 160)
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args, console))
