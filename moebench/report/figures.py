@@ -267,6 +267,28 @@ def overview(data: ReportData) -> Section:
     return Section(key, title, description, figures=[(f"fig-{key}", figure)])
 
 
+def _against_tokens(
+    data: ReportData,
+    rows: pd.DataFrame,
+    column: str,
+    unit: str,
+    number_format: str,
+    y_title: str,
+    title: str,
+) -> go.Figure:
+    """`column` against tokens per call, log-log, a line per implementation, a panel per
+    layer shape."""
+    panels = [
+        Panel(
+            facet,
+            _line_traces(data, part, "tokens", column, "tokens", unit, number_format),
+            x_ticks=_ticks(part["tokens"]),
+        )
+        for facet, part in _facets(rows)
+    ]
+    return faceted(panels, Axes("tokens per call", y_title, x_log=True, y_log=True), title=title)
+
+
 def throughput(data: ReportData) -> Section:
     """Tokens per second against tokens per call, log-log, one panel per layer shape."""
     key, title = "throughput", "Throughput"
@@ -277,18 +299,14 @@ def throughput(data: ReportData) -> Section:
     rows = _positive(data.ok, "tokens_per_s", "tokens")
     if rows.empty:
         return _omitted(key, title, description, _no_ok_reason(data, "throughput"))
-    panels = [
-        Panel(
-            facet,
-            _line_traces(data, part, "tokens", "tokens_per_s", "tokens", "tokens/s", ".3s"),
-            x_ticks=_ticks(part["tokens"]),
-        )
-        for facet, part in _facets(rows)
-    ]
-    figure = faceted(
-        panels,
-        Axes("tokens per call", "throughput (tokens/s)", x_log=True, y_log=True),
-        title="Throughput (tokens/s) vs tokens per call",
+    figure = _against_tokens(
+        data,
+        rows,
+        "tokens_per_s",
+        "tokens/s",
+        ".3s",
+        "throughput (tokens/s)",
+        "Throughput (tokens/s) vs tokens per call",
     )
     return Section(key, title, description, figures=[(f"fig-{key}", figure)])
 
@@ -894,18 +912,14 @@ def energy(data: ReportData) -> Section:
             description,
             "no energy readings (the device cannot say: CPU, or no NVML energy counter)",
         )
-    panels = [
-        Panel(
-            facet,
-            _line_traces(data, part, "tokens", "j_per_token", "tokens", "J/token", ".3g"),
-            x_ticks=_ticks(part["tokens"]),
-        )
-        for facet, part in _facets(rows)
-    ]
-    figure = faceted(
-        panels,
-        Axes("tokens per call", "energy per token (J)", x_log=True, y_log=True),
-        title="Energy per token (J) vs tokens per call",
+    figure = _against_tokens(
+        data,
+        rows,
+        "j_per_token",
+        "J/token",
+        ".3g",
+        "energy per token (J)",
+        "Energy per token (J) vs tokens per call",
     )
     return Section(key, title, description, figures=[(f"fig-{key}", figure)])
 
