@@ -65,8 +65,15 @@ class ExpertWeights:
 
 
 def weights_key(case: Case) -> tuple:
-    """Cases with equal keys share one weight set."""
-    return (case.shape, case.seed, case.routing, case.dtype, case.device, case.weights)
+    """Cases with equal keys share one weight set. The tensors depend on the widths, the
+    expert counts, seed, routing, dtype, device and source; not on top_k or the capacity
+    factor, which only the layer reads (through `ExpertWeights.shape`), so a sweep over
+    those draws the weights once."""
+    s = case.shape
+    return (
+        s.hidden, s.ffn, s.num_experts, s.shared_experts, s.activation,
+        case.seed, case.routing, case.dtype, case.device, case.weights,
+    )  # fmt: skip
 
 
 # Seeds of successive layers of a stack are this far apart.

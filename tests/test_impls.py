@@ -183,3 +183,19 @@ def test_stack_combines_design_metrics():
 
     combined = Stack([Fake(0.5, 10), Fake(1.0, 30)]).extra_metrics()
     assert combined == {"x_hit_rate": 0.75, "x_h2d_bytes": 40, "x_per_expert": [2, 4]}
+
+
+def test_weights_are_drawn_once_for_a_top_k_and_capacity_sweep(monkeypatch):
+    from moebench.measure import case_run
+
+    drawn = []
+    real = case_run.make_weights
+    monkeypatch.setattr(case_run, "make_weights", lambda c, i=0: drawn.append(c) or real(c, i))
+    cache = case_run.WeightCache()
+    first = cache.get(tiny_case("grouped", top_k=1))
+    second = cache.get(tiny_case("capacity", top_k=2, capacity_factor=0.5))
+    assert len(drawn) == 1
+    assert second[0].w_gate_EDF is first[0].w_gate_EDF
+    assert (first[0].shape.top_k, second[0].shape.top_k) == (1, 2)
+    cache.get(tiny_case("grouped", num_experts=8))
+    assert len(drawn) == 2

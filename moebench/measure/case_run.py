@@ -7,6 +7,7 @@ float32 reference is a `mismatch` row and is never timed.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ class WeightCache:
 
     key: tuple | None = None
     weights: list[ExpertWeights] = field(default_factory=list)
-    golden: dict[int, torch.Tensor] = field(default_factory=dict)
+    golden: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def get(self, case: Case) -> list[ExpertWeights]:
         key = (*weights_key(case), case.workload.layers)
@@ -50,18 +51,26 @@ class WeightCache:
                 torch.cuda.empty_cache()
             self.weights = [make_weights(case, i) for i in range(case.workload.layers)]
             self.key = key
-        return self.weights
+        if self.weights[0].shape == case.shape:
+            return self.weights
+        # Same tensors, another top_k or capacity factor: a shallow copy (keeping any
+        # attributes a weight source attached) that carries this case's shape.
+        views = [copy.copy(w) for w in self.weights]
+        for view in views:
+            view.shape = case.shape
+        return views
 
     def reference(self, case: Case, x_TD: torch.Tensor) -> torch.Tensor:
-        if case.tokens not in self.golden:
+        key = (case.shape, case.tokens)
+        if key not in self.golden:
             weights = self.get(case)
             golden = (
                 reference_output(weights[0], x_TD)
                 if len(weights) == 1
                 else reference_stack_output(weights, x_TD)
             )
-            self.golden = {case.tokens: golden}
-        return self.golden[case.tokens]
+            self.golden = {key: golden}
+        return self.golden[key]
 
 
 def build_layer(case: Case, weights: list[ExpertWeights]) -> torch.nn.Module:
