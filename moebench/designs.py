@@ -58,21 +58,31 @@ def reference_experts(
         token_idx = torch.where(mask_TE[:, expert])[0]
         if token_idx.numel() == 0:
             continue
-        out = swiglu(
-            x32_TD[token_idx],
-            weights.w_gate_EDF[expert].float(),
-            weights.w_up_EDF[expert].float(),
-            weights.w_down_EFD[expert].float(),
-        )
+        out = expert_output32(weights, expert, x32_TD[token_idx])
         y_TD.index_add_(0, token_idx, out * gate_TE[token_idx, expert, None])
-    if weights.w_shared_gate_DS is not None:
-        y_TD += swiglu(
-            x32_TD,
-            weights.w_shared_gate_DS.float(),
-            weights.w_shared_up_DS.float(),
-            weights.w_shared_down_SD.float(),
-        )
-    return y_TD
+    return add_shared32(weights, x32_TD, y_TD)
+
+
+def expert_output32(weights: ExpertWeights, expert: int, x32_ND: torch.Tensor) -> torch.Tensor:
+    """Routed expert `expert` of `weights` on float32 tokens, in float32."""
+    return swiglu(
+        x32_ND,
+        weights.w_gate_EDF[expert].float(),
+        weights.w_up_EDF[expert].float(),
+        weights.w_down_EFD[expert].float(),
+    )
+
+
+def add_shared32(weights: ExpertWeights, x32_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+    """y plus the shared experts' float32 output (y unchanged without shared experts)."""
+    if weights.w_shared_gate_DS is None:
+        return y_TD
+    return y_TD + swiglu(
+        x32_TD,
+        weights.w_shared_gate_DS.float(),
+        weights.w_shared_up_DS.float(),
+        weights.w_shared_down_SD.float(),
+    )
 
 
 ReferenceLayer = Callable[[ExpertWeights, torch.Tensor, Any], tuple[torch.Tensor, Any]]

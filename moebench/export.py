@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from bisect import bisect_left, bisect_right
@@ -36,7 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from moebench.case import ALL_FIELDS
-from moebench.compare.pairing import shape_words
+from moebench.compare.pairing import plain_value, shape_words
 from moebench.store import StoreError, read_metadata, read_run
 
 COMMAND = "export"
@@ -115,17 +114,6 @@ def benchmark_stats(samples_s: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def _plain(value: Any) -> Any:
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        try:
-            value = value.item()
-        except (ValueError, AttributeError):
-            return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _samples_s(row: Mapping[str, Any]) -> list[float]:
     samples = row.get("samples_ms")
     if samples is None or isinstance(samples, float):
@@ -183,7 +171,7 @@ def to_pytest_benchmark(frame: pd.DataFrame, meta: Mapping[str, Any]) -> tuple[d
             continue
         case = _case_text(row)
         name = f"{row.get('impl')}[{case}]"
-        params = {k: _plain(row.get(k)) for k in CASE_PARAMS if k in row}
+        params = {k: plain_value(row.get(k)) for k in CASE_PARAMS if k in row}
         benchmarks.append(
             {
                 "group": case,
@@ -191,7 +179,7 @@ def to_pytest_benchmark(frame: pd.DataFrame, meta: Mapping[str, Any]) -> tuple[d
                 "fullname": f"{suite}::{name}",
                 "params": params,
                 "param": case,
-                "extra_info": {k: _plain(row.get(k)) for k in EXTRA_INFO if k in row},
+                "extra_info": {k: plain_value(row.get(k)) for k in EXTRA_INFO if k in row},
                 "options": {
                     "disable_gc": False,
                     "timer": "cuda_event"
@@ -234,7 +222,7 @@ def to_csv(frame: pd.DataFrame) -> str:
 def _json_cell(value: Any) -> Any:
     if value is None or isinstance(value, (str, float)):
         return value
-    return json.dumps([_plain(v) for v in value])
+    return json.dumps([plain_value(v) for v in value])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

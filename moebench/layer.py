@@ -52,6 +52,15 @@ class LayerStats:
     def experts_used(self) -> int:
         return sum(1 for n in self.tokens_per_expert if n > 0)
 
+    def columns(self) -> dict[str, Any]:
+        """The balance columns of a results row."""
+        return {
+            "tokens_per_expert": self.tokens_per_expert,
+            "imbalance": self.imbalance,
+            "dropped_frac": self.dropped_frac,
+            "aux_loss": self.aux_loss,
+        }
+
 
 class MoELayer(nn.Module):
     """Router, routed experts (the subclass's job) and shared experts."""
@@ -84,16 +93,21 @@ class MoELayer(nn.Module):
             y_TD = y_TD + swiglu(x_TD, *self.shared)
         return y_TD
 
+    def kept_assignments(self) -> tuple[torch.Tensor, int]:
+        """Expert ids of the last forward's (token, slot) assignments that were computed,
+        and how many were dropped (capacity limits). Syncs the device."""
+        assert self._last is not None
+        expert_ids_TK = self._last[0]
+        if self._last_dropped_TK is None:
+            return expert_ids_TK, 0
+        return expert_ids_TK[~self._last_dropped_TK], int(self._last_dropped_TK.sum())
+
     def stats(self) -> LayerStats | None:
         """Load of the last forward (syncs the device; call outside timed regions)."""
         if self._last is None:
             return None
         expert_ids_TK, probs_TE = self._last
-        kept_ids = expert_ids_TK
-        dropped = 0
-        if self._last_dropped_TK is not None:
-            kept_ids = expert_ids_TK[~self._last_dropped_TK]
-            dropped = int(self._last_dropped_TK.sum())
+        kept_ids, dropped = self.kept_assignments()
         counts = torch.bincount(kept_ids.flatten(), minlength=self.num_experts)
         return LayerStats(
             tokens_per_expert=[int(n) for n in counts.tolist()],

@@ -24,6 +24,7 @@ def tiny_case(impl: str = "grouped", **changes) -> Case:
         batch=changes.pop("batch", 2),
         seq_len=changes.pop("seq_len", 8),
         mode=changes.pop("mode", "forward"),
+        layers=changes.pop("layers", 1),
     )
     return Case(shape=shape, workload=workload, impl=impl, **changes)
 

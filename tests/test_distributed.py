@@ -33,7 +33,7 @@ from moebench.routing import Router, routing_bias
 from moebench.runner import run_cases
 from moebench.store import read_run
 from moebench.weights import make_inputs, make_weights
-from tests.conftest import FAST_PLAN
+from tests.conftest import FAST_PLAN, tiny_case
 
 REPO = Path(__file__).resolve().parents[1]
 EP_PLUGIN = "moebench.impls.expert_parallel"  # until it is among registry.BUILTIN_MODULES
@@ -83,20 +83,8 @@ for fault in ("raises", "hangs", "dies", "wrong"):
 
 def ep_case(impl: str = "ep-dropless", **changes) -> Case:
     """A tiny expert-parallel case on the CPU."""
-    shape = LayerShape(
-        hidden=changes.pop("hidden", 32),
-        ffn=changes.pop("ffn", 48),
-        num_experts=changes.pop("num_experts", 8),
-        top_k=changes.pop("top_k", 2),
-        shared_experts=changes.pop("shared_experts", 0),
-        capacity_factor=changes.pop("capacity_factor", 1.0),
-    )
-    workload = Workload(
-        batch=changes.pop("batch", 2),
-        seq_len=changes.pop("seq_len", 16),
-        layers=changes.pop("layers", 1),
-    )
-    return Case(shape=shape, workload=workload, impl=impl, **changes)
+    defaults = {"num_experts": 8, "capacity_factor": 1.0, "seq_len": 16}
+    return tiny_case(impl, **{**defaults, **changes})
 
 
 @pytest.fixture(scope="module")

@@ -231,14 +231,14 @@ def number(value: Any) -> float | None:
     return None if math.isnan(out) else out
 
 
-def _plain(value: Any) -> Any:
-    """A JSON-friendly scalar (numpy numbers and NaN made plain)."""
+def plain_value(value: Any) -> Any:
+    """A JSON-friendly scalar: numpy numbers made plain, NaN and infinities None."""
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         try:
             value = value.item()
         except (ValueError, AttributeError):
             return str(value)
-    if isinstance(value, float) and math.isnan(value):
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
@@ -246,7 +246,7 @@ def _plain(value: Any) -> Any:
 def case_fields(row: Mapping[str, Any]) -> dict[str, Any]:
     """The case fields of a row (those present), JSON-friendly."""
     names = (*ALL_FIELDS, "tokens")
-    return {name: _plain(row.get(name)) for name in names if name in row}
+    return {name: plain_value(row.get(name)) for name in names if name in row}
 
 
 def impl_key(row: Mapping[str, Any]) -> str:
@@ -261,13 +261,13 @@ def shape_words(row: Mapping[str, Any]) -> list[str]:
     """The words of Case.label() minus the implementation, from a results row, plus the
     fields a label leaves out when they are not at their default (seed, world size,
     weight source, options): ['D64F128', 'E4k2', 'T16', 'forward', 'float32', 'uniform']."""
-    f = {k: _plain(row.get(k)) for k in (*LABEL_FIELDS, "routing", "seed", "world_size")}
+    f = {k: plain_value(row.get(k)) for k in (*LABEL_FIELDS, "routing", "seed", "world_size")}
     words = [
         str(f["preset"] or f"D{f['hidden']}F{f['ffn']}"),
         f"E{f['num_experts']}k{f['top_k']}",
         f"T{f['tokens']}",
     ]
-    layers = _plain(row.get("layers"))
+    layers = plain_value(row.get("layers"))
     if layers not in (None, 1):
         words.append(f"L{layers}")
     words += [str(f["mode"]), str(f["dtype"]), str(f["routing"])]
@@ -275,7 +275,7 @@ def shape_words(row: Mapping[str, Any]) -> list[str]:
         words.append(f"ws{f['world_size']}")
     if f["seed"] not in (None, 0):
         words.append(f"seed{f['seed']}")
-    source = _plain(row.get("weights"))
+    source = plain_value(row.get("weights"))
     if source not in (None, "", "random"):
         words.append(str(source))
     options = row.get("options")

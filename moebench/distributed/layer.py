@@ -214,11 +214,7 @@ class ExpertParallelMoE(MoELayer):
         if self._last is None:
             return None
         expert_ids_TK, probs_TE = self._last
-        kept_ids = expert_ids_TK
-        dropped = 0
-        if self._last_dropped_TK is not None:
-            kept_ids = expert_ids_TK[~self._last_dropped_TK]
-            dropped = int(self._last_dropped_TK.sum())
+        kept_ids, dropped = self.kept_assignments()
         E = self.num_experts
         summed = torch.cat(
             [

@@ -60,8 +60,8 @@ from moebench.measure.case_run import (
     relative_error,
 )
 from moebench.measure.memory import peak_during, weight_bytes
-from moebench.measure.stats import is_stable, summarize
-from moebench.measure.timing import L2_FLUSH_BYTES, TimingPlan
+from moebench.measure.stats import summarize
+from moebench.measure.timing import L2_FLUSH_BYTES, TimingPlan, repeat_in_batches
 from moebench.weights import ExpertWeights, make_inputs, make_weights, torch_dtype
 
 BREAKDOWN_REPEATS = 20
@@ -106,23 +106,15 @@ def time_steps(
     for i in range(plan.warmup):
         step(i)
     align = Aligner(device, group, plan.flush_l2)
-    samples: list[float] = []
     started = time.perf_counter()
-    batch = max(1, plan.min_repeats)
-    while True:
-        batch = min(batch, plan.max_repeats - len(samples))
-        local = _timed_batch(step, len(samples), batch, device, align)
+
+    def agreed_batch(start: int, n: int) -> tuple[list[float], float]:
+        local = _timed_batch(step, start, n, device, align)
         spent_ms = (time.perf_counter() - started) * 1e3
         *agreed, spent_ms = _max_over_ranks([*local, spent_ms], device, group)
-        samples.extend(agreed)
-        if len(samples) >= plan.max_repeats:
-            break
-        if len(samples) >= plan.min_repeats and (spent_ms >= plan.budget_ms or is_stable(samples)):
-            break
-        per_call_ms = spent_ms / len(samples)
-        left = max(1, int((plan.budget_ms - spent_ms) / max(per_call_ms, 1e-6)))
-        batch = max(1, min(len(samples), left))
-    return samples
+        return agreed, spent_ms
+
+    return repeat_in_batches(agreed_batch, plan)
 
 
 def _timed_batch(
@@ -271,12 +263,7 @@ def measure_on_rank(
         )
         return row if rank == 0 else None
     if stats is not None:
-        row.update(
-            tokens_per_expert=stats.tokens_per_expert,
-            imbalance=stats.imbalance,
-            dropped_frac=stats.dropped_frac,
-            aux_loss=stats.aux_loss,
-        )
+        row.update(stats.columns())
 
     # 2. Peak memory of one step, 3. latency, 4. the phase breakdown.
     def step(i: int) -> object:

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from moebench.case import Case
+from moebench.designs import add_shared32
 from moebench.impls.grouped import GroupedMoE
 from moebench.impls.reference import reference_output
 from moebench.layer import LayerStats, swiglu
@@ -274,14 +275,7 @@ def merged_output(weights: ExpertWeights, plan: MergePlan, x_TD: torch.Tensor) -
             plan.w_down_GFD[g].float(),
         )
         y_TD.index_add_(0, tokens, out_ND * gate_T[tokens, None])
-    if weights.w_shared_gate_DS is not None:
-        y_TD += swiglu(
-            x32_TD,
-            weights.w_shared_gate_DS.float(),
-            weights.w_shared_up_DS.float(),
-            weights.w_shared_down_SD.float(),
-        )
-    return y_TD
+    return add_shared32(weights, x32_TD, y_TD)
 
 
 def merged_reference(

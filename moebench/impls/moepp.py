@@ -41,9 +41,9 @@ import torch
 from torch import nn
 
 from moebench.case import Case
-from moebench.designs import mean_std, reference_stack
+from moebench.designs import add_shared32, expert_output32, mean_std, reference_stack
 from moebench.impls.grouped import GroupedMoE
-from moebench.layer import LayerStats, swiglu
+from moebench.layer import LayerStats
 from moebench.registry import register
 from moebench.routing import switch_aux_loss
 from moebench.weights import WEIGHT_STD, ExpertWeights
@@ -282,12 +282,7 @@ def moepp_reference(
                 continue  # unused, or a zero expert
             x_ND = x32_TD[token_idx]
             if expert < c.ffn:
-                out_ND = swiglu(
-                    x_ND,
-                    weights.w_gate_EDF[expert].float(),
-                    weights.w_up_EDF[expert].float(),
-                    weights.w_down_EFD[expert].float(),
-                )
+                out_ND = expert_output32(weights, expert, x_ND)
             elif expert < c.const_start:
                 out_ND = x_ND
             else:
@@ -295,13 +290,7 @@ def moepp_reference(
                 a_N2 = torch.softmax(x_ND @ params.const_gate_QD2[j], dim=-1)
                 out_ND = a_N2[:, :1] * x_ND + a_N2[:, 1:] * params.const_value_QD[j]
             y_TD.index_add_(0, token_idx, out_ND * gate_TK[token_idx, slot_idx, None])
-        if weights.w_shared_gate_DS is not None:
-            y_TD += swiglu(
-                x32_TD,
-                weights.w_shared_gate_DS.float(),
-                weights.w_shared_up_DS.float(),
-                weights.w_shared_down_SD.float(),
-            )
+        y_TD = add_shared32(weights, x32_TD, y_TD)
         return y_TD, scores_TN
 
     return reference_stack(weights_list, x_TD, layer)

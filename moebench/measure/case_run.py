@@ -155,12 +155,7 @@ def measure_case(
             row["error"] = f"relative error {error:.3g} > tolerance {tolerance:g} ({case.dtype})"
             return row
     if stats is not None:
-        row.update(
-            tokens_per_expert=stats.tokens_per_expert,
-            imbalance=stats.imbalance,
-            dropped_frac=stats.dropped_frac,
-            aux_loss=stats.aux_loss,
-        )
+        row.update(stats.columns())
 
     # 2. Peak memory of one call, then 3. latency.
     step = _step_fn(case, layer, inputs)

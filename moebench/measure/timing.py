@@ -51,13 +51,26 @@ def time_repeats(
     else:
         run_batch = lambda start, n: _cpu_batch(fn, start, n)  # noqa: E731
 
-    samples: list[float] = []
     started = time.perf_counter()
+
+    def timed(start: int, n: int) -> tuple[list[float], float]:
+        return run_batch(start, n), (time.perf_counter() - started) * 1e3
+
+    return repeat_in_batches(timed, plan)
+
+
+def repeat_in_batches(
+    run_batch: Callable[[int, int], tuple[list[float], float]], plan: TimingPlan
+) -> list[float]:
+    """The adaptive-repeat loop: `run_batch(start, n)` times n calls and returns their
+    samples and the milliseconds spent so far; batches grow until the median is stable,
+    the budget is spent or max_repeats is reached."""
+    samples: list[float] = []
     batch = max(1, plan.min_repeats)
     while True:
         batch = min(batch, plan.max_repeats - len(samples))
-        samples.extend(run_batch(len(samples), batch))
-        spent_ms = (time.perf_counter() - started) * 1e3
+        new, spent_ms = run_batch(len(samples), batch)
+        samples.extend(new)
         if len(samples) >= plan.max_repeats:
             break
         if len(samples) >= plan.min_repeats and (spent_ms >= plan.budget_ms or is_stable(samples)):
