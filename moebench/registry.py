@@ -41,6 +41,7 @@ BUILTIN_MODULES = (
     "moebench.impls.moepp",
     "moebench.impls.dsmoe",
     "moebench.impls.topp",
+    "moebench.impls.hierarchical",
     "moebench.impls.expert_parallel",
 )
 

@@ -41,6 +41,9 @@ class ExpertWeights:
     w_shared_gate_DS: torch.Tensor | None = None
     w_shared_up_DS: torch.Tensor | None = None
     w_shared_down_SD: torch.Tensor | None = None
+    # Index of this set's layer in a stack: designs that draw parameters of their own
+    # (hierarchical's primary router) draw them per layer.
+    layer: int = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -87,7 +90,9 @@ def make_weights(case: Case, layer: int = 0) -> ExpertWeights:
     if case.weights != "random":
         from moebench.weight_sources import load_weights
 
-        return load_weights(case, layer)
+        loaded = load_weights(case, layer)
+        loaded.layer = layer
+        return loaded
     shape = case.shape
     device = torch.device(case.device)
     dtype = torch_dtype(case.dtype)
@@ -105,6 +110,7 @@ def make_weights(case: Case, layer: int = 0) -> ExpertWeights:
         w_gate_EDF=normal(E, D, F),
         w_up_EDF=normal(E, D, F),
         w_down_EFD=normal(E, F, D),
+        layer=layer,
     )
     if shape.shared_experts:
         S = shape.shared_experts * F
