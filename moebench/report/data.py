@@ -174,23 +174,51 @@ def _labelled(frame: pd.DataFrame, *, multi_run: bool) -> pd.DataFrame:
     frame = frame.assign(shape_label=shapes, facet_label=facets, case_label=cases)
     frame["err"] = frame["rel_err"].where(frame["rel_err"].notna(), frame["fidelity_err"])
     frame["impl"] = frame["impl"].astype(object).where(frame["impl"].notna(), "?")
+    short = short_series_names(frame["impl"].tolist(), frame["options"].tolist())
     frame["series"] = [
-        series_name(impl, options, run if multi_run else None)
-        for impl, options, run in zip(frame["impl"], frame["options"], frame["run_label"])
+        f"{name} · {run}" if multi_run else name for name, run in zip(short, frame["run_label"])
     ]
     return frame
 
 
-def series_name(impl: str, options: Any = None, run: str | None = None) -> str:
-    """The legend name of one line: the impl, its options when it has any, and the run."""
-    name = str(impl)
-    if options and options != "{}":
-        try:
-            pairs = json.loads(options)
-            name += " [" + " ".join(f"{k}={v}" for k, v in pairs.items()) + "]"
-        except (ValueError, AttributeError):
-            name += f" [{options}]"
-    return f"{name} · {run}" if run else name
+def options_text(options: Any) -> str:
+    """An options cell (JSON object text) as 'k=v k=v'; '' when there are none."""
+    if not options or options == "{}" or (isinstance(options, float) and math.isnan(options)):
+        return ""
+    try:
+        return " ".join(f"{k}={v}" for k, v in json.loads(options).items())
+    except (ValueError, AttributeError, TypeError):
+        return str(options)
+
+
+def short_series_names(impls: list[Any], options: list[Any]) -> list[str]:
+    """Legend names that stay short: the implementation's name when it ran with one set of
+    options (or none), `impl·1`, `impl·2`, ... when it ran with several. The options go
+    to hover text and to the note under each figure (`series_options`): a legend entry or
+    axis category that carries them squeezes the plot."""
+    texts = [options_text(o) for o in options]
+    variants: dict[str, list[str]] = {}
+    for impl, text in zip(impls, texts):
+        seen = variants.setdefault(str(impl), [])
+        if text not in seen:
+            seen.append(text)
+    names = []
+    for impl, text in zip(impls, texts):
+        seen = variants[str(impl)]
+        names.append(str(impl) if len(seen) == 1 else f"{impl}·{seen.index(text) + 1}")
+    return names
+
+
+def series_options(frame: pd.DataFrame) -> dict[str, str]:
+    """Short legend name (without the run) -> the options it stands for, for the series
+    that ran with options."""
+    short = short_series_names(frame["impl"].tolist(), frame["options"].tolist())
+    legend: dict[str, str] = {}
+    for name, options in zip(short, frame["options"]):
+        text = options_text(options)
+        if text:
+            legend.setdefault(name, text)
+    return legend
 
 
 def _facet_value(name: str, value: Any) -> str:
@@ -213,13 +241,9 @@ def case_label(row: dict[str, Any], run: str | None = None) -> str:
         str(row.get("dtype")),
         str(row.get("routing")),
     ]
-    options = row.get("options")
-    if options and options != "{}":
-        try:
-            pairs = json.loads(options)
-            parts.append(" ".join(f"{k}={v}" for k, v in pairs.items()))
-        except (ValueError, AttributeError):
-            parts.append(str(options))
+    options = options_text(row.get("options"))
+    if options:
+        parts.append(options)
     if row.get("world_size") not in (None, 1) and row.get("world_size") == row.get("world_size"):
         parts.append(f"{_int(row['world_size'])} GPUs")
     if run:

@@ -22,6 +22,7 @@ from moebench.report.data import (
     REGRESSION_RATIO,
     ReportData,
     run_comparison,
+    series_options,
     thin_samples,
 )
 from moebench.report.facets import Axes, Panel, faceted
@@ -92,7 +93,16 @@ def build_sections(data: ReportData) -> list[Section]:
         fidelity,
         run_speedups,
     ]
-    return [build(data) for build in builders]
+    sections = [build(data) for build in builders]
+    legend = series_options(data.frame)
+    if legend:
+        note = "Options behind the legend names: " + "; ".join(
+            f"{name} = {text}" for name, text in legend.items()
+        )
+        for section in sections:
+            if section.figures:
+                section.notes.append(note)
+    return sections
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -786,7 +796,7 @@ def balance(data: ReportData) -> Section:
             cols=2 if has_drops else 1,
             shared_yaxes=True,
             horizontal_spacing=0.02,
-            column_widths=[0.82, 0.18] if has_drops else None,
+            column_widths=[0.64, 0.36] if has_drops else None,
         )
         figure.add_trace(
             go.Heatmap(

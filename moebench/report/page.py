@@ -4,7 +4,8 @@ templates with named slots; every piece of text from the data is HTML-escaped.
 The page embeds a JSON manifest (`<script id="moebench-manifest">`: each figure with its
 trace and point counts, each section left out with the reason) and a small script that
 records script errors into `#moebench-errors` and, once loaded, writes
-`<div id="moebench-ready" data-plots=N>` (tests and headless browsers read both).
+`<div id="moebench-ready" data-plots=N>` (tests and headless browsers read both), with
+the plot areas drawn smaller than 300 x 200 px and the titles drawn over an axis label.
 """
 
 from __future__ import annotations
@@ -194,6 +195,34 @@ PAGE_JS = """
       });
     });
   });
+  // What a reader would see as broken: a plot area squeezed below 300 x 200 px, or a
+  // figure title drawn over an axis title or tick label. Recorded on #moebench-ready.
+  function overlap(a, b) {
+    return a.width > 0 && b.width > 0 && a.left < b.right && b.left < a.right &&
+      a.top < b.bottom && b.top < a.bottom;
+  }
+  function layoutProblems() {
+    var small = [], overlaps = [];
+    document.querySelectorAll('.js-plotly-plot').forEach(function (plot) {
+      plot.querySelectorAll('rect.nsewdrag').forEach(function (rect) {
+        var box = rect.getBoundingClientRect();
+        if (box.width < 300 || box.height < 200) {
+          small.push(plot.id + ' ' + Math.round(box.width) + 'x' + Math.round(box.height));
+        }
+      });
+      var labels = plot.querySelectorAll('.xtitle, .ytitle, .xtick text, .ytick text');
+      plot.querySelectorAll('.gtitle').forEach(function (title) {
+        var box = title.getBoundingClientRect();
+        labels.forEach(function (label) {
+          if (overlap(box, label.getBoundingClientRect())) {
+            overlaps.push(plot.id + ': "' + title.textContent + '" over "' +
+              label.textContent + '"');
+          }
+        });
+      });
+    });
+    return {small: small, overlaps: overlaps};
+  }
   window.addEventListener('load', function () {
     var marker = document.createElement('div');
     marker.id = 'moebench-ready';
@@ -201,6 +230,9 @@ PAGE_JS = """
     marker.setAttribute('data-plots', document.querySelectorAll('.js-plotly-plot').length);
     marker.setAttribute('data-svgs', document.querySelectorAll('svg.main-svg').length);
     marker.setAttribute('data-errors', window.moebenchErrors.length);
+    var layout = layoutProblems();
+    marker.setAttribute('data-small-plots', layout.small.join('; '));
+    marker.setAttribute('data-overlaps', layout.overlaps.join('; '));
     document.body.appendChild(marker);
   });
 })();
