@@ -172,7 +172,6 @@ def _labelled(frame: pd.DataFrame, *, multi_run: bool) -> pd.DataFrame:
         facets.append(" · ".join(parts))
         cases.append(case_label(row, run=row["run_label"] if multi_run else None))
     frame = frame.assign(shape_label=shapes, facet_label=facets, case_label=cases)
-    frame["err"] = frame["rel_err"].where(frame["rel_err"].notna(), frame["fidelity_err"])
     frame["impl"] = frame["impl"].astype(object).where(frame["impl"].notna(), "?")
     short = short_series_names(frame["impl"].tolist(), frame["options"].tolist())
     frame["series"] = [
@@ -366,13 +365,15 @@ class Standing:
     wins: int
     contests: int
     geomean_speedup: float | None
-    median_err: float | None
+    median_rel_err: float | None  # vs the reference (exact) or its own design's (variant)
+    median_fidelity_err: float | None  # variants: vs the base MoE layer
 
 
 def leaderboard(data: ReportData) -> list[Standing]:
     """Per implementation: cases ok, how often it was the fastest exact implementation on a
     case (same run, same case fields), the geometric mean of its speedup over the base
-    layer, and its median error. Sorted by wins, then speedup."""
+    layer, and its median errors (rel_err and fidelity_err apart). Sorted by wins, then
+    speedup."""
     frame, ok = data.frame, data.ok
     keys = ["run_index", *_match_columns(frame)]
     wins: dict[str, int] = {}
@@ -391,7 +392,8 @@ def leaderboard(data: ReportData) -> list[Standing]:
         done = ok[ok["impl"] == name]
         speedups = done["base_speedup"].dropna()
         speedups = speedups[speedups > 0]
-        errors = done["err"].dropna()
+        rel_errors = pd.to_numeric(done["rel_err"], errors="coerce").dropna()
+        fidelity_errors = pd.to_numeric(done["fidelity_err"], errors="coerce").dropna()
         exact_values = rows["exact"].dropna()
         standings.append(
             Standing(
@@ -402,7 +404,10 @@ def leaderboard(data: ReportData) -> list[Standing]:
                 wins=wins.get(name, 0),
                 contests=contests.get(name, 0),
                 geomean_speedup=float(np.exp(np.log(speedups).mean())) if len(speedups) else None,
-                median_err=float(errors.median()) if len(errors) else None,
+                median_rel_err=float(rel_errors.median()) if len(rel_errors) else None,
+                median_fidelity_err=(
+                    float(fidelity_errors.median()) if len(fidelity_errors) else None
+                ),
             )
         )
     standings.sort(key=lambda s: (-s.wins, -(s.geomean_speedup or 0.0), s.impl))

@@ -21,6 +21,7 @@ import pandas as pd
 
 from moebench.report.data import ReportData, RunInfo, Standing, leaderboard
 from moebench.report.figures import Section, TableData
+from moebench.report.headlines import headlines
 from moebench.report.style import FONT, STATUS_COLORS, figure_json
 
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"scale": 2}}
@@ -470,7 +471,8 @@ def _verdict(data: ReportData) -> str:
                         s.geomean_speedup,
                         "num",
                     ),
-                    _cell(_num(s.median_err, ".2e"), s.median_err, "num"),
+                    _cell(_num(s.median_rel_err, ".2e"), s.median_rel_err, "num"),
+                    _cell(_num(s.median_fidelity_err, ".2e"), s.median_fidelity_err, "num"),
                 ],
             )
         )
@@ -481,7 +483,8 @@ def _verdict(data: ReportData) -> str:
             ("ok / cases", "num"),
             ("fastest exact on", "num"),
             (f"speed vs {base} (geomean)", "num"),
-            ("median error", "num"),
+            ("median rel_err (own check)", "num"),
+            (f"median fidelity_err (vs {base})", "num"),
         ],
         rows,
         "sortable",
@@ -491,47 +494,14 @@ def _verdict(data: ReportData) -> str:
 
 
 def _headlines(data: ReportData, standings: list[Standing]) -> list[tuple[str, str]]:
-    """(css class, escaped HTML) lines that say who wins."""
-    if data.ok.empty:
-        return [
-            (
-                "bad",
-                _e(
-                    f"No case finished ok ({len(data.frame)} cases): every figure is left out. "
-                    "The errors are listed below."
-                ),
-            )
-        ]
+    """(css class, escaped HTML) of each statement of `headlines`."""
     lines = []
-    exact = [s for s in standings if s.exact and s.contests]
-    if exact:
-        best = exact[0]
-        lines.append(
-            (
-                "win",
-                (
-                    f"Fastest exact implementation: <b>{_impl_html(data, best.impl)}</b> &mdash; "
-                    f"the fastest on {best.wins} of {best.contests} cases where exact "
-                    "implementations met."
-                ),
-            )
-        )
-    base_names = sorted({b for b in data.base_impls.values() if b})
-    variants = [s for s in standings if not s.exact and s.geomean_speedup]
-    for s in sorted(variants, key=lambda v: -(v.geomean_speedup or 0)):
-        lines.append(
-            (
-                "",
-                _e(
-                    f"Variant {s.impl}: {s.geomean_speedup:.3g}x the speed of "
-                    f"{' / '.join(base_names)} (geometric mean), median fidelity error "
-                    f"{_num(s.median_err, '.2g')}."
-                ),
-            )
-        )
-    failed = int((data.frame["status"] != "ok").sum())
-    if failed:
-        lines.append(("bad", _e(f"{failed} of {len(data.frame)} cases did not finish ok.")))
+    for statement in headlines(data, standings):
+        text = _e(statement.text)
+        if statement.kind == "win" and statement.impl:
+            # the winner's name with its colour swatch, in bold
+            text = text.replace(_e(statement.impl), f"<b>{_impl_html(data, statement.impl)}</b>", 1)
+        lines.append((statement.kind, text))
     return lines
 
 
@@ -586,7 +556,8 @@ def _cases(data: ReportData) -> str:
         ("peak MiB", "num"),
         ("weights MiB", "num"),
         ("roofline", "num"),
-        ("error (rel / fidelity)", "num"),
+        ("rel_err", "num"),
+        ("fidelity_err", "num"),
         ("message", "text"),
     ]
     rows = []
@@ -613,7 +584,8 @@ def _cases(data: ReportData) -> str:
             _cell(_mib(r.get("peak_mem_bytes")), r.get("peak_mem_bytes"), "num"),
             _cell(_mib(r.get("weight_bytes")), r.get("weight_bytes"), "num"),
             _cell(_num(r.get("roofline_frac"), ".1%"), r.get("roofline_frac"), "num"),
-            _cell(_num(r.get("err"), ".2e"), r.get("err"), "num"),
+            _cell(_num(r.get("rel_err"), ".2e"), r.get("rel_err"), "num"),
+            _cell(_num(r.get("fidelity_err"), ".2e"), r.get("fidelity_err"), "num"),
             _cell(
                 "" if _missing(r.get("error")) else str(r["error"]),
                 css_class="error" if status != "ok" else "",
