@@ -49,11 +49,13 @@ class ImplSummary:
     verdict: VerdictName
     sentence: str
     fails_gate: bool = False
+    failed_cases: int = 0  # cases that failed (not in the mean); any makes it "failed"
 
     def as_dict(self) -> dict[str, object]:
         return {
             "impl": self.name,
             "cases": self.cases,
+            "failed_cases": self.failed_cases,
             "ratio": self.ratio,
             "ci_low": self.ci_low,
             "ci_high": self.ci_high,

@@ -130,6 +130,7 @@ class CaseResult:
     verdict: VerdictName
     sentence: str
     fields: dict[str, Any]
+    # The values the ratio compares: the metric, or the metric / the normalizer's metric.
     baseline_value: float | None = None
     candidate_value: float | None = None
     ratio: float | None = None
@@ -141,6 +142,15 @@ class CaseResult:
     candidate_status: str | None = None
     fails_gate: bool = False
     normalized: bool = False
+    # The metric itself (equal to the values above unless normalized).
+    baseline_raw: float | None = None
+    candidate_raw: float | None = None
+
+    @property
+    def reason(self) -> str:
+        """The sentence without the case label: why it got its verdict."""
+        prefix = f"{self.label}: "
+        return self.sentence[len(prefix) :] if self.sentence.startswith(prefix) else self.sentence
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -155,6 +165,8 @@ class CaseResult:
             "ci_low": self.ci_low,
             "ci_high": self.ci_high,
             "normalized": self.normalized,
+            "baseline_raw": self.baseline_raw,
+            "candidate_raw": self.candidate_raw,
             "baseline_samples": self.baseline_samples,
             "candidate_samples": self.candidate_samples,
             "baseline_status": self.baseline_status,
@@ -192,6 +204,8 @@ class Report:
     mode: str = "runs"  # "runs": baseline vs candidate run; "impls": two impls of one run
     notes: list[str] = field(default_factory=list)
     impl_summaries: list[ImplSummary] = field(default_factory=list)
+    # run.json of each side ("baseline", "candidate"): commits and environments
+    environments: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -391,8 +405,10 @@ def _judge(
     b = _measure(base_row, metric, base_norm, settings.normalize, names[0])
     c = _measure(cand_row, metric, cand_norm, settings.normalize, names[1])
     values = {
-        "baseline_value": b.raw,
-        "candidate_value": c.raw,
+        "baseline_value": b.value,
+        "candidate_value": c.value,
+        "baseline_raw": b.raw,
+        "candidate_raw": c.raw,
         "baseline_samples": len(b.side.samples),
         "candidate_samples": len(c.side.samples),
     }
@@ -516,6 +532,7 @@ def compare_runs(baseline: Run, candidate: Run, settings: Settings) -> Report:
         "runs",
         notes,
         summaries,
+        {"baseline": baseline.meta, "candidate": candidate.meta},
     )
 
 
@@ -538,12 +555,14 @@ def _normalizer_result(
     return CaseResult(
         key=key,
         label=judged.label,
-        verdict="skipped",
+        verdict="normalizer",
         fields=judged.fields,
         sentence=f"{judged.label}: the normalizer; its own {settings.metric.name} changed "
         f"{ratio} (not judged)",
         baseline_value=judged.baseline_value,
         candidate_value=judged.candidate_value,
+        baseline_raw=judged.baseline_raw,
+        candidate_raw=judged.candidate_raw,
         ratio=judged.ratio,
         ci_low=judged.ci_low,
         ci_high=judged.ci_high,
@@ -589,7 +608,14 @@ def compare_impls(run: Run, baseline_impl: str, candidate_impl: str, settings: S
     notes = [f"{candidate_impl} vs {baseline_impl} within run {run.name}"]
     summaries = _summaries(results, settings, lambda r: f"{candidate_impl} vs {baseline_impl}")
     return Report(
-        baseline_impl, candidate_impl, settings, _ordered(results), "impls", notes, summaries
+        baseline_impl,
+        candidate_impl,
+        settings,
+        _ordered(results),
+        "impls",
+        notes,
+        summaries,
+        {"run": run.meta},
     )
 
 
@@ -598,11 +624,16 @@ def _summaries(
 ) -> list[ImplSummary]:
     """The geometric-mean summary of each group of judged cases (see `aggregate`)."""
     groups: dict[str, list[float]] = {}
+    failed: dict[str, int] = {}
     for result in results:
         if result.verdict in JUDGED and result.ratio is not None:
             groups.setdefault(group(result), []).append(result.ratio)
-    return [
-        summarize(
+        elif result.verdict == "failed":
+            failed[group(result)] = failed.get(group(result), 0) + 1
+            groups.setdefault(group(result), [])
+    summaries = []
+    for name, ratios in groups.items():
+        summary = summarize(
             name,
             ratios,
             settings.threshold,
@@ -612,8 +643,17 @@ def _summaries(
             resamples=settings.resamples,
             seed=settings.seed,
         )
-        for name, ratios in groups.items()
-    ]
+        if failed.get(name):
+            # Failed cases are left out of the mean, so the mean alone cannot speak for
+            # the implementation: with any failed case it is never "improved".
+            summary = replace(
+                summary,
+                verdict="failed",
+                failed_cases=failed[name],
+                sentence=f"{name}: {failed[name]} failed case(s); " + summary.sentence,
+            )
+        summaries.append(summary)
+    return summaries
 
 
 def _ordered(results: Iterable[CaseResult]) -> list[CaseResult]:

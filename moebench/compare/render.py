@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from moebench.compare.aggregate import ImplSummary
 from moebench.compare.pairing import CaseResult, Report
@@ -20,6 +21,7 @@ VERDICT_STYLE = {
     "new": "cyan",
     "missing": "yellow",
     "skipped": "dim",
+    "normalizer": "dim",
 }
 VERDICT_ICON = {
     "failed": "❌",
@@ -29,6 +31,7 @@ VERDICT_ICON = {
     "new": "🆕",
     "missing": "❔",
     "skipped": "➖",
+    "normalizer": "📏",
 }
 # Markdown: the full table only up to this many rows (GitHub caps a summary at 1 MiB).
 MARKDOWN_MAX_ROWS = 500
@@ -58,13 +61,30 @@ def format_ci(result: CaseResult | ImplSummary) -> str:
 
 
 def _headings(report: Report) -> tuple[str, str, str, str]:
-    """Column titles: baseline, candidate, ratio, CI."""
+    """Column titles: baseline, candidate, ratio, CI (normalized values under a
+    normalized heading, so a row never mixes raw values with a normalized ratio)."""
     s = report.settings
-    ratio = "ratio" if not s.normalize else f"ratio / {s.normalize}"
+    ratio = "ratio" if not s.normalize else "ratio (normalized)"
     ci = f"{s.confidence:.0%} CI"
-    if report.mode == "impls":
-        return report.baseline, report.candidate, ratio, ci
-    return "baseline", "candidate", ratio, ci
+    base, cand = (
+        (report.baseline, report.candidate) if report.mode == "impls" else ("baseline", "candidate")
+    )
+    if s.normalize:
+        base, cand = f"{base} ÷ {s.normalize}", f"{cand} ÷ {s.normalize}"
+    return base, cand, ratio, ci
+
+
+def format_result_values(result: CaseResult, report: Report) -> tuple[str, str]:
+    """(baseline, candidate) as the ratio compares them: the metric in its unit, or the
+    metric divided by the normalizer's ('0.452x'). The normalizer's own row shows its raw
+    metric, since it is not divided by itself."""
+    metric = report.settings.metric
+    if result.normalized and result.verdict != "normalizer":
+        return tuple(  # type: ignore[return-value]
+            "-" if v is None else f"{v:.3g}x"
+            for v in (result.baseline_value, result.candidate_value)
+        )
+    return format_value(result.baseline_raw, metric), format_value(result.candidate_raw, metric)
 
 
 def title(report: Report) -> str:
@@ -112,13 +132,11 @@ def rich_table(report: Report) -> Table:
     table.add_column("case", ratio=1, min_width=20)
     for head in (base_head, cand_head, ratio_head, ci_head):
         table.add_column(head, justify="right", no_wrap=True)
-    metric = report.settings.metric
     for result in report.results:
         table.add_row(
             _styled(result.verdict, result.fails_gate),
-            result.label,
-            format_value(result.baseline_value, metric),
-            format_value(result.candidate_value, metric),
+            Text(result.label),
+            *format_result_values(result, report),
             format_ratio(result),
             format_ci(result),
         )
@@ -149,9 +167,42 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+ENVIRONMENT_FACTS = (
+    ("moebench commit", "git_sha"),
+    ("moebench", "moebench"),
+    ("torch", "torch"),
+    ("CUDA", "torch_cuda"),
+    ("driver", "driver"),
+    ("device", "gpu"),
+    ("CPU", "cpu"),
+    ("started", "started_at"),
+)
+
+
+def _environment_fact(meta: dict[str, Any], key: str) -> str:
+    if key == "gpu":
+        gpus = meta.get("gpus") or []
+        return str(gpus[0].get("name")) if gpus and isinstance(gpus[0], dict) else "-"
+    env = meta.get("env") if isinstance(meta.get("env"), dict) else {}
+    value = meta.get(key, env.get(key))
+    return "-" if value in (None, "") else str(value)
+
+
+def environment_rows(report: Report) -> list[tuple[str, list[str]]]:
+    """(fact, value per side) for the top of the markdown: what each side ran on."""
+    sides = list(report.environments.values())
+    rows = []
+    for label, key in ENVIRONMENT_FACTS:
+        values = [_environment_fact(meta, key) for meta in sides]
+        if any(v != "-" for v in values):
+            rows.append((label, values))
+    return rows
+
+
 def markdown(report: Report) -> str:
-    """A job summary: the outcome, what was compared, the per-implementation summary, the
-    cases that need a look, then every case in a collapsed table."""
+    """A job summary: the outcome, the two sides (runs, commits, environments), how
+    verdicts are reached, the per-implementation summary, one list of what changed or
+    failed (each with its reason in the row), then every case in a collapsed table."""
     counts = report.counts
     outcome = (
         f"✅ passed ({report.settings.gate} gate)"
@@ -165,7 +216,11 @@ def markdown(report: Report) -> str:
         "",
     ]
     if report.mode == "runs":
-        lines.append(f"baseline `{report.baseline}` → candidate `{report.candidate}`  ")
+        lines += ["| | baseline | candidate |", "|---|---|---|"]
+        lines.append(f"| run | `{_cell(report.baseline)}` | `{_cell(report.candidate)}` |")
+        for label, values in environment_rows(report):
+            lines.append(f"| {label} | " + " | ".join(_cell(v) for v in values) + " |")
+        lines.append("")
     lines.append(_cell(method(report)) + "  ")
     lines.extend(f"{_cell(note)}  " for note in report.notes)
     lines.append("")
@@ -175,26 +230,24 @@ def markdown(report: Report) -> str:
             [
                 "### Per implementation (geometric mean of the case ratios)",
                 "",
-                f"| verdict | implementation | cases | {ratio_head} | {ci_head} |",
-                "|---|---|--:|--:|--:|",
+                f"| verdict | implementation | cases | failed | {ratio_head} | {ci_head} |",
+                "|---|---|--:|--:|--:|--:|",
             ]
         )
         for summary in report.impl_summaries:
             gate = " (gate)" if summary.fails_gate else ""
             lines.append(
                 f"| {VERDICT_ICON[summary.verdict]} {summary.verdict}{gate} | "
-                f"{_cell(summary.name)} | {summary.cases} | {format_ratio(summary)} | "
-                f"{format_ci(summary)} |"
+                f"{_cell(summary.name)} | {summary.cases} | {summary.failed_cases} | "
+                f"{format_ratio(summary)} | {format_ci(summary)} |"
             )
         lines.append("")
     notable = [r for r in report.results if r.verdict in ("failed", "regressed", "improved")]
     if notable:
-        heading = "### Cases changed or failed"
+        heading = f"### Changed or failed ({len(notable)})"
         if not report.settings.case_gate:
-            heading += " (single cases inform; the gate is per implementation)"
+            heading += ": single cases inform, the gate is per implementation"
         lines.extend([heading, "", *_md_table(report, notable), ""])
-        lines.extend(f"- {VERDICT_ICON[r.verdict]} {_cell(r.sentence)}" for r in notable)
-        lines.append("")
     shown = report.results[:MARKDOWN_MAX_ROWS]
     lines.extend(
         [
@@ -212,18 +265,17 @@ def markdown(report: Report) -> str:
 
 def _md_table(report: Report, results: list[CaseResult]) -> list[str]:
     heads = _headings(report)
-    metric = report.settings.metric
     rows = [
-        f"| verdict | case | {' | '.join(heads)} |",
-        "|---|---|--:|--:|--:|--:|",
+        f"| verdict | case | {' | '.join(heads)} | why |",
+        "|---|---|--:|--:|--:|--:|---|",
     ]
     for r in results:
         gate = " (gate)" if r.fails_gate else ""
+        baseline, candidate = format_result_values(r, report)
         rows.append(
             f"| {VERDICT_ICON[r.verdict]} {r.verdict}{gate} | {_cell(r.label)} | "
-            f"{format_value(r.baseline_value, metric)} | "
-            f"{format_value(r.candidate_value, metric)} | {format_ratio(r)} | "
-            f"{format_ci(r)} |"
+            f"{baseline} | {candidate} | {format_ratio(r)} | {format_ci(r)} | "
+            f"{_cell(r.reason)} |"
         )
     return rows
 

@@ -38,7 +38,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-VerdictName = Literal["failed", "regressed", "improved", "unchanged", "new", "missing", "skipped"]
+VerdictName = Literal[
+    "failed", "regressed", "improved", "unchanged", "new", "missing", "skipped", "normalizer"
+]
 # Most severe first: the order of tables and summaries.
 VERDICTS: tuple[VerdictName, ...] = (
     "failed",
@@ -48,6 +50,7 @@ VERDICTS: tuple[VerdictName, ...] = (
     "new",
     "missing",
     "skipped",
+    "normalizer",  # the --normalize implementation's own cases: shown, not judged
 )
 # Above the 1-3% run-to-run noise of GPU medians (see the module docstring).
 DEFAULT_THRESHOLD = "5%"
