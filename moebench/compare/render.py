@@ -275,9 +275,22 @@ def _md_table(report: Report, results: list[CaseResult]) -> list[str]:
         rows.append(
             f"| {VERDICT_ICON[r.verdict]} {r.verdict}{gate} | {_cell(r.label)} | "
             f"{baseline} | {candidate} | {format_ratio(r)} | {format_ci(r)} | "
-            f"{_cell(r.reason)} |"
+            f"{_cell(_why(r, report))} |"
         )
     return rows
+
+
+def _why(result: CaseResult, report: Report) -> str:
+    """The reason in a table row, without repeating the row's numbers: the rule for a
+    judged case, the message for a failed, skipped, new or missing one."""
+    threshold = report.settings.threshold
+    if result.verdict in ("regressed", "improved"):
+        return f"beyond {threshold} and the CI excludes x1"
+    if result.verdict == "unchanged":
+        return f"within {threshold}, or the CI includes x1"
+    if result.verdict == "normalizer":
+        return "the normalizer: shown raw, not judged"
+    return result.reason
 
 
 def as_json(report: Report) -> dict[str, Any]:
