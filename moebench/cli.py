@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -159,6 +160,18 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         return EXIT_BAD_INPUT
     if distributed.is_follower():
         return distributed.follow(tuple(args.plugin))
+    gpus = None
+    if args.devices:
+        from moebench.devices import DevicesError, parse_devices
+
+        try:
+            gpus = parse_devices(args.devices)
+        except DevicesError as exc:
+            console.print(f"[red]error:[/] {escape(str(exc))}")
+            return EXIT_BAD_INPUT
+        if args.in_process and len(gpus) > 1:
+            console.print("[red]error:[/] --devices with several GPUs needs worker processes")
+            return EXIT_BAD_INPUT
     plan = TimingPlan(
         budget_ms=suite.budget_ms,
         warmup=suite.warmup,
@@ -182,7 +195,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             plugins=tuple(args.plugin),
             progress=progress,
             nproc=args.nproc,
-            meta={"suite_path": str(suite.path), "device": suite.device},
+            gpus=gpus,
+            meta={"suite_path": str(suite.path), "device": suite.device, "gpus": gpus},
         )
     except StoreError as exc:
         console.print(f"[red]error:[/] {exc}")
@@ -310,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="ranks to start for the expert-parallel cases, as torchrun --nproc-per-node N "
         "(default: the suite's largest world_size; cases needing more are skipped)",
+    )
+    run.add_argument(
+        "--devices",
+        metavar="LIST",
+        help="GPUs to spread single-device cases over, one worker pinned to each: "
+        "'all' or e.g. cuda:0,cuda:1 (expert-parallel cases run after them)",
     )
     run.add_argument("--strict", action="store_true", help="exit 1 if any case is not ok")
     run.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -12,6 +12,7 @@ message in `error`), oom, timeout, crashed (the worker died).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import re
 import time
 import traceback
@@ -107,9 +108,11 @@ class InProcessExecutor:
 class IsolatedExecutor:
     """Measures cases in a spawned worker process; timeouts and crashes become rows."""
 
-    def __init__(self, plan: TimingPlan, plugins: tuple[str, ...] = ()):
+    def __init__(self, plan: TimingPlan, plugins: tuple[str, ...] = (), gpu: int | None = None):
+        """gpu: pin the worker to this GPU (it then sees only that one, as cuda:0)."""
         self.plan = plan
         self.plugins = plugins
+        self.gpu = gpu
         self._ceilings_request: tuple[str, list[str]] | None = None
         self.ceilings: dict[str, float] | None = None
         self._process: Any = None
@@ -120,7 +123,7 @@ class IsolatedExecutor:
         context = mp.get_context("spawn")
         parent, child = context.Pipe()
         process = context.Process(
-            target=_worker_main, args=(child, self.plan, self.plugins), daemon=True
+            target=_worker_main, args=(child, self.plan, self.plugins, self.gpu), daemon=True
         )
         process.start()
         self._process = process
@@ -182,7 +185,14 @@ class IsolatedExecutor:
         self._kill()
 
 
-def _worker_main(conn: Any, plan: TimingPlan, plugins: tuple[str, ...]) -> None:
+def _worker_main(
+    conn: Any, plan: TimingPlan, plugins: tuple[str, ...], gpu: int | None = None
+) -> None:
+    if gpu is not None:
+        # Before anything initialises CUDA: this process sees only that GPU, as cuda:0.
+        from moebench.devices import physical_index
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(physical_index(gpu))
     executor = InProcessExecutor(plan, plugins)
     registry.load_all()
     conn.send(("ready", None))
@@ -223,6 +233,7 @@ def run_cases(
     meta: dict[str, Any] | None = None,
     progress: Any = None,
     nproc: int | None = None,
+    gpus: list[int] | None = None,
 ) -> RunOutcome:
     """Run `cases` into a new run folder (or finish run `resume`), one part per case.
 
@@ -230,6 +241,8 @@ def run_cases(
     `stop()` (the CLI passes a rich progress bar), or None.
     nproc: ranks for the multi-rank and expert-parallel cases (moebench.distributed); None:
     the largest world_size among them.
+    gpus: with two or more, single-device cases run concurrently, one worker pinned to
+    each of these GPUs (moebench.pool); multi-rank cases run after them.
     """
     from moebench.env import collect_environment
 
@@ -254,7 +267,12 @@ def run_cases(
     meta_all["cases_total"] = len(cases)
     store.write_meta(meta_all)
 
-    executor = IsolatedExecutor(plan, plugins) if isolate else InProcessExecutor(plan, plugins)
+    single_gpu = gpus[0] if gpus is not None and len(gpus) == 1 else None
+    executor = (
+        IsolatedExecutor(plan, plugins, gpu=single_gpu)
+        if isolate
+        else InProcessExecutor(plan, plugins)
+    )
     # Multi-rank and expert-parallel cases run on ranks of moebench.distributed (started on
     # first use, or torchrun's); every other case on the executor.
     from moebench.distributed import make_launcher
@@ -270,20 +288,45 @@ def run_cases(
             dtypes = sorted({c.dtype for c in todo})
             meta_all["ceilings"] = executor.measure_ceilings(devices[0], dtypes)
             store.write_meta(meta_all)
-        for case in todo:
-            if progress is not None:
-                progress.begin(case)
+
+        def run_one(case: Case, runner: Any, gpu: int | None) -> dict[str, Any]:
             row = base_row(case, store.run_id, suite_name)
             started = time.perf_counter()
-            measured = (ranks if ranks.handles(case) else executor).run(case, timeout_s)
-            row.update(measured)
+            row.update(runner.run(case, timeout_s))
             row["wall_s"] = time.perf_counter() - started
             row.setdefault("family", _family(case.impl))
             row.setdefault("exact", _exact(case.impl))
+            if gpu is not None:
+                from moebench.devices import physical_index
+
+                row["gpu_index"] = physical_index(gpu)
+            return row
+
+        def emit(case: Case, row: dict[str, Any]) -> None:
             store.write_row(row)
             outcome.rows.append(row)
             if progress is not None:
                 progress.advance(case, row)
+
+        sequential = todo
+        if gpus is not None and len(gpus) > 1:
+            from moebench.pool import run_on_gpus
+
+            pooled = [c for c in todo if not ranks.handles(c)]
+            sequential = [c for c in todo if ranks.handles(c)]
+
+            def pinned(gpu: int) -> IsolatedExecutor:
+                worker = IsolatedExecutor(plan, plugins, gpu=gpu)
+                worker.ceilings = meta_all.get("ceilings")
+                return worker
+
+            if run_on_gpus(pooled, gpus, pinned, run_one, emit):
+                raise KeyboardInterrupt
+        for case in sequential:
+            if progress is not None:
+                progress.begin(case)
+            runner = ranks if ranks.handles(case) else executor
+            emit(case, run_one(case, runner, None))
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:

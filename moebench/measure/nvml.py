@@ -13,6 +13,8 @@ _failed = False
 
 
 def _handle(index: int) -> Any | None:
+    """NVML's handle of torch's `cuda:index` (through CUDA_VISIBLE_DEVICES: a worker
+    pinned to GPU 3 sees it as cuda:0, NVML as GPU 3)."""
     global _failed
     if _failed:
         return None
@@ -20,8 +22,15 @@ def _handle(index: int) -> Any | None:
         try:
             import pynvml
 
+            from moebench.devices import physical_index
+
             pynvml.nvmlInit()
-            _handles[index] = pynvml.nvmlDeviceGetHandleByIndex(index)
+            physical = physical_index(index)
+            _handles[index] = (
+                pynvml.nvmlDeviceGetHandleByIndex(physical)
+                if isinstance(physical, int)
+                else pynvml.nvmlDeviceGetHandleByUUID(physical)
+            )
         except Exception:  # no library, no driver, no device: all mean "no NVML"
             _failed = True
             return None
