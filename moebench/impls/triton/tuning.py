@@ -113,7 +113,7 @@ class Tuner:
         for config in configs:
             try:
                 ms = do_bench(lambda c=config: run(c), warmup=5, rep=20)
-            except Exception:  # noqa: BLE001 - an unfit config is skipped, not fatal
+            except Exception:
                 continue
             if ms < best_ms:
                 best, best_ms = config, ms
