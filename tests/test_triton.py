@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -18,29 +19,47 @@ from moebench import registry
 from moebench.case import Case, LayerShape, Workload
 from moebench.impls.reference import ReferenceMoE, reference_output
 from moebench.impls.triton import tuning
-from moebench.impls.triton.align import align_to_blocks, max_padded_rows
 from moebench.measure.timing import TimingPlan
 from moebench.suite import SuiteError, parse_suite
 from moebench.weights import make_inputs, make_weights
 from tests.conftest import tiny_case
 
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
-    reason="needs a CUDA device and triton",
+    not torch.cuda.is_available() or not HAS_TRITON, reason="needs a CUDA device and triton"
+)
+# The alignment kernels also run in Triton's CPU interpreter (TRITON_INTERPRET=1).
+KERNEL_DEVICE = (
+    "cuda"
+    if torch.cuda.is_available()
+    else ("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None)
+)
+needs_kernels = pytest.mark.skipif(
+    KERNEL_DEVICE is None or not HAS_TRITON,
+    reason="needs triton and a CUDA device (or TRITON_INTERPRET=1)",
 )
 
 
 # ---------------------------------------------------------------------- CPU: alignment
 
 
+@needs_kernels
 @pytest.mark.parametrize(
-    ("tokens", "num_experts", "top_k", "block_m"), [(37, 6, 2, 16), (1, 8, 8, 16), (5, 64, 3, 4)]
+    ("tokens", "num_experts", "top_k", "block_m"),
+    [(37, 6, 2, 16), (1, 8, 8, 16), (5, 64, 3, 16), (700, 3, 1, 64), (300, 256, 8, 32)],
 )
 def test_alignment_pads_each_expert_to_whole_blocks(tokens, num_experts, top_k, block_m):
+    from moebench.impls.triton.align import align_to_blocks, max_padded_rows
+
     generator = torch.Generator().manual_seed(tokens)
     scores_TE = torch.rand(tokens, num_experts, generator=generator)
-    expert_ids_TK = scores_TE.topk(top_k, dim=1).indices
+    expert_ids_TK = scores_TE.topk(top_k, dim=1).indices.to(KERNEL_DEVICE)
     a = align_to_blocks(expert_ids_TK, num_experts, block_m)
+    a, expert_ids_TK = (
+        type(a)(*(t.cpu() for t in (a.sorted_ids_P, a.block_expert_B, a.num_padded_1)),
+                a.num_assign, a.block_m),
+        expert_ids_TK.cpu(),
+    )  # fmt: skip
     num_assign = tokens * top_k
     assert a.max_rows == max_padded_rows(num_assign, num_experts, block_m)
     padded = int(a.num_padded_1)
@@ -60,10 +79,15 @@ def test_alignment_pads_each_expert_to_whole_blocks(tokens, num_experts, top_k, 
         valid = rows[rows < num_assign]
         assert valid.numel() > 0, "a block inside the padded length holds only padding"
         assert (flat_experts[valid] == expert).all()
-    # Per expert, padding only at the end of its run: rows of one expert are contiguous.
-    counts_E = torch.bincount(flat_experts, minlength=num_experts)
-    expected = int(((counts_E + block_m - 1) // block_m * block_m).sum())
-    assert padded == expected
+    # Each expert's run: its real rows first, then padding up to whole blocks.
+    counts_E = torch.bincount(flat_experts, minlength=num_experts).tolist()
+    start = 0
+    for expert, count in enumerate(counts_E):
+        run = ids[start : start + count]
+        assert (run < num_assign).all() and (flat_experts[run] == expert).all()
+        start += -(-count // block_m) * block_m
+        assert (ids[start - (-count % block_m) : start] == num_assign).all()
+    assert padded == start
 
 
 # ---------------------------------------------------------------------- CPU: tuner
