@@ -100,8 +100,12 @@ def test_tuner_reads_the_cache_file_and_keeps_other_keys(tmp_path, monkeypatch):
     (tmp_path / "cpu.json").write_text(json.dumps({"k1": cached}))
     tuner = tuning.Tuner()
     calls = []
-    choice = tuner.choose(torch.device("cpu"), "k1", [{"BLOCK_M": 99}], calls.append)
+    choice = tuner.choose(torch.device("cpu"), "k1", lambda: [{"BLOCK_M": 99}], calls.append)
     assert choice == cached and calls == []  # from the file, nothing run
+    # A key not in the file: in the interpreter (CPU) the first candidate, nothing timed.
+    assert tuner.choose(torch.device("cpu"), "k3", lambda: [{"BLOCK_M": 99}], calls.append) == {
+        "BLOCK_M": 99
+    }
     tuner._save(tmp_path / "cpu.json", "k2", {"BLOCK_M": 32})
     on_disk = json.loads((tmp_path / "cpu.json").read_text())
     assert on_disk == {"k1": cached, "k2": {"BLOCK_M": 32}}

@@ -57,11 +57,17 @@ def fused_experts(
 
     device = x_TD.device
     gate_up_config = tuning.TUNER.choose(
-        device, _key("gate_up", x_TD, w_gate_EDF, K), tuning.candidates("gate_up", block_m), gate_up
+        device,
+        _key("gate_up", x_TD, w_gate_EDF, K),
+        lambda: tuning.candidates("gate_up", block_m),
+        gate_up,
     )
     gate_up(gate_up_config)
     down_config = tuning.TUNER.choose(
-        device, _key("down", x_TD, w_gate_EDF, K), tuning.candidates("down", block_m), down
+        device,
+        _key("down", x_TD, w_gate_EDF, K),
+        lambda: tuning.candidates("down", block_m),
+        down,
     )
     down(down_config)
     if K == 1:

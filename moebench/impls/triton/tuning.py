@@ -46,10 +46,10 @@ def candidates(kernel: str, block_m: int) -> list[dict]:
         shapes += [(32, 256, 4, 3), (128, 64, 4, 5)]
     elif kernel == "gate_up":
         shapes = [(64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (64, 128, 8, 3)]
-        shapes += [(128, 32, 4, 4)]
+        shapes += [(128, 32, 4, 4), (128, 64, 8, 4)]
     else:
         shapes = [(128, 64, 8, 4), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3)]
-        shapes += [(128, 128, 8, 3)]
+        shapes += [(128, 128, 8, 3), (256, 64, 8, 4)]
     return [
         {
             "BLOCK_M": block_m,
@@ -82,6 +82,8 @@ class Tuner:
 
     def __init__(self) -> None:
         self._loaded: dict[Path, dict[str, dict]] = {}
+        # (device, key) -> choice: the per-call path skips file and name look-ups.
+        self._chosen: dict[tuple[torch.device, str], dict] = {}
 
     def _table(self, path: Path) -> dict[str, dict]:
         if path not in self._loaded:
@@ -95,16 +97,29 @@ class Tuner:
         self,
         device: torch.device,
         key: str,
-        configs: list[dict],
+        configs: Callable[[], list[dict]],
         run: Callable[[dict], None],
     ) -> dict:
-        """The cached choice for `key`, or the fastest of `configs` by `run(config)`
+        """The cached choice for `key`, or the fastest of `configs()` by `run(config)`
         (timed with triton's do_bench), saved before it is returned. A config that fails
         to compile or launch (too much shared memory, say) is skipped."""
+        chosen = self._chosen.get((device, key))
+        if chosen is None:
+            chosen = self._chosen[(device, key)] = self._lookup_or_tune(device, key, configs, run)
+        return chosen
+
+    def _lookup_or_tune(
+        self,
+        device: torch.device,
+        key: str,
+        configs_fn: Callable[[], list[dict]],
+        run: Callable[[dict], None],
+    ) -> dict:
         path = _device_file(device)
         table = self._table(path)
         if key in table:
             return table[key]
+        configs = configs_fn()
         if device.type != "cuda":  # Triton's interpreter (tests): nothing worth timing
             return configs[0]
         from triton.testing import do_bench
