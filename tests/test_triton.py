@@ -56,8 +56,8 @@ def test_alignment_pads_each_expert_to_whole_blocks(tokens, num_experts, top_k, 
     expert_ids_TK = scores_TE.topk(top_k, dim=1).indices.to(KERNEL_DEVICE)
     a = align_to_blocks(expert_ids_TK, num_experts, block_m)
     a, expert_ids_TK = (
-        type(a)(*(t.cpu() for t in (a.sorted_ids_P, a.block_expert_B, a.num_padded_1)),
-                a.num_assign, a.block_m),
+        type(a)(*(t.cpu() for t in (a.sorted_ids_P, a.block_expert_B, a.num_padded_1,
+                                     a.padded_ends_E)), a.num_assign, a.block_m),
         expert_ids_TK.cpu(),
     )  # fmt: skip
     num_assign = tokens * top_k
@@ -87,6 +87,7 @@ def test_alignment_pads_each_expert_to_whole_blocks(tokens, num_experts, top_k, 
         assert (run < num_assign).all() and (flat_experts[run] == expert).all()
         start += -(-count // block_m) * block_m
         assert (ids[start - (-count % block_m) : start] == num_assign).all()
+        assert int(a.padded_ends_E[expert]) == start
     assert padded == start
 
 

@@ -38,6 +38,7 @@ class Alignment:
     sorted_ids_P: torch.Tensor  # int32 assignment index per row; num_assign = padding
     block_expert_B: torch.Tensor  # int32 expert of each row block (E past the end)
     num_padded_1: torch.Tensor  # int32 real padded length P' <= P, on the device
+    padded_ends_E: torch.Tensor  # int32 end row of each expert's run (grouped_mm offsets)
     num_assign: int  # A
     block_m: int
 
@@ -72,6 +73,7 @@ def _count_kernel(
 def _offsets_kernel(
     counts_ptr,
     padded_starts_ptr,
+    padded_ends_ptr,
     block_expert_ptr,
     num_padded_ptr,
     num_experts,
@@ -86,6 +88,7 @@ def _offsets_kernel(
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, 0)
     tl.store(padded_starts_ptr + offs_e, ends - padded, mask=expert_ok)
+    tl.store(padded_ends_ptr + offs_e, ends, mask=expert_ok)
     tl.store(num_padded_ptr, tl.sum(padded, 0))
     # Expert of block b = how many experts end at or before its first row (ends ascend);
     # experts past num_experts never count, so blocks past the end get num_experts.
@@ -121,6 +124,7 @@ def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int)
     counts_E = torch.zeros(num_experts, device=device, dtype=torch.int32)
     rank_A = torch.empty(num_assign, device=device, dtype=torch.int32)
     padded_starts_E = torch.empty(num_experts, device=device, dtype=torch.int32)
+    padded_ends_E = torch.empty(num_experts, device=device, dtype=torch.int32)
     sorted_ids_P = torch.empty(max_rows, device=device, dtype=torch.int32)
     block_expert_B = torch.empty(max_blocks, device=device, dtype=torch.int32)
     num_padded_1 = torch.empty(1, device=device, dtype=torch.int32)
@@ -128,11 +132,12 @@ def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int)
         expert_A, counts_E, rank_A, sorted_ids_P, num_assign, max_rows, BLOCK=COUNT_BLOCK
     )
     _offsets_kernel[(1,)](
-        counts_E, padded_starts_E, block_expert_B, num_padded_1, num_experts, max_blocks,
+        counts_E, padded_starts_E, padded_ends_E, block_expert_B, num_padded_1,
+        num_experts, max_blocks,
         BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts),
         BLOCKS_PER_STEP=BLOCKS_PER_STEP,
     )  # fmt: skip
     _scatter_kernel[(triton.cdiv(num_assign, COUNT_BLOCK),)](
         expert_A, rank_A, padded_starts_E, sorted_ids_P, num_assign, BLOCK=COUNT_BLOCK
     )
-    return Alignment(sorted_ids_P, block_expert_B, num_padded_1, num_assign, block_m)
+    return Alignment(sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E, num_assign, block_m)

@@ -45,6 +45,8 @@ def gate_up_kernel(
     w_gate_ptr,
     w_up_ptr,
     h_ptr,
+    gate_pre_ptr,
+    up_pre_ptr,
     sorted_ids_ptr,
     block_expert_ptr,
     num_padded_ptr,
@@ -62,6 +64,7 @@ def gate_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    STORE_PRE: tl.constexpr,
 ):
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -94,8 +97,12 @@ def gate_up_kernel(
         g_ptrs += BLOCK_K * stride_w_d
         u_ptrs += BLOCK_K * stride_w_d
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
-    h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_h_p + offs_n[None, :]
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=offs_n[None, :] < F)
+    row_offsets = offs_m[:, None].to(tl.int64) * stride_h_p + offs_n[None, :]
+    tl.store(h_ptr + row_offsets, h.to(h_ptr.dtype.element_ty), mask=offs_n[None, :] < F)
+    if STORE_PRE:  # training: the backward needs the pre-activations
+        dtype = h_ptr.dtype.element_ty
+        tl.store(gate_pre_ptr + row_offsets, acc_gate.to(dtype), mask=offs_n[None, :] < F)
+        tl.store(up_pre_ptr + row_offsets, acc_up.to(dtype), mask=offs_n[None, :] < F)
 
 
 @triton.jit
@@ -162,21 +169,24 @@ def launch_gate_up(
     alignment,
     top_k: int,
     config: dict,
+    pre_activations: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """h_PF <- SwiGLU of the gathered tokens through their experts' gate and up weights."""
+    """h_PF <- SwiGLU of the gathered tokens through their experts' gate and up weights;
+    with `pre_activations` (two P x F buffers), the gate and up products too."""
     D, F = x_TD.shape[1], w_gate_EDF.shape[2]
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     num_blocks_m = alignment.max_blocks
     grid = (num_blocks_m * triton.cdiv(F, block_n),)
     gate_up_kernel[grid](
         x_TD, w_gate_EDF, w_up_EDF, h_PF,
+        *(pre_activations or (h_PF, h_PF)),
         alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1,
         D, F, alignment.num_assign, top_k, num_blocks_m,
         x_TD.stride(0), w_gate_EDF.stride(0), w_gate_EDF.stride(1), w_gate_EDF.stride(2),
         h_PF.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
-        GROUP_M=config["GROUP_M"], num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
+        GROUP_M=config["GROUP_M"], STORE_PRE=pre_activations is not None,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
 
 

@@ -5,9 +5,9 @@ A = T x K assignments, P padded sorted rows.
 
 Forward (no device-to-host sync): align (align.py) -> gate_up kernel (gathered token
 loads, SwiGLU epilogue) -> down kernel (routing weight in the epilogue, rows scattered to
-their assignments) -> sum over the K slots of each token. Backward: the forward is
-recomputed with torch's grouped GEMM (the `grouped` layer's code) and differentiated by
-autograd; a fused backward is not written yet.
+their assignments) -> sum over the K slots of each token. Training keeps the gate and up
+pre-activations and the SwiGLU output per padded row; the backward (backward.py) is torch
+grouped GEMMs over that layout, nothing recomputed.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 
 from moebench.case import Case
-from moebench.impls.grouped import GroupedMoE
 from moebench.impls.triton import kernels, tuning
 from moebench.impls.triton.align import align_to_blocks
+from moebench.impls.triton.backward import Saved, fused_backward
+from moebench.layer import MoELayer, expert_parameters
 from moebench.weights import ExpertWeights
 
 
@@ -35,22 +36,30 @@ def fused_experts(
     w_gate_EDF: torch.Tensor,
     w_up_EDF: torch.Tensor,
     w_down_EFD: torch.Tensor,
-) -> torch.Tensor:
-    """sum_k gate_weights_TK[t, k] * SwiGLU_{expert_ids_TK[t, k]}(x_TD[t]), as T x D."""
+    keep_for_backward: bool = False,
+) -> tuple[torch.Tensor, Saved | None]:
+    """(sum_k gate_weights_TK[t, k] * SwiGLU_{expert_ids_TK[t, k]}(x_TD[t]) as T x D,
+    what the backward needs if `keep_for_backward` else None)."""
     T, D = x_TD.shape
     E, _, F = w_gate_EDF.shape
     K = expert_ids_TK.shape[1]
-    if T == 0:
-        return torch.zeros_like(x_TD)
     x_TD = x_TD.contiguous()
     block_m = tuning.block_m_for(T, K, E)
     alignment = align_to_blocks(expert_ids_TK, E, block_m)
-    h_PF = torch.empty(alignment.max_rows, F, device=x_TD.device, dtype=x_TD.dtype)
+    rows = alignment.max_rows
+
+    def buffer(width: int) -> torch.Tensor:
+        return torch.empty(rows, width, device=x_TD.device, dtype=x_TD.dtype)
+
+    h_PF = buffer(F)
+    pre_activations = (buffer(F), buffer(F)) if keep_for_backward else None
     out_AD = torch.empty(T * K, D, device=x_TD.device, dtype=x_TD.dtype)
     gate_weight_A = gate_weights_TK.to(x_TD.dtype).contiguous().view(-1)
 
     def gate_up(config: dict) -> None:
-        kernels.launch_gate_up(x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config)
+        kernels.launch_gate_up(
+            x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config, pre_activations
+        )
 
     def down(config: dict) -> None:
         kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
@@ -70,58 +79,42 @@ def fused_experts(
         down,
     )
     down(down_config)
-    if K == 1:
-        return out_AD
-    return out_AD.view(T, K, D).sum(dim=1)
+    y_TD = out_AD if K == 1 else out_AD.view(T, K, D).sum(dim=1)
+    saved = None
+    if pre_activations is not None:
+        saved = Saved(alignment, *pre_activations, h_PF, K)
+    return y_TD, saved
 
 
 class _FusedExpertsFunction(torch.autograd.Function):
-    """The fused forward; a backward through the grouped-GEMM layer's recomputation."""
+    """The fused forward, keeping its activations; the grouped-GEMM backward."""
 
     @staticmethod
-    def forward(ctx, layer, x_TD, gate_weights_TK, expert_ids_TK, w_gate, w_up, w_down):
-        ctx.layer = layer
-        ctx.save_for_backward(x_TD, gate_weights_TK, expert_ids_TK)
-        return fused_experts(x_TD, gate_weights_TK, expert_ids_TK, w_gate, w_up, w_down)
+    def forward(ctx, x_TD, gate_weights_TK, expert_ids_TK, w_gate, w_up, w_down):
+        y_TD, ctx.fused = fused_experts(
+            x_TD, gate_weights_TK, expert_ids_TK, w_gate, w_up, w_down, keep_for_backward=True
+        )
+        ctx.save_for_backward(x_TD, gate_weights_TK, w_gate, w_up, w_down)
+        return y_TD
 
     @staticmethod
     def backward(ctx, grad_y_TD):
-        x_TD, gate_weights_TK, expert_ids_TK = ctx.saved_tensors
-        layer: TritonMoE = ctx.layer
-        params = [layer.w_gate_EDF, layer.w_up_EDF, layer.w_down_EFD]
-        with torch.enable_grad():
-            x_TD = x_TD.detach().requires_grad_(ctx.needs_input_grad[1])
-            gate_weights_TK = gate_weights_TK.detach().requires_grad_(ctx.needs_input_grad[2])
-            y_TD = GroupedMoE.routed(layer, x_TD, gate_weights_TK, expert_ids_TK)
-            wanted = [x_TD, gate_weights_TK, *params]
-            needs = [ctx.needs_input_grad[i] for i in (1, 2, 4, 5, 6)]
-            inputs = [t for t, need in zip(wanted, needs) if need]
-            grads = iter(torch.autograd.grad(y_TD, inputs, grad_y_TD) if inputs else ())
-        return (None, *[next(grads) if need else None for need in needs[:2]], None,
-                *[next(grads) if need else None for need in needs[2:]])  # fmt: skip
+        x_TD, gate_weights_TK, w_gate, w_up, w_down = ctx.saved_tensors
+        dx, dgate, dw_gate, dw_up, dw_down = fused_backward(
+            ctx.fused, grad_y_TD, x_TD, gate_weights_TK, w_gate, w_up, w_down
+        )
+        ctx.fused = None  # free the activations now, not when the graph goes
+        return dx, dgate, None, dw_gate, dw_up, dw_down
 
 
-class TritonMoE(GroupedMoE):
-    """Dropless top-k MoE on fused Triton kernels (the `grouped` layer's parameters, its
-    grouped GEMM serving the backward)."""
+class TritonMoE(MoELayer):
+    """Dropless top-k MoE on fused Triton kernels."""
+
+    impl_detail = "triton fused fwd; grouped_mm bwd"
 
     def __init__(self, weights: ExpertWeights, case: Case):
         super().__init__(weights, case)
-        backward = "grouped_mm" if self.use_grouped_mm else "per-expert loop"
-        self.impl_detail = f"triton fused fwd; {backward} bwd"
-
-    def _experts(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """The backward's recomputation: torch's grouped GEMM where its operands meet its
-        16-byte stride rule (its weight gradient reads x_AD transposed, so the row count
-        counts too), else the grouped layer's per-expert loop."""
-        sizes = (x_AD.shape[0], x_AD.shape[1], self.w_gate_EDF.shape[2])
-        aligned = all(n * x_AD.element_size() % 16 == 0 for n in sizes)
-        grouped_mm = self.use_grouped_mm
-        self.use_grouped_mm = grouped_mm and aligned
-        try:
-            return super()._experts(x_AD, counts_E)
-        finally:
-            self.use_grouped_mm = grouped_mm
+        self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD = expert_parameters(weights)
 
     def routed(
         self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
@@ -133,5 +126,5 @@ class TritonMoE(GroupedMoE):
             or any(w.requires_grad for w in weights)
         )
         if wants_grad:
-            return _FusedExpertsFunction.apply(self, x_TD, gate_weights_TK, expert_ids_TK, *weights)
-        return fused_experts(x_TD, gate_weights_TK, expert_ids_TK, *weights)
+            return _FusedExpertsFunction.apply(x_TD, gate_weights_TK, expert_ids_TK, *weights)
+        return fused_experts(x_TD, gate_weights_TK, expert_ids_TK, *weights)[0]
