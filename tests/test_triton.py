@@ -214,10 +214,13 @@ def test_forward_and_gradients_match_reference(shape, dtype):
     layer(x_ours).backward(grad_TD)
     reference(x_ref).backward(grad_TD)
     assert _relative(x_ours.grad, x_ref.grad) <= tolerance
-    for ours, ref in zip(layer.parameters(), reference.parameters()):
-        assert (ours.grad is None) == (ref.grad is None)
-        if ref.grad is not None and ref.grad.norm() > 0:
-            assert _relative(ours.grad, ref.grad) <= tolerance
+    names = [name for name, _ in layer.named_parameters()]
+    for name, ours, ref in zip(names, layer.parameters(), reference.parameters()):
+        assert ours.grad is not None and ref.grad is not None, name
+        assert torch.isfinite(ours.grad).all(), name
+        if name == "router.w_router_DE" and case.shape.top_k == 1:
+            continue  # a renormalised single gate weight is 1: the true gradient is 0
+        assert _relative(ours.grad, ref.grad) <= tolerance, name
 
 
 @needs_cuda

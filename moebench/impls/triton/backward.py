@@ -16,19 +16,20 @@ length (which only the device knows) lie beyond the last group offset: grouped G
 neither read them for weight gradients nor count them, and the scatters send them to
 the throw-away row too.
 
-torch's grouped GEMM needs 16-byte aligned strides; where the widths or the dtype do not
-allow it, a per-expert loop over the same layout stands in (it reads the offsets on the
-host: a sync, in the backward only).
+torch's grouped GEMM needs 16-byte aligned strides and, in some builds, bfloat16; where
+the widths or the dtype do not allow it, a per-expert loop over the same layout stands in
+(it reads the offsets on the host: a sync, in the backward only).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
 import torch
 
-from moebench.impls.grouped import GROUPED_MM
+from moebench.impls.grouped import GROUPED_MM, grouped_mm_works
 from moebench.impls.triton.align import Alignment
 
 
@@ -43,8 +44,15 @@ class Saved:
     top_k: int
 
 
+@functools.cache
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this build has a grouped GEMM kernel for `dtype` here (some have bfloat16
+    only); probed once per device and dtype."""
+    return grouped_mm_works(device, dtype, backward=False)
+
+
 def _grouped_ok(*tensors: torch.Tensor) -> bool:
-    if GROUPED_MM is None:
+    if GROUPED_MM is None or not _grouped_mm_runs(tensors[0].device, tensors[0].dtype):
         return False
     return all(t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
 
