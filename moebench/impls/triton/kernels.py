@@ -40,6 +40,26 @@ def _block_coords(pid, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _block_rows(
+    sorted_ids_ptr,
+    block_expert_ptr,
+    pid_m,
+    pid_n,
+    num_assign,
+    N,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """A row block's expert, rows, their assignment ids and validity, and its columns
+    (wrapped into [0, N) so weight loads need no mask)."""
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ids = tl.load(sorted_ids_ptr + offs_m)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, offs_m, ids, ids < num_assign, offs_n, offs_n % N
+
+
+@triton.jit
 def gate_up_kernel(
     x_ptr,
     w_gate_ptr,
@@ -69,13 +89,10 @@ def gate_up_kernel(
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ids = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = ids < num_assign
+    expert, offs_m, ids, row_ok, offs_n, offs_n_wrapped = _block_rows(
+        sorted_ids_ptr, block_expert_ptr, pid_m, pid_n, num_assign, F, BLOCK_M, BLOCK_N
+    )
     token = (ids // top_k).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_n_wrapped = offs_n % F  # in bounds without a mask; the store masks the tail
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + token[:, None] * stride_x_t + offs_k[None, :]
     w_offsets = (
@@ -131,12 +148,9 @@ def down_kernel(
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(D, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ids = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = ids < num_assign
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_n_wrapped = offs_n % D
+    expert, offs_m, ids, row_ok, offs_n, offs_n_wrapped = _block_rows(
+        sorted_ids_ptr, block_expert_ptr, pid_m, pid_n, num_assign, D, BLOCK_M, BLOCK_N
+    )
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_h_p + offs_k[None, :]
     w_ptrs = (

@@ -64,21 +64,15 @@ def fused_experts(
     def down(config: dict) -> None:
         kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
 
-    device = x_TD.device
-    gate_up_config = tuning.TUNER.choose(
-        device,
-        _key("gate_up", x_TD, w_gate_EDF, K),
-        lambda: tuning.candidates("gate_up", block_m),
-        gate_up,
-    )
-    gate_up(gate_up_config)
-    down_config = tuning.TUNER.choose(
-        device,
-        _key("down", x_TD, w_gate_EDF, K),
-        lambda: tuning.candidates("down", block_m),
-        down,
-    )
-    down(down_config)
+    # Tuned in order: the down kernel's trials read the h that gate_up wrote.
+    for name, launch in (("gate_up", gate_up), ("down", down)):
+        config = tuning.TUNER.choose(
+            x_TD.device,
+            _key(name, x_TD, w_gate_EDF, K),
+            lambda name=name: tuning.candidates(name, block_m),
+            launch,
+        )
+        launch(config)
     y_TD = out_AD if K == 1 else out_AD.view(T, K, D).sum(dim=1)
     saved = None
     if pre_activations is not None:
