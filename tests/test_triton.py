@@ -161,6 +161,22 @@ cuda_graph = [false, true]
     assert "cuda_graph" in str(info.value)
 
 
+def test_triton_suite_loads_for_cuda(monkeypatch):
+    from pathlib import Path
+
+    from moebench.suite import load_suite
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    suite = load_suite(Path(__file__).parents[1] / "suites" / "triton.toml")
+    assert len(suite.cases) == 42
+    graphed = [c for c in suite.cases if c.cuda_graph]
+    assert len(graphed) == 8 and {c.impl for c in graphed} == {"triton"}
+    assert {c.tokens for c in graphed} == {1, 64}
+    train = sorted(c.impl for c in suite.cases if c.workload.mode == "train")
+    assert train == ["grouped", "triton"]
+
+
 # ---------------------------------------------------------------------- CUDA
 
 
