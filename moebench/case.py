@@ -101,6 +101,8 @@ class Case:
     preset: str = ""
     weights: str = "random"
     options: tuple[tuple[str, Any], ...] = field(default=())
+    # Time replays of a CUDA graph of the whole step (launch-bound cases); CUDA only.
+    cuda_graph: bool = False
 
     @property
     def tokens(self) -> int:
@@ -149,7 +151,7 @@ class Case:
 
 
 # Fields added after the first release, with the default that leaves them out of case_id.
-_HASHED_ONLY_IF_NOT: dict[str, Any] = {"layers": 1, "weights": "random"}
+_HASHED_ONLY_IF_NOT: dict[str, Any] = {"layers": 1, "weights": "random", "cuda_graph": False}
 
 SHAPE_FIELDS = tuple(f.name for f in fields(LayerShape))
 WORKLOAD_FIELDS = tuple(f.name for f in fields(Workload))

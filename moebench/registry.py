@@ -43,6 +43,7 @@ BUILTIN_MODULES = (
     "moebench.impls.topp",
     "moebench.impls.hierarchical",
     "moebench.impls.expert_parallel",
+    "moebench.impls.triton",
 )
 
 

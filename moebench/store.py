@@ -64,6 +64,7 @@ COLUMNS: dict[str, pa.DataType] = {
     "options": _S,
     "layers": _I,
     "weights": _S,
+    "cuda_graph": pa.bool_(),
     # time
     "latency_ms": _F,
     "latency_p10_ms": _F,

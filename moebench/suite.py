@@ -39,6 +39,8 @@ dtype = ["float32", "bfloat16"]                  # default "float32"
 routing = ["uniform", "zipf:1.2", "hot:2:0.5"]   # default "uniform"
 seed = 0                      # default 0
 world_size = 1                # default 1
+cuda_graph = false            # default false: time replays of a CUDA graph of the step
+                              #  (CUDA, world_size 1 only)
 
 [[zip]]                       # lists of one equal length that vary together; the zipped
 hidden = [64, 128]            #  group is crossed with the grid. A key may be in [grid]
@@ -790,6 +792,7 @@ class _SuiteParser:
                 case.routing,
                 case.seed,
                 case.world_size,
+                case.cuda_graph,
             )
             if memo_key not in checked:
                 problems = case.shape.problems() + case.workload.problems()
@@ -831,6 +834,10 @@ class _SuiteParser:
 
             if problem := validate_weights_spec(case.weights):
                 problems.append(("weights", problem))
+        if case.cuda_graph and not (device.startswith("cuda") and case.world_size == 1):
+            problems.append(
+                ("cuda_graph", "needs a CUDA device and world_size 1; allowed: false here")
+            )
         for key, minimum in (("world_size", 1), ("seed", 0)):
             if getattr(case, key) < minimum:
                 problems.append((key, f"must be >= {minimum}, got {getattr(case, key)}"))

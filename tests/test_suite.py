@@ -317,9 +317,9 @@ def test_default_suite_loads_for_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     assert {c.dtype for c in suite.cases} == {"bfloat16"}
     forward = [c for c in suite.cases if c.workload.mode == "forward"]
     assert {c.tokens for c in forward} == {1, 64, 4096}
-    assert len(forward) == 3 * 3 * 4
-    (train,) = [c for c in suite.cases if c.workload.mode == "train"]
-    assert (train.impl, train.preset, train.tokens) == ("grouped", "qwen3-30b-a3b", 8192)
+    assert len(forward) == 3 * 3 * 5
+    train = [(c.impl, c.preset, c.tokens) for c in suite.cases if c.workload.mode == "train"]
+    assert train == [("grouped", "qwen3-30b-a3b", 8192), ("triton", "qwen3-30b-a3b", 8192)]
 
 
 # ---------------------------------------------------------------------------- bad suites

@@ -20,6 +20,7 @@ from moebench.case import Case
 from moebench.impls.reference import reference_output, reference_stack_output
 from moebench.layer import LayerStats, Stack
 from moebench.measure import counters, nvml
+from moebench.measure.graph import graphed_step
 from moebench.measure.memory import peak_during, weight_bytes
 from moebench.measure.stats import summarize
 from moebench.measure.timing import TimingPlan, time_repeats
@@ -161,6 +162,8 @@ def measure_case(
     step = _step_fn(case, layer, inputs)
     grad_mode = torch.inference_mode() if case.workload.mode == "forward" else torch.enable_grad()
     with grad_mode:
+        if case.cuda_graph:
+            step = graphed_step(step, len(inputs), device, case.impl)
         step(0)  # first call outside the memory window: lazy init and workspaces
         for p in layer.parameters():
             p.grad = None  # so the window sees the gradients allocated, not recycled

@@ -1,0 +1,35 @@
+"""`triton`: moebench's own fused MoE layer on Triton kernels (CUDA only).
+
+Files: `align.py` (token -> expert alignment on the device), `kernels.py` (the two fused
+grouped GEMMs), `tuning.py` (block sizes, tuned once per device, shape and token bucket,
+cached on disk), `layer.py` (the module and its backward). Triton is imported only when a
+layer is built, so moebench runs where Triton is not installed.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moebench.case import Case
+from moebench.registry import register
+from moebench.weights import ExpertWeights
+
+
+@register(
+    "triton",
+    family="triton",
+    description="dropless: fused Triton grouped GEMMs (gathered loads, SwiGLU and "
+    "routing-weight epilogues), tuned block sizes cached per device",
+    devices=("cuda",),
+    dtypes=("bfloat16", "float16"),
+)
+def build(weights: ExpertWeights, case: Case) -> nn.Module:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "the 'triton' implementation needs the triton package: pip install triton"
+        ) from exc
+    from moebench.impls.triton.layer import TritonMoE
+
+    return TritonMoE(weights, case)

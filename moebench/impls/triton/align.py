@@ -1,0 +1,143 @@
+"""Token -> expert alignment on the device, with no device-to-host synchronisation.
+
+Shape legend: T tokens, K top_k, E routed experts, A = T x K assignments, P padded rows
+(a bound known on the host), B = P / BLOCK_M row blocks.
+
+The (token, slot) assignments are grouped by expert and each expert's run is padded to a
+multiple of BLOCK_M (as vLLM's moe_align_block_size does), so every row block of the
+grouped GEMMs belongs to one expert. The real padded length lives on the device
+(`num_padded_1`); the host sizes buffers and grids from the bound
+P = A + min(E, A) x (BLOCK_M - 1), since each non-empty expert adds under one block of
+padding.
+
+Three small kernels (plus zeroing the counters), whatever the size: `count` fills the
+row list with the padding sentinel and gives each assignment its rank in its expert
+(an atomic increment per assignment); `offsets` (one program) turns the counts into
+padded starts, the padded length and each block's expert; `scatter` writes each
+assignment to its expert's start plus its rank. Ranks from atomics make the order of
+rows inside an expert arbitrary; each row's result does not depend on its position, so
+the layer's output is still the same bits on every run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+COUNT_BLOCK = 1024
+BLOCKS_PER_STEP = 64
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """The padded expert-grouped row list shared by both GEMMs of one forward."""
+
+    sorted_ids_P: torch.Tensor  # int32 assignment index per row; num_assign = padding
+    block_expert_B: torch.Tensor  # int32 expert of each row block (E past the end)
+    num_padded_1: torch.Tensor  # int32 real padded length P' <= P, on the device
+    padded_ends_E: torch.Tensor  # int32 end row of each expert's run (grouped_mm offsets)
+    num_assign: int  # A
+    block_m: int
+
+    @property
+    def max_rows(self) -> int:
+        return self.sorted_ids_P.numel()
+
+    @property
+    def max_blocks(self) -> int:
+        return self.block_expert_B.numel()
+
+
+def max_padded_rows(num_assign: int, num_experts: int, block_m: int) -> int:
+    """The host-side bound P on the padded length, rounded up to whole blocks."""
+    rows = num_assign + min(num_experts, num_assign) * (block_m - 1)
+    return -(-rows // block_m) * block_m
+
+
+@triton.jit
+def _count_kernel(
+    expert_ptr, counts_ptr, rank_ptr, sorted_ids_ptr, num_assign, max_rows, BLOCK: tl.constexpr
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(sorted_ids_ptr + offs, tl.zeros((BLOCK,), tl.int32) + num_assign, mask=offs < max_rows)
+    ok = offs < num_assign
+    expert = tl.load(expert_ptr + offs, mask=ok, other=0)
+    rank = tl.atomic_add(counts_ptr + expert, 1, mask=ok, sem="relaxed")
+    tl.store(rank_ptr + offs, rank, mask=ok)
+
+
+@triton.jit
+def _offsets_kernel(
+    counts_ptr,
+    padded_starts_ptr,
+    padded_ends_ptr,
+    block_expert_ptr,
+    num_padded_ptr,
+    num_experts,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCKS_PER_STEP: tl.constexpr,
+):
+    offs_e = tl.arange(0, BLOCK_E)
+    expert_ok = offs_e < num_experts
+    counts = tl.load(counts_ptr + offs_e, mask=expert_ok, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    tl.store(padded_starts_ptr + offs_e, ends - padded, mask=expert_ok)
+    tl.store(padded_ends_ptr + offs_e, ends, mask=expert_ok)
+    tl.store(num_padded_ptr, tl.sum(padded, 0))
+    # Expert of block b = how many experts end at or before its first row (ends ascend);
+    # experts past num_experts never count, so blocks past the end get num_experts.
+    ends = tl.where(expert_ok, ends, 2147483647)
+    for first in range(0, max_blocks, BLOCKS_PER_STEP):
+        offs_b = first + tl.arange(0, BLOCKS_PER_STEP)
+        row = offs_b * BLOCK_M
+        ended = (ends[None, :] <= row[:, None]) & expert_ok[None, :]
+        expert = tl.sum(ended.to(tl.int32), 1)
+        tl.store(block_expert_ptr + offs_b, expert, mask=offs_b < max_blocks)
+
+
+@triton.jit
+def _scatter_kernel(
+    expert_ptr, rank_ptr, padded_starts_ptr, sorted_ids_ptr, num_assign, BLOCK: tl.constexpr
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < num_assign
+    expert = tl.load(expert_ptr + offs, mask=ok, other=0)
+    rank = tl.load(rank_ptr + offs, mask=ok, other=0)
+    start = tl.load(padded_starts_ptr + expert, mask=ok, other=0)
+    tl.store(sorted_ids_ptr + start + rank, offs.to(tl.int32), mask=ok)
+
+
+def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
+    """Group the assignments of `expert_ids_TK` by expert and pad each expert's run to a
+    multiple of `block_m` (rows of padding hold the sentinel A)."""
+    device = expert_ids_TK.device
+    expert_A = expert_ids_TK.reshape(-1)
+    num_assign = expert_A.numel()
+    max_rows = max_padded_rows(num_assign, num_experts, block_m)
+    max_blocks = max_rows // block_m
+    counts_E = torch.zeros(num_experts, device=device, dtype=torch.int32)
+    rank_A = torch.empty(num_assign, device=device, dtype=torch.int32)
+    padded_starts_E = torch.empty(num_experts, device=device, dtype=torch.int32)
+    padded_ends_E = torch.empty(num_experts, device=device, dtype=torch.int32)
+    sorted_ids_P = torch.empty(max_rows, device=device, dtype=torch.int32)
+    block_expert_B = torch.empty(max_blocks, device=device, dtype=torch.int32)
+    num_padded_1 = torch.empty(1, device=device, dtype=torch.int32)
+    _count_kernel[(triton.cdiv(max_rows, COUNT_BLOCK),)](
+        expert_A, counts_E, rank_A, sorted_ids_P, num_assign, max_rows, BLOCK=COUNT_BLOCK
+    )
+    _offsets_kernel[(1,)](
+        counts_E, padded_starts_E, padded_ends_E, block_expert_B, num_padded_1,
+        num_experts, max_blocks,
+        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts),
+        BLOCKS_PER_STEP=BLOCKS_PER_STEP,
+    )  # fmt: skip
+    _scatter_kernel[(triton.cdiv(num_assign, COUNT_BLOCK),)](
+        expert_A, rank_A, padded_starts_E, sorted_ids_P, num_assign, BLOCK=COUNT_BLOCK
+    )
+    return Alignment(sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E, num_assign, block_m)

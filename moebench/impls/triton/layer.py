@@ -1,0 +1,124 @@
+"""The fused layer: moebench's Router, then alignment and two fused Triton GEMMs.
+
+Shape legend: T tokens, D hidden, F expert width, E routed experts, K top_k,
+A = T x K assignments, P padded sorted rows.
+
+Forward (no device-to-host sync): align (align.py) -> gate_up kernel (gathered token
+loads, SwiGLU epilogue) -> down kernel (routing weight in the epilogue, rows scattered to
+their assignments) -> sum over the K slots of each token. Training keeps the gate and up
+pre-activations and the SwiGLU output per padded row; the backward (backward.py) is torch
+grouped GEMMs over that layout, nothing recomputed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moebench.case import Case
+from moebench.impls.triton import kernels, tuning
+from moebench.impls.triton.align import align_to_blocks
+from moebench.impls.triton.backward import Saved, fused_backward
+from moebench.layer import MoELayer, expert_parameters
+from moebench.weights import ExpertWeights
+
+
+def _key(kernel: str, x_TD: torch.Tensor, w_gate_EDF: torch.Tensor, top_k: int) -> str:
+    E, D, F = w_gate_EDF.shape
+    bucket = tuning.token_bucket(x_TD.shape[0])
+    dtype = str(x_TD.dtype).removeprefix("torch.")
+    return f"{kernel} D{D} F{F} E{E} K{top_k} {dtype} T{bucket}"
+
+
+def fused_experts(
+    x_TD: torch.Tensor,
+    gate_weights_TK: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    w_gate_EDF: torch.Tensor,
+    w_up_EDF: torch.Tensor,
+    w_down_EFD: torch.Tensor,
+    keep_for_backward: bool = False,
+) -> tuple[torch.Tensor, Saved | None]:
+    """(sum_k gate_weights_TK[t, k] * SwiGLU_{expert_ids_TK[t, k]}(x_TD[t]) as T x D,
+    what the backward needs if `keep_for_backward` else None)."""
+    T, D = x_TD.shape
+    E, _, F = w_gate_EDF.shape
+    K = expert_ids_TK.shape[1]
+    x_TD = x_TD.contiguous()
+    block_m = tuning.block_m_for(T, K, E)
+    alignment = align_to_blocks(expert_ids_TK, E, block_m)
+    rows = alignment.max_rows
+
+    def buffer(width: int) -> torch.Tensor:
+        return torch.empty(rows, width, device=x_TD.device, dtype=x_TD.dtype)
+
+    h_PF = buffer(F)
+    pre_activations = (buffer(F), buffer(F)) if keep_for_backward else None
+    out_AD = torch.empty(T * K, D, device=x_TD.device, dtype=x_TD.dtype)
+    gate_weight_A = gate_weights_TK.to(x_TD.dtype).contiguous().view(-1)
+
+    def gate_up(config: dict) -> None:
+        kernels.launch_gate_up(
+            x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config, pre_activations
+        )
+
+    def down(config: dict) -> None:
+        kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
+
+    # Tuned in order: the down kernel's trials read the h that gate_up wrote.
+    for name, launch in (("gate_up", gate_up), ("down", down)):
+        config = tuning.TUNER.choose(
+            x_TD.device,
+            _key(name, x_TD, w_gate_EDF, K),
+            lambda name=name: tuning.candidates(name, block_m),
+            launch,
+        )
+        launch(config)
+    y_TD = out_AD if K == 1 else out_AD.view(T, K, D).sum(dim=1)
+    saved = None
+    if pre_activations is not None:
+        saved = Saved(alignment, *pre_activations, h_PF, K)
+    return y_TD, saved
+
+
+class _FusedExpertsFunction(torch.autograd.Function):
+    """The fused forward, keeping its activations; the grouped-GEMM backward."""
+
+    @staticmethod
+    def forward(ctx, x_TD, gate_weights_TK, expert_ids_TK, w_gate, w_up, w_down):
+        y_TD, ctx.fused = fused_experts(
+            x_TD, gate_weights_TK, expert_ids_TK, w_gate, w_up, w_down, keep_for_backward=True
+        )
+        ctx.save_for_backward(x_TD, gate_weights_TK, w_gate, w_up, w_down)
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, grad_y_TD):
+        x_TD, gate_weights_TK, w_gate, w_up, w_down = ctx.saved_tensors
+        dx, dgate, dw_gate, dw_up, dw_down = fused_backward(
+            ctx.fused, grad_y_TD, x_TD, gate_weights_TK, w_gate, w_up, w_down
+        )
+        ctx.fused = None  # free the activations now, not when the graph goes
+        return dx, dgate, None, dw_gate, dw_up, dw_down
+
+
+class TritonMoE(MoELayer):
+    """Dropless top-k MoE on fused Triton kernels."""
+
+    impl_detail = "triton fused fwd; grouped_mm bwd"
+
+    def __init__(self, weights: ExpertWeights, case: Case):
+        super().__init__(weights, case)
+        self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD = expert_parameters(weights)
+
+    def routed(
+        self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
+    ) -> torch.Tensor:
+        weights = (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD)
+        wants_grad = torch.is_grad_enabled() and (
+            x_TD.requires_grad
+            or gate_weights_TK.requires_grad
+            or any(w.requires_grad for w in weights)
+        )
+        if wants_grad:
+            return _FusedExpertsFunction.apply(x_TD, gate_weights_TK, expert_ids_TK, *weights)
+        return fused_experts(x_TD, gate_weights_TK, expert_ids_TK, *weights)[0]

@@ -1,0 +1,157 @@
+"""Block sizes for the fused layer's kernels: picked by timing a short list of candidates
+once per (device, shape, dtype, token bucket), and cached in a JSON file per device so
+that a sweep, or the next run, does not tune again.
+
+The cache lives in `$MOEBENCH_TRITON_CACHE` if set, else `$XDG_CACHE_HOME/moebench/triton`
+(default `~/.cache/moebench/triton`), one file per device name. Delete the file to tune
+again. Token counts are bucketed to the next power of two, since block choices change
+with the order of magnitude of the rows per expert, not with every count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# Rows per block of the sorted token list: both GEMMs share it (one alignment).
+BLOCK_M_BY_ROWS_PER_EXPERT = ((8, 16), (24, 32), (64, 64))
+BLOCK_M_LARGE = 128
+
+
+def token_bucket(tokens: int) -> int:
+    """The next power of two >= tokens."""
+    return 1 << max(0, (tokens - 1).bit_length())
+
+
+def block_m_for(tokens: int, top_k: int, num_experts: int) -> int:
+    """Rows per block from the mean rows per expert: small blocks waste less padding and
+    give more programs when each expert sees few tokens."""
+    rows_per_expert = token_bucket(tokens) * top_k / num_experts
+    for limit, block_m in BLOCK_M_BY_ROWS_PER_EXPERT:
+        if rows_per_expert <= limit:
+            return block_m
+    return BLOCK_M_LARGE
+
+
+def candidates(kernel: str, block_m: int) -> list[dict]:
+    """Configurations worth timing for `kernel` ("gate_up" or "down") at `block_m`.
+    gate_up holds two accumulators, so its tiles are half as wide at large blocks."""
+    if block_m <= 32:  # weight-read bound: narrow tiles, many programs, deep pipelines
+        shapes = [(32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3)]
+        shapes += [(32, 256, 4, 3), (128, 64, 4, 5)]
+    elif kernel == "gate_up":
+        shapes = [(64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (64, 128, 8, 3)]
+        shapes += [(128, 32, 4, 4), (128, 64, 8, 4)]
+    else:
+        shapes = [(128, 64, 8, 4), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3)]
+        shapes += [(128, 128, 8, 3), (256, 64, 8, 4)]
+    return [
+        {
+            "BLOCK_M": block_m,
+            "BLOCK_N": n,
+            "BLOCK_K": k,
+            "GROUP_M": 8,
+            "num_warps": warps,
+            "num_stages": stages,
+        }
+        for n, k, warps, stages in shapes
+    ]
+
+
+def cache_dir() -> Path:
+    """Where tuned choices are kept (see the module docstring)."""
+    override = os.environ.get("MOEBENCH_TRITON_CACHE")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moebench" / "triton"
+
+
+def _device_file(device: torch.device) -> Path:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return cache_dir() / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".json")
+
+
+class Tuner:
+    """Choices per key, loaded from and saved to the device's cache file."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[Path, dict[str, dict]] = {}
+        # (device, key) -> choice: the per-call path skips file and name look-ups.
+        self._chosen: dict[tuple[torch.device, str], dict] = {}
+
+    def _table(self, path: Path) -> dict[str, dict]:
+        if path not in self._loaded:
+            try:
+                self._loaded[path] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self._loaded[path] = {}
+        return self._loaded[path]
+
+    def choose(
+        self,
+        device: torch.device,
+        key: str,
+        configs: Callable[[], list[dict]],
+        run: Callable[[dict], None],
+    ) -> dict:
+        """The cached choice for `key`, or the fastest of `configs()` by `run(config)`
+        (timed with triton's do_bench), saved before it is returned. A config that fails
+        to compile or launch (too much shared memory, say) is skipped."""
+        chosen = self._chosen.get((device, key))
+        if chosen is None:
+            chosen = self._chosen[(device, key)] = self._lookup_or_tune(device, key, configs, run)
+        return chosen
+
+    def _lookup_or_tune(
+        self,
+        device: torch.device,
+        key: str,
+        configs_fn: Callable[[], list[dict]],
+        run: Callable[[dict], None],
+    ) -> dict:
+        path = _device_file(device)
+        table = self._table(path)
+        if key in table:
+            return table[key]
+        configs = configs_fn()
+        if device.type != "cuda":  # Triton's interpreter (tests): nothing worth timing
+            return configs[0]
+        from triton.testing import do_bench
+
+        best, best_ms = None, float("inf")
+        for config in configs:
+            try:
+                ms = do_bench(lambda c=config: run(c), warmup=5, rep=20)
+            except Exception:
+                continue
+            if ms < best_ms:
+                best, best_ms = config, ms
+        if best is None:
+            raise RuntimeError(f"no Triton config ran for {key}; tried {configs}")
+        table[key] = best
+        self._save(path, key, best)
+        return best
+
+    def _save(self, path: Path, key: str, choice: dict) -> None:
+        """Add one choice to the file, keeping what other processes wrote meanwhile."""
+        try:
+            on_disk = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            on_disk = {}
+        on_disk[key] = choice
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(on_disk, indent=1, sort_keys=True))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only cache only costs tuning again next time
+
+
+TUNER = Tuner()

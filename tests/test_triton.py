@@ -1,0 +1,302 @@
+"""The fused `triton` layer and the `cuda_graph` case field.
+
+CPU: the device-side alignment (pure torch), the tuner's cache file, the case field and
+its suite validation. CUDA (skipped without a GPU or Triton): forward and gradients
+against `reference` on odd shapes, the decode path, and a graphed harness run read back
+from parquet.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from moebench import registry
+from moebench.case import Case, LayerShape, Workload
+from moebench.impls.reference import ReferenceMoE, reference_output
+from moebench.impls.triton import tuning
+from moebench.measure.timing import TimingPlan
+from moebench.suite import SuiteError, parse_suite
+from moebench.weights import make_inputs, make_weights
+from tests.conftest import tiny_case
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or not HAS_TRITON, reason="needs a CUDA device and triton"
+)
+# The alignment kernels also run in Triton's CPU interpreter (TRITON_INTERPRET=1).
+KERNEL_DEVICE = (
+    "cuda"
+    if torch.cuda.is_available()
+    else ("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None)
+)
+needs_kernels = pytest.mark.skipif(
+    KERNEL_DEVICE is None or not HAS_TRITON,
+    reason="needs triton and a CUDA device (or TRITON_INTERPRET=1)",
+)
+
+
+# ---------------------------------------------------------------------- CPU: alignment
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("tokens", "num_experts", "top_k", "block_m"),
+    [(37, 6, 2, 16), (1, 8, 8, 16), (5, 64, 3, 16), (700, 3, 1, 64), (300, 256, 8, 32)],
+)
+def test_alignment_pads_each_expert_to_whole_blocks(tokens, num_experts, top_k, block_m):
+    from moebench.impls.triton.align import align_to_blocks, max_padded_rows
+
+    generator = torch.Generator().manual_seed(tokens)
+    scores_TE = torch.rand(tokens, num_experts, generator=generator)
+    expert_ids_TK = scores_TE.topk(top_k, dim=1).indices.to(KERNEL_DEVICE)
+    a = align_to_blocks(expert_ids_TK, num_experts, block_m)
+    a, expert_ids_TK = (
+        type(a)(*(t.cpu() for t in (a.sorted_ids_P, a.block_expert_B, a.num_padded_1,
+                                     a.padded_ends_E)), a.num_assign, a.block_m),
+        expert_ids_TK.cpu(),
+    )  # fmt: skip
+    num_assign = tokens * top_k
+    assert a.max_rows == max_padded_rows(num_assign, num_experts, block_m)
+    padded = int(a.num_padded_1)
+    assert padded % block_m == 0 and padded <= a.max_rows
+    ids = a.sorted_ids_P.long()
+    real = ids[ids < num_assign]
+    # Every assignment exactly once, nothing past the padded length.
+    assert sorted(real.tolist()) == list(range(num_assign))
+    assert (ids[padded:] == num_assign).all()
+    flat_experts = expert_ids_TK.flatten()
+    for block in range(a.max_blocks):
+        rows = ids[block * block_m : (block + 1) * block_m]
+        expert = int(a.block_expert_B[block])
+        if block * block_m >= padded:
+            assert (rows == num_assign).all()
+            continue
+        valid = rows[rows < num_assign]
+        assert valid.numel() > 0, "a block inside the padded length holds only padding"
+        assert (flat_experts[valid] == expert).all()
+    # Each expert's run: its real rows first, then padding up to whole blocks.
+    counts_E = torch.bincount(flat_experts, minlength=num_experts).tolist()
+    start = 0
+    for expert, count in enumerate(counts_E):
+        run = ids[start : start + count]
+        assert (run < num_assign).all() and (flat_experts[run] == expert).all()
+        start += -(-count // block_m) * block_m
+        assert (ids[start - (-count % block_m) : start] == num_assign).all()
+        assert int(a.padded_ends_E[expert]) == start
+    assert padded == start
+
+
+# ---------------------------------------------------------------------- CPU: tuner
+
+
+def test_tuner_reads_the_cache_file_and_keeps_other_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
+    assert tuning.cache_dir() == tmp_path
+    cached = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4}
+    (tmp_path / "cpu.json").write_text(json.dumps({"k1": cached}))
+    tuner = tuning.Tuner()
+    calls = []
+    choice = tuner.choose(torch.device("cpu"), "k1", lambda: [{"BLOCK_M": 99}], calls.append)
+    assert choice == cached and calls == []  # from the file, nothing run
+    # A key not in the file: in the interpreter (CPU) the first candidate, nothing timed.
+    assert tuner.choose(torch.device("cpu"), "k3", lambda: [{"BLOCK_M": 99}], calls.append) == {
+        "BLOCK_M": 99
+    }
+    tuner._save(tmp_path / "cpu.json", "k2", {"BLOCK_M": 32})
+    on_disk = json.loads((tmp_path / "cpu.json").read_text())
+    assert on_disk == {"k1": cached, "k2": {"BLOCK_M": 32}}
+
+
+def test_token_buckets_and_block_rows():
+    assert [tuning.token_bucket(t) for t in (1, 2, 3, 64, 65, 8192)] == [1, 2, 4, 64, 128, 8192]
+    assert tuning.block_m_for(1, 8, 128) == 16
+    assert tuning.block_m_for(8192, 8, 128) == 128
+    for kernel in ("gate_up", "down"):
+        for block_m in (16, 64, 128):
+            assert all(c["BLOCK_M"] == block_m for c in tuning.candidates(kernel, block_m))
+
+
+def test_triton_is_registered_exact_and_cuda_only():
+    info = registry.get("triton")
+    assert info.exact and info.devices == ("cuda",) and info.family == "triton"
+
+
+# ---------------------------------------------------------------------- CPU: cuda_graph
+
+
+def test_cuda_graph_default_keeps_the_case_id():
+    case = tiny_case()
+    assert case.cuda_graph is False
+    assert case.case_id == case.with_(cuda_graph=False).case_id
+    assert case.case_id != case.with_(cuda_graph=True).case_id
+    assert case.fields()["cuda_graph"] is False
+
+
+def test_suite_rejects_cuda_graph_on_cpu():
+    text = """
+[suite]
+device = "cpu"
+[grid]
+impl = "grouped"
+hidden = 32
+ffn = 48
+num_experts = 4
+top_k = 2
+batch = 1
+seq_len = 4
+cuda_graph = [false, true]
+"""
+    with pytest.raises(SuiteError) as info:
+        parse_suite(text)
+    assert "'cuda_graph'" in str(info.value) and "needs a CUDA device" in str(info.value)
+    ok = parse_suite(text.replace("[false, true]", "false"))
+    assert [c.cuda_graph for c in ok.cases] == [False]
+    with pytest.raises(SuiteError) as info:
+        parse_suite(text.replace("[false, true]", '"yes"'))
+    assert "cuda_graph" in str(info.value)
+
+
+def test_triton_suite_loads_for_cuda(monkeypatch):
+    from pathlib import Path
+
+    from moebench.suite import load_suite
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    suite = load_suite(Path(__file__).parents[1] / "suites" / "triton.toml")
+    assert len(suite.cases) == 42
+    graphed = [c for c in suite.cases if c.cuda_graph]
+    assert len(graphed) == 8 and {c.impl for c in graphed} == {"triton"}
+    assert {c.tokens for c in graphed} == {1, 64}
+    train = sorted(c.impl for c in suite.cases if c.workload.mode == "train")
+    assert train == ["grouped", "triton"]
+
+
+# ---------------------------------------------------------------------- CUDA
+
+
+ODD_SHAPES = [
+    # hidden, ffn, experts, top_k, tokens: hidden/ffn not multiples of any block
+    (200, 136, 6, 2, 37),
+    # many experts, few tokens: most experts get none
+    (128, 96, 16, 1, 3),
+    # top_k = num_experts: every token through every expert
+    (96, 64, 4, 4, 19),
+    # one token (the decode path)
+    (256, 512, 8, 2, 1),
+]
+
+
+def _gpu_case(shape: tuple, dtype: str, mode: str = "forward", **kw) -> Case:
+    hidden, ffn, experts, top_k, tokens = shape
+    return Case(
+        LayerShape(hidden, ffn, experts, top_k),
+        Workload(tokens, 1, mode),
+        "triton",
+        device="cuda",
+        dtype=dtype,
+        **kw,
+    )
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.double(), b.double()
+    return float((a64 - b64).norm() / b64.norm())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+def test_forward_and_gradients_match_reference(shape, dtype):
+    case = _gpu_case(shape, dtype, mode="train")
+    weights = make_weights(case)
+    layer = registry.get("triton").build(weights, case)
+    x_TD = make_inputs(case, 1)[0]
+    tolerance = {"bfloat16": 2e-2, "float16": 5e-3}[dtype]
+    with torch.no_grad():
+        y_TD = layer(x_TD)
+    assert torch.isfinite(y_TD).all()
+    assert _relative(y_TD, reference_output(weights, x_TD)) <= tolerance
+
+    reference = ReferenceMoE(weights, case)
+    grad_TD = torch.randn_like(x_TD)
+    x_ours = x_TD.clone().requires_grad_(True)
+    x_ref = x_TD.clone().requires_grad_(True)
+    layer(x_ours).backward(grad_TD)
+    reference(x_ref).backward(grad_TD)
+    assert _relative(x_ours.grad, x_ref.grad) <= tolerance
+    names = [name for name, _ in layer.named_parameters()]
+    for name, ours, ref in zip(names, layer.parameters(), reference.parameters()):
+        assert ours.grad is not None and ref.grad is not None, name
+        assert torch.isfinite(ours.grad).all(), name
+        if name == "router.w_router_DE" and case.shape.top_k == 1:
+            continue  # a renormalised single gate weight is 1: the true gradient is 0
+        assert _relative(ours.grad, ref.grad) <= tolerance, name
+
+
+@needs_cuda
+def test_forward_runs_without_host_sync_and_under_a_graph():
+    case = _gpu_case((256, 512, 8, 2, 64), "bfloat16")
+    weights = make_weights(case)
+    layer = registry.get("triton").build(weights, case)
+    x_TD = make_inputs(case, 1)[0]
+    with torch.no_grad():
+        expected = layer(x_TD)  # tunes (outside the capture) and warms up
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            layer(x_TD)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x_TD)
+        out.fill_(float("nan"))
+        graph.replay()
+    torch.testing.assert_close(out, expected)
+
+
+@needs_cuda
+def test_graphed_harness_run_reads_back(tmp_path, monkeypatch):
+    from moebench.runner import run_cases
+    from moebench.store import read_run
+
+    monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path / "tune"))
+    text = """
+[suite]
+name = "graphed"
+device = "cuda"
+budget_ms = 50
+[grid]
+impl = ["triton", "grouped"]
+hidden = 256
+ffn = 512
+num_experts = 8
+top_k = 2
+batch = 4
+seq_len = 1
+dtype = "bfloat16"
+cuda_graph = [false, true]
+"""
+    suite = parse_suite(text)
+    outcome = run_cases(
+        list(suite.cases),
+        suite_name="graphed",
+        plan=TimingPlan(budget_ms=50),
+        timeout_s=120,
+        out_root=tmp_path / "results",
+        isolate=False,
+    )
+    table = read_run(outcome.results_path)
+    by = {(r["impl"], r["cuda_graph"]): r for r in table.to_dict("records")}
+    assert by[("triton", False)]["status"] == "ok"
+    assert by[("triton", True)]["status"] == "ok"
+    assert by[("triton", True)]["latency_ms"] > 0
+    # grouped counts tokens per expert on the host: it cannot be captured, and says so
+    assert by[("grouped", True)]["status"] == "error"
+    assert "CUDA graph" in by[("grouped", True)]["error"]
+    assert list((tmp_path / "tune").glob("*.json"))
