@@ -12,10 +12,10 @@ layers, and checked the same way before it is timed.
   permute, grouped GEMM and unpermute (`moe-ops`, CUDA only).
 
 A case an adapter cannot run faithfully (a missing library, a routing convention the
-block does not compute, a parameter the weight set does not hold) raises `CaseRefused`
+block does not compute, a parameter the weight set does not hold) raises `UnsupportedCaseError`
 from `build`, whose message says why.
 """
 
-from moebench_peers.refusal import CaseRefused
+from moebench_peers.refusal import UnsupportedCaseError
 
-__all__ = ["CaseRefused"]
+__all__ = ["UnsupportedCaseError"]

@@ -12,7 +12,7 @@ Each block is built from a config at the case's shape on the meta device (no dow
 memory), then EVERY parameter and persistent buffer is assigned from the case's weight
 set: a block from a config holds uninitialised weights, and timing those is meaningless
 (a degenerate router sends every token to the same experts). A parameter the weight set
-has no value for refuses the case (`CaseRefused`) instead of staying uninitialised.
+has no value for refuses the case (`UnsupportedCaseError`) instead of staying uninitialised.
 
 Layout: moebench keeps w_gate_EDF, w_up_EDF, w_down_EFD and w_router_DE; transformers
 keeps experts.gate_up_proj [E, 2F, D] (gate rows first), experts.down_proj [E, D, F],
@@ -48,7 +48,7 @@ from moebench.case import Case, LayerShape
 from moebench.weights import ExpertWeights
 from moebench_peers.conventions import MOEBENCH_BASE, Convention, convention_reference
 from moebench_peers.recorder import RoutingRecorder
-from moebench_peers.refusal import CaseRefused
+from moebench_peers.refusal import UnsupportedCaseError
 
 # Backends every transformers 5 has, and those that need a kernel from outside (the Hub's
 # `kernels` package, CUDA, a Hopper GPU): registered by name without importing transformers
@@ -161,7 +161,9 @@ def _transformers(impl: str) -> Any:
         transformers = importlib.import_module("transformers")
         importlib.import_module("transformers.integrations.moe")
     except ImportError as exc:
-        raise CaseRefused(impl, f"transformers >= 5 is not importable ({exc}); {INSTALL_HINT}") from None
+        raise UnsupportedCaseError(
+            impl, f"transformers >= 5 is not importable ({exc}); {INSTALL_HINT}"
+        ) from None
     return transformers
 
 
@@ -194,9 +196,14 @@ def refusal_for_shape(spec: BlockSpec, weights: ExpertWeights) -> str | None:
     if groups > 1:
         per_group = shape.num_experts // groups
         if shape.num_experts % groups or per_group < 2:
-            return f"{groups} expert groups of >= 2 experts need E divisible by {groups}, E >= {2 * groups}"
+            return (
+                f"{groups} expert groups of >= 2 experts need E divisible by {groups} "
+                f"and >= {2 * groups}, got {shape.num_experts}"
+            )
         if spec.convention.topk_groups * per_group < shape.top_k:
-            return f"{spec.convention.topk_groups} groups of {per_group} experts < top_k {shape.top_k}"
+            return (
+                f"{spec.convention.topk_groups} groups of {per_group} experts < top_k {shape.top_k}"
+            )
     return None
 
 
@@ -237,13 +244,13 @@ def load_every_parameter(impl: str, block: nn.Module, state: dict[str, torch.Ten
     expected = set(block.state_dict())
     missing = sorted(expected - set(state))
     if missing:
-        raise CaseRefused(impl, f"no value in the weight set for {', '.join(missing)}")
+        raise UnsupportedCaseError(impl, f"no value in the weight set for {', '.join(missing)}")
     unexpected = sorted(set(state) - expected)
     assert not unexpected, f"{impl}: the adapter maps names the block lacks: {unexpected}"
     block.load_state_dict(state, strict=True, assign=True)
     unset = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
     if unset:
-        raise CaseRefused(impl, f"left uninitialised after loading: {', '.join(unset)}")
+        raise UnsupportedCaseError(impl, f"left uninitialised after loading: {', '.join(unset)}")
 
 
 def _float32_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -275,12 +282,12 @@ def build_block(spec: BlockSpec, backend: str, weights: ExpertWeights, case: Cas
     impl = case.impl
     transformers = _transformers(impl)
     if backend not in installed_backends():
-        raise CaseRefused(
+        raise UnsupportedCaseError(
             impl, f"transformers {transformers.__version__} has no experts backend {backend!r}"
         )
     reason = refusal_for_shape(spec, weights)
     if reason is not None:
-        raise CaseRefused(impl, reason)
+        raise UnsupportedCaseError(impl, reason)
     shape = weights.shape
     config_class = getattr(transformers, spec.config_class)
     config = config_class(
@@ -299,7 +306,10 @@ def build_block(spec: BlockSpec, backend: str, weights: ExpertWeights, case: Cas
     load_every_parameter(impl, block, state_from_weights(spec, weights))
     if spec.convention.scoring == "softmax":  # DeepSeek-V3's router casts to float32 itself
         block.gate.register_forward_pre_hook(_float32_input)
-    detail = f"transformers {transformers.__version__} {spec.block_class}, experts {backend}, router float32"
+    detail = (
+        f"transformers {transformers.__version__} {spec.block_class}, experts {backend}, "
+        "router float32"
+    )
     layer = HFBlockLayer(block, spec, shape, detail)
     if backend not in CORE_BACKENDS:
         _probe(impl, layer, weights)
@@ -314,7 +324,9 @@ def _probe(impl: str, layer: HFBlockLayer, weights: ExpertWeights) -> None:
             layer(x_TD)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        raise CaseRefused(impl, f"the experts backend does not run here ({reason})") from None
+        raise UnsupportedCaseError(
+            impl, f"the experts backend does not run here ({reason})"
+        ) from None
 
 
 def _shared_gate(weights: ExpertWeights) -> torch.Tensor | None:

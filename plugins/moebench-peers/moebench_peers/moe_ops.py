@@ -37,7 +37,7 @@ from moebench import register
 from moebench.case import Case
 from moebench.weights import ExpertWeights
 from moebench_peers.recorder import RoutingRecorder
-from moebench_peers.refusal import CaseRefused
+from moebench_peers.refusal import UnsupportedCaseError
 
 INSTALL_HINT = "pip install 'moebench-peers[moe-ops]' (moe-ops and Triton, on a CUDA machine)"
 
@@ -47,7 +47,9 @@ def _moe_ops(impl: str) -> Any:
     try:
         return importlib.import_module("moe_ops")
     except ImportError as exc:
-        raise CaseRefused(impl, f"moe-ops is not importable ({exc}); {INSTALL_HINT}") from None
+        raise UnsupportedCaseError(
+            impl, f"moe-ops is not importable ({exc}); {INSTALL_HINT}"
+        ) from None
 
 
 class MoeOpsLayer(RoutingRecorder, nn.Module):
@@ -69,7 +71,10 @@ class MoeOpsLayer(RoutingRecorder, nn.Module):
             self.shared = nn.ParameterList(
                 [weights.w_shared_gate_DS, weights.w_shared_up_DS, weights.w_shared_down_SD]
             )
-        version = importlib.metadata.version("moe-ops")
+        try:
+            version = importlib.metadata.version("moe-ops")
+        except importlib.metadata.PackageNotFoundError:  # imported from a source tree
+            version = "(version unknown)"
         tma = "TMA grouped GEMM" if ops.supports_tma(weights.dtype) else "grouped GEMM"
         self.impl_detail = f"moe-ops {version}: fused top-k softmax, counting-sort permute, {tma}"
 
@@ -100,4 +105,10 @@ class MoeOpsLayer(RoutingRecorder, nn.Module):
 )
 def build(weights: ExpertWeights, case: Case) -> nn.Module:
     ops = _moe_ops(case.impl)
+    E = weights.shape.num_experts
+    if E & (E - 1):
+        # Its permute histograms expert ids with tl.arange(0, E): a power of two only.
+        raise UnsupportedCaseError(
+            case.impl, f"moe-ops' permute needs a power-of-two expert count, got {E}"
+        )
     return MoeOpsLayer(ops, weights)
