@@ -18,10 +18,12 @@ Layout: moebench keeps w_gate_EDF, w_up_EDF, w_down_EFD and w_router_DE; transfo
 keeps experts.gate_up_proj [E, 2F, D] (gate rows first), experts.down_proj [E, D, F],
 gate.weight [E, D]. The conversion copies the weights once, in `build` (not timed).
 
-The router runs in float32 in every adapter, as moebench's router and DeepSeek-V3's own
-do: in bfloat16 the near-tied top-k choices of a real-size router flip against the
-float32 reference, and the check would measure rounding, not the block. The router's
-cost is small next to the experts'; `impl_detail` says so on every row.
+The router's logits and choices are float32 in every adapter, as moebench's router and
+DeepSeek-V3's own are: in bfloat16 the near-tied top-k choices of a real-size router flip
+against the float32 reference, and the check would measure rounding, not the block. Its
+gates reach the experts in the dtype the block's own router gives them (the tokens' dtype
+for Qwen2/3-MoE and OLMoE, float32 for Mixtral and DeepSeek-V3), so the experts' work is
+the block's. The router's cost is small next to the experts'; `impl_detail` says so.
 
 Refused cases (the message says which): transformers missing or older than 5; a backend
 this transformers lacks or that does not run here; a routing bias (moebench's "zipf"/"hot"
@@ -66,6 +68,8 @@ class BlockSpec:
 
     shared: "none" (no shared expert), "plain" (added ungated), "gated" (Qwen2-MoE's
     sigmoid gate). shared_prefix: the shared expert's module name in the block.
+    gates_in_input_dtype: the router hands the experts its gates rounded to the tokens'
+    dtype (Qwen2/3-MoE, OLMoE), not in float32 (Mixtral, DeepSeek-V3).
     """
 
     name: str
@@ -76,6 +80,7 @@ class BlockSpec:
     shared: Literal["none", "plain", "gated"]
     config_kwargs: Callable[[LayerShape], dict[str, Any]]
     shared_prefix: str = ""
+    gates_in_input_dtype: bool = False
 
     @property
     def exact(self) -> bool:
@@ -109,6 +114,7 @@ BLOCKS: tuple[BlockSpec, ...] = (
         MOEBENCH_BASE,
         "none",
         lambda s: dict(moe_intermediate_size=s.ffn, num_experts=s.num_experts, norm_topk_prob=True),
+        gates_in_input_dtype=True,
     ),
     BlockSpec(
         "olmoe",
@@ -118,6 +124,7 @@ BLOCKS: tuple[BlockSpec, ...] = (
         Convention(norm_topk_prob=False),
         "none",
         lambda s: dict(intermediate_size=s.ffn, num_experts=s.num_experts, norm_topk_prob=False),
+        gates_in_input_dtype=True,
     ),
     BlockSpec(
         "qwen2-moe",
@@ -133,6 +140,7 @@ BLOCKS: tuple[BlockSpec, ...] = (
             shared_expert_intermediate_size=s.shared_experts * s.ffn,
         ),
         shared_prefix="shared_expert",
+        gates_in_input_dtype=True,
     ),
     BlockSpec(
         "deepseek-v3",
@@ -173,7 +181,7 @@ def installed_backends() -> tuple[str, ...]:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     except ImportError:
         return ()
-    return ("eager", *ALL_EXPERTS_FUNCTIONS._global_mapping)
+    return ("eager", *ALL_EXPERTS_FUNCTIONS.keys())
 
 
 def refusal_for_shape(spec: BlockSpec, weights: ExpertWeights) -> str | None:
@@ -259,19 +267,28 @@ def _float32_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 class HFBlockLayer(RoutingRecorder, nn.Module):
-    """A transformers MoE block behind moebench's layer interface: x_TD -> y_TD."""
+    """A transformers MoE block behind moebench's layer interface: x_TD -> y_TD.
 
-    def __init__(self, block: nn.Module, spec: BlockSpec, shape: LayerShape, detail: str):
+    Hooks on the block's router: its input goes in as float32 (its weight is float32);
+    its gates come out in the dtype the block's own router gives its experts (so the
+    experts' arithmetic and memory traffic are the block's); its choices are recorded."""
+
+    def __init__(self, block: nn.Module, spec: BlockSpec, weights: ExpertWeights, detail: str):
         nn.Module.__init__(self)
         self.block = block
-        self.num_experts = shape.num_experts
+        self.num_experts = weights.shape.num_experts
         self.scoring = spec.convention.scoring
+        self.gate_dtype = weights.dtype if spec.gates_in_input_dtype else torch.float32
         self.impl_detail = detail
-        block.gate.register_forward_hook(self._record_gate)
+        block.gate.register_forward_pre_hook(_float32_input)
+        block.gate.register_forward_hook(self._gate_output)
 
-    def _record_gate(self, module: nn.Module, args: Any, output: tuple[torch.Tensor, ...]) -> None:
-        router_logits_TE, _, expert_ids_TK = output
+    def _gate_output(
+        self, module: nn.Module, args: Any, output: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, ...]:
+        router_logits_TE, gate_TK, expert_ids_TK = output
         self.record(router_logits_TE, expert_ids_TK)
+        return router_logits_TE, gate_TK.to(self.gate_dtype), expert_ids_TK
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         return self.block(x_TD.unsqueeze(0)).reshape(x_TD.shape)
@@ -304,13 +321,11 @@ def build_block(spec: BlockSpec, backend: str, weights: ExpertWeights, case: Cas
     with torch.device("meta"):
         block = block_class(config)
     load_every_parameter(impl, block, state_from_weights(spec, weights))
-    if spec.convention.scoring == "softmax":  # DeepSeek-V3's router casts to float32 itself
-        block.gate.register_forward_pre_hook(_float32_input)
     detail = (
         f"transformers {transformers.__version__} {spec.block_class}, experts {backend}, "
         "router float32"
     )
-    layer = HFBlockLayer(block, spec, shape, detail)
+    layer = HFBlockLayer(block, spec, weights, detail)
     if backend not in CORE_BACKENDS:
         _probe(impl, layer, weights)
     return layer
