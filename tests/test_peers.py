@@ -6,6 +6,8 @@ cannot compute faithfully."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib.metadata
 import sys
 
@@ -14,12 +16,18 @@ import pytest
 import torch
 
 from moebench import register, registry
+from moebench.case import LayerShape
 from moebench.impls.reference import reference_output
 from moebench.measure.case_run import relative_error
 from moebench.measure.timing import TimingPlan
 from moebench.runner import run_cases
 from moebench.suite import load_suite
-from moebench.weights import make_inputs, make_weights
+from moebench.weights import make_inputs
+
+try:  # where weight sources own the entry point (moebench with router conventions)
+    from moebench.weight_sources import make_weights
+except ImportError:
+    from moebench.weights import make_weights
 from tests.conftest import FAST_PLAN, tiny_case
 
 pytest.importorskip("moebench_peers", reason="pip install -e plugins/moebench-peers")
@@ -29,13 +37,20 @@ pytest.importorskip("transformers.integrations.moe", reason="transformers >= 5 (
 registry.load_all()
 
 from moebench_peers import UnsupportedCaseError  # noqa: E402
-from moebench_peers.hf import SHARED_GATE_WEIGHT  # noqa: E402
+from moebench_peers.conventions import (  # noqa: E402
+    SHARED_GATE_WEIGHT,
+    Convention,
+    case_convention,
+    convention_reference,
+)
+from moebench_peers.hf import DEEPSEEK_V3  # noqa: E402
 from moebench_peers.moe_ops import MoeOpsLayer  # noqa: E402
 
 CPU_BACKENDS = ("eager", "batched_mm", "grouped_mm")
 EXACT_BLOCKS = ("mixtral", "qwen3-moe")
 # DeepSeek-V3's router keeps 4 of 8 groups of experts: 16 experts make groups of 2.
-V3_SHAPE = dict(num_experts=16, top_k=4, shared_experts=1)
+V3_SHAPE_NO_SHARED = dict(num_experts=16, top_k=4)
+V3_SHAPE = dict(V3_SHAPE_NO_SHARED, shared_experts=1)
 
 
 def run_layer(name: str, case, mode: str = "forward"):
@@ -210,6 +225,48 @@ class TorchMoeOps:
     def unpermute(y_AD, row_id_map, prob_TK, num_tokens, num_topK):
         y_KTD = y_AD[row_id_map.long()].view(num_topK, num_tokens, -1)
         return (y_KTD * prob_TK.t()[..., None]).sum(0).to(y_AD.dtype)
+
+
+def with_router(weights, **convention):
+    """A copy of `weights` whose shape carries router-convention fields, as moebench's
+    LayerShape does where it models real models' routers."""
+    fields = [(name, type(value), value) for name, value in convention.items()]
+    shape_class = dataclasses.make_dataclass(
+        "ConventionShape", fields, bases=(LayerShape,), frozen=True
+    )
+    view = copy.copy(weights)
+    view.shape = shape_class(**dataclasses.asdict(weights.shape), **convention)
+    return view
+
+
+def test_case_convention_reads_the_shape_and_base_blocks_refuse_another():
+    case = tiny_case("hf-mixtral:eager")
+    weights = make_weights(case)
+    assert case_convention(weights.shape) == Convention()
+    raw = with_router(weights, norm_topk_prob=False)
+    assert case_convention(raw.shape) == Convention(norm_topk_prob=False)
+    with pytest.raises(UnsupportedCaseError, match="renormalised top-k"):
+        registry.get("hf-mixtral:eager").build(raw, case)
+    olmoe = registry.get("hf-olmoe:eager")
+    x_TD = make_inputs(case, 1)[0]
+    y_TD = olmoe.build(raw, case)(x_TD)
+    assert relative_error(y_TD, olmoe.reference([raw], x_TD, case)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "convention",
+    [Convention(norm_topk_prob=False), DEEPSEEK_V3],
+    ids=["raw-top-k", "deepseek-v3"],
+)
+def test_moe_ops_adapter_computes_other_conventions_with_a_torch_router(convention):
+    case = tiny_case("moe-ops", shared_experts=1, **V3_SHAPE_NO_SHARED)
+    weights = make_weights(case)
+    x_TD = make_inputs(case, 1)[0]
+    layer = MoeOpsLayer(TorchMoeOps(), weights, convention)
+    assert "torch router" in layer.impl_detail
+    y_ref_TD = convention_reference(convention)([weights], x_TD, case)
+    assert relative_error(layer(x_TD), y_ref_TD) < 1e-5
+    assert relative_error(y_ref_TD, reference_output(weights, x_TD)) > 0.1
 
 
 @pytest.mark.parametrize("shared_experts", [0, 1])

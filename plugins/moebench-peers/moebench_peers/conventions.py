@@ -8,6 +8,13 @@ another convention is registered as a variant (exact=False) whose `rel_err` is m
 against `convention_reference` of its own convention, never against the base layer's;
 its distance to the base layer is recorded as `fidelity_err`.
 
+Where moebench's `LayerShape` carries a router convention of its own (scoring,
+norm_topk_prob, n_groups, topk_groups, routed_scaling, shared_expert_gate), `case_convention`
+reads it, so an adapter can refuse a case whose function its block does not compute; on a
+moebench without those fields every case is the base. A weight set's `correction_bias_E`
+(DeepSeek-V3's selection bias) and `w_shared_expert_gate_D` (Qwen2-MoE's shared-expert
+gate) are used where present.
+
 Shape legend: T tokens, D hidden, E routed experts, K top_k, G expert groups, P experts
 per group (E / G), J groups kept per token, S shared-expert width.
 """
@@ -16,12 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch.nn import functional as F
 
-from moebench.case import Case
+from moebench.case import Case, LayerShape
 from moebench.weights import ExpertWeights
 
 
@@ -58,6 +65,31 @@ class Convention:
 
 
 MOEBENCH_BASE = Convention()
+# Where a weight set keeps the conventions' own tensors (float32, shapes E and D).
+CORRECTION_BIAS = "correction_bias_E"
+SHARED_GATE_WEIGHT = "w_shared_expert_gate_D"
+
+
+def case_convention(shape: LayerShape) -> Convention:
+    """The router convention a case's layer computes (the base where the shape has none)."""
+    n_groups = getattr(shape, "n_groups", 1)
+    return Convention(
+        scoring=getattr(shape, "scoring", "softmax"),
+        norm_topk_prob=getattr(shape, "norm_topk_prob", True),
+        n_groups=n_groups,
+        topk_groups=getattr(shape, "topk_groups", 0) or n_groups,
+        routed_scaling=getattr(shape, "routed_scaling", 1.0),
+        shared_gate=getattr(shape, "shared_expert_gate", "none") == "sigmoid"
+        and shape.shared_experts > 0,
+    )
+
+
+def correction_bias(weights: ExpertWeights) -> torch.Tensor:
+    """The weight set's selection-only correction bias (float32, E), or zeros."""
+    bias_E = getattr(weights, CORRECTION_BIAS, None)
+    if bias_E is None:
+        return torch.zeros(weights.shape.num_experts, device=weights.device)
+    return bias_E.float()
 
 
 def route(
@@ -91,15 +123,13 @@ def swiglu32(x32_ND: torch.Tensor, w_gate_DF: torch.Tensor, w_up_DF, w_down_FD) 
 
 @torch.no_grad()
 def layer_reference(
-    weights: ExpertWeights,
-    x32_TD: torch.Tensor,
-    convention: Convention,
-    shared_gate_D: torch.Tensor | None = None,
+    weights: ExpertWeights, x32_TD: torch.Tensor, convention: Convention
 ) -> torch.Tensor:
     """One layer of `convention` on `weights`, in float32, as a plain loop over experts."""
     logits_TE = x32_TD @ weights.w_router_DE.float() + weights.router_bias_E.float()
-    no_correction_E = torch.zeros_like(logits_TE[0])
-    gate_TK, expert_ids_TK = route(logits_TE, convention, weights.shape.top_k, no_correction_E)
+    gate_TK, expert_ids_TK = route(
+        logits_TE, convention, weights.shape.top_k, correction_bias(weights)
+    )
     y_TD = torch.zeros_like(x32_TD)
     for expert in range(weights.shape.num_experts):
         token_idx, slot_idx = torch.where(expert_ids_TK == expert)
@@ -117,8 +147,9 @@ def layer_reference(
             x32_TD, weights.w_shared_gate_DS, weights.w_shared_up_DS, weights.w_shared_down_SD
         )
         if convention.shared_gate:
-            assert shared_gate_D is not None, "a gated shared expert needs its gate weight"
-            shared_TD = shared_TD * torch.sigmoid(x32_TD @ shared_gate_D.float())[:, None]
+            gate_D = getattr(weights, SHARED_GATE_WEIGHT, None)
+            assert gate_D is not None, f"a gated shared expert needs {SHARED_GATE_WEIGHT}"
+            shared_TD = shared_TD * torch.sigmoid(x32_TD @ gate_D.float())[:, None]
         y_TD = y_TD + shared_TD
     return y_TD
 
@@ -126,21 +157,17 @@ def layer_reference(
 Reference = Callable[[list[ExpertWeights], torch.Tensor, Case], torch.Tensor]
 
 
-def convention_reference(
-    convention: Convention, shared_gate: Callable[[ExpertWeights], Any] | None = None
-) -> Reference:
+def convention_reference(convention: Convention) -> Reference:
     """moebench's `reference(weights_list, x_TD, case) -> y_TD` (float32) for a block of
     `convention`: one layer, or a residual stack x <- x + layer(x) whose layer inputs are
-    rounded to x's dtype, as the layers under test see them. shared_gate(weights): the
-    shared expert's gate weight (D), for conventions with a gated shared expert."""
+    rounded to x's dtype, as the layers under test see them."""
 
     @torch.no_grad()
     def reference(weights_list: list[ExpertWeights], x_TD: torch.Tensor, case: Case):
         x32_TD = x_TD.float()
         for weights in weights_list:
-            gate_D = shared_gate(weights) if shared_gate is not None else None
             layer_in_TD = x32_TD.to(x_TD.dtype).float()
-            y32_TD = layer_reference(weights, layer_in_TD, convention, gate_D)
+            y32_TD = layer_reference(weights, layer_in_TD, convention)
             if len(weights_list) == 1:
                 return y32_TD
             x32_TD = x32_TD + y32_TD

@@ -30,7 +30,9 @@ this transformers lacks or that does not run here; a routing bias (moebench's "z
 routing: HF routers have no logit bias); shared experts in a block without any; Qwen2-MoE's
 sigmoid shared-expert gate, which moebench's weight set does not hold (yet: it is read from
 the weight set's `w_shared_expert_gate_D` where present); DeepSeek-V3's 8 groups on an
-expert count they do not divide into groups of at least 2.
+expert count they do not divide into groups of at least 2; for Mixtral and Qwen3-MoE, a
+case whose own router convention (where moebench's LayerShape carries one) is not theirs.
+Refusals subclass moebench's `registry.Unsupported` where it exists (a `skipped` row).
 
 Shape legend: T tokens, D hidden, F expert width, E routed experts, S shared width.
 """
@@ -48,7 +50,14 @@ from torch import nn
 from moebench import register
 from moebench.case import Case, LayerShape
 from moebench.weights import ExpertWeights
-from moebench_peers.conventions import MOEBENCH_BASE, Convention, convention_reference
+from moebench_peers.conventions import (
+    MOEBENCH_BASE,
+    SHARED_GATE_WEIGHT,
+    Convention,
+    case_convention,
+    convention_reference,
+    correction_bias,
+)
 from moebench_peers.recorder import RoutingRecorder
 from moebench_peers.refusal import UnsupportedCaseError
 
@@ -57,8 +66,6 @@ from moebench_peers.refusal import UnsupportedCaseError
 # (plugins load on every moebench command), refused at build where they do not run.
 CORE_BACKENDS: tuple[str, ...] = ("eager", "batched_mm", "grouped_mm")
 KERNEL_BACKENDS: tuple[str, ...] = ("deepgemm", "sonicmoe")
-# Where a weight set that models Qwen2-MoE's shared-expert gate keeps it (shape D).
-SHARED_GATE_WEIGHT = "w_shared_expert_gate_D"
 INSTALL_HINT = "pip install 'moebench-peers[hf]' (transformers >= 5)"
 
 
@@ -187,6 +194,11 @@ def installed_backends() -> tuple[str, ...]:
 def refusal_for_shape(spec: BlockSpec, weights: ExpertWeights) -> str | None:
     """Why the block cannot compute this weight set's layer faithfully, or None."""
     shape = weights.shape
+    if spec.exact and case_convention(shape) != MOEBENCH_BASE:
+        return (
+            f"the case's router is {case_convention(shape).describe()}; "
+            f"{spec.block_class} computes {spec.convention.describe()}"
+        )
     if bool(weights.router_bias_E.any()):
         return (
             "the weight set has a router logit bias (routing other than 'uniform') and "
@@ -238,11 +250,9 @@ def state_from_weights(spec: BlockSpec, weights: ExpertWeights) -> dict[str, tor
         gate_D = getattr(weights, SHARED_GATE_WEIGHT)
         state["shared_expert_gate.weight"] = gate_D.to(weights.dtype).reshape(1, -1).contiguous()
     if spec.convention.n_groups > 1:
-        # DeepSeek-V3's balancing bias, part of the block's state. No moebench weight set
-        # carries one; zero is the function moebench's `deepseek` design computes too.
-        state["gate.e_score_correction_bias"] = torch.zeros(
-            weights.shape.num_experts, device=weights.device
-        )
+        # DeepSeek-V3's selection bias: the weight set's where it has one, else zero (an
+        # untrained router's, and what moebench's references use without one).
+        state["gate.e_score_correction_bias"] = correction_bias(weights).contiguous()
     return state
 
 
@@ -344,10 +354,6 @@ def _probe(impl: str, layer: HFBlockLayer, weights: ExpertWeights) -> None:
         ) from None
 
 
-def _shared_gate(weights: ExpertWeights) -> torch.Tensor | None:
-    return getattr(weights, SHARED_GATE_WEIGHT, None)
-
-
 def _register(spec: BlockSpec, backend: str) -> None:
     name = f"hf-{spec.name}:{backend}"
     kind = "" if spec.exact else f" ({spec.convention.describe()}; checked against that function)"
@@ -360,7 +366,7 @@ def _register(spec: BlockSpec, backend: str) -> None:
         family="hf-transformers",
         description=f"transformers' {spec.block_class}, experts backend {backend}{kind}",
         exact=spec.exact,
-        reference=None if spec.exact else convention_reference(spec.convention, _shared_gate),
+        reference=None if spec.exact else convention_reference(spec.convention),
     )(build)
 
 

@@ -1,14 +1,19 @@
-"""`UnsupportedCaseError`: what an adapter raises from `build` for a case it cannot run faithfully.
+"""`UnsupportedCaseError`: what an adapter raises from `build` for a case it cannot run
+faithfully.
 
-moebench's `build(weights, case)` has no return value that means "not this case", so the
-refusal is an exception; moebench's runner records it as the case's row (status and
-message), and the sweep goes on.
+Where moebench has `registry.Unsupported` (a refusal its runner records as a `skipped`
+row with the message), this is a subclass of it; on a moebench without it, the runner
+records the refusal as an `error` row with the same message. Either way the sweep goes on.
 """
 
 from __future__ import annotations
 
+from moebench import registry
 
-class UnsupportedCaseError(RuntimeError):
+_Refusal: type[Exception] = getattr(registry, "Unsupported", RuntimeError)
+
+
+class UnsupportedCaseError(_Refusal):
     """This adapter cannot run this case as the case defines it; the message says why."""
 
     def __init__(self, impl: str, reason: str):
