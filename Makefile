@@ -27,8 +27,10 @@ $(VENV)/.base: $(VENV)/.torch pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	@touch $@
 
-$(VENV)/.test: $(VENV)/.base
+# The peers plugin is its own package (plugins/moebench-peers), installed as a user would.
+$(VENV)/.test: $(VENV)/.base plugins/moebench-peers/pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps -e plugins/moebench-peers
 	@touch $@
 
 $(VENV)/.report: $(VENV)/.base
@@ -63,8 +65,8 @@ perf-gate: $(VENV)/.base
 	  --markdown results/ci/compare.md --json results/ci/compare.json
 
 lint: $(VENV)/.test
-	$(VENV)/bin/ruff check moebench tests
-	$(VENV)/bin/ruff format --check moebench tests
+	$(VENV)/bin/ruff check moebench tests plugins
+	$(VENV)/bin/ruff format --check moebench tests plugins
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
