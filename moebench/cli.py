@@ -172,6 +172,13 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         if args.in_process and len(gpus) > 1:
             console.print("[red]error:[/] --devices with several GPUs needs worker processes")
             return EXIT_BAD_INPUT
+    from moebench.measure.phases import nvtx_available
+    from moebench.measure.profile import ProfileOptions
+
+    if args.nvtx and not nvtx_available():
+        console.print("[red]error:[/] --nvtx needs a CUDA build of torch (NVTX is not in this one)")
+        return EXIT_BAD_INPUT
+    profile = ProfileOptions(trace=args.profile, nvtx=args.nvtx)
     plan = TimingPlan(
         budget_ms=suite.budget_ms,
         warmup=suite.warmup,
@@ -196,7 +203,13 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             progress=progress,
             nproc=args.nproc,
             gpus=gpus,
-            meta={"suite_path": str(suite.path), "device": suite.device, "gpus": gpus},
+            meta={
+                "suite_path": str(suite.path),
+                "device": suite.device,
+                "gpus": gpus,
+                "profile": args.profile,
+            },
+            profile=profile,
         )
     except StoreError as exc:
         console.print(f"[red]error:[/] {exc}")
@@ -330,6 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LIST",
         help="GPUs to spread single-device cases over, one worker pinned to each: "
         "'all' or e.g. cuda:0,cuda:1 (expert-parallel cases run after them)",
+    )
+    run.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, a torch.profiler pass per case: traces/<case_id>.json.gz, "
+        "kernels.parquet, kernel_launches / device_busy_frac / host_sync_count columns",
+    )
+    run.add_argument(
+        "--nvtx",
+        action="store_true",
+        help="NVTX ranges for each case and its phases (for nsys profile moebench run ...)",
     )
     run.add_argument("--strict", action="store_true", help="exit 1 if any case is not ok")
     run.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moebench.case import Case
+from moebench.measure.phases import NULL_TIMER, Timer
 from moebench.routing import Router, switch_aux_loss
 from moebench.weights import ExpertWeights
 
@@ -63,7 +64,13 @@ class LayerStats:
 
 
 class MoELayer(nn.Module):
-    """Router, routed experts (the subclass's job) and shared experts."""
+    """Router, routed experts (the subclass's job) and shared experts.
+
+    Phases (moebench.measure.phases): `forward` marks "router" and "shared"; a subclass
+    marks "permute", "expert" and "unpermute" in `routed` with `self.timer.phase(name)`
+    (what it leaves unmarked is counted in `other_ms`)."""
+
+    timer: Timer = NULL_TIMER
 
     def __init__(self, weights: ExpertWeights, case: Case):
         super().__init__()
@@ -86,12 +93,18 @@ class MoELayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        gate_weights_TK, expert_ids_TK, probs_TE = self.router(x_TD)
+        with self.timer.phase("router"):
+            gate_weights_TK, expert_ids_TK, probs_TE = self.router(x_TD)
         self._last = (expert_ids_TK, probs_TE)
         y_TD = self.routed(x_TD, gate_weights_TK, expert_ids_TK)
-        if self.shared is not None:
-            y_TD = y_TD + swiglu(x_TD, *self.shared)
-        return y_TD
+        return self.add_shared(x_TD, y_TD)
+
+    def add_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+        """y plus the shared experts' output (if the shape has shared experts)."""
+        if self.shared is None:
+            return y_TD
+        with self.timer.phase("shared"):
+            return y_TD + swiglu(x_TD, *self.shared)
 
     def kept_assignments(self) -> tuple[torch.Tensor, int]:
         """Expert ids of the last forward's (token, slot) assignments that were computed,
@@ -131,7 +144,11 @@ class Stack(nn.Module):
     A layer that needs state from the layer before it (MoE++'s gating residuals pass the
     previous router's logits on) defines `forward_with_carry(x_TD, carry) -> (y_TD,
     carry)`; `carry` is None for the first layer. Other layers are called plainly.
+    Its `timer` marks nothing itself: it is there so that the train step can mark the
+    backward call of a stack as of a single layer.
     """
+
+    timer: Timer = NULL_TIMER
 
     def __init__(self, layers: list[nn.Module]):
         super().__init__()

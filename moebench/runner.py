@@ -28,6 +28,8 @@ from moebench import registry
 from moebench.case import Case
 from moebench.measure.case_run import WeightCache, measure_case
 from moebench.measure.ceilings import measure_ceilings
+from moebench.measure.phases import named_range
+from moebench.measure.profile import NO_PROFILE, ProfileOptions, save_profile
 from moebench.measure.timing import TimingPlan
 from moebench.store import ResultStore, new_run_id
 
@@ -77,12 +79,18 @@ def _describe(exc: BaseException) -> str:
 class InProcessExecutor:
     """Measures cases in this process; exceptions become rows."""
 
-    def __init__(self, plan: TimingPlan, plugins: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        plan: TimingPlan,
+        plugins: tuple[str, ...] = (),
+        profile: ProfileOptions = NO_PROFILE,
+    ):
         from moebench.plugins import import_plugin
 
         for spec in plugins:
             import_plugin(spec)
         self.plan = plan
+        self.profile = profile
         self.cache = WeightCache()
         self.ceilings: dict[str, float] | None = None
 
@@ -92,7 +100,8 @@ class InProcessExecutor:
 
     def run(self, case: Case, timeout_s: float) -> dict[str, Any]:
         try:
-            return measure_case(case, self.plan, self.cache, self.ceilings)
+            with named_range(f"case {case.label()}", nvtx=self.profile.nvtx):
+                return measure_case(case, self.plan, self.cache, self.ceilings, self.profile)
         except (torch.OutOfMemoryError, MemoryError) as exc:
             self.cache = WeightCache()
             if case.device.startswith("cuda"):
@@ -108,11 +117,18 @@ class InProcessExecutor:
 class IsolatedExecutor:
     """Measures cases in a spawned worker process; timeouts and crashes become rows."""
 
-    def __init__(self, plan: TimingPlan, plugins: tuple[str, ...] = (), gpu: int | None = None):
+    def __init__(
+        self,
+        plan: TimingPlan,
+        plugins: tuple[str, ...] = (),
+        gpu: int | None = None,
+        profile: ProfileOptions = NO_PROFILE,
+    ):
         """gpu: pin the worker to this GPU (it then sees only that one, as cuda:0)."""
         self.plan = plan
         self.plugins = plugins
         self.gpu = gpu
+        self.profile = profile
         self._ceilings_request: tuple[str, list[str]] | None = None
         self.ceilings: dict[str, float] | None = None
         self._process: Any = None
@@ -123,7 +139,9 @@ class IsolatedExecutor:
         context = mp.get_context("spawn")
         parent, child = context.Pipe()
         process = context.Process(
-            target=_worker_main, args=(child, self.plan, self.plugins, self.gpu), daemon=True
+            target=_worker_main,
+            args=(child, self.plan, self.plugins, self.gpu, self.profile),
+            daemon=True,
         )
         process.start()
         self._process = process
@@ -186,14 +204,18 @@ class IsolatedExecutor:
 
 
 def _worker_main(
-    conn: Any, plan: TimingPlan, plugins: tuple[str, ...], gpu: int | None = None
+    conn: Any,
+    plan: TimingPlan,
+    plugins: tuple[str, ...],
+    gpu: int | None = None,
+    profile: ProfileOptions = NO_PROFILE,
 ) -> None:
     if gpu is not None:
         # Before anything initialises CUDA: this process sees only that GPU, as cuda:0.
         from moebench.devices import physical_index
 
         os.environ["CUDA_VISIBLE_DEVICES"] = str(physical_index(gpu))
-    executor = InProcessExecutor(plan, plugins)
+    executor = InProcessExecutor(plan, plugins, profile)
     registry.load_all()
     conn.send(("ready", None))
     while True:
@@ -234,6 +256,7 @@ def run_cases(
     progress: Any = None,
     nproc: int | None = None,
     gpus: list[int] | None = None,
+    profile: ProfileOptions = NO_PROFILE,
 ) -> RunOutcome:
     """Run `cases` into a new run folder (or finish run `resume`), one part per case.
 
@@ -243,6 +266,8 @@ def run_cases(
     the largest world_size among them.
     gpus: with two or more, single-device cases run concurrently, one worker pinned to
     each of these GPUs (moebench.pool); multi-rank cases run after them.
+    profile: the profiler pass (traces/, kernels.parquet) and NVTX ranges of the
+    single-device cases (moebench.measure.profile).
     """
     from moebench.env import collect_environment
 
@@ -269,9 +294,9 @@ def run_cases(
 
     single_gpu = gpus[0] if gpus is not None and len(gpus) == 1 else None
     executor = (
-        IsolatedExecutor(plan, plugins, gpu=single_gpu)
+        IsolatedExecutor(plan, plugins, gpu=single_gpu, profile=profile)
         if isolate
-        else InProcessExecutor(plan, plugins)
+        else InProcessExecutor(plan, plugins, profile)
     )
     # Multi-rank and expert-parallel cases run on ranks of moebench.distributed (started on
     # first use, or torchrun's); every other case on the executor.
@@ -292,7 +317,9 @@ def run_cases(
         def run_one(case: Case, runner: Any, gpu: int | None) -> dict[str, Any]:
             row = base_row(case, store.run_id, suite_name)
             started = time.perf_counter()
-            row.update(runner.run(case, timeout_s))
+            measured = runner.run(case, timeout_s)
+            save_profile(store, case.case_id, measured)
+            row.update(measured)
             row["wall_s"] = time.perf_counter() - started
             row.setdefault("family", _family(case.impl))
             row.setdefault("exact", _exact(case.impl))
@@ -316,7 +343,7 @@ def run_cases(
             sequential = [c for c in todo if ranks.handles(c)]
 
             def pinned(gpu: int) -> IsolatedExecutor:
-                worker = IsolatedExecutor(plan, plugins, gpu=gpu)
+                worker = IsolatedExecutor(plan, plugins, gpu=gpu, profile=profile)
                 worker.ceilings = meta_all.get("ceilings")
                 return worker
 

@@ -5,6 +5,9 @@ A run is a folder `results/<run_id>/`:
     run.json              environment and suite facts (also in the parquet metadata)
     parts/<case_id>.parquet   one row per finished case, written atomically
     results.parquet       all parts consolidated when the run ends
+    traces/<case_id>.json.gz  with --profile: the case's torch.profiler trace (Perfetto)
+    kernels/<case_id>.parquet with --profile: the case's kernel table, consolidated
+    kernels.parquet           into this sidecar when the run ends (key: case_id)
 
 Every finished case is on disk before the next starts, so a killed run loses nothing;
 `read_run` reads the consolidated file, or the parts of a run that never finished.
@@ -24,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
+KERNELS_FILE = "kernels.parquet"
 METADATA_KEY = b"moebench"
 
 _I = pa.int64()
@@ -96,6 +100,17 @@ COLUMNS: dict[str, pa.DataType] = {
     "dispatch_ms": _F,
     "combine_ms": _F,
     "comm_bytes": _I,
+    # where the time goes (moebench.measure.phases / profile)
+    "router_ms": _F,
+    "permute_ms": _F,
+    "expert_ms": _F,
+    "unpermute_ms": _F,
+    "shared_ms": _F,
+    "other_ms": _F,
+    "phase_latency_ms": _F,
+    "kernel_launches": _F,
+    "device_busy_frac": _F,
+    "host_sync_count": _F,
     # balance
     "tokens_per_expert": pa.list_(_I),
     "imbalance": _F,
@@ -108,6 +123,14 @@ COLUMNS: dict[str, pa.DataType] = {
     "rel_err": _F,
     "fidelity_err": _F,
     "tolerance": _F,
+}
+KERNEL_COLUMNS: dict[str, pa.DataType] = {
+    "case_id": _S,
+    "kernel": _S,
+    "kind": _S,
+    "calls_per_call": _F,
+    "device_ms": _F,
+    "share": _F,
 }
 STATUSES = ("ok", "mismatch", "error", "oom", "timeout", "crashed", "skipped")
 
@@ -189,8 +212,38 @@ class ResultStore:
         _atomic_write(row_table(row), path)
         return path
 
+    def write_trace(self, case_id: str, trace_json_gz: bytes) -> Path:
+        """Write one case's gzipped Chrome trace to traces/<case_id>.json.gz."""
+        folder = self.run_dir / "traces"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{case_id}.json.gz"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(trace_json_gz)
+        os.replace(tmp, path)
+        return path
+
+    def write_kernels(self, case_id: str, kernels: list[dict[str, Any]]) -> Path:
+        """Write one case's kernel table (rows of KERNEL_COLUMNS but case_id)."""
+        folder = self.run_dir / "kernels"
+        folder.mkdir(exist_ok=True)
+        arrays = {
+            name: pa.array(
+                [case_id] * len(kernels) if name == "case_id" else [k[name] for k in kernels],
+                type=typ,
+            )
+            for name, typ in KERNEL_COLUMNS.items()
+        }
+        path = folder / f"{case_id}.parquet"
+        _atomic_write(pa.table(arrays), path)
+        return path
+
     def consolidate(self) -> Path:
-        """Join every part into results.parquet, with run.json in the schema metadata."""
+        """Join every part into results.parquet, with run.json in the schema metadata
+        (and the kernel tables, if any, into kernels.parquet)."""
+        kernel_parts = sorted((self.run_dir / "kernels").glob("*.parquet"))
+        if kernel_parts:
+            kernels = pa.concat_tables([pq.read_table(p) for p in kernel_parts])
+            _atomic_write(kernels, self.run_dir / KERNELS_FILE)
         parts = sorted(self.parts_dir.glob("*.parquet"))
         tables = [pq.read_table(p) for p in parts]
         if tables:
@@ -252,3 +305,19 @@ def read_metadata(spec: str | Path, root: str | Path = "results") -> dict[str, A
         return ResultStore(path).read_meta()
     raw = pq.read_schema(path).metadata or {}
     return json.loads(raw.get(METADATA_KEY, b"{}"))
+
+
+def read_kernels(spec: str | Path, root: str | Path = "results") -> pd.DataFrame | None:
+    """The kernel table of a run made with --profile (kernels.parquet beside its results,
+    or the parts of an unfinished run); None when the run has none."""
+    path = resolve_run(spec, root)
+    folder = path if path.is_dir() else path.parent
+    try:
+        if (folder / KERNELS_FILE).is_file():
+            return pq.read_table(folder / KERNELS_FILE).to_pandas()
+        parts = sorted((folder / "kernels").glob("*.parquet"))
+        if not parts:
+            return None
+        return pa.concat_tables([pq.read_table(p) for p in parts]).to_pandas()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StoreError(f"cannot read the kernel table at {folder}: {exc}") from exc

@@ -34,10 +34,10 @@ import torch.distributed as dist
 from moebench.case import Case
 from moebench.distributed.dispatcher import AllToAllDispatcher, Route, Splits, Traffic
 from moebench.distributed.group import backend_for, ep_problem
-from moebench.distributed.phases import NULL_TIMER, NullTimer, PhaseTimer
 from moebench.impls.capacity import expert_capacity, slot_positions
 from moebench.impls.grouped import GroupedMoE
 from moebench.layer import LayerStats, MoELayer, swiglu
+from moebench.measure.phases import NULL_TIMER, NullTimer, PhaseTimer
 from moebench.weights import ExpertWeights
 
 

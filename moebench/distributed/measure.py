@@ -50,7 +50,6 @@ from moebench import registry
 from moebench.case import Case
 from moebench.distributed.group import token_bounds, use_group
 from moebench.distributed.layer import ExpertParallelMoE
-from moebench.distributed.phases import NULL_TIMER, PHASES, PhaseTimer
 from moebench.impls.reference import reference_output
 from moebench.measure import counters
 from moebench.measure.case_run import (
@@ -60,12 +59,11 @@ from moebench.measure.case_run import (
     relative_error,
 )
 from moebench.measure.memory import peak_during, weight_bytes
+from moebench.measure.phases import BREAKDOWN_REPEATS, NULL_TIMER, PhaseTimer
+from moebench.measure.phases import EP_PHASES as PHASES
 from moebench.measure.stats import summarize
 from moebench.measure.timing import L2_FLUSH_BYTES, TimingPlan, repeat_in_batches
 from moebench.weights import ExpertWeights, make_inputs, make_weights, torch_dtype
-
-BREAKDOWN_REPEATS = 20
-"""Instrumented steps of the phase breakdown (fewer if the latency loop ran fewer)."""
 
 
 class Aligner:

@@ -51,21 +51,25 @@ class CapacityMoE(MoELayer):
         self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
     ) -> torch.Tensor:
         T, D = x_TD.shape
-        capacity = expert_capacity(T, self.top_k, self.num_experts, self.capacity_factor)
-        pos_TK = slot_positions(expert_ids_TK, self.num_experts)
-        keep_TK = pos_TK < capacity
-        self._last_dropped_TK = ~keep_TK
-        token_idx, slot_idx = torch.nonzero(keep_TK, as_tuple=True)
-        experts = expert_ids_TK[token_idx, slot_idx]
-        positions = pos_TK[token_idx, slot_idx]
-        buffer_ECD = x_TD.new_zeros(self.num_experts, capacity, D)
-        buffer_ECD[experts, positions] = x_TD[token_idx]
-        h_ECF = F.silu(torch.bmm(buffer_ECD, self.w_gate_EDF)) * torch.bmm(
-            buffer_ECD, self.w_up_EDF
-        )
-        out_ECD = torch.bmm(h_ECF, self.w_down_EFD)
-        out_ND = out_ECD[experts, positions] * gate_weights_TK[token_idx, slot_idx, None]
-        return torch.zeros_like(x_TD).index_add(0, token_idx, out_ND)
+        timer = self.timer
+        with timer.phase("permute"):
+            capacity = expert_capacity(T, self.top_k, self.num_experts, self.capacity_factor)
+            pos_TK = slot_positions(expert_ids_TK, self.num_experts)
+            keep_TK = pos_TK < capacity
+            self._last_dropped_TK = ~keep_TK
+            token_idx, slot_idx = torch.nonzero(keep_TK, as_tuple=True)
+            experts = expert_ids_TK[token_idx, slot_idx]
+            positions = pos_TK[token_idx, slot_idx]
+            buffer_ECD = x_TD.new_zeros(self.num_experts, capacity, D)
+            buffer_ECD[experts, positions] = x_TD[token_idx]
+        with timer.phase("expert"):
+            h_ECF = F.silu(torch.bmm(buffer_ECD, self.w_gate_EDF)) * torch.bmm(
+                buffer_ECD, self.w_up_EDF
+            )
+            out_ECD = torch.bmm(h_ECF, self.w_down_EFD)
+        with timer.phase("unpermute"):
+            out_ND = out_ECD[experts, positions] * gate_weights_TK[token_idx, slot_idx, None]
+            return torch.zeros_like(x_TD).index_add(0, token_idx, out_ND)
 
 
 @register(

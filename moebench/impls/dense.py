@@ -12,11 +12,17 @@ from torch import nn
 
 from moebench.case import Case
 from moebench.layer import swiglu
+from moebench.measure.phases import NULL_TIMER, Timer
 from moebench.registry import register
 from moebench.weights import ExpertWeights
 
 
 class DenseFFN(nn.Module):
+    """Not a MoELayer: it marks its one phase itself (the phase API of
+    moebench.measure.phases), as a plugin's own module would."""
+
+    timer: Timer = NULL_TIMER
+
     def __init__(self, weights: ExpertWeights, case: Case):
         super().__init__()
         k = weights.shape.top_k
@@ -32,7 +38,8 @@ class DenseFFN(nn.Module):
         self.w_down_FD = nn.Parameter(torch.cat(down, dim=0))
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return swiglu(x_TD, self.w_gate_DF, self.w_up_DF, self.w_down_FD)
+        with self.timer.phase("expert"):
+            return swiglu(x_TD, self.w_gate_DF, self.w_up_DF, self.w_down_FD)
 
     def param_counts(self) -> tuple[int, int]:
         """(total, active per token): every parameter is active for every token."""

@@ -103,7 +103,8 @@ class DSMoELayer(GroupedMoE):
         self._last_ds: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        probs_TE = router_probs(self.router, x_TD)
+        with self.timer.phase("router"):
+            probs_TE = router_probs(self.router, x_TD)
         if self.rule.runs_dense:
             self._last_ds = (x_TD.detach(), probs_TE.detach(), None)
             return self.dense(x_TD, probs_TE)
@@ -114,19 +115,22 @@ class DSMoELayer(GroupedMoE):
     def dense(self, x_TD: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
         """sum_e p_e FFN_e(x) + shared, every expert on every token."""
         T, D = x_TD.shape
-        h_ETF = F.silu(torch.matmul(x_TD, self.w_gate_EDF)) * torch.matmul(x_TD, self.w_up_EDF)
-        h_ETF = h_ETF * probs_TE.t().to(x_TD.dtype)[..., None]
-        h_TX = h_ETF.transpose(0, 1).reshape(T, -1)  # expert-major, like w_down's rows
-        y_TD = h_TX @ self.w_down_EFD.reshape(-1, D)
+        with self.timer.phase("expert"):
+            h_ETF = F.silu(torch.matmul(x_TD, self.w_gate_EDF)) * torch.matmul(x_TD, self.w_up_EDF)
+            h_ETF = h_ETF * probs_TE.t().to(x_TD.dtype)[..., None]
+            h_TX = h_ETF.transpose(0, 1).reshape(T, -1)  # expert-major, like w_down's rows
+            y_TD = h_TX @ self.w_down_EFD.reshape(-1, D)
         return self.add_shared(x_TD, y_TD)
 
     def sparse(
         self, x_TD: torch.Tensor, probs_TE: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(y_TD, mask_TE): the rule's experts only, weighted by p_e."""
-        mask_TE = self.rule.mask(probs_TE)
-        expert_A, token_A = torch.nonzero(mask_TE.t(), as_tuple=True)
-        weight_A = probs_TE[token_A, expert_A]
+        with self.timer.phase("router"):
+            mask_TE = self.rule.mask(probs_TE)
+        with self.timer.phase("permute"):
+            expert_A, token_A = torch.nonzero(mask_TE.t(), as_tuple=True)
+            weight_A = probs_TE[token_A, expert_A]
         y_TD = self.routed_assignments(x_TD, token_A, expert_A, weight_A)
         return self.add_shared(x_TD, y_TD), mask_TE
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moebench.case import Case
-from moebench.layer import MoELayer, expert_parameters, swiglu
+from moebench.layer import MoELayer, expert_parameters
 from moebench.registry import register
 from moebench.weights import ExpertWeights
 
@@ -72,18 +72,17 @@ class GroupedMoE(MoELayer):
         in x's dtype: assignments sorted by expert, one grouped GEMM per weight matrix."""
         if token_A.numel() == 0:
             return torch.zeros_like(x_TD)
-        order_A = torch.argsort(expert_A, stable=True)
-        token_A = token_A[order_A]
-        counts_E = torch.bincount(expert_A, minlength=self.num_experts)
-        out_AD = self._experts(x_TD[token_A], counts_E)
-        out_AD = out_AD * weight_A[order_A, None].to(x_TD.dtype)
-        return torch.zeros_like(x_TD).index_add(0, token_A, out_AD)
-
-    def add_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
-        """y plus the shared experts' output (if the shape has shared experts)."""
-        if self.shared is None:
-            return y_TD
-        return y_TD + swiglu(x_TD, *self.shared)
+        timer = self.timer
+        with timer.phase("permute"):
+            order_A = torch.argsort(expert_A, stable=True)
+            token_A = token_A[order_A]
+            counts_E = torch.bincount(expert_A, minlength=self.num_experts)
+            x_AD = x_TD[token_A]
+        with timer.phase("expert"):
+            out_AD = self._experts(x_AD, counts_E)
+        with timer.phase("unpermute"):
+            out_AD = out_AD * weight_A[order_A, None].to(x_TD.dtype)
+            return torch.zeros_like(x_TD).index_add(0, token_A, out_AD)
 
     def active_param_counts(self, experts_per_token: float) -> tuple[int, int]:
         """(total, active per token) for a layer whose tokens use `experts_per_token`
@@ -97,13 +96,18 @@ class GroupedMoE(MoELayer):
     def routed(
         self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
     ) -> torch.Tensor:
-        expert_ids_A = expert_ids_TK.flatten()
-        order_A = torch.argsort(expert_ids_A, stable=True)
-        token_of_A = order_A // self.top_k
-        counts_E = torch.bincount(expert_ids_A, minlength=self.num_experts)
-        out_AD = self._experts(x_TD[token_of_A], counts_E)
-        out_AD = out_AD * gate_weights_TK.flatten()[order_A, None]
-        return torch.zeros_like(x_TD).index_add(0, token_of_A, out_AD)
+        timer = self.timer
+        with timer.phase("permute"):
+            expert_ids_A = expert_ids_TK.flatten()
+            order_A = torch.argsort(expert_ids_A, stable=True)
+            token_of_A = order_A // self.top_k
+            counts_E = torch.bincount(expert_ids_A, minlength=self.num_experts)
+            x_AD = x_TD[token_of_A]
+        with timer.phase("expert"):
+            out_AD = self._experts(x_AD, counts_E)
+        with timer.phase("unpermute"):
+            out_AD = out_AD * gate_weights_TK.flatten()[order_A, None]
+            return torch.zeros_like(x_TD).index_add(0, token_of_A, out_AD)
 
 
 @register(

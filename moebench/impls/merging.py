@@ -325,24 +325,29 @@ class MergedMoE(GroupedMoE):
         self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
     ) -> torch.Tensor:
         T, K = expert_ids_TK.shape
-        group_TK = self.group_of_E[expert_ids_TK]
-        token_A = torch.arange(T * K, device=x_TD.device) // K
-        group_A, weight_A = group_TK.flatten(), gate_weights_TK.flatten()
-        if self.has_merged:
-            # Slot k repeats an earlier slot j < k's group: fold its gate into slot j.
-            same_TKK = group_TK[:, :, None] == group_TK[:, None, :]
-            earlier_KK = torch.ones(K, K, dtype=torch.bool, device=x_TD.device).tril(-1)
-            keep_A = ~(same_TKK & earlier_KK).any(dim=-1).flatten()
-            combined_TK = (same_TKK * gate_weights_TK[:, None, :]).sum(dim=-1)
-            group_A, token_A = group_A[keep_A], token_A[keep_A]
-            weight_A = combined_TK.flatten()[keep_A]
-        self._last_group_A = group_A
-        order_A = torch.argsort(group_A, stable=True)
-        token_of_A = token_A[order_A]
-        counts_G = torch.bincount(group_A, minlength=self.num_groups)
-        out_AD = self._experts(x_TD[token_of_A], counts_G)
-        out_AD = out_AD * weight_A[order_A, None]
-        return torch.zeros_like(x_TD).index_add(0, token_of_A, out_AD)
+        timer = self.timer
+        with timer.phase("permute"):
+            group_TK = self.group_of_E[expert_ids_TK]
+            token_A = torch.arange(T * K, device=x_TD.device) // K
+            group_A, weight_A = group_TK.flatten(), gate_weights_TK.flatten()
+            if self.has_merged:
+                # Slot k repeats an earlier slot j < k's group: fold its gate into slot j.
+                same_TKK = group_TK[:, :, None] == group_TK[:, None, :]
+                earlier_KK = torch.ones(K, K, dtype=torch.bool, device=x_TD.device).tril(-1)
+                keep_A = ~(same_TKK & earlier_KK).any(dim=-1).flatten()
+                combined_TK = (same_TKK * gate_weights_TK[:, None, :]).sum(dim=-1)
+                group_A, token_A = group_A[keep_A], token_A[keep_A]
+                weight_A = combined_TK.flatten()[keep_A]
+            self._last_group_A = group_A
+            order_A = torch.argsort(group_A, stable=True)
+            token_of_A = token_A[order_A]
+            counts_G = torch.bincount(group_A, minlength=self.num_groups)
+            x_AD = x_TD[token_of_A]
+        with timer.phase("expert"):
+            out_AD = self._experts(x_AD, counts_G)
+        with timer.phase("unpermute"):
+            out_AD = out_AD * weight_A[order_A, None]
+            return torch.zeros_like(x_TD).index_add(0, token_of_A, out_AD)
 
     def stats(self) -> LayerStats | None:
         """Load per merged expert (group) of the last forward; aux loss of the router."""

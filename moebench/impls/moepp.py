@@ -173,17 +173,20 @@ class MoEPPLayer(GroupedMoE):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(y_TD, this layer's router scores for the next layer's gating residual)."""
         c = self.counts
-        x32_TD = x_TD.float()
-        gate32_TK, expert_ids_TK, probs_TN, scores_TN = self.router(x32_TD, carry_TN)
-        gate_TK = gate32_TK.to(x_TD.dtype)  # rounded as the base router rounds it
+        timer = self.timer
+        with timer.phase("router"):
+            x32_TD = x_TD.float()
+            gate32_TK, expert_ids_TK, probs_TN, scores_TN = self.router(x32_TD, carry_TN)
+            gate_TK = gate32_TK.to(x_TD.dtype)  # rounded as the base router rounds it
         self._last_moepp = (expert_ids_TK, probs_TN.detach())
 
-        token_A, slot_A = torch.nonzero(expert_ids_TK < c.ffn, as_tuple=True)
-        y_TD = self.routed_assignments(
-            x_TD, token_A, expert_ids_TK[token_A, slot_A], gate_TK[token_A, slot_A]
-        )
+        with timer.phase("permute"):
+            token_A, slot_A = torch.nonzero(expert_ids_TK < c.ffn, as_tuple=True)
+            expert_A, weight_A = expert_ids_TK[token_A, slot_A], gate_TK[token_A, slot_A]
+        y_TD = self.routed_assignments(x_TD, token_A, expert_A, weight_A)
         if c.copy or c.const:
-            y_TD = y_TD + self._zero_computation(x32_TD, gate_TK.float(), expert_ids_TK)
+            with timer.phase("expert"):  # the zero-computation experts
+                y_TD = y_TD + self._zero_computation(x32_TD, gate_TK.float(), expert_ids_TK)
         return self.add_shared(x_TD, y_TD), scores_TN
 
     def _zero_computation(

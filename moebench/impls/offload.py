@@ -241,11 +241,26 @@ class OffloadMoE(MoELayer):
         counters = self.counters
         counters.forwards += 1
         counters.drain(wait=False)
-        expert_ids_A = expert_ids_TK.flatten()
-        order_A = torch.argsort(expert_ids_A, stable=True)
-        token_of_A = order_A // self.top_k
-        x_AD = x_TD[token_of_A]
-        counts = torch.bincount(expert_ids_A, minlength=self.num_experts).tolist()  # sync
+        with self.timer.phase("permute"):
+            expert_ids_A = expert_ids_TK.flatten()
+            order_A = torch.argsort(expert_ids_A, stable=True)
+            token_of_A = order_A // self.top_k
+            x_AD = x_TD[token_of_A]
+            sorted_ids_A = expert_ids_A[order_A]
+            counts = torch.bincount(expert_ids_A, minlength=self.num_experts).tolist()  # sync
+        with self.timer.phase("expert"):  # copies in, cached experts first, LRU upkeep
+            out_AD = self._compute(x_AD, sorted_ids_A, counts)
+        with self.timer.phase("unpermute"):
+            out_AD = out_AD * gate_weights_TK.flatten()[order_A, None]
+            return torch.zeros_like(x_TD).index_add(0, token_of_A, out_AD)
+
+    def _compute(
+        self, x_AD: torch.Tensor, sorted_ids_A: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
+        """Every routed expert's rows of x_AD (sorted by expert, `counts` rows each)
+        through it: missing experts copied into free or least recently used slots while
+        cached ones compute."""
+        counters = self.counters
         starts = [0] * self.num_experts
         for e in range(1, self.num_experts):
             starts[e] = starts[e - 1] + counts[e - 1]
@@ -279,7 +294,7 @@ class OffloadMoE(MoELayer):
         out_AD = torch.empty_like(x_AD)
         batched = self.use_grouped_mm and len(hits) > 1
         if batched:  # every cached expert at once: their slots free for copies sooner
-            self._hits_at_once(x_AD, out_AD, expert_ids_A[order_A], hits, counts)
+            self._hits_at_once(x_AD, out_AD, sorted_ids_A, hits, counts)
             for expert in hits:
                 self.lru.use(expert)
                 pinned.discard(expert)
@@ -290,7 +305,7 @@ class OffloadMoE(MoELayer):
                 raise RuntimeError(f"offload: expert {expert} was not copied in")
             event = ready.get(expert)
             if event is not None:
-                torch.cuda.current_stream(x_TD.device).wait_event(event)
+                torch.cuda.current_stream(x_AD.device).wait_event(event)
             rows = slice(starts[expert], starts[expert] + counts[expert])
             out_AD[rows] = swiglu(
                 x_AD[rows],
@@ -303,8 +318,7 @@ class OffloadMoE(MoELayer):
             pinned.discard(expert)
             issue_copies()
         self._fill_free_slots()
-        out_AD = out_AD * gate_weights_TK.flatten()[order_A, None]
-        return torch.zeros_like(x_TD).index_add(0, token_of_A, out_AD)
+        return out_AD
 
     def _mark_read(self, slots: list[int]) -> None:
         """Record that the compute stream has read `slots` (a later copy into one waits)."""

@@ -25,18 +25,21 @@ class ReferenceMoE(MoELayer):
     def routed(
         self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
     ) -> torch.Tensor:
+        timer = self.timer
         y_TD = torch.zeros_like(x_TD)
         for expert in range(self.num_experts):
-            token_idx, slot_idx = torch.where(expert_ids_TK == expert)
-            if token_idx.numel() == 0:
-                continue
-            out = swiglu(
-                x_TD[token_idx],
-                self.w_gate_EDF[expert],
-                self.w_up_EDF[expert],
-                self.w_down_EFD[expert],
-            )
-            y_TD = y_TD.index_add(0, token_idx, out * gate_weights_TK[token_idx, slot_idx, None])
+            with timer.phase("permute"):
+                token_idx, slot_idx = torch.where(expert_ids_TK == expert)
+                if token_idx.numel() == 0:
+                    continue
+                x_ND = x_TD[token_idx]
+            with timer.phase("expert"):
+                out = swiglu(
+                    x_ND, self.w_gate_EDF[expert], self.w_up_EDF[expert], self.w_down_EFD[expert]
+                )
+            with timer.phase("unpermute"):
+                weighted = out * gate_weights_TK[token_idx, slot_idx, None]
+                y_TD = y_TD.index_add(0, token_idx, weighted)
         return y_TD
 
 

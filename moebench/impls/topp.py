@@ -70,11 +70,13 @@ class TopPMoE(GroupedMoE):
         self._last_topp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        probs_TE = router_probs(self.router, x_TD)
-        mask_TE, gate_TE = top_p_gates(probs_TE, self.p)
-        # expert-major order, so the assignments come out grouped by expert
-        expert_A, token_A = torch.nonzero(mask_TE.t(), as_tuple=True)
-        weight_A = gate_TE[token_A, expert_A]
+        with self.timer.phase("router"):
+            probs_TE = router_probs(self.router, x_TD)
+            mask_TE, gate_TE = top_p_gates(probs_TE, self.p)
+        with self.timer.phase("permute"):
+            # expert-major order, so the assignments come out grouped by expert
+            expert_A, token_A = torch.nonzero(mask_TE.t(), as_tuple=True)
+            weight_A = gate_TE[token_A, expert_A]
         self._last_topp = (expert_A, probs_TE.detach(), mask_TE.sum(dim=-1))
         y_TD = self.routed_assignments(x_TD, token_A, expert_A, weight_A)
         return self.add_shared(x_TD, y_TD)

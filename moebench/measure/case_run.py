@@ -22,6 +22,8 @@ from moebench.layer import LayerStats, Stack
 from moebench.measure import counters, nvml
 from moebench.measure.graph import graphed_step
 from moebench.measure.memory import peak_during, weight_bytes
+from moebench.measure.phases import timer_of
+from moebench.measure.profile import NO_PROFILE, ProfileOptions, where_time_goes
 from moebench.measure.stats import summarize
 from moebench.measure.timing import TimingPlan, time_repeats
 from moebench.weights import ExpertWeights, make_inputs, make_weights, torch_dtype, weights_key
@@ -101,7 +103,9 @@ def _step_fn(case: Case, layer: torch.nn.Module, inputs: list[torch.Tensor]):
         for p in params:
             p.grad = None
         x = inputs[i % len(inputs)]
-        layer(x).backward(grads[0])
+        y = layer(x)
+        with timer_of(layer).phase("backward"):
+            y.backward(grads[0])
 
     return train_step
 
@@ -111,8 +115,10 @@ def measure_case(
     plan: TimingPlan,
     cache: WeightCache,
     ceilings: dict[str, float] | None = None,
+    profile: ProfileOptions = NO_PROFILE,
 ) -> dict[str, Any]:
-    """Measure `case`; raises on failure (the runner turns exceptions into rows)."""
+    """Measure `case`; raises on failure (the runner turns exceptions into rows).
+    `profile`: what the profiling passes after timing add (--profile, --nvtx)."""
     info = registry.get(case.impl)
     device = torch.device(case.device)
     dtype = torch_dtype(case.dtype)
@@ -170,6 +176,9 @@ def measure_case(
         peak, added = peak_during(lambda: step(1), device)
         samples_ms = time_repeats(step, device, plan)
         energy = _energy(step, device) if device.type == "cuda" else None
+        # 3b. Where the time goes: phases (and with --profile a profiler pass), after timing.
+        mode = case.workload.mode
+        row.update(where_time_goes(mode, layer, step, device, samples_ms, profile, plan.flush_l2))
     # The layer's footprint: its own weights plus what one call adds at its peak
     # (activations, workspaces, gradients). The allocator's raw peak also counts the
     # harness's inputs and reference output, so it is kept apart.

@@ -1,0 +1,277 @@
+"""Where the time goes: the phase breakdown of every single-device implementation, the
+--profile pass (traces, kernel table, columns) and the phase API a plugin uses."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from moebench import registry
+from moebench.cli import EXIT_BAD_INPUT, main
+from moebench.distributed.group import EP_FAMILY
+from moebench.measure.case_run import WeightCache, measure_case
+from moebench.measure.phases import (
+    NULL_TIMER,
+    PHASES,
+    SINGLE_DEVICE_PHASES,
+    PhaseTimer,
+    RangeTimer,
+    nvtx_available,
+    phase_breakdown,
+    use_timer,
+)
+from moebench.measure.profile import CALL_RANGE, ProfileOptions, summarize_trace
+from moebench.measure.timing import TimingPlan
+from moebench.runner import run_cases
+from moebench.store import read_kernels, read_run
+from tests.conftest import FAST_PLAN, tiny_case
+
+SINGLE_DEVICE_IMPLS = sorted(
+    name for name, info in registry.available().items() if info.family != EP_FAMILY
+)
+PHASE_COLUMNS = [f"{name}_ms" for name in SINGLE_DEVICE_PHASES]
+# 20 timed calls, so the phase pass gets its full 20 (medians of 5 noisy calls need not add up)
+PHASE_PLAN = TimingPlan(budget_ms=1000, warmup=1, min_repeats=20, max_repeats=20)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine spinning worker threads make the
+    median of a few tiny calls meaningless."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ the phase API
+
+
+def test_phase_timer_sums_phases_and_refuses_bad_ones():
+    timer = PhaseTimer(torch.device("cpu"))
+    with timer.phase("expert"):
+        time.sleep(0.01)
+    with timer.phase("expert"):
+        time.sleep(0.01)
+    with timer.phase("router"):
+        pass
+    totals = timer.collect()
+    assert set(totals) == set(PHASES)
+    assert totals["expert"] >= 20 and 0 <= totals["router"] < 5 and totals["combine"] == 0
+    assert timer.collect()["expert"] == 0  # collect starts over
+    with pytest.raises(ValueError, match="unknown phase"), timer.phase("nap"):
+        pass
+    nested = "'permute' opened inside phase 'expert'"
+    with pytest.raises(ValueError, match=nested), timer.phase("expert"), timer.phase("permute"):
+        pass
+    with timer.phase("router"):  # a failed phase leaves the timer usable
+        pass
+    with pytest.raises(ValueError, match="unknown phase"), RangeTimer().phase("nap"):
+        pass
+
+
+class OwnPhases(nn.Module):
+    """A plugin's layer that is no MoELayer and marks its own phases."""
+
+    timer = NULL_TIMER
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+
+    def forward(self, x):
+        with self.timer.phase("router"):
+            time.sleep(0.002)
+        with self.timer.phase("expert"):
+            time.sleep(0.006)
+        time.sleep(0.002)  # unmarked: other_ms
+        return self.inner(x)
+
+
+def test_a_module_of_its_own_marks_phases_and_gets_its_timer_back():
+    layer = OwnPhases()
+    x = torch.randn(2, 8)
+    columns = phase_breakdown(layer, lambda i: layer(x), torch.device("cpu"), repeats=3)
+    assert set(columns) == {*PHASE_COLUMNS, "other_ms", "phase_latency_ms"}
+    assert 1.5 <= columns["router_ms"] < 6 and 5 <= columns["expert_ms"] < 12
+    assert columns["permute_ms"] == 0 and columns["other_ms"] >= 1.5
+    assert layer.timer is NULL_TIMER  # restored after the pass
+    with pytest.raises(RuntimeError, match="boom"), use_timer(layer, RangeTimer()):
+        assert layer.timer is not NULL_TIMER
+        raise RuntimeError("boom")
+    assert layer.timer is NULL_TIMER
+
+
+# ------------------------------------------------------------------ every implementation
+
+
+@pytest.mark.parametrize("impl", SINGLE_DEVICE_IMPLS)
+def test_every_single_device_impl_reports_its_phases(impl, one_thread):
+    # dsmoe's default rule (threshold 0) runs every expert densely: ask for its sparse path
+    options = (("sparse", "topk"),) if impl == "dsmoe" else ()
+    case = tiny_case(impl, shared_experts=1, batch=4, options=options)
+    row = measure_case(case, PHASE_PLAN, WeightCache())
+    assert row["status"] == "ok", row.get("error")
+    for column in [*PHASE_COLUMNS, "other_ms", "phase_latency_ms"]:
+        assert row[column] >= 0, column
+    assert row["expert_ms"] > 0
+    if impl != "dense":  # dense has no router, no permutation, its shared FFN is fused
+        assert row["router_ms"] > 0 and row["shared_ms"] > 0
+        assert row["permute_ms"] > 0 and row["unpermute_ms"] > 0
+    accounted = sum(row[c] for c in PHASE_COLUMNS) + row["other_ms"]
+    assert accounted == pytest.approx(row["phase_latency_ms"], rel=0.10)
+    assert row["phase_repeats"] == row["repeats"] == 20
+    assert "kernel_launches" not in row  # no profiler pass without --profile
+
+
+def test_train_mode_marks_the_backward_call(one_thread):
+    for impl in ("grouped", "reference"):
+        row = measure_case(tiny_case(impl, mode="train", layers=2), PHASE_PLAN, WeightCache())
+        assert row["status"] == "ok" and row["backward_ms"] > 0 and row["expert_ms"] > 0
+        accounted = sum(row[c] for c in [*PHASE_COLUMNS, "backward_ms", "other_ms"])
+        assert accounted == pytest.approx(row["phase_latency_ms"], rel=0.10)
+
+
+# ------------------------------------------------------------------ --profile
+
+
+def test_profile_run_writes_traces_and_a_kernel_table(tmp_path, one_thread):
+    cases = [tiny_case("grouped"), tiny_case("reference"), tiny_case("dense")]
+    outcome = run_cases(
+        cases,
+        suite_name="prof",
+        plan=FAST_PLAN,
+        timeout_s=60,
+        out_root=tmp_path,
+        isolate=False,
+        profile=ProfileOptions(trace=True),
+    )
+    frame = read_run(outcome.run_dir)
+    assert (frame["status"] == "ok").all()
+    assert not any(c.startswith("_profile") for c in frame.columns)
+    for case_id, impl in zip(frame["case_id"], frame["impl"]):
+        with gzip.open(outcome.run_dir / "traces" / f"{case_id}.json.gz", "rt") as stream:
+            names = {e.get("name") for e in json.load(stream)["traceEvents"]}
+        assert CALL_RANGE in names and "expert" in names
+        if impl != "dense":
+            assert {"router", "permute", "unpermute"} <= names
+    kernels = read_kernels(outcome.run_dir)
+    assert (outcome.run_dir / "kernels.parquet").is_file()
+    joined = kernels.merge(frame[["case_id", "impl", "kernel_launches"]], on="case_id")
+    assert len(joined) == len(kernels) and set(joined["impl"]) == {"grouped", "reference", "dense"}
+    for _, part in joined.groupby("case_id"):
+        assert part["share"].sum() == pytest.approx(1.0)
+        assert part["calls_per_call"].sum() == pytest.approx(part["kernel_launches"].iloc[0])
+        assert (part["kind"] == "cpu_op").all() and part["kernel"].str.startswith("aten::").all()
+    assert "aten::matmul" in set(joined.loc[joined["impl"] == "dense", "kernel"])
+    by_impl = frame.set_index("impl")
+    # the per-expert loop launches more operators than the grouped layer
+    assert by_impl.loc["reference", "kernel_launches"] > by_impl.loc["grouped", "kernel_launches"]
+    assert ((frame["device_busy_frac"] > 0) & (frame["device_busy_frac"] <= 1.0)).all()
+    assert frame["host_sync_count"].isna().all()  # CPU: nothing to synchronise with
+
+
+def test_a_run_without_profile_has_no_sidecar(tmp_path, one_thread):
+    outcome = run_cases(
+        [tiny_case("grouped")],
+        suite_name="plain",
+        plan=FAST_PLAN,
+        timeout_s=60,
+        out_root=tmp_path,
+        isolate=False,
+    )
+    assert read_kernels(outcome.run_dir) is None
+    assert not (outcome.run_dir / "traces").exists()
+    assert read_run(outcome.run_dir)["expert_ms"].iloc[0] > 0
+
+
+def _x(name, cat, ts, dur, tid=1):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "pid": 1}
+
+
+def test_cuda_trace_counts_kernels_and_syncs_inside_calls_only():
+    events = [
+        _x(CALL_RANGE, "user_annotation", 0, 100),
+        _x("cudaLaunchKernel", "cuda_runtime", 10, 2),
+        _x("cudaStreamSynchronize", "cuda_runtime", 50, 20),  # .item() inside a call
+        _x(CALL_RANGE, "user_annotation", 200, 100),
+        _x("cudaStreamSynchronize", "cuda_runtime", 250, 20),
+        _x("cudaDeviceSynchronize", "cuda_runtime", 400, 5),  # the harness's own: outside
+        _x("gemm_kernel", "kernel", 20, 30, tid=7),
+        _x("gemm_kernel", "kernel", 220, 30, tid=7),
+        _x("scatter_kernel", "kernel", 60, 10, tid=7),
+        _x("scatter_kernel", "kernel", 260, 10, tid=7),
+        _x("Memcpy DtoH (Device -> Pageable)", "gpu_memcpy", 70, 2, tid=7),
+        _x("Memcpy DtoH (Device -> Pageable)", "gpu_memcpy", 270, 2, tid=7),
+    ]
+    summary = summarize_trace({"traceEvents": events}, on_cuda=True, latency_ms=0.084)
+    assert summary.columns["kernel_launches"] == 2  # per call; copies are not launches
+    assert summary.columns["host_sync_count"] == 1
+    assert summary.columns["device_busy_frac"] == pytest.approx(0.042 / 0.084)
+    table = {k["kernel"]: k for k in summary.kernels}
+    assert table["gemm_kernel"]["calls_per_call"] == 1 and table["gemm_kernel"]["kind"] == "kernel"
+    assert table["gemm_kernel"]["device_ms"] == pytest.approx(0.030)
+    assert table["gemm_kernel"]["share"] == pytest.approx(30 / 42)
+    assert table["Memcpy DtoH (Device -> Pageable)"]["kind"] == "memcpy"
+    assert summary.kernels[0]["kernel"] == "gemm_kernel"  # largest first
+
+
+def test_cpu_trace_counts_top_level_ops_of_the_calls():
+    events = [
+        _x(CALL_RANGE, "user_annotation", 0, 100),
+        _x("expert", "user_annotation", 5, 60),
+        _x("aten::matmul", "cpu_op", 10, 40),
+        _x("aten::mm", "cpu_op", 12, 35),  # inside matmul: not top level
+        _x("aten::index_add", "cpu_op", 60, 20),
+        _x("aten::matmul", "cpu_op", 10, 40, tid=2),  # another thread, no call range
+        _x("aten::empty", "cpu_op", 150, 1),  # outside the call
+    ]
+    summary = summarize_trace({"traceEvents": events}, on_cuda=False, latency_ms=99.0)
+    assert summary.columns["kernel_launches"] == 2
+    assert summary.columns["device_busy_frac"] == pytest.approx(60 / 100)
+    assert summary.columns["host_sync_count"] is None
+    assert [k["kernel"] for k in summary.kernels] == ["aten::matmul", "aten::index_add"]
+
+
+def test_a_trace_without_calls_is_refused():
+    with pytest.raises(ValueError, match="no 'moebench call' range"):
+        summarize_trace({"traceEvents": [_x("aten::mm", "cpu_op", 0, 1)]}, False, 1.0)
+
+
+@pytest.mark.skipif(nvtx_available(), reason="this torch has NVTX")
+def test_nvtx_without_a_cuda_build_is_bad_input(tmp_path, capsys):
+    code = main(["run", "suites/smoke.toml", "--nvtx", "--out", str(tmp_path), "--quiet"])
+    assert code == EXIT_BAD_INPUT
+    assert "--nvtx needs a CUDA build of torch" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_profile_sees_kernels_and_syncs(tmp_path):
+    cases = [
+        tiny_case(impl, device="cuda", hidden=256, ffn=512, batch=8)
+        for impl in ("grouped", "offload")
+    ]
+    outcome = run_cases(
+        cases,
+        suite_name="prof-cuda",
+        plan=FAST_PLAN,
+        timeout_s=120,
+        out_root=tmp_path,
+        isolate=False,
+        profile=ProfileOptions(trace=True, nvtx=True),
+    )
+    frame = read_run(outcome.run_dir).set_index("impl")
+    assert (frame["status"] == "ok").all()
+    assert (frame["kernel_launches"] > 0).all()
+    assert ((frame["device_busy_frac"] > 0) & (frame["device_busy_frac"] < 2)).all()
+    assert frame.loc["offload", "host_sync_count"] >= 1  # its counts .tolist()
+    kernels = read_kernels(outcome.run_dir)
+    assert "kernel" in set(kernels["kind"]) and not kernels["kernel"].str.startswith("aten::").any()
+    assert isinstance(kernels, pd.DataFrame)
