@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import time
 
 import pandas as pd
@@ -99,7 +100,8 @@ def test_a_module_of_its_own_marks_phases_and_gets_its_timer_back():
     x = torch.randn(2, 8)
     columns = phase_breakdown(layer, lambda i: layer(x), torch.device("cpu"), repeats=3)
     assert set(columns) == {*PHASE_COLUMNS, "other_ms", "phase_latency_ms"}
-    assert 1.5 <= columns["router_ms"] < 6 and 5 <= columns["expert_ms"] < 12
+    # sleeps last at least as long as asked; a loaded host may make them longer
+    assert columns["router_ms"] >= 2 and columns["expert_ms"] >= 6
     assert columns["permute_ms"] == 0 and columns["other_ms"] >= 1.5
     assert layer.timer is NULL_TIMER  # restored after the pass
     with pytest.raises(RuntimeError, match="boom"), use_timer(layer, RangeTimer()):
@@ -175,6 +177,38 @@ def test_profile_run_writes_traces_and_a_kernel_table(tmp_path, one_thread):
     assert by_impl.loc["reference", "kernel_launches"] > by_impl.loc["grouped", "kernel_launches"]
     assert ((frame["device_busy_frac"] > 0) & (frame["device_busy_frac"] <= 1.0)).all()
     assert frame["host_sync_count"].isna().all()  # CPU: nothing to synchronise with
+
+
+def test_the_report_draws_phases_top_kernels_and_markers(tmp_path, one_thread):
+    pytest.importorskip("plotly")
+    from moebench.report.build import write_report
+    from moebench.report.figures_profile import bound_marker
+
+    assert bound_marker(0.2, 3.0) == "sync-bound"
+    assert bound_marker(0.2, None) == bound_marker(0.2, 0.0) == "launch-bound"
+    assert bound_marker(0.9, 3.0) == bound_marker(None, 3.0) == bound_marker(math.nan, 0) == ""
+    outcome = run_cases(
+        [tiny_case("grouped"), tiny_case("reference", shared_experts=1)],
+        suite_name="prof-report",
+        plan=FAST_PLAN,
+        timeout_s=60,
+        out_root=tmp_path,
+        isolate=False,
+        profile=ProfileOptions(trace=True),
+    )
+    # A host that is busy a tenth of the call: the case must be marked launch-bound.
+    part = next((outcome.run_dir / "parts").glob("*.parquet"))
+    row = pd.read_parquet(part)
+    row["device_busy_frac"] = 0.1
+    row.to_parquet(part)
+    (outcome.run_dir / "results.parquet").unlink()
+    result = write_report([outcome.run_dir], tmp_path / "report.html")
+    page = result.path.read_text()
+    figures = {f["id"]: f for f in result.manifest["figures"]}
+    assert figures["fig-phases"]["traces"] >= 5  # router ... other, and the marker text
+    assert not {o["section"] for o in result.manifest["omitted"]} & {"phases", "kernels"}
+    assert "shared experts" in page and "launch-bound" in page
+    assert 'id="kernels"' in page and "aten::" in page
 
 
 def test_a_run_without_profile_has_no_sidecar(tmp_path, one_thread):

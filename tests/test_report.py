@@ -85,6 +85,7 @@ EXPECTED_FIGURES = {
     "fig-roofline",
     "fig-balance-e4",
     "fig-balance-e8",
+    "fig-phases",
     "fig-fidelity",
 }
 
@@ -99,7 +100,8 @@ def test_every_expected_figure_has_data(single_page):
         traces = figure_json(page, div_id)
         assert any(t.get("y") or t.get("z") for t in traces), div_id
     omitted = {o["section"]: o["reason"] for o in manifest["omitted"]}
-    assert set(omitted) == {"communication", "energy", "comparison"}
+    assert set(omitted) == {"communication", "energy", "comparison", "kernels"}
+    assert "--profile" in omitted["kernels"]
     assert "single-device" in omitted["communication"]
     for section in omitted:
         assert f'data-omitted="{section}"' in page
@@ -271,7 +273,9 @@ def test_a_sweep_of_hundreds_of_cases_stays_readable_and_small():
     figures = {f["id"]: f for f in manifest["figures"]}
     assert {"fig-communication", "fig-energy", "fig-roofline"} <= set(figures)
     assert manifest["omitted"] == [
-        {"section": "comparison", "reason": "one run: nothing to compare (name two or more)"}
+        {"section": "phases", "reason": "no case has a phase breakdown (runs made before it)"},
+        {"section": "kernels", "reason": "no run was made with --profile"},
+        {"section": "comparison", "reason": "one run: nothing to compare (name two or more)"},
     ]
     by_key = {s.key: s for s in sections}
     throughput = by_key["throughput"].figures[0][1]

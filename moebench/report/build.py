@@ -33,9 +33,10 @@ def render_report(data: ReportData) -> tuple[str, list[Any]]:
 
     from moebench import __version__
     from moebench.report.figures import build_sections
+    from moebench.report.figures_profile import with_profile_sections
     from moebench.report.page import render_page
 
-    sections = build_sections(data)
+    sections = with_profile_sections(build_sections(data), data)
     drawn = any(section.figures for section in sections)
     # plotly.js (~5 MB) is inlined once, and only when there is a figure to draw.
     page = render_page(
