@@ -149,13 +149,14 @@ class HierarchicalMoE(GroupedMoE):
         self._last_groups: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        routing = route_two_levels(
-            x_TD.float(),
-            self.w_primary_DG,
-            self.router.w_router_DE,
-            self.router.bias_E,
-            self.hierarchy,
-        )
+        with self.timer.phase("router"):
+            routing = route_two_levels(
+                x_TD.float(),
+                self.w_primary_DG,
+                self.router.w_router_DE,
+                self.router.bias_E,
+                self.hierarchy,
+            )
         # What MoELayer.stats() reads: the sub-expert assignments and their distribution.
         self._last = (routing.expert_ids_TK, routing.probs_TE.detach())
         self._last_groups = (routing.group_ids_TA, routing.group_probs_TG.detach())
