@@ -143,17 +143,21 @@ def test_train_mode_marks_the_backward_call(one_thread):
 # ------------------------------------------------------------------ --profile
 
 
-def test_profile_run_writes_traces_and_a_kernel_table(tmp_path, one_thread):
-    cases = [tiny_case("grouped"), tiny_case("reference"), tiny_case("dense")]
-    outcome = run_cases(
+def _run(tmp_path, cases, profile: ProfileOptions):
+    return run_cases(
         cases,
         suite_name="prof",
         plan=FAST_PLAN,
-        timeout_s=60,
+        timeout_s=120,
         out_root=tmp_path,
         isolate=False,
-        profile=ProfileOptions(trace=True),
+        profile=profile,
     )
+
+
+def test_profile_run_writes_traces_and_a_kernel_table(tmp_path, one_thread):
+    cases = [tiny_case("grouped"), tiny_case("reference"), tiny_case("dense")]
+    outcome = _run(tmp_path, cases, ProfileOptions(trace=True))
     frame = read_run(outcome.run_dir)
     assert (frame["status"] == "ok").all()
     assert not any(c.startswith("_profile") for c in frame.columns)
@@ -187,15 +191,8 @@ def test_the_report_draws_phases_top_kernels_and_markers(tmp_path, one_thread):
     assert bound_marker(0.2, 3.0) == "sync-bound"
     assert bound_marker(0.2, None) == bound_marker(0.2, 0.0) == "launch-bound"
     assert bound_marker(0.9, 3.0) == bound_marker(None, 3.0) == bound_marker(math.nan, 0) == ""
-    outcome = run_cases(
-        [tiny_case("grouped"), tiny_case("reference", shared_experts=1)],
-        suite_name="prof-report",
-        plan=FAST_PLAN,
-        timeout_s=60,
-        out_root=tmp_path,
-        isolate=False,
-        profile=ProfileOptions(trace=True),
-    )
+    cases = [tiny_case("grouped"), tiny_case("reference", shared_experts=1)]
+    outcome = _run(tmp_path, cases, ProfileOptions(trace=True))
     # A host that is busy a tenth of the call: the case must be marked launch-bound.
     part = next((outcome.run_dir / "parts").glob("*.parquet"))
     row = pd.read_parquet(part)
@@ -212,14 +209,7 @@ def test_the_report_draws_phases_top_kernels_and_markers(tmp_path, one_thread):
 
 
 def test_a_run_without_profile_has_no_sidecar(tmp_path, one_thread):
-    outcome = run_cases(
-        [tiny_case("grouped")],
-        suite_name="plain",
-        plan=FAST_PLAN,
-        timeout_s=60,
-        out_root=tmp_path,
-        isolate=False,
-    )
+    outcome = _run(tmp_path, [tiny_case("grouped")], ProfileOptions())
     assert read_kernels(outcome.run_dir) is None
     assert not (outcome.run_dir / "traces").exists()
     assert read_run(outcome.run_dir)["expert_ms"].iloc[0] > 0
@@ -292,15 +282,7 @@ def test_cuda_profile_sees_kernels_and_syncs(tmp_path):
         tiny_case(impl, device="cuda", hidden=256, ffn=512, batch=8)
         for impl in ("grouped", "offload")
     ]
-    outcome = run_cases(
-        cases,
-        suite_name="prof-cuda",
-        plan=FAST_PLAN,
-        timeout_s=120,
-        out_root=tmp_path,
-        isolate=False,
-        profile=ProfileOptions(trace=True, nvtx=True),
-    )
+    outcome = _run(tmp_path, cases, ProfileOptions(trace=True, nvtx=True))
     frame = read_run(outcome.run_dir).set_index("impl")
     assert (frame["status"] == "ok").all()
     assert (frame["kernel_launches"] > 0).all()
