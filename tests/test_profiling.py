@@ -225,6 +225,8 @@ def test_cuda_trace_counts_kernels_and_syncs_inside_calls_only():
         _x("cudaLaunchKernel", "cuda_runtime", 10, 2),
         _x("cudaStreamSynchronize", "cuda_runtime", 50, 20),  # .item() inside a call
         _x(CALL_RANGE, "user_annotation", 200, 100),
+        _x(CALL_RANGE, "gpu_user_annotation", 20, 1, tid=7),  # the ranges' device twins
+        _x(CALL_RANGE, "gpu_user_annotation", 220, 1, tid=7),
         _x("cudaStreamSynchronize", "cuda_runtime", 250, 20),
         _x("cudaDeviceSynchronize", "cuda_runtime", 400, 5),  # the harness's own: outside
         _x("gemm_kernel", "kernel", 20, 30, tid=7),
@@ -235,6 +237,7 @@ def test_cuda_trace_counts_kernels_and_syncs_inside_calls_only():
         _x("Memcpy DtoH (Device -> Pageable)", "gpu_memcpy", 270, 2, tid=7),
     ]
     summary = summarize_trace({"traceEvents": events}, on_cuda=True, latency_ms=0.084)
+    assert summary.columns["profile_calls"] == 2
     assert summary.columns["kernel_launches"] == 2  # per call; copies are not launches
     assert summary.columns["host_sync_count"] == 1
     assert summary.columns["device_busy_frac"] == pytest.approx(0.042 / 0.084)

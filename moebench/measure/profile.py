@@ -118,11 +118,12 @@ def profile_calls(
 
 
 def _spans(events: list[dict[str, Any]], name: str) -> list[tuple[Any, float, float]]:
-    """(thread, start, end) of the complete events called `name`."""
+    """(thread, start, end) of the host ranges called `name` (on CUDA each range also has
+    a `gpu_user_annotation` twin on the device's timeline: not counted)."""
     return [
         (e.get("tid"), float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
         for e in events
-        if e.get("ph") == "X" and e.get("name") == name
+        if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e.get("name") == name
     ]
 
 
