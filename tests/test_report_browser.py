@@ -108,13 +108,15 @@ def test_a_real_run_renders_in_chromium(tmp_path):
 
 def test_every_kind_of_figure_renders_in_chromium(tmp_path):
     """Two runs of a sweep with more shapes than panels fit (drop-downs), communication,
-    energy and a comparison: every section of the report drawn."""
+    energy, phases and a comparison: every figure of the report drawn (the kernel table
+    is read from a profiled run's folder: tests/test_profiling.py)."""
     frame = synthetic_sweep(shapes=13, tokens=(1, 4096), samples=200)
     slower = frame.assign(latency_ms=frame["latency_ms"] * 1.5)
     meta = {"run_id": "big", "ceilings": {"copy_gbps": 3000, "matmul_tflops_bfloat16": 800}}
     page_text, _ = render_report(prepare([frame, slower], [meta, {**meta, "run_id": "b2"}]))
     manifest = read_manifest(page_text)
-    assert manifest["omitted"] == []
+    assert [o["section"] for o in manifest["omitted"]] == ["kernels"]
+    assert "sync-bound" in page_text and "launch-bound" in page_text
     page = tmp_path / "big.html"
     page.write_text(page_text)
     dom = rendered_dom(page, tmp_path)
