@@ -208,6 +208,37 @@ def test_the_report_draws_phases_top_kernels_and_markers(tmp_path, one_thread):
     assert 'id="kernels"' in page and "aten::" in page
 
 
+@pytest.mark.parametrize(
+    ("name", "short"),
+    [
+        ("aten::mm", "aten::mm"),
+        (
+            "void at::native::vectorized_elementwise_kernel<8, at::native::BinaryFunctor<float, "
+            "float, float, at::native::binary_internal::MulFunctor<float> >, std::array<char*, "
+            "3ul> >(int, at::native::BinaryFunctor<float>, std::array<char*, 3ul>)",
+            "at::native::vectorized_elementwise_kernel [MulFunctor]",
+        ),
+        (
+            "void (anonymous namespace)::softmax_warp_forward<float, float, float, 3, false>"
+            "(float*, float const*, int)",
+            "(anonymous namespace)::softmax_warp_forward",
+        ),
+        (
+            "_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9xINS_4gemm6"
+            "kernel13GemmUniversalINS5_17GroupProblemShapeIN4cute5tupleIJiiiEEEEEEEEEvNT_6ParamsE",
+            "cutlass::device_kernel<enable_3x_kernel_for_sm9x, GemmUniversal, "
+            "GroupProblemShape...>",
+        ),
+    ],
+)
+def test_kernel_names_are_shortened_for_the_report(name, short):
+    pytest.importorskip("plotly")
+    from moebench.report.figures_profile import short_kernel_name
+
+    assert short_kernel_name(name) == short
+    assert len(short_kernel_name("k" * 500)) == 90
+
+
 def test_a_run_without_profile_has_no_sidecar(tmp_path, one_thread):
     outcome = _run(tmp_path, [tiny_case("grouped")], ProfileOptions())
     assert read_kernels(outcome.run_dir) is None

@@ -8,6 +8,7 @@ Only imported while a report is built (imports plotly).
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,12 @@ PHASE_PARTS: dict[str, tuple[str, str]] = {
     "backward": ("backward_ms", "#9d755d"),
     "other (gaps, host, sync)": ("other_ms", "#bab0ac"),
 }
+MARKER_SYMBOLS = {"launch-bound": "triangle-down-open", "sync-bound": "triangle-down"}
+MARKER_COLOR = "#333333"
 LOW_BUSY_FRAC = 0.5
 """Below this device_busy_frac a case is marked launch-bound or sync-bound."""
 TOP_KERNELS = 3
+ANON = "(anonymous namespace)"
 MAX_KERNEL_CASES = 200
 
 
@@ -45,6 +49,56 @@ def bound_marker(busy_frac: Any, host_syncs: Any) -> str:
         return ""
     syncs = 0.0 if host_syncs is None or host_syncs != host_syncs else float(host_syncs)
     return "sync-bound" if syncs >= 1 else "launch-bound"
+
+
+def short_kernel_name(name: str, most: int = 90) -> str:
+    """A kernel's name a person can read in a table: C++ template arguments and parameter
+    lists dropped ("void at::native::foo<float, 4>(int, ...)" -> "at::native::foo"; a
+    generic elementwise or reduce kernel keeps the functor it runs); a mangled name
+    ("_ZN7cutlass13device_kernel...") spelled out from its first identifiers. The full
+    name stays in kernels.parquet."""
+    if name.startswith("_Z"):
+        short = _mangled_name(name)
+    else:
+        plain = name.removeprefix("void ").replace(ANON, "{anonymous}")
+        short, depth, end = "", 0, len(plain)
+        for index, char in enumerate(plain):
+            if char == "(" and depth == 0 and short:
+                end = index
+                break
+            if char == "<":
+                depth += 1
+            elif char == ">" and depth:
+                depth -= 1
+            elif depth == 0:
+                short += char
+        short = short.strip().replace("{anonymous}", ANON)
+        functors = re.findall(r"[A-Za-z_]\w*(?:[Ff]unctor\w*|_kernel\w*)", plain[:end])
+        functors = [f for f in functors if f not in short]
+        if functors and ("elementwise" in short or "reduce" in short):
+            short += f" [{functors[-1]}]"
+    return short if len(short) <= most else short[: most - 3] + "..."
+
+
+def _mangled_name(name: str) -> str:
+    """ "ns::function<Long, Identifiers...>" from an Itanium-mangled name's first
+    length-prefixed identifiers (no demangler needed)."""
+    words, i = [], 2
+    while i < len(name) and len(words) < 16:
+        reference = re.match(r"[ST]\d*_", name[i:])  # a back-reference, not a length
+        if reference is not None:
+            i += len(reference.group())
+            continue
+        match = re.match(r"\d+", name[i:])
+        if match is None:
+            i += 1
+            continue
+        start = i + len(match.group())
+        words.append(name[start : start + int(match.group())])
+        i = start + int(match.group())
+    inner = [w for w in words[2:] if len(w) >= 8][:3]
+    head = "::".join(words[:2])
+    return f"{head}<{', '.join(inner)}...>" if inner else head
 
 
 def profile_sections(data: ReportData) -> list[Section]:
@@ -66,16 +120,44 @@ def _markers(rows: pd.DataFrame) -> list[str]:
     return [bound_marker(b, s) for b, s in zip(busy, syncs)]
 
 
+def _marker_traces(labels: list[str], part: pd.DataFrame) -> list[go.Scatter]:
+    """A mark above each launch-bound or sync-bound bar (one legend entry per kind)."""
+    traces = []
+    for kind, symbol in MARKER_SYMBOLS.items():
+        marked = [
+            (x, busy)
+            for x, m, busy in zip(labels, _markers(part), part["device_busy_frac"])
+            if m == kind
+        ]
+        if marked:
+            traces.append(
+                go.Scatter(
+                    x=[x for x, _ in marked],
+                    y=[1.05] * len(marked),
+                    mode="markers",
+                    name=kind,
+                    legendgroup=kind,
+                    legendrank=len(PHASE_PARTS) + len(traces),
+                    marker={"symbol": symbol, "size": 10, "color": MARKER_COLOR},
+                    customdata=[busy for _, busy in marked],
+                    hovertemplate=f"{kind}: device busy %{{customdata:.0%}}<extra></extra>",
+                )
+            )
+    return traces
+
+
 def phases(data: ReportData) -> Section:
     """Each case's call split into its phases, stacked, per layer shape."""
     key, title = "phases", "Where the time goes"
     description = (
         "One call of each case split into router, permutation, expert GEMMs, "
         "un-permutation, shared experts (and backward in train mode) and other: launch "
-        "gaps, host work and synchronisation, what no phase covers. Measured in a pass of "
-        "its own after timing (CUDA events or wall clock per phase; the bar's height is "
-        "that pass's time per call). A case marked launch-bound or sync-bound kept the "
-        f"device busy less than {LOW_BUSY_FRAC:.0%} of the call (runs made with --profile)."
+        "gaps, host work and synchronisation, what no phase covers; as shares of the call "
+        "(hover for milliseconds). Measured in a pass of its own after timing (CUDA events "
+        "or wall clock per phase). A triangle marks a case that kept the device busy less "
+        f"than {LOW_BUSY_FRAC:.0%} of the call (runs made with --profile): filled, "
+        "sync-bound (the host waited on the device at least once a call); open, "
+        "launch-bound."
     )
     rows = _positive(data.ok, "phase_latency_ms")
     if rows.empty:
@@ -90,7 +172,7 @@ def phases(data: ReportData) -> Section:
             for impl, t, r in zip(part["impl"], part["tokens"], part["run_label"])
         ]
         traces: list[Any] = []
-        for name, (column, color) in PHASE_PARTS.items():
+        for rank, (name, (column, color)) in enumerate(PHASE_PARTS.items()):
             if column not in part:
                 continue
             values = pd.to_numeric(part[column], errors="coerce").fillna(0).clip(lower=0)
@@ -100,39 +182,28 @@ def phases(data: ReportData) -> Section:
             traces.append(
                 go.Bar(
                     x=labels,
-                    y=values.round(6).tolist(),
+                    y=shares.round(5).tolist(),
                     name=name,
                     legendgroup=name,
+                    legendrank=rank,
                     marker_color=color,
-                    customdata=shares.round(4).tolist(),
+                    customdata=list(zip(values.round(5), part["phase_latency_ms"].round(5))),
                     hovertext=part["case_label"].tolist(),
                     hovertemplate=(
-                        f"%{{hovertext}}<br>{name}: %{{y:.3g}} ms "
-                        "(%{customdata:.0%})<extra></extra>"
+                        f"%{{hovertext}}<br>{name}: %{{customdata[0]:.3g}} ms "
+                        "(%{y:.0%} of %{customdata[1]:.3g} ms)<extra></extra>"
                     ),
                 )
             )
-        markers = _markers(part)
-        if any(markers):
-            traces.append(
-                go.Scatter(
-                    x=labels,
-                    y=part["phase_latency_ms"].tolist(),
-                    mode="text",
-                    text=markers,
-                    textposition="top center",
-                    name="marker",
-                    showlegend=False,
-                    hoverinfo="skip",
-                )
-            )
+        traces += _marker_traces(labels, part)
         panels.append(Panel(facet, traces))
     figure = faceted(
         panels,
-        Axes("case (implementation, tokens per call)", "time per call (ms)"),
-        title="Where the time goes: phases of one call (ms)",
+        Axes("case (implementation, tokens per call)", "share of one call"),
+        title="Where the time goes: each phase's share of one call",
         layout={"barmode": "stack", "legend": {"title": {"text": "phase"}}},
     )
+    figure.update_yaxes(tickformat=".0%")
     notes = []
     marked = [m for m in _markers(rows) if m]
     if marked:
@@ -189,7 +260,7 @@ def kernels(data: ReportData) -> Section:
                 [
                     str(case["case_label"]) if rank == 0 else "",
                     summary if rank == 0 else "",
-                    str(kernel.kernel),
+                    short_kernel_name(str(kernel.kernel)),
                     f"{kernel.calls_per_call:g}",
                     f"{kernel.device_ms:.4g}",
                     f"{kernel.share:.0%}",
