@@ -33,8 +33,12 @@ from moebench.runner import run_cases
 from moebench.store import read_kernels, read_run
 from tests.conftest import FAST_PLAN, tiny_case
 
+# The built-in single-device implementations that run on a CPU (triton is CUDA only, and
+# plugins are the plugins' business).
 SINGLE_DEVICE_IMPLS = sorted(
-    name for name, info in registry.available().items() if info.family != EP_FAMILY
+    name
+    for name, info in registry.available().items()
+    if info.source == "builtin" and info.family != EP_FAMILY and "cpu" in info.devices
 )
 PHASE_COLUMNS = [f"{name}_ms" for name in SINGLE_DEVICE_PHASES]
 # 20 timed calls, so the phase pass gets its full 20 (medians of 5 noisy calls need not add up)

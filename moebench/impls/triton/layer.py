@@ -19,6 +19,7 @@ from moebench.impls.triton import kernels, tuning
 from moebench.impls.triton.align import align_to_blocks
 from moebench.impls.triton.backward import Saved, fused_backward
 from moebench.layer import MoELayer, expert_parameters
+from moebench.measure.phases import NULL_TIMER, Timer
 from moebench.weights import ExpertWeights
 
 
@@ -37,15 +38,19 @@ def fused_experts(
     w_up_EDF: torch.Tensor,
     w_down_EFD: torch.Tensor,
     keep_for_backward: bool = False,
+    timer: Timer = NULL_TIMER,
 ) -> tuple[torch.Tensor, Saved | None]:
     """(sum_k gate_weights_TK[t, k] * SwiGLU_{expert_ids_TK[t, k]}(x_TD[t]) as T x D,
-    what the backward needs if `keep_for_backward` else None)."""
+    what the backward needs if `keep_for_backward` else None). `timer` marks the phases
+    (moebench.measure.phases): alignment is permute, the two fused GEMMs (gathered loads,
+    weighted scatter in the epilogue) expert, the sum over slots unpermute."""
     T, D = x_TD.shape
     E, _, F = w_gate_EDF.shape
     K = expert_ids_TK.shape[1]
     x_TD = x_TD.contiguous()
     block_m = tuning.block_m_for(T, K, E)
-    alignment = align_to_blocks(expert_ids_TK, E, block_m)
+    with timer.phase("permute"):
+        alignment = align_to_blocks(expert_ids_TK, E, block_m)
     rows = alignment.max_rows
 
     def buffer(width: int) -> torch.Tensor:
@@ -65,15 +70,17 @@ def fused_experts(
         kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
 
     # Tuned in order: the down kernel's trials read the h that gate_up wrote.
-    for name, launch in (("gate_up", gate_up), ("down", down)):
-        config = tuning.TUNER.choose(
-            x_TD.device,
-            _key(name, x_TD, w_gate_EDF, K),
-            lambda name=name: tuning.candidates(name, block_m),
-            launch,
-        )
-        launch(config)
-    y_TD = out_AD if K == 1 else out_AD.view(T, K, D).sum(dim=1)
+    with timer.phase("expert"):
+        for name, launch in (("gate_up", gate_up), ("down", down)):
+            config = tuning.TUNER.choose(
+                x_TD.device,
+                _key(name, x_TD, w_gate_EDF, K),
+                lambda name=name: tuning.candidates(name, block_m),
+                launch,
+            )
+            launch(config)
+    with timer.phase("unpermute"):
+        y_TD = out_AD if K == 1 else out_AD.view(T, K, D).sum(dim=1)
     saved = None
     if pre_activations is not None:
         saved = Saved(alignment, *pre_activations, h_PF, K)
@@ -120,5 +127,6 @@ class TritonMoE(MoELayer):
             or any(w.requires_grad for w in weights)
         )
         if wants_grad:
-            return _FusedExpertsFunction.apply(x_TD, gate_weights_TK, expert_ids_TK, *weights)
-        return fused_experts(x_TD, gate_weights_TK, expert_ids_TK, *weights)[0]
+            with self.timer.phase("expert"):  # one autograd op: align, GEMMs and sum
+                return _FusedExpertsFunction.apply(x_TD, gate_weights_TK, expert_ids_TK, *weights)
+        return fused_experts(x_TD, gate_weights_TK, expert_ids_TK, *weights, timer=self.timer)[0]
