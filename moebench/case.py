@@ -16,6 +16,7 @@ Mode = Literal["forward", "train"]
 MODES: tuple[str, ...] = ("forward", "train")
 ACTIVATIONS: tuple[str, ...] = ("swiglu",)
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
+DEFAULT_ROUTER_SCALE = 0.02
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,9 @@ class Case:
     world_size: int = 1
     preset: str = ""
     weights: str = "random"
+    # Standard deviation of the random router weights: larger is a sharper router (low
+    # entropy, as trained routers are); the default is that of every other weight.
+    router_scale: float = DEFAULT_ROUTER_SCALE
     options: tuple[tuple[str, Any], ...] = field(default=())
     # Time replays of a CUDA graph of the whole step (launch-bound cases); CUDA only.
     cuda_graph: bool = False
@@ -141,9 +145,10 @@ class Case:
         s, w = self.shape, self.workload
         name = self.preset or f"D{s.hidden}F{s.ffn}"
         stack = f" L{w.layers}" if w.layers > 1 else ""
+        scale = "" if self.router_scale == DEFAULT_ROUTER_SCALE else f" rs{self.router_scale:g}"
         return (
             f"{self.impl} {name} E{s.num_experts}k{s.top_k} T{w.tokens}{stack} {w.mode} "
-            f"{self.dtype} {self.routing}"
+            f"{self.dtype} {self.routing}{scale}"
         )
 
     def with_(self, **changes: Any) -> Case:
@@ -151,7 +156,12 @@ class Case:
 
 
 # Fields added after the first release, with the default that leaves them out of case_id.
-_HASHED_ONLY_IF_NOT: dict[str, Any] = {"layers": 1, "weights": "random", "cuda_graph": False}
+_HASHED_ONLY_IF_NOT: dict[str, Any] = {
+    "layers": 1,
+    "weights": "random",
+    "cuda_graph": False,
+    "router_scale": DEFAULT_ROUTER_SCALE,
+}
 
 SHAPE_FIELDS = tuple(f.name for f in fields(LayerShape))
 WORKLOAD_FIELDS = tuple(f.name for f in fields(Workload))

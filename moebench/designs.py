@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from moebench.layer import LayerStats, swiglu
+from moebench.layer import LayerStats, routing_stats, swiglu
 from moebench.routing import Router, switch_aux_loss
 from moebench.weights import ExpertWeights
 
@@ -25,20 +25,15 @@ def router_probs(router: Router, x_TD: torch.Tensor) -> torch.Tensor:
 def assignment_stats(
     expert_A: torch.Tensor, probs_TE: torch.Tensor, num_experts: int
 ) -> LayerStats:
-    """Load of a forward given as flat assignments (none dropped); aux loss as the Switch
-    loss with f_e the fraction of assignments sent to expert e."""
-    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    """Load of a forward given as flat distinct (token, expert) assignments (none
+    dropped); aux loss as the Switch loss with f_e the fraction of assignments sent to
+    expert e."""
     aux = (
         float(switch_aux_loss(probs_TE, expert_A.view(-1, 1), num_experts))
         if expert_A.numel()
         else float("nan")
     )
-    return LayerStats(
-        tokens_per_expert=[int(n) for n in counts_E.tolist()],
-        dropped_slots=0,
-        total_slots=expert_A.numel(),
-        aux_loss=aux,
-    )
+    return routing_stats(expert_A, probs_TE.shape[0], num_experts, probs_TE, aux_loss=aux)
 
 
 def mean_std(values_T: torch.Tensor) -> tuple[float, float]:

@@ -10,6 +10,7 @@ load afterwards.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,18 +33,33 @@ def swiglu(
 
 @dataclass
 class LayerStats:
-    """Load and balance of the last forward, as plain Python numbers."""
+    """Routing, load and balance of one layer's last forward, as plain Python numbers.
+
+    tokens_per_expert: (token, slot) assignments each routed expert computed, after any
+    drop (one entry per routed expert the layer holds: a merged layer's groups, MoE++'s
+    FFN experts). demand_per_expert: what the router asked of each, before drops.
+    experts_per_token: mean distinct routed experts the router chose per token (before
+    drops). router_entropy: mean over tokens of the entropy (nats) of the routing
+    distribution the layer chose from.
+    """
 
     tokens_per_expert: list[int]
+    demand_per_expert: list[int]
     dropped_slots: int
     total_slots: int
     aux_loss: float
+    experts_per_token: float
+    router_entropy: float
 
     @property
     def imbalance(self) -> float:
-        """max / mean of tokens per expert (1.0 = perfectly balanced)."""
-        mean = sum(self.tokens_per_expert) / max(len(self.tokens_per_expert), 1)
-        return max(self.tokens_per_expert) / mean if mean else float("nan")
+        """Router demand: max / mean of `demand_per_expert` (1.0 = balanced)."""
+        return _max_over_mean(self.demand_per_expert)
+
+    @property
+    def served_imbalance(self) -> float:
+        """After drops: max / mean of `tokens_per_expert`."""
+        return _max_over_mean(self.tokens_per_expert)
 
     @property
     def dropped_frac(self) -> float:
@@ -51,16 +67,85 @@ class LayerStats:
 
     @property
     def experts_used(self) -> int:
+        """Routed experts that computed at least one (kept) token."""
         return sum(1 for n in self.tokens_per_expert if n > 0)
 
     def columns(self) -> dict[str, Any]:
-        """The balance columns of a results row."""
-        return {
-            "tokens_per_expert": self.tokens_per_expert,
-            "imbalance": self.imbalance,
-            "dropped_frac": self.dropped_frac,
-            "aux_loss": self.aux_loss,
-        }
+        """The balance columns of a results row (one layer)."""
+        return balance_columns([self])
+
+
+def _max_over_mean(counts: list[int]) -> float:
+    mean = sum(counts) / max(len(counts), 1)
+    return max(counts) / mean if mean else float("nan")
+
+
+def _mean_defined(values: list[float]) -> float:
+    """Mean of the values that are not NaN (NaN if none is)."""
+    defined = [v for v in values if not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else float("nan")
+
+
+def balance_columns(per_layer: list[LayerStats]) -> dict[str, Any]:
+    """The balance columns of a row from each layer's stats (one, or a stack's):
+    tokens_per_expert summed per expert index; imbalance, served_imbalance, aux_loss,
+    experts_per_token and router_entropy the mean over layers (a layer where no expert
+    got a token has no imbalance and is left out of its mean); imbalance_max the worst
+    layer's imbalance; dropped_frac pooled over every layer's slots."""
+    imbalances = [s.imbalance for s in per_layer]
+    defined = [v for v in imbalances if not math.isnan(v)]
+    total_slots = sum(s.total_slots for s in per_layer)
+    return {
+        "tokens_per_expert": [sum(c) for c in zip(*(s.tokens_per_expert for s in per_layer))],
+        "imbalance": _mean_defined(imbalances),
+        "imbalance_max": max(defined) if defined else float("nan"),
+        "served_imbalance": _mean_defined([s.served_imbalance for s in per_layer]),
+        "dropped_frac": sum(s.dropped_slots for s in per_layer) / total_slots
+        if total_slots
+        else 0.0,
+        "aux_loss": _mean_defined([s.aux_loss for s in per_layer]),
+        "experts_per_token": _mean_defined([s.experts_per_token for s in per_layer]),
+        "router_entropy": _mean_defined([s.router_entropy for s in per_layer]),
+    }
+
+
+def routing_entropy(probs_TE: torch.Tensor) -> float:
+    """Mean over tokens of the entropy (nats) of each token's routing distribution."""
+    if probs_TE.shape[0] == 0:
+        return float("nan")
+    return float(torch.special.entr(probs_TE.double()).sum(dim=-1).mean())
+
+
+def routing_stats(
+    expert_A: torch.Tensor,
+    num_tokens: int,
+    num_experts: int,
+    probs_TE: torch.Tensor,
+    aux_loss: float,
+    kept_A: torch.Tensor | None = None,
+    total_slots: int | None = None,
+) -> LayerStats:
+    """The one way a layer reports its routing: `expert_A`, the routed expert of each
+    distinct (token, expert) assignment the router made (before drops); `kept_A`, a bool
+    mask of those that were computed (None: all); `probs_TE`, the distribution routed
+    from; `total_slots`, the (token, slot) count dropped_frac divides by (default: the
+    assignments; MoE++ also counts the slots sent to zero-computation experts)."""
+    demand_E = torch.bincount(expert_A.flatten(), minlength=num_experts)
+    served_E = (
+        demand_E
+        if kept_A is None
+        else torch.bincount(expert_A.flatten()[kept_A.flatten()], minlength=num_experts)
+    )
+    assignments = expert_A.numel()
+    return LayerStats(
+        tokens_per_expert=[int(n) for n in served_E.tolist()],
+        demand_per_expert=[int(n) for n in demand_E.tolist()],
+        dropped_slots=assignments - int(served_E.sum()),
+        total_slots=assignments if total_slots is None else total_slots,
+        aux_loss=aux_loss,
+        experts_per_token=assignments / num_tokens if num_tokens else float("nan"),
+        router_entropy=routing_entropy(probs_TE),
+    )
 
 
 class MoELayer(nn.Module):
@@ -116,17 +201,18 @@ class MoELayer(nn.Module):
         return expert_ids_TK[~self._last_dropped_TK], int(self._last_dropped_TK.sum())
 
     def stats(self) -> LayerStats | None:
-        """Load of the last forward (syncs the device; call outside timed regions)."""
+        """Routing and load of the last forward (syncs the device; call outside timed
+        regions)."""
         if self._last is None:
             return None
         expert_ids_TK, probs_TE = self._last
-        kept_ids, dropped = self.kept_assignments()
-        counts = torch.bincount(kept_ids.flatten(), minlength=self.num_experts)
-        return LayerStats(
-            tokens_per_expert=[int(n) for n in counts.tolist()],
-            dropped_slots=dropped,
-            total_slots=expert_ids_TK.numel(),
+        return routing_stats(
+            expert_ids_TK,
+            expert_ids_TK.shape[0],
+            self.num_experts,
+            probs_TE,
             aux_loss=float(switch_aux_loss(probs_TE, expert_ids_TK, self.num_experts)),
+            kept_A=None if self._last_dropped_TK is None else ~self._last_dropped_TK,
         )
 
 
@@ -165,19 +251,6 @@ class Stack(nn.Module):
                 y_TD = layer(x_TD)
             x_TD = x_TD + y_TD
         return x_TD
-
-    def stats(self) -> LayerStats | None:
-        """Load summed over the layers (per expert index); aux loss averaged."""
-        per_layer = [layer.stats() for layer in self.layers if hasattr(layer, "stats")]
-        per_layer = [s for s in per_layer if s is not None]
-        if not per_layer:
-            return None
-        return LayerStats(
-            tokens_per_expert=[sum(c) for c in zip(*(s.tokens_per_expert for s in per_layer))],
-            dropped_slots=sum(s.dropped_slots for s in per_layer),
-            total_slots=sum(s.total_slots for s in per_layer),
-            aux_loss=sum(s.aux_loss for s in per_layer) / len(per_layer),
-        )
 
     def extra_metrics(self) -> dict[str, Any]:
         """The layers' design-specific metrics combined: quantities that add up over

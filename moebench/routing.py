@@ -67,13 +67,23 @@ def routing_bias(spec: str, num_experts: int, seed: int) -> torch.Tensor:
     return bias - bias.mean()
 
 
+def float32_copy(t: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of `t` that shares no memory with it (`.float()` of a float32
+    tensor is the tensor itself)."""
+    return t.detach().to(torch.float32, copy=True)
+
+
 class Router(nn.Module):
-    """Softmax top-k router in float32 (so routing does not flip with the dtype)."""
+    """Softmax top-k router in float32 (so routing does not flip with the dtype).
+
+    It holds copies of the weight set's router tensors (small: D x E), so a study that
+    edits one layer's router in place (forcing routes through `bias_E`, say) leaves the
+    shared weights, every other implementation and the reference as they were."""
 
     def __init__(self, w_router_DE: torch.Tensor, bias_E: torch.Tensor, top_k: int):
         super().__init__()
-        self.w_router_DE = nn.Parameter(w_router_DE.float(), requires_grad=True)
-        self.register_buffer("bias_E", bias_E.float())
+        self.w_router_DE = nn.Parameter(float32_copy(w_router_DE), requires_grad=True)
+        self.register_buffer("bias_E", float32_copy(bias_E))
         self.top_k = top_k
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -69,6 +69,7 @@ COLUMNS: dict[str, pa.DataType] = {
     "layers": _I,
     "weights": _S,
     "cuda_graph": pa.bool_(),
+    "router_scale": _F,
     # time
     "latency_ms": _F,
     "latency_p10_ms": _F,
@@ -114,8 +115,12 @@ COLUMNS: dict[str, pa.DataType] = {
     # balance
     "tokens_per_expert": pa.list_(_I),
     "imbalance": _F,
+    "served_imbalance": _F,
+    "imbalance_max": _F,
     "dropped_frac": _F,
     "aux_loss": _F,
+    "experts_per_token": _F,
+    "router_entropy": _F,
     # energy
     "energy_j": _F,
     "j_per_token": _F,

@@ -41,6 +41,8 @@ seed = 0                      # default 0
 world_size = 1                # default 1
 cuda_graph = false            # default false: time replays of a CUDA graph of the step
                               #  (CUDA, world_size 1 only)
+router_scale = [0.02, 0.5]    # std of the random router weights (default 0.02, > 0):
+                              #  larger = sharper routing (router_entropy column)
 
 [[zip]]                       # lists of one equal length that vary together; the zipped
 hidden = [64, 128]            #  group is crossed with the grid. A key may be in [grid]
@@ -104,6 +106,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -114,6 +117,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from moebench import registry
 from moebench.case import (
     ALL_FIELDS,
+    DEFAULT_ROUTER_SCALE,
     DTYPES,
     MODES,
     SHAPE_FIELDS,
@@ -793,6 +797,8 @@ class _SuiteParser:
                 case.seed,
                 case.world_size,
                 case.cuda_graph,
+                case.weights,
+                case.router_scale,
             )
             if memo_key not in checked:
                 problems = case.shape.problems() + case.workload.problems()
@@ -841,6 +847,7 @@ class _SuiteParser:
         for key, minimum in (("world_size", 1), ("seed", 0)):
             if getattr(case, key) < minimum:
                 problems.append((key, f"must be >= {minimum}, got {getattr(case, key)}"))
+        problems += router_scale_problems(case)
         info = registry.get(case.impl)
         if case.dtype not in info.dtypes:
             problems.append(
@@ -874,6 +881,23 @@ class _SuiteParser:
                 )
             )
         return problems
+
+
+def router_scale_problems(case: Case) -> list[tuple[str, str]]:
+    """router_scale: a finite number > 0, and only for drawn router weights (a
+    checkpoint's router is the checkpoint's)."""
+    scale = case.router_scale
+    if not (math.isfinite(scale) and scale > 0):
+        return [("router_scale", f"must be a finite number > 0, got {scale}")]
+    if case.weights.startswith("checkpoint") and scale != DEFAULT_ROUTER_SCALE:
+        return [
+            (
+                "router_scale",
+                f"{scale} has no effect on weights {case.weights!r} (the checkpoint's router "
+                f"is used); allowed: the default {DEFAULT_ROUTER_SCALE} with a checkpoint",
+            )
+        ]
+    return []
 
 
 _MISSING = object()

@@ -4,8 +4,10 @@ Shape legend: D hidden, F expert ffn width, E routed experts, S shared-expert wi
 (shared_experts x F; several shared experts are one FFN of the summed width).
 
 Weights are drawn from N(0, 0.02^2) by a seeded generator on the target device, so two
-implementations of one case compute the same function on the same numbers. Inputs are
-N(0, 1): never zeros (DESIGN.md, "Measuring honestly").
+implementations of one case compute the same function on the same numbers; the router's
+from N(0, router_scale^2) (the case field, default 0.02): a larger scale gives sharper,
+lower-entropy routing, closer to a trained router's. Inputs are N(0, 1): never zeros
+(DESIGN.md, "Measuring honestly").
 """
 
 from __future__ import annotations
@@ -69,13 +71,13 @@ class ExpertWeights:
 
 def weights_key(case: Case) -> tuple:
     """Cases with equal keys share one weight set. The tensors depend on the widths, the
-    expert counts, seed, routing, dtype, device and source; not on top_k or the capacity
-    factor, which only the layer reads (through `ExpertWeights.shape`), so a sweep over
-    those draws the weights once."""
+    expert counts, seed, routing, dtype, device, source and router scale; not on top_k or
+    the capacity factor, which only the layer reads (through `ExpertWeights.shape`), so a
+    sweep over those draws the weights once."""
     s = case.shape
     return (
         s.hidden, s.ffn, s.num_experts, s.shared_experts, s.activation,
-        case.seed, case.routing, case.dtype, case.device, case.weights,
+        case.seed, case.routing, case.dtype, case.device, case.weights, case.router_scale,
     )  # fmt: skip
 
 
@@ -98,14 +100,14 @@ def make_weights(case: Case, layer: int = 0) -> ExpertWeights:
     dtype = torch_dtype(case.dtype)
     generator = torch.Generator(device=device).manual_seed(case.seed + LAYER_SEED_STRIDE * layer)
 
-    def normal(*size: int, out_dtype: torch.dtype = dtype) -> torch.Tensor:
+    def normal(*size: int, out_dtype: torch.dtype = dtype, std: float = WEIGHT_STD) -> torch.Tensor:
         t = torch.randn(*size, generator=generator, device=device, dtype=torch.float32)
-        return t.mul_(WEIGHT_STD).to(out_dtype)
+        return t.mul_(std).to(out_dtype)
 
     D, F, E = shape.hidden, shape.ffn, shape.num_experts
     weights = ExpertWeights(
         shape=shape,
-        w_router_DE=normal(D, E, out_dtype=torch.float32),
+        w_router_DE=normal(D, E, out_dtype=torch.float32, std=case.router_scale),
         router_bias_E=routing_bias(case.routing, E, case.seed).to(device),
         w_gate_EDF=normal(E, D, F),
         w_up_EDF=normal(E, D, F),

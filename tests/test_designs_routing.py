@@ -22,6 +22,7 @@ from moebench.case import Case, Workload
 from moebench.impls import deepseek, dsmoe, moepp, topp  # noqa: F401
 from moebench.impls.reference import reference_output
 from moebench.layer import Stack, swiglu
+from moebench.measure import counters
 from moebench.measure.case_run import relative_error
 from moebench.weights import ExpertWeights, make_inputs, make_weights
 from tests.conftest import FAST_PLAN, tiny_case
@@ -228,8 +229,11 @@ def test_moepp_all_slots_to_zero_experts_output_zero_and_stack_passes_x_through(
     assert metrics["moepp_token_skip_frac"] == 1.0
     assert metrics["moepp_ffn_experts_per_token"] == 0.0
     assert sum(layer.stats().tokens_per_expert) == 0
-    total, active = layer.param_counts()  # no FFN expert active: router and friends only
-    assert active == total - 4 * case.shape.expert_params
+    counts = counters.param_counts(case, layer, layer.stats())
+    # no FFN expert active or touched: the router only (no constant expert was chosen)
+    D, N = case.shape.hidden, case.shape.num_experts + 2 + 1 + 2
+    assert counts.active == counts.touched == counts.router == D * N
+    assert counts.total == 4 * case.shape.expert_params + D * N + N * N + 2 * 3 * D
 
     stack, _, x_TD = _build(_stacked(case, 2))
     for each in stack.layers:
@@ -370,11 +374,14 @@ def test_dsmoe_threshold_keeps_experts_above_it_and_at_least_the_best():
     )
     dense_TD = _dense_moe(weights[0], x_TD, probs_TE)
     assert m["dsmoe_sparse_err"] == pytest.approx(relative_error(y_TD, dense_TD), rel=1e-4)
-    assert (
-        layer.param_counts()[1]
-        < registry.get("dsmoe")
-        .build(weights[0], tiny_case("dsmoe", mode="train"))
-        .param_counts()[1]
+    dense_case = tiny_case("dsmoe", mode="train")
+    dense = registry.get("dsmoe").build(weights[0], dense_case)
+    with torch.no_grad():
+        dense(x_TD)
+    sparse_active = counters.param_counts(case, layer, layer.stats()).active
+    dense_active = counters.param_counts(dense_case, dense, dense.stats()).active
+    assert sparse_active < dense_active == case.shape.num_experts * case.shape.expert_params + (
+        case.shape.router_params
     )
 
 
@@ -446,7 +453,7 @@ def test_topp_varies_experts_per_token_and_is_minimal():
     counts_T = mask_TE.sum(-1).double()
     assert m["topp_experts_std"] > 0  # the router is sure of some tokens, not of others
     assert m["topp_experts_mean"] == pytest.approx(float(counts_T.mean()))
-    _, active = layer.param_counts()
+    active = counters.param_counts(case, layer, layer.stats()).active
     router = case.shape.router_params
     assert active == round(m["topp_experts_mean"] * case.shape.expert_params) + router
 

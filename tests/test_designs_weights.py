@@ -19,6 +19,7 @@ from moebench.case import LayerShape, Workload
 from moebench.impls import merging, offload
 from moebench.impls.grouped import GroupedMoE
 from moebench.impls.reference import reference_output, reference_stack_output
+from moebench.measure import counters
 from moebench.measure.case_run import TOLERANCE, relative_error
 from moebench.measure.memory import weight_bytes
 from moebench.routing import routing_bias
@@ -469,8 +470,16 @@ def test_merging_weight_bytes_saved_by_hand():
     group_map = 8 * 8  # the layer's expert -> group table (int64)
     assert weight_bytes(GroupedMoE(weights, case)) - weight_bytes(layer) == saved - group_map
     assert sum(metrics["merge_group_sizes"]) == 8 and "merge_groups_per_token" not in metrics
-    total, active = layer.param_counts()
-    assert total == 4 * 3 * 32 * 48 + 32 * 8 and active == 2 * 3 * 32 * 48 + 32 * 8
+    with torch.no_grad():
+        layer(make_inputs(case, 1)[0])
+    stats = layer.stats()
+    counts = counters.param_counts(case, layer, stats)  # the 4 merged experts, as routed
+    groups_hit = sum(1 for n in stats.tokens_per_expert if n > 0)
+    assert counts.total == 4 * 3 * 32 * 48 + 32 * 8
+    assert counts.touched == groups_hit * 3 * 32 * 48 + 32 * 8
+    per_token = layer.extra_metrics()["merge_groups_per_token"]
+    assert stats.experts_per_token == per_token <= 2
+    assert counts.active == round(per_token * 3 * 32 * 48) + 32 * 8
 
 
 def test_merged_expert_is_the_usage_weighted_average():

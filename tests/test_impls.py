@@ -8,6 +8,7 @@ import torch
 from moebench import registry
 from moebench.impls.capacity import expert_capacity, slot_positions
 from moebench.impls.reference import reference_output
+from moebench.measure import counters
 from moebench.measure.case_run import TOLERANCE, relative_error
 from moebench.weights import make_inputs, make_weights
 from tests.conftest import tiny_case
@@ -92,8 +93,9 @@ def test_slot_positions_give_first_choices_priority():
 def test_dense_has_the_active_parameters_of_the_moe():
     case = tiny_case("dense", num_experts=8, top_k=2, shared_experts=1)
     layer = registry.get("dense").build(make_weights(case), case)
-    total, active = layer.param_counts()
-    assert total == active == (2 + 1) * case.shape.expert_params
+    counts = counters.param_counts(case, layer, None)
+    assert counts.total == counts.active == counts.touched == (2 + 1) * case.shape.expert_params
+    assert counts.router == 0
 
 
 @pytest.mark.parametrize("routing", ["zipf:1.5", "hot:1:0.8"])

@@ -226,18 +226,22 @@ class ExpertParallelMoE(MoELayer):
                     dtype=torch.float64,
                     device=probs_TE.device,
                 ),
+                torch.special.entr(probs_TE.double()).sum().view(1),  # router entropy
             ]
         )
         dist.all_reduce(summed, group=self.dispatcher.group)
         kept_E, all_E, probs_sum_E = summed[:E], summed[E : 2 * E], summed[2 * E : 3 * E]
-        dropped_all, slots, tokens = summed[3 * E :].tolist()
+        dropped_all, slots, tokens, entropy_all = summed[3 * E :].tolist()
         # Switch aux loss over the whole batch: E x sum_e (slots to e / slots) x mean prob.
         aux_loss = E * float((all_E / max(slots, 1) * probs_sum_E / max(tokens, 1)).sum())
         return LayerStats(
             tokens_per_expert=[int(n) for n in kept_E.tolist()],
+            demand_per_expert=[int(n) for n in all_E.tolist()],
             dropped_slots=int(dropped_all),
             total_slots=int(slots),
             aux_loss=aux_loss,
+            experts_per_token=slots / tokens if tokens else float("nan"),
+            router_entropy=entropy_all / tokens if tokens else float("nan"),
         )
 
     def traffic(self) -> Traffic:

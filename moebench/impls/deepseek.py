@@ -38,6 +38,7 @@ from moebench.case import Case
 from moebench.designs import reference_experts, reference_stack
 from moebench.impls.grouped import GroupedMoE
 from moebench.registry import register
+from moebench.routing import float32_copy
 from moebench.weights import ExpertWeights
 
 Scoring = Literal["softmax", "sigmoid"]
@@ -125,8 +126,8 @@ class DeepSeekRouter(nn.Module):
 
     def __init__(self, w_router_DE: torch.Tensor, bias_E: torch.Tensor, routing: DeepSeekRouting):
         super().__init__()
-        self.w_router_DE = nn.Parameter(w_router_DE.float(), requires_grad=True)
-        self.register_buffer("bias_E", bias_E.float())
+        self.w_router_DE = nn.Parameter(float32_copy(w_router_DE), requires_grad=True)
+        self.register_buffer("bias_E", float32_copy(bias_E))
         self.register_buffer("correction_bias_E", torch.zeros_like(self.bias_E))
         self.routing = routing
         self.top_k = routing.top_k

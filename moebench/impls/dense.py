@@ -12,6 +12,7 @@ from torch import nn
 
 from moebench.case import Case
 from moebench.layer import swiglu
+from moebench.measure.counters import ParamCounts
 from moebench.measure.phases import NULL_TIMER, Timer
 from moebench.registry import register
 from moebench.weights import ExpertWeights
@@ -41,10 +42,10 @@ class DenseFFN(nn.Module):
         with self.timer.phase("expert"):
             return swiglu(x_TD, self.w_gate_DF, self.w_up_DF, self.w_down_FD)
 
-    def param_counts(self) -> tuple[int, int]:
-        """(total, active per token): every parameter is active for every token."""
+    def own_param_counts(self) -> ParamCounts:
+        """The whole layer (it routes nothing): every parameter used by every token."""
         total = sum(p.numel() for p in self.parameters())
-        return total, total
+        return ParamCounts(total=total, active=total, touched=total, router=0)
 
 
 @register(

@@ -177,12 +177,6 @@ class DSMoELayer(GroupedMoE):
             "dsmoe_sparse_err": sparse_err,
         }
 
-    def param_counts(self) -> tuple[int, int]:
-        """(total, active per token at the last forward's mean experts per token)."""
-        if self._last_ds is None:
-            return self.active_param_counts(self.num_experts)
-        return self.active_param_counts(float(self._experts_per_token().float().mean()))
-
 
 @torch.no_grad()
 def dsmoe_reference(

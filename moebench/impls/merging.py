@@ -50,7 +50,7 @@ from moebench.case import Case
 from moebench.designs import add_shared32
 from moebench.impls.grouped import GroupedMoE
 from moebench.impls.reference import reference_output
-from moebench.layer import LayerStats, swiglu
+from moebench.layer import LayerStats, routing_stats, swiglu
 from moebench.registry import register
 from moebench.routing import switch_aux_loss
 from moebench.weights import ExpertWeights
@@ -312,9 +312,6 @@ class MergedMoE(GroupedMoE):
         self.has_merged = self.num_groups < self.num_experts
         self.calib_tokens = plan.calib_x_ND.shape[0]
         self.expert_bytes = weights.shape.expert_params * weights.w_gate_EDF.element_size()
-        self.shared_params = (
-            3 * weights.shape.hidden * weights.shape.ffn * (weights.shape.shared_experts)
-        )
         self.calib_fidelity_err = _relative_error(
             merged_output(weights, plan, plan.calib_x_ND),
             reference_output(weights, plan.calib_x_ND),
@@ -350,25 +347,18 @@ class MergedMoE(GroupedMoE):
             return torch.zeros_like(x_TD).index_add(0, token_of_A, out_AD)
 
     def stats(self) -> LayerStats | None:
-        """Load per merged expert (group) of the last forward; aux loss of the router."""
+        """Load per merged expert (group) of the last forward, a token's duplicate groups
+        once; aux loss of the router."""
         if self._last is None or self._last_group_A is None:
             return None
         expert_ids_TK, probs_TE = self._last
-        counts_G = torch.bincount(self._last_group_A, minlength=self.num_groups)
-        return LayerStats(
-            tokens_per_expert=[int(n) for n in counts_G.tolist()],
-            dropped_slots=0,
-            total_slots=int(self._last_group_A.numel()),
+        return routing_stats(
+            self._last_group_A,
+            expert_ids_TK.shape[0],
+            self.num_groups,
+            probs_TE,
             aux_loss=float(switch_aux_loss(probs_TE, expert_ids_TK, self.num_experts)),
         )
-
-    def param_counts(self) -> tuple[int, int]:
-        """(total, active per token): G merged experts held, up to top_k used a token."""
-        expert = self.w_gate_EDF[0].numel() * 3
-        router = self.router.w_router_DE.numel()
-        total = self.num_groups * expert + self.shared_params + router
-        active = min(self.top_k, self.num_groups) * expert + self.shared_params + router
-        return total, active
 
     def extra_metrics(self) -> dict[str, float | int | list]:
         """Merging's columns (module docstring); call outside timed regions."""

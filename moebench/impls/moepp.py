@@ -43,7 +43,8 @@ from torch import nn
 from moebench.case import Case
 from moebench.designs import add_shared32, expert_output32, mean_std, reference_stack
 from moebench.impls.grouped import GroupedMoE
-from moebench.layer import LayerStats
+from moebench.layer import LayerStats, routing_stats
+from moebench.measure.counters import ParamCounts
 from moebench.registry import register
 from moebench.routing import switch_aux_loss
 from moebench.weights import WEIGHT_STD, ExpertWeights
@@ -164,6 +165,7 @@ class MoEPPLayer(GroupedMoE):
         self.const_value_QD = nn.Parameter(params.const_value_QD)
         self.const_gate_QD2 = nn.Parameter(params.const_gate_QD2)
         self._last_moepp: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._carried = False  # whether the last forward used a previous layer's scores
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         return self.forward_with_carry(x_TD, None)[0]
@@ -179,6 +181,7 @@ class MoEPPLayer(GroupedMoE):
             gate32_TK, expert_ids_TK, probs_TN, scores_TN = self.router(x32_TD, carry_TN)
             gate_TK = gate32_TK.to(x_TD.dtype)  # rounded as the base router rounds it
         self._last_moepp = (expert_ids_TK, probs_TN.detach())
+        self._carried = carry_TN is not None
 
         with timer.phase("permute"):
             token_A, slot_A = torch.nonzero(expert_ids_TK < c.ffn, as_tuple=True)
@@ -219,17 +222,18 @@ class MoEPPLayer(GroupedMoE):
 
     def stats(self) -> LayerStats | None:
         """Load of the FFN experts only (tokens_per_expert has E entries; slots that went
-        to zero-computation experts are in `extra_metrics`); aux loss over all N."""
+        to zero-computation experts are in `extra_metrics`, and count in dropped_frac's
+        denominator); aux loss and router entropy over all N."""
         if self._last_moepp is None:
             return None
         expert_ids_TK, probs_TN = self._last_moepp
-        ffn_ids = expert_ids_TK[expert_ids_TK < self.counts.ffn]
-        counts_E = torch.bincount(ffn_ids, minlength=self.num_experts)
-        return LayerStats(
-            tokens_per_expert=[int(n) for n in counts_E.tolist()],
-            dropped_slots=0,
-            total_slots=expert_ids_TK.numel(),
+        return routing_stats(
+            expert_ids_TK[expert_ids_TK < self.counts.ffn],
+            expert_ids_TK.shape[0],
+            self.num_experts,
+            probs_TN,
             aux_loss=float(switch_aux_loss(probs_TN, expert_ids_TK, self.counts.total)),
+            total_slots=expert_ids_TK.numel(),
         )
 
     def extra_metrics(self) -> dict[str, float]:
@@ -251,12 +255,27 @@ class MoEPPLayer(GroupedMoE):
         metrics["moepp_ffn_experts_per_token"] = mean_std(ffn_TK.sum(dim=-1))[0]
         return metrics
 
-    def param_counts(self) -> tuple[int, int]:
-        """(total, active per token at the last forward's mean FFN experts per token)."""
-        if self._last_moepp is None:
-            return self.active_param_counts(self.top_k)
-        ffn_TK = self._last_moepp[0] < self.counts.ffn
-        return self.active_param_counts(float(ffn_TK.sum(dim=-1).float().mean()))
+    def own_param_counts(self) -> ParamCounts:
+        """MoE++'s parameters besides the FFN experts: its router (D x N; the gating
+        residual W_g only when this layer got a previous layer's scores), and each
+        constant expert's vector and gate (3D), used by the tokens sent to it."""
+        router_DN = self.router.w_router_DN.numel()
+        residual = self.router.w_residual_NN.numel()
+        const = self.const_value_QD.numel() + self.const_gate_QD2.numel()
+        used_residual = residual if self._carried else 0
+        one_const = const // self.counts.const if self.counts.const else 0
+        const_hit, const_per_token = 0, 0.0
+        if self._last_moepp is not None and self.counts.const:
+            expert_ids_TK = self._last_moepp[0]
+            const_A = expert_ids_TK[expert_ids_TK >= self.counts.const_start]
+            const_hit = torch.unique(const_A).numel()
+            const_per_token = const_A.numel() / expert_ids_TK.shape[0]
+        return ParamCounts(
+            total=router_DN + residual + const,
+            active=router_DN + used_residual + round(const_per_token * one_const),
+            touched=router_DN + used_residual + const_hit * one_const,
+            router=router_DN + used_residual,
+        )
 
 
 @torch.no_grad()

@@ -95,11 +95,6 @@ class TopPMoE(GroupedMoE):
         mean, std = mean_std(self._last_topp[2])
         return {"topp_experts_mean": mean, "topp_experts_std": std}
 
-    def param_counts(self) -> tuple[int, int]:
-        """(total, active per token at the last forward's mean experts per token)."""
-        mean = float(self._last_topp[2].float().mean()) if self._last_topp else self.top_k
-        return self.active_param_counts(mean)
-
 
 @torch.no_grad()
 def topp_reference(

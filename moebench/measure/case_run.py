@@ -18,7 +18,7 @@ import torch
 from moebench import registry
 from moebench.case import Case
 from moebench.impls.reference import reference_output, reference_stack_output
-from moebench.layer import LayerStats, Stack
+from moebench.layer import Stack, balance_columns
 from moebench.measure import counters, nvml
 from moebench.measure.graph import graphed_step
 from moebench.measure.memory import peak_during, weight_bytes
@@ -144,9 +144,13 @@ def measure_case(
     # for a variant with a reference of its own design, against that too.
     with torch.no_grad():
         y = layer(inputs[0])
-        stats: LayerStats | None = layer.stats() if hasattr(layer, "stats") else None
+        # Each layer's routing of this call: the balance columns and the counts below.
         modules = list(layer.layers) if isinstance(layer, Stack) else [layer]
         module_stats = [m.stats() if hasattr(m, "stats") else None for m in modules]
+        params = sum(
+            (counters.param_counts(case, m, st) for m, st in zip(modules, module_stats)),
+            start=counters.NO_PARAMS,
+        )
         error = relative_error(y, cache.reference(case, inputs[0]))
         if not info.exact:
             row["fidelity_err"] = error
@@ -161,8 +165,9 @@ def measure_case(
             row["status"] = "mismatch"
             row["error"] = f"relative error {error:.3g} > tolerance {tolerance:g} ({case.dtype})"
             return row
-    if stats is not None:
-        row.update(stats.columns())
+    routed_stats = [st for st in module_stats if st is not None]
+    if routed_stats:
+        row.update(balance_columns(routed_stats))
 
     # 2. Peak memory of one call, then 3. latency.
     step = _step_fn(case, layer, inputs)
@@ -194,10 +199,6 @@ def measure_case(
     row["tokens_per_s"] = case.tokens / latency_s
 
     # 4. Counts and the work they imply.
-    params = sum(
-        (counters.param_counts(case, m, st) for m, st in zip(modules, module_stats)),
-        start=counters.ParamCounts(0, 0, 0, 0),
-    )
     row.update(counters.work_columns(case, params, dtype, latency_s, ceilings))
     if case.world_size == 1:
         row.update(comm_ms=0.0, dispatch_ms=0.0, combine_ms=0.0, comm_bytes=0)

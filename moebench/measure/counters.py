@@ -1,4 +1,20 @@
-"""Analytic counts: parameters (total, active per token, touched), FLOPs, minimum bytes.
+"""Counts: parameters (total, active per token, touched), FLOPs, minimum bytes.
+
+One path for every implementation (`param_counts`). A layer's parameters are three parts:
+
+- routed experts, from the routing that ran (the layer's `stats()`, a `LayerStats`):
+  held = one per entry of `tokens_per_expert` (a merged layer's groups, MoE++'s FFN
+  experts), active per token = `experts_per_token` (distinct experts the router chose,
+  before drops), touched = the experts that computed at least one (kept) token;
+- shared experts, from the shape: held, active and touched by every token;
+- the rest: the base router (D x E, float32; every token uses all of it), or, for a design
+  with parameters of its own, what its `own_param_counts()` returns (its router and
+  its own parameters: MoE++'s constant experts, say), each counted as used only when the
+  last forward used it. A layer without `stats()` that defines `own_param_counts()` routes
+  nothing (the dense FFN): its own counts are the whole layer.
+
+A layer with neither (a plugin module of its own) is counted analytically from the shape:
+top_k experts active, every expert touched.
 
 For SwiGLU experts every parameter a token uses costs 2 FLOPs (one multiply-add), so
 forward FLOPs = 2 x tokens x active_params (router included); a training step (forward +
@@ -14,13 +30,14 @@ from dataclasses import dataclass
 
 import torch
 
-from moebench.case import Case
+from moebench.case import Case, LayerShape
 from moebench.layer import LayerStats
 
 
 @dataclass(frozen=True)
 class ParamCounts:
-    """total: held by the layer. active: used per token. touched: used by this batch."""
+    """total: held by the layer. active: used per token (mean). touched: used by this
+    call. router: the router's share of touched (float32 weights, whatever the dtype)."""
 
     total: int
     active: int
@@ -28,7 +45,7 @@ class ParamCounts:
     router: int
 
     def __add__(self, other: ParamCounts) -> ParamCounts:
-        """Counts of two layers together (a stack)."""
+        """Counts of two parts, or two layers of a stack, together."""
         return ParamCounts(
             self.total + other.total,
             self.active + other.active,
@@ -37,24 +54,44 @@ class ParamCounts:
         )
 
 
-def param_counts(case: Case, layer: torch.nn.Module, stats: LayerStats | None) -> ParamCounts:
-    """Parameter counts; a layer with its own structure reports (total, active) through a
-    `param_counts()` method, and then every parameter counts as touched."""
-    own = getattr(layer, "param_counts", None)
-    if callable(own):
-        total, active = own()
-        return ParamCounts(total=total, active=active, touched=total, router=0)
-    shape = case.shape
+NO_PARAMS = ParamCounts(0, 0, 0, 0)
+
+
+def base_router_counts(shape: LayerShape) -> ParamCounts:
+    """The base router: D x E weights, every one used by every token."""
+    router = shape.router_params
+    return ParamCounts(router, router, router, router)
+
+
+def routed_expert_counts(shape: LayerShape, stats: LayerStats | None) -> ParamCounts:
+    """Routed and shared experts, from the routing that ran (`stats`), or analytically
+    (top_k active, every expert touched) when nothing is known of it."""
     expert = shape.expert_params
     shared = shape.shared_experts * expert
-    router = shape.router_params
-    experts_used = stats.experts_used if stats is not None else shape.num_experts
+    if stats is None:
+        held, per_token, used = shape.num_experts, float(shape.top_k), shape.num_experts
+    else:
+        held, per_token, used = (
+            len(stats.tokens_per_expert),
+            stats.experts_per_token,
+            stats.experts_used,
+        )
     return ParamCounts(
-        total=shape.num_experts * expert + shared + router,
-        active=shape.top_k * expert + shared + router,
-        touched=experts_used * expert + shared + router,
-        router=router,
+        total=held * expert + shared,
+        active=round(per_token * expert) + shared,
+        touched=used * expert + shared,
+        router=0,
     )
+
+
+def param_counts(case: Case, layer: torch.nn.Module, stats: LayerStats | None) -> ParamCounts:
+    """Parameter counts of one layer after the call whose routing `stats` describes (the
+    module docstring says how each part is counted)."""
+    own = getattr(layer, "own_param_counts", None)
+    if callable(own) and not hasattr(layer, "stats"):
+        return own()
+    rest = own() if callable(own) else base_router_counts(case.shape)
+    return routed_expert_counts(case.shape, stats) + rest
 
 
 def flops(case: Case, params: ParamCounts) -> int:
