@@ -26,7 +26,7 @@ from moebench.cli import main as cli_main
 from moebench.distributed.dispatcher import COUNT_BYTES
 from moebench.distributed.group import ep_problem, token_bounds
 from moebench.distributed.launcher import SpawnLauncher
-from moebench.measure.case_run import TOLERANCE
+from moebench.measure.case_run import TOLERANCE, WeightCache, measure_case
 from moebench.measure.phases import EP_PHASES as PHASES
 from moebench.measure.phases import PhaseTimer
 from moebench.plugins import import_plugin
@@ -188,6 +188,22 @@ def test_capacity_drops_are_checked_against_the_same_drops(ranks):
     )
     assert row["status"] == "ok" and row["dropped_frac"] > 0.3
     assert row["rel_err"] <= TOLERANCE["float32"] < row["fidelity_err"]
+
+
+def test_ep_counts_and_balance_are_the_single_device_ones(ranks):
+    """The same routing counted over ranks (global stats) as on one device."""
+    case = ep_case("ep-dropless", world_size=2, routing="hot:1:0.6", shared_experts=1)
+    row = ranks.run(case, timeout_s=60)
+    single = measure_case(case.with_(impl="grouped", world_size=1), FAST_PLAN, WeightCache())
+    for column in ("total_params", "active_params", "touched_params", "router_params",
+                   "min_bytes", "tokens_per_expert", "experts_per_token", "imbalance"):  # fmt: skip
+        assert row[column] == single[column], column
+    assert row["router_entropy"] == pytest.approx(single["router_entropy"], rel=1e-6)
+    drops = dict(routing="hot:1:0.9", capacity_factor=0.5)
+    capacity = ranks.run(ep_case("ep-capacity", world_size=2, **drops), timeout_s=60)
+    dropless = ranks.run(ep_case("ep-dropless", world_size=2, **drops), timeout_s=60)
+    assert capacity["imbalance"] == dropless["imbalance"] > capacity["served_imbalance"]
+    assert capacity["experts_per_token"] == dropless["experts_per_token"] == 2
 
 
 # --------------------------------------------------------------------- ranks: traffic
