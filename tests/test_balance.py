@@ -11,6 +11,7 @@ import torch
 
 from moebench import registry
 from moebench.case import Case
+from moebench.compare.pairing import impl_key
 from moebench.impls.capacity import expert_capacity
 from moebench.impls.reference import reference_output
 from moebench.layer import balance_columns, routing_stats
@@ -153,6 +154,13 @@ def test_router_scale_leaves_the_default_case_id_alone():
     assert case.case_id != case.with_(router_scale=0.5).case_id
     assert case.fields()["router_scale"] == 0.02
     assert "rs0.5" in case.with_(router_scale=0.5).label() and "rs" not in case.label()
+
+
+def test_a_row_from_before_router_scale_pairs_with_one_after():
+    row = tiny_case("grouped").fields()
+    old_row = {k: v for k, v in row.items() if k != "router_scale"}
+    assert impl_key(old_row) == impl_key(row) == impl_key({**row, "router_scale": None})
+    assert impl_key({**row, "router_scale": 0.5}) != impl_key(row)
 
 
 SUITE = """
