@@ -117,8 +117,11 @@ class Case:
         """Stable 16-hex-digit hash of every field (the preset label excluded). Fields
         added after the first release are left out while at their default, so the ids
         of earlier runs' cases stay valid."""
-        fields_ = without_late_defaults(self.fields())
+        fields_ = self.fields()
         fields_.pop("preset")
+        for name, default in LATE_FIELD_DEFAULTS.items():
+            if fields_[name] == default:
+                fields_.pop(name)
         blob = json.dumps(fields_, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -152,18 +155,8 @@ class Case:
         return replace(self, **changes)
 
 
-def without_late_defaults(fields_: dict[str, Any]) -> dict[str, Any]:
-    """`fields_` (a case's or a results row's) less the fields added after the first
-    release that are at their default or absent (None): so a case, or a row written
-    before such a field existed, keeps its identity."""
-    return {
-        name: value
-        for name, value in fields_.items()
-        if name not in LATE_FIELD_DEFAULTS or value not in (None, LATE_FIELD_DEFAULTS[name])
-    }
-
-
-# Fields added after the first release, with the default that leaves them out of case_id.
+# Fields added after the first release, with the default that leaves them out of case_id
+# (and that a results file written before them reads as: moebench.store.read_run).
 LATE_FIELD_DEFAULTS: dict[str, Any] = {
     "layers": 1,
     "weights": "random",

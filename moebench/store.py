@@ -26,6 +26,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from moebench.case import LATE_FIELD_DEFAULTS
+
 SCHEMA_VERSION = 1
 KERNELS_FILE = "kernels.parquet"
 METADATA_KEY = b"moebench"
@@ -286,15 +288,21 @@ def read_run(spec: str | Path, root: str | Path = "results") -> pd.DataFrame:
     path = resolve_run(spec, root)
     try:
         if path.is_file():
-            return pq.read_table(path).to_pandas()
-        if (path / "results.parquet").is_file():
-            return pq.read_table(path / "results.parquet").to_pandas()
-        tables = [pq.read_table(p) for p in sorted((path / "parts").glob("*.parquet"))]
+            tables = [pq.read_table(path)]
+        elif (path / "results.parquet").is_file():
+            tables = [pq.read_table(path / "results.parquet")]
+        else:
+            tables = [pq.read_table(p) for p in sorted((path / "parts").glob("*.parquet"))]
     except (OSError, pa.ArrowInvalid) as exc:
         raise StoreError(f"cannot read results at {path}: {exc}") from exc
     if not tables:
         return row_table({}).slice(0, 0).to_pandas()
-    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    frame = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    # A case field added later reads as its default in rows written before it existed,
+    # so old and new runs still pair case by case.
+    for name, default in LATE_FIELD_DEFAULTS.items():
+        frame[name] = frame[name].fillna(default) if name in frame.columns else default
+    return frame
 
 
 def read_runs(specs: list[str | Path], root: str | Path = "results") -> pd.DataFrame:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -156,11 +158,14 @@ def test_router_scale_leaves_the_default_case_id_alone():
     assert "rs0.5" in case.with_(router_scale=0.5).label() and "rs" not in case.label()
 
 
-def test_a_row_from_before_router_scale_pairs_with_one_after():
-    row = tiny_case("grouped").fields()
-    old_row = {k: v for k, v in row.items() if k != "router_scale"}
-    assert impl_key(old_row) == impl_key(row) == impl_key({**row, "router_scale": None})
-    assert impl_key({**row, "router_scale": 0.5}) != impl_key(row)
+def test_a_run_from_before_router_scale_reads_as_the_default(tmp_path):
+    row = {**tiny_case("grouped").fields(), "case_id": "x", "impl": "grouped", "status": "ok"}
+    old = {k: v for k, v in row.items() if k != "router_scale"}
+    pq.write_table(pa.Table.from_pylist([old]), tmp_path / "old.parquet")
+    frame = read_run(tmp_path / "old.parquet")
+    assert frame["router_scale"].tolist() == [0.02]
+    # so the case pairs with the same case of a run written after (compare, reports)
+    assert impl_key(frame.iloc[0].to_dict()) == impl_key(row)
 
 
 SUITE = """

@@ -380,8 +380,10 @@ def test_dsmoe_threshold_keeps_experts_above_it_and_at_least_the_best():
         dense(x_TD)
     sparse_active = counters.param_counts(case, layer, layer.stats()).active
     dense_active = counters.param_counts(dense_case, dense, dense.stats()).active
-    assert sparse_active < dense_active == case.shape.num_experts * case.shape.expert_params + (
-        case.shape.router_params
+    assert (
+        sparse_active
+        < dense_active
+        == case.shape.num_experts * case.shape.expert_params + (case.shape.router_params)
     )
 
 

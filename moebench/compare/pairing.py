@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from moebench.case import ALL_FIELDS, without_late_defaults
+from moebench.case import ALL_FIELDS
 from moebench.compare.aggregate import ImplSummary, summarize
 from moebench.compare.bootstrap import (
     DEFAULT_CONFIDENCE,
@@ -264,12 +264,9 @@ def case_fields(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def impl_key(row: Mapping[str, Any]) -> str:
-    """The case fields except the implementation's own, as a hashable key (fields added
-    later, at their default, left out: a row from before them has the same key)."""
+    """The case fields except the implementation's own, as a hashable key."""
     fields_ = {
-        k: v
-        for k, v in without_late_defaults(case_fields(row)).items()
-        if k not in NOT_IN_IMPL_KEY and k != "tokens"
+        k: v for k, v in case_fields(row).items() if k not in NOT_IN_IMPL_KEY and k != "tokens"
     }
     return json.dumps(fields_, sort_keys=True, default=str)
 
