@@ -213,7 +213,10 @@ def test_router_scale_with_a_checkpoint_is_refused():
 
 # ----------------------------------------------------------------- router aliasing
 
-ROUTED = ["reference", "grouped", "capacity", "offload", "deepseek", "topp", "dsmoe", "merging"]
+ROUTED = [
+    "reference", "grouped", "capacity", "offload", "deepseek", "topp", "dsmoe", "merging",
+    "hierarchical",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("impl", ROUTED)

@@ -88,6 +88,7 @@ DESIGN_CASES = {
     "topp": dict(options=(("p", 0.5),)),
     "dsmoe": dict(options=(("sparse", "topk"),)),
     "moepp": dict(options=(("const_experts", 0), ("copy_experts", 1), ("zero_experts", 1))),
+    "hierarchical": dict(options=(("group_top_k", 1), ("groups", 2))),
 }
 SINGLE_DEVICE = sorted(
     name
@@ -144,6 +145,8 @@ def test_one_token_touches_the_experts_it_computed(impl, changes):
         hit = _experts_computed(case)
         assert 1 <= hit <= shape.num_experts and row["experts_per_token"] == hit
         if impl == "moepp":  # its router also scores the zero and copy experts
+            router = shape.hidden * (shape.num_experts + 2)
+        if impl == "hierarchical":  # and a primary router over the 2 groups
             router = shape.hidden * (shape.num_experts + 2)
         expected = hit * expert + shared + router
     assert row["touched_params"] == expected

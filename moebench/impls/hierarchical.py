@@ -11,7 +11,7 @@ sum to 1, so every token's gates sum to 1, as the flat router's do.
 
 Weights: the sub-experts are the case's experts; the secondary router of group g is the
 columns [g M, (g+1) M) of the base router (and of the routing bias, so a skewed routing
-skews the sub-experts); the primary router, D x G, is drawn N(0, 0.02^2) from a CPU
+skews the sub-experts); the primary router, D x G, is drawn N(0, router_scale^2) from a CPU
 generator seeded from the case's seed and the layer's index. With one group and
 `group_top_k = 1` the layer is the flat top-k layer on the same weights.
 
@@ -38,9 +38,10 @@ from torch import nn
 from moebench.case import Case
 from moebench.designs import reference_experts, reference_stack
 from moebench.impls.grouped import GroupedMoE
+from moebench.measure.counters import ParamCounts
 from moebench.registry import register
 from moebench.routing import switch_aux_loss
-from moebench.weights import WEIGHT_STD, ExpertWeights
+from moebench.weights import ExpertWeights
 
 # Seed offset of the primary router (apart from the weight, input and other designs' seeds).
 PRIMARY_SEED_OFFSET = 3_000_017
@@ -89,7 +90,7 @@ def primary_router_weights(case: Case, layer: int, groups: int) -> torch.Tensor:
     """The primary router W_DG (float32, on the case's device), the same on every device
     and run for a given seed and layer."""
     generator = torch.Generator().manual_seed(case.seed + PRIMARY_SEED_OFFSET + 7919 * layer)
-    w_DG = torch.randn(case.shape.hidden, groups, generator=generator) * WEIGHT_STD
+    w_DG = torch.randn(case.shape.hidden, groups, generator=generator) * case.router_scale
     return w_DG.to(case.device)
 
 
@@ -162,6 +163,12 @@ class HierarchicalMoE(GroupedMoE):
         self._last_groups = (routing.group_ids_TA, routing.group_probs_TG.detach())
         y_TD = self.routed(x_TD, routing.gate_TK.to(x_TD.dtype), routing.expert_ids_TK)
         return self.add_shared(x_TD, y_TD)
+
+    def own_param_counts(self) -> ParamCounts:
+        """Both routers, used by every token: the secondary (the base router, D x E) and
+        the primary (D x G)."""
+        routers = self.router.w_router_DE.numel() + self.w_primary_DG.numel()
+        return ParamCounts(total=routers, active=routers, touched=routers, router=routers)
 
     def extra_metrics(self) -> dict[str, Any]:
         """group_imbalance (max / mean tokens per group, a token counted once per chosen

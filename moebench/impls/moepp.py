@@ -16,7 +16,8 @@ carry between layers goes through `forward_with_carry` (see `moebench.layer.Stac
 case's routing bias is added to the scores for routing only (it is not carried).
 
 Parameters MoE++ adds (the router's extra N - E columns, W_g, v and W_c) are drawn from a
-CPU generator seeded from case.seed (std 0.02), so every device draws the same numbers;
+CPU generator seeded from case.seed (std 0.02; the router columns at the case's
+`router_scale`, as the FFN experts' columns), so every device draws the same numbers;
 they are the same for every layer of a stack (a build does not know its layer index);
 the FFN experts and their router columns differ per layer, as the base weights do. The
 FFN experts' routing bias is padded with zeros for the new experts; a test can force
@@ -107,7 +108,9 @@ def moepp_params(case: Case, counts: ExpertCounts, device: torch.device) -> MoEP
     def normal(*size: int) -> torch.Tensor:
         return (torch.randn(*size, generator=generator) * WEIGHT_STD).to(device)
 
-    return MoEPPParams(normal(D, X), normal(N, N), normal(Q, D), normal(Q, D, 2))
+    # the router columns of the extra experts at the case's router scale, as the FFN ones
+    w_router_DX = normal(D, X) * (case.router_scale / WEIGHT_STD)
+    return MoEPPParams(w_router_DX, normal(N, N), normal(Q, D), normal(Q, D, 2))
 
 
 def route_all(
