@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from moebench.layer import LayerStats
+from moebench.layer import LayerStats, routing_stats
 from moebench.routing import switch_aux_loss
 
 
@@ -35,10 +35,10 @@ class RoutingRecorder:
             scores_TE = torch.sigmoid(logits_TE.float())
             probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
         expert_ids_TK = expert_ids_TK.long()
-        counts_E = torch.bincount(expert_ids_TK.flatten(), minlength=self.num_experts)
-        return LayerStats(
-            tokens_per_expert=[int(n) for n in counts_E.tolist()],
-            dropped_slots=0,
-            total_slots=expert_ids_TK.numel(),
+        return routing_stats(
+            expert_ids_TK,
+            expert_ids_TK.shape[0],
+            self.num_experts,
+            probs_TE,
             aux_loss=float(switch_aux_loss(probs_TE, expert_ids_TK, self.num_experts)),
         )
