@@ -23,7 +23,8 @@ from moebench.impls import deepseek, dsmoe, moepp, topp  # noqa: F401
 from moebench.impls.reference import reference_output
 from moebench.layer import Stack, swiglu
 from moebench.measure.case_run import relative_error
-from moebench.weights import ExpertWeights, make_inputs, make_weights
+from moebench.weight_sources import make_weights
+from moebench.weights import ExpertWeights, make_inputs
 from tests.conftest import FAST_PLAN, tiny_case
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,13 +25,13 @@ from moebench.routing import routing_bias
 from moebench.weight_sources import (
     CheckpointError,
     WeightSpecError,
-    load_weights,
     parse_weights_spec,
     redundant_cluster_of,
     redundant_clusters,
     validate_weights_spec,
 )
-from moebench.weights import make_inputs, make_weights
+from moebench.weight_sources import make_weights
+from moebench.weights import make_inputs
 from tests.conftest import FAST_PLAN, tiny_case
 
 # --------------------------------------------------------------------------- specs
@@ -401,7 +401,7 @@ def test_checkpoint_tensor_of_the_wrong_shape_is_named(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     case = _ckpt_case(folder, 0).with_(shape=LayerShape(D, FF + 1, E, 2))
     with pytest.raises(CheckpointError, match=r"experts.0.w1.weight' has shape 24 x 16"):
-        load_weights(case)
+        make_weights(case)
 
 
 # --------------------------------------------------------------------------- merging

@@ -33,7 +33,8 @@ from moebench.plugins import import_plugin
 from moebench.routing import Router, routing_bias
 from moebench.runner import run_cases
 from moebench.store import read_run
-from moebench.weights import make_inputs, make_weights
+from moebench.weight_sources import make_weights
+from moebench.weights import make_inputs
 from tests.conftest import FAST_PLAN, tiny_case
 
 REPO = Path(__file__).resolve().parents[1]
