@@ -4,9 +4,9 @@ Shape legend: T tokens, D hidden, F expert width, E routed experts, K top_k.
 
 A subclass implements `routed(x_TD, gate_weights_TK, expert_ids_TK) -> y_TD`; the base
 class routes (under the layer's router convention, `moebench.routing.route`), adds the
-shared experts (gated where the convention says so), and keeps references to the routing tensors of the
-last call (no copy, no sync: nothing in the timed path) so that `stats()` can report the
-load afterwards.
+shared experts (gated where the convention says so), and keeps references to the routing
+tensors of the last call (no copy, no sync: nothing in the timed path) so that `stats()`
+can report the load afterwards.
 """
 
 from __future__ import annotations

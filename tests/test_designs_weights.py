@@ -25,12 +25,12 @@ from moebench.routing import routing_bias
 from moebench.weight_sources import (
     CheckpointError,
     WeightSpecError,
+    make_weights,
     parse_weights_spec,
     redundant_cluster_of,
     redundant_clusters,
     validate_weights_spec,
 )
-from moebench.weight_sources import make_weights
 from moebench.weights import make_inputs
 from tests.conftest import FAST_PLAN, tiny_case
 
