@@ -111,7 +111,7 @@ def test_switch_gate_is_the_chosen_probability():
     """Switch-Base-8: top-1, the gate is p of the chosen expert (not renormalised to 1)."""
     shape = PRESETS["switch-base-8"]
     logits_TE = torch.randn(10, shape.num_experts, generator=torch.Generator().manual_seed(0))
-    gate_TK, ids_TK, probs_TE = route(logits_TE, shape)
+    gate_TK, ids_TK, _ = route(logits_TE, shape)
     max_T, argmax_T = torch.softmax(logits_TE, dim=-1).max(dim=-1)
     assert torch.equal(ids_TK[:, 0], argmax_T)
     torch.testing.assert_close(gate_TK[:, 0], max_T)
