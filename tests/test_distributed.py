@@ -116,7 +116,7 @@ def hand_count(case: Case, chunks: int = 1) -> tuple[int, list[int]]:
     assert T % W == 0
     weights = make_weights(case)
     x_TD = make_inputs(case, 1)[0]
-    _, expert_ids_TK, _ = Router(weights.w_router_DE, weights.router_bias_E, case.shape.top_k)(x_TD)
+    _, expert_ids_TK, _ = Router(weights.w_router_DE, weights.router_bias_E, case.shape)(x_TD)
     remote, received = 0, [0] * W
     for rank in range(W):
         owner_TK = expert_ids_TK[rank * T // W : (rank + 1) * T // W] // L
