@@ -274,8 +274,8 @@ def presets_table() -> Table:
         title="presets (suite key `preset`)",
         caption=escape(
             f"router keys, set in [grid] to depart from a preset or the base router: {keys}; "
-            "topp, moepp, dsmoe and merging compute only the base router (other cases: "
-            "skipped)"
+            "topp, moepp, dsmoe, merging and hierarchical compute only the base router "
+            "(other cases: skipped)"
         ),
     )
     for column in ("preset", "shape", "router convention"):
