@@ -111,11 +111,13 @@ def hf_state(preset: str, weights: ExpertWeights) -> dict[str, torch.Tensor]:
 
 def hf_block(preset: str, weights: ExpertWeights) -> nn.Module:
     """transformers' MoE block of `preset`'s model at the weight set's dimensions, with
-    every parameter and buffer taken from `weights`; in eval mode, float32."""
+    every parameter and buffer taken from `weights`; in eval mode, float32, on the
+    weights' device."""
     config = _config(preset, weights)
     module, block_name, _ = REAL_ROUTER_CONFIG[preset]
     models = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=["x"])
-    block = getattr(models, block_name)(config).float().eval()
+    with torch.device(weights.device):
+        block = getattr(models, block_name)(config).float().eval()
     state = hf_state(preset, weights)
     expected = set(block.state_dict())
     assert set(state) == expected, (

@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
+from moebench import registry
 from moebench.case import Case, LayerShape, Workload
+from moebench.impls.reference import reference_output
 from moebench.measure.case_run import TOLERANCE, WeightCache, measure_case, relative_error
 from moebench.presets import PRESETS
 from moebench.routing import route
@@ -86,8 +88,6 @@ def test_the_base_router_is_not_these_models_layer(preset):
     x_TD = make_inputs(case, 1)[0]
     expected = hf_output(hf_block(preset, weights), x_TD)
     base = LayerShape(hidden=64, ffn=32, **SMALL[preset])
-    from moebench.impls.reference import reference_output
-
     assert relative_error(reference_output(replace(weights, shape=base), x_TD), expected) > 0.1
     assert relative_error(reference_output(weights, x_TD), expected) < TOLERANCE["float32"]
 
@@ -161,3 +161,34 @@ def test_a_departure_is_a_named_key_and_the_case_id_follows_the_function():
 def test_bad_router_conventions_name_the_key(changes, key):
     shape = replace(PRESETS["deepseek-v3"], num_experts=32, top_k=5, **changes)
     assert key in {field for field, _ in shape.problems()}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", list(REAL_ROUTER_CONFIG))
+def test_full_size_presets_equal_transformers_blocks_on_cuda(preset):
+    """The real models' layers at full size in bfloat16 on the GPU: transformers' block
+    (float32 math on the same bfloat16 weights) against moebench's layers."""
+    # deepseek-v3: 22.5 GB of bfloat16 weights + 45 GB for the float32 block
+    needed_gb = 80 if preset == "deepseek-v3" else 16
+    if torch.cuda.get_device_properties(0).total_memory < needed_gb * 2**30:
+        pytest.skip(f"{preset} at full size needs a GPU of >= {needed_gb} GB")
+    case = Case(
+        shape=PRESETS[preset],
+        workload=Workload(batch=1, seq_len=256),
+        impl="grouped",
+        device="cuda",
+        dtype="bfloat16",
+        preset=preset,
+    )
+    cache = WeightCache()
+    _with_nonzero_correction(cache, case)
+    weights = cache.get(case)[0]
+    x_TD = make_inputs(case, 1)[0]
+    expected = hf_output(hf_block(preset, weights), x_TD)
+    torch.cuda.empty_cache()
+    assert relative_error(reference_output(weights, x_TD), expected) < TOLERANCE["float32"]
+    for impl in ("grouped", "deepseek"):
+        with torch.no_grad():
+            y_TD = registry.get(impl).build(weights, case.with_(impl=impl))(x_TD)
+        assert relative_error(y_TD, expected) < TOLERANCE["bfloat16"], impl
