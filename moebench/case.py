@@ -15,18 +15,35 @@ from typing import Any, Literal
 Mode = Literal["forward", "train"]
 MODES: tuple[str, ...] = ("forward", "train")
 ACTIVATIONS: tuple[str, ...] = ("swiglu",)
+Scoring = Literal["softmax", "sigmoid"]
+SCORINGS: tuple[str, ...] = ("softmax", "sigmoid")
+SharedExpertGate = Literal["none", "sigmoid"]
+SHARED_EXPERT_GATES: tuple[str, ...] = ("none", "sigmoid")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
 DEFAULT_ROUTER_SCALE = 0.02
 
 
 @dataclass(frozen=True)
 class LayerShape:
-    """The shape of one MoE layer.
+    """The shape of one MoE layer, and its router convention.
 
     hidden: model width D. ffn: width F of one routed expert's hidden layer.
     num_experts: routed experts E. top_k: experts per token. shared_experts: experts of
     width `ffn` that every token passes through. capacity_factor: only read by capacity-
     limited implementations (slots per expert = capacity_factor x tokens x top_k / E).
+
+    The router convention (what real models differ in; `moebench.routing.route`; the
+    defaults are moebench's base router, softmax top-k renormalised):
+    scoring: "softmax" over the E logits, or "sigmoid" per expert (DeepSeek-V3).
+    norm_topk_prob: the k chosen scores are divided by their sum (else used as they are).
+    n_groups, topk_groups: group-limited selection: the E experts form n_groups equal
+    groups, each scored by the sum of its two highest selection scores, and only the
+    topk_groups best groups are eligible (0 = every group).
+    correction_bias: selection adds the weight set's per-expert correction bias to the
+    scores (DeepSeek-V3's e_score_correction_bias); the gate weights do not.
+    routed_scaling: the gate weights are multiplied by this (DeepSeek-V3: 2.5).
+    shared_expert_gate: "sigmoid" scales the shared experts' output per token by
+    sigmoid(x . w), w a D-vector of the weight set (Qwen2-MoE); "none" adds it as is.
     """
 
     hidden: int
@@ -36,6 +53,13 @@ class LayerShape:
     shared_experts: int = 0
     capacity_factor: float = 1.25
     activation: str = "swiglu"
+    scoring: Scoring = "softmax"
+    norm_topk_prob: bool = True
+    n_groups: int = 1
+    topk_groups: int = 0
+    correction_bias: bool = False
+    routed_scaling: float = 1.0
+    shared_expert_gate: SharedExpertGate = "none"
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, message) for every value that cannot describe a layer."""
@@ -51,7 +75,41 @@ class LayerShape:
             found.append(("capacity_factor", f"must be > 0, got {self.capacity_factor}"))
         if self.activation not in ACTIVATIONS:
             found.append(("activation", f"{self.activation!r} not in {list(ACTIVATIONS)}"))
+        return found + self.router_problems()
+
+    def router_problems(self) -> list[tuple[str, str]]:
+        """(field, message) for every router-convention value that cannot work here."""
+        found = []
+        if self.scoring not in SCORINGS:
+            found.append(("scoring", f"{self.scoring!r} not in {list(SCORINGS)}"))
+        if self.shared_expert_gate not in SHARED_EXPERT_GATES:
+            found.append(
+                (
+                    "shared_expert_gate",
+                    f"{self.shared_expert_gate!r} not in {list(SHARED_EXPERT_GATES)}",
+                )
+            )
+        if not self.routed_scaling > 0:
+            found.append(("routed_scaling", f"must be > 0, got {self.routed_scaling}"))
+        E, groups = self.num_experts, self.n_groups
+        if groups < 1 or E < 1 or E % groups:
+            found.append(("n_groups", f"{groups} must be >= 1 and divide num_experts={E}"))
+        elif not 0 <= self.topk_groups <= groups:
+            found.append(("topk_groups", f"{self.topk_groups} must be in 0..n_groups={groups}"))
+        elif self.groups_kept * (E // groups) < self.top_k:
+            found.append(
+                (
+                    "topk_groups",
+                    f"{self.groups_kept} groups x {E // groups} experts per group < "
+                    f"top_k={self.top_k}",
+                )
+            )
         return found
+
+    @property
+    def groups_kept(self) -> int:
+        """Expert groups each token may choose from (topk_groups, 0 meaning all)."""
+        return self.topk_groups or self.n_groups
 
     @property
     def expert_params(self) -> int:
@@ -162,6 +220,14 @@ LATE_FIELD_DEFAULTS: dict[str, Any] = {
     "weights": "random",
     "cuda_graph": False,
     "router_scale": DEFAULT_ROUTER_SCALE,
+    # the router convention (LayerShape): at moebench's base router, today's ids stand
+    "scoring": "softmax",
+    "norm_topk_prob": True,
+    "n_groups": 1,
+    "topk_groups": 0,
+    "correction_bias": False,
+    "routed_scaling": 1.0,
+    "shared_expert_gate": "none",
 }
 
 SHAPE_FIELDS = tuple(f.name for f in fields(LayerShape))

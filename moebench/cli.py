@@ -258,7 +258,31 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
             broken.name, "-", "[red]broken[/]", "-", "-", f"{broken.target}: {broken.error}"
         )
     console.print(table)
+    console.print(presets_table())
     return EXIT_OK
+
+
+def presets_table() -> Table:
+    """The presets with their router conventions, and the keys that change one."""
+    from rich.markup import escape
+
+    from moebench.presets import preset_rows
+    from moebench.routing import ROUTER_FIELDS
+
+    keys = ", ".join(f"{name} (default {value!r})" for name, value in ROUTER_FIELDS.items())
+    table = Table(
+        title="presets (suite key `preset`)",
+        caption=escape(
+            f"router keys, set in [grid] to depart from a preset or the base router: {keys}; "
+            "topp, moepp, dsmoe, merging and hierarchical compute only the base router "
+            "(other cases: skipped)"
+        ),
+    )
+    for column in ("preset", "shape", "router convention"):
+        table.add_column(column)
+    for row in preset_rows():
+        table.add_row(*row)
+    return table
 
 
 def cmd_show(args: argparse.Namespace, console: Console) -> int:

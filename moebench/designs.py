@@ -12,9 +12,26 @@ from typing import Any
 
 import torch
 
+from moebench.case import Case
 from moebench.layer import LayerStats, routing_stats, swiglu
-from moebench.routing import Router, switch_aux_loss
+from moebench.registry import Unsupported
+from moebench.routing import Router, describe_router, router_departures, switch_aux_loss
 from moebench.weights import ExpertWeights
+
+
+def require_base_router(case: Case, routes_by: str) -> None:
+    """Refuse (`Unsupported`: a `skipped` row) a case whose router convention is not the
+    base router (softmax, top-k renormalised, no groups, no correction, no scaling, shared
+    experts ungated): a design that routes by its own rule over the softmax probabilities
+    (`routes_by`, a few words) cannot compute the layer it names."""
+    departures = router_departures(case.shape)
+    if departures:
+        label = f"preset {case.preset!r}" if case.preset else "this case"
+        raise Unsupported(
+            f"{case.impl} routes by {routes_by} over softmax probabilities and adds the "
+            f"shared experts ungated; it cannot compute the router of {label} "
+            f"({describe_router(case.shape)}: {', '.join(departures)})"
+        )
 
 
 def router_probs(router: Router, x_TD: torch.Tensor) -> torch.Tensor:
@@ -69,15 +86,21 @@ def expert_output32(weights: ExpertWeights, expert: int, x32_ND: torch.Tensor) -
 
 
 def add_shared32(weights: ExpertWeights, x32_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
-    """y plus the shared experts' float32 output (y unchanged without shared experts)."""
+    """y plus the shared experts' float32 output (y unchanged without shared experts),
+    scaled per token by sigmoid(x . w) where the weight set has a shared-expert gate."""
     if weights.w_shared_gate_DS is None:
         return y_TD
-    return y_TD + swiglu(
+    shared_TD = swiglu(
         x32_TD,
         weights.w_shared_gate_DS.float(),
         weights.w_shared_up_DS.float(),
         weights.w_shared_down_SD.float(),
     )
+    if weights.w_shared_expert_gate_D is not None:
+        shared_TD = (
+            shared_TD * torch.sigmoid(x32_TD @ weights.w_shared_expert_gate_D.float())[:, None]
+        )
+    return y_TD + shared_TD
 
 
 ReferenceLayer = Callable[[ExpertWeights, torch.Tensor, Any], tuple[torch.Tensor, Any]]

@@ -3,9 +3,10 @@
 Shape legend: T tokens, D hidden, F expert width, E routed experts, K top_k.
 
 A subclass implements `routed(x_TD, gate_weights_TK, expert_ids_TK) -> y_TD`; the base
-class routes, adds the shared experts, and keeps references to the routing tensors of the
-last call (no copy, no sync: nothing in the timed path) so that `stats()` can report the
-load afterwards.
+class routes (under the layer's router convention, `moebench.routing.route`), adds the
+shared experts (gated where the convention says so), and keeps references to the routing
+tensors of the last call (no copy, no sync: nothing in the timed path) so that `stats()`
+can report the load afterwards.
 """
 
 from __future__ import annotations
@@ -162,12 +163,20 @@ class MoELayer(nn.Module):
         shape = weights.shape
         self.num_experts = shape.num_experts
         self.top_k = shape.top_k
-        self.router = Router(weights.w_router_DE, weights.router_bias_E, shape.top_k)
+        problems = case.shape.router_problems()
+        if problems:
+            raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
+        self.router = Router(
+            weights.w_router_DE, weights.router_bias_E, shape, weights.correction_bias_E
+        )
         self.shared: nn.ParameterList | None = None
+        self.w_shared_expert_gate_D: nn.Parameter | None = None
         if weights.w_shared_gate_DS is not None:
             self.shared = nn.ParameterList(
                 [weights.w_shared_gate_DS, weights.w_shared_up_DS, weights.w_shared_down_SD]
             )
+            if weights.w_shared_expert_gate_D is not None:
+                self.w_shared_expert_gate_D = nn.Parameter(weights.w_shared_expert_gate_D)
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         # Set by layers that drop (token, slot) assignments: bool mask, shape T x K.
         self._last_dropped_TK: torch.Tensor | None = None
@@ -185,11 +194,21 @@ class MoELayer(nn.Module):
         return self.add_shared(x_TD, y_TD)
 
     def add_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
-        """y plus the shared experts' output (if the shape has shared experts)."""
+        """y plus the shared experts' output (y itself without shared experts)."""
         if self.shared is None:
             return y_TD
         with self.timer.phase("shared"):
-            return y_TD + swiglu(x_TD, *self.shared)
+            return y_TD + self.shared_output(x_TD)
+
+    def shared_output(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output, scaled per token by sigmoid(x . w) in float32 where
+        the layer gates them (Qwen2-MoE's shared_expert_gate)."""
+        assert self.shared is not None
+        y_TD = swiglu(x_TD, *self.shared)
+        if self.w_shared_expert_gate_D is None:
+            return y_TD
+        gate_T = torch.sigmoid(x_TD.float() @ self.w_shared_expert_gate_D)
+        return y_TD * gate_T.to(x_TD.dtype)[:, None]
 
     def kept_assignments(self) -> tuple[torch.Tensor, int]:
         """Expert ids of the last forward's (token, slot) assignments that were computed,

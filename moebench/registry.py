@@ -83,6 +83,16 @@ class RegistryError(ValueError):
     """A registration or look-up that cannot be honoured."""
 
 
+class Unsupported(Exception):  # noqa: N818 (a refusal, not an error: the row is `skipped`)
+    """Raised by `build(weights, case)` for a case the implementation cannot compute (a
+    router convention it does not know, say): the runner records a `skipped` row with
+    the message, rather than run a different function under the case's name.
+
+        if case.shape.scoring != "softmax":
+            raise Unsupported("my-moe: softmax routing only")
+    """
+
+
 def register(
     name: str,
     *,

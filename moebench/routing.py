@@ -1,6 +1,13 @@
-"""The router (softmax top-k with renormalisation) and routing distributions.
+"""The router, its conventions, and routing distributions.
 
-Shape legend: T tokens, D hidden, E routed experts, K experts per token (top_k).
+Shape legend: T tokens, D hidden, E routed experts, K experts per token (top_k),
+G expert groups, P experts per group (E / G).
+
+The router convention is part of the layer (`LayerShape`: scoring, norm_topk_prob,
+n_groups, topk_groups, correction_bias, routed_scaling; presets carry their model's).
+`route` computes it, in float32, for the `Router` every exact layer uses and for the
+reference alike. The default is moebench's base router: softmax over the logits, top-k,
+the k probabilities renormalised to sum 1.
 
 A routing distribution biases the router on purpose, so skew is real (the layer really
 sends more tokens to some experts) and reproducible per seed:
@@ -18,9 +25,12 @@ what the layer did, recorded as `tokens_per_expert`, not the prior.
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import torch
 from torch import nn
+
+from moebench.case import LayerShape
 
 
 class RoutingSpecError(ValueError):
@@ -73,26 +83,121 @@ def float32_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32, copy=True)
 
 
+# The router-convention fields of LayerShape and their defaults (the base router).
+ROUTER_FIELDS: dict[str, object] = {
+    f.name: f.default
+    for f in fields(LayerShape)
+    if f.name
+    in (
+        "scoring",
+        "norm_topk_prob",
+        "n_groups",
+        "topk_groups",
+        "correction_bias",
+        "routed_scaling",
+        "shared_expert_gate",
+    )
+}
+
+
+def router_departures(shape: LayerShape) -> list[str]:
+    """`field=value` for each router-convention field of `shape` off the base router."""
+    return [
+        f"{name}={getattr(shape, name)!r}"
+        for name, default in ROUTER_FIELDS.items()
+        if getattr(shape, name) != default
+    ]
+
+
+def describe_router(shape: LayerShape) -> str:
+    """The router convention in a few words (for `moebench list` and messages)."""
+    parts = [f"{shape.scoring} top-{shape.top_k}"]
+    if shape.n_groups > 1:
+        parts.append(f"from the best {shape.groups_kept} of {shape.n_groups} groups")
+    if shape.correction_bias:
+        parts.append("selection + correction bias")
+    parts.append("renormalised" if shape.norm_topk_prob else "raw gates")
+    if shape.routed_scaling != 1.0:
+        parts.append(f"x{shape.routed_scaling:g}")
+    if shape.shared_experts:
+        gated = shape.shared_expert_gate == "sigmoid"
+        parts.append("sigmoid-gated shared expert" if gated else "shared expert added")
+    return ", ".join(parts)
+
+
+def route(
+    logits_TE: torch.Tensor, shape: LayerShape, correction_bias_E: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate_TK float32, expert_ids_TK int64, probs_TE float32) from float32 logits
+    under `shape`'s router convention (LayerShape's docstring), as transformers computes
+    it (MixtralTopKRouter, Qwen2/3MoeTopKRouter, OlmoeTopKRouter, DeepseekV3TopkRouter).
+
+    correction_bias_E steers the selection only, when shape.correction_bias. probs_TE is
+    the score distribution normalised per token (the softmax itself, or the sigmoid
+    scores over their sum), for the load-balancing statistics."""
+    if shape.scoring == "sigmoid":
+        scores_TE = torch.sigmoid(logits_TE)
+    else:
+        scores_TE = torch.softmax(logits_TE, dim=-1)
+    choice_TE = scores_TE
+    if shape.correction_bias and correction_bias_E is not None:
+        choice_TE = scores_TE + correction_bias_E
+    if shape.n_groups > 1 and shape.groups_kept < shape.n_groups:
+        T, E = choice_TE.shape
+        per_group = E // shape.n_groups
+        choice_TGP = choice_TE.view(T, shape.n_groups, per_group)
+        group_score_TG = choice_TGP.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+        kept_TJ = group_score_TG.topk(shape.groups_kept, dim=-1).indices
+        kept_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter(1, kept_TJ, True)
+        choice_TE = choice_TGP.masked_fill(~kept_TG[..., None], float("-inf")).view(T, E)
+    expert_ids_TK = choice_TE.topk(shape.top_k, dim=-1).indices
+    gate_TK = scores_TE.gather(1, expert_ids_TK)
+    if shape.norm_topk_prob:
+        # sigmoid scores need not sum to anything: DeepSeek-V3's guard against 0 / 0
+        guard = 1e-20 if shape.scoring == "sigmoid" else 0.0
+        gate_TK = gate_TK / (gate_TK.sum(dim=-1, keepdim=True) + guard)
+    if shape.routed_scaling != 1.0:
+        gate_TK = gate_TK * shape.routed_scaling
+    if shape.scoring == "sigmoid":
+        probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+    else:
+        probs_TE = scores_TE
+    return gate_TK, expert_ids_TK, probs_TE
+
+
 class Router(nn.Module):
-    """Softmax top-k router in float32 (so routing does not flip with the dtype).
+    """The layer's router in float32 (so routing does not flip with the dtype), under the
+    convention of `shape` (`route`). correction_bias_E: the weight set's selection bias
+    (a buffer of that name, zeros if the convention has one and the weights none).
 
     It holds copies of the weight set's router tensors (small: D x E), so a study that
     edits one layer's router in place (forcing routes through `bias_E`, say) leaves the
     shared weights, every other implementation and the reference as they were."""
 
-    def __init__(self, w_router_DE: torch.Tensor, bias_E: torch.Tensor, top_k: int):
+    def __init__(
+        self,
+        w_router_DE: torch.Tensor,
+        bias_E: torch.Tensor,
+        shape: LayerShape,
+        correction_bias_E: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.w_router_DE = nn.Parameter(float32_copy(w_router_DE), requires_grad=True)
         self.register_buffer("bias_E", float32_copy(bias_E))
-        self.top_k = top_k
+        if shape.correction_bias and correction_bias_E is None:
+            correction_bias_E = torch.zeros_like(self.bias_E)
+        self.register_buffer(
+            "correction_bias_E",
+            None if correction_bias_E is None else float32_copy(correction_bias_E),
+        )
+        self.shape = shape
+        self.top_k = shape.top_k
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (gate_weights_TK in x's dtype, expert_ids_TK int64, probs_TE float32)."""
         logits_TE = x_TD.float() @ self.w_router_DE + self.bias_E
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        top_probs_TK, expert_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-        gate_weights_TK = top_probs_TK / top_probs_TK.sum(dim=-1, keepdim=True)
-        return gate_weights_TK.to(x_TD.dtype), expert_ids_TK, probs_TE
+        gate_TK, expert_ids_TK, probs_TE = route(logits_TE, self.shape, self.correction_bias_E)
+        return gate_TK.to(x_TD.dtype), expert_ids_TK, probs_TE
 
 
 def switch_aux_loss(

@@ -6,7 +6,8 @@ one row, not the sweep: the worker is replaced and the sweep goes on. `isolate=F
 cases in this process (faster to start, easier to debug; no hard timeout).
 
 Statuses: ok, mismatch (failed the correctness check; not timed), error (an exception,
-message in `error`), oom, timeout, crashed (the worker died).
+message in `error`), oom, timeout, crashed (the worker died), skipped (the implementation
+refused the case: `registry.Unsupported`, or too few ranks).
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class InProcessExecutor:
         try:
             with named_range(f"case {case.label()}", nvtx=self.profile.nvtx):
                 return measure_case(case, self.plan, self.cache, self.ceilings, self.profile)
+        except registry.Unsupported as exc:
+            return {"status": "skipped", "error": str(exc)}
         except (torch.OutOfMemoryError, MemoryError) as exc:
             self.cache = WeightCache()
             if case.device.startswith("cuda"):

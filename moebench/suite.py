@@ -26,12 +26,19 @@ max_repeats = 50              # default 200; must be >= min_repeats
 [grid]                        # cartesian product; each value a scalar or a non-empty list
 impl = ["reference", "grouped", "capacity", "dense"]    # required (here or in a [[zip]])
 preset = "mixtral-8x7b"       # a moebench.presets.PRESETS name ("" = none): fills the
-                              #  shape; explicit shape keys below override the preset's
+                              #  shape and router convention; explicit keys override them
 num_experts = [4, 8]          # hidden, ffn, num_experts, top_k: required without a preset
 top_k = [1, 2]
 shared_experts = 0            # default 0
 capacity_factor = 1.25        # default 1.25 (int or float)
 activation = "swiglu"         # default "swiglu" (the only one)
+scoring = "softmax"           # router convention (LayerShape; defaults: the base router):
+norm_topk_prob = true         #  "softmax"|"sigmoid", renormalise the top-k gates,
+n_groups = 1                  #  group-limited selection (topk_groups of n_groups; 0 =
+topk_groups = 0               #  all), the correction bias in the selection, gate
+correction_bias = false       #  scaling, "none"|"sigmoid" gate on the shared experts
+routed_scaling = 1.0
+shared_expert_gate = "none"
 batch = [1, 4]                # required
 seq_len = 16                  # required
 mode = ["forward", "train"]   # default "forward"

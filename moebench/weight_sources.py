@@ -3,8 +3,8 @@
 Shape legend: D hidden, F expert ffn width, E routed experts, C clusters of experts,
 S shared-expert width (shared_experts x F), P x Q one expert matrix (D x F or F x D).
 
-`Case.weights` names the source; `moebench.weights.make_weights` handles "random" itself
-and hands every other spec to `load_weights(case, layer)` here:
+`Case.weights` names the source; `make_weights(case, layer)` here is the entry point for
+every source ("random" is drawn by `moebench.weights.random_weights`):
 
 - "random": N(0, 0.02^2) experts (moebench.weights; not handled here).
 - "redundant:R", 0 <= R <= 1: synthetic redundant experts, for studying merging and
@@ -18,11 +18,11 @@ and hands every other spec to `load_weights(case, layer)` here:
   (0.02^2 per entry) for every R, and two experts of one cluster have expected cosine
   similarity R: R = 0 gives independent experts (and E clusters of one), R = 1 gives
   identical copies within each cluster (and one cluster). The router weights, the routing
-  bias and the shared experts are those of "random" (make_weights is called on the case
-  with weights="random", then the routed experts are replaced). Deterministic in shape,
+  bias and the shared experts are those of "random" (random_weights draws the case's
+  set, then the routed experts are replaced). Deterministic in shape,
   seed, layer and R: the generator is seeded with seed + LAYER_SEED_STRIDE x layer +
   REDUNDANT_SEED_OFFSET (the offset keeps the centroids from repeating the router's
-  numbers, which make_weights draws from seed + LAYER_SEED_STRIDE x layer).
+  numbers, which random_weights draws from seed + LAYER_SEED_STRIDE x layer).
 - "checkpoint:PATH:LAYER": one MoE layer of a Hugging Face checkpoint in the local folder
   PATH (config.json + *.safetensors, sharded through model.safetensors.index.json or
   not); LAYER is the checkpoint's layer index for the case's first layer, and layer i of
@@ -49,30 +49,27 @@ a multiple of F: shared_experts = width / F). DeepSeek-V3 FP8 weights with
 `weight_scale_inv` block scales are dequantised (block size from config.json's
 quantization_config.weight_block_size, default 128 x 128).
 
-What moebench computes with them is its own layer's function (softmax over the E router
-logits + router_bias_E, top-k, gates renormalised over the k, SwiGLU experts, shared
-experts added ungated), which is exactly Mixtral's and Qwen3-MoE's (norm_topk_prob=True)
-and differs from the original model where the model differs from that:
+What moebench computes with them is the case's layer: its router convention
+(LayerShape: scoring, norm_topk_prob, groups, correction bias, routed scaling, shared-
+expert gate; a preset carries its model's) on the checkpoint's tensors. The convention's
+own weights come from the checkpoint:
 
-- OLMoE and Qwen2-MoE do not renormalise the top-k gates (norm_topk_prob=False): moebench
-  does, so each token's routed output is scaled by 1 / (sum of its top-k probabilities).
-- Qwen2-MoE's `shared_expert_gate` (a per-token sigmoid gate on the shared expert) has no
-  place in ExpertWeights: it is ignored (the shared expert is added ungated, as if the gate
-  were 1) and a warning says so.
-- DeepSeek-V3's sigmoid scoring, group-limited selection and routed_scaling_factor belong
-  to the router, not the weights (the `deepseek` implementation's options apply them).
-  Its `e_score_correction_bias` is a selection-only bias on sigmoid scores, not a logit
-  bias, so it is not folded into `router_bias_E` (which would change every layer's gates);
-  it is attached to the weight set as `correction_bias_E` (float32, E), for a router
-  that selects with it (deepseek's buffer of that name), and the base layer ignores it.
+- DeepSeek-V3's `gate.e_score_correction_bias` becomes `correction_bias_E` (float32, E)
+  when the case's convention has correction_bias (the deepseek-v3 preset); zeros if the
+  checkpoint has none. A checkpoint's bias that the convention does not use is ignored
+  with a warning (it is a selection-only bias on sigmoid scores, never folded into
+  `router_bias_E`, which would change the gates).
+- Qwen2-MoE's `shared_expert_gate` (a D -> 1 linear) becomes `w_shared_expert_gate_D`
+  when the case's convention has shared_expert_gate = "sigmoid" (the qwen2-moe preset);
+  a checkpoint without one is an error then, and one the convention does not use is
+  ignored with a warning.
 
-Checked against transformers 5.17 on tiny random models (2026-11): the MoE block's
-output equals moebench's reference on the loaded weights (relative error <= 2e-7) for
-Mixtral, Qwen3-MoE, OLMoE and Qwen2-MoE (norm_topk_prob=True, shared expert's down
-projection zeroed to leave its gate out) as save_pretrained writes them, and for Mixtral
-and Qwen3-MoE saved as their in-memory (stacked) state_dict; a DeepSeek-V3 layer loaded
-here, run by `deepseek` (sigmoid, groups, routed_scaling 2.5) with `correction_bias_E`
-set from the weights, equals DeepseekV3MoE's output.
+The checkpoint's config.json is not read for the convention: a case says which function
+it computes (a suite's preset and keys), and the checkpoint gives the numbers.
+
+Checked against transformers 5 on tiny blocks (tests/test_presets_hf.py loads the same
+weights into Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V3 blocks and compares
+outputs); the safetensors layouts below against save_pretrained's output of tiny models.
 
 Dimensions come from config.json (hidden_size; moe_intermediate_size, else
 intermediate_size; num_local_experts / num_experts / n_routed_experts; a nested
@@ -103,7 +100,8 @@ from moebench.weights import (
     LAYER_SEED_STRIDE,
     WEIGHT_STD,
     ExpertWeights,
-    make_weights,
+    has_shared_expert_gate,
+    random_weights,
     torch_dtype,
 )
 
@@ -113,7 +111,7 @@ __all__ = [
     "CheckpointSpec",
     "RedundantSpec",
     "WeightSpecError",
-    "load_weights",
+    "make_weights",
     "parse_weights_spec",
     "redundant_clusters",
     "validate_weights_spec",
@@ -197,14 +195,18 @@ def validate_weights_spec(spec: str) -> str | None:
     return None
 
 
-def load_weights(case: Case, layer: int = 0) -> ExpertWeights:
-    """The weight set of layer `layer` of `case` from the source `case.weights` names."""
+def make_weights(case: Case, layer: int = 0) -> ExpertWeights:
+    """The weight set of layer `layer` of `case` from the source `case.weights` names
+    (deterministic in the case and the layer index)."""
     spec = parse_weights_spec(case.weights)
     if spec is None:
-        return make_weights(case, layer)
+        return random_weights(case, layer)
     if isinstance(spec, RedundantSpec):
-        return redundant_weights(case, layer, spec.redundancy)
-    return checkpoint_weights(case, layer, spec)
+        loaded = redundant_weights(case, layer, spec.redundancy)
+    else:
+        loaded = checkpoint_weights(case, layer, spec)
+    loaded.layer = layer
+    return loaded
 
 
 # --------------------------------------------------------------------------- redundant
@@ -238,7 +240,7 @@ def _redundant_seed(case: Case, layer: int) -> int:
 def redundant_weights(case: Case, layer: int, redundancy: float) -> ExpertWeights:
     """ "redundant:R" weights (module docstring): the random weight set with its routed
     experts replaced by clustered ones."""
-    weights = make_weights(case.with_(weights="random"), layer)
+    weights = random_weights(case, layer)
     shape = case.shape
     device = torch.device(case.device)
     dtype = torch_dtype(case.dtype)
@@ -484,15 +486,12 @@ class _LayerReader:
 
     def layer_weights(
         self, layer: int, shape: LayerShape, device: torch.device, dtype: torch.dtype
-    ) -> tuple[ExpertWeights, torch.Tensor | None]:
-        """(weights with a zero router bias, e_score_correction_bias or None)."""
+    ) -> ExpertWeights:
+        """The layer's weights with a zero router bias, and the convention's own weights
+        (module docstring)."""
         base = self.base(layer)
         D, F, E = self.dims.hidden, self.dims.ffn, self.dims.num_experts
         w_router_ED = self.read(f"{base}.gate.weight", (E, D))
-        correction_name = f"{base}.gate.e_score_correction_bias"
-        correction_E = (
-            self.read(correction_name, (E,)).float() if correction_name in self.tensors else None
-        )
         weights = ExpertWeights(
             shape=shape,
             w_router_DE=w_router_ED.t().to(device=device, dtype=torch.float32),
@@ -503,7 +502,23 @@ class _LayerReader:
         )
         self._experts(base, weights)
         self._shared(base, weights, device, dtype)
-        return weights, correction_E
+        self._correction_bias(base, weights, device)
+        return weights
+
+    def _correction_bias(self, base: str, weights: ExpertWeights, device: torch.device) -> None:
+        E = self.dims.num_experts
+        name = f"{base}.gate.e_score_correction_bias"
+        found = self.read(name, (E,)).float() if name in self.tensors else None
+        if weights.shape.correction_bias:
+            found = torch.zeros(E) if found is None else found
+            weights.correction_bias_E = found.to(device)
+        elif found is not None:
+            warnings.warn(
+                f"weights {self.spec_text!r}: {name} (DeepSeek-V3's selection bias) is "
+                "ignored: the case's router has correction_bias = false (the deepseek-v3 "
+                "preset sets it)",
+                stacklevel=4,
+            )
 
     def _experts(self, base: str, weights: ExpertWeights) -> None:
         D, F, E = self.dims.hidden, self.dims.ffn, self.dims.num_experts
@@ -573,14 +588,27 @@ class _LayerReader:
             weights.w_shared_gate_DS = gate.t().to(device=device, dtype=dtype)
             weights.w_shared_up_DS = up.t().to(device=device, dtype=dtype)
             weights.w_shared_down_SD = down.t().to(device=device, dtype=dtype)
-            if f"{base}.shared_expert_gate.weight" in self.tensors:
-                warnings.warn(
-                    f"weights {self.spec_text!r}: {base}.shared_expert_gate (Qwen2-MoE's "
-                    "sigmoid gate on the shared expert) is ignored: moebench adds the shared "
-                    "expert ungated",
-                    stacklevel=4,
-                )
+            self._shared_expert_gate(base, weights, device)
             return
+
+    def _shared_expert_gate(self, base: str, weights: ExpertWeights, device: torch.device) -> None:
+        name = f"{base}.shared_expert_gate.weight"
+        if has_shared_expert_gate(weights.shape):
+            if name not in self.tensors:
+                raise CheckpointError(
+                    f"weights {self.spec_text!r}: the case's router gates the shared expert "
+                    f"(shared_expert_gate = 'sigmoid') but the checkpoint has no {name}; set "
+                    "shared_expert_gate = 'none'"
+                )
+            gate_1D = self.read(name, (1, self.dims.hidden))
+            weights.w_shared_expert_gate_D = gate_1D[0].to(device=device, dtype=torch.float32)
+        elif name in self.tensors:
+            warnings.warn(
+                f"weights {self.spec_text!r}: {name} (Qwen2-MoE's sigmoid gate on the shared "
+                "expert) is ignored: the case's router has shared_expert_gate = 'none' (the "
+                "qwen2-moe preset sets 'sigmoid')",
+                stacklevel=5,
+            )
 
     def shared_width(self, layer: int) -> int:
         base = self.base(layer)
@@ -643,8 +671,6 @@ def checkpoint_weights(case: Case, layer: int, spec: CheckpointSpec) -> ExpertWe
     with _open_tensors(folder, spec_text) as tensors:
         reader = _LayerReader(tensors, config, dims, spec_text)
         _check_shape(case, dims, reader.shared_width(checkpoint_layer), checkpoint_layer, spec_text)
-        weights, correction_E = reader.layer_weights(checkpoint_layer, case.shape, device, dtype)
+        weights = reader.layer_weights(checkpoint_layer, case.shape, device, dtype)
     weights.router_bias_E = routing_bias(case.routing, dims.num_experts, case.seed).to(device)
-    # Not an ExpertWeights field (yet): an attribute a DeepSeek-style router may read.
-    weights.correction_bias_E = None if correction_E is None else correction_E.to(device)
     return weights

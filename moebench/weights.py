@@ -1,4 +1,6 @@
-"""One weight set per (shape, seed, routing, dtype, device), shared by every implementation.
+"""One weight set per (shape, seed, routing, dtype, device), shared by every implementation:
+the `ExpertWeights` type and the "random" source (other sources: moebench.weight_sources,
+whose `make_weights` is the entry point for any case).
 
 Shape legend: D hidden, F expert ffn width, E routed experts, S shared-expert width
 (shared_experts x F; several shared experts are one FFN of the summed width).
@@ -7,7 +9,10 @@ Weights are drawn from N(0, 0.02^2) by a seeded generator on the target device, 
 implementations of one case compute the same function on the same numbers; the router's
 from N(0, router_scale^2) (the case field, default 0.02): a larger scale gives sharper,
 lower-entropy routing, closer to a trained router's. Inputs are N(0, 1): never zeros
-(DESIGN.md, "Measuring honestly").
+(DESIGN.md, "Measuring honestly"). A router convention that reads weights of its own gets
+them too: a zero correction bias (an untrained DeepSeek-V3 router has none) and a
+shared-expert gate vector drawn like the rest, after it, so the other tensors are those
+of the same shape without it.
 """
 
 from __future__ import annotations
@@ -46,6 +51,25 @@ class ExpertWeights:
     # Index of this set's layer in a stack: designs that draw parameters of their own
     # (hierarchical's primary router) draw them per layer.
     layer: int = 0
+    # Router-convention weights (LayerShape.correction_bias, .shared_expert_gate), float32:
+    correction_bias_E: torch.Tensor | None = None  # selection-only bias (DeepSeek-V3)
+    w_shared_expert_gate_D: torch.Tensor | None = None  # shared output x sigmoid(x . w)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the set (those present), router first."""
+        found = [
+            self.w_router_DE,
+            self.router_bias_E,
+            self.correction_bias_E,
+            self.w_gate_EDF,
+            self.w_up_EDF,
+            self.w_down_EFD,
+            self.w_shared_gate_DS,
+            self.w_shared_up_DS,
+            self.w_shared_down_SD,
+            self.w_shared_expert_gate_D,
+        ]
+        return [t for t in found if t is not None]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -56,28 +80,25 @@ class ExpertWeights:
         return self.w_gate_EDF.device
 
     def nbytes(self) -> int:
-        tensors = [
-            self.w_router_DE,
-            self.router_bias_E,
-            self.w_gate_EDF,
-            self.w_up_EDF,
-            self.w_down_EFD,
-            self.w_shared_gate_DS,
-            self.w_shared_up_DS,
-            self.w_shared_down_SD,
-        ]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def has_shared_expert_gate(shape: LayerShape) -> bool:
+    """True if the layer scales its shared experts by a sigmoid gate (and has some)."""
+    return shape.shared_expert_gate == "sigmoid" and shape.shared_experts > 0
 
 
 def weights_key(case: Case) -> tuple:
     """Cases with equal keys share one weight set. The tensors depend on the widths, the
     expert counts, seed, routing, dtype, device, source and router scale; not on top_k or
     the capacity factor, which only the layer reads (through `ExpertWeights.shape`), so a
-    sweep over those draws the weights once."""
+    sweep over those draws the weights once; nor on the router convention, except whether
+    it has weights of its own (a correction bias, a shared-expert gate)."""
     s = case.shape
     return (
         s.hidden, s.ffn, s.num_experts, s.shared_experts, s.activation,
         case.seed, case.routing, case.dtype, case.device, case.weights, case.router_scale,
+        s.correction_bias, has_shared_expert_gate(s),
     )  # fmt: skip
 
 
@@ -85,16 +106,10 @@ def weights_key(case: Case) -> tuple:
 LAYER_SEED_STRIDE = 1_000_033
 
 
-def make_weights(case: Case, layer: int = 0) -> ExpertWeights:
+def random_weights(case: Case, layer: int = 0) -> ExpertWeights:
     """Draw the weight set of layer `layer` of `case` (deterministic in shape, seed,
-    routing, device and layer index). The routing bias is the same for every layer.
-    `case.weights` other than "random" names another source (moebench.weight_sources)."""
-    if case.weights != "random":
-        from moebench.weight_sources import load_weights
-
-        loaded = load_weights(case, layer)
-        loaded.layer = layer
-        return loaded
+    routing, device and layer index), whatever `case.weights` says: the "random" source.
+    The routing bias is the same for every layer."""
     shape = case.shape
     device = torch.device(case.device)
     dtype = torch_dtype(case.dtype)
@@ -119,6 +134,10 @@ def make_weights(case: Case, layer: int = 0) -> ExpertWeights:
         weights.w_shared_gate_DS = normal(D, S)
         weights.w_shared_up_DS = normal(D, S)
         weights.w_shared_down_SD = normal(S, D)
+    if shape.correction_bias:
+        weights.correction_bias_E = torch.zeros(E, device=device)
+    if has_shared_expert_gate(shape):
+        weights.w_shared_expert_gate_D = normal(D, out_dtype=torch.float32)
     return weights
 
 

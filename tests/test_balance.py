@@ -21,7 +21,8 @@ from moebench.measure.case_run import WeightCache, measure_case
 from moebench.runner import run_cases
 from moebench.store import read_run
 from moebench.suite import SuiteError, parse_suite
-from moebench.weights import ExpertWeights, make_inputs, make_weights
+from moebench.weight_sources import make_weights
+from moebench.weights import ExpertWeights, make_inputs
 from tests.conftest import FAST_PLAN, tiny_case
 
 

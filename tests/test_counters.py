@@ -15,7 +15,8 @@ from moebench.layer import routing_stats
 from moebench.measure import counters
 from moebench.measure.case_run import WeightCache, measure_case
 from moebench.presets import PRESETS
-from moebench.weights import ExpertWeights, make_inputs, make_weights
+from moebench.weight_sources import make_weights
+from moebench.weights import ExpertWeights, make_inputs
 from tests.conftest import FAST_PLAN, tiny_case
 
 

@@ -18,7 +18,8 @@ from moebench.impls.reference import reference_output
 from moebench.measure.case_run import TOLERANCE, WeightCache, measure_case, relative_error
 from moebench.measure.timing import TimingPlan, time_repeats
 from moebench.presets import PRESETS
-from moebench.weights import make_inputs, make_weights
+from moebench.weight_sources import make_weights
+from moebench.weights import make_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

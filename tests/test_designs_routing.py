@@ -10,6 +10,7 @@ Shape legend: T tokens, D hidden, E routed experts, K top_k, N all MoE++ experts
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,15 +21,21 @@ from moebench.case import Case, Workload
 
 # Importing the design modules registers them (whether or not BUILTIN_MODULES has them).
 from moebench.impls import deepseek, dsmoe, moepp, topp  # noqa: F401
-from moebench.impls.reference import reference_output
+from moebench.impls.reference import reference_output, reference_stack_output
 from moebench.layer import Stack, swiglu
 from moebench.measure import counters
 from moebench.measure.case_run import relative_error
-from moebench.weights import ExpertWeights, make_inputs, make_weights
+from moebench.weight_sources import make_weights
+from moebench.weights import ExpertWeights, make_inputs
 from tests.conftest import FAST_PLAN, tiny_case
 
 REPO = Path(__file__).resolve().parents[1]
-DESIGNS = ("deepseek", "moepp", "dsmoe", "topp")
+DESIGNS = ("moepp", "dsmoe", "topp")  # variants with a design reference of their own
+
+
+def _router(case: Case, **fields) -> Case:
+    """`case` with router-convention fields of its LayerShape changed."""
+    return case.with_(shape=replace(case.shape, **fields))
 
 
 def _stacked(case: Case, layers: int) -> Case:
@@ -77,8 +84,9 @@ def _dense_moe(weights: ExpertWeights, x_TD: torch.Tensor, gate_TE: torch.Tensor
 
 
 def test_designs_are_registered_as_variants_with_references():
+    # deepseek computes the case's router convention, which the reference computes too
+    assert registry.get("deepseek").exact and registry.get("deepseek").reference is None
     for name, options in [
-        ("deepseek", {"scoring", "n_groups", "topk_groups", "routed_scaling"}),
         ("moepp", {"zero_experts", "copy_experts", "const_experts"}),
         ("dsmoe", {"sparse", "threshold"}),
         ("topp", {"p"}),
@@ -92,11 +100,6 @@ def test_designs_are_registered_as_variants_with_references():
 
 
 DESIGN_CASES = [
-    ("deepseek", ()),
-    (
-        "deepseek",
-        (("n_groups", 2), ("routed_scaling", 2.5), ("scoring", "sigmoid"), ("topk_groups", 1)),
-    ),
     ("moepp", ()),
     ("moepp", (("const_experts", 0), ("copy_experts", 0), ("zero_experts", 3))),
     ("dsmoe", ()),
@@ -122,7 +125,7 @@ def test_stacked_designs_match_their_reference(impl):
     assert _design_error(case) < 1e-5
 
 
-@pytest.mark.parametrize("impl", DESIGNS)
+@pytest.mark.parametrize("impl", (*DESIGNS, "deepseek"))
 def test_train_mode_backward_reaches_every_parameter_in_use(impl):
     case = tiny_case(impl, mode="train", batch=8)
     layer, _, x_TD = _build(case)
@@ -147,9 +150,36 @@ def test_deepseek_softmax_without_groups_is_the_base_function(shared, dtype):
     assert relative_error(y_TD, reference_output(weights[0], x_TD)) < tolerance
 
 
+V3_STYLE = {"scoring": "sigmoid", "n_groups": 2, "topk_groups": 1, "routed_scaling": 2.5}
+
+
+@pytest.mark.parametrize("impl", ["deepseek", "grouped", "capacity", "offload"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_a_deepseek_style_router_is_computed_by_every_exact_layer(impl, dtype, mode):
+    if impl == "offload" and mode == "train":
+        pytest.skip("offload is forward-only")
+    case = _router(tiny_case(impl, dtype=dtype, mode=mode, shared_experts=1), **V3_STYLE)
+    case = case.with_(shape=replace(case.shape, capacity_factor=8.0))  # nothing dropped
+    layer, weights, x_TD = _build(case)
+    with torch.no_grad():
+        y_TD = layer(x_TD)
+    tolerance = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    assert relative_error(y_TD, reference_output(weights[0], x_TD)) < tolerance
+    base = replace(weights[0], shape=tiny_case(shared_experts=1).shape)
+    assert relative_error(y_TD, reference_output(base, x_TD)) > 0.1
+
+
+def test_a_stacked_deepseek_style_router_matches_the_reference():
+    case = _stacked(_router(tiny_case("deepseek", shared_experts=1), **V3_STYLE), 3)
+    layer, weights, x_TD = _build(case)
+    with torch.no_grad():
+        assert relative_error(layer(x_TD), reference_stack_output(weights, x_TD)) < 1e-5
+
+
 def test_deepseek_group_limited_routing_picks_only_inside_the_best_groups():
-    options = (("n_groups", 4), ("scoring", "sigmoid"), ("topk_groups", 2))
-    case = tiny_case("deepseek", num_experts=16, top_k=4, batch=8, options=options)
+    case = tiny_case("deepseek", num_experts=16, top_k=4, batch=8)
+    case = _router(case, scoring="sigmoid", n_groups=4, topk_groups=2)
     layer, weights, x_TD = _build(case)
     with torch.no_grad():
         layer(x_TD)
@@ -171,8 +201,8 @@ def test_deepseek_group_limited_routing_picks_only_inside_the_best_groups():
 
 
 def test_deepseek_sigmoid_gates_are_normalised_scores_times_the_scaling():
-    options = (("routed_scaling", 2.5), ("scoring", "sigmoid"))
-    case = tiny_case("deepseek", num_experts=8, top_k=2, options=options)
+    case = _router(tiny_case("deepseek", num_experts=8, top_k=2), **V3_STYLE)
+    case = _router(case, n_groups=1, topk_groups=0)
     layer, weights, x_TD = _build(case)
     gate_TK, expert_ids_TK, probs_TE = layer.router(x_TD)
     assert torch.allclose(gate_TK.sum(dim=-1), torch.full((x_TD.shape[0],), 2.5))
@@ -183,8 +213,10 @@ def test_deepseek_sigmoid_gates_are_normalised_scores_times_the_scaling():
 
 
 def test_deepseek_correction_bias_steers_selection_not_gate_weights():
-    case = tiny_case("deepseek", num_experts=8, top_k=2, options=(("scoring", "sigmoid"),))
+    case = tiny_case("deepseek", num_experts=8, top_k=2)
+    case = _router(case, scoring="sigmoid", correction_bias=True)
     layer, weights, x_TD = _build(case)
+    assert torch.equal(weights[0].correction_bias_E, torch.zeros(8))  # random: untrained
     layer.router.correction_bias_E[5] = 10.0  # expert 5 always chosen ...
     gate_TK, expert_ids_TK, _ = layer.router(x_TD)
     assert (expert_ids_TK[:, 0] == 5).all()
@@ -194,17 +226,18 @@ def test_deepseek_correction_bias_steers_selection_not_gate_weights():
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("fields", "message"),
     [
-        ((("n_groups", 3),), "'n_groups' 3 must be >= 1 and divide 4"),
-        ((("n_groups", 2), ("topk_groups", 3)), "'topk_groups' 3 must be in 1..2"),
-        ((("n_groups", 4), ("topk_groups", 1)), "< top_k 2"),
-        ((("scoring", "tanh"),), "'scoring' 'tanh' not in"),
-        ((("routed_scaling", 0),), "'routed_scaling' must be > 0"),
+        ({"n_groups": 3}, "n_groups: 3 must be >= 1 and divide num_experts=4"),
+        ({"n_groups": 2, "topk_groups": 3}, "topk_groups: 3 must be in 0..n_groups=2"),
+        ({"n_groups": 4, "topk_groups": 1}, "topk_groups: 1 groups x 1 experts per group <"),
+        ({"scoring": "tanh"}, "scoring: 'tanh' not in"),
+        ({"routed_scaling": 0}, "routed_scaling: must be > 0"),
     ],
 )
-def test_deepseek_bad_options_name_the_option(options, message):
-    case = tiny_case("deepseek", options=options)
+def test_bad_router_conventions_name_the_key(fields, message):
+    case = _router(tiny_case("deepseek"), **fields)
+    assert message.split(":")[0] in {key for key, _ in case.shape.problems()}
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         _build(case)
 
@@ -482,7 +515,6 @@ def test_each_design_runs_end_to_end(tmp_path):
     from moebench.store import read_run
 
     cases = [
-        tiny_case("deepseek", shared_experts=1, options=(("scoring", "sigmoid"),)),
         _stacked(tiny_case("moepp"), 2),
         tiny_case("dsmoe", options=(("threshold", 0.26),)),
         tiny_case("dsmoe", mode="train"),

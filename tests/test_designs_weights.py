@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,13 +27,13 @@ from moebench.routing import routing_bias
 from moebench.weight_sources import (
     CheckpointError,
     WeightSpecError,
-    load_weights,
+    make_weights,
     parse_weights_spec,
     redundant_cluster_of,
     redundant_clusters,
     validate_weights_spec,
 )
-from moebench.weights import make_inputs, make_weights
+from moebench.weights import make_inputs
 from tests.conftest import FAST_PLAN, tiny_case
 
 # --------------------------------------------------------------------------- specs
@@ -299,23 +300,49 @@ def test_checkpoint_layer_computes_the_hand_written_forward(
     pytest.importorskip("safetensors")
     tensors = write_checkpoint(tmp_path / layout, layout, shards=shards, shared=shared)
     case = _ckpt_case(tmp_path / layout, layer, shared)
-    if layout == "qwen2":
-        with pytest.warns(UserWarning, match="shared_expert_gate"):
+    if layout in ("qwen2", "deepseek"):  # the base router leaves their own weights out
+        with pytest.warns(UserWarning, match="shared_expert_gate|e_score_correction_bias"):
             weights = make_weights(case)
     else:
         weights = make_weights(case)
     assert weights.w_gate_EDF.shape == (E, D, FF) and weights.w_down_EFD.shape == (E, FF, D)
     assert weights.w_router_DE.dtype == torch.float32
     assert (weights.w_shared_gate_DS is not None) == bool(shared)
-    correction = tensors.get(f"model.layers.{layer}.mlp.gate.e_score_correction_bias")
-    if correction is None:
-        assert weights.correction_bias_E is None
-    else:  # kept for a DeepSeek-style router, apart from the logit bias
-        assert torch.equal(weights.correction_bias_E, correction)
+    assert weights.correction_bias_E is None and weights.w_shared_expert_gate_D is None
     assert torch.equal(weights.router_bias_E, torch.zeros(E))
     x_TD = make_inputs(case, 1)[0]
     expected = hand_forward(tensors, layout, layer, x_TD, shared=bool(shared))
     assert relative_error(reference_output(weights, x_TD), expected) < 1e-5
+
+
+def test_checkpoint_router_weights_follow_the_case_convention(tmp_path):
+    """Qwen2-MoE's shared_expert_gate and DeepSeek-V3's correction bias are loaded when the
+    case's router uses them (the presets' conventions), and computed."""
+    pytest.importorskip("safetensors")
+    qwen = write_checkpoint(tmp_path / "qwen2", "qwen2", shards=1, shared=2)
+    case = _ckpt_case(tmp_path / "qwen2", 1, 2)
+    gated = case.with_(shape=replace(case.shape, shared_expert_gate="sigmoid"))
+    weights = make_weights(gated)
+    gate_1D = qwen.get("model.layers.1.mlp.shared_expert_gate.weight")
+    assert torch.equal(weights.w_shared_expert_gate_D, gate_1D[0].float())
+    x_TD = make_inputs(case, 1)[0]
+    with pytest.warns(UserWarning, match="shared_expert_gate"):
+        ungated = make_weights(case)
+    plain, sigmoid = reference_output(ungated, x_TD), reference_output(weights, x_TD)
+    routed = hand_forward(qwen, "qwen2", 1, x_TD)
+    shared = hand_forward(qwen, "qwen2", 1, x_TD, shared=True) - routed
+    scale_T1 = torch.sigmoid(x_TD.double() @ gate_1D.double().T)
+    assert relative_error(sigmoid, routed + scale_T1 * shared) < 1e-5
+    assert relative_error(plain, routed + shared) < 1e-5
+
+    deepseek = write_checkpoint(tmp_path / "ds", "deepseek", shards=1, shared=1)
+    case = _ckpt_case(tmp_path / "ds", 1, 1)
+    biased = case.with_(shape=replace(case.shape, scoring="sigmoid", correction_bias=True))
+    correction = deepseek.get("model.layers.1.mlp.gate.e_score_correction_bias")
+    assert torch.equal(make_weights(biased).correction_bias_E, correction.float())
+    no_gate = case.with_(shape=replace(case.shape, shared_expert_gate="sigmoid"))
+    with pytest.raises(CheckpointError, match=r"no model\.layers\.1\.mlp\.shared_expert_gate"):
+        make_weights(no_gate)
 
 
 def test_checkpoint_stacked_case_takes_successive_layers(tmp_path):
@@ -363,7 +390,8 @@ def test_checkpoint_fp8_block_scales_are_dequantised(tmp_path):
     stored[name] = (w / expanded).to(torch.float8_e4m3fn)
     stored[name + "_scale_inv"] = scale
     save_file(stored, str(folder / "model.safetensors"))
-    weights = make_weights(_ckpt_case(folder, 1, shared=1))
+    with pytest.warns(UserWarning, match="e_score_correction_bias"):  # the base router
+        weights = make_weights(_ckpt_case(folder, 1, shared=1))
     dequantised = stored[name].float() * expanded
     assert torch.equal(weights.w_down_EFD[2], dequantised.T)
     assert relative_error(weights.w_down_EFD[2], w.T) < 0.1  # fp8 is coarse, not wrong
@@ -402,7 +430,7 @@ def test_checkpoint_tensor_of_the_wrong_shape_is_named(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     case = _ckpt_case(folder, 0).with_(shape=LayerShape(D, FF + 1, E, 2))
     with pytest.raises(CheckpointError, match=r"experts.0.w1.weight' has shape 24 x 16"):
-        load_weights(case)
+        make_weights(case)
 
 
 # --------------------------------------------------------------------------- merging

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,8 @@ from moebench.plugins import import_plugin
 from moebench.routing import Router, routing_bias
 from moebench.runner import run_cases
 from moebench.store import read_run
-from moebench.weights import make_inputs, make_weights
+from moebench.weight_sources import make_weights
+from moebench.weights import make_inputs
 from tests.conftest import FAST_PLAN, tiny_case
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +117,7 @@ def hand_count(case: Case, chunks: int = 1) -> tuple[int, list[int]]:
     assert T % W == 0
     weights = make_weights(case)
     x_TD = make_inputs(case, 1)[0]
-    _, expert_ids_TK, _ = Router(weights.w_router_DE, weights.router_bias_E, case.shape.top_k)(x_TD)
+    _, expert_ids_TK, _ = Router(weights.w_router_DE, weights.router_bias_E, case.shape)(x_TD)
     remote, received = 0, [0] * W
     for rank in range(W):
         owner_TK = expert_ids_TK[rank * T // W : (rank + 1) * T // W] // L
@@ -179,6 +181,27 @@ def test_ep_output_equals_reference_on_gloo(ranks, world_size):
             assert row["exposed_comm_ms"] >= 0
         else:
             assert row["comm_hidden_frac"] == 0
+
+
+@pytest.mark.parametrize("impl", EP_IMPLS)
+def test_ep_layers_compute_the_router_convention(ranks, impl):
+    """A non-default router (sigmoid, groups, raw gates x 2.5, gated shared expert) on two
+    ranks equals the reference of that convention (which the base router is far from)."""
+    case = ep_case(impl, world_size=2, shared_experts=1)
+    case = case.with_(
+        shape=replace(
+            case.shape,
+            scoring="sigmoid",
+            n_groups=2,
+            topk_groups=1,
+            norm_topk_prob=False,
+            routed_scaling=2.5,
+            shared_expert_gate="sigmoid",
+        )
+    )
+    row = ranks.run(case, timeout_s=60)
+    assert row["status"] == "ok", row.get("error")
+    assert row["rel_err"] <= TOLERANCE["float32"]
 
 
 def test_capacity_drops_are_checked_against_the_same_drops(ranks):

@@ -10,7 +10,8 @@ from moebench import registry
 from moebench.impls.hierarchical import HierarchicalMoE, Hierarchy, route_two_levels
 from moebench.layer import Stack
 from moebench.measure.case_run import WeightCache, measure_case, relative_error
-from moebench.weights import make_inputs, make_weights
+from moebench.weight_sources import make_weights
+from moebench.weights import make_inputs
 from tests.conftest import FAST_PLAN, tiny_case
 
 

@@ -10,7 +10,8 @@ from moebench.impls.capacity import expert_capacity, slot_positions
 from moebench.impls.reference import reference_output
 from moebench.measure import counters
 from moebench.measure.case_run import TOLERANCE, relative_error
-from moebench.weights import make_inputs, make_weights
+from moebench.weight_sources import make_weights
+from moebench.weights import make_inputs
 from tests.conftest import tiny_case
 
 EXACT = ["reference", "grouped"]
@@ -156,7 +157,7 @@ def test_stacked_layers_run_and_count(tmp_path, impl):
 def test_stack_matches_its_reference_and_layers_differ():
     from moebench.impls.reference import reference_stack_output
     from moebench.layer import Stack
-    from moebench.weights import make_weights
+    from moebench.weight_sources import make_weights
 
     case = tiny_case("grouped")
     weights = [make_weights(case, i) for i in range(3)]

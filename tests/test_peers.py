@@ -22,12 +22,8 @@ from moebench.measure.case_run import relative_error
 from moebench.measure.timing import TimingPlan
 from moebench.runner import run_cases
 from moebench.suite import load_suite
+from moebench.weight_sources import make_weights
 from moebench.weights import make_inputs
-
-try:  # where weight sources own the entry point (moebench with router conventions)
-    from moebench.weight_sources import make_weights
-except ImportError:
-    from moebench.weights import make_weights
 from tests.conftest import FAST_PLAN, tiny_case
 
 pytest.importorskip("moebench_peers", reason="pip install -e plugins/moebench-peers")

@@ -21,7 +21,8 @@ from moebench.impls.reference import ReferenceMoE, reference_output
 from moebench.impls.triton import tuning
 from moebench.measure.timing import TimingPlan
 from moebench.suite import SuiteError, parse_suite
-from moebench.weights import make_inputs, make_weights
+from moebench.weight_sources import make_weights
+from moebench.weights import make_inputs
 from tests.conftest import tiny_case
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None

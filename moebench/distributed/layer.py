@@ -36,7 +36,7 @@ from moebench.distributed.dispatcher import AllToAllDispatcher, Route, Splits, T
 from moebench.distributed.group import backend_for, ep_problem
 from moebench.impls.capacity import expert_capacity, slot_positions
 from moebench.impls.grouped import GroupedMoE
-from moebench.layer import LayerStats, MoELayer, swiglu
+from moebench.layer import LayerStats, MoELayer
 from moebench.measure.phases import NULL_TIMER, NullTimer, PhaseTimer
 from moebench.weights import ExpertWeights
 
@@ -115,7 +115,7 @@ class ExpertParallelMoE(MoELayer):
         if self.shared is None:
             return None
         with self.timer.phase("shared"):
-            return swiglu(x_TD, *self.shared)
+            return self.shared_output(x_TD)
 
     def _experts(self, x_ND: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
         with self.timer.phase("expert"):

@@ -63,7 +63,8 @@ from moebench.measure.phases import BREAKDOWN_REPEATS, NULL_TIMER, PhaseTimer
 from moebench.measure.phases import EP_PHASES as PHASES
 from moebench.measure.stats import summarize
 from moebench.measure.timing import L2_FLUSH_BYTES, TimingPlan, repeat_in_batches
-from moebench.weights import ExpertWeights, make_inputs, make_weights, torch_dtype
+from moebench.weight_sources import make_weights
+from moebench.weights import ExpertWeights, make_inputs, torch_dtype
 
 
 class Aligner:
@@ -166,18 +167,8 @@ def breakdown(
 
 def _broadcast_weights(weights: ExpertWeights, group: dist.ProcessGroup) -> None:
     source = dist.get_global_rank(group, 0)
-    for tensor in (
-        weights.w_router_DE,
-        weights.router_bias_E,
-        weights.w_gate_EDF,
-        weights.w_up_EDF,
-        weights.w_down_EFD,
-        weights.w_shared_gate_DS,
-        weights.w_shared_up_DS,
-        weights.w_shared_down_SD,
-    ):
-        if tensor is not None:
-            dist.broadcast(tensor, src=source, group=group)
+    for tensor in weights.tensors():
+        dist.broadcast(tensor, src=source, group=group)
 
 
 def gather_rows(

@@ -40,6 +40,7 @@ from moebench.designs import (
     mean_std,
     reference_experts,
     reference_stack,
+    require_base_router,
     router_probs,
 )
 from moebench.impls.grouped import GroupedMoE
@@ -208,4 +209,7 @@ def dsmoe_reference(
     reference=dsmoe_reference,
 )
 def build(weights: ExpertWeights, case: Case) -> nn.Module:
+    require_base_router(
+        case, "weighting every expert (or a sparse subset) by its softmax probability"
+    )
     return DSMoELayer(weights, case)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from moebench.case import Case
-from moebench.designs import reference_experts, reference_stack
+from moebench.designs import reference_experts, reference_stack, require_base_router
 from moebench.impls.grouped import GroupedMoE
 from moebench.measure.counters import ParamCounts
 from moebench.registry import register
@@ -231,4 +231,5 @@ def hierarchical_reference(
     reference=hierarchical_reference,
 )
 def build(weights: ExpertWeights, case: Case) -> nn.Module:
+    require_base_router(case, "a softmax over groups, then a softmax top-k inside each")
     return HierarchicalMoE(weights, case)

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from moebench.case import Case
-from moebench.designs import add_shared32
+from moebench.designs import add_shared32, require_base_router
 from moebench.impls.grouped import GroupedMoE
 from moebench.impls.reference import reference_output
 from moebench.layer import LayerStats, routing_stats, swiglu
@@ -385,4 +385,5 @@ class MergedMoE(GroupedMoE):
     reference=merged_reference,
 )
 def build(weights: ExpertWeights, case: Case) -> MergedMoE:
+    require_base_router(case, "the original E-way softmax top-k onto merged experts")
     return MergedMoE(weights, case)

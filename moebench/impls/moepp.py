@@ -42,7 +42,13 @@ import torch
 from torch import nn
 
 from moebench.case import Case
-from moebench.designs import add_shared32, expert_output32, mean_std, reference_stack
+from moebench.designs import (
+    add_shared32,
+    expert_output32,
+    mean_std,
+    reference_stack,
+    require_base_router,
+)
 from moebench.impls.grouped import GroupedMoE
 from moebench.layer import LayerStats, routing_stats
 from moebench.measure.counters import ParamCounts
@@ -330,4 +336,5 @@ def moepp_reference(
     reference=moepp_reference,
 )
 def build(weights: ExpertWeights, case: Case) -> nn.Module:
+    require_base_router(case, "its softmax top-k over FFN, zero, copy and constant experts")
     return MoEPPLayer(weights, case)

@@ -12,6 +12,7 @@ from moebench.case import Case
 from moebench.designs import reference_experts
 from moebench.layer import MoELayer, expert_parameters, swiglu
 from moebench.registry import register
+from moebench.routing import route
 from moebench.weights import ExpertWeights
 
 
@@ -58,14 +59,12 @@ def reference_output(
     weights: ExpertWeights, x_TD: torch.Tensor, keep_TK: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The layer's output in float32 (one expert upcast at a time, so it fits beside the
-    weights). keep_TK: optional bool mask of (token, slot) assignments to keep, for
-    layers that drop some on purpose."""
-    shape = weights.shape
+    weights), under the router convention of `weights.shape` (`moebench.routing.route`).
+    keep_TK: optional bool mask of (token, slot) assignments to keep, for layers that
+    drop some on purpose."""
     x32_TD = x_TD.float()
     logits_TE = x32_TD @ weights.w_router_DE.float() + weights.router_bias_E.float()
-    probs_TE = torch.softmax(logits_TE, dim=-1)
-    top_probs_TK, expert_ids_TK = torch.topk(probs_TE, shape.top_k, dim=-1)
-    gate_TK = top_probs_TK / top_probs_TK.sum(dim=-1, keepdim=True)
+    gate_TK, expert_ids_TK, probs_TE = route(logits_TE, weights.shape, weights.correction_bias_E)
     # Round the gate weights as the layer does, so the check measures the experts' error.
     gate_TK = gate_TK.to(x_TD.dtype).float()
     if keep_TK is not None:

@@ -29,6 +29,7 @@ from moebench.designs import (
     mean_std,
     reference_experts,
     reference_stack,
+    require_base_router,
     router_probs,
 )
 from moebench.impls.grouped import GroupedMoE
@@ -121,4 +122,5 @@ def topp_reference(
     reference=topp_reference,
 )
 def build(weights: ExpertWeights, case: Case) -> nn.Module:
+    require_base_router(case, "top-p (the fewest experts reaching probability p)")
     return TopPMoE(weights, case)

@@ -26,7 +26,8 @@ from moebench.measure.phases import timer_of
 from moebench.measure.profile import NO_PROFILE, ProfileOptions, where_time_goes
 from moebench.measure.stats import summarize
 from moebench.measure.timing import TimingPlan, time_repeats
-from moebench.weights import ExpertWeights, make_inputs, make_weights, torch_dtype, weights_key
+from moebench.weight_sources import make_weights
+from moebench.weights import ExpertWeights, make_inputs, torch_dtype, weights_key
 
 # Relative error ||y - y_ref|| / ||y_ref|| allowed against the float32 reference.
 TOLERANCE = {"float64": 1e-6, "float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
