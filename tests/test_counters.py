@@ -145,8 +145,9 @@ def test_one_token_touches_the_experts_it_computed(impl, changes):
     else:
         hit = _experts_computed(case)
         assert 1 <= hit <= shape.num_experts and row["experts_per_token"] == hit
-        if impl == "moepp":  # its router also scores the zero and copy experts
-            router = shape.hidden * (shape.num_experts + 2)
+        if impl == "moepp":  # its two-layer router over FFN, zero and copy experts
+            N = shape.num_experts + 2
+            router = shape.hidden * 8 * N + 8 * N * N
         if impl == "hierarchical":  # and a primary router over the 2 groups
             router = shape.hidden * (shape.num_experts + 2)
         expected = hit * expert + shared + router
@@ -172,7 +173,16 @@ def test_every_built_in_single_device_impl_is_counted_here():
     "impl, options",
     [
         ("dsmoe", (("sparse", "topk"),)),
-        ("moepp", (("const_experts", 0), ("copy_experts", 0), ("zero_experts", 0))),
+        (
+            "moepp",  # no extra experts, the base router's columns, inputs not scaled
+            (
+                ("const_experts", 0),
+                ("copy_experts", 0),
+                ("router", "linear"),
+                ("scale_inputs", False),
+                ("zero_experts", 0),
+            ),
+        ),
     ],
 )
 @pytest.mark.parametrize("tokens", [1, 6])
@@ -208,12 +218,13 @@ def test_moepp_counts_the_constant_experts_its_tokens_chose():
     stats = layer.stats()
     counts = counters.param_counts(case, layer, stats)
     N, const = E + 2, 3 * D  # a constant expert: its vector v (D) and its gate W_c (D x 2)
+    router = D * 8 * N + 8 * N * N  # the two-layer router: D x 8N, 8N x N
     assert stats.experts_per_token == 1 and stats.experts_used >= 1
     shared = case.shape.expert_params
     ffn_touched = stats.experts_used * case.shape.expert_params
-    assert counts.touched == ffn_touched + shared + D * N + const
-    assert counts.active == case.shape.expert_params + shared + D * N + const
-    assert counts.total == E * case.shape.expert_params + shared + D * N + N * N + 2 * const
+    assert counts.touched == ffn_touched + shared + router + const
+    assert counts.active == case.shape.expert_params + shared + router + const
+    assert counts.total == E * case.shape.expert_params + shared + router + N * N + 2 * const
 
 
 def test_stack_counts_each_layer_on_its_own_routing():

@@ -87,7 +87,10 @@ def test_designs_are_registered_as_variants_with_references():
     # deepseek computes the case's router convention, which the reference computes too
     assert registry.get("deepseek").exact and registry.get("deepseek").reference is None
     for name, options in [
-        ("moepp", {"zero_experts", "copy_experts", "const_experts"}),
+        (
+            "moepp",
+            {"zero_experts", "copy_experts", "const_experts", "router", "scale_inputs", "tau"},
+        ),
         ("dsmoe", {"sparse", "threshold"}),
         ("topp", {"p"}),
     ]:
@@ -265,8 +268,9 @@ def test_moepp_all_slots_to_zero_experts_output_zero_and_stack_passes_x_through(
     counts = counters.param_counts(case, layer, layer.stats())
     # no FFN expert active or touched: the router only (no constant expert was chosen)
     D, N = case.shape.hidden, case.shape.num_experts + 2 + 1 + 2
-    assert counts.active == counts.touched == counts.router == D * N
-    assert counts.total == 4 * case.shape.expert_params + D * N + N * N + 2 * 3 * D
+    router = D * 8 * N + 8 * N * N  # two layers: D x 8N, 8N x N
+    assert counts.active == counts.touched == counts.router == router
+    assert counts.total == 4 * case.shape.expert_params + router + N * N + 2 * 3 * D
 
     stack, _, x_TD = _build(_stacked(case, 2))
     for each in stack.layers:
@@ -275,13 +279,15 @@ def test_moepp_all_slots_to_zero_experts_output_zero_and_stack_passes_x_through(
         assert torch.equal(stack(x_TD), x_TD)  # residual: every token passes through
 
 
-def test_moepp_copy_experts_return_the_input():
-    case = tiny_case("moepp", options=(("copy_experts", 2),))
+@pytest.mark.parametrize(("scale_inputs", "factor"), [(True, 2.0), (False, 1.0)])
+def test_moepp_copy_experts_return_their_input_x_times_top_k(scale_inputs, factor):
+    options = (("copy_experts", 2), ("scale_inputs", scale_inputs))
+    case = tiny_case("moepp", options=options)  # top_k 2
     layer, _, x_TD = _build(case)
     E, Z = case.shape.num_experts, 1
     _force(layer, E + Z, 2)
     with torch.no_grad():
-        torch.testing.assert_close(layer(x_TD), x_TD)
+        torch.testing.assert_close(layer(x_TD), x_TD * factor)
     assert layer.extra_metrics()["moepp_copy_slot_frac"] == 1.0
 
 
@@ -329,6 +335,7 @@ def test_moepp_metrics_add_up():
         "moepp_const_slot_frac",
         "moepp_token_skip_frac",
         "moepp_ffn_experts_per_token",
+        "hetero_balance_loss",
     }
     assert 0 < m["moepp_zc_slot_frac"] < 1
     assert m["moepp_zc_slot_frac"] == pytest.approx(
@@ -343,14 +350,26 @@ def test_moepp_metrics_add_up():
     assert m["moepp_token_skip_frac"] <= m["moepp_zc_slot_frac"]
 
 
-def test_moepp_parameters_are_reproducible_and_seeded():
+def test_moepp_parameters_are_reproducible_seeded_and_drawn_per_layer():
     case = tiny_case("moepp")
-    counts = moepp.ExpertCounts.from_case(case)
-    a, b = (moepp.moepp_params(case, counts, torch.device("cpu")) for _ in range(2))
+    options = moepp.MoEPPOptions.from_case(case)
+    cpu = torch.device("cpu")
+    a, b = (moepp.moepp_params(case, options, cpu) for _ in range(2))
     assert torch.equal(a.w_residual_NN, b.w_residual_NN)
-    other = moepp.moepp_params(case.with_(seed=1), counts, torch.device("cpu"))
-    assert not torch.equal(a.w_router_DX, other.w_router_DX)
-    assert float(a.w_router_DX.std()) == pytest.approx(0.02, rel=0.3)
+    assert torch.equal(a.w_hidden_DH, b.w_hidden_DH) and a.w_router_DX is None
+    other = moepp.moepp_params(case.with_(seed=1), options, cpu)
+    assert not torch.equal(a.w_hidden_DH, other.w_hidden_DH)
+    layer1 = moepp.moepp_params(case, options, cpu, layer=1)
+    for name in ("w_hidden_DH", "w_out_HN", "w_residual_NN", "const_value_QD"):
+        assert not torch.equal(getattr(a, name), getattr(layer1, name)), name
+    assert float(a.w_hidden_DH.std()) == pytest.approx(case.router_scale, rel=0.3)
+    linear = moepp.MoEPPOptions.from_case(case.with_(options=(("router", "linear"),)))
+    assert moepp.moepp_params(case, linear, cpu).w_hidden_DH is None
+    # a stack's layers hold different MoE++ parameters
+    stack, _, _ = _build(_stacked(case, 2))
+    first, second = stack.layers
+    assert not torch.equal(first.router.w_hidden_DH, second.router.w_hidden_DH)
+    assert not torch.equal(first.const_value_QD, second.const_value_QD)
 
 
 # ------------------------------------------------------------------ dsmoe
@@ -448,7 +467,7 @@ def test_top_p_mask_takes_the_fewest_experts_reaching_p():
         [[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4], [0.97, 0.01, 0.01, 0.01]]
     )
     assert topp.top_p_mask(probs_TE, 0.5).tolist() == [
-        [True, False, False, False],
+        [True, True, False, False],  # mass 0.5 is not more than p: one more expert
         [False, False, True, True],
         [True, False, False, False],
     ]
@@ -464,11 +483,12 @@ def test_topp_extremes_use_all_experts_or_one(p, experts):
     with torch.no_grad():
         y_TD = layer(x_TD)
     metrics = layer.extra_metrics()
-    assert metrics == {"topp_experts_mean": experts, "topp_experts_std": 0.0}
+    assert metrics["topp_experts_mean"] == experts and metrics["topp_experts_std"] == 0.0
     assert sum(layer.stats().tokens_per_expert) == experts * case.tokens
     probs_TE = torch.softmax(x_TD @ weights[0].w_router_DE + weights[0].router_bias_E, -1)
-    if experts == 1:  # top-1: the best expert at full weight
-        gate_TE = torch.zeros_like(probs_TE).scatter(1, probs_TE.argmax(-1, keepdim=True), 1.0)
+    if experts == 1:  # top-1: the best expert at its raw probability (not renormalised)
+        best_T1 = probs_TE.argmax(-1, keepdim=True)
+        gate_TE = torch.zeros_like(probs_TE).scatter(1, best_T1, probs_TE.gather(1, best_T1))
     else:  # every expert, the full softmax
         gate_TE = probs_TE
     assert relative_error(y_TD, _dense_moe(weights[0], x_TD, gate_TE)) < 1e-5
@@ -483,7 +503,7 @@ def test_topp_varies_experts_per_token_and_is_minimal():
     mask_TE = topp.top_p_mask(probs_TE, 0.6)
     for t in range(case.tokens):
         kept = sorted(probs_TE[t][mask_TE[t]].tolist(), reverse=True)
-        assert sum(kept) >= 0.6 - 1e-6 and sum(kept[:-1]) < 0.6
+        assert sum(kept) > 0.6 - 1e-6 and sum(kept[:-1]) <= 0.6 + 1e-6
     m = layer.extra_metrics()
     counts_T = mask_TE.sum(-1).double()
     assert m["topp_experts_std"] > 0  # the router is sure of some tokens, not of others
@@ -493,13 +513,19 @@ def test_topp_varies_experts_per_token_and_is_minimal():
     assert active == round(m["topp_experts_mean"] * case.shape.expert_params) + router
 
 
-def test_topp_with_exactly_top_k_experts_per_token_is_the_base_function():
-    case = tiny_case("topp", num_experts=4, top_k=2, options=(("p", 0.5),))
+def test_topp_with_top_k_experts_per_token_is_the_base_selection_unrenormalised():
+    # a near-uniform router over 4 experts: p = 0.4 takes exactly two per token
+    case = tiny_case("topp", num_experts=4, top_k=2, options=(("p", 0.4),))
     layer, weights, x_TD = _build(case)
     with torch.no_grad():
         y_TD = layer(x_TD)
-    assert layer.extra_metrics() == {"topp_experts_mean": 2.0, "topp_experts_std": 0.0}
-    assert relative_error(y_TD, reference_output(weights[0], x_TD)) < 1e-5
+    m = layer.extra_metrics()
+    assert m["topp_experts_mean"] == 2.0 and m["topp_experts_std"] == 0.0
+    probs_TE = torch.softmax(x_TD @ weights[0].w_router_DE + weights[0].router_bias_E, -1)
+    top_TK, ids_TK = probs_TE.topk(2, dim=-1)
+    gate_TE = torch.zeros_like(probs_TE).scatter(1, ids_TK, top_TK)  # raw, sums to < 1
+    assert relative_error(y_TD, _dense_moe(weights[0], x_TD, gate_TE)) < 1e-5
+    assert relative_error(y_TD, reference_output(weights[0], x_TD)) > 0.1  # renormalised
 
 
 def test_topp_bad_p():
@@ -529,6 +555,15 @@ def test_each_design_runs_end_to_end(tmp_path):
     assert (frame["rel_err"] <= frame["tolerance"]).all()
     assert (frame["fidelity_err"] > 0).all()  # every one of these changes the function
     assert (frame["active_params"] > 0).all() and (frame["latency_ms"] > 0).all()
+    # each design's loss is a column, filled for its own rows only
+    for column, impl in [
+        ("hetero_balance_loss", "moepp"),
+        ("mi_loss", "dsmoe"),
+        ("dynamic_loss", "topp"),
+    ]:
+        mine = frame["impl"] == impl
+        assert frame.loc[mine, column].notna().all() and frame.loc[~mine, column].isna().all()
+    assert (frame.loc[frame["impl"] == "dsmoe", "mi_loss"] < 0).all()  # -H(e) dominates
 
 
 SUITES = ["deepseek", "moepp", "dsmoe", "topp", "switch"]

@@ -14,6 +14,14 @@ probabilities p_e (not renormalised: dropping an expert drops its contribution):
 The sparse experts run as grouped GEMMs over flat (token, expert) assignments (one
 device sync to find them).
 
+Mutual-information loss (the paper's load-balancing term, from ModuleFormer, Shen et al.
+2023, whose code DS-MoE builds on: `top_k_gating.get_aux_loss_and_clear` with
+aux_loss = "mi"), column `mi_loss`: mean_x H(P(e | x)) - H(mean_x P(e | x)) (nats) over
+the router's full softmax distribution of the last forward, in either mode. It is
+minimised by confident per-token routing that uses every expert equally overall
+(-log E); 0 when every token has the same distribution. `aux_loss` stays the Switch
+loss over the experts that ran (always 1.0 where all of them run).
+
 Metrics, from the last forward: `dsmoe_experts_per_token` (mean, and `_std` over tokens)
 and `dsmoe_active_params_per_token` (mean, `_std`): the cost per token varies with the
 router's confidence; `dsmoe_sparse_err`, the relative deviation ||y_sparse - y_dense|| /
@@ -94,6 +102,17 @@ class SparseRule:
         return (probs_TE > self.threshold).scatter(1, best_T1, True)
 
 
+def mi_loss(probs_TE: torch.Tensor) -> float:
+    """Mutual-information loss mean_x H(P(e|x)) - H(mean_x P(e|x)), nats (module
+    docstring); NaN without tokens."""
+    if probs_TE.shape[0] == 0:
+        return float("nan")
+    probs64_TE = probs_TE.double()
+    conditional = torch.special.entr(probs64_TE).sum(dim=-1).mean()
+    marginal = torch.special.entr(probs64_TE.mean(dim=0)).sum()
+    return float(conditional - marginal)
+
+
 class DSMoELayer(GroupedMoE):
     """Dense all-experts computation in training, sparse experts at inference."""
 
@@ -155,8 +174,8 @@ class DSMoELayer(GroupedMoE):
 
     @torch.no_grad()
     def extra_metrics(self) -> dict[str, float]:
-        """dsmoe_experts_per_token(_std), dsmoe_active_params_per_token(_std) and
-        dsmoe_sparse_err of the last forward (see the module docstring)."""
+        """dsmoe_experts_per_token(_std), dsmoe_active_params_per_token(_std),
+        dsmoe_sparse_err and mi_loss of the last forward (see the module docstring)."""
         if self._last_ds is None:
             return {}
         x_TD, probs_TE, _ = self._last_ds
@@ -176,6 +195,7 @@ class DSMoELayer(GroupedMoE):
             "dsmoe_active_params_per_token": float(active),
             "dsmoe_active_params_per_token_std": experts_std * expert_params,
             "dsmoe_sparse_err": sparse_err,
+            "mi_loss": mi_loss(probs_TE),
         }
 
 
@@ -203,7 +223,8 @@ def dsmoe_reference(
 @register(
     "dsmoe",
     family="dense-train-sparse-infer",
-    description="DS-MoE: all experts weighted by the router in training; sparse inference",
+    description="DS-MoE: all experts weighted by the router in training; sparse inference "
+    "(sparse = threshold | topk) by raw probabilities; mi_loss",
     exact=False,
     options=("sparse", "threshold"),
     reference=dsmoe_reference,

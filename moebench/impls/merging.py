@@ -1,4 +1,6 @@
-"""`merging`: task-agnostic expert merging (a variant: fewer, averaged experts).
+"""`merging`: task-agnostic expert merging (a variant: fewer, averaged experts), after
+HC-SMoE ("Retraining-Free Merging of Sparse MoE via Hierarchical Clustering", Chen et al.
+2024; official code github.com/wazenmai/HC-SMoE, `hcsmoe/merging/grouping_mixtral.py`).
 
 The E routed experts are grouped into G = max(1, round(E x keep_ratio)) groups (half
 rounded up) and each group is replaced by one merged expert, so the layer holds G experts:
@@ -16,11 +18,18 @@ rounded up) and each group is replaced by one merged expert, so the layer holds 
    deterministic. Groups are numbered by their smallest member.
 4. Merging: a group's expert is the usage-weighted average of its members' weights
    (float32 sums, then the case dtype); a group of one keeps its expert bit for bit.
-5. Routing: the original router (all E logits, top-k, renormalised) picks experts as
-   before; each chosen expert id is mapped to its group, and a token that chose two
-   members of one group sends its token once to the group's expert, with the sum of the
-   members' gates. So keep_ratio = 1 is the original layer exactly, and a merged layer
-   adds nothing a token did not choose.
+5. Routing (option `router`):
+   - "members" (default; HC-SMoE's official code, which binds every member's slot to the
+     one merged module and keeps the router): the original router (all E logits, top-k,
+     renormalised) picks experts as before; each chosen expert id is mapped to its
+     group, and a token that chose two members of one group sends its token once to the
+     group's expert, with the sum of the members' gates (the official forward computes
+     the shared module once per member slot: the same sum). keep_ratio = 1 is the
+     original layer exactly, and a merged layer adds nothing a token did not choose.
+   - "merged" (a variant moebench defines, the router merged along with the experts):
+     a G-way router whose column (and routing bias) for group g is the same
+     usage-weighted average of its members' router columns as its expert; softmax over
+     the G groups, top-min(k, G), renormalised. It holds D x G router weights.
 
 Combining a token's duplicate groups needs the number of kept (token, group) pairs, a
 device sync per forward when some group has several members. The expert computation is
@@ -51,11 +60,14 @@ from moebench.designs import add_shared32, require_base_router
 from moebench.impls.grouped import GroupedMoE
 from moebench.impls.reference import reference_output
 from moebench.layer import LayerStats, routing_stats, swiglu
+from moebench.measure.counters import ParamCounts
 from moebench.registry import register
 from moebench.routing import switch_aux_loss
 from moebench.weights import ExpertWeights
 
 MERGE_BY = ("weights", "outputs")
+MERGE_ROUTERS = ("members", "merged")
+DEFAULT_ROUTER = "members"
 DEFAULT_KEEP_RATIO = 0.5
 DEFAULT_MERGE_BY = "weights"
 DEFAULT_CALIB_TOKENS = 1024
@@ -71,12 +83,18 @@ class MergeOptions:
     keep_ratio: float
     merge_by: str
     calib_tokens: int
+    router: str = DEFAULT_ROUTER
 
     @classmethod
     def of(cls, case: Case) -> MergeOptions:
         keep_ratio = case.option("keep_ratio", DEFAULT_KEEP_RATIO)
         merge_by = case.option("merge_by", DEFAULT_MERGE_BY)
         calib_tokens = case.option("calib_tokens", DEFAULT_CALIB_TOKENS)
+        router = case.option("router", DEFAULT_ROUTER)
+        if router not in MERGE_ROUTERS:
+            raise ValueError(
+                f"merging: option router={router!r}; allowed: {', '.join(map(repr, MERGE_ROUTERS))}"
+            )
         if (
             isinstance(keep_ratio, bool)
             or not isinstance(keep_ratio, int | float)
@@ -92,7 +110,7 @@ class MergeOptions:
             )
         if isinstance(calib_tokens, bool) or not isinstance(calib_tokens, int) or calib_tokens < 1:
             raise ValueError(f"merging: option calib_tokens={calib_tokens!r}; allowed: an int >= 1")
-        return cls(float(keep_ratio), merge_by, calib_tokens)
+        return cls(float(keep_ratio), merge_by, calib_tokens, router)
 
 
 def kept_experts(num_experts: int, keep_ratio: float) -> int:
@@ -102,15 +120,20 @@ def kept_experts(num_experts: int, keep_ratio: float) -> int:
 
 @dataclass
 class MergePlan:
-    """Which group each expert joins, and the merged experts (in the case dtype)."""
+    """Which group each expert joins, the merged experts (in the case dtype) and the
+    router the merged layer routes with: R routes, each mapped to its group by
+    group_of_R (R = E members with `router` "members", R = G groups with "merged")."""
 
     groups: list[list[int]]
-    group_of_E: torch.Tensor
+    group_of_R: torch.Tensor
     usage_E: torch.Tensor
     w_gate_GDF: torch.Tensor
     w_up_GDF: torch.Tensor
     w_down_GFD: torch.Tensor
     calib_x_ND: torch.Tensor
+    w_router_DR: torch.Tensor
+    router_bias_R: torch.Tensor
+    top_k: int
 
     @property
     def num_groups(self) -> int:
@@ -126,11 +149,12 @@ def calibration_batch(case: Case, tokens: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _route(weights: ExpertWeights, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The base router in float32: (gate_TK renormalised, expert_ids_TK)."""
-    logits_TE = x_TD.float() @ weights.w_router_DE.float() + weights.router_bias_E.float()
-    probs_TE = torch.softmax(logits_TE, dim=-1)
-    top_TK, ids_TK = torch.topk(probs_TE, weights.shape.top_k, dim=-1)
+def _route(
+    w_router_DR: torch.Tensor, bias_R: torch.Tensor, top_k: int, x_TD: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k in float32: (gate_TK renormalised, route_ids_TK)."""
+    probs_TR = torch.softmax(x_TD.float() @ w_router_DR.float() + bias_R.float(), dim=-1)
+    top_TK, ids_TK = torch.topk(probs_TR, top_k, dim=-1)
     return top_TK / top_TK.sum(dim=-1, keepdim=True), ids_TK
 
 
@@ -203,7 +227,7 @@ def merge_plan(weights: ExpertWeights, case: Case) -> MergePlan:
     E = weights.shape.num_experts
     G = kept_experts(E, options.keep_ratio)
     calib_x_ND = calibration_batch(case, options.calib_tokens)
-    _, ids_NK = _route(weights, calib_x_ND)
+    _, ids_NK = _route(weights.w_router_DE, weights.router_bias_E, weights.shape.top_k, calib_x_ND)
     usage_E = torch.bincount(ids_NK.flatten(), minlength=E).double().cpu() + 1.0
     if G == E:
         groups = [[e] for e in range(E)]
@@ -222,14 +246,23 @@ def merge_plan(weights: ExpertWeights, case: Case) -> MergePlan:
         _average(w, groups, usage_E)
         for w in (weights.w_gate_EDF, weights.w_up_EDF, weights.w_down_EFD)
     ]
+    w_router_DR, bias_R = weights.w_router_DE.float(), weights.router_bias_E.float()
+    group_of_R, top_k = torch.tensor(group_of, device=weights.device), weights.shape.top_k
+    if options.router == "merged":
+        w_router_DR = _average(w_router_DR.t()[:, None, :], groups, usage_E)[:, 0, :].t()
+        bias_R = _average(bias_R[:, None, None], groups, usage_E)[:, 0, 0]
+        group_of_R, top_k = torch.arange(G, device=weights.device), min(top_k, G)
     return MergePlan(
         groups=groups,
-        group_of_E=torch.tensor(group_of, device=weights.device),
+        group_of_R=group_of_R,
         usage_E=usage_E,
         w_gate_GDF=merged[0],
         w_up_GDF=merged[1],
         w_down_GFD=merged[2],
         calib_x_ND=calib_x_ND,
+        w_router_DR=w_router_DR.contiguous(),
+        router_bias_R=bias_R.contiguous(),
+        top_k=top_k,
     )
 
 
@@ -255,9 +288,9 @@ def _average(w_EPQ: torch.Tensor, groups: list[list[int]], usage_E: torch.Tensor
 def merged_output(weights: ExpertWeights, plan: MergePlan, x_TD: torch.Tensor) -> torch.Tensor:
     """The merged layer's output in float32: a plain loop over the merged experts."""
     x32_TD = x_TD.float()
-    gate_TK, ids_TK = _route(weights, x_TD)
+    gate_TK, ids_TK = _route(plan.w_router_DR, plan.router_bias_R, plan.top_k, x_TD)
     gate_TK = gate_TK.to(x_TD.dtype).float()  # rounded as the layer rounds them
-    group_TK = plan.group_of_E[ids_TK]
+    group_TK = plan.group_of_R[ids_TK]
     y_TD = torch.zeros_like(x32_TD)
     for g in range(plan.num_groups):
         token_idx, slot_idx = torch.where(group_TK == g)
@@ -295,8 +328,26 @@ def _relative_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(y.double() - y_ref.double()) / ref)
 
 
+class MergedRouter(nn.Module):
+    """The merged G-way router: softmax top-k over the groups in float32, renormalised;
+    called as the base router is ((gate_TK in x's dtype, group_ids_TK, probs_TG))."""
+
+    def __init__(self, w_router_DG: torch.Tensor, bias_G: torch.Tensor, top_k: int):
+        super().__init__()
+        self.w_router_DE = nn.Parameter(w_router_DG.float().clone())  # E: the G groups
+        self.register_buffer("bias_E", bias_G.float().clone())
+        self.top_k = top_k
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        probs_TG = torch.softmax(x_TD.float() @ self.w_router_DE + self.bias_E, dim=-1)
+        top_TK, group_ids_TK = torch.topk(probs_TG, self.top_k, dim=-1)
+        gate_TK = top_TK / top_TK.sum(dim=-1, keepdim=True)
+        return gate_TK.to(x_TD.dtype), group_ids_TK, probs_TG
+
+
 class MergedMoE(GroupedMoE):
-    """`grouped`'s layer over the G merged experts, behind the original E-way router.
+    """`grouped`'s layer over the G merged experts, behind the original E-way router (or
+    the merged G-way one).
 
     GroupedMoE's expert tensors (w_gate_EDF, ...) hold the G merged experts here."""
 
@@ -306,7 +357,9 @@ class MergedMoE(GroupedMoE):
         self.w_gate_EDF = nn.Parameter(plan.w_gate_GDF)
         self.w_up_EDF = nn.Parameter(plan.w_up_GDF)
         self.w_down_EFD = nn.Parameter(plan.w_down_GFD)
-        self.register_buffer("group_of_E", plan.group_of_E)
+        if MergeOptions.of(case).router == "merged":
+            self.router = MergedRouter(plan.w_router_DR, plan.router_bias_R, plan.top_k)
+        self.register_buffer("group_of_R", plan.group_of_R)
         self.groups = plan.groups
         self.num_groups = plan.num_groups
         self.has_merged = self.num_groups < self.num_experts
@@ -324,7 +377,7 @@ class MergedMoE(GroupedMoE):
         T, K = expert_ids_TK.shape
         timer = self.timer
         with timer.phase("permute"):
-            group_TK = self.group_of_E[expert_ids_TK]
+            group_TK = self.group_of_R[expert_ids_TK]
             token_A = torch.arange(T * K, device=x_TD.device) // K
             group_A, weight_A = group_TK.flatten(), gate_weights_TK.flatten()
             if self.has_merged:
@@ -348,7 +401,7 @@ class MergedMoE(GroupedMoE):
 
     def stats(self) -> LayerStats | None:
         """Load per merged expert (group) of the last forward, a token's duplicate groups
-        once; aux loss of the router."""
+        once; aux loss (Switch) of the router over its routes (E or G)."""
         if self._last is None or self._last_group_A is None:
             return None
         expert_ids_TK, probs_TE = self._last
@@ -357,8 +410,14 @@ class MergedMoE(GroupedMoE):
             expert_ids_TK.shape[0],
             self.num_groups,
             probs_TE,
-            aux_loss=float(switch_aux_loss(probs_TE, expert_ids_TK, self.num_experts)),
+            aux_loss=float(switch_aux_loss(probs_TE, expert_ids_TK, probs_TE.shape[-1])),
         )
+
+    def own_param_counts(self) -> ParamCounts:
+        """The router the layer routes with (D x E, or D x G merged), every token uses all
+        of it; the merged experts are counted from `stats()` like any routed expert."""
+        router = self.router.w_router_DE.numel()
+        return ParamCounts(total=router, active=router, touched=router, router=router)
 
     def extra_metrics(self) -> dict[str, float | int | list]:
         """Merging's columns (module docstring); call outside timed regions."""
@@ -378,10 +437,11 @@ class MergedMoE(GroupedMoE):
 @register(
     "merging",
     family="merging",
-    description="task-agnostic expert merging: E experts grouped by similarity into "
-    "round(E x keep_ratio) usage-weighted averages behind the original router",
+    description="task-agnostic expert merging (HC-SMoE): E experts grouped by similarity "
+    "into round(E x keep_ratio) usage-weighted averages behind the original router "
+    "(router = members, official) or a merged G-way router (router = merged)",
     exact=False,
-    options=("keep_ratio", "merge_by", "calib_tokens"),
+    options=("keep_ratio", "merge_by", "calib_tokens", "router"),
     reference=merged_reference,
 )
 def build(weights: ExpertWeights, case: Case) -> MergedMoE:

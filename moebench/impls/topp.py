@@ -1,12 +1,19 @@
-"""`topp`: dynamic top-p routing ("Harder Tasks Need More Experts", Huang et al. 2024).
+"""`topp`: dynamic top-p routing ("Harder Tasks Need More Experts: Dynamic Routing in MoE
+Models", Huang et al. 2024; official code github.com/ZhenweiAn/Dynamic_MoE,
+`modeling/modeling_moe.py`).
 
-Each token takes the fewest experts whose router probabilities add up to at least the
-option `p` (default 0.5): experts are ranked by probability and taken while the mass of
-the experts ranked above them is still below `p` (so the first is always taken). The gate
-weights are the chosen probabilities renormalised to sum to 1, as the base router does for
-its top-k, so with `p` reached after exactly top_k experts the token computes the base
-function. Easy tokens (a confident router) use one expert, hard ones many: the cost per
-token varies, recorded as `topp_experts_mean` and `topp_experts_std`.
+Each token takes the fewest most-probable experts whose router probabilities add up to
+more than the option `p` (default 0.4, the official `top_p_threshold`): experts are
+ranked by probability and taken while the mass of the experts ranked above them is at
+most `p` (so the first is always taken). The gate weights are the chosen experts' raw
+router probabilities, not renormalised (as the official code): a token's gates sum to
+its chosen mass (> p), not to 1. Easy tokens (a confident router) use one expert, hard
+ones many: the cost per token varies, recorded as `topp_experts_mean` and
+`topp_experts_std`.
+
+Dynamic loss (the paper's entropy regulariser, which pushes the router to be confident),
+column `dynamic_loss`: the mean over tokens of the entropy -sum_e P_e log P_e (nats) of
+the router's full softmax distribution.
 
 The experts run as grouped GEMMs over a flat list of (token, expert, weight) assignments,
 any number per token (`GroupedMoE.routed_assignments`); finding the assignments takes one
@@ -37,29 +44,35 @@ from moebench.layer import LayerStats
 from moebench.registry import register
 from moebench.weights import ExpertWeights
 
+DEFAULT_P = 0.4
+
 
 def top_p_mask(probs_TE: torch.Tensor, p: float) -> torch.Tensor:
     """Bool T x E: for each token the fewest most-probable experts whose probabilities
-    add up to >= p (an expert is taken while the mass ranked above it is < p)."""
+    add up to > p (an expert is taken while the mass ranked above it is <= p)."""
     sorted_TE, order_TE = torch.sort(probs_TE, dim=-1, descending=True)
     mass_above_TE = torch.cumsum(sorted_TE, dim=-1) - sorted_TE
-    keep_sorted_TE = mass_above_TE < p
+    keep_sorted_TE = mass_above_TE <= p
     keep_sorted_TE[:, 0] = True
     return torch.zeros_like(keep_sorted_TE).scatter(1, order_TE, keep_sorted_TE)
 
 
 def _p_option(case: Case) -> float:
-    p = float(case.option("p", 0.5))
+    p = float(case.option("p", DEFAULT_P))
     if not 0 < p <= 1:
         raise ValueError(f"topp option 'p' must be in (0, 1], got {p}")
     return p
 
 
 def top_p_gates(probs_TE: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask_TE, gate_TE float32): the top-p experts and their renormalised weights."""
+    """(mask_TE, gate_TE float32): the top-p experts and their raw probabilities."""
     mask_TE = top_p_mask(probs_TE, p)
-    gate_TE = probs_TE * mask_TE
-    return mask_TE, gate_TE / gate_TE.sum(dim=-1, keepdim=True)
+    return mask_TE, probs_TE * mask_TE
+
+
+def dynamic_loss(probs_TE: torch.Tensor) -> float:
+    """The paper's dynamic loss: mean over tokens of -sum_e P_e log P_e (nats)."""
+    return float(torch.special.entr(probs_TE.double()).sum(dim=-1).mean())
 
 
 class TopPMoE(GroupedMoE):
@@ -90,11 +103,15 @@ class TopPMoE(GroupedMoE):
 
     def extra_metrics(self) -> dict[str, float]:
         """topp_experts_mean / topp_experts_std: routed experts per token in the last
-        forward (mean and population std over tokens)."""
+        forward (mean and population std over tokens); dynamic_loss (module docstring)."""
         if self._last_topp is None:
             return {}
         mean, std = mean_std(self._last_topp[2])
-        return {"topp_experts_mean": mean, "topp_experts_std": std}
+        return {
+            "topp_experts_mean": mean,
+            "topp_experts_std": std,
+            "dynamic_loss": dynamic_loss(self._last_topp[1]),
+        }
 
 
 @torch.no_grad()
@@ -116,7 +133,8 @@ def topp_reference(
 @register(
     "topp",
     family="dynamic-k",
-    description="top-p routing: each token takes the fewest experts with mass >= p",
+    description="top-p routing (Huang et al. 2024): each token takes the fewest experts "
+    "with mass > p (default 0.4), gated by their raw probabilities; dynamic_loss",
     exact=False,
     options=("p",),
     reference=topp_reference,
