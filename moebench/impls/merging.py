@@ -44,7 +44,8 @@ merged experts.
 
 Shape legend: T tokens, N calibration tokens (c of them in a chunk), D hidden, F expert
 width, E routed experts, G merged experts (groups), K top_k, A kept (token, group)
-assignments, M flattened features, P x Q one expert matrix (D x F or F x D).
+assignments, M flattened features, P x Q one expert matrix (D x F or F x D), R the
+router's routes (E members, or G merged groups).
 """
 
 from __future__ import annotations
