@@ -192,7 +192,7 @@ def measure_case(
         activation_bytes=added,
         peak_mem_bytes=None if added is None else row["weight_bytes"] + added,
     )
-    row.update(summarize(samples_ms))
+    row.update(summarize(samples_ms, device.type))
     row["samples_ms"] = samples_ms
     row["repeats"] = len(samples_ms)
     latency_s = row["latency_ms"] / 1e3
