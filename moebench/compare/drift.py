@@ -18,7 +18,8 @@ judged cases, from the log ratios log(candidate / baseline):
   (an implementation with fewer than 3 cases is measured around the overall median;
   so are all when fewer than MIN_CASES cases are in such groups). Cases differ in how
   much they move (a 0.2 ms case far more than one of 20 ms), so an implementation with
-  at least MIN_GROUP cases gets its own scatter, never below half the pooled one. A case
+  at least MIN_GROUP cases whose own scatter is larger gets that (never less than the
+  pooled one: a few cases that happened to agree are no evidence of a quiet case). A case
   is judged regressed or improved only when its change is also beyond DRIFT_Z scatters:
   `band` = exp(DRIFT_Z x scatter), the smallest change a single case can show.
 
@@ -98,7 +99,7 @@ def measure_drift(
     scatter = MAD_TO_SIGMA * statistics.median(deviations)
     own = {
         impl: max(
-            scatter / 2,
+            scatter,
             MAD_TO_SIGMA * statistics.median(abs(v - statistics.median(values)) for v in values),
         )
         for impl, values in groups.items()
