@@ -25,9 +25,12 @@ judged cases, from the log ratios log(candidate / baseline):
 
 The smallest effect a comparison can detect is therefore max(threshold, band) per case;
 an implementation's geometric mean over n cases (`--gate impl`) resolves about
-band / sqrt(n). Measured (benchmarks/noise.sh): on a shared, loaded 2-core CPU, the
-smoke suite's band is about x1.3-x2 per case; on an idle H100/H200 it is under the 5%
-threshold, so the threshold decides there.
+band / sqrt(n), though its cases also move together between runs (on the busy CPU below,
+a same-code implementation mean moved by up to 15%, and a 10% slowdown once read as 46%).
+Measured by benchmarks/noise.sh on this project's shared 2-core CPU at a load average of
+12-14: the smoke suite's band is x2.8-x3.9 per case (scatter 0.25-0.34), so only a
+slowdown of about x4 shows in single cases and one of x1.5-x2 in `--gate impl`; on an idle
+GPU the band is under the 5% threshold, which then decides.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# Scatters a single case must exceed (a normal tail of 1.3e-3 per case; the log ratios of
-# shared runners have heavier tails than a normal, so this is not too strict).
-DRIFT_Z = 3.0
+# Scatters a single case must exceed. A normal tail would be 6e-5 per case, but the log
+# ratios of a shared CPU have heavy tails: at 3 scatters, one case in 44 of two same-code
+# smoke runs beside a CPU hog still passed the band (x2.87 against x2.76).
+DRIFT_Z = 4.0
 MIN_GROUP = 4
 # Fewer judged cases than this: the drift is not estimated (no band, no shift removed).
 MIN_CASES = 8
