@@ -8,9 +8,11 @@ code must not fail on that, so a comparison of two runs measures it across all t
 judged cases, from the log ratios log(candidate / baseline):
 
 - shift: their median, the whole candidate run being faster or slower. On CPU runs it is
-  divided out by default (each case is then judged against the run as a whole: a busier
-  machine flags nothing, one implementation or case slower than the rest still does; a
-  change that slows every case alike is not seen, by design). On GPU runs it is kept (a
+  divided out by default before judging (a case's `ratio` stays the raw one, its `shift`
+  is recorded and its sentence gives the judged ratio): each case is then judged against
+  the run as a whole, so a busier machine flags nothing, one implementation or case
+  slower than the rest still does, and a change that slows every case alike is not seen,
+  by design. On GPU runs it is kept (a
   uniform slowdown of a card is real) and reported.
 - scatter: the robust standard deviation of the log ratios (1.4826 x their median
   absolute deviation), each around the median of its own implementation's cases: a real

@@ -152,6 +152,8 @@ class CaseResult:
     # The metric itself (equal to the values above unless normalized).
     baseline_raw: float | None = None
     candidate_raw: float | None = None
+    # The run's overall shift divided out of `ratio` before judging (CPU runs; 1.0: none).
+    shift: float = 1.0
 
     @property
     def reason(self) -> str:
@@ -174,6 +176,7 @@ class CaseResult:
             "normalized": self.normalized,
             "baseline_raw": self.baseline_raw,
             "candidate_raw": self.candidate_raw,
+            "shift": self.shift,
             "baseline_samples": self.baseline_samples,
             "candidate_samples": self.candidate_samples,
             "baseline_status": self.baseline_status,
@@ -464,9 +467,10 @@ def _judge(
     return CaseResult(
         verdict=decision.verdict,
         sentence=f"{label}: {change_text}: {decision.reason}",
-        ratio=change.ratio,
-        ci_low=change.low,
-        ci_high=change.high,
+        ratio=ratio,
+        ci_low=ci[0] if ci else None,
+        ci_high=ci[1] if ci else None,
+        shift=shift,
         fails_gate=fails_gate(decision.verdict, *statuses, regressions_count=settings.case_gate),
         **values,
         **common,
@@ -666,7 +670,7 @@ def _summaries(
     failed: dict[str, int] = {}
     for result in results:
         if result.verdict in JUDGED and result.ratio is not None:
-            groups.setdefault(group(result), []).append(result.ratio)
+            groups.setdefault(group(result), []).append(result.ratio / result.shift)
         elif result.verdict == "failed":
             failed[group(result)] = failed.get(group(result), 0) + 1
             groups.setdefault(group(result), [])
