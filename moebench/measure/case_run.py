@@ -177,7 +177,6 @@ def measure_case(
         step(0)  # first call outside the memory window: lazy init and workspaces
         for p in layer.parameters():
             p.grad = None  # so the window sees the gradients allocated, not recycled
-        last.clear()
         peak, added = peak_during(lambda: step(1), device)
         samples_ms = time_repeats(step, device, plan)
         drift = check.check_output(last.pop(0).detach(), expected, case.dtype, ties).failure
