@@ -30,9 +30,9 @@ an implementation's geometric mean over n cases (`--gate impl`) resolves about
 band / sqrt(n), though its cases also move together between runs (on the busy CPU below,
 a same-code implementation mean moved by up to 15%, and a 10% slowdown once read as 46%).
 Measured by benchmarks/noise.sh on this project's shared 2-core CPU at a load average of
-12-14: the smoke suite's band is x2.8-x3.9 per case (scatter 0.25-0.34), so only a
-slowdown of about x4 shows in single cases and one of x1.5-x2 in `--gate impl`; on an idle
-GPU the band is under the 5% threshold, which then decides.
+12-14: the smoke suite's band is x2.8-x6.4 per case (scatter 0.25-0.47), so only a
+slowdown of x4-x6 shows in single cases, and a 50% one in `--gate impl`; on an idle GPU
+the band is under the 5% threshold, which then decides.
 """
 
 from __future__ import annotations
