@@ -89,40 +89,45 @@ def test_a_token_whose_output_nearly_cancels_is_judged_against_the_typical_norm(
     assert check.max_token_error(y, ref)[0] == pytest.approx(0.01, rel=0.01)
 
 
-class _FusedGateUp(torch.nn.Module):
-    """Weights in another layout: gate and up fused along F, kept as copies."""
+class _FusedUpGate(torch.nn.Module):
+    """Weights in another layout: up and gate fused along F (up first), kept as a copy."""
 
-    def __init__(self, weights, case):
+    def __init__(self, weights, case, order=("w_up_EDF", "w_gate_EDF")):
         super().__init__()
         self.inner = registry.get("grouped").build(weights, case)
-        fused = torch.cat([weights.w_gate_EDF, weights.w_up_EDF], dim=-1).clone()
-        self.w_gate_up_ED2F = torch.nn.Parameter(fused)
+        fused = torch.cat([getattr(weights, name) for name in order], dim=-1).clone()
+        self.w_fused_ED2F = torch.nn.Parameter(fused)
         del self.inner.w_gate_EDF, self.inner.w_up_EDF
         self.ffn = weights.w_gate_EDF.shape[-1]
+        self.order = order
 
     def forward(self, x_TD):
-        self.inner.w_gate_EDF = self.w_gate_up_ED2F[..., : self.ffn]
-        self.inner.w_up_EDF = self.w_gate_up_ED2F[..., self.ffn :]
+        first, second = self.w_fused_ED2F[..., : self.ffn], self.w_fused_ED2F[..., self.ffn :]
+        setattr(self.inner, self.order[0], first)
+        setattr(self.inner, self.order[1], second)
         return self.inner(x_TD)
 
 
-def test_a_layout_of_its_own_needs_weight_grads():
+def test_gate_up_fused_is_found_and_other_layouts_need_weight_grads():
     case = tiny_case("grouped", mode="train")
     weights = make_weights(case)
     x = make_inputs(case, 1)[0]
-    layer = _FusedGateUp(weights, case)
+    # gate|up side by side (as Hugging Face's gate_up_proj): found by value.
+    fused = _FusedUpGate(weights, case, order=("w_gate_EDF", "w_up_EDF"))
+    result = check.check_gradients(fused, [weights], x, case.dtype, case.seed)
+    assert not result.failures and {"w_gate_EDF", "w_up_EDF"} <= set(result.errors)
+    # up|gate: not a layout the check knows, so the layer must say.
+    layer = _FusedUpGate(weights, case)
     result = check.check_gradients(layer, [weights], x, case.dtype, case.seed)
-    assert result.failures and "w_gate_up_ED2F" in result.failures[0]
+    assert result.failures and "w_fused_ED2F" in result.failures[0]
     assert "weight_grads()" in result.failures[0]
 
     def weight_grads():
-        grads = {name: getattr(layer.inner, name).grad for name in ("w_down_EFD",)}
-        grads["w_router_DE"] = layer.inner.router.w_router_DE.grad
-        gate_up = layer.w_gate_up_ED2F.grad
-        grads["w_gate_EDF"], grads["w_up_EDF"] = (
-            gate_up[..., : layer.ffn],
-            gate_up[..., layer.ffn :],
-        )
+        inner = layer.inner
+        grads = {"w_down_EFD": inner.w_down_EFD.grad, "w_router_DE": inner.router.w_router_DE.grad}
+        fused_grad = layer.w_fused_ED2F.grad
+        grads["w_up_EDF"] = fused_grad[..., : layer.ffn]
+        grads["w_gate_EDF"] = fused_grad[..., layer.ffn :]
         return grads
 
     layer.weight_grads = weight_grads

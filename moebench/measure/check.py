@@ -20,8 +20,9 @@ of the variant's own design (a variant registered with `reference=`):
   call and wrong later (a race) fails as "drifted during timing".
 
 Which of the layer's parameters is which weight (`weight_grads`): a parameter that is a
-weight-set tensor, a copy of one, or a copy with its last two dimensions transposed is
-found by value; a plugin that keeps the weight set's tensors gets the check for free. A
+weight-set tensor, a copy of one, a copy with its last two dimensions transposed, or gate
+and up side by side along the last dimension (Hugging Face's gate_up_proj; maybe
+transposed) is found by value; a plugin that keeps the weight set's tensors gets the check for free. A
 layer holding weights in another layout (fused, quantised) defines `weight_grads()`
 returning the gradient of each weight-set tensor (ExpertWeights field name, e.g.
 "w_gate_EDF") in the weight set's layout.
@@ -165,44 +166,63 @@ def weight_grads(
         for name in TRAINED_FIELDS
         if getattr(weights, name) is not None
     }
-    found: dict[str, tuple[torch.nn.Parameter, bool]] = {}
+    found: dict[str, tuple[torch.nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]] = {}
     for param_name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        match = _match_weight(param, wanted)
-        if match is None:
+        matches = _match_weight(param, wanted)
+        if not matches:
             return (
-                f"parameter {param_name} {tuple(param.shape)} is no weight-set tensor, copy "
-                "or transposed copy: define weight_grads() on the layer to map it"
+                f"parameter {param_name} {tuple(param.shape)} is no weight-set tensor, copy, "
+                "transposed copy or gate|up concatenation: define weight_grads() on the layer"
             )
-        found[match[0]] = (param, match[1])
+        for name, extract in matches.items():
+            found[name] = (param, extract)
 
     def collect() -> dict[str, torch.Tensor | None]:
-        grads: dict[str, torch.Tensor | None] = {}
-        for name, (param, transposed) in found.items():
-            grad = param.grad
-            grads[name] = None if grad is None else grad.transpose(-1, -2) if transposed else grad
-        return grads
+        return {
+            name: None if param.grad is None else extract(param.grad)
+            for name, (param, extract) in found.items()
+        }
 
     return collect
 
 
-def _match_weight(param: torch.Tensor, wanted: dict[str, torch.Tensor]) -> tuple[str, bool] | None:
-    """(weight-set name, transposed?) of the weight `param` holds, found by value."""
+def _same(view: torch.Tensor, tensor: torch.Tensor) -> bool:
+    return view.shape == tensor.shape and torch.equal(view, tensor.to(view.dtype))
+
+
+# Gate and up projections that kernels often keep side by side in one tensor.
+FUSED_PAIRS = (("w_gate_EDF", "w_up_EDF"), ("w_shared_gate_DS", "w_shared_up_DS"))
+
+
+def _match_weight(
+    param: torch.Tensor, wanted: dict[str, torch.Tensor]
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The weights `param` holds, found by value, each with the function that takes its
+    gradient out of the parameter's (identity, a transpose, a slice of a gate|up
+    concatenation along the last dimension, maybe transposed); {} when none."""
     data = param.detach()
-    for name, tensor in wanted.items():
-        if tensor.device != data.device:
-            continue
-        if data.shape == tensor.shape and torch.equal(data, tensor.to(data.dtype)):
-            return name, False
-        transposed = data.transpose(-1, -2) if data.dim() >= 2 else None
-        if (
-            transposed is not None
-            and transposed.shape == tensor.shape
-            and torch.equal(transposed, tensor.to(data.dtype))
-        ):
-            return name, True
-    return None
+    layouts: list[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]] = [
+        (data, lambda g: g)
+    ]
+    if data.dim() >= 2:
+        layouts.append((data.transpose(-1, -2), lambda g: g.transpose(-1, -2)))
+    for view, back in layouts:
+        for name, tensor in wanted.items():
+            if tensor.device == data.device and _same(view, tensor):
+                return {name: back}
+        for gate, up in FUSED_PAIRS:
+            if gate not in wanted or wanted[gate].device != data.device:
+                continue
+            width = wanted[gate].shape[-1]
+            fused = view.shape[-1] == 2 * width and _same(view[..., :width], wanted[gate])
+            if fused and _same(view[..., width:], wanted[up]):
+                return {
+                    gate: lambda g, back=back, w=width: back(g)[..., :w],
+                    up: lambda g, back=back, w=width: back(g)[..., w:],
+                }
+    return {}
 
 
 class _Errors:
