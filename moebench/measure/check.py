@@ -22,8 +22,9 @@ of the variant's own design (a variant registered with `reference=`):
 Which of the layer's parameters is which weight (`weight_grads`): a parameter that is a
 weight-set tensor, a copy of one, a copy with its last two dimensions transposed, or gate
 and up side by side along the last dimension (Hugging Face's gate_up_proj; maybe
-transposed) is found by value; a plugin that keeps the weight set's tensors gets the check for free. A
-layer holding weights in another layout (fused, quantised) defines `weight_grads()`
+transposed) is found by value; a plugin that keeps the weight set's tensors gets the
+check for free. A layer holding weights in another layout (fused otherwise, quantised)
+defines `weight_grads()`
 returning the gradient of each weight-set tensor (ExpertWeights field name, e.g.
 "w_gate_EDF") in the weight set's layout.
 """
