@@ -59,7 +59,7 @@ BASELINE ?= results/reference/smoke.parquet
 GATE_THRESHOLD ?= 40%
 perf-gate: $(VENV)/.base
 	rm -rf results/ci
-	OMP_NUM_THREADS=1 $(VENV)/bin/moebench run suites/smoke.toml --out results/ci --quiet
+	$(VENV)/bin/moebench run suites/smoke.toml --out results/ci --quiet --threads 1
 	$(VENV)/bin/moebench compare $(BASELINE) latest --root results/ci \
 	  --normalize reference --gate impl --threshold $(GATE_THRESHOLD) \
 	  --markdown results/ci/compare.md --json results/ci/compare.json

@@ -51,6 +51,7 @@ def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
         ("status", "left"),
         ("latency ms", "right"),
         ("p10-p90 ms", "right"),
+        ("spread", "right"),
         ("tokens/s", "right"),
         ("peak MiB", "right"),
         ("err", "right"),
@@ -79,11 +80,32 @@ def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
             f"[{STATUS_STYLE.get(status, '')}]{status}[/]",
             _fmt(row.get("latency_ms")),
             spread,
+            _spread(row),
             _fmt(row.get("tokens_per_s"), ",.0f"),
             _mib(row.get("peak_mem_bytes")),
             _fmt(err, ".2e"),
         )
     return table
+
+
+def _spread(row: dict[str, Any]) -> str:
+    """p90/p10 as 'x1.2', with 'noisy' in yellow when the case's timing is noise."""
+    value = row.get("spread")
+    if value is None or value != value:
+        return "-"
+    text = f"x{value:.2g}"
+    return f"[yellow]{text} noisy[/]" if row.get("noisy") is True else text
+
+
+def noise_note(rows: list[dict[str, Any]]) -> str | None:
+    """A line on the noisy cases of a run, or None when there are none."""
+    noisy = sum(1 for row in rows if row.get("noisy") is True)
+    if not noisy:
+        return None
+    return (
+        f"{noisy} of {len(rows)} cases are noisy (p90/p10 over the device's limit, or the "
+        "median still moving): do not rank them; rerun on a quieter machine"
+    )
 
 
 class RichProgress:
@@ -158,6 +180,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if problem := distributed.nproc_problem(args.nproc):
         console.print(f"[red]error:[/] {problem}")
         return EXIT_BAD_INPUT
+    if args.threads is not None and args.threads < 1:
+        console.print(f"[red]error:[/] --threads must be at least 1, got {args.threads}")
+        return EXIT_BAD_INPUT
     if distributed.is_follower():
         return distributed.follow(tuple(args.plugin))
     gpus = None
@@ -210,11 +235,14 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                 "profile": args.profile,
             },
             profile=profile,
+            threads=args.threads,
         )
     except StoreError as exc:
         console.print(f"[red]error:[/] {exc}")
         return EXIT_BAD_INPUT
     console.print(summary_table(outcome.rows, f"run {outcome.run_id}"))
+    if note := noise_note(outcome.rows):
+        console.print(f"[yellow]{note}[/]")
     if outcome.skipped:
         console.print(f"{outcome.skipped} cases already done in {outcome.run_id} were skipped")
     failed = [r for r in outcome.rows if r.get("status") != "ok"]
@@ -378,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--nvtx",
         action="store_true",
         help="NVTX ranges for each case and its phases (for nsys profile moebench run ...)",
+    )
+    run.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="intra-op threads for CPU cases (default: the physical cores this process may "
+        "use; cases under 20 MFLOP a call use 1); recorded in run.json",
     )
     run.add_argument("--strict", action="store_true", help="exit 1 if any case is not ok")
     run.add_argument("--quiet", action="store_true", help="no progress bar")

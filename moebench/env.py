@@ -48,6 +48,51 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def usable_cpus() -> list[int]:
+    """The logical CPUs this process may run on (its affinity mask)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may use: hyper-threads of one core
+    count once (Linux topology files; else every usable CPU counts)."""
+    cores = set()
+    for cpu in usable_cpus():
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            core = (topology / "core_id").read_text().strip()
+        except OSError:
+            return len(usable_cpus())
+        cores.add((package, core))
+    return max(1, len(cores))
+
+
+def machine_load() -> dict[str, Any]:
+    """What else the machine is doing now: load averages (runnable processes over 1, 5,
+    15 minutes, next to the usable CPUs) and the other processes on each GPU (NVML)."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        one = five = fifteen = None
+    load: dict[str, Any] = {
+        "loadavg_1m": one,
+        "loadavg_5m": five,
+        "loadavg_15m": fifteen,
+        "usable_cpus": len(usable_cpus()),
+        "gpu_processes": [],
+    }
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            for process in nvml.compute_processes(index) or []:
+                if process["pid"] != os.getpid():
+                    load["gpu_processes"].append({"gpu": index, **process})
+    return load
+
+
 def collect_environment() -> dict[str, Any]:
     """Run-level facts stored in run.json and the parquet metadata."""
     from moebench import __version__
@@ -57,6 +102,7 @@ def collect_environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
+        "physical_cores": physical_cores(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,

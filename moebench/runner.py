@@ -35,6 +35,20 @@ from moebench.measure.timing import TimingPlan
 from moebench.store import ResultStore, new_run_id
 
 WORKER_START_TIMEOUT_S = 180.0
+# A CPU case whose one call does less work than this runs on one thread: waking a thread
+# pool costs more than it saves there, and on a busy machine a descheduled pool thread
+# stalls the call for a scheduler tick (1000x a tiny case's latency).
+ONE_THREAD_BELOW_FLOP = 2e7
+
+
+def case_threads(case: Case, threads: int) -> int:
+    """Intra-op threads for `case`: `threads`, or 1 for a tiny CPU call (see above)."""
+    s = case.shape
+    experts_per_token = s.top_k + s.shared_experts
+    flop = 6 * case.tokens * s.hidden * s.ffn * experts_per_token * case.workload.layers
+    if case.workload.mode == "train":
+        flop *= 3
+    return 1 if flop < ONE_THREAD_BELOW_FLOP else threads
 
 
 class FilterError(ValueError):
@@ -85,6 +99,7 @@ class InProcessExecutor:
         plan: TimingPlan,
         plugins: tuple[str, ...] = (),
         profile: ProfileOptions = NO_PROFILE,
+        threads: int = 1,
     ):
         from moebench.plugins import import_plugin
 
@@ -92,6 +107,7 @@ class InProcessExecutor:
             import_plugin(spec)
         self.plan = plan
         self.profile = profile
+        self.threads = threads
         self.cache = WeightCache()
         self.ceilings: dict[str, float] | None = None
 
@@ -100,9 +116,13 @@ class InProcessExecutor:
         return self.ceilings
 
     def run(self, case: Case, timeout_s: float) -> dict[str, Any]:
+        threads = case_threads(case, self.threads) if case.device == "cpu" else None
+        if threads is not None:
+            torch.set_num_threads(threads)
         try:
             with named_range(f"case {case.label()}", nvtx=self.profile.nvtx):
-                return measure_case(case, self.plan, self.cache, self.ceilings, self.profile)
+                row = measure_case(case, self.plan, self.cache, self.ceilings, self.profile)
+            return {"threads": threads, **row}
         except registry.Unsupported as exc:
             return {"status": "skipped", "error": str(exc)}
         except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -126,12 +146,14 @@ class IsolatedExecutor:
         plugins: tuple[str, ...] = (),
         gpu: int | None = None,
         profile: ProfileOptions = NO_PROFILE,
+        threads: int = 1,
     ):
         """gpu: pin the worker to this GPU (it then sees only that one, as cuda:0)."""
         self.plan = plan
         self.plugins = plugins
         self.gpu = gpu
         self.profile = profile
+        self.threads = threads
         self._ceilings_request: tuple[str, list[str]] | None = None
         self.ceilings: dict[str, float] | None = None
         self._process: Any = None
@@ -143,7 +165,7 @@ class IsolatedExecutor:
         parent, child = context.Pipe()
         process = context.Process(
             target=_worker_main,
-            args=(child, self.plan, self.plugins, self.gpu, self.profile),
+            args=(child, self.plan, self.plugins, self.gpu, self.profile, self.threads),
             daemon=True,
         )
         process.start()
@@ -212,13 +234,14 @@ def _worker_main(
     plugins: tuple[str, ...],
     gpu: int | None = None,
     profile: ProfileOptions = NO_PROFILE,
+    threads: int = 1,
 ) -> None:
     if gpu is not None:
         # Before anything initialises CUDA: this process sees only that GPU, as cuda:0.
         from moebench.devices import physical_index
 
         os.environ["CUDA_VISIBLE_DEVICES"] = str(physical_index(gpu))
-    executor = InProcessExecutor(plan, plugins, profile)
+    executor = InProcessExecutor(plan, plugins, profile, threads)
     registry.load_all()
     conn.send(("ready", None))
     while True:
@@ -260,6 +283,7 @@ def run_cases(
     nproc: int | None = None,
     gpus: list[int] | None = None,
     profile: ProfileOptions = NO_PROFILE,
+    threads: int | None = None,
 ) -> RunOutcome:
     """Run `cases` into a new run folder (or finish run `resume`), one part per case.
 
@@ -271,8 +295,13 @@ def run_cases(
     each of these GPUs (moebench.pool); multi-rank cases run after them.
     profile: the profiler pass (traces/, kernels.parquet) and NVTX ranges of the
     single-device cases (moebench.measure.profile).
+    threads: intra-op threads of CPU cases (tiny ones use 1: `case_threads`); None: the
+    physical cores this process may use. Recorded in run.json (`cpu_threads`) with the
+    machine's load at the start and end (`load_start`, `load_end`).
     """
-    from moebench.env import collect_environment
+    from moebench.env import collect_environment, machine_load, physical_cores
+
+    threads = threads or physical_cores()
 
     out_root = Path(out_root)
     if resume:
@@ -293,13 +322,15 @@ def run_cases(
     todo = [c for c in cases if c.case_id not in done]
     outcome = RunOutcome(store.run_id, store.run_dir, skipped=len(cases) - len(todo))
     meta_all["cases_total"] = len(cases)
+    meta_all["cpu_threads"] = threads
+    meta_all.setdefault("load_start", machine_load())
     store.write_meta(meta_all)
 
     single_gpu = gpus[0] if gpus is not None and len(gpus) == 1 else None
     executor = (
-        IsolatedExecutor(plan, plugins, gpu=single_gpu, profile=profile)
+        IsolatedExecutor(plan, plugins, gpu=single_gpu, profile=profile, threads=threads)
         if isolate
-        else InProcessExecutor(plan, plugins, profile)
+        else InProcessExecutor(plan, plugins, profile, threads)
     )
     # Multi-rank and expert-parallel cases run on ranks of moebench.distributed (started on
     # first use, or torchrun's); every other case on the executor.
@@ -346,7 +377,7 @@ def run_cases(
             sequential = [c for c in todo if ranks.handles(c)]
 
             def pinned(gpu: int) -> IsolatedExecutor:
-                worker = IsolatedExecutor(plan, plugins, gpu=gpu, profile=profile)
+                worker = IsolatedExecutor(plan, plugins, gpu=gpu, profile=profile, threads=threads)
                 worker.ceilings = meta_all.get("ceilings")
                 return worker
 
@@ -365,6 +396,7 @@ def run_cases(
         if progress is not None:
             progress.stop()
         meta_all["finished_at"] = datetime.now(UTC).isoformat()
+        meta_all["load_end"] = machine_load()
         meta_all["interrupted"] = outcome.interrupted
         store.write_meta(meta_all)
         outcome.results_path = store.consolidate()

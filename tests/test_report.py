@@ -116,7 +116,9 @@ def test_page_is_self_contained_with_header_and_table(single_page, runs):
     assert first in page and "torch / CUDA / triton" in page and "copy " in page
     assert manifest["cases"] == len(small_cases())
     assert page.count('<tr class="">') + page.count('<tr class="failed">') >= manifest["cases"]
-    assert 'table class="sortable cases"' in page and "Fastest exact implementation" in page
+    assert 'table class="sortable cases"' in page
+    # Tiny CPU cases on a busy machine are often noisy: then no winner may be named.
+    assert "Fastest exact implementation" in page or "beyond the noise" in page
     assert len(page.encode()) < 15e6
 
 
@@ -321,3 +323,24 @@ def test_cli_writes_the_report_and_refuses_bad_input(runs, tmp_path, capsys, mon
 def printed(capsys) -> str:
     """What the command printed, with rich's line wrapping undone."""
     return " ".join(capsys.readouterr().out.split())
+
+
+def test_a_winner_is_named_only_beyond_the_noise() -> None:
+    from moebench.report.data import clear_winner
+
+    def group(**columns: list) -> pd.DataFrame:
+        base = {"impl": ["a", "b"], "latency_ms": [1.0, 1.5], "noisy": [False, False]}
+        return pd.DataFrame({**base, **columns})
+
+    apart = group(latency_ci_low_ms=[0.9, 1.4], latency_ci_high_ms=[1.1, 1.6])
+    assert clear_winner(apart) == "a"
+    overlapping = group(latency_ci_low_ms=[0.9, 1.05], latency_ci_high_ms=[1.2, 1.6])
+    assert clear_winner(overlapping) is None
+    noisy = group(latency_ci_low_ms=[0.9, 1.4], latency_ci_high_ms=[1.1, 1.6], noisy=[False, True])
+    assert clear_winner(noisy) is None
+    # Runs from before the CI columns: p10-p90 must not overlap either.
+    old = pd.DataFrame(
+        {"impl": ["a", "b"], "latency_ms": [1.0, 1.5], "latency_p10_ms": [0.9, 1.2],
+         "latency_p90_ms": [1.3, 1.8]}
+    )  # fmt: skip
+    assert clear_winner(old) is None

@@ -54,15 +54,31 @@ def test_headlines_match_numbers_recomputed_from_the_parquet(run_parquet):
     statements = {s.impl or s.text.split(" ")[0]: s for s in headlines(load_runs([path]))}
     ok = frame[frame["status"] == "ok"]
 
-    # Fastest exact: count, per case, which exact impl had the smallest median latency.
+    # Fastest exact: count, per case, which exact impl had the smallest median latency,
+    # when it is faster beyond the noise (no noisy row, its median's CI below the others').
     exact = ok[ok["exact"]]
-    winners = exact.loc[exact.groupby(SAME_CASE)["latency_ms"].idxmin(), "impl"]
+    wins: dict[str, int] = {}
+    ties = 0
+    for _, case in exact.groupby(SAME_CASE):
+        if case["impl"].nunique() < 2:
+            continue
+        best_row = case.loc[case["latency_ms"].idxmin()]
+        others = case.drop(index=best_row.name)
+        apart = (others["latency_ci_low_ms"] > best_row["latency_ci_high_ms"]).all()
+        if case["noisy"].any() or not apart:
+            ties += 1
+        else:
+            wins[best_row["impl"]] = wins.get(best_row["impl"], 0) + 1
     contests = exact.groupby(SAME_CASE)["impl"].nunique()
-    best = winners.value_counts()
-    fastest = next(s for s in statements.values() if s.kind == "win")
-    assert fastest.impl == best.index[0]
-    assert fastest.values["wins"] == best.iloc[0]
-    assert fastest.values["contests"] == int((contests >= 2).sum())
+    if wins:
+        fastest = next(s for s in statements.values() if s.kind == "win")
+        assert wins[fastest.impl] == max(wins.values()) == fastest.values["wins"]
+        assert fastest.values["contests"] == int((contests >= 2).sum())
+    else:  # a busy machine: every case inside the noise, and no winner is named
+        assert not any(s.kind == "win" for s in statements.values())
+        assert any("beyond the noise" in s.text for s in statements.values())
+    said = next(s for s in statements.values() if "beyond the noise" in s.text)
+    assert said.values["ties"] == ties
 
     # Each variant: geometric mean of grouped's latency / its latency on the same cases,
     # median fidelity_err (vs the base layer) and median rel_err (vs its own design).
@@ -92,7 +108,7 @@ def test_headlines_match_numbers_recomputed_from_the_parquet(run_parquet):
     topp = statements["topp"].values
     assert topp["median_fidelity_err"] > 100 * max(topp["median_rel_err"], 1e-12)
 
-    failed = next(s for s in statements.values() if s.kind == "bad")
+    failed = next(s for s in statements.values() if s.kind == "bad" and "failed" in s.values)
     assert failed.values == {"failed": int((frame["status"] != "ok").sum()), "cases": len(frame)}
     assert failed.values["failed"] == 1
 

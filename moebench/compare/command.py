@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from moebench.compare.bootstrap import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
 from moebench.compare.pairing import (
+    DRIFT_MODES,
     GATES,
     CompareError,
     Report,
@@ -77,6 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "case) or 'impl' (an implementation's geometric mean over its cases; steadier on "
         "noisy CPU runners)",
     )
+    parser.add_argument(
+        "--drift",
+        choices=DRIFT_MODES,
+        default="auto",
+        help="'auto' (default): measure the run-to-run drift across all cases; a case must "
+        "move beyond it to count, and on CPU runs the run's overall shift is divided out "
+        "(moebench.compare.drift); 'off': judge each case on its own samples alone",
+    )
     parser.add_argument("--markdown", metavar="FILE", help="write a Markdown summary (CI)")
     parser.add_argument("--json", metavar="FILE", help="write every case's result as JSON")
     parser.add_argument("--root", default="results", help="results root for run ids")
@@ -114,6 +123,7 @@ def build_report(args: argparse.Namespace) -> Report:
         resamples=args.resamples,
         seed=args.seed,
         gate=args.gate,
+        drift=args.drift,
     )
     if args.impls:
         impls = [name.strip() for name in args.impls.split(",")]
@@ -146,6 +156,8 @@ def main(args: argparse.Namespace, console: Console) -> int:
             console.print(rich_impl_table(report))
     for note in report.notes:
         console.print(escape(note), style="dim", soft_wrap=True)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     if not report.settings.case_gate:
         console.print(
             "single cases below inform; the gate is on each implementation's geometric mean",

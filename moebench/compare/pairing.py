@@ -31,6 +31,12 @@ from moebench.compare.bootstrap import (
     Side,
     ratio_ci,
 )
+from moebench.compare.drift import (
+    RunDrift,
+    cpu_runs,
+    environment_differences,
+    measure_drift,
+)
 from moebench.compare.verdict import (
     METRICS,
     VERDICTS,
@@ -47,6 +53,7 @@ from moebench.store import StoreError, read_metadata, read_run
 
 Gate = Literal["case", "impl"]
 GATES: tuple[str, ...] = ("case", "impl")
+DRIFT_MODES: tuple[str, ...] = ("auto", "off")
 REQUIRED_COLUMNS = ("case_id", "impl", "status")
 # Case fields that do not say which computation was measured, left out of the match key
 # between implementations: options are an implementation's own knobs, preset a label.
@@ -145,6 +152,8 @@ class CaseResult:
     # The metric itself (equal to the values above unless normalized).
     baseline_raw: float | None = None
     candidate_raw: float | None = None
+    # The run's overall shift divided out of `ratio` before judging (CPU runs; 1.0: none).
+    shift: float = 1.0
 
     @property
     def reason(self) -> str:
@@ -167,6 +176,7 @@ class CaseResult:
             "normalized": self.normalized,
             "baseline_raw": self.baseline_raw,
             "candidate_raw": self.candidate_raw,
+            "shift": self.shift,
             "baseline_samples": self.baseline_samples,
             "candidate_samples": self.candidate_samples,
             "baseline_status": self.baseline_status,
@@ -186,6 +196,8 @@ class Settings:
     resamples: int = DEFAULT_RESAMPLES
     seed: int = DEFAULT_SEED
     gate: Gate = "case"
+    # "auto": measure the run-to-run drift of two runs (moebench.compare.drift); "off": not.
+    drift: Literal["auto", "off"] = "auto"
 
     @property
     def case_gate(self) -> bool:
@@ -206,6 +218,9 @@ class Report:
     impl_summaries: list[ImplSummary] = field(default_factory=list)
     # run.json of each side ("baseline", "candidate"): commits and environments
     environments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Differences of setup between the runs (torch, CUDA, driver, GPU, CPU, threads).
+    warnings: list[str] = field(default_factory=list)
+    drift: RunDrift | None = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -374,8 +389,10 @@ def _judge(
     cand: tuple[Mapping[str, Any] | None, Mapping[str, Any] | None],
     names: tuple[str, str],
     settings: Settings,
+    drift: RunDrift | None = None,
 ) -> CaseResult:
-    """One case: (row, normalizer row) of each side -> a CaseResult."""
+    """One case: (row, normalizer row) of each side -> a CaseResult. With `drift`, the
+    run's shift is divided out (where `drift.divided`) and a change must exceed its band."""
     metric = settings.metric
     (base_row, base_norm), (cand_row, cand_norm) = base, cand
     statuses = (_status(base_row), _status(cand_row))
@@ -431,24 +448,29 @@ def _judge(
         resamples=settings.resamples,
         seed=settings.seed,
     )
+    shift = drift.shift if drift is not None and drift.divided else 1.0
     change = Change(
-        ratio=ratio,
-        low=ci[0] if ci else None,
-        high=ci[1] if ci else None,
+        ratio=ratio / shift,
+        low=ci[0] / shift if ci else None,
+        high=ci[1] / shift if ci else None,
         higher_is_better=metric.higher_is_better,
         confidence=settings.confidence,
     )
-    decision: Decision = decide(change, settings.threshold)
+    band = drift.band_of(str(fields_.get("impl"))) if drift else None
+    decision: Decision = decide(change, settings.threshold, band)
     if settings.normalize:
         change_text += f", relative to {settings.normalize}"
+    if shift != 1.0:
+        change_text += f", over the run's shift x{shift:.3g}"
     if ci is None and metric.has_samples:
         change_text += f" (fewer than {MIN_SAMPLES} samples: no CI)"
     return CaseResult(
         verdict=decision.verdict,
         sentence=f"{label}: {change_text}: {decision.reason}",
         ratio=ratio,
-        ci_low=change.low,
-        ci_high=change.high,
+        ci_low=ci[0] if ci else None,
+        ci_high=ci[1] if ci else None,
+        shift=shift,
         fails_gate=fails_gate(decision.verdict, *statuses, regressions_count=settings.case_gate),
         **values,
         **common,
@@ -503,26 +525,45 @@ def compare_runs(baseline: Run, candidate: Run, settings: Settings) -> Report:
             f"on the same case of the same run; {impl}'s own cases are not judged"
         )
     names = (baseline.name, candidate.name)
-    results = []
-    for key in [*baseline.rows, *(k for k in candidate.rows if k not in baseline.rows)]:
-        base_row, cand_row = baseline.rows.get(key), candidate.rows.get(key)
-        row = base_row if base_row is not None else cand_row
-        assert row is not None
-        if settings.normalize and row.get("impl") == settings.normalize:
-            results.append(_normalizer_result(key, row, base_row, cand_row, names, settings))
-            continue
-        norm_key = impl_key(row)
-        results.append(
-            _judge(
-                key,
-                case_label(row),
-                case_fields(row),
-                (base_row, norms[0].get(norm_key) if settings.normalize else None),
-                (cand_row, norms[1].get(norm_key) if settings.normalize else None),
-                names,
-                settings,
+
+    def judge_all(drift: RunDrift | None) -> list[CaseResult]:
+        results = []
+        for key in [*baseline.rows, *(k for k in candidate.rows if k not in baseline.rows)]:
+            base_row, cand_row = baseline.rows.get(key), candidate.rows.get(key)
+            row = base_row if base_row is not None else cand_row
+            assert row is not None
+            if settings.normalize and row.get("impl") == settings.normalize:
+                results.append(_normalizer_result(key, row, base_row, cand_row, names, settings))
+                continue
+            norm_key = impl_key(row)
+            results.append(
+                _judge(
+                    key,
+                    case_label(row),
+                    case_fields(row),
+                    (base_row, norms[0].get(norm_key) if settings.normalize else None),
+                    (cand_row, norms[1].get(norm_key) if settings.normalize else None),
+                    names,
+                    settings,
+                    drift,
+                )
             )
-        )
+        return results
+
+    results = judge_all(None)
+    drift = None
+    if settings.drift == "auto":
+        ratios: dict[str, list[float]] = {}
+        for r in results:
+            if r.verdict in JUDGED and r.ratio is not None:
+                ratios.setdefault(str(r.fields.get("impl")), []).append(r.ratio)
+        drift = measure_drift(ratios, divide_shift=cpu_runs(baseline.meta, candidate.meta))
+        if drift is None:
+            judged = sum(len(v) for v in ratios.values())
+            notes.append(f"{judged} judged cases: too few to measure run-to-run drift")
+        else:
+            notes.append(drift.describe())
+            results = judge_all(drift)
     summaries = _summaries(results, settings, lambda r: str(r.fields.get("impl")))
     return Report(
         baseline.describe(),
@@ -533,6 +574,8 @@ def compare_runs(baseline: Run, candidate: Run, settings: Settings) -> Report:
         notes,
         summaries,
         {"baseline": baseline.meta, "candidate": candidate.meta},
+        warnings=environment_differences(baseline.meta, candidate.meta),
+        drift=drift,
     )
 
 
@@ -627,7 +670,7 @@ def _summaries(
     failed: dict[str, int] = {}
     for result in results:
         if result.verdict in JUDGED and result.ratio is not None:
-            groups.setdefault(group(result), []).append(result.ratio)
+            groups.setdefault(group(result), []).append(result.ratio / result.shift)
         elif result.verdict == "failed":
             failed[group(result)] = failed.get(group(result), 0) + 1
             groups.setdefault(group(result), [])

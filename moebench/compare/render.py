@@ -224,6 +224,7 @@ def markdown(report: Report) -> str:
     lines.append(_cell(method(report)) + "  ")
     lines.extend(f"{_cell(note)}  " for note in report.notes)
     lines.append("")
+    lines.extend(f"> ⚠️ **warning:** {_cell(warning)}\n" for warning in report.warnings)
     _, _, ratio_head, ci_head = _headings(report)
     if report.impl_summaries:
         lines.extend(
@@ -313,6 +314,16 @@ def as_json(report: Report) -> dict[str, Any]:
         "impls": [summary.as_dict() for summary in report.impl_summaries],
         "summary": report.summary(),
         "notes": report.notes,
+        "warnings": report.warnings,
+        "drift": None
+        if report.drift is None
+        else {
+            "cases": report.drift.cases,
+            "shift": report.drift.shift,
+            "scatter": report.drift.scatter,
+            "band": report.drift.band,
+            "divided": report.drift.divided,
+        },
         "cases": [r.as_dict() for r in report.results],
     }
 

@@ -206,9 +206,19 @@ class Decision:
     reason: str
 
 
-def decide(change: Change, threshold: Threshold) -> Decision:
-    """The verdict on one case's change (see the module docstring for the rule)."""
+def decide(change: Change, threshold: Threshold, band: float | None = None) -> Decision:
+    """The verdict on one case's change (see the module docstring for the rule). band:
+    the run-to-run drift (moebench.compare.drift) a change must also exceed, or None."""
     worse, low, high = change.worse()
+    if band is not None and 1 / band <= worse <= band and not math.isnan(worse):
+        verdict = decide(change, threshold)
+        if verdict.verdict in ("regressed", "improved"):
+            return Decision(
+                "unchanged",
+                f"{verdict.reason}, but within the run-to-run drift (x{band:.3g}): too "
+                "noisy to tell",
+            )
+        return verdict
     limit = 1 + threshold.fraction
     side = "+" if not change.higher_is_better else "-"
     what = change.describe()

@@ -298,7 +298,7 @@ def measure_on_rank(
         activation_bytes=None if most_added < 0 else most_added,
         peak_mem_bytes=None if most_added < 0 else most_weight_bytes + most_added,
     )
-    row.update(summarize(samples_ms))
+    row.update(summarize(samples_ms, device.type))
     row.update(samples_ms=samples_ms, repeats=len(samples_ms))
     latency_s = row["latency_ms"] / 1e3
     row["tokens_per_s"] = case.tokens / latency_s

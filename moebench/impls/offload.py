@@ -13,8 +13,10 @@ build has one; else one by one), so that their slots are free and their compute 
 the copies of the missing ones, which are then computed one by one as they arrive:
 
 - a missing expert is copied into a slot on a side CUDA stream, which first waits for the
-  last compute that read the slot; the compute of that expert waits only on its own
-  copy's event, not on the other copies;
+  last compute that read the slot; every compute that reads a slot (a miss, a hit, the
+  cached experts at once) first waits on the event of the last copy into that slot, so
+  a copy issued at the end of one forward (the warm-up fill below) has landed before a
+  later forward reads it; a compute waits on its own slots' copies, not on the others;
 - the slot is that of the least recently used expert that this forward no longer needs
   (a free slot first): LRU with the experts still needed by this forward pinned. With
   C smaller than the experts one forward needs, slots are reused within the forward;
@@ -37,7 +39,10 @@ CUDA events around each copy on the side stream, or the wall time of the host co
 offload_hit_rate (cached / needed experts, pooled over those forwards), offload_miss_count
 (experts copied in because they were needed); the same copy time and bytes as the
 harness's comm_ms and comm_bytes (the copies are this layer's communication); and
-offload_cache_experts (C), offload_cold_h2d_bytes (the first forward's bytes, warm-up fill
+offload_cache_experts (C), offload_device_bytes (device memory the layer allocated
+itself, its slots, as the CUDA caching allocator counted it at build; None without CUDA;
+the router and shared experts it shares with the harness's weight set are in
+weight_bytes), offload_cold_h2d_bytes (the first forward's bytes, warm-up fill
 included), offload_forwards, offload_host_bytes (the host store), offload_pinned (1 if the
 host store is pinned). Over a stack, _bytes/_ms/_count columns add up and the others are
 averaged (moebench.layer.Stack).
@@ -188,13 +193,24 @@ class OffloadMoE(MoELayer):
             host = [t.pin_memory() for t in host]
         self.host_gate_EDF, self.host_up_EDF, self.host_down_EFD = host
         # Device slots: buffers, so weight_bytes counts them (and not the host store).
+        allocated_before = torch.cuda.memory_allocated(device) if self.on_cuda else 0
         self.register_buffer("cache_gate_CDF", torch.empty_like(host[0][:capacity], device=device))
         self.register_buffer("cache_up_CDF", torch.empty_like(host[1][:capacity], device=device))
         self.register_buffer("cache_down_CFD", torch.empty_like(host[2][:capacity], device=device))
+        self.device_bytes = (
+            torch.cuda.memory_allocated(device) - allocated_before if self.on_cuda else None
+        )
         self.expert_bytes = sum(t[0].numel() * t.element_size() for t in host)
         self.copy_stream = torch.cuda.Stream(device) if self.on_cuda else None
-        # Per slot: event recorded after the last compute that read it.
+        if self.copy_stream is not None:
+            # Freed with copies still queued (a layer dropped after a failed check): the
+            # allocator must not hand the slots out before those copies finish.
+            for cache in (self.cache_gate_CDF, self.cache_up_CDF, self.cache_down_CFD):
+                cache.record_stream(self.copy_stream)
+        # Per slot: event recorded after the last compute that read it, and after the last
+        # copy into it (None: nothing yet, or no CUDA).
         self._slot_read: list[torch.cuda.Event | None] = [None] * capacity
+        self._slot_ready: list[torch.cuda.Event | None] = [None] * capacity
         self.counters = OffloadCounters()
         self.use_grouped_mm = grouped_mm_works(device, weights.dtype, backward=False)
         where = "cuda side stream" if self.on_cuda else "host-to-host (no CUDA)"
@@ -205,8 +221,8 @@ class OffloadMoE(MoELayer):
     def cache_experts(self) -> int:
         return self.lru.capacity
 
-    def _copy_in(self, expert: int, slot: int) -> torch.cuda.Event | None:
-        """Copy `expert` into `slot`; on CUDA asynchronously, returning its ready event."""
+    def _copy_in(self, expert: int, slot: int) -> None:
+        """Copy `expert` into `slot`; on CUDA asynchronously (`_wait_ready` before a read)."""
         pairs = (
             (self.cache_gate_CDF, self.host_gate_EDF),
             (self.cache_up_CDF, self.host_up_EDF),
@@ -222,7 +238,7 @@ class OffloadMoE(MoELayer):
             for cache, host in pairs:
                 cache[slot].copy_(host[expert])
             self.counters.add_copy_ms(forward, (time.perf_counter_ns() - started) / 1e6)
-            return None
+            return
         with torch.cuda.stream(self.copy_stream):
             if self._slot_read[slot] is not None:
                 self.copy_stream.wait_event(self._slot_read[slot])
@@ -233,7 +249,15 @@ class OffloadMoE(MoELayer):
                 cache[slot].copy_(host[expert], non_blocking=True)
             end.record(self.copy_stream)
         self.counters.pending.append((forward, start, end))
-        return end
+        self._slot_ready[slot] = end
+
+    def _wait_ready(self, slots: list[int]) -> None:
+        """Make the compute stream wait for the copies into `slots` still pending."""
+        for slot in slots:
+            event = self._slot_ready[slot]
+            if event is not None:
+                # Kept (not cleared): a later forward may run on another stream.
+                torch.cuda.current_stream(self.cache_gate_CDF.device).wait_event(event)
 
     def routed(
         self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
@@ -275,7 +299,6 @@ class OffloadMoE(MoELayer):
             counters.needed += len(needed)
 
         pinned = set(needed)  # experts this forward still has to compute
-        ready: dict[int, torch.cuda.Event | None] = {}
         next_miss = 0
 
         def issue_copies() -> None:
@@ -286,7 +309,7 @@ class OffloadMoE(MoELayer):
                 except NoFreeSlotError:
                     return  # the next computed expert frees one
                 expert = misses[next_miss]
-                ready[expert] = self._copy_in(expert, slot)
+                self._copy_in(expert, slot)
                 self.lru.put(expert, slot)
                 next_miss += 1
 
@@ -303,9 +326,7 @@ class OffloadMoE(MoELayer):
             slot = self.lru.slot(expert)
             if slot is None:  # cannot happen: each computed expert frees a slot for it
                 raise RuntimeError(f"offload: expert {expert} was not copied in")
-            event = ready.get(expert)
-            if event is not None:
-                torch.cuda.current_stream(x_AD.device).wait_event(event)
+            self._wait_ready([slot])
             rows = slice(starts[expert], starts[expert] + counts[expert])
             out_AD[rows] = swiglu(
                 x_AD[rows],
@@ -348,6 +369,7 @@ class OffloadMoE(MoELayer):
         counts_C = torch.bincount(slot_key_A, minlength=C + 1)[:C]
         offsets_C = torch.cumsum(counts_C, dim=0, dtype=torch.int32)
         x_HD = x_AD[hit_rows_H]
+        self._wait_ready([self.lru.slot(expert) for expert in hits])
         gate_HF = GROUPED_MM(x_HD, self.cache_gate_CDF, offs=offsets_C)
         up_HF = GROUPED_MM(x_HD, self.cache_up_CDF, offs=offsets_C)
         out_AD[hit_rows_H] = GROUPED_MM(
@@ -383,6 +405,7 @@ class OffloadMoE(MoELayer):
         )
         return {
             "offload_cache_experts": self.cache_experts,
+            "offload_device_bytes": self.device_bytes,
             "offload_h2d_bytes": h2d,
             "offload_copy_ms": copy_ms,
             "offload_hit_rate": hits / needed if needed else math.nan,

@@ -1,8 +1,9 @@
 """Measure one case, start to finish: build, check against the reference, peak memory,
 latency, counts, balance and energy. Returns the measured columns of one results row.
 
-Correctness comes first: a layer whose output is not within the dtype's tolerance of the
-float32 reference is a `mismatch` row and is never timed.
+Correctness comes first (moebench.measure.check): a layer whose output, worst token or
+(train cases) gradients are not within the dtype's tolerances of the float32 reference is
+a `mismatch` row and is never timed; so is one whose last timed output drifted.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from moebench import registry
 from moebench.case import Case
 from moebench.impls.reference import reference_output, reference_stack_output
 from moebench.layer import Stack, balance_columns
-from moebench.measure import counters, nvml
+from moebench.measure import check, counters, nvml
+from moebench.measure.check import TOLERANCE, relative_error  # public here too
 from moebench.measure.graph import graphed_step
 from moebench.measure.memory import peak_during, weight_bytes
 from moebench.measure.phases import timer_of
@@ -29,8 +31,6 @@ from moebench.measure.timing import TimingPlan, time_repeats
 from moebench.weight_sources import make_weights
 from moebench.weights import ExpertWeights, make_inputs, torch_dtype, weights_key
 
-# Relative error ||y - y_ref|| / ||y_ref|| allowed against the float32 reference.
-TOLERANCE = {"float64": 1e-6, "float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
 # Inputs rotated through while timing: enough distinct bytes to spill a 50 MB L2.
 ROTATE_BYTES = 64 * 1024 * 1024
 MAX_ROTATIONS = 8
@@ -85,28 +85,31 @@ def build_layer(case: Case, weights: list[ExpertWeights]) -> torch.nn.Module:
     return Stack([build(w, case) for w in weights])
 
 
-def relative_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
-    """||y - y_ref|| / ||y_ref|| in float64; inf when y has a NaN or inf."""
-    y64, ref64 = y.detach().double(), y_ref.double()
-    if not torch.isfinite(y64).all():
-        return math.inf
-    return float(torch.linalg.vector_norm(y64 - ref64) / torch.linalg.vector_norm(ref64))
-
-
-def _step_fn(case: Case, layer: torch.nn.Module, inputs: list[torch.Tensor]):
-    """The timed callable: one forward, or one forward + backward with fresh gradients."""
+def _step_fn(case: Case, layer: torch.nn.Module, inputs: list[torch.Tensor], last: dict):
+    """The timed callable: one forward, or one forward + backward with fresh gradients.
+    The output of the latest call on inputs[0] is kept in last[0] (no copy, no sync), for
+    the drift check after timing."""
     params = [p for p in layer.parameters() if p.requires_grad]
+    rotations = len(inputs)
     if case.workload.mode == "forward":
-        return lambda i: layer(inputs[i % len(inputs)])
+
+        def forward_step(i: int) -> torch.Tensor:
+            y = layer(inputs[i % rotations])
+            if i % rotations == 0:
+                last[0] = y
+            return y
+
+        return forward_step
     grads = [torch.randn_like(x) for x in inputs[:1]]
 
     def train_step(i: int) -> None:
         for p in params:
             p.grad = None
-        x = inputs[i % len(inputs)]
-        y = layer(x)
+        y = layer(inputs[i % rotations])
         with timer_of(layer).phase("backward"):
             y.backward(grads[0])
+        if i % rotations == 0:
+            last[0] = y
 
     return train_step
 
@@ -152,26 +155,32 @@ def measure_case(
             (counters.param_counts(case, m, st) for m, st in zip(modules, module_stats)),
             start=counters.NO_PARAMS,
         )
-        error = relative_error(y, cache.reference(case, inputs[0]))
+        expected = cache.reference(case, inputs[0])
         if not info.exact:
-            row["fidelity_err"] = error
-            if info.reference is not None:
-                error = relative_error(y, info.reference(weights, inputs[0], case))
-    del y
-    tolerance = TOLERANCE[case.dtype]
-    row["tolerance"] = tolerance
+            row["fidelity_err"] = relative_error(y, expected)
+            # A variant without a design reference is held to its own first output.
+            reference = info.reference
+            expected = y if reference is None else reference(weights, inputs[0], case)
+        ties = check.routing_ties(weights[0], inputs[0])
+    row["tolerance"] = TOLERANCE[case.dtype]
     if info.exact or info.reference is not None:
-        row["rel_err"] = error
-        if not error <= tolerance:
-            row["status"] = "mismatch"
-            row["error"] = f"relative error {error:.3g} > tolerance {tolerance:g} ({case.dtype})"
-            return row
+        checked = check.check_output(y, expected, case.dtype, ties)
+        row.update(rel_err=checked.rel_err, max_token_err=checked.max_token_err)
+        if checked.failure:
+            return _mismatch(row, checked.failure)
+    del y
+    if case.workload.mode == "train":
+        columns, failure = check.gradient_columns(info.exact, layer, weights, inputs[0], case)
+        row.update(columns)
+        if failure:
+            return _mismatch(row, failure)
     routed_stats = [st for st in module_stats if st is not None]
     if routed_stats:
         row.update(balance_columns(routed_stats))
 
     # 2. Peak memory of one call, then 3. latency.
-    step = _step_fn(case, layer, inputs)
+    last: dict[int, torch.Tensor] = {}
+    step = _step_fn(case, layer, inputs, last)
     grad_mode = torch.inference_mode() if case.workload.mode == "forward" else torch.enable_grad()
     with grad_mode:
         if case.cuda_graph:
@@ -181,6 +190,9 @@ def measure_case(
             p.grad = None  # so the window sees the gradients allocated, not recycled
         peak, added = peak_during(lambda: step(1), device)
         samples_ms = time_repeats(step, device, plan)
+        drift = check.check_output(last.pop(0).detach(), expected, case.dtype, ties).failure
+        if drift:
+            return _mismatch(row, f"drifted during timing: {drift}")
         energy = _energy(step, device) if device.type == "cuda" else None
         # 3b. Where the time goes: phases (and with --profile a profiler pass), after timing.
         mode = case.workload.mode
@@ -193,7 +205,7 @@ def measure_case(
         activation_bytes=added,
         peak_mem_bytes=None if added is None else row["weight_bytes"] + added,
     )
-    row.update(summarize(samples_ms))
+    row.update(summarize(samples_ms, device.type))
     row["samples_ms"] = samples_ms
     row["repeats"] = len(samples_ms)
     latency_s = row["latency_ms"] / 1e3
@@ -214,6 +226,12 @@ def measure_case(
     if device.type == "cuda":
         row["device_mem_used_bytes"] = nvml.memory_used_bytes(device.index or 0)
     row["status"] = "ok"
+    return row
+
+
+def _mismatch(row: dict[str, Any], failure: str) -> dict[str, Any]:
+    """The row of a case that failed a check: status mismatch, the failure in `error`."""
+    row.update(status="mismatch", error=failure)
     return row
 
 

@@ -63,6 +63,20 @@ def memory_used_bytes(index: int) -> int | None:
         return None
 
 
+def compute_processes(index: int) -> list[dict[str, int]] | None:
+    """Processes computing on GPU `index`: pid and device memory used (None without NVML)."""
+    handle = _handle(index)
+    if handle is None:
+        return None
+    try:
+        import pynvml
+
+        running = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    except Exception:
+        return None
+    return [{"pid": int(p.pid), "used_bytes": int(p.usedGpuMemory or 0)} for p in running]
+
+
 def device_info(index: int) -> dict[str, Any]:
     """Name, driver version and total memory of GPU `index` ({} without NVML)."""
     handle = _handle(index)

@@ -367,25 +367,50 @@ class Standing:
     geomean_speedup: float | None
     median_rel_err: float | None  # vs the reference (exact) or its own design's (variant)
     median_fidelity_err: float | None  # variants: vs the base MoE layer
+    ties: int = 0  # contests where no one was faster beyond the noise
+
+
+def clear_winner(group: pd.DataFrame) -> str | None:
+    """The fastest implementation of one case's rows, when it is faster beyond the noise:
+    no row is `noisy` and the fastest's interval (the median's CI, or p10-p90 for runs
+    without one) lies below every other's. None otherwise."""
+    if "noisy" in group and group["noisy"].fillna(False).astype(bool).any():
+        return None
+    low_col, high_col = "latency_ci_low_ms", "latency_ci_high_ms"
+    if low_col not in group or group[low_col].isna().any():
+        low_col, high_col = "latency_p10_ms", "latency_p90_ms"
+    if low_col not in group or group[low_col].isna().any():
+        return None
+    best = group["latency_ms"].idxmin()
+    others = group.drop(index=best)
+    if (others[low_col] > group.loc[best, high_col]).all():
+        return str(group.loc[best, "impl"])
+    return None
 
 
 def leaderboard(data: ReportData) -> list[Standing]:
     """Per implementation: cases ok, how often it was the fastest exact implementation on a
     case (same run, same case fields), the geometric mean of its speedup over the base
     layer, and its median errors (rel_err and fidelity_err apart). Sorted by wins, then
-    speedup."""
+    speedup. A case is won only beyond the noise (`clear_winner`); otherwise it is a tie
+    for everyone in it."""
     frame, ok = data.frame, data.ok
     keys = ["run_index", *_match_columns(frame)]
     wins: dict[str, int] = {}
     contests: dict[str, int] = {}
+    ties: dict[str, int] = {}
     exact_ok = ok[ok["exact"].fillna(True).astype(bool)]
     for _, group in exact_ok.groupby(keys, dropna=False, sort=False):
         if group["impl"].nunique() < 2:
             continue
         for name in group["impl"].unique():
             contests[name] = contests.get(name, 0) + 1
-        fastest = group.loc[group["latency_ms"].idxmin(), "impl"]
-        wins[fastest] = wins.get(fastest, 0) + 1
+        fastest = clear_winner(group)
+        if fastest is None:
+            for name in group["impl"].unique():
+                ties[name] = ties.get(name, 0) + 1
+        else:
+            wins[fastest] = wins.get(fastest, 0) + 1
     standings = []
     for name in data.colors:
         rows = frame[frame["impl"] == name]
@@ -408,6 +433,7 @@ def leaderboard(data: ReportData) -> list[Standing]:
                 median_fidelity_err=(
                     float(fidelity_errors.median()) if len(fidelity_errors) else None
                 ),
+                ties=ties.get(name, 0),
             )
         )
     standings.sort(key=lambda s: (-s.wins, -(s.geomean_speedup or 0.0), s.impl))

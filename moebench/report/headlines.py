@@ -45,18 +45,42 @@ def nothing_ok(data: ReportData) -> Statement | None:
 
 
 def fastest_exact(standings: list[Standing]) -> Statement | None:
-    """The exact implementation that was fastest on the most cases where two or more exact
-    implementations ran the same case."""
+    """The exact implementation that was fastest beyond the noise on the most cases where
+    two or more exact implementations ran the same case (`data.clear_winner`); when none
+    was, that is said instead of a winner."""
     exact = [s for s in standings if s.exact and s.contests]
     if not exact:
         return None
     best = exact[0]
+    ties = max(s.ties for s in exact)
+    too_close = f" ({ties} too close to call: inside the noise)" if ties else ""
+    if not best.wins:
+        return Statement(
+            "",
+            f"No exact implementation is faster than the others beyond the noise{too_close}.",
+            {"wins": 0, "ties": ties},
+        )
     return Statement(
         "win",
-        f"Fastest exact implementation: {best.impl}, the fastest on {best.wins} of "
-        f"{best.contests} cases where exact implementations met.",
-        {"wins": best.wins, "contests": best.contests},
+        f"Fastest exact implementation: {best.impl}, faster beyond the noise on {best.wins} "
+        f"of {best.contests} cases where exact implementations met{too_close}.",
+        {"wins": best.wins, "contests": best.contests, "ties": ties},
         impl=best.impl,
+    )
+
+
+def noisy_cases(data: ReportData) -> Statement | None:
+    """How many timed cases are noisy (moebench.measure.stats): never counted as wins."""
+    if "noisy" not in data.ok:
+        return None
+    noisy = int(data.ok["noisy"].fillna(False).astype(bool).sum())
+    if not noisy:
+        return None
+    return Statement(
+        "bad",
+        f"{noisy} of {len(data.ok)} timed cases are noisy (p90/p10 over the device's limit, "
+        "or the median still moving): marked ~ in the cases table, never counted as a win.",
+        {"noisy": noisy, "cases": len(data.ok)},
     )
 
 
@@ -106,5 +130,10 @@ def headlines(data: ReportData, standings: list[Standing] | None = None) -> list
     if empty is not None:
         return [empty]
     standings = leaderboard(data) if standings is None else standings
-    found = [fastest_exact(standings), *variant_summaries(data, standings), failed_cases(data)]
+    found = [
+        fastest_exact(standings),
+        noisy_cases(data),
+        *variant_summaries(data, standings),
+        failed_cases(data),
+    ]
     return [s for s in found if s is not None]

@@ -577,7 +577,11 @@ def _cases(data: ReportData) -> str:
             _cell(str(r.get("dtype"))),
             _cell(str(r.get("routing"))),
             _cell(_status_html(status), status, raw=True),
-            _cell(_num(r.get("latency_ms"), ".4g"), r.get("latency_ms"), "num"),
+            _cell(
+                ("~" if r.get("noisy") is True else "") + _num(r.get("latency_ms"), ".4g"),
+                r.get("latency_ms"),
+                "num",
+            ),
             _cell(spread, r.get("latency_p10_ms"), "num"),
             _cell(_num(r.get("tokens_per_s"), ",.0f"), r.get("tokens_per_s"), "num"),
             _cell("-" if _missing(speedup) else f"{speedup:.3g}x", speedup, "num"),

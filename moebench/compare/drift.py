@@ -1,0 +1,149 @@
+"""Run-to-run drift: what moves every case between two runs of the same code.
+
+A case's confidence interval comes from its own back-to-back repeats, so it cannot see
+what moves a whole case from one run to the next: on a shared CPU a neighbour's load, the
+frequency governor, caches (a tiny case's median moves by tens of percent, its p90/p10 up
+to hundreds); on a GPU clocks, temperature and other tenants (1-3%). Two runs of the same
+code must not fail on that, so a comparison of two runs measures it across all their
+judged cases, from the log ratios log(candidate / baseline):
+
+- shift: their median, the whole candidate run being faster or slower. On CPU runs it is
+  divided out by default before judging (a case's `ratio` stays the raw one, its `shift`
+  is recorded and its sentence gives the judged ratio): each case is then judged against
+  the run as a whole, so a busier machine flags nothing, one implementation or case
+  slower than the rest still does, and a change that slows every case alike is not seen,
+  by design. On GPU runs it is kept (a
+  uniform slowdown of a card is real) and reported.
+- scatter: the robust standard deviation of the log ratios (1.4826 x their median
+  absolute deviation), each around the median of its own implementation's cases: a real
+  change tends to move one implementation's cases together, which then does not widen it
+  (an implementation with fewer than 3 cases is measured around the overall median;
+  so are all when fewer than MIN_CASES cases are in such groups). Cases differ in how
+  much they move (a 0.2 ms case far more than one of 20 ms), so an implementation with
+  at least MIN_GROUP cases whose own scatter is larger gets that (never less than the
+  pooled one: a few cases that happened to agree are no evidence of a quiet case). A case
+  is judged regressed or improved only when its change is also beyond DRIFT_Z scatters:
+  `band` = exp(DRIFT_Z x scatter), the smallest change a single case can show.
+
+The smallest effect a comparison can detect is therefore max(threshold, band) per case;
+an implementation's geometric mean over n cases (`--gate impl`) resolves about
+band / sqrt(n), though its cases also move together between runs (on the busy CPU below,
+a same-code implementation mean moved by up to 15%, and a 10% slowdown once read as 46%).
+Measured by benchmarks/noise.sh on this project's shared 2-core CPU at a load average of
+12-14: the smoke suite's band is x2.8-x6.4 per case (scatter 0.25-0.47), so only a
+slowdown of x4-x6 shows in single cases, and a 50% one in `--gate impl`; on an idle GPU
+the band is under the 5% threshold, which then decides.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Scatters a single case must exceed. A normal tail would be 6e-5 per case, but the log
+# ratios of a shared CPU have heavy tails: at 3 scatters, one case in 44 of two same-code
+# smoke runs beside a CPU hog still passed the band (x2.87 against x2.76).
+DRIFT_Z = 4.0
+MIN_GROUP = 4
+# Fewer judged cases than this: the drift is not estimated (no band, no shift removed).
+MIN_CASES = 8
+MAD_TO_SIGMA = 1.4826
+
+
+@dataclass(frozen=True)
+class RunDrift:
+    """Shift and scatter of the log ratios of two runs' cases (module docstring)."""
+
+    cases: int
+    shift: float  # exp(median log ratio): x1.2 = the candidate run 20% slower overall
+    scatter: float  # robust standard deviation of the log ratios, pooled
+    divided: bool  # whether the shift is divided out of each case's ratio
+    impl_scatter: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def band(self) -> float:
+        """The smallest ratio (or its inverse) a single case must reach to count."""
+        return math.exp(DRIFT_Z * self.scatter)
+
+    def band_of(self, impl: str) -> float:
+        """The band of one implementation's cases (its own scatter where it has one)."""
+        return math.exp(DRIFT_Z * self.impl_scatter.get(impl, self.scatter))
+
+    def describe(self) -> str:
+        shift = f"the candidate run is x{self.shift:.3g} the baseline overall (median case)"
+        shift += ", divided out (CPU runs)" if self.divided else ", kept"
+        bands = ", ".join(f"{impl} x{self.band_of(impl):.3g}" for impl in self.impl_scatter)
+        return (
+            f"run-to-run drift over {self.cases} cases: {shift}; scatter {self.scatter:.3g} "
+            f"in log ratio, so a single case must move beyond x{self.band:.3g} to count"
+            + (f" (per implementation: {bands})" if bands else "")
+        )
+
+
+def measure_drift(
+    ratios_by_impl: Mapping[str, Iterable[float]], divide_shift: bool
+) -> RunDrift | None:
+    """The drift of the finite positive ratios (grouped by implementation), or None with
+    fewer than MIN_CASES of them."""
+    groups = {
+        impl: [math.log(r) for r in ratios if 0 < r < math.inf]
+        for impl, ratios in ratios_by_impl.items()
+    }
+    logs = [v for values in groups.values() for v in values]
+    if len(logs) < MIN_CASES:
+        return None
+    center = statistics.median(logs)
+    deviations = []
+    for values in groups.values():
+        middle = statistics.median(values) if len(values) >= 3 else center
+        deviations += [abs(v - middle) for v in values]
+    if sum(len(v) for v in groups.values() if len(v) >= 3) < MIN_CASES:
+        deviations = [abs(v - center) for v in logs]
+    scatter = MAD_TO_SIGMA * statistics.median(deviations)
+    own = {
+        impl: max(
+            scatter,
+            MAD_TO_SIGMA * statistics.median(abs(v - statistics.median(values)) for v in values),
+        )
+        for impl, values in groups.items()
+        if len(values) >= MIN_GROUP
+    }
+    return RunDrift(len(logs), math.exp(center), scatter, divide_shift, own)
+
+
+def cpu_runs(*metas: Mapping[str, Any]) -> bool:
+    """Whether every run's device is a CPU (its run.json `device`)."""
+    return all(str(meta.get("device") or "").startswith("cpu") for meta in metas)
+
+
+# run.json facts that make two runs' timings incomparable when they differ.
+ENVIRONMENT_FACTS = (
+    ("torch", "torch"),
+    ("CUDA", "torch_cuda"),
+    ("driver", "driver"),
+    ("CPU model", "cpu"),
+)
+
+
+def environment_differences(baseline: Mapping[str, Any], candidate: Mapping[str, Any]) -> list[str]:
+    """Sentences naming what differs between two runs' environments: torch, CUDA,
+    driver, GPU, CPU model, CPU threads (facts one of them lacks are not compared)."""
+    base_env = baseline.get("environment") or {}
+    cand_env = candidate.get("environment") or {}
+    pairs = [(label, base_env.get(key), cand_env.get(key)) for label, key in ENVIRONMENT_FACTS]
+    pairs.append(("GPU", _gpus(base_env), _gpus(cand_env)))
+    pairs.append(("CPU threads", baseline.get("cpu_threads"), candidate.get("cpu_threads")))
+    return [
+        f"the runs differ in {label}: {base} (baseline) vs {cand} (candidate); their "
+        "timings are not of the same setup"
+        for label, base, cand in pairs
+        if base not in (None, "") and cand not in (None, "") and base != cand
+    ]
+
+
+def _gpus(env: Mapping[str, Any]) -> str | None:
+    names = [str(g.get("name")) for g in env.get("gpus") or []]
+    return ", ".join(names) or None

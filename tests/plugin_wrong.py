@@ -1,0 +1,60 @@
+"""Implementations that are wrong the way a kernel author's first try is wrong, loaded
+with --plugin in the check tests: each must end as `mismatch`, never timed.
+
+Shape legend: T tokens, D hidden, K top_k.
+"""
+
+import torch
+
+from moebench import register
+from moebench.impls.grouped import GroupedMoE
+
+
+class _DetachedRouter(GroupedMoE):
+    """Right output, but no gradient reaches the router (a fused kernel whose backward
+    forgot the gate weights)."""
+
+    def routed(self, x_TD, gate_weights_TK, expert_ids_TK):
+        return super().routed(x_TD, gate_weights_TK.detach(), expert_ids_TK)
+
+
+@register("test-detached-router", family="test", description="router gets no gradient")
+def build_detached_router(weights, case):
+    return _DetachedRouter(weights, case)
+
+
+ZEROED_TOKEN = 5
+
+
+class _ZeroedToken(GroupedMoE):
+    """One token's output is zero (an off-by-one at a tile edge): 1 of T tokens."""
+
+    def forward(self, x_TD):
+        y_TD = super().forward(x_TD)
+        keep_T1 = torch.ones(y_TD.shape[0], 1, dtype=y_TD.dtype, device=y_TD.device)
+        keep_T1[ZEROED_TOKEN] = 0
+        return y_TD * keep_T1
+
+
+@register("test-zeroed-token", family="test", description="one token's output is zero")
+def build_zeroed_token(weights, case):
+    return _ZeroedToken(weights, case)
+
+
+class _WrongAfterFirstCall(GroupedMoE):
+    """Right on its first call; from the second on, the last expert reads as zeros (a
+    cache slot read before its copy landed)."""
+
+    calls = 0
+
+    def routed(self, x_TD, gate_weights_TK, expert_ids_TK):
+        self.calls += 1
+        if self.calls == 1:
+            return super().routed(x_TD, gate_weights_TK, expert_ids_TK)
+        unloaded_TK = (expert_ids_TK == self.num_experts - 1).to(gate_weights_TK.dtype)
+        return super().routed(x_TD, gate_weights_TK * (1 - unloaded_TK), expert_ids_TK)
+
+
+@register("test-wrong-later", family="test", description="right once, wrong afterwards")
+def build_wrong_later(weights, case):
+    return _WrongAfterFirstCall(weights, case)

@@ -1,0 +1,164 @@
+"""The checks before and after timing (moebench.measure.check): wrong plugins of the kinds
+a kernel author writes end as `mismatch` rows, never timed; right ones pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from moebench import registry
+from moebench.impls.reference import ReferenceMoE
+from moebench.layer import Stack
+from moebench.measure import check
+from moebench.plugins import import_plugin
+from moebench.runner import run_cases
+from moebench.store import read_run
+from moebench.weight_sources import make_weights
+from moebench.weights import make_inputs
+from tests.conftest import FAST_PLAN, tiny_case
+
+WRONG = str(Path(__file__).with_name("plugin_wrong.py"))
+
+
+def _run(cases, tmp_path) -> pd.DataFrame:
+    import_plugin(WRONG)
+    outcome = run_cases(
+        cases, suite_name="t", plan=FAST_PLAN, timeout_s=120, out_root=tmp_path, isolate=False
+    )
+    return read_run(outcome.results_path).set_index("impl")
+
+
+def test_wrong_plugins_are_mismatches_and_never_timed(tmp_path):
+    frame = _run(
+        [
+            tiny_case("test-detached-router", mode="train"),
+            tiny_case("test-zeroed-token", dtype="bfloat16", batch=1, seq_len=4096),
+            tiny_case("test-wrong-later"),
+            tiny_case("grouped", mode="train"),
+            tiny_case("grouped", dtype="bfloat16", batch=1, seq_len=4096),
+        ],
+        tmp_path,
+    )
+    router = frame.loc["test-detached-router"]
+    assert router["status"] == "mismatch"
+    assert "gradient of w_router_DE" in router["error"] and "no gradient" in router["error"]
+    token = frame.loc["test-zeroed-token"]
+    assert token["status"] == "mismatch" and "token 5 of 4096" in token["error"]
+    assert token["rel_err"] < check.TOLERANCE["bfloat16"]  # the global norm alone passes it
+    assert token["max_token_err"] == pytest.approx(1.0)
+    later = frame.loc["test-wrong-later"]
+    assert later["status"] == "mismatch" and "drifted during timing" in later["error"]
+    for impl in ("test-detached-router", "test-zeroed-token", "test-wrong-later"):
+        assert pd.isna(frame.loc[impl, "latency_ms"]), impl
+    good = frame.loc["grouped"]
+    assert set(good["status"]) == {"ok"}
+    assert (good["max_token_err"] <= good["tolerance"] * 10).all()
+    train = good[good["mode"] == "train"].iloc[0]
+    assert train["grad_err"] <= check.GRAD_TOLERANCE["float32"]
+    assert train["grad_check"].startswith("ok")
+
+
+def test_variants_skip_the_gradient_check_with_a_reason(tmp_path):
+    frame = _run([tiny_case("dense", mode="train"), tiny_case("capacity", mode="train")], tmp_path)
+    assert set(frame["status"]) == {"ok"}
+    assert all(text.startswith("skipped: a variant") for text in frame["grad_check"])
+
+
+def test_max_token_error_finds_the_one_bad_token():
+    ref = torch.randn(4096, 16, generator=torch.Generator().manual_seed(0))
+    y = ref.clone()
+    y[77] = 0
+    err, token = check.max_token_error(y, ref)
+    assert token == 77 and err == pytest.approx(1.0)
+    assert check.relative_error(y, ref) < 0.02
+    skip = torch.zeros(4096, dtype=torch.bool)
+    skip[77] = True
+    assert check.max_token_error(y, ref, skip)[0] == 0.0
+    y[3, 0] = float("nan")
+    assert check.max_token_error(y, ref) == (float("inf"), 3)
+
+
+def test_a_token_whose_output_nearly_cancels_is_judged_against_the_typical_norm():
+    ref = torch.ones(100, 8)
+    ref[10] = 1e-6  # nearly zero: its own norm would turn rounding into a huge error
+    y = ref.clone()
+    y[10] += 1e-3
+    # 2.8e-3 off, judged against a tenth of the typical norm 2.8 (not against 2.8e-6)
+    assert check.max_token_error(y, ref)[0] == pytest.approx(0.01, rel=0.01)
+
+
+class _FusedUpGate(torch.nn.Module):
+    """Weights in another layout: up and gate fused along F (up first), kept as a copy."""
+
+    def __init__(self, weights, case, order=("w_up_EDF", "w_gate_EDF")):
+        super().__init__()
+        self.inner = registry.get("grouped").build(weights, case)
+        fused = torch.cat([getattr(weights, name) for name in order], dim=-1).clone()
+        self.w_fused_ED2F = torch.nn.Parameter(fused)
+        del self.inner.w_gate_EDF, self.inner.w_up_EDF
+        self.ffn = weights.w_gate_EDF.shape[-1]
+        self.order = order
+
+    def forward(self, x_TD):
+        first, second = self.w_fused_ED2F[..., : self.ffn], self.w_fused_ED2F[..., self.ffn :]
+        setattr(self.inner, self.order[0], first)
+        setattr(self.inner, self.order[1], second)
+        return self.inner(x_TD)
+
+
+def test_gate_up_fused_is_found_and_other_layouts_need_weight_grads():
+    case = tiny_case("grouped", mode="train")
+    weights = make_weights(case)
+    x = make_inputs(case, 1)[0]
+    # gate|up side by side (as Hugging Face's gate_up_proj): found by value.
+    fused = _FusedUpGate(weights, case, order=("w_gate_EDF", "w_up_EDF"))
+    result = check.check_gradients(fused, [weights], x, case.dtype, case.seed)
+    assert not result.failures and {"w_gate_EDF", "w_up_EDF"} <= set(result.errors)
+    # up|gate: not a layout the check knows, so the layer must say.
+    layer = _FusedUpGate(weights, case)
+    result = check.check_gradients(layer, [weights], x, case.dtype, case.seed)
+    assert result.failures and "w_fused_ED2F" in result.failures[0]
+    assert "weight_grads()" in result.failures[0]
+
+    def weight_grads():
+        inner = layer.inner
+        grads = {"w_down_EFD": inner.w_down_EFD.grad, "w_router_DE": inner.router.w_router_DE.grad}
+        fused_grad = layer.w_fused_ED2F.grad
+        grads["w_up_EDF"] = fused_grad[..., : layer.ffn]
+        grads["w_gate_EDF"] = fused_grad[..., layer.ffn :]
+        return grads
+
+    layer.weight_grads = weight_grads
+    result = check.check_gradients(layer, [weights], x, case.dtype, case.seed)
+    assert not result.failures and result.worst < 1e-5
+    assert set(result.errors) == {"input", "w_router_DE", "w_gate_EDF", "w_up_EDF", "w_down_EFD"}
+
+
+class _DownFMajor(ReferenceMoE):
+    """Keeps the down projection as a transposed copy (E x D x F), as a kernel wanting
+    F-major weights would."""
+
+    def __init__(self, weights, case):
+        super().__init__(weights, case)
+        down_EFD = self._parameters.pop("w_down_EFD").detach()
+        self.w_down_EDF = torch.nn.Parameter(down_EFD.transpose(1, 2).contiguous())
+
+    @property
+    def w_down_EFD(self):  # noqa: N802 (the parent's attribute name)
+        return self.w_down_EDF.transpose(1, 2)
+
+
+def test_transposed_copies_are_found_and_a_frozen_weight_fails():
+    case = tiny_case("reference", mode="train", shared_experts=1, layers=2)
+    weights = [make_weights(case, i) for i in range(2)]
+    x = make_inputs(case, 1)[0]
+    layer = Stack([_DownFMajor(w, case) for w in weights])
+    result = check.check_gradients(layer, weights, x, case.dtype, case.seed)
+    assert not result.failures, result.failures
+    assert "layer0.w_down_EFD" in result.errors and "layer1.w_shared_up_DS" in result.errors
+    layer.layers[1].shared[1].requires_grad_(False)  # the shared up-projection not trained
+    result = check.check_gradients(layer, weights, x, case.dtype, case.seed)
+    assert any("layer1.w_shared_up_DS" in f and "trains no parameter" in f for f in result.failures)
