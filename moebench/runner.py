@@ -14,9 +14,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import re
+import signal
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,11 +27,14 @@ import torch
 
 from moebench import registry
 from moebench.case import Case
+from moebench.interrupt import interrupt_name
 from moebench.measure.case_run import WeightCache, measure_case
 from moebench.measure.ceilings import measure_ceilings
+from moebench.measure.estimate import estimate_case, fit_problem, oom_kills
 from moebench.measure.phases import named_range
 from moebench.measure.profile import NO_PROFILE, ProfileOptions, save_profile
 from moebench.measure.timing import TimingPlan
+from moebench.resume import open_for_resume
 from moebench.store import ResultStore, new_run_id
 
 WORKER_START_TIMEOUT_S = 180.0
@@ -99,6 +103,12 @@ class InProcessExecutor:
         return self.ceilings
 
     def run(self, case: Case, timeout_s: float) -> dict[str, Any]:
+        if fit_problem(case) is not None:  # retry without the cached weights first
+            self.cache = WeightCache()
+            if case.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            if problem := fit_problem(case):
+                return {"status": "oom", "error": problem}
         try:
             with named_range(f"case {case.label()}", nvtx=self.profile.nvtx):
                 return measure_case(case, self.plan, self.cache, self.ceilings, self.profile)
@@ -185,13 +195,18 @@ class IsolatedExecutor:
     def run(self, case: Case, timeout_s: float) -> dict[str, Any]:
         if self._process is None:
             self._start()
+        kills_before = oom_kills()
         self._conn.send(("case", case, timeout_s))
-        kind, reply = self._receive(timeout_s)
+        try:
+            kind, reply = self._receive(timeout_s)
+        except KeyboardInterrupt:  # the case in progress is lost anyway: do not wait for it
+            self._kill()
+            raise
         if kind == "row":
             return reply
         if kind == "timeout":
             return {"status": "timeout", "error": f"no result within the {timeout_s:g} s timeout"}
-        return {"status": "crashed", "error": f"worker process died (exit code {reply})"}
+        return _death_row(reply, kills_before, oom_kills(), case)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -201,6 +216,24 @@ class IsolatedExecutor:
             except OSError:
                 pass
         self._kill()
+
+
+def _death_row(
+    exitcode: int | None, kills_before: int | None, kills_after: int | None, case: Case
+) -> dict[str, Any]:
+    """The row of a case whose worker died: `oom` when the kernel's OOM killer ended it
+    (its kill count went up, or, where that count cannot be read, a SIGKILL we did not
+    send), else `crashed`."""
+    killed = exitcode == -signal.SIGKILL
+    counted = kills_before is not None and kills_after is not None
+    if killed and (kills_after > kills_before if counted else True):  # type: ignore[operator]
+        how = "the kernel's OOM killer ended it" if counted else "SIGKILL: likely the OOM killer"
+        return {
+            "status": "oom",
+            "error": f"worker process killed (exit code {exitcode}: {how}); the case needs at "
+            f"least {estimate_case(case).describe()}",
+        }
+    return {"status": "crashed", "error": f"worker process died (exit code {exitcode})"}
 
 
 def _worker_main(
@@ -215,6 +248,16 @@ def _worker_main(
         from moebench.devices import physical_index
 
         os.environ["CUDA_VISIBLE_DEVICES"] = str(physical_index(gpu))
+    # Ctrl-C reaches the whole process group: the parent decides (it stops this worker),
+    # so the worker neither prints a traceback nor dies mid-row on its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _serve(conn, plan, plugins, profile)
+    except (EOFError, OSError, KeyboardInterrupt):
+        return  # the parent is gone (killed, or interrupted): nothing left to answer
+
+
+def _serve(conn: Any, plan: TimingPlan, plugins: tuple[str, ...], profile: ProfileOptions) -> None:
     executor = InProcessExecutor(plan, plugins, profile)
     registry.load_all()
     conn.send(("ready", None))
@@ -239,6 +282,7 @@ class RunOutcome:
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: int = 0
     interrupted: bool = False
+    interrupted_by: str | None = None  # "Ctrl-C", "SIGTERM" or "SIGHUP"
     results_path: Path | None = None
 
 
@@ -257,6 +301,7 @@ def run_cases(
     nproc: int | None = None,
     gpus: list[int] | None = None,
     profile: ProfileOptions = NO_PROFILE,
+    warn: Callable[[str], None] | None = None,
 ) -> RunOutcome:
     """Run `cases` into a new run folder (or finish run `resume`), one part per case.
 
@@ -268,17 +313,20 @@ def run_cases(
     each of these GPUs (moebench.pool); multi-rank cases run after them.
     profile: the profiler pass (traces/, kernels.parquet) and NVTX ranges of the
     single-device cases (moebench.measure.profile).
+    warn: told about what is repaired on the way (unreadable parts, stale temporaries).
+    Raises StoreError when the run folder cannot be made, or `resume` cannot be resumed
+    with `cases` (another suite, a run in use, an unreadable run.json).
     """
     from moebench.env import collect_environment
 
     out_root = Path(out_root)
     if resume:
-        store = ResultStore.open(out_root, resume)
-        done = store.done_case_ids()
-        meta_all = store.read_meta()
+        store, done, meta_all = open_for_resume(out_root, resume, cases, suite_name, warn)
         meta_all.setdefault("resumed_at", []).append(datetime.now(UTC).isoformat())
     else:
         store = ResultStore.create(out_root, new_run_id(suite_name))
+        store.lock()
+        store.write_cases([(case.case_id, case.label()) for case in cases])
         done = set()
         meta_all = {
             "run_id": store.run_id,
@@ -292,17 +340,21 @@ def run_cases(
     meta_all["cases_total"] = len(cases)
     store.write_meta(meta_all)
 
-    single_gpu = gpus[0] if gpus is not None and len(gpus) == 1 else None
-    executor = (
-        IsolatedExecutor(plan, plugins, gpu=single_gpu, profile=profile)
-        if isolate
-        else InProcessExecutor(plan, plugins, profile)
-    )
-    # Multi-rank and expert-parallel cases run on ranks of moebench.distributed (started on
-    # first use, or torchrun's); every other case on the executor.
-    from moebench.distributed import make_launcher
+    try:
+        single_gpu = gpus[0] if gpus is not None and len(gpus) == 1 else None
+        executor = (
+            IsolatedExecutor(plan, plugins, gpu=single_gpu, profile=profile)
+            if isolate
+            else InProcessExecutor(plan, plugins, profile)
+        )
+        # Multi-rank and expert-parallel cases run on ranks of moebench.distributed (started
+        # on first use, or torchrun's); every other case on the executor.
+        from moebench.distributed import make_launcher
 
-    ranks = make_launcher(plan, plugins, nproc, todo)
+        ranks = make_launcher(plan, plugins, nproc, todo)
+    except BaseException:
+        store.unlock()
+        raise
     if progress is not None:
         progress.start(len(todo))
     try:
@@ -354,8 +406,9 @@ def run_cases(
                 progress.begin(case)
             runner = ranks if ranks.handles(case) else executor
             emit(case, run_one(case, runner, None))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (moebench.interrupt)
         outcome.interrupted = True
+        outcome.interrupted_by = interrupt_name(exc)
     finally:
         ranks.close()
         executor.close()
@@ -364,7 +417,8 @@ def run_cases(
         meta_all["finished_at"] = datetime.now(UTC).isoformat()
         meta_all["interrupted"] = outcome.interrupted
         store.write_meta(meta_all)
-        outcome.results_path = store.consolidate()
+        outcome.results_path = store.consolidate(warn)
+        store.unlock()
     return outcome
 
 
