@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moebench.case import Case
+from moebench.console import resume_command
 from moebench.store import ResultStore, StoreError
 
 SHOWN_DIFFERENCES = 3
@@ -83,3 +84,27 @@ def check_same_cases(
 def _some(case_ids: list[str], labels: dict[str, str]) -> str:
     shown = ", ".join(f"'{labels.get(c, c)}'" for c in case_ids[:SHOWN_DIFFERENCES])
     return shown + (", ..." if len(case_ids) > SHOWN_DIFFERENCES else "")
+
+
+def incompleteness(meta: dict[str, Any], finished: int, root: str) -> str | None:
+    """A sentence saying that a run has no or not all its cases, and how to finish it;
+    None for a complete run (or a table without run facts, which cannot say)."""
+    total = meta.get("cases_total")
+    if not isinstance(total, int) or finished >= total:
+        return None
+    if meta.get("interrupted"):
+        why = "it was interrupted"
+    elif meta.get("finished_at"):
+        why = "some cases were not written"
+    else:
+        why = "it is still running, or was killed"
+    what = "no cases finished" if finished == 0 else f"incomplete: {finished} of {total} cases"
+    run_argv = meta.get("run_argv")
+    run_id = meta.get("run_id")
+    if isinstance(run_argv, list) and run_id:
+        how = f"; finish it with `{resume_command([str(a) for a in run_argv], str(run_id))}`"
+    elif meta.get("suite_path") and run_id:
+        how = f"; finish it with `moebench run {meta['suite_path']} --resume {run_id} --out {root}`"
+    else:
+        how = ""
+    return f"{what} ({why}){how}"

@@ -168,6 +168,10 @@ def load_suite(path: str | Path, device: str | None = None) -> Suite:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise SuiteError(f"{path}: cannot read suite file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise SuiteError(
+            f"{path}: not a text file (byte {exc.start} is not UTF-8); a suite is a TOML file"
+        ) from exc
     return parse_suite(text, str(path), device)
 
 
