@@ -31,14 +31,16 @@ def _raise(signum: int, frame: Any) -> None:
 @contextmanager
 def signals_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP raise `Interrupted` while inside; the old handlers after.
-    Outside the main thread (where handlers cannot be set) it does nothing."""
+    A signal the process ignores (nohup) stays ignored; outside the main thread (where
+    handlers cannot be set) it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {}
     for name in HANDLED:
         number = getattr(signal, name, None)
-        if number is not None:
+        # A signal ignored on purpose (nohup ignores SIGHUP) stays ignored.
+        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
             previous[number] = signal.signal(number, _raise)
     try:
         yield
