@@ -68,14 +68,16 @@ def main(args: argparse.Namespace, console: Any) -> int:
 
     from moebench.report.build import write_report
 
-    if Path(args.output).exists() and not args.force:  # as export: never by accident
-        console.print(f"[red]error:[/] {escape(args.output)} exists; pass --force to overwrite it")
-        return EXIT_BAD_INPUT
     try:
         for run in args.runs:
             if problem := _run_problem(run, args.root, console):
                 console.print(f"[red]error:[/] {escape(problem)}")
                 return EXIT_BAD_INPUT
+        if Path(args.output).exists() and not args.force:  # as export: never by accident
+            console.print(
+                f"[red]error:[/] {escape(args.output)} exists; pass --force to overwrite it"
+            )
+            return EXIT_BAD_INPUT
         result = write_report(args.runs, args.output, root=args.root)
     except StoreError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}")
