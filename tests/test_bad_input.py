@@ -390,3 +390,21 @@ def test_store_refuses_run_ids_outside_the_root(tmp_path):
         with pytest.raises(StoreError):
             ResultStore.create(tmp_path / "root", run_id)
     assert not (tmp_path / "x").exists() and not (tmp_path / "root").exists()
+
+
+@pytest.mark.cuda
+def test_a_case_that_cannot_fit_on_the_gpu_is_an_oom_row(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    huge = tiny_case("grouped", hidden=65536, ffn=65536, num_experts=64, device="cuda")
+    huge = huge.with_(dtype="bfloat16")
+    outcome = run_cases(
+        [huge, tiny_case("grouped", device="cuda")], suite_name="t", plan=FAST_PLAN,
+        timeout_s=120, out_root=tmp_path, isolate=True,
+    )  # fmt: skip
+    frame = read_run(outcome.results_path).set_index("hidden")
+    assert frame.loc[65536, "status"] == "oom"
+    assert frame.loc[65536, "error"].startswith("needs at least 1.5 TiB (weights 1.5 TiB")
+    assert "but cuda has" in frame.loc[65536, "error"]
+    assert frame.loc[32, "status"] == "ok"

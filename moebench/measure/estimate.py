@@ -8,8 +8,9 @@ MoE layers of E experts, D hidden, F ffn, k experts per token, T tokens, element
 - weights: layers x (E + shared) x 3DF x s + the float32 router, D x E x 4
 - activations: the input and output (T x D x s each), the routed hidden states
   (2 x T x k x F x s: gate and up), and in train mode the weights' gradients as well
-- reference: the float32 golden output (T x D x 4), plus a float32 copy of one layer's
-  weights when the case's dtype is not float32
+- reference: the float32 input and golden output (2 x T x D x 4), plus, when the case's
+  dtype is not float32, a float32 copy of one routed expert and the shared experts
+  (the reference upcasts one expert at a time)
 - workspace: router logits and probabilities (2 x T x E x 4) and the expert order
   (T x k x 8)
 
@@ -60,7 +61,9 @@ def estimate_case(case: Case) -> MemoryEstimate:
     activations = 2 * tokens * D * s + 2 * tokens * k * F * s
     if case.workload.mode == "train":
         activations += weights
-    reference = tokens * D * 4 + (0 if s == 4 else expert_elements * 4)
+    # the reference upcasts one routed expert at a time (and the shared ones) to float32
+    upcast_elements = (1 + shape.shared_experts) * 3 * D * F
+    reference = 2 * tokens * D * 4 + (0 if s == 4 else upcast_elements * 4)
     workspace = 2 * tokens * E * 4 + tokens * k * 8
     return MemoryEstimate(weights, activations, reference, workspace)
 
