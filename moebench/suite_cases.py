@@ -11,7 +11,15 @@ from dataclasses import asdict
 from typing import Any
 
 from moebench import registry
-from moebench.case import MODES, SHAPE_FIELDS, WORKLOAD_FIELDS, Case, LayerShape, Workload
+from moebench.case import (
+    CASE_FIELDS,
+    MODES,
+    SHAPE_FIELDS,
+    WORKLOAD_FIELDS,
+    Case,
+    LayerShape,
+    Workload,
+)
 from moebench.presets import PRESETS
 from moebench.routing import RoutingSpecError, routing_prior
 from moebench.suite_schema import _REQUIRED_OTHER, _REQUIRED_SHAPE, GRID_KEYS, _Axis
@@ -274,9 +282,22 @@ _MISSING = object()
 
 def _matches(case: Case, table: dict[str, list[Any]]) -> bool:
     """True if every key of the filter table matches (a list matches any of its items)."""
-    flat = case.fields()
     for key, allowed in table.items():
-        value = flat[key] if key in flat else case.option(key, _MISSING)
+        value = _field_value(case, key)
         if value is _MISSING or value not in allowed:
             return False
     return True
+
+
+def _field_value(case: Case, key: str) -> Any:
+    """The case's value of a filter key (a field, "tokens" or an option), or _MISSING;
+    read from its part, not from a flattened copy of every field."""
+    if key in SHAPE_FIELDS:
+        return getattr(case.shape, key)
+    if key in WORKLOAD_FIELDS:
+        return getattr(case.workload, key)
+    if key == "tokens":
+        return case.tokens
+    if key in CASE_FIELDS and key != "options":
+        return getattr(case, key)
+    return case.option(key, _MISSING)
