@@ -40,6 +40,8 @@ def open_for_resume(
                 f"{store.parts_dir} (start a new run, or `moebench show {store.run_dir}`)"
             ) from exc
         check_same_cases(store, meta, cases, suite_name)
+        if store.read_cases() is None:  # a run from before the list was kept: keep it now
+            store.write_cases([(case.case_id, case.label()) for case in cases])
         done = store.done_case_ids(warn)
     except BaseException:
         store.unlock()
