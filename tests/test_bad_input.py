@@ -408,3 +408,14 @@ def test_a_case_that_cannot_fit_on_the_gpu_is_an_oom_row(tmp_path):
     assert frame.loc[65536, "error"].startswith("needs at least 1.5 TiB (weights 1.5 TiB")
     assert "but cuda has" in frame.loc[65536, "error"]
     assert frame.loc[32, "status"] == "ok"
+
+
+def test_a_run_without_a_case_list_resumes_on_its_suite_name(run_copy, tmp_path, capsys):
+    """Runs made before cases.tsv: the suite name and the cases done are checked."""
+    (run_copy / "cases.tsv").unlink()
+    other = TINY_SUITE.replace('name = "tiny"', 'name = "other"')
+    (tmp_path / "other.toml").write_text(other)
+    code, output = _resume(capsys, tmp_path, run_copy.name, "other.toml")
+    assert code == 2 and "it was started with suite 'tiny'" in output
+    assert _resume(capsys, tmp_path, run_copy.name)[0] == 0
+    assert len((run_copy / "cases.tsv").read_text().splitlines()) == 2
