@@ -168,7 +168,8 @@ def test_killed_run_resumes_with_every_case_once(tmp_path, how):
     if how == signal.SIGINT:  # Ctrl-C reaches the worker too: no traceback from either
         assert proc.returncode == 130 and "Traceback" not in output, output
         line = " ".join(output.split())  # rich wraps long lines
-        assert "interrupted (Ctrl-C)" in line and f"--out {out} --resume" in line
+        assert "interrupted (Ctrl-C)" in line and f"--out {out} " in line
+        assert f"--quiet --resume {run_dir.name}`" in line
     resumed = _moebench(
         "run",
         str(suite),
