@@ -13,6 +13,7 @@ from typing import Any
 from moebench import registry
 from moebench.case import (
     CASE_FIELDS,
+    DEFAULT_ROUTER_SCALE,
     MODES,
     SHAPE_FIELDS,
     WORKLOAD_FIELDS,
