@@ -47,7 +47,7 @@ smoke: $(VENV)/.base
 	$(VENV)/bin/moebench run suites/smoke.toml
 
 report: $(VENV)/.report
-	$(VENV)/bin/moebench report latest -o report.html
+	$(VENV)/bin/moebench report latest -o report.html --force
 
 # Performance gate: the smoke suite against the committed reference run. Normalized by the
 # reference implementation (the CI machine is not the one that made the baseline) and gated

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 Mode = Literal["forward", "train"]
@@ -175,28 +175,32 @@ class Case:
         """Stable 16-hex-digit hash of every field (the preset label excluded). Fields
         added after the first release are left out while at their default, so the ids
         of earlier runs' cases stay valid."""
-        fields_ = self.fields()
-        fields_.pop("preset")
-        for name, default in LATE_FIELD_DEFAULTS.items():
-            if fields_[name] == default:
-                fields_.pop(name)
-        blob = json.dumps(fields_, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        cached = self.__dict__.get("_case_id")
+        if cached is None:  # computed once: a suite of a million cases asks for each id
+            fields_ = self.fields()
+            fields_.pop("preset")
+            for name, default in LATE_FIELD_DEFAULTS.items():
+                if fields_[name] == default:
+                    fields_.pop(name)
+            blob = json.dumps(fields_, sort_keys=True, default=str)
+            cached = hashlib.sha256(blob.encode()).hexdigest()[:16]
+            object.__setattr__(self, "_case_id", cached)
+        return cached
 
     def option(self, name: str, default: Any = None) -> Any:
         return dict(self.options).get(name, default)
 
     def fields(self) -> dict[str, Any]:
         """Flat mapping of every case field, as stored in the results table."""
-        flat: dict[str, Any] = {}
-        flat.update(asdict(self.shape))
-        flat.update(asdict(self.workload))
-        for f in fields(self):
-            if f.name not in ("shape", "workload", "options"):
-                flat[f.name] = getattr(self, f.name)
-        flat["tokens"] = self.tokens
-        flat["options"] = json.dumps(dict(self.options), sort_keys=True)
-        return flat
+        flat = self.__dict__.get("_flat")
+        if flat is None:  # read by id, filters and rows: built once (the case is frozen)
+            flat = {name: getattr(self.shape, name) for name in SHAPE_FIELDS}
+            flat.update((name, getattr(self.workload, name)) for name in WORKLOAD_FIELDS)
+            flat.update((name, getattr(self, name)) for name in CASE_FIELDS if name != "options")
+            flat["tokens"] = self.tokens
+            flat["options"] = json.dumps(dict(self.options), sort_keys=True)
+            object.__setattr__(self, "_flat", flat)
+        return dict(flat)
 
     def label(self) -> str:
         """Short human-readable name for progress bars and tables."""

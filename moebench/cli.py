@@ -14,8 +14,13 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+
+from moebench.console import error, resume_command, say, warning, without_resume
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+CONFIRM_CASES = 10_000  # a bigger suite needs --yes (or a y on the terminal)
+CASE_OVERHEAD_S = 1.0  # build, checks and memory window of one case, roughly
 STATUS_STYLE = {
     "ok": "green",
     "mismatch": "bold red",
@@ -30,7 +35,10 @@ STATUS_STYLE = {
 def _fmt(value: Any, spec: str = ".3g") -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "-"
-    return format(value, spec)
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):  # not a number: shown as it is
+        return str(value)
 
 
 def _mib(value: Any) -> str:
@@ -41,7 +49,7 @@ def _mib(value: Any) -> str:
 
 def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
     """One line per case: what ran, its status, latency, throughput, memory, error."""
-    table = Table(title=title, show_lines=False)
+    table = Table(title=Text(title), show_lines=False)
     for name, justify in (
         ("impl", "left"),
         ("shape", "left"),
@@ -70,14 +78,14 @@ def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
         if row.get("latency_p10_ms") is not None and row.get("latency_p10_ms") == row.get(
             "latency_p10_ms"
         ):
-            spread = f"{row['latency_p10_ms']:.3g}-{row['latency_p90_ms']:.3g}"
+            spread = f"{_fmt(row['latency_p10_ms'])}-{_fmt(row.get('latency_p90_ms'))}"
         table.add_row(
-            str(row.get("impl")),
-            shape,
-            str(row.get("tokens")),
-            str(row.get("mode")),
-            str(row.get("dtype")),
-            f"[{STATUS_STYLE.get(status, '')}]{status}[/]",
+            Text(str(row.get("impl"))),
+            Text(shape),
+            Text(str(row.get("tokens"))),
+            Text(str(row.get("mode"))),
+            Text(str(row.get("dtype"))),
+            Text(str(status), style=STATUS_STYLE.get(str(status), "")),
             _fmt(row.get("latency_ms")),
             spread,
             _spread(row),
@@ -128,7 +136,7 @@ class RichProgress:
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             console=console,
             transient=False,
         )
@@ -145,9 +153,11 @@ class RichProgress:
     def advance(self, case: Any, row: dict[str, Any]) -> None:
         if row.get("status") != "ok":
             self.failed += 1
-            self.progress.console.print(
-                f"[{STATUS_STYLE.get(row.get('status', ''), 'red')}]{row.get('status')}[/] "
-                f"{case.label()}: {row.get('error')}"
+            status = str(row.get("status"))
+            say(
+                self.progress.console,
+                (status, STATUS_STYLE.get(status, "red")),
+                f" {case.label()}: {row.get('error')}",
             )
         self.progress.advance(self.task)
 
@@ -168,17 +178,19 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         suite = load_suite(args.suite, device=args.device)
         cases = filter_cases(suite.cases, args.filter)
     except (SuiteError, FilterError, PluginError) as exc:
-        console.print(f"[red]error:[/] {exc}")
+        error(console, exc)
         return EXIT_BAD_INPUT
     if not cases:
-        console.print(f"[red]error:[/] --filter {args.filter} leaves no case of {suite.path}")
+        error(console, f"--filter {args.filter} leaves no case of {suite.path}")
+        return EXIT_BAD_INPUT
+    if len(cases) > CONFIRM_CASES and not args.yes and not _confirm_size(cases, suite, console):
         return EXIT_BAD_INPUT
     # Expert parallelism (moebench.distributed): under torchrun, ranks other than 0 only
     # compute what rank 0 sends them; rank 0 runs the sweep below and writes the results.
     from moebench import distributed
 
     if problem := distributed.nproc_problem(args.nproc):
-        console.print(f"[red]error:[/] {problem}")
+        error(console, problem)
         return EXIT_BAD_INPUT
     if args.threads is not None and args.threads < 1:
         console.print(f"[red]error:[/] --threads must be at least 1, got {args.threads}")
@@ -210,10 +222,12 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         min_repeats=suite.min_repeats,
         max_repeats=suite.max_repeats,
     )
-    console.print(
-        f"[bold]{suite.name}[/]: {len(cases)} cases on {suite.device} "
-        f"(timeout {suite.timeout_s:g} s per case)"
+    say(
+        console,
+        (suite.name, "bold"),
+        f": {len(cases)} cases on {suite.device} (timeout {suite.timeout_s:g} s per case)",
     )
+    run_argv = without_resume(getattr(args, "argv", None) or sys.argv[1:])
     progress = RichProgress(console) if not args.quiet else None
     try:
         outcome = run_cases(
@@ -233,30 +247,54 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                 "device": suite.device,
                 "gpus": gpus,
                 "profile": args.profile,
+                "run_argv": run_argv,
             },
             profile=profile,
             threads=args.threads,
+            warn=lambda message: warning(console, message),
         )
     except StoreError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        error(console, exc)
         return EXIT_BAD_INPUT
     console.print(summary_table(outcome.rows, f"run {outcome.run_id}"))
     if note := noise_note(outcome.rows):
         console.print(f"[yellow]{note}[/]")
     if outcome.skipped:
-        console.print(f"{outcome.skipped} cases already done in {outcome.run_id} were skipped")
+        say(console, f"{outcome.skipped} cases already done in {outcome.run_id} were skipped")
     failed = [r for r in outcome.rows if r.get("status") != "ok"]
-    console.print(
+    say(
+        console,
         f"{len(outcome.rows) - len(failed)} ok, {len(failed)} not ok; results: "
-        f"{outcome.results_path}"
+        f"{outcome.results_path}",
     )
     if outcome.interrupted:
-        console.print(
-            f"[yellow]interrupted[/]: finished cases are saved; continue with "
-            f"`moebench run {args.suite} --resume {outcome.run_id}`"
+        say(
+            console,
+            (f"interrupted ({outcome.interrupted_by})", "yellow"),
+            ": finished cases are saved; continue with "
+            f"`{resume_command(run_argv, outcome.run_id)}`",
         )
         return EXIT_INTERRUPTED
     return EXIT_FAIL if (args.strict and failed) else EXIT_OK
+
+
+def _confirm_size(cases: list[Any], suite: Any, console: Console) -> bool:
+    """A suite of more than CONFIRM_CASES cases runs only when the user says so: on a
+    terminal by answering y, elsewhere with --yes. Says its size and expected time."""
+    hours = len(cases) * (suite.budget_ms / 1e3 + CASE_OVERHEAD_S) / 3600
+    message = (
+        f"{suite.path} gives {len(cases):,} cases: at its budget of {suite.budget_ms:g} ms "
+        f"per case plus about {CASE_OVERHEAD_S:g} s to build and check each, about "
+        f"{hours:,.1f} hours"
+    )
+    if sys.stdin.isatty():
+        say(console, message)
+        try:
+            return input("run them all? [y/N] ").strip().lower() in ("y", "yes")
+        except EOFError:
+            return False
+    error(console, f"{message}; pass --yes to run them (or --filter to run fewer)")
+    return False
 
 
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
@@ -267,23 +305,28 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
         for spec in args.plugin:
             import_plugin(spec)
     except PluginError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        error(console, exc)
         return EXIT_BAD_INPUT
     table = Table(title="implementations")
     for column in ("name", "family", "kind", "devices", "dtypes", "description"):
         table.add_column(column)
     for info in registry.available().values():
         table.add_row(
-            info.name,
-            info.family,
+            Text(info.name),
+            Text(info.family),
             "exact" if info.exact else "variant",
-            ",".join(info.devices),
-            ",".join(info.dtypes),
-            info.description,
+            Text(",".join(info.devices)),
+            Text(",".join(info.dtypes)),
+            Text(info.description),
         )
     for broken in registry.broken().values():
         table.add_row(
-            broken.name, "-", "[red]broken[/]", "-", "-", f"{broken.target}: {broken.error}"
+            Text(broken.name),
+            "-",
+            Text("broken", style="red"),
+            "-",
+            "-",
+            Text(f"{broken.target}: {broken.error}"),
         )
     console.print(table)
     console.print(presets_table())
@@ -314,22 +357,33 @@ def presets_table() -> Table:
 
 
 def cmd_show(args: argparse.Namespace, console: Console) -> int:
+    from moebench.resume import incompleteness
     from moebench.store import StoreError, read_metadata, read_run
 
     try:
         frame = read_run(args.run, root=args.root)
-        meta = read_metadata(args.run, root=args.root)
     except StoreError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        error(console, exc)
         return EXIT_BAD_INPUT
-    env = meta.get("environment", {})
-    gpus = ", ".join(g.get("name", "?") for g in env.get("gpus", [])) or "none"
-    console.print(
-        f"run {meta.get('run_id', args.run)}  suite {meta.get('suite')}  started "
-        f"{meta.get('started_at')}\nhost {env.get('host')}  gpu {gpus}  torch "
-        f"{env.get('torch')}  git {env.get('git_sha')}"
+    try:
+        meta = read_metadata(args.run, root=args.root)
+    except StoreError as exc:  # the rows are still worth showing
+        warning(console, f"{exc}; showing the cases without the run's facts")
+        meta = {}
+    env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
+    gpus = ", ".join(str(g.get("name", "?")) for g in env.get("gpus") or [] if isinstance(g, dict))
+    run_id = meta.get("run_id", args.run)
+    say(
+        console,
+        f"run {run_id}  suite {meta.get('suite', '?')}  started {meta.get('started_at', '?')}\n"
+        f"host {env.get('host', '?')}  gpu {gpus or 'none'}  torch {env.get('torch', '?')}  "
+        f"git {env.get('git_sha', '?')}",
     )
     rows = frame.to_dict("records")
+    if note := incompleteness(meta, len(rows), args.root):
+        warning(console, note)
+    if not rows:
+        return EXIT_OK
     console.print(summary_table(rows, f"{len(rows)} cases"))
     return EXIT_OK
 
@@ -346,13 +400,39 @@ def cmd_env(args: argparse.Namespace, console: Console) -> int:
     table.add_column("value")
     for key, value in env.items():
         if key != "gpus":
-            table.add_row(key, str(value))
+            table.add_row(Text(key), Text(str(value)))
     for gpu in env["gpus"]:
-        table.add_row(f"gpu {gpu['index']}", ", ".join(f"{k}={v}" for k, v in gpu.items()))
+        table.add_row(f"gpu {gpu['index']}", Text(", ".join(f"{k}={v}" for k, v in gpu.items())))
     if not env["gpus"]:
         table.add_row("gpus", "none visible to torch (CPU runs only); NVML not queried")
     console.print(table)
     return EXIT_OK
+
+
+RUN_EXITS = """exit codes:
+  0    every case ran (a case that failed is a row with its status and error)
+  1    --strict, and a case is not ok
+  2    bad input, one line each: a suite that does not load (file, table, key and what is
+       allowed), a --filter that matches nothing, a bad --out, a --resume of another
+       suite's run, of a run in use or of an unknown run id (the known ones are listed),
+       a suite of more than 10,000 cases without --yes
+  130  interrupted (Ctrl-C, SIGTERM, SIGHUP): finished cases are kept, the results
+       consolidated, and the exact command that resumes the run is printed"""
+LIST_EXITS = """exit codes:
+  0    listed (a plugin that fails to import is a 'broken' row with its error)
+  2    a --plugin that cannot be imported"""
+SHOW_EXITS = """exit codes:
+  0    shown; a run with no or not all cases says so, with the command that finishes it
+  2    an unknown run, or a file that is not a moebench results table (message says why)"""
+ENV_EXITS = """exit codes:
+  0    printed"""
+
+
+def _exits(text: str) -> dict[str, Any]:
+    """add_parser keywords that print `text` (exit codes and messages) below the help."""
+    if not text:
+        return {}
+    return {"epilog": text, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a suite into results/<run_id>/")
+    run = sub.add_parser("run", help="run a suite into results/<run_id>/", **_exits(RUN_EXITS))
     run.add_argument("suite", help="suite TOML file (e.g. suites/smoke.toml)")
     run.add_argument("--device", help="override the suite's device: cpu, cuda, cuda:N, auto")
     run.add_argument("--out", default="results", help="results root folder (default: results)")
@@ -415,19 +495,28 @@ def build_parser() -> argparse.ArgumentParser:
         "use; cases under 20 MFLOP a call use 1); recorded in run.json",
     )
     run.add_argument("--strict", action="store_true", help="exit 1 if any case is not ok")
+    run.add_argument(
+        "--yes",
+        action="store_true",
+        help=f"run a suite of more than {CONFIRM_CASES:,} cases without asking",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(handler=cmd_run)
 
-    lst = sub.add_parser("list", help="list implementations (and broken plugins)")
+    lst = sub.add_parser(
+        "list", help="list implementations (and broken plugins)", **_exits(LIST_EXITS)
+    )
     lst.add_argument("--plugin", action="append", default=[], help="import MODULE or FILE.py")
     lst.set_defaults(handler=cmd_list)
 
-    show = sub.add_parser("show", help="print a run's cases")
+    show = sub.add_parser("show", help="print a run's cases", **_exits(SHOW_EXITS))
     show.add_argument("run", help="run id, run folder, parquet file, or 'latest'")
     show.add_argument("--root", default="results", help="results root folder")
     show.set_defaults(handler=cmd_show)
 
-    env = sub.add_parser("env", help="what the harness sees: devices, NVML, versions")
+    env = sub.add_parser(
+        "env", help="what the harness sees: devices, NVML, versions", **_exits(ENV_EXITS)
+    )
     env.add_argument("--json", action="store_true", help="print JSON")
     env.set_defaults(handler=cmd_env)
 
@@ -446,7 +535,9 @@ def _add_optional_command(sub: Any, module_name: str) -> None:
         if exc.name is None or not module_name.startswith(exc.name):
             raise  # the command's module exists but something it imports is missing
         return
-    command = sub.add_parser(module.COMMAND, help=module.HELP)
+    command = sub.add_parser(
+        module.COMMAND, help=module.HELP, **_exits(getattr(module, "EXIT_CODES", ""))
+    )
     module.add_arguments(command)
     command.set_defaults(handler=lambda args, console: module.main(args, console))
 
@@ -456,10 +547,14 @@ def main(argv: list[str] | None = None) -> int:
     # Logs and CI jobs are no terminal: give their tables room instead of rich's 80 columns.
     console = Console(width=None if sys.stdout.isatty() else 160)
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    from moebench.interrupt import interrupt_name, signals_interrupt
+
     try:
-        return int(args.handler(args, console))
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
+        with signals_interrupt():  # SIGTERM and SIGHUP end a command as Ctrl-C does
+            return int(args.handler(args, console))
+    except KeyboardInterrupt as exc:
+        say(console, (f"interrupted ({interrupt_name(exc)})", "yellow"))
         return EXIT_INTERRUPTED
 
 

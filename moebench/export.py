@@ -42,6 +42,10 @@ COMMAND = "export"
 HELP = "write a run as pytest-benchmark JSON or CSV"
 FORMATS = ("pytest-benchmark", "csv")
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
+EXIT_CODES = """exit codes:
+  0    written
+  2    bad input, with a message: an unknown run, a file that is not a moebench results
+       table, an output file that exists (pass --force), an output that cannot be written"""
 # The pytest-benchmark storage layout this writes (stable since 3.x; 'ops' since 3.1).
 PYTEST_BENCHMARK_FORMAT = "5.1.0"
 CASE_PARAMS = (*ALL_FIELDS, "tokens")
@@ -258,13 +262,13 @@ def main(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     path = Path(args.output)
     if path.exists() and not args.force:  # results files are not overwritten by accident
-        console.print(f"[red]error:[/] {path} exists; pass --force to overwrite it")
+        console.print(f"[red]error:[/] {escape(str(path))} exists; pass --force to overwrite it")
         return EXIT_BAD_INPUT
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     except OSError as exc:
-        console.print(f"[red]error:[/] cannot write {path}: {escape(str(exc))}")
+        console.print(f"[red]error:[/] cannot write {escape(str(path))}: {escape(str(exc))}")
         return EXIT_BAD_INPUT
-    console.print(f"wrote {escape(note)} to {path}")
+    console.print(f"wrote {escape(note)} to {escape(str(path))}")
     return EXIT_OK

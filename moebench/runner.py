@@ -15,9 +15,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import re
+import signal
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,11 +28,14 @@ import torch
 
 from moebench import registry
 from moebench.case import Case
+from moebench.interrupt import interrupt_name
 from moebench.measure.case_run import WeightCache, measure_case
 from moebench.measure.ceilings import measure_ceilings
+from moebench.measure.estimate import estimate_case, fit_problem, oom_kills
 from moebench.measure.phases import named_range
 from moebench.measure.profile import NO_PROFILE, ProfileOptions, save_profile
 from moebench.measure.timing import TimingPlan
+from moebench.resume import open_for_resume
 from moebench.store import ResultStore, new_run_id
 
 WORKER_START_TIMEOUT_S = 180.0
@@ -116,6 +120,12 @@ class InProcessExecutor:
         return self.ceilings
 
     def run(self, case: Case, timeout_s: float) -> dict[str, Any]:
+        if fit_problem(case) is not None:  # retry without the cached weights first
+            self.cache = WeightCache()
+            if case.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            if problem := fit_problem(case):
+                return {"status": "oom", "error": problem}
         threads = case_threads(case, self.threads) if case.device == "cpu" else None
         if threads is not None:
             torch.set_num_threads(threads)
@@ -210,13 +220,18 @@ class IsolatedExecutor:
     def run(self, case: Case, timeout_s: float) -> dict[str, Any]:
         if self._process is None:
             self._start()
+        kills_before = oom_kills()
         self._conn.send(("case", case, timeout_s))
-        kind, reply = self._receive(timeout_s)
+        try:
+            kind, reply = self._receive(timeout_s)
+        except KeyboardInterrupt:  # the case in progress is lost anyway: do not wait for it
+            self._kill()
+            raise
         if kind == "row":
             return reply
         if kind == "timeout":
             return {"status": "timeout", "error": f"no result within the {timeout_s:g} s timeout"}
-        return {"status": "crashed", "error": f"worker process died (exit code {reply})"}
+        return _death_row(reply, kills_before, oom_kills(), case)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -226,6 +241,24 @@ class IsolatedExecutor:
             except OSError:
                 pass
         self._kill()
+
+
+def _death_row(
+    exitcode: int | None, kills_before: int | None, kills_after: int | None, case: Case
+) -> dict[str, Any]:
+    """The row of a case whose worker died: `oom` when the kernel's OOM killer ended it
+    (its kill count went up, or, where that count cannot be read, a SIGKILL we did not
+    send), else `crashed`."""
+    killed = exitcode == -signal.SIGKILL
+    counted = kills_before is not None and kills_after is not None
+    if killed and (kills_after > kills_before if counted else True):  # type: ignore[operator]
+        how = "the kernel's OOM killer ended it" if counted else "SIGKILL: likely the OOM killer"
+        return {
+            "status": "oom",
+            "error": f"worker process killed (exit code {exitcode}: {how}); the case needs at "
+            f"least {estimate_case(case).describe()}",
+        }
+    return {"status": "crashed", "error": f"worker process died (exit code {exitcode})"}
 
 
 def _worker_main(
@@ -241,6 +274,18 @@ def _worker_main(
         from moebench.devices import physical_index
 
         os.environ["CUDA_VISIBLE_DEVICES"] = str(physical_index(gpu))
+    # Ctrl-C reaches the whole process group: the parent decides (it stops this worker),
+    # so the worker neither prints a traceback nor dies mid-row on its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _serve(conn, plan, plugins, profile, threads)
+    except (EOFError, OSError, KeyboardInterrupt):
+        return  # the parent is gone (killed, or interrupted): nothing left to answer
+
+
+def _serve(
+    conn: Any, plan: TimingPlan, plugins: tuple[str, ...], profile: ProfileOptions, threads: int
+) -> None:
     executor = InProcessExecutor(plan, plugins, profile, threads)
     registry.load_all()
     conn.send(("ready", None))
@@ -265,6 +310,7 @@ class RunOutcome:
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: int = 0
     interrupted: bool = False
+    interrupted_by: str | None = None  # "Ctrl-C", "SIGTERM" or "SIGHUP"
     results_path: Path | None = None
 
 
@@ -284,6 +330,7 @@ def run_cases(
     gpus: list[int] | None = None,
     profile: ProfileOptions = NO_PROFILE,
     threads: int | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> RunOutcome:
     """Run `cases` into a new run folder (or finish run `resume`), one part per case.
 
@@ -298,6 +345,9 @@ def run_cases(
     threads: intra-op threads of CPU cases (tiny ones use 1: `case_threads`); None: the
     physical cores this process may use. Recorded in run.json (`cpu_threads`) with the
     machine's load at the start and end (`load_start`, `load_end`).
+    warn: told about what is repaired on the way (unreadable parts, stale temporaries).
+    Raises StoreError when the run folder cannot be made, or `resume` cannot be resumed
+    with `cases` (another suite, a run in use, an unreadable run.json).
     """
     from moebench.env import collect_environment, machine_load, physical_cores
 
@@ -305,12 +355,12 @@ def run_cases(
 
     out_root = Path(out_root)
     if resume:
-        store = ResultStore.open(out_root, resume)
-        done = store.done_case_ids()
-        meta_all = store.read_meta()
+        store, done, meta_all = open_for_resume(out_root, resume, cases, suite_name, warn)
         meta_all.setdefault("resumed_at", []).append(datetime.now(UTC).isoformat())
     else:
         store = ResultStore.create(out_root, new_run_id(suite_name))
+        store.lock()
+        store.write_cases([(case.case_id, case.label()) for case in cases])
         done = set()
         meta_all = {
             "run_id": store.run_id,
@@ -326,17 +376,21 @@ def run_cases(
     meta_all.setdefault("load_start", machine_load())
     store.write_meta(meta_all)
 
-    single_gpu = gpus[0] if gpus is not None and len(gpus) == 1 else None
-    executor = (
-        IsolatedExecutor(plan, plugins, gpu=single_gpu, profile=profile, threads=threads)
-        if isolate
-        else InProcessExecutor(plan, plugins, profile, threads)
-    )
-    # Multi-rank and expert-parallel cases run on ranks of moebench.distributed (started on
-    # first use, or torchrun's); every other case on the executor.
-    from moebench.distributed import make_launcher
+    try:
+        single_gpu = gpus[0] if gpus is not None and len(gpus) == 1 else None
+        executor = (
+            IsolatedExecutor(plan, plugins, gpu=single_gpu, profile=profile, threads=threads)
+            if isolate
+            else InProcessExecutor(plan, plugins, profile, threads)
+        )
+        # Multi-rank and expert-parallel cases run on ranks of moebench.distributed (started
+        # on first use, or torchrun's); every other case on the executor.
+        from moebench.distributed import make_launcher
 
-    ranks = make_launcher(plan, plugins, nproc, todo)
+        ranks = make_launcher(plan, plugins, nproc, todo)
+    except BaseException:
+        store.unlock()
+        raise
     if progress is not None:
         progress.start(len(todo))
     try:
@@ -388,8 +442,9 @@ def run_cases(
                 progress.begin(case)
             runner = ranks if ranks.handles(case) else executor
             emit(case, run_one(case, runner, None))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (moebench.interrupt)
         outcome.interrupted = True
+        outcome.interrupted_by = interrupt_name(exc)
     finally:
         ranks.close()
         executor.close()
@@ -399,7 +454,8 @@ def run_cases(
         meta_all["load_end"] = machine_load()
         meta_all["interrupted"] = outcome.interrupted
         store.write_meta(meta_all)
-        outcome.results_path = store.consolidate()
+        outcome.results_path = store.consolidate(warn)
+        store.unlock()
     return outcome
 
 

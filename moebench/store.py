@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moebench.case import LATE_FIELD_DEFAULTS
+from moebench.names import inside, name_problem, sanitize_name
 
 SCHEMA_VERSION = 1
 KERNELS_FILE = "kernels.parquet"
@@ -149,13 +151,37 @@ KERNEL_COLUMNS: dict[str, pa.DataType] = {
 STATUSES = ("ok", "mismatch", "error", "oom", "timeout", "crashed", "skipped")
 
 
+LOCK_NAME = ".lock"
+CASES_NAME = "cases.tsv"
+
+
 class StoreError(ValueError):
     """A run or results file that cannot be found or read."""
 
 
+def run_ids(root: str | Path) -> list[str]:
+    """The runs under `root`, oldest first by name's time stamp order."""
+    return sorted(p.parent.name for p in Path(root).glob("*/parts") if p.is_dir())
+
+
+def _run_dir(root: str | Path, run_id: str) -> Path:
+    """root/run_id, refused when `run_id` is not a plain safe name or `root` no folder."""
+    root = Path(root)
+    if problem := name_problem(str(run_id)):
+        raise StoreError(f"run id {problem}")
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"results root {root} is a file, not a folder; pass a folder")
+    path = root / run_id
+    if not inside(root, path):
+        raise StoreError(f"run folder {path} lies outside the results root {root}")
+    return path
+
+
 def new_run_id(suite: str) -> str:
-    """`<suite>-<UTC date-time>-<4 hex>`: sortable and unique."""
-    return f"{suite}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+    """`<suite>-<UTC date-time>-<4 hex>`: sortable and unique (the suite name made safe
+    for a folder name first)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"{sanitize_name(suite)[:70]}-{stamp}-{secrets.token_hex(2)}"
 
 
 def row_table(row: dict[str, Any], metadata: dict[str, Any] | None = None) -> pa.Table:
@@ -194,19 +220,79 @@ class ResultStore:
 
     @classmethod
     def create(cls, root: Path, run_id: str) -> ResultStore:
-        store = cls(Path(root) / run_id)
+        store = cls(_run_dir(root, run_id))
         if store.run_dir.exists():
             raise StoreError(f"run folder {store.run_dir} already exists; never overwritten")
-        store.parts_dir.mkdir(parents=True)
+        try:
+            store.parts_dir.mkdir(parents=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create run folder {store.run_dir}: {exc}") from exc
         return store
 
     @classmethod
     def open(cls, root: Path, run_id: str) -> ResultStore:
-        store = cls(Path(root) / run_id)
+        store = cls(_run_dir(root, run_id))
         if not store.parts_dir.is_dir():
-            known = sorted(p.name for p in Path(root).glob("*/parts"))
-            raise StoreError(f"no run {run_id!r} under {root}; runs there: {known}")
+            known = run_ids(root)
+            shown = ", ".join(known[-10:]) if known else "none"
+            more = f" (the last 10 of {len(known)})" if len(known) > 10 else ""
+            raise StoreError(f"no run {run_id!r} under {root}; runs there{more}: {shown}")
         return store
+
+    def lock(self) -> None:
+        """Hold this run's folder for this process (released by `unlock` or at exit), so
+        two processes never run into one folder; refuses when another holds it."""
+        import fcntl
+
+        path = self.run_dir / LOCK_NAME
+        handle = open(path, "a+")  # noqa: SIM115 (held until unlock)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise StoreError(
+                f"run {self.run_id} is in use by another moebench (pid {holder}); wait for "
+                "it to finish or stop it, then resume"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_handle = handle
+
+    def unlock(self) -> None:
+        handle = getattr(self, "_lock_handle", None)
+        if handle is not None:
+            handle.close()
+            self._lock_handle = None
+
+    def clean_temporaries(self) -> int:
+        """Delete the temporary files an interrupted writer left (call under `lock`)."""
+        stale = [*self.run_dir.glob(".*.tmp"), *self.parts_dir.glob(".*.tmp")]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
+    def write_cases(self, cases: list[tuple[str, str]]) -> None:
+        """The run's resolved case list, (case_id, label) per case, so that a resume can
+        check it runs the same suite."""
+        tmp = self.run_dir / f".{CASES_NAME}.tmp"
+        tmp.write_text("".join(f"{case_id}\t{label}\n" for case_id, label in cases))
+        os.replace(tmp, self.run_dir / CASES_NAME)
+
+    def read_cases(self) -> dict[str, str] | None:
+        """case_id -> label of the run's case list; None for a run that has none (runs
+        made before it was written)."""
+        path = self.run_dir / CASES_NAME
+        if not path.is_file():
+            return None
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+        return dict(line.partition("\t")[::2] for line in lines if line)
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         tmp = self.run_dir / ".run.json.tmp"
@@ -214,15 +300,38 @@ class ResultStore:
         os.replace(tmp, self.run_dir / "run.json")
 
     def read_meta(self) -> dict[str, Any]:
+        """run.json ({} where there is none); StoreError when it is not a JSON object."""
         path = self.run_dir / "run.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        if not path.exists():
+            return {}
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{path} is unreadable: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise StoreError(f"{path} is unreadable: a JSON object was expected")
+        return meta
 
-    def done_case_ids(self) -> set[str]:
-        return {p.stem for p in self.parts_dir.glob("*.parquet")}
+    def done_case_ids(self, warn: Callable[[str], None] | None = None) -> set[str]:
+        """The case ids with a readable part. An unreadable part (a torn or foreign file)
+        is not done: `warn` is told, and the case runs again."""
+        done = set()
+        for path in self.parts_dir.glob("*.parquet"):
+            try:
+                pq.read_metadata(path)
+            except (OSError, pa.ArrowException) as exc:
+                if warn is not None:
+                    warn(f"part {path.name} is unreadable ({exc}); its case runs again")
+                continue
+            done.add(path.stem)
+        return done
 
     def write_row(self, row: dict[str, Any]) -> Path:
         """Write one finished case, atomically (a kill leaves the old state or the new)."""
-        path = self.parts_dir / f"{row['case_id']}.parquet"
+        case_id = str(row["case_id"])
+        if problem := name_problem(case_id):
+            raise StoreError(f"case id {problem}")
+        path = self.parts_dir / f"{case_id}.parquet"
         _atomic_write(row_table(row), path)
         return path
 
@@ -251,23 +360,31 @@ class ResultStore:
         _atomic_write(pa.table(arrays), path)
         return path
 
-    def consolidate(self) -> Path:
-        """Join every part into results.parquet, with run.json in the schema metadata
-        (and the kernel tables, if any, into kernels.parquet)."""
+    def consolidate(self, warn: Callable[[str], None] | None = None) -> Path:
+        """Join every readable part into results.parquet, with run.json in the schema
+        metadata (and the kernel tables, if any, into kernels.parquet); an unreadable
+        part is left out (and `warn` told)."""
         kernel_parts = sorted((self.run_dir / "kernels").glob("*.parquet"))
         if kernel_parts:
             kernels = pa.concat_tables([pq.read_table(p) for p in kernel_parts])
             _atomic_write(kernels, self.run_dir / KERNELS_FILE)
-        parts = sorted(self.parts_dir.glob("*.parquet"))
-        tables = [pq.read_table(p) for p in parts]
+        tables = []
+        for part in sorted(self.parts_dir.glob("*.parquet")):
+            try:
+                tables.append(pq.read_table(part))
+            except (OSError, pa.ArrowException) as exc:
+                if warn is not None:
+                    warn(f"part {part.name} is unreadable ({exc}); left out of the results")
         if tables:
             table = pa.concat_tables(tables, promote_options="permissive")
             table = table.sort_by([("started_at", "ascending")])
         else:
             table = row_table({}).slice(0, 0)
-        table = table.replace_schema_metadata(
-            {METADATA_KEY: json.dumps(self.read_meta(), default=str)}
-        )
+        try:
+            meta = self.read_meta()
+        except StoreError:
+            meta = {}
+        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, default=str)})
         path = self.run_dir / "results.parquet"
         _atomic_write(table, path)
         return path
@@ -291,25 +408,66 @@ def resolve_run(spec: str | Path, root: str | Path = "results") -> Path:
 
 
 def read_run(spec: str | Path, root: str | Path = "results") -> pd.DataFrame:
-    """One run as a DataFrame (the consolidated file, or the parts if unfinished)."""
+    """One run as a DataFrame (the consolidated file, or the parts if unfinished).
+    StoreError when it cannot be read or is not a moebench results table."""
     path = resolve_run(spec, root)
     try:
         if path.is_file():
-            tables = [pq.read_table(path)]
+            table = pq.read_table(path)
         elif (path / "results.parquet").is_file():
-            tables = [pq.read_table(path / "results.parquet")]
+            table = pq.read_table(path / "results.parquet")
         else:
             tables = [pq.read_table(p) for p in sorted((path / "parts").glob("*.parquet"))]
-    except (OSError, pa.ArrowInvalid) as exc:
+            if not tables:
+                return row_table({}).slice(0, 0).to_pandas()
+            table = pa.concat_tables(tables, promote_options="permissive")
+    except (OSError, pa.ArrowException) as exc:
         raise StoreError(f"cannot read results at {path}: {exc}") from exc
-    if not tables:
-        return row_table({}).slice(0, 0).to_pandas()
-    frame = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    check_results_table(table, path)
+    frame = table.to_pandas()
     # A case field added later reads as its default in rows written before it existed,
     # so old and new runs still pair case by case.
     for name, default in LATE_FIELD_DEFAULTS.items():
         frame[name] = frame[name].fillna(default) if name in frame.columns else default
     return frame
+
+
+_REQUIRED_COLUMNS = ("case_id", "impl", "status")
+
+
+def check_results_table(table: pa.Table, path: Path | str) -> None:
+    """StoreError unless `table` is a moebench results table: the identity columns
+    present, and every known column of its type's kind (numbers, text, flags, lists)."""
+    missing = [name for name in _REQUIRED_COLUMNS if name not in table.column_names]
+    if missing:
+        shown = ", ".join(table.column_names[:8]) or "none"
+        more = ", ..." if len(table.column_names) > 8 else ""
+        raise StoreError(
+            f"{path} is not a moebench results table: no column {', '.join(missing)} "
+            f"(its columns: {shown}{more})"
+        )
+    for name in table.column_names:
+        expected = COLUMNS.get(name)
+        if expected is None:
+            continue  # an implementation's own column
+        actual = table.schema.field(name).type
+        if not pa.types.is_null(actual) and _kind(actual) != _kind(expected):
+            raise StoreError(
+                f"{path}: column {name!r} holds {_kind(actual)} ({actual}), where a "
+                f"moebench results table has {_kind(expected)}"
+            )
+
+
+def _kind(typ: pa.DataType) -> str:
+    if pa.types.is_integer(typ) or pa.types.is_floating(typ):
+        return "numbers"
+    if pa.types.is_boolean(typ):
+        return "flags"
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        return "text"
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        return "lists" if pa.types.is_null(typ.value_type) else f"lists of {_kind(typ.value_type)}"
+    return str(typ)
 
 
 def read_runs(specs: list[str | Path], root: str | Path = "results") -> pd.DataFrame:
@@ -323,8 +481,14 @@ def read_metadata(spec: str | Path, root: str | Path = "results") -> dict[str, A
     path = resolve_run(spec, root)
     if path.is_dir():
         return ResultStore(path).read_meta()
-    raw = pq.read_schema(path).metadata or {}
-    return json.loads(raw.get(METADATA_KEY, b"{}"))
+    try:
+        raw = pq.read_schema(path).metadata or {}
+        meta = json.loads(raw.get(METADATA_KEY, b"{}"))
+    except (OSError, pa.ArrowException, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"cannot read the run facts of {path}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise StoreError(f"cannot read the run facts of {path}: not a JSON object")
+    return meta
 
 
 def read_kernels(spec: str | Path, root: str | Path = "results") -> pd.DataFrame | None:

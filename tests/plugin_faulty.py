@@ -32,3 +32,8 @@ def build_crashes(weights, case):
 def build_slow(weights, case):
     time.sleep(0.4)
     return GroupedMoE(weights, case)
+
+
+@register("test-bracket-error", family="test", description="raises a message in brackets")
+def build_bracket_error(weights, case):
+    raise RuntimeError("[enforce fail at alloc.cpp:42] out of [grid] luck")

@@ -1,8 +1,8 @@
 """`moebench report RUN [RUN ...] -o report.html [--png DIR]`: one self-contained HTML
 file (works offline) comparing the runs named; the first is the baseline of comparisons.
 
-Exit codes: 0 written, 1 the PNG export failed, 2 bad input (an unknown run) or a missing
-optional dependency (plotly, kaleido), with the message saying what to do.
+Exit codes (EXIT_CODES, shown by --help): 0 written, 1 the PNG export failed, 2 bad input
+or a missing optional dependency (plotly, kaleido), with the message saying what to do.
 """
 
 from __future__ import annotations
@@ -15,6 +15,12 @@ from rich.markup import escape
 COMMAND = "report"
 HELP = "an interactive HTML report of one or more runs (several runs are compared)"
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_CODES = """exit codes:
+  0    written; a run with not all its cases is named in a warning
+  1    the PNG export failed (the HTML is written)
+  2    bad input, with a message: an unknown run (the known ones are listed), a file
+       that is not a moebench results table, a run with no cases, an output file that
+       exists (pass --force), a missing optional dependency (what to install)"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--png", metavar="DIR", help="also write each figure as DIR/<figure>.png (needs kaleido)"
     )
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 
 def main(args: argparse.Namespace, console: Any) -> int:
@@ -57,9 +64,20 @@ def main(args: argparse.Namespace, console: Any) -> int:
         except PngUnavailableError as exc:
             console.print(f"[red]error:[/] {escape(str(exc))}")
             return EXIT_BAD_INPUT
+    from pathlib import Path
+
     from moebench.report.build import write_report
 
     try:
+        for run in args.runs:
+            if problem := _run_problem(run, args.root, console):
+                console.print(f"[red]error:[/] {escape(problem)}")
+                return EXIT_BAD_INPUT
+        if Path(args.output).exists() and not args.force:  # as export: never by accident
+            console.print(
+                f"[red]error:[/] {escape(args.output)} exists; pass --force to overwrite it"
+            )
+            return EXIT_BAD_INPUT
         result = write_report(args.runs, args.output, root=args.root)
     except StoreError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}")
@@ -83,3 +101,22 @@ def main(args: argparse.Namespace, console: Any) -> int:
             return EXIT_FAIL
         console.print(f"wrote {len(paths)} PNG files to {escape(str(args.png))}")
     return EXIT_OK
+
+
+def _run_problem(run: str, root: str, console: Any) -> str | None:
+    """Why `run` cannot be reported (it has no cases), or None; a run with not all its
+    cases gets a warning line. Raises StoreError for a run that cannot be read."""
+    from moebench.resume import incompleteness
+    from moebench.store import StoreError, read_metadata, read_run
+
+    finished = len(read_run(run, root))
+    try:
+        meta = read_metadata(run, root)
+    except StoreError:
+        meta = {}
+    note = incompleteness(meta, finished, root)
+    if finished == 0:
+        return f"{run}: nothing to report: " + (note or "the table has no rows")
+    if note:
+        console.print(f"[yellow]warning:[/] {escape(run)}: {escape(note)}")
+    return None

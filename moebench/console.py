@@ -1,0 +1,55 @@
+"""Printing for the commands: user- and system-provided text always literally.
+
+rich reads `[grid]` as markup and drops it; every message here is a `Text`, so a key like
+`[grid]`, a suite named `exp[v2]` or an error `[enforce fail ...]` prints as written.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from typing import Any
+
+from rich.text import Text
+
+DEFAULT_RESULTS_ROOT = "results"
+
+
+def error(console: Any, message: object) -> None:
+    """`error: MESSAGE` (a multi-line message keeps its lines)."""
+    console.print(Text.assemble(("error:", "red"), " ", str(message)))
+
+
+def warning(console: Any, message: object) -> None:
+    """`warning: MESSAGE`."""
+    console.print(Text.assemble(("warning:", "yellow"), " ", str(message)))
+
+
+def say(console: Any, *parts: object | tuple[str, str]) -> None:
+    """One line from literal parts; a (text, style) pair is styled, never parsed."""
+    console.print(
+        Text.assemble(*(p if isinstance(p, tuple) else str(p) for p in parts))  # type: ignore[arg-type]
+    )
+
+
+def without_resume(argv: Sequence[str]) -> list[str]:
+    """`moebench run` arguments with any --resume (and its value) taken out."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            out.append(arg)
+    return out
+
+
+def resume_command(run_argv: Sequence[str], run_id: str) -> str:
+    """The exact command that finishes run `run_id`: the arguments it was started with
+    (`run_argv`, without --resume), --out made explicit, and --resume RUN_ID."""
+    args = list(run_argv)
+    if not any(a == "--out" or a.startswith("--out=") for a in args):
+        args += ["--out", DEFAULT_RESULTS_ROOT]
+    return shlex.join(["moebench", *args, "--resume", run_id])
