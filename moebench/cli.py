@@ -372,7 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--json", action="store_true", help="print JSON")
     env.set_defaults(handler=cmd_env)
 
-    for module in ("moebench.report.command", "moebench.compare", "moebench.export"):
+    for module in (
+        "moebench.report.command",
+        "moebench.compare",
+        "moebench.export",
+        "moebench.catalog",
+        "moebench.merge",
+        "moebench.scaffold",
+    ):
         _add_optional_command(sub, module)
     return parser
 
