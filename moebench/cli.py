@@ -378,7 +378,6 @@ def build_parser() -> argparse.ArgumentParser:
         "moebench.export",
         "moebench.catalog",
         "moebench.merge",
-        "moebench.scaffold",
     ):
         _add_optional_command(sub, module)
     return parser

@@ -11,6 +11,16 @@ A run is a folder `results/<run_id>/`:
 
 Every finished case is on disk before the next starts, so a killed run loses nothing;
 `read_run` reads the consolidated file, or the parts of a run that never finished.
+
+Schema versions (`schema_version` in run.json and in the parquet metadata; a file newer
+than this moebench is refused with a message, older ones are read):
+
+    1  started_at an ISO 8601 string; no schema_version written
+    2  started_at a UTC timestamp; schema_version written
+
+Read back, integer columns are pandas' nullable `Int64` (a failed case leaves them
+null, not float NaN), `exact` is nullable `boolean` and `started_at` a UTC timestamp,
+whatever the version of the file.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import json
 import os
 import secrets
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +37,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KERNELS_FILE = "kernels.parquet"
 METADATA_KEY = b"moebench"
 
 _I = pa.int64()
 _F = pa.float64()
 _S = pa.string()
-# Every column of the table (DESIGN.md), with its type. Implementations may add columns
+_T = pa.timestamp("us", tz="UTC")
+# Every column of the table (docs/design.md), with its type. Implementations may add columns
 # of their own (prefixed by their family); those are typed by inference.
 COLUMNS: dict[str, pa.DataType] = {
     # identity
@@ -45,7 +57,7 @@ COLUMNS: dict[str, pa.DataType] = {
     "exact": pa.bool_(),
     "status": _S,
     "error": _S,
-    "started_at": _S,
+    "started_at": _T,
     "impl_detail": _S,
     # case
     "device": _S,
@@ -144,8 +156,14 @@ def new_run_id(suite: str) -> str:
     return f"{suite}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
 
 
+def _timestamp(value: Any) -> Any:
+    """An ISO 8601 string (how the runner stamps rows) as a datetime; others as given."""
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
 def row_table(row: dict[str, Any], metadata: dict[str, Any] | None = None) -> pa.Table:
     """One row as a table with the schema's types (unknown columns inferred)."""
+    row = {**row, "started_at": _timestamp(row.get("started_at"))}
     unknown = {k: v for k, v in row.items() if k not in COLUMNS}
     fields = [pa.field(name, typ) for name, typ in COLUMNS.items()]
     arrays = [pa.array([row.get(name)], type=typ) for name, typ in COLUMNS.items()]
@@ -195,6 +213,7 @@ class ResultStore:
         return store
 
     def write_meta(self, meta: dict[str, Any]) -> None:
+        meta = {**meta, "schema_version": SCHEMA_VERSION}
         tmp = self.run_dir / ".run.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2, default=str))
         os.replace(tmp, self.run_dir / "run.json")
@@ -245,14 +264,18 @@ class ResultStore:
             kernels = pa.concat_tables([pq.read_table(p) for p in kernel_parts])
             _atomic_write(kernels, self.run_dir / KERNELS_FILE)
         parts = sorted(self.parts_dir.glob("*.parquet"))
-        tables = [pq.read_table(p) for p in parts]
+        tables = [upgrade_table(pq.read_table(p)) for p in parts]
         if tables:
             table = pa.concat_tables(tables, promote_options="permissive")
             table = table.sort_by([("started_at", "ascending")])
         else:
             table = row_table({}).slice(0, 0)
         table = table.replace_schema_metadata(
-            {METADATA_KEY: json.dumps(self.read_meta(), default=str)}
+            {
+                METADATA_KEY: json.dumps(
+                    {**self.read_meta(), "schema_version": SCHEMA_VERSION}, default=str
+                )
+            }
         )
         path = self.run_dir / "results.parquet"
         _atomic_write(table, path)
@@ -276,20 +299,68 @@ def resolve_run(spec: str | Path, root: str | Path = "results") -> Path:
     raise StoreError(f"no run or parquet file {str(spec)!r} (looked in . and {root}/)")
 
 
-def read_run(spec: str | Path, root: str | Path = "results") -> pd.DataFrame:
-    """One run as a DataFrame (the consolidated file, or the parts if unfinished)."""
+def read_table(spec: str | Path, root: str | Path = "results") -> pa.Table:
+    """One run as an arrow table in the current schema (the consolidated file, or the
+    parts of an unfinished run), its schema version checked; see the module docstring."""
     path = resolve_run(spec, root)
+    check_schema_version(read_metadata(path), path)
     try:
         if path.is_file():
-            return pq.read_table(path).to_pandas()
-        if (path / "results.parquet").is_file():
-            return pq.read_table(path / "results.parquet").to_pandas()
-        tables = [pq.read_table(p) for p in sorted((path / "parts").glob("*.parquet"))]
+            table = pq.read_table(path)
+        elif (path / "results.parquet").is_file():
+            table = pq.read_table(path / "results.parquet")
+        else:
+            parts = sorted((path / "parts").glob("*.parquet"))
+            tables = [upgrade_table(pq.read_table(p)) for p in parts]
+            table = (
+                pa.concat_tables(tables, promote_options="permissive")
+                if tables
+                else row_table({}).slice(0, 0)
+            )
     except (OSError, pa.ArrowInvalid) as exc:
         raise StoreError(f"cannot read results at {path}: {exc}") from exc
-    if not tables:
-        return row_table({}).slice(0, 0).to_pandas()
-    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    return upgrade_table(table)
+
+
+def read_run(spec: str | Path, root: str | Path = "results") -> pd.DataFrame:
+    """One run as a DataFrame (the consolidated file, or the parts if unfinished), with
+    nullable integer and boolean columns and `started_at` a UTC timestamp."""
+    return to_frame(read_table(spec, root))
+
+
+def check_schema_version(meta: dict[str, Any], where: str | Path) -> None:
+    """Refuse results written by a newer moebench (older ones are upgraded on read)."""
+    version = meta.get("schema_version", 1)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{where}: results schema version {version!r} is newer than this moebench "
+            f"reads (up to {SCHEMA_VERSION}); upgrade moebench to read it"
+        )
+
+
+def upgrade_table(table: pa.Table) -> pa.Table:
+    """A table of any older schema version in the current one: version 1 stored
+    `started_at` as an ISO 8601 string."""
+    names = table.column_names
+    if "started_at" in names and not pa.types.is_timestamp(table.schema.field("started_at").type):
+        stamps = pd.to_datetime(table.column("started_at").to_pandas(), utc=True, format="ISO8601")
+        column = pa.array(stamps, type=_T)
+        table = table.set_column(names.index("started_at"), "started_at", column)
+    return table
+
+
+def _nullable_dtype(arrow_type: pa.DataType) -> Any:
+    if pa.types.is_integer(arrow_type):
+        return pd.Int64Dtype()
+    if pa.types.is_boolean(arrow_type):
+        return pd.BooleanDtype()
+    return None
+
+
+def to_frame(table: pa.Table) -> pd.DataFrame:
+    """The table as a DataFrame: integer and boolean columns nullable (pandas would make
+    an integer column with a null float64), list columns as arrays, timestamps as is."""
+    return table.to_pandas(types_mapper=_nullable_dtype)
 
 
 def read_runs(specs: list[str | Path], root: str | Path = "results") -> pd.DataFrame:
@@ -303,7 +374,10 @@ def read_metadata(spec: str | Path, root: str | Path = "results") -> dict[str, A
     path = resolve_run(spec, root)
     if path.is_dir():
         return ResultStore(path).read_meta()
-    raw = pq.read_schema(path).metadata or {}
+    try:
+        raw = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StoreError(f"cannot read results at {path}: {exc}") from exc
     return json.loads(raw.get(METADATA_KEY, b"{}"))
 
 
