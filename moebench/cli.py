@@ -253,11 +253,15 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
             ",".join(info.dtypes),
             info.description,
         )
-    for broken in registry.broken().values():
+    broken = registry.broken()
+    for plugin in broken.values():
         table.add_row(
-            broken.name, "-", "[red]broken[/]", "-", "-", f"{broken.target}: {broken.error}"
+            plugin.name, "-", "[red]broken[/]", "-", "-", escape(f"{plugin.target}: {plugin.error}")
         )
     console.print(table)
+    if broken:  # a CI step that checks its plugins fails here
+        console.print(f"[red]error:[/] {len(broken)} plugin(s) failed to import")
+        return EXIT_FAIL
     return EXIT_OK
 
 
@@ -378,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         "moebench.export",
         "moebench.catalog",
         "moebench.merge",
+        "moebench.scaffold",
     ):
         _add_optional_command(sub, module)
     return parser

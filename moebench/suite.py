@@ -619,6 +619,7 @@ class _SuiteParser:
                     self.problem(
                         f"{where} key {key!r}: unknown {key} {item!r}"
                         f"{_suggest(item, choices)}; known: {', '.join(map(repr, choices))}"
+                        + (registry.broken_note() if key == "impl" else "")
                     )
                     return None
             out.append(item)
