@@ -30,6 +30,7 @@ expect_exit() {  # expect_exit CODE COMMAND...: run it, fail unless it exits COD
 }
 
 step "build the wheel, install it into a fresh venv outside the checkout"
+cd "$work"  # nothing of the checkout on sys.path from here on
 "$python" -m pip wheel --quiet --no-deps -w "$work/dist" "$checkout"
 # --system-site-packages: this Python's torch is used; a missing one is installed pinned
 # (never a plain `torch`: that is a multi-GB CUDA build).

@@ -137,15 +137,21 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from moebench.measure.timing import TimingPlan
     from moebench.plugins import PluginError, import_plugin
     from moebench.runner import FilterError, filter_cases, run_cases
+    from moebench.shard import ShardError, parse_shard, select_shard
     from moebench.store import StoreError
     from moebench.suite import SuiteError, load_suite
 
+    shard_meta = {}
     try:
         for spec in args.plugin:
             import_plugin(spec)
         suite = load_suite(args.suite, device=args.device)
         cases = filter_cases(suite.cases, args.filter)
-    except (SuiteError, FilterError, PluginError) as exc:
+        if args.shard and cases:
+            index, count = parse_shard(args.shard)
+            shard_meta = {"shard": {"index": index, "count": count, "of_cases": len(cases)}}
+            cases = select_shard(cases, index, count)
+    except (SuiteError, FilterError, PluginError, ShardError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return EXIT_BAD_INPUT
     if not cases:
@@ -208,6 +214,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                 "device": suite.device,
                 "gpus": gpus,
                 "profile": args.profile,
+                **shard_meta,
             },
             profile=profile,
         )
@@ -358,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--nvtx",
         action="store_true",
         help="NVTX ranges for each case and its phases (for nsys profile moebench run ...)",
+    )
+    run.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run shard I of N (from 1): a deterministic share of the cases, balanced by "
+        "expected cost; join the shards' runs with `moebench merge`",
     )
     run.add_argument("--strict", action="store_true", help="exit 1 if any case is not ok")
     run.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -256,6 +256,12 @@ class ResultStore:
         _atomic_write(pa.table(arrays), path)
         return path
 
+    def write_part(self, table: pa.Table) -> Path:
+        """Write a one-row table (a case of another run, `moebench merge`) as a part."""
+        path = self.parts_dir / f"{table.column('case_id')[0].as_py()}.parquet"
+        _atomic_write(table, path)
+        return path
+
     def consolidate(self) -> Path:
         """Join every part into results.parquet, with run.json in the schema metadata
         (and the kernel tables, if any, into kernels.parquet)."""
