@@ -15,75 +15,23 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from moebench.terminal import STATUS_STYLE, LineProgress, summary_table
+
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-STATUS_STYLE = {
-    "ok": "green",
-    "mismatch": "bold red",
-    "error": "red",
-    "oom": "magenta",
-    "timeout": "yellow",
-    "crashed": "bold magenta",
-    "skipped": "dim",
-}
+RUN_EXAMPLES = """examples:
+  moebench run smoke                                # built-in: 44 tiny CPU cases, seconds
+  moebench run suites/default.toml --device cuda    # a suite file, on the GPU
+  moebench run smoke --filter impl=grouped,reference --filter 'E8k2'
+  moebench run smoke --plugin my_moe.py             # try an implementation from a file
+  moebench run default --resume default-20261125-182722-9706   # finish a killed run
+  moebench run default --shard 2/4                  # a quarter of the cases (moebench merge)
 
-
-def _fmt(value: Any, spec: str = ".3g") -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    return format(value, spec)
-
-
-def _mib(value: Any) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    return f"{value / 2**20:,.1f}"
-
-
-def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
-    """One line per case: what ran, its status, latency, throughput, memory, error."""
-    table = Table(title=title, show_lines=False)
-    for name, justify in (
-        ("impl", "left"),
-        ("shape", "left"),
-        ("tokens", "right"),
-        ("mode", "left"),
-        ("dtype", "left"),
-        ("status", "left"),
-        ("latency ms", "right"),
-        ("p10-p90 ms", "right"),
-        ("tokens/s", "right"),
-        ("peak MiB", "right"),
-        ("err", "right"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for row in rows:
-        status = row.get("status") or "?"
-        shape = row.get("preset") or f"D{row.get('hidden')} F{row.get('ffn')}"
-        shape += f" E{row.get('num_experts')} k{row.get('top_k')}"
-        if row.get("routing") not in (None, "uniform"):
-            shape += f" {row['routing']}"
-        err = row.get("rel_err")
-        if err is None or err != err:
-            err = row.get("fidelity_err")
-        spread = "-"
-        if row.get("latency_p10_ms") is not None and row.get("latency_p10_ms") == row.get(
-            "latency_p10_ms"
-        ):
-            spread = f"{row['latency_p10_ms']:.3g}-{row['latency_p90_ms']:.3g}"
-        table.add_row(
-            str(row.get("impl")),
-            shape,
-            str(row.get("tokens")),
-            str(row.get("mode")),
-            str(row.get("dtype")),
-            f"[{STATUS_STYLE.get(status, '')}]{status}[/]",
-            _fmt(row.get("latency_ms")),
-            spread,
-            _fmt(row.get("tokens_per_s"), ",.0f"),
-            _mib(row.get("peak_mem_bytes")),
-            _fmt(err, ".2e"),
-        )
-    return table
+exit codes:
+  0    the run finished (cases that failed are rows with their status)
+  1    --strict and a case is not ok
+  2    bad input: the suite, a --filter, a --plugin or --shard (the message says which)
+  130  interrupted: finished cases are kept; continue with --resume RUN_ID
+"""
 
 
 class RichProgress:
@@ -131,6 +79,11 @@ class RichProgress:
 
     def stop(self) -> None:
         self.progress.stop()
+
+
+def _table_width(console: Console) -> int | None:
+    """The terminal's width, or None (a file or log: the wide table)."""
+    return console.width if console.is_terminal else None
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
@@ -195,7 +148,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         f"[bold]{suite.name}[/]: {len(cases)} cases on {suite.device} "
         f"(timeout {suite.timeout_s:g} s per case)"
     )
-    progress = RichProgress(console) if not args.quiet else None
+    progress = None
+    if not args.quiet:  # a bar on a terminal; a line per case in a log
+        progress = RichProgress(console) if console.is_terminal else LineProgress(console)
     try:
         outcome = run_cases(
             cases,
@@ -221,7 +176,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     except StoreError as exc:
         console.print(f"[red]error:[/] {exc}")
         return EXIT_BAD_INPUT
-    console.print(summary_table(outcome.rows, f"run {outcome.run_id}"))
+    console.print(summary_table(outcome.rows, f"run {outcome.run_id}", _table_width(console)))
     if outcome.skipped:
         console.print(f"{outcome.skipped} cases already done in {outcome.run_id} were skipped")
     failed = [r for r in outcome.rows if r.get("status") != "ok"]
@@ -289,7 +244,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         f"{env.get('torch')}  git {env.get('git_sha')}"
     )
     rows = frame.to_dict("records")
-    console.print(summary_table(rows, f"{len(rows)} cases"))
+    console.print(summary_table(rows, f"{len(rows)} cases", _table_width(console)))
     return EXIT_OK
 
 
@@ -320,8 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a suite into results/<run_id>/")
-    run.add_argument("suite", help="suite TOML file (e.g. suites/smoke.toml)")
+    run = sub.add_parser(
+        "run",
+        help="run a suite into results/<run_id>/",
+        description="Run a suite's cases, one parquet row each, into results/<run_id>/.",
+        epilog=RUN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("suite", help="a built-in suite's name (moebench suites) or a suite TOML file")
     run.add_argument("--device", help="override the suite's device: cpu, cuda, cuda:N, auto")
     run.add_argument("--out", default="results", help="results root folder (default: results)")
     run.add_argument(

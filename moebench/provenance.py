@@ -3,7 +3,7 @@
 Stored in run.json and the parquet metadata under `environment.provenance`:
 
     {"moebench": {"version": "0.1.0", "commit": "6466b0a...", "dirty": false,
-                  "source": "checkout"},          # or "wheel", or the URL pip installed from
+                  "source": "checkout"},  # or "wheel", or "git" (with the "url" pip used)
      "repository": {"root": "/home/me/kernels", "commit": "91c2...", "dirty": true},
      "plugins": [{"entry_point": "my-moe", "target": "my_pkg.moe",
                   "distribution": "my-pkg", "version": "0.3.1"}]}
@@ -67,8 +67,9 @@ def moebench_source() -> dict[str, Any]:
         return found
     if direct_url:
         origin = json.loads(direct_url)
-        found["source"] = origin.get("url", "wheel")
-        found["commit"] = (origin.get("vcs_info") or {}).get("commit_id")
+        found["url"] = origin.get("url")
+        if origin.get("vcs_info"):
+            found.update(source="git", commit=origin["vcs_info"].get("commit_id"))
     return found
 
 
