@@ -31,7 +31,11 @@ expect_exit() {  # expect_exit CODE COMMAND...: run it, fail unless it exits COD
 
 step "build the wheel, install it into a fresh venv outside the checkout"
 cd "$work"  # nothing of the checkout on sys.path from here on
-"$python" -m pip wheel --quiet --no-deps -w "$work/dist" "$checkout"
+# From a copy of the files git would commit: no stale build/ or .venv/ of the checkout.
+mkdir "$work/src"
+(cd "$checkout" && git ls-files -z --cached --others --exclude-standard \
+  | xargs -0 cp --parents -t "$work/src" 2>/dev/null || true)
+"$python" -m pip wheel --quiet --no-deps -w "$work/dist" "$work/src"
 # --system-site-packages: this Python's torch is used; a missing one is installed pinned
 # (never a plain `torch`: that is a multi-GB CUDA build).
 "$python" -m venv --system-site-packages "$work/venv"
@@ -125,4 +129,4 @@ grep -q "plugin outsider-moe-moebench differs" "$work/last.log" \
 expect_exit 1 "${pytest_compare[@]}"
 grep -q "Performance has regressed" "$work/last.log" || fail "pytest failed for another reason"
 grep -q "$impl" "$work/last.log" || fail "pytest-benchmark did not name $impl"
-step "ok"
+step "ok (${SECONDS} s)"

@@ -5,7 +5,7 @@ Shape legend: D hidden, F expert ffn width, E routed experts, S shared-expert wi
 
 Weights are drawn from N(0, 0.02^2) by a seeded generator on the target device, so two
 implementations of one case compute the same function on the same numbers. Inputs are
-N(0, 1): never zeros (DESIGN.md, "Measuring honestly").
+N(0, 1): never zeros (docs/design.md, "Measuring honestly").
 """
 
 from __future__ import annotations
