@@ -4,8 +4,8 @@ Registered as the `pytest11` entry point `moebench` (or load it by hand with
 `pytest -p moebench.pytest_plugin`). It gives:
 
 - `moebench_cases(suite, device=None, filters=())`: the cases of a suite (a built-in's
-  name, or a file) as `pytest.param`s
-  whose ids are the case labels, for `@pytest.mark.parametrize("case", ...)`;
+  name, or a file) as `pytest.param`s whose ids are the case labels, for
+  `@pytest.mark.parametrize("case", ...)`;
 - the fixture `moebench_layer`: for the test's `case` parameter, the weights, the built
   layer, the inputs and `step`, one timed call (a forward under inference mode, or a
   forward and backward in train mode; on CUDA it synchronizes, so wall time is GPU time).
