@@ -700,7 +700,7 @@ def test_end_to_end_checkpoint_weights(tmp_path):
     assert set(frame["weights"]) == {f"checkpoint:{tmp_path / 'ckpt'}:0"}
 
 
-@pytest.mark.parametrize(("name", "count"), [("merging", 16), ("offload", 16), ("seeds", 18)])
+@pytest.mark.parametrize(("name", "count"), [("merging", 16), ("offload", 16), ("seeds", 20)])
 def test_design_suites_load(name, count):
     import importlib
 
