@@ -17,6 +17,7 @@ from it. `differences` says what changed between two runs, for `moebench compare
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from collections.abc import Iterable, Mapping
@@ -75,7 +76,8 @@ def moebench_source() -> dict[str, Any]:
 
 def plugin_sources(specs: Iterable[str] = ()) -> list[dict[str, Any]]:
     """Every entry-point plugin, and every `--plugin` spec, with the distribution that
-    provides it and its version (None for a file or a module of no distribution)."""
+    provides it and its version (None for a file or a module of no distribution; a file's
+    sha256 instead)."""
     from moebench.registry import ENTRY_POINT_GROUP
 
     found = []
@@ -92,7 +94,9 @@ def plugin_sources(specs: Iterable[str] = ()) -> list[dict[str, Any]]:
     owners = metadata.packages_distributions()
     for spec in specs:
         entry: dict[str, Any] = {"plugin": spec, "distribution": None, "version": None}
-        if not spec.endswith(".py"):
+        if spec.endswith(".py") and Path(spec).is_file():  # no version: its content's hash
+            entry["sha256"] = hashlib.sha256(Path(spec).read_bytes()).hexdigest()
+        elif not spec.endswith(".py"):
             names = owners.get(spec.split(".")[0]) or []
             if names:
                 entry.update(distribution=names[0], version=metadata.version(names[0]))

@@ -28,7 +28,8 @@ def test_repository_is_the_working_directory(tmp_path: Path, monkeypatch) -> Non
     _git(repo, "add", "kernel.py")
     _git(repo, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "one")
     monkeypatch.chdir(repo)
-    found = collect_provenance(["tests/plugin_good.py"])
+    plugin_file = str(Path(__file__).with_name("plugin_good.py"))
+    found = collect_provenance([plugin_file])
     assert found["repository"]["commit"] == _git(repo, "rev-parse", "HEAD")
     assert found["repository"]["dirty"] is False
     (repo / "kernel.py").write_text("x = 2\n")
@@ -37,9 +38,9 @@ def test_repository_is_the_working_directory(tmp_path: Path, monkeypatch) -> Non
     checkout = Path(__file__).parent.parent
     assert found["moebench"]["commit"] == _git(checkout, "rev-parse", "HEAD")
     assert found["moebench"]["source"] == "checkout"
-    assert {"plugin": "tests/plugin_good.py", "distribution": None, "version": None} in found[
-        "plugins"
-    ]
+    (from_file,) = [p for p in found["plugins"] if p.get("plugin") == plugin_file]
+    assert from_file["distribution"] is None and from_file["version"] is None
+    assert len(from_file["sha256"]) == 64
 
 
 def test_outside_a_repository(tmp_path: Path, monkeypatch) -> None:
