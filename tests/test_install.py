@@ -115,3 +115,19 @@ def test_the_scaffolded_plugin_runs_and_matches_the_reference(tmp_path: Path) ->
     finally:
         registry.unregister("skeleton-moe")
         sys.modules.pop("moebench_plugin_moe", None)
+
+
+def test_suites_command_marks_a_suite_that_needs_a_missing_plugin(
+    tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import moebench.catalog
+
+    needs_plugin = tmp_path / "needs.toml"
+    needs_plugin.write_text(
+        '[grid]\nimpl = ["not-installed"]\nhidden = 8\nffn = 8\nnum_experts = 2\n'
+        "top_k = 1\nbatch = 1\nseq_len = 2\n"
+    )
+    monkeypatch.setattr(moebench.catalog, "builtin_suites", lambda: {"needs": needs_plugin})
+    assert cli_main(["suites"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "│ needs │ - │ - │" in out and "unknown impl 'not-installed'" in out
