@@ -3,6 +3,7 @@
 #   make bench    the default suite (CUDA when present, else CPU)
 #   make report   an HTML report of the latest run
 #   make lint     ruff
+#   make outsider the wheel in a fresh venv, used from an empty repository (.ci/outsider.sh)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 SUITE ?= suites/default.toml
 
-.PHONY: test bench report lint smoke perf-gate clean
+.PHONY: test bench report lint smoke perf-gate outsider clean
 
 # --system-site-packages: a torch already installed for this Python is used, not replaced.
 $(VENV)/bin/python:
@@ -64,9 +65,12 @@ perf-gate: $(VENV)/.base
 	  --normalize reference --gate impl --threshold $(GATE_THRESHOLD) \
 	  --markdown results/ci/compare.md --json results/ci/compare.json
 
+outsider:
+	PYTHON=$(PYTHON) .ci/outsider.sh
+
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check moebench tests plugins
 	$(VENV)/bin/ruff format --check moebench tests plugins
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -17,103 +17,20 @@ from rich.table import Table
 from rich.text import Text
 
 from moebench.console import error, resume_command, say, warning, without_resume
+from moebench.terminal import STATUS_STYLE, LineProgress, noise_note, summary_table
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 CONFIRM_CASES = 10_000  # a bigger suite needs --yes (or a y on the terminal)
 CASE_OVERHEAD_S = 1.0  # build, checks and memory window of one case, roughly
-STATUS_STYLE = {
-    "ok": "green",
-    "mismatch": "bold red",
-    "error": "red",
-    "oom": "magenta",
-    "timeout": "yellow",
-    "crashed": "bold magenta",
-    "skipped": "dim",
-}
+RUN_EXAMPLES = """examples:
+  moebench run smoke                                # built-in: 44 tiny CPU cases, seconds
+  moebench run suites/default.toml --device cuda    # a suite file, on the GPU
+  moebench run smoke --filter impl=grouped,reference --filter 'E8k2'
+  moebench run smoke --plugin my_moe.py             # try an implementation from a file
+  moebench run default --resume default-20261125-182722-9706   # finish a killed run
+  moebench run default --shard 2/4                  # a quarter of the cases (moebench merge)
 
-
-def _fmt(value: Any, spec: str = ".3g") -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    try:
-        return format(value, spec)
-    except (TypeError, ValueError):  # not a number: shown as it is
-        return str(value)
-
-
-def _mib(value: Any) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    return f"{value / 2**20:,.1f}"
-
-
-def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
-    """One line per case: what ran, its status, latency, throughput, memory, error."""
-    table = Table(title=Text(title), show_lines=False)
-    for name, justify in (
-        ("impl", "left"),
-        ("shape", "left"),
-        ("tokens", "right"),
-        ("mode", "left"),
-        ("dtype", "left"),
-        ("status", "left"),
-        ("latency ms", "right"),
-        ("p10-p90 ms", "right"),
-        ("spread", "right"),
-        ("tokens/s", "right"),
-        ("peak MiB", "right"),
-        ("err", "right"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for row in rows:
-        status = row.get("status") or "?"
-        shape = row.get("preset") or f"D{row.get('hidden')} F{row.get('ffn')}"
-        shape += f" E{row.get('num_experts')} k{row.get('top_k')}"
-        if row.get("routing") not in (None, "uniform"):
-            shape += f" {row['routing']}"
-        err = row.get("rel_err")
-        if err is None or err != err:
-            err = row.get("fidelity_err")
-        spread = "-"
-        if row.get("latency_p10_ms") is not None and row.get("latency_p10_ms") == row.get(
-            "latency_p10_ms"
-        ):
-            spread = f"{_fmt(row['latency_p10_ms'])}-{_fmt(row.get('latency_p90_ms'))}"
-        table.add_row(
-            Text(str(row.get("impl"))),
-            Text(shape),
-            Text(str(row.get("tokens"))),
-            Text(str(row.get("mode"))),
-            Text(str(row.get("dtype"))),
-            Text(str(status), style=STATUS_STYLE.get(str(status), "")),
-            _fmt(row.get("latency_ms")),
-            spread,
-            _spread(row),
-            _fmt(row.get("tokens_per_s"), ",.0f"),
-            _mib(row.get("peak_mem_bytes")),
-            _fmt(err, ".2e"),
-        )
-    return table
-
-
-def _spread(row: dict[str, Any]) -> str:
-    """p90/p10 as 'x1.2', with 'noisy' in yellow when the case's timing is noise."""
-    value = row.get("spread")
-    if value is None or value != value:
-        return "-"
-    text = f"x{value:.2g}"
-    return f"[yellow]{text} noisy[/]" if row.get("noisy") is True else text
-
-
-def noise_note(rows: list[dict[str, Any]]) -> str | None:
-    """A line on the noisy cases of a run, or None when there are none."""
-    noisy = sum(1 for row in rows if row.get("noisy") is True)
-    if not noisy:
-        return None
-    return (
-        f"{noisy} of {len(rows)} cases are noisy (p90/p10 over the device's limit, or the "
-        "median still moving): do not rank them; rerun on a quieter machine"
-    )
+"""
 
 
 class RichProgress:
@@ -165,19 +82,30 @@ class RichProgress:
         self.progress.stop()
 
 
+def _table_width(console: Console) -> int | None:
+    """The terminal's width, or None (a file or log: the wide table)."""
+    return console.width if console.is_terminal else None
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from moebench.measure.timing import TimingPlan
     from moebench.plugins import PluginError, import_plugin
     from moebench.runner import FilterError, filter_cases, run_cases
+    from moebench.shard import ShardError, parse_shard, select_shard
     from moebench.store import StoreError
     from moebench.suite import SuiteError, load_suite
 
+    shard_meta = {}
     try:
         for spec in args.plugin:
             import_plugin(spec)
         suite = load_suite(args.suite, device=args.device)
         cases = filter_cases(suite.cases, args.filter)
-    except (SuiteError, FilterError, PluginError) as exc:
+        if args.shard and cases:
+            index, count = parse_shard(args.shard)
+            shard_meta = {"shard": {"index": index, "count": count, "of_cases": len(cases)}}
+            cases = select_shard(cases, index, count)
+    except (SuiteError, FilterError, PluginError, ShardError) as exc:
         error(console, exc)
         return EXIT_BAD_INPUT
     if not cases:
@@ -228,7 +156,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         f": {len(cases)} cases on {suite.device} (timeout {suite.timeout_s:g} s per case)",
     )
     run_argv = without_resume(getattr(args, "argv", None) or sys.argv[1:])
-    progress = RichProgress(console) if not args.quiet else None
+    progress = None
+    if not args.quiet:  # a bar on a terminal; a line per case in a log
+        progress = RichProgress(console) if console.is_terminal else LineProgress(console)
     try:
         outcome = run_cases(
             cases,
@@ -248,6 +178,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                 "gpus": gpus,
                 "profile": args.profile,
                 "run_argv": run_argv,
+                **shard_meta,
             },
             profile=profile,
             threads=args.threads,
@@ -256,7 +187,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     except StoreError as exc:
         error(console, exc)
         return EXIT_BAD_INPUT
-    console.print(summary_table(outcome.rows, f"run {outcome.run_id}"))
+    console.print(summary_table(outcome.rows, f"run {outcome.run_id}", _table_width(console)))
     if note := noise_note(outcome.rows):
         console.print(f"[yellow]{note}[/]")
     if outcome.skipped:
@@ -319,17 +250,21 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
             Text(",".join(info.dtypes)),
             Text(info.description),
         )
-    for broken in registry.broken().values():
+    broken = registry.broken()
+    for plugin in broken.values():
         table.add_row(
-            Text(broken.name),
+            Text(plugin.name),
             "-",
             Text("broken", style="red"),
             "-",
             "-",
-            Text(f"{broken.target}: {broken.error}"),
+            Text(f"{plugin.target}: {plugin.error}"),
         )
     console.print(table)
     console.print(presets_table())
+    if broken:  # a CI step that checks its plugins fails here
+        error(console, f"{len(broken)} plugin(s) failed to import")
+        return EXIT_FAIL
     return EXIT_OK
 
 
@@ -384,7 +319,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         warning(console, note)
     if not rows:
         return EXIT_OK
-    console.print(summary_table(rows, f"{len(rows)} cases"))
+    console.print(summary_table(rows, f"{len(rows)} cases", _table_width(console)))
     return EXIT_OK
 
 
@@ -413,13 +348,14 @@ RUN_EXITS = """exit codes:
   0    every case ran (a case that failed is a row with its status and error)
   1    --strict, and a case is not ok
   2    bad input, one line each: a suite that does not load (file, table, key and what is
-       allowed), a --filter that matches nothing, a bad --out, a --resume of another
+       allowed), a --filter that matches nothing, a bad --out or --shard, a --resume of another
        suite's run, of a run in use or of an unknown run id (the known ones are listed),
        a suite of more than 10,000 cases without --yes
   130  interrupted (Ctrl-C, SIGTERM, SIGHUP): finished cases are kept, the results
        consolidated, and the exact command that resumes the run is printed"""
 LIST_EXITS = """exit codes:
-  0    listed (a plugin that fails to import is a 'broken' row with its error)
+  0    listed
+  1    a plugin failed to import (listed as a 'broken' row with its error)
   2    a --plugin that cannot be imported"""
 SHOW_EXITS = """exit codes:
   0    shown; a run with no or not all cases says so, with the command that finishes it
@@ -441,8 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a suite into results/<run_id>/", **_exits(RUN_EXITS))
-    run.add_argument("suite", help="suite TOML file (e.g. suites/smoke.toml)")
+    run = sub.add_parser(
+        "run",
+        help="run a suite into results/<run_id>/",
+        description="Run a suite's cases, one parquet row each, into results/<run_id>/.",
+        epilog=RUN_EXAMPLES + "\n" + RUN_EXITS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("suite", help="a built-in suite's name (moebench suites) or a suite TOML file")
     run.add_argument("--device", help="override the suite's device: cpu, cuda, cuda:N, auto")
     run.add_argument("--out", default="results", help="results root folder (default: results)")
     run.add_argument(
@@ -494,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="intra-op threads for CPU cases (default: the physical cores this process may "
         "use; cases under 20 MFLOP a call use 1); recorded in run.json",
     )
+    run.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run shard I of N (from 1): a deterministic share of the cases, balanced by "
+        "expected cost; join the shards' runs with `moebench merge`",
+    )
     run.add_argument("--strict", action="store_true", help="exit 1 if any case is not ok")
     run.add_argument(
         "--yes",
@@ -520,7 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--json", action="store_true", help="print JSON")
     env.set_defaults(handler=cmd_env)
 
-    for module in ("moebench.report.command", "moebench.compare", "moebench.export"):
+    for module in (
+        "moebench.report.command",
+        "moebench.compare",
+        "moebench.export",
+        "moebench.catalog",
+        "moebench.merge",
+        "moebench.scaffold",
+    ):
         _add_optional_command(sub, module)
     return parser
 

@@ -1,12 +1,12 @@
-"""What the harness sees: host, devices, NVML, library versions, git sha."""
+"""What the harness sees: host, devices, NVML, library versions, provenance."""
 
 from __future__ import annotations
 
 import os
 import platform
 import socket
-import subprocess
 import sys
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,21 +21,6 @@ def _version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-
-
-def git_sha() -> str | None:
-    """The commit of the moebench checkout (None when not run from one)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _cpu_name() -> str:
@@ -93,9 +78,13 @@ def machine_load() -> dict[str, Any]:
     return load
 
 
-def collect_environment() -> dict[str, Any]:
-    """Run-level facts stored in run.json and the parquet metadata."""
+def collect_environment(plugins: Iterable[str] = ()) -> dict[str, Any]:
+    """Run-level facts stored in run.json and the parquet metadata. plugins: the run's
+    `--plugin` specs, for the provenance (moebench.provenance)."""
     from moebench import __version__
+    from moebench.provenance import collect_provenance
+
+    provenance = collect_provenance(plugins)
 
     env: dict[str, Any] = {
         "host": socket.gethostname(),
@@ -108,10 +97,11 @@ def collect_environment() -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "triton": _version("triton"),
         "moebench": __version__,
-        "git_sha": git_sha(),
+        "git_sha": provenance["moebench"]["commit"],  # moebench's own commit
         "command": " ".join(sys.argv),
         "cuda_available": torch.cuda.is_available(),
         "gpus": [],
+        "provenance": provenance,
     }
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

@@ -1,17 +1,26 @@
 """`moebench export`: a run as pytest-benchmark JSON or as CSV.
 
-    moebench export RUN --format pytest-benchmark -o .benchmarks/moebench/0001_run.json
-    pytest-benchmark compare .benchmarks/moebench/0001_run.json   # reads it like its own
+    moebench export RUN --format pytest-benchmark --storage .benchmarks
+    pytest bench/test_moebench.py --benchmark-compare --benchmark-compare-fail=median:50%
+    moebench export RUN --format pytest-benchmark -o run.json   # one file, anywhere
     moebench export RUN --format csv -o run.csv
 
-pytest-benchmark format (its storage files, as `pytest --benchmark-json` writes them):
+pytest-benchmark format (its storage files, as `pytest --benchmark-autosave` writes them):
 `machine_info`, `commit_info`, `benchmarks`, `datetime`, `version`. Each ok case is one
-benchmark: `group` is the case without the implementation (so pytest-benchmark lines up
-the implementations of one case), `name` is `impl[case]`, `params` are the case fields,
-`stats` are derived from the kept samples in seconds with pytest-benchmark's definitions
-(quartiles, Tukey outliers, ops = rounds / total), `data` the samples themselves, and
-`iterations` 1 (every sample is one call). Cases that did not finish ok are left out, as
-pytest-benchmark leaves out benchmarks that errored. Run-level facts come from run.json.
+benchmark named as the `moebench_layer` fixture's test names it (moebench.pytest_plugin),
+so `pytest --benchmark-compare` matches the run's cases with the test's and compares real
+numbers: `fullname` is `TEST[label]` (TEST: `--test`, the test's node id, default
+`test_moebench.py::test_moe_layer`, what `moebench init` writes), `name` `test_moe_layer[label]`
+and `group` the label without the implementation, where the label is `Case.label()`.
+`params` are the case fields, `stats` are derived from the kept samples in seconds with
+pytest-benchmark's definitions (quartiles, Tukey outliers, ops = rounds / total), `data`
+the samples themselves, and `iterations` 1 (every sample is one call). Cases that did not
+finish ok are left out, as pytest-benchmark leaves out benchmarks that errored.
+Run-level facts come from run.json.
+
+`--storage DIR` writes where pytest-benchmark looks: `DIR/<machine id>/NNNN_<run id>.json`
+with its machine id (`Linux-CPython-3.11-64bit`) and the next free number, so a plain
+`--benchmark-compare` (the newest file) or `--benchmark-compare=NNNN` finds it.
 
 CSV: the results table as is, one row per case; list columns (`samples_ms`,
 `tokens_per_expert`) as JSON arrays.
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import sys
 from bisect import bisect_left, bisect_right
@@ -34,8 +44,16 @@ import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 
-from moebench.case import ALL_FIELDS
-from moebench.compare.pairing import plain_value, shape_words
+from moebench.case import (
+    ALL_FIELDS,
+    CASE_FIELDS,
+    SHAPE_FIELDS,
+    WORKLOAD_FIELDS,
+    Case,
+    LayerShape,
+    Workload,
+)
+from moebench.compare.pairing import plain_value
 from moebench.store import StoreError, read_metadata, read_run
 
 COMMAND = "export"
@@ -48,6 +66,8 @@ EXIT_CODES = """exit codes:
        table, an output file that exists (pass --force), an output that cannot be written"""
 # The pytest-benchmark storage layout this writes (stable since 3.x; 'ops' since 3.1).
 PYTEST_BENCHMARK_FORMAT = "5.1.0"
+# The node id of the test `moebench init` writes (bench/pytest.ini makes bench/ the root).
+DEFAULT_TEST = "test_moebench.py::test_moe_layer"
 CASE_PARAMS = (*ALL_FIELDS, "tokens")
 EXTRA_INFO = (
     "run_id", "case_id", "suite", "family", "impl_detail", "latency_ms", "tokens_per_s",
@@ -125,9 +145,35 @@ def _samples_s(row: Mapping[str, Any]) -> list[float]:
     return [float(v) / 1e3 for v in samples if v is not None and v == v]
 
 
-def _case_text(row: Mapping[str, Any]) -> str:
-    """'D64F128-E4k2-T16-forward-float32-uniform' (a pytest-style id, no spaces)."""
-    return "-".join(shape_words(row))
+def case_of_row(row: Mapping[str, Any]) -> Case:
+    """The Case a results row was measured from (its label is the fixture's test id)."""
+    value = {name: plain_value(row.get(name)) for name in ALL_FIELDS if name in row}
+    options = json.loads(value.get("options") or "{}")
+    return Case(
+        shape=LayerShape(**{k: value[k] for k in SHAPE_FIELDS if k in value}),
+        workload=Workload(**{k: value[k] for k in WORKLOAD_FIELDS if k in value}),
+        **{k: value[k] for k in CASE_FIELDS if k in value and k != "options"},
+        options=tuple(sorted(options.items())),
+    )
+
+
+def machine_id() -> str:
+    """pytest-benchmark's folder name for this machine (its utils.get_machine_id)."""
+    return "-".join(
+        (
+            platform.system(),
+            platform.python_implementation(),
+            ".".join(platform.python_version_tuple()[:2]),
+            platform.architecture()[0],
+        )
+    )
+
+
+def storage_path(storage: Path, run_id: str) -> Path:
+    """`storage/<machine id>/NNNN_<run_id>.json` with the next free number."""
+    folder = storage / machine_id()
+    numbers = [int(p.name[:4]) for p in folder.glob("[0-9][0-9][0-9][0-9]_*.json")]
+    return folder / f"{max(numbers, default=0) + 1:04d}_{run_id}.json"
 
 
 def _machine_info(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,37 +198,43 @@ def _machine_info(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _commit_info(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The repository the run was made in (as pytest-benchmark records the project under
+    test); runs older than provenance: moebench's own commit."""
     env = meta.get("environment") or {}
+    repository = (env.get("provenance") or {}).get("repository") or {}
+    root = repository.get("root")
     return {
-        "id": env.get("git_sha") or "unversioned",
+        "id": repository.get("commit") or env.get("git_sha") or "unversioned",
         "time": None,
         "author_time": None,
-        "dirty": None,
-        "project": "moebench",
+        "dirty": repository.get("dirty"),
+        "project": Path(root).name if root else "moebench",
         "branch": None,
     }
 
 
-def to_pytest_benchmark(frame: pd.DataFrame, meta: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
-    """(the JSON document, how many cases were left out: not ok or without samples)."""
+def to_pytest_benchmark(
+    frame: pd.DataFrame, meta: Mapping[str, Any], test: str = DEFAULT_TEST
+) -> tuple[dict[str, Any], int]:
+    """(the JSON document, how many cases were left out: not ok or without samples).
+    test: the node id of the test whose benchmarks these stand for (module docstring)."""
     benchmarks = []
     left_out = 0
-    suite = meta.get("suite") or "moebench"
+    function = test.rsplit("::", 1)[-1]
     for row in frame.to_dict("records"):
         samples = _samples_s(row)
         if row.get("status") != "ok" or not samples:
             left_out += 1
             continue
-        case = _case_text(row)
-        name = f"{row.get('impl')}[{case}]"
+        label = case_of_row(row).label()
         params = {k: plain_value(row.get(k)) for k in CASE_PARAMS if k in row}
         benchmarks.append(
             {
-                "group": case,
-                "name": name,
-                "fullname": f"{suite}::{name}",
+                "group": label.split(" ", 1)[1],  # as BuiltLayer.group
+                "name": f"{function}[{label}]",
+                "fullname": f"{test}[{label}]",
                 "params": params,
-                "param": case,
+                "param": label,
                 "extra_info": {k: plain_value(row.get(k)) for k in EXTRA_INFO if k in row},
                 "options": {
                     "disable_gc": False,
@@ -237,6 +289,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pytest-benchmark JSON (default; `pytest-benchmark compare FILE` reads it) or csv",
     )  # fmt: skip
     parser.add_argument("-o", "--output", default="-", help="output file ('-': stdout)")
+    parser.add_argument(
+        "--storage", metavar="DIR",
+        help="pytest-benchmark: write DIR/<machine id>/NNNN_<run id>.json, where "
+        "`pytest --benchmark-compare` looks (DIR is usually .benchmarks)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--test", default=DEFAULT_TEST, metavar="NODE_ID",
+        help=f"pytest-benchmark: the test the cases stand for (default {DEFAULT_TEST})",
+    )  # fmt: skip
     parser.add_argument("--root", default="results", help="results root for run ids")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
 
@@ -252,15 +313,21 @@ def main(args: argparse.Namespace, console: Console) -> int:
     if args.format == "csv":
         text, note = to_csv(frame), f"{len(frame)} cases"
     else:
-        document, left_out = to_pytest_benchmark(frame, meta)
+        document, left_out = to_pytest_benchmark(frame, meta, args.test)
         text = json.dumps(document, indent=4, default=str, allow_nan=False)
         note = f"{len(document['benchmarks'])} benchmarks"
         if left_out:
             note += f" ({left_out} cases not ok or without samples left out)"
-    if args.output == "-":
+    if args.storage:
+        if args.format != "pytest-benchmark" or args.output != "-":
+            console.print("[red]error:[/] --storage is for --format pytest-benchmark, without -o")
+            return EXIT_BAD_INPUT
+        path = storage_path(Path(args.storage), str(meta.get("run_id") or "moebench"))
+    elif args.output == "-":
         sys.stdout.write(text)
         return EXIT_OK
-    path = Path(args.output)
+    else:
+        path = Path(args.output)
     if path.exists() and not args.force:  # results files are not overwritten by accident
         console.print(f"[red]error:[/] {escape(str(path))} exists; pass --force to overwrite it")
         return EXIT_BAD_INPUT

@@ -3,8 +3,9 @@
 Registered as the `pytest11` entry point `moebench` (or load it by hand with
 `pytest -p moebench.pytest_plugin`). It gives:
 
-- `moebench_cases(suite, device=None, filters=())`: the suite's cases as `pytest.param`s
-  whose ids are the case labels, for `@pytest.mark.parametrize("case", ...)`;
+- `moebench_cases(suite, device=None, filters=())`: the cases of a suite (a built-in's
+  name, or a file) as `pytest.param`s whose ids are the case labels, for
+  `@pytest.mark.parametrize("case", ...)`;
 - the fixture `moebench_layer`: for the test's `case` parameter, the weights, the built
   layer, the inputs and `step`, one timed call (a forward under inference mode, or a
   forward and backward in train mode; on CUDA it synchronizes, so wall time is GPU time).
@@ -14,7 +15,7 @@ A runnable example (`pip install pytest-benchmark`; save as test_moe_bench.py):
     import pytest
     from moebench.pytest_plugin import moebench_cases
 
-    CASES = moebench_cases("suites/smoke.toml", filters=["mode=forward"])
+    CASES = moebench_cases("smoke", filters=["mode=forward"])
 
     @pytest.mark.parametrize("case", CASES)
     def test_moe_layer(benchmark, moebench_layer, case):
@@ -25,6 +26,10 @@ A runnable example (`pip install pytest-benchmark`; save as test_moe_bench.py):
 
     # pytest test_moe_bench.py --benchmark-json=out.json
     # pytest-benchmark compare out.json
+
+`moebench init` writes this test as bench/test_moebench.py, and `moebench export RUN
+--format pytest-benchmark --storage .benchmarks` names a run's cases as this test names
+them, so `pytest --benchmark-compare` compares against a moebench run.
 
 The fixture builds the layer as `moebench run` does (the same weights, inputs, stacks and
 correctness check, from `moebench.measure.case_run`): `moebench_layer.rel_err` is its
@@ -55,7 +60,8 @@ INPUT_ROTATIONS = 2
 def moebench_cases(
     suite: str | Path, device: str | None = None, filters: Sequence[str] = ()
 ) -> list[Any]:
-    """The cases of the suite file `suite` as `pytest.param(case, id=case.label())`.
+    """The cases of `suite` (a file, or a built-in suite's name) as
+    `pytest.param(case, id=case.label())`.
 
     device: overrides the suite's device ("cpu", "cuda", "auto"). filters: `moebench run
     --filter` expressions (`key=v1,v2`, or a regular expression on the label). A suite

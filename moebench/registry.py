@@ -169,14 +169,23 @@ def load_all() -> None:
 
 
 def get(name: str) -> ImplInfo:
-    """The implementation called `name`, or an error listing the known names."""
+    """The implementation called `name`, or an error listing the known names (and the
+    plugins that failed to import: the name may be one of theirs)."""
     load_all()
     if name not in _REGISTRY:
-        hint = ""
-        if name in _BROKEN:
-            hint = f" (its plugin is broken: {_BROKEN[name].error})"
-        raise RegistryError(f"unknown implementation {name!r}{hint}; known: {sorted(_REGISTRY)}")
+        raise RegistryError(
+            f"unknown implementation {name!r}; known: {sorted(_REGISTRY)}{broken_note()}"
+        )
     return _REGISTRY[name]
+
+
+def broken_note() -> str:
+    """'; plugin(s) that failed to import, which may have registered it: ...' or ''."""
+    load_all()
+    if not _BROKEN:
+        return ""
+    named = "; ".join(f"{b.name} ({b.target}): {b.error}" for b in _BROKEN.values())
+    return f"; plugins that failed to import (one may have registered it): {named}"
 
 
 def available() -> dict[str, ImplInfo]:

@@ -366,7 +366,7 @@ def run_cases(
             "run_id": store.run_id,
             "suite": suite_name,
             "started_at": datetime.now(UTC).isoformat(),
-            "environment": collect_environment(),
+            "environment": collect_environment(plugins),
             **(meta or {}),
         }
     todo = [c for c in cases if c.case_id not in done]

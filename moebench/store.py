@@ -11,6 +11,16 @@ A run is a folder `results/<run_id>/`:
 
 Every finished case is on disk before the next starts, so a killed run loses nothing;
 `read_run` reads the consolidated file, or the parts of a run that never finished.
+
+Schema versions (`schema_version` in run.json and in the parquet metadata; a file newer
+than this moebench is refused with a message, older ones are read):
+
+    1  started_at an ISO 8601 string; no schema_version written
+    2  started_at a UTC timestamp; schema_version written
+
+Read back, integer columns are pandas' nullable `Int64` (a failed case leaves them
+null, not float NaN), `exact` is nullable `boolean` and `started_at` a UTC timestamp,
+whatever the version of the file.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +41,15 @@ import pyarrow.parquet as pq
 from moebench.case import LATE_FIELD_DEFAULTS
 from moebench.names import inside, name_problem, sanitize_name
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KERNELS_FILE = "kernels.parquet"
 METADATA_KEY = b"moebench"
 
 _I = pa.int64()
 _F = pa.float64()
 _S = pa.string()
-# Every column of the table (DESIGN.md), with its type. Implementations may add columns
+_T = pa.timestamp("us", tz="UTC")
+# Every column of the table (docs/design.md), with its type. Implementations may add columns
 # of their own (prefixed by their family); those are typed by inference.
 COLUMNS: dict[str, pa.DataType] = {
     # identity
@@ -49,7 +61,7 @@ COLUMNS: dict[str, pa.DataType] = {
     "exact": pa.bool_(),
     "status": _S,
     "error": _S,
-    "started_at": _S,
+    "started_at": _T,
     "impl_detail": _S,
     # case
     "device": _S,
@@ -184,8 +196,14 @@ def new_run_id(suite: str) -> str:
     return f"{sanitize_name(suite)[:70]}-{stamp}-{secrets.token_hex(2)}"
 
 
+def _timestamp(value: Any) -> Any:
+    """An ISO 8601 string (how the runner stamps rows) as a datetime; others as given."""
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
 def row_table(row: dict[str, Any], metadata: dict[str, Any] | None = None) -> pa.Table:
     """One row as a table with the schema's types (unknown columns inferred)."""
+    row = {**row, "started_at": _timestamp(row.get("started_at"))}
     unknown = {k: v for k, v in row.items() if k not in COLUMNS}
     fields = [pa.field(name, typ) for name, typ in COLUMNS.items()]
     arrays = [pa.array([row.get(name)], type=typ) for name, typ in COLUMNS.items()]
@@ -295,6 +313,7 @@ class ResultStore:
         return dict(line.partition("\t")[::2] for line in lines if line)
 
     def write_meta(self, meta: dict[str, Any]) -> None:
+        meta = {**meta, "schema_version": SCHEMA_VERSION}
         tmp = self.run_dir / ".run.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2, default=str))
         os.replace(tmp, self.run_dir / "run.json")
@@ -360,6 +379,12 @@ class ResultStore:
         _atomic_write(pa.table(arrays), path)
         return path
 
+    def write_part(self, table: pa.Table) -> Path:
+        """Write a one-row table (a case of another run, `moebench merge`) as a part."""
+        path = self.parts_dir / f"{table.column('case_id')[0].as_py()}.parquet"
+        _atomic_write(table, path)
+        return path
+
     def consolidate(self, warn: Callable[[str], None] | None = None) -> Path:
         """Join every readable part into results.parquet, with run.json in the schema
         metadata (and the kernel tables, if any, into kernels.parquet); an unreadable
@@ -371,7 +396,7 @@ class ResultStore:
         tables = []
         for part in sorted(self.parts_dir.glob("*.parquet")):
             try:
-                tables.append(pq.read_table(part))
+                tables.append(upgrade_table(pq.read_table(part)))
             except (OSError, pa.ArrowException) as exc:
                 if warn is not None:
                     warn(f"part {part.name} is unreadable ({exc}); left out of the results")
@@ -384,6 +409,7 @@ class ResultStore:
             meta = self.read_meta()
         except StoreError:
             meta = {}
+        meta = {**meta, "schema_version": SCHEMA_VERSION}
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, default=str)})
         path = self.run_dir / "results.parquet"
         _atomic_write(table, path)
@@ -407,29 +433,89 @@ def resolve_run(spec: str | Path, root: str | Path = "results") -> Path:
     raise StoreError(f"no run or parquet file {str(spec)!r} (looked in . and {root}/)")
 
 
-def read_run(spec: str | Path, root: str | Path = "results") -> pd.DataFrame:
-    """One run as a DataFrame (the consolidated file, or the parts if unfinished).
-    StoreError when it cannot be read or is not a moebench results table."""
+def read_table(spec: str | Path, root: str | Path = "results") -> pa.Table:
+    """One run as an arrow table in the current schema (the consolidated file, or the
+    parts of an unfinished run), its schema version checked and its columns those of a
+    moebench results table; StoreError when it cannot be read or is none."""
     path = resolve_run(spec, root)
+    try:
+        meta = read_metadata(path)
+    except StoreError:
+        meta = {}  # unreadable run facts: the rows may still be read (`show` says so)
+    check_schema_version(meta, path)
     try:
         if path.is_file():
             table = pq.read_table(path)
         elif (path / "results.parquet").is_file():
             table = pq.read_table(path / "results.parquet")
         else:
-            tables = [pq.read_table(p) for p in sorted((path / "parts").glob("*.parquet"))]
-            if not tables:
-                return row_table({}).slice(0, 0).to_pandas()
-            table = pa.concat_tables(tables, promote_options="permissive")
+            parts = sorted((path / "parts").glob("*.parquet"))
+            tables = [upgrade_table(pq.read_table(p)) for p in parts]
+            table = (
+                pa.concat_tables(tables, promote_options="permissive")
+                if tables
+                else row_table({}).slice(0, 0)
+            )
     except (OSError, pa.ArrowException) as exc:
         raise StoreError(f"cannot read results at {path}: {exc}") from exc
+    table = upgrade_table(table)
     check_results_table(table, path)
-    frame = table.to_pandas()
-    # A case field added later reads as its default in rows written before it existed,
-    # so old and new runs still pair case by case.
+    return table
+
+
+def read_run(spec: str | Path, root: str | Path = "results") -> pd.DataFrame:
+    """One run as a DataFrame (the consolidated file, or the parts if unfinished), with
+    nullable integer and boolean columns and `started_at` a UTC timestamp. A case field
+    added later reads as its default in rows written before it existed, so old and new
+    runs still pair case by case. StoreError when it cannot be read or is not a moebench
+    results table."""
+    frame = to_frame(read_table(spec, root))
     for name, default in LATE_FIELD_DEFAULTS.items():
         frame[name] = frame[name].fillna(default) if name in frame.columns else default
     return frame
+
+
+def check_schema_version(meta: dict[str, Any], where: str | Path) -> None:
+    """Refuse results written by a newer moebench (older ones are upgraded on read)."""
+    version = meta.get("schema_version", 1)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{where}: results schema version {version!r} is newer than this moebench "
+            f"reads (up to {SCHEMA_VERSION}); upgrade moebench to read it"
+        )
+
+
+def upgrade_table(table: pa.Table) -> pa.Table:
+    """A table of any older schema version in the current one: version 1 stored
+    `started_at` as an ISO 8601 string."""
+    names = table.column_names
+    if "started_at" not in names:
+        return table
+    typ = table.schema.field("started_at").type
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        try:
+            stamps = pd.to_datetime(
+                table.column("started_at").to_pandas(), utc=True, format="ISO8601"
+            )
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"column 'started_at' holds text that is not ISO 8601: {exc}") from exc
+        column = pa.array(stamps, type=_T)
+        table = table.set_column(names.index("started_at"), "started_at", column)
+    return table
+
+
+def _nullable_dtype(arrow_type: pa.DataType) -> Any:
+    if pa.types.is_integer(arrow_type):
+        return pd.Int64Dtype()
+    if pa.types.is_boolean(arrow_type):
+        return pd.BooleanDtype()
+    return None
+
+
+def to_frame(table: pa.Table) -> pd.DataFrame:
+    """The table as a DataFrame: integer and boolean columns nullable (pandas would make
+    an integer column with a null float64), list columns as arrays, timestamps as is."""
+    return table.to_pandas(types_mapper=_nullable_dtype)
 
 
 _REQUIRED_COLUMNS = ("case_id", "impl", "status")
@@ -465,6 +551,8 @@ def _kind(typ: pa.DataType) -> str:
         return "flags"
     if pa.types.is_string(typ) or pa.types.is_large_string(typ):
         return "text"
+    if pa.types.is_timestamp(typ):
+        return "times"
     if pa.types.is_list(typ) or pa.types.is_large_list(typ):
         return "lists" if pa.types.is_null(typ.value_type) else f"lists of {_kind(typ.value_type)}"
     return str(typ)

@@ -169,17 +169,36 @@ def load_suite(path: str | Path, device: str | None = None) -> Suite:
     """Read and validate the suite file at `path`.
 
     device: overrides the suite's [suite] device ("cpu", "cuda", "cuda:N" or "auto").
+    `path` may also name a built-in suite ("smoke": moebench.catalog).
     Raises SuiteError (naming the file) if the file is missing or the suite is invalid.
     """
+    from moebench.catalog import resolve_suite, suite_hint
+
+    path = resolve_suite(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise SuiteError(f"{path}: cannot read suite file: {exc.strerror or exc}") from exc
+        raise SuiteError(
+            f"{path}: cannot read suite file: {exc.strerror or exc}; {suite_hint()}"
+        ) from exc
     except UnicodeDecodeError as exc:
         raise SuiteError(
             f"{path}: not a text file (byte {exc.start} is not UTF-8); a suite is a TOML file"
         ) from exc
     return parse_suite(text, str(path), device)
+
+
+def count_cases(path: str | Path, device: str) -> tuple[int, str]:
+    """(cases, description) of the suite at `path` on `device` ("cpu" or "cuda"), without
+    probing the machine: for listing suites on a machine without that device. The suite
+    is validated as `load_suite` does, except the checks that need the device itself."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SuiteError(f"{path}: cannot read suite file: {exc}") from exc
+    parser = _DeviceFreeParser(data, str(path), device)
+    suite = parser.parse()
+    return len(suite.cases), suite.description
 
 
 def parse_suite(text: str, path: str = "<string>", device: str | None = None) -> Suite:
@@ -194,6 +213,10 @@ def parse_suite(text: str, path: str = "<string>", device: str | None = None) ->
 
 class _SuiteParser(SchemaChecker):
     """Checks structure and types, expands the product, filters, then checks each case."""
+
+    def check_cases(self, expander: CaseExpander, cases: list[Case], device: str) -> None:
+        """The checks of each case against the device (dtype support, ranks, ...)."""
+        expander.check_cases(cases, device)
 
     def parse(self) -> Suite:
         tables = self.top_level_tables()
@@ -237,7 +260,7 @@ class _SuiteParser(SchemaChecker):
                 "[[exclude]]/[[include]] tables remove all of them; allowed: filters "
                 "that keep at least one case"
             )
-        expander.check_cases(kept, device)
+        self.check_cases(expander, kept, device)
         self.raise_if_problems()
         settings = plan.settings
         return Suite(
@@ -252,3 +275,13 @@ class _SuiteParser(SchemaChecker):
             min_repeats=int(settings["min_repeats"]),
             max_repeats=int(settings["max_repeats"]),
         )
+
+
+class _DeviceFreeParser(_SuiteParser):
+    """Takes the device as given (no torch.cuda probe, no per-case device checks)."""
+
+    def device(self, suite_table: dict[str, Any]) -> str:
+        return self.device_override or "cpu"
+
+    def check_cases(self, expander: CaseExpander, cases: list[Case], device: str) -> None:
+        return None

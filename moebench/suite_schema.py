@@ -394,6 +394,7 @@ class SchemaChecker:
                     self.problem(
                         f"{where} key {key!r}: unknown {key} {item!r}"
                         f"{_suggest(item, choices)}; known: {', '.join(map(repr, choices))}"
+                        + (registry.broken_note() if key == "impl" else "")
                     )
                     return None
             out.append(item)

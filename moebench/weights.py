@@ -9,8 +9,8 @@ Weights are drawn from N(0, 0.02^2) by a seeded generator on the target device, 
 implementations of one case compute the same function on the same numbers; the router's
 from N(0, router_scale^2) (the case field, default 0.02): a larger scale gives sharper,
 lower-entropy routing, closer to a trained router's. Inputs are N(0, 1): never zeros
-(DESIGN.md, "Measuring honestly"). A router convention that reads weights of its own gets
-them too: a zero correction bias (an untrained DeepSeek-V3 router has none) and a
+(docs/design.md, "Measuring honestly"). A router convention that reads weights of its own
+gets them too: a zero correction bias (an untrained DeepSeek-V3 router has none) and a
 shared-expert gate vector drawn like the rest, after it, so the other tensors are those
 of the same shape without it.
 """

@@ -85,12 +85,14 @@ def test_pytest_benchmark_json_layout(tmp_path: Path, capsys: pytest.CaptureFixt
     doc = json.loads(out.read_text())
     assert set(doc) == {"machine_info", "commit_info", "benchmarks", "datetime", "version"}
     assert doc["commit_info"]["id"] == "abc123" and doc["machine_info"]["node"] == "box"
+    # Named as the moebench_layer fixture's test names its cases (Case.label()).
     assert [b["name"] for b in doc["benchmarks"]] == [
-        "reference[D64F128-E4k2-T16-forward-float32-uniform]",
-        "grouped[D64F128-E4k2-T16-forward-float32-uniform]",
+        "test_moe_layer[reference D64F128 E4k2 T16 forward float32 uniform]",
+        "test_moe_layer[grouped D64F128 E4k2 T16 forward float32 uniform]",
     ]
     bench = doc["benchmarks"][0]
-    assert bench["group"] == "D64F128-E4k2-T16-forward-float32-uniform"
+    assert bench["fullname"] == "test_moebench.py::" + bench["name"]
+    assert bench["group"] == "D64F128 E4k2 T16 forward float32 uniform"
     assert bench["params"]["impl"] == "reference" and bench["params"]["num_experts"] == 4
     stats = bench["stats"]
     assert stats["rounds"] == 15 and len(stats["data"]) == 15
@@ -117,8 +119,8 @@ def test_pytest_benchmark_compare_reads_the_export(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Failed to load" not in result.stdout + result.stderr  # it only warns on bad files
-    assert "grouped[D64F128-E4k2-T16-forward-float32-uniform]" in result.stdout
-    assert "reference[D64F128-E4k2-T16-forward-float32-uniform]" in result.stdout
+    assert "test_moe_layer[grouped D64F128 E4k2 T16 forward float32 uniform]" in result.stdout
+    assert "test_moe_layer[reference D64F128 E4k2 T16 forward float32 uniform]" in result.stdout
 
 
 def test_csv_export(tmp_path: Path) -> None:
@@ -221,3 +223,62 @@ def test_moebench_cases_ids_are_labels(tmp_path: Path) -> None:
     params = moebench_cases(suite, filters=["impl=grouped"])
     assert len(params) == 2 and all(p.id == p.values[0].label() for p in params)
     assert {p.values[0].impl for p in params} == {"grouped"}
+
+
+# ------------------------------------------------------------------ the round trip
+
+
+def _run_of_suite(root: Path, run_id: str, suite: Path, latency_ms: float) -> Path:
+    """A run of every case of `suite`, each ok with samples around `latency_ms`."""
+    from moebench.suite import load_suite
+
+    store = ResultStore.create(root, run_id)
+    store.write_meta({"run_id": run_id, "suite": "tiny", "environment": {}})
+    for case in load_suite(suite).cases:
+        row = case.fields()
+        samples = [latency_ms * f for f in (0.98, 1.0, 1.02, 0.99, 1.01)]
+        row.update(run_id=run_id, case_id=case.case_id, suite="tiny", status="ok")
+        row.update(samples_ms=samples, latency_ms=latency_ms, repeats=5)
+        store.write_row(row)
+    store.consolidate()
+    return store.run_dir
+
+
+@pytest.mark.parametrize(("baseline_ms", "fails"), [(1e4, False), (1e-6, True)])
+def test_pytest_benchmark_compare_against_an_export(
+    tmp_path: Path, baseline_ms: float, fails: bool
+) -> None:
+    """The scaffold's pytest-benchmark test (moebench init) compares against an exported
+    run case by case: a baseline far slower than the layers passes, one far faster fails
+    (named case by case), so the comparison is of real numbers, not vacuous."""
+    pytest.importorskip("pytest_benchmark")
+    from moebench.scaffold import render
+
+    repo = tmp_path / "repo"
+    for relative, text in render("my-moe").items():
+        if relative.startswith("bench/") and relative.count("/") == 1:
+            (repo / relative).parent.mkdir(parents=True, exist_ok=True)
+            (repo / relative).write_text(text)
+    (repo / "bench" / "moebench.toml").write_text(SUITE)  # reference and grouped only
+    run = _run_of_suite(tmp_path, "base", repo / "bench" / "moebench.toml", baseline_ms)
+    assert export(str(run), "--storage", str(repo / ".benchmarks")) == 0
+    (stored,) = (repo / ".benchmarks").glob("*/0001_base.json")
+    assert stored.parent.name == moebench.export.machine_id()
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "pytest", "bench", "-p", "pytest_benchmark.plugin",
+            "-p", "moebench.pytest_plugin", "-p", "no:cacheprovider", "-q",
+            "--benchmark-compare", "--benchmark-compare-fail=median:50%",
+            "--benchmark-max-time=0.05", "--benchmark-min-rounds=3",
+        ],
+        capture_output=True, text=True, cwd=repo, timeout=300,
+        env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert "Comparing against benchmarks from" in output, output[-3000:]
+    assert (result.returncode != 0) == fails, output[-3000:]
+    if not fails:
+        assert "4 passed" in output, output[-3000:]
+    else:  # every test ran; pytest-benchmark failed the session on the comparison
+        assert "Performance has regressed" in output
+        assert "test_moe_layer[grouped D32F64 E4k2 T8 train float32 uniform]" in output

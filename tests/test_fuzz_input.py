@@ -113,7 +113,7 @@ def _stub_measurement(monkeypatch) -> None:
         runner, "measure_case", lambda case, plan, cache, ceilings: {"status": "ok"}
     )
     monkeypatch.setattr(runner, "measure_ceilings", lambda device, dtypes: {})
-    monkeypatch.setattr(env, "collect_environment", lambda: {})
+    monkeypatch.setattr(env, "collect_environment", lambda plugins=(): {})
     monkeypatch.setattr("moebench.cli.CONFIRM_CASES", 40)  # bigger random suites: refused
     monkeypatch.setattr("sys.stdin.isatty", lambda: False)
 

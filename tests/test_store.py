@@ -75,3 +75,43 @@ def test_latest_and_many(tmp_path):
     assert resolve_run("latest", root=tmp_path).name == "b"
     both = read_runs(["a", "b"], root=tmp_path)
     assert sorted(both["run_id"]) == ["a", "b"]
+
+
+def test_schema_types_survive_a_failed_case(tmp_path):
+    """Integer columns stay integers (nullable) when a case failed; timestamps are
+    timestamps; the schema version is written and read back."""
+    store = ResultStore.create(tmp_path, "run-1")
+    store.write_meta({"suite": "smoke"})
+    store.write_row(_row("c1", repeats=2, peak_mem_bytes=1024, exact=True))
+    store.write_row(_row("c2", status="error", error="boom", samples_ms=None, latency_ms=None))
+    path = store.consolidate()
+    frame = read_run(path)
+    for column in ("repeats", "peak_mem_bytes", "hidden", "total_params", "flops"):
+        assert str(frame[column].dtype) == "Int64", column
+    assert frame["repeats"].tolist()[0] == 2 and frame["repeats"].isna().tolist()[1]
+    assert str(frame["exact"].dtype) == "boolean"
+    assert str(frame["started_at"].dtype) == "datetime64[us, UTC]"
+    assert frame["started_at"].iloc[0].isoformat() == "2026-01-01T00:00:01+00:00"
+    assert read_metadata(path)["schema_version"] == 2
+    assert json.loads((store.run_dir / "run.json").read_text())["schema_version"] == 2
+
+
+def test_version_1_files_are_read_and_newer_ones_refused(tmp_path):
+    """The committed reference runs are version 1 (started_at a string)."""
+    from pathlib import Path
+
+    old = Path(__file__).parent.parent / "results" / "reference" / "smoke.parquet"
+    assert "schema_version" not in read_metadata(old)
+    frame = read_run(old)
+    assert str(frame["started_at"].dtype) == "datetime64[us, UTC]" and len(frame) == 44
+    assert str(frame["latency_ms"].dtype) == "float64"
+    assert str(frame["repeats"].dtype) == "Int64"
+
+    store = ResultStore.create(tmp_path, "future")
+    store.write_row(_row("c1"))
+    path = store.consolidate()
+    table = pq.read_table(path)
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps({"schema_version": 99})})
+    pq.write_table(table, path)
+    with pytest.raises(StoreError, match="schema version 99 is newer"):
+        read_run(path)

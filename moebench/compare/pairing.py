@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from moebench import provenance
 from moebench.case import ALL_FIELDS
 from moebench.compare.aggregate import ImplSummary, summarize
 from moebench.compare.bootstrap import (
@@ -261,7 +262,9 @@ def number(value: Any) -> float | None:
 
 
 def plain_value(value: Any) -> Any:
-    """A JSON-friendly scalar: numpy numbers made plain, NaN and infinities None."""
+    """A JSON-friendly scalar: numpy numbers made plain, NaN, infinities and pd.NA None."""
+    if value is pd.NA:
+        return None
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         try:
             value = value.item()
@@ -509,7 +512,7 @@ def compare_runs(baseline: Run, candidate: Run, settings: Settings) -> Report:
     common = baseline.rows.keys() & candidate.rows.keys()
     if not common:
         raise CompareError(_no_common_cases(baseline, candidate))
-    notes = []
+    notes = provenance.differences(baseline.meta, candidate.meta)
     norms: tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]] = ({}, {})
     if settings.normalize:
         impl = settings.normalize

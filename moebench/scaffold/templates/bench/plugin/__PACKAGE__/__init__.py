@@ -1,0 +1,1 @@
+"""__IMPL__: a moebench plugin (the implementation is in `moe.py`)."""

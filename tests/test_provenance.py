@@ -1,0 +1,109 @@
+"""Provenance: moebench's source, the user's repository (commit, dirty), the plugins; and
+`moebench compare` saying when they differ."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moebench.cli import main as cli_main
+from moebench.provenance import collect_provenance, differences, moebench_source
+from moebench.store import ResultStore, read_metadata
+from tests.test_export import make_run
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_repository_is_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    repo = tmp_path / "their-repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "kernel.py").write_text("x = 1\n")
+    _git(repo, "add", "kernel.py")
+    _git(repo, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "one")
+    monkeypatch.chdir(repo)
+    plugin_file = str(Path(__file__).with_name("plugin_good.py"))
+    found = collect_provenance([plugin_file])
+    assert found["repository"]["commit"] == _git(repo, "rev-parse", "HEAD")
+    assert found["repository"]["dirty"] is False
+    (repo / "kernel.py").write_text("x = 2\n")
+    assert collect_provenance()["repository"]["dirty"] is True
+    # moebench's own commit is its checkout's, not the working directory's.
+    checkout = Path(__file__).parent.parent
+    assert found["moebench"]["commit"] == _git(checkout, "rev-parse", "HEAD")
+    assert found["moebench"]["source"] == "checkout"
+    (from_file,) = [p for p in found["plugins"] if p.get("plugin") == plugin_file]
+    assert from_file["distribution"] is None and from_file["version"] is None
+    assert len(from_file["sha256"]) == 64
+
+
+def test_outside_a_repository(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert collect_provenance()["repository"] is None
+    assert moebench_source()["version"]
+
+
+def _meta(plugin_version: str, commit: str = "a" * 40, torch: str = "2.13.0") -> dict:
+    return {
+        "environment": {
+            "torch": torch,
+            "provenance": {
+                "moebench": {"version": "0.1.0", "commit": "b" * 40, "dirty": False},
+                "repository": {"root": "/r", "commit": commit, "dirty": False},
+                "plugins": [
+                    {
+                        "entry_point": "my-moe",
+                        "target": "my_pkg.moe",
+                        "distribution": "my-pkg",
+                        "version": plugin_version,
+                    }
+                ],
+            },
+        }
+    }
+
+
+def test_differences_name_what_changed() -> None:
+    assert differences(_meta("0.1.0"), _meta("0.1.0")) == []
+    assert differences(_meta("0.1.0"), _meta("0.2.0")) == [
+        "plugin my-pkg differs: baseline my-pkg 0.1.0, candidate my-pkg 0.2.0"
+    ]
+    notes = differences(_meta("0.1.0"), _meta("0.1.0", commit="c" * 40, torch="2.11.0"))
+    assert notes == [
+        f"repository differs: baseline {'a' * 10}, candidate {'c' * 10}",
+        "torch differs: baseline 2.13.0, candidate 2.11.0",
+    ]
+    assert differences({}, _meta("0.1.0")) == []  # older runs: nothing to say
+
+
+def test_compare_prints_provenance_differences(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = []
+    for name, version in (("base", "0.1.0"), ("cand", "0.2.0")):
+        run = make_run(tmp_path, name)
+        store = ResultStore(run)
+        meta = store.read_meta()
+        meta["environment"].update(_meta(version)["environment"])
+        store.write_meta(meta)
+        runs.append(run)
+    assert cli_main(["compare", str(runs[0]), str(runs[1])]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "plugin my-pkg differs: baseline my-pkg 0.1.0, candidate my-pkg 0.2.0" in out
+
+
+def test_a_real_run_records_provenance(tmp_path: Path) -> None:
+    argv = ["run", "smoke", "--filter", "impl=dense", "--filter", "batch=1"]
+    argv += ["--filter", "num_experts=4", "--filter", "top_k=1", "--in-process"]
+    assert cli_main([*argv, "--out", str(tmp_path), "--quiet"]) == 0
+    (run,) = tmp_path.iterdir()
+    for source in (run, run / "results.parquet"):
+        provenance = read_metadata(source)["environment"]["provenance"]
+        assert provenance["moebench"]["version"] and "plugins" in provenance
+    assert np.isfinite(read_metadata(run)["schema_version"])
