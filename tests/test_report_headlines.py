@@ -51,7 +51,11 @@ def run_parquet(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
 
 def test_headlines_match_numbers_recomputed_from_the_parquet(run_parquet):
     path, frame = run_parquet
-    statements = {s.impl or s.text.split(" ")[0]: s for s in headlines(load_runs([path]))}
+    statements = {
+        s.impl or s.text.split(" ")[0]: s
+        for s in headlines(load_runs([path]))
+        if "near-uniform" not in s.text  # its own test below
+    }
     ok = frame[frame["status"] == "ok"]
 
     # Fastest exact: count, per case, which exact impl had the smallest median latency,
@@ -120,3 +124,31 @@ def test_no_case_ok_says_only_that():
     statements = headlines(prepare([frame], [{"run_id": "r"}]))
     assert [s.kind for s in statements] == ["bad"]
     assert statements[0].values == {"cases": 1}
+
+
+def test_a_dynamic_k_design_on_a_near_uniform_router_is_flagged(run_parquet):
+    """topp at the default router_scale (0.02) routes almost uniformly: the report says
+    its experts per token are not what a trained router would give."""
+    path, frame = run_parquet
+    topp = frame[(frame["impl"] == "topp") & (frame["status"] == "ok")]
+    share = float(np.median(topp["router_entropy"] / np.log(topp["num_experts"])))
+    statements = [s for s in headlines(load_runs([path])) if "near-uniform" in s.text]
+    assert share >= 0.9
+    assert [s.impl for s in statements] == ["topp"]
+    assert statements[0].values["entropy_share"] == pytest.approx(share)
+
+
+def test_a_sharp_router_is_not_flagged():
+    frame = pd.DataFrame(
+        {
+            "impl": ["topp"],
+            "family": ["dynamic-k"],
+            "status": ["ok"],
+            "latency_ms": [1.0],
+            "case_id": ["a"],
+            "router_entropy": [0.5],
+            "num_experts": [16],
+        }
+    )
+    statements = headlines(prepare([frame], [{"run_id": "r"}]))
+    assert not any("near-uniform" in s.text for s in statements)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from moebench.report.data import ReportData, Standing, leaderboard
 
 
@@ -113,6 +115,38 @@ def variant_summaries(data: ReportData, standings: list[Standing]) -> list[State
     return statements
 
 
+# Families whose experts per token follow the router's confidence.
+DYNAMIC_K_FAMILIES = ("dynamic-k", "dense-train-sparse-infer")
+# A router entropy above this share of ln(E) is close to uniform (random router weights).
+NEAR_UNIFORM_ENTROPY = 0.9
+
+
+def near_uniform_dynamic_k(data: ReportData) -> list[Statement]:
+    """Per dynamic-k design (top-p, DS-MoE) whose cases ran on a near-uniform router (mean
+    entropy over NEAR_UNIFORM_ENTROPY x ln E): its experts per token then say what random
+    router weights do, not what a trained, sharper router would; `router_scale` sharpens
+    the router."""
+    ok = data.ok
+    if "router_entropy" not in ok.columns or "family" not in ok.columns:
+        return []
+    rows = ok[ok["family"].isin(DYNAMIC_K_FAMILIES) & ok["router_entropy"].notna()]
+    statements = []
+    for impl, group in rows.groupby("impl", sort=True):
+        share = (group["router_entropy"] / np.log(group["num_experts"].astype(float))).median()
+        if share >= NEAR_UNIFORM_ENTROPY:
+            statements.append(
+                Statement(
+                    "bad",
+                    f"{impl} ran on a near-uniform router (median entropy {share:.0%} of "
+                    "ln E): its experts per token reflect random router weights, not a "
+                    "trained router; sweep router_scale to see a sharper one.",
+                    {"entropy_share": float(share)},
+                    impl=str(impl),
+                )
+            )
+    return statements
+
+
 def failed_cases(data: ReportData) -> Statement | None:
     """How many cases did not finish ok."""
     failed = int((data.frame["status"] != "ok").sum())
@@ -134,6 +168,7 @@ def headlines(data: ReportData, standings: list[Standing] | None = None) -> list
         fastest_exact(standings),
         noisy_cases(data),
         *variant_summaries(data, standings),
+        *near_uniform_dynamic_k(data),
         failed_cases(data),
     ]
     return [s for s in found if s is not None]
