@@ -76,7 +76,8 @@ class GroupedMoE(MoELayer):
         with timer.phase("permute"):
             order_A = torch.argsort(expert_A, stable=True)
             token_A = token_A[order_A]
-            counts_E = torch.bincount(expert_A, minlength=self.num_experts)
+            # one count per expert the layer holds (merging holds fewer than it routes to)
+            counts_E = torch.bincount(expert_A, minlength=self.w_gate_EDF.shape[0])
             x_AD = x_TD[token_A]
         with timer.phase("expert"):
             out_AD = self._experts(x_AD, counts_E)

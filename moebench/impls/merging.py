@@ -390,15 +390,8 @@ class MergedMoE(GroupedMoE):
                 group_A, token_A = group_A[keep_A], token_A[keep_A]
                 weight_A = combined_TK.flatten()[keep_A]
             self._last_group_A = group_A
-            order_A = torch.argsort(group_A, stable=True)
-            token_of_A = token_A[order_A]
-            counts_G = torch.bincount(group_A, minlength=self.num_groups)
-            x_AD = x_TD[token_of_A]
-        with timer.phase("expert"):
-            out_AD = self._experts(x_AD, counts_G)
-        with timer.phase("unpermute"):
-            out_AD = out_AD * weight_A[order_A, None]
-            return torch.zeros_like(x_TD).index_add(0, token_of_A, out_AD)
+        # The merged experts through grouped's one assignment path (sort, GEMMs, scatter).
+        return self.routed_assignments(x_TD, token_A, group_A, weight_A)
 
     def stats(self) -> LayerStats | None:
         """Load per merged expert (group) of the last forward, a token's duplicate groups
