@@ -97,18 +97,13 @@ class GroupedMoE(MoELayer):
     def routed(
         self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
     ) -> torch.Tensor:
-        timer = self.timer
-        with timer.phase("permute"):
-            expert_ids_A = expert_ids_TK.flatten()
-            order_A = torch.argsort(expert_ids_A, stable=True)
-            token_of_A = order_A // self.top_k
-            counts_E = torch.bincount(expert_ids_A, minlength=self.num_experts)
-            x_AD = x_TD[token_of_A]
-        with timer.phase("expert"):
-            out_AD = self._experts(x_AD, counts_E)
-        with timer.phase("unpermute"):
-            out_AD = out_AD * gate_weights_TK.flatten()[order_A, None]
-            return torch.zeros_like(x_TD).index_add(0, token_of_A, out_AD)
+        """The top-k slots as assignments (token t's K slots are assignments tK..tK+K-1)
+        through the one assignment path."""
+        T, K = expert_ids_TK.shape
+        token_A = torch.arange(T * K, device=x_TD.device) // K
+        return self.routed_assignments(
+            x_TD, token_A, expert_ids_TK.flatten(), gate_weights_TK.flatten()
+        )
 
 
 @register(
