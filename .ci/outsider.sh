@@ -41,8 +41,9 @@ mkdir "$work/src"
 "$python" -m venv --system-site-packages "$work/venv"
 # shellcheck disable=SC1091
 source "$work/venv/bin/activate"
-python -m pip install --quiet "$work"/dist/moebench-*.whl
+# torch first: the wheel's `torch>=2.4` would otherwise pull the newest (CUDA) build
 python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch==2.13.0"
+python -m pip install --quiet "$work"/dist/moebench-*.whl
 python -c "import pytest_benchmark" 2>/dev/null || python -m pip install --quiet "pytest-benchmark>=4"
 case "$(python -c 'import moebench; print(moebench.__file__)')" in
   "$checkout"/*) fail "moebench imported from the checkout, not the wheel" ;;
@@ -57,7 +58,9 @@ git config user.email ci@example.com && git config user.name ci
 moebench init --impl "$impl" >/dev/null
 git add -A && git commit --quiet -m "moebench init"
 python -m pip install --quiet ./bench/plugin
-moebench list | grep -q "$impl" || fail "moebench list does not show $impl"
+# (into a file first: `grep -q` closing the pipe early would fail the listing under pipefail)
+moebench list >"$work/list.txt" || fail "moebench list exited $?"
+grep -q "$impl" "$work/list.txt" || fail "moebench list does not show $impl"
 bench/ci.sh check >/dev/null
 
 step "a broken plugin fails the check step and is named"
