@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 
 from moebench.report.data import ReportData
 from moebench.report.facets import Axes, Panel, faceted
-from moebench.report.figures import Section, TableData, _facets, _omitted, _positive
+from moebench.report.sections import Section, TableData, by_facet, omitted, positive_rows
 from moebench.store import StoreError, read_kernels
 
 # Phase columns stacked bottom to top, with their colours.
@@ -159,13 +159,13 @@ def phases(data: ReportData) -> Section:
         "sync-bound (the host waited on the device at least once a call); open, "
         "launch-bound."
     )
-    rows = _positive(data.ok, "phase_latency_ms")
+    rows = positive_rows(data.ok, "phase_latency_ms")
     if rows.empty:
-        return _omitted(
+        return omitted(
             key, title, description, "no case has a phase breakdown (runs made before it)"
         )
     panels = []
-    for facet, part in _facets(rows):
+    for facet, part in by_facet(rows):
         part = part.sort_values(["tokens", "impl", "run_index"])
         labels = [
             f"{impl} T{int(t)}" + (f" {r}" if data.multi_run else "")
@@ -240,7 +240,7 @@ def kernels(data: ReportData) -> Section:
     )
     table = _run_kernels(data)
     if table.empty:
-        return _omitted(key, title, description, "no run was made with --profile")
+        return omitted(key, title, description, "no run was made with --profile")
     cases = data.ok.set_index(["run_index", "case_id"])
     rows: list[list[str]] = []
     seen = 0
@@ -267,7 +267,7 @@ def kernels(data: ReportData) -> Section:
                 ]
             )
     if not rows:
-        return _omitted(key, title, description, "no profiled case finished ok")
+        return omitted(key, title, description, "no profiled case finished ok")
     notes = []
     if seen >= MAX_KERNEL_CASES:
         notes.append(f"The first {MAX_KERNEL_CASES} profiled cases are listed.")

@@ -20,8 +20,8 @@ from typing import Any
 import pandas as pd
 
 from moebench.report.data import ReportData, RunInfo, Standing, leaderboard
-from moebench.report.figures import Section, TableData
 from moebench.report.headlines import headlines
+from moebench.report.sections import Section, TableData
 from moebench.report.style import FONT, STATUS_COLORS, figure_json
 
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"scale": 2}}
