@@ -7,13 +7,14 @@ to hundreds); on a GPU clocks, temperature and other tenants (1-3%). Two runs of
 code must not fail on that, so a comparison of two runs measures it across all their
 judged cases, from the log ratios log(candidate / baseline):
 
-- shift: their median, the whole candidate run being faster or slower. On CPU runs it is
-  divided out by default before judging (a case's `ratio` stays the raw one, its `shift`
-  is recorded and its sentence gives the judged ratio): each case is then judged against
-  the run as a whole, so a busier machine flags nothing, one implementation or case
-  slower than the rest still does, and a change that slows every case alike is not seen,
-  by design. On GPU runs it is kept (a
-  uniform slowdown of a card is real) and reported.
+- shift: their median, the whole candidate run being faster or slower. On CPU runs
+  compared without `--normalize` (a normalizer already takes the machine's speed out, and
+  a change that moves many cases moves the median too) it is divided out before judging
+  (a case's `ratio` stays the raw one, its `shift` is recorded and its sentence gives the
+  judged ratio): each case is then judged against the run as a whole, so a busier machine
+  flags nothing, one implementation or case slower than the rest still does, and a change
+  that slows every case alike is not seen, by design. On GPU runs it is kept (a uniform
+  slowdown of a card is real) and reported.
 - scatter: the robust standard deviation of the log ratios (1.4826 x their median
   absolute deviation), each around the median of its own implementation's cases: a real
   change tends to move one implementation's cases together, which then does not widen it
