@@ -95,3 +95,24 @@ def test_commits_and_environments_at_the_top(runs):
     assert "| torch | 2.11.0 | 2.11.0 |" in top
     assert "| device | NVIDIA H200 | NVIDIA H200 |" in top
     assert len(IMPLS) == 4
+
+
+def test_the_run_shift_is_the_median_implementation_not_the_median_case():
+    """One implementation 5x slower beside grouped (and the normalizer) is not absorbed
+    into the run's shift; a normalizer that moved alone is."""
+    from moebench.compare.drift import measure_drift
+
+    slowed = measure_drift(
+        {"grouped": [1.0, 1.02, 0.98, 1.01], "plugin": [5.0, 5.1, 4.9, 5.05]},
+        divide_shift=True,
+        normalizer="reference",
+    )
+    assert slowed.shift == pytest.approx(1.0, rel=0.03)
+    moved_normalizer = measure_drift(
+        {"grouped": [2.4, 2.5, 2.45, 2.5], "plugin": [2.5, 2.4, 2.47, 2.46]},
+        divide_shift=True,
+        normalizer="reference",
+    )
+    assert moved_normalizer.shift == pytest.approx(2.46, rel=0.03)
+    three = measure_drift({"a": [1.0] * 4, "b": [1.05] * 4, "c": [6.0] * 4}, divide_shift=True)
+    assert three.shift == pytest.approx(1.05, rel=0.01)

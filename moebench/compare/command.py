@@ -83,9 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=DRIFT_MODES,
         default="auto",
         help="'auto' (default): measure the run-to-run drift across all cases; a case must "
-        "move beyond it to count, and on CPU runs without --normalize the run's overall "
-        "shift is divided out (moebench.compare.drift); 'off': judge each case on its own "
-        "samples alone",
+        "move beyond it to count, and on CPU runs the run's overall shift (the median "
+        "implementation's) is divided out (moebench.compare.drift); 'off': judge each "
+        "case on its own samples alone",
     )
     parser.add_argument("--markdown", metavar="FILE", help="write a Markdown summary (CI)")
     parser.add_argument("--json", metavar="FILE", help="write every case's result as JSON")

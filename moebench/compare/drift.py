@@ -7,9 +7,12 @@ to hundreds); on a GPU clocks, temperature and other tenants (1-3%). Two runs of
 code must not fail on that, so a comparison of two runs measures it across all their
 judged cases, from the log ratios log(candidate / baseline):
 
-- shift: their median, the whole candidate run being faster or slower. On CPU runs
-  compared without `--normalize` (a normalizer already takes the machine's speed out, and
-  a change that moves many cases moves the median too) it is divided out before judging
+- shift: the whole candidate run being faster or slower: the median over implementations
+  of each implementation's median (with `--normalize`, the normalizer counts as one more,
+  at 1), so a change confined to fewer than half of the implementations does not move it
+  (one implementation 5x slower beside grouped and the reference), while a normalizer that
+  happens to move does not read as every other implementation moving. On CPU runs it is
+  divided out before judging
   (a case's `ratio` stays the raw one, its `shift` is recorded and its sentence gives the
   judged ratio): each case is then judged against the run as a whole, so a busier machine
   flags nothing, one implementation or case slower than the rest still does, and a change
@@ -85,10 +88,13 @@ class RunDrift:
 
 
 def measure_drift(
-    ratios_by_impl: Mapping[str, Iterable[float]], divide_shift: bool
+    ratios_by_impl: Mapping[str, Iterable[float]],
+    divide_shift: bool,
+    normalizer: str | None = None,
 ) -> RunDrift | None:
     """The drift of the finite positive ratios (grouped by implementation), or None with
-    fewer than MIN_CASES of them."""
+    fewer than MIN_CASES of them. normalizer: the implementation the ratios are divided by
+    (it counts as one more implementation whose ratio is 1)."""
     groups = {
         impl: [math.log(r) for r in ratios if 0 < r < math.inf]
         for impl, ratios in ratios_by_impl.items()
@@ -96,7 +102,12 @@ def measure_drift(
     logs = [v for values in groups.values() for v in values]
     if len(logs) < MIN_CASES:
         return None
-    center = statistics.median(logs)
+    # The machine's shift: the median over implementations of each one's median, so a
+    # change confined to fewer than half of the implementations does not move it.
+    impl_medians = [statistics.median(values) for values in groups.values() if values]
+    if normalizer is not None:  # the normalizer's own ratio to itself is 1 on every case
+        impl_medians.append(0.0)
+    center = statistics.median(impl_medians)
     deviations = []
     for values in groups.values():
         middle = statistics.median(values) if len(values) >= 3 else center

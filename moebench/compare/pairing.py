@@ -560,11 +560,11 @@ def compare_runs(baseline: Run, candidate: Run, settings: Settings) -> Report:
         for r in results:
             if r.verdict in JUDGED and r.ratio is not None:
                 ratios.setdefault(str(r.fields.get("impl")), []).append(r.ratio)
-        # A normalizer already takes the machine's speed out of each case: dividing the
-        # median shift out as well would hide a change that moves many cases (a plugin
-        # 5x slower on half the cases moves the median itself).
-        divide = cpu_runs(baseline.meta, candidate.meta) and not settings.normalize
-        drift = measure_drift(ratios, divide_shift=divide)
+        drift = measure_drift(
+            ratios,
+            divide_shift=cpu_runs(baseline.meta, candidate.meta),
+            normalizer=settings.normalize,
+        )
         if drift is None:
             judged = sum(len(v) for v in ratios.values())
             notes.append(f"{judged} judged cases: too few to measure run-to-run drift")
