@@ -77,7 +77,7 @@ class RunDrift:
         return math.exp(DRIFT_Z * self.impl_scatter.get(impl, self.scatter))
 
     def describe(self) -> str:
-        shift = f"the candidate run is x{self.shift:.3g} the baseline overall (median case)"
+        shift = f"the candidate run is x{self.shift:.3g} the baseline (median implementation)"
         shift += ", divided out (CPU runs)" if self.divided else ", kept"
         bands = ", ".join(f"{impl} x{self.band_of(impl):.3g}" for impl in self.impl_scatter)
         return (
