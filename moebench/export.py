@@ -53,7 +53,7 @@ from moebench.case import (
     LayerShape,
     Workload,
 )
-from moebench.compare.pairing import plain_value
+from moebench.compare.runs import plain_value
 from moebench.store import StoreError, read_metadata, read_run
 
 COMMAND = "export"

@@ -13,7 +13,7 @@ import torch
 
 from moebench import registry
 from moebench.case import Case
-from moebench.compare.pairing import impl_key
+from moebench.compare.runs import impl_key
 from moebench.impls.capacity import expert_capacity
 from moebench.impls.reference import reference_output
 from moebench.layer import balance_columns, routing_stats

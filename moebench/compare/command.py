@@ -12,13 +12,11 @@ from moebench.compare.bootstrap import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DE
 from moebench.compare.pairing import (
     DRIFT_MODES,
     GATES,
-    CompareError,
     Report,
     Settings,
     compare_impls,
     compare_runs,
     get_metric,
-    load_run,
 )
 from moebench.compare.render import (
     VERDICT_STYLE,
@@ -27,6 +25,7 @@ from moebench.compare.render import (
     rich_impl_table,
     rich_table,
 )
+from moebench.compare.runs import CompareError, load_run
 from moebench.compare.verdict import DEFAULT_THRESHOLD, METRICS, Threshold, ThresholdError
 
 COMMAND = "compare"
