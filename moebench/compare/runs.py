@@ -165,8 +165,10 @@ def case_label(row: Mapping[str, Any]) -> str:
 
 
 def row_status(row: Mapping[str, Any] | None) -> str | None:
+    """A row's status as text (None when there is no row)."""
     return None if row is None else str(row.get("status"))
 
 
 def row_error(row: Mapping[str, Any] | None) -> str:
+    """A row's error message ('' when it has none, or there is no row)."""
     return "" if row is None or not row.get("error") else str(row.get("error"))
