@@ -17,7 +17,13 @@ import plotly.graph_objects as go
 
 from moebench.report.data import ReportData
 from moebench.report.facets import Axes, Panel, faceted
-from moebench.report.sections import Section, TableData, by_facet, omitted, positive_rows
+from moebench.report.sections import (
+    Section,
+    TableData,
+    case_bars,
+    omitted,
+    positive_rows,
+)
 from moebench.store import StoreError, read_kernels
 
 # Phase columns stacked bottom to top, with their colours.
@@ -165,12 +171,7 @@ def phases(data: ReportData) -> Section:
             key, title, description, "no case has a phase breakdown (runs made before it)"
         )
     panels = []
-    for facet, part in by_facet(rows):
-        part = part.sort_values(["tokens", "impl", "run_index"])
-        labels = [
-            f"{impl} T{int(t)}" + (f" {r}" if data.multi_run else "")
-            for impl, t, r in zip(part["impl"], part["tokens"], part["run_label"])
-        ]
+    for facet, part, labels in case_bars(data, rows):
         traces: list[Any] = []
         for rank, (name, (column, color)) in enumerate(PHASE_PARTS.items()):
             if column not in part:

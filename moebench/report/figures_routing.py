@@ -14,8 +14,8 @@ from moebench.report.data import ReportData
 from moebench.report.facets import Axes, Panel, faceted
 from moebench.report.sections import (
     Section,
-    by_facet,
     by_series,
+    case_bars,
     has_items,
     no_ok_reason,
     omitted,
@@ -194,12 +194,7 @@ def communication(data: ReportData) -> Section:
             "no case communicated (comm_ms is 0 or missing: single-device runs)",
         )
     panels = []
-    for facet, part in by_facet(rows):
-        part = part.sort_values(["tokens", "impl", "run_index"])
-        labels = [
-            f"{impl} T{int(t)}" + (f" {r}" if data.multi_run else "")
-            for impl, t, r in zip(part["impl"], part["tokens"], part["run_label"])
-        ]
+    for facet, part, labels in case_bars(data, rows):
         comm = part["comm_ms"].fillna(0)
         dispatch = part["dispatch_ms"].fillna(0)
         combine = part["combine_ms"].fillna(0)

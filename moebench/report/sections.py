@@ -167,3 +167,17 @@ def against_tokens(
         for facet, part in by_facet(rows)
     ]
     return faceted(panels, Axes("tokens per call", y_title, x_log=True, y_log=True), title=title)
+
+
+def case_bars(
+    data: ReportData, rows: pd.DataFrame
+) -> Iterator[tuple[str, pd.DataFrame, list[str]]]:
+    """(facet label, its rows by tokens then implementation, a bar label per row) for
+    figures with a bar per case: 'grouped T64' (and the run, when several are compared)."""
+    for facet, part in by_facet(rows):
+        part = part.sort_values(["tokens", "impl", "run_index"])
+        labels = [
+            f"{impl} T{int(t)}" + (f" {r}" if data.multi_run else "")
+            for impl, t, r in zip(part["impl"], part["tokens"], part["run_label"])
+        ]
+        yield facet, part, labels
