@@ -1,29 +1,35 @@
 #!/usr/bin/env bash
-# The GPU checks and reference runs the open issues still need, one step per call of a
-# lent GPU machine (each step is sized to finish inside a 10-minute call):
+# The GPU checks and reference runs, several steps per call of a lent GPU machine:
 #
-#   scripts/gpu_session.sh STEP
+#   GPU_DEADLINE_S=570 scripts/gpu_session.sh STEP [STEP...]
 #
 #   tests     the CUDA tests: built-ins vs reference on the device, the fused triton layer
 #             (forward and gradients on odd shapes), the offload race, the checks' tolerances,
 #             profiling on CUDA, the presets against transformers' blocks, the peers plugin
-#   triton    suites/triton.toml (the fused layer against grouped, plain and graphed)
-#   profile   suites/default.toml --profile, then suites/hierarchical.toml
-#   peers-a   suites/peers.toml on Mixtral-8x7B, Qwen3-30B-A3B and OLMoE-1B-7B
-#   peers-b   suites/peers.toml on DeepSeek-V3
-#   designs   seeds, moepp, dsmoe, topp, merging, offload and deepseek suites (the committed
-#             h100-* runs, remade with the fixed counters and definitions)
+#   triton    suites/triton.toml with --profile (the fused layer against grouped, plain and
+#             graphed, and where its time goes)
+#   default   suites/default.toml --profile
+#   hierarchical  suites/hierarchical.toml
+#   peers     suites/peers.toml (every preset)
+#   designs   seeds, moepp, dsmoe, topp, merging, offload and deepseek suites
+#
+# Steps run in the order given, all inside GPU_DEADLINE_S seconds (default 570, under the
+# device tool's 10-minute call): a step still running at the deadline gets SIGTERM, which
+# keeps its finished cases (moebench consolidates the run; `--resume` finishes it later).
+# Each step's results (parquet and run.json, no traces) are packed into $OUT/STEP.tar.gz as
+# soon as it ends, so what finished comes back even if a later step is cut; one log,
+# $OUT/session.log, holds every step's output. Make the HTML reports afterwards, off the GPU
+# machine (`moebench report FILE`: plotly is not installed there).
 #
 # Wheels that the GPU machine lacks (moe-ops) travel in .whl/ (device tool: carry ".whl");
-# the peers plugin is installed from this checkout without network. Results (parquet and
-# run.json, no traces) are packed into $OUT/STEP.tar.gz, logs beside them; make the HTML
-# reports here afterwards (`moebench report FILE`: plotly is not on the GPU machine).
-set -euo pipefail
+# the peers plugin is installed from this checkout without network.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: scripts/gpu_session.sh tests|triton|profile|peers-a|peers-b|designs}"
+[ $# -gt 0 ] || { echo "usage: scripts/gpu_session.sh STEP [STEP...]" >&2; exit 2; }
 out="${OUT:-results/gpu}"
-root="results/gpu-$step"
-mkdir -p "$out" "$root"
+log="$out/session.log"
+deadline=$((SECONDS + ${GPU_DEADLINE_S:-570}))
+mkdir -p "$out"
 export PYTHONUNBUFFERED=1 MOEBENCH_TRITON_CACHE=/tmp/moebench-triton
 
 site=/tmp/site
@@ -35,35 +41,47 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile
   --no-cache-dir --target "$site" ./plugins/moebench-peers
 export PYTHONPATH="$PWD:$site:${PYTHONPATH:-}"
 
-run() {  # a suite into this step's results root, the log beside the packed results
-  python3 -m moebench run "$@" --out "$root" --quiet 2>&1 | tee -a "$out/$step.log"
+left() { echo $((deadline - SECONDS)); }
+
+timed() {  # a command cut at the deadline, its output appended to the log
+  local seconds
+  seconds=$(left)
+  if [ "$seconds" -le 5 ]; then
+    echo "== skipped (deadline): $*" | tee -a "$log"
+    return 124
+  fi
+  echo "== $(date -u +%T) ($seconds s left): $*" | tee -a "$log"
+  timeout --signal=TERM --kill-after=20 "$seconds" "$@" 2>&1 | tee -a "$log"
 }
 
-case "$step" in
-  tests)
-    python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_triton.py \
-      tests/test_offload_cuda.py tests/test_check.py tests/test_profiling.py \
-      tests/test_presets_hf.py tests/test_peers.py tests/test_bad_input.py \
-      2>&1 | tee "$out/$step.log"
-    ;;
-  triton) run triton --device cuda ;;
-  profile)
-    run default --device cuda --profile
-    run hierarchical --device cuda
-    ;;
-  peers-a) run peers --device cuda --filter preset=mixtral-8x7b,qwen3-30b-a3b,olmoe-1b-7b ;;
-  peers-b) run peers --device cuda --filter preset=deepseek-v3 ;;
-  designs)
-    for suite in seeds moepp dsmoe topp merging offload deepseek; do
-      run "$suite" --device cuda
-    done
-    ;;
-  *)
-    echo "unknown step $step" >&2
-    exit 2
-    ;;
-esac
+suite() {  # a suite into this step's results root
+  timed python3 -m moebench run "$@" --out "$root" --quiet
+}
 
-if [ -n "$(ls -A "$root")" ]; then
-  tar -czf "$out/$step.tar.gz" --exclude='traces' --exclude='parts' --exclude='*.lock' -C "$root" .
-fi
+for step in "$@"; do
+  root="results/gpu-$step"
+  mkdir -p "$root"
+  case "$step" in
+    tests)
+      timed python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py \
+        tests/test_triton.py tests/test_offload_cuda.py tests/test_check.py \
+        tests/test_profiling.py tests/test_presets_hf.py tests/test_peers.py \
+        tests/test_bad_input.py
+      ;;
+    triton) suite triton --device cuda --profile ;;
+    default) suite default --device cuda --profile ;;
+    hierarchical) suite hierarchical --device cuda ;;
+    peers) suite peers --device cuda ;;
+    designs)
+      for name in seeds moepp dsmoe topp merging offload deepseek; do
+        suite "$name" --device cuda
+      done
+      ;;
+    *) echo "unknown step $step" | tee -a "$log" ;;
+  esac
+  if [ -n "$(ls -A "$root")" ]; then
+    tar -czf "$out/$step.tar.gz" --exclude='traces' --exclude='parts' --exclude='*.lock' \
+      -C "$root" .
+  fi
+done
+echo "== $(date -u +%T) done, $(left) s to spare" | tee -a "$log"
