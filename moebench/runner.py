@@ -12,6 +12,7 @@ refused the case: `registry.Unsupported`, or too few ranks).
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import re
@@ -137,11 +138,16 @@ class InProcessExecutor:
             return {"status": "skipped", "error": str(exc)}
         except (torch.OutOfMemoryError, MemoryError) as exc:
             self.cache = WeightCache()
-            if case.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            return {"status": "oom", "error": _describe(exc)}
+            row = {"status": "oom", "error": _describe(exc)}
         except Exception as exc:
-            return {"status": "error", "error": _describe(exc)}
+            row = {"status": "error", "error": _describe(exc)}
+        # A failed case's tensors live on in reference cycles through its traceback's
+        # frames until the collector runs: free them now, or the next cases run out of
+        # device memory that nothing uses.
+        gc.collect()
+        if case.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return row
 
     def close(self) -> None:
         self.cache = WeightCache()

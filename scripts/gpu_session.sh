@@ -65,16 +65,15 @@ for step in "$@"; do
     tests)
       timed python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py \
         tests/test_triton.py tests/test_offload_cuda.py tests/test_check.py \
-        tests/test_profiling.py tests/test_presets_hf.py tests/test_peers.py \
-        tests/test_bad_input.py
+        tests/test_profiling.py tests/test_presets_hf.py tests/test_peers.py
       ;;
-    triton) suite triton --device cuda --profile ;;
-    default) suite default --device cuda --profile ;;
-    hierarchical) suite hierarchical --device cuda ;;
-    peers) suite peers --device cuda ;;
+    triton) suite suites/triton.toml --device cuda --profile ;;
+    default) suite suites/default.toml --device cuda --profile ;;
+    hierarchical) suite suites/hierarchical.toml --device cuda ;;
+    peers) suite suites/peers.toml --device cuda ;;
     designs)
       for name in seeds moepp dsmoe topp merging offload deepseek; do
-        suite "$name" --device cuda
+        suite "suites/$name.toml" --device cuda
       done
       ;;
     *) echo "unknown step $step" | tee -a "$log" ;;

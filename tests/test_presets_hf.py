@@ -77,6 +77,22 @@ def test_preset_layer_equals_transformers_block(preset, impl):
         )
 
 
+@pytest.mark.parametrize("impl", ["reference", "grouped", "deepseek"])
+@pytest.mark.parametrize("preset", ["olmoe-1b-7b", "qwen2-moe", "deepseek-v3"])
+def test_preset_training_step_passes_the_gradient_check(preset, impl):
+    """The gradient check differentiates the preset's own router (no renormalisation,
+    sigmoid and groups with a correction bias, a gated shared expert), not the base one:
+    a layer computing the preset's function exactly passes it in float32."""
+    case = preset_case(preset, impl)
+    case = case.with_(workload=replace(case.workload, mode="train"))
+    cache = WeightCache()
+    _with_nonzero_correction(cache, case)
+    row = measure_case(case, FAST_PLAN, cache)
+    assert row["status"] == "ok", row.get("error")
+    assert row["grad_check"].startswith("ok"), row["grad_check"]
+    assert row["grad_err"] <= 1e-4
+
+
 @pytest.mark.parametrize("preset", ["olmoe-1b-7b", "qwen2-moe", "deepseek-v3"])
 def test_the_base_router_is_not_these_models_layer(preset):
     """The check above can fail: on the same weights, moebench's base router (softmax,
@@ -187,7 +203,9 @@ def test_full_size_presets_equal_transformers_blocks_on_cuda(preset):
     x_TD = make_inputs(case, 1)[0]
     expected = hf_output(hf_block(preset, weights), x_TD)
     torch.cuda.empty_cache()
-    assert relative_error(reference_output(weights, x_TD), expected) < TOLERANCE["float32"]
+    # The reference rounds the gates to bfloat16 as the layers do (about 2e-3 here); the
+    # base router on these presets was 0.7 to 2.3 off.
+    assert relative_error(reference_output(weights, x_TD), expected) < 1e-2
     for impl in ("grouped", "deepseek"):
         with torch.no_grad():
             y_TD = registry.get(impl).build(weights, case.with_(impl=impl))(x_TD)

@@ -201,15 +201,16 @@ def hierarchical_reference(
         group_probs_TG = torch.softmax(x32_TD @ w_primary_DG, dim=-1)
         top_groups_TA, groups_TA = torch.topk(group_probs_TG, hierarchy.group_top_k, dim=-1)
         top_groups_TA = top_groups_TA / top_groups_TA.sum(dim=-1, keepdim=True)
+        # The logits come from one GEMM over all sub-experts, as in the layer: a GEMM of
+        # another shape rounds differently and flips near-tied choices.
+        sub_logits_TE = x32_TD @ w_router_DE + bias_E
         gate_TE = torch.zeros(T, E, device=x32_TD.device)
         for g in range(G):
             token_N, slot_N = torch.where(groups_TA == g)
             if token_N.numel() == 0:
                 continue
             columns = slice(g * M, (g + 1) * M)
-            sub_probs_NM = torch.softmax(
-                x32_TD[token_N] @ w_router_DE[:, columns] + bias_E[columns], dim=-1
-            )
+            sub_probs_NM = torch.softmax(sub_logits_TE[token_N, columns], dim=-1)
             top_subs_NB, subs_NB = torch.topk(sub_probs_NM, hierarchy.sub_top_k, dim=-1)
             top_subs_NB = top_subs_NB / top_subs_NB.sum(dim=-1, keepdim=True)
             group_gate_N = top_groups_TA[token_N, slot_N]

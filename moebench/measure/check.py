@@ -40,6 +40,7 @@ import torch
 from moebench.case import Case
 from moebench.impls.reference import reference_output
 from moebench.layer import Stack, swiglu
+from moebench.routing import route
 from moebench.weights import ExpertWeights
 
 # Relative error ||y - y_ref|| / ||y_ref|| allowed against the float32 reference.
@@ -66,6 +67,7 @@ TRAINED_FIELDS = (
     "w_shared_gate_DS",
     "w_shared_up_DS",
     "w_shared_down_SD",
+    "w_shared_expert_gate_D",
 )
 
 
@@ -344,9 +346,7 @@ def _reference_layer_backward(
         x32_TD = x_TD.detach().float().requires_grad_(True)
         w_router_DE = weights.w_router_DE.detach().float().requires_grad_(True)
         logits_TE = x32_TD @ w_router_DE + weights.router_bias_E.float()
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        top_TK, expert_ids_TK = torch.topk(probs_TE, shape.top_k, dim=-1)
-        gate_TK = top_TK / top_TK.sum(dim=-1, keepdim=True)
+        gate_TK, expert_ids_TK, _ = route(logits_TE, shape, weights.correction_bias_E)
         gate_leaf_TK = gate_TK.detach().requires_grad_(True)
         x_leaf_TD = x32_TD.detach().requires_grad_(True)
         for expert in range(shape.num_experts):
@@ -364,9 +364,14 @@ def _reference_layer_backward(
                 mine = got.get(name)
                 errors.add(prefix + name, None if mine is None else mine[expert], ref_grad)
         if weights.w_shared_gate_DS is not None:
-            names = ("w_shared_gate_DS", "w_shared_up_DS", "w_shared_down_SD")
+            names = ["w_shared_gate_DS", "w_shared_up_DS", "w_shared_down_SD"]
+            if weights.w_shared_expert_gate_D is not None:
+                names.append("w_shared_expert_gate_D")
             shared = [getattr(weights, n).detach().float().requires_grad_(True) for n in names]
-            (swiglu(x_leaf_TD, *shared) * g32_TD).sum().backward()
+            shared_TD = swiglu(x_leaf_TD, *shared[:3])
+            if len(shared) == 4:  # Qwen2-MoE's sigmoid gate on the shared expert
+                shared_TD = shared_TD * torch.sigmoid(x_leaf_TD @ shared[3])[:, None]
+            (shared_TD * g32_TD).sum().backward()
             for name, ref in zip(names, shared):
                 errors.add(prefix + name, got.get(name), ref.grad)
         gate_TK.backward(gate_leaf_TK.grad)

@@ -204,7 +204,10 @@ def phase_breakdown(
                 start.record()
                 step(i)
                 end.record()
-                per_phase = timer.collect()  # synchronises
+                # collect() synchronises only when a phase was marked: a layer without
+                # phases (a plugin's, a graph replay) must still finish before reading.
+                end.synchronize()
+                per_phase = timer.collect()
                 total_ms = start.elapsed_time(end)
             else:
                 started = time.perf_counter_ns()
