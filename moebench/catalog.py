@@ -29,12 +29,15 @@ DEVICES = ("cpu", "cuda")
 
 def builtin_suites() -> dict[str, Path]:
     """Name -> file of every built-in suite, sorted by name."""
-    folder = resources.files("moebench.suites")
-    found = {
-        Path(entry.name).stem: Path(str(entry))
-        for entry in folder.iterdir()
-        if entry.name.endswith(".toml")
-    }
+    try:
+        folder = resources.files("moebench.suites")
+        entries = [Path(str(entry)) for entry in folder.iterdir()]
+    except ModuleNotFoundError:
+        # Not installed, imported from a source checkout (PYTHONPATH=.): the package
+        # `moebench.suites` is mapped onto the checkout's suites/ folder only by an install.
+        checkout = Path(__file__).resolve().parent.parent / "suites"
+        entries = list(checkout.iterdir()) if checkout.is_dir() else []
+    found = {entry.stem: entry for entry in entries if entry.name.endswith(".toml")}
     return dict(sorted(found.items()))
 
 

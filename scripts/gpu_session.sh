@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and reference runs, several steps per call of a lent GPU machine:
 #
-#   GPU_DEADLINE_S=570 scripts/gpu_session.sh STEP [STEP...]
+#   GPU_DEADLINE_S=570 [GPU_TESTS="pytest args"] scripts/gpu_session.sh STEP [STEP...]
 #
 #   tests     the CUDA tests: built-ins vs reference on the device, the fused triton layer
 #             (forward and gradients on odd shapes), the offload race, the checks' tolerances,
@@ -63,9 +63,11 @@ for step in "$@"; do
   mkdir -p "$root"
   case "$step" in
     tests)
-      timed python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py \
+      # GPU_TESTS: other pytest arguments (a subset, say) in place of the default list
+      # shellcheck disable=SC2086
+      timed python3 -m pytest -q -p no:cacheprovider -rs ${GPU_TESTS:-tests/test_cuda.py \
         tests/test_triton.py tests/test_offload_cuda.py tests/test_check.py \
-        tests/test_profiling.py tests/test_presets_hf.py tests/test_peers.py
+        tests/test_profiling.py tests/test_presets_hf.py tests/test_peers.py}
       ;;
     triton) suite suites/triton.toml --device cuda --profile ;;
     default) suite suites/default.toml --device cuda --profile ;;

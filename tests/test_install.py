@@ -131,3 +131,18 @@ def test_suites_command_marks_a_suite_that_needs_a_missing_plugin(
     assert cli_main(["suites"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "│ needs │ - │ - │" in out and "unknown impl 'not-installed'" in out
+
+
+def test_builtin_suites_found_from_a_source_checkout_without_install(monkeypatch):
+    """PYTHONPATH=. on a machine where moebench is not installed: the package
+    `moebench.suites` does not exist, and the names still resolve to suites/*.toml."""
+    from moebench import catalog
+
+    def not_installed(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(catalog.resources, "files", not_installed)
+    suites = catalog.builtin_suites()
+    assert {"smoke", "default", "peers"} <= set(suites)
+    assert catalog.resolve_suite("smoke") == suites["smoke"]
+    assert suites["smoke"].parent.name == "suites"
