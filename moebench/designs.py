@@ -7,7 +7,9 @@ Shape legend: T tokens, D hidden, E routed experts, A (token, expert) assignment
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -106,6 +108,28 @@ def add_shared32(weights: ExpertWeights, x32_TD: torch.Tensor, y_TD: torch.Tenso
 ReferenceLayer = Callable[[ExpertWeights, torch.Tensor, Any], tuple[torch.Tensor, Any]]
 
 
+# The inputs each layer of a stack got in the checked call, and the list the reference
+# layers' outputs go to (see `stack_inputs`).
+_STACK_INPUTS: ContextVar[tuple[list[torch.Tensor], list[torch.Tensor]] | None] = ContextVar(
+    "stack_inputs", default=None
+)
+
+
+@contextmanager
+def stack_inputs(inputs: list[torch.Tensor] | None) -> Iterator[list[torch.Tensor]]:
+    """Inside, `reference_stack` computes a stack layer by layer on `inputs` (the input
+    each layer of the implementation's stack got, `Stack.recorded`) instead of chaining
+    its own outputs, and appends each reference layer's float32 output to the yielded
+    list. The check sets it, so that design references keep their (weights_list, x_TD,
+    case) signature. `inputs` None: nothing changes."""
+    outputs: list[torch.Tensor] = []
+    token = _STACK_INPUTS.set(None if inputs is None else (inputs, outputs))
+    try:
+        yield outputs
+    finally:
+        _STACK_INPUTS.reset(token)
+
+
 @torch.no_grad()
 def reference_stack(
     weights_list: list[ExpertWeights], x_TD: torch.Tensor, layer: ReferenceLayer
@@ -113,7 +137,19 @@ def reference_stack(
     """A design reference over a stack, float32: `layer(weights, x32_TD, carry) ->
     (y32_TD, carry)` (carry None for the first layer). One layer: its output; several:
     x <- x + layer(x) with each layer's input rounded to x's dtype, as the layers under
-    test see it (like `reference_stack_output`)."""
+    test see it (like `reference_stack_output`). Inside `stack_inputs(inputs)`: layer by
+    layer, x_0 + sum_j layer_j(inputs[j]), the carry passed on from the reference's own
+    layers."""
+    recorded = _STACK_INPUTS.get()
+    if recorded is not None and len(weights_list) > 1:
+        inputs, outputs = recorded
+        assert len(inputs) == len(weights_list), "one recorded input per layer"
+        out32_TD, carry = inputs[0].float(), None
+        for weights, x_j in zip(weights_list, inputs):
+            y32_TD, carry = layer(weights, x_j.float(), carry)
+            outputs.append(y32_TD)
+            out32_TD = out32_TD + y32_TD
+        return out32_TD
     x32_TD = x_TD.float()
     carry: Any = None
     for weights in weights_list:

@@ -258,17 +258,26 @@ class Stack(nn.Module):
     def __init__(self, layers: list[nn.Module]):
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        # With record set, forward keeps each layer's input and output (recorded): the
+        # check compares each layer with its reference on the input it got.
+        self.record = False
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         details = {getattr(layer, "impl_detail", None) for layer in layers}
         self.impl_detail = details.pop() if len(details) == 1 else "mixed"
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         carry = None
+        recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
         for layer in self.layers:
             if hasattr(layer, "forward_with_carry"):
                 y_TD, carry = layer.forward_with_carry(x_TD, carry)
             else:
                 y_TD = layer(x_TD)
+            if self.record:
+                recorded.append((x_TD.detach(), y_TD.detach()))
             x_TD = x_TD + y_TD
+        if self.record:
+            self.recorded = recorded
         return x_TD
 
     def extra_metrics(self) -> dict[str, Any]:

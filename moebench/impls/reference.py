@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from moebench.case import Case
-from moebench.designs import reference_experts
+from moebench.designs import reference_experts, reference_stack
 from moebench.layer import MoELayer, expert_parameters, swiglu
 from moebench.registry import register
 from moebench.routing import route
@@ -78,8 +78,10 @@ def reference_output(
 @torch.no_grad()
 def reference_stack_output(weights: list[ExpertWeights], x_TD: torch.Tensor) -> torch.Tensor:
     """The float32 output of a stack of layers with residuals (x <- x + layer(x)). Each
-    layer's input is rounded to the stack's dtype, as the layers under test see it."""
-    x32_TD = x_TD.float()
-    for layer_weights in weights:
-        x32_TD = x32_TD + reference_output(layer_weights, x32_TD.to(x_TD.dtype))
-    return x32_TD
+    layer's input is rounded to the stack's dtype, as the layers under test see it;
+    inside `designs.stack_inputs`, layer by layer on the recorded inputs."""
+
+    def layer(weights: ExpertWeights, x32_TD: torch.Tensor, carry: None) -> tuple:
+        return reference_output(weights, x32_TD.to(x_TD.dtype)), None
+
+    return reference_stack(weights, x_TD, layer)

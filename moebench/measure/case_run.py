@@ -18,6 +18,7 @@ import torch
 
 from moebench import registry
 from moebench.case import Case
+from moebench.designs import stack_inputs
 from moebench.impls.reference import reference_output, reference_stack_output
 from moebench.layer import Stack, balance_columns
 from moebench.measure import check, counters, nvml
@@ -146,8 +147,14 @@ def measure_case(
 
     # 1. Correctness, before any timing: against the base MoE layer (the golden), and
     # for a variant with a reference of its own design, against that too.
+    stacked = isinstance(layer, Stack)
     with torch.no_grad():
+        if stacked:  # each layer is checked on the input it got (`designs.stack_inputs`)
+            layer.record = True
         y = layer(inputs[0])
+        recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if stacked:
+            layer.record, recorded, layer.recorded = False, layer.recorded or [], None
         # Each layer's routing of this call: the balance columns and the counts below.
         modules = list(layer.layers) if isinstance(layer, Stack) else [layer]
         module_stats = [m.stats() if hasattr(m, "stats") else None for m in modules]
@@ -157,18 +164,33 @@ def measure_case(
         )
         expected = cache.reference(case, inputs[0])
         if not info.exact:
+            # fidelity: the distance from the base layer's function, end to end
             row["fidelity_err"] = relative_error(y, expected)
-            # A variant without a design reference is held to its own first output.
-            reference = info.reference
-            expected = y if reference is None else reference(weights, inputs[0], case)
+        layer_inputs = [x_TD for x_TD, _ in recorded] if recorded else None
+        with stack_inputs(layer_inputs) as reference_layers:
+            if info.exact and stacked:
+                expected = reference_stack_output(weights, inputs[0])
+            elif not info.exact:
+                # A variant without a design reference is held to its own first output.
+                reference = info.reference
+                expected = y if reference is None else reference(weights, inputs[0], case)
         ties = check.routing_ties(weights[0], inputs[0])
     row["tolerance"] = TOLERANCE[case.dtype]
     if info.exact or info.reference is not None:
         checked = check.check_output(y, expected, case.dtype, ties)
-        row.update(rel_err=checked.rel_err, max_token_err=checked.max_token_err)
-        if checked.failure:
-            return _mismatch(row, checked.failure)
-    del y
+        failure, worst_token = checked.failure, checked.max_token_err
+        # A stack: each layer against its reference on the input it got, so one wrong
+        # token of one layer fails even where the residual stream dwarfs it.
+        for index, ((x_TD, y_TD), ref_TD) in enumerate(zip(recorded, reference_layers)):
+            ties_T = check.routing_ties(weights[index], x_TD)
+            layer_check = check.check_output(y_TD, ref_TD, case.dtype, ties_T)
+            worst_token = max(worst_token, layer_check.max_token_err)
+            if failure is None and layer_check.failure:
+                failure = f"layer {index} of {len(recorded)}: {layer_check.failure}"
+        row.update(rel_err=checked.rel_err, max_token_err=worst_token)
+        if failure:
+            return _mismatch(row, failure)
+    del y, recorded
     if case.workload.mode == "train":
         columns, failure = check.gradient_columns(info.exact, layer, weights, inputs[0], case)
         row.update(columns)
