@@ -203,3 +203,17 @@ def test_a_moepp_stack_in_bfloat16_passes_its_own_reference():
     row = measure_case(case, FAST_PLAN, WeightCache())
     assert row["status"] == "ok", row.get("error")
     assert row["max_token_err"] <= check.TOKEN_TOLERANCE["bfloat16"]
+
+
+def test_the_pytest_fixture_checks_as_moebench_run_does():
+    """`moebench_layer.ok` (pytest plugin) is the run's output check: a layer with one
+    zeroed token among 4096 in bfloat16 passes the global norm and still is not ok."""
+    from moebench.pytest_plugin import build_layer
+
+    import_plugin(WRONG)
+    wrong = build_layer(tiny_case("test-zeroed-token", dtype="bfloat16", batch=1, seq_len=4096))
+    assert wrong.rel_err < check.TOLERANCE["bfloat16"]
+    assert not wrong.ok and "token 5 of 4096" in wrong.failure
+    assert wrong.max_token_err == pytest.approx(1.0)
+    right = build_layer(tiny_case("grouped", dtype="bfloat16", batch=1, seq_len=4096))
+    assert right.ok and right.failure is None

@@ -86,6 +86,71 @@ def build_layer(case: Case, weights: list[ExpertWeights]) -> torch.nn.Module:
     return Stack([build(w, case) for w in weights])
 
 
+@dataclass
+class FirstCall:
+    """The correctness check of a layer's first call (`check_first_call`)."""
+
+    columns: dict[str, Any]  # fidelity_err (variants), rel_err and max_token_err (checked)
+    failure: str | None  # why it is a mismatch; None: it passed (or has nothing to pass)
+    expected: torch.Tensor  # what later outputs on the same input are held to (drift)
+    ties_T: torch.Tensor  # tokens within rounding of a routing tie (first layer)
+    modules: list[torch.nn.Module]  # the layer, or each layer of the stack
+    module_stats: list[Any]  # each module's routing stats of this call (None: none)
+
+
+def check_first_call(
+    case: Case,
+    layer: torch.nn.Module,
+    weights: list[ExpertWeights],
+    x_TD: torch.Tensor,
+    cache: WeightCache,
+) -> FirstCall:
+    """One forward of `layer` on x_TD (no grad), checked as `moebench run` checks it: an
+    exact layer against the base reference, a variant against its own design reference
+    (and `fidelity_err` against the base), globally and per token (`moebench.measure.check`);
+    a stack layer by layer, each layer on the input it got (`designs.stack_inputs`)."""
+    info = registry.get(case.impl)
+    stacked = isinstance(layer, Stack)
+    columns: dict[str, Any] = {}
+    with torch.no_grad():
+        if stacked:
+            layer.record = True
+        y = layer(x_TD)
+        recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if stacked:
+            layer.record, recorded, layer.recorded = False, layer.recorded or [], None
+        # Each layer's routing of this call: the balance columns and the counts.
+        modules = list(layer.layers) if stacked else [layer]
+        module_stats = [m.stats() if hasattr(m, "stats") else None for m in modules]
+        expected = cache.reference(case, x_TD)
+        if not info.exact:
+            # fidelity: the distance from the base layer's function, end to end
+            columns["fidelity_err"] = relative_error(y, expected)
+        layer_inputs = [x for x, _ in recorded] if recorded else None
+        with stack_inputs(layer_inputs) as reference_layers:
+            if info.exact and stacked:
+                expected = reference_stack_output(weights, x_TD)
+            elif not info.exact:
+                # A variant without a design reference is held to its own first output.
+                reference = info.reference
+                expected = y if reference is None else reference(weights, x_TD, case)
+        ties = check.routing_ties(weights[0], x_TD)
+    failure = None
+    if info.exact or info.reference is not None:
+        checked = check.check_output(y, expected, case.dtype, ties)
+        failure, worst_token = checked.failure, checked.max_token_err
+        # A stack: each layer against its reference on the input it got, so one wrong
+        # token of one layer fails even where the residual stream dwarfs it.
+        for index, ((x_j, y_j), ref_j) in enumerate(zip(recorded, reference_layers)):
+            ties_j = check.routing_ties(weights[index], x_j)
+            layer_check = check.check_output(y_j, ref_j, case.dtype, ties_j)
+            worst_token = max(worst_token, layer_check.max_token_err)
+            if failure is None and layer_check.failure:
+                failure = f"layer {index} of {len(recorded)}: {layer_check.failure}"
+        columns.update(rel_err=checked.rel_err, max_token_err=worst_token)
+    return FirstCall(columns, failure, expected, ties, modules, module_stats)
+
+
 def _step_fn(case: Case, layer: torch.nn.Module, inputs: list[torch.Tensor], last: dict):
     """The timed callable: one forward, or one forward + backward with fresh gradients.
     The output of the latest call on inputs[0] is kept in last[0] (no copy, no sync), for
@@ -147,50 +212,16 @@ def measure_case(
 
     # 1. Correctness, before any timing: against the base MoE layer (the golden), and
     # for a variant with a reference of its own design, against that too.
-    stacked = isinstance(layer, Stack)
-    with torch.no_grad():
-        if stacked:  # each layer is checked on the input it got (`designs.stack_inputs`)
-            layer.record = True
-        y = layer(inputs[0])
-        recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if stacked:
-            layer.record, recorded, layer.recorded = False, layer.recorded or [], None
-        # Each layer's routing of this call: the balance columns and the counts below.
-        modules = list(layer.layers) if isinstance(layer, Stack) else [layer]
-        module_stats = [m.stats() if hasattr(m, "stats") else None for m in modules]
-        params = sum(
-            (counters.param_counts(case, m, st) for m, st in zip(modules, module_stats)),
-            start=counters.NO_PARAMS,
-        )
-        expected = cache.reference(case, inputs[0])
-        if not info.exact:
-            # fidelity: the distance from the base layer's function, end to end
-            row["fidelity_err"] = relative_error(y, expected)
-        layer_inputs = [x_TD for x_TD, _ in recorded] if recorded else None
-        with stack_inputs(layer_inputs) as reference_layers:
-            if info.exact and stacked:
-                expected = reference_stack_output(weights, inputs[0])
-            elif not info.exact:
-                # A variant without a design reference is held to its own first output.
-                reference = info.reference
-                expected = y if reference is None else reference(weights, inputs[0], case)
-        ties = check.routing_ties(weights[0], inputs[0])
+    first = check_first_call(case, layer, weights, inputs[0], cache)
+    module_stats, expected, ties = first.module_stats, first.expected, first.ties_T
+    params = sum(
+        (counters.param_counts(case, m, st) for m, st in zip(first.modules, module_stats)),
+        start=counters.NO_PARAMS,
+    )
     row["tolerance"] = TOLERANCE[case.dtype]
-    if info.exact or info.reference is not None:
-        checked = check.check_output(y, expected, case.dtype, ties)
-        failure, worst_token = checked.failure, checked.max_token_err
-        # A stack: each layer against its reference on the input it got, so one wrong
-        # token of one layer fails even where the residual stream dwarfs it.
-        for index, ((x_TD, y_TD), ref_TD) in enumerate(zip(recorded, reference_layers)):
-            ties_T = check.routing_ties(weights[index], x_TD)
-            layer_check = check.check_output(y_TD, ref_TD, case.dtype, ties_T)
-            worst_token = max(worst_token, layer_check.max_token_err)
-            if failure is None and layer_check.failure:
-                failure = f"layer {index} of {len(recorded)}: {layer_check.failure}"
-        row.update(rel_err=checked.rel_err, max_token_err=worst_token)
-        if failure:
-            return _mismatch(row, failure)
-    del y, recorded
+    row.update(first.columns)
+    if first.failure:
+        return _mismatch(row, first.failure)
     if case.workload.mode == "train":
         columns, failure = check.gradient_columns(info.exact, layer, weights, inputs[0], case)
         row.update(columns)
