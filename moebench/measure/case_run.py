@@ -122,15 +122,16 @@ def check_first_call(
         # Each layer's routing of this call: the balance columns and the counts.
         modules = list(layer.layers) if stacked else [layer]
         module_stats = [m.stats() if hasattr(m, "stats") else None for m in modules]
-        expected = cache.reference(case, x_TD)
         if not info.exact:
             # fidelity: the distance from the base layer's function, end to end
-            columns["fidelity_err"] = relative_error(y, expected)
+            columns["fidelity_err"] = relative_error(y, cache.reference(case, x_TD))
         layer_inputs = [x for x, _ in recorded] if recorded else None
         with stack_inputs(layer_inputs) as reference_layers:
             if info.exact and stacked:
                 expected = reference_stack_output(weights, x_TD)
-            elif not info.exact:
+            elif info.exact:
+                expected = cache.reference(case, x_TD)
+            else:
                 # A variant without a design reference is held to its own first output.
                 reference = info.reference
                 expected = y if reference is None else reference(weights, x_TD, case)
