@@ -267,16 +267,16 @@ class Stack(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         carry = None
-        recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        recorded: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if self.record else None
         for layer in self.layers:
             if hasattr(layer, "forward_with_carry"):
                 y_TD, carry = layer.forward_with_carry(x_TD, carry)
             else:
                 y_TD = layer(x_TD)
-            if self.record:
+            if recorded is not None:
                 recorded.append((x_TD.detach(), y_TD.detach()))
             x_TD = x_TD + y_TD
-        if self.record:
+        if recorded is not None:
             self.recorded = recorded
         return x_TD
 
