@@ -10,10 +10,11 @@ of the variant's own design (a variant registered with `reference=`):
   dtype, TOLERANCE) and the worst token's relative error (`max_token_err`,
   TOKEN_TOLERANCE), so one wrong token fails at any token count; a global norm over 4096
   tokens hides it (one zeroed token of 4096 in bfloat16 is 1.6e-2 globally).
-- stacks (`layers` > 1, in `measure_case`): each layer's output against its reference
-  on the input that layer got (`Stack.recorded`, `designs.stack_inputs`), and the whole
-  output against the sum of those, so one layer's rounding is not propagated into the
-  next layer's routing choices and one wrong token of one layer still fails.
+- stacks (`layers` > 1, in `case_run.check_first_call`): each layer's output against
+  its reference on the input that layer got (`Stack.recorded`, `designs.stack_inputs`),
+  and the whole output against the sum of those, so one layer's rounding is not
+  propagated into the next layer's routing choices and one wrong token of one layer
+  still fails.
 - gradients (train cases of exact layers): one forward and backward with a seeded
   upstream gradient, then the gradient of the input and of every weight of the weight
   set the layer trains (router, routed experts, shared experts) against the reference's
