@@ -11,7 +11,8 @@
 #   default   suites/default.toml --profile
 #   hierarchical  suites/hierarchical.toml
 #   peers     suites/peers.toml (every preset)
-#   designs   seeds, moepp, dsmoe, topp, merging, offload and deepseek suites
+#   designs   seeds, moepp, dsmoe, topp, merging, offload and deepseek suites (GPU_DESIGNS:
+#             a subset, by name)
 #
 # Steps run in the order given, all inside GPU_DEADLINE_S seconds (default 570, under the
 # device tool's 10-minute call): a step still running at the deadline gets SIGTERM, which
@@ -74,7 +75,8 @@ for step in "$@"; do
     hierarchical) suite suites/hierarchical.toml --device cuda ;;
     peers) suite suites/peers.toml --device cuda ;;
     designs)
-      for name in seeds moepp dsmoe topp merging offload deepseek; do
+      # GPU_DESIGNS: a subset of the design suites, by name
+      for name in ${GPU_DESIGNS:-seeds moepp dsmoe topp merging offload deepseek}; do
         suite "suites/$name.toml" --device cuda
       done
       ;;

@@ -1,5 +1,6 @@
 """Implementations that are wrong the way a kernel author's first try is wrong, loaded
-with --plugin in the check tests: each must end as `mismatch`, never timed.
+with --plugin in the check tests: each must end as `mismatch`, never timed; and one that
+is right within rounding (`test-jitter-later`), which must not.
 
 Shape legend: T tokens, D hidden, K top_k.
 """
@@ -8,6 +9,7 @@ import torch
 
 from moebench import register
 from moebench.impls.grouped import GroupedMoE
+from moebench.impls.moepp import MoEPPLayer, moepp_reference
 
 
 class _DetachedRouter(GroupedMoE):
@@ -58,3 +60,32 @@ class _WrongAfterFirstCall(GroupedMoE):
 @register("test-wrong-later", family="test", description="right once, wrong afterwards")
 def build_wrong_later(weights, case):
     return _WrongAfterFirstCall(weights, case)
+
+
+class _JitterAfterFirstCall(MoEPPLayer):
+    """MoE++, right on every call within bfloat16's tolerance: from the second call on its
+    output carries 1% noise, as another summation order's rounding would. Stacked, the
+    next layer's router sees it (MoE++'s outputs dwarf their inputs), and near-tied
+    choices flip against the first call's layer inputs."""
+
+    calls = 0
+
+    def forward_with_carry(self, x_TD, carry_TN):
+        self.calls += 1
+        y_TD, logits_TN = super().forward_with_carry(x_TD, carry_TN)
+        if self.calls == 1:
+            return y_TD, logits_TN
+        noise = torch.randn(y_TD.shape, generator=torch.Generator().manual_seed(self.calls))
+        return y_TD * (1 + 0.01 * noise.to(y_TD)), logits_TN
+
+
+@register(
+    "test-jitter-later",
+    family="test",
+    description="MoE++ within tolerance, jittering after its first call",
+    exact=False,
+    options=("zero_experts", "copy_experts", "const_experts"),
+    reference=moepp_reference,
+)
+def build_jitter_later(weights, case):
+    return _JitterAfterFirstCall(weights, case)

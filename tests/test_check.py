@@ -180,26 +180,45 @@ def test_a_stack_is_checked_layer_by_layer(tmp_path):
     assert frame.loc["grouped", "status"] == "ok"
 
 
+def test_a_stack_is_checked_again_layer_by_layer_after_timing(tmp_path):
+    """After timing, a stack is checked layer by layer on a recorded call: a layer wrong
+    after its first call fails (end to end, the residual stream hid it); rounding-size
+    noise in a MoE++ layer's later outputs, which flips near-tied choices of the next
+    layer against the first call's inputs, does not."""
+    wrong = tiny_case("test-wrong-later", dtype="bfloat16", batch=1, seq_len=4096, layers=2)
+    frame = _run([wrong, _moepp_stack_case("test-jitter-later")], tmp_path)
+    later = frame.loc["test-wrong-later"]
+    assert later["status"] == "mismatch"
+    assert later["error"].startswith("drifted during timing: layer 0 of 2")
+    jitter = frame.loc["test-jitter-later"]
+    assert jitter["status"] == "ok", jitter["error"]
+
+
+def _moepp_stack_case(impl: str):
+    from dataclasses import replace
+
+    from moebench.case import Case, Workload
+    from moebench.presets import PRESETS
+
+    shape = replace(PRESETS["olmoe-1b-7b"], hidden=256, ffn=128, norm_topk_prob=True)
+    return Case(
+        shape,
+        Workload(64, 1, "forward", layers=2),
+        impl,
+        dtype="bfloat16",
+        preset="olmoe-1b-7b",
+        options=(("const_experts", 2), ("copy_experts", 1), ("zero_experts", 1)),
+    )
+
+
 def test_a_moepp_stack_in_bfloat16_passes_its_own_reference():
     """MoE++'s inputs x top_k make each layer's output dwarf its input: the second layer's
     router sees the first layer's bfloat16 rounding, and near-tied choices flip against
     a reference that chains its own float32 outputs (worst token 0.17 on this case).
     Layer by layer, on the inputs the stack produced, it passes."""
-    from dataclasses import replace
-
-    from moebench.case import Case, Workload
     from moebench.measure.case_run import WeightCache, measure_case
-    from moebench.presets import PRESETS
 
-    shape = replace(PRESETS["olmoe-1b-7b"], hidden=256, ffn=128, norm_topk_prob=True)
-    case = Case(
-        shape,
-        Workload(64, 1, "forward", layers=2),
-        "moepp",
-        dtype="bfloat16",
-        preset="olmoe-1b-7b",
-        options=(("const_experts", 2), ("copy_experts", 1), ("zero_experts", 1)),
-    )
+    case = _moepp_stack_case("moepp")
     row = measure_case(case, FAST_PLAN, WeightCache())
     assert row["status"] == "ok", row.get("error")
     assert row["max_token_err"] <= check.TOKEN_TOLERANCE["bfloat16"]

@@ -244,7 +244,14 @@ def measure_case(
             p.grad = None  # so the window sees the gradients allocated, not recycled
         peak, added = peak_during(lambda: step(1), device)
         samples_ms = time_repeats(step, device, plan)
-        drift = check.check_output(last.pop(0).detach(), expected, case.dtype, ties).failure
+        if isinstance(layer, Stack):
+            # A stack's later layers route on inputs that differ from the first call's by
+            # rounding (atomic adds), so near ties may flip: it is checked again layer by
+            # layer, on one more call with its layer inputs recorded.
+            last.clear()
+            drift = check_first_call(case, layer, weights, inputs[0], cache).failure
+        else:
+            drift = check.check_output(last.pop(0).detach(), expected, case.dtype, ties).failure
         if drift:
             return _mismatch(row, f"drifted during timing: {drift}")
         energy = _energy(step, device) if device.type == "cuda" else None

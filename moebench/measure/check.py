@@ -22,7 +22,9 @@ of the variant's own design (a variant registered with `reference=`):
   does not train, or trains without gradient, fails.
 - drift: the output of the last timed call on the first input batch, checked the same way
   after timing (warm caches, asynchronous copies in flight): a layer right on its first
-  call and wrong later (a race) fails as "drifted during timing".
+  call and wrong later (a race) fails as "drifted during timing". A stack instead gets
+  one more call after timing, checked layer by layer as its first: its later layers'
+  inputs differ from the first call's by rounding, which may flip near-tied choices.
 
 Which of the layer's parameters is which weight (`weight_grads`): a parameter that is a
 weight-set tensor, a copy of one, a copy with its last two dimensions transposed, or gate
