@@ -1,9 +1,10 @@
 """The fused `triton` layer and the `cuda_graph` case field.
 
-CPU: the device-side alignment (pure torch), the tuner's cache file, the case field and
-its suite validation. CUDA (skipped without a GPU or Triton): forward and gradients
-against `reference` on odd shapes, the decode path, and a graphed harness run read back
-from parquet.
+CPU: the tuner's cache file, the case field and its suite validation; with
+TRITON_INTERPRET=1 (Triton's CPU interpreter, float16) also the alignment kernels and
+forward and gradients against `reference`. CUDA (skipped without a GPU or Triton):
+forward and gradients against `reference` on odd shapes in bfloat16 and float16, the
+decode path, and a graphed harness run read back from parquet.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def test_alignment_pads_each_expert_to_whole_blocks(tokens, num_experts, top_k, 
     a = align_to_blocks(expert_ids_TK, num_experts, block_m)
     a, expert_ids_TK = (
         type(a)(*(t.cpu() for t in (a.sorted_ids_P, a.block_expert_B, a.num_padded_1,
-                                     a.padded_ends_E)), a.num_assign, a.block_m),
+                                     a.padded_ends_E, a.row_of_assign_A)),
+                a.num_assign, a.block_m),
         expert_ids_TK.cpu(),
     )  # fmt: skip
     num_assign = tokens * top_k
@@ -69,6 +71,8 @@ def test_alignment_pads_each_expert_to_whole_blocks(tokens, num_experts, top_k, 
     real = ids[ids < num_assign]
     # Every assignment exactly once, nothing past the padded length.
     assert sorted(real.tolist()) == list(range(num_assign))
+    # row_of_assign_A is the inverse: assignment a sits in row row_of_assign_A[a].
+    assert (ids[a.row_of_assign_A.long()] == torch.arange(num_assign)).all()
     assert (ids[padded:] == num_assign).all()
     flat_experts = expert_ids_TK.flatten()
     for block in range(a.max_blocks):
@@ -193,13 +197,15 @@ ODD_SHAPES = [
 ]
 
 
-def _gpu_case(shape: tuple, dtype: str, mode: str = "forward", **kw) -> Case:
+def _gpu_case(
+    shape: tuple, dtype: str, mode: str = "forward", device: str | None = "cuda", **kw
+) -> Case:
     hidden, ffn, experts, top_k, tokens = shape
     return Case(
         LayerShape(hidden, ffn, experts, top_k),
         Workload(tokens, 1, mode),
         "triton",
-        device="cuda",
+        device=device or "cuda",
         dtype=dtype,
         **kw,
     )
@@ -210,11 +216,13 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a64 - b64).norm() / b64.norm())
 
 
-@needs_cuda
+@needs_kernels
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("shape", ODD_SHAPES)
 def test_forward_and_gradients_match_reference(shape, dtype):
-    case = _gpu_case(shape, dtype, mode="train")
+    if KERNEL_DEVICE == "cpu" and dtype == "bfloat16":
+        pytest.skip("Triton's interpreter computes in numpy, which has no bfloat16")
+    case = _gpu_case(shape, dtype, mode="train", device=KERNEL_DEVICE)
     weights = make_weights(case)
     layer = registry.get("triton").build(weights, case)
     x_TD = make_inputs(case, 1)[0]

@@ -14,7 +14,8 @@ Three small kernels (plus zeroing the counters), whatever the size: `count` fill
 row list with the padding sentinel and gives each assignment its rank in its expert
 (an atomic increment per assignment); `offsets` (one program) turns the counts into
 padded starts, the padded length and each block's expert; `scatter` writes each
-assignment to its expert's start plus its rank. Ranks from atomics make the order of
+assignment to its expert's start plus its rank (and that row, the inverse permutation,
+which the backward gathers through). Ranks from atomics make the order of
 rows inside an expert arbitrary; each row's result does not depend on its position, so
 the layer's output is still the same bits on every run.
 """
@@ -39,6 +40,7 @@ class Alignment:
     block_expert_B: torch.Tensor  # int32 expert of each row block (E past the end)
     num_padded_1: torch.Tensor  # int32 real padded length P' <= P, on the device
     padded_ends_E: torch.Tensor  # int32 end row of each expert's run (grouped_mm offsets)
+    row_of_assign_A: torch.Tensor  # int32 row of each assignment (sorted_ids_P's inverse)
     num_assign: int  # A
     block_m: int
 
@@ -103,7 +105,13 @@ def _offsets_kernel(
 
 @triton.jit
 def _scatter_kernel(
-    expert_ptr, rank_ptr, padded_starts_ptr, sorted_ids_ptr, num_assign, BLOCK: tl.constexpr
+    expert_ptr,
+    rank_ptr,
+    padded_starts_ptr,
+    sorted_ids_ptr,
+    row_of_assign_ptr,
+    num_assign,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < num_assign
@@ -111,6 +119,7 @@ def _scatter_kernel(
     rank = tl.load(rank_ptr + offs, mask=ok, other=0)
     start = tl.load(padded_starts_ptr + expert, mask=ok, other=0)
     tl.store(sorted_ids_ptr + start + rank, offs.to(tl.int32), mask=ok)
+    tl.store(row_of_assign_ptr + offs, start + rank, mask=ok)
 
 
 def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
@@ -128,6 +137,7 @@ def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int)
     sorted_ids_P = torch.empty(max_rows, device=device, dtype=torch.int32)
     block_expert_B = torch.empty(max_blocks, device=device, dtype=torch.int32)
     num_padded_1 = torch.empty(1, device=device, dtype=torch.int32)
+    row_of_assign_A = torch.empty(num_assign, device=device, dtype=torch.int32)
     _count_kernel[(triton.cdiv(max_rows, COUNT_BLOCK),)](
         expert_A, counts_E, rank_A, sorted_ids_P, num_assign, max_rows, BLOCK=COUNT_BLOCK
     )
@@ -138,6 +148,15 @@ def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int)
         BLOCKS_PER_STEP=BLOCKS_PER_STEP,
     )  # fmt: skip
     _scatter_kernel[(triton.cdiv(num_assign, COUNT_BLOCK),)](
-        expert_A, rank_A, padded_starts_E, sorted_ids_P, num_assign, BLOCK=COUNT_BLOCK
+        expert_A, rank_A, padded_starts_E, sorted_ids_P, row_of_assign_A, num_assign,
+        BLOCK=COUNT_BLOCK,
+    )  # fmt: skip
+    return Alignment(
+        sorted_ids_P,
+        block_expert_B,
+        num_padded_1,
+        padded_ends_E,
+        row_of_assign_A,
+        num_assign,
+        block_m,
     )
-    return Alignment(sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E, num_assign, block_m)

@@ -1,4 +1,5 @@
-"""The fused layer's backward: torch grouped GEMMs over the forward's padded row layout.
+"""The fused layer's backward: torch grouped GEMMs over the forward's padded row layout,
+with the SwiGLU backward as one Triton kernel between them.
 
 Shape legend: T tokens, D hidden, F expert width, E routed experts, K top_k,
 A = T x K assignments, P padded rows (the forward's `Alignment`).
@@ -10,11 +11,15 @@ padded row, so nothing is recomputed. With y_t = sum_a w_a o_a, o_a = h_a W_down
   dW_down = h^T (w dy)             (grouped over rows)
   dg, du from dh through SwiGLU; dx_t = sum_a dg_a W_gate^T + du_a W_up^T;
   dW_gate = x^T dg, dW_up = x^T du (grouped over rows)
-Padding rows hold the sentinel assignment A (token T): they carry zeros, and every
-scatter goes to a throw-away row A (or T) that is cut off. Rows past the real padded
-length (which only the device knows) lie beyond the last group offset: grouped GEMMs
-neither read them for weight gradients nor count them, and the scatters send them to
-the throw-away row too.
+`swiglu_backward_kernel` reads dh~, h and the pre-activations once (bfloat16 in, float32
+math) and writes dg, du, w h (so dW_down = (w h)^T dy needs no scaled copy of dy) and
+dw per row: no float32 copies of P x F tensors. dx and dw come back to assignments by
+gathering each assignment's row (`Alignment.row_of_assign_A`), then summing a token's K
+slots: no atomic scatter.
+Padding rows hold the sentinel assignment A (token T, a zero row): the kernel writes
+zeros there. Rows past the real padded length (which only the device knows) lie beyond
+the last group offset: grouped GEMMs neither read them for weight gradients nor count
+them, and no assignment's row is there, so the gathers never read them.
 
 torch's grouped GEMM needs 16-byte aligned strides and, in some builds, bfloat16; where
 the widths or the dtype do not allow it, a per-expert loop over the same layout stands in
@@ -28,6 +33,8 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from moebench.impls.grouped import GROUPED_MM, grouped_mm_works
 from moebench.impls.triton.align import Alignment
@@ -82,6 +89,74 @@ def weight_grad(a_PK: torch.Tensor, b_PN: torch.Tensor, ends_E: torch.Tensor) ->
     return torch.stack(out)
 
 
+@triton.jit
+def swiglu_backward_kernel(
+    dh_unscaled_ptr,
+    h_ptr,
+    gate_pre_ptr,
+    up_pre_ptr,
+    sorted_ids_ptr,
+    gate_weight_ptr,
+    dgate_ptr,
+    dup_ptr,
+    h_weighted_ptr,
+    dweight_ptr,
+    F,
+    num_assign,
+    stride_p,
+    BLOCK_R: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    """Rows BLOCK_R of the padded layout: with w the row's routing weight and dh~ the
+    unscaled gradient of h, dw = sum_f dh~ h, and through SwiGLU (g, u pre-activations,
+    dh = w dh~) dg = dh u s (1 + g (1 - s)) with s = sigmoid(g), du = dh g s; also w h.
+    All P x F inputs and outputs share the row stride; padding rows get zeros."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ids = tl.load(sorted_ids_ptr + offs_r)
+    row_ok = ids < num_assign
+    weight = tl.load(gate_weight_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
+    dweight = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    row_offsets = offs_r.to(tl.int64)[:, None] * stride_p
+    for first in range(0, F, BLOCK_F):
+        offs_f = first + tl.arange(0, BLOCK_F)
+        offsets = row_offsets + offs_f[None, :]
+        mask = row_ok[:, None] & (offs_f[None, :] < F)
+        dh_unscaled = tl.load(dh_unscaled_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(gate_pre_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(up_pre_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dweight += tl.sum(dh_unscaled * h, 1)
+        dh = dh_unscaled * weight[:, None]
+        sig = tl.sigmoid(gate)
+        dgate = dh * up * sig * (1 + gate * (1 - sig))
+        dup = dh * gate * sig
+        store = offs_f[None, :] < F  # padding rows too: their zeros
+        dtype = dgate_ptr.dtype.element_ty
+        tl.store(dgate_ptr + offsets, dgate.to(dtype), mask=store)
+        tl.store(dup_ptr + offsets, dup.to(dtype), mask=store)
+        tl.store(h_weighted_ptr + offsets, (h * weight[:, None]).to(dtype), mask=store)
+    tl.store(dweight_ptr + offs_r, dweight)
+
+
+def swiglu_backward(
+    dh_unscaled_PF: torch.Tensor, saved: Saved, gate_weight_A: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dgate_PF, dup_PF, weighted h_PF, dweight_P float32) of `swiglu_backward_kernel`."""
+    alignment = saved.alignment
+    rows, F = saved.h_PF.shape
+    tensors = (dh_unscaled_PF, saved.h_PF, saved.gate_pre_PF, saved.up_pre_PF)
+    assert all(t.stride() == (F, 1) for t in tensors), "P x F inputs must be contiguous"
+    dgate_PF, dup_PF, h_weighted_PF = (torch.empty_like(saved.h_PF) for _ in range(3))
+    dweight_P = torch.empty(rows, device=dh_unscaled_PF.device, dtype=torch.float32)
+    block_r = 16  # P is a multiple of BLOCK_M >= 16
+    swiglu_backward_kernel[(rows // block_r,)](
+        *tensors, alignment.sorted_ids_P, gate_weight_A, dgate_PF, dup_PF, h_weighted_PF,
+        dweight_P, F, alignment.num_assign, F,
+        BLOCK_R=block_r, BLOCK_F=min(256, triton.next_power_of_2(F)), num_warps=4,
+    )  # fmt: skip
+    return dgate_PF, dup_PF, h_weighted_PF, dweight_P
+
+
 def fused_backward(
     saved: Saved,
     grad_y_TD: torch.Tensor,
@@ -94,41 +169,27 @@ def fused_backward(
     """(dx_TD, dgate_weights_TK, dW_gate, dW_up, dW_down), each in its input's dtype."""
     alignment, K = saved.alignment, saved.top_k
     T, D = x_TD.shape
-    A = alignment.num_assign
     ends_E = alignment.padded_ends_E
-    ids_P = alignment.sorted_ids_P.long()
-    valid_P1 = (ids_P < A)[:, None]
-    token_P = ids_P // K  # padding (id A) -> token T, a throw-away row
+    token_P = alignment.sorted_ids_P // K  # padding (id A) -> token T, a zero row
     zero_row = torch.zeros(1, D, device=x_TD.device, dtype=x_TD.dtype)
     x_rows_PD = torch.cat([x_TD, zero_row])[token_P]
     dy_rows_PD = torch.cat([grad_y_TD.to(x_TD.dtype), zero_row])[token_P]
-    weight_P1 = torch.cat([gate_weights_TK.reshape(-1).to(x_TD.dtype), zero_row[0, :1]])[ids_P]
-    weight_P1 = weight_P1[:, None]
+    gate_weight_A = gate_weights_TK.reshape(-1).to(x_TD.dtype)
 
     dh_unscaled_PF = rows_times_weights(dy_rows_PD, w_down_EFD.transpose(1, 2), ends_E)
-    h_PF, gate_PF, up_PF = saved.h_PF, saved.gate_pre_PF.float(), saved.up_pre_PF.float()
-    # dw_a = dh~_a . h_a; rows past the padded length may hold garbage: masked, then
-    # scattered to the throw-away slot A.
-    dweight_P = torch.where(valid_P1, dh_unscaled_PF.float() * h_PF.float(), 0.0).sum(1)
-    dweight_A = torch.zeros(A + 1, device=x_TD.device, dtype=torch.float32)
-    dweight_A.index_put_((ids_P,), dweight_P)  # padding rows all write slot A: discarded
-    dW_down = weight_grad(h_PF, dy_rows_PD * weight_P1, ends_E)
-
-    dh_PF = dh_unscaled_PF.float() * weight_P1.float()
-    sig_PF = torch.sigmoid(gate_PF)
-    silu_PF = gate_PF * sig_PF
-    dgate_PF = (dh_PF * up_PF * sig_PF * (1 + gate_PF * (1 - sig_PF))).to(x_TD.dtype)
-    dup_PF = (dh_PF * silu_PF).to(x_TD.dtype)
+    dgate_PF, dup_PF, h_weighted_PF, dweight_P = swiglu_backward(
+        dh_unscaled_PF, saved, gate_weight_A
+    )
+    dW_down = weight_grad(h_weighted_PF, dy_rows_PD, ends_E)
     dW_gate = weight_grad(x_rows_PD, dgate_PF, ends_E)
     dW_up = weight_grad(x_rows_PD, dup_PF, ends_E)
     dx_rows_PD = rows_times_weights(dgate_PF, w_gate_EDF.transpose(1, 2), ends_E)
-    dx_rows_PD = dx_rows_PD + rows_times_weights(dup_PF, w_up_EDF.transpose(1, 2), ends_E)
-    dx_rows_PD = torch.where(valid_P1, dx_rows_PD, 0.0)
-    dx_TD = torch.zeros(T + 1, D, device=x_TD.device, dtype=torch.float32)
-    dx_TD.index_add_(0, token_P, dx_rows_PD.float())
+    dx_rows_PD += rows_times_weights(dup_PF, w_up_EDF.transpose(1, 2), ends_E)
+    row_A = alignment.row_of_assign_A
+    dx_TD = dx_rows_PD[row_A].view(T, K, D).sum(dim=1)  # float32 accumulation
     return (
-        dx_TD[:T].to(x_TD.dtype),
-        dweight_A[:A].view(T, K).to(gate_weights_TK.dtype),
+        dx_TD.to(x_TD.dtype),
+        dweight_P[row_A].view(T, K).to(gate_weights_TK.dtype),
         dW_gate.to(w_gate_EDF.dtype),
         dW_up.to(w_up_EDF.dtype),
         dW_down.to(w_down_EFD.dtype),
