@@ -13,9 +13,10 @@ padded row, so nothing is recomputed. With y_t = sum_a w_a o_a, o_a = h_a W_down
   dW_gate = x^T dg, dW_up = x^T du (grouped over rows)
 `swiglu_backward_kernel` reads dh~, h and the pre-activations once (bfloat16 in, float32
 math) and writes dg, du, w h (so dW_down = (w h)^T dy needs no scaled copy of dy) and
-dw per row: no float32 copies of P x F tensors. dx and dw come back to assignments by
-gathering each assignment's row (`Alignment.row_of_assign_A`), then summing a token's K
-slots: no atomic scatter.
+dw per row: no float32 copies of P x F tensors. dx and dw come back to tokens by gathering
+each assignment's row (`Alignment.row_of_assign_A`); `token_sum_kernel` gathers both dx
+GEMMs' rows of a token and sums them and its K slots in one pass: no atomic scatter, no
+P x D sum or gathered copy.
 Padding rows hold the sentinel assignment A (token T, a zero row): the kernel writes
 zeros there. Rows past the real padded length (which only the device knows) lie beyond
 the last group offset: grouped GEMMs neither read them for weight gradients nor count
@@ -157,6 +158,46 @@ def swiglu_backward(
     return dgate_PF, dup_PF, h_weighted_PF, dweight_P
 
 
+@triton.jit
+def token_sum_kernel(
+    a_ptr,
+    b_ptr,
+    row_of_assign_ptr,
+    out_ptr,
+    D,
+    top_k,
+    stride_rows,
+    stride_out,
+    BLOCK_D: tl.constexpr,
+):
+    """out[t] = sum over t's K assignments a of (a_rows[row(a)] + b_rows[row(a)]), summed
+    in float32: the gather, the add of the two GEMMs' outputs and the sum over slots in
+    one pass over the rows."""
+    token = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs_d < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for slot in range(top_k):
+        row = tl.load(row_of_assign_ptr + token * top_k + slot).to(tl.int64)
+        acc += tl.load(a_ptr + row * stride_rows + offs_d, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(b_ptr + row * stride_rows + offs_d, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * stride_out + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def token_sum(a_PD: torch.Tensor, b_PD: torch.Tensor, alignment: Alignment, top_k: int):
+    """T x D: each token's sum over its K rows of a_PD + b_PD (`token_sum_kernel`)."""
+    D = a_PD.shape[1]
+    assert a_PD.stride() == b_PD.stride() == (D, 1), "row blocks must be contiguous"
+    T = alignment.num_assign // top_k
+    out_TD = torch.empty(T, D, device=a_PD.device, dtype=a_PD.dtype)
+    block_d = min(1024, triton.next_power_of_2(D))
+    token_sum_kernel[(T, triton.cdiv(D, block_d))](
+        a_PD, b_PD, alignment.row_of_assign_A, out_TD, D, top_k, D, D,
+        BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+    return out_TD
+
+
 def fused_backward(
     saved: Saved,
     grad_y_TD: torch.Tensor,
@@ -183,13 +224,12 @@ def fused_backward(
     dW_down = weight_grad(h_weighted_PF, dy_rows_PD, ends_E)
     dW_gate = weight_grad(x_rows_PD, dgate_PF, ends_E)
     dW_up = weight_grad(x_rows_PD, dup_PF, ends_E)
-    dx_rows_PD = rows_times_weights(dgate_PF, w_gate_EDF.transpose(1, 2), ends_E)
-    dx_rows_PD += rows_times_weights(dup_PF, w_up_EDF.transpose(1, 2), ends_E)
-    row_A = alignment.row_of_assign_A
-    dx_TD = dx_rows_PD[row_A].view(T, K, D).sum(dim=1)  # float32 accumulation
+    dx_gate_rows_PD = rows_times_weights(dgate_PF, w_gate_EDF.transpose(1, 2), ends_E)
+    dx_up_rows_PD = rows_times_weights(dup_PF, w_up_EDF.transpose(1, 2), ends_E)
+    dx_TD = token_sum(dx_gate_rows_PD, dx_up_rows_PD, alignment, K)
     return (
-        dx_TD.to(x_TD.dtype),
-        dweight_P[row_A].view(T, K).to(gate_weights_TK.dtype),
+        dx_TD,
+        dweight_P[alignment.row_of_assign_A].view(T, K).to(gate_weights_TK.dtype),
         dW_gate.to(w_gate_EDF.dtype),
         dW_up.to(w_up_EDF.dtype),
         dW_down.to(w_down_EFD.dtype),
