@@ -60,19 +60,27 @@ class FilterError(ValueError):
     """A --filter expression that does not parse."""
 
 
+def _filter_text(value: Any) -> str:
+    """A case field as --filter matches it: booleans as TOML writes them (true, false)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def filter_cases(cases: Iterable[Case], expressions: list[str]) -> list[Case]:
-    """Keep cases matching every expression: `key=v1,v2` on a case field, or a regular
-    expression searched in the case's label."""
+    """Keep cases matching every expression: `key=v1,v2` on a case field (booleans as
+    TOML writes them: true, false; any case), or a regular expression searched in the
+    case's label."""
     kept = list(cases)
     for expr in expressions:
         if "=" in expr:
             key, _, values = expr.partition("=")
             wanted = {v.strip() for v in values.split(",")}
+            if kept and isinstance(kept[0].fields().get(key), bool):
+                wanted = {v.lower() for v in wanted}
             if kept and key not in kept[0].fields():
                 raise FilterError(
                     f"--filter {expr!r}: unknown field {key!r}; fields: {sorted(kept[0].fields())}"
                 )
-            kept = [c for c in kept if str(c.fields()[key]) in wanted]
+            kept = [c for c in kept if _filter_text(c.fields()[key]) in wanted]
         else:
             try:
                 pattern = re.compile(expr)

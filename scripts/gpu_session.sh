@@ -14,6 +14,9 @@
 #   designs   seeds, moepp, dsmoe, topp, merging, offload and deepseek suites (GPU_DESIGNS:
 #             a subset, by name)
 #
+# GPU_FILTER="KEY=V1,V2" (or a label regex) keeps only matching cases of every suite step,
+# e.g. GPU_FILTER=cuda_graph=true scripts/gpu_session.sh peers (the graphed decode rows).
+#
 # Steps run in the order given, all inside GPU_DEADLINE_S seconds (default 570, under the
 # device tool's 10-minute call): a step still running at the deadline gets SIGTERM, which
 # keeps its finished cases (moebench consolidates the run; `--resume` finishes it later).
@@ -55,8 +58,8 @@ timed() {  # a command cut at the deadline, its output appended to the log
   timeout --signal=TERM --kill-after=20 "$seconds" "$@" 2>&1 | tee -a "$log"
 }
 
-suite() {  # a suite into this step's results root
-  timed python3 -m moebench run "$@" --out "$root" --quiet
+suite() {  # a suite into this step's results root (GPU_FILTER: one --filter for every suite)
+  timed python3 -m moebench run "$@" ${GPU_FILTER:+--filter "$GPU_FILTER"} --out "$root" --quiet
 }
 
 for step in "$@"; do

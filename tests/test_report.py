@@ -19,7 +19,7 @@ from moebench.case import Case, LayerShape, Workload
 from moebench.cli import main as cli_main
 from moebench.measure.timing import TimingPlan
 from moebench.report.build import read_manifest, render_report, write_report
-from moebench.report.data import load_runs, prepare, run_comparison, thin_samples
+from moebench.report.data import leaderboard, load_runs, prepare, run_comparison, thin_samples
 from moebench.report.facets import MAX_FACETS
 from moebench.runner import run_cases
 from moebench.store import read_metadata, read_run
@@ -136,6 +136,31 @@ def test_one_colour_per_implementation_everywhere(runs):
                     seen += 1
     assert seen > 20
     assert len(set(data.colors.values())) == len(data.colors)
+
+
+def test_graphed_rows_are_their_own_facet_and_contest(runs):
+    """Rows captured in a CUDA graph are labelled so (facet and case label) and race only
+    each other: a graphed layer never wins against plain ones."""
+    root, first, _ = runs
+    frame = read_run(root / first / "results.parquet")
+    graphed = frame[frame["impl"] == "grouped"].assign(
+        cuda_graph=True, case_id=lambda f: f["case_id"] + "g", latency_ms=1e-6
+    )
+    data = prepare([pd.concat([frame, graphed], ignore_index=True)], [read_metadata(root / first)])
+    rows = data.frame[data.frame["cuda_graph"].astype(bool)]
+    assert len(rows) == len(graphed)
+    assert rows["facet_label"].str.endswith("CUDA graph").all()
+    assert rows["case_label"].str.contains("CUDA graph").all()
+    plain = data.frame[~data.frame["cuda_graph"].astype(bool)]
+    assert plain["facet_label"].str.endswith("no graph").all()
+    assert not plain["case_label"].str.contains("graph").any()
+    # the graphed rows (impossibly fast) are alone on their cases: no contest, no win
+    alone = {s.impl: s for s in leaderboard(prepare([frame], [read_metadata(root / first)]))}
+    both = {s.impl: s for s in leaderboard(data)}
+    assert (both["grouped"].contests, both["grouped"].wins) == (
+        alone["grouped"].contests,
+        alone["grouped"].wins,
+    )
 
 
 def test_latency_samples_are_thinned():

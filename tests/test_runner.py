@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -110,6 +111,11 @@ def test_filter_cases():
     assert len(filter_cases(cases, ["^dense"])) == 2
     with pytest.raises(ValueError, match="unknown field 'nope'"):
         filter_cases(cases, ["nope=1"])
+    # booleans as TOML writes them (a suite says cuda_graph = true), in any case
+    graphed = [replace(c, cuda_graph=g) for c in cases[:1] for g in (False, True)]
+    for spelled in ("cuda_graph=true", "cuda_graph=True", "cuda_graph=TRUE"):
+        assert [c.cuda_graph for c in filter_cases(graphed, [spelled])] == [True]
+    assert [c.cuda_graph for c in filter_cases(graphed, ["cuda_graph=false"])] == [False]
 
 
 SLOW_SUITE = """

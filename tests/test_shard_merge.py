@@ -114,3 +114,20 @@ def test_merge_notes_missing_shards(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "shard(s) [2] of 3 missing" in capsys.readouterr().out
     (merged,) = (tmp_path / "m").iterdir()
     assert json.loads((merged / "run.json").read_text())["cases_total"] == 2
+
+
+def test_a_merged_run_reports_the_highest_ceilings_of_its_parts() -> None:
+    """merge keeps each part's ceilings (merged_from); the report's roof and header use
+    the highest of each, since each row's roofline_frac already used its own run's."""
+    from moebench.report.data import RunInfo
+
+    parts = [
+        {"run_id": "a", "ceilings": {"copy_gbps": 4000.0, "matmul_tflops_bfloat16": 806.0}},
+        {"run_id": "b", "ceilings": {"copy_gbps": 4200.0, "matmul_tflops_bfloat16": 790.0}},
+        {"run_id": "c", "ceilings": None},
+    ]
+    merged = RunInfo(0, "R1", "m", "m", "m", {"merged_from": parts}, 3)
+    assert merged.ceilings == {"copy_gbps": 4200.0, "matmul_tflops_bfloat16": 806.0}
+    own = RunInfo(0, "R1", "r", "r", "r", {"ceilings": {"copy_gbps": 1.0}}, 1)
+    assert own.ceilings == {"copy_gbps": 1.0}
+    assert RunInfo(0, "R1", "r", "r", "r", {}, 1).ceilings == {}

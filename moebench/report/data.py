@@ -35,6 +35,7 @@ FACET_FIELDS: tuple[str, ...] = (
     "world_size",
     "capacity_factor",
     "seed",
+    "cuda_graph",
 )
 # The base layer that variants and the leaderboard are measured against, best first.
 BASE_IMPLS: tuple[str, ...] = ("grouped", "reference")
@@ -53,6 +54,21 @@ class RunInfo:
     run_id: str
     meta: dict[str, Any]
     cases: int
+
+    @property
+    def ceilings(self) -> dict[str, float]:
+        """The run's measured ceilings; for a merged run (`moebench merge`), the highest of
+        each over the runs it joined (a roof is an upper bound; each row's roofline_frac
+        used its own run's)."""
+        own = self.meta.get("ceilings")
+        if own:
+            return dict(own)
+        merged: dict[str, float] = {}
+        for part in self.meta.get("merged_from") or []:
+            for key, value in (part.get("ceilings") or {}).items():
+                if isinstance(value, (int, float)):
+                    merged[key] = max(merged.get(key, value), value)
+        return merged
 
 
 def ok_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -227,11 +243,19 @@ def _facet_value(name: str, value: Any) -> str:
         return f"cf {value:g}" if isinstance(value, float) else f"cf {value}"
     if name == "seed":
         return f"seed {value}"
+    if name == "cuda_graph":
+        return "CUDA graph" if _true(value) else "no graph"
     return str(value)
 
 
+def _true(value: Any) -> bool:
+    """A boolean cell that may be missing (NaN, None) in rows of older runs."""
+    return bool(value) if isinstance(value, (bool, np.bool_)) else False
+
+
 def case_label(row: dict[str, Any], run: str | None = None) -> str:
-    """What a person needs to recognise a case: impl, shape, tokens, mode, dtype, routing."""
+    """What a person needs to recognise a case: impl, shape, tokens, mode, dtype, routing
+    (and options, GPUs, a CUDA graph, the run where they apply)."""
     parts = [
         str(row.get("impl")),
         shape_label(row),
@@ -245,6 +269,8 @@ def case_label(row: dict[str, Any], run: str | None = None) -> str:
         parts.append(options)
     if row.get("world_size") not in (None, 1) and row.get("world_size") == row.get("world_size"):
         parts.append(f"{_int(row['world_size'])} GPUs")
+    if _true(row.get("cuda_graph")):
+        parts.append("CUDA graph")
     if run:
         parts.append(run)
     return " · ".join(parts)

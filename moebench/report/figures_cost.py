@@ -246,7 +246,7 @@ def _roof_traces(data: ReportData, rows: pd.DataFrame, ai: pd.Series) -> list[go
     lo, hi = float(ai.min()) / 3, float(ai.max()) * 3
     traces = []
     for run in data.runs:
-        ceilings = run.meta.get("ceilings") or {}
+        ceilings = run.ceilings
         bandwidth = ceilings.get("copy_gbps")
         dtypes = sorted(set(rows.loc[rows["run_index"] == run.index, "dtype"].dropna()))
         for dtype in dtypes:

@@ -362,7 +362,7 @@ def _environment(runs: list[RunInfo]) -> str:
         meta = run.meta
         env = meta.get("environment") or {}
         gpus = env.get("gpus") or []
-        ceilings = meta.get("ceilings") or {}
+        ceilings = run.ceilings
         roofs = ", ".join(
             f"{k.removeprefix('matmul_tflops_')} {v:.4g} TFLOP/s"
             for k, v in ceilings.items()
@@ -383,7 +383,12 @@ def _environment(runs: list[RunInfo]) -> str:
             ),
             "moebench / git": f"{env.get('moebench') or '-'} / {sha[:12]}",
             "host": str(env.get("host") or "-"),
-            "ceilings (measured)": roofs or "-",
+            "ceilings (measured)": (roofs or "-")
+            + (
+                f" (highest of {len(meta['merged_from'])} merged runs)"
+                if roofs and not meta.get("ceilings") and meta.get("merged_from")
+                else ""
+            ),
             "cases": f"{run.cases}"
             + (
                 f" of {meta['cases_total']}"
