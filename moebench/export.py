@@ -1,9 +1,10 @@
-"""`moebench export`: a run as pytest-benchmark JSON or as CSV.
+"""`moebench export`: a run as pytest-benchmark JSON, as CSV or as a Markdown table.
 
     moebench export RUN --format pytest-benchmark --storage .benchmarks
     pytest bench/test_moebench.py --benchmark-compare --benchmark-compare-fail=median:50%
     moebench export RUN --format pytest-benchmark -o run.json   # one file, anywhere
     moebench export RUN --format csv -o run.csv
+    moebench export RUN --format markdown -o table.md           # latency (x floor) per impl
 
 pytest-benchmark format (its storage files, as `pytest --benchmark-autosave` writes them):
 `machine_info`, `commit_info`, `benchmarks`, `datetime`, `version`. Each ok case is one
@@ -24,6 +25,9 @@ with its machine id (`Linux-CPython-3.11-64bit`) and the next free number, so a 
 
 CSV: the results table as is, one row per case; list columns (`samples_ms`,
 `tokens_per_expert`) as JSON arrays.
+
+Markdown: one table, cases as rows and implementations as columns, each cell the latency
+and latency / floor (`moebench.markdown_table`).
 """
 
 from __future__ import annotations
@@ -57,8 +61,8 @@ from moebench.compare.runs import plain_value
 from moebench.store import StoreError, read_metadata, read_run
 
 COMMAND = "export"
-HELP = "write a run as pytest-benchmark JSON or CSV"
-FORMATS = ("pytest-benchmark", "csv")
+HELP = "write a run as pytest-benchmark JSON, CSV or a Markdown table"
+FORMATS = ("pytest-benchmark", "csv", "markdown")
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 EXIT_CODES = """exit codes:
   0    written
@@ -286,7 +290,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run id, run folder, parquet file or 'latest'")
     parser.add_argument(
         "--format", choices=FORMATS, default="pytest-benchmark",
-        help="pytest-benchmark JSON (default; `pytest-benchmark compare FILE` reads it) or csv",
+        help="pytest-benchmark JSON (default; `pytest-benchmark compare FILE` reads it), csv, "
+        "or markdown (latency and latency / floor, implementations side by side)",
     )  # fmt: skip
     parser.add_argument("-o", "--output", default="-", help="output file ('-': stdout)")
     parser.add_argument(
@@ -312,6 +317,10 @@ def main(args: argparse.Namespace, console: Console) -> int:
         return EXIT_BAD_INPUT
     if args.format == "csv":
         text, note = to_csv(frame), f"{len(frame)} cases"
+    elif args.format == "markdown":
+        from moebench.markdown_table import to_markdown
+
+        text, note = to_markdown(frame, meta), f"{len(frame)} cases"
     else:
         document, left_out = to_pytest_benchmark(frame, meta, args.test)
         text = json.dumps(document, indent=4, default=str, allow_nan=False)

@@ -134,6 +134,39 @@ def test_csv_export(tmp_path: Path) -> None:
     assert json.loads(ok["tokens_per_expert"].iloc[0]) == [8, 8, 8, 8]
 
 
+def test_markdown_export(tmp_path: Path) -> None:
+    """One row per case without its implementation, one column per implementation:
+    latency (x floor), `*` when noisy, the status when not ok; a CUDA-graph case and a
+    pipe in an option value stay readable."""
+    from moebench.markdown_table import to_markdown
+    from moebench.store import read_metadata, read_run
+
+    run = make_run(tmp_path)
+    out = tmp_path / "table.md"
+    assert export(str(run), "--format", "markdown", "-o", str(out)) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "# smoke: latency ms (latency / floor)"
+    assert "no measured ceilings" in lines[2] and "Run run-1, 3 cases" in lines[2]
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0] == "| shape | mode | tokens | reference | grouped | capacity |"
+    assert table[1] == "|:---|:---|---:|---:|---:|---:|"
+    (row,) = table[2:]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["D64 F128 E4 k2", "forward", "16"]
+    assert cells[5] == "mismatch" and cells[3].replace(".", "").isdigit()
+
+    frame = read_run(run)
+    frame["roofline_frac"] = 0.5
+    frame.loc[frame["impl"] == "grouped", "noisy"] = True
+    graphed = frame[frame["impl"] == "grouped"].assign(cuda_graph=True, options='{"a": "x|y"}')
+    meta = dict(read_metadata(run), ceilings={"copy_gbps": 4000.0, "matmul_tflops_float32": 60.0})
+    text = to_markdown(pd.concat([frame, graphed], ignore_index=True), meta)
+    assert "60 TFLOP/s float32, 4 TB/s copy" in text
+    assert "| D64 F128 E4 k2 | forward | 16 | " in text and "(2.00x)*" in text
+    assert "| D64 F128 E4 k2 | forward, CUDA graph | 16 |" in text
+    assert "grouped a=x\\|y" in text  # escaped: the table keeps its columns
+
+
 def test_export_refuses_to_overwrite_and_bad_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,0 +1,127 @@
+"""A run as one Markdown table (`moebench export RUN --format markdown`): every case's
+latency and its distance from the physical floor, implementations side by side.
+
+One row per case without its implementation (shape, mode, tokens and whatever else varies
+in the run: dtype, routing, layers, a CUDA graph, ...), one column per implementation
+(with its options, where it ran with several sets), cells `latency ms (latency / floor)`:
+the floor is max(FLOPs / matmul rate, bytes touched / copy bandwidth) as measured in the
+run (`roofline_frac` = floor / latency). `*` marks a noisy case, a status (`oom`,
+`mismatch`, ...) a case that did not finish ok, an empty cell a case the run did not hold.
+Made for READMEs, pull requests and closing notes, from the committed parquet, so the
+table can be made again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moebench.report.data import RunInfo, options_text, shape_label
+
+# Case fields that split rows when they vary in the run (besides shape, mode and tokens).
+ROW_FIELDS = ("dtype", "routing", "layers", "world_size", "capacity_factor", "seed", "device")
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _flag(value: Any) -> bool:
+    """A boolean cell (numpy's too); missing (None, NaN) is False."""
+    return isinstance(value, (bool, np.bool_)) and bool(value)
+
+
+def _cell(row: dict[str, Any]) -> str:
+    if row.get("status") != "ok":
+        return str(row.get("status") or "?")
+    latency = _number(row.get("latency_ms"))
+    if latency is None:
+        return "ok"
+    text = f"{latency:.3g}"
+    fraction = _number(row.get("roofline_frac"))
+    if fraction:
+        text += f" ({1 / fraction:.2f}x)"
+    return text + ("*" if _flag(row.get("noisy")) else "")
+
+
+def _column(row: dict[str, Any]) -> str:
+    options = options_text(row.get("options"))
+    return f"{row['impl']} {options}" if options else str(row["impl"])
+
+
+def _varying(frame: pd.DataFrame, name: str) -> bool:
+    return name in frame.columns and frame[name].astype(str).nunique(dropna=False) > 1
+
+
+def _row_key(row: dict[str, Any], extra: list[str]) -> tuple[str, ...]:
+    mode = str(row.get("mode"))
+    if _flag(row.get("cuda_graph")):
+        mode += ", CUDA graph"
+    return (shape_label(row), mode, *(str(row.get(name)) for name in extra))
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _ceilings_text(meta: dict[str, Any]) -> str:
+    ceilings = RunInfo(0, "", "", "", "", meta, 0).ceilings
+    parts = [f"{v:.4g} TFLOP/s {k.removeprefix('matmul_tflops_')}" for k, v in ceilings.items()
+             if k.startswith("matmul_tflops_")]  # fmt: skip
+    if ceilings.get("copy_gbps"):
+        parts.append(f"{ceilings['copy_gbps'] / 1000:.3g} TB/s copy")
+    if not parts:
+        return "no measured ceilings (no floor)"
+    merged = " (the highest of its merged runs)" if meta.get("merged_from") else ""
+    return "measured ceilings " + ", ".join(parts) + merged
+
+
+def to_markdown(frame: pd.DataFrame, meta: dict[str, Any]) -> str:
+    """The run `frame` (its run.json `meta`) as a Markdown document: a title, what the
+    cells mean, and the table (rows in the run's order of shapes, then tokens)."""
+    extra = [name for name in ROW_FIELDS if _varying(frame, name)]
+    records = frame.to_dict("records")
+    columns: list[str] = []
+    cells: dict[tuple[str, ...], dict[str, str]] = {}
+    tokens_of: dict[tuple[str, ...], int] = {}
+    for row in records:
+        column = _column(row)
+        if column not in columns:
+            columns.append(column)
+        key = _row_key(row, extra)
+        tokens = int(row.get("tokens") or 0)
+        full = (*key, str(tokens))
+        tokens_of[full] = tokens
+        cells.setdefault(full, {})[column] = _cell(row)
+    # the run's order of shapes, then of modes (and other fields) within one, then tokens
+    shape_seen = {key[0]: i for i, key in reversed(list(enumerate(cells)))}
+    group_seen = {key[:-1]: i for i, key in reversed(list(enumerate(cells)))}
+    order = sorted(
+        cells, key=lambda key: (shape_seen[key[0]], group_seen[key[:-1]], tokens_of[key])
+    )
+    header = ["shape", "mode", *extra, "tokens", *columns]
+    numeric = {len(header) - len(columns) - 1, *range(len(header) - len(columns), len(header))}
+    rule = ["---:" if i in numeric else ":---" for i in range(len(header))]
+    lines = ["| " + " | ".join(_escape(h) for h in header) + " |", "|" + "|".join(rule) + "|"]
+    for key in order:
+        values = [*key, *(cells[key].get(column, "") for column in columns)]
+        lines.append("| " + " | ".join(_escape(v) for v in values) + " |")
+    run_id = meta.get("run_id") or (records[0].get("run_id") if records else "?")
+    suite = meta.get("suite") or "run"
+    title = f"# {suite}: latency ms (latency / floor)"
+    legend = (
+        f"Run {run_id}, {len(records)} cases; {_ceilings_text(meta)}. A cell: the median "
+        "latency in ms and, in brackets, latency / floor, where the floor is max(FLOPs / "
+        "matmul rate, bytes of the experts touched / copy bandwidth). `*`: noisy (p90/p10 "
+        "over the device's limit, or the median still moving). A status: the case did not "
+        "finish ok. Empty: the run does not hold that case. Made by `moebench export RUN "
+        "--format markdown`."
+    )
+    return "\n".join([title, "", legend, "", *lines, ""])
