@@ -13,24 +13,16 @@ table can be made again.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from moebench.compare.runs import number
 from moebench.report.data import RunInfo, options_text, shape_label
 
 # Case fields that split rows when they vary in the run (besides shape, mode and tokens).
 ROW_FIELDS = ("dtype", "routing", "layers", "world_size", "capacity_factor", "seed", "device")
-
-
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(number) else number
 
 
 def _flag(value: Any) -> bool:
@@ -41,11 +33,11 @@ def _flag(value: Any) -> bool:
 def _cell(row: dict[str, Any]) -> str:
     if row.get("status") != "ok":
         return str(row.get("status") or "?")
-    latency = _number(row.get("latency_ms"))
+    latency = number(row.get("latency_ms"))
     if latency is None:
         return "ok"
     text = f"{latency:.3g}"
-    fraction = _number(row.get("roofline_frac"))
+    fraction = number(row.get("roofline_frac"))
     if fraction:
         text += f" ({1 / fraction:.2f}x)"
     return text + ("*" if _flag(row.get("noisy")) else "")
