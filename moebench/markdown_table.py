@@ -15,19 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from moebench.compare.runs import number
-from moebench.report.data import RunInfo, options_text, shape_label
+from moebench.report.data import is_true, options_text, run_ceilings, shape_label, varies
 
 # Case fields that split rows when they vary in the run (besides shape, mode and tokens).
 ROW_FIELDS = ("dtype", "routing", "layers", "world_size", "capacity_factor", "seed", "device")
-
-
-def _flag(value: Any) -> bool:
-    """A boolean cell (numpy's too); missing (None, NaN) is False."""
-    return isinstance(value, (bool, np.bool_)) and bool(value)
 
 
 def _cell(row: dict[str, Any]) -> str:
@@ -40,7 +34,7 @@ def _cell(row: dict[str, Any]) -> str:
     fraction = number(row.get("roofline_frac"))
     if fraction:
         text += f" ({1 / fraction:.2f}x)"
-    return text + ("*" if _flag(row.get("noisy")) else "")
+    return text + ("*" if is_true(row.get("noisy")) else "")
 
 
 def _column(row: dict[str, Any]) -> str:
@@ -48,13 +42,9 @@ def _column(row: dict[str, Any]) -> str:
     return f"{row['impl']} {options}" if options else str(row["impl"])
 
 
-def _varying(frame: pd.DataFrame, name: str) -> bool:
-    return name in frame.columns and frame[name].astype(str).nunique(dropna=False) > 1
-
-
 def _row_key(row: dict[str, Any], extra: list[str]) -> tuple[str, ...]:
     mode = str(row.get("mode"))
-    if _flag(row.get("cuda_graph")):
+    if is_true(row.get("cuda_graph")):
         mode += ", CUDA graph"
     return (shape_label(row), mode, *(str(row.get(name)) for name in extra))
 
@@ -64,7 +54,7 @@ def _escape(text: str) -> str:
 
 
 def _ceilings_text(meta: dict[str, Any]) -> str:
-    ceilings = RunInfo(0, "", "", "", "", meta, 0).ceilings
+    ceilings = run_ceilings(meta)
     parts = [f"{v:.4g} TFLOP/s {k.removeprefix('matmul_tflops_')}" for k, v in ceilings.items()
              if k.startswith("matmul_tflops_")]  # fmt: skip
     if ceilings.get("copy_gbps"):
@@ -78,7 +68,7 @@ def _ceilings_text(meta: dict[str, Any]) -> str:
 def to_markdown(frame: pd.DataFrame, meta: dict[str, Any]) -> str:
     """The run `frame` (its run.json `meta`) as a Markdown document: a title, what the
     cells mean, and the table (rows in the run's order of shapes, then tokens)."""
-    extra = [name for name in ROW_FIELDS if _varying(frame, name)]
+    extra = [name for name in ROW_FIELDS if varies(frame, name)]
     records = frame.to_dict("records")
     columns: list[str] = []
     cells: dict[tuple[str, ...], dict[str, str]] = {}

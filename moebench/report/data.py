@@ -57,18 +57,23 @@ class RunInfo:
 
     @property
     def ceilings(self) -> dict[str, float]:
-        """The run's measured ceilings; for a merged run (`moebench merge`), the highest of
-        each over the runs it joined (a roof is an upper bound; each row's roofline_frac
-        used its own run's)."""
-        own = self.meta.get("ceilings")
-        if own:
-            return dict(own)
-        merged: dict[str, float] = {}
-        for part in self.meta.get("merged_from") or []:
-            for key, value in (part.get("ceilings") or {}).items():
-                if isinstance(value, (int, float)):
-                    merged[key] = max(merged.get(key, value), value)
-        return merged
+        """The run's measured ceilings (`run_ceilings`)."""
+        return run_ceilings(self.meta)
+
+
+def run_ceilings(meta: dict[str, Any]) -> dict[str, float]:
+    """A run's measured ceilings from its run.json; for a merged run (`moebench merge`),
+    the highest of each over the runs it joined (a roof is an upper bound; each row's
+    roofline_frac used its own run's)."""
+    own = meta.get("ceilings")
+    if own:
+        return dict(own)
+    merged: dict[str, float] = {}
+    for part in meta.get("merged_from") or []:
+        for key, value in (part.get("ceilings") or {}).items():
+            if isinstance(value, (int, float)):
+                merged[key] = max(merged.get(key, value), value)
+    return merged
 
 
 def ok_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -154,7 +159,8 @@ def _with_all_columns(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _varying(frame: pd.DataFrame, name: str) -> bool:
+def varies(frame: pd.DataFrame, name: str) -> bool:
+    """Whether column `name` takes more than one value in `frame`."""
     return name in frame.columns and frame[name].astype(str).nunique(dropna=False) > 1
 
 
@@ -178,7 +184,7 @@ def _int(value: Any) -> str:
 
 def _labelled(frame: pd.DataFrame, *, multi_run: bool) -> pd.DataFrame:
     """Add shape, facet and case labels, the error column, and the series name."""
-    facet_extra = [name for name in FACET_FIELDS if _varying(frame, name)]
+    facet_extra = [name for name in FACET_FIELDS if varies(frame, name)]
     records = frame.to_dict("records")
     shapes, facets, cases = [], [], []
     for row in records:
@@ -244,12 +250,12 @@ def _facet_value(name: str, value: Any) -> str:
     if name == "seed":
         return f"seed {value}"
     if name == "cuda_graph":
-        return "CUDA graph" if _true(value) else "no graph"
+        return "CUDA graph" if is_true(value) else "no graph"
     return str(value)
 
 
-def _true(value: Any) -> bool:
-    """A boolean cell that may be missing (NaN, None) in rows of older runs."""
+def is_true(value: Any) -> bool:
+    """A boolean cell (numpy's too) that may be missing (NaN, None) in rows of older runs."""
     return bool(value) if isinstance(value, (bool, np.bool_)) else False
 
 
@@ -269,7 +275,7 @@ def case_label(row: dict[str, Any], run: str | None = None) -> str:
         parts.append(options)
     if row.get("world_size") not in (None, 1) and row.get("world_size") == row.get("world_size"):
         parts.append(f"{_int(row['world_size'])} GPUs")
-    if _true(row.get("cuda_graph")):
+    if is_true(row.get("cuda_graph")):
         parts.append("CUDA graph")
     if run:
         parts.append(run)
