@@ -55,10 +55,10 @@ def _escape(text: str) -> str:
 
 def _ceilings_text(meta: dict[str, Any]) -> str:
     ceilings = run_ceilings(meta)
-    parts = [f"{v:.4g} TFLOP/s {k.removeprefix('matmul_tflops_')}" for k, v in ceilings.items()
+    parts = [f"{k.removeprefix('matmul_tflops_')} {v:.4g} TFLOP/s" for k, v in ceilings.items()
              if k.startswith("matmul_tflops_")]  # fmt: skip
     if ceilings.get("copy_gbps"):
-        parts.append(f"{ceilings['copy_gbps'] / 1000:.3g} TB/s copy")
+        parts.append(f"copy {ceilings['copy_gbps']:.4g} GB/s")
     if not parts:
         return "no measured ceilings (no floor)"
     merged = " (the highest of its merged runs)" if meta.get("merged_from") else ""

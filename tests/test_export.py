@@ -161,7 +161,7 @@ def test_markdown_export(tmp_path: Path) -> None:
     graphed = frame[frame["impl"] == "grouped"].assign(cuda_graph=True, options='{"a": "x|y"}')
     meta = dict(read_metadata(run), ceilings={"copy_gbps": 4000.0, "matmul_tflops_float32": 60.0})
     text = to_markdown(pd.concat([frame, graphed], ignore_index=True), meta)
-    assert "60 TFLOP/s float32, 4 TB/s copy" in text
+    assert "float32 60 TFLOP/s, copy 4000 GB/s" in text
     assert "| D64 F128 E4 k2 | forward | 16 | " in text and "(2.00x)*" in text
     assert "| D64 F128 E4 k2 | forward, CUDA graph | 16 |" in text
     assert "grouped a=x\\|y" in text  # escaped: the table keeps its columns
