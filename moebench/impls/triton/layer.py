@@ -7,7 +7,8 @@ Forward (no device-to-host sync): align (align.py) -> gate_up kernel (gathered t
 loads, SwiGLU epilogue) -> down kernel (routing weight in the epilogue, rows scattered to
 their assignments) -> sum over the K slots of each token. Training keeps the gate and up
 pre-activations and the SwiGLU output per padded row; the backward (backward.py) is torch
-grouped GEMMs over that layout, nothing recomputed.
+grouped GEMMs over that layout with two Triton kernels between them (the SwiGLU backward,
+the per-token sums of dx), nothing recomputed.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class _FusedExpertsFunction(torch.autograd.Function):
 class TritonMoE(MoELayer):
     """Dropless top-k MoE on fused Triton kernels."""
 
-    impl_detail = "triton fused fwd; grouped_mm bwd"
+    impl_detail = "triton fused fwd; grouped_mm + triton SwiGLU, token-sum bwd"
 
     def __init__(self, weights: ExpertWeights, case: Case):
         super().__init__(weights, case)
