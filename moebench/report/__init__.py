@@ -5,9 +5,10 @@
     print(result.path, result.size_bytes, [f["id"] for f in result.manifest["figures"]])
 
 data.py reads and joins the runs, figures.py draws one section per question (facets.py
-lays out small multiples), page.py fills the HTML template, png.py exports PNGs, build.py
-ties them together, and command.py is the CLI. Nothing heavy is imported with this package
-(the CLI imports it on every command); plotly only while a report is built.
+lays out small multiples), page.py fills the HTML templates of templates.py, png.py
+exports PNGs, build.py ties them together, and command.py is the CLI. Nothing heavy is
+imported with this package (the CLI imports it on every command); plotly only while a
+report is built.
 """
 
 from __future__ import annotations

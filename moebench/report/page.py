@@ -6,6 +6,7 @@ trace and point counts, each section left out with the reason) and a small scrip
 records script errors into `#moebench-errors` and, once loaded, writes
 `<div id="moebench-ready" data-plots=N>` (tests and headless browsers read both), with
 the plot areas drawn smaller than 300 x 200 px and the titles drawn over an axis label.
+The templates, CSS and scripts are in `templates.py` (`tpl` here).
 """
 
 from __future__ import annotations
@@ -14,230 +15,17 @@ import html
 import json
 import math
 from datetime import UTC, datetime
-from string import Template
 from typing import Any
 
 import pandas as pd
 
+from moebench.report import templates as tpl
 from moebench.report.data import ReportData, RunInfo, Standing, leaderboard
 from moebench.report.headlines import headlines
 from moebench.report.sections import Section, TableData
 from moebench.report.style import FONT, STATUS_COLORS, figure_json
 
-PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"scale": 2}}
 MIB = 2**20
-
-PAGE = Template("""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="moebench $version">
-<title>$title</title>
-<style>:root { --font: $font; }
-$css</style>
-<script>$error_hook</script>
-<script>$plotlyjs</script>
-</head>
-<body>
-<header>
-<h1>$title</h1>
-<p class="sub">$subtitle</p>
-$environment
-</header>
-<pre id="moebench-errors" hidden></pre>
-<nav>$nav</nav>
-<main>
-$verdict
-$failures
-$sections
-$cases
-</main>
-<footer>Made by moebench $version on $made. Hover a point for its case; click a legend entry to
-hide it, double-click to keep only it; drag to zoom, double-click to reset.</footer>
-<script type="application/json" id="moebench-manifest">$manifest</script>
-<script>$page_js</script>
-</body>
-</html>
-""")
-
-SECTION = Template("""<section id="$key">
-<h2>$title</h2>
-<p class="desc">$description</p>
-$body
-</section>
-""")
-FIGURE = Template('<div class="figure" data-section="$section">$plot</div>\n')
-OMITTED = Template('<p class="omitted" data-omitted="$key">Left out: $reason.</p>\n')
-NOTE = Template('<p class="note">$text</p>\n')
-NAV_LINK = Template('<a href="#$key" class="$css_class">$title</a>')
-TABLE = Template("""<div class="table-wrap $wrap_class"><table class="$css_class">
-<thead><tr>$head</tr></thead>
-<tbody>
-$body
-</tbody></table></div>
-""")
-HEAD_CELL = Template('<th data-type="$kind" title="click to sort">$text</th>')
-ROW = Template('<tr class="$css_class">$cells</tr>\n')
-CELL = Template('<td class="$css_class" data-v="$sort">$text</td>')
-SWATCH = Template('<span class="swatch" style="background:$color"></span>$text')
-STATUS = Template('<span class="status" style="background:$color">$text</span>')
-BAR = Template('<span class="bar"><span style="width:$pct%;background:$color"></span></span>')
-VERDICT = Template("""<section id="verdict" class="verdict">
-<h2>At a glance</h2>
-$headlines
-$table
-</section>
-""")
-HEADLINE = Template('<p class="headline $css_class">$text</p>\n')
-FAILURES = Template("""<section id="failures" class="failures">
-<h2>$count of $total cases did not finish ok</h2>
-<p class="desc">By status: $by_status. Their errors are listed here and in the table of
-cases.</p>
-$table
-</section>
-""")
-CASES = Template("""<section id="cases">
-<h2>All cases</h2>
-<p class="desc">One row per case; click a column head to sort. Latency is the median of the
-timed calls; "vs base" is the speed relative to $base on the same case.</p>
-$table
-</section>
-""")
-ENV = Template('<div class="table-wrap env"><table class="env">$rows</table></div>')
-ENV_ROW = Template("<tr><th>$key</th>$cells</tr>")
-ENV_CELL = Template("<td>$value</td>")
-
-CSS = """
-:root { --ink: #1d2430; --muted: #5b6675; --line: #e3e7ec; --bg: #f6f8fa; }
-* { box-sizing: border-box; }
-body { font-family: var(--font); color: var(--ink); margin: 0; background: #fff; font-size: 14px; }
-header { background: var(--bg); border-bottom: 1px solid var(--line); padding: 18px 28px; }
-h1 { margin: 0 0 4px; font-size: 22px; }
-h2 { font-size: 18px; margin: 0 0 6px; }
-.sub, .desc, footer, .note { color: var(--muted); }
-.desc { max-width: 70em; margin: 0 0 10px; }
-nav { position: sticky; top: 0; z-index: 5; background: #fff; border-bottom: 1px solid
-  var(--line); padding: 8px 28px; display: flex; flex-wrap: wrap; gap: 6px 16px; }
-nav a { color: #1f5fbf; text-decoration: none; font-size: 13px; }
-nav a.off { color: #9aa4b1; }
-main { padding: 6px 28px 24px; }
-section { padding: 16px 0 10px; border-bottom: 1px solid var(--line); }
-.figure { margin: 6px 0; }
-.omitted { color: var(--muted); font-style: italic; margin: 4px 0; }
-.note { margin: 4px 0; font-size: 13px; }
-.table-wrap { overflow: auto; max-height: 640px; border: 1px solid var(--line);
-  border-radius: 6px; margin: 8px 0; }
-.table-wrap.env, .table-wrap.small { max-height: none; display: inline-block; max-width: 100%; }
-table { border-collapse: collapse; font-size: 12.5px; width: 100%; }
-th, td { padding: 4px 9px; border-bottom: 1px solid var(--line); text-align: left;
-  vertical-align: top; white-space: nowrap; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.error { white-space: pre-wrap; color: #9b1c1c; max-width: 48em; min-width: 20em;
-  font-family: ui-monospace, Menlo, monospace; font-size: 11.5px; }
-thead th { position: sticky; top: 0; background: var(--bg); cursor: pointer;
-  user-select: none; }
-thead th.sorted-asc::after { content: " \\25B2"; font-size: 9px; }
-thead th.sorted-desc::after { content: " \\25BC"; font-size: 9px; }
-table.env th { background: var(--bg); cursor: default; position: static; }
-table.env td, table.env th { white-space: normal; }
-tr.failed td { background: #fff4f4; }
-tr.regression td { background: #fff0f0; }
-.status { color: #fff; border-radius: 3px; padding: 1px 6px; font-size: 11.5px;
-  font-weight: 600; }
-.swatch { display: inline-block; width: 11px; height: 11px; border-radius: 2px;
-  margin-right: 6px; vertical-align: -1px; }
-.bar { display: inline-block; width: 80px; height: 8px; background: #eef1f4;
-  border-radius: 4px; margin-left: 8px; vertical-align: 0; overflow: hidden; }
-.bar span { display: block; height: 100%; }
-.verdict .headline { font-size: 16px; margin: 4px 0; }
-.headline.win { font-size: 18px; }
-.headline.bad { color: #9b1c1c; font-weight: 600; }
-.failures h2 { color: #9b1c1c; }
-#moebench-errors { background: #fff0f0; color: #9b1c1c; padding: 8px 28px; margin: 0; }
-footer { padding: 12px 28px 30px; font-size: 12px; }
-"""
-
-ERROR_HOOK = """
-window.moebenchErrors = [];
-window.addEventListener('error', function (event) {
-  window.moebenchErrors.push(String(event.message || event));
-  var box = document.getElementById('moebench-errors');
-  if (box) { box.textContent = window.moebenchErrors.join('\\n'); box.hidden = false; }
-});
-"""
-
-PAGE_JS = """
-(function () {
-  function value(cell, type) {
-    var raw = cell.getAttribute('data-v');
-    if (type === 'num') {
-      var n = parseFloat(raw);
-      return isNaN(n) ? -Infinity : n;
-    }
-    return (raw || cell.textContent).toLowerCase();
-  }
-  document.querySelectorAll('table.sortable').forEach(function (table) {
-    table.querySelectorAll('thead th').forEach(function (th, index) {
-      th.addEventListener('click', function () {
-        var type = th.getAttribute('data-type');
-        var asc = !th.classList.contains('sorted-asc');
-        table.querySelectorAll('thead th').forEach(function (other) {
-          other.classList.remove('sorted-asc', 'sorted-desc');
-        });
-        th.classList.add(asc ? 'sorted-asc' : 'sorted-desc');
-        var body = table.tBodies[0];
-        var rows = Array.prototype.slice.call(body.rows);
-        rows.sort(function (a, b) {
-          var x = value(a.cells[index], type), y = value(b.cells[index], type);
-          return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1);
-        });
-        rows.forEach(function (row) { body.appendChild(row); });
-      });
-    });
-  });
-  // What a reader would see as broken: a plot area squeezed below 300 x 200 px, or a
-  // figure title drawn over an axis title or tick label. Recorded on #moebench-ready.
-  function overlap(a, b) {
-    return a.width > 0 && b.width > 0 && a.left < b.right && b.left < a.right &&
-      a.top < b.bottom && b.top < a.bottom;
-  }
-  function layoutProblems() {
-    var small = [], overlaps = [];
-    document.querySelectorAll('.js-plotly-plot').forEach(function (plot) {
-      plot.querySelectorAll('rect.nsewdrag').forEach(function (rect) {
-        var box = rect.getBoundingClientRect();
-        if (box.width < 300 || box.height < 200) {
-          small.push(plot.id + ' ' + Math.round(box.width) + 'x' + Math.round(box.height));
-        }
-      });
-      var labels = plot.querySelectorAll('.xtitle, .ytitle, .xtick text, .ytick text');
-      plot.querySelectorAll('.gtitle').forEach(function (title) {
-        var box = title.getBoundingClientRect();
-        labels.forEach(function (label) {
-          if (overlap(box, label.getBoundingClientRect())) {
-            overlaps.push(plot.id + ': "' + title.textContent + '" over "' +
-              label.textContent + '"');
-          }
-        });
-      });
-    });
-    return {small: small, overlaps: overlaps};
-  }
-  window.addEventListener('load', function () {
-    var marker = document.createElement('div');
-    marker.id = 'moebench-ready';
-    marker.hidden = true;
-    marker.setAttribute('data-plots', document.querySelectorAll('.js-plotly-plot').length);
-    marker.setAttribute('data-svgs', document.querySelectorAll('svg.main-svg').length);
-    marker.setAttribute('data-errors', window.moebenchErrors.length);
-    var layout = layoutProblems();
-    marker.setAttribute('data-small-plots', layout.small.join('; '));
-    marker.setAttribute('data-overlaps', layout.overlaps.join('; '));
-    document.body.appendChild(marker);
-  });
-})();
-"""
 
 
 def _e(value: Any) -> str:
@@ -260,7 +48,7 @@ def render_page(data: ReportData, sections: list[Section], *, plotlyjs: str, ver
     for section in sections:
         body: list[str] = []
         if section.omitted:
-            body.append(OMITTED.substitute(key=_e(section.key), reason=_e(section.omitted)))
+            body.append(tpl.OMITTED.substitute(key=_e(section.key), reason=_e(section.omitted)))
             omitted_manifest.append({"section": section.key, "reason": section.omitted})
         for div_id, figure in section.figures:
             plot = pio.to_html(
@@ -268,18 +56,18 @@ def render_page(data: ReportData, sections: list[Section], *, plotlyjs: str, ver
                 full_html=False,
                 include_plotlyjs=False,
                 div_id=div_id,
-                config=PLOTLY_CONFIG,
+                config=tpl.PLOTLY_CONFIG,
                 default_width="100%",
                 default_height=f"{figure.layout.height or 460}px",
                 validate=False,
             )
-            body.append(FIGURE.substitute(section=_e(section.key), plot=plot))
+            body.append(tpl.FIGURE.substitute(section=_e(section.key), plot=plot))
             figures_manifest.append(_figure_manifest(section.key, div_id, figure))
-        body += [NOTE.substitute(text=_e(note)) for note in section.notes]
+        body += [tpl.NOTE.substitute(text=_e(note)) for note in section.notes]
         if section.table is not None:
             body.append(_small_table(section.table))
         rendered.append(
-            SECTION.substitute(
+            tpl.SECTION.substitute(
                 key=_e(section.key),
                 title=_e(section.title),
                 description=_e(section.description),
@@ -301,13 +89,13 @@ def render_page(data: ReportData, sections: list[Section], *, plotlyjs: str, ver
     subtitle = (
         f"{len(frame)} cases from {len(data.runs)} run{'s' if data.multi_run else ''} ({run_ids})"
     )
-    return PAGE.substitute(
+    return tpl.PAGE.substitute(
         version=_e(version),
         title=_e(title),
         subtitle=_e(subtitle),
-        css=CSS,
+        css=tpl.CSS,
         font=FONT,
-        error_hook=ERROR_HOOK,
+        error_hook=tpl.ERROR_HOOK,
         plotlyjs=plotlyjs,
         environment=_environment(data.runs),
         nav=_nav(sections, data),
@@ -317,7 +105,7 @@ def render_page(data: ReportData, sections: list[Section], *, plotlyjs: str, ver
         cases=_cases(data),
         made=_e(datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")),
         manifest=json.dumps(manifest).replace("</", "<\\/"),
-        page_js=PAGE_JS,
+        page_js=tpl.PAGE_JS,
     )
 
 
@@ -333,14 +121,16 @@ def _figure_manifest(section: str, div_id: str, figure: Any) -> dict[str, Any]:
 
 
 def _nav(sections: list[Section], data: ReportData) -> str:
-    links = [NAV_LINK.substitute(key="verdict", css_class="", title="At a glance")]
+    links = [tpl.NAV_LINK.substitute(key="verdict", css_class="", title="At a glance")]
     if (data.frame["status"] != "ok").any():
-        links.append(NAV_LINK.substitute(key="failures", css_class="", title="Failures"))
+        links.append(tpl.NAV_LINK.substitute(key="failures", css_class="", title="Failures"))
     links += [
-        NAV_LINK.substitute(key=_e(s.key), css_class="off" if s.omitted else "", title=_e(s.title))
+        tpl.NAV_LINK.substitute(
+            key=_e(s.key), css_class="off" if s.omitted else "", title=_e(s.title)
+        )
         for s in sections
     ]
-    links.append(NAV_LINK.substitute(key="cases", css_class="", title="All cases"))
+    links.append(tpl.NAV_LINK.substitute(key="cases", css_class="", title="All cases"))
     return " ".join(links)
 
 
@@ -401,15 +191,16 @@ def _environment(runs: list[RunInfo]) -> str:
     table = [facts(run) for run in runs]
     rows = (
         [
-            ENV_ROW.substitute(
-                key=_e(key), cells="".join(ENV_CELL.substitute(value=_e(t[key])) for t in table)
+            tpl.ENV_ROW.substitute(
+                key=_e(key),
+                cells="".join(tpl.ENV_CELL.substitute(value=_e(t[key])) for t in table),
             )
             for key in table[0]
         ]
         if table
         else []
     )
-    return ENV.substitute(rows="".join(rows))
+    return tpl.ENV.substitute(rows="".join(rows))
 
 
 def _table(
@@ -418,13 +209,13 @@ def _table(
     css_class: str,
     wrap_class: str = "",
 ) -> str:
-    head = "".join(HEAD_CELL.substitute(kind=kind, text=_e(text)) for text, kind in headers)
-    body = "".join(ROW.substitute(css_class=cls, cells="".join(cells)) for cls, cells in rows)
-    return TABLE.substitute(head=head, body=body, css_class=css_class, wrap_class=wrap_class)
+    head = "".join(tpl.HEAD_CELL.substitute(kind=kind, text=_e(text)) for text, kind in headers)
+    body = "".join(tpl.ROW.substitute(css_class=cls, cells="".join(cells)) for cls, cells in rows)
+    return tpl.TABLE.substitute(head=head, body=body, css_class=css_class, wrap_class=wrap_class)
 
 
 def _cell(text: str, sort: Any = "", css_class: str = "", raw: bool = False) -> str:
-    return CELL.substitute(
+    return tpl.CELL.substitute(
         css_class=css_class,
         sort=_e("" if _missing(sort) else sort),
         text=text if raw else _e(text),
@@ -438,17 +229,18 @@ def _small_table(table: TableData) -> str:
 
 
 def _status_html(status: str) -> str:
-    return STATUS.substitute(color=STATUS_COLORS.get(status, "#666"), text=_e(status))
+    return tpl.STATUS.substitute(color=STATUS_COLORS.get(status, "#666"), text=_e(status))
 
 
 def _impl_html(data: ReportData, impl: str) -> str:
-    return SWATCH.substitute(color=_e(data.colors.get(impl, "#999")), text=_e(impl))
+    return tpl.SWATCH.substitute(color=_e(data.colors.get(impl, "#999")), text=_e(impl))
 
 
 def _verdict(data: ReportData) -> str:
     standings = leaderboard(data)
     headlines = [
-        HEADLINE.substitute(css_class=css, text=text) for css, text in _headlines(data, standings)
+        tpl.HEADLINE.substitute(css_class=css, text=text)
+        for css, text in _headlines(data, standings)
     ]
     base_names = sorted({b for b in data.base_impls.values() if b})
     base = " / ".join(base_names) or "base"
@@ -457,7 +249,7 @@ def _verdict(data: ReportData) -> str:
     for s in standings:
         wins = (
             f"{s.wins} of {s.contests}"
-            + BAR.substitute(
+            + tpl.BAR.substitute(
                 pct=f"{100 * s.wins / most:.0f}", color=_e(data.colors.get(s.impl, "#999"))
             )
             if s.exact and s.contests
@@ -495,7 +287,7 @@ def _verdict(data: ReportData) -> str:
         "sortable",
         "small",
     )
-    return VERDICT.substitute(headlines="".join(headlines), table=table)
+    return tpl.VERDICT.substitute(headlines="".join(headlines), table=table)
 
 
 def _headlines(data: ReportData, standings: list[Standing]) -> list[tuple[str, str]]:
@@ -537,7 +329,7 @@ def _failures(data: ReportData) -> str:
         rows,
         "sortable",
     )
-    return FAILURES.substitute(
+    return tpl.FAILURES.substitute(
         count=len(failed), total=len(frame), by_status=_e(by_status), table=table
     )
 
@@ -602,7 +394,7 @@ def _cases(data: ReportData) -> str:
         ]
         rows.append(("failed" if status != "ok" else "", cells))
     base_names = sorted({b for b in data.base_impls.values() if b})
-    return CASES.substitute(
+    return tpl.CASES.substitute(
         table=_table(headers, rows, "sortable cases"),
         base=_e(" / ".join(base_names) or "the base layer"),
     )
