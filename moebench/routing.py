@@ -24,6 +24,8 @@ what the layer did, recorded as `tokens_per_expert`, not the prior.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 from dataclasses import fields
 
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from moebench.case import LayerShape
+from moebench.router_logits import SplitLogits, pieces_side_by_side, tensor_core_path
 
 
 class RoutingSpecError(ValueError):
@@ -165,10 +168,36 @@ def route(
     return gate_TK, expert_ids_TK, probs_TE
 
 
+# Experts per row that `route_kernel` holds in registers.
+KERNEL_ROUTE_MAX_EXPERTS = 1024
+
+
+def kernel_route_applies(shape: LayerShape, logits_TE: torch.Tensor) -> bool:
+    """Whether `route_kernel.softmax_top_k` computes `shape`'s convention here: softmax
+    scoring, no group limit, no selection bias, at most KERNEL_ROUTE_MAX_EXPERTS experts,
+    on CUDA with Triton importable."""
+    return (
+        logits_TE.device.type == "cuda"
+        and shape.scoring == "softmax"
+        and (shape.n_groups <= 1 or shape.groups_kept >= shape.n_groups)
+        and not shape.correction_bias
+        and shape.num_experts <= KERNEL_ROUTE_MAX_EXPERTS
+        and _triton_importable()
+    )
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 class Router(nn.Module):
     """The layer's router in float32 (so routing does not flip with the dtype), under the
     convention of `shape` (`route`). correction_bias_E: the weight set's selection bias
     (a buffer of that name, zeros if the convention has one and the weights none).
+    bfloat16 inputs on CUDA get their float32 logits from bfloat16 tensor cores
+    (`moebench.router_logits`), and softmax conventions on CUDA their choices and gates
+    from one Triton kernel (`moebench.route_kernel`): the same function, faster.
 
     It holds copies of the weight set's router tensors (small: D x E), so a study that
     edits one layer's router in place (forcing routes through `bias_E`, say) leaves the
@@ -192,10 +221,27 @@ class Router(nn.Module):
         )
         self.shape = shape
         self.top_k = shape.top_k
+        # The weight's bfloat16 pieces for the tensor-core path, and the (storage,
+        # version) they were made from: an in-place edit of the weight remakes them.
+        self._pieces: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """x @ w_router_DE + bias_E, T x E float32."""
+        w_DE = self.w_router_DE
+        if not tensor_core_path(x_TD):
+            return x_TD.float() @ w_DE + self.bias_E
+        made_from = (w_DE.data_ptr(), w_DE._version)
+        if self._pieces is None or self._pieces[0] != made_from:
+            self._pieces = (made_from, pieces_side_by_side(w_DE.detach()))
+        return SplitLogits.apply(x_TD, w_DE, self._pieces[1], self.bias_E)
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (gate_weights_TK in x's dtype, expert_ids_TK int64, probs_TE float32)."""
-        logits_TE = x_TD.float() @ self.w_router_DE + self.bias_E
+        logits_TE = self.logits(x_TD)
+        if kernel_route_applies(self.shape, logits_TE):
+            from moebench.route_kernel import softmax_top_k
+
+            return softmax_top_k(logits_TE, self.shape, x_TD.dtype)
         gate_TK, expert_ids_TK, probs_TE = route(logits_TE, self.shape, self.correction_bias_E)
         return gate_TK.to(x_TD.dtype), expert_ids_TK, probs_TE
 

@@ -153,7 +153,8 @@ def check_first_call(
 
 
 def _step_fn(case: Case, layer: torch.nn.Module, inputs: list[torch.Tensor], last: dict):
-    """The timed callable: one forward, or one forward + backward with fresh gradients.
+    """The timed callable: one forward, or one forward + backward with fresh gradients
+    (the input's too: a training step does not add into last step's input gradient).
     The output of the latest call on inputs[0] is kept in last[0] (no copy, no sync), for
     the drift check after timing."""
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -170,9 +171,11 @@ def _step_fn(case: Case, layer: torch.nn.Module, inputs: list[torch.Tensor], las
     grads = [torch.randn_like(x) for x in inputs[:1]]
 
     def train_step(i: int) -> None:
+        x = inputs[i % rotations]
         for p in params:
             p.grad = None
-        y = layer(inputs[i % rotations])
+        x.grad = None
+        y = layer(x)
         with timer_of(layer).phase("backward"):
             y.backward(grads[0])
         if i % rotations == 0:

@@ -4,23 +4,26 @@ with the SwiGLU backward as one Triton kernel between them.
 Shape legend: T tokens, D hidden, F expert width, E routed experts, K top_k,
 A = T x K assignments, P padded rows (the forward's `Alignment`).
 
-The training forward keeps the gate and up pre-activations and the SwiGLU output per
-padded row, so nothing is recomputed. With y_t = sum_a w_a o_a, o_a = h_a W_down:
+The training forward keeps the gate and up pre-activations, the SwiGLU output and the
+gathered x per padded row, so nothing is recomputed or gathered twice.
+With y_t = sum_a w_a o_a, o_a = h_a W_down:
   dh~_a = dy_t W_down^T            (one grouped GEMM; dh = w_a dh~_a)
   dw_a  = dy_t . o_a = dh~_a . h_a (no need for o)
   dW_down = h^T (w dy)             (grouped over rows)
-  dg, du from dh through SwiGLU; dx_t = sum_a dg_a W_gate^T + du_a W_up^T;
-  dW_gate = x^T dg, dW_up = x^T du (grouped over rows)
+  dg, du from dh through SwiGLU, side by side as dgu = [dg du] (P x 2F);
+  dx_t = sum_a dgu_a [W_gate W_up]^T   (one grouped GEMM over K = 2F)
+  [dW_gate dW_up] = x^T dgu            (one grouped GEMM, the layer's gate|up layout)
 `swiglu_backward_kernel` reads dh~, h and the pre-activations once (bfloat16 in, float32
-math) and writes dg, du, w h (so dW_down = (w h)^T dy needs no scaled copy of dy) and
-dw per row: no float32 copies of P x F tensors. dx and dw come back to tokens by gathering
-each assignment's row (`Alignment.row_of_assign_A`); `token_sum_kernel` gathers both dx
-GEMMs' rows of a token and sums them and its K slots in one pass: no atomic scatter, no
-P x D sum or gathered copy.
-Padding rows hold the sentinel assignment A (token T, a zero row): the kernel writes
-zeros there. Rows past the real padded length (which only the device knows) lie beyond
-the last group offset: grouped GEMMs neither read them for weight gradients nor count
-them, and no assignment's row is there, so the gathers never read them.
+math) and writes dgu, w h (so dW_down = (w h)^T dy needs no scaled copy of dy) and dw per
+row: no float32 copies of P x F tensors. dx and dw come back to tokens by gathering each
+assignment's row (`Alignment.row_of_assign_A`); `token_sum_kernel` gathers a token's K
+rows and sums them in one pass: no atomic scatter.
+Padding rows hold the sentinel assignment A: their x rows are zeros, they gather token
+T - 1's dy (finite numbers), and the SwiGLU backward writes zeros into their dgu and w h,
+so they add exactly nothing to any weight gradient. Rows past the real padded length (which only the
+device knows) lie beyond the last group offset: grouped GEMMs neither read them for
+weight gradients nor count them, and no assignment's row is there, so the gathers never
+read them.
 
 torch's grouped GEMM needs 16-byte aligned strides and, in some builds, bfloat16; where
 the widths or the dtype do not allow it, a per-expert loop over the same layout stands in
@@ -49,6 +52,7 @@ class Saved:
     gate_pre_PF: torch.Tensor
     up_pre_PF: torch.Tensor
     h_PF: torch.Tensor
+    x_rows_PD: torch.Tensor  # x of each row's token (zeros in padding rows)
     top_k: int
 
 
@@ -98,20 +102,21 @@ def swiglu_backward_kernel(
     up_pre_ptr,
     sorted_ids_ptr,
     gate_weight_ptr,
-    dgate_ptr,
-    dup_ptr,
+    dgate_up_ptr,
     h_weighted_ptr,
     dweight_ptr,
     F,
     num_assign,
     stride_p,
+    stride_dgu_p,
     BLOCK_R: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
     """Rows BLOCK_R of the padded layout: with w the row's routing weight and dh~ the
     unscaled gradient of h, dw = sum_f dh~ h, and through SwiGLU (g, u pre-activations,
-    dh = w dh~) dg = dh u s (1 + g (1 - s)) with s = sigmoid(g), du = dh g s; also w h.
-    All P x F inputs and outputs share the row stride; padding rows get zeros."""
+    dh = w dh~) dg = dh u s (1 + g (1 - s)) with s = sigmoid(g), du = dh g s, written side
+    by side as [dg du]; also w h. The P x F tensors share the row stride stride_p, dgu
+    has its own; padding rows get zeros."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ids = tl.load(sorted_ids_ptr + offs_r)
     row_ok = ids < num_assign
@@ -132,68 +137,75 @@ def swiglu_backward_kernel(
         dgate = dh * up * sig * (1 + gate * (1 - sig))
         dup = dh * gate * sig
         store = offs_f[None, :] < F  # padding rows too: their zeros
-        dtype = dgate_ptr.dtype.element_ty
-        tl.store(dgate_ptr + offsets, dgate.to(dtype), mask=store)
-        tl.store(dup_ptr + offsets, dup.to(dtype), mask=store)
+        dtype = dgate_up_ptr.dtype.element_ty
+        dgu_offsets = offs_r.to(tl.int64)[:, None] * stride_dgu_p + offs_f[None, :]
+        tl.store(dgate_up_ptr + dgu_offsets, dgate.to(dtype), mask=store)
+        tl.store(dgate_up_ptr + dgu_offsets + F, dup.to(dtype), mask=store)
         tl.store(h_weighted_ptr + offsets, (h * weight[:, None]).to(dtype), mask=store)
     tl.store(dweight_ptr + offs_r, dweight)
 
 
 def swiglu_backward(
     dh_unscaled_PF: torch.Tensor, saved: Saved, gate_weight_A: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dgate_PF, dup_PF, weighted h_PF, dweight_P float32) of `swiglu_backward_kernel`."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dgate_up_P2F = [dg du], weighted h_PF, dweight_P float32) of
+    `swiglu_backward_kernel`."""
     alignment = saved.alignment
     rows, F = saved.h_PF.shape
     tensors = (dh_unscaled_PF, saved.h_PF, saved.gate_pre_PF, saved.up_pre_PF)
     assert all(t.stride() == (F, 1) for t in tensors), "P x F inputs must be contiguous"
-    dgate_PF, dup_PF, h_weighted_PF = (torch.empty_like(saved.h_PF) for _ in range(3))
+    h_weighted_PF = torch.empty_like(saved.h_PF)
+    dgate_up_P2F = saved.h_PF.new_empty(rows, 2 * F)
     dweight_P = torch.empty(rows, device=dh_unscaled_PF.device, dtype=torch.float32)
     block_r = 16  # P is a multiple of BLOCK_M >= 16
     swiglu_backward_kernel[(rows // block_r,)](
-        *tensors, alignment.sorted_ids_P, gate_weight_A, dgate_PF, dup_PF, h_weighted_PF,
-        dweight_P, F, alignment.num_assign, F,
+        *tensors, alignment.sorted_ids_P, gate_weight_A, dgate_up_P2F, h_weighted_PF,
+        dweight_P, F, alignment.num_assign, F, 2 * F,
         BLOCK_R=block_r, BLOCK_F=min(256, triton.next_power_of_2(F)), num_warps=4,
     )  # fmt: skip
-    return dgate_PF, dup_PF, h_weighted_PF, dweight_P
+    return dgate_up_P2F, h_weighted_PF, dweight_P
 
 
 @triton.jit
 def token_sum_kernel(
-    a_ptr,
-    b_ptr,
+    rows_ptr,
     row_of_assign_ptr,
     out_ptr,
     D,
     top_k,
     stride_rows,
     stride_out,
+    GATHER: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """out[t] = sum over t's K assignments a of (a_rows[row(a)] + b_rows[row(a)]), summed
-    in float32: the gather, the add of the two GEMMs' outputs and the sum over slots in
-    one pass over the rows."""
+    """out[t] = sum over t's K assignments a of rows[row(a)], summed in float32: row(a)
+    = row_of_assign[a] if GATHER, else a (rows in assignment order)."""
     token = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs_d < D
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for slot in range(top_k):
-        row = tl.load(row_of_assign_ptr + token * top_k + slot).to(tl.int64)
-        acc += tl.load(a_ptr + row * stride_rows + offs_d, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.load(b_ptr + row * stride_rows + offs_d, mask=mask, other=0.0).to(tl.float32)
+        row = token * top_k + slot
+        if GATHER:
+            row = tl.load(row_of_assign_ptr + row).to(tl.int64)
+        acc += tl.load(rows_ptr + row * stride_rows + offs_d, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * stride_out + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def token_sum(a_PD: torch.Tensor, b_PD: torch.Tensor, alignment: Alignment, top_k: int):
-    """T x D: each token's sum over its K rows of a_PD + b_PD (`token_sum_kernel`)."""
-    D = a_PD.shape[1]
-    assert a_PD.stride() == b_PD.stride() == (D, 1), "row blocks must be contiguous"
-    T = alignment.num_assign // top_k
-    out_TD = torch.empty(T, D, device=a_PD.device, dtype=a_PD.dtype)
+def token_sum(
+    rows_RD: torch.Tensor, top_k: int, row_of_assign_A: torch.Tensor | None = None
+) -> torch.Tensor:
+    """T x D: each token's sum over its K rows of rows_RD (`token_sum_kernel`): the rows
+    of assignment a = t K + k are rows_RD[row_of_assign_A[a]], or rows_RD[a] without it."""
+    D = rows_RD.shape[1]
+    assert rows_RD.stride() == (D, 1), "rows must be contiguous"
+    T = (rows_RD.shape[0] if row_of_assign_A is None else row_of_assign_A.numel()) // top_k
+    out_TD = rows_RD.new_empty(T, D)
     block_d = min(1024, triton.next_power_of_2(D))
     token_sum_kernel[(T, triton.cdiv(D, block_d))](
-        a_PD, b_PD, alignment.row_of_assign_A, out_TD, D, top_k, D, D,
-        BLOCK_D=block_d, num_warps=4,
+        rows_RD, rows_RD if row_of_assign_A is None else row_of_assign_A, out_TD,
+        D, top_k, D, D,
+        GATHER=row_of_assign_A is not None, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
     return out_TD
 
@@ -203,34 +215,28 @@ def fused_backward(
     grad_y_TD: torch.Tensor,
     x_TD: torch.Tensor,
     gate_weights_TK: torch.Tensor,
-    w_gate_EDF: torch.Tensor,
-    w_up_EDF: torch.Tensor,
+    w_gate_up_ED2F: torch.Tensor,
     w_down_EFD: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx_TD, dgate_weights_TK, dW_gate, dW_up, dW_down), each in its input's dtype."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx_TD, dgate_weights_TK, dW_gate_up, dW_down), each in its input's dtype."""
     alignment, K = saved.alignment, saved.top_k
-    T, D = x_TD.shape
+    T = x_TD.shape[0]
     ends_E = alignment.padded_ends_E
-    token_P = alignment.sorted_ids_P // K  # padding (id A) -> token T, a zero row
-    zero_row = torch.zeros(1, D, device=x_TD.device, dtype=x_TD.dtype)
-    x_rows_PD = torch.cat([x_TD, zero_row])[token_P]
-    dy_rows_PD = torch.cat([grad_y_TD.to(x_TD.dtype), zero_row])[token_P]
+    # Padding rows (assignment A, token T) read token T - 1: see the module docstring.
+    token_P = (alignment.sorted_ids_P // K).clamp_(max=T - 1)
+    x_rows_PD = saved.x_rows_PD
+    dy_rows_PD = grad_y_TD.to(x_TD.dtype).index_select(0, token_P)
     gate_weight_A = gate_weights_TK.reshape(-1).to(x_TD.dtype)
 
     dh_unscaled_PF = rows_times_weights(dy_rows_PD, w_down_EFD.transpose(1, 2), ends_E)
-    dgate_PF, dup_PF, h_weighted_PF, dweight_P = swiglu_backward(
-        dh_unscaled_PF, saved, gate_weight_A
-    )
+    dgate_up_P2F, h_weighted_PF, dweight_P = swiglu_backward(dh_unscaled_PF, saved, gate_weight_A)
     dW_down = weight_grad(h_weighted_PF, dy_rows_PD, ends_E)
-    dW_gate = weight_grad(x_rows_PD, dgate_PF, ends_E)
-    dW_up = weight_grad(x_rows_PD, dup_PF, ends_E)
-    dx_gate_rows_PD = rows_times_weights(dgate_PF, w_gate_EDF.transpose(1, 2), ends_E)
-    dx_up_rows_PD = rows_times_weights(dup_PF, w_up_EDF.transpose(1, 2), ends_E)
-    dx_TD = token_sum(dx_gate_rows_PD, dx_up_rows_PD, alignment, K)
+    dW_gate_up = weight_grad(x_rows_PD, dgate_up_P2F, ends_E)
+    dx_rows_PD = rows_times_weights(dgate_up_P2F, w_gate_up_ED2F.transpose(1, 2), ends_E)
+    dx_TD = token_sum(dx_rows_PD, K, alignment.row_of_assign_A)
     return (
         dx_TD,
         dweight_P[alignment.row_of_assign_A].view(T, K).to(gate_weights_TK.dtype),
-        dW_gate.to(w_gate_EDF.dtype),
-        dW_up.to(w_up_EDF.dtype),
+        dW_gate_up.to(w_gate_up_ED2F.dtype),
         dW_down.to(w_down_EFD.dtype),
     )

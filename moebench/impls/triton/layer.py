@@ -3,12 +3,17 @@
 Shape legend: T tokens, D hidden, F expert width, E routed experts, K top_k,
 A = T x K assignments, P padded sorted rows.
 
+The layer keeps gate and up side by side in one E x D x 2F parameter (as Hugging Face's
+gate_up_proj and vLLM's w13 do): the forward reads both halves from it, and the backward
+takes dx and the weight gradient of both projections in one grouped GEMM each.
+
 Forward (no device-to-host sync): align (align.py) -> gate_up kernel (gathered token
 loads, SwiGLU epilogue) -> down kernel (routing weight in the epilogue, rows scattered to
-their assignments) -> sum over the K slots of each token. Training keeps the gate and up
-pre-activations and the SwiGLU output per padded row; the backward (backward.py) is torch
-grouped GEMMs over that layout with two Triton kernels between them (the SwiGLU backward,
-the per-token sums of dx), nothing recomputed.
+their assignments) -> sum over the K slots of each token (`token_sum_kernel`). Training
+keeps the gate and up pre-activations, the SwiGLU output and the gathered x per padded
+row; the backward
+(backward.py) is torch grouped GEMMs over that layout with two Triton kernels between
+them (the SwiGLU backward, the per-token sums of dx), nothing recomputed.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ import torch
 from moebench.case import Case
 from moebench.impls.triton import kernels, tuning
 from moebench.impls.triton.align import align_to_blocks
-from moebench.impls.triton.backward import Saved, fused_backward
-from moebench.layer import MoELayer, expert_parameters
+from moebench.impls.triton.backward import Saved, fused_backward, token_sum
+from moebench.layer import MoELayer
 from moebench.measure.phases import NULL_TIMER, Timer
 from moebench.weights import ExpertWeights
 
 
-def _key(kernel: str, x_TD: torch.Tensor, w_gate_EDF: torch.Tensor, top_k: int) -> str:
-    E, D, F = w_gate_EDF.shape
+def _key(kernel: str, x_TD: torch.Tensor, w_down_EFD: torch.Tensor, top_k: int) -> str:
+    E, F, D = w_down_EFD.shape
     bucket = tuning.token_bucket(x_TD.shape[0])
     dtype = str(x_TD.dtype).removeprefix("torch.")
     return f"{kernel} D{D} F{F} E{E} K{top_k} {dtype} T{bucket}"
@@ -35,18 +40,19 @@ def fused_experts(
     x_TD: torch.Tensor,
     gate_weights_TK: torch.Tensor,
     expert_ids_TK: torch.Tensor,
-    w_gate_EDF: torch.Tensor,
-    w_up_EDF: torch.Tensor,
+    w_gate_up_ED2F: torch.Tensor,
     w_down_EFD: torch.Tensor,
     keep_for_backward: bool = False,
     timer: Timer = NULL_TIMER,
 ) -> tuple[torch.Tensor, Saved | None]:
     """(sum_k gate_weights_TK[t, k] * SwiGLU_{expert_ids_TK[t, k]}(x_TD[t]) as T x D,
-    what the backward needs if `keep_for_backward` else None). `timer` marks the phases
-    (moebench.measure.phases): alignment is permute, the two fused GEMMs (gathered loads,
-    weighted scatter in the epilogue) expert, the sum over slots unpermute."""
+    what the backward needs if `keep_for_backward` else None), with gate and up side by
+    side in w_gate_up_ED2F. `timer` marks the phases (moebench.measure.phases): alignment
+    is permute, the two fused GEMMs (gathered loads, weighted scatter in the epilogue)
+    expert, the sum over slots unpermute."""
     T, D = x_TD.shape
-    E, _, F = w_gate_EDF.shape
+    E, F, _ = w_down_EFD.shape
+    w_gate_EDF, w_up_EDF = w_gate_up_ED2F[..., :F], w_gate_up_ED2F[..., F:]
     K = expert_ids_TK.shape[1]
     x_TD = x_TD.contiguous()
     block_m = tuning.block_m_for(T, K, E)
@@ -58,14 +64,12 @@ def fused_experts(
         return torch.empty(rows, width, device=x_TD.device, dtype=x_TD.dtype)
 
     h_PF = buffer(F)
-    pre_activations = (buffer(F), buffer(F)) if keep_for_backward else None
+    kept = (buffer(F), buffer(F), buffer(D)) if keep_for_backward else None
     out_AD = torch.empty(T * K, D, device=x_TD.device, dtype=x_TD.dtype)
     gate_weight_A = gate_weights_TK.to(x_TD.dtype).contiguous().view(-1)
 
     def gate_up(config: dict) -> None:
-        kernels.launch_gate_up(
-            x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config, pre_activations
-        )
+        kernels.launch_gate_up(x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config, kept)
 
     def down(config: dict) -> None:
         kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
@@ -75,16 +79,17 @@ def fused_experts(
         for name, launch in (("gate_up", gate_up), ("down", down)):
             config = tuning.TUNER.choose(
                 x_TD.device,
-                _key(name, x_TD, w_gate_EDF, K),
+                _key(name, x_TD, w_down_EFD, K),
                 lambda name=name: tuning.candidates(name, block_m),
                 launch,
             )
             launch(config)
     with timer.phase("unpermute"):
-        y_TD = out_AD if K == 1 else out_AD.view(T, K, D).sum(dim=1)
+        y_TD = out_AD if K == 1 else token_sum(out_AD, K)
     saved = None
-    if pre_activations is not None:
-        saved = Saved(alignment, *pre_activations, h_PF, K)
+    if kept is not None:
+        gate_pre_PF, up_pre_PF, x_rows_PD = kept
+        saved = Saved(alignment, gate_pre_PF, up_pre_PF, h_PF, x_rows_PD, K)
     return y_TD, saved
 
 
@@ -92,36 +97,40 @@ class _FusedExpertsFunction(torch.autograd.Function):
     """The fused forward, keeping its activations; the grouped-GEMM backward."""
 
     @staticmethod
-    def forward(ctx, x_TD, gate_weights_TK, expert_ids_TK, w_gate, w_up, w_down):
+    def forward(ctx, x_TD, gate_weights_TK, expert_ids_TK, w_gate_up, w_down):
         y_TD, ctx.fused = fused_experts(
-            x_TD, gate_weights_TK, expert_ids_TK, w_gate, w_up, w_down, keep_for_backward=True
+            x_TD, gate_weights_TK, expert_ids_TK, w_gate_up, w_down, keep_for_backward=True
         )
-        ctx.save_for_backward(x_TD, gate_weights_TK, w_gate, w_up, w_down)
+        ctx.save_for_backward(x_TD, gate_weights_TK, w_gate_up, w_down)
         return y_TD
 
     @staticmethod
     def backward(ctx, grad_y_TD):
-        x_TD, gate_weights_TK, w_gate, w_up, w_down = ctx.saved_tensors
-        dx, dgate, dw_gate, dw_up, dw_down = fused_backward(
-            ctx.fused, grad_y_TD, x_TD, gate_weights_TK, w_gate, w_up, w_down
+        x_TD, gate_weights_TK, w_gate_up, w_down = ctx.saved_tensors
+        dx, dgate, dw_gate_up, dw_down = fused_backward(
+            ctx.fused, grad_y_TD, x_TD, gate_weights_TK, w_gate_up, w_down
         )
         ctx.fused = None  # free the activations now, not when the graph goes
-        return dx, dgate, None, dw_gate, dw_up, dw_down
+        return dx, dgate, None, dw_gate_up, dw_down
 
 
 class TritonMoE(MoELayer):
     """Dropless top-k MoE on fused Triton kernels."""
 
-    impl_detail = "triton fused fwd; grouped_mm + triton SwiGLU, token-sum bwd"
+    impl_detail = "triton fused fwd (gate|up one tensor); grouped_mm + triton SwiGLU, token-sum bwd"
 
     def __init__(self, weights: ExpertWeights, case: Case):
         super().__init__(weights, case)
-        self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD = expert_parameters(weights)
+        # A copy: the weight set's gate and up stay as they are for the other layers.
+        # The check finds both halves in it by value (check.weight_grads).
+        gate_up = torch.cat([weights.w_gate_EDF, weights.w_up_EDF], dim=2)
+        self.w_gate_up_ED2F = torch.nn.Parameter(gate_up)
+        self.w_down_EFD = torch.nn.Parameter(weights.w_down_EFD)
 
     def routed(
         self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
     ) -> torch.Tensor:
-        weights = (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD)
+        weights = (self.w_gate_up_ED2F, self.w_down_EFD)
         wants_grad = torch.is_grad_enabled() and (
             x_TD.requires_grad
             or gate_weights_TK.requires_grad

@@ -1,0 +1,107 @@
+"""The router's logits x @ W + b in float32 arithmetic, on bfloat16 tensor cores.
+
+Shape legend: T tokens, D hidden, E routed experts.
+
+The Router computes its logits in float32 so that routing does not flip with the dtype:
+a bfloat16 run and its float32 reference must pick the same experts. A float32 GEMM runs
+on the CUDA cores, though: on an H200 one 8192 x 2048 x 128 product takes ~0.1 ms, and a
+training step has three (0.32 ms of a 5.3 ms fused-layer step), while the tensor cores
+multiply bfloat16 with float32 accumulation far faster.
+
+When x is bfloat16 the float32 arithmetic survives the move. A float32 has 24
+significant bits and a bfloat16 8, so W splits exactly into three bfloat16 pieces,
+W = W1 + W2 + W3 (`bfloat16_pieces`). Then x @ W = x @ [W1 W2 W3] summed over the
+three column blocks. That is one bfloat16 GEMM with float32 output, whose products
+(8 x 8 bits) are all exact and summed in float32, as the float32 GEMM sums them in
+another order. The logits agree to float32 rounding, which the check's TIE_MARGIN allows.
+
+The backward splits dL (float32) the same way:
+- dW = x^T @ [dL1 dL2 dL3]: exact products again.
+- dx = dL @ W^T from the two largest pieces of each side: relative error ~2^-16, far
+  below the rounding of dx to bfloat16.
+
+Used where x is bfloat16 on CUDA and torch's matmul takes `out_dtype` (torch >= 2.8);
+elsewhere the Router keeps the plain float32 GEMM. Both paths compute the same function.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+PIECES = 3  # bfloat16 pieces that hold every bit of a float32
+
+
+def bfloat16_pieces(t: torch.Tensor, pieces: int = PIECES) -> list[torch.Tensor]:
+    """float32 `t` as `pieces` bfloat16 tensors, largest first, whose float32 sum is `t`
+    (exactly for three pieces, bar values under bfloat16's smallest subnormal)."""
+    out = []
+    rest = t.float()
+    for _ in range(pieces):
+        piece = rest.to(torch.bfloat16)
+        out.append(piece)
+        rest = rest - piece.float()
+    return out
+
+
+def pieces_side_by_side(t_NM: torch.Tensor) -> torch.Tensor:
+    """N x 3M bfloat16: the pieces of `t_NM` side by side along the last dimension."""
+    return torch.cat(bfloat16_pieces(t_NM), dim=1)
+
+
+def sum_pieces(p_N3M: torch.Tensor) -> torch.Tensor:
+    """N x M float32: the three M-wide column blocks of `p_N3M` added, largest first."""
+    N, width = p_N3M.shape
+    return p_N3M.view(N, PIECES, width // PIECES).sum(dim=1)
+
+
+@functools.cache
+def _mm_takes_out_dtype(device: torch.device) -> bool:
+    try:
+        a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):  # NotImplementedError (CPU) is a RuntimeError
+        return False
+
+
+def matmul_float32(a_NK: torch.Tensor, b_KM: torch.Tensor) -> torch.Tensor:
+    """bfloat16 a @ b with float32 output: tensor cores where torch offers it (CUDA), else
+    the same exact products summed by a float32 GEMM (how the CPU tests run this path)."""
+    if _mm_takes_out_dtype(a_NK.device):
+        return torch.mm(a_NK, b_KM, out_dtype=torch.float32)
+    return torch.mm(a_NK.float(), b_KM.float())
+
+
+def tensor_core_path(x_TD: torch.Tensor) -> bool:
+    """Whether `x_TD` takes the bfloat16 tensor-core path (module docstring)."""
+    return (
+        x_TD.dtype == torch.bfloat16
+        and x_TD.device.type == "cuda"
+        and _mm_takes_out_dtype(x_TD.device)
+    )
+
+
+class SplitLogits(torch.autograd.Function):
+    """x_TD @ w_DE + bias_E in float32 from bfloat16 x_TD and the float32 w_DE, given
+    w_D3E = pieces_side_by_side(w_DE) (kept by the caller across calls)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_DE, w_D3E, bias_E):
+        ctx.save_for_backward(x_TD, w_D3E)
+        logits_T3E = matmul_float32(x_TD, w_D3E)
+        return sum_pieces(logits_T3E) + bias_E
+
+    @staticmethod
+    def backward(ctx, grad_TE):
+        x_TD, w_D3E = ctx.saved_tensors
+        E = grad_TE.shape[1]
+        g1, g2, g3 = bfloat16_pieces(grad_TE)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            # dL1 W1 + dL1 W2 + dL2 W1: every product above 2^-16 of the largest.
+            w1, w2 = w_D3E[:, :E], w_D3E[:, E : 2 * E]
+            grad_x = torch.mm(torch.cat([g1, g1, g2], 1), torch.cat([w1, w2, w1], 1).t())
+        if ctx.needs_input_grad[1]:
+            grad_w = sum_pieces(matmul_float32(x_TD.t(), torch.cat([g1, g2, g3], 1)))
+        return grad_x, grad_w, None, None

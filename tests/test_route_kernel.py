@@ -1,0 +1,107 @@
+"""The softmax router convention as one Triton kernel (moebench.route_kernel) against
+`routing.route`: choices, gates, probabilities and gradients. Runs on CUDA, or on CPU in
+Triton's interpreter (TRITON_INTERPRET=1); skipped without either.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from moebench.case import LayerShape
+from moebench.routing import kernel_route_applies, route
+
+DEVICE = (
+    "cuda"
+    if torch.cuda.is_available()
+    else ("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None)
+)
+needs_kernel = pytest.mark.skipif(
+    DEVICE is None or importlib.util.find_spec("triton") is None,
+    reason="needs triton and a CUDA device (or TRITON_INTERPRET=1)",
+)
+
+CONVENTIONS = [
+    # experts, top_k, renormalised, routed scaling: Mixtral, Qwen3, OLMoE shapes and edges
+    (8, 2, True, 1.0),
+    (128, 8, True, 1.0),
+    (64, 8, False, 1.0),
+    (6, 6, True, 2.5),  # every expert
+    (5, 1, False, 1.0),  # one expert, odd count
+    (300, 4, True, 1.0),  # not a power of two, wide
+]
+
+
+def _logits(tokens: int, experts: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(tokens, experts, generator=generator) * 2).to(DEVICE)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.detach().double(), b.detach().double()
+    return float((a64 - b64).norm() / b64.norm())
+
+
+@needs_kernel
+@pytest.mark.parametrize(("experts", "top_k", "norm", "scaling"), CONVENTIONS)
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_kernel_routes_as_route_does(experts, top_k, norm, scaling, tokens):
+    from moebench.route_kernel import softmax_top_k
+
+    shape = LayerShape(64, 32, experts, top_k, norm_topk_prob=norm, routed_scaling=scaling)
+    logits_TE = _logits(tokens, experts, seed=experts + top_k)
+    gate_TK, ids_TK, probs_TE = softmax_top_k(logits_TE, shape, torch.float32)
+    want_gate_TK, want_ids_TK, want_probs_TE = route(logits_TE, shape)
+    assert ids_TK.dtype == torch.int64 and torch.equal(ids_TK, want_ids_TK)
+    assert torch.allclose(gate_TK, want_gate_TK, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(probs_TE, want_probs_TE, rtol=1e-5, atol=1e-7)
+    if DEVICE == "cuda":  # the gates in the tokens' dtype, as the Router returns them
+        gate16_TK = softmax_top_k(logits_TE, shape, torch.bfloat16)[0]
+        assert gate16_TK.dtype == torch.bfloat16
+        assert torch.equal(gate16_TK, want_gate_TK.to(torch.bfloat16))
+
+
+@needs_kernel
+@pytest.mark.parametrize(("experts", "top_k", "norm", "scaling"), CONVENTIONS)
+def test_kernel_gradients_are_routes(experts, top_k, norm, scaling):
+    from moebench.route_kernel import softmax_top_k
+
+    shape = LayerShape(64, 32, experts, top_k, norm_topk_prob=norm, routed_scaling=scaling)
+    logits_TE = _logits(23, experts, seed=1)
+    generator = torch.Generator().manual_seed(2)
+    grad_gate_TK = torch.randn(23, top_k, generator=generator).to(DEVICE)
+    grad_probs_TE = torch.randn(23, experts, generator=generator).to(DEVICE)
+    ours = logits_TE.clone().requires_grad_(True)
+    want = logits_TE.clone().requires_grad_(True)
+    gate_TK, _, probs_TE = softmax_top_k(ours, shape, torch.float32)
+    want_gate_TK, _, want_probs_TE = route(want, shape)
+    ((gate_TK * grad_gate_TK).sum() + (probs_TE * grad_probs_TE).sum()).backward()
+    ((want_gate_TK * grad_gate_TK).sum() + (want_probs_TE * grad_probs_TE).sum()).backward()
+    assert _relative(ours.grad, want.grad) <= 1e-5
+    # through the gates alone too (the layer's loss does not use the probabilities)
+    ours.grad = want.grad = None
+    softmax_top_k(ours, shape, torch.float32)[0].backward(grad_gate_TK)
+    route(want, shape)[0].backward(grad_gate_TK)
+    if want.grad.norm() > 0:  # a renormalised single gate is 1: no gradient at all
+        assert _relative(ours.grad, want.grad) <= 1e-5
+    else:
+        assert float(ours.grad.abs().max()) <= 1e-6
+
+
+def test_kernel_route_applies_to_softmax_conventions_on_cuda_only():
+    on_cuda = SimpleNamespace(device=torch.device("cuda"))
+    on_cpu = torch.zeros(1, 8)
+    base = LayerShape(64, 32, 8, 2)
+    has_triton = importlib.util.find_spec("triton") is not None
+    assert kernel_route_applies(base, on_cuda) == has_triton
+    assert not kernel_route_applies(base, on_cpu)
+    sigmoid = replace(base, scoring="sigmoid")
+    grouped = LayerShape(64, 32, 16, 2, n_groups=4, topk_groups=2)
+    biased = replace(base, correction_bias=True)
+    for shape in (sigmoid, grouped, biased):
+        assert not kernel_route_applies(shape, on_cuda), shape
