@@ -12,6 +12,7 @@ import torch
 
 from moebench import routing
 from moebench.case import LayerShape
+from moebench.measure.check import TIE_MARGIN
 from moebench.router_logits import (
     SplitLogits,
     bfloat16_pieces,
@@ -99,9 +100,12 @@ def test_router_on_tensor_cores_routes_as_float32_on_cuda():
     w32 = w_DE.clone().requires_grad_(True)
     logits32_TE = x32 @ w32 + bias_E
     exact_TE = x_TD.double() @ w_DE.double() + bias_E.double()
-    # as close to the exact logits as cuBLAS's float32 GEMM is (both sum in float32)
-    float32_error = _relative(logits32_TE.detach(), exact_TE)
-    assert _relative(logits_TE.detach(), exact_TE) <= 2 * float32_error + 1e-7
+    # Hopper's tensor cores sum the exact products with fewer bits than IEEE float32
+    # addition: on an H200, 1.4e-6 from the exact logits against cuBLAS's float32 GEMM's
+    # 2.8e-7. The worst logit stays well inside the check's tie margin.
+    assert _relative(logits_TE, exact_TE) <= 5e-6
+    worst_T = (logits_TE.detach().double() - exact_TE).abs().amax(dim=1)
+    assert (worst_T <= TIE_MARGIN / 3 * exact_TE.std(dim=1)).all()
     _, ids_TK, _ = router(x_TD)
     _, ids32_TK, _ = routing.route(logits32_TE.detach(), shape)
     assert (ids_TK == ids32_TK).all(dim=1).float().mean() >= 0.999  # bar exact near-ties

@@ -195,6 +195,9 @@ ODD_SHAPES = [
     (96, 64, 4, 4, 19),
     # one token (the decode path)
     (256, 512, 8, 2, 1),
+    # 1024 rows per expert: BLOCK_M = 128, Hopper's wgmma path (CUDA only: slow in the
+    # interpreter)
+    (512, 256, 4, 2, 2048),
 ]
 
 
@@ -223,6 +226,8 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_forward_and_gradients_match_reference(shape, dtype):
     if KERNEL_DEVICE == "cpu" and dtype == "bfloat16":
         pytest.skip("Triton's interpreter computes in numpy, which has no bfloat16")
+    if KERNEL_DEVICE == "cpu" and shape[-1] > 1000:
+        pytest.skip("large blocks: CUDA only")
     case = _gpu_case(shape, dtype, mode="train", device=KERNEL_DEVICE)
     weights = make_weights(case)
     layer = registry.get("triton").build(weights, case)
@@ -254,6 +259,34 @@ def test_forward_and_gradients_match_reference(shape, dtype):
         if name == "w_router_DE" and case.shape.top_k == 1:
             continue  # a renormalised single gate weight is 1: the true gradient is 0
         assert _relative(ours, ref) <= tolerance, name
+
+
+@needs_cuda
+def test_training_forward_keeps_what_inference_computes():
+    """At BLOCK_M = 128 (wgmma): the forward that keeps activations for the backward gives
+    the inference forward's output, pre-activations whose SwiGLU is h, and each row's x."""
+    from moebench.impls.triton.layer import fused_experts
+
+    case = _gpu_case((512, 256, 4, 2, 2048), "bfloat16")
+    weights = make_weights(case)
+    layer = registry.get("triton").build(weights, case)
+    x_TD = make_inputs(case, 1)[0]
+    with torch.no_grad():
+        gate_TK, ids_TK, _ = layer.router(x_TD)
+        args = (x_TD, gate_TK, ids_TK, layer.w_gate_up_ED2F, layer.w_down_EFD)
+        y_TD, _ = fused_experts(*args)
+        y_kept_TD, saved = fused_experts(*args, keep_for_backward=True)
+    assert saved.alignment.block_m == 128
+    torch.testing.assert_close(y_kept_TD, y_TD, rtol=0, atol=0)
+    rows = int(saved.alignment.num_padded_1)
+    ids_P = saved.alignment.sorted_ids_P[:rows].long()
+    real = ids_P < saved.alignment.num_assign
+    x_rows_PD = saved.x_rows_PD[:rows]
+    assert torch.equal(x_rows_PD[real], x_TD[ids_P[real] // case.shape.top_k])
+    assert not x_rows_PD[~real].any()
+    gate_pre, up_pre = saved.gate_pre_PF[:rows].float(), saved.up_pre_PF[:rows].float()
+    swiglu = torch.nn.functional.silu(gate_pre) * up_pre
+    torch.testing.assert_close(saved.h_PF[:rows].float(), swiglu, rtol=2e-2, atol=1e-2)
 
 
 @needs_cuda

@@ -105,16 +105,11 @@ def gate_up_kernel(
     )
     g_ptrs = w_gate_ptr + w_offsets
     u_ptrs = w_up_ptr + w_offsets
-    x_rows_ptrs = x_rows_ptr + offs_m[:, None].to(tl.int64) * stride_x_rows_p + offs_k[None, :]
-    first_column_block = pid_n == 0
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, (D + BLOCK_K - 1) // BLOCK_K):
         k_left = D - k * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        if STORE_PRE:  # padding rows get the zeros loaded for them
-            tl.store(x_rows_ptrs, a, mask=first_column_block & (offs_k[None, :] < k_left))
-            x_rows_ptrs += BLOCK_K
         k_ok = offs_k[:, None] < k_left
         w_g = tl.load(g_ptrs, mask=k_ok, other=0.0)
         w_u = tl.load(u_ptrs, mask=k_ok, other=0.0)
@@ -130,6 +125,19 @@ def gate_up_kernel(
         dtype = h_ptr.dtype.element_ty
         tl.store(gate_pre_ptr + row_offsets, acc_gate.to(dtype), mask=offs_n[None, :] < F)
         tl.store(up_pre_ptr + row_offsets, acc_up.to(dtype), mask=offs_n[None, :] < F)
+        if pid_n == 0:
+            # ...and the block's gathered x rows (zeros in padding rows), copied after
+            # the GEMM loop. (Storing the dot's A tile inside the pipelined loop instead
+            # failed the gradient check on an H200 at BLOCK_M = 128.)
+            x_rows_ptrs = x_rows_ptr + offs_m[:, None].to(tl.int64) * stride_x_rows_p
+            for k in range(0, (D + BLOCK_K - 1) // BLOCK_K):
+                cols = k * BLOCK_K + offs_k[None, :]
+                rows = tl.load(
+                    x_ptr + token[:, None] * stride_x_t + cols,
+                    mask=row_ok[:, None] & (cols < D),
+                    other=0.0,
+                )
+                tl.store(x_rows_ptrs + cols, rows, mask=cols < D)
 
 
 @triton.jit
