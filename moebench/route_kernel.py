@@ -1,13 +1,18 @@
-"""The softmax router convention (`routing.route`) as one Triton kernel, for CUDA.
+"""The router's Triton kernels, for CUDA: the softmax convention of `routing.route` in
+one pass, and the logits of a few tokens.
 
-Shape legend: T tokens, E routed experts, K top_k.
+Shape legend: T tokens, D hidden, E routed experts, K top_k, S parts whose sum is the
+logits (column blocks of E side by side).
 
 `route` in torch ops is about eight kernels (softmax, top-k and its sort, gather, sum,
 divide, scale, the cast of the gates). At decode each is a few microseconds of a layer
 whose experts may take ten, and at 8192 tokens torch's top-k alone takes 0.05 ms on an
-H200. `softmax_top_k_kernel` does it all in one pass over the logits: per row, softmax
-in float32, K rounds of arg-max (the chosen expert's probability set aside each round),
-the renormalisation and scaling, the gates written in the tokens' dtype.
+H200. `softmax_top_k_kernel` does it all in one pass: per row, it adds the S parts of
+the logits and the routing bias, takes the softmax in float32, runs K rounds of arg-max
+(the chosen expert's probability set aside each round), renormalises and scales, and
+writes the gates in the tokens' dtype. The parts are the bfloat16 pieces' products
+(`router_logits`, S = 3), the per-slice sums of `few_token_logits_kernel` or the plain
+float32 logits (S = 1).
 
 It computes the function `route` computes for the softmax conventions (Mixtral, Qwen2/3,
 OLMoE and the base router), with its gradients (`SoftmaxTopK.backward`, torch ops). The
@@ -16,6 +21,11 @@ module imports Triton); `route` stays the definition and every other convention'
 Choices agree with `route`'s except where two probabilities tie to float32 rounding (the
 check's TIE_MARGIN); the slots come in descending probability, as torch.topk's sorted
 output.
+
+`few_token_logits_kernel`: for up to FEW_TOKENS tokens without autograd (decode), x @ W
+in float32 on the CUDA cores, each program one slice of D and of E, written as S partial
+sums that the top-k kernel adds: no GEMM library call (cuBLAS takes ~5.5 us for one
+token's 2048 x 384 product), no separate reduction, no atomics (the same bits every run).
 """
 
 from __future__ import annotations
@@ -29,26 +39,33 @@ from moebench.case import LayerShape
 
 @triton.jit
 def softmax_top_k_kernel(
-    logits_ptr,
+    parts_ptr,
+    bias_ptr,
     gate_ptr,
     ids_ptr,
     probs_ptr,
     T,
     E,
     scaling,
+    PARTS: tl.constexpr,
     TOP_K: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NORM: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """ROWS tokens: softmax over E logits, TOP_K rounds of arg-max, gates."""
+    """ROWS tokens: logits from PARTS parts and the bias, softmax over them, TOP_K
+    rounds of arg-max, gates."""
     offs_t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_t < T
     mask = row_ok[:, None] & (offs_e[None, :] < E)
+    part_offsets = offs_t.to(tl.int64)[:, None] * (PARTS * E) + offs_e[None, :]
+    logits = tl.load(bias_ptr + offs_e, mask=offs_e < E, other=0.0)[None, :]
+    for part in tl.static_range(PARTS):
+        logits += tl.load(parts_ptr + part_offsets + part * E, mask=mask, other=0.0)
+    logits = tl.where(mask, logits, -float("inf"))
     offsets = offs_t.to(tl.int64)[:, None] * E + offs_e[None, :]
-    logits = tl.load(logits_ptr + offsets, mask=mask, other=-float("inf"))
     shifted = logits - tl.max(logits, 1)[:, None]
     exps = tl.where(mask, tl.exp(shifted), 0.0)
     probs = exps / tl.sum(exps, 1)[:, None]
@@ -73,34 +90,108 @@ def softmax_top_k_kernel(
     tl.store(ids_ptr + out_offsets, ids, mask=out_mask)
 
 
-def _launch(logits_TE: torch.Tensor, shape: LayerShape, gate_dtype: torch.dtype):
-    T, E = logits_TE.shape
+FEW_TOKENS = 16  # tokens up to which the Router takes few_token_logits_kernel
+FEW_TOKENS_ROWS = 256  # rows of W (a slice of D) per program: one part of the sum
+
+
+@triton.jit
+def few_token_logits_kernel(
+    x_ptr,
+    w_ptr,
+    parts_ptr,
+    T,
+    D,
+    E,
+    stride_x_t,
+    BLOCK_T: tl.constexpr,
+    SLICE_D: tl.constexpr,
+    STEP_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """Part s (program 0), experts of block program 1: sum over the SLICE_D rows d of
+    slice s of x[t, d] W[d, e], in float32, into parts[t, s E + e]."""
+    part = tl.program_id(0)
+    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_t = tl.arange(0, BLOCK_T)
+    e_ok = offs_e < E
+    t_ok = offs_t < T
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for first in tl.static_range(0, SLICE_D, STEP_D):
+        offs_d = part * SLICE_D + first + tl.arange(0, STEP_D)
+        d_ok = offs_d < D
+        x = tl.load(
+            x_ptr + offs_t[:, None] * stride_x_t + offs_d[None, :],
+            mask=t_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        w = tl.load(
+            w_ptr + offs_d.to(tl.int64)[:, None] * E + offs_e[None, :],
+            mask=d_ok[:, None] & e_ok[None, :],
+            other=0.0,
+        )
+        acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+    num_parts = tl.num_programs(0)
+    out = parts_ptr + offs_t[:, None] * (num_parts * E) + part * E + offs_e[None, :]
+    tl.store(out, acc, mask=t_ok[:, None] & e_ok[None, :])
+
+
+def few_token_logits(x_TD: torch.Tensor, w_DE: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(parts_TSE, S): x_TD @ w_DE (float32) as S partial sums side by side, for at most
+    FEW_TOKENS tokens, without autograd (`few_token_logits_kernel`)."""
+    T, D = x_TD.shape
+    E = w_DE.shape[1]
+    assert T <= FEW_TOKENS and w_DE.dtype == torch.float32 and w_DE.is_contiguous()
+    block_t = 1 << max(0, (T - 1).bit_length())
+    block_e = 16
+    step_d = max(8, 4096 // (block_t * block_e))
+    parts = triton.cdiv(D, FEW_TOKENS_ROWS)
+    parts_TSE = torch.empty(T, parts * E, device=x_TD.device, dtype=torch.float32)
+    few_token_logits_kernel[(parts, triton.cdiv(E, block_e))](
+        x_TD, w_DE, parts_TSE, T, D, E, x_TD.stride(0),
+        BLOCK_T=block_t, SLICE_D=FEW_TOKENS_ROWS, STEP_D=min(step_d, FEW_TOKENS_ROWS),
+        BLOCK_E=block_e, num_warps=4,
+    )  # fmt: skip
+    return parts_TSE, parts
+
+
+def _launch(
+    parts_TSE: torch.Tensor,
+    parts: int,
+    bias_E: torch.Tensor,
+    shape: LayerShape,
+    gate_dtype: torch.dtype,
+):
+    T, E = parts_TSE.shape[0], parts_TSE.shape[1] // parts
     K = shape.top_k
-    logits_TE = logits_TE.contiguous()
-    gate_TK = torch.empty(T, K, device=logits_TE.device, dtype=gate_dtype)
-    ids_TK = torch.empty(T, K, device=logits_TE.device, dtype=torch.int64)
-    probs_TE = torch.empty_like(logits_TE)
+    parts_TSE = parts_TSE.contiguous()
+    device = parts_TSE.device
+    gate_TK = torch.empty(T, K, device=device, dtype=gate_dtype)
+    ids_TK = torch.empty(T, K, device=device, dtype=torch.int64)
+    probs_TE = torch.empty(T, E, device=device, dtype=torch.float32)
     block_e = 1 << max(4, (E - 1).bit_length())
-    rows = max(1, min(64, 2048 // block_e))
+    # A row per program up to a few thousand tokens (the reductions of one row are the
+    # latency; rows of a program run one after another), one warp where a row fits.
+    rows = 1 if T < 4096 else max(1, min(16, 2048 // block_e))
     softmax_top_k_kernel[(triton.cdiv(T, rows),)](
-        logits_TE, gate_TK, ids_TK, probs_TE, T, E, float(shape.routed_scaling),
-        TOP_K=K, BLOCK_K=1 << max(0, (K - 1).bit_length()), NORM=shape.norm_topk_prob,
-        ROWS=rows, BLOCK_E=block_e, num_warps=4,
+        parts_TSE, bias_E, gate_TK, ids_TK, probs_TE, T, E, float(shape.routed_scaling),
+        PARTS=parts, TOP_K=K, BLOCK_K=1 << max(0, (K - 1).bit_length()),
+        NORM=shape.norm_topk_prob, ROWS=rows, BLOCK_E=block_e,
+        num_warps=1 if block_e <= 256 else 4,
     )  # fmt: skip
     return gate_TK, ids_TK, probs_TE
 
 
 class SoftmaxTopK(torch.autograd.Function):
-    """(gate_TK in gate_dtype, expert_ids_TK int64, probs_TE float32) from float32
-    logits, as `route` computes them for a softmax convention, differentiable in the
-    gates and the probabilities."""
+    """(gate_TK in gate_dtype, expert_ids_TK int64, probs_TE float32) from the logits'
+    parts and the bias, as `route` computes them for a softmax convention, differentiable
+    in the gates and the probabilities. Each part's gradient is the logits' gradient."""
 
     @staticmethod
-    def forward(ctx, logits_TE, shape, gate_dtype):
-        gate_TK, ids_TK, probs_TE = _launch(logits_TE, shape, gate_dtype)
+    def forward(ctx, parts_TSE, parts, bias_E, shape, gate_dtype):
+        gate_TK, ids_TK, probs_TE = _launch(parts_TSE, parts, bias_E, shape, gate_dtype)
         ctx.mark_non_differentiable(ids_TK)
         ctx.save_for_backward(ids_TK, probs_TE)
-        ctx.shape = shape
+        ctx.shape, ctx.parts = shape, parts
         return gate_TK, ids_TK, probs_TE
 
     @staticmethod
@@ -122,12 +213,19 @@ class SoftmaxTopK(torch.autograd.Function):
             grad_p_TE = grad_p_TE + grad_probs_TE
         # through the softmax: dl = p (dp - sum_e dp_e p_e)
         inner_T1 = (grad_p_TE * probs_TE).sum(dim=1, keepdim=True)
-        return probs_TE * (grad_p_TE - inner_T1), None, None
+        grad_logits_TE = probs_TE * (grad_p_TE - inner_T1)
+        grad_parts = grad_logits_TE.repeat(1, ctx.parts) if ctx.parts > 1 else grad_logits_TE
+        return grad_parts, None, None, None, None
 
 
 def softmax_top_k(
-    logits_TE: torch.Tensor, shape: LayerShape, gate_dtype: torch.dtype
+    parts_TSE: torch.Tensor,
+    parts: int,
+    bias_E: torch.Tensor,
+    shape: LayerShape,
+    gate_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`route(logits_TE, shape)` for a softmax convention in one kernel (module
-    docstring), with the gates already in `gate_dtype`."""
-    return SoftmaxTopK.apply(logits_TE, shape, gate_dtype)
+    docstring), the logits being the sum of the `parts` column blocks of parts_TSE plus
+    bias_E, with the gates already in `gate_dtype`."""
+    return SoftmaxTopK.apply(parts_TSE, parts, bias_E, shape, gate_dtype)

@@ -86,20 +86,22 @@ def tensor_core_path(x_TD: torch.Tensor) -> bool:
 
 
 class SplitLogits(torch.autograd.Function):
-    """x_TD @ w_DE + bias_E in float32 from bfloat16 x_TD and the float32 w_DE, given
-    w_D3E = pieces_side_by_side(w_DE) (kept by the caller across calls)."""
+    """The products x_TD @ [W1 W2 W3] side by side (T x 3E float32), from bfloat16 x_TD,
+    the float32 w_DE and w_D3E = pieces_side_by_side(w_DE) (kept by the caller across
+    calls): the logits less the bias are their `sum_pieces`. The three blocks are only
+    ever summed (by `sum_pieces`, or by the router's top-k kernel), so each gets the
+    logits' gradient, and the backward reads the first."""
 
     @staticmethod
-    def forward(ctx, x_TD, w_DE, w_D3E, bias_E):
+    def forward(ctx, x_TD, w_DE, w_D3E):
         ctx.save_for_backward(x_TD, w_D3E)
-        logits_T3E = matmul_float32(x_TD, w_D3E)
-        return sum_pieces(logits_T3E) + bias_E
+        return matmul_float32(x_TD, w_D3E)
 
     @staticmethod
-    def backward(ctx, grad_TE):
+    def backward(ctx, grad_T3E):
         x_TD, w_D3E = ctx.saved_tensors
-        E = grad_TE.shape[1]
-        g1, g2, g3 = bfloat16_pieces(grad_TE)
+        E = grad_T3E.shape[1] // PIECES
+        g1, g2, g3 = bfloat16_pieces(grad_T3E[:, :E])
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             # dL1 W1 + dL1 W2 + dL2 W1: every product above 2^-16 of the largest.
@@ -107,4 +109,4 @@ class SplitLogits(torch.autograd.Function):
             grad_x = torch.mm(torch.cat([g1, g1, g2], 1), torch.cat([w1, w2, w1], 1).t())
         if ctx.needs_input_grad[1]:
             grad_w = sum_pieces(matmul_float32(x_TD.t(), torch.cat([g1, g2, g3], 1)))
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from moebench.case import LayerShape
-from moebench.router_logits import SplitLogits, pieces_side_by_side, tensor_core_path
+from moebench.router_logits import PIECES, SplitLogits, pieces_side_by_side, tensor_core_path
 
 
 class RoutingSpecError(ValueError):
@@ -172,12 +172,12 @@ def route(
 KERNEL_ROUTE_MAX_EXPERTS = 1024
 
 
-def kernel_route_applies(shape: LayerShape, logits_TE: torch.Tensor) -> bool:
+def kernel_route_applies(shape: LayerShape, x_TD: torch.Tensor) -> bool:
     """Whether `route_kernel.softmax_top_k` computes `shape`'s convention here: softmax
     scoring, no group limit, no selection bias, at most KERNEL_ROUTE_MAX_EXPERTS experts,
     on CUDA with Triton importable."""
     return (
-        logits_TE.device.type == "cuda"
+        x_TD.device.type == "cuda"
         and shape.scoring == "softmax"
         and (shape.n_groups <= 1 or shape.groups_kept >= shape.n_groups)
         and not shape.correction_bias
@@ -225,23 +225,44 @@ class Router(nn.Module):
         # version) they were made from: an in-place edit of the weight remakes them.
         self._pieces: tuple[tuple[int, int], torch.Tensor] | None = None
 
-    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """x @ w_router_DE + bias_E, T x E float32."""
+    def _pieces_of_weight(self) -> torch.Tensor:
         w_DE = self.w_router_DE
-        if not tensor_core_path(x_TD):
-            return x_TD.float() @ w_DE + self.bias_E
         made_from = (w_DE.data_ptr(), w_DE._version)
         if self._pieces is None or self._pieces[0] != made_from:
             self._pieces = (made_from, pieces_side_by_side(w_DE.detach()))
-        return SplitLogits.apply(x_TD, w_DE, self._pieces[1], self.bias_E)
+        return self._pieces[1]
+
+    def logit_parts(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(parts_TSE, S): the logits less the bias as S float32 column blocks of E
+        whose sum they are: a few tokens without autograd on CUDA get
+        `route_kernel.few_token_logits`, bfloat16 on CUDA the tensor cores' three
+        (`router_logits`), anything else one float32 GEMM."""
+        w_DE = self.w_router_DE
+        if x_TD.device.type == "cuda" and _triton_importable():
+            from moebench.route_kernel import FEW_TOKENS, few_token_logits
+
+            if x_TD.shape[0] <= FEW_TOKENS and not torch.is_grad_enabled():
+                return few_token_logits(x_TD, w_DE.detach())
+        if tensor_core_path(x_TD):
+            return SplitLogits.apply(x_TD, w_DE, self._pieces_of_weight()), PIECES
+        return x_TD.float() @ w_DE, 1
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """x @ w_router_DE + bias_E, T x E float32."""
+        parts_TSE, parts = self.logit_parts(x_TD)
+        if parts == 1:
+            return parts_TSE + self.bias_E
+        T, width = parts_TSE.shape
+        return parts_TSE.view(T, parts, width // parts).sum(dim=1) + self.bias_E
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (gate_weights_TK in x's dtype, expert_ids_TK int64, probs_TE float32)."""
-        logits_TE = self.logits(x_TD)
-        if kernel_route_applies(self.shape, logits_TE):
+        if kernel_route_applies(self.shape, x_TD):
             from moebench.route_kernel import softmax_top_k
 
-            return softmax_top_k(logits_TE, self.shape, x_TD.dtype)
+            parts_TSE, parts = self.logit_parts(x_TD)
+            return softmax_top_k(parts_TSE, parts, self.bias_E, self.shape, x_TD.dtype)
+        logits_TE = self.logits(x_TD)
         gate_TK, expert_ids_TK, probs_TE = route(logits_TE, self.shape, self.correction_bias_E)
         return gate_TK.to(x_TD.dtype), expert_ids_TK, probs_TE
 

@@ -55,13 +55,17 @@ def test_kernel_routes_as_route_does(experts, top_k, norm, scaling, tokens):
 
     shape = LayerShape(64, 32, experts, top_k, norm_topk_prob=norm, routed_scaling=scaling)
     logits_TE = _logits(tokens, experts, seed=experts + top_k)
-    gate_TK, ids_TK, probs_TE = softmax_top_k(logits_TE, shape, torch.float32)
+    # the logits as three parts and a bias, as the Router hands them over
+    bias_E = torch.linspace(-1, 1, experts, device=DEVICE)
+    parts_T3E = torch.cat([logits_TE * 0.5, logits_TE * 0.25, logits_TE * 0.25 - bias_E], 1)
+    gate_TK, ids_TK, probs_TE = softmax_top_k(parts_T3E, 3, bias_E, shape, torch.float32)
     want_gate_TK, want_ids_TK, want_probs_TE = route(logits_TE, shape)
     assert ids_TK.dtype == torch.int64 and torch.equal(ids_TK, want_ids_TK)
     assert torch.allclose(gate_TK, want_gate_TK, rtol=1e-5, atol=1e-7)
     assert torch.allclose(probs_TE, want_probs_TE, rtol=1e-5, atol=1e-7)
     if DEVICE == "cuda":  # the gates in the tokens' dtype, as the Router returns them
-        gate16_TK = softmax_top_k(logits_TE, shape, torch.bfloat16)[0]
+        zero_E = torch.zeros(experts, device=DEVICE)
+        gate16_TK = softmax_top_k(logits_TE, 1, zero_E, shape, torch.bfloat16)[0]
         assert gate16_TK.dtype == torch.bfloat16
         assert torch.equal(gate16_TK, want_gate_TK.to(torch.bfloat16))
 
@@ -78,19 +82,40 @@ def test_kernel_gradients_are_routes(experts, top_k, norm, scaling):
     grad_probs_TE = torch.randn(23, experts, generator=generator).to(DEVICE)
     ours = logits_TE.clone().requires_grad_(True)
     want = logits_TE.clone().requires_grad_(True)
-    gate_TK, _, probs_TE = softmax_top_k(ours, shape, torch.float32)
+    zero_E = torch.zeros(experts, device=DEVICE)
+    # two parts: each gets the logits' gradient
+    gate_TK, _, probs_TE = softmax_top_k(
+        torch.cat([ours, ours], 1) * 0.5, 2, zero_E, shape, torch.float32
+    )
     want_gate_TK, _, want_probs_TE = route(want, shape)
     ((gate_TK * grad_gate_TK).sum() + (probs_TE * grad_probs_TE).sum()).backward()
     ((want_gate_TK * grad_gate_TK).sum() + (want_probs_TE * grad_probs_TE).sum()).backward()
     assert _relative(ours.grad, want.grad) <= 1e-5
     # through the gates alone too (the layer's loss does not use the probabilities)
     ours.grad = want.grad = None
-    softmax_top_k(ours, shape, torch.float32)[0].backward(grad_gate_TK)
+    softmax_top_k(ours, 1, zero_E, shape, torch.float32)[0].backward(grad_gate_TK)
     route(want, shape)[0].backward(grad_gate_TK)
     if want.grad.norm() > 0:  # a renormalised single gate is 1: no gradient at all
         assert _relative(ours.grad, want.grad) <= 1e-5
     else:
         assert float(ours.grad.abs().max()) <= 1e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "experts"), [(1, 2048, 128), (16, 300, 8), (5, 4096, 60)]
+)
+def test_few_token_logits_are_float32_logits(tokens, hidden, experts):
+    from moebench.route_kernel import FEW_TOKENS_ROWS, few_token_logits
+
+    generator = torch.Generator().manual_seed(tokens)
+    x_TD = torch.randn(tokens, hidden, generator=generator).to(DEVICE)
+    w_DE = (torch.randn(hidden, experts, generator=generator) * 0.02).to(DEVICE)
+    parts_TSE, parts = few_token_logits(x_TD, w_DE)
+    assert parts == -(-hidden // FEW_TOKENS_ROWS) and parts_TSE.shape == (tokens, parts * experts)
+    logits_TE = parts_TSE.view(tokens, parts, experts).sum(dim=1)
+    exact_TE = x_TD.double() @ w_DE.double()
+    assert _relative(logits_TE, exact_TE) <= 1e-6
 
 
 def test_kernel_route_applies_to_softmax_conventions_on_cuda_only():

@@ -49,7 +49,16 @@ needs_kernels = pytest.mark.skipif(
 @needs_kernels
 @pytest.mark.parametrize(
     ("tokens", "num_experts", "top_k", "block_m"),
-    [(37, 6, 2, 16), (1, 8, 8, 16), (5, 64, 3, 16), (700, 3, 1, 64), (300, 256, 8, 32)],
+    # up to 64 assignments (and 256 experts): one program (decode); more: three kernels
+    [
+        (37, 6, 2, 16),
+        (1, 8, 8, 16),
+        (5, 64, 3, 16),
+        (8, 256, 8, 16),
+        (9, 128, 8, 16),
+        (700, 3, 1, 64),
+        (300, 256, 8, 32),
+    ],
 )
 def test_alignment_pads_each_expert_to_whole_blocks(tokens, num_experts, top_k, block_m):
     from moebench.impls.triton.align import align_to_blocks, max_padded_rows

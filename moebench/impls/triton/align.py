@@ -10,14 +10,19 @@ grouped GEMMs belongs to one expert. The real padded length lives on the device
 P = A + min(E, A) x (BLOCK_M - 1), since each non-empty expert adds under one block of
 padding.
 
-Three small kernels (plus zeroing the counters), whatever the size: `count` fills the
-row list with the padding sentinel and gives each assignment its rank in its expert
-(an atomic increment per assignment); `offsets` (one program) turns the counts into
-padded starts, the padded length and each block's expert; `scatter` writes each
-assignment to its expert's start plus its rank (and that row, the inverse permutation,
-which the backward gathers through). Ranks from atomics make the order of
-rows inside an expert arbitrary; each row's result does not depend on its position, so
-the layer's output is still the same bits on every run.
+Three small kernels (plus zeroing the counters): `count` fills the row list with the
+padding sentinel and gives each assignment its rank in its expert (an atomic increment
+per assignment); `offsets` (one program) turns the counts into padded starts, the padded
+length and each block's expert; `scatter` writes each assignment to its expert's start
+plus its rank (and that row, the inverse permutation, which the backward gathers
+through). Ranks from atomics make the order of rows inside an expert arbitrary; each
+row's result does not depend on its position, so the layer's output is still the same
+bits on every run.
+
+At decode (at most SMALL_ASSIGNMENTS assignments) one program does all of it
+(`_align_small_kernel`): ranks from comparing every assignment with every earlier one,
+in assignment order. Four launches of a few microseconds each are most of what a
+graphed one-token layer spends outside its two GEMMs.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import triton.language as tl
 
 COUNT_BLOCK = 1024
 BLOCKS_PER_STEP = 64
+SMALL_ASSIGNMENTS = 64  # and at most SMALL_EXPERTS experts: one program aligns them
+SMALL_EXPERTS = 256
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,54 @@ def _scatter_kernel(
     tl.store(row_of_assign_ptr + offs, start + rank, mask=ok)
 
 
+@triton.jit
+def _align_small_kernel(
+    expert_ptr,
+    sorted_ids_ptr,
+    block_expert_ptr,
+    num_padded_ptr,
+    padded_ends_ptr,
+    row_of_assign_ptr,
+    num_assign,
+    num_experts,
+    max_rows,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCKS_PER_STEP: tl.constexpr,
+):
+    """The whole alignment of at most BLOCK_A assignments in one program."""
+    offs_a = tl.arange(0, BLOCK_A)
+    a_ok = offs_a < num_assign
+    expert = tl.load(expert_ptr + offs_a, mask=a_ok, other=-1).to(tl.int32)
+    offs_e = tl.arange(0, BLOCK_E)
+    expert_ok = offs_e < num_experts
+    # rank: earlier assignments of the same expert; counts: assignments per expert
+    earlier = (expert[:, None] == expert[None, :]) & (offs_a[None, :] < offs_a[:, None])
+    rank = tl.sum(earlier.to(tl.int32), 1)
+    is_expert = expert[:, None] == offs_e[None, :]
+    counts = tl.sum(is_expert.to(tl.int32), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    tl.store(padded_ends_ptr + offs_e, ends, mask=expert_ok)
+    tl.store(num_padded_ptr, tl.sum(padded, 0))
+    row = tl.sum(tl.where(is_expert, (ends - padded)[None, :], 0), 1) + rank
+    for first in range(0, max_rows, BLOCK_A):
+        offs = first + offs_a
+        tl.store(
+            sorted_ids_ptr + offs, tl.zeros((BLOCK_A,), tl.int32) + num_assign, mask=offs < max_rows
+        )
+    tl.debug_barrier()  # the sentinel everywhere before any row gets its assignment
+    tl.store(sorted_ids_ptr + row, offs_a, mask=a_ok)
+    tl.store(row_of_assign_ptr + offs_a, row, mask=a_ok)
+    ends = tl.where(expert_ok, ends, 2147483647)
+    for first in range(0, max_blocks, BLOCKS_PER_STEP):
+        offs_b = first + tl.arange(0, BLOCKS_PER_STEP)
+        ended = (ends[None, :] <= (offs_b * BLOCK_M)[:, None]) & expert_ok[None, :]
+        tl.store(block_expert_ptr + offs_b, tl.sum(ended.to(tl.int32), 1), mask=offs_b < max_blocks)
+
+
 def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     """Group the assignments of `expert_ids_TK` by expert and pad each expert's run to a
     multiple of `block_m` (rows of padding hold the sentinel A)."""
@@ -130,14 +185,24 @@ def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int)
     num_assign = expert_A.numel()
     max_rows = max_padded_rows(num_assign, num_experts, block_m)
     max_blocks = max_rows // block_m
-    counts_E = torch.zeros(num_experts, device=device, dtype=torch.int32)
-    rank_A = torch.empty(num_assign, device=device, dtype=torch.int32)
-    padded_starts_E = torch.empty(num_experts, device=device, dtype=torch.int32)
     padded_ends_E = torch.empty(num_experts, device=device, dtype=torch.int32)
     sorted_ids_P = torch.empty(max_rows, device=device, dtype=torch.int32)
     block_expert_B = torch.empty(max_blocks, device=device, dtype=torch.int32)
     num_padded_1 = torch.empty(1, device=device, dtype=torch.int32)
     row_of_assign_A = torch.empty(num_assign, device=device, dtype=torch.int32)
+    outputs = (sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E, row_of_assign_A)
+    if num_assign <= SMALL_ASSIGNMENTS and num_experts <= SMALL_EXPERTS:
+        _align_small_kernel[(1,)](
+            expert_A, sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E,
+            row_of_assign_A, num_assign, num_experts, max_rows, max_blocks,
+            BLOCK_M=block_m, BLOCK_A=SMALL_ASSIGNMENTS,
+            BLOCK_E=triton.next_power_of_2(num_experts), BLOCKS_PER_STEP=BLOCKS_PER_STEP,
+            num_warps=4,
+        )  # fmt: skip
+        return Alignment(*outputs, num_assign, block_m)
+    counts_E = torch.zeros(num_experts, device=device, dtype=torch.int32)
+    rank_A = torch.empty(num_assign, device=device, dtype=torch.int32)
+    padded_starts_E = torch.empty(num_experts, device=device, dtype=torch.int32)
     _count_kernel[(triton.cdiv(max_rows, COUNT_BLOCK),)](
         expert_A, counts_E, rank_A, sorted_ids_P, num_assign, max_rows, BLOCK=COUNT_BLOCK
     )
@@ -151,12 +216,4 @@ def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int)
         expert_A, rank_A, padded_starts_E, sorted_ids_P, row_of_assign_A, num_assign,
         BLOCK=COUNT_BLOCK,
     )  # fmt: skip
-    return Alignment(
-        sorted_ids_P,
-        block_expert_B,
-        num_padded_1,
-        padded_ends_E,
-        row_of_assign_A,
-        num_assign,
-        block_m,
-    )
+    return Alignment(*outputs, num_assign, block_m)

@@ -44,6 +44,9 @@ def candidates(kernel: str, block_m: int) -> list[dict]:
     if block_m <= 32:  # weight-read bound: narrow tiles, many programs, deep pipelines
         shapes = [(32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3)]
         shapes += [(32, 256, 4, 3), (128, 64, 4, 5)]
+        # 16 columns: a few experts' F columns still fill every SM (Qwen3-30B-A3B's
+        # 8 experts x 768 / 32 columns are 192 programs, 1.5 waves on 132 SMs)
+        shapes += [(16, 256, 4, 3), (16, 512, 4, 2)]
     elif kernel == "gate_up":
         shapes = [(64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (64, 128, 8, 3)]
         shapes += [(128, 32, 4, 4), (128, 64, 8, 4)]
