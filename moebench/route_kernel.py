@@ -141,6 +141,7 @@ def few_token_logits(x_TD: torch.Tensor, w_DE: torch.Tensor) -> tuple[torch.Tens
     T, D = x_TD.shape
     E = w_DE.shape[1]
     assert T <= FEW_TOKENS and w_DE.dtype == torch.float32 and w_DE.is_contiguous()
+    x_TD = x_TD.contiguous()
     block_t = 1 << max(0, (T - 1).bit_length())
     block_e = 16
     step_d = max(8, 4096 // (block_t * block_e))
