@@ -273,7 +273,7 @@ def test_forward_and_gradients_match_reference(shape, dtype):
 @needs_cuda
 def test_training_forward_keeps_what_inference_computes():
     """At BLOCK_M = 128 (wgmma): the forward that keeps activations for the backward gives
-    the inference forward's output, pre-activations whose SwiGLU is h, and each row's x."""
+    the inference forward's output, and pre-activations whose SwiGLU is h."""
     from moebench.impls.triton.layer import fused_experts
 
     case = _gpu_case((512, 256, 4, 2, 2048), "bfloat16")
@@ -288,11 +288,6 @@ def test_training_forward_keeps_what_inference_computes():
     assert saved.alignment.block_m == 128
     torch.testing.assert_close(y_kept_TD, y_TD, rtol=0, atol=0)
     rows = int(saved.alignment.num_padded_1)
-    ids_P = saved.alignment.sorted_ids_P[:rows].long()
-    real = ids_P < saved.alignment.num_assign
-    x_rows_PD = saved.x_rows_PD[:rows]
-    assert torch.equal(x_rows_PD[real], x_TD[ids_P[real] // case.shape.top_k])
-    assert not x_rows_PD[~real].any()
     gate_pre, up_pre = saved.gate_pre_PF[:rows].float(), saved.up_pre_PF[:rows].float()
     swiglu = torch.nn.functional.silu(gate_pre) * up_pre
     torch.testing.assert_close(saved.h_PF[:rows].float(), swiglu, rtol=2e-2, atol=1e-2)

@@ -11,9 +11,7 @@ so the grid is sized from a bound known on the host and nothing waits on the dev
 - `gate_up`: h_PF = silu(x[token] @ W_gate[e]) * (x[token] @ W_up[e]). The A-operand
   load gathers the permuted tokens straight from x_TD (no permuted copy of x), the gate
   and up products share that A tile, and SwiGLU is the epilogue. In training it also
-  keeps the pre-activations and, from the programs of the first column block, the
-  gathered x rows the weight gradient needs (written while the GEMM computes, instead
-  of a gather pass in the backward).
+  keeps the pre-activations.
 - `down`: out_AD[a] = gate_weight[a] * (h_PF[row] @ W_down[e]); the routing weight is
   the epilogue and the store scatters each row back to its assignment, so summing over
   the K slots of a token (one cheap reduction) un-permutes.
@@ -70,7 +68,6 @@ def gate_up_kernel(
     h_ptr,
     gate_pre_ptr,
     up_pre_ptr,
-    x_rows_ptr,
     sorted_ids_ptr,
     block_expert_ptr,
     num_padded_ptr,
@@ -84,7 +81,6 @@ def gate_up_kernel(
     stride_w_d,
     stride_w_f,
     stride_h_p,
-    stride_x_rows_p,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -125,19 +121,6 @@ def gate_up_kernel(
         dtype = h_ptr.dtype.element_ty
         tl.store(gate_pre_ptr + row_offsets, acc_gate.to(dtype), mask=offs_n[None, :] < F)
         tl.store(up_pre_ptr + row_offsets, acc_up.to(dtype), mask=offs_n[None, :] < F)
-        if pid_n == 0:
-            # ...and the block's gathered x rows (zeros in padding rows), copied after
-            # the GEMM loop. (Storing the dot's A tile inside the pipelined loop instead
-            # failed the gradient check on an H200 at BLOCK_M = 128.)
-            x_rows_ptrs = x_rows_ptr + offs_m[:, None].to(tl.int64) * stride_x_rows_p
-            for k in range(0, (D + BLOCK_K - 1) // BLOCK_K):
-                cols = k * BLOCK_K + offs_k[None, :]
-                rows = tl.load(
-                    x_ptr + token[:, None] * stride_x_t + cols,
-                    mask=row_ok[:, None] & (cols < D),
-                    other=0.0,
-                )
-                tl.store(x_rows_ptrs + cols, rows, mask=cols < D)
 
 
 @triton.jit
@@ -201,24 +184,23 @@ def launch_gate_up(
     alignment,
     top_k: int,
     config: dict,
-    kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    pre_activations: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """h_PF <- SwiGLU of the gathered tokens through their experts' gate and up weights;
-    with `kept` (P x F, P x F, P x D buffers), the gate and up products and the gathered
-    x rows too (zeros in padding rows)."""
+    with `pre_activations` (two P x F buffers), the gate and up products too."""
     D, F = x_TD.shape[1], w_gate_EDF.shape[2]
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     num_blocks_m = alignment.max_blocks
     grid = (num_blocks_m * triton.cdiv(F, block_n),)
     gate_up_kernel[grid](
         x_TD, w_gate_EDF, w_up_EDF, h_PF,
-        *(kept or (h_PF, h_PF, x_TD)),
+        *(pre_activations or (h_PF, h_PF)),
         alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1,
         D, F, alignment.num_assign, top_k, num_blocks_m,
         x_TD.stride(0), w_gate_EDF.stride(0), w_gate_EDF.stride(1), w_gate_EDF.stride(2),
-        h_PF.stride(0), (kept[2] if kept else x_TD).stride(0),
+        h_PF.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
-        GROUP_M=config["GROUP_M"], STORE_PRE=kept is not None,
+        GROUP_M=config["GROUP_M"], STORE_PRE=pre_activations is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
 

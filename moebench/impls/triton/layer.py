@@ -10,8 +10,7 @@ takes dx and the weight gradient of both projections in one grouped GEMM each.
 Forward (no device-to-host sync): align (align.py) -> gate_up kernel (gathered token
 loads, SwiGLU epilogue) -> down kernel (routing weight in the epilogue, rows scattered to
 their assignments) -> sum over the K slots of each token (`token_sum_kernel`). Training
-keeps the gate and up pre-activations, the SwiGLU output and the gathered x per padded
-row; the backward
+keeps the gate and up pre-activations and the SwiGLU output per padded row; the backward
 (backward.py) is torch grouped GEMMs over that layout with two Triton kernels between
 them (the SwiGLU backward, the per-token sums of dx), nothing recomputed.
 """
@@ -64,12 +63,14 @@ def fused_experts(
         return torch.empty(rows, width, device=x_TD.device, dtype=x_TD.dtype)
 
     h_PF = buffer(F)
-    kept = (buffer(F), buffer(F), buffer(D)) if keep_for_backward else None
+    pre_activations = (buffer(F), buffer(F)) if keep_for_backward else None
     out_AD = torch.empty(T * K, D, device=x_TD.device, dtype=x_TD.dtype)
     gate_weight_A = gate_weights_TK.to(x_TD.dtype).contiguous().view(-1)
 
     def gate_up(config: dict) -> None:
-        kernels.launch_gate_up(x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config, kept)
+        kernels.launch_gate_up(
+            x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config, pre_activations
+        )
 
     def down(config: dict) -> None:
         kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
@@ -87,9 +88,8 @@ def fused_experts(
     with timer.phase("unpermute"):
         y_TD = out_AD if K == 1 else token_sum(out_AD, K)
     saved = None
-    if kept is not None:
-        gate_pre_PF, up_pre_PF, x_rows_PD = kept
-        saved = Saved(alignment, gate_pre_PF, up_pre_PF, h_PF, x_rows_PD, K)
+    if pre_activations is not None:
+        saved = Saved(alignment, *pre_activations, h_PF, K)
     return y_TD, saved
 
 
