@@ -143,9 +143,9 @@ def few_token_logits(x_TD: torch.Tensor, w_DE: torch.Tensor) -> tuple[torch.Tens
     assert T <= FEW_TOKENS and w_DE.dtype == torch.float32 and w_DE.is_contiguous()
     x_TD = x_TD.contiguous()
     block_t = 1 << max(0, (T - 1).bit_length())
-    # Under 16 columns: Triton turns a sum of broadcast products with every side >= 16
-    # into a dot, which on float32 computes in TF32 (7e-4 off on an H200 at 16 tokens).
-    block_e = 8
+    # Triton turns a sum of broadcast products with every side >= 16 into a dot, which on
+    # float32 computes in TF32 (7e-4 off on an H200 at 16 tokens): 8 columns there.
+    block_e = 16 if block_t < 16 else 8
     step_d = max(8, 4096 // (block_t * block_e))
     parts = triton.cdiv(D, FEW_TOKENS_ROWS)
     parts_TSE = torch.empty(T, parts * E, device=x_TD.device, dtype=torch.float32)
