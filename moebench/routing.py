@@ -27,7 +27,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import warnings
 from dataclasses import fields
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -182,13 +184,26 @@ def kernel_route_applies(shape: LayerShape, x_TD: torch.Tensor) -> bool:
         and (shape.n_groups <= 1 or shape.groups_kept >= shape.n_groups)
         and not shape.correction_bias
         and shape.num_experts <= KERNEL_ROUTE_MAX_EXPERTS
-        and _triton_importable()
+        and route_kernels() is not None
     )
 
 
 @functools.cache
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def route_kernels() -> ModuleType | None:
+    """`moebench.route_kernel`, or None where Triton is missing or does not import (then
+    the Router keeps its torch path, which computes the same function, and says so once)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        from moebench import route_kernel
+    except Exception as error:  # a broken Triton install: any error its import raises
+        warnings.warn(
+            f"moebench's router kernels are off, Triton did not import ({error}); "
+            "the Router runs its torch path",
+            stacklevel=2,
+        )
+        return None
+    return route_kernel
 
 
 class Router(nn.Module):
@@ -238,11 +253,9 @@ class Router(nn.Module):
         `route_kernel.few_token_logits`, bfloat16 on CUDA the tensor cores' three
         (`router_logits`), anything else one float32 GEMM."""
         w_DE = self.w_router_DE
-        if x_TD.device.type == "cuda" and _triton_importable():
-            from moebench.route_kernel import FEW_TOKENS, few_token_logits
-
-            if x_TD.shape[0] <= FEW_TOKENS and not torch.is_grad_enabled():
-                return few_token_logits(x_TD, w_DE.detach())
+        kernels = route_kernels() if x_TD.device.type == "cuda" else None
+        if kernels and x_TD.shape[0] <= kernels.FEW_TOKENS and not torch.is_grad_enabled():
+            return kernels.few_token_logits(x_TD, w_DE.detach())
         if tensor_core_path(x_TD):
             return SplitLogits.apply(x_TD, w_DE, self._pieces_of_weight()), PIECES
         return x_TD.float() @ w_DE, 1
@@ -258,10 +271,10 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (gate_weights_TK in x's dtype, expert_ids_TK int64, probs_TE float32)."""
         if kernel_route_applies(self.shape, x_TD):
-            from moebench.route_kernel import softmax_top_k
-
             parts_TSE, parts = self.logit_parts(x_TD)
-            return softmax_top_k(parts_TSE, parts, self.bias_E, self.shape, x_TD.dtype)
+            return route_kernels().softmax_top_k(
+                parts_TSE, parts, self.bias_E, self.shape, x_TD.dtype
+            )
         logits_TE = self.logits(x_TD)
         gate_TK, expert_ids_TK, probs_TE = route(logits_TE, self.shape, self.correction_bias_E)
         return gate_TK.to(x_TD.dtype), expert_ids_TK, probs_TE

@@ -130,3 +130,22 @@ def test_kernel_route_applies_to_softmax_conventions_on_cuda_only():
     biased = replace(base, correction_bias=True)
     for shape in (sigmoid, grouped, biased):
         assert not kernel_route_applies(shape, on_cuda), shape
+
+
+def test_router_keeps_its_torch_path_when_triton_does_not_import(monkeypatch):
+    import sys
+
+    import moebench
+    from moebench import routing
+
+    monkeypatch.setattr(routing.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setitem(sys.modules, "moebench.route_kernel", None)  # its import fails
+    monkeypatch.delattr(moebench, "route_kernel", raising=False)
+    routing.route_kernels.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="Triton did not import"):
+            assert routing.route_kernels() is None
+        on_cuda = SimpleNamespace(device=torch.device("cuda"))
+        assert not kernel_route_applies(LayerShape(64, 32, 8, 2), on_cuda)
+    finally:
+        routing.route_kernels.cache_clear()
