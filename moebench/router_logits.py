@@ -54,10 +54,13 @@ def pieces_side_by_side(t_NM: torch.Tensor) -> torch.Tensor:
     return torch.cat(bfloat16_pieces(t_NM), dim=1)
 
 
-def sum_pieces(p_N3M: torch.Tensor) -> torch.Tensor:
-    """N x M float32: the three M-wide column blocks of `p_N3M` added, largest first."""
-    N, width = p_N3M.shape
-    return p_N3M.view(N, PIECES, width // PIECES).sum(dim=1)
+def sum_pieces(p_NSM: torch.Tensor, pieces: int = PIECES) -> torch.Tensor:
+    """N x M float32: the `pieces` M-wide column blocks of `p_NSM` added, first to last
+    (`p_NSM` itself for one)."""
+    if pieces == 1:
+        return p_NSM
+    N, width = p_NSM.shape
+    return p_NSM.view(N, pieces, width // pieces).sum(dim=1)
 
 
 @functools.cache

@@ -35,7 +35,13 @@ import torch
 from torch import nn
 
 from moebench.case import LayerShape
-from moebench.router_logits import PIECES, SplitLogits, pieces_side_by_side, tensor_core_path
+from moebench.router_logits import (
+    PIECES,
+    SplitLogits,
+    pieces_side_by_side,
+    sum_pieces,
+    tensor_core_path,
+)
 
 
 class RoutingSpecError(ValueError):
@@ -263,10 +269,7 @@ class Router(nn.Module):
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """x @ w_router_DE + bias_E, T x E float32."""
         parts_TSE, parts = self.logit_parts(x_TD)
-        if parts == 1:
-            return parts_TSE + self.bias_E
-        T, width = parts_TSE.shape
-        return parts_TSE.view(T, parts, width // parts).sum(dim=1) + self.bias_E
+        return sum_pieces(parts_TSE, parts) + self.bias_E
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (gate_weights_TK in x's dtype, expert_ids_TK int64, probs_TE float32)."""
