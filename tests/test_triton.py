@@ -18,9 +18,9 @@ import torch
 
 from moebench import registry
 from moebench.case import Case, LayerShape, Workload
-from moebench.impls.reference import ReferenceMoE, reference_output
+from moebench.impls.reference import reference_output
 from moebench.impls.triton import tuning
-from moebench.measure.check import weight_grads
+from moebench.measure.check import check_gradients
 from moebench.measure.timing import TimingPlan
 from moebench.suite import SuiteError, parse_suite
 from moebench.weight_sources import make_weights
@@ -202,8 +202,9 @@ ODD_SHAPES = [
     (128, 96, 16, 1, 3),
     # top_k = num_experts: every token through every expert
     (96, 64, 4, 4, 19),
-    # one token (the decode path)
+    # one token (the decode path: a block per assignment, down_sum adds the K slots)
     (256, 512, 8, 2, 1),
+    (200, 136, 6, 3, 1),
     # 1024 rows per expert: BLOCK_M = 128, Hopper's wgmma path (CUDA only: slow in the
     # interpreter)
     (512, 256, 4, 2, 2048),
@@ -247,27 +248,23 @@ def test_forward_and_gradients_match_reference(shape, dtype):
     assert torch.isfinite(y_TD).all()
     assert _relative(y_TD, reference_output(weights, x_TD)) <= tolerance
 
-    reference = ReferenceMoE(weights, case)
-    grad_TD = torch.randn_like(x_TD)
-    x_ours = x_TD.clone().requires_grad_(True)
-    x_ref = x_TD.clone().requires_grad_(True)
-    # Each weight-set tensor's gradient, found in either layer's parameters by value
-    # (the fused layer keeps gate and up side by side in one).
-    ours_of, ref_of = weight_grads(layer, weights), weight_grads(reference, weights)
-    layer(x_ours).backward(grad_TD)
-    reference(x_ref).backward(grad_TD)
-    assert _relative(x_ours.grad, x_ref.grad) <= tolerance
-    ours_grads, ref_grads = ours_of(), ref_of()
-    assert (
-        set(ours_grads) == set(ref_grads) == {"w_router_DE", "w_gate_EDF", "w_up_EDF", "w_down_EFD"}
-    )
-    for name, ref in ref_grads.items():
-        ours = ours_grads[name]
-        assert ours is not None and ref is not None, name
-        assert torch.isfinite(ours).all(), name
-        if name == "w_router_DE" and case.shape.top_k == 1:
-            continue  # a renormalised single gate weight is 1: the true gradient is 0
-        assert _relative(ours, ref) <= tolerance, name
+    # Gradients against the float32 reference, as the harness checks every training case
+    # (seeded output gradients): float16 against float16 autograd would measure the
+    # reference's rounding too, which a one-token router gradient (a difference of the
+    # two slots' dw) amplifies past the tolerance for some draws.
+    for seed in range(3):
+        result = check_gradients(layer, [weights], x_TD, dtype, seed)
+        assert set(result.errors) == {
+            "input",
+            "w_router_DE",
+            "w_gate_EDF",
+            "w_up_EDF",
+            "w_down_EFD",
+        }
+        if case.shape.top_k == 1:  # a renormalised single gate weight is 1: its gradient is 0
+            del result.errors["w_router_DE"]
+        worst = max(result.errors.values())
+        assert worst <= tolerance, (seed, result.errors)
 
 
 @needs_cuda
@@ -294,8 +291,10 @@ def test_training_forward_keeps_what_inference_computes():
 
 
 @needs_cuda
-def test_forward_runs_without_host_sync_and_under_a_graph():
-    case = _gpu_case((256, 512, 8, 2, 64), "bfloat16")
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_forward_runs_without_host_sync_and_under_a_graph(tokens):
+    """Also the programmatic dependent launches (moebench.pdl) under graph capture."""
+    case = _gpu_case((256, 512, 8, 2, tokens), "bfloat16")
     weights = make_weights(case)
     layer = registry.get("triton").build(weights, case)
     x_TD = make_inputs(case, 1)[0]

@@ -23,6 +23,9 @@ At decode (at most SMALL_ASSIGNMENTS assignments) one program does all of it
 (`_align_small_kernel`): ranks from comparing every assignment with every earlier one,
 in assignment order. Four launches of a few microseconds each are most of what a
 graphed one-token layer spends outside its two GEMMs.
+
+A single token needs no alignment at all (`per_assignment_blocks`): its K experts are
+distinct, so one block per assignment still reads each expert's weights once.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moebench.pdl import after_previous_kernel, use_pdl
+
 COUNT_BLOCK = 1024
 BLOCKS_PER_STEP = 64
 SMALL_ASSIGNMENTS = 64  # and at most SMALL_EXPERTS experts: one program aligns them
@@ -41,19 +46,26 @@ SMALL_EXPERTS = 256
 
 @dataclass(frozen=True)
 class Alignment:
-    """The padded expert-grouped row list shared by both GEMMs of one forward."""
+    """The padded expert-grouped row list shared by both GEMMs of one forward; or, for
+    `per_assignment_blocks`, only each block's expert (the tensors it has no use for are
+    None)."""
 
-    sorted_ids_P: torch.Tensor  # int32 assignment index per row; num_assign = padding
-    block_expert_B: torch.Tensor  # int32 expert of each row block (E past the end)
-    num_padded_1: torch.Tensor  # int32 real padded length P' <= P, on the device
-    padded_ends_E: torch.Tensor  # int32 end row of each expert's run (grouped_mm offsets)
-    row_of_assign_A: torch.Tensor  # int32 row of each assignment (sorted_ids_P's inverse)
+    sorted_ids_P: torch.Tensor | None  # int32 assignment index per row; num_assign = padding
+    block_expert_B: torch.Tensor  # int expert of each row block (E past the end)
+    num_padded_1: torch.Tensor | None  # int32 real padded length P' <= P, on the device
+    padded_ends_E: torch.Tensor | None  # int32 end row of each expert's run (grouped_mm)
+    row_of_assign_A: torch.Tensor | None  # int32 row of each assignment (inverse of sorted)
     num_assign: int  # A
     block_m: int
 
     @property
+    def per_assignment(self) -> bool:
+        """Block a is assignment a alone: no row list, one output row per assignment."""
+        return self.sorted_ids_P is None
+
+    @property
     def max_rows(self) -> int:
-        return self.sorted_ids_P.numel()
+        return self.num_assign if self.sorted_ids_P is None else self.sorted_ids_P.numel()
 
     @property
     def max_blocks(self) -> int:
@@ -145,8 +157,10 @@ def _align_small_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCKS_PER_STEP: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """The whole alignment of at most BLOCK_A assignments in one program."""
+    after_previous_kernel(USE_PDL)
     offs_a = tl.arange(0, BLOCK_A)
     a_ok = offs_a < num_assign
     expert = tl.load(expert_ptr + offs_a, mask=a_ok, other=-1).to(tl.int32)
@@ -192,12 +206,13 @@ def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int)
     row_of_assign_A = torch.empty(num_assign, device=device, dtype=torch.int32)
     outputs = (sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E, row_of_assign_A)
     if num_assign <= SMALL_ASSIGNMENTS and num_experts <= SMALL_EXPERTS:
+        pdl = use_pdl(expert_A)
         _align_small_kernel[(1,)](
             expert_A, sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E,
             row_of_assign_A, num_assign, num_experts, max_rows, max_blocks,
             BLOCK_M=block_m, BLOCK_A=SMALL_ASSIGNMENTS,
             BLOCK_E=triton.next_power_of_2(num_experts), BLOCKS_PER_STEP=BLOCKS_PER_STEP,
-            num_warps=4,
+            USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
         return Alignment(*outputs, num_assign, block_m)
     counts_E = torch.zeros(num_experts, device=device, dtype=torch.int32)
@@ -217,3 +232,12 @@ def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int)
         BLOCK=COUNT_BLOCK,
     )  # fmt: skip
     return Alignment(*outputs, num_assign, block_m)
+
+
+def per_assignment_blocks(expert_ids_TK: torch.Tensor, block_m: int) -> Alignment:
+    """The layout of a single token, with no kernel run: block a holds assignment a alone
+    in its first row, its expert read from the token's expert ids. The K experts of one
+    token are distinct, so each expert's weights are still read once."""
+    assert expert_ids_TK.shape[0] == 1, "one block per assignment is for a single token"
+    expert_A = expert_ids_TK.reshape(-1)
+    return Alignment(None, expert_A, None, None, None, expert_A.numel(), block_m)

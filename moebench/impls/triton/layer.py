@@ -9,7 +9,9 @@ takes dx and the weight gradient of both projections in one grouped GEMM each.
 
 Forward (no device-to-host sync): align (align.py) -> gate_up kernel (gathered token
 loads, SwiGLU epilogue) -> down kernel (routing weight in the epilogue, rows scattered to
-their assignments) -> sum over the K slots of each token (`token_sum_kernel`). Training
+their assignments) -> sum over the K slots of each token (`token_sum_kernel`). A single
+token at inference skips the alignment and the sum: one block per assignment, and
+`down_sum_kernel` sums the K experts' outputs as it computes them (kernels.py). Training
 keeps the gate and up pre-activations and the SwiGLU output per padded row; the backward
 (backward.py) is torch grouped GEMMs over that layout with two Triton kernels between
 them (the SwiGLU backward, the per-token sums of dx), nothing recomputed.
@@ -21,18 +23,11 @@ import torch
 
 from moebench.case import Case
 from moebench.impls.triton import kernels, tuning
-from moebench.impls.triton.align import align_to_blocks
+from moebench.impls.triton.align import align_to_blocks, per_assignment_blocks
 from moebench.impls.triton.backward import Saved, fused_backward, token_sum
 from moebench.layer import MoELayer
 from moebench.measure.phases import NULL_TIMER, Timer
 from moebench.weights import ExpertWeights
-
-
-def _key(kernel: str, x_TD: torch.Tensor, w_down_EFD: torch.Tensor, top_k: int) -> str:
-    E, F, D = w_down_EFD.shape
-    bucket = tuning.token_bucket(x_TD.shape[0])
-    dtype = str(x_TD.dtype).removeprefix("torch.")
-    return f"{kernel} D{D} F{F} E{E} K{top_k} {dtype} T{bucket}"
 
 
 def fused_experts(
@@ -55,8 +50,12 @@ def fused_experts(
     K = expert_ids_TK.shape[1]
     x_TD = x_TD.contiguous()
     block_m = tuning.block_m_for(T, K, E)
+    per_assignment = T == 1 and not keep_for_backward
     with timer.phase("permute"):
-        alignment = align_to_blocks(expert_ids_TK, E, block_m)
+        if per_assignment:
+            alignment = per_assignment_blocks(expert_ids_TK, block_m)
+        else:
+            alignment = align_to_blocks(expert_ids_TK, E, block_m)
     rows = alignment.max_rows
 
     def buffer(width: int) -> torch.Tensor:
@@ -64,7 +63,8 @@ def fused_experts(
 
     h_PF = buffer(F)
     pre_activations = (buffer(F), buffer(F)) if keep_for_backward else None
-    out_AD = torch.empty(T * K, D, device=x_TD.device, dtype=x_TD.dtype)
+    # one row per assignment, or per token where down_sum adds the K slots itself
+    out_RD = torch.empty(T if per_assignment else T * K, D, device=x_TD.device, dtype=x_TD.dtype)
     gate_weight_A = gate_weights_TK.to(x_TD.dtype).contiguous().view(-1)
 
     def gate_up(config: dict) -> None:
@@ -73,20 +73,31 @@ def fused_experts(
         )
 
     def down(config: dict) -> None:
-        kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
+        if per_assignment:
+            expert_A = alignment.block_expert_B
+            kernels.launch_down_sum(h_PF, w_down_EFD, gate_weight_A, expert_A, out_RD, config)
+        else:
+            kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_RD, alignment, config)
 
-    # Tuned in order: the down kernel's trials read the h that gate_up wrote.
+    # Tuned in order: the down kernel's trials read the h that gate_up wrote. Training's
+    # gate_up also stores the pre-activations, and one token runs the per-assignment
+    # variants: different kernels, tuned apart.
+    gate_up_key = "gate_up_train" if keep_for_backward else "gate_up"
+    if per_assignment:
+        gate_up_key = "gate_up_one_token"
+    down_name = "down_sum" if per_assignment else "down"
+    steps = (("gate_up", gate_up_key, gate_up), (down_name, down_name, down))
     with timer.phase("expert"):
-        for name, launch in (("gate_up", gate_up), ("down", down)):
+        for name, key, launch in steps:
             config = tuning.TUNER.choose(
                 x_TD.device,
-                _key(name, x_TD, w_down_EFD, K),
+                tuning.key(key, x_TD, w_down_EFD, K),
                 lambda name=name: tuning.candidates(name, block_m),
                 launch,
             )
             launch(config)
     with timer.phase("unpermute"):
-        y_TD = out_AD if K == 1 else token_sum(out_AD, K)
+        y_TD = out_RD if K == 1 or per_assignment else token_sum(out_RD, K)
     saved = None
     if pre_activations is not None:
         saved = Saved(alignment, *pre_activations, h_PF, K)
