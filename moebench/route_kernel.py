@@ -1,26 +1,29 @@
-"""The router's Triton kernels, for CUDA: the softmax convention of `routing.route` in
+"""The router's Triton kernels, for CUDA: the router conventions of `routing.route` in
 one pass, and the logits of a few tokens.
 
 Shape legend: T tokens, D hidden, E routed experts, K top_k, S parts whose sum is the
-logits (column blocks of E side by side).
+logits (column blocks of E side by side), G expert groups.
 
-`route` in torch ops is about eight kernels (softmax, top-k and its sort, gather, sum,
-divide, scale, the cast of the gates). At decode each is a few microseconds of a layer
-whose experts may take ten, and at 8192 tokens torch's top-k alone takes 0.05 ms on an
-H200. `softmax_top_k_kernel` does it all in one pass: per row, it adds the S parts of
-the logits and the routing bias, takes the softmax in float32, runs K rounds of arg-max
-(the chosen expert's probability set aside each round), renormalises and scales, and
-writes the gates in the tokens' dtype. The parts are the bfloat16 pieces' products
-(`router_logits`, S = 3), the per-slice sums of `few_token_logits_kernel` or the plain
-float32 logits (S = 1).
+`route` in torch ops is about eight kernels for a softmax router (softmax, top-k and its
+sort, gather, sum, divide, scale, the cast of the gates) and over thirty for DeepSeek-V3's
+(sigmoid, correction bias, two top-k per group, group top-k, scatter, mask, ...). At
+decode each is a few microseconds of a layer whose experts may take ten, and at 8192
+tokens torch's top-k alone takes 0.05 ms on an H200. `route_top_k_kernel` does it all in
+one pass: per row, it adds the S parts of the logits and the routing bias, takes the
+scores in float32 (softmax, or a sigmoid per expert), adds the correction bias to the
+selection scores, keeps the best groups by the sum of each group's two best if the
+convention limits groups, runs K rounds of arg-max (each chosen expert set aside),
+renormalises and scales the chosen scores, and writes the gates in the tokens' dtype.
+The parts are the bfloat16 pieces' products (`router_logits`, S = 3), the per-slice sums
+of `few_token_logits_kernel` or the plain float32 logits (S = 1).
 
-It computes the function `route` computes for the softmax conventions (Mixtral, Qwen2/3,
-OLMoE and the base router), with its gradients (`SoftmaxTopK.backward`, torch ops). The
-Router uses it on CUDA where Triton is importable (`routing.kernel_route_applies`; this
-module imports Triton); `route` stays the definition and every other convention's path.
-Choices agree with `route`'s except where two probabilities tie to float32 rounding (the
-check's TIE_MARGIN); the slots come in descending probability, as torch.topk's sorted
-output.
+It computes the function `route` computes (Mixtral, Qwen2/3, OLMoE, DeepSeek-V3 and the
+base router), with its gradients (`RouteTopK.backward`, torch ops). The Router uses it on
+CUDA where Triton is importable (`routing.kernel_route_applies`: group-limited selection
+needs a power-of-two E; this module imports Triton); `route` stays the definition and the
+path everywhere else. Choices agree with `route`'s except where two scores tie to float32
+rounding (the check's TIE_MARGIN); the slots come in descending selection score, as
+torch.topk's sorted output.
 
 `few_token_logits_kernel`: for up to FEW_TOKENS tokens without autograd (decode), x @ W
 in float32 on the CUDA cores, each program one slice of D and of E, written as S partial
@@ -36,12 +39,14 @@ import triton.language as tl
 
 from moebench.case import LayerShape
 from moebench.pdl import after_previous_kernel, use_pdl
+from moebench.router_logits import sum_pieces
 
 
 @triton.jit
-def softmax_top_k_kernel(
+def route_top_k_kernel(
     parts_ptr,
     bias_ptr,
+    correction_ptr,
     gate_ptr,
     ids_ptr,
     probs_ptr,
@@ -52,12 +57,19 @@ def softmax_top_k_kernel(
     TOP_K: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NORM: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    CORRECTION: tl.constexpr,
+    GROUPS: tl.constexpr,
+    GROUPS_KEPT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_E: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """ROWS tokens: logits from PARTS parts and the bias, softmax over them, TOP_K
-    rounds of arg-max, gates."""
+    """ROWS tokens: logits from PARTS parts and the bias; scores (softmax, or sigmoid per
+    expert); the selection scores (plus the correction bias if CORRECTION), limited to the
+    GROUPS_KEPT best of GROUPS groups by the sum of each group's two best if GROUPS > 1
+    (then BLOCK_E = E); TOP_K rounds of arg-max over them; the chosen experts' scores as
+    gates, renormalised if NORM, times scaling."""
     after_previous_kernel(USE_PDL)
     offs_t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_e = tl.arange(0, BLOCK_E)
@@ -69,11 +81,39 @@ def softmax_top_k_kernel(
         logits += tl.load(parts_ptr + part_offsets + part * E, mask=mask, other=0.0)
     logits = tl.where(mask, logits, -float("inf"))
     offsets = offs_t.to(tl.int64)[:, None] * E + offs_e[None, :]
-    shifted = logits - tl.max(logits, 1)[:, None]
-    exps = tl.where(mask, tl.exp(shifted), 0.0)
-    probs = exps / tl.sum(exps, 1)[:, None]
+    if SIGMOID:
+        scores = tl.where(mask, tl.sigmoid(logits), 0.0)
+        probs = scores / tl.sum(scores, 1)[:, None]
+    else:
+        shifted = logits - tl.max(logits, 1)[:, None]
+        exps = tl.where(mask, tl.exp(shifted), 0.0)
+        probs = exps / tl.sum(exps, 1)[:, None]
+        scores = probs
     tl.store(probs_ptr + offsets, probs, mask=mask)
-    left = tl.where(mask, probs, -1.0)  # probabilities not yet chosen
+    left = scores  # selection scores not yet chosen
+    if CORRECTION:
+        left = left + tl.load(correction_ptr + offs_e, mask=offs_e < E, other=0.0)[None, :]
+    left = tl.where(mask, left, -float("inf"))
+    if GROUPS > 1:
+        PER_GROUP: tl.constexpr = BLOCK_E // GROUPS
+        grouped = tl.reshape(left, (ROWS, GROUPS, PER_GROUP))
+        offs_p = tl.arange(0, PER_GROUP)[None, None, :]
+        best = tl.max(grouped, 2)
+        group_score = best
+        if PER_GROUP > 1:  # plus the second best (the best's first copy set aside)
+            first = tl.min(tl.where(grouped == best[:, :, None], offs_p, PER_GROUP), 2)
+            rest = tl.where(offs_p == first[:, :, None], -float("inf"), grouped)
+            group_score = best + tl.max(rest, 2)
+        offs_g = tl.arange(0, GROUPS)[None, :]
+        kept = offs_g < 0
+        for _ in tl.static_range(GROUPS_KEPT):
+            top = tl.max(group_score, 1)
+            chosen_g = tl.min(tl.where(group_score == top[:, None], offs_g, GROUPS), 1)
+            taken = offs_g == chosen_g[:, None]
+            kept = kept | taken
+            group_score = tl.where(taken, -float("inf"), group_score)
+        grouped = tl.where(kept[:, :, None], grouped, -float("inf"))
+        left = tl.reshape(grouped, (ROWS, BLOCK_E))
     offs_k = tl.arange(0, BLOCK_K)
     gates = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
     ids = tl.zeros((ROWS, BLOCK_K), dtype=tl.int64)
@@ -81,11 +121,14 @@ def softmax_top_k_kernel(
         best = tl.max(left, 1)
         # the lowest expert index among equal maxima
         chosen = tl.min(tl.where(left == best[:, None], offs_e[None, :], BLOCK_E), 1)
-        gates = tl.where(offs_k[None, :] == k, best[:, None], gates)
+        hit = offs_e[None, :] == chosen[:, None]
+        gate = tl.sum(tl.where(hit, scores, 0.0), 1)
+        gates = tl.where(offs_k[None, :] == k, gate[:, None], gates)
         ids = tl.where(offs_k[None, :] == k, chosen.to(tl.int64)[:, None], ids)
-        left = tl.where(offs_e[None, :] == chosen[:, None], -1.0, left)
+        left = tl.where(hit, -float("inf"), left)
     if NORM:
-        gates = gates / tl.sum(gates, 1)[:, None]
+        # sigmoid scores need not sum to anything: DeepSeek-V3's guard against 0 / 0
+        gates = gates / (tl.sum(gates, 1)[:, None] + (1e-20 if SIGMOID else 0.0))
     gates = gates * scaling
     out_mask = row_ok[:, None] & (offs_k[None, :] < TOP_K)
     out_offsets = offs_t.to(tl.int64)[:, None] * TOP_K + offs_k[None, :]
@@ -169,6 +212,7 @@ def _launch(
     bias_E: torch.Tensor,
     shape: LayerShape,
     gate_dtype: torch.dtype,
+    correction_E: torch.Tensor | None,
 ):
     T, E = parts_TSE.shape[0], parts_TSE.shape[1] // parts
     K = shape.top_k
@@ -178,64 +222,86 @@ def _launch(
     ids_TK = torch.empty(T, K, device=device, dtype=torch.int64)
     probs_TE = torch.empty(T, E, device=device, dtype=torch.float32)
     block_e = 1 << max(4, (E - 1).bit_length())
+    groups = shape.n_groups if shape.groups_kept < shape.n_groups else 1
+    assert groups == 1 or block_e == E, "group-limited routing needs a power-of-two E"
+    correction = shape.correction_bias and correction_E is not None
     # A row per program up to a few thousand tokens (the reductions of one row are the
     # latency; rows of a program run one after another), one warp where a row fits.
     rows = 1 if T < 4096 else max(1, min(16, 2048 // block_e))
     pdl = use_pdl(parts_TSE)
-    softmax_top_k_kernel[(triton.cdiv(T, rows),)](
-        parts_TSE, bias_E, gate_TK, ids_TK, probs_TE, T, E, float(shape.routed_scaling),
+    route_top_k_kernel[(triton.cdiv(T, rows),)](
+        parts_TSE, bias_E, correction_E if correction else bias_E, gate_TK, ids_TK, probs_TE,
+        T, E, float(shape.routed_scaling),
         PARTS=parts, TOP_K=K, BLOCK_K=1 << max(0, (K - 1).bit_length()),
-        NORM=shape.norm_topk_prob, ROWS=rows, BLOCK_E=block_e, USE_PDL=pdl,
-        num_warps=1 if block_e <= 256 else 4, launch_pdl=pdl,
+        NORM=shape.norm_topk_prob, SIGMOID=shape.scoring == "sigmoid", CORRECTION=correction,
+        GROUPS=groups, GROUPS_KEPT=shape.groups_kept, ROWS=rows, BLOCK_E=block_e,
+        USE_PDL=pdl, num_warps=1 if block_e <= 256 else 4, launch_pdl=pdl,
     )  # fmt: skip
     return gate_TK, ids_TK, probs_TE
 
 
-class SoftmaxTopK(torch.autograd.Function):
+class RouteTopK(torch.autograd.Function):
     """(gate_TK in gate_dtype, expert_ids_TK int64, probs_TE float32) from the logits'
-    parts and the bias, as `route` computes them for a softmax convention, differentiable
-    in the gates and the probabilities. Each part's gradient is the logits' gradient."""
+    parts, the bias and the correction bias, as `route` computes them, differentiable in
+    the gates and the probabilities. Each part's gradient is the logits' gradient."""
 
     @staticmethod
-    def forward(ctx, parts_TSE, parts, bias_E, shape, gate_dtype):
-        gate_TK, ids_TK, probs_TE = _launch(parts_TSE, parts, bias_E, shape, gate_dtype)
+    def forward(ctx, parts_TSE, parts, bias_E, shape, gate_dtype, correction_E):
+        gate_TK, ids_TK, probs_TE = _launch(
+            parts_TSE, parts, bias_E, shape, gate_dtype, correction_E
+        )
         ctx.mark_non_differentiable(ids_TK)
-        ctx.save_for_backward(ids_TK, probs_TE)
+        ctx.save_for_backward(ids_TK, probs_TE, parts_TSE, bias_E)
         ctx.shape, ctx.parts = shape, parts
         return gate_TK, ids_TK, probs_TE
 
     @staticmethod
     def backward(ctx, grad_gate_TK, _grad_ids, grad_probs_TE):
-        ids_TK, probs_TE = ctx.saved_tensors
+        ids_TK, probs_TE, parts_TSE, bias_E = ctx.saved_tensors
         shape = ctx.shape
-        grad_p_TE = torch.zeros_like(probs_TE)
+        sigmoid = shape.scoring == "sigmoid"
+        if sigmoid:  # the scores again, from the logits (the kernel keeps only probs)
+            logits_TE = sum_pieces(parts_TSE.detach().contiguous(), ctx.parts) + bias_E
+            scores_TE = torch.sigmoid(logits_TE)
+        else:
+            scores_TE = probs_TE
+        grad_s_TE = torch.zeros_like(scores_TE)
         if grad_gate_TK is not None:
-            # gate_k = c p_k / S (S = sum of the K chosen p, 1 without renormalising):
-            # dp_j = c (dgate_j - sum_k dgate_k p_k / S) / S for the chosen j, else 0.
+            # gate_k = c s_k / S (S = the sum of the K chosen scores, plus the guard; 1
+            # without renormalising): ds_j = c (dgate_j - sum_k dgate_k s_k / S) / S for
+            # the chosen j, else 0.
             grad_TK = grad_gate_TK.float() * shape.routed_scaling
-            chosen_TK = probs_TE.gather(1, ids_TK)
+            chosen_TK = scores_TE.gather(1, ids_TK)
             if shape.norm_topk_prob:
-                total_T1 = chosen_TK.sum(dim=1, keepdim=True)
+                total_T1 = chosen_TK.sum(dim=1, keepdim=True) + (1e-20 if sigmoid else 0.0)
                 share_TK = chosen_TK / total_T1
                 grad_TK = (grad_TK - (grad_TK * share_TK).sum(1, keepdim=True)) / total_T1
-            grad_p_TE.scatter_(1, ids_TK, grad_TK)
-        if grad_probs_TE is not None:
-            grad_p_TE = grad_p_TE + grad_probs_TE
-        # through the softmax: dl = p (dp - sum_e dp_e p_e)
-        inner_T1 = (grad_p_TE * probs_TE).sum(dim=1, keepdim=True)
-        grad_logits_TE = probs_TE * (grad_p_TE - inner_T1)
+            grad_s_TE.scatter_(1, ids_TK, grad_TK)
+        if sigmoid:
+            if grad_probs_TE is not None:  # p = s / sum(s)
+                inner_T1 = (grad_probs_TE * probs_TE).sum(dim=1, keepdim=True)
+                total_T1 = scores_TE.sum(dim=1, keepdim=True)
+                grad_s_TE = grad_s_TE + (grad_probs_TE - inner_T1) / total_T1
+            grad_logits_TE = grad_s_TE * scores_TE * (1 - scores_TE)
+        else:
+            if grad_probs_TE is not None:  # the probabilities are the scores
+                grad_s_TE = grad_s_TE + grad_probs_TE
+            inner_T1 = (grad_s_TE * scores_TE).sum(dim=1, keepdim=True)
+            grad_logits_TE = scores_TE * (grad_s_TE - inner_T1)
         grad_parts = grad_logits_TE.repeat(1, ctx.parts) if ctx.parts > 1 else grad_logits_TE
-        return grad_parts, None, None, None, None
+        return grad_parts, None, None, None, None, None
 
 
-def softmax_top_k(
+def route_top_k(
     parts_TSE: torch.Tensor,
     parts: int,
     bias_E: torch.Tensor,
     shape: LayerShape,
     gate_dtype: torch.dtype,
+    correction_E: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`route(logits_TE, shape)` for a softmax convention in one kernel (module
-    docstring), the logits being the sum of the `parts` column blocks of parts_TSE plus
-    bias_E, with the gates already in `gate_dtype`."""
-    return SoftmaxTopK.apply(parts_TSE, parts, bias_E, shape, gate_dtype)
+    """`route(logits_TE, shape, correction_E)` in one kernel (module docstring), the
+    logits being the sum of the `parts` column blocks of parts_TSE plus bias_E, with the
+    gates already in `gate_dtype`. Group-limited conventions need a power-of-two E
+    (`routing.kernel_route_applies`)."""
+    return RouteTopK.apply(parts_TSE, parts, bias_E, shape, gate_dtype, correction_E)

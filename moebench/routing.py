@@ -181,15 +181,16 @@ KERNEL_ROUTE_MAX_EXPERTS = 1024
 
 
 def kernel_route_applies(shape: LayerShape, x_TD: torch.Tensor) -> bool:
-    """Whether `route_kernel.softmax_top_k` computes `shape`'s convention here: softmax
-    scoring, no group limit, no selection bias, at most KERNEL_ROUTE_MAX_EXPERTS experts,
-    on CUDA with Triton importable."""
+    """Whether `route_kernel.route_top_k` computes `shape`'s convention here: at most
+    KERNEL_ROUTE_MAX_EXPERTS experts, a power-of-two count if selection is group-limited
+    (the kernel splits a row into equal power-of-two groups), on CUDA with Triton
+    importable."""
+    E = shape.num_experts
+    group_limited = shape.n_groups > 1 and shape.groups_kept < shape.n_groups
     return (
         x_TD.device.type == "cuda"
-        and shape.scoring == "softmax"
-        and (shape.n_groups <= 1 or shape.groups_kept >= shape.n_groups)
-        and not shape.correction_bias
-        and shape.num_experts <= KERNEL_ROUTE_MAX_EXPERTS
+        and E <= KERNEL_ROUTE_MAX_EXPERTS
+        and (not group_limited or E & (E - 1) == 0)
         and route_kernels() is not None
     )
 
@@ -217,8 +218,8 @@ class Router(nn.Module):
     convention of `shape` (`route`). correction_bias_E: the weight set's selection bias
     (a buffer of that name, zeros if the convention has one and the weights none).
     bfloat16 inputs on CUDA get their float32 logits from bfloat16 tensor cores
-    (`moebench.router_logits`), and softmax conventions on CUDA their choices and gates
-    from one Triton kernel (`moebench.route_kernel`): the same function, faster.
+    (`moebench.router_logits`), and on CUDA their choices and gates come from one Triton
+    kernel (`moebench.route_kernel`): the same function, faster.
 
     It holds copies of the weight set's router tensors (small: D x E), so a study that
     edits one layer's router in place (forcing routes through `bias_E`, say) leaves the
@@ -275,8 +276,8 @@ class Router(nn.Module):
         """Returns (gate_weights_TK in x's dtype, expert_ids_TK int64, probs_TE float32)."""
         if kernel_route_applies(self.shape, x_TD):
             parts_TSE, parts = self.logit_parts(x_TD)
-            return route_kernels().softmax_top_k(
-                parts_TSE, parts, self.bias_E, self.shape, x_TD.dtype
+            return route_kernels().route_top_k(
+                parts_TSE, parts, self.bias_E, self.shape, x_TD.dtype, self.correction_bias_E
             )
         logits_TE = self.logits(x_TD)
         gate_TK, expert_ids_TK, probs_TE = route(logits_TE, self.shape, self.correction_bias_E)

@@ -1,4 +1,4 @@
-"""The softmax router convention as one Triton kernel (moebench.route_kernel) against
+"""The router conventions as one Triton kernel (moebench.route_kernel) against
 `routing.route`: choices, gates, probabilities and gradients. Runs on CUDA, or on CPU in
 Triton's interpreter (TRITON_INTERPRET=1); skipped without either.
 """
@@ -27,14 +27,37 @@ needs_kernel = pytest.mark.skipif(
 )
 
 CONVENTIONS = [
-    # experts, top_k, renormalised, routed scaling: Mixtral, Qwen3, OLMoE shapes and edges
-    (8, 2, True, 1.0),
-    (128, 8, True, 1.0),
-    (64, 8, False, 1.0),
-    (6, 6, True, 2.5),  # every expert
-    (5, 1, False, 1.0),  # one expert, odd count
-    (300, 4, True, 1.0),  # not a power of two, wide
-]
+    # LayerShape's router fields: Mixtral, Qwen3, OLMoE, DeepSeek-V3 shapes and edges
+    {"num_experts": 8, "top_k": 2},
+    {"num_experts": 128, "top_k": 8},
+    {"num_experts": 64, "top_k": 8, "norm_topk_prob": False},
+    {"num_experts": 6, "top_k": 6, "routed_scaling": 2.5},  # every expert
+    {"num_experts": 5, "top_k": 1, "norm_topk_prob": False},  # one expert, odd count
+    {"num_experts": 300, "top_k": 4},  # not a power of two, wide
+    # DeepSeek-V3: sigmoid, correction bias, the best 4 of 8 groups, scaled
+    {"num_experts": 256, "top_k": 8, "scoring": "sigmoid", "correction_bias": True,
+     "n_groups": 8, "topk_groups": 4, "routed_scaling": 2.5},
+    # sigmoid without groups, odd count, raw gates
+    {"num_experts": 6, "top_k": 2, "scoring": "sigmoid", "correction_bias": True,
+     "norm_topk_prob": False},
+    # softmax with groups; one expert per group (its "two best" are one, so the limit
+    # only reaches the kernel's other branch and changes no choice)
+    {"num_experts": 32, "top_k": 4, "n_groups": 8, "topk_groups": 2},
+    {"num_experts": 16, "top_k": 3, "n_groups": 16, "topk_groups": 5},
+    {"num_experts": 16, "top_k": 2, "n_groups": 4, "topk_groups": 1, "scoring": "sigmoid"},
+]  # fmt: skip
+
+
+def _shape(convention: dict) -> LayerShape:
+    return LayerShape(64, 32, **{"num_experts": 8, "top_k": 2, **convention})
+
+
+def _correction(shape: LayerShape) -> torch.Tensor | None:
+    """A correction bias as large as the scores' spread, so it changes choices."""
+    if not shape.correction_bias:
+        return None
+    generator = torch.Generator().manual_seed(shape.num_experts)
+    return (torch.rand(shape.num_experts, generator=generator) * 0.5).to(DEVICE)
 
 
 def _logits(tokens: int, experts: int, seed: int = 0) -> torch.Tensor:
@@ -48,34 +71,56 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @needs_kernel
-@pytest.mark.parametrize(("experts", "top_k", "norm", "scaling"), CONVENTIONS)
+@pytest.mark.parametrize("convention", CONVENTIONS)
 @pytest.mark.parametrize("tokens", [1, 37])
-def test_kernel_routes_as_route_does(experts, top_k, norm, scaling, tokens):
-    from moebench.route_kernel import softmax_top_k
+def test_kernel_routes_as_route_does(convention, tokens):
+    from moebench.route_kernel import route_top_k
 
-    shape = LayerShape(64, 32, experts, top_k, norm_topk_prob=norm, routed_scaling=scaling)
-    logits_TE = _logits(tokens, experts, seed=experts + top_k)
+    shape = _shape(convention)
+    experts, correction_E = shape.num_experts, _correction(shape)
+    logits_TE = _logits(tokens, experts, seed=experts + shape.top_k)
     # the logits as three parts and a bias, as the Router hands them over
     bias_E = torch.linspace(-1, 1, experts, device=DEVICE)
     parts_T3E = torch.cat([logits_TE * 0.5, logits_TE * 0.25, logits_TE * 0.25 - bias_E], 1)
-    gate_TK, ids_TK, probs_TE = softmax_top_k(parts_T3E, 3, bias_E, shape, torch.float32)
-    want_gate_TK, want_ids_TK, want_probs_TE = route(logits_TE, shape)
+    gate_TK, ids_TK, probs_TE = route_top_k(
+        parts_T3E, 3, bias_E, shape, torch.float32, correction_E
+    )
+    want_gate_TK, want_ids_TK, want_probs_TE = route(logits_TE, shape, correction_E)
     assert ids_TK.dtype == torch.int64 and torch.equal(ids_TK, want_ids_TK)
     assert torch.allclose(gate_TK, want_gate_TK, rtol=1e-5, atol=1e-7)
     assert torch.allclose(probs_TE, want_probs_TE, rtol=1e-5, atol=1e-7)
     if DEVICE == "cuda":  # the gates in the tokens' dtype, as the Router returns them
         zero_E = torch.zeros(experts, device=DEVICE)
-        gate16_TK = softmax_top_k(logits_TE, 1, zero_E, shape, torch.bfloat16)[0]
+        gate16_TK = route_top_k(logits_TE, 1, zero_E, shape, torch.bfloat16, correction_E)[0]
         assert gate16_TK.dtype == torch.bfloat16
-        assert torch.equal(gate16_TK, want_gate_TK.to(torch.bfloat16))
+        assert torch.allclose(
+            gate16_TK.float(), want_gate_TK.to(torch.bfloat16).float(), rtol=8e-3, atol=0
+        )
+
+
+def test_conventions_change_choices():
+    """The correction bias and the group limit each choose other experts than plain top-k
+    of the scores would, on these logits: the cases above test something."""
+    for convention in CONVENTIONS:
+        shape = _shape(convention)
+        per_group = shape.num_experts // shape.n_groups
+        if (shape.scoring != "sigmoid" and shape.n_groups == 1) or per_group == 1:
+            continue
+        logits_TE = _logits(37, shape.num_experts, seed=shape.num_experts + shape.top_k).cpu()
+        correction_E = _correction(shape)
+        correction_E = None if correction_E is None else correction_E.cpu()
+        chosen = route(logits_TE, shape, correction_E)[1]
+        plain = torch.sigmoid(logits_TE) if shape.scoring == "sigmoid" else logits_TE
+        assert not torch.equal(chosen, plain.topk(shape.top_k).indices), convention
 
 
 @needs_kernel
-@pytest.mark.parametrize(("experts", "top_k", "norm", "scaling"), CONVENTIONS)
-def test_kernel_gradients_are_routes(experts, top_k, norm, scaling):
-    from moebench.route_kernel import softmax_top_k
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_kernel_gradients_are_routes(convention):
+    from moebench.route_kernel import route_top_k
 
-    shape = LayerShape(64, 32, experts, top_k, norm_topk_prob=norm, routed_scaling=scaling)
+    shape = _shape(convention)
+    experts, top_k, correction_E = shape.num_experts, shape.top_k, _correction(shape)
     logits_TE = _logits(23, experts, seed=1)
     generator = torch.Generator().manual_seed(2)
     grad_gate_TK = torch.randn(23, top_k, generator=generator).to(DEVICE)
@@ -84,17 +129,17 @@ def test_kernel_gradients_are_routes(experts, top_k, norm, scaling):
     want = logits_TE.clone().requires_grad_(True)
     zero_E = torch.zeros(experts, device=DEVICE)
     # two parts: each gets the logits' gradient
-    gate_TK, _, probs_TE = softmax_top_k(
-        torch.cat([ours, ours], 1) * 0.5, 2, zero_E, shape, torch.float32
+    gate_TK, _, probs_TE = route_top_k(
+        torch.cat([ours, ours], 1) * 0.5, 2, zero_E, shape, torch.float32, correction_E
     )
-    want_gate_TK, _, want_probs_TE = route(want, shape)
+    want_gate_TK, _, want_probs_TE = route(want, shape, correction_E)
     ((gate_TK * grad_gate_TK).sum() + (probs_TE * grad_probs_TE).sum()).backward()
     ((want_gate_TK * grad_gate_TK).sum() + (want_probs_TE * grad_probs_TE).sum()).backward()
     assert _relative(ours.grad, want.grad) <= 1e-5
     # through the gates alone too (the layer's loss does not use the probabilities)
     ours.grad = want.grad = None
-    softmax_top_k(ours, 1, zero_E, shape, torch.float32)[0].backward(grad_gate_TK)
-    route(want, shape)[0].backward(grad_gate_TK)
+    route_top_k(ours, 1, zero_E, shape, torch.float32, correction_E)[0].backward(grad_gate_TK)
+    route(want, shape, correction_E)[0].backward(grad_gate_TK)
     if want.grad.norm() > 0:  # a renormalised single gate is 1: no gradient at all
         assert _relative(ours.grad, want.grad) <= 1e-5
     else:
@@ -118,18 +163,23 @@ def test_few_token_logits_are_float32_logits(tokens, hidden, experts):
     assert _relative(logits_TE, exact_TE) <= 1e-6
 
 
-def test_kernel_route_applies_to_softmax_conventions_on_cuda_only():
+def test_kernel_route_applies_on_cuda_to_what_it_computes():
     on_cuda = SimpleNamespace(device=torch.device("cuda"))
     on_cpu = torch.zeros(1, 8)
     base = LayerShape(64, 32, 8, 2)
     has_triton = importlib.util.find_spec("triton") is not None
-    assert kernel_route_applies(base, on_cuda) == has_triton
-    assert not kernel_route_applies(base, on_cpu)
-    sigmoid = replace(base, scoring="sigmoid")
+    sigmoid = replace(base, scoring="sigmoid", correction_bias=True)
     grouped = LayerShape(64, 32, 16, 2, n_groups=4, topk_groups=2)
-    biased = replace(base, correction_bias=True)
-    for shape in (sigmoid, grouped, biased):
+    for shape in (base, sigmoid, grouped):
+        assert kernel_route_applies(shape, on_cuda) == has_triton, shape
+        assert not kernel_route_applies(shape, on_cpu), shape
+    # group-limited selection splits the row in power-of-two groups
+    odd_groups = LayerShape(64, 32, 12, 2, n_groups=4, topk_groups=2)
+    too_wide = LayerShape(64, 32, 2048, 2)
+    for shape in (odd_groups, too_wide):
         assert not kernel_route_applies(shape, on_cuda), shape
+    # every group kept: no limit, any count
+    assert kernel_route_applies(replace(odd_groups, topk_groups=4), on_cuda) == has_triton
 
 
 def test_router_keeps_its_torch_path_when_triton_does_not_import(monkeypatch):
