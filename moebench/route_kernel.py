@@ -38,7 +38,6 @@ import triton
 import triton.language as tl
 
 from moebench.case import LayerShape
-from moebench.pdl import after_previous_kernel, use_pdl
 from moebench.router_logits import sum_pieces
 
 
@@ -63,14 +62,12 @@ def route_top_k_kernel(
     GROUPS_KEPT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_E: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     """ROWS tokens: logits from PARTS parts and the bias; scores (softmax, or sigmoid per
     expert); the selection scores (plus the correction bias if CORRECTION), limited to the
     GROUPS_KEPT best of GROUPS groups by the sum of each group's two best if GROUPS > 1
     (then BLOCK_E = E); TOP_K rounds of arg-max over them; the chosen experts' scores as
     gates, renormalised if NORM, times scaling."""
-    after_previous_kernel(USE_PDL)
     offs_t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_t < T
@@ -153,11 +150,9 @@ def few_token_logits_kernel(
     SLICE_D: tl.constexpr,
     STEP_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     """Part s (program 0), experts of block program 1: sum over the SLICE_D rows d of
     slice s of x[t, d] W[d, e], in float32, into parts[t, s E + e]."""
-    after_previous_kernel(USE_PDL)
     part = tl.program_id(0)
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_t = tl.arange(0, BLOCK_T)
@@ -197,11 +192,10 @@ def few_token_logits(x_TD: torch.Tensor, w_DE: torch.Tensor) -> tuple[torch.Tens
     step_d = max(8, 4096 // (block_t * block_e))
     parts = triton.cdiv(D, FEW_TOKENS_ROWS)
     parts_TSE = torch.empty(T, parts * E, device=x_TD.device, dtype=torch.float32)
-    pdl = use_pdl(x_TD)
     few_token_logits_kernel[(parts, triton.cdiv(E, block_e))](
         x_TD, w_DE, parts_TSE, T, D, E, x_TD.stride(0),
         BLOCK_T=block_t, SLICE_D=FEW_TOKENS_ROWS, STEP_D=min(step_d, FEW_TOKENS_ROWS),
-        BLOCK_E=block_e, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
+        BLOCK_E=block_e, num_warps=4,
     )  # fmt: skip
     return parts_TSE, parts
 
@@ -228,14 +222,13 @@ def _launch(
     # A row per program up to a few thousand tokens (the reductions of one row are the
     # latency; rows of a program run one after another), one warp where a row fits.
     rows = 1 if T < 4096 else max(1, min(16, 2048 // block_e))
-    pdl = use_pdl(parts_TSE)
     route_top_k_kernel[(triton.cdiv(T, rows),)](
         parts_TSE, bias_E, correction_E if correction else bias_E, gate_TK, ids_TK, probs_TE,
         T, E, float(shape.routed_scaling),
         PARTS=parts, TOP_K=K, BLOCK_K=1 << max(0, (K - 1).bit_length()),
         NORM=shape.norm_topk_prob, SIGMOID=shape.scoring == "sigmoid", CORRECTION=correction,
         GROUPS=groups, GROUPS_KEPT=shape.groups_kept, ROWS=rows, BLOCK_E=block_e,
-        USE_PDL=pdl, num_warps=1 if block_e <= 256 else 4, launch_pdl=pdl,
+        num_warps=1 if block_e <= 256 else 4,
     )  # fmt: skip
     return gate_TK, ids_TK, probs_TE
 

@@ -202,7 +202,7 @@ ODD_SHAPES = [
     (128, 96, 16, 1, 3),
     # top_k = num_experts: every token through every expert
     (96, 64, 4, 4, 19),
-    # one token (the decode path: a block per assignment, down_sum adds the K slots)
+    # one token (the decode path: a row block per assignment, no alignment)
     (256, 512, 8, 2, 1),
     (200, 136, 6, 3, 1),
     # 1024 rows per expert: BLOCK_M = 128, Hopper's wgmma path (CUDA only: slow in the
@@ -293,7 +293,7 @@ def test_training_forward_keeps_what_inference_computes():
 @needs_cuda
 @pytest.mark.parametrize("tokens", [1, 64])
 def test_forward_runs_without_host_sync_and_under_a_graph(tokens):
-    """Also the programmatic dependent launches (moebench.pdl) under graph capture."""
+    """One token (no alignment) and 64 (the one-program alignment)."""
     case = _gpu_case((256, 512, 8, 2, tokens), "bfloat16")
     weights = make_weights(case)
     layer = registry.get("triton").build(weights, case)

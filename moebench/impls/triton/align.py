@@ -36,8 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from moebench.pdl import after_previous_kernel, use_pdl
-
 COUNT_BLOCK = 1024
 BLOCKS_PER_STEP = 64
 SMALL_ASSIGNMENTS = 64  # and at most SMALL_EXPERTS experts: one program aligns them
@@ -60,12 +58,14 @@ class Alignment:
 
     @property
     def per_assignment(self) -> bool:
-        """Block a is assignment a alone: no row list, one output row per assignment."""
+        """Block a is assignment a alone, in its first row: no row list."""
         return self.sorted_ids_P is None
 
     @property
     def max_rows(self) -> int:
-        return self.num_assign if self.sorted_ids_P is None else self.sorted_ids_P.numel()
+        if self.sorted_ids_P is None:
+            return self.num_assign * self.block_m
+        return self.sorted_ids_P.numel()
 
     @property
     def max_blocks(self) -> int:
@@ -157,10 +157,8 @@ def _align_small_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCKS_PER_STEP: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     """The whole alignment of at most BLOCK_A assignments in one program."""
-    after_previous_kernel(USE_PDL)
     offs_a = tl.arange(0, BLOCK_A)
     a_ok = offs_a < num_assign
     expert = tl.load(expert_ptr + offs_a, mask=a_ok, other=-1).to(tl.int32)
@@ -206,13 +204,12 @@ def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int)
     row_of_assign_A = torch.empty(num_assign, device=device, dtype=torch.int32)
     outputs = (sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E, row_of_assign_A)
     if num_assign <= SMALL_ASSIGNMENTS and num_experts <= SMALL_EXPERTS:
-        pdl = use_pdl(expert_A)
         _align_small_kernel[(1,)](
             expert_A, sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E,
             row_of_assign_A, num_assign, num_experts, max_rows, max_blocks,
             BLOCK_M=block_m, BLOCK_A=SMALL_ASSIGNMENTS,
             BLOCK_E=triton.next_power_of_2(num_experts), BLOCKS_PER_STEP=BLOCKS_PER_STEP,
-            USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
+            num_warps=4,
         )  # fmt: skip
         return Alignment(*outputs, num_assign, block_m)
     counts_E = torch.zeros(num_experts, device=device, dtype=torch.int32)

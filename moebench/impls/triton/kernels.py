@@ -19,14 +19,9 @@ so the grid is sized from a bound known on the host and nothing waits on the dev
 Small token counts use BLOCK_M = 16 and narrow BLOCK_N, so that many programs share one
 expert's weights and the weight read (the whole cost at decode) runs at full bandwidth.
 
-One token (`align.per_assignment_blocks`, PER_ASSIGNMENT): block a is assignment a alone
-in its first row, its expert read from the token's expert ids, so no alignment kernel
-runs; gate_up writes one h row per assignment and `down_sum_kernel` takes each output
-column block through all K of the token's experts, routing weights included, so no sum
-over slots runs either. A decode step is then four kernels: logits, top-k and these two.
-
-Every kernel here waits for the one before through `moebench.pdl` (programmatic
-dependent launch on Hopper), so its launch overlaps the previous kernel's tail.
+One token (`align.per_assignment_blocks`, PER_ASSIGNMENT): row block a holds assignment
+a alone, in its first row, and takes its expert from the token's expert ids, so no
+alignment kernel runs before the GEMMs.
 """
 
 from __future__ import annotations
@@ -34,8 +29,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from moebench.pdl import after_previous_kernel, use_pdl
 
 
 @triton.jit
@@ -102,9 +95,7 @@ def gate_up_kernel(
     GROUP_M: tl.constexpr,
     STORE_PRE: tl.constexpr,
     PER_ASSIGNMENT: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    after_previous_kernel(USE_PDL)
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     if not PER_ASSIGNMENT:  # noqa: SIM102 (a constexpr branch: no padded length to load)
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -135,13 +126,8 @@ def gate_up_kernel(
         g_ptrs += BLOCK_K * stride_w_d
         u_ptrs += BLOCK_K * stride_w_d
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
-    if PER_ASSIGNMENT:  # one h row per assignment
-        row_offsets = ids[:, None].to(tl.int64) * stride_h_p + offs_n[None, :]
-        store_ok = row_ok[:, None] & (offs_n[None, :] < F)
-    else:
-        row_offsets = offs_m[:, None].to(tl.int64) * stride_h_p + offs_n[None, :]
-        store_ok = offs_n[None, :] < F
-    tl.store(h_ptr + row_offsets, h.to(h_ptr.dtype.element_ty), mask=store_ok)
+    row_offsets = offs_m[:, None].to(tl.int64) * stride_h_p + offs_n[None, :]
+    tl.store(h_ptr + row_offsets, h.to(h_ptr.dtype.element_ty), mask=offs_n[None, :] < F)
     if STORE_PRE:  # training: the backward needs the pre-activations
         dtype = h_ptr.dtype.element_ty
         tl.store(gate_pre_ptr + row_offsets, acc_gate.to(dtype), mask=offs_n[None, :] < F)
@@ -170,15 +156,16 @@ def down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    PER_ASSIGNMENT: tl.constexpr,
 ):
-    after_previous_kernel(USE_PDL)
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(D, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
+    if not PER_ASSIGNMENT:  # noqa: SIM102 (a constexpr branch: no padded length to load)
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
     expert, offs_m, ids, row_ok, offs_n, offs_n_wrapped = _block_rows(
-        sorted_ids_ptr, block_expert_ptr, pid_m, pid_n, num_assign, D, BLOCK_M, BLOCK_N, False
-    )
+        sorted_ids_ptr, block_expert_ptr, pid_m, pid_n, num_assign, D, BLOCK_M, BLOCK_N,
+        PER_ASSIGNMENT,
+    )  # fmt: skip
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_h_p + offs_k[None, :]
     w_ptrs = (
@@ -203,49 +190,12 @@ def down_kernel(
     )
 
 
-@triton.jit
-def down_sum_kernel(
-    h_ptr,
-    w_down_ptr,
-    gate_weight_ptr,
-    expert_ptr,
-    out_ptr,
-    D,
-    F,
-    top_k,
-    stride_h_a,
-    stride_w_e,
-    stride_w_f,
-    stride_w_d,
-    stride_out_t,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """out[t, columns] = sum over t's K slots a of gate_weight[a] * h[a] @
-    W_down[expert[a]][:, columns], in float32 (h has one row per assignment): one
-    column block of one token per program, on the CUDA cores (a row is too few for a
-    tensor-core tile; the weight read is the cost)."""
-    after_previous_kernel(USE_PDL)
-    token = tl.program_id(1).to(tl.int64)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_n_wrapped = offs_n % D
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for slot in range(top_k):
-        assign = token * top_k + slot
-        expert = tl.load(expert_ptr + assign).to(tl.int64)
-        h_row = h_ptr + assign * stride_h_a
-        w_cols = w_down_ptr + expert * stride_w_e + offs_n_wrapped[None, :] * stride_w_d
-        part = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for first in range(0, F, BLOCK_K):
-            offs_k = first + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < F
-            h = tl.load(h_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_cols + offs_k[:, None] * stride_w_f, mask=k_ok[:, None], other=0.0)
-            part += tl.sum(h[:, None] * w.to(tl.float32), 0)
-        acc += tl.load(gate_weight_ptr + assign).to(tl.float32) * part
-    out_ptrs = out_ptr + token * stride_out_t + offs_n
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=offs_n < D)
+def _row_list(alignment) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted ids, block experts, padded length) for the kernels; a per-assignment
+    layout has no row list nor padded length, which its kernels never read."""
+    if alignment.per_assignment:
+        return (alignment.block_expert_B,) * 3
+    return alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1
 
 
 def launch_gate_up(
@@ -258,29 +208,23 @@ def launch_gate_up(
     config: dict,
     pre_activations: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """h_PF <- SwiGLU of the gathered tokens through their experts' gate and up weights
-    (one row per assignment for a per-assignment layout); with `pre_activations` (two
-    P x F buffers), the gate and up products too."""
+    """h_PF <- SwiGLU of the gathered tokens through their experts' gate and up weights;
+    with `pre_activations` (two P x F buffers), the gate and up products too."""
     D, F = x_TD.shape[1], w_gate_EDF.shape[2]
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     num_blocks_m = alignment.max_blocks
     grid = (num_blocks_m * triton.cdiv(F, block_n),)
-    per_assignment = alignment.per_assignment
-    # The per-assignment layout has no row list nor padded length: any pointer will do.
-    sorted_ids = alignment.block_expert_B if per_assignment else alignment.sorted_ids_P
-    num_padded = alignment.block_expert_B if per_assignment else alignment.num_padded_1
-    pdl = use_pdl(x_TD)
     gate_up_kernel[grid](
         x_TD, w_gate_EDF, w_up_EDF, h_PF,
         *(pre_activations or (h_PF, h_PF)),
-        sorted_ids, alignment.block_expert_B, num_padded,
+        *_row_list(alignment),
         D, F, alignment.num_assign, top_k, num_blocks_m,
         x_TD.stride(0), w_gate_EDF.stride(0), w_gate_EDF.stride(1), w_gate_EDF.stride(2),
         h_PF.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
         GROUP_M=config["GROUP_M"], STORE_PRE=pre_activations is not None,
-        PER_ASSIGNMENT=per_assignment, USE_PDL=pdl,
-        num_warps=config["num_warps"], num_stages=config["num_stages"], launch_pdl=pdl,
+        PER_ASSIGNMENT=alignment.per_assignment,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
 
 
@@ -297,38 +241,12 @@ def launch_down(
     block_n = config["BLOCK_N"]
     num_blocks_m = alignment.max_blocks
     grid = (num_blocks_m * triton.cdiv(D, block_n),)
-    pdl = use_pdl(h_PF)
     down_kernel[grid](
-        h_PF, w_down_EFD, gate_weight_A, out_AD,
-        alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1,
+        h_PF, w_down_EFD, gate_weight_A, out_AD, *_row_list(alignment),
         D, F, alignment.num_assign, num_blocks_m,
         h_PF.stride(0), w_down_EFD.stride(0), w_down_EFD.stride(1), w_down_EFD.stride(2),
         out_AD.stride(0),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
-        GROUP_M=config["GROUP_M"], USE_PDL=pdl, num_warps=config["num_warps"],
-        num_stages=config["num_stages"], launch_pdl=pdl,
-    )  # fmt: skip
-
-
-def launch_down_sum(
-    h_AF: torch.Tensor,
-    w_down_EFD: torch.Tensor,
-    gate_weight_A: torch.Tensor,
-    expert_A: torch.Tensor,
-    out_TD: torch.Tensor,
-    config: dict,
-) -> None:
-    """out_TD[t] <- sum over t's K assignments a of gate_weight_A[a] * h_AF[a] @
-    W_down[expert_A[a]] (`down_sum_kernel`)."""
-    F, D = w_down_EFD.shape[1], w_down_EFD.shape[2]
-    T = out_TD.shape[0]
-    block_n = config["BLOCK_N"]
-    pdl = use_pdl(h_AF)
-    down_sum_kernel[(triton.cdiv(D, block_n), T)](
-        h_AF, w_down_EFD, gate_weight_A, expert_A, out_TD,
-        D, F, expert_A.numel() // T,
-        h_AF.stride(0), w_down_EFD.stride(0), w_down_EFD.stride(1), w_down_EFD.stride(2),
-        out_TD.stride(0),
-        BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"], USE_PDL=pdl,
-        num_warps=config["num_warps"], num_stages=config["num_stages"], launch_pdl=pdl,
+        GROUP_M=config["GROUP_M"], PER_ASSIGNMENT=alignment.per_assignment,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip

@@ -10,8 +10,8 @@ takes dx and the weight gradient of both projections in one grouped GEMM each.
 Forward (no device-to-host sync): align (align.py) -> gate_up kernel (gathered token
 loads, SwiGLU epilogue) -> down kernel (routing weight in the epilogue, rows scattered to
 their assignments) -> sum over the K slots of each token (`token_sum_kernel`). A single
-token at inference skips the alignment and the sum: one block per assignment, and
-`down_sum_kernel` sums the K experts' outputs as it computes them (kernels.py). Training
+token at inference skips the alignment: one row block per assignment (its K experts are
+distinct, so each expert's weights are still read once). Training
 keeps the gate and up pre-activations and the SwiGLU output per padded row; the backward
 (backward.py) is torch grouped GEMMs over that layout with two Triton kernels between
 them (the SwiGLU backward, the per-token sums of dx), nothing recomputed.
@@ -63,8 +63,7 @@ def fused_experts(
 
     h_PF = buffer(F)
     pre_activations = (buffer(F), buffer(F)) if keep_for_backward else None
-    # one row per assignment, or per token where down_sum adds the K slots itself
-    out_RD = torch.empty(T if per_assignment else T * K, D, device=x_TD.device, dtype=x_TD.dtype)
+    out_AD = torch.empty(T * K, D, device=x_TD.device, dtype=x_TD.dtype)
     gate_weight_A = gate_weights_TK.to(x_TD.dtype).contiguous().view(-1)
 
     def gate_up(config: dict) -> None:
@@ -73,20 +72,12 @@ def fused_experts(
         )
 
     def down(config: dict) -> None:
-        if per_assignment:
-            expert_A = alignment.block_expert_B
-            kernels.launch_down_sum(h_PF, w_down_EFD, gate_weight_A, expert_A, out_RD, config)
-        else:
-            kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_RD, alignment, config)
+        kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
 
     # Tuned in order: the down kernel's trials read the h that gate_up wrote. Training's
-    # gate_up also stores the pre-activations, and one token runs the per-assignment
-    # variants: different kernels, tuned apart.
+    # gate_up also stores the pre-activations: a different kernel, tuned apart.
     gate_up_key = "gate_up_train" if keep_for_backward else "gate_up"
-    if per_assignment:
-        gate_up_key = "gate_up_one_token"
-    down_name = "down_sum" if per_assignment else "down"
-    steps = (("gate_up", gate_up_key, gate_up), (down_name, down_name, down))
+    steps = (("gate_up", gate_up_key, gate_up), ("down", "down", down))
     with timer.phase("expert"):
         for name, key, launch in steps:
             config = tuning.TUNER.choose(
@@ -97,7 +88,7 @@ def fused_experts(
             )
             launch(config)
     with timer.phase("unpermute"):
-        y_TD = out_RD if K == 1 or per_assignment else token_sum(out_RD, K)
+        y_TD = out_AD if K == 1 else token_sum(out_AD, K)
     saved = None
     if pre_activations is not None:
         saved = Saved(alignment, *pre_activations, h_PF, K)

@@ -47,21 +47,15 @@ def key(kernel: str, x_TD: torch.Tensor, w_down_EFD: torch.Tensor, top_k: int) -
 
 
 def candidates(kernel: str, block_m: int) -> list[dict]:
-    """Configurations worth timing for `kernel` ("gate_up", "down", "down_sum" or
-    "dh_swiglu") at `block_m`. gate_up holds two accumulators and dh_swiglu a heavy
-    epilogue, so their tiles are half as wide at large blocks. down_sum (one token, CUDA
-    cores) has one program per column block: narrow blocks give the SMs enough programs,
-    long K steps keep enough bytes in flight."""
-    if kernel == "down_sum":
-        shapes = [(16, 256, 4, 3), (16, 512, 4, 3), (16, 512, 8, 3), (32, 256, 4, 3)]
-        shapes += [(32, 128, 4, 4), (64, 128, 4, 3), (16, 1024, 8, 2)]
-    elif block_m <= 32:  # weight-read bound: narrow tiles, many programs, deep pipelines
+    """Configurations worth timing for `kernel` ("gate_up" or "down") at `block_m`.
+    gate_up holds two accumulators, so its tiles are half as wide at large blocks."""
+    if block_m <= 32:  # weight-read bound: narrow tiles, many programs, deep pipelines
         shapes = [(32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3)]
         shapes += [(32, 256, 4, 3), (128, 64, 4, 5)]
         # 16 columns: a few experts' F columns still fill every SM (Qwen3-30B-A3B's
         # 8 experts x 768 / 32 columns are 192 programs, 1.5 waves on 132 SMs)
         shapes += [(16, 256, 4, 3), (16, 512, 4, 2)]
-    elif kernel in ("gate_up", "dh_swiglu"):  # two accumulators, or a heavy epilogue
+    elif kernel == "gate_up":
         shapes = [(64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (64, 128, 8, 3)]
         shapes += [(128, 32, 4, 4), (128, 64, 8, 4)]
     else:
