@@ -33,8 +33,6 @@ token's 2048 x 384 product), no separate reduction, no atomics (the same bits ev
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -44,14 +42,13 @@ from moebench.router_logits import sum_pieces
 
 
 @triton.jit
-def _route_rows(
+def route_top_k_kernel(
     parts_ptr,
     bias_ptr,
     correction_ptr,
     gate_ptr,
     ids_ptr,
     probs_ptr,
-    offs_t,
     T,
     E,
     scaling,
@@ -66,20 +63,19 @@ def _route_rows(
     ROWS: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """Tokens offs_t (ROWS of them): logits from PARTS parts and the bias; scores
-    (softmax, or sigmoid per expert); the selection scores (plus the correction bias if
-    CORRECTION), limited to the GROUPS_KEPT best of GROUPS groups by the sum of each
-    group's two best if GROUPS > 1 (then BLOCK_E = E); TOP_K rounds of arg-max over them;
-    the chosen experts' scores as gates, renormalised if NORM, times scaling. The parts
-    are read from L2 (.cg): other programs of the same kernel may have written them."""
+    """ROWS tokens: logits from PARTS parts and the bias; scores (softmax, or sigmoid per
+    expert); the selection scores (plus the correction bias if CORRECTION), limited to the
+    GROUPS_KEPT best of GROUPS groups by the sum of each group's two best if GROUPS > 1
+    (then BLOCK_E = E); TOP_K rounds of arg-max over them; the chosen experts' scores as
+    gates, renormalised if NORM, times scaling."""
+    offs_t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_t < T
     mask = row_ok[:, None] & (offs_e[None, :] < E)
     part_offsets = offs_t.to(tl.int64)[:, None] * (PARTS * E) + offs_e[None, :]
     logits = tl.load(bias_ptr + offs_e, mask=offs_e < E, other=0.0)[None, :]
     for part in tl.static_range(PARTS):
-        part_ptrs = parts_ptr + part_offsets + part * E
-        logits += tl.load(part_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        logits += tl.load(parts_ptr + part_offsets + part * E, mask=mask, other=0.0)
     logits = tl.where(mask, logits, -float("inf"))
     offsets = offs_t.to(tl.int64)[:, None] * E + offs_e[None, :]
     if SIGMOID:
@@ -137,46 +133,24 @@ def _route_rows(
     tl.store(ids_ptr + out_offsets, ids, mask=out_mask)
 
 
-@triton.jit
-def route_top_k_kernel(
-    parts_ptr,
-    bias_ptr,
-    correction_ptr,
-    gate_ptr,
-    ids_ptr,
-    probs_ptr,
-    T,
-    E,
-    scaling,
-    PARTS: tl.constexpr,
-    TOP_K: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    NORM: tl.constexpr,
-    SIGMOID: tl.constexpr,
-    CORRECTION: tl.constexpr,
-    GROUPS: tl.constexpr,
-    GROUPS_KEPT: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-):
-    """`_route_rows` for ROWS tokens per program."""
-    offs_t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    _route_rows(
-        parts_ptr, bias_ptr, correction_ptr, gate_ptr, ids_ptr, probs_ptr, offs_t, T, E,
-        scaling, PARTS, TOP_K, BLOCK_K, NORM, SIGMOID, CORRECTION, GROUPS, GROUPS_KEPT, ROWS,
-        BLOCK_E,
-    )  # fmt: skip
-
-
 FEW_TOKENS = 16  # tokens up to which the Router takes few_token_logits_kernel
 FEW_TOKENS_ROWS = 256  # rows of W (a slice of D) per program: one part of the sum
 
 
 @triton.jit
-def _logits_slice(
-    x_ptr, w_ptr, parts_ptr, T, D, E, stride_x_t,
-    BLOCK_T: tl.constexpr, SLICE_D: tl.constexpr, STEP_D: tl.constexpr, BLOCK_E: tl.constexpr,
-):  # fmt: skip
+def few_token_logits_kernel(
+    x_ptr,
+    w_ptr,
+    parts_ptr,
+    T,
+    D,
+    E,
+    stride_x_t,
+    BLOCK_T: tl.constexpr,
+    SLICE_D: tl.constexpr,
+    STEP_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     """Part s (program 0), experts of block program 1: sum over the SLICE_D rows d of
     slice s of x[t, d] W[d, e], in float32, into parts[t, s E + e]."""
     part = tl.program_id(0)
@@ -204,71 +178,13 @@ def _logits_slice(
     tl.store(out, acc, mask=t_ok[:, None] & e_ok[None, :])
 
 
-@triton.jit
-def few_token_logits_kernel(
-    x_ptr, w_ptr, parts_ptr, T, D, E, stride_x_t,
-    BLOCK_T: tl.constexpr, SLICE_D: tl.constexpr, STEP_D: tl.constexpr, BLOCK_E: tl.constexpr,
-):  # fmt: skip
-    """`_logits_slice`: the logits' parts only."""
-    _logits_slice(x_ptr, w_ptr, parts_ptr, T, D, E, stride_x_t, BLOCK_T, SLICE_D, STEP_D, BLOCK_E)
-
-
-@triton.jit
-def few_token_route_kernel(
-    x_ptr, w_ptr, parts_ptr, bias_ptr, correction_ptr, gate_ptr, ids_ptr, probs_ptr, done_ptr,
-    T, D, E, stride_x_t, scaling,
-    BLOCK_T: tl.constexpr, SLICE_D: tl.constexpr, STEP_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    PARTS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
-    SIGMOID: tl.constexpr, CORRECTION: tl.constexpr, GROUPS: tl.constexpr,
-    GROUPS_KEPT: tl.constexpr, ROUTE_BLOCK_E: tl.constexpr,
-):  # fmt: skip
-    """`_logits_slice`, then the last program to finish routes every token
-    (`_route_rows`) and sets the counter at done_ptr back to zero: the logits and the
-    routing of a decode step in one launch."""
-    _logits_slice(x_ptr, w_ptr, parts_ptr, T, D, E, stride_x_t, BLOCK_T, SLICE_D, STEP_D, BLOCK_E)
-    tl.debug_barrier()  # every thread's partial sums stored before the count goes up
-    done = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
-    if done == tl.num_programs(0) * tl.num_programs(1) - 1:
-        _route_rows(
-            parts_ptr,
-            bias_ptr,
-            correction_ptr,
-            gate_ptr,
-            ids_ptr,
-            probs_ptr,
-            tl.arange(0, BLOCK_T),
-            T,
-            E,
-            scaling,
-            PARTS,
-            TOP_K,
-            BLOCK_K,
-            NORM,
-            SIGMOID,
-            CORRECTION,
-            GROUPS,
-            GROUPS_KEPT,
-            BLOCK_T,
-            ROUTE_BLOCK_E,
-        )
-        tl.store(done_ptr, 0)  # ready for the next call
-
-
 def few_token_logits(x_TD: torch.Tensor, w_DE: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(parts_TSE, S): x_TD @ w_DE (float32) as S partial sums side by side, for at most
     FEW_TOKENS tokens, without autograd (`few_token_logits_kernel`)."""
-    x_TD, grid, slices, parts_TSE = _few_token_setup(x_TD, w_DE)
-    few_token_logits_kernel[grid](
-        x_TD, w_DE, parts_TSE, *x_TD.shape, w_DE.shape[1], x_TD.stride(0), **slices
-    )
-    return parts_TSE, grid[0]
-
-
-def _few_token_setup(x_TD: torch.Tensor, w_DE: torch.Tensor):
-    """(contiguous x, grid, slice constexprs, parts buffer) of the few-token kernels."""
     T, D = x_TD.shape
     E = w_DE.shape[1]
     assert T <= FEW_TOKENS and w_DE.dtype == torch.float32 and w_DE.is_contiguous()
+    x_TD = x_TD.contiguous()
     block_t = 1 << max(0, (T - 1).bit_length())
     # Triton turns a sum of broadcast products with every side >= 16 into a dot, which on
     # float32 computes in TF32 (7e-4 off on an H200 at 16 tokens): 8 columns there.
@@ -276,46 +192,12 @@ def _few_token_setup(x_TD: torch.Tensor, w_DE: torch.Tensor):
     step_d = max(8, 4096 // (block_t * block_e))
     parts = triton.cdiv(D, FEW_TOKENS_ROWS)
     parts_TSE = torch.empty(T, parts * E, device=x_TD.device, dtype=torch.float32)
-    slices = {
-        "BLOCK_T": block_t,
-        "SLICE_D": FEW_TOKENS_ROWS,
-        "STEP_D": min(step_d, FEW_TOKENS_ROWS),
-        "BLOCK_E": block_e,
-    }
-    return x_TD.contiguous(), (parts, triton.cdiv(E, block_e)), slices, parts_TSE
-
-
-@functools.cache
-def _done_counter(device: torch.device) -> torch.Tensor:
-    """few_token_route_kernel's counter: zero before and after every launch; one stream
-    orders the launches that share it."""
-    return torch.zeros(1, device=device, dtype=torch.int32)
-
-
-def few_token_route(
-    x_TD: torch.Tensor,
-    w_DE: torch.Tensor,
-    bias_E: torch.Tensor,
-    shape: LayerShape,
-    correction_E: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`route_top_k` of x_TD @ w_DE + bias_E for at most FEW_TOKENS tokens without
-    autograd, logits included, in one launch (`few_token_route_kernel`); gates in x's
-    dtype."""
-    x_TD, grid, slices, parts_TSE = _few_token_setup(x_TD, w_DE)
-    T, D = x_TD.shape
-    E = w_DE.shape[1]
-    gate_TK, ids_TK, probs_TE, options = _route_outputs(
-        T, E, shape, x_TD.dtype, x_TD.device, correction_E
-    )
-    correction = options["CORRECTION"]
-    few_token_route_kernel[grid](
-        x_TD, w_DE, parts_TSE, bias_E, correction_E if correction else bias_E,
-        gate_TK, ids_TK, probs_TE, _done_counter(x_TD.device),
-        T, D, E, x_TD.stride(0), float(shape.routed_scaling),
-        PARTS=grid[0], ROUTE_BLOCK_E=options.pop("BLOCK_E"), **slices, **options, num_warps=4,
+    few_token_logits_kernel[(parts, triton.cdiv(E, block_e))](
+        x_TD, w_DE, parts_TSE, T, D, E, x_TD.stride(0),
+        BLOCK_T=block_t, SLICE_D=FEW_TOKENS_ROWS, STEP_D=min(step_d, FEW_TOKENS_ROWS),
+        BLOCK_E=block_e, num_warps=4,
     )  # fmt: skip
-    return gate_TK, ids_TK, probs_TE
+    return parts_TSE, parts
 
 
 def _launch(
@@ -327,51 +209,28 @@ def _launch(
     correction_E: torch.Tensor | None,
 ):
     T, E = parts_TSE.shape[0], parts_TSE.shape[1] // parts
-    gate_TK, ids_TK, probs_TE, options = _route_outputs(
-        T, E, shape, gate_dtype, parts_TSE.device, correction_E
-    )
-    block_e = options["BLOCK_E"]
+    K = shape.top_k
+    parts_TSE = parts_TSE.contiguous()
+    device = parts_TSE.device
+    gate_TK = torch.empty(T, K, device=device, dtype=gate_dtype)
+    ids_TK = torch.empty(T, K, device=device, dtype=torch.int64)
+    probs_TE = torch.empty(T, E, device=device, dtype=torch.float32)
+    block_e = 1 << max(4, (E - 1).bit_length())
+    groups = shape.n_groups if shape.groups_kept < shape.n_groups else 1
+    assert groups == 1 or block_e == E, "group-limited routing needs a power-of-two E"
+    correction = shape.correction_bias and correction_E is not None
     # A row per program up to a few thousand tokens (the reductions of one row are the
     # latency; rows of a program run one after another), one warp where a row fits.
     rows = 1 if T < 4096 else max(1, min(16, 2048 // block_e))
     route_top_k_kernel[(triton.cdiv(T, rows),)](
-        parts_TSE.contiguous(), bias_E, correction_E if options["CORRECTION"] else bias_E,
-        gate_TK, ids_TK, probs_TE, T, E, float(shape.routed_scaling),
-        PARTS=parts, ROWS=rows, **options, num_warps=1 if block_e <= 256 else 4,
+        parts_TSE, bias_E, correction_E if correction else bias_E, gate_TK, ids_TK, probs_TE,
+        T, E, float(shape.routed_scaling),
+        PARTS=parts, TOP_K=K, BLOCK_K=1 << max(0, (K - 1).bit_length()),
+        NORM=shape.norm_topk_prob, SIGMOID=shape.scoring == "sigmoid", CORRECTION=correction,
+        GROUPS=groups, GROUPS_KEPT=shape.groups_kept, ROWS=rows, BLOCK_E=block_e,
+        num_warps=1 if block_e <= 256 else 4,
     )  # fmt: skip
     return gate_TK, ids_TK, probs_TE
-
-
-def _route_outputs(
-    T: int,
-    E: int,
-    shape: LayerShape,
-    gate_dtype: torch.dtype,
-    device: torch.device,
-    correction_E: torch.Tensor | None,
-):
-    """(gate_TK, ids_TK, probs_TE buffers, the convention's constexprs for
-    `_route_rows`)."""
-    K = shape.top_k
-    block_e = 1 << max(4, (E - 1).bit_length())
-    groups = shape.n_groups if shape.groups_kept < shape.n_groups else 1
-    assert groups == 1 or block_e == E, "group-limited routing needs a power-of-two E"
-    options = {
-        "TOP_K": K,
-        "BLOCK_K": 1 << max(0, (K - 1).bit_length()),
-        "NORM": shape.norm_topk_prob,
-        "SIGMOID": shape.scoring == "sigmoid",
-        "CORRECTION": shape.correction_bias and correction_E is not None,
-        "GROUPS": groups,
-        "GROUPS_KEPT": shape.groups_kept,
-        "BLOCK_E": block_e,
-    }
-    return (
-        torch.empty(T, K, device=device, dtype=gate_dtype),
-        torch.empty(T, K, device=device, dtype=torch.int64),
-        torch.empty(T, E, device=device, dtype=torch.float32),
-        options,
-    )
 
 
 class RouteTopK(torch.autograd.Function):

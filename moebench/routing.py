@@ -275,14 +275,8 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (gate_weights_TK in x's dtype, expert_ids_TK int64, probs_TE float32)."""
         if kernel_route_applies(self.shape, x_TD):
-            kernels = route_kernels()
-            if x_TD.shape[0] <= kernels.FEW_TOKENS and not torch.is_grad_enabled():
-                return kernels.few_token_route(  # logits and routing in one launch
-                    x_TD, self.w_router_DE.detach(), self.bias_E, self.shape,
-                    self.correction_bias_E,
-                )  # fmt: skip
             parts_TSE, parts = self.logit_parts(x_TD)
-            return kernels.route_top_k(
+            return route_kernels().route_top_k(
                 parts_TSE, parts, self.bias_E, self.shape, x_TD.dtype, self.correction_bias_E
             )
         logits_TE = self.logits(x_TD)

@@ -163,30 +163,6 @@ def test_few_token_logits_are_float32_logits(tokens, hidden, experts):
     assert _relative(logits_TE, exact_TE) <= 1e-6
 
 
-@needs_kernel
-@pytest.mark.parametrize("convention", CONVENTIONS)
-@pytest.mark.parametrize("tokens", [1, 16])
-def test_few_token_route_is_logits_then_route(convention, tokens):
-    """Logits and routing in one launch (the last program routes): as the float32 logits
-    through `route`, call after call (the kernel's counter resets itself)."""
-    from moebench.route_kernel import few_token_route
-
-    shape = _shape(convention)
-    experts, correction_E = shape.num_experts, _correction(shape)
-    generator = torch.Generator().manual_seed(tokens + experts)
-    x_TD = torch.randn(tokens, 600, generator=generator).to(DEVICE)
-    w_DE = (torch.randn(600, experts, generator=generator) * 0.1).to(DEVICE)
-    bias_E = torch.linspace(-0.5, 0.5, experts, device=DEVICE)
-    logits_TE = (x_TD.double() @ w_DE.double()).float() + bias_E
-    want_gate_TK, want_ids_TK, want_probs_TE = route(logits_TE, shape, correction_E)
-    for _ in range(2):
-        gate_TK, ids_TK, probs_TE = few_token_route(x_TD, w_DE, bias_E, shape, correction_E)
-        assert torch.equal(ids_TK, want_ids_TK)
-        assert gate_TK.dtype == x_TD.dtype
-        assert torch.allclose(gate_TK, want_gate_TK, rtol=1e-5, atol=1e-6)
-        assert torch.allclose(probs_TE, want_probs_TE, rtol=1e-5, atol=1e-6)
-
-
 def test_kernel_route_applies_on_cuda_to_what_it_computes():
     on_cuda = SimpleNamespace(device=torch.device("cuda"))
     on_cpu = torch.zeros(1, 8)

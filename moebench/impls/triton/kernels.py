@@ -21,16 +21,10 @@ expert's weights and the weight read (the whole cost at decode) runs at full ban
 
 One token (`align.per_assignment_blocks`, PER_ASSIGNMENT): row block a holds assignment
 a alone, in its first row, and takes its expert from the token's expert ids, so no
-alignment kernel runs before the GEMMs; and the down kernel sums the K slots itself
-(SUM_SLOTS): each program counts itself done for its columns on a per-column-block
-counter, and the last of the K programs of those columns adds the K rows and writes the
-token's output (then resets the counter for the next call). A graphed decode step is
-then four kernels: logits, top-k, gate_up, down.
+alignment kernel runs before the GEMMs.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -149,8 +143,6 @@ def down_kernel(
     sorted_ids_ptr,
     block_expert_ptr,
     num_padded_ptr,
-    y_ptr,
-    done_ptr,
     D,
     F,
     num_assign,
@@ -165,8 +157,6 @@ def down_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     PER_ASSIGNMENT: tl.constexpr,
-    SUM_SLOTS: tl.constexpr,
-    BLOCK_A: tl.constexpr,
 ):
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(D, BLOCK_N), GROUP_M)
     if not PER_ASSIGNMENT:  # noqa: SIM102 (a constexpr branch: no padded length to load)
@@ -198,25 +188,6 @@ def down_kernel(
     tl.store(
         out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < D)
     )
-    if SUM_SLOTS:  # one token, one assignment per block: the last of the K adds them
-        tl.debug_barrier()  # every thread's stores issued before the count goes up
-        done = tl.atomic_add(done_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == num_assign - 1:
-            offs_a = tl.arange(0, BLOCK_A)
-            rows_ptrs = out_ptr + offs_a[:, None] * stride_out_a + offs_n[None, :]
-            rows_ok = (offs_a[:, None] < num_assign) & (offs_n[None, :] < D)
-            # .cg: from L2, where the other programs' rows are (not this SM's L1)
-            rows = tl.load(rows_ptrs, mask=rows_ok, other=0.0, cache_modifier=".cg")
-            total = tl.sum(rows.to(tl.float32), 0)
-            tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=offs_n < D)
-            tl.store(done_ptr + pid_n, 0)  # ready for the next call
-
-
-@functools.cache
-def _done_counters(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 counters for SUM_SLOTS, one per column block; every launch leaves
-    them at zero again. Shared by the launches on one device, which one stream orders."""
-    return torch.zeros(count, device=device, dtype=torch.int32)
 
 
 def _row_list(alignment) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -264,26 +235,18 @@ def launch_down(
     out_AD: torch.Tensor,
     alignment,
     config: dict,
-    y_1D: torch.Tensor | None = None,
 ) -> None:
-    """out_AD[a] <- gate_weight_A[a] * (h of a's row) @ W_down[expert of a]; with y_1D
-    (one token, per-assignment layout), also y_1D <- the sum of out_AD's rows."""
+    """out_AD[a] <- gate_weight_A[a] * (h of a's row) @ W_down[expert of a]."""
     F, D = w_down_EFD.shape[1], w_down_EFD.shape[2]
     block_n = config["BLOCK_N"]
     num_blocks_m = alignment.max_blocks
-    num_blocks_n = triton.cdiv(D, block_n)
-    grid = (num_blocks_m * num_blocks_n,)
-    sum_slots = y_1D is not None
-    assert not sum_slots or alignment.per_assignment, "slots are summed for one token"
-    done = _done_counters(h_PF.device, num_blocks_n) if sum_slots else alignment.block_expert_B
+    grid = (num_blocks_m * triton.cdiv(D, block_n),)
     down_kernel[grid](
         h_PF, w_down_EFD, gate_weight_A, out_AD, *_row_list(alignment),
-        y_1D if sum_slots else out_AD, done,
         D, F, alignment.num_assign, num_blocks_m,
         h_PF.stride(0), w_down_EFD.stride(0), w_down_EFD.stride(1), w_down_EFD.stride(2),
         out_AD.stride(0),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
         GROUP_M=config["GROUP_M"], PER_ASSIGNMENT=alignment.per_assignment,
-        SUM_SLOTS=sum_slots, BLOCK_A=triton.next_power_of_2(alignment.num_assign),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip

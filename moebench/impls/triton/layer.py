@@ -10,9 +10,8 @@ takes dx and the weight gradient of both projections in one grouped GEMM each.
 Forward (no device-to-host sync): align (align.py) -> gate_up kernel (gathered token
 loads, SwiGLU epilogue) -> down kernel (routing weight in the epilogue, rows scattered to
 their assignments) -> sum over the K slots of each token (`token_sum_kernel`). A single
-token at inference skips the alignment and the sum: one row block per assignment (its K
-experts are distinct, so each expert's weights are still read once), and the down
-kernel's last program per column block adds the K slots (kernels.py). Training
+token at inference skips the alignment: one row block per assignment (its K experts are
+distinct, so each expert's weights are still read once). Training
 keeps the gate and up pre-activations and the SwiGLU output per padded row; the backward
 (backward.py) is torch grouped GEMMs over that layout with two Triton kernels between
 them (the SwiGLU backward, the per-token sums of dx), nothing recomputed.
@@ -72,11 +71,8 @@ def fused_experts(
             x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config, pre_activations
         )
 
-    # one token: the down kernel adds the K slots itself, into y_summed_TD
-    y_summed_TD = torch.empty_like(x_TD) if per_assignment and K > 1 else None
-
     def down(config: dict) -> None:
-        kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, y_summed_TD)
+        kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
 
     # Tuned in order: the down kernel's trials read the h that gate_up wrote. Training's
     # gate_up also stores the pre-activations: a different kernel, tuned apart.
@@ -92,9 +88,7 @@ def fused_experts(
             )
             launch(config)
     with timer.phase("unpermute"):
-        y_TD = out_AD if K == 1 else y_summed_TD
-        if y_TD is None:
-            y_TD = token_sum(out_AD, K)
+        y_TD = out_AD if K == 1 else token_sum(out_AD, K)
     saved = None
     if pre_activations is not None:
         saved = Saved(alignment, *pre_activations, h_PF, K)
