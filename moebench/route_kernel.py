@@ -119,7 +119,7 @@ def route_top_k_kernel(
         # the lowest expert index among equal maxima
         chosen = tl.min(tl.where(left == best[:, None], offs_e[None, :], BLOCK_E), 1)
         hit = offs_e[None, :] == chosen[:, None]
-        if CORRECTION:  # the gate is the score, not the selection score
+        if CORRECTION:  # noqa: SIM108 (the gate is the score, not the selection score)
             gate = tl.sum(tl.where(hit, scores, 0.0), 1)
         else:  # the same value without a reduction per round (half the kernel's time)
             gate = best
