@@ -182,15 +182,15 @@ KERNEL_ROUTE_MAX_EXPERTS = 1024
 
 def kernel_route_applies(shape: LayerShape, x_TD: torch.Tensor) -> bool:
     """Whether `route_kernel.route_top_k` computes `shape`'s convention here: at most
-    KERNEL_ROUTE_MAX_EXPERTS experts, a power-of-two count if selection is group-limited
-    (the kernel splits a row into equal power-of-two groups), on CUDA with Triton
-    importable."""
+    KERNEL_ROUTE_MAX_EXPERTS experts, a power-of-two count of at least 16 if selection is
+    group-limited (the kernel splits its row of at least 16 lanes into equal groups), on
+    CUDA with Triton importable."""
     E = shape.num_experts
     group_limited = shape.n_groups > 1 and shape.groups_kept < shape.n_groups
     return (
         x_TD.device.type == "cuda"
         and E <= KERNEL_ROUTE_MAX_EXPERTS
-        and (not group_limited or E & (E - 1) == 0)
+        and (not group_limited or (E >= 16 and E & (E - 1) == 0))
         and route_kernels() is not None
     )
 

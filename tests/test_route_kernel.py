@@ -175,8 +175,9 @@ def test_kernel_route_applies_on_cuda_to_what_it_computes():
         assert not kernel_route_applies(shape, on_cpu), shape
     # group-limited selection splits the row in power-of-two groups
     odd_groups = LayerShape(64, 32, 12, 2, n_groups=4, topk_groups=2)
+    narrow_groups = LayerShape(64, 32, 8, 2, n_groups=4, topk_groups=2)  # row of 16 lanes
     too_wide = LayerShape(64, 32, 2048, 2)
-    for shape in (odd_groups, too_wide):
+    for shape in (odd_groups, narrow_groups, too_wide):
         assert not kernel_route_applies(shape, on_cuda), shape
     # every group kept: no limit, any count
     assert kernel_route_applies(replace(odd_groups, topk_groups=4), on_cuda) == has_triton
