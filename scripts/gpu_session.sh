@@ -27,6 +27,11 @@
 #
 # Wheels that the GPU machine lacks (moe-ops) travel in .whl/ (device tool: carry ".whl");
 # the peers plugin is installed from this checkout without network.
+#
+# The fused layer's tuned block sizes travel too, so a fresh machine does not tune again:
+# .tune-cache/*.json (git-ignored; device tool: carry ".tune-cache") seeds the tuning
+# cache, and the cache comes back as $OUT/tune-cache/ (copy it over .tune-cache/). It
+# holds choices of block sizes, no measurements.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: scripts/gpu_session.sh STEP [STEP...]" >&2; exit 2; }
@@ -35,6 +40,9 @@ log="$out/session.log"
 deadline=$((SECONDS + ${GPU_DEADLINE_S:-570}))
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 MOEBENCH_TRITON_CACHE=/tmp/moebench-triton
+if compgen -G ".tune-cache/*.json" >/dev/null; then
+  mkdir -p "$MOEBENCH_TRITON_CACHE" && cp .tune-cache/*.json "$MOEBENCH_TRITON_CACHE/"
+fi
 
 site=/tmp/site
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -90,4 +98,7 @@ for step in "$@"; do
       -C "$root" .
   fi
 done
+if compgen -G "$MOEBENCH_TRITON_CACHE/*.json" >/dev/null; then
+  mkdir -p "$out/tune-cache" && cp "$MOEBENCH_TRITON_CACHE"/*.json "$out/tune-cache/"
+fi
 echo "== $(date -u +%T) done, $(left) s to spare" | tee -a "$log"
