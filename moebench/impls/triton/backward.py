@@ -21,11 +21,11 @@ rows and sums them in one pass: no atomic scatter.
 Padding rows hold the sentinel assignment A: they gather token T - 1's x and dy (finite
 numbers), and the SwiGLU backward writes zeros into their dgu and w h, so they add
 exactly nothing to any weight gradient. (Copying the gathered x out of the forward's
-gate_up kernel instead cost that kernel more than this gather takes: 0.17 against
-0.14 ms on an H200, Qwen3-30B-A3B at 8192 tokens.) Rows past the real padded length (which only the
-device knows) lie beyond the last group offset: grouped GEMMs neither read them for
-weight gradients nor count them, and no assignment's row is there, so the gathers never
-read them.
+gate_up kernel instead cost that kernel more than this gather takes: 0.17 against 0.14
+ms on an H200, Qwen3-30B-A3B at 8192 tokens.) Rows past the real padded length (which
+only the device knows) lie beyond the last group offset: grouped GEMMs neither read them
+for weight gradients nor count them, and no assignment's row is there, so the gathers
+never read them.
 
 torch's grouped GEMM needs 16-byte aligned strides and, in some builds, bfloat16; where
 the widths or the dtype do not allow it, a per-expert loop over the same layout stands in

@@ -11,10 +11,10 @@ Forward (no device-to-host sync): align (align.py) -> gate_up kernel (gathered t
 loads, SwiGLU epilogue) -> down kernel (routing weight in the epilogue, rows scattered to
 their assignments) -> sum over the K slots of each token (`token_sum_kernel`). A single
 token at inference skips the alignment: one row block per assignment (its K experts are
-distinct, so each expert's weights are still read once). Training
-keeps the gate and up pre-activations and the SwiGLU output per padded row; the backward
-(backward.py) is torch grouped GEMMs over that layout with two Triton kernels between
-them (the SwiGLU backward, the per-token sums of dx), nothing recomputed.
+distinct, so each expert's weights are still read once). Training keeps the gate and up
+pre-activations and the SwiGLU output per padded row; the backward (backward.py) is
+torch grouped GEMMs over that layout with two Triton kernels between them (the SwiGLU
+backward, the per-token sums of dx), nothing recomputed.
 """
 
 from __future__ import annotations
