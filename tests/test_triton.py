@@ -279,7 +279,7 @@ def test_training_forward_keeps_what_inference_computes():
     x_TD = make_inputs(case, 1)[0]
     with torch.no_grad():
         gate_TK, ids_TK, _ = layer.router(x_TD)
-        args = (x_TD, gate_TK, ids_TK, layer.w_gate_up_ED2F, layer.w_down_EFD)
+        args = (x_TD, gate_TK, ids_TK, layer.w_gate_up_E2FD, layer.w_down_EFD)
         y_TD, _ = fused_experts(*args)
         y_kept_TD, saved = fused_experts(*args, keep_for_backward=True)
     assert saved.alignment.block_m == 128

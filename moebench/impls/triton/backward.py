@@ -9,12 +9,13 @@ padded row, so nothing is recomputed.
 With y_t = sum_a w_a o_a, o_a = h_a W_down:
   dh~_a = dy_t W_down^T            (one grouped GEMM; dh = w_a dh~_a)
   dw_a  = dy_t . o_a = dh~_a . h_a (no need for o)
-  dW_down = h^T (w dy)             (grouped over rows)
+  dW_down = (w h)^T dy             (grouped over rows)
   dg, du from dh through SwiGLU, side by side as dgu = [dg du] (P x 2F);
   dx_t = sum_a dgu_a [W_gate W_up]^T   (one grouped GEMM over K = 2F)
-  [dW_gate dW_up] = x^T dgu            (one grouped GEMM, the layer's gate|up layout)
+  [dW_gate dW_up]^T = dgu^T x          (one grouped GEMM, E x 2F x D: the layer's layout)
+The layer stores [W_gate W_up]^T (E x 2F x D, K-major) and W_down (E x F x D).
 `swiglu_backward_kernel` reads dh~, h and the pre-activations once (bfloat16 in, float32
-math) and writes dgu, w h (so dW_down = (w h)^T dy needs no scaled copy of dy) and dw per
+math) and writes dgu, w h (so dW_down needs no scaled copy of dy) and dw per
 row: no float32 copies of P x F tensors. dx and dw come back to tokens by gathering each
 assignment's row (`Alignment.row_of_assign_A`); `token_sum_kernel` gathers a token's K
 rows and sums them in one pass: no atomic scatter.
@@ -44,6 +45,7 @@ import triton.language as tl
 
 from moebench.impls.grouped import GROUPED_MM, grouped_mm_works
 from moebench.impls.triton.align import Alignment
+from moebench.triton_launch import launcher
 
 
 @dataclass
@@ -159,7 +161,7 @@ def swiglu_backward(
     dgate_up_P2F = saved.h_PF.new_empty(rows, 2 * F)
     dweight_P = torch.empty(rows, device=dh_unscaled_PF.device, dtype=torch.float32)
     block_r = 16  # P is a multiple of BLOCK_M >= 16
-    swiglu_backward_kernel[(rows // block_r,)](
+    launcher(swiglu_backward_kernel)[(rows // block_r,)](
         *tensors, alignment.sorted_ids_P, gate_weight_A, dgate_up_P2F, h_weighted_PF,
         dweight_P, F, alignment.num_assign, F, 2 * F,
         BLOCK_R=block_r, BLOCK_F=min(256, triton.next_power_of_2(F)), num_warps=4,
@@ -203,7 +205,7 @@ def token_sum(
     T = (rows_RD.shape[0] if row_of_assign_A is None else row_of_assign_A.numel()) // top_k
     out_TD = rows_RD.new_empty(T, D)
     block_d = min(1024, triton.next_power_of_2(D))
-    token_sum_kernel[(T, triton.cdiv(D, block_d))](
+    launcher(token_sum_kernel)[(T, triton.cdiv(D, block_d))](
         rows_RD, rows_RD if row_of_assign_A is None else row_of_assign_A, out_TD,
         D, top_k, D, D,
         GATHER=row_of_assign_A is not None, BLOCK_D=block_d, num_warps=4,
@@ -216,10 +218,11 @@ def fused_backward(
     grad_y_TD: torch.Tensor,
     x_TD: torch.Tensor,
     gate_weights_TK: torch.Tensor,
-    w_gate_up_ED2F: torch.Tensor,
+    w_gate_up_E2FD: torch.Tensor,
     w_down_EFD: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx_TD, dgate_weights_TK, dW_gate_up, dW_down), each in its input's dtype."""
+    """(dx_TD, dgate_weights_TK, dW_gate_up, dW_down), each in its input's dtype and
+    the weights' gradients in the layer's layouts."""
     alignment, K = saved.alignment, saved.top_k
     T = x_TD.shape[0]
     ends_E = alignment.padded_ends_E
@@ -231,13 +234,13 @@ def fused_backward(
 
     dh_unscaled_PF = rows_times_weights(dy_rows_PD, w_down_EFD.transpose(1, 2), ends_E)
     dgate_up_P2F, h_weighted_PF, dweight_P = swiglu_backward(dh_unscaled_PF, saved, gate_weight_A)
-    dW_down = weight_grad(h_weighted_PF, dy_rows_PD, ends_E)
-    dW_gate_up = weight_grad(x_rows_PD, dgate_up_P2F, ends_E)
-    dx_rows_PD = rows_times_weights(dgate_up_P2F, w_gate_up_ED2F.transpose(1, 2), ends_E)
+    dW_down_EFD = weight_grad(h_weighted_PF, dy_rows_PD, ends_E)
+    dW_gate_up_E2FD = weight_grad(dgate_up_P2F, x_rows_PD, ends_E)
+    dx_rows_PD = rows_times_weights(dgate_up_P2F, w_gate_up_E2FD, ends_E)
     dx_TD = token_sum(dx_rows_PD, K, alignment.row_of_assign_A)
     return (
         dx_TD,
         dweight_P[alignment.row_of_assign_A].view(T, K).to(gate_weights_TK.dtype),
-        dW_gate_up.to(w_gate_up_ED2F.dtype),
-        dW_down.to(w_down_EFD.dtype),
+        dW_gate_up_E2FD.to(w_gate_up_E2FD.dtype),
+        dW_down_EFD.to(w_down_EFD.dtype),
     )

@@ -38,12 +38,18 @@ def block_m_for(tokens: int, top_k: int, num_experts: int) -> int:
     return BLOCK_M_LARGE
 
 
+# Part of every key: choices tuned for another weight layout (before version 6 the
+# layer's weights were N-major) are not reused.
+WEIGHT_LAYOUT = "kmajor"
+
+
 def key(kernel: str, x_TD: torch.Tensor, w_down_EFD: torch.Tensor, top_k: int) -> str:
-    """The cache key of `kernel` for these tokens and this layer shape: kernel, shape,
-    dtype and token bucket."""
+    """The cache key of `kernel` for these tokens and this layer shape: kernel, weight
+    layout, shape, dtype and token bucket."""
     E, F, D = w_down_EFD.shape
     dtype = str(x_TD.dtype).removeprefix("torch.")
-    return f"{kernel} D{D} F{F} E{E} K{top_k} {dtype} T{token_bucket(x_TD.shape[0])}"
+    bucket = token_bucket(x_TD.shape[0])
+    return f"{kernel} {WEIGHT_LAYOUT} D{D} F{F} E{E} K{top_k} {dtype} T{bucket}"
 
 
 def candidates(kernel: str, block_m: int) -> list[dict]:
@@ -53,8 +59,9 @@ def candidates(kernel: str, block_m: int) -> list[dict]:
         shapes = [(32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3)]
         shapes += [(32, 256, 4, 3), (128, 64, 4, 5)]
         # 16 columns: a few experts' F columns still fill every SM (Qwen3-30B-A3B's
-        # 8 experts x 768 / 32 columns are 192 programs, 1.5 waves on 132 SMs)
-        shapes += [(16, 256, 4, 3), (16, 512, 4, 2)]
+        # 8 experts x 768 / 32 columns are 192 programs, 1.5 waves on 132 SMs); with
+        # K-major weights each column is one run of BLOCK_K consecutive elements
+        shapes += [(16, 256, 4, 3), (16, 512, 4, 2), (16, 512, 4, 3), (16, 1024, 4, 2)]
     elif kernel == "gate_up":
         shapes = [(64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (64, 128, 8, 3)]
         shapes += [(128, 32, 4, 4), (128, 64, 8, 4)]
