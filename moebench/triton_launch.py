@@ -73,16 +73,17 @@ class Launcher:
         compiled[tuple(grid) + (1,) * (3 - len(grid))](*values)
 
 
-_LAUNCHERS: dict[int, Launcher] = {}
+_LAUNCHERS: dict[int, Any] = {}
 _ENABLED = os.environ.get("MOEBENCH_TRITON_FAST_LAUNCH", "1") != "0"
 
 
 def launcher(kernel: Any) -> Any:
     """`kernel` itself where the shortcut is off or cannot apply (Triton's interpreter),
-    else its cached `Launcher`: index it with the grid and call it as the kernel."""
-    if not _ENABLED or os.environ.get("TRITON_INTERPRET") == "1":
-        return kernel
+    else its cached `Launcher`: index it with the grid and call it as the kernel. Decided
+    on a kernel's first launch (one dictionary look-up per launch after that)."""
     cached = _LAUNCHERS.get(id(kernel))
     if cached is None:
-        cached = _LAUNCHERS[id(kernel)] = Launcher(kernel)
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        cached = Launcher(kernel) if _ENABLED and not interpreted else kernel
+        _LAUNCHERS[id(kernel)] = cached
     return cached

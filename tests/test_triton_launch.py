@@ -90,11 +90,15 @@ def test_calls_it_cannot_key_always_take_triton_path(kernel):
 
 
 def test_launcher_is_the_kernel_itself_when_off(monkeypatch):
-    kernel = FakeKernel()
     monkeypatch.setattr(triton_launch, "_ENABLED", False)
-    assert triton_launch.launcher(kernel) is kernel
+    off = FakeKernel()
+    assert triton_launch.launcher(off) is off
     monkeypatch.setattr(triton_launch, "_ENABLED", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert triton_launch.launcher(kernel) is kernel
+    interpreted = FakeKernel()
+    assert triton_launch.launcher(interpreted) is interpreted
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert triton_launch.launcher(kernel) is triton_launch.launcher(kernel)
+    assert triton_launch.launcher(interpreted) is interpreted  # decided once per kernel
+    on = FakeKernel()
+    assert isinstance(triton_launch.launcher(on), triton_launch.Launcher)
+    assert triton_launch.launcher(on) is triton_launch.launcher(on)
