@@ -39,7 +39,6 @@ import triton.language as tl
 
 from moebench.case import LayerShape
 from moebench.router_logits import sum_pieces
-from moebench.triton_launch import launcher
 
 
 @triton.jit
@@ -196,7 +195,7 @@ def few_token_logits(x_TD: torch.Tensor, w_DE: torch.Tensor) -> tuple[torch.Tens
     step_d = max(8, 4096 // (block_t * block_e))
     parts = triton.cdiv(D, FEW_TOKENS_ROWS)
     parts_TSE = torch.empty(T, parts * E, device=x_TD.device, dtype=torch.float32)
-    launcher(few_token_logits_kernel)[(parts, triton.cdiv(E, block_e))](
+    few_token_logits_kernel[(parts, triton.cdiv(E, block_e))](
         x_TD, w_DE, parts_TSE, T, D, E, x_TD.stride(0),
         BLOCK_T=block_t, SLICE_D=FEW_TOKENS_ROWS, STEP_D=min(step_d, FEW_TOKENS_ROWS),
         BLOCK_E=block_e, num_warps=4,
@@ -226,7 +225,7 @@ def _launch(
     # A row per program up to a few thousand tokens (the reductions of one row are the
     # latency; rows of a program run one after another), one warp where a row fits.
     rows = 1 if T < 4096 else max(1, min(16, 2048 // block_e))
-    launcher(route_top_k_kernel)[(triton.cdiv(T, rows),)](
+    route_top_k_kernel[(triton.cdiv(T, rows),)](
         parts_TSE, bias_E, correction_E if correction else bias_E, gate_TK, ids_TK, probs_TE,
         T, E, float(shape.routed_scaling),
         PARTS=parts, TOP_K=K, BLOCK_K=1 << max(0, (K - 1).bit_length()),

@@ -136,6 +136,22 @@ def test_token_buckets_and_block_rows():
             assert all(c["BLOCK_M"] == block_m for c in tuning.candidates(kernel, block_m))
 
 
+def test_tuning_keys_name_each_gemms_weight_layout():
+    """Block sizes tuned on one weight layout are not reused for another: the layer's
+    gate|up views run along K (stored E x 2F x D), its down projection along N."""
+    case = tiny_case("triton")
+    layer = registry.get("triton").build(make_weights(case), case)
+    F = layer.w_down_EFD.shape[1]
+    w_gate_EDF = layer.w_gate_up_E2FD[:, :F].transpose(1, 2)
+    assert tuning.weight_layout(w_gate_EDF) == "kmajor"
+    assert tuning.weight_layout(layer.w_down_EFD) == "nmajor"
+    x_TD = make_inputs(case, 1)[0]
+    keys = {
+        tuning.key("down", x_TD, layer.w_down_EFD, 2, layout) for layout in ("kmajor", "nmajor")
+    }
+    assert len(keys) == 2
+
+
 def test_triton_is_registered_exact_and_cuda_only():
     info = registry.get("triton")
     assert info.exact and info.devices == ("cuda",) and info.family == "triton"

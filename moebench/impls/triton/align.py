@@ -36,8 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from moebench.triton_launch import launcher
-
 COUNT_BLOCK = 1024
 BLOCKS_PER_STEP = 64
 SMALL_ASSIGNMENTS = 64  # and at most SMALL_EXPERTS experts: one program aligns them
@@ -206,7 +204,7 @@ def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int)
     row_of_assign_A = torch.empty(num_assign, device=device, dtype=torch.int32)
     outputs = (sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E, row_of_assign_A)
     if num_assign <= SMALL_ASSIGNMENTS and num_experts <= SMALL_EXPERTS:
-        launcher(_align_small_kernel)[(1,)](
+        _align_small_kernel[(1,)](
             expert_A, sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E,
             row_of_assign_A, num_assign, num_experts, max_rows, max_blocks,
             BLOCK_M=block_m, BLOCK_A=SMALL_ASSIGNMENTS,
@@ -217,16 +215,16 @@ def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int)
     counts_E = torch.zeros(num_experts, device=device, dtype=torch.int32)
     rank_A = torch.empty(num_assign, device=device, dtype=torch.int32)
     padded_starts_E = torch.empty(num_experts, device=device, dtype=torch.int32)
-    launcher(_count_kernel)[(triton.cdiv(max_rows, COUNT_BLOCK),)](
+    _count_kernel[(triton.cdiv(max_rows, COUNT_BLOCK),)](
         expert_A, counts_E, rank_A, sorted_ids_P, num_assign, max_rows, BLOCK=COUNT_BLOCK
     )
-    launcher(_offsets_kernel)[(1,)](
+    _offsets_kernel[(1,)](
         counts_E, padded_starts_E, padded_ends_E, block_expert_B, num_padded_1,
         num_experts, max_blocks,
         BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts),
         BLOCKS_PER_STEP=BLOCKS_PER_STEP,
     )  # fmt: skip
-    launcher(_scatter_kernel)[(triton.cdiv(num_assign, COUNT_BLOCK),)](
+    _scatter_kernel[(triton.cdiv(num_assign, COUNT_BLOCK),)](
         expert_A, rank_A, padded_starts_E, sorted_ids_P, row_of_assign_A, num_assign,
         BLOCK=COUNT_BLOCK,
     )  # fmt: skip

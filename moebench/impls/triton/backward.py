@@ -45,7 +45,6 @@ import triton.language as tl
 
 from moebench.impls.grouped import GROUPED_MM, grouped_mm_works
 from moebench.impls.triton.align import Alignment
-from moebench.triton_launch import launcher
 
 
 @dataclass
@@ -161,7 +160,7 @@ def swiglu_backward(
     dgate_up_P2F = saved.h_PF.new_empty(rows, 2 * F)
     dweight_P = torch.empty(rows, device=dh_unscaled_PF.device, dtype=torch.float32)
     block_r = 16  # P is a multiple of BLOCK_M >= 16
-    launcher(swiglu_backward_kernel)[(rows // block_r,)](
+    swiglu_backward_kernel[(rows // block_r,)](
         *tensors, alignment.sorted_ids_P, gate_weight_A, dgate_up_P2F, h_weighted_PF,
         dweight_P, F, alignment.num_assign, F, 2 * F,
         BLOCK_R=block_r, BLOCK_F=min(256, triton.next_power_of_2(F)), num_warps=4,
@@ -205,7 +204,7 @@ def token_sum(
     T = (rows_RD.shape[0] if row_of_assign_A is None else row_of_assign_A.numel()) // top_k
     out_TD = rows_RD.new_empty(T, D)
     block_d = min(1024, triton.next_power_of_2(D))
-    launcher(token_sum_kernel)[(T, triton.cdiv(D, block_d))](
+    token_sum_kernel[(T, triton.cdiv(D, block_d))](
         rows_RD, rows_RD if row_of_assign_A is None else row_of_assign_A, out_TD,
         D, top_k, D, D,
         GATHER=row_of_assign_A is not None, BLOCK_D=block_d, num_warps=4,

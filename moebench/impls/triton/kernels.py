@@ -30,8 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-from moebench.triton_launch import launcher
-
 
 @triton.jit
 def _block_coords(pid, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
@@ -216,7 +214,7 @@ def launch_gate_up(
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     num_blocks_m = alignment.max_blocks
     grid = (num_blocks_m * triton.cdiv(F, block_n),)
-    launcher(gate_up_kernel)[grid](
+    gate_up_kernel[grid](
         x_TD, w_gate_EDF, w_up_EDF, h_PF,
         *(pre_activations or (h_PF, h_PF)),
         *_row_list(alignment),
@@ -243,7 +241,7 @@ def launch_down(
     block_n = config["BLOCK_N"]
     num_blocks_m = alignment.max_blocks
     grid = (num_blocks_m * triton.cdiv(D, block_n),)
-    launcher(down_kernel)[grid](
+    down_kernel[grid](
         h_PF, w_down_EFD, gate_weight_A, out_AD, *_row_list(alignment),
         D, F, alignment.num_assign, num_blocks_m,
         h_PF.stride(0), w_down_EFD.stride(0), w_down_EFD.stride(1), w_down_EFD.stride(2),

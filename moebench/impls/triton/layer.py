@@ -84,12 +84,15 @@ def fused_experts(
     # Tuned in order: the down kernel's trials read the h that gate_up wrote. Training's
     # gate_up also stores the pre-activations: a different kernel, tuned apart.
     gate_up_key = "gate_up_train" if keep_for_backward else "gate_up"
-    steps = (("gate_up", gate_up_key, gate_up), ("down", "down", down))
+    steps = (
+        ("gate_up", gate_up_key, tuning.weight_layout(w_gate_EDF), gate_up),
+        ("down", "down", tuning.weight_layout(w_down_EFD), down),
+    )
     with timer.phase("expert"):
-        for name, key, launch in steps:
+        for name, key, layout, launch in steps:
             config = tuning.TUNER.choose(
                 x_TD.device,
-                tuning.key(key, x_TD, w_down_EFD, K),
+                tuning.key(key, x_TD, w_down_EFD, K, layout),
                 lambda name=name: tuning.candidates(name, block_m),
                 launch,
             )

@@ -38,18 +38,21 @@ def block_m_for(tokens: int, top_k: int, num_experts: int) -> int:
     return BLOCK_M_LARGE
 
 
-# Part of every key: choices tuned for another weight layout (before version 6 the
-# layer's weights were N-major) are not reused.
-WEIGHT_LAYOUT = "kmajor"
+def weight_layout(w_EKN: torch.Tensor) -> str:
+    """"kmajor" where a GEMM's E x K x N weight view runs along K (the reduction), else
+    "nmajor": the best block sizes differ between the two (NOTES.md, version 6)."""
+    return "kmajor" if w_EKN.stride(1) == 1 else "nmajor"
 
 
-def key(kernel: str, x_TD: torch.Tensor, w_down_EFD: torch.Tensor, top_k: int) -> str:
-    """The cache key of `kernel` for these tokens and this layer shape: kernel, weight
-    layout, shape, dtype and token bucket."""
+def key(
+    kernel: str, x_TD: torch.Tensor, w_down_EFD: torch.Tensor, top_k: int, layout: str
+) -> str:
+    """The cache key of `kernel` for these tokens and this layer shape: kernel, the
+    layout of its weights (`weight_layout`), shape, dtype and token bucket."""
     E, F, D = w_down_EFD.shape
     dtype = str(x_TD.dtype).removeprefix("torch.")
     bucket = token_bucket(x_TD.shape[0])
-    return f"{kernel} {WEIGHT_LAYOUT} D{D} F{F} E{E} K{top_k} {dtype} T{bucket}"
+    return f"{kernel} {layout} D{D} F{F} E{E} K{top_k} {dtype} T{bucket}"
 
 
 def candidates(kernel: str, block_m: int) -> list[dict]:
@@ -59,8 +62,7 @@ def candidates(kernel: str, block_m: int) -> list[dict]:
         shapes = [(32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3)]
         shapes += [(32, 256, 4, 3), (128, 64, 4, 5)]
         # 16 columns: a few experts' F columns still fill every SM (Qwen3-30B-A3B's
-        # 8 experts x 768 / 32 columns are 192 programs, 1.5 waves on 132 SMs); with
-        # K-major weights each column is one run of BLOCK_K consecutive elements
+        # 8 experts x 768 / 32 columns are 192 programs, 1.5 waves on 132 SMs)
         shapes += [(16, 256, 4, 3), (16, 512, 4, 2), (16, 512, 4, 3), (16, 1024, 4, 2)]
     elif kernel == "gate_up":
         shapes = [(64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (64, 128, 8, 3)]
