@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moebench.console import error, resume_command, say, warning, without_resume
-from moebench.terminal import STATUS_STYLE, LineProgress, noise_note, summary_table
+from moebench.terminal import STATUS_STYLE, LineProgress, noise_note, print_summary
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 CONFIRM_CASES = 10_000  # a bigger suite needs --yes (or a y on the terminal)
@@ -80,11 +80,6 @@ class RichProgress:
 
     def stop(self) -> None:
         self.progress.stop()
-
-
-def _table_width(console: Console) -> int | None:
-    """The terminal's width, or None (a file or log: the wide table)."""
-    return console.width if console.is_terminal else None
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
@@ -187,7 +182,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     except StoreError as exc:
         error(console, exc)
         return EXIT_BAD_INPUT
-    console.print(summary_table(outcome.rows, f"run {outcome.run_id}", _table_width(console)))
+    print_summary(console, outcome.rows, f"run {outcome.run_id}")
     if note := noise_note(outcome.rows):
         console.print(f"[yellow]{note}[/]")
     if outcome.skipped:
@@ -319,7 +314,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         warning(console, note)
     if not rows:
         return EXIT_OK
-    console.print(summary_table(rows, f"{len(rows)} cases", _table_width(console)))
+    print_summary(console, rows, f"{len(rows)} cases")
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -103,16 +104,39 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
 
 def summary_table(rows: list[dict[str, Any]], title: str, width: int | None = None) -> Table:
     """One line per case (wide), or two (stacked) when `width` is below WIDE_COLUMNS;
-    width None: wide (a file or a log has no edge)."""
+    width None: wide (a file or a log has no edge). Implementation names are never cut
+    to an ellipsis: names that differ at their end (a library's backends,
+    `hf-mixtral:eager` and `hf-mixtral:grouped_mm`) would read as one. The wide table
+    keeps each name on one line; the stacked one folds a name longer than its column."""
     if width is None or width >= WIDE_COLUMNS:
-        return _wide(rows, title)
+        name_width = max((len(str(r.get("impl"))) for r in rows), default=4)
+        return _wide(rows, title, name_width)
     return _stacked(rows, title)
 
 
-def _wide(rows: list[dict[str, Any]], title: str) -> Table:
+UNBOUNDED_COLUMNS = 100_000  # what a table measures against when nothing bounds it
+
+
+def print_summary(console: Console, rows: list[dict[str, Any]], title: str) -> None:
+    """`summary_table` sized for `console`: a terminal's width, or in a file or a log
+    the wide table at its natural width, never cropped to the console's."""
+    if console.is_terminal:
+        console.print(summary_table(rows, title, console.width))
+        return
+    table = summary_table(rows, title)
+    natural = Measurement.get(console, console.options.update_width(UNBOUNDED_COLUMNS), table)
+    width = console.width  # print(width=) is capped at the console's width: widen it
+    console.width = max(width, natural.maximum)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
+def _wide(rows: list[dict[str, Any]], title: str, name_width: int) -> Table:
     table = Table(title=Text(title), show_lines=False)
+    table.add_column("impl", min_width=name_width, no_wrap=True)
     columns = (
-        ("impl", "left"),
         ("shape", "left"),
         ("tokens", "right"),
         ("mode", "left"),

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from moebench.cli import main as cli_main
 from moebench.store import read_run
-from moebench.terminal import WIDE_COLUMNS, summary_table
+from moebench.terminal import WIDE_COLUMNS, print_summary, summary_table
 
 REFERENCE_RUN = Path(__file__).parent.parent / "results" / "reference" / "smoke.parquet"
 
@@ -37,6 +37,48 @@ def test_table_is_wide_in_files() -> None:
     for column in ("shape", "tokens", "mode", "dtype", "p10-p90 ms", "peak MiB"):
         assert column in header
     assert max(len(line) for line in lines) < WIDE_COLUMNS + 20
+
+
+PEERS_RUN = REFERENCE_RUN.parent / "h200-peers" / "results.parquet"
+
+
+def _first_cells(lines: list[str]) -> list[str]:
+    """The stacked table's first column, one string per case (its lines joined)."""
+    cases, current = [], ""
+    for line in lines:
+        if line.startswith(("├", "└")) and current:
+            cases.append(current)
+            current = ""
+        elif line.startswith("│"):
+            current += line.split("│")[1].strip()
+    return cases
+
+
+@pytest.mark.parametrize("terminal_width", [None, 80])
+def test_long_implementation_names_are_printed_whole(terminal_width: int | None) -> None:
+    """Names that differ only at their end (a library's three backends) are never cut to
+    `hf-mixtral:…`, which would make three rows read as one implementation: in a log the
+    wide table keeps every column and each name on one line, in an 80-column terminal
+    the stacked table folds a long name onto the next line."""
+    rows = read_run(PEERS_RUN).to_dict("records")
+    names = {str(row["impl"]) for row in rows}
+    assert len(names) >= 16 and "hf-deepseek-v3:grouped_mm" in names
+    console = Console(
+        width=terminal_width or 160, record=True, force_terminal=terminal_width is not None
+    )
+    print_summary(console, rows, "peers")
+    lines = console.export_text().splitlines()
+    assert "…" not in "\n".join(lines)
+    if terminal_width is None:
+        header = next(line for line in lines if "impl" in line)
+        assert "fidelity_err" in header and header.rstrip().endswith("┃")
+        assert all(any(name in line for line in lines) for name in names)
+    else:
+        assert max(len(line) for line in lines) <= terminal_width
+        cells = _first_cells(lines)
+        assert len(cells) == len(rows)
+        for row, cell in zip(rows, cells):
+            assert cell.startswith(str(row["impl"])), (row["impl"], cell)
 
 
 def test_progress_lines_when_not_a_terminal(

@@ -39,14 +39,12 @@ def block_m_for(tokens: int, top_k: int, num_experts: int) -> int:
 
 
 def weight_layout(w_EKN: torch.Tensor) -> str:
-    """"kmajor" where a GEMM's E x K x N weight view runs along K (the reduction), else
+    """ "kmajor" where a GEMM's E x K x N weight view runs along K (the reduction), else
     "nmajor": the best block sizes differ between the two (NOTES.md, version 6)."""
     return "kmajor" if w_EKN.stride(1) == 1 else "nmajor"
 
 
-def key(
-    kernel: str, x_TD: torch.Tensor, w_down_EFD: torch.Tensor, top_k: int, layout: str
-) -> str:
+def key(kernel: str, x_TD: torch.Tensor, w_down_EFD: torch.Tensor, top_k: int, layout: str) -> str:
     """The cache key of `kernel` for these tokens and this layer shape: kernel, the
     layout of its weights (`weight_layout`), shape, dtype and token bucket."""
     E, F, D = w_down_EFD.shape
