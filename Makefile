@@ -1,5 +1,6 @@
 # Set-up and everyday commands. Each target installs what it needs into .venv first.
 #   make test     unit and end-to-end tests (CPU)
+#   make test-kernels  the Triton kernels' tests in Triton's CPU interpreter
 #   make bench    the default suite (CUDA when present, else CPU)
 #   make report   an HTML report of the latest run
 #   make lint     ruff
@@ -12,7 +13,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 SUITE ?= suites/default.toml
 
-.PHONY: test bench report lint smoke perf-gate outsider clean
+.PHONY: test test-kernels bench report lint smoke perf-gate outsider clean
 
 # --system-site-packages: a torch already installed for this Python is used, not replaced.
 $(VENV)/bin/python:
@@ -40,6 +41,26 @@ $(VENV)/.report: $(VENV)/.base
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q
+
+# The Triton kernels (router top-k, alignment, the fused GEMMs, the backward's) run in
+# Triton's CPU interpreter, so their logic is checked on every change without a GPU. A
+# venv of its own: Triton 3.6's interpreter needs numpy < 2.3 (newer numpy refuses to
+# turn a one-element array into an index), which `.venv` does not pin.
+KVENV ?= .venv-kernels
+KPY := $(KVENV)/bin/python
+TRITON_SPEC ?= triton==3.6.0
+KERNEL_TESTS := tests/test_triton.py tests/test_route_kernel.py tests/test_router_logits.py
+
+$(KVENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(KVENV)
+	$(KPY) -m pip install --quiet --upgrade pip
+	$(KPY) -m pip install --quiet "$(TORCH_SPEC)" "$(TRITON_SPEC)" "numpy<2.3"
+	$(KPY) -m pip install --quiet -e ".[test]" "numpy<2.3"
+	@touch $@
+
+test-kernels: $(KVENV)/.ready
+	TRITON_INTERPRET=1 $(KPY) -m pytest -q -p no:cacheprovider $(KERNEL_TESTS) \
+	  -W "ignore:Conversion of an array with ndim > 0:DeprecationWarning"
 
 bench: $(VENV)/.base
 	$(VENV)/bin/moebench run $(SUITE)
@@ -73,4 +94,4 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff format --check moebench tests plugins
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist *.egg-info
+	rm -rf $(VENV) $(KVENV) .pytest_cache build dist *.egg-info
