@@ -76,6 +76,14 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--top", type=int, default=25, help="functions listed (0: none)")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.exit(2, "host_profile.py needs a CUDA device: it times the host against one\n")
+    try:
+        registry.get(args.impl)
+    except registry.RegistryError as error:
+        parser.exit(2, f"{error}\n")
+    if args.preset not in PRESETS:
+        parser.exit(2, f"unknown preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}\n")
     for tokens in args.tokens:
         profile_layer(args.impl, args.preset, tokens, args.calls, args.top)
 
