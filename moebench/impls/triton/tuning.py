@@ -1,6 +1,6 @@
 """Block sizes for the fused layer's kernels: picked by timing a short list of candidates
-once per (device, shape, dtype, token bucket), and cached in a JSON file per device so
-that a sweep, or the next run, does not tune again.
+once per (device, kernel, weight layout, shape, dtype, token bucket), and cached in a JSON
+file per device so that a sweep, or the next run, does not tune again.
 
 The cache lives in `$MOEBENCH_TRITON_CACHE` if set, else `$XDG_CACHE_HOME/moebench/triton`
 (default `~/.cache/moebench/triton`), one file per device name. Delete the file to tune
