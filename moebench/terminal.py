@@ -118,17 +118,18 @@ UNBOUNDED_COLUMNS = 100_000  # what a table measures against when nothing bounds
 
 
 def print_summary(console: Console, rows: list[dict[str, Any]], title: str) -> None:
-    """`summary_table` sized for `console`: a terminal's width, or in a file or a log
-    the wide table at its natural width, never cropped to the console's."""
+    """`summary_table` sized for `console`, nothing cut: in a terminal the wide table
+    where it fits, else the stacked one; in a file or a log the wide table at its
+    natural width, however wide."""
+    wide = summary_table(rows, title)
+    natural = Measurement.get(console, console.options.update_width(UNBOUNDED_COLUMNS), wide)
     if console.is_terminal:
-        console.print(summary_table(rows, title, console.width))
+        console.print(wide if natural.maximum <= console.width else _stacked(rows, title))
         return
-    table = summary_table(rows, title)
-    natural = Measurement.get(console, console.options.update_width(UNBOUNDED_COLUMNS), table)
     width = console.width  # print(width=) is capped at the console's width: widen it
     console.width = max(width, natural.maximum)
     try:
-        console.print(table)
+        console.print(wide)
     finally:
         console.width = width
 

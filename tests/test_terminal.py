@@ -54,12 +54,13 @@ def _first_cells(lines: list[str]) -> list[str]:
     return cases
 
 
-@pytest.mark.parametrize("terminal_width", [None, 80])
+@pytest.mark.parametrize("terminal_width", [None, 80, 170])
 def test_long_implementation_names_are_printed_whole(terminal_width: int | None) -> None:
     """Names that differ only at their end (a library's three backends) are never cut to
     `hf-mixtral:…`, which would make three rows read as one implementation: in a log the
-    wide table keeps every column and each name on one line, in an 80-column terminal
-    the stacked table folds a long name onto the next line."""
+    wide table keeps every column and each name on one line; a terminal too narrow for
+    the wide table (here 80, and 170: over WIDE_COLUMNS, under this run's table) gets the
+    stacked one, which folds a long name onto the next line."""
     rows = read_run(PEERS_RUN).to_dict("records")
     names = {str(row["impl"]) for row in rows}
     assert len(names) >= 16 and "hf-deepseek-v3:grouped_mm" in names
