@@ -1,9 +1,9 @@
 """What `moebench run` and `moebench show` print: the results table and, when output is
 not a terminal (a CI log, a pipe), one progress line per case.
 
-The table has two layouts: wide (one column per field, for files and terminals of
-WIDE_COLUMNS or more) and stacked (what ran and its numbers two to a cell, for narrower
-terminals: fits 100 columns, and 80 with the case text wrapped inside its cell).
+The table has two layouts: wide (one column per field, for files and terminals it fits
+whole) and stacked (what ran and its numbers two to a cell, for narrower terminals: fits
+100 columns, and 80 with the case text wrapped inside its cell). Nothing is cut to fit.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ STATUS_STYLE = {
     "crashed": "bold magenta",
     "skipped": "dim",
 }
-# The wide table needs about this many columns before rich squeezes its cells.
-WIDE_COLUMNS = 165
 
 
 def _missing(value: Any) -> bool:
@@ -103,33 +101,38 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
 
 
 def summary_table(rows: list[dict[str, Any]], title: str, width: int | None = None) -> Table:
-    """One line per case (wide), or two (stacked) when `width` is below WIDE_COLUMNS;
+    """One line per case (wide) where that table fits `width` whole, else two (stacked);
     width None: wide (a file or a log has no edge). Implementation names are never cut
     to an ellipsis: names that differ at their end (a library's backends,
     `hf-mixtral:eager` and `hf-mixtral:grouped_mm`) would read as one. The wide table
     keeps each name on one line; the stacked one folds a name longer than its column."""
-    if width is None or width >= WIDE_COLUMNS:
-        name_width = max((len(str(r.get("impl"))) for r in rows), default=4)
-        return _wide(rows, title, name_width)
+    name_width = max((len(str(r.get("impl"))) for r in rows), default=4)
+    wide = _wide(rows, title, name_width)
+    if width is None or natural_width(wide) <= width:
+        return wide
     return _stacked(rows, title)
 
 
 UNBOUNDED_COLUMNS = 100_000  # what a table measures against when nothing bounds it
 
 
+def natural_width(table: Table) -> int:
+    """The columns `table` takes when nothing squeezes it."""
+    console = Console(width=UNBOUNDED_COLUMNS, force_terminal=False)
+    return Measurement.get(console, console.options, table).maximum
+
+
 def print_summary(console: Console, rows: list[dict[str, Any]], title: str) -> None:
-    """`summary_table` sized for `console`, nothing cut: in a terminal the wide table
-    where it fits, else the stacked one; in a file or a log the wide table at its
-    natural width, however wide."""
-    wide = summary_table(rows, title)
-    natural = Measurement.get(console, console.options.update_width(UNBOUNDED_COLUMNS), wide)
+    """`summary_table` sized for `console`, nothing cut: a terminal's width, or in a file
+    or a log the wide table at its natural width, however wide."""
     if console.is_terminal:
-        console.print(wide if natural.maximum <= console.width else _stacked(rows, title))
+        console.print(summary_table(rows, title, console.width))
         return
+    table = summary_table(rows, title)
     width = console.width  # print(width=) is capped at the console's width: widen it
-    console.width = max(width, natural.maximum)
+    console.width = max(width, natural_width(table))
     try:
-        console.print(wide)
+        console.print(table)
     finally:
         console.width = width
 
