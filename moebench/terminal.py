@@ -104,10 +104,10 @@ def summary_table(rows: list[dict[str, Any]], title: str, width: int | None = No
     """One line per case (wide) where that table fits `width` whole, else two (stacked);
     width None: wide (a file or a log has no edge). Implementation names are never cut
     to an ellipsis: names that differ at their end (a library's backends,
-    `hf-mixtral:eager` and `hf-mixtral:grouped_mm`) would read as one. The wide table
-    keeps each name on one line; the stacked one folds a name longer than its column."""
-    name_width = max((len(str(r.get("impl"))) for r in rows), default=4)
-    wide = _wide(rows, title, name_width)
+    `hf-mixtral:eager` and `hf-mixtral:grouped_mm`) would read as one. The wide table is
+    used unsqueezed, each name on one line; the stacked one folds a name longer than its
+    column."""
+    wide = _wide(rows, title)
     if width is None or natural_width(wide) <= width:
         return wide
     return _stacked(rows, title)
@@ -137,9 +137,9 @@ def print_summary(console: Console, rows: list[dict[str, Any]], title: str) -> N
         console.width = width
 
 
-def _wide(rows: list[dict[str, Any]], title: str, name_width: int) -> Table:
+def _wide(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=Text(title), show_lines=False)
-    table.add_column("impl", min_width=name_width, no_wrap=True)
+    table.add_column("impl", overflow="fold")  # never an ellipsis, even squeezed
     columns = (
         ("shape", "left"),
         ("tokens", "right"),

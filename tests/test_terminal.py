@@ -59,8 +59,8 @@ def test_long_implementation_names_are_printed_whole(terminal_width: int | None)
     """Names that differ only at their end (a library's three backends) are never cut to
     `hf-mixtral:…`, which would make three rows read as one implementation: in a log the
     wide table keeps every column and each name on one line; a terminal too narrow for
-    the wide table (here 80, and 170: under this run's wide table) gets the
-    stacked one, which folds a long name onto the next line."""
+    the wide table (here 80, and 170: under this run's wide table) gets the stacked one,
+    which folds a long name onto the next line."""
     rows = read_run(PEERS_RUN).to_dict("records")
     names = {str(row["impl"]) for row in rows}
     assert len(names) >= 16 and "hf-deepseek-v3:grouped_mm" in names
