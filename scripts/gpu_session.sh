@@ -11,11 +11,15 @@
 #   default   suites/default.toml --profile
 #   hierarchical  suites/hierarchical.toml
 #   peers     suites/peers.toml (every preset)
+#   weight-grad  scripts/weight_grad_bench.py: the backward's weight gradients, grouped GEMM
+#             against the few-rows Triton kernel (GPU_PRESETS: which presets)
 #   designs   seeds, moepp, dsmoe, topp, merging, offload and deepseek suites (GPU_DESIGNS:
 #             a subset, by name)
 #
 # GPU_FILTER="KEY=V1,V2" (or a label regex) keeps only matching cases of every suite step,
-# e.g. GPU_FILTER=cuda_graph=true scripts/gpu_session.sh peers (the graphed decode rows).
+# e.g. GPU_FILTER=cuda_graph=true scripts/gpu_session.sh peers (the graphed decode rows);
+# several filters, all of which a case must match, are separated by ";"
+# (GPU_FILTER="preset=deepseek-v3;mode=train;impl=triton,moe-ops").
 #
 # Steps run in the order given, all inside GPU_DEADLINE_S seconds (default 570, under the
 # device tool's 10-minute call): a step still running at the deadline gets SIGTERM, which
@@ -66,8 +70,11 @@ timed() {  # a command cut at the deadline, its output appended to the log
   timeout --signal=TERM --kill-after=20 "$seconds" "$@" 2>&1 | tee -a "$log"
 }
 
-suite() {  # a suite into this step's results root (GPU_FILTER: one --filter for every suite)
-  timed python3 -m moebench run "$@" ${GPU_FILTER:+--filter "$GPU_FILTER"} --out "$root" --quiet
+suite() {  # a suite into this step's results root (GPU_FILTER: --filter for every suite)
+  local filters=() filter
+  IFS=';' read -ra parts <<< "${GPU_FILTER:-}"
+  for filter in "${parts[@]}"; do filters+=(--filter "$filter"); done
+  timed python3 -m moebench run "$@" "${filters[@]}" --out "$root" --quiet
 }
 
 for step in "$@"; do
@@ -85,6 +92,11 @@ for step in "$@"; do
     default) suite suites/default.toml --device cuda --profile ;;
     hierarchical) suite suites/hierarchical.toml --device cuda ;;
     peers) suite suites/peers.toml --device cuda ;;
+    weight-grad)
+      # shellcheck disable=SC2086
+      timed python3 scripts/weight_grad_bench.py \
+        --preset ${GPU_PRESETS:-deepseek-v3 qwen3-30b-a3b olmoe-1b-7b}
+      ;;
     designs)
       # GPU_DESIGNS: a subset of the design suites, by name
       for name in ${GPU_DESIGNS:-seeds moepp dsmoe topp merging offload deepseek}; do

@@ -106,6 +106,34 @@ def test_alignment_pads_each_expert_to_whole_blocks(tokens, num_experts, top_k, 
     assert padded == start
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_few_rows_weight_grad_matches_a_per_expert_loop(dtype):
+    """Experts with no rows (zeros, written), runs not a multiple of BLOCK_R, widths not
+    a multiple of any tile, against a float32 loop, for every candidate tile shape."""
+    from moebench.impls.triton import weight_grad
+
+    if KERNEL_DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter computes in numpy, which has no bfloat16")
+    gen = torch.Generator().manual_seed(0)
+    counts = [0, 5, 0, 17, 1, 40, 0]  # expert 0 and the last have none
+    ends_E = torch.tensor(counts).cumsum(0).to(torch.int32)
+    M, N, P = 72, 136, int(ends_E[-1]) + 9  # rows past the last end are never read
+    a_PM = torch.randn(P, M, generator=gen).to(dtype)
+    b_PN = torch.randn(P, N, generator=gen).to(dtype)
+    a_PM[int(ends_E[-1]) :] = float("nan")
+    expected = torch.zeros(len(counts), M, N)
+    for expert, end in enumerate(ends_E.tolist()):
+        start = end - counts[expert]
+        expected[expert] = a_PM[start:end].float().t() @ b_PN[start:end].float()
+    device = KERNEL_DEVICE
+    for config in weight_grad.candidates():
+        out_EMN = torch.full((len(counts), M, N), float("nan"), dtype=dtype, device=device)
+        args = (a_PM.to(device), b_PN.to(device), ends_E.to(device), out_EMN)
+        weight_grad.launch(*args, config)
+        torch.testing.assert_close(out_EMN.float().cpu(), expected, rtol=2e-2, atol=2e-2)
+
+
 # ---------------------------------------------------------------------- CPU: tuner
 
 

@@ -28,6 +28,10 @@ only the device knows) lie beyond the last group offset: grouped GEMMs neither r
 for weight gradients nor count them, and no assignment's row is there, so the gathers
 never read them.
 
+Where experts see a few rows each (the forward's row blocks at most FEW_ROWS_BLOCK_M),
+the two weight gradients are a streaming write rather than FLOPs and come from
+`weight_grad.py`'s Triton kernel instead of the grouped GEMM.
+
 torch's grouped GEMM needs 16-byte aligned strides and, in some builds, bfloat16; where
 the widths or the dtype do not allow it, a per-expert loop over the same layout stands in
 (it reads the offsets on the host: a sync, in the backward only).
@@ -44,7 +48,9 @@ import triton
 import triton.language as tl
 
 from moebench.impls.grouped import GROUPED_MM, grouped_mm_works
+from moebench.impls.triton import tuning
 from moebench.impls.triton.align import Alignment
+from moebench.impls.triton.weight_grad import FEW_ROWS_BLOCK_M, few_rows_weight_grad
 
 
 @dataclass
@@ -233,8 +239,22 @@ def fused_backward(
 
     dh_unscaled_PF = rows_times_weights(dy_rows_PD, w_down_EFD.transpose(1, 2), ends_E)
     dgate_up_P2F, h_weighted_PF, dweight_P = swiglu_backward(dh_unscaled_PF, saved, gate_weight_A)
-    dW_down_EFD = weight_grad(h_weighted_PF, dy_rows_PD, ends_E)
-    dW_gate_up_E2FD = weight_grad(dgate_up_P2F, x_rows_PD, ends_E)
+    if alignment.block_m <= FEW_ROWS_BLOCK_M:  # a few rows per expert: write-bound
+
+        def key(name: str, w_EKN: torch.Tensor) -> str:
+            layout = tuning.weight_layout(w_EKN)
+            return tuning.key(f"weight_grad_{name}", x_TD, w_down_EFD, K, layout)
+
+        w_gate_EDF = w_gate_up_E2FD.transpose(1, 2)  # its layout, as the forward keys it
+        dW_down_EFD = few_rows_weight_grad(
+            h_weighted_PF, dy_rows_PD, ends_E, key("down", w_down_EFD)
+        )
+        dW_gate_up_E2FD = few_rows_weight_grad(
+            dgate_up_P2F, x_rows_PD, ends_E, key("gate_up", w_gate_EDF)
+        )
+    else:
+        dW_down_EFD = weight_grad(h_weighted_PF, dy_rows_PD, ends_E)
+        dW_gate_up_E2FD = weight_grad(dgate_up_P2F, x_rows_PD, ends_E)
     dx_rows_PD = rows_times_weights(dgate_up_P2F, w_gate_up_E2FD, ends_E)
     dx_TD = token_sum(dx_rows_PD, K, alignment.row_of_assign_A)
     return (

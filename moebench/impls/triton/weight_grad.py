@@ -1,0 +1,125 @@
+"""Expert weight gradients when each expert has few rows: a Triton kernel that writes
+each gradient tile once, from its expert's rows.
+
+Shape legend: E routed experts, P padded rows (the forward's `Alignment`), M and N the
+gradient's two widths (2F x D for gate|up, F x D for down).
+
+dW[e] = a[rows of e]^T @ b[rows of e] is an outer product of a handful of rows when an
+expert sees few tokens (DeepSeek-V3 at 64 tokens: 512 assignments over 256 experts),
+so its cost is writing E x M x N, not the FLOPs: 22.5 GB for DeepSeek-V3's two
+gradients, written by torch's grouped GEMM (CUTLASS) at 3.0 TB/s on an H200 (NOTES.md,
+version 6). Here one program owns one BLOCK_M x BLOCK_N tile of one expert's gradient:
+it sums its expert's rows BLOCK_R at a time (none for an expert with no rows: its tile
+is zeros) and stores the tile once, so the kernel is one streaming write.
+
+`FEW_ROWS_BLOCK_M` says where it is used: the forward's row blocks are at most that
+many rows, i.e. a few rows per expert on average (`tuning.block_m_for`); above it the
+FLOPs dominate and the grouped GEMM's tensor-core pipeline wins.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moebench.impls.triton import tuning
+
+FEW_ROWS_BLOCK_M = 32
+
+
+@triton.jit
+def weight_grad_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    ends_ptr,
+    M,
+    N,
+    stride_a_p,
+    stride_b_p,
+    stride_out_e,
+    stride_out_m,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out[e, m, n] = sum over rows r of expert e (ends[e - 1] <= r < ends[e]) of
+    a[r, m] b[r, n], summed in float32; one program per (expert, M tile, N tile), N
+    tiles fastest so that neighbouring programs write neighbouring memory."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_expert = tl.cdiv(M, BLOCK_M) * tiles_n
+    pid = tl.program_id(0)
+    expert = pid // tiles_per_expert
+    tile = pid % tiles_per_expert
+    offs_m = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    start = tl.load(ends_ptr + expert - 1, mask=expert > 0, other=0)
+    end = tl.load(ends_ptr + expert)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for first in range(start, end, BLOCK_R):
+        rows = first + tl.arange(0, BLOCK_R)
+        row_ok = rows < end
+        rows64 = rows.to(tl.int64)[:, None]
+        a = tl.load(
+            a_ptr + rows64 * stride_a_p + offs_m[None, :],
+            mask=row_ok[:, None] & m_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + rows64 * stride_b_p + offs_n[None, :],
+            mask=row_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(tl.trans(a), b, acc)
+    out_ptrs = (
+        out_ptr
+        + expert.to(tl.int64) * stride_out_e
+        + offs_m.to(tl.int64)[:, None] * stride_out_m
+        + offs_n[None, :]
+    )
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def candidates() -> list[dict]:
+    """Tile shapes worth timing: wide along N (the gradient's contiguous dimension), so
+    each program writes whole 128-byte lines."""
+    shapes = [(64, 256, 16, 4), (128, 128, 16, 4), (64, 128, 16, 4), (32, 256, 16, 4)]
+    shapes += [(128, 256, 16, 8), (64, 256, 32, 4)]
+    return [
+        {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_R": r, "num_warps": warps} for m, n, r, warps in shapes
+    ]
+
+
+def launch(
+    a_PM: torch.Tensor, b_PN: torch.Tensor, ends_E: torch.Tensor, out_EMN: torch.Tensor,
+    config: dict,
+) -> None:  # fmt: skip
+    """out_EMN[e] <- a_PM[rows of e]^T @ b_PN[rows of e] (`weight_grad_kernel`)."""
+    E, M, N = out_EMN.shape
+    assert a_PM.stride(1) == 1 and b_PN.stride(1) == 1 and out_EMN.stride(2) == 1
+    grid = (E * triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+    weight_grad_kernel[grid](
+        a_PM, b_PN, out_EMN, ends_E, M, N,
+        a_PM.stride(0), b_PN.stride(0), out_EMN.stride(0), out_EMN.stride(1),
+        BLOCK_R=config["BLOCK_R"], BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        num_warps=config["num_warps"],
+    )  # fmt: skip
+
+
+def few_rows_weight_grad(
+    a_PM: torch.Tensor, b_PN: torch.Tensor, ends_E: torch.Tensor, tuning_key: str
+) -> torch.Tensor:
+    """Per expert e: a_PM[rows of e]^T @ b_PN[rows of e], as E x M x N in a_PM's dtype
+    (experts with no rows get zeros); block sizes tuned and cached under `tuning_key`."""
+    out_EMN = a_PM.new_empty(ends_E.numel(), a_PM.shape[1], b_PN.shape[1])
+    config = tuning.TUNER.choose(
+        a_PM.device,
+        tuning_key,
+        candidates,
+        lambda config: launch(a_PM, b_PN, ends_E, out_EMN, config),
+    )
+    launch(a_PM, b_PN, ends_E, out_EMN, config)
+    return out_EMN

@@ -1,0 +1,87 @@
+"""The fused layer's two expert weight gradients, torch's grouped GEMM against the
+few-rows Triton kernel (`moebench/impls/triton/weight_grad.py`), on real shapes (CUDA).
+
+    python scripts/weight_grad_bench.py [--preset deepseek-v3 ...] [--tokens 1 64 1024]
+
+For each preset and token count: random top-k routing aligned as the training forward
+aligns it, then the milliseconds (triton.testing.do_bench, median) of each way of
+computing dW_gate_up (E x 2F x D) and dW_down (E x F x D), the bandwidth of the bytes
+the kernel writes, and `zero_()` on the same bytes as the write ceiling. Says where the
+backward should switch from one to the other (`weight_grad.FEW_ROWS_BLOCK_M`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from moebench.presets import PRESETS
+
+
+def time_gradient(rows: int, width: int, D: int, ends_E: torch.Tensor, key: str) -> str:
+    """Both ways of one E x width x D gradient from random rows, and zero_ on its bytes."""
+    from triton.testing import do_bench
+
+    from moebench.impls.triton.backward import weight_grad
+    from moebench.impls.triton.weight_grad import few_rows_weight_grad
+
+    a_PM = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    b_PD = torch.randn(rows, D, device="cuda", dtype=torch.bfloat16)
+    terabytes = ends_E.numel() * width * D * 2 / 1e12
+    triton_ms = do_bench(lambda: few_rows_weight_grad(a_PM, b_PD, ends_E, key))
+    grouped_ms = do_bench(lambda: weight_grad(a_PM, b_PD, ends_E))
+    # The first 16 experts' gradients in float32 (all of them would need 60 GB here).
+    expected = weight_grad(a_PM, b_PD, ends_E)[:16].float()
+    got = few_rows_weight_grad(a_PM, b_PD, ends_E, key)
+    zero_ms = do_bench(got.zero_)
+    got = few_rows_weight_grad(a_PM, b_PD, ends_E, key)[:16].float()
+    error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
+    return (
+        f"{grouped_ms:.3f}, {triton_ms:.3f} ({terabytes / triton_ms * 1e3:.2f}),"
+        f" {zero_ms:.3f} ({terabytes / zero_ms * 1e3:.2f}) err {error:.1e}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", nargs="+", default=["deepseek-v3", "qwen3-30b-a3b"])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 64, 1024, 8192])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("weight_grad_bench.py needs a CUDA device")
+    unknown = [p for p in args.preset if p not in PRESETS]
+    if unknown:
+        raise SystemExit(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
+    from moebench.impls.triton import tuning
+    from moebench.impls.triton.align import align_to_blocks
+    from moebench.impls.triton.weight_grad import FEW_ROWS_BLOCK_M
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    print(
+        "preset tokens block_m | gradient: grouped_mm ms, triton ms (TB/s written), zero_ ms (TB/s)"
+    )
+    for preset in args.preset:
+        shape = PRESETS[preset]
+        D, F, E, K = shape.hidden, shape.ffn, shape.num_experts, shape.top_k
+        for tokens in args.tokens:
+            gen = torch.Generator(device=device).manual_seed(tokens)
+            scores_TE = torch.rand(tokens, E, device=device, generator=gen)
+            expert_ids_TK = scores_TE.topk(K, dim=1).indices.to(torch.int32)
+            block_m = tuning.block_m_for(tokens, K, E)
+            alignment = align_to_blocks(expert_ids_TK, E, block_m)
+            ends_E, rows = alignment.padded_ends_E, alignment.max_rows
+            x_TD = torch.empty(tokens, D, device=device, dtype=dtype)
+            w_down_EFD = torch.empty(E, F, D, device=device, dtype=dtype)
+            line = [f"{preset} {tokens} {block_m}"]
+            for name, width, layout in (("gate_up", 2 * F, "kmajor"), ("down", F, "nmajor")):
+                key = tuning.key(f"weight_grad_{name}", x_TD, w_down_EFD, K, layout)
+                line.append(f"{name}: " + time_gradient(rows, width, D, ends_E, key))
+            print(" | ".join(line), flush=True)
+            del w_down_EFD
+            torch.cuda.empty_cache()
+    print(f"the backward uses the triton kernel where block_m <= {FEW_ROWS_BLOCK_M}")
+
+
+if __name__ == "__main__":
+    main()
