@@ -5,9 +5,10 @@ few-rows Triton kernel (`moebench/impls/triton/weight_grad.py`), on real shapes 
 
 For each preset and token count: random top-k routing aligned as the training forward
 aligns it, then the milliseconds (triton.testing.do_bench, median) of each way of
-computing dW_gate_up (E x 2F x D) and dW_down (E x F x D), the bandwidth of the bytes
-the kernel writes, and `zero_()` on the same bytes as the write ceiling. Says where the
-backward should switch from one to the other (`weight_grad.FEW_ROWS_BLOCK_M`).
+computing dW_gate_up (E x 2F x D) and dW_down (E x F x D): torch's grouped GEMM, the
+Triton kernel alone (its best tile; the bandwidth of the bytes it writes), `zero_()` on
+the same bytes (a write ceiling), and the path the backward takes (the tuner's choice of
+the two up to `weight_grad.FEW_ROWS_BLOCK_M` rows per block, else the grouped GEMM).
 """
 
 from __future__ import annotations
@@ -19,27 +20,45 @@ import torch
 from moebench.presets import PRESETS
 
 
-def time_gradient(rows: int, width: int, D: int, ends_E: torch.Tensor, key: str) -> str:
-    """Both ways of one E x width x D gradient from random rows, and zero_ on its bytes."""
+def time_gradient(
+    rows: int, width: int, D: int, ends_E: torch.Tensor, block_m: int, key: str
+) -> str:
+    """One E x width x D gradient from random rows: the grouped GEMM, the Triton kernel
+    alone (its best tile), `zero_` on the same bytes, and the backward's own choice."""
     from triton.testing import do_bench
 
+    from moebench.impls.triton import tuning
     from moebench.impls.triton.backward import weight_grad
-    from moebench.impls.triton.weight_grad import few_rows_weight_grad
+    from moebench.impls.triton.weight_grad import (
+        FEW_ROWS_BLOCK_M,
+        GROUPED_GEMM,
+        expert_weight_grad,
+    )
 
     a_PM = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
     b_PD = torch.randn(rows, D, device="cuda", dtype=torch.bfloat16)
     terabytes = ends_E.numel() * width * D * 2 / 1e12
-    triton_ms = do_bench(lambda: few_rows_weight_grad(a_PM, b_PD, ends_E, key))
+
+    def kernel_only() -> torch.Tensor:
+        return expert_weight_grad(a_PM, b_PD, ends_E, block_m, key + " kernel only", None)
+
+    triton_ms = do_bench(kernel_only)
     grouped_ms = do_bench(lambda: weight_grad(a_PM, b_PD, ends_E))
+    chosen_ms = do_bench(lambda: expert_weight_grad(a_PM, b_PD, ends_E, block_m, key, weight_grad))
+    chosen = "grouped, untimed"
+    if block_m <= FEW_ROWS_BLOCK_M:  # the tuner has a choice for key now
+        choice = tuning.TUNER.choose(a_PM.device, key, list, lambda config: None)
+        chosen = "grouped" if choice == GROUPED_GEMM else "triton"
     # The first 16 experts' gradients in float32 (all of them would need 60 GB here).
     expected = weight_grad(a_PM, b_PD, ends_E)[:16].float()
-    got = few_rows_weight_grad(a_PM, b_PD, ends_E, key)
+    got = kernel_only()
     zero_ms = do_bench(got.zero_)
-    got = few_rows_weight_grad(a_PM, b_PD, ends_E, key)[:16].float()
+    got = kernel_only()[:16].float()
     error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
     return (
         f"{grouped_ms:.3f}, {triton_ms:.3f} ({terabytes / triton_ms * 1e3:.2f}),"
-        f" {zero_ms:.3f} ({terabytes / zero_ms * 1e3:.2f}) err {error:.1e}"
+        f" {zero_ms:.3f} ({terabytes / zero_ms * 1e3:.2f}) err {error:.1e};"
+        f" backward {chosen_ms:.3f} ({chosen})"
     )
 
 
@@ -55,11 +74,11 @@ def main() -> None:
         raise SystemExit(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
     from moebench.impls.triton import tuning
     from moebench.impls.triton.align import align_to_blocks
-    from moebench.impls.triton.weight_grad import FEW_ROWS_BLOCK_M
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     print(
-        "preset tokens block_m | gradient: grouped_mm ms, triton ms (TB/s written), zero_ ms (TB/s)"
+        "preset tokens block_m | gradient: grouped_mm ms, triton ms (TB/s written),"
+        " zero_ ms (TB/s), relative error; backward ms (its path)"
     )
     for preset in args.preset:
         shape = PRESETS[preset]
@@ -76,11 +95,10 @@ def main() -> None:
             line = [f"{preset} {tokens} {block_m}"]
             for name, width, layout in (("gate_up", 2 * F, "kmajor"), ("down", F, "nmajor")):
                 key = tuning.key(f"weight_grad_{name}", x_TD, w_down_EFD, K, layout)
-                line.append(f"{name}: " + time_gradient(rows, width, D, ends_E, key))
+                line.append(f"{name}: " + time_gradient(rows, width, D, ends_E, block_m, key))
             print(" | ".join(line), flush=True)
             del w_down_EFD
             torch.cuda.empty_cache()
-    print(f"the backward uses the triton kernel where block_m <= {FEW_ROWS_BLOCK_M}")
 
 
 if __name__ == "__main__":

@@ -127,11 +127,36 @@ def test_few_rows_weight_grad_matches_a_per_expert_loop(dtype):
         start = end - counts[expert]
         expected[expert] = a_PM[start:end].float().t() @ b_PN[start:end].float()
     device = KERNEL_DEVICE
-    for config in weight_grad.candidates():
+    for config in weight_grad.candidates(16, False) + weight_grad.candidates(64, False):
         out_EMN = torch.full((len(counts), M, N), float("nan"), dtype=dtype, device=device)
         args = (a_PM.to(device), b_PN.to(device), ends_E.to(device), out_EMN)
         weight_grad.launch(*args, config)
         torch.testing.assert_close(out_EMN.float().cpu(), expected, rtol=2e-2, atol=2e-2)
+
+
+@needs_kernels
+def test_expert_weight_grad_takes_the_grouped_gemm_above_few_rows(tmp_path, monkeypatch):
+    """Above FEW_ROWS_BLOCK_M rows per block the grouped GEMM is used untimed; without one
+    (a dtype or width it cannot take) the Triton kernel stands in at any block size."""
+    from moebench.impls.triton import weight_grad
+
+    monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
+    ends_E = torch.tensor([16, 16, 48], dtype=torch.int32, device=KERNEL_DEVICE)
+    a_PM = torch.randn(48, 24, device=KERNEL_DEVICE).half()
+    b_PN = torch.randn(48, 40, device=KERNEL_DEVICE).half()
+    calls = []
+
+    def grouped(*args):
+        calls.append(args)
+        return "grouped"
+
+    block_m = 2 * weight_grad.FEW_ROWS_BLOCK_M
+    got = weight_grad.expert_weight_grad(a_PM, b_PN, ends_E, block_m, "k", grouped)
+    assert got == "grouped" and len(calls) == 1
+    out_EMN = weight_grad.expert_weight_grad(a_PM, b_PN, ends_E, block_m, "k", None)
+    assert out_EMN.shape == (3, 24, 40) and (out_EMN[1] == 0).all()
+    expected = a_PM[16:].float().t() @ b_PN[16:].float()
+    torch.testing.assert_close(out_EMN[2].float(), expected, rtol=2e-2, atol=2e-2)
 
 
 # ---------------------------------------------------------------------- CPU: tuner

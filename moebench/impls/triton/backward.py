@@ -28,13 +28,15 @@ only the device knows) lie beyond the last group offset: grouped GEMMs neither r
 for weight gradients nor count them, and no assignment's row is there, so the gathers
 never read them.
 
-Where experts see a few rows each (the forward's row blocks at most FEW_ROWS_BLOCK_M),
-the two weight gradients are a streaming write rather than FLOPs and come from
-`weight_grad.py`'s Triton kernel instead of the grouped GEMM.
+The two weight gradients go through `weight_grad.expert_weight_grad`: where experts see
+a few rows each (the forward's row blocks at most FEW_ROWS_BLOCK_M) they are a streaming
+write rather than FLOPs, and a Triton kernel that writes each tile once races the grouped
+GEMM in the tuner.
 
 torch's grouped GEMM needs 16-byte aligned strides and, in some builds, bfloat16; where
-the widths or the dtype do not allow it, a per-expert loop over the same layout stands in
-(it reads the offsets on the host: a sync, in the backward only).
+the widths or the dtype do not allow it, the weight gradients come from the Triton kernel
+alone and dh and dx from a per-expert loop over the same layout (it reads the offsets on
+the host: a sync, in the backward only).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import triton.language as tl
 from moebench.impls.grouped import GROUPED_MM, grouped_mm_works
 from moebench.impls.triton import tuning
 from moebench.impls.triton.align import Alignment
-from moebench.impls.triton.weight_grad import FEW_ROWS_BLOCK_M, few_rows_weight_grad
+from moebench.impls.triton.weight_grad import expert_weight_grad
 
 
 @dataclass
@@ -93,13 +95,10 @@ def rows_times_weights(a_PK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Te
 
 
 def weight_grad(a_PK: torch.Tensor, b_PN: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
-    """Per expert e: a_PK[rows of e]^T @ b_PN[rows of e], as E x K x N."""
-    if _grouped_ok(a_PK, b_PN):
-        return GROUPED_MM(a_PK.t(), b_PN, offs=ends_E)
-    out = []
-    for start, end in _per_expert_bounds(ends_E):
-        out.append(a_PK[start:end].t() @ b_PN[start:end])
-    return torch.stack(out)
+    """Per expert e: a_PK[rows of e]^T @ b_PN[rows of e], as E x K x N, by torch's grouped
+    GEMM (`_grouped_ok` says where it runs; elsewhere `expert_weight_grad` takes only the
+    Triton kernel)."""
+    return GROUPED_MM(a_PK.t(), b_PN, offs=ends_E)
 
 
 @triton.jit
@@ -239,22 +238,16 @@ def fused_backward(
 
     dh_unscaled_PF = rows_times_weights(dy_rows_PD, w_down_EFD.transpose(1, 2), ends_E)
     dgate_up_P2F, h_weighted_PF, dweight_P = swiglu_backward(dh_unscaled_PF, saved, gate_weight_A)
-    if alignment.block_m <= FEW_ROWS_BLOCK_M:  # a few rows per expert: write-bound
 
-        def key(name: str, w_EKN: torch.Tensor) -> str:
-            layout = tuning.weight_layout(w_EKN)
-            return tuning.key(f"weight_grad_{name}", x_TD, w_down_EFD, K, layout)
+    def expert_grads(name: str, a_PM: torch.Tensor, b_PD: torch.Tensor, w_EKN: torch.Tensor):
+        key = tuning.key(f"weight_grad_{name}", x_TD, w_down_EFD, K, tuning.weight_layout(w_EKN))
+        grouped = weight_grad if _grouped_ok(a_PM, b_PD) else None
+        return expert_weight_grad(a_PM, b_PD, ends_E, alignment.block_m, key, grouped)
 
-        w_gate_EDF = w_gate_up_E2FD.transpose(1, 2)  # its layout, as the forward keys it
-        dW_down_EFD = few_rows_weight_grad(
-            h_weighted_PF, dy_rows_PD, ends_E, key("down", w_down_EFD)
-        )
-        dW_gate_up_E2FD = few_rows_weight_grad(
-            dgate_up_P2F, x_rows_PD, ends_E, key("gate_up", w_gate_EDF)
-        )
-    else:
-        dW_down_EFD = weight_grad(h_weighted_PF, dy_rows_PD, ends_E)
-        dW_gate_up_E2FD = weight_grad(dgate_up_P2F, x_rows_PD, ends_E)
+    dW_down_EFD = expert_grads("down", h_weighted_PF, dy_rows_PD, w_down_EFD)
+    dW_gate_up_E2FD = expert_grads(
+        "gate_up", dgate_up_P2F, x_rows_PD, w_gate_up_E2FD.transpose(1, 2)
+    )
     dx_rows_PD = rows_times_weights(dgate_up_P2F, w_gate_up_E2FD, ends_E)
     dx_TD = token_sum(dx_rows_PD, K, alignment.row_of_assign_A)
     return (

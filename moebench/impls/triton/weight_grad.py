@@ -12,12 +12,17 @@ version 6). Here one program owns one BLOCK_M x BLOCK_N tile of one expert's gra
 it sums its expert's rows BLOCK_R at a time (none for an expert with no rows: its tile
 is zeros) and stores the tile once, so the kernel is one streaming write.
 
-`FEW_ROWS_BLOCK_M` says where it is used: the forward's row blocks are at most that
-many rows, i.e. a few rows per expert on average (`tuning.block_m_for`); above it the
-FLOPs dominate and the grouped GEMM's tensor-core pipeline wins.
+Where it runs: up to `FEW_ROWS_BLOCK_M` rows per block of the forward (a few dozen rows
+per expert on average, `tuning.block_m_for`) the tuner times these tiles and torch's
+grouped GEMM side by side and keeps the faster for the shape and token bucket; above it
+the FLOPs dominate and the grouped GEMM's tensor-core pipeline is used untimed. Measured
+on an H200 (NOTES.md, version 7): 4.0-4.7 TB/s written at 16 rows per block, where the
+grouped GEMM wrote 3.0-3.1.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
@@ -25,7 +30,9 @@ import triton.language as tl
 
 from moebench.impls.triton import tuning
 
-FEW_ROWS_BLOCK_M = 32
+FEW_ROWS_BLOCK_M = 64
+# The tuner's candidate that hands the gradient to torch's grouped GEMM instead.
+GROUPED_GEMM = {"kernel": "grouped_mm"}
 
 
 @triton.jit
@@ -83,14 +90,22 @@ def weight_grad_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def candidates() -> list[dict]:
-    """Tile shapes worth timing: wide along N (the gradient's contiguous dimension), so
-    each program writes whole 128-byte lines."""
-    shapes = [(64, 256, 16, 4), (128, 128, 16, 4), (64, 128, 16, 4), (32, 256, 16, 4)]
-    shapes += [(128, 256, 16, 8), (64, 256, 32, 4)]
-    return [
+def candidates(block_m: int, grouped_gemm: bool) -> list[dict]:
+    """Tile shapes worth timing where the forward's row blocks hold `block_m` rows: wide
+    along N (the gradient's contiguous dimension) so that each program writes whole
+    128-byte lines, summing up to `block_m` rows per step (an expert's run is a whole
+    number of blocks). Then the grouped GEMM, if it can run: last, because in Triton's
+    interpreter (tests) the first candidate is taken untimed."""
+    if block_m <= 32:
+        shapes = [(64, 256, 16, 4), (128, 128, 16, 4), (64, 128, 16, 4), (32, 256, 16, 4)]
+        shapes += [(128, 256, 16, 8), (64, 256, 32, 4)]
+    else:
+        shapes = [(64, 256, 64, 8), (128, 128, 64, 8), (64, 128, 64, 4), (64, 256, 32, 4)]
+        shapes += [(128, 256, 32, 8), (64, 256, 16, 4)]
+    tiles = [
         {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_R": r, "num_warps": warps} for m, n, r, warps in shapes
     ]
+    return tiles + ([GROUPED_GEMM] if grouped_gemm else [])
 
 
 def launch(
@@ -109,17 +124,35 @@ def launch(
     )  # fmt: skip
 
 
-def few_rows_weight_grad(
-    a_PM: torch.Tensor, b_PN: torch.Tensor, ends_E: torch.Tensor, tuning_key: str
+def expert_weight_grad(
+    a_PM: torch.Tensor,
+    b_PN: torch.Tensor,
+    ends_E: torch.Tensor,
+    block_m: int,
+    tuning_key: str,
+    grouped_gemm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None,
 ) -> torch.Tensor:
     """Per expert e: a_PM[rows of e]^T @ b_PN[rows of e], as E x M x N in a_PM's dtype
-    (experts with no rows get zeros); block sizes tuned and cached under `tuning_key`."""
+    (experts with no rows get zeros), from `weight_grad_kernel` or `grouped_gemm(a_PM,
+    b_PN, ends_E)` (None where it cannot run), whichever the tuner found faster for
+    `tuning_key`; above FEW_ROWS_BLOCK_M rows per block, the grouped GEMM untimed."""
+    if block_m > FEW_ROWS_BLOCK_M and grouped_gemm is not None:
+        return grouped_gemm(a_PM, b_PN, ends_E)
     out_EMN = a_PM.new_empty(ends_E.numel(), a_PM.shape[1], b_PN.shape[1])
+
+    def run(config: dict) -> None:
+        if config == GROUPED_GEMM:
+            grouped_gemm(a_PM, b_PN, ends_E)
+        else:
+            launch(a_PM, b_PN, ends_E, out_EMN, config)
+
     config = tuning.TUNER.choose(
         a_PM.device,
         tuning_key,
-        candidates,
-        lambda config: launch(a_PM, b_PN, ends_E, out_EMN, config),
+        lambda: candidates(block_m, grouped_gemm is not None),
+        run,
     )
+    if config == GROUPED_GEMM:
+        return grouped_gemm(a_PM, b_PN, ends_E)
     launch(a_PM, b_PN, ends_E, out_EMN, config)
     return out_EMN
