@@ -17,8 +17,9 @@ their assignments) -> sum over the K slots of each token (`token_sum_kernel`). A
 token at inference skips the alignment: one row block per assignment (its K experts are
 distinct, so each expert's weights are still read once). Training keeps the gate and up
 pre-activations and the SwiGLU output per padded row; the backward (backward.py) is
-torch grouped GEMMs over that layout with two Triton kernels between them (the SwiGLU
-backward, the per-token sums of dx), nothing recomputed.
+torch grouped GEMMs over that layout with Triton kernels between them (the SwiGLU
+backward, the per-token sums of dx) and, for experts with a few rows each, the weight
+gradients (weight_grad.py); nothing recomputed.
 """
 
 from __future__ import annotations
@@ -129,7 +130,10 @@ class _FusedExpertsFunction(torch.autograd.Function):
 class TritonMoE(MoELayer):
     """Dropless top-k MoE on fused Triton kernels."""
 
-    impl_detail = "triton fused fwd (gate|up one tensor); grouped_mm + triton SwiGLU, token-sum bwd"
+    impl_detail = (
+        "triton fused fwd (gate|up one tensor); grouped_mm + triton SwiGLU, token-sum,"
+        " few-row dW bwd"
+    )
 
     def __init__(self, weights: ExpertWeights, case: Case):
         super().__init__(weights, case)
