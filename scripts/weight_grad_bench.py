@@ -67,11 +67,13 @@ def main() -> None:
     parser.add_argument("--preset", nargs="+", default=["deepseek-v3", "qwen3-30b-a3b"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 64, 1024, 8192])
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("weight_grad_bench.py needs a CUDA device")
     unknown = [p for p in args.preset if p not in PRESETS]
     if unknown:
         raise SystemExit(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
+    if min(args.tokens) < 1:
+        raise SystemExit(f"--tokens must be >= 1, got {args.tokens}")
+    if not torch.cuda.is_available():
+        raise SystemExit("weight_grad_bench.py needs a CUDA device")
     from moebench.impls.triton import tuning
     from moebench.impls.triton.align import align_to_blocks
 
