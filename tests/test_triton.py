@@ -158,6 +158,13 @@ def test_expert_weight_grad_takes_the_grouped_gemm_above_few_rows(tmp_path, monk
     expected = a_PM[16:].float().t() @ b_PN[16:].float()
     torch.testing.assert_close(out_EMN[2].float(), expected, rtol=2e-2, atol=2e-2)
 
+    # Few rows, and the tuner's cached choice is the grouped GEMM: no kernel launched.
+    cache_file = tuning._device_file(torch.device(KERNEL_DEVICE))
+    cache_file.write_text(json.dumps({"few": weight_grad.GROUPED_GEMM}))
+    tuning.TUNER._loaded.pop(cache_file, None)
+    monkeypatch.setattr(weight_grad, "launch", lambda *args: pytest.fail("launched"))
+    assert weight_grad.expert_weight_grad(a_PM, b_PN, ends_E, 16, "few", grouped) == "grouped"
+
 
 # ---------------------------------------------------------------------- CPU: tuner
 

@@ -116,7 +116,7 @@ class Tuner:
         device: torch.device,
         key: str,
         configs: Callable[[], list[dict]],
-        run: Callable[[dict], None],
+        run: Callable[[dict], object],
     ) -> dict:
         """The cached choice for `key`, or the fastest of `configs()` by `run(config)`
         (timed with triton's do_bench), saved before it is returned. A config that fails
@@ -131,7 +131,7 @@ class Tuner:
         device: torch.device,
         key: str,
         configs_fn: Callable[[], list[dict]],
-        run: Callable[[dict], None],
+        run: Callable[[dict], object],
     ) -> dict:
         path = _device_file(device)
         table = self._table(path)

@@ -138,13 +138,15 @@ def expert_weight_grad(
     `tuning_key`; above FEW_ROWS_BLOCK_M rows per block, the grouped GEMM untimed."""
     if block_m > FEW_ROWS_BLOCK_M and grouped_gemm is not None:
         return grouped_gemm(a_PM, b_PN, ends_E)
-    out_EMN = a_PM.new_empty(ends_E.numel(), a_PM.shape[1], b_PN.shape[1])
 
-    def run(config: dict) -> None:
+    def run(config: dict) -> torch.Tensor:
         if config == GROUPED_GEMM:
-            grouped_gemm(a_PM, b_PN, ends_E)
-        else:
-            launch(a_PM, b_PN, ends_E, out_EMN, config)
+            return grouped_gemm(a_PM, b_PN, ends_E)
+        # allocated only on this path: the grouped GEMM brings its own (22.5 GB for
+        # DeepSeek-V3's two gradients, which a spare buffer would add to the peak)
+        out_EMN = a_PM.new_empty(ends_E.numel(), a_PM.shape[1], b_PN.shape[1])
+        launch(a_PM, b_PN, ends_E, out_EMN, config)
+        return out_EMN
 
     config = tuning.TUNER.choose(
         a_PM.device,
@@ -152,7 +154,4 @@ def expert_weight_grad(
         lambda: candidates(block_m, grouped_gemm is not None),
         run,
     )
-    if config == GROUPED_GEMM:
-        return grouped_gemm(a_PM, b_PN, ends_E)
-    launch(a_PM, b_PN, ends_E, out_EMN, config)
-    return out_EMN
+    return run(config)
