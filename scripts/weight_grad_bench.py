@@ -32,7 +32,9 @@ def time_gradient(
     from moebench.impls.triton.weight_grad import (
         FEW_ROWS_BLOCK_M,
         GROUPED_GEMM,
+        candidates,
         expert_weight_grad,
+        weight_grad_kernel,
     )
 
     a_PM = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
@@ -46,8 +48,14 @@ def time_gradient(
     grouped_ms = do_bench(lambda: weight_grad(a_PM, b_PD, ends_E))
     chosen_ms = do_bench(lambda: expert_weight_grad(a_PM, b_PD, ends_E, block_m, key, weight_grad))
     chosen = "grouped, untimed"
-    if block_m <= FEW_ROWS_BLOCK_M:  # the tuner has a choice for key now
-        choice = tuning.TUNER.choose(a_PM.device, key, list, lambda config: None)
+    if block_m <= FEW_ROWS_BLOCK_M:  # the tuner has a choice for key now: read it back
+        choice = tuning.TUNER.choose(
+            a_PM.device,
+            key,
+            lambda: candidates(block_m, True),
+            lambda config: None,
+            code=(weight_grad_kernel,),
+        )
         chosen = "grouped" if choice == GROUPED_GEMM else "triton"
     # The first 16 experts' gradients in float32 (all of them would need 60 GB here).
     expected = weight_grad(a_PM, b_PD, ends_E)[:16].float()

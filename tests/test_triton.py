@@ -160,7 +160,9 @@ def test_expert_weight_grad_takes_the_grouped_gemm_above_few_rows(tmp_path, monk
 
     # Few rows, and the tuner's cached choice is the grouped GEMM: no kernel launched.
     cache_file = tuning._device_file(torch.device(KERNEL_DEVICE))
-    cache_file.write_text(json.dumps({"few": weight_grad.GROUPED_GEMM}))
+    code = (weight_grad.weight_grad_kernel,)
+    fingerprint = tuning.code_fingerprint(code, weight_grad.candidates(16, True))
+    cache_file.write_text(json.dumps({f"few {fingerprint}": weight_grad.GROUPED_GEMM}))
     tuning.TUNER._loaded.pop(cache_file, None)
     monkeypatch.setattr(weight_grad, "launch", lambda *args: pytest.fail("launched"))
     assert weight_grad.expert_weight_grad(a_PM, b_PN, ends_E, 16, "few", grouped) == "grouped"
@@ -173,18 +175,53 @@ def test_tuner_reads_the_cache_file_and_keeps_other_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
     assert tuning.cache_dir() == tmp_path
     cached = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4}
-    (tmp_path / "cpu.json").write_text(json.dumps({"k1": cached}))
+    candidates = [{"BLOCK_M": 99}]
+    k1 = f"k1 {tuning.code_fingerprint((), candidates)}"
+    (tmp_path / "cpu.json").write_text(json.dumps({k1: cached}))
     tuner = tuning.Tuner()
     calls = []
-    choice = tuner.choose(torch.device("cpu"), "k1", lambda: [{"BLOCK_M": 99}], calls.append)
+    choice = tuner.choose(torch.device("cpu"), "k1", lambda: candidates, calls.append)
     assert choice == cached and calls == []  # from the file, nothing run
     # A key not in the file: in the interpreter (CPU) the first candidate, nothing timed.
-    assert tuner.choose(torch.device("cpu"), "k3", lambda: [{"BLOCK_M": 99}], calls.append) == {
+    assert tuner.choose(torch.device("cpu"), "k3", lambda: candidates, calls.append) == {
         "BLOCK_M": 99
     }
-    tuner._save(tmp_path / "cpu.json", "k2", {"BLOCK_M": 32})
+    tuner._save(tmp_path / "cpu.json", "k2 abc", {"BLOCK_M": 32})
     on_disk = json.loads((tmp_path / "cpu.json").read_text())
-    assert on_disk == {"k1": cached, "k2": {"BLOCK_M": 32}}
+    assert on_disk == {k1: cached, "k2 abc": {"BLOCK_M": 32}}
+
+
+def _kernel_v1(x):
+    return x + 1
+
+
+def _kernel_v2(x):
+    return x + 2
+
+
+def test_a_choice_made_for_other_code_is_not_reused_and_is_dropped(tmp_path, monkeypatch):
+    """The key's fingerprint covers the kernels' code and the candidate list: a choice
+    tuned for another kernel or another list of candidates is not taken, and saving the
+    new choice drops it (and an entry from before keys had fingerprints)."""
+    monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
+    candidates = [{"BLOCK_M": 16}, {"BLOCK_M": 32}]
+    fingerprint = tuning.code_fingerprint((_kernel_v1,), candidates)
+    assert fingerprint == tuning.code_fingerprint((_kernel_v1,), list(candidates))
+    assert fingerprint != tuning.code_fingerprint((_kernel_v2,), candidates)
+    assert fingerprint != tuning.code_fingerprint((_kernel_v1,), candidates[::-1])
+    assert fingerprint != tuning.code_fingerprint((_kernel_v1,), candidates[:1])
+
+    stale = {"BLOCK_M": 64}
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps({f"k {fingerprint}": stale, "other 123": stale}))
+    choice = tuning.Tuner().choose(
+        torch.device("cpu"), "k", lambda: candidates, print, code=(_kernel_v2,)
+    )
+    assert choice == candidates[0]  # not the stale entry: in the interpreter, the first
+    path.write_text(json.dumps({f"k {fingerprint}": stale, "k": stale, "k2 1": stale}))
+    new_key = f"k {tuning.code_fingerprint((_kernel_v2,), candidates)}"
+    tuning.Tuner()._save(path, new_key, candidates[1])
+    assert json.loads(path.read_text()) == {new_key: candidates[1], "k2 1": stale}
 
 
 def test_token_buckets_and_block_rows():

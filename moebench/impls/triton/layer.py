@@ -86,16 +86,17 @@ def fused_experts(
     # gate_up also stores the pre-activations: a different kernel, tuned apart.
     gate_up_key = "gate_up_train" if keep_for_backward else "gate_up"
     steps = (
-        ("gate_up", gate_up_key, tuning.weight_layout(w_gate_EDF), gate_up),
-        ("down", "down", tuning.weight_layout(w_down_EFD), down),
+        ("gate_up", gate_up_key, tuning.weight_layout(w_gate_EDF), gate_up, kernels.gate_up_kernel),
+        ("down", "down", tuning.weight_layout(w_down_EFD), down, kernels.down_kernel),
     )
     with timer.phase("expert"):
-        for name, key, layout, launch in steps:
+        for name, key, layout, launch, kernel in steps:
             config = tuning.TUNER.choose(
                 x_TD.device,
                 tuning.key(key, x_TD, w_down_EFD, K, layout),
                 lambda name=name: tuning.candidates(name, block_m),
                 launch,
+                code=(kernel,),
             )
             launch(config)
     with timer.phase("unpermute"):

@@ -2,6 +2,12 @@
 once per (device, kernel, weight layout, shape, dtype, token bucket), and cached in a JSON
 file per device so that a sweep, or the next run, does not tune again.
 
+A cached choice is only as good as the code it was timed on, so each entry's key ends
+with a fingerprint of that code (`code_fingerprint`: Triton's version, the kernels' code
+and the candidate list, as Triton's own autotuner keys its disk cache): a changed kernel
+or candidate list tunes again instead of reusing a choice made for other code, and the
+stale entry is dropped when the new one is saved.
+
 The cache lives in `$MOEBENCH_TRITON_CACHE` if set, else `$XDG_CACHE_HOME/moebench/triton`
 (default `~/.cache/moebench/triton`), one file per device name. Delete the file to tune
 again. Token counts are bucketed to the next power of two, since block choices change
@@ -10,10 +16,14 @@ with the order of magnitude of the rows per expert, not with every count.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
+import inspect
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -81,6 +91,30 @@ def candidates(kernel: str, block_m: int) -> list[dict]:
     ]
 
 
+def code_fingerprint(code: Sequence[object], configs: list[dict]) -> str:
+    """12 hex digits over the versions of Triton and torch (whose grouped GEMM races
+    some kernels), the code of the kernels in `code` and the candidate `configs`: what a
+    tuned choice depends on besides the key's shape. A JIT function's code is its
+    `cache_key` (its source and the JIT functions it calls); the interpreter's
+    functions, which have none, give their source."""
+    parts = [_version("triton"), torch.__version__, json.dumps(configs, sort_keys=True)]
+    for kernel in code:
+        parts.append(getattr(kernel, "cache_key", None) or _source(kernel))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+@functools.cache
+def _source(kernel: object) -> str:
+    return inspect.getsource(getattr(kernel, "fn", kernel))
+
+
 def cache_dir() -> Path:
     """Where tuned choices are kept (see the module docstring)."""
     override = os.environ.get("MOEBENCH_TRITON_CACHE")
@@ -117,13 +151,17 @@ class Tuner:
         key: str,
         configs: Callable[[], list[dict]],
         run: Callable[[dict], object],
+        code: Sequence[object] = (),
     ) -> dict:
-        """The cached choice for `key`, or the fastest of `configs()` by `run(config)`
+        """The cached choice for `key` and this code (`code`: the kernels that `run`
+        launches; `code_fingerprint`), or the fastest of `configs()` by `run(config)`
         (timed with triton's do_bench), saved before it is returned. A config that fails
         to compile or launch (too much shared memory, say) is skipped."""
         chosen = self._chosen.get((device, key))
         if chosen is None:
-            chosen = self._chosen[(device, key)] = self._lookup_or_tune(device, key, configs, run)
+            chosen = self._chosen[(device, key)] = self._lookup_or_tune(
+                device, key, configs, run, code
+            )
         return chosen
 
     def _lookup_or_tune(
@@ -132,12 +170,14 @@ class Tuner:
         key: str,
         configs_fn: Callable[[], list[dict]],
         run: Callable[[dict], object],
+        code: Sequence[object],
     ) -> dict:
+        configs = configs_fn()
+        full_key = f"{key} {code_fingerprint(code, configs)}"
         path = _device_file(device)
         table = self._table(path)
-        if key in table:
-            return table[key]
-        configs = configs_fn()
+        if full_key in table:
+            return table[full_key]
         if device.type != "cuda":  # Triton's interpreter (tests): nothing worth timing
             return configs[0]
         from triton.testing import do_bench
@@ -152,17 +192,21 @@ class Tuner:
                 best, best_ms = config, ms
         if best is None:
             raise RuntimeError(f"no Triton config ran for {key}; tried {configs}")
-        table[key] = best
-        self._save(path, key, best)
+        table[full_key] = best
+        self._save(path, full_key, best)
         return best
 
-    def _save(self, path: Path, key: str, choice: dict) -> None:
-        """Add one choice to the file, keeping what other processes wrote meanwhile."""
+    def _save(self, path: Path, full_key: str, choice: dict) -> None:
+        """Add one choice to the file, keeping what other processes wrote meanwhile and
+        dropping the entries of the same key made for other code (or before keys had a
+        fingerprint)."""
         try:
             on_disk = json.loads(path.read_text()) if path.exists() else {}
         except (OSError, ValueError):
             on_disk = {}
-        on_disk[key] = choice
+        key = full_key.rsplit(" ", 1)[0]
+        on_disk = {k: v for k, v in on_disk.items() if key not in (k, k.rsplit(" ", 1)[0])}
+        on_disk[full_key] = choice
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")

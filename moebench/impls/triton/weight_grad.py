@@ -153,5 +153,6 @@ def expert_weight_grad(
         tuning_key,
         lambda: candidates(block_m, grouped_gemm is not None),
         run,
+        code=(weight_grad_kernel,),
     )
     return run(config)
