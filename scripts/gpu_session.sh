@@ -32,7 +32,8 @@
 # Wheels that the GPU machine lacks (moe-ops) travel in .whl/ (device tool: carry ".whl");
 # the peers plugin is installed from this checkout without network.
 #
-# The fused layer's tuned block sizes travel too, so a fresh machine does not tune again:
+# The fused layer's tuned block sizes travel too, so a fresh machine does not tune again
+# (entries tuned for other code than this checkout's are ignored, and replaced):
 # .tune-cache/*.json (git-ignored; device tool: carry ".tune-cache") seeds the tuning
 # cache, and the cache comes back as $OUT/tune-cache/ (copy it over .tune-cache/). It
 # holds choices of block sizes, no measurements.
