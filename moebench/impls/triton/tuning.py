@@ -95,8 +95,9 @@ def code_fingerprint(code: Sequence[object], configs: list[dict]) -> str:
     """12 hex digits over the versions of Triton and torch (whose grouped GEMM races
     some kernels), the code of the kernels in `code` and the candidate `configs`: what a
     tuned choice depends on besides the key's shape. A JIT function's code is its
-    `cache_key` (its source and the JIT functions it calls); the interpreter's
-    functions, which have none, give their source."""
+    `cache_key` (its source and the JIT functions it calls, and its first line's number:
+    moving a kernel within its file tunes it again too); the interpreter's functions,
+    which have none, give their source."""
     parts = [_version("triton"), torch.__version__, json.dumps(configs, sort_keys=True)]
     for kernel in code:
         parts.append(getattr(kernel, "cache_key", None) or _source(kernel))
