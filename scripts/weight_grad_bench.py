@@ -27,14 +27,11 @@ def time_gradient(
     alone (its best tile), `zero_` on the same bytes, and the backward's own choice."""
     from triton.testing import do_bench
 
-    from moebench.impls.triton import tuning
     from moebench.impls.triton.backward import weight_grad
     from moebench.impls.triton.weight_grad import (
-        FEW_ROWS_BLOCK_M,
         GROUPED_GEMM,
-        candidates,
         expert_weight_grad,
-        weight_grad_kernel,
+        weight_grad_choice,
     )
 
     a_PM = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
@@ -47,16 +44,8 @@ def time_gradient(
     triton_ms = do_bench(kernel_only)
     grouped_ms = do_bench(lambda: weight_grad(a_PM, b_PD, ends_E))
     chosen_ms = do_bench(lambda: expert_weight_grad(a_PM, b_PD, ends_E, block_m, key, weight_grad))
-    chosen = "grouped, untimed"
-    if block_m <= FEW_ROWS_BLOCK_M:  # the tuner has a choice for key now: read it back
-        choice = tuning.TUNER.choose(
-            a_PM.device,
-            key,
-            lambda: candidates(block_m, True),
-            lambda config: None,
-            code=(weight_grad_kernel,),
-        )
-        chosen = "grouped" if choice == GROUPED_GEMM else "triton"
+    choice = weight_grad_choice(a_PM, b_PD, ends_E, block_m, key, weight_grad)
+    chosen = "grouped" if choice == GROUPED_GEMM else "triton"
     # The first 16 experts' gradients in float32 (all of them would need 60 GB here).
     expected = weight_grad(a_PM, b_PD, ends_E)[:16].float()
     got = kernel_only()
@@ -100,14 +89,14 @@ def main() -> None:
             block_m = tuning.block_m_for(tokens, K, E)
             alignment = align_to_blocks(expert_ids_TK, E, block_m)
             ends_E, rows = alignment.padded_ends_E, alignment.max_rows
-            x_TD = torch.empty(tokens, D, device=device, dtype=dtype)
-            w_down_EFD = torch.empty(E, F, D, device=device, dtype=dtype)
+            # the tuning keys read only shapes and the dtype: no memory behind them
+            x_TD = torch.empty(tokens, D, device="meta", dtype=dtype)
+            w_down_EFD = torch.empty(E, F, D, device="meta", dtype=dtype)
             line = [f"{preset} {tokens} {block_m}"]
             for name, width, layout in (("gate_up", 2 * F, "kmajor"), ("down", F, "nmajor")):
                 key = tuning.key(f"weight_grad_{name}", x_TD, w_down_EFD, K, layout)
                 line.append(f"{name}: " + time_gradient(rows, width, D, ends_E, block_m, key))
             print(" | ".join(line), flush=True)
-            del w_down_EFD
             torch.cuda.empty_cache()
 
 

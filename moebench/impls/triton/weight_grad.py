@@ -124,35 +124,57 @@ def launch(
     )  # fmt: skip
 
 
+GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def expert_weight_grad(
     a_PM: torch.Tensor,
     b_PN: torch.Tensor,
     ends_E: torch.Tensor,
     block_m: int,
     tuning_key: str,
-    grouped_gemm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    grouped_gemm: GroupedGemm | None,
 ) -> torch.Tensor:
     """Per expert e: a_PM[rows of e]^T @ b_PN[rows of e], as E x M x N in a_PM's dtype
     (experts with no rows get zeros), from `weight_grad_kernel` or `grouped_gemm(a_PM,
-    b_PN, ends_E)` (None where it cannot run), whichever the tuner found faster for
-    `tuning_key`; above FEW_ROWS_BLOCK_M rows per block, the grouped GEMM untimed."""
+    b_PN, ends_E)` (None where it cannot run), whichever `weight_grad_choice` picks."""
+    config = weight_grad_choice(a_PM, b_PN, ends_E, block_m, tuning_key, grouped_gemm)
+    return _run(a_PM, b_PN, ends_E, config, grouped_gemm)
+
+
+def weight_grad_choice(
+    a_PM: torch.Tensor,
+    b_PN: torch.Tensor,
+    ends_E: torch.Tensor,
+    block_m: int,
+    tuning_key: str,
+    grouped_gemm: GroupedGemm | None,
+) -> dict:
+    """The path `expert_weight_grad` takes: GROUPED_GEMM above FEW_ROWS_BLOCK_M rows per
+    block (untimed), else the faster of the kernel's tiles and the grouped GEMM for
+    `tuning_key`, timed on first use and cached."""
     if block_m > FEW_ROWS_BLOCK_M and grouped_gemm is not None:
-        return grouped_gemm(a_PM, b_PN, ends_E)
-
-    def run(config: dict) -> torch.Tensor:
-        if config == GROUPED_GEMM:
-            return grouped_gemm(a_PM, b_PN, ends_E)
-        # allocated only on this path: the grouped GEMM brings its own (22.5 GB for
-        # DeepSeek-V3's two gradients, which a spare buffer would add to the peak)
-        out_EMN = a_PM.new_empty(ends_E.numel(), a_PM.shape[1], b_PN.shape[1])
-        launch(a_PM, b_PN, ends_E, out_EMN, config)
-        return out_EMN
-
-    config = tuning.TUNER.choose(
+        return GROUPED_GEMM
+    return tuning.TUNER.choose(
         a_PM.device,
         tuning_key,
         lambda: candidates(block_m, grouped_gemm is not None),
-        run,
+        lambda config: _run(a_PM, b_PN, ends_E, config, grouped_gemm),
         code=(weight_grad_kernel,),
     )
-    return run(config)
+
+
+def _run(
+    a_PM: torch.Tensor,
+    b_PN: torch.Tensor,
+    ends_E: torch.Tensor,
+    config: dict,
+    grouped_gemm: GroupedGemm | None,
+) -> torch.Tensor:
+    if config == GROUPED_GEMM:
+        return grouped_gemm(a_PM, b_PN, ends_E)
+    # allocated only on this path: the grouped GEMM brings its own (22.5 GB for
+    # DeepSeek-V3's two gradients, which a spare buffer would add to the peak)
+    out_EMN = a_PM.new_empty(ends_E.numel(), a_PM.shape[1], b_PN.shape[1])
+    launch(a_PM, b_PN, ends_E, out_EMN, config)
+    return out_EMN
