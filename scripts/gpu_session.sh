@@ -12,7 +12,8 @@
 #   hierarchical  suites/hierarchical.toml
 #   peers     suites/peers.toml (every preset)
 #   weight-grad  scripts/weight_grad_bench.py: the backward's weight gradients, grouped GEMM
-#             against the few-rows Triton kernel (GPU_PRESETS: which presets)
+#             against the few-rows Triton kernel (GPU_PRESETS: which presets; GPU_TOKENS:
+#             which token counts, default 1 64 1024 8192)
 #   designs   seeds, moepp, dsmoe, topp, merging, offload and deepseek suites (GPU_DESIGNS:
 #             a subset, by name)
 #
@@ -36,7 +37,8 @@
 # (entries tuned for other code than this checkout's are ignored, and replaced):
 # .tune-cache/*.json (git-ignored; device tool: carry ".tune-cache") seeds the tuning
 # cache, and the cache comes back as $OUT/tune-cache/ (copy it over .tune-cache/). It
-# holds choices of block sizes, no measurements.
+# holds choices of block sizes, no measurements. What each tuning timed (every candidate's
+# milliseconds, or why it failed to compile) is logged to $OUT/tune-log.jsonl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: scripts/gpu_session.sh STEP [STEP...]" >&2; exit 2; }
@@ -45,6 +47,7 @@ log="$out/session.log"
 deadline=$((SECONDS + ${GPU_DEADLINE_S:-570}))
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 MOEBENCH_TRITON_CACHE=/tmp/moebench-triton
+export MOEBENCH_TRITON_TUNE_LOG="$out/tune-log.jsonl"
 if compgen -G ".tune-cache/*.json" >/dev/null; then
   mkdir -p "$MOEBENCH_TRITON_CACHE" && cp .tune-cache/*.json "$MOEBENCH_TRITON_CACHE/"
 fi
@@ -96,7 +99,8 @@ for step in "$@"; do
     weight-grad)
       # shellcheck disable=SC2086
       timed python3 scripts/weight_grad_bench.py \
-        --preset ${GPU_PRESETS:-deepseek-v3 qwen3-30b-a3b olmoe-1b-7b}
+        --preset ${GPU_PRESETS:-deepseek-v3 qwen3-30b-a3b olmoe-1b-7b} \
+        --tokens ${GPU_TOKENS:-1 64 1024 8192}
       ;;
     designs)
       # GPU_DESIGNS: a subset of the design suites, by name

@@ -204,6 +204,77 @@ def test_expert_weight_grad_takes_the_grouped_gemm_above_few_rows(tmp_path, monk
     assert weight_grad.expert_weight_grad(a_PM, b_PN, few_rows, "few", grouped) == "grouped"
 
 
+@needs_kernels
+@pytest.mark.parametrize(("tokens", "block_m"), [(1, 16), (13, 16), (40, 64), (300, 128)])
+def test_every_forward_candidate_matches_a_float32_loop(tokens, block_m):
+    """Each tile the tuner may pick for gate_up and down, pointer loads and TMA
+    descriptors alike (D and F not a multiple of any tile, an expert with no tokens),
+    against float32 per-row products; one token also through the per-assignment layout.
+    128-row blocks: CUDA only."""
+    from moebench.impls.triton import kernels
+    from moebench.impls.triton.align import align_to_blocks, per_assignment_blocks
+
+    if KERNEL_DEVICE == "cpu" and block_m > 64:
+        pytest.skip("large blocks: CUDA only")
+    dev, dtype = KERNEL_DEVICE, torch.float16
+    D, F, E, K = 72, 40, 5, 2
+    gen = torch.Generator().manual_seed(tokens)
+    x_TD = torch.randn(tokens, D, generator=gen).to(dtype)
+    w_gate_up_E2FD = (torch.randn(E, 2 * F, D, generator=gen) / 8).to(dtype)
+    w_down_EFD = (torch.randn(E, F, D, generator=gen) / 8).to(dtype)
+    ids_TK = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(tokens)])
+    gate_A = torch.rand(tokens * K, generator=gen).to(dtype)
+    # float32 expectations per assignment: h (SwiGLU) and the weighted down product
+    h_AF = torch.empty(tokens * K, F)
+    for a, expert in enumerate(ids_TK.reshape(-1).tolist()):
+        gate_up = w_gate_up_E2FD[expert].float() @ x_TD[a // K].float()
+        h_AF[a] = torch.nn.functional.silu(gate_up[:F]) * gate_up[F:]
+    out_AD = torch.stack(
+        [
+            gate_A[a].float() * (h_AF[a] @ w_down_EFD[e].float())
+            for a, e in enumerate(ids_TK.reshape(-1).tolist())
+        ]
+    )
+    w_gate_up_E2FD, w_down_EFD = w_gate_up_E2FD.to(dev), w_down_EFD.to(dev)
+    w_gate_EDF = w_gate_up_E2FD[:, :F].transpose(1, 2)
+    w_up_EDF = w_gate_up_E2FD[:, F:].transpose(1, 2)
+    assert kernels.weight_tma_ok(w_gate_EDF, True) and kernels.weight_tma_ok(w_down_EFD, False)
+    ids_TK = ids_TK.to(torch.int32).to(dev)
+    layouts = [align_to_blocks(ids_TK, E, block_m)]
+    if tokens == 1:
+        layouts.append(per_assignment_blocks(ids_TK, block_m))
+    for alignment in layouts:
+        rows = alignment.max_rows
+        row_ids = (
+            torch.arange(rows, device=dev) // block_m
+            if alignment.per_assignment
+            else alignment.sorted_ids_P.long()
+        )
+        if alignment.per_assignment:  # row block a: assignment a in its first row
+            row_ids = torch.where(
+                torch.arange(rows, device=dev) % block_m == 0, row_ids, tokens * K
+            )
+        real = (row_ids < tokens * K).cpu()
+        gate_up_configs = tuning.candidates("gate_up", block_m, tma=True)
+        assert any(c.get("W_TMA") for c in gate_up_configs)
+        for config in gate_up_configs:
+            h_PF = torch.full((rows, F), float("nan"), device=dev, dtype=dtype)
+            kernels.launch_gate_up(x_TD.to(dev), w_gate_EDF, w_up_EDF, h_PF, alignment, K, config)
+            got = h_PF.float().cpu()[real]
+            torch.testing.assert_close(
+                got, h_AF[row_ids.cpu()[real]], rtol=2e-2, atol=2e-2, msg=str(config)
+            )
+        h_PF = torch.zeros(rows, F)
+        h_PF[real] = h_AF[row_ids.cpu()[real]]
+        h_PF = h_PF.to(dtype).to(dev)
+        for config in tuning.candidates("down", block_m, tma=True):
+            got_AD = torch.full((tokens * K, D), float("nan"), device=dev, dtype=dtype)
+            kernels.launch_down(h_PF, w_down_EFD, gate_A.to(dev), got_AD, alignment, config)
+            torch.testing.assert_close(
+                got_AD.float().cpu(), out_AD, rtol=2e-2, atol=2e-2, msg=str(config)
+            )
+
+
 # ---------------------------------------------------------------------- CPU: tuner
 
 
@@ -233,6 +304,24 @@ def _kernel_v1(x):
 
 def _kernel_v2(x):
     return x + 2
+
+
+def test_tuning_log_holds_each_candidates_time_or_failure(tmp_path, monkeypatch):
+    log = tmp_path / "tune.jsonl"
+    tuning._log_trials("k 1", [({"BLOCK_M": 16}, 0.5)], {"BLOCK_M": 16})  # unset: no file
+    assert not log.exists()
+    monkeypatch.setenv("MOEBENCH_TRITON_TUNE_LOG", str(log))
+    tuning._log_trials(
+        "k 1", [({"BLOCK_M": 16}, 0.5), ({"BLOCK_M": 32}, "OutOfResources: smem")], {"BLOCK_M": 16}
+    )
+    tuning._log_trials("k2 1", [({"BLOCK_M": 64}, "CompilationError: x")], None)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines[0] == {
+        "key": "k 1",
+        "trials": [[{"BLOCK_M": 16}, 0.5], [{"BLOCK_M": 32}, "OutOfResources: smem"]],
+        "chosen": {"BLOCK_M": 16},
+    }
+    assert lines[1]["chosen"] is None
 
 
 def test_a_choice_made_for_other_code_is_not_reused_and_is_dropped(tmp_path, monkeypatch):

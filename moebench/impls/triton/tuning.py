@@ -10,8 +10,11 @@ stale entry is dropped when the new one is saved.
 
 The cache lives in `$MOEBENCH_TRITON_CACHE` if set, else `$XDG_CACHE_HOME/moebench/triton`
 (default `~/.cache/moebench/triton`), one file per device name. Delete the file to tune
-again. Token counts are bucketed to the next power of two, since block choices change
-with the order of magnitude of the rows per expert, not with every count.
+again. With `$MOEBENCH_TRITON_TUNE_LOG` set to a file, each tuning appends what every
+candidate took (or why it failed) to it as one JSON line.
+
+Token counts are bucketed to the next power of two, since block choices change with the
+order of magnitude of the rows per expert, not with every count.
 """
 
 from __future__ import annotations
@@ -63,9 +66,12 @@ def key(kernel: str, x_TD: torch.Tensor, w_down_EFD: torch.Tensor, top_k: int, l
     return f"{kernel} {layout} D{D} F{F} E{E} K{top_k} {dtype} T{bucket}"
 
 
-def candidates(kernel: str, block_m: int) -> list[dict]:
+def candidates(kernel: str, block_m: int, tma: bool = False) -> list[dict]:
     """Configurations worth timing for `kernel` ("gate_up" or "down") at `block_m`.
-    gate_up holds two accumulators, so its tiles are half as wide at large blocks."""
+    gate_up holds two accumulators, so its tiles are half as wide at large blocks. With
+    `tma` (`kernels.weight_tma_ok`), each tile of 32 to 256 columns and at most 256 rows
+    of K also with its weights read by the TMA (W_TMA; a TMA box spans at most 256
+    elements per dimension), after the pointer tiles."""
     if block_m <= 32:  # weight-read bound: narrow tiles, many programs, deep pipelines
         shapes = [(32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3)]
         shapes += [(32, 256, 4, 3), (128, 64, 4, 5)]
@@ -78,7 +84,7 @@ def candidates(kernel: str, block_m: int) -> list[dict]:
     else:
         shapes = [(128, 64, 8, 4), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3)]
         shapes += [(128, 128, 8, 3), (256, 64, 8, 4)]
-    return [
+    configs = [
         {
             "BLOCK_M": block_m,
             "BLOCK_N": n,
@@ -89,6 +95,13 @@ def candidates(kernel: str, block_m: int) -> list[dict]:
         }
         for n, k, warps, stages in shapes
     ]
+    if tma:
+        configs += [
+            {**config, "W_TMA": True}
+            for config in configs
+            if 32 <= config["BLOCK_N"] <= 256 and config["BLOCK_K"] <= 256
+        ]
+    return configs
 
 
 def code_fingerprint(code: Sequence[object], configs: list[dict]) -> str:
@@ -114,6 +127,21 @@ def _version(distribution: str) -> str:
 @functools.cache
 def _source(kernel: object) -> str:
     return inspect.getsource(getattr(kernel, "fn", kernel))
+
+
+def _log_trials(full_key: str, trials: list[tuple[dict, object]], chosen: dict | None) -> None:
+    """Append one JSON line per tuning to `$MOEBENCH_TRITON_TUNE_LOG`, if set: the key,
+    each candidate's milliseconds (or why it failed) and the choice, so a run can show
+    what the choice beat and which candidates did not compile."""
+    path = os.environ.get("MOEBENCH_TRITON_TUNE_LOG")
+    if not path:
+        return
+    line = {"key": full_key, "trials": [[c, r] for c, r in trials], "chosen": chosen}
+    try:
+        with open(path, "a") as log:
+            log.write(json.dumps(line) + "\n")
+    except OSError:
+        pass  # the log is an aid; tuning goes on without it
 
 
 def cache_dir() -> Path:
@@ -184,13 +212,17 @@ class Tuner:
         from triton.testing import do_bench
 
         best, best_ms = None, float("inf")
+        trials = []  # (config, ms or the error's first line) for the tuning log
         for config in configs:
             try:
                 ms = do_bench(lambda c=config: run(c), warmup=5, rep=20)
-            except Exception:
+            except Exception as error:  # any failure only drops the config
+                trials.append((config, f"{type(error).__name__}: {str(error)[:200]}"))
                 continue
+            trials.append((config, ms))
             if ms < best_ms:
                 best, best_ms = config, ms
+        _log_trials(full_key, trials, best)
         if best is None:
             raise RuntimeError(f"no Triton config ran for {key}; tried {configs}")
         table[full_key] = best
