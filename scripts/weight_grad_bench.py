@@ -20,7 +20,9 @@ import torch
 from moebench.presets import PRESETS
 
 
-def time_gradient(rows: int, width: int, D: int, alignment, key: str) -> str:
+def time_gradient(
+    rows: int, width: int, D: int, ends_E: torch.Tensor, block_m: int, key: str
+) -> str:
     """One E x width x D gradient from random rows: the grouped GEMM, the Triton kernel
     alone (its best tile), `zero_` on the same bytes, and the backward's own choice."""
     from triton.testing import do_bench
@@ -33,18 +35,16 @@ def time_gradient(rows: int, width: int, D: int, alignment, key: str) -> str:
     )
 
     a_PM = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
-    a_PM[alignment.sorted_ids_P == alignment.num_assign] = 0  # padding rows, as the backward's
-    ends_E = alignment.padded_ends_E
     b_PD = torch.randn(rows, D, device="cuda", dtype=torch.bfloat16)
     terabytes = ends_E.numel() * width * D * 2 / 1e12
 
     def kernel_only() -> torch.Tensor:
-        return expert_weight_grad(a_PM, b_PD, alignment, key + " kernel only", None)
+        return expert_weight_grad(a_PM, b_PD, ends_E, block_m, key + " kernel only", None)
 
     triton_ms = do_bench(kernel_only)
     grouped_ms = do_bench(lambda: weight_grad(a_PM, b_PD, ends_E))
-    chosen_ms = do_bench(lambda: expert_weight_grad(a_PM, b_PD, alignment, key, weight_grad))
-    choice = weight_grad_choice(a_PM, b_PD, alignment, key, weight_grad)
+    chosen_ms = do_bench(lambda: expert_weight_grad(a_PM, b_PD, ends_E, block_m, key, weight_grad))
+    choice = weight_grad_choice(a_PM, b_PD, ends_E, block_m, key, weight_grad)
     chosen = "grouped" if choice == GROUPED_GEMM else "triton"
     # The first 16 experts' gradients in float32 (all of them would need 60 GB here).
     expected = weight_grad(a_PM, b_PD, ends_E)[:16].float()
@@ -88,14 +88,14 @@ def main() -> None:
             expert_ids_TK = scores_TE.topk(K, dim=1).indices.to(torch.int32)
             block_m = tuning.block_m_for(tokens, K, E)
             alignment = align_to_blocks(expert_ids_TK, E, block_m)
-            rows = alignment.max_rows
+            ends_E, rows = alignment.padded_ends_E, alignment.max_rows
             # the tuning keys read only shapes and the dtype: no memory behind them
             x_TD = torch.empty(tokens, D, device="meta", dtype=dtype)
             w_down_EFD = torch.empty(E, F, D, device="meta", dtype=dtype)
             line = [f"{preset} {tokens} {block_m}"]
             for name, width, layout in (("gate_up", 2 * F, "kmajor"), ("down", F, "nmajor")):
                 key = tuning.key(f"weight_grad_{name}", x_TD, w_down_EFD, K, layout)
-                line.append(f"{name}: " + time_gradient(rows, width, D, alignment, key))
+                line.append(f"{name}: " + time_gradient(rows, width, D, ends_E, block_m, key))
             print(" | ".join(line), flush=True)
             torch.cuda.empty_cache()
 

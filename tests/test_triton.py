@@ -106,67 +106,32 @@ def test_alignment_pads_each_expert_to_whole_blocks(tokens, num_experts, top_k, 
     assert padded == start
 
 
-def _padded_rows(counts: list[int], pad_to: int, device):
-    """An alignment of len(counts) experts with these real rows each, every run padded
-    to a multiple of `pad_to` with sentinel rows (id = num_assign), as `align_to_blocks`
-    lays them out."""
-    from moebench.impls.triton.align import Alignment
-
-    padded = [-(-count // pad_to) * pad_to for count in counts]
-    num_assign = sum(counts)
-    ids = []
-    for count, rows in zip(counts, padded, strict=True):
-        ids += [-1] * count + [num_assign] * (rows - count)  # real rows first
-    ids_P = torch.tensor(ids, dtype=torch.int32)
-    ids_P[ids_P < 0] = torch.arange(num_assign, dtype=torch.int32)
-    ends_E = torch.tensor(padded).cumsum(0).to(torch.int32)
-    return Alignment(ids_P.to(device), None, None, ends_E.to(device), None, num_assign, pad_to)
-
-
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_few_rows_weight_grad_matches_a_per_expert_loop(dtype):
-    """Experts with no rows (zeros, written), real runs not a multiple of BLOCK_R, widths
-    not a multiple of any tile, against a float32 loop over the real rows, for every
-    candidate tile shape; steps made of padding rows alone are not read (NaN there)."""
+    """Experts with no rows (zeros, written), runs not a multiple of BLOCK_R, widths not
+    a multiple of any tile, against a float32 loop, for every candidate tile shape."""
     from moebench.impls.triton import weight_grad
 
     if KERNEL_DEVICE == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter computes in numpy, which has no bfloat16")
     gen = torch.Generator().manual_seed(0)
     counts = [0, 5, 0, 17, 1, 40, 0]  # expert 0 and the last have none
-    M, N = 72, 136
-    for pad_to in (16, 64):
-        alignment = _padded_rows(counts, pad_to, "cpu")
-        ids_P, ends_E = alignment.sorted_ids_P, alignment.padded_ends_E
-        P = int(ends_E[-1]) + 9  # rows past the last end are never read
-        a_PM = torch.randn(P, M, generator=gen).to(dtype)
-        b_PN = torch.randn(P, N, generator=gen).to(dtype)
-        padding = torch.ones(P, dtype=torch.bool)
-        padding[: ids_P.numel()] = ids_P == alignment.num_assign
-        a_PM[padding] = 0  # the backward's padding rows: zero gradients, finite inputs
-        expected = torch.zeros(len(counts), M, N)
-        for expert, end in enumerate(ends_E.tolist()):
-            start = end - -(-counts[expert] // pad_to) * pad_to
-            expected[expert] = a_PM[start:end].float().t() @ b_PN[start:end].float()
-        unread = a_PM.clone(), b_PN.clone()  # NaN where a 16-row step is padding alone
-        for expert, end in enumerate(ends_E.tolist()):
-            start = end - -(-counts[expert] // pad_to) * pad_to
-            first_unread = start + -(-counts[expert] // 16) * 16
-            unread[0][first_unread:end] = float("nan")
-            unread[1][first_unread:end] = float("nan")
-        unread[0][int(ends_E[-1]) :] = float("nan")
-        on_device = alignment.__class__(
-            ids_P.to(KERNEL_DEVICE), None, None, ends_E.to(KERNEL_DEVICE), None,
-            alignment.num_assign, pad_to,
-        )  # fmt: skip
-        configs = weight_grad.candidates(16, False) + weight_grad.candidates(64, False)
-        for config in configs:
-            a, b = unread if config["BLOCK_R"] == 16 else (a_PM, b_PN)
-            out_EMN = torch.full((len(counts), M, N), float("nan"), dtype=dtype)
-            out_EMN = out_EMN.to(KERNEL_DEVICE)
-            weight_grad.launch(a.to(KERNEL_DEVICE), b.to(KERNEL_DEVICE), on_device, out_EMN, config)
-            torch.testing.assert_close(out_EMN.float().cpu(), expected, rtol=2e-2, atol=2e-2)
+    ends_E = torch.tensor(counts).cumsum(0).to(torch.int32)
+    M, N, P = 72, 136, int(ends_E[-1]) + 9  # rows past the last end are never read
+    a_PM = torch.randn(P, M, generator=gen).to(dtype)
+    b_PN = torch.randn(P, N, generator=gen).to(dtype)
+    a_PM[int(ends_E[-1]) :] = float("nan")
+    expected = torch.zeros(len(counts), M, N)
+    for expert, end in enumerate(ends_E.tolist()):
+        start = end - counts[expert]
+        expected[expert] = a_PM[start:end].float().t() @ b_PN[start:end].float()
+    device = KERNEL_DEVICE
+    for config in weight_grad.candidates(16, False) + weight_grad.candidates(64, False):
+        out_EMN = torch.full((len(counts), M, N), float("nan"), dtype=dtype, device=device)
+        args = (a_PM.to(device), b_PN.to(device), ends_E.to(device), out_EMN)
+        weight_grad.launch(*args, config)
+        torch.testing.assert_close(out_EMN.float().cpu(), expected, rtol=2e-2, atol=2e-2)
 
 
 @needs_kernels
@@ -176,21 +141,21 @@ def test_expert_weight_grad_takes_the_grouped_gemm_above_few_rows(tmp_path, monk
     from moebench.impls.triton import weight_grad
 
     monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
-    block_m = 2 * weight_grad.FEW_ROWS_BLOCK_M
-    alignment = _padded_rows([0, 0, block_m], block_m, KERNEL_DEVICE)
-    a_PM = torch.randn(block_m, 24, device=KERNEL_DEVICE).half()
-    b_PN = torch.randn(block_m, 40, device=KERNEL_DEVICE).half()
+    ends_E = torch.tensor([16, 16, 48], dtype=torch.int32, device=KERNEL_DEVICE)
+    a_PM = torch.randn(48, 24, device=KERNEL_DEVICE).half()
+    b_PN = torch.randn(48, 40, device=KERNEL_DEVICE).half()
     calls = []
 
     def grouped(*args):
         calls.append(args)
         return "grouped"
 
-    got = weight_grad.expert_weight_grad(a_PM, b_PN, alignment, "k", grouped)
+    block_m = 2 * weight_grad.FEW_ROWS_BLOCK_M
+    got = weight_grad.expert_weight_grad(a_PM, b_PN, ends_E, block_m, "k", grouped)
     assert got == "grouped" and len(calls) == 1
-    out_EMN = weight_grad.expert_weight_grad(a_PM, b_PN, alignment, "k", None)
+    out_EMN = weight_grad.expert_weight_grad(a_PM, b_PN, ends_E, block_m, "k", None)
     assert out_EMN.shape == (3, 24, 40) and (out_EMN[1] == 0).all()
-    expected = a_PM.float().t() @ b_PN.float()
+    expected = a_PM[16:].float().t() @ b_PN[16:].float()
     torch.testing.assert_close(out_EMN[2].float(), expected, rtol=2e-2, atol=2e-2)
 
     # Few rows, and the tuner's cached choice is the grouped GEMM: no kernel launched.
@@ -200,8 +165,7 @@ def test_expert_weight_grad_takes_the_grouped_gemm_above_few_rows(tmp_path, monk
     cache_file.write_text(json.dumps({f"few {fingerprint}": weight_grad.GROUPED_GEMM}))
     tuning.TUNER._loaded.pop(cache_file, None)
     monkeypatch.setattr(weight_grad, "launch", lambda *args: pytest.fail("launched"))
-    few_rows = _padded_rows([0, 0, block_m], 16, KERNEL_DEVICE)
-    assert weight_grad.expert_weight_grad(a_PM, b_PN, few_rows, "few", grouped) == "grouped"
+    assert weight_grad.expert_weight_grad(a_PM, b_PN, ends_E, 16, "few", grouped) == "grouped"
 
 
 @needs_kernels

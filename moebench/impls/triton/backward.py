@@ -242,7 +242,7 @@ def fused_backward(
     def expert_grads(name: str, a_PM: torch.Tensor, b_PD: torch.Tensor, w_EKN: torch.Tensor):
         key = tuning.key(f"weight_grad_{name}", x_TD, w_down_EFD, K, tuning.weight_layout(w_EKN))
         grouped = weight_grad if _grouped_ok(a_PM, b_PD) else None
-        return expert_weight_grad(a_PM, b_PD, alignment, key, grouped)
+        return expert_weight_grad(a_PM, b_PD, ends_E, alignment.block_m, key, grouped)
 
     dW_down_EFD = expert_grads("down", h_weighted_PF, dy_rows_PD, w_down_EFD)
     dW_gate_up_E2FD = expert_grads(

@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 from moebench.impls.triton import tuning
-from moebench.impls.triton.align import Alignment
 
 FEW_ROWS_BLOCK_M = 64
 # The tuner's candidate that hands the gradient to torch's grouped GEMM instead.
@@ -42,8 +41,6 @@ def weight_grad_kernel(
     b_ptr,
     out_ptr,
     ends_ptr,
-    ids_ptr,
-    num_assign,
     M,
     N,
     stride_a_p,
@@ -56,9 +53,7 @@ def weight_grad_kernel(
 ):
     """out[e, m, n] = sum over rows r of expert e (ends[e - 1] <= r < ends[e]) of
     a[r, m] b[r, n], summed in float32; one program per (expert, M tile, N tile), N
-    tiles fastest so that neighbouring programs write neighbouring memory. Rows whose
-    id is num_assign are padding (zeros in a): they come after their expert's real rows,
-    so a step that starts on one has nothing to add and is skipped."""
+    tiles fastest so that neighbouring programs write neighbouring memory."""
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles_per_expert = tl.cdiv(M, BLOCK_M) * tiles_n
     pid = tl.program_id(0)
@@ -72,21 +67,20 @@ def weight_grad_kernel(
     end = tl.load(ends_ptr + expert)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for first in range(start, end, BLOCK_R):
-        if tl.load(ids_ptr + first) < num_assign:
-            rows = first + tl.arange(0, BLOCK_R)
-            row_ok = rows < end
-            rows64 = rows.to(tl.int64)[:, None]
-            a = tl.load(
-                a_ptr + rows64 * stride_a_p + offs_m[None, :],
-                mask=row_ok[:, None] & m_ok[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                b_ptr + rows64 * stride_b_p + offs_n[None, :],
-                mask=row_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(tl.trans(a), b, acc)
+        rows = first + tl.arange(0, BLOCK_R)
+        row_ok = rows < end
+        rows64 = rows.to(tl.int64)[:, None]
+        a = tl.load(
+            a_ptr + rows64 * stride_a_p + offs_m[None, :],
+            mask=row_ok[:, None] & m_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + rows64 * stride_b_p + offs_n[None, :],
+            mask=row_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(tl.trans(a), b, acc)
     out_ptrs = (
         out_ptr
         + expert.to(tl.int64) * stride_out_e
@@ -106,8 +100,8 @@ def candidates(block_m: int, grouped_gemm: bool) -> list[dict]:
         shapes = [(64, 256, 16, 4), (128, 128, 16, 4), (64, 128, 16, 4), (32, 256, 16, 4)]
         shapes += [(128, 256, 16, 8), (64, 256, 32, 4)]
     else:
-        shapes = [(64, 256, 16, 4), (64, 256, 32, 4), (128, 128, 32, 4), (64, 128, 32, 4)]
-        shapes += [(32, 256, 32, 4), (128, 256, 32, 8), (64, 256, 64, 8)]
+        shapes = [(64, 256, 64, 8), (128, 128, 64, 8), (64, 128, 64, 4), (64, 256, 32, 4)]
+        shapes += [(128, 256, 32, 8), (64, 256, 16, 4)]
     tiles = [
         {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_R": r, "num_warps": warps} for m, n, r, warps in shapes
     ]
@@ -115,17 +109,15 @@ def candidates(block_m: int, grouped_gemm: bool) -> list[dict]:
 
 
 def launch(
-    a_PM: torch.Tensor, b_PN: torch.Tensor, alignment: Alignment, out_EMN: torch.Tensor,
+    a_PM: torch.Tensor, b_PN: torch.Tensor, ends_E: torch.Tensor, out_EMN: torch.Tensor,
     config: dict,
 ) -> None:  # fmt: skip
-    """out_EMN[e] <- a_PM[rows of e]^T @ b_PN[rows of e] (`weight_grad_kernel`), the
-    rows of each expert from `alignment`."""
+    """out_EMN[e] <- a_PM[rows of e]^T @ b_PN[rows of e] (`weight_grad_kernel`)."""
     E, M, N = out_EMN.shape
     assert a_PM.stride(1) == 1 and b_PN.stride(1) == 1 and out_EMN.stride(2) == 1
     grid = (E * triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     weight_grad_kernel[grid](
-        a_PM, b_PN, out_EMN, alignment.padded_ends_E, alignment.sorted_ids_P,
-        alignment.num_assign, M, N,
+        a_PM, b_PN, out_EMN, ends_E, M, N,
         a_PM.stride(0), b_PN.stride(0), out_EMN.stride(0), out_EMN.stride(1),
         BLOCK_R=config["BLOCK_R"], BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         num_warps=config["num_warps"],
@@ -138,36 +130,36 @@ GroupedGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def expert_weight_grad(
     a_PM: torch.Tensor,
     b_PN: torch.Tensor,
-    alignment: Alignment,
+    ends_E: torch.Tensor,
+    block_m: int,
     tuning_key: str,
     grouped_gemm: GroupedGemm | None,
 ) -> torch.Tensor:
-    """Per expert e: a_PM[rows of e]^T @ b_PN[rows of e] over the padded rows of
-    `alignment` (its padding rows of a_PM must be zeros), as E x M x N in a_PM's dtype
+    """Per expert e: a_PM[rows of e]^T @ b_PN[rows of e], as E x M x N in a_PM's dtype
     (experts with no rows get zeros), from `weight_grad_kernel` or `grouped_gemm(a_PM,
-    b_PN, padded ends)` (None where it cannot run), whichever `weight_grad_choice`
-    picks."""
-    config = weight_grad_choice(a_PM, b_PN, alignment, tuning_key, grouped_gemm)
-    return _run(a_PM, b_PN, alignment, config, grouped_gemm)
+    b_PN, ends_E)` (None where it cannot run), whichever `weight_grad_choice` picks."""
+    config = weight_grad_choice(a_PM, b_PN, ends_E, block_m, tuning_key, grouped_gemm)
+    return _run(a_PM, b_PN, ends_E, config, grouped_gemm)
 
 
 def weight_grad_choice(
     a_PM: torch.Tensor,
     b_PN: torch.Tensor,
-    alignment: Alignment,
+    ends_E: torch.Tensor,
+    block_m: int,
     tuning_key: str,
     grouped_gemm: GroupedGemm | None,
 ) -> dict:
     """The path `expert_weight_grad` takes: GROUPED_GEMM above FEW_ROWS_BLOCK_M rows per
     block (untimed), else the faster of the kernel's tiles and the grouped GEMM for
     `tuning_key`, timed on first use and cached."""
-    if alignment.block_m > FEW_ROWS_BLOCK_M and grouped_gemm is not None:
+    if block_m > FEW_ROWS_BLOCK_M and grouped_gemm is not None:
         return GROUPED_GEMM
     return tuning.TUNER.choose(
         a_PM.device,
         tuning_key,
-        lambda: candidates(alignment.block_m, grouped_gemm is not None),
-        lambda config: _run(a_PM, b_PN, alignment, config, grouped_gemm),
+        lambda: candidates(block_m, grouped_gemm is not None),
+        lambda config: _run(a_PM, b_PN, ends_E, config, grouped_gemm),
         code=(weight_grad_kernel,),
     )
 
@@ -175,15 +167,14 @@ def weight_grad_choice(
 def _run(
     a_PM: torch.Tensor,
     b_PN: torch.Tensor,
-    alignment: Alignment,
+    ends_E: torch.Tensor,
     config: dict,
     grouped_gemm: GroupedGemm | None,
 ) -> torch.Tensor:
     if config == GROUPED_GEMM:
-        return grouped_gemm(a_PM, b_PN, alignment.padded_ends_E)
+        return grouped_gemm(a_PM, b_PN, ends_E)
     # allocated only on this path: the grouped GEMM brings its own (22.5 GB for
     # DeepSeek-V3's two gradients, which a spare buffer would add to the peak)
-    ends_E = alignment.padded_ends_E
     out_EMN = a_PM.new_empty(ends_E.numel(), a_PM.shape[1], b_PN.shape[1])
-    launch(a_PM, b_PN, alignment, out_EMN, config)
+    launch(a_PM, b_PN, ends_E, out_EMN, config)
     return out_EMN
