@@ -16,12 +16,6 @@ so the grid is sized from a bound known on the host and nothing waits on the dev
   the epilogue and the store scatters each row back to its assignment, so summing over
   the K slots of a token (one cheap reduction) un-permutes.
 
-Weights are read with pointer loads or, where a candidate says W_TMA and the layout
-allows (`weight_tma_ok`), by the tensor memory accelerator from a descriptor of the E x N
-x K (gate_up, K-major) or E x K x N (down, N-major) weights, so the load costs no
-registers or address arithmetic and out-of-range rows and columns come back as zeros;
-the tuner races both.
-
 Small token counts use BLOCK_M = 16 and narrow BLOCK_N, so that many programs share one
 expert's weights and the weight read (the whole cost at decode) runs at full bandwidth.
 
@@ -35,7 +29,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 @triton.jit
@@ -102,7 +95,6 @@ def gate_up_kernel(
     GROUP_M: tl.constexpr,
     STORE_PRE: tl.constexpr,
     PER_ASSIGNMENT: tl.constexpr,
-    W_TMA: tl.constexpr,
 ):
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     if not PER_ASSIGNMENT:  # noqa: SIM102 (a constexpr branch: no padded length to load)
@@ -115,32 +107,24 @@ def gate_up_kernel(
     token = (ids // top_k).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + token[:, None] * stride_x_t + offs_k[None, :]
-    if not W_TMA:
-        w_offsets = (
-            expert * stride_w_e
-            + offs_k[:, None] * stride_w_d
-            + offs_n_wrapped[None, :] * stride_w_f
-        )
-        g_ptrs = w_gate_ptr + w_offsets
-        u_ptrs = w_up_ptr + w_offsets
+    w_offsets = (
+        expert * stride_w_e + offs_k[:, None] * stride_w_d + offs_n_wrapped[None, :] * stride_w_f
+    )
+    g_ptrs = w_gate_ptr + w_offsets
+    u_ptrs = w_up_ptr + w_offsets
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, (D + BLOCK_K - 1) // BLOCK_K):
         k_left = D - k * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        if W_TMA:  # K-major E x F x D descriptors, blocks [1, BLOCK_N, BLOCK_K]
-            at = [expert.to(tl.int32), pid_n * BLOCK_N, k * BLOCK_K]
-            w_g = tl.trans(w_gate_ptr.load(at).reshape(BLOCK_N, BLOCK_K))
-            w_u = tl.trans(w_up_ptr.load(at).reshape(BLOCK_N, BLOCK_K))
-        else:
-            k_ok = offs_k[:, None] < k_left
-            w_g = tl.load(g_ptrs, mask=k_ok, other=0.0)
-            w_u = tl.load(u_ptrs, mask=k_ok, other=0.0)
-            g_ptrs += BLOCK_K * stride_w_d
-            u_ptrs += BLOCK_K * stride_w_d
+        k_ok = offs_k[:, None] < k_left
+        w_g = tl.load(g_ptrs, mask=k_ok, other=0.0)
+        w_u = tl.load(u_ptrs, mask=k_ok, other=0.0)
         acc_gate = tl.dot(a, w_g, acc_gate)
         acc_up = tl.dot(a, w_u, acc_up)
         a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K * stride_w_d
+        u_ptrs += BLOCK_K * stride_w_d
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     row_offsets = offs_m[:, None].to(tl.int64) * stride_h_p + offs_n[None, :]
     tl.store(h_ptr + row_offsets, h.to(h_ptr.dtype.element_ty), mask=offs_n[None, :] < F)
@@ -173,7 +157,6 @@ def down_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     PER_ASSIGNMENT: tl.constexpr,
-    W_TMA: tl.constexpr,
 ):
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(D, BLOCK_N), GROUP_M)
     if not PER_ASSIGNMENT:  # noqa: SIM102 (a constexpr branch: no padded length to load)
@@ -185,25 +168,20 @@ def down_kernel(
     )  # fmt: skip
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_h_p + offs_k[None, :]
-    if not W_TMA:
-        w_ptrs = (
-            w_down_ptr
-            + expert * stride_w_e
-            + offs_k[:, None] * stride_w_f
-            + offs_n_wrapped[None, :] * stride_w_d
-        )
+    w_ptrs = (
+        w_down_ptr
+        + expert * stride_w_e
+        + offs_k[:, None] * stride_w_f
+        + offs_n_wrapped[None, :] * stride_w_d
+    )
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, (F + BLOCK_K - 1) // BLOCK_K):
         k_left = F - k * BLOCK_K
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        if W_TMA:  # N-major E x F x D descriptor, blocks [1, BLOCK_K, BLOCK_N]
-            at = [expert.to(tl.int32), k * BLOCK_K, pid_n * BLOCK_N]
-            w = w_down_ptr.load(at).reshape(BLOCK_K, BLOCK_N)
-        else:
-            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            w_ptrs += BLOCK_K * stride_w_f
+        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_w_f
     gate = tl.load(gate_weight_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * gate[:, None]
     out_ptrs = out_ptr + ids[:, None].to(tl.int64) * stride_out_a + offs_n[None, :]
@@ -218,36 +196,6 @@ def _row_list(alignment) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if alignment.per_assignment:
         return (alignment.block_expert_B,) * 3
     return alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1
-
-
-def weight_tma_ok(w_EKN: torch.Tensor, k_major: bool) -> bool:
-    """Whether a GEMM's E x K x N weight view can be read by the tensor memory
-    accelerator (TMA, Hopper and later) in the kernels' orientation: K-major for gate_up,
-    N-major for down, with 16-byte aligned start and strides. Triton's interpreter
-    (tests) emulates it on the CPU."""
-    if w_EKN.device.type == "cuda":
-        if torch.cuda.get_device_capability(w_EKN.device)[0] < 9:
-            return False
-    elif w_EKN.device.type != "cpu":
-        return False
-    view = w_EKN.transpose(1, 2) if k_major else w_EKN  # the contiguous dimension last
-    elem = view.element_size()
-    return (
-        view.stride(2) == 1
-        and view.data_ptr() % 16 == 0
-        and all(stride * elem % 16 == 0 for stride in view.stride()[:2])
-    )
-
-
-def _weights(w_EKN: torch.Tensor, config: dict, k_major: bool) -> torch.Tensor | TensorDescriptor:
-    """The kernel's weight argument: the tensor, or (config W_TMA) a descriptor of its
-    E x N x K (`k_major`) or E x K x N view in blocks of one expert's tile."""
-    if not config.get("W_TMA"):
-        return w_EKN
-    block_k, block_n = config["BLOCK_K"], config["BLOCK_N"]
-    if k_major:
-        return TensorDescriptor.from_tensor(w_EKN.transpose(1, 2), [1, block_n, block_k])
-    return TensorDescriptor.from_tensor(w_EKN, [1, block_k, block_n])
 
 
 def launch_gate_up(
@@ -267,7 +215,7 @@ def launch_gate_up(
     num_blocks_m = alignment.max_blocks
     grid = (num_blocks_m * triton.cdiv(F, block_n),)
     gate_up_kernel[grid](
-        x_TD, _weights(w_gate_EDF, config, True), _weights(w_up_EDF, config, True), h_PF,
+        x_TD, w_gate_EDF, w_up_EDF, h_PF,
         *(pre_activations or (h_PF, h_PF)),
         *_row_list(alignment),
         D, F, alignment.num_assign, top_k, num_blocks_m,
@@ -275,7 +223,7 @@ def launch_gate_up(
         h_PF.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
         GROUP_M=config["GROUP_M"], STORE_PRE=pre_activations is not None,
-        PER_ASSIGNMENT=alignment.per_assignment, W_TMA=bool(config.get("W_TMA")),
+        PER_ASSIGNMENT=alignment.per_assignment,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
 
@@ -294,12 +242,11 @@ def launch_down(
     num_blocks_m = alignment.max_blocks
     grid = (num_blocks_m * triton.cdiv(D, block_n),)
     down_kernel[grid](
-        h_PF, _weights(w_down_EFD, config, False), gate_weight_A, out_AD, *_row_list(alignment),
+        h_PF, w_down_EFD, gate_weight_A, out_AD, *_row_list(alignment),
         D, F, alignment.num_assign, num_blocks_m,
         h_PF.stride(0), w_down_EFD.stride(0), w_down_EFD.stride(1), w_down_EFD.stride(2),
         out_AD.stride(0),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
         GROUP_M=config["GROUP_M"], PER_ASSIGNMENT=alignment.per_assignment,
-        W_TMA=bool(config.get("W_TMA")),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip

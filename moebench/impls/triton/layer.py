@@ -85,23 +85,16 @@ def fused_experts(
     # Tuned in order: the down kernel's trials read the h that gate_up wrote. Training's
     # gate_up also stores the pre-activations: a different kernel, tuned apart.
     gate_up_key = "gate_up_train" if keep_for_backward else "gate_up"
-    # Each kernel's weights can be read by the TMA in one orientation (kernels.py);
-    # whether they can is asked only when a choice is looked up, not on every call.
     steps = (
-        ("gate_up", gate_up_key, (w_gate_EDF, w_up_EDF), True, gate_up, kernels.gate_up_kernel),
-        ("down", "down", (w_down_EFD,), False, down, kernels.down_kernel),
+        ("gate_up", gate_up_key, tuning.weight_layout(w_gate_EDF), gate_up, kernels.gate_up_kernel),
+        ("down", "down", tuning.weight_layout(w_down_EFD), down, kernels.down_kernel),
     )
     with timer.phase("expert"):
-        for name, key, w_views, k_major, launch, kernel in steps:
-
-            def configs(name=name, w_views=w_views, k_major=k_major) -> list[dict]:
-                tma = all(kernels.weight_tma_ok(w_EKN, k_major) for w_EKN in w_views)
-                return tuning.candidates(name, block_m, tma)
-
+        for name, key, layout, launch, kernel in steps:
             config = tuning.TUNER.choose(
                 x_TD.device,
-                tuning.key(key, x_TD, w_down_EFD, K, tuning.weight_layout(w_views[0])),
-                configs,
+                tuning.key(key, x_TD, w_down_EFD, K, layout),
+                lambda name=name: tuning.candidates(name, block_m),
                 launch,
                 code=(kernel,),
             )

@@ -66,12 +66,9 @@ def key(kernel: str, x_TD: torch.Tensor, w_down_EFD: torch.Tensor, top_k: int, l
     return f"{kernel} {layout} D{D} F{F} E{E} K{top_k} {dtype} T{bucket}"
 
 
-def candidates(kernel: str, block_m: int, tma: bool = False) -> list[dict]:
+def candidates(kernel: str, block_m: int) -> list[dict]:
     """Configurations worth timing for `kernel` ("gate_up" or "down") at `block_m`.
-    gate_up holds two accumulators, so its tiles are half as wide at large blocks. With
-    `tma` (`kernels.weight_tma_ok`), each tile of 32 to 256 columns and at most 256 rows
-    of K also with its weights read by the TMA (W_TMA; a TMA box spans at most 256
-    elements per dimension), after the pointer tiles."""
+    gate_up holds two accumulators, so its tiles are half as wide at large blocks."""
     if block_m <= 32:  # weight-read bound: narrow tiles, many programs, deep pipelines
         shapes = [(32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3)]
         shapes += [(32, 256, 4, 3), (128, 64, 4, 5)]
@@ -84,7 +81,7 @@ def candidates(kernel: str, block_m: int, tma: bool = False) -> list[dict]:
     else:
         shapes = [(128, 64, 8, 4), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3)]
         shapes += [(128, 128, 8, 3), (256, 64, 8, 4)]
-    configs = [
+    return [
         {
             "BLOCK_M": block_m,
             "BLOCK_N": n,
@@ -95,13 +92,6 @@ def candidates(kernel: str, block_m: int, tma: bool = False) -> list[dict]:
         }
         for n, k, warps, stages in shapes
     ]
-    if tma:
-        configs += [
-            {**config, "W_TMA": True}
-            for config in configs
-            if 32 <= config["BLOCK_N"] <= 256 and config["BLOCK_K"] <= 256
-        ]
-    return configs
 
 
 def code_fingerprint(code: Sequence[object], configs: list[dict]) -> str:
