@@ -233,6 +233,62 @@ def test_every_forward_candidate_matches_a_float32_loop(tokens, block_m):
             torch.testing.assert_close(
                 got_AD.float().cpu(), out_AD, rtol=2e-2, atol=2e-2, msg=str(config)
             )
+        if not alignment.per_assignment:
+            _check_rows_times_weights(alignment, [w_down_EFD.transpose(1, 2), w_gate_up_E2FD])
+
+
+def _check_rows_times_weights(alignment, weights_EKN: list[torch.Tensor]) -> None:
+    """The down kernel without its scatter (the backward's dh and dx), every candidate,
+    for weights in either orientation: each real padded row (padding rows too) times its
+    block's expert's weights, in place."""
+    from moebench.impls.triton import kernels
+
+    num_padded = int(alignment.num_padded_1)
+    expert_P = alignment.block_expert_B.repeat_interleave(alignment.block_m)[:num_padded].cpu()
+    gen = torch.Generator().manual_seed(1)
+    for w_EKN in weights_EKN:
+        _, K, N = w_EKN.shape
+        a_PK = torch.randn(alignment.max_rows, K, generator=gen).half()
+        expected = torch.stack(
+            [a_PK[row].float() @ w_EKN[e].float().cpu() for row, e in enumerate(expert_P.tolist())]
+        )
+        for config in tuning.candidates("down", alignment.block_m):
+            out_PN = torch.full((alignment.max_rows, N), float("nan"), device=w_EKN.device).half()
+            kernels.launch_rows(a_PK.to(w_EKN.device), w_EKN, out_PN, alignment, config)
+            got = out_PN[:num_padded].float().cpu()
+            torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2, msg=str(config))
+
+
+@needs_kernels
+def test_backward_rows_gemm_takes_the_tuners_choice(tmp_path, monkeypatch):
+    """dh and dx (`rows_times_weights`): a cached choice of the grouped GEMM launches no
+    kernel; where the grouped GEMM cannot run, the Triton kernel computes the rows."""
+    from moebench.impls.triton import backward, kernels
+    from moebench.impls.triton.align import align_to_blocks
+    from moebench.impls.triton.weight_grad import GROUPED_GEMM
+
+    monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
+    ids_TK = torch.tensor([[0, 2], [2, 0], [2, 1]], dtype=torch.int32, device=KERNEL_DEVICE)
+    alignment = align_to_blocks(ids_TK, 4, 16)
+    a_PK = torch.randn(alignment.max_rows, 24, device=KERNEL_DEVICE).half()
+    w_EKN = torch.randn(4, 24, 40, device=KERNEL_DEVICE).half()
+
+    monkeypatch.setattr(backward, "_grouped_ok", lambda *tensors: False)
+    out_PN = backward.rows_times_weights(a_PK, w_EKN, alignment, "rows alone")
+    for row, expert in enumerate(alignment.block_expert_B.repeat_interleave(16).tolist()):
+        if row < int(alignment.num_padded_1):
+            expected = a_PK[row].float() @ w_EKN[expert].float()
+            torch.testing.assert_close(out_PN[row].float(), expected, rtol=2e-2, atol=2e-2)
+
+    configs = [*tuning.candidates("down", 16), GROUPED_GEMM]
+    fingerprint = tuning.code_fingerprint((kernels.down_kernel,), configs)
+    cache_file = tuning._device_file(torch.device(KERNEL_DEVICE))
+    cache_file.write_text(json.dumps({f"rows {fingerprint}": GROUPED_GEMM}))
+    tuning.TUNER._loaded.pop(cache_file, None)
+    monkeypatch.setattr(backward, "_grouped_ok", lambda *tensors: True)
+    monkeypatch.setattr(backward, "GROUPED_MM", lambda *args, **kwargs: "grouped")
+    monkeypatch.setattr(kernels, "launch_rows", lambda *args: pytest.fail("launched"))
+    assert backward.rows_times_weights(a_PK, w_EKN, alignment, "rows") == "grouped"
 
 
 # ---------------------------------------------------------------------- CPU: tuner

@@ -42,7 +42,6 @@ the host: a sync, in the backward only).
 from __future__ import annotations
 
 import functools
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +49,9 @@ import triton
 import triton.language as tl
 
 from moebench.impls.grouped import GROUPED_MM, grouped_mm_works
-from moebench.impls.triton import tuning
+from moebench.impls.triton import kernels, tuning
 from moebench.impls.triton.align import Alignment
-from moebench.impls.triton.weight_grad import expert_weight_grad
+from moebench.impls.triton.weight_grad import GROUPED_GEMM, expert_weight_grad
 
 
 @dataclass
@@ -79,19 +78,28 @@ def _grouped_ok(*tensors: torch.Tensor) -> bool:
     return all(t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
 
 
-def _per_expert_bounds(ends_E: torch.Tensor) -> list[tuple[int, int]]:
-    return list(itertools.pairwise([0, *ends_E.tolist()]))
+def rows_times_weights(
+    a_PK: torch.Tensor, w_EKN: torch.Tensor, alignment: Alignment, tuning_key: str
+) -> torch.Tensor:
+    """Every real padded row of expert e times w_EKN[e] (P x N; rows past the real padded
+    length are left unset), by the forward's down kernel without its scatter
+    (`kernels.launch_rows`) or torch's grouped GEMM, whichever the tuner found faster for
+    `tuning_key`; the kernel alone where the grouped GEMM cannot run."""
+    grouped = _grouped_ok(a_PK, w_EKN) and w_EKN.shape[1] * w_EKN.element_size() % 16 == 0
 
+    def run(config: dict) -> torch.Tensor:
+        if config == GROUPED_GEMM:
+            return GROUPED_MM(a_PK, w_EKN, offs=alignment.padded_ends_E)
+        out_PN = a_PK.new_empty(a_PK.shape[0], w_EKN.shape[2])
+        kernels.launch_rows(a_PK, w_EKN, out_PN, alignment, config)
+        return out_PN
 
-def rows_times_weights(a_PK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor):
-    """Row block of expert e times w_EKN[e], for every expert's run of rows (P x N; rows
-    past the last end are left unset)."""
-    if _grouped_ok(a_PK, w_EKN) and w_EKN.shape[1] * w_EKN.element_size() % 16 == 0:
-        return GROUPED_MM(a_PK, w_EKN, offs=ends_E)
-    out_PN = torch.zeros(a_PK.shape[0], w_EKN.shape[2], device=a_PK.device, dtype=a_PK.dtype)
-    for expert, (start, end) in enumerate(_per_expert_bounds(ends_E)):
-        out_PN[start:end] = a_PK[start:end] @ w_EKN[expert]
-    return out_PN
+    def configs() -> list[dict]:
+        # the grouped GEMM last: Triton's interpreter (tests) takes the first untimed
+        return tuning.candidates("down", alignment.block_m) + ([GROUPED_GEMM] if grouped else [])
+
+    config = tuning.TUNER.choose(a_PK.device, tuning_key, configs, run, code=(kernels.down_kernel,))
+    return run(config)
 
 
 def weight_grad(a_PK: torch.Tensor, b_PN: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
@@ -236,19 +244,26 @@ def fused_backward(
     dy_rows_PD = grad_y_TD.to(x_TD.dtype).index_select(0, token_P)
     gate_weight_A = gate_weights_TK.reshape(-1).to(x_TD.dtype)
 
-    dh_unscaled_PF = rows_times_weights(dy_rows_PD, w_down_EFD.transpose(1, 2), ends_E)
+    def key(name: str, w_EKN: torch.Tensor) -> str:
+        return tuning.key(name, x_TD, w_down_EFD, K, tuning.weight_layout(w_EKN))
+
+    w_down_EDF = w_down_EFD.transpose(1, 2)
+    dh_unscaled_PF = rows_times_weights(dy_rows_PD, w_down_EDF, alignment, key("dh", w_down_EDF))
     dgate_up_P2F, h_weighted_PF, dweight_P = swiglu_backward(dh_unscaled_PF, saved, gate_weight_A)
 
     def expert_grads(name: str, a_PM: torch.Tensor, b_PD: torch.Tensor, w_EKN: torch.Tensor):
-        key = tuning.key(f"weight_grad_{name}", x_TD, w_down_EFD, K, tuning.weight_layout(w_EKN))
         grouped = weight_grad if _grouped_ok(a_PM, b_PD) else None
-        return expert_weight_grad(a_PM, b_PD, ends_E, alignment.block_m, key, grouped)
+        return expert_weight_grad(
+            a_PM, b_PD, ends_E, alignment.block_m, key(f"weight_grad_{name}", w_EKN), grouped
+        )
 
     dW_down_EFD = expert_grads("down", h_weighted_PF, dy_rows_PD, w_down_EFD)
     dW_gate_up_E2FD = expert_grads(
         "gate_up", dgate_up_P2F, x_rows_PD, w_gate_up_E2FD.transpose(1, 2)
     )
-    dx_rows_PD = rows_times_weights(dgate_up_P2F, w_gate_up_E2FD, ends_E)
+    dx_rows_PD = rows_times_weights(
+        dgate_up_P2F, w_gate_up_E2FD, alignment, key("dx", w_gate_up_E2FD)
+    )
     dx_TD = token_sum(dx_rows_PD, K, alignment.row_of_assign_A)
     return (
         dx_TD,

@@ -14,7 +14,9 @@ so the grid is sized from a bound known on the host and nothing waits on the dev
   keeps the pre-activations.
 - `down`: out_AD[a] = gate_weight[a] * (h_PF[row] @ W_down[e]); the routing weight is
   the epilogue and the store scatters each row back to its assignment, so summing over
-  the K slots of a token (one cheap reduction) un-permutes.
+  the K slots of a token (one cheap reduction) un-permutes. Without the scatter
+  (`launch_rows`) it is any padded rows times their experts' weights, in place: the
+  backward's dh and dx.
 
 Small token counts use BLOCK_M = 16 and narrow BLOCK_N, so that many programs share one
 expert's weights and the weight read (the whole cost at decode) runs at full bandwidth.
@@ -157,6 +159,7 @@ def down_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     PER_ASSIGNMENT: tl.constexpr,
+    SCATTER: tl.constexpr,
 ):
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(D, BLOCK_N), GROUP_M)
     if not PER_ASSIGNMENT:  # noqa: SIM102 (a constexpr branch: no padded length to load)
@@ -182,12 +185,15 @@ def down_kernel(
         acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_w_f
-    gate = tl.load(gate_weight_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
-    acc = acc * gate[:, None]
-    out_ptrs = out_ptr + ids[:, None].to(tl.int64) * stride_out_a + offs_n[None, :]
-    tl.store(
-        out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < D)
-    )
+    if SCATTER:  # the forward: weighted, each row to its assignment
+        gate = tl.load(gate_weight_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
+        acc = acc * gate[:, None]
+        out_ptrs = out_ptr + ids[:, None].to(tl.int64) * stride_out_a + offs_n[None, :]
+        store_ok = row_ok[:, None] & (offs_n[None, :] < D)
+    else:  # the backward: each padded row in place, padding rows too
+        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_out_a + offs_n[None, :]
+        store_ok = offs_n[None, :] < D
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_ok)
 
 
 def _row_list(alignment) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -247,6 +253,25 @@ def launch_down(
         h_PF.stride(0), w_down_EFD.stride(0), w_down_EFD.stride(1), w_down_EFD.stride(2),
         out_AD.stride(0),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
-        GROUP_M=config["GROUP_M"], PER_ASSIGNMENT=alignment.per_assignment,
+        GROUP_M=config["GROUP_M"], PER_ASSIGNMENT=alignment.per_assignment, SCATTER=True,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip
+
+
+def launch_rows(
+    a_PK: torch.Tensor, w_EKN: torch.Tensor, out_PN: torch.Tensor, alignment, config: dict
+) -> None:
+    """out_PN[row] <- a_PK[row] @ w_EKN[expert of row] for every real padded row
+    (`down_kernel` without its scatter: the backward's dh and dx); w_EKN any strides."""
+    K, N = w_EKN.shape[1], w_EKN.shape[2]
+    assert a_PK.stride(1) == 1 and out_PN.stride(1) == 1
+    num_blocks_m = alignment.max_blocks
+    grid = (num_blocks_m * triton.cdiv(N, config["BLOCK_N"]),)
+    down_kernel[grid](
+        a_PK, w_EKN, a_PK, out_PN, *_row_list(alignment),
+        N, K, alignment.num_assign, num_blocks_m,
+        a_PK.stride(0), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2), out_PN.stride(0),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+        GROUP_M=config["GROUP_M"], PER_ASSIGNMENT=False, SCATTER=False,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip

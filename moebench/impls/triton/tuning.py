@@ -80,7 +80,7 @@ def candidates(kernel: str, block_m: int) -> list[dict]:
         shapes += [(128, 32, 4, 4), (128, 64, 8, 4)]
     else:
         shapes = [(128, 64, 8, 4), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3)]
-        shapes += [(128, 128, 8, 3), (256, 64, 8, 4)]
+        shapes += [(128, 128, 8, 3), (256, 64, 8, 4), (256, 32, 8, 6)]
     return [
         {
             "BLOCK_M": block_m,
