@@ -1,5 +1,6 @@
-"""The fused layer's backward: torch grouped GEMMs over the forward's padded row layout,
-with the SwiGLU backward as one Triton kernel between them.
+"""The fused layer's backward: GEMMs over the forward's padded row layout, each the
+faster of a Triton kernel and torch's grouped GEMM, with the SwiGLU backward as one
+Triton kernel between them.
 
 Shape legend: T tokens, D hidden, F expert width, E routed experts, K top_k,
 A = T x K assignments, P padded rows (the forward's `Alignment`).
@@ -33,10 +34,15 @@ a few rows each (the forward's row blocks at most FEW_ROWS_BLOCK_M) they are a s
 write rather than FLOPs, and a Triton kernel that writes each tile once races the grouped
 GEMM in the tuner.
 
+dh~ and dx go through `rows_times_weights`: the forward's down kernel without its
+scatter (`kernels.launch_rows`: each padded row times its block's expert's weights, in
+place) raced against the grouped GEMM. Where experts see a few rows each it reads the
+weights faster than the grouped GEMM (DeepSeek-V3 at 64 tokens: dx 3.03 against 4.23 ms
+on an H200, NOTES.md version 8).
+
 torch's grouped GEMM needs 16-byte aligned strides and, in some builds, bfloat16; where
-the widths or the dtype do not allow it, the weight gradients come from the Triton kernel
-alone and dh and dx from a per-expert loop over the same layout (it reads the offsets on
-the host: a sync, in the backward only).
+the widths or the dtype do not allow it, every GEMM of the backward is the Triton kernel
+alone: no per-expert loop, no host sync.
 """
 
 from __future__ import annotations

@@ -16,10 +16,11 @@ loads, SwiGLU epilogue) -> down kernel (routing weight in the epilogue, rows sca
 their assignments) -> sum over the K slots of each token (`token_sum_kernel`). A single
 token at inference skips the alignment: one row block per assignment (its K experts are
 distinct, so each expert's weights are still read once). Training keeps the gate and up
-pre-activations and the SwiGLU output per padded row; the backward (backward.py) is
-torch grouped GEMMs over that layout with Triton kernels between them (the SwiGLU
-backward, the per-token sums of dx) and, for experts with a few rows each, the weight
-gradients (weight_grad.py); nothing recomputed.
+pre-activations and the SwiGLU output per padded row; the backward (backward.py) runs
+each GEMM over that layout as a Triton kernel or torch's grouped GEMM, whichever the
+tuner found faster (dh and dx: the down kernel without its scatter; the weight gradients:
+weight_grad.py), with Triton kernels between them (the SwiGLU backward, the per-token
+sums of dx); nothing recomputed.
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ class TritonMoE(MoELayer):
     """Dropless top-k MoE on fused Triton kernels."""
 
     impl_detail = (
-        "triton fused fwd (gate|up one tensor); grouped_mm + triton SwiGLU, token-sum,"
-        " few-row dW bwd"
+        "triton fused fwd (gate|up one tensor); bwd: triton or grouped_mm per GEMM (tuned),"
+        " triton SwiGLU, token-sum"
     )
 
     def __init__(self, weights: ExpertWeights, case: Case):
