@@ -440,10 +440,10 @@ def test_triton_suite_loads_for_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     suite = load_suite(Path(__file__).parents[1] / "suites" / "triton.toml")
-    assert len(suite.cases) == 42
+    assert len(suite.cases) == 46
     graphed = [c for c in suite.cases if c.cuda_graph]
-    assert len(graphed) == 8 and {c.impl for c in graphed} == {"triton"}
-    assert {c.tokens for c in graphed} == {1, 64}
+    assert len(graphed) == 12 and {c.impl for c in graphed} == {"triton"}
+    assert {c.tokens for c in graphed} == {1, 64, 1024}
     train = sorted(c.impl for c in suite.cases if c.workload.mode == "train")
     assert train == ["grouped", "triton"]
 
