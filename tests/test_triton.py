@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -340,6 +341,32 @@ def test_tuning_log_holds_each_candidates_time_or_failure(tmp_path, monkeypatch)
     assert lines[1]["chosen"] is None
 
 
+def test_tune_log_summary_reads_what_the_tuner_wrote(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    summary = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "tune_log.py"))
+    log = tmp_path / "tune.jsonl"
+    monkeypatch.setenv("MOEBENCH_TRITON_TUNE_LOG", str(log))
+    tile = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    trials = [
+        (tile, 0.25),
+        ({"kernel": "grouped_mm"}, 0.5),
+        ({**tile, "BLOCK_N": 512}, "OutOfResources: smem"),
+    ]
+    tuning._log_trials("dh nmajor D8 T64 abc", trials, tile)
+    tuning._log_trials("gate_up nmajor D8 T64 abc", [(tile, 0.1)], tile)
+    assert summary["main"]([str(log), "--key", "dh"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "dh nmajor D8 T64 abc: M16 N128 K64 w4 s3 0.25 ms; next grouped_mm 0.5 ms;"
+        " grouped GEMM 0.5 ms, best Triton tile 0.25 ms; 1 failed (OutOfResources: smem)"
+    ]
+    log.write_text("not json\n")
+    assert summary["main"]([str(log)]) == 2
+    assert "not a tuning line" in capsys.readouterr().err
+    assert summary["main"]([str(tmp_path / "missing.jsonl")]) == 2
+
+
 def test_a_choice_made_for_other_code_is_not_reused_and_is_dropped(tmp_path, monkeypatch):
     """The key's fingerprint covers the kernels' code and the candidate list: a choice
     tuned for another kernel or another list of candidates is not taken, and saving the
@@ -433,8 +460,6 @@ cuda_graph = [false, true]
 
 
 def test_triton_suite_loads_for_cuda(monkeypatch):
-    from pathlib import Path
-
     from moebench.suite import load_suite
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

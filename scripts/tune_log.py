@@ -1,0 +1,90 @@
+"""What the fused layer's tuner timed, one line per tuning, from the log that
+`MOEBENCH_TRITON_TUNE_LOG=FILE` writes (`scripts/gpu_session.sh` keeps it as
+$OUT/tune-log.jsonl):
+
+    python scripts/tune_log.py FILE [--key SUBSTRING]
+
+Each line: the key (kernel, weight layout, shape, dtype, token bucket), the chosen
+candidate and its milliseconds, the runner-up, and how many candidates failed to
+compile or launch (the first error is shown). Where the candidates hold both a Triton
+tile and torch's grouped GEMM (the backward's GEMMs), the best of each is shown too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+_FIELDS = (
+    ("BLOCK_M", "M"),
+    ("BLOCK_N", "N"),
+    ("BLOCK_K", "K"),
+    ("BLOCK_R", "R"),
+    ("num_warps", "w"),
+    ("num_stages", "s"),
+)
+
+
+def describe(config: dict | None) -> str:
+    """A candidate in a few characters: "grouped_mm", or M/N/K/R tile, warps, stages."""
+    if config is None:
+        return "none"
+    if "kernel" in config:
+        return str(config["kernel"])
+    parts = [f"{short}{config[name]}" for name, short in _FIELDS if name in config]
+    parts += [name for name, value in config.items() if value is True]  # flags
+    return " ".join(parts)
+
+
+def summarise(line: dict) -> str:
+    """One tuning's line of the summary."""
+    timed = sorted(
+        ((ms, config) for config, ms in line["trials"] if isinstance(ms, (int, float))),
+        key=lambda trial: trial[0],
+    )
+    failed = [result for _, result in line["trials"] if not isinstance(result, (int, float))]
+    text = f"{line['key']}: {describe(line['chosen'])}"
+    if timed:
+        text += f" {timed[0][0]:.4g} ms"
+    if len(timed) > 1:
+        text += f"; next {describe(timed[1][1])} {timed[1][0]:.4g} ms"
+    grouped = [ms for ms, config in timed if "kernel" in config]
+    tiles = [ms for ms, config in timed if "kernel" not in config]
+    if grouped and tiles:
+        text += f"; grouped GEMM {grouped[0]:.4g} ms, best Triton tile {tiles[0]:.4g} ms"
+    if failed:
+        text += f"; {len(failed)} failed ({failed[0]})"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("log", type=Path, help="the JSON-lines tune log")
+    parser.add_argument("--key", default="", help="only tunings whose key contains this")
+    args = parser.parse_args(argv)
+    try:
+        text = args.log.read_text()
+    except OSError as error:
+        print(f"tune_log.py: cannot read {args.log}: {error.strerror}", file=sys.stderr)
+        return 2
+    for number, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+            if args.key in line["key"]:
+                print(summarise(line))
+        except (ValueError, KeyError, TypeError) as error:
+            print(f"tune_log.py: {args.log}:{number}: not a tuning line ({error})", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `| head`: the reader has all it wanted
+        sys.stderr.close()
+        sys.exit(0)
