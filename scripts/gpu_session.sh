@@ -38,7 +38,8 @@
 # .tune-cache/*.json (git-ignored; device tool: carry ".tune-cache") seeds the tuning
 # cache, and the cache comes back as $OUT/tune-cache/ (copy it over .tune-cache/). It
 # holds choices of block sizes, no measurements. What each tuning timed (every candidate's
-# milliseconds, or why it failed to compile) is logged to $OUT/tune-log.jsonl.
+# milliseconds, or why it failed to compile) is logged to $OUT/tune-log.jsonl
+# (`python scripts/tune_log.py FILE` prints a line per tuning).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: scripts/gpu_session.sh STEP [STEP...]" >&2; exit 2; }
