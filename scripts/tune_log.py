@@ -1,6 +1,5 @@
 """What the fused layer's tuner timed, one line per tuning, from the log that
-`MOEBENCH_TRITON_TUNE_LOG=FILE` writes (`scripts/gpu_session.sh` keeps it as
-$OUT/tune-log.jsonl):
+`MOEBENCH_TRITON_TUNE_LOG=FILE` writes ($OUT/tune-log.jsonl in scripts/gpu_session.sh).
 
     python scripts/tune_log.py FILE [--key SUBSTRING]
 
