@@ -18,6 +18,12 @@ so the grid is sized from a bound known on the host and nothing waits on the dev
   (`launch_rows`) it is any padded rows times their experts' weights, in place: the
   backward's dh and dx.
 
+An expert's run is padded to whole blocks, so its last block is partly padding (DeepSeek-V3
+at 8192 tokens: 1.25x the real rows at BLOCK_M = 128). With HALF_TAIL (a tuner candidate)
+a block whose second half is padding alone computes half its rows, through the same tile
+code at BLOCK_M / 2 rows. The padding rows it skips are left unwritten: a later kernel
+may multiply them, but the scatter and the backward drop every padding row's result.
+
 Small token counts use BLOCK_M = 16 and narrow BLOCK_N, so that many programs share one
 expert's weights and the weight read (the whole cost at decode) runs at full bandwidth.
 
@@ -55,19 +61,27 @@ def _block_rows(
     num_assign,
     N,
     BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PER_ASSIGNMENT: tl.constexpr,
 ):
-    """A row block's expert, rows, their assignment ids and validity, and its columns
-    (wrapped into [0, N) so weight loads need no mask)."""
+    """The first ROWS rows of a row block: its expert, the rows, their assignment ids and
+    validity, and its columns (wrapped into [0, N) so weight loads need no mask)."""
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, ROWS)
     if PER_ASSIGNMENT:  # block a: assignment a in its first row, padding in the rest
-        ids = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_assign)
+        ids = tl.where(tl.arange(0, ROWS) == 0, pid_m, num_assign)
     else:
         ids = tl.load(sorted_ids_ptr + offs_m)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return expert, offs_m, ids, ids < num_assign, offs_n, offs_n % N
+
+
+@triton.jit
+def _second_half_is_padding(sorted_ids_ptr, pid_m, num_assign, BLOCK_M: tl.constexpr):
+    """Whether row block pid_m's second half holds padding alone: an expert's real rows
+    come first in its run, so that is when the second half's first row is padding."""
+    return tl.load(sorted_ids_ptr + pid_m * BLOCK_M + BLOCK_M // 2) >= num_assign
 
 
 @triton.jit
@@ -97,13 +111,60 @@ def gate_up_kernel(
     GROUP_M: tl.constexpr,
     STORE_PRE: tl.constexpr,
     PER_ASSIGNMENT: tl.constexpr,
+    HALF_TAIL: tl.constexpr,
 ):
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     if not PER_ASSIGNMENT:  # noqa: SIM102 (a constexpr branch: no padded length to load)
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
             return
+    if HALF_TAIL:  # noqa: SIM102 (an expert's last block, half of it padding: half the rows)
+        if _second_half_is_padding(sorted_ids_ptr, pid_m, num_assign, BLOCK_M):
+            _gate_up_tile(
+                x_ptr, w_gate_ptr, w_up_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
+                block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_w_e, stride_w_d,
+                stride_w_f, stride_h_p, pid_m, pid_n,
+                BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, STORE_PRE, PER_ASSIGNMENT,
+            )  # fmt: skip
+            return
+    _gate_up_tile(
+        x_ptr, w_gate_ptr, w_up_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
+        block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_w_e, stride_w_d,
+        stride_w_f, stride_h_p, pid_m, pid_n,
+        BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE, PER_ASSIGNMENT,
+    )  # fmt: skip
+
+
+@triton.jit
+def _gate_up_tile(
+    x_ptr,
+    w_gate_ptr,
+    w_up_ptr,
+    h_ptr,
+    gate_pre_ptr,
+    up_pre_ptr,
+    sorted_ids_ptr,
+    block_expert_ptr,
+    D,
+    F,
+    num_assign,
+    top_k,
+    stride_x_t,
+    stride_w_e,
+    stride_w_d,
+    stride_w_f,
+    stride_h_p,
+    pid_m,
+    pid_n,
+    BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    PER_ASSIGNMENT: tl.constexpr,
+):
+    """gate_up of the first ROWS rows of row block pid_m, columns block pid_n."""
     expert, offs_m, ids, row_ok, offs_n, offs_n_wrapped = _block_rows(
-        sorted_ids_ptr, block_expert_ptr, pid_m, pid_n, num_assign, F, BLOCK_M, BLOCK_N,
+        sorted_ids_ptr, block_expert_ptr, pid_m, pid_n, num_assign, F, BLOCK_M, ROWS, BLOCK_N,
         PER_ASSIGNMENT,
     )  # fmt: skip
     token = (ids // top_k).to(tl.int64)
@@ -114,8 +175,8 @@ def gate_up_kernel(
     )
     g_ptrs = w_gate_ptr + w_offsets
     u_ptrs = w_up_ptr + w_offsets
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_gate = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for k in range(0, (D + BLOCK_K - 1) // BLOCK_K):
         k_left = D - k * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
@@ -160,13 +221,57 @@ def down_kernel(
     GROUP_M: tl.constexpr,
     PER_ASSIGNMENT: tl.constexpr,
     SCATTER: tl.constexpr,
+    HALF_TAIL: tl.constexpr,
 ):
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(D, BLOCK_N), GROUP_M)
     if not PER_ASSIGNMENT:  # noqa: SIM102 (a constexpr branch: no padded length to load)
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
             return
+    if HALF_TAIL:  # noqa: SIM102 (an expert's last block, half of it padding: half the rows)
+        if _second_half_is_padding(sorted_ids_ptr, pid_m, num_assign, BLOCK_M):
+            _down_tile(
+                h_ptr, w_down_ptr, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
+                D, F, num_assign, stride_h_p, stride_w_e, stride_w_f, stride_w_d, stride_out_a,
+                pid_m, pid_n,
+                BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, PER_ASSIGNMENT, SCATTER,
+            )  # fmt: skip
+            return
+    _down_tile(
+        h_ptr, w_down_ptr, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
+        D, F, num_assign, stride_h_p, stride_w_e, stride_w_f, stride_w_d, stride_out_a,
+        pid_m, pid_n,
+        BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, PER_ASSIGNMENT, SCATTER,
+    )  # fmt: skip
+
+
+@triton.jit
+def _down_tile(
+    h_ptr,
+    w_down_ptr,
+    gate_weight_ptr,
+    out_ptr,
+    sorted_ids_ptr,
+    block_expert_ptr,
+    D,
+    F,
+    num_assign,
+    stride_h_p,
+    stride_w_e,
+    stride_w_f,
+    stride_w_d,
+    stride_out_a,
+    pid_m,
+    pid_n,
+    BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PER_ASSIGNMENT: tl.constexpr,
+    SCATTER: tl.constexpr,
+):
+    """down of the first ROWS rows of row block pid_m, columns block pid_n."""
     expert, offs_m, ids, row_ok, offs_n, offs_n_wrapped = _block_rows(
-        sorted_ids_ptr, block_expert_ptr, pid_m, pid_n, num_assign, D, BLOCK_M, BLOCK_N,
+        sorted_ids_ptr, block_expert_ptr, pid_m, pid_n, num_assign, D, BLOCK_M, ROWS, BLOCK_N,
         PER_ASSIGNMENT,
     )  # fmt: skip
     offs_k = tl.arange(0, BLOCK_K)
@@ -177,7 +282,7 @@ def down_kernel(
         + offs_k[:, None] * stride_w_f
         + offs_n_wrapped[None, :] * stride_w_d
     )
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for k in range(0, (F + BLOCK_K - 1) // BLOCK_K):
         k_left = F - k * BLOCK_K
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
@@ -190,7 +295,7 @@ def down_kernel(
         acc = acc * gate[:, None]
         out_ptrs = out_ptr + ids[:, None].to(tl.int64) * stride_out_a + offs_n[None, :]
         store_ok = row_ok[:, None] & (offs_n[None, :] < D)
-    else:  # the backward: each padded row in place, padding rows too
+    else:  # the backward: each padded row in place (a skipped half of padding excepted)
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_out_a + offs_n[None, :]
         store_ok = offs_n[None, :] < D
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_ok)
@@ -202,6 +307,12 @@ def _row_list(alignment) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if alignment.per_assignment:
         return (alignment.block_expert_B,) * 3
     return alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1
+
+
+def _half_tail(alignment, config: dict) -> bool:
+    """Whether a config's blocks compute half their rows where the second half is padding
+    (config HALF_TAIL; only with a row list, whose real rows come first per expert)."""
+    return bool(config.get("HALF_TAIL")) and not alignment.per_assignment
 
 
 def launch_gate_up(
@@ -229,7 +340,7 @@ def launch_gate_up(
         h_PF.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
         GROUP_M=config["GROUP_M"], STORE_PRE=pre_activations is not None,
-        PER_ASSIGNMENT=alignment.per_assignment,
+        PER_ASSIGNMENT=alignment.per_assignment, HALF_TAIL=_half_tail(alignment, config),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
 
@@ -254,6 +365,7 @@ def launch_down(
         out_AD.stride(0),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
         GROUP_M=config["GROUP_M"], PER_ASSIGNMENT=alignment.per_assignment, SCATTER=True,
+        HALF_TAIL=_half_tail(alignment, config),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
 
@@ -273,5 +385,6 @@ def launch_rows(
         a_PK.stride(0), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2), out_PN.stride(0),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         GROUP_M=config["GROUP_M"], PER_ASSIGNMENT=False, SCATTER=False,
+        HALF_TAIL=_half_tail(alignment, config),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip

@@ -68,7 +68,9 @@ def key(kernel: str, x_TD: torch.Tensor, w_down_EFD: torch.Tensor, top_k: int, l
 
 def candidates(kernel: str, block_m: int) -> list[dict]:
     """Configurations worth timing for `kernel` ("gate_up" or "down") at `block_m`.
-    gate_up holds two accumulators, so its tiles are half as wide at large blocks."""
+    gate_up holds two accumulators, so its tiles are half as wide at large blocks. From
+    64 rows, each tile also with HALF_TAIL: a block whose second half is padding alone (an
+    expert's last block, a few rows into it) computes half its rows."""
     if block_m <= 32:  # weight-read bound: narrow tiles, many programs, deep pipelines
         shapes = [(32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3)]
         shapes += [(32, 256, 4, 3), (128, 64, 4, 5)]
@@ -81,7 +83,7 @@ def candidates(kernel: str, block_m: int) -> list[dict]:
     else:
         shapes = [(128, 64, 8, 4), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3)]
         shapes += [(128, 128, 8, 3), (256, 64, 8, 4), (256, 32, 8, 6)]
-    return [
+    configs = [
         {
             "BLOCK_M": block_m,
             "BLOCK_N": n,
@@ -92,6 +94,9 @@ def candidates(kernel: str, block_m: int) -> list[dict]:
         }
         for n, k, warps, stages in shapes
     ]
+    if block_m >= 64:
+        configs += [{**config, "HALF_TAIL": True} for config in configs]
+    return configs
 
 
 def code_fingerprint(code: Sequence[object], configs: list[dict]) -> str:
