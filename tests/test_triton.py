@@ -405,6 +405,16 @@ def test_token_buckets_and_block_rows():
     assert [tuning.token_bucket(t) for t in (1, 2, 3, 64, 65, 8192)] == [1, 2, 4, 64, 128, 8192]
     assert tuning.block_m_for(1, 8, 128) == 16
     assert tuning.block_m_for(8192, 8, 128) == 128
+    # Raced between 32 and 256 rows per expert (the default first): Qwen3-30B-A3B and
+    # OLMoE-1B-7B at 1024 tokens; not DeepSeek-V3 there (32 rows), decode nor 8192.
+    assert tuning.block_m_choices(1024, 8, 128) == [64, 128]
+    assert tuning.block_m_choices(1024, 8, 64) == [128, 64]
+    assert tuning.block_m_choices(1024, 8, 256) == [64]
+    assert tuning.block_m_choices(64, 8, 128) == [16]
+    assert tuning.block_m_choices(8192, 8, 128) == [128]
+    x_TD, w_down_EFD = torch.zeros(1024, 8), torch.zeros(4, 16, 8)
+    assert tuning.key("down", x_TD, w_down_EFD, 2, "nmajor", 64).endswith("T1024 M64")
+    assert tuning.key("down", x_TD, w_down_EFD, 2, "nmajor").endswith("T1024")
     for kernel in ("gate_up", "down"):
         for block_m in (16, 64, 128):
             assert all(c["BLOCK_M"] == block_m for c in tuning.candidates(kernel, block_m))
@@ -578,6 +588,35 @@ def test_training_forward_keeps_what_inference_computes():
     gate_pre, up_pre = saved.gate_pre_PF[real].float(), saved.up_pre_PF[real].float()
     swiglu = torch.nn.functional.silu(gate_pre) * up_pre
     torch.testing.assert_close(saved.h_PF[real].float(), swiglu, rtol=2e-2, atol=1e-2)
+
+
+@needs_cuda
+def test_forward_races_the_row_block_size(tmp_path, monkeypatch):
+    """64 rows per expert: the forward times itself at 64- and 128-row blocks (each with
+    its own tuned tiles) and keeps the faster; both give the same output."""
+    from moebench.impls.triton.layer import fused_experts
+
+    monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path / "tune"))
+    monkeypatch.setenv("MOEBENCH_TRITON_TUNE_LOG", str(tmp_path / "log.jsonl"))
+    monkeypatch.setattr(tuning, "TUNER", tuning.Tuner())
+    case = _gpu_case((200, 384, 8, 2, 250), "bfloat16")  # bucket 256: 64 rows per expert
+    weights = make_weights(case)
+    layer = registry.get("triton").build(weights, case)
+    x_TD = make_inputs(case, 1)[0]
+    with torch.no_grad():
+        gate_TK, ids_TK, _ = layer.router(x_TD)
+        args = (x_TD, gate_TK, ids_TK, layer.w_gate_up_E2FD, layer.w_down_EFD)
+        y_TD, _ = fused_experts(*args)
+        by_block = {m: fused_experts(*args, block_m=m)[0] for m in (64, 128)}
+    for y_block_TD in by_block.values():
+        torch.testing.assert_close(y_block_TD, y_TD, rtol=2e-2, atol=2e-2)
+    assert _relative(y_TD, reference_output(weights, x_TD)) <= 2e-2
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    (race,) = [line for line in lines if line["key"].startswith("block_m ")]
+    assert [config["BLOCK_M"] for config, _ in race["trials"]] == [64, 128]
+    assert all(isinstance(ms, float) for _, ms in race["trials"])
+    # Each block size's kernels were tuned under their own keys.
+    assert {line["key"].split(" ")[-2] for line in lines if line is not race} == {"M64", "M128"}
 
 
 @needs_cuda

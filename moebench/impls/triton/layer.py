@@ -44,13 +44,15 @@ def fused_experts(
     w_down_EFD: torch.Tensor,
     keep_for_backward: bool = False,
     timer: Timer = NULL_TIMER,
+    block_m: int | None = None,
 ) -> tuple[torch.Tensor, Saved | None]:
     """(sum_k gate_weights_TK[t, k] * SwiGLU_{expert_ids_TK[t, k]}(x_TD[t]) as T x D,
     what the backward needs if `keep_for_backward` else None), with gate and up stacked
     in w_gate_up_E2FD (rows [0, F) gate, [F, 2F) up) and the down projection in
     w_down_EFD. `timer` marks the phases (moebench.measure.phases): alignment is permute,
     the two fused GEMMs (gathered loads, weighted scatter in the epilogue) expert, the sum
-    over slots unpermute."""
+    over slots unpermute. `block_m` (rows per block of the sorted token list) defaults to
+    the tuner's choice (`_block_m`)."""
     T, D = x_TD.shape
     E, F, _ = w_down_EFD.shape
     # E x D x F views of the K-major storage: the kernels take any strides.
@@ -58,8 +60,11 @@ def fused_experts(
     w_up_EDF = w_gate_up_E2FD[:, F:].transpose(1, 2)
     K = expert_ids_TK.shape[1]
     x_TD = x_TD.contiguous()
-    block_m = tuning.block_m_for(T, K, E)
     per_assignment = T == 1 and not keep_for_backward
+    if block_m is None and (keep_for_backward or per_assignment):  # not raced: `_block_m`
+        block_m = tuning.block_m_for(T, K, E)
+    elif block_m is None:
+        block_m = _block_m(x_TD, gate_weights_TK, expert_ids_TK, w_gate_up_E2FD, w_down_EFD)
     with timer.phase("permute"):
         if per_assignment:
             alignment = per_assignment_blocks(expert_ids_TK, block_m)
@@ -94,7 +99,7 @@ def fused_experts(
         for name, key, layout, launch, kernel in steps:
             config = tuning.TUNER.choose(
                 x_TD.device,
-                tuning.key(key, x_TD, w_down_EFD, K, layout),
+                tuning.key(key, x_TD, w_down_EFD, K, layout, block_m),
                 lambda name=name: tuning.candidates(name, block_m),
                 launch,
                 code=(kernel,),
@@ -106,6 +111,39 @@ def fused_experts(
     if pre_activations is not None:
         saved = Saved(alignment, *pre_activations, h_PF, K)
     return y_TD, saved
+
+
+def _block_m(
+    x_TD: torch.Tensor,
+    gate_weights_TK: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    w_gate_up_E2FD: torch.Tensor,
+    w_down_EFD: torch.Tensor,
+) -> int:
+    """The forward's rows per block: where `tuning.block_m_choices` offers more than one,
+    the fastest whole forward (alignment, both GEMMs with their own tuned tiles, token
+    sum) of them, tuned once per shape and token bucket. Training keeps `block_m_for`:
+    its backward runs on the forward's blocks, and the race times the forward alone."""
+    T, K, E = x_TD.shape[0], expert_ids_TK.shape[1], w_down_EFD.shape[0]
+    choices = tuning.block_m_choices(T, K, E)
+    if len(choices) == 1:
+        return choices[0]
+
+    def forward(config: dict) -> None:
+        fused_experts(
+            x_TD, gate_weights_TK, expert_ids_TK, w_gate_up_E2FD, w_down_EFD,
+            block_m=config["BLOCK_M"],
+        )  # fmt: skip
+
+    layout = tuning.weight_layout(w_gate_up_E2FD[:, :1].transpose(1, 2))
+    config = tuning.TUNER.choose(
+        x_TD.device,
+        tuning.key("block_m", x_TD, w_down_EFD, K, layout),
+        lambda: [{"BLOCK_M": block_m} for block_m in choices],
+        forward,
+        code=(kernels.gate_up_kernel, kernels.down_kernel),
+    )
+    return config["BLOCK_M"]
 
 
 class _FusedExpertsFunction(torch.autograd.Function):

@@ -57,13 +57,35 @@ def weight_layout(w_EKN: torch.Tensor) -> str:
     return "kmajor" if w_EKN.stride(1) == 1 else "nmajor"
 
 
-def key(kernel: str, x_TD: torch.Tensor, w_down_EFD: torch.Tensor, top_k: int, layout: str) -> str:
+def block_m_choices(tokens: int, top_k: int, num_experts: int) -> list[int]:
+    """The row-block sizes the forward races (`block_m_for`'s first): between 32 and 256
+    rows per expert on average, both 64 and 128. There an expert spans one or two blocks
+    of either size, and which wastes less (128: one read of each weight tile, a tail of
+    padding that HALF_TAIL halves; 64: less padding, a second program per weight tile)
+    depends on the spread of rows over experts, so it is timed, not guessed."""
+    default = block_m_for(tokens, top_k, num_experts)
+    rows_per_expert = token_bucket(tokens) * top_k / num_experts
+    if not 32 < rows_per_expert <= 256:
+        return [default]
+    return [default, *(m for m in (64, 128) if m != default)]
+
+
+def key(
+    kernel: str,
+    x_TD: torch.Tensor,
+    w_down_EFD: torch.Tensor,
+    top_k: int,
+    layout: str,
+    block_m: int | None = None,
+) -> str:
     """The cache key of `kernel` for these tokens and this layer shape: kernel, the
-    layout of its weights (`weight_layout`), shape, dtype and token bucket."""
+    layout of its weights (`weight_layout`), shape, dtype and token bucket, and the
+    row-block size where the caller runs more than one for a bucket (`block_m`)."""
     E, F, D = w_down_EFD.shape
     dtype = str(x_TD.dtype).removeprefix("torch.")
     bucket = token_bucket(x_TD.shape[0])
-    return f"{kernel} {layout} D{D} F{F} E{E} K{top_k} {dtype} T{bucket}"
+    rows = "" if block_m is None else f" M{block_m}"
+    return f"{kernel} {layout} D{D} F{F} E{E} K{top_k} {dtype} T{bucket}{rows}"
 
 
 def candidates(kernel: str, block_m: int) -> list[dict]:
