@@ -62,7 +62,7 @@ from moebench.measure.memory import peak_during, weight_bytes
 from moebench.measure.phases import BREAKDOWN_REPEATS, NULL_TIMER, PhaseTimer
 from moebench.measure.phases import EP_PHASES as PHASES
 from moebench.measure.stats import summarize
-from moebench.measure.timing import L2_FLUSH_BYTES, TimingPlan, repeat_in_batches
+from moebench.measure.timing import L2Flush, TimingPlan, repeat_in_batches
 from moebench.weight_sources import make_weights
 from moebench.weights import ExpertWeights, make_inputs, torch_dtype
 
@@ -77,11 +77,11 @@ class Aligner:
         self.token = torch.zeros(1, device=device)
         self.flush = None
         if device.type == "cuda" and flush_l2:
-            self.flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+            self.flush = L2Flush(device)
 
     def __call__(self) -> None:
         if self.flush is not None:
-            self.flush.zero_()
+            self.flush()
         dist.all_reduce(self.token, group=self.group)
 
 

@@ -180,7 +180,7 @@ def phase_breakdown(
     repeats: int,
     *,
     phases: tuple[str, ...] = SINGLE_DEVICE_PHASES,
-    flush: torch.Tensor | None = None,
+    flush: Callable[[], None] | None = None,
     nvtx: bool = False,
 ) -> dict[str, float]:
     """Where the time of one call of `step(i)` goes, over `repeats` instrumented calls:
@@ -189,8 +189,8 @@ def phase_breakdown(
     minus its phases). Each is the mean over the middle half of the calls ranked by their
     whole time (an interquartile mean: the outliers of a noisy host are left out, and the
     phases plus other_ms add up to phase_latency_ms, as per-column medians would not).
-    `flush` (CUDA): a buffer zeroed before each call, as the timed loop flushes the L2
-    cache. The device is synchronised after every call."""
+    `flush` (CUDA): called before each call to flush the L2 cache, as the timed loop
+    does (`moebench.measure.timing.L2Flush`). The device is synchronised after every call."""
     timer = PhaseTimer(device, RangeTimer(nvtx=True) if nvtx else None)
     cuda = device.type == "cuda"
     rows: list[dict[str, float]] = []
@@ -198,7 +198,7 @@ def phase_breakdown(
         timer.collect()  # nothing left from before
         for i in range(repeats):
             if flush is not None:
-                flush.zero_()
+                flush()
             if cuda:
                 start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                 start.record()

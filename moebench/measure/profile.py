@@ -247,12 +247,10 @@ def where_time_goes(
     import statistics
 
     from moebench.measure.phases import BREAKDOWN_REPEATS, SINGLE_DEVICE_PHASES, phase_breakdown
-    from moebench.measure.timing import L2_FLUSH_BYTES
+    from moebench.measure.timing import L2Flush
 
     phases = SINGLE_DEVICE_PHASES + (("backward",) if case_mode == "train" else ())
-    flush = None
-    if device.type == "cuda" and flush_l2:
-        flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    flush = L2Flush(device) if device.type == "cuda" and flush_l2 else None
     repeats = max(1, min(BREAKDOWN_REPEATS, len(samples_ms)))
     columns = phase_breakdown(
         layer, step, device, repeats, phases=phases, flush=flush, nvtx=options.nvtx
