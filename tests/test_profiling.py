@@ -28,7 +28,7 @@ from moebench.measure.phases import (
     use_timer,
 )
 from moebench.measure.profile import CALL_RANGE, ProfileOptions, summarize_trace
-from moebench.measure.timing import TimingPlan
+from moebench.measure.timing import L2Flush, TimingPlan
 from moebench.runner import run_cases
 from moebench.store import read_kernels, read_run
 from tests.conftest import FAST_PLAN, tiny_case
@@ -112,6 +112,30 @@ def test_a_module_of_its_own_marks_phases_and_gets_its_timer_back():
         assert layer.timer is not NULL_TIMER
         raise RuntimeError("boom")
     assert layer.timer is NULL_TIMER
+
+
+def test_the_l2_flush_reads_and_runs_before_every_call():
+    """The flush reads its buffer and leaves it as it was (a zeroing flush leaves dirty
+    lines that the timed call writes back: `L2Flush`), and the breakdown flushes before
+    each call, as the timed loop does."""
+    flush = L2Flush(torch.device("cpu"))
+    flush.buffer.fill_(7)
+    flush()
+    low, high = int(flush.buffer.min()), int(flush.buffer.max())
+    assert (low, high) == (7, 7)
+
+    events: list[str] = []
+    layer = OwnPhases()
+    x = torch.randn(2, 8)
+
+    def step(i: int) -> torch.Tensor:
+        events.append(f"call {i}")
+        return layer(x)
+
+    phase_breakdown(
+        layer, step, torch.device("cpu"), repeats=2, flush=lambda: events.append("flush")
+    )
+    assert events == ["flush", "call 0", "flush", "call 1"]
 
 
 # ------------------------------------------------------------------ every implementation
