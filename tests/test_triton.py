@@ -567,19 +567,24 @@ def test_forward_and_gradients_match_reference(shape, dtype):
         assert worst <= tolerance, (seed, result.errors)
 
 
+def _fused_experts_args(case: Case) -> tuple:
+    """(weights, x_TD, the arguments of `fused_experts` after the layer's router)."""
+    weights = make_weights(case)
+    layer = registry.get("triton").build(weights, case)
+    x_TD = make_inputs(case, 1)[0]
+    with torch.no_grad():
+        gate_TK, ids_TK, _ = layer.router(x_TD)
+    return weights, x_TD, (x_TD, gate_TK, ids_TK, layer.w_gate_up_E2FD, layer.w_down_EFD)
+
+
 @needs_cuda
 def test_training_forward_keeps_what_inference_computes():
     """At BLOCK_M = 128 (wgmma): the forward that keeps activations for the backward gives
     the inference forward's output, and pre-activations whose SwiGLU is h."""
     from moebench.impls.triton.layer import fused_experts
 
-    case = _gpu_case((512, 256, 4, 2, 2048), "bfloat16")
-    weights = make_weights(case)
-    layer = registry.get("triton").build(weights, case)
-    x_TD = make_inputs(case, 1)[0]
+    _, _, args = _fused_experts_args(_gpu_case((512, 256, 4, 2, 2048), "bfloat16"))
     with torch.no_grad():
-        gate_TK, ids_TK, _ = layer.router(x_TD)
-        args = (x_TD, gate_TK, ids_TK, layer.w_gate_up_E2FD, layer.w_down_EFD)
         y_TD, _ = fused_experts(*args)
         y_kept_TD, saved = fused_experts(*args, keep_for_backward=True)
     assert saved.alignment.block_m == 128
@@ -600,12 +605,8 @@ def test_forward_races_the_row_block_size(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEBENCH_TRITON_TUNE_LOG", str(tmp_path / "log.jsonl"))
     monkeypatch.setattr(tuning, "TUNER", tuning.Tuner())
     case = _gpu_case((200, 384, 8, 2, 250), "bfloat16")  # bucket 256: 64 rows per expert
-    weights = make_weights(case)
-    layer = registry.get("triton").build(weights, case)
-    x_TD = make_inputs(case, 1)[0]
+    weights, x_TD, args = _fused_experts_args(case)
     with torch.no_grad():
-        gate_TK, ids_TK, _ = layer.router(x_TD)
-        args = (x_TD, gate_TK, ids_TK, layer.w_gate_up_E2FD, layer.w_down_EFD)
         y_TD, _ = fused_experts(*args)
         by_block = {m: fused_experts(*args, block_m=m)[0] for m in (64, 128)}
     for y_block_TD in by_block.values():
