@@ -6,6 +6,8 @@
 #   tests     the CUDA tests: built-ins vs reference on the device, the fused triton layer
 #             (forward and gradients on odd shapes), the offload race, the checks' tolerances,
 #             profiling on CUDA, the presets against transformers' blocks, the peers plugin
+#             (on a fresh machine tests/test_triton.py alone takes over 8 minutes: it compiles
+#             every tuning candidate, HALF_TAIL ones included; pick with GPU_TESTS="... -k ...")
 #   triton    suites/triton.toml with --profile (the fused layer against grouped, plain and
 #             graphed, and where its time goes)
 #   default   suites/default.toml --profile
