@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from moebench.measure import nvml
+from moebench.measure.timing import L2Flush
 
 
 def _version(package: str) -> str | None:
@@ -102,6 +103,7 @@ def collect_environment(plugins: Iterable[str] = ()) -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
         "gpus": [],
         "provenance": provenance,
+        "l2_flush": L2Flush.method,  # how each timed CUDA repeat is preceded
     }
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

@@ -613,3 +613,24 @@ def test_compare_warns_when_the_setups_differ(
     assert "CPU model" not in out
     text = summary.read_text()
     assert text.count("⚠️ **warning:**") == 3
+
+
+def test_compare_warns_when_the_l2_flush_differs(
+    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CUDA run from before run.json held `l2_flush` zeroed its flush buffer: against a
+    run that reads it, small cases differ by the write-back alone."""
+    gpus = [{"name": "NVIDIA H200"}]
+    old = write_run_meta(
+        tmp_path, "old", synthetic_rows(rng, "old"), device="cuda", environment={"gpus": gpus}
+    )
+    new = {"gpus": gpus, "l2_flush": "read"}
+    runs = [
+        write_run_meta(tmp_path, name, synthetic_rows(rng, name), device="cuda", environment=new)
+        for name in ("new", "newer")
+    ]
+    assert run_cli(str(old), str(runs[0]), "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "warning: the runs differ in L2 flush: zero (baseline) vs read (candidate)" in out
+    assert run_cli(str(runs[0]), str(runs[1]), "--quiet") == 0
+    assert "L2 flush" not in capsys.readouterr().out

@@ -57,6 +57,7 @@ def test_in_process_run_fills_the_schema(tmp_path):
             assert row["imbalance"] >= 1.0 and row["aux_loss"] > 0
     meta = read_metadata(outcome.results_path)
     assert meta["environment"]["torch"] and meta["ceilings"]["copy_gbps"] > 0
+    assert meta["environment"]["l2_flush"] == "read"  # `moebench compare` reads it
     assert meta["cases_total"] == len(cases)
 
 

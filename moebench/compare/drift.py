@@ -142,11 +142,13 @@ ENVIRONMENT_FACTS = (
 
 def environment_differences(baseline: Mapping[str, Any], candidate: Mapping[str, Any]) -> list[str]:
     """Sentences naming what differs between two runs' environments: torch, CUDA,
-    driver, GPU, CPU model, CPU threads (facts one of them lacks are not compared)."""
+    driver, GPU, the timer's L2 flush, CPU model, CPU threads (facts one of them lacks are
+    not compared)."""
     base_env = baseline.get("environment") or {}
     cand_env = candidate.get("environment") or {}
     pairs = [(label, base_env.get(key), cand_env.get(key)) for label, key in ENVIRONMENT_FACTS]
     pairs.append(("GPU", _gpus(base_env), _gpus(cand_env)))
+    pairs.append(("L2 flush", _l2_flush(baseline), _l2_flush(candidate)))
     pairs.append(("CPU threads", baseline.get("cpu_threads"), candidate.get("cpu_threads")))
     return [
         f"the runs differ in {label}: {base} (baseline) vs {cand} (candidate); their "
@@ -154,6 +156,17 @@ def environment_differences(baseline: Mapping[str, Any], candidate: Mapping[str,
         for label, base, cand in pairs
         if base not in (None, "") and cand not in (None, "") and base != cand
     ]
+
+
+def _l2_flush(meta: Mapping[str, Any]) -> str | None:
+    """How a CUDA run's timer flushed L2 before each repeat: its environment's `l2_flush`,
+    or "zero" for a run made on a GPU machine before that was recorded (the timer zeroed
+    its buffer, whose write-back added 6-8 us to small calls: `L2Flush`). None for runs
+    on the CPU, which no flush precedes."""
+    if str(meta.get("device") or "").startswith("cpu"):
+        return None
+    env = meta.get("environment") or {}
+    return env.get("l2_flush") or ("zero" if env.get("gpus") else None)
 
 
 def _gpus(env: Mapping[str, Any]) -> str | None:
