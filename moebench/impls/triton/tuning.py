@@ -79,8 +79,9 @@ def key(
     block_m: int | None = None,
 ) -> str:
     """The cache key of `kernel` for these tokens and this layer shape: kernel, the
-    layout of its weights (`weight_layout`), shape, dtype and token bucket, and the
-    row-block size where the caller runs more than one for a bucket (`block_m`)."""
+    layout of its weights (`weight_layout`), shape, dtype and token bucket, and for the
+    forward's GEMMs the row-block size (`block_m`: the forward may race two per bucket,
+    `block_m_choices`, and tunes each one's tiles apart)."""
     E, F, D = w_down_EFD.shape
     dtype = str(x_TD.dtype).removeprefix("torch.")
     bucket = token_bucket(x_TD.shape[0])
