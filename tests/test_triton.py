@@ -50,7 +50,8 @@ needs_kernels = pytest.mark.skipif(
 @needs_kernels
 @pytest.mark.parametrize(
     ("tokens", "num_experts", "top_k", "block_m"),
-    # up to 64 assignments (and 256 experts): one program (decode); more: three kernels
+    # up to 64 assignments (and 256 experts): one program (decode); up to 1024: one
+    # program in steps; more: three kernels
     [
         (37, 6, 2, 16),
         (1, 8, 8, 16),
@@ -59,6 +60,10 @@ needs_kernels = pytest.mark.skipif(
         (9, 128, 8, 16),
         (700, 3, 1, 64),
         (300, 256, 8, 32),
+        (64, 128, 8, 16),
+        (128, 64, 8, 16),
+        (129, 64, 8, 16),
+        (40, 300, 8, 16),
     ],
 )
 def test_alignment_pads_each_expert_to_whole_blocks(tokens, num_experts, top_k, block_m):

@@ -55,7 +55,7 @@ def test_prefetch_kernel_reads_the_first_words_once(num_words, programs):
     xors = torch.zeros(programs, dtype=torch.int32, device=KERNEL_DEVICE)
     l2_prefetch_kernel[(programs,)](words, xors, num_words, WORDS=64)
     assert _xor(xors) == _xor(words[:num_words])
-    
+
 
 @needs_cuda
 @pytest.mark.parametrize("tokens", [64, 1])

@@ -22,7 +22,10 @@ bits on every run.
 At decode (at most SMALL_ASSIGNMENTS assignments) one program does all of it
 (`_align_small_kernel`): ranks from comparing every assignment with every earlier one,
 in assignment order. Four launches of a few microseconds each are most of what a
-graphed one-token layer spends outside its two GEMMs.
+graphed one-token layer spends outside its two GEMMs. Up to MEDIUM_ASSIGNMENTS (64
+tokens of a top-8 router: 512) one program runs the three kernels' steps in turn, with a
+barrier between them (`_align_one_program_kernel`): one launch instead of four, where
+the steps' work is a few thousand atomics and compares.
 
 A single token needs no alignment at all (`per_assignment_blocks`): its K experts are
 distinct, so one block per assignment still reads each expert's weights once.
@@ -40,6 +43,8 @@ COUNT_BLOCK = 1024
 BLOCKS_PER_STEP = 64
 SMALL_ASSIGNMENTS = 64  # and at most SMALL_EXPERTS experts: one program aligns them
 SMALL_EXPERTS = 256
+MEDIUM_ASSIGNMENTS = 1024  # and at most SMALL_EXPERTS experts: one program, in steps
+MEDIUM_BLOCK = 256  # assignments per step of `_align_one_program_kernel`
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,67 @@ def _align_small_kernel(
         tl.store(block_expert_ptr + offs_b, tl.sum(ended.to(tl.int32), 1), mask=offs_b < max_blocks)
 
 
+@triton.jit
+def _align_one_program_kernel(
+    expert_ptr,
+    counts_ptr,
+    rank_ptr,
+    padded_starts_ptr,
+    sorted_ids_ptr,
+    block_expert_ptr,
+    num_padded_ptr,
+    padded_ends_ptr,
+    row_of_assign_ptr,
+    num_assign,
+    num_experts,
+    max_rows,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCKS_PER_STEP: tl.constexpr,
+):
+    """`_count_kernel`, `_offsets_kernel` and `_scatter_kernel` in one program, BLOCK_A
+    assignments at a time, a barrier between the steps (a block's barrier also orders its
+    global writes and atomics; the counts and starts are read past L1 all the same)."""
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_e = tl.arange(0, BLOCK_E)
+    expert_ok = offs_e < num_experts
+    tl.store(counts_ptr + offs_e, tl.zeros((BLOCK_E,), tl.int32), mask=expert_ok)
+    for first in range(0, max_rows, BLOCK_A):
+        offs = first + offs_a
+        sentinel = tl.zeros((BLOCK_A,), tl.int32) + num_assign
+        tl.store(sorted_ids_ptr + offs, sentinel, mask=offs < max_rows)
+    tl.debug_barrier()
+    for first in range(0, num_assign, BLOCK_A):
+        offs = first + offs_a
+        ok = offs < num_assign
+        expert = tl.load(expert_ptr + offs, mask=ok, other=0)
+        rank = tl.atomic_add(counts_ptr + expert, 1, mask=ok, sem="relaxed")
+        tl.store(rank_ptr + offs, rank, mask=ok)
+    tl.debug_barrier()
+    counts = tl.load(counts_ptr + offs_e, mask=expert_ok, other=0, cache_modifier=".cg")
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    tl.store(padded_starts_ptr + offs_e, ends - padded, mask=expert_ok)
+    tl.store(padded_ends_ptr + offs_e, ends, mask=expert_ok)
+    tl.store(num_padded_ptr, tl.sum(padded, 0))
+    ends = tl.where(expert_ok, ends, 2147483647)
+    for first in range(0, max_blocks, BLOCKS_PER_STEP):
+        offs_b = first + tl.arange(0, BLOCKS_PER_STEP)
+        ended = (ends[None, :] <= (offs_b * BLOCK_M)[:, None]) & expert_ok[None, :]
+        tl.store(block_expert_ptr + offs_b, tl.sum(ended.to(tl.int32), 1), mask=offs_b < max_blocks)
+    tl.debug_barrier()
+    for first in range(0, num_assign, BLOCK_A):
+        offs = first + offs_a
+        ok = offs < num_assign
+        expert = tl.load(expert_ptr + offs, mask=ok, other=0)
+        rank = tl.load(rank_ptr + offs, mask=ok, other=0, cache_modifier=".cg")
+        start = tl.load(padded_starts_ptr + expert, mask=ok, other=0, cache_modifier=".cg")
+        tl.store(sorted_ids_ptr + start + rank, offs.to(tl.int32), mask=ok)
+        tl.store(row_of_assign_ptr + offs, start + rank, mask=ok)
+
+
 def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     """Group the assignments of `expert_ids_TK` by expert and pad each expert's run to a
     multiple of `block_m` (rows of padding hold the sentinel A)."""
@@ -212,9 +278,20 @@ def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int)
             num_warps=4,
         )  # fmt: skip
         return Alignment(*outputs, num_assign, block_m)
-    counts_E = torch.zeros(num_experts, device=device, dtype=torch.int32)
     rank_A = torch.empty(num_assign, device=device, dtype=torch.int32)
     padded_starts_E = torch.empty(num_experts, device=device, dtype=torch.int32)
+    if num_assign <= MEDIUM_ASSIGNMENTS and num_experts <= SMALL_EXPERTS:
+        counts_E = torch.empty(num_experts, device=device, dtype=torch.int32)
+        _align_one_program_kernel[(1,)](
+            expert_A, counts_E, rank_A, padded_starts_E, sorted_ids_P, block_expert_B,
+            num_padded_1, padded_ends_E, row_of_assign_A, num_assign, num_experts,
+            max_rows, max_blocks,
+            BLOCK_M=block_m, BLOCK_A=MEDIUM_BLOCK,
+            BLOCK_E=triton.next_power_of_2(num_experts), BLOCKS_PER_STEP=BLOCKS_PER_STEP,
+            num_warps=8,
+        )  # fmt: skip
+        return Alignment(*outputs, num_assign, block_m)
+    counts_E = torch.zeros(num_experts, device=device, dtype=torch.int32)
     _count_kernel[(triton.cdiv(max_rows, COUNT_BLOCK),)](
         expert_A, counts_E, rank_A, sorted_ids_P, num_assign, max_rows, BLOCK=COUNT_BLOCK
     )
