@@ -19,6 +19,7 @@ from l2_flush_probe import median_us
 
 from moebench import registry
 from moebench.case import Case, Workload
+from moebench.impls.triton import align
 from moebench.measure.graph import graphed_step
 from moebench.measure.timing import L2Flush
 from moebench.presets import PRESETS
@@ -51,7 +52,14 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[64, 1024])
     parser.add_argument("--budget-mb", nargs="+", type=int, default=[0, 12, 24, 36, 48])
     parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument(
+        "--three-kernel-alignment",
+        action="store_true",
+        help="align with the three kernels where one program would (align.py), to time both",
+    )
     args = parser.parse_args()
+    if args.three_kernel_alignment:
+        align.MEDIUM_ASSIGNMENTS = 0
     flush = L2Flush(torch.device("cuda"))
     for preset in args.preset:
         for tokens in args.tokens:
