@@ -84,6 +84,34 @@ def max_padded_rows(num_assign: int, num_experts: int, block_m: int) -> int:
 
 
 @triton.jit
+def _store_block_experts(
+    block_expert_ptr,
+    ends,
+    padded,
+    offs_e,
+    expert_ok,
+    num_experts,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    BLOCKS_PER_STEP: tl.constexpr,
+):
+    """block_expert[b] <- the expert whose padded run holds row block b, and num_experts
+    for the blocks past the padded length: the sentinel everywhere, then each expert
+    writes its own blocks, one block of every expert per step (as many steps as the
+    largest expert has blocks, where comparing every block with every expert's end cost
+    Qwen3-30B-A3B's 128 experts 7 us at 1024 tokens)."""
+    for first in range(0, max_blocks, BLOCKS_PER_STEP):
+        offs_b = first + tl.arange(0, BLOCKS_PER_STEP)
+        sentinel = tl.zeros((BLOCKS_PER_STEP,), tl.int32) + num_experts
+        tl.store(block_expert_ptr + offs_b, sentinel, mask=offs_b < max_blocks)
+    tl.debug_barrier()  # the sentinel first, then the experts' blocks over it
+    blocks = padded // BLOCK_M
+    first_block = (ends - padded) // BLOCK_M
+    for step in range(0, tl.max(tl.where(expert_ok, blocks, 0), 0)):
+        tl.store(block_expert_ptr + first_block + step, offs_e, mask=expert_ok & (step < blocks))
+
+
+@triton.jit
 def _count_kernel(
     expert_ptr, counts_ptr, rank_ptr, sorted_ids_ptr, num_assign, max_rows, BLOCK: tl.constexpr
 ):
@@ -116,15 +144,10 @@ def _offsets_kernel(
     tl.store(padded_starts_ptr + offs_e, ends - padded, mask=expert_ok)
     tl.store(padded_ends_ptr + offs_e, ends, mask=expert_ok)
     tl.store(num_padded_ptr, tl.sum(padded, 0))
-    # Expert of block b = how many experts end at or before its first row (ends ascend);
-    # experts past num_experts never count, so blocks past the end get num_experts.
-    ends = tl.where(expert_ok, ends, 2147483647)
-    for first in range(0, max_blocks, BLOCKS_PER_STEP):
-        offs_b = first + tl.arange(0, BLOCKS_PER_STEP)
-        row = offs_b * BLOCK_M
-        ended = (ends[None, :] <= row[:, None]) & expert_ok[None, :]
-        expert = tl.sum(ended.to(tl.int32), 1)
-        tl.store(block_expert_ptr + offs_b, expert, mask=offs_b < max_blocks)
+    _store_block_experts(
+        block_expert_ptr, ends, padded, offs_e, expert_ok, num_experts, max_blocks,
+        BLOCK_M, BLOCKS_PER_STEP,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -187,11 +210,10 @@ def _align_small_kernel(
     tl.debug_barrier()  # the sentinel everywhere before any row gets its assignment
     tl.store(sorted_ids_ptr + row, offs_a, mask=a_ok)
     tl.store(row_of_assign_ptr + offs_a, row, mask=a_ok)
-    ends = tl.where(expert_ok, ends, 2147483647)
-    for first in range(0, max_blocks, BLOCKS_PER_STEP):
-        offs_b = first + tl.arange(0, BLOCKS_PER_STEP)
-        ended = (ends[None, :] <= (offs_b * BLOCK_M)[:, None]) & expert_ok[None, :]
-        tl.store(block_expert_ptr + offs_b, tl.sum(ended.to(tl.int32), 1), mask=offs_b < max_blocks)
+    _store_block_experts(
+        block_expert_ptr, ends, padded, offs_e, expert_ok, num_experts, max_blocks,
+        BLOCK_M, BLOCKS_PER_STEP,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -239,11 +261,10 @@ def _align_one_program_kernel(
     tl.store(padded_starts_ptr + offs_e, ends - padded, mask=expert_ok)
     tl.store(padded_ends_ptr + offs_e, ends, mask=expert_ok)
     tl.store(num_padded_ptr, tl.sum(padded, 0))
-    ends = tl.where(expert_ok, ends, 2147483647)
-    for first in range(0, max_blocks, BLOCKS_PER_STEP):
-        offs_b = first + tl.arange(0, BLOCKS_PER_STEP)
-        ended = (ends[None, :] <= (offs_b * BLOCK_M)[:, None]) & expert_ok[None, :]
-        tl.store(block_expert_ptr + offs_b, tl.sum(ended.to(tl.int32), 1), mask=offs_b < max_blocks)
+    _store_block_experts(
+        block_expert_ptr, ends, padded, offs_e, expert_ok, num_experts, max_blocks,
+        BLOCK_M, BLOCKS_PER_STEP,
+    )  # fmt: skip
     tl.debug_barrier()
     for first in range(0, num_assign, BLOCK_A):
         offs = first + offs_a
