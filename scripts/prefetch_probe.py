@@ -6,8 +6,9 @@ fused layer (moebench/impls/triton/prefetch.py), on a CUDA device:
 
 For each case and each read-ahead budget (0: none), the same layer's forward is timed
 after the timer's L2 flush (`L2Flush`), both as a CUDA graph (a sleep kernel first, so the
-host stays ahead) and as plain calls (host launches included). Prints medians in
-microseconds and checks that every budget gives the same output, bit for bit.
+host stays ahead) and as plain calls (host launches included; these never read ahead, so
+they should not move with the budget). Prints medians in microseconds and checks that
+every budget gives the same output, bit for bit.
 """
 
 from __future__ import annotations

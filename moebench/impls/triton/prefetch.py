@@ -10,10 +10,11 @@ the sorted list, and programs run in that order). So a kernel on a side stream r
 first experts' gate|up weights while the router runs, and gate_up finds them in L2. Each
 weight byte is still read from memory once.
 
-Only for inference (a training step's forward also keeps activations, and is host-bound at
-the token counts where this would help), and only where each expert sees `MIN_ROWS_PER_EXPERT`
-rows on average: there an expert is untouched with probability about exp(-4), 2%, and a
-needless read of one expert costs a few microseconds at most.
+Only for inference captured in a CUDA graph (un-graphed, and in a training step, the host
+bounds these token counts: the GPU idles between launches anyway), and only where each
+expert sees `MIN_ROWS_PER_EXPERT` rows on average: there an expert is untouched with
+probability about exp(-4), 2%, and a needless read of one expert costs a few
+microseconds at most.
 """
 
 from __future__ import annotations
