@@ -49,8 +49,7 @@ test: $(VENV)/.test
 KVENV ?= .venv-kernels
 KPY := $(KVENV)/bin/python
 TRITON_SPEC ?= triton==3.6.0
-KERNEL_TESTS := tests/test_triton.py tests/test_triton_prefetch.py tests/test_route_kernel.py \
-  tests/test_router_logits.py
+KERNEL_TESTS := tests/test_triton.py tests/test_route_kernel.py tests/test_router_logits.py
 
 $(KVENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(KVENV)

@@ -92,8 +92,8 @@ for step in "$@"; do
       # GPU_TESTS: other pytest arguments (a subset, say) in place of the default list
       # shellcheck disable=SC2086
       timed python3 -m pytest -q -p no:cacheprovider -rs ${GPU_TESTS:-tests/test_cuda.py \
-        tests/test_triton.py tests/test_triton_prefetch.py tests/test_offload_cuda.py \
-        tests/test_check.py tests/test_profiling.py tests/test_presets_hf.py tests/test_peers.py}
+        tests/test_triton.py tests/test_offload_cuda.py tests/test_check.py \
+        tests/test_profiling.py tests/test_presets_hf.py tests/test_peers.py}
       ;;
     triton) suite suites/triton.toml --device cuda --profile ;;
     default) suite suites/default.toml --device cuda --profile ;;

@@ -33,16 +33,12 @@ from moebench.weights import make_inputs
 SLEEP_CYCLES = 200_000
 
 
-def median_us(
-    call: Callable[[], object], before: Callable[[], object], repeats: int, sleep: bool = True
-) -> float:
-    """Median time of `call()` under CUDA events, `before()` run ahead of each repeat
-    (and with `sleep`, a sleep kernel before that, so that no launch gap is timed)."""
+def median_us(call: Callable[[], object], before: Callable[[], object], repeats: int) -> float:
+    """Median time of `call()` under CUDA events, `before()` run ahead of each repeat."""
     events = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if sleep:
-            torch.cuda._sleep(SLEEP_CYCLES)
+        torch.cuda._sleep(SLEEP_CYCLES)
         before()
         start.record()
         call()

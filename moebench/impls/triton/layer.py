@@ -31,7 +31,6 @@ from moebench.case import Case
 from moebench.impls.triton import kernels, tuning
 from moebench.impls.triton.align import align_to_blocks, per_assignment_blocks
 from moebench.impls.triton.backward import Saved, fused_backward, token_sum
-from moebench.impls.triton.prefetch import BUDGET_BYTES, L2Prefetch, experts_to_prefetch
 from moebench.layer import MoELayer
 from moebench.measure.phases import NULL_TIMER, Timer
 from moebench.weights import ExpertWeights
@@ -147,15 +146,6 @@ def _block_m(
     return config["BLOCK_M"]
 
 
-def _capturing(x_TD: torch.Tensor) -> bool:
-    """Whether x_TD's stream is being captured into a CUDA graph. Only there does the L2
-    read-ahead pay: un-graphed, the host's launches leave the GPU idle between the
-    router's kernels anyway (Qwen3-30B-A3B at 64 tokens: 0.55 ms a call, 0.31 graphed,
-    H200, NOTES.md version 6), and the read-ahead's launch and stream switches would only
-    add host time."""
-    return x_TD.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 class _FusedExpertsFunction(torch.autograd.Function):
     """The fused forward, keeping its activations; the grouped-GEMM backward."""
 
@@ -195,44 +185,17 @@ class TritonMoE(MoELayer):
         )  # one copy, written in the K-major layout
         self.w_gate_up_E2FD = torch.nn.Parameter(gate_up_E2FD)
         self.w_down_EFD = torch.nn.Parameter(weights.w_down_EFD)
-        # Bytes of gate|up read into L2 while the router runs (prefetch.py): inference
-        # under a CUDA graph only.
-        self.l2_prefetch_bytes = BUDGET_BYTES
-        self._prefetch: L2Prefetch | None = None
-
-    def _wants_grad(self, *tensors: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and any(
-            t.requires_grad for t in (*tensors, self.w_gate_up_E2FD, self.w_down_EFD)
-        )
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """The base forward; captured into a CUDA graph, with the first experts' gate|up
-        weights read into L2 on a side stream meanwhile where every expert is likely
-        touched (prefetch.py)."""
-        num_experts = 0
-        if _capturing(x_TD) and not self._wants_grad(x_TD):
-            num_experts = experts_to_prefetch(
-                x_TD.shape[0],
-                self.top_k,
-                self.num_experts,
-                self.w_gate_up_E2FD[0].numel() * self.w_gate_up_E2FD.element_size(),
-                self.l2_prefetch_bytes,
-            )
-        if num_experts == 0:
-            return super().forward(x_TD)
-        if self._prefetch is None:
-            self._prefetch = L2Prefetch(self.w_gate_up_E2FD)
-        started = self._prefetch.start(self.w_gate_up_E2FD, num_experts)
-        y_TD = super().forward(x_TD)
-        if started:
-            self._prefetch.join()
-        return y_TD
 
     def routed(
         self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
     ) -> torch.Tensor:
         weights = (self.w_gate_up_E2FD, self.w_down_EFD)
-        if self._wants_grad(x_TD, gate_weights_TK):
+        wants_grad = torch.is_grad_enabled() and (
+            x_TD.requires_grad
+            or gate_weights_TK.requires_grad
+            or any(w.requires_grad for w in weights)
+        )
+        if wants_grad:
             with self.timer.phase("expert"):  # one autograd op: align, GEMMs and sum
                 return _FusedExpertsFunction.apply(x_TD, gate_weights_TK, expert_ids_TK, *weights)
         return fused_experts(x_TD, gate_weights_TK, expert_ids_TK, *weights, timer=self.timer)[0]
