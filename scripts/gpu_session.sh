@@ -29,7 +29,9 @@
 # keeps its finished cases (moebench consolidates the run; `--resume` finishes it later).
 # Each step's results (parquet and run.json, no traces) are packed into $OUT/STEP.tar.gz as
 # soon as it ends, so what finished comes back even if a later step is cut; one log,
-# $OUT/session.log, holds every step's output. Make the HTML reports afterwards, off the GPU
+# $OUT/session.log, holds every step's output. (The device tool returns at most 8 files
+# from $OUT: a run folder written there directly, with its parts and kernels, loses its
+# results.parquet past that count; the tarballs keep each step to one file.) Make the HTML reports afterwards, off the GPU
 # machine (`moebench report FILE`: plotly is not installed there).
 #
 # Wheels that the GPU machine lacks (moe-ops) travel in .whl/ (device tool: carry ".whl");
