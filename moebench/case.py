@@ -208,9 +208,10 @@ class Case:
         name = self.preset or f"D{s.hidden}F{s.ffn}"
         stack = f" L{w.layers}" if w.layers > 1 else ""
         scale = "" if self.router_scale == DEFAULT_ROUTER_SCALE else f" rs{self.router_scale:g}"
+        graph = " graph" if self.cuda_graph else ""  # else a graphed case reads as its twin
         return (
             f"{self.impl} {name} E{s.num_experts}k{s.top_k} T{w.tokens}{stack} {w.mode} "
-            f"{self.dtype} {self.routing}{scale}"
+            f"{self.dtype} {self.routing}{scale}{graph}"
         )
 
     def with_(self, **changes: Any) -> Case:

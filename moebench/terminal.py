@@ -73,6 +73,12 @@ def _mib(value: Any) -> str:
     return "-" if _missing(value) else f"{value / 2**20:,.1f}"
 
 
+def _graphed(row: dict[str, Any]) -> bool:
+    """Whether the row was timed as a CUDA graph (a numpy bool too; absent in old runs)."""
+    value = row.get("cuda_graph")
+    return (value.item() if hasattr(value, "item") else value) is True
+
+
 def _cells(row: dict[str, Any]) -> dict[str, str]:
     status = row.get("status") or "?"
     shape = row.get("preset") or f"D{row.get('hidden')} F{row.get('ffn')}"
@@ -86,7 +92,7 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
         "impl": escape(str(row.get("impl"))),
         "shape": escape(shape),
         "tokens": escape(str(row.get("tokens"))),
-        "mode": escape(str(row.get("mode"))),
+        "mode": escape(str(row.get("mode")) + (", CUDA graph" if _graphed(row) else "")),
         "dtype": escape(str(row.get("dtype"))),
         "status": _styled(str(status), STATUS_STYLE.get(str(status), "")),
         "latency": _fmt(row.get("latency_ms")),

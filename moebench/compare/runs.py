@@ -130,7 +130,8 @@ def impl_key(row: Mapping[str, Any]) -> str:
 def shape_words(row: Mapping[str, Any]) -> list[str]:
     """The words of Case.label() minus the implementation, from a results row, plus the
     fields a label leaves out when they are not at their default (seed, world size,
-    weight source, options): ['D64F128', 'E4k2', 'T16', 'forward', 'float32', 'uniform']."""
+    weight source, options): ['D64F128', 'E4k2', 'T16', 'forward', 'float32', 'uniform'],
+    'graph' after them for a case timed as a CUDA graph."""
     f = {k: plain_value(row.get(k)) for k in (*LABEL_FIELDS, "routing", "seed", "world_size")}
     words = [
         str(f["preset"] or f"D{f['hidden']}F{f['ffn']}"),
@@ -141,6 +142,8 @@ def shape_words(row: Mapping[str, Any]) -> list[str]:
     if layers not in (None, 1):
         words.append(f"L{layers}")
     words += [str(f["mode"]), str(f["dtype"]), str(f["routing"])]
+    if plain_value(row.get("cuda_graph")) is True:
+        words.append("graph")
     if f["world_size"] not in (None, 1):
         words.append(f"ws{f['world_size']}")
     if f["seed"] not in (None, 0):
