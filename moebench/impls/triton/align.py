@@ -22,10 +22,10 @@ bits on every run.
 At decode (at most SMALL_ASSIGNMENTS assignments) one program does all of it
 (`_align_small_kernel`): ranks from comparing every assignment with every earlier one,
 in assignment order. Four launches of a few microseconds each are most of what a
-graphed one-token layer spends outside its two GEMMs. Up to MEDIUM_ASSIGNMENTS (64
-tokens of a top-8 router: 512) one program runs the three kernels' steps in turn, with a
-barrier between them (`_align_one_program_kernel`): one launch instead of four, where
-the steps' work is a few thousand atomics and compares.
+graphed one-token layer spends outside its two GEMMs. Up to MEDIUM_ASSIGNMENTS (1024;
+64 tokens of a top-8 router are 512) one program runs the three kernels' steps in turn,
+with a barrier between them (`_align_one_program_kernel`): one launch instead of four,
+where the steps' work is a few thousand atomics and compares.
 
 A single token needs no alignment at all (`per_assignment_blocks`): its K experts are
 distinct, so one block per assignment still reads each expert's weights once.
