@@ -236,6 +236,28 @@ def test_the_report_draws_phases_top_kernels_and_markers(tmp_path, one_thread):
     assert 'id="kernels"' in page and "aten::" in page
 
 
+def test_the_kernel_table_puts_each_case_against_its_floor(tmp_path):
+    """A profiled GPU run (the fused layer's version 10, graphed at 64 tokens on
+    Qwen3-30B-A3B): the report's kernel table gives the case's kernel time per call
+    beside its latency and its floor, where its own kernels.parquet and row say."""
+    pytest.importorskip("plotly")
+    from pathlib import Path
+
+    from moebench.report.build import write_report
+
+    run = Path(__file__).parent.parent / "results" / "reference" / "h200-triton-v10"
+    page = write_report([run], tmp_path / "report.html").path.read_text()
+    rows, kernels = read_run(run / "results.parquet"), read_kernels(run)
+    row = rows[(rows["preset"] == "qwen3-30b-a3b") & (rows["tokens"] == 64)].iloc[0]
+    kernels_ms = kernels.loc[kernels["case_id"] == row["case_id"], "device_ms"].sum()
+    floor_ms = row["latency_ms"] * row["roofline_frac"]
+    assert 0.9 * row["latency_ms"] < kernels_ms < row["latency_ms"]  # graphed: busy
+    assert (
+        f"kernels {kernels_ms:.4g} of {row['latency_ms']:.4g} ms a call, floor {floor_ms:.4g}"
+        in page
+    )
+
+
 @pytest.mark.parametrize(
     ("name", "short"),
     [
