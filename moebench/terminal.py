@@ -16,6 +16,8 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from moebench.report.data import is_true
+
 STATUS_STYLE = {
     "ok": "green",
     "mismatch": "bold red",
@@ -73,18 +75,13 @@ def _mib(value: Any) -> str:
     return "-" if _missing(value) else f"{value / 2**20:,.1f}"
 
 
-def _graphed(row: dict[str, Any]) -> bool:
-    """Whether the row was timed as a CUDA graph (a numpy bool too; absent in old runs)."""
-    value = row.get("cuda_graph")
-    return (value.item() if hasattr(value, "item") else value) is True
-
-
 def _cells(row: dict[str, Any]) -> dict[str, str]:
     status = row.get("status") or "?"
     shape = row.get("preset") or f"D{row.get('hidden')} F{row.get('ffn')}"
     shape += f" E{row.get('num_experts')} k{row.get('top_k')}"
     if row.get("routing") not in (None, "uniform"):
         shape += f" {row['routing']}"
+    mode = str(row.get("mode")) + (", CUDA graph" if is_true(row.get("cuda_graph")) else "")
     spread = "-"
     if not _missing(row.get("latency_p10_ms")):
         spread = f"{_fmt(row['latency_p10_ms'])}-{_fmt(row.get('latency_p90_ms'))}"
@@ -92,7 +89,7 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
         "impl": escape(str(row.get("impl"))),
         "shape": escape(shape),
         "tokens": escape(str(row.get("tokens"))),
-        "mode": escape(str(row.get("mode")) + (", CUDA graph" if _graphed(row) else "")),
+        "mode": escape(mode),
         "dtype": escape(str(row.get("dtype"))),
         "status": _styled(str(status), STATUS_STYLE.get(str(status), "")),
         "latency": _fmt(row.get("latency_ms")),
