@@ -18,7 +18,14 @@ from typing import Any
 import pandas as pd
 
 from moebench.compare.runs import number
-from moebench.report.data import is_true, options_text, run_ceilings, shape_label, varies
+from moebench.report.data import (
+    ceilings_parts,
+    is_true,
+    options_text,
+    run_ceilings,
+    shape_label,
+    varies,
+)
 
 # Case fields that split rows when they vary in the run (besides shape, mode and tokens).
 ROW_FIELDS = ("dtype", "routing", "layers", "world_size", "capacity_factor", "seed", "device")
@@ -54,11 +61,7 @@ def _escape(text: str) -> str:
 
 
 def _ceilings_text(meta: dict[str, Any]) -> str:
-    ceilings = run_ceilings(meta)
-    parts = [f"{k.removeprefix('matmul_tflops_')} {v:.4g} TFLOP/s" for k, v in ceilings.items()
-             if k.startswith("matmul_tflops_")]  # fmt: skip
-    if ceilings.get("copy_gbps"):
-        parts.append(f"copy {ceilings['copy_gbps']:.4g} GB/s")
+    parts = ceilings_parts(run_ceilings(meta))
     if not parts:
         return "no measured ceilings (no floor)"
     merged = " (the highest of its merged runs)" if meta.get("merged_from") else ""

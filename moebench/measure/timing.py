@@ -9,6 +9,7 @@ flattered by a warm cache, and the device is synchronised once per batch.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,6 +96,20 @@ def repeat_in_batches(
         left = max(1, int((plan.budget_ms - spent_ms) / max(per_call_ms, 1e-6)))
         batch = max(1, min(len(samples), left))
     return samples
+
+
+def time_back_to_back(
+    fn: Callable[[int], object], device: torch.device, duration_ms: float, first: int = 30
+) -> list[float]:
+    """Each call's milliseconds of `fn(i)` run back to back on a CUDA device for about
+    `duration_ms` (at least 2 x `first` calls), no flush or sync between calls: how a
+    card runs sustained work, power cap included (`measure.ceilings`)."""
+    for i in range(2):
+        fn(i)
+    samples = _cuda_batch(fn, 0, first, device, None)
+    per_call_ms = statistics.median(samples)
+    more = max(first, int((duration_ms - sum(samples)) / max(per_call_ms, 1e-6)))
+    return samples + _cuda_batch(fn, first, more, device, None)
 
 
 def _cpu_batch(fn: Callable[[int], object], start: int, n: int) -> list[float]:

@@ -76,6 +76,22 @@ def run_ceilings(meta: dict[str, Any]) -> dict[str, float]:
     return merged
 
 
+def ceilings_parts(ceilings: dict[str, float]) -> list[str]:
+    """A run's ceilings as text, matrix rates first: "bfloat16 686 TFLOP/s sustained (819
+    burst)" (`measure.ceilings`; runs before the sustained rate have one figure, their
+    burst), "copy 4242 GB/s"."""
+    parts = []
+    for key, rate in ceilings.items():
+        if key.startswith("matmul_tflops_"):
+            dtype = key.removeprefix("matmul_tflops_")
+            burst = ceilings.get(f"matmul_burst_tflops_{dtype}")
+            sustained = f" sustained ({burst:.4g} burst)" if burst else ""
+            parts.append(f"{dtype} {rate:.4g} TFLOP/s{sustained}")
+    if ceilings.get("copy_gbps"):
+        parts.append(f"copy {ceilings['copy_gbps']:.4g} GB/s")
+    return parts
+
+
 def ok_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows that finished and were timed."""
     return frame[(frame["status"] == "ok") & frame["latency_ms"].notna()]

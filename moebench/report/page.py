@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from moebench.report import templates as tpl
-from moebench.report.data import ReportData, RunInfo, Standing, leaderboard
+from moebench.report.data import ReportData, RunInfo, Standing, ceilings_parts, leaderboard
 from moebench.report.headlines import headlines
 from moebench.report.sections import Section, TableData
 from moebench.report.style import FONT, STATUS_COLORS, figure_json
@@ -153,13 +153,7 @@ def _environment(runs: list[RunInfo]) -> str:
         env = meta.get("environment") or {}
         gpus = env.get("gpus") or []
         ceilings = run.ceilings
-        roofs = ", ".join(
-            f"{k.removeprefix('matmul_tflops_')} {v:.4g} TFLOP/s"
-            for k, v in ceilings.items()
-            if k.startswith("matmul_tflops_")
-        )
-        if ceilings.get("copy_gbps"):
-            roofs = f"copy {ceilings['copy_gbps']:.4g} GB/s" + (f", {roofs}" if roofs else "")
+        roofs = ", ".join(ceilings_parts(ceilings))
         sha = env.get("git_sha") or "-"
         return {
             "run": f"{run.label}: {run.run_id}",

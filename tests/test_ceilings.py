@@ -1,0 +1,50 @@
+"""The card's ceilings: the floor's matrix rate is the one the card sustains, with the
+first products' burst rate kept beside it (measure.ceilings)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from moebench.measure import ceilings
+from moebench.report.data import ceilings_parts
+
+
+def test_the_floor_rate_is_what_the_card_keeps_not_its_first_burst():
+    # A card that runs its first products at 1.0 ms and settles at 1.25 ms (power cap).
+    samples_ms = [1.0] * ceilings.BURST_CALLS + [1.25] * 300
+    sustained, burst = ceilings.sustained_and_burst(1.0, samples_ms)
+    assert sustained == pytest.approx(800.0)
+    assert burst == pytest.approx(1000.0)
+    # One slow outlier among the later calls does not move the sustained rate.
+    sustained, _ = ceilings.sustained_and_burst(1.0, [*samples_ms[:-1], 9.0])
+    assert sustained == pytest.approx(800.0)
+
+
+def test_cpu_ceilings_name_both_rates_per_dtype():
+    found = ceilings.measure_ceilings("cpu", ["float32"])
+    assert set(found) == {"copy_gbps", "matmul_tflops_float32", "matmul_burst_tflops_float32"}
+    assert all(value > 0 for value in found.values())
+    assert found["matmul_burst_tflops_float32"] >= found["matmul_tflops_float32"]
+
+
+def test_ceilings_text_gives_the_sustained_rate_and_the_burst():
+    both = {"copy_gbps": 4242.0, "matmul_tflops_bfloat16": 686.1,
+            "matmul_burst_tflops_bfloat16": 818.6}  # fmt: skip
+    assert ceilings_parts(both) == [
+        "bfloat16 686.1 TFLOP/s sustained (818.6 burst)",
+        "copy 4242 GB/s",
+    ]
+    # A run from before the sustained rate: its one figure, unlabelled.
+    assert ceilings_parts({"matmul_tflops_bfloat16": 790.0}) == ["bfloat16 790 TFLOP/s"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matrix_rate_is_read_after_a_second_of_products():
+    started = time.perf_counter()
+    found = ceilings.measure_ceilings("cuda", ["bfloat16"])
+    assert time.perf_counter() - started >= ceilings.SUSTAINED_MS / 1e3
+    sustained, burst = found["matmul_tflops_bfloat16"], found["matmul_burst_tflops_bfloat16"]
+    assert 0 < sustained <= burst * 1.02
