@@ -26,10 +26,9 @@ rounding (the check's TIE_MARGIN); the slots come in descending selection score,
 torch.topk's sorted output.
 
 `few_token_logits_kernel`: for up to FEW_TOKENS tokens without autograd (decode), x @ W
-in float32 on the CUDA cores, each program one slice of D, of E and of up to 16 tokens,
-written as S partial sums that the top-k kernel adds: no GEMM library call (cuBLAS takes
-~5.5 us for one token's 2048 x 384 product, and as long for 64 tokens'), no separate
-reduction, no atomics (the same bits every run).
+in float32 on the CUDA cores, each program one slice of D and of E, written as S partial
+sums that the top-k kernel adds: no GEMM library call (cuBLAS takes ~5.5 us for one
+token's 2048 x 384 product), no separate reduction, no atomics (the same bits every run).
 """
 
 from __future__ import annotations
@@ -137,9 +136,8 @@ def route_top_k_kernel(
     tl.store(ids_ptr + out_offsets, ids, mask=out_mask)
 
 
-FEW_TOKENS = 64  # tokens up to which the Router takes few_token_logits_kernel
+FEW_TOKENS = 16  # tokens up to which the Router takes few_token_logits_kernel
 FEW_TOKENS_ROWS = 256  # rows of W (a slice of D) per program: one part of the sum
-FEW_TOKENS_BLOCK = 16  # tokens per program (more: programs along a third grid axis)
 
 
 @triton.jit
@@ -156,12 +154,11 @@ def few_token_logits_kernel(
     STEP_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """Part s (program 0), experts of block program 1, tokens of block program 2: sum
-    over the SLICE_D rows d of slice s of x[t, d] W[d, e], in float32, into
-    parts[t, s E + e]."""
+    """Part s (program 0), experts of block program 1: sum over the SLICE_D rows d of
+    slice s of x[t, d] W[d, e], in float32, into parts[t, s E + e]."""
     part = tl.program_id(0)
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = tl.arange(0, BLOCK_T)
     e_ok = offs_e < E
     t_ok = offs_t < T
     acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
@@ -191,14 +188,14 @@ def few_token_logits(x_TD: torch.Tensor, w_DE: torch.Tensor) -> tuple[torch.Tens
     E = w_DE.shape[1]
     assert T <= FEW_TOKENS and w_DE.dtype == torch.float32 and w_DE.is_contiguous()
     x_TD = x_TD.contiguous()
-    block_t = min(FEW_TOKENS_BLOCK, 1 << max(0, (T - 1).bit_length()))
+    block_t = 1 << max(0, (T - 1).bit_length())
     # Triton turns a sum of broadcast products with every side >= 16 into a dot, which on
     # float32 computes in TF32 (7e-4 off on an H200 at 16 tokens): 8 columns there.
     block_e = 16 if block_t < 16 else 8
     step_d = max(8, 4096 // (block_t * block_e))
     parts = triton.cdiv(D, FEW_TOKENS_ROWS)
     parts_TSE = torch.empty(T, parts * E, device=x_TD.device, dtype=torch.float32)
-    few_token_logits_kernel[(parts, triton.cdiv(E, block_e), triton.cdiv(T, block_t))](
+    few_token_logits_kernel[(parts, triton.cdiv(E, block_e))](
         x_TD, w_DE, parts_TSE, T, D, E, x_TD.stride(0),
         BLOCK_T=block_t, SLICE_D=FEW_TOKENS_ROWS, STEP_D=min(step_d, FEW_TOKENS_ROWS),
         BLOCK_E=block_e, num_warps=4,

@@ -148,8 +148,7 @@ def test_kernel_gradients_are_routes(convention):
 
 @needs_kernel
 @pytest.mark.parametrize(
-    ("tokens", "hidden", "experts"),
-    [(1, 2048, 128), (16, 300, 8), (5, 4096, 60), (64, 300, 20), (37, 520, 8)],
+    ("tokens", "hidden", "experts"), [(1, 2048, 128), (16, 300, 8), (5, 4096, 60)]
 )
 def test_few_token_logits_are_float32_logits(tokens, hidden, experts):
     from moebench.route_kernel import FEW_TOKENS_ROWS, few_token_logits
