@@ -466,9 +466,19 @@ def test_training_forward_keeps_what_inference_computes():
 @needs_cuda
 def test_forward_races_the_row_block_size(tmp_path, monkeypatch):
     """64 rows per expert: the forward times itself at 64- and 128-row blocks (each with
-    its own tuned tiles) and keeps the faster; both give the same output."""
+    its own tuned tiles), each as a CUDA graph (un-graphed, the host's launches decide),
+    and keeps the faster; both give the same output."""
+    from moebench.impls.triton import layer
     from moebench.impls.triton.layer import fused_experts
 
+    captured = []
+
+    def graphed_step(step, rotations, device, impl):
+        captured.append(step)
+        return layer_graphed_step(step, rotations, device, impl)
+
+    layer_graphed_step = layer.graphed_step
+    monkeypatch.setattr(layer, "graphed_step", graphed_step)
     monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path / "tune"))
     monkeypatch.setenv("MOEBENCH_TRITON_TUNE_LOG", str(tmp_path / "log.jsonl"))
     monkeypatch.setattr(tuning, "TUNER", tuning.Tuner())
@@ -484,6 +494,7 @@ def test_forward_races_the_row_block_size(tmp_path, monkeypatch):
     (race,) = [line for line in lines if line["key"].startswith("block_m ")]
     assert [config["BLOCK_M"] for config, _ in race["trials"]] == [64, 128]
     assert all(isinstance(ms, float) for _, ms in race["trials"])
+    assert len(captured) == 2, "each block size raced as a graph"
     # Each block size's kernels were tuned under their own keys.
     assert {line["key"].split(" ")[-2] for line in lines if line is not race} == {"M64", "M128"}
 

@@ -25,6 +25,8 @@ sums of dx); nothing recomputed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from moebench.case import Case
@@ -32,6 +34,7 @@ from moebench.impls.triton import kernels, tuning
 from moebench.impls.triton.align import align_to_blocks, per_assignment_blocks
 from moebench.impls.triton.backward import Saved, fused_backward, token_sum
 from moebench.layer import MoELayer
+from moebench.measure.graph import graphed_step
 from moebench.measure.phases import NULL_TIMER, Timer
 from moebench.weights import ExpertWeights
 
@@ -123,17 +126,28 @@ def _block_m(
     """The forward's rows per block: where `tuning.block_m_choices` offers more than one,
     the fastest whole forward (alignment, both GEMMs with their own tuned tiles, token
     sum) of them, tuned once per shape and token bucket. Training keeps `block_m_for`:
-    its backward runs on the forward's blocks, and the race times the forward alone."""
+    its backward runs on the forward's blocks, and the race times the forward alone.
+
+    Each forward is raced as a CUDA graph: launched one kernel at a time, a forward of
+    1024 tokens of a small layer is bound by the host's launches, whose jitter, not the
+    kernels, decided the race (NOTES.md, version 11)."""
     T, K, E = x_TD.shape[0], expert_ids_TK.shape[1], w_down_EFD.shape[0]
     choices = tuning.block_m_choices(T, K, E)
     if len(choices) == 1:
         return choices[0]
+    graphed: dict[int, Callable[[int], object]] = {}
 
     def forward(config: dict) -> None:
-        fused_experts(
-            x_TD, gate_weights_TK, expert_ids_TK, w_gate_up_E2FD, w_down_EFD,
-            block_m=config["BLOCK_M"],
-        )  # fmt: skip
+        block_m = config["BLOCK_M"]
+        if block_m not in graphed:  # its warm-up tunes this block size's tiles
+            graphed[block_m] = graphed_step(
+                lambda _: fused_experts(
+                    x_TD, gate_weights_TK, expert_ids_TK, w_gate_up_E2FD, w_down_EFD,
+                    block_m=block_m,
+                ),
+                1, x_TD.device, "triton",
+            )  # fmt: skip
+        graphed[block_m](0)
 
     layout = tuning.weight_layout(w_gate_up_E2FD[:, :1].transpose(1, 2))
     config = tuning.TUNER.choose(
