@@ -25,10 +25,12 @@ path everywhere else. Choices agree with `route`'s except where two scores tie t
 rounding (the check's TIE_MARGIN); the slots come in descending selection score, as
 torch.topk's sorted output.
 
-`few_token_logits_kernel`: for up to FEW_TOKENS tokens without autograd (decode), x @ W
-in float32 on the CUDA cores, each program one slice of D and of E, written as S partial
-sums that the top-k kernel adds: no GEMM library call (cuBLAS takes ~5.5 us for one
-token's 2048 x 384 product), no separate reduction, no atomics (the same bits every run).
+`few_token_logits_kernel`: for a few tokens without autograd (decode), x @ W in float32
+on the CUDA cores, each program one slice of D and of E, written as S partial sums that
+the top-k kernel adds: no GEMM library call (cuBLAS takes ~5.5 us for one token's 2048 x
+384 product), no separate reduction, no atomics (the same bits every run). It computes
+up to FEW_TOKENS tokens; the Router takes it where it is the faster path
+(`takes_few_token_logits`: up to 4 tokens, 2 at DeepSeek-V3's width).
 """
 
 from __future__ import annotations
@@ -136,8 +138,20 @@ def route_top_k_kernel(
     tl.store(ids_ptr + out_offsets, ids, mask=out_mask)
 
 
-FEW_TOKENS = 16  # tokens up to which the Router takes few_token_logits_kernel
+FEW_TOKENS = 16  # the most tokens few_token_logits_kernel computes (one program's rows)
 FEW_TOKENS_ROWS = 256  # rows of W (a slice of D) per program: one part of the sum
+# Where the kernel beats the cuBLAS path (the whole Router graphed on an H200, median:
+# Qwen3-30B-A3B at 1 / 2 / 4 / 8 / 16 tokens 4.4 / 5.1 / 6.5 / 12.2 / 13.0 us against
+# 7.4-7.6; DeepSeek-V3, D = 7168, 7.9 / 8.7 / 11.3 / 29.2 / 49.3 against 9.4-10.4;
+# triton/NOTES.md, version 11): up to 4 tokens and 16384 token x hidden elements.
+FEWER_THAN_CUBLAS_TOKENS = 4
+FEWER_THAN_CUBLAS_ELEMENTS = 16384
+
+
+def takes_few_token_logits(tokens: int, hidden: int) -> bool:
+    """Whether the Router computes the logits of `tokens` x `hidden` inputs with
+    `few_token_logits` (faster there) rather than its tensor-core GEMM."""
+    return tokens <= FEWER_THAN_CUBLAS_TOKENS and tokens * hidden <= FEWER_THAN_CUBLAS_ELEMENTS
 
 
 @triton.jit

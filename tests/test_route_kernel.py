@@ -163,6 +163,20 @@ def test_few_token_logits_are_float32_logits(tokens, hidden, experts):
     assert _relative(logits_TE, exact_TE) <= 1e-6
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_router_takes_the_few_token_kernel_only_where_it_was_faster():
+    """The H200's Router, graphed (NOTES.md of the fused layer, version 11): the kernel
+    beat cuBLAS at 1-4 tokens of width 2048-4096 and 1-2 of 7168, and lost at 8 and 16
+    tokens everywhere and at 4 of 7168."""
+    from moebench.route_kernel import FEW_TOKENS, takes_few_token_logits
+
+    faster = [(1, 2048), (4, 2048), (4, 4096), (1, 7168), (2, 7168)]
+    slower = [(8, 2048), (16, 2048), (16, 4096), (4, 7168), (8, 7168)]
+    assert all(takes_few_token_logits(t, d) for t, d in faster)
+    assert not any(takes_few_token_logits(t, d) for t, d in slower)
+    assert all(t <= FEW_TOKENS for t, _ in faster)  # the kernel computes them
+
+
 def test_kernel_route_applies_on_cuda_to_what_it_computes():
     on_cuda = SimpleNamespace(device=torch.device("cuda"))
     on_cpu = torch.zeros(1, 8)
