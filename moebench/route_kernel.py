@@ -144,14 +144,14 @@ FEW_TOKENS_ROWS = 256  # rows of W (a slice of D) per program: one part of the s
 # Qwen3-30B-A3B at 1 / 2 / 4 / 8 / 16 tokens 4.4 / 5.1 / 6.5 / 12.2 / 13.0 us against
 # 7.4-7.6; DeepSeek-V3, D = 7168, 7.9 / 8.7 / 11.3 / 29.2 / 49.3 against 9.4-10.4;
 # triton/NOTES.md, version 11): up to 4 tokens and 16384 token x hidden elements.
-FEWER_THAN_CUBLAS_TOKENS = 4
-FEWER_THAN_CUBLAS_ELEMENTS = 16384
+KERNEL_FASTER_TOKENS = 4
+KERNEL_FASTER_ELEMENTS = 16384
 
 
 def takes_few_token_logits(tokens: int, hidden: int) -> bool:
     """Whether the Router computes the logits of `tokens` x `hidden` inputs with
     `few_token_logits` (faster there) rather than its tensor-core GEMM."""
-    return tokens <= FEWER_THAN_CUBLAS_TOKENS and tokens * hidden <= FEWER_THAN_CUBLAS_ELEMENTS
+    return tokens <= KERNEL_FASTER_TOKENS and tokens * hidden <= KERNEL_FASTER_ELEMENTS
 
 
 @triton.jit

@@ -27,7 +27,6 @@ def test_cpu_ceilings_name_both_rates_per_dtype():
     found = ceilings.measure_ceilings("cpu", ["float32"])
     assert set(found) == {"copy_gbps", "matmul_tflops_float32", "matmul_burst_tflops_float32"}
     assert all(value > 0 for value in found.values())
-    assert found["matmul_burst_tflops_float32"] >= found["matmul_tflops_float32"]
 
 
 def test_ceilings_text_gives_the_sustained_rate_and_the_burst():

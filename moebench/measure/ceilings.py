@@ -7,13 +7,12 @@ back-to-back calls, and under back-to-back tensor-core work a card lowers its cl
 stay inside its power limit. On an H200 (700 W) an 8192^3 bfloat16 product ran at 819
 TFLOP/s for its first ~50 ms and 686 after that, at 1534 MHz against 1980, with NVML
 naming the software power cap (`scripts/power_probe.py`). Against the first figure, a
-compute-bound layer timed under that cap is held to a rate the card does not keep. So
-on CUDA the
-product runs back to back for `SUSTAINED_MS`, and `matmul_tflops_<dtype>` (the floor's
-rate) is its median over the last half; `matmul_burst_tflops_<dtype>`, the fastest of the
-first products (the figure moebench recorded before), is kept beside it. The copy
-bandwidth is not power-bound (4242 GB/s at first, 4234 sustained): the fastest of a
-short burst.
+compute-bound layer timed under that cap is held to a rate the card does not keep. So on
+CUDA the product runs back to back for `SUSTAINED_MS`, and `matmul_tflops_<dtype>` (the
+floor's rate) is its median over the last half; `matmul_burst_tflops_<dtype>`, the
+fastest of the first products (the figure moebench recorded before), is kept beside it.
+The copy bandwidth is not power-bound (4242 GB/s at first, 4234 sustained): the fastest
+of a short burst.
 """
 
 from __future__ import annotations
