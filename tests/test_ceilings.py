@@ -4,6 +4,7 @@ first products' burst rate kept beside it (measure.ceilings)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,3 +48,23 @@ def test_cuda_matrix_rate_is_read_after_a_second_of_products():
     assert time.perf_counter() - started >= ceilings.SUSTAINED_MS / 1e3
     sustained, burst = found["matmul_tflops_bfloat16"], found["matmul_burst_tflops_bfloat16"]
     assert 0 < sustained <= burst * 1.02
+
+
+@pytest.mark.parametrize(
+    ("run", "roofs"),
+    [
+        ("h200-triton-v11", {"roof bfloat16": 670.1, "burst roof bfloat16": 802.4}),
+        ("h200-triton-v10", {"roof bfloat16": 799.0}),  # measured before: its burst alone
+    ],
+)
+def test_the_roofline_draws_the_sustained_roof_and_the_burst_above_it(run, roofs):
+    """The committed GPU runs' roofline figures: the sustained matrix rate as the roof
+    and, where the run measured it, the burst rate above it."""
+    pytest.importorskip("plotly")
+    from moebench.report.data import load_runs
+    from moebench.report.figures_cost import roofline
+
+    data = load_runs([str(Path(__file__).parent.parent / "results" / "reference" / run)])
+    figure = roofline(data).figures[0][1]
+    drawn = {trace.name: max(trace.y) for trace in figure.data if "roof" in trace.name}
+    assert drawn == pytest.approx(roofs, abs=0.05)

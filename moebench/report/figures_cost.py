@@ -243,6 +243,9 @@ def parameters(data: ReportData) -> Section:
 
 
 def _roof_traces(data: ReportData, rows: pd.DataFrame, ai: pd.Series) -> list[go.Scatter]:
+    """Each run's roof per dtype: its copy bandwidth, then the matrix rate the card
+    sustains (`measure.ceilings`); fainter above it, the rate of its first products where
+    the run measured one (a short call can reach it, a sustained one not)."""
     lo, hi = float(ai.min()) / 3, float(ai.max()) * 3
     traces = []
     for run in data.runs:
@@ -253,26 +256,44 @@ def _roof_traces(data: ReportData, rows: pd.DataFrame, ai: pd.Series) -> list[go
             peak = ceilings.get(f"matmul_tflops_{dtype}")
             if not bandwidth or not peak:
                 continue
-            knee = peak * 1e3 / bandwidth
-            xs = sorted({*np.geomspace(lo, hi, 48).tolist(), *([knee] if lo < knee < hi else [])})
-            ys = [min(peak, bandwidth * x / 1e3) for x in xs]
-            name = f"roof {dtype}" + (f" · {run.label}" if data.multi_run else "")
-            traces.append(
-                go.Scatter(
-                    x=xs,
-                    y=ys,
-                    mode="lines",
-                    name=name,
-                    legendgroup="roofs",
-                    legendgrouptitle_text="measured ceilings",
-                    line={"color": ROOF_COLOR, "dash": run_dash(run.index), "width": 1.5},
-                    hovertemplate=(
-                        f"{name}: copy {bandwidth:.4g} GB/s, {dtype} matmul {peak:.4g} TFLOP/s"
-                        "<br>%{x:.3g} FLOP/byte -> %{y:.3g} TFLOP/s<extra></extra>"
-                    ),
+            label = f"{dtype}" + (f" · {run.label}" if data.multi_run else "")
+            dash = run_dash(run.index)
+            traces.append(_roof(f"roof {label}", bandwidth, peak, (lo, hi), dash, dtype))
+            burst = ceilings.get(f"matmul_burst_tflops_{dtype}")
+            if burst and burst > peak:
+                traces.append(
+                    _roof(f"burst roof {label}", bandwidth, burst, (lo, hi), dash, dtype, 0.4)
                 )
-            )
     return traces
+
+
+def _roof(
+    name: str,
+    bandwidth: float,
+    peak: float,
+    intensities: tuple[float, float],
+    dash: str,
+    dtype: str,
+    opacity: float = 1.0,
+) -> go.Scatter:
+    """One roof, min(peak, bandwidth x intensity), over the `intensities` range."""
+    lo, hi = intensities
+    knee = peak * 1e3 / bandwidth
+    xs = sorted({*np.geomspace(lo, hi, 48).tolist(), *([knee] if lo < knee < hi else [])})
+    return go.Scatter(
+        x=xs,
+        y=[min(peak, bandwidth * x / 1e3) for x in xs],
+        mode="lines",
+        name=name,
+        legendgroup="roofs",
+        legendgrouptitle_text="measured ceilings",
+        line={"color": ROOF_COLOR, "dash": dash, "width": 1.5},
+        opacity=opacity,
+        hovertemplate=(
+            f"{name}: copy {bandwidth:.4g} GB/s, {dtype} matmul {peak:.4g} TFLOP/s"
+            "<br>%{x:.3g} FLOP/byte -> %{y:.3g} TFLOP/s<extra></extra>"
+        ),
+    )
 
 
 def roofline(data: ReportData) -> Section:
@@ -280,8 +301,10 @@ def roofline(data: ReportData) -> Section:
     key, title = "roofline", "Roofline"
     description = (
         "Achieved rate against arithmetic intensity (FLOPs / least bytes a call must move), "
-        "under the roofs this run measured on its device (copy bandwidth and matrix-product "
-        "rate). Right: each case's fraction of its roof (1 = at the ceiling)."
+        "under the roofs this run measured on its device (copy bandwidth and the "
+        "matrix-product rate the card sustains; fainter, its rate over the first products, "
+        "before its power cap lowers the clock). Right: each case's fraction of its roof "
+        "(1 = at the ceiling)."
     )
     rows = positive_rows(data.ok, "achieved_tflops", "flops", "min_bytes")
     if rows.empty:
