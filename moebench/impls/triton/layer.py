@@ -128,9 +128,9 @@ def _block_m(
     sum) of them, tuned once per shape and token bucket. Training keeps `block_m_for`:
     its backward runs on the forward's blocks, and the race times the forward alone.
 
-    Each forward is raced as a CUDA graph: launched one kernel at a time, a forward of
-    1024 tokens of a small layer is bound by the host's launches, whose jitter, not the
-    kernels, decided the race (NOTES.md, version 11)."""
+    Each forward is raced as a CUDA graph. Launched one kernel at a time, a forward of
+    1024 tokens of a small layer is bound by the host's launches, and the race picked
+    block sizes whose kernels were the slower ones (NOTES.md, version 11)."""
     T, K, E = x_TD.shape[0], expert_ids_TK.shape[1], w_down_EFD.shape[0]
     choices = tuning.block_m_choices(T, K, E)
     if len(choices) == 1:
