@@ -238,7 +238,8 @@ def kernels(data: ReportData) -> Section:
         "device busy fraction and host synchronisations per call, and where its time goes "
         "against the floor: all its kernels' time per call beside its latency and its "
         "floor (latency x roofline_frac), so a case whose kernels sit at the floor while "
-        "its latency does not spends the rest outside them. The full table is "
+        "its latency does not spends the rest outside them (kernels over the latency: the "
+        "profiled pass, run after the timed calls, was slower). The full table is "
         "kernels.parquet in the run folder; each case's trace is traces/<case_id>.json.gz "
         "(open it in ui.perfetto.dev or chrome://tracing)."
     )
@@ -287,17 +288,26 @@ def kernels(data: ReportData) -> Section:
     )
 
 
+# Kernels this much over the median call: more than a graphed call's own noise (its
+# kernels are its whole time).
+PROFILED_SLOWER = 1.02
+
+
 def _against_floor(kernels_ms: float, case: pd.Series) -> str:
     """'; kernels 0.295 of 0.297 ms a call, floor 0.281': a case's kernel time per call
     beside its latency and its floor (latency x roofline_frac; '-' where either is
-    missing)."""
+    missing). Kernels over the latency by more than PROFILED_SLOWER are said to be so:
+    the profiled pass runs after the timed calls, in another state of the card (its
+    clock under a power cap, say)."""
     latency, fraction = case.get("latency_ms"), case.get("roofline_frac")
     floor = None
     if isinstance(latency, (int, float)) and isinstance(fraction, (int, float)):
         floor = latency * fraction
+    slower = isinstance(latency, (int, float)) and kernels_ms > PROFILED_SLOWER * latency
     return (
         f"; kernels {_num(kernels_ms, '.4g')} of {_num(latency, '.4g')} ms a call, "
         f"floor {_num(floor, '.4g')}"
+        + (" (the profiled pass ran slower than the timed calls)" if slower else "")
     )
 
 
