@@ -265,13 +265,15 @@ def test_kernels_over_the_latency_are_said_to_be_so(tmp_path):
     from pathlib import Path
 
     from moebench.report.build import write_report
+    from moebench.report.figures_profile import PROFILED_SLOWER
 
     run = Path(__file__).parent.parent / "results" / "reference" / "h200-triton-v11"
     page = write_report([run], tmp_path / "report.html").path.read_text()
     rows, kernels = read_run(run / "results.parquet"), read_kernels(run)
     by_case = kernels.groupby("case_id")["device_ms"].sum()
     rows = rows.assign(kernels_ms=rows["case_id"].map(by_case)).dropna(subset=["kernels_ms"])
-    over = rows[rows["kernels_ms"] > 1.02 * rows["latency_ms"]]  # Mixtral 1024 and 8192, OLMoE 1024
+    slower = PROFILED_SLOWER * rows["latency_ms"]
+    over = rows[rows["kernels_ms"] > slower]  # Mixtral 1024 and 8192, OLMoE 1024
     within = rows[(rows["kernels_ms"] > rows["latency_ms"]) & ~rows.index.isin(over.index)]
     assert len(over) == 3 and len(within) >= 1  # within 2%: noise, not said
     note = "(the profiled pass ran slower than the timed calls)"

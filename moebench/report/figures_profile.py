@@ -43,6 +43,9 @@ LOW_BUSY_FRAC = 0.5
 TOP_KERNELS = 3
 ANON = "(anonymous namespace)"
 MAX_KERNEL_CASES = 200
+# Kernels this much over the median call: more than a graphed call's own noise (its
+# kernels are its whole time).
+PROFILED_SLOWER = 1.02
 
 
 def bound_marker(busy_frac: Any, host_syncs: Any) -> str:
@@ -238,8 +241,9 @@ def kernels(data: ReportData) -> Section:
         "device busy fraction and host synchronisations per call, and where its time goes "
         "against the floor: all its kernels' time per call beside its latency and its "
         "floor (latency x roofline_frac), so a case whose kernels sit at the floor while "
-        "its latency does not spends the rest outside them (kernels over the latency: the "
-        "profiled pass, run after the timed calls, was slower). The full table is "
+        "its latency does not spends the rest outside them (kernels over 2% above the "
+        "latency: the profiled pass, run after the timed calls, was slower). The full "
+        "table is "
         "kernels.parquet in the run folder; each case's trace is traces/<case_id>.json.gz "
         "(open it in ui.perfetto.dev or chrome://tracing)."
     )
@@ -286,11 +290,6 @@ def kernels(data: ReportData) -> Section:
             rows,
         ),
     )
-
-
-# Kernels this much over the median call: more than a graphed call's own noise (its
-# kernels are its whole time).
-PROFILED_SLOWER = 1.02
 
 
 def _against_floor(kernels_ms: float, case: pd.Series) -> str:
