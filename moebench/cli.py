@@ -287,6 +287,7 @@ def presets_table() -> Table:
 
 
 def cmd_show(args: argparse.Namespace, console: Console) -> int:
+    from moebench.report.data import ceilings_parts, run_ceilings
     from moebench.resume import incompleteness
     from moebench.store import StoreError, read_metadata, read_run
 
@@ -309,6 +310,8 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         f"host {env.get('host', '?')}  gpu {gpus or 'none'}  torch {env.get('torch', '?')}  "
         f"git {env.get('git_sha', '?')}",
     )
+    if ceilings := ceilings_parts(run_ceilings(meta)):
+        say(console, "ceilings " + ", ".join(ceilings))
     rows = frame.to_dict("records")
     if note := incompleteness(meta, len(rows), args.root):
         warning(console, note)

@@ -68,3 +68,14 @@ def test_the_roofline_draws_the_sustained_roof_and_the_burst_above_it(run, roofs
     figure = roofline(data).figures[0][1]
     drawn = {trace.name: max(trace.y) for trace in figure.data if "roof" in trace.name}
     assert drawn == pytest.approx(roofs, abs=0.05)
+
+
+def test_show_prints_the_runs_ceilings(capsys):
+    """`moebench show` of the committed v11 GPU run names both matrix rates and the copy
+    bandwidth under its header."""
+    from moebench.cli import main as cli_main
+
+    run = Path(__file__).parent.parent / "results" / "reference" / "h200-triton-v11"
+    assert cli_main(["show", str(run / "results.parquet")]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the console may wrap the line
+    assert "ceilings bfloat16 670.1 TFLOP/s sustained (802.4 burst), copy 4260 GB/s" in out
