@@ -7,6 +7,7 @@ cases), 2 bad input (a message says what is wrong), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -142,6 +143,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     plan = TimingPlan(
         budget_ms=suite.budget_ms,
         warmup=suite.warmup,
+        warmup_ms=suite.warmup_ms,
         min_repeats=suite.min_repeats,
         max_repeats=suite.max_repeats,
     )
@@ -173,6 +175,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                 "gpus": gpus,
                 "profile": args.profile,
                 "run_argv": run_argv,
+                "timing": dataclasses.asdict(plan),
                 **shard_meta,
             },
             profile=profile,
@@ -207,10 +210,12 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 def _confirm_size(cases: list[Any], suite: Any, console: Console) -> bool:
     """A suite of more than CONFIRM_CASES cases runs only when the user says so: on a
     terminal by answering y, elsewhere with --yes. Says its size and expected time."""
-    hours = len(cases) * (suite.budget_ms / 1e3 + CASE_OVERHEAD_S) / 3600
+    warmup_s = suite.warmup_ms / 1e3 if suite.device.startswith("cuda") else 0.0
+    hours = len(cases) * (suite.budget_ms / 1e3 + warmup_s + CASE_OVERHEAD_S) / 3600
+    warmup = f" and {suite.warmup_ms:g} ms of warm-up" if warmup_s else ""
     message = (
-        f"{suite.path} gives {len(cases):,} cases: at its budget of {suite.budget_ms:g} ms "
-        f"per case plus about {CASE_OVERHEAD_S:g} s to build and check each, about "
+        f"{suite.path} gives {len(cases):,} cases: at its budget of {suite.budget_ms:g} ms"
+        f"{warmup} per case plus about {CASE_OVERHEAD_S:g} s to build and check each, about "
         f"{hours:,.1f} hours"
     )
     if sys.stdin.isatty():

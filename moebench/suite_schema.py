@@ -25,6 +25,7 @@ MEASUREMENT_DEFAULTS: dict[str, float | int] = {
     "timeout_s": 300.0,
     "budget_ms": 2000.0,
     "warmup": 3,
+    "warmup_ms": 500.0,  # CUDA: timed warm-up, so samples run at the clock the card keeps
     "min_repeats": 5,
     "max_repeats": 200,
 }
@@ -342,6 +343,8 @@ class SchemaChecker:
                 self.problem(f"{where} key {key!r}: must be > 0, got {settings[key]}")
         if settings["warmup"] < 0:
             self.problem(f"{where} key 'warmup': must be >= 0, got {settings['warmup']}")
+        if settings["warmup_ms"] < 0:
+            self.problem(f"{where} key 'warmup_ms': must be >= 0, got {settings['warmup_ms']}")
         if settings["min_repeats"] < 1:
             self.problem(f"{where} key 'min_repeats': must be >= 1, got {settings['min_repeats']}")
         if settings["max_repeats"] < settings["min_repeats"]:

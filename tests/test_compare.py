@@ -634,3 +634,42 @@ def test_compare_warns_when_the_l2_flush_differs(
     assert "warning: the runs differ in L2 flush: zero (baseline) vs read (candidate)" in out
     assert run_cli(str(runs[0]), str(runs[1]), "--quiet") == 0
     assert "L2 flush" not in capsys.readouterr().out
+
+
+def test_compare_warns_when_the_timed_warm_up_differs(
+    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CUDA run from before run.json held `timing` had no timed warm-up: its
+    compute-bound cases were timed partly before the card's clock settled."""
+    env = {"gpus": [{"name": "NVIDIA H200"}], "l2_flush": "read"}
+    old = write_run_meta(
+        tmp_path, "old", synthetic_rows(rng, "old"), device="cuda", environment=env
+    )
+    runs = [
+        write_run_meta(
+            tmp_path,
+            name,
+            synthetic_rows(rng, name),
+            device="cuda",
+            environment=env,
+            timing={"warmup": 3, "warmup_ms": 500.0},
+        )
+        for name in ("new", "newer")
+    ]
+    assert run_cli(str(old), str(runs[0]), "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "warning: the runs differ in timed warm-up: none (baseline) vs 500 ms" in out
+    assert run_cli(str(runs[0]), str(runs[1]), "--quiet") == 0
+    assert "warm-up" not in capsys.readouterr().out
+    cpu = [
+        write_run_meta(
+            tmp_path,
+            f"cpu{i}",
+            synthetic_rows(rng, f"cpu{i}"),
+            device="cpu",
+            timing={"warmup_ms": ms},
+        )
+        for i, ms in enumerate((0.0, 500.0))
+    ]
+    assert run_cli(str(cpu[0]), str(cpu[1]), "--quiet") == 0
+    assert "warm-up" not in capsys.readouterr().out

@@ -107,3 +107,6 @@ def test_a_real_run_records_provenance(tmp_path: Path) -> None:
         provenance = read_metadata(source)["environment"]["provenance"]
         assert provenance["moebench"]["version"] and "plugins" in provenance
     assert np.isfinite(read_metadata(run)["schema_version"])
+    # how each case was timed, the smoke suite's settings and the default timed warm-up
+    timing = read_metadata(run)["timing"]
+    assert timing["warmup_ms"] == 500.0 and timing["budget_ms"] > 0 and timing["flush_l2"]

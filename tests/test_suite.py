@@ -93,6 +93,7 @@ def test_minimal_suite_defaults() -> None:
     assert suite.device == "cpu"
     assert (suite.timeout_s, suite.budget_ms) == (300.0, 2000.0)
     assert (suite.warmup, suite.min_repeats, suite.max_repeats) == (3, 5, 200)
+    assert suite.warmup_ms == 500.0
     (case,) = suite.cases
     assert (case.shape.hidden, case.shape.ffn, case.shape.num_experts, case.shape.top_k) == (
         64,
@@ -129,7 +130,7 @@ def test_measurement_settings_are_read() -> None:
     text = BASE.replace(
         'device = "cpu"',
         'device = "cpu"\nname = "x"\ndescription = "d"\ntimeout_s = 60\nbudget_ms = 100\n'
-        "warmup = 1\nmin_repeats = 2\nmax_repeats = 9",
+        "warmup = 1\nwarmup_ms = 0\nmin_repeats = 2\nmax_repeats = 9",
     )
     suite = parse_suite(text)
     assert (suite.name, suite.description, suite.timeout_s, suite.budget_ms) == (
@@ -139,6 +140,7 @@ def test_measurement_settings_are_read() -> None:
         100.0,
     )
     assert (suite.warmup, suite.min_repeats, suite.max_repeats) == (1, 2, 9)
+    assert suite.warmup_ms == 0.0
 
 
 def test_zip_varies_together_and_crosses_the_grid() -> None:
@@ -374,6 +376,14 @@ BAD_SUITES = {
     "bad setting in the inactive cuda section": (
         BASE + "[cuda.suite]\nwarmup = -1\n",
         ["[cuda.suite]", "warmup", ">= 0"],
+    ),
+    "negative timed warm-up": (
+        BASE.replace("[suite]", "[suite]\nwarmup_ms = -5"),
+        ["warmup_ms", ">= 0", "-5"],
+    ),
+    "timed warm-up not a number": (
+        BASE.replace("[suite]", '[suite]\nwarmup_ms = "long"'),
+        ["warmup_ms", "long"],
     ),
     "bad value in the inactive cuda section": (
         BASE + '[cuda.grid]\npreset = "mixtral"\n',

@@ -142,13 +142,14 @@ ENVIRONMENT_FACTS = (
 
 def environment_differences(baseline: Mapping[str, Any], candidate: Mapping[str, Any]) -> list[str]:
     """Sentences naming what differs between two runs' environments: torch, CUDA,
-    driver, GPU, the timer's L2 flush, CPU model, CPU threads (facts one of them lacks are
-    not compared)."""
+    driver, GPU, the timer's L2 flush and timed warm-up, CPU model, CPU threads (facts
+    one of them lacks are not compared)."""
     base_env = baseline.get("environment") or {}
     cand_env = candidate.get("environment") or {}
     pairs = [(label, base_env.get(key), cand_env.get(key)) for label, key in ENVIRONMENT_FACTS]
     pairs.append(("GPU", _gpus(base_env), _gpus(cand_env)))
     pairs.append(("L2 flush", _l2_flush(baseline), _l2_flush(candidate)))
+    pairs.append(("timed warm-up", _timed_warmup(baseline), _timed_warmup(candidate)))
     pairs.append(("CPU threads", baseline.get("cpu_threads"), candidate.get("cpu_threads")))
     return [
         f"the runs differ in {label}: {base} (baseline) vs {cand} (candidate); their "
@@ -167,6 +168,20 @@ def _l2_flush(meta: Mapping[str, Any]) -> str | None:
         return None
     env = meta.get("environment") or {}
     return env.get("l2_flush") or ("zero" if env.get("gpus") else None)
+
+
+def _timed_warmup(meta: Mapping[str, Any]) -> str | None:
+    """How long a CUDA run's timer warmed each case up before its samples (run.json's
+    `timing.warmup_ms`): "none" for a run made on a GPU machine before that was recorded,
+    whose compute-bound cases were timed partly before the card's clock settled under its
+    power cap (`measure.timing`). None for runs on the CPU, where it does not apply."""
+    if str(meta.get("device") or "").startswith("cpu"):
+        return None
+    warmup_ms = (meta.get("timing") or {}).get("warmup_ms")
+    if warmup_ms:
+        return f"{warmup_ms:g} ms"
+    env = meta.get("environment") or {}
+    return "none" if env.get("gpus") or warmup_ms is not None else None
 
 
 def _gpus(env: Mapping[str, Any]) -> str | None:

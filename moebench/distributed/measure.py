@@ -62,7 +62,7 @@ from moebench.measure.memory import peak_during, weight_bytes
 from moebench.measure.phases import BREAKDOWN_REPEATS, NULL_TIMER, PhaseTimer
 from moebench.measure.phases import EP_PHASES as PHASES
 from moebench.measure.stats import summarize
-from moebench.measure.timing import L2Flush, TimingPlan, repeat_in_batches
+from moebench.measure.timing import L2Flush, TimingPlan, repeat_in_batches, warm_up
 from moebench.weight_sources import make_weights
 from moebench.weights import ExpertWeights, make_inputs, torch_dtype
 
@@ -102,8 +102,7 @@ def time_steps(
 ) -> list[float]:
     """Per-repeat step time of the slowest rank, in ms (the recipe of
     `moebench.measure.timing.time_repeats`, with the ranks agreeing on every figure)."""
-    for i in range(plan.warmup):
-        step(i)
+    warm_up(step, device, plan, agree=lambda ms: _max_over_ranks([ms], device, group)[0])
     align = Aligner(device, group, plan.flush_l2)
     started = time.perf_counter()
 

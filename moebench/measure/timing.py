@@ -5,6 +5,14 @@ median is stable, the time budget is spent or max_repeats is reached. On CUDA ea
 is bracketed by its own pair of events, the L2 cache is flushed before each repeat
 (outside the events, by reading a buffer larger than it: `L2Flush`) so small cases are not
 flattered by a warm cache, and the device is synchronised once per batch.
+
+On CUDA the warm-up also runs for a time (`TimingPlan.warmup_ms`), not only a count of
+calls: under back-to-back tensor-core work a card lowers its clock to stay inside its
+power limit within a fraction of a second (an H200: 819 TFLOP/s for the first ~50 ms of
+8192^3 products, 686 after), so without it a compute-bound case's first samples run at a
+clock its later ones do not keep, and its median lands partway down that ramp (Qwen3-30B-
+A3B at 8192 tokens: 1.26 ms at first, 1.47 at the end of 160 samples). After the timed
+warm-up every sample is taken in the state `measure.ceilings`' sustained rate is read in.
 """
 
 from __future__ import annotations
@@ -49,6 +57,10 @@ class TimingPlan:
     min_repeats: int = 5
     max_repeats: int = 200
     flush_l2: bool = True
+    # CUDA only: after the warm-up calls, calls back to back until this many ms have passed
+    # since the first one returned (module docstring); a suite's default is 500
+    # (`suite_schema.MEASUREMENT_DEFAULTS`), the ceilings' own wait for the sustained rate
+    warmup_ms: float = 0.0
 
 
 def time_repeats(
@@ -56,10 +68,8 @@ def time_repeats(
 ) -> list[float]:
     """Call `fn(i)` repeatedly (i = repeat index, for rotating inputs) and return the
     duration of each timed call in milliseconds."""
-    for i in range(plan.warmup):
-        fn(i)
+    warm_up(fn, device, plan)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         flush = L2Flush(device) if plan.flush_l2 else None
         run_batch: Callable[[int, int], list[float]] = lambda start, n: _cuda_batch(  # noqa: E731
             fn, start, n, device, flush
@@ -73,6 +83,49 @@ def time_repeats(
         return run_batch(start, n), (time.perf_counter() - started) * 1e3
 
     return repeat_in_batches(timed, plan)
+
+
+def warm_up(
+    fn: Callable[[int], object],
+    device: torch.device,
+    plan: TimingPlan,
+    agree: Callable[[float], float] = lambda spent_ms: spent_ms,
+) -> int:
+    """Call `fn(i)` `plan.warmup` times and then, on CUDA, back to back in synchronised
+    batches until `plan.warmup_ms` have passed since the first call returned (that call
+    compiles, tunes and allocates: it is not the card's load). Returns the calls made.
+
+    agree: maps this process's milliseconds spent to the figure every rank acts on (the
+    max over ranks), so ranks whose calls hold collectives make the same number of calls."""
+    cuda = device.type == "cuda"
+    calls = 0
+    if plan.warmup > 0:
+        fn(calls)
+        calls += 1
+    if cuda:
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    while calls < plan.warmup:
+        fn(calls)
+        calls += 1
+    if cuda:
+        torch.cuda.synchronize(device)
+    if not cuda or plan.warmup_ms <= 0:
+        return calls
+    timed_calls = max(calls - 1, 0)
+    spent_ms = agree((time.perf_counter() - started) * 1e3)
+    while spent_ms < plan.warmup_ms:
+        # A batch as long as the time left at the rate so far: the warm-up overshoots its
+        # time by about a call, and the host reads the clock only a few times.
+        per_call_ms = spent_ms / timed_calls if timed_calls else 0.0
+        batch = max(1, int((plan.warmup_ms - spent_ms) / per_call_ms)) if per_call_ms else 1
+        for _ in range(batch):
+            fn(calls)
+            calls += 1
+        timed_calls += batch
+        torch.cuda.synchronize(device)
+        spent_ms = agree((time.perf_counter() - started) * 1e3)
+    return calls
 
 
 def repeat_in_batches(

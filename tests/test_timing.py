@@ -1,0 +1,80 @@
+"""The timer's warm-up: a count of calls, then on CUDA a time (`TimingPlan.warmup_ms`).
+
+The CUDA branch runs here on a CPU with `torch.cuda.synchronize` stubbed out: the calls
+sleep, so the host's clock is the "device's" clock."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from moebench.measure.timing import TimingPlan, time_repeats, warm_up
+
+CUDA = torch.device("cuda")
+
+
+class SleepingCall:
+    """fn(i) that sleeps `first_s` on its first call (compiling, tuning) and `each_s` on
+    the others, and records every index it was called with."""
+
+    def __init__(self, each_s: float, first_s: float | None = None):
+        self.each_s, self.first_s = each_s, each_s if first_s is None else first_s
+        self.indices: list[int] = []
+
+    def __call__(self, i: int) -> None:
+        time.sleep(self.first_s if not self.indices else self.each_s)
+        self.indices.append(i)
+
+
+@pytest.fixture
+def no_sync(monkeypatch: pytest.MonkeyPatch) -> list[torch.device]:
+    synced: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    return synced
+
+
+def test_cuda_warm_up_runs_for_its_time_after_the_first_call(no_sync: list) -> None:
+    """The first call's 200 ms (what compiling takes) do not count toward the 60 ms: the
+    calls after it must fill them."""
+    fn = SleepingCall(each_s=0.002, first_s=0.2)
+    started = time.perf_counter()
+    calls = warm_up(fn, CUDA, TimingPlan(warmup=2, warmup_ms=60))
+    after_first_ms = (time.perf_counter() - started) * 1e3 - 200
+    assert fn.indices == list(range(calls))
+    assert after_first_ms >= 60
+    assert 20 <= calls <= 40  # 60 ms of 2 ms calls (sleeps overshoot: fewer, never more)
+    assert no_sync, "the warm-up reads the clock after synchronising the device"
+
+
+def test_warm_up_time_is_cuda_only_and_zero_means_the_count(no_sync: list) -> None:
+    for device, plan in (
+        (torch.device("cpu"), TimingPlan(warmup=3, warmup_ms=1000)),
+        (CUDA, TimingPlan(warmup=3, warmup_ms=0)),
+    ):
+        fn = SleepingCall(each_s=0.001)
+        assert warm_up(fn, device, plan) == 3
+        assert fn.indices == [0, 1, 2]
+
+
+def test_warm_up_acts_on_the_agreed_time(no_sync: list) -> None:
+    """Ranks act on the max over ranks of the time spent, so they make the same number of
+    calls: a rank told that another took the whole time stops after its count."""
+    fn = SleepingCall(each_s=0.001)
+    assert warm_up(fn, CUDA, TimingPlan(warmup=2, warmup_ms=50), agree=lambda ms: ms + 50) == 2
+    seen: list[float] = []
+    fn = SleepingCall(each_s=0.001)
+    calls = warm_up(
+        fn, CUDA, TimingPlan(warmup=0, warmup_ms=30), agree=lambda ms: seen.append(ms) or ms
+    )
+    assert calls >= 2 and seen[-1] >= 30 and all(ms < 30 for ms in seen[:-1])
+
+
+def test_timed_calls_follow_the_warm_up_on_cpu() -> None:
+    fn = SleepingCall(each_s=0.0)
+    samples = time_repeats(
+        fn, torch.device("cpu"), TimingPlan(warmup=2, min_repeats=3, max_repeats=3, warmup_ms=500)
+    )
+    assert len(samples) == 3
+    assert fn.indices == [0, 1, 0, 1, 2]  # warm-up calls, then the timed ones from index 0
