@@ -124,9 +124,11 @@ def test_latency_agrees_with_independent_timers():
 
 def test_timed_warm_up_takes_every_sample_at_the_clock_the_card_keeps():
     """Back-to-back 8192^3 bfloat16 products, 200 samples: after the default timed warm-up
-    the last quarter of the samples is within 5% of the first. Without it, on an H200, the
-    first samples run at the burst clock and the later ones under the power cap (819
-    against 686 TFLOP/s: `scripts/power_probe.py`), which the printed ratio shows."""
+    the first quarter of the samples runs within 3% of the median of all. Without it the
+    first samples run at the burst clock (an H200, 2 s idle: 1.38 ms, then 1.60 from the
+    50th product on, 0.87 of the median), which the printed ratio shows. (The last
+    samples are no measure: the power cap dips the clock by up to 20% for tens of ms,
+    about once a second.)"""
     import time
 
     from moebench.suite_schema import MEASUREMENT_DEFAULTS
@@ -135,16 +137,15 @@ def test_timed_warm_up_takes_every_sample_at_the_clock_the_card_keeps():
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
 
-    def last_over_first(warmup_ms: float) -> float:
+    def first_over_all(warmup_ms: float) -> float:
         time.sleep(2.0)  # idle: the clock comes back up
         plan = TimingPlan(warmup=2, warmup_ms=warmup_ms, min_repeats=200, max_repeats=200)
         samples = time_repeats(lambda _: a @ b, device, plan)
-        quarter = len(samples) // 4
-        return statistics.median(samples[-quarter:]) / statistics.median(samples[:quarter])
+        return statistics.median(samples[: len(samples) // 4]) / statistics.median(samples)
 
-    cold, warm = last_over_first(0.0), last_over_first(float(MEASUREMENT_DEFAULTS["warmup_ms"]))
-    print(f"\nlast / first quarter of 200 products: {cold:.3f} cold, {warm:.3f} warmed up")
-    assert abs(warm - 1) < 0.05, (cold, warm)
+    cold, warm = first_over_all(0.0), first_over_all(float(MEASUREMENT_DEFAULTS["warmup_ms"]))
+    print(f"\nfirst quarter / median of 200 products: {cold:.3f} cold, {warm:.3f} warmed up")
+    assert warm > 0.97, (cold, warm)
 
 
 def test_phase_breakdown_of_a_layer_that_marks_no_phases():
