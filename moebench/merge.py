@@ -9,7 +9,8 @@ The merged run is a new folder under --out with every case once, its `run_id` co
 to the new id, and run.json naming the runs it came from (`merged_from`: their ids,
 shards, hosts and start times). Refused (exit 2, nothing written): runs of different
 suites, of different moebench versions or results schema versions, of different shard
-counts, and a case present in two runs. Missing shards are reported, not refused (a
+counts or timing settings (run.json's `timing`: a suite's warm-up, budget and repeats
+edited between the runs), and a case present in two runs. Missing shards are reported, not refused (a
 partial merge is still a run).
 """
 
@@ -62,6 +63,8 @@ def check_mergeable(runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
     _same(runs, "moebench versions", _moebench_version)
     _same(runs, "results schema versions", lambda meta: meta.get("schema_version", 1))
     _same(runs, "shard counts", lambda meta: (meta.get("shard") or {}).get("count"))
+    # One run is timed one way: its run.json has one `timing` (warm-up, budget, repeats).
+    _same(runs, "timing settings", lambda meta: meta.get("timing"))
     count = (runs[0][1].get("shard") or {}).get("count")
     if not count:
         return []

@@ -98,8 +98,10 @@ def test_merge_refuses_mixed_suites_versions_and_repeated_cases(tmp_path: Path) 
     b = _fake_run(tmp_path, "b", "default", ["c3"], **env)
     c = _fake_run(tmp_path, "c", "smoke", ["c3"], environment={"moebench": "0.2.0"})
     d = _fake_run(tmp_path, "d", "smoke", ["c2", "c4"], **env)
+    e = _fake_run(tmp_path, "e", "smoke", ["c5"], timing={"warmup_ms": 0.0}, **env)
     out = tmp_path / "merged"
-    for other, message in ((b, "different suites"), (c, "moebench versions"), (d, "case c2")):
+    refused = ((b, "different suites"), (c, "moebench versions"), (d, "case c2"), (e, "timing"))
+    for other, message in refused:
         with pytest.raises(ValueError, match=message):
             merge_runs([str(a), str(other)], str(tmp_path), str(out))
     assert not out.exists()  # nothing written when refused
