@@ -292,7 +292,7 @@ def presets_table() -> Table:
 
 
 def cmd_show(args: argparse.Namespace, console: Console) -> int:
-    from moebench.report.data import ceilings_parts, run_ceilings
+    from moebench.report.data import ceilings_parts, run_ceilings, timing_text
     from moebench.resume import incompleteness
     from moebench.store import StoreError, read_metadata, read_run
 
@@ -317,6 +317,8 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     )
     if ceilings := ceilings_parts(run_ceilings(meta)):
         say(console, "ceilings " + ", ".join(ceilings))
+    if timing := timing_text(meta):
+        say(console, "timing " + timing)
     rows = frame.to_dict("records")
     if note := incompleteness(meta, len(rows), args.root):
         warning(console, note)

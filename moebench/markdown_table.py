@@ -24,6 +24,7 @@ from moebench.report.data import (
     options_text,
     run_ceilings,
     shape_label,
+    timing_text,
     varies,
 )
 
@@ -102,7 +103,9 @@ def to_markdown(frame: pd.DataFrame, meta: dict[str, Any]) -> str:
     suite = meta.get("suite") or "run"
     title = f"# {suite}: latency ms (latency / floor)"
     legend = (
-        f"Run {run_id}, {len(records)} cases; {_ceilings_text(meta)}. A cell: the median "
+        f"Run {run_id}, {len(records)} cases; {_ceilings_text(meta)}"
+        + (f"; timing: {timing}" if (timing := timing_text(meta)) else "")
+        + ". A cell: the median "
         "latency in ms and, in brackets, latency / floor, where the floor is max(FLOPs / "
         "matmul rate, bytes of the experts touched / copy bandwidth). `*`: noisy (p90/p10 "
         "over the device's limit, or the median still moving). A status: the case did not "

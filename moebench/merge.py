@@ -10,8 +10,8 @@ to the new id, and run.json naming the runs it came from (`merged_from`: their i
 shards, hosts and start times). Refused (exit 2, nothing written): runs of different
 suites, of different moebench versions or results schema versions, of different shard
 counts or timing settings (run.json's `timing`: a suite's warm-up, budget and repeats
-edited between the runs), and a case present in two runs. Missing shards are reported, not refused (a
-partial merge is still a run).
+edited between the runs), and a case present in two runs. Missing shards are reported,
+not refused (a partial merge is still a run).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ sleep, so the host's clock is the "device's" clock."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +79,52 @@ def test_timed_calls_follow_the_warm_up_on_cpu() -> None:
     )
     assert len(samples) == 3
     assert fn.indices == [0, 1, 0, 1, 2]  # warm-up calls, then the timed ones from index 0
+
+
+REFERENCE = Path(__file__).parent.parent / "results" / "reference"
+V12_TIMING = (
+    "2 warm-up calls, then 500 ms of calls; 5-100 timed calls within 200 ms, L2 flushed before each"
+)
+
+
+def test_a_run_says_how_it_timed_its_cases(capsys: pytest.CaptureFixture[str]) -> None:
+    """`moebench show`, the markdown export and the report header of the committed peers
+    run give its timing; a run from before moebench recorded it gives none."""
+    from moebench.cli import main as cli_main
+    from moebench.markdown_table import to_markdown
+    from moebench.store import read_metadata, read_run
+
+    run = REFERENCE / "h200-peers-v12"
+    assert cli_main(["show", str(run)]) == 0
+    assert f"timing {V12_TIMING}" in " ".join(capsys.readouterr().out.split())
+    markdown = to_markdown(read_run(str(run)), read_metadata(str(run)))
+    assert f"; timing: {V12_TIMING}." in markdown
+    old = REFERENCE / "h200-triton-v11"
+    assert cli_main(["show", str(old)]) == 0
+    assert "timing" not in capsys.readouterr().out
+    assert "timing:" not in to_markdown(read_run(str(old)), read_metadata(str(old)))
+
+
+def test_timing_on_a_cpu_names_neither_the_timed_warm_up_nor_the_flush() -> None:
+    from moebench.report.data import timing_text
+
+    timing = {"warmup": 1, "warmup_ms": 500.0, "budget_ms": 20.0, "min_repeats": 2,
+              "max_repeats": 5, "flush_l2": True}  # fmt: skip
+    assert timing_text({"device": "cpu", "timing": timing}) == (
+        "1 warm-up calls; 2-5 timed calls within 20 ms"
+    )
+    assert timing_text({"device": "cuda", "timing": timing}) == (
+        "1 warm-up calls, then 500 ms of calls; 2-5 timed calls within 20 ms, L2 flushed "
+        "before each"
+    )
+
+
+def test_the_report_header_gives_the_timing(tmp_path: Path) -> None:
+    pytest.importorskip("plotly")
+    from moebench.cli import main as cli_main
+
+    out = tmp_path / "report.html"
+    assert cli_main(["report", str(REFERENCE / "h200-triton-v12"), "-o", str(out)]) == 0
+    html = out.read_text()
+    assert ">timing<" in html
+    assert "3 warm-up calls, then 500 ms of calls; 5-200 timed calls within 300 ms" in html

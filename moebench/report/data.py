@@ -92,6 +92,26 @@ def ceilings_parts(ceilings: dict[str, float]) -> list[str]:
     return parts
 
 
+def timing_text(meta: dict[str, Any]) -> str | None:
+    """How a run timed each case, from its run.json `timing`: "2 warm-up calls, then 500
+    ms of calls; 5-100 timed calls within 200 ms, L2 flushed before each" (the time and
+    the flush on CUDA only, where the timer does them: `measure.timing`). None for a run
+    from before moebench recorded it."""
+    timing = meta.get("timing")
+    if not isinstance(timing, dict):
+        return None
+    cuda = not str(meta.get("device") or "").startswith("cpu")
+    warm = f"{timing.get('warmup', '?')} warm-up calls"
+    if cuda and timing.get("warmup_ms"):
+        warm += f", then {timing['warmup_ms']:g} ms of calls"
+    repeats = (
+        f"{timing.get('min_repeats', '?')}-{timing.get('max_repeats', '?')} timed calls"
+        f" within {timing.get('budget_ms', 0):g} ms"
+    )
+    flush = ", L2 flushed before each" if cuda and timing.get("flush_l2") else ""
+    return f"{warm}; {repeats}{flush}"
+
+
 def ok_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows that finished and were timed."""
     return frame[(frame["status"] == "ok") & frame["latency_ms"].notna()]

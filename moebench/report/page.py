@@ -20,7 +20,14 @@ from typing import Any
 import pandas as pd
 
 from moebench.report import templates as tpl
-from moebench.report.data import ReportData, RunInfo, Standing, ceilings_parts, leaderboard
+from moebench.report.data import (
+    ReportData,
+    RunInfo,
+    Standing,
+    ceilings_parts,
+    leaderboard,
+    timing_text,
+)
 from moebench.report.headlines import headlines
 from moebench.report.sections import Section, TableData
 from moebench.report.style import FONT, STATUS_COLORS, figure_json
@@ -173,6 +180,7 @@ def _environment(runs: list[RunInfo]) -> str:
                 if roofs and not meta.get("ceilings") and meta.get("merged_from")
                 else ""
             ),
+            "timing": timing_text(meta) or "-",
             "cases": f"{run.cases}"
             + (
                 f" of {meta['cases_total']}"
