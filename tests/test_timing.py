@@ -111,11 +111,10 @@ def test_timing_on_a_cpu_names_neither_the_timed_warm_up_nor_the_flush() -> None
     timing = {"warmup": 1, "warmup_ms": 500.0, "budget_ms": 20.0, "min_repeats": 2,
               "max_repeats": 5, "flush_l2": True}  # fmt: skip
     assert timing_text({"device": "cpu", "timing": timing}) == (
-        "1 warm-up calls; 2-5 timed calls within 20 ms"
+        "1 warm-up call; 2-5 timed calls within 20 ms"
     )
     assert timing_text({"device": "cuda", "timing": timing}) == (
-        "1 warm-up calls, then 500 ms of calls; 2-5 timed calls within 20 ms, L2 flushed "
-        "before each"
+        "1 warm-up call, then 500 ms of calls; 2-5 timed calls within 20 ms, L2 flushed before each"
     )
 
 

@@ -101,7 +101,8 @@ def timing_text(meta: dict[str, Any]) -> str | None:
     if not isinstance(timing, dict):
         return None
     cuda = not str(meta.get("device") or "").startswith("cpu")
-    warm = f"{timing.get('warmup', '?')} warm-up calls"
+    calls = timing.get("warmup", "?")
+    warm = f"{calls} warm-up call" + ("" if calls == 1 else "s")
     if cuda and timing.get("warmup_ms"):
         warm += f", then {timing['warmup_ms']:g} ms of calls"
     repeats = (
