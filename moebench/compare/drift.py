@@ -164,7 +164,7 @@ def _l2_flush(meta: Mapping[str, Any]) -> str | None:
     or "zero" for a run made on a GPU machine before that was recorded (the timer zeroed
     its buffer, whose write-back added 6-8 us to small calls: `L2Flush`). None for runs
     on the CPU, which no flush precedes."""
-    if str(meta.get("device") or "").startswith("cpu"):
+    if cpu_runs(meta):
         return None
     env = meta.get("environment") or {}
     return env.get("l2_flush") or ("zero" if env.get("gpus") else None)
@@ -175,13 +175,12 @@ def _timed_warmup(meta: Mapping[str, Any]) -> str | None:
     `timing.warmup_ms`): "none" for a run made on a GPU machine before that was recorded,
     whose compute-bound cases were timed partly before the card's clock settled under its
     power cap (`measure.timing`). None for runs on the CPU, where it does not apply."""
-    if str(meta.get("device") or "").startswith("cpu"):
+    if cpu_runs(meta):
         return None
     warmup_ms = (meta.get("timing") or {}).get("warmup_ms")
-    if warmup_ms:
-        return f"{warmup_ms:g} ms"
-    env = meta.get("environment") or {}
-    return "none" if env.get("gpus") or warmup_ms is not None else None
+    if warmup_ms is None:  # not recorded: a GPU run from before, or no device known
+        return "none" if (meta.get("environment") or {}).get("gpus") else None
+    return f"{warmup_ms:g} ms" if warmup_ms else "none"
 
 
 def _gpus(env: Mapping[str, Any]) -> str | None:
