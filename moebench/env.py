@@ -34,6 +34,18 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _dependent_launch() -> str | None:
+    """Whether moebench's Triton kernels launch with PDL ("on"/"off",
+    `moebench.dependent_launch`), where CUDA and Triton are present; else None."""
+    from moebench.routing import route_kernels
+
+    if not torch.cuda.is_available() or route_kernels() is None:
+        return None
+    from moebench import dependent_launch  # imports Triton, which route_kernels found
+
+    return dependent_launch.state()
+
+
 def usable_cpus() -> list[int]:
     """The logical CPUs this process may run on (its affinity mask)."""
     try:
@@ -104,6 +116,7 @@ def collect_environment(plugins: Iterable[str] = ()) -> dict[str, Any]:
         "gpus": [],
         "provenance": provenance,
         "l2_flush": L2Flush.method,  # how each timed CUDA repeat is preceded
+        "dependent_launch": _dependent_launch(),
     }
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

@@ -31,6 +31,9 @@ the top-k kernel adds: no GEMM library call (cuBLAS takes ~5.5 us for one token'
 384 product), no separate reduction, no atomics (the same bits every run). It computes
 up to FEW_TOKENS tokens; the Router takes it where it is the faster path
 (`takes_few_token_logits`: up to 4 tokens, 2 at DeepSeek-V3's width).
+
+Both launch with programmatic dependent launch where `dependent_launch.for_tokens` says
+(Hopper, calls of at most 64 tokens), as the fused layer's kernels after them do.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moebench import dependent_launch
 from moebench.case import LayerShape
+from moebench.dependent_launch import release_dependents, wait_for_predecessor
 from moebench.router_logits import sum_pieces
 
 
@@ -64,12 +69,15 @@ def route_top_k_kernel(
     GROUPS_KEPT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """ROWS tokens: logits from PARTS parts and the bias; scores (softmax, or sigmoid per
     expert); the selection scores (plus the correction bias if CORRECTION), limited to the
     GROUPS_KEPT best of GROUPS groups by the sum of each group's two best if GROUPS > 1
     (then BLOCK_E = E); TOP_K rounds of arg-max over them; the chosen experts' scores as
     gates, renormalised if NORM, times scaling."""
+    wait_for_predecessor(PDL)
+    release_dependents(PDL)
     offs_t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_t < T
@@ -167,9 +175,12 @@ def few_token_logits_kernel(
     SLICE_D: tl.constexpr,
     STEP_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Part s (program 0), experts of block program 1: sum over the SLICE_D rows d of
     slice s of x[t, d] W[d, e], in float32, into parts[t, s E + e]."""
+    wait_for_predecessor(PDL)
+    release_dependents(PDL)
     part = tl.program_id(0)
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_t = tl.arange(0, BLOCK_T)
@@ -209,10 +220,11 @@ def few_token_logits(x_TD: torch.Tensor, w_DE: torch.Tensor) -> tuple[torch.Tens
     step_d = max(8, 4096 // (block_t * block_e))
     parts = triton.cdiv(D, FEW_TOKENS_ROWS)
     parts_TSE = torch.empty(T, parts * E, device=x_TD.device, dtype=torch.float32)
+    pdl = dependent_launch.for_tokens(x_TD.device, T)
     few_token_logits_kernel[(parts, triton.cdiv(E, block_e))](
         x_TD, w_DE, parts_TSE, T, D, E, x_TD.stride(0),
         BLOCK_T=block_t, SLICE_D=FEW_TOKENS_ROWS, STEP_D=min(step_d, FEW_TOKENS_ROWS),
-        BLOCK_E=block_e, num_warps=4,
+        BLOCK_E=block_e, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     return parts_TSE, parts
 
@@ -239,13 +251,14 @@ def _launch(
     # A row per program up to a few thousand tokens (the reductions of one row are the
     # latency; rows of a program run one after another), one warp where a row fits.
     rows = 1 if T < 4096 else max(1, min(16, 2048 // block_e))
+    pdl = dependent_launch.for_tokens(device, T)
     route_top_k_kernel[(triton.cdiv(T, rows),)](
         parts_TSE, bias_E, correction_E if correction else bias_E, gate_TK, ids_TK, probs_TE,
         T, E, float(shape.routed_scaling),
         PARTS=parts, TOP_K=K, BLOCK_K=1 << max(0, (K - 1).bit_length()),
         NORM=shape.norm_topk_prob, SIGMOID=shape.scoring == "sigmoid", CORRECTION=correction,
-        GROUPS=groups, GROUPS_KEPT=shape.groups_kept, ROWS=rows, BLOCK_E=block_e,
-        num_warps=1 if block_e <= 256 else 4,
+        GROUPS=groups, GROUPS_KEPT=shape.groups_kept, ROWS=rows, BLOCK_E=block_e, PDL=pdl,
+        num_warps=1 if block_e <= 256 else 4, launch_pdl=pdl,
     )  # fmt: skip
     return gate_TK, ids_TK, probs_TE
 

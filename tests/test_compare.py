@@ -673,3 +673,26 @@ def test_compare_warns_when_the_timed_warm_up_differs(
     ]
     assert run_cli(str(cpu[0]), str(cpu[1]), "--quiet") == 0
     assert "warm-up" not in capsys.readouterr().out
+
+
+def test_compare_warns_when_dependent_launch_differs(
+    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`$MOEBENCH_PDL=0` moves the small calls of moebench's Triton kernels; a run from
+    before run.json recorded it is not compared on it."""
+    gpus = [{"name": "NVIDIA H200"}]
+    runs = {
+        name: write_run_meta(
+            tmp_path,
+            name,
+            synthetic_rows(rng, name),
+            device="cuda",
+            environment={"gpus": gpus, **({"dependent_launch": pdl} if pdl else {})},
+        )
+        for name, pdl in (("on", "on"), ("off", "off"), ("old", None))
+    }
+    assert run_cli(str(runs["off"]), str(runs["on"]), "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "warning: the runs differ in dependent launch (PDL): off (baseline) vs on" in out
+    assert run_cli(str(runs["old"]), str(runs["on"]), "--quiet") == 0
+    assert "dependent launch" not in capsys.readouterr().out

@@ -523,6 +523,57 @@ def test_forward_runs_without_host_sync_and_under_a_graph(tokens):
 
 
 @needs_cuda
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (256, 512, 8, 2, 1),  # the one-token chain: few-token logits, no alignment
+        (256, 512, 8, 2, 2),  # the decode alignment (at most 64 assignments)
+        (256, 512, 8, 2, 64),  # the one-program alignment
+        (128, 256, 64, 32, 64),  # the three alignment kernels (2048 assignments)
+    ],
+)
+def test_dependent_launch_keeps_every_bit(shape, monkeypatch):
+    """Launched with PDL (each kernel starting under its predecessor's tail), the layer
+    gives the bits it gives launched plainly: forward, un-graphed and replayed from a
+    CUDA graph, and a training step's input gradient (its weight gradients to rounding).
+    A kernel that read its predecessor's
+    output before `wait_for_predecessor` would read it half written."""
+    from moebench import dependent_launch
+
+    if not dependent_launch.enabled(torch.device("cuda")):
+        pytest.skip("PDL needs compute capability 9.0 or later")
+    assert dependent_launch.for_tokens(torch.device("cuda"), shape[-1])
+    case = _gpu_case(shape, "bfloat16")
+    weights = make_weights(case)
+    x_TD = make_inputs(case, 1)[0]
+    grad_y_TD = torch.randn_like(x_TD)
+
+    def run(pdl: str) -> list[torch.Tensor]:
+        monkeypatch.setenv(dependent_launch.ENV_SWITCH, pdl)
+        layer = registry.get("triton").build(weights, case)
+        with torch.no_grad():
+            eager = layer(x_TD)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                graphed = layer(x_TD)
+            graphed.fill_(float("nan"))
+            graph.replay()
+        x = x_TD.detach().clone().requires_grad_(True)
+        layer(x).backward(grad_y_TD)
+        weight_grads = [p.grad for p in layer.parameters() if p.grad is not None]
+        return [eager, graphed.clone(), x.grad], weight_grads
+
+    (plain, plain_weight_grads), (dependent, weight_grads) = run("0"), run("1")
+    for a, b in zip(plain, dependent, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    # A weight gradient sums over an expert's rows, whose order the alignment's atomics
+    # choose anew on every call, PDL or not: the same up to the rounding of that order.
+    assert len(weight_grads) == len(plain_weight_grads) >= 3
+    for a, b in zip(plain_weight_grads, weight_grads, strict=True):
+        torch.testing.assert_close(b, a)
+
+
+@needs_cuda
 def test_graphed_harness_run_reads_back(tmp_path, monkeypatch):
     from moebench.runner import run_cases
     from moebench.store import read_run

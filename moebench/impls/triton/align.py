@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moebench.dependent_launch import release_dependents, wait_for_predecessor
+
 COUNT_BLOCK = 1024
 BLOCKS_PER_STEP = 64
 SMALL_ASSIGNMENTS = 64  # and at most SMALL_EXPERTS experts: one program aligns them
@@ -113,8 +115,17 @@ def _store_block_experts(
 
 @triton.jit
 def _count_kernel(
-    expert_ptr, counts_ptr, rank_ptr, sorted_ids_ptr, num_assign, max_rows, BLOCK: tl.constexpr
+    expert_ptr,
+    counts_ptr,
+    rank_ptr,
+    sorted_ids_ptr,
+    num_assign,
+    max_rows,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
+    release_dependents(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(sorted_ids_ptr + offs, tl.zeros((BLOCK,), tl.int32) + num_assign, mask=offs < max_rows)
     ok = offs < num_assign
@@ -135,7 +146,10 @@ def _offsets_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCKS_PER_STEP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
+    release_dependents(PDL)
     offs_e = tl.arange(0, BLOCK_E)
     expert_ok = offs_e < num_experts
     counts = tl.load(counts_ptr + offs_e, mask=expert_ok, other=0)
@@ -159,7 +173,10 @@ def _scatter_kernel(
     row_of_assign_ptr,
     num_assign,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
+    release_dependents(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < num_assign
     expert = tl.load(expert_ptr + offs, mask=ok, other=0)
@@ -185,8 +202,11 @@ def _align_small_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCKS_PER_STEP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """The whole alignment of at most BLOCK_A assignments in one program."""
+    wait_for_predecessor(PDL)
+    release_dependents(PDL)
     offs_a = tl.arange(0, BLOCK_A)
     a_ok = offs_a < num_assign
     expert = tl.load(expert_ptr + offs_a, mask=a_ok, other=-1).to(tl.int32)
@@ -235,10 +255,13 @@ def _align_one_program_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCKS_PER_STEP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """`_count_kernel`, `_offsets_kernel` and `_scatter_kernel` in one program, BLOCK_A
     assignments at a time, a barrier between the steps (a block's barrier also orders its
     global writes and atomics; the counts and starts are read past L1 all the same)."""
+    wait_for_predecessor(PDL)
+    release_dependents(PDL)
     offs_a = tl.arange(0, BLOCK_A)
     offs_e = tl.arange(0, BLOCK_E)
     expert_ok = offs_e < num_experts
@@ -276,9 +299,12 @@ def _align_one_program_kernel(
         tl.store(row_of_assign_ptr + offs, start + rank, mask=ok)
 
 
-def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
+def align_to_blocks(
+    expert_ids_TK: torch.Tensor, num_experts: int, block_m: int, pdl: bool = False
+) -> Alignment:
     """Group the assignments of `expert_ids_TK` by expert and pad each expert's run to a
-    multiple of `block_m` (rows of padding hold the sentinel A)."""
+    multiple of `block_m` (rows of padding hold the sentinel A); `pdl`: launch the
+    kernels with programmatic dependent launch (`moebench.dependent_launch`)."""
     device = expert_ids_TK.device
     expert_A = expert_ids_TK.reshape(-1)
     num_assign = expert_A.numel()
@@ -296,7 +322,7 @@ def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int)
             row_of_assign_A, num_assign, num_experts, max_rows, max_blocks,
             BLOCK_M=block_m, BLOCK_A=SMALL_ASSIGNMENTS,
             BLOCK_E=triton.next_power_of_2(num_experts), BLOCKS_PER_STEP=BLOCKS_PER_STEP,
-            num_warps=4,
+            PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
         return Alignment(*outputs, num_assign, block_m)
     rank_A = torch.empty(num_assign, device=device, dtype=torch.int32)
@@ -309,22 +335,23 @@ def align_to_blocks(expert_ids_TK: torch.Tensor, num_experts: int, block_m: int)
             max_rows, max_blocks,
             BLOCK_M=block_m, BLOCK_A=MEDIUM_BLOCK,
             BLOCK_E=triton.next_power_of_2(num_experts), BLOCKS_PER_STEP=BLOCKS_PER_STEP,
-            num_warps=8,
+            PDL=pdl, num_warps=8, launch_pdl=pdl,
         )  # fmt: skip
         return Alignment(*outputs, num_assign, block_m)
     counts_E = torch.zeros(num_experts, device=device, dtype=torch.int32)
     _count_kernel[(triton.cdiv(max_rows, COUNT_BLOCK),)](
-        expert_A, counts_E, rank_A, sorted_ids_P, num_assign, max_rows, BLOCK=COUNT_BLOCK
-    )
+        expert_A, counts_E, rank_A, sorted_ids_P, num_assign, max_rows,
+        BLOCK=COUNT_BLOCK, PDL=pdl, launch_pdl=pdl,
+    )  # fmt: skip
     _offsets_kernel[(1,)](
         counts_E, padded_starts_E, padded_ends_E, block_expert_B, num_padded_1,
         num_experts, max_blocks,
         BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts),
-        BLOCKS_PER_STEP=BLOCKS_PER_STEP,
+        BLOCKS_PER_STEP=BLOCKS_PER_STEP, PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     _scatter_kernel[(triton.cdiv(num_assign, COUNT_BLOCK),)](
         expert_A, rank_A, padded_starts_E, sorted_ids_P, row_of_assign_A, num_assign,
-        BLOCK=COUNT_BLOCK,
+        BLOCK=COUNT_BLOCK, PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     return Alignment(*outputs, num_assign, block_m)
 

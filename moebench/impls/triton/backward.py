@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moebench.dependent_launch import release_dependents, wait_for_predecessor
 from moebench.impls.grouped import GROUPED_MM, grouped_mm_works
 from moebench.impls.triton import kernels, tuning
 from moebench.impls.triton.align import Alignment
@@ -198,9 +199,12 @@ def token_sum_kernel(
     stride_out,
     GATHER: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[t] = sum over t's K assignments a of rows[row(a)], summed in float32: row(a)
     = row_of_assign[a] if GATHER, else a (rows in assignment order)."""
+    wait_for_predecessor(PDL)
+    release_dependents(PDL)
     token = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs_d < D
@@ -214,10 +218,14 @@ def token_sum_kernel(
 
 
 def token_sum(
-    rows_RD: torch.Tensor, top_k: int, row_of_assign_A: torch.Tensor | None = None
+    rows_RD: torch.Tensor,
+    top_k: int,
+    row_of_assign_A: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """T x D: each token's sum over its K rows of rows_RD (`token_sum_kernel`): the rows
-    of assignment a = t K + k are rows_RD[row_of_assign_A[a]], or rows_RD[a] without it."""
+    of assignment a = t K + k are rows_RD[row_of_assign_A[a]], or rows_RD[a] without it;
+    `pdl`: launched with programmatic dependent launch (`moebench.dependent_launch`)."""
     D = rows_RD.shape[1]
     assert rows_RD.stride() == (D, 1), "rows must be contiguous"
     T = (rows_RD.shape[0] if row_of_assign_A is None else row_of_assign_A.numel()) // top_k
@@ -226,7 +234,8 @@ def token_sum(
     token_sum_kernel[(T, triton.cdiv(D, block_d))](
         rows_RD, rows_RD if row_of_assign_A is None else row_of_assign_A, out_TD,
         D, top_k, D, D,
-        GATHER=row_of_assign_A is not None, BLOCK_D=block_d, num_warps=4,
+        GATHER=row_of_assign_A is not None, BLOCK_D=block_d, PDL=pdl, num_warps=4,
+        launch_pdl=pdl,
     )  # fmt: skip
     return out_TD
 

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moebench.dependent_launch import release_dependents, wait_for_predecessor
+
 
 @triton.jit
 def _block_coords(pid, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
@@ -112,7 +114,9 @@ def gate_up_kernel(
     STORE_PRE: tl.constexpr,
     PER_ASSIGNMENT: tl.constexpr,
     HALF_TAIL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     if not PER_ASSIGNMENT:  # noqa: SIM102 (a constexpr branch: no padded length to load)
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -123,14 +127,14 @@ def gate_up_kernel(
                 x_ptr, w_gate_ptr, w_up_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
                 block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_w_e, stride_w_d,
                 stride_w_f, stride_h_p, pid_m, pid_n,
-                BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, STORE_PRE, PER_ASSIGNMENT,
+                BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, STORE_PRE, PER_ASSIGNMENT, PDL,
             )  # fmt: skip
             return
     _gate_up_tile(
         x_ptr, w_gate_ptr, w_up_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
         block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_w_e, stride_w_d,
         stride_w_f, stride_h_p, pid_m, pid_n,
-        BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE, PER_ASSIGNMENT,
+        BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE, PER_ASSIGNMENT, PDL,
     )  # fmt: skip
 
 
@@ -161,6 +165,7 @@ def _gate_up_tile(
     BLOCK_K: tl.constexpr,
     STORE_PRE: tl.constexpr,
     PER_ASSIGNMENT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """gate_up of the first ROWS rows of row block pid_m, columns block pid_n."""
     expert, offs_m, ids, row_ok, offs_n, offs_n_wrapped = _block_rows(
@@ -188,6 +193,7 @@ def _gate_up_tile(
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K * stride_w_d
         u_ptrs += BLOCK_K * stride_w_d
+    release_dependents(PDL)  # the next kernel's launch under this one's epilogues
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     row_offsets = offs_m[:, None].to(tl.int64) * stride_h_p + offs_n[None, :]
     tl.store(h_ptr + row_offsets, h.to(h_ptr.dtype.element_ty), mask=offs_n[None, :] < F)
@@ -222,7 +228,9 @@ def down_kernel(
     PER_ASSIGNMENT: tl.constexpr,
     SCATTER: tl.constexpr,
     HALF_TAIL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(D, BLOCK_N), GROUP_M)
     if not PER_ASSIGNMENT:  # noqa: SIM102 (a constexpr branch: no padded length to load)
         if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -233,14 +241,14 @@ def down_kernel(
                 h_ptr, w_down_ptr, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
                 D, F, num_assign, stride_h_p, stride_w_e, stride_w_f, stride_w_d, stride_out_a,
                 pid_m, pid_n,
-                BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, PER_ASSIGNMENT, SCATTER,
+                BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, PER_ASSIGNMENT, SCATTER, PDL,
             )  # fmt: skip
             return
     _down_tile(
         h_ptr, w_down_ptr, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
         D, F, num_assign, stride_h_p, stride_w_e, stride_w_f, stride_w_d, stride_out_a,
         pid_m, pid_n,
-        BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, PER_ASSIGNMENT, SCATTER,
+        BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, PER_ASSIGNMENT, SCATTER, PDL,
     )  # fmt: skip
 
 
@@ -268,6 +276,7 @@ def _down_tile(
     BLOCK_K: tl.constexpr,
     PER_ASSIGNMENT: tl.constexpr,
     SCATTER: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """down of the first ROWS rows of row block pid_m, columns block pid_n."""
     expert, offs_m, ids, row_ok, offs_n, offs_n_wrapped = _block_rows(
@@ -290,6 +299,7 @@ def _down_tile(
         acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_w_f
+    release_dependents(PDL)  # the next kernel's launch under this one's epilogues
     if SCATTER:  # the forward: weighted, each row to its assignment
         gate = tl.load(gate_weight_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
         acc = acc * gate[:, None]
@@ -324,9 +334,11 @@ def launch_gate_up(
     top_k: int,
     config: dict,
     pre_activations: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pdl: bool = False,
 ) -> None:
     """h_PF <- SwiGLU of the gathered tokens through their experts' gate and up weights;
-    with `pre_activations` (two P x F buffers), the gate and up products too."""
+    with `pre_activations` (two P x F buffers), the gate and up products too. `pdl`:
+    launched with programmatic dependent launch (`moebench.dependent_launch`)."""
     D, F = x_TD.shape[1], w_gate_EDF.shape[2]
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     num_blocks_m = alignment.max_blocks
@@ -341,7 +353,7 @@ def launch_gate_up(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
         GROUP_M=config["GROUP_M"], STORE_PRE=pre_activations is not None,
         PER_ASSIGNMENT=alignment.per_assignment, HALF_TAIL=_half_tail(alignment, config),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        PDL=pdl, num_warps=config["num_warps"], num_stages=config["num_stages"], launch_pdl=pdl,
     )  # fmt: skip
 
 
@@ -352,8 +364,10 @@ def launch_down(
     out_AD: torch.Tensor,
     alignment,
     config: dict,
+    pdl: bool = False,
 ) -> None:
-    """out_AD[a] <- gate_weight_A[a] * (h of a's row) @ W_down[expert of a]."""
+    """out_AD[a] <- gate_weight_A[a] * (h of a's row) @ W_down[expert of a]; `pdl` as
+    in `launch_gate_up`."""
     F, D = w_down_EFD.shape[1], w_down_EFD.shape[2]
     block_n = config["BLOCK_N"]
     num_blocks_m = alignment.max_blocks
@@ -365,8 +379,8 @@ def launch_down(
         out_AD.stride(0),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
         GROUP_M=config["GROUP_M"], PER_ASSIGNMENT=alignment.per_assignment, SCATTER=True,
-        HALF_TAIL=_half_tail(alignment, config),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        HALF_TAIL=_half_tail(alignment, config), PDL=pdl,
+        num_warps=config["num_warps"], num_stages=config["num_stages"], launch_pdl=pdl,
     )  # fmt: skip
 
 
@@ -385,6 +399,6 @@ def launch_rows(
         a_PK.stride(0), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2), out_PN.stride(0),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         GROUP_M=config["GROUP_M"], PER_ASSIGNMENT=False, SCATTER=False,
-        HALF_TAIL=_half_tail(alignment, config),
+        HALF_TAIL=_half_tail(alignment, config), PDL=False,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip

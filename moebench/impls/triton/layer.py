@@ -20,7 +20,9 @@ pre-activations and the SwiGLU output per padded row; the backward (backward.py)
 each GEMM over that layout as a Triton kernel or torch's grouped GEMM, whichever the
 tuner found faster (dh and dx: the down kernel without its scatter; the weight gradients:
 weight_grad.py), with Triton kernels between them (the SwiGLU backward, the per-token
-sums of dx); nothing recomputed.
+sums of dx); nothing recomputed. Calls of at most 64 tokens launch their kernels with
+programmatic dependent launch on Hopper (`moebench.dependent_launch`): each starts under
+its predecessor's tail.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 
+from moebench import dependent_launch
 from moebench.case import Case
 from moebench.impls.triton import kernels, tuning
 from moebench.impls.triton.align import align_to_blocks, per_assignment_blocks
@@ -64,6 +67,7 @@ def fused_experts(
     K = expert_ids_TK.shape[1]
     x_TD = x_TD.contiguous()
     per_assignment = T == 1 and not keep_for_backward
+    pdl = dependent_launch.for_tokens(x_TD.device, T)
     if block_m is None and (keep_for_backward or per_assignment):  # not raced: `_block_m`
         block_m = tuning.block_m_for(T, K, E)
     elif block_m is None:
@@ -72,7 +76,7 @@ def fused_experts(
         if per_assignment:
             alignment = per_assignment_blocks(expert_ids_TK, block_m)
         else:
-            alignment = align_to_blocks(expert_ids_TK, E, block_m)
+            alignment = align_to_blocks(expert_ids_TK, E, block_m, pdl)
     rows = alignment.max_rows
 
     def buffer(width: int) -> torch.Tensor:
@@ -85,11 +89,11 @@ def fused_experts(
 
     def gate_up(config: dict) -> None:
         kernels.launch_gate_up(
-            x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config, pre_activations
+            x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config, pre_activations, pdl
         )
 
     def down(config: dict) -> None:
-        kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
+        kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, pdl)
 
     # Tuned in order: the down kernel's trials read the h that gate_up wrote. Training's
     # gate_up also stores the pre-activations: a different kernel, tuned apart.
@@ -109,7 +113,7 @@ def fused_experts(
             )
             launch(config)
     with timer.phase("unpermute"):
-        y_TD = out_AD if K == 1 else token_sum(out_AD, K)
+        y_TD = out_AD if K == 1 else token_sum(out_AD, K, pdl=pdl)
     saved = None
     if pre_activations is not None:
         saved = Saved(alignment, *pre_activations, h_PF, K)
