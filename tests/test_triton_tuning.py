@@ -99,6 +99,8 @@ def test_a_choice_made_for_other_code_is_not_reused_and_is_dropped(tmp_path, mon
     assert fingerprint != tuning.code_fingerprint((_kernel_v2,), candidates)
     assert fingerprint != tuning.code_fingerprint((_kernel_v1,), candidates[::-1])
     assert fingerprint != tuning.code_fingerprint((_kernel_v1,), candidates[:1])
+    # a choice timed from a CUDA graph is not one timed by do_bench, nor the other way
+    assert fingerprint != tuning.code_fingerprint((_kernel_v1,), candidates, "graph")
 
     stale = {"BLOCK_M": 64}
     path = tmp_path / "cpu.json"

@@ -110,6 +110,7 @@ def fused_experts(
                 lambda name=name: tuning.candidates(name, block_m),
                 launch,
                 code=(kernel,),
+                graphed=True,  # kernels of a few us: the graph times the GPU, not the host
             )
             launch(config)
     with timer.phase("unpermute"):

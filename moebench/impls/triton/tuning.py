@@ -15,6 +15,14 @@ candidate took (or why it failed) to it as one JSON line.
 
 Token counts are bucketed to the next power of two, since block choices change with the
 order of magnitude of the rows per expert, not with every count.
+
+A candidate is timed by triton's `do_bench`, one launch after another from Python, or
+with `graphed=True` replayed from a CUDA graph by moebench's own timer, L2 flushed
+before each (`graphed_ms`). The forward's GEMMs take the graph: at one token their
+kernels run for 8-15 us while a launch from Python takes 20-40, so `do_bench` timed the
+host, and under programmatic dependent launch it picked a down kernel for Qwen3-30B-A3B
+that ran 20 us in the layer where the one picked before ran 8.4 (NOTES.md, version 13).
+The method is part of the fingerprint: a choice timed the other way is tuned again.
 """
 
 from __future__ import annotations
@@ -26,10 +34,14 @@ import inspect
 import json
 import os
 import re
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+from moebench.measure.graph import graphed_step
+from moebench.measure.timing import TimingPlan, time_repeats
 
 # Rows per block of the sorted token list: both GEMMs share it (one alignment).
 BLOCK_M_BY_ROWS_PER_EXPERT = ((8, 16), (24, 32), (64, 64))
@@ -122,14 +134,17 @@ def candidates(kernel: str, block_m: int) -> list[dict]:
     return configs
 
 
-def code_fingerprint(code: Sequence[object], configs: list[dict]) -> str:
+def code_fingerprint(code: Sequence[object], configs: list[dict], timed_by: str = "") -> str:
     """12 hex digits over the versions of Triton and torch (whose grouped GEMM races
-    some kernels), the code of the kernels in `code` and the candidate `configs`: what a
-    tuned choice depends on besides the key's shape. A JIT function's code is its
+    some kernels), the code of the kernels in `code`, the candidate `configs` and how
+    they were timed (`timed_by`: "graph", or "" for `do_bench`): what a tuned choice
+    depends on besides the key's shape. A JIT function's code is its
     `cache_key` (its source and the JIT functions it calls, and its first line's number:
     moving a kernel within its file tunes it again too); the interpreter's functions,
     which have none, give their source."""
     parts = [_version("triton"), torch.__version__, json.dumps(configs, sort_keys=True)]
+    if timed_by:  # (absent for do_bench: the choices made before keep their keys)
+        parts.append(f"timed by {timed_by}")
     for kernel in code:
         parts.append(getattr(kernel, "cache_key", None) or _source(kernel))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
@@ -160,6 +175,18 @@ def _log_trials(full_key: str, trials: list[tuple[dict, object]], chosen: dict |
             log.write(json.dumps(line) + "\n")
     except OSError:
         pass  # the log is an aid; tuning goes on without it
+
+
+# A candidate's timing in the graph: a few ms of calls; the median is what is compared.
+GRAPHED_PLAN = TimingPlan(budget_ms=20.0, warmup=2, min_repeats=10, max_repeats=100)
+
+
+def graphed_ms(run: Callable[[], object], device: torch.device) -> float:
+    """The median ms of `run()` captured in a CUDA graph and replayed, L2 flushed before
+    each replay (moebench's own timer): the GPU's time, however long the host takes to
+    launch it. `run` must be capturable (no host sync)."""
+    step = graphed_step(lambda _: run(), 1, device, "the Triton tuner")
+    return statistics.median(time_repeats(step, device, GRAPHED_PLAN))
 
 
 def cache_dir() -> Path:
@@ -199,15 +226,17 @@ class Tuner:
         configs: Callable[[], list[dict]],
         run: Callable[[dict], object],
         code: Sequence[object] = (),
+        graphed: bool = False,
     ) -> dict:
         """The cached choice for `key` and this code (`code`: the kernels that `run`
         launches; `code_fingerprint`), or the fastest of `configs()` by `run(config)`
-        (timed with triton's do_bench), saved before it is returned. A config that fails
-        to compile or launch (too much shared memory, say) is skipped."""
+        (timed with triton's do_bench, or replayed from a CUDA graph if `graphed`: the
+        module docstring), saved before it is returned. A config that fails to compile
+        or launch (too much shared memory, say) is skipped."""
         chosen = self._chosen.get((device, key))
         if chosen is None:
             chosen = self._chosen[(device, key)] = self._lookup_or_tune(
-                device, key, configs, run, code
+                device, key, configs, run, code, graphed
             )
         return chosen
 
@@ -218,9 +247,10 @@ class Tuner:
         configs_fn: Callable[[], list[dict]],
         run: Callable[[dict], object],
         code: Sequence[object],
+        graphed: bool,
     ) -> dict:
         configs = configs_fn()
-        full_key = f"{key} {code_fingerprint(code, configs)}"
+        full_key = f"{key} {code_fingerprint(code, configs, 'graph' if graphed else '')}"
         path = _device_file(device)
         table = self._table(path)
         if full_key in table:
@@ -233,7 +263,10 @@ class Tuner:
         trials = []  # (config, ms or the error's first line) for the tuning log
         for config in configs:
             try:
-                ms = do_bench(lambda c=config: run(c), warmup=5, rep=20)
+                if graphed:
+                    ms = graphed_ms(lambda c=config: run(c), device)
+                else:
+                    ms = do_bench(lambda c=config: run(c), warmup=5, rep=20)
             except Exception as error:  # any failure only drops the config
                 trials.append((config, f"{type(error).__name__}: {str(error)[:200]}"))
                 continue
