@@ -1,5 +1,6 @@
 """Programmatic dependent launch (`moebench.dependent_launch`): where it is on, its
-switch, and the run's record of it. On the GPU: tests/test_triton.py
+switch, the run's record of it, and its contract read from the kernels' source (each
+waits before it reads). On the GPU: tests/test_triton.py
 (`test_dependent_launch_keeps_every_bit`)."""
 
 from __future__ import annotations
@@ -58,3 +59,72 @@ def test_the_run_records_it_where_cuda_is(monkeypatch) -> None:
 def test_environment_holds_the_fact() -> None:
     expected = None if not torch.cuda.is_available() else dependent_launch.state()
     assert env.collect_environment()["dependent_launch"] == expected
+
+
+# ------------------------------------------------- the contract, read from the source
+
+PDL_MODULES = (
+    "moebench.route_kernel",
+    "moebench.impls.triton.align",
+    "moebench.impls.triton.kernels",
+    "moebench.impls.triton.backward",
+)
+
+
+def _contract_breaches(source: str) -> list[str]:
+    """Where `source` breaks the module docstring's contract: a kernel (launched as
+    `kernel[grid](...)` in it) with a PDL parameter whose first statement after its
+    docstring is not `wait_for_predecessor(PDL)`, or a launch whose `launch_pdl=` is not
+    the value it passes as `PDL=` (a kernel launched with PDL that does not wait)."""
+    import ast
+
+    tree = ast.parse(source)
+    launched = {  # kernels: what the module launches as `kernel[grid](...)`
+        node.func.value.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Subscript)
+        and isinstance(node.func.value, ast.Name)
+    }
+    breaches = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.FunctionDef)
+            and node.name in launched
+            and "PDL" in [a.arg for a in node.args.args]
+        ):
+            body = node.body[1:] if ast.get_docstring(node) else node.body
+            first = ast.unparse(body[0]) if body else ""
+            if first != "wait_for_predecessor(PDL)":
+                breaches.append(f"{node.name} starts with {first!r}")
+        if isinstance(node, ast.Call):
+            keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            if "launch_pdl" in keywords and keywords["launch_pdl"] != keywords.get("PDL"):
+                breaches.append(f"line {node.lineno}: launch_pdl={keywords['launch_pdl']}")
+    return breaches
+
+
+@pytest.mark.parametrize("module", PDL_MODULES)
+def test_each_kernel_waits_before_it_reads(module: str) -> None:
+    import importlib
+    import inspect
+
+    source = inspect.getsource(importlib.import_module(module))
+    assert "launch_pdl=" in source
+    assert _contract_breaches(source) == []
+
+
+def test_the_contract_check_finds_a_kernel_that_reads_first() -> None:
+    wrong = '''
+def reads_first(x_ptr, PDL: tl.constexpr):
+    """Reads its predecessor's output before waiting."""
+    x = tl.load(x_ptr)
+    wait_for_predecessor(PDL)
+
+def launch(x):
+    reads_first[(1,)](x, PDL=False, launch_pdl=True)
+'''
+    assert _contract_breaches(wrong) == [
+        "reads_first starts with 'x = tl.load(x_ptr)'",
+        "line 8: launch_pdl=True",
+    ]
