@@ -43,13 +43,15 @@ test: $(VENV)/.test
 	$(PY) -m pytest -q
 
 # The Triton kernels (router top-k, alignment, the fused GEMMs, the backward's) run in
-# Triton's CPU interpreter, so their logic is checked on every change without a GPU. A
+# Triton's CPU interpreter, so their logic (and the contract of their dependent launch,
+# read from their source) is checked on every change without a GPU. A
 # venv of its own: Triton 3.6's interpreter needs numpy < 2.3 (newer numpy refuses to
 # turn a one-element array into an index), which `.venv` does not pin.
 KVENV ?= .venv-kernels
 KPY := $(KVENV)/bin/python
 TRITON_SPEC ?= triton==3.6.0
-KERNEL_TESTS := tests/test_triton.py tests/test_route_kernel.py tests/test_router_logits.py
+KERNEL_TESTS := tests/test_triton.py tests/test_route_kernel.py tests/test_router_logits.py \
+  tests/test_dependent_launch.py
 
 $(KVENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(KVENV)

@@ -309,11 +309,13 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
     gpus = ", ".join(str(g.get("name", "?")) for g in env.get("gpus") or [] if isinstance(g, dict))
     run_id = meta.get("run_id", args.run)
+    # moebench's own kernels launched with programmatic dependent launch, where recorded
+    pdl = f"  dependent launch {env['dependent_launch']}" if env.get("dependent_launch") else ""
     say(
         console,
         f"run {run_id}  suite {meta.get('suite', '?')}  started {meta.get('started_at', '?')}\n"
         f"host {env.get('host', '?')}  gpu {gpus or 'none'}  torch {env.get('torch', '?')}  "
-        f"git {env.get('git_sha', '?')}",
+        f"git {env.get('git_sha', '?')}{pdl}",
     )
     if ceilings := ceilings_parts(run_ceilings(meta)):
         say(console, "ceilings " + ", ".join(ceilings))

@@ -61,6 +61,20 @@ def test_environment_holds_the_fact() -> None:
     assert env.collect_environment()["dependent_launch"] == expected
 
 
+def test_show_says_whether_a_run_had_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """The committed version 13 run had it; version 12's run, from before it was
+    recorded, says nothing of it."""
+    from pathlib import Path
+
+    from moebench.cli import main as cli_main
+
+    reference = Path(__file__).parent.parent / "results" / "reference"
+    assert cli_main(["show", str(reference / "h200-triton-v13")]) == 0
+    assert "dependent launch on" in " ".join(capsys.readouterr().out.split())
+    assert cli_main(["show", str(reference / "h200-triton-v12")]) == 0
+    assert "dependent launch" not in capsys.readouterr().out
+
+
 # ------------------------------------------------- the contract, read from the source
 
 PDL_MODULES = (
