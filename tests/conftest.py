@@ -1,7 +1,8 @@
-"""Shared fixtures: tiny cases and a fast timing plan."""
+"""Shared fixtures: tiny cases, a fast timing plan and a seeded random generator."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from moebench.case import Case, LayerShape, Workload
@@ -32,3 +33,9 @@ def tiny_case(impl: str = "grouped", **changes) -> Case:
 @pytest.fixture
 def fast_plan() -> TimingPlan:
     return FAST_PLAN
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A seeded generator, for synthetic runs' samples."""
+    return np.random.default_rng(1234)
