@@ -1,8 +1,8 @@
-"""The fused `triton` layer and the `cuda_graph` case field.
+"""The fused `triton` layer.
 
-CPU: the case field and its suite validation (the tuner: test_triton_tuning.py); with
-TRITON_INTERPRET=1 (Triton's CPU interpreter, float16) also the alignment kernels and
-forward and gradients against `reference`. CUDA (skipped without a GPU or Triton):
+CPU, with TRITON_INTERPRET=1 (Triton's CPU interpreter, float16): the alignment kernels
+and forward and gradients against `reference` (the tuner: test_triton_tuning.py; the
+`cuda_graph` case field: test_cuda_graph_field.py). CUDA (skipped without a GPU or Triton):
 forward and gradients against `reference` on odd shapes in bfloat16 and float16, the
 decode path, and a graphed harness run read back from parquet.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,10 +22,9 @@ from moebench.impls.reference import reference_output
 from moebench.impls.triton import tuning
 from moebench.measure.check import check_gradients
 from moebench.measure.timing import TimingPlan
-from moebench.suite import SuiteError, parse_suite
+from moebench.suite import parse_suite
 from moebench.weight_sources import make_weights
 from moebench.weights import make_inputs
-from tests.conftest import tiny_case
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_cuda = pytest.mark.skipif(
@@ -309,55 +307,6 @@ def test_backward_rows_gemm_takes_the_tuners_choice(tmp_path, monkeypatch):
 def test_triton_is_registered_exact_and_cuda_only():
     info = registry.get("triton")
     assert info.exact and info.devices == ("cuda",) and info.family == "triton"
-
-
-# ---------------------------------------------------------------------- CPU: cuda_graph
-
-
-def test_cuda_graph_default_keeps_the_case_id():
-    case = tiny_case()
-    assert case.cuda_graph is False
-    assert case.case_id == case.with_(cuda_graph=False).case_id
-    assert case.case_id != case.with_(cuda_graph=True).case_id
-    assert case.fields()["cuda_graph"] is False
-
-
-def test_suite_rejects_cuda_graph_on_cpu():
-    text = """
-[suite]
-device = "cpu"
-[grid]
-impl = "grouped"
-hidden = 32
-ffn = 48
-num_experts = 4
-top_k = 2
-batch = 1
-seq_len = 4
-cuda_graph = [false, true]
-"""
-    with pytest.raises(SuiteError) as info:
-        parse_suite(text)
-    assert "'cuda_graph'" in str(info.value) and "needs a CUDA device" in str(info.value)
-    ok = parse_suite(text.replace("[false, true]", "false"))
-    assert [c.cuda_graph for c in ok.cases] == [False]
-    with pytest.raises(SuiteError) as info:
-        parse_suite(text.replace("[false, true]", '"yes"'))
-    assert "cuda_graph" in str(info.value)
-
-
-def test_triton_suite_loads_for_cuda(monkeypatch):
-    from moebench.suite import load_suite
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    suite = load_suite(Path(__file__).parents[1] / "suites" / "triton.toml")
-    assert len(suite.cases) == 46
-    graphed = [c for c in suite.cases if c.cuda_graph]
-    assert len(graphed) == 12 and {c.impl for c in graphed} == {"triton"}
-    assert {c.tokens for c in graphed} == {1, 64, 1024}
-    train = sorted(c.impl for c in suite.cases if c.workload.mode == "train")
-    assert train == ["grouped", "triton"]
 
 
 # ---------------------------------------------------------------------- CUDA
