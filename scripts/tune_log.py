@@ -6,7 +6,8 @@
 Each line: the key (kernel, weight layout, shape, dtype, token bucket), the chosen
 candidate and its milliseconds, the runner-up, and how many candidates failed to
 compile or launch (the first error is shown). Where the candidates hold both a Triton
-tile and torch's grouped GEMM (the backward's GEMMs), the best of each is shown too.
+tile and torch's grouped GEMM (the backward's GEMMs), the best of each is shown too, and
+where they were timed replayed from a CUDA graph (the forward's GEMMs), that too.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def summarise(line: dict) -> str:
         text += f"; grouped GEMM {grouped[0]:.4g} ms, best Triton tile {tiles[0]:.4g} ms"
     if failed:
         text += f"; {len(failed)} failed ({failed[0]})"
+    if line.get("timed_by") == "graph":  # (logs from before 2026-12-03 do not say)
+        text += "; timed from a CUDA graph"
     return text
 
 

@@ -56,6 +56,7 @@ def test_tuning_log_holds_each_candidates_time_or_failure(tmp_path, monkeypatch)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert lines[0] == {
         "key": "k 1",
+        "timed_by": "do_bench",
         "trials": [[{"BLOCK_M": 16}, 0.5], [{"BLOCK_M": 32}, "OutOfResources: smem"]],
         "chosen": {"BLOCK_M": 16},
     }
@@ -75,12 +76,16 @@ def test_tune_log_summary_reads_what_the_tuner_wrote(tmp_path, monkeypatch, caps
         ({**tile, "BLOCK_N": 512}, "OutOfResources: smem"),
     ]
     tuning._log_trials("dh nmajor D8 T64 abc", trials, tile)
-    tuning._log_trials("gate_up nmajor D8 T64 abc", [(tile, 0.1)], tile)
+    tuning._log_trials("gate_up nmajor D8 T64 abc", [(tile, 0.1)], tile, "graph")
     assert summary["main"]([str(log), "--key", "dh"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [
         "dh nmajor D8 T64 abc: M16 N128 K64 w4 s3 0.25 ms; next grouped_mm 0.5 ms;"
         " grouped GEMM 0.5 ms, best Triton tile 0.25 ms; 1 failed (OutOfResources: smem)"
+    ]
+    assert summary["main"]([str(log), "--key", "gate_up"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "gate_up nmajor D8 T64 abc: M16 N128 K64 w4 s3 0.1 ms; timed from a CUDA graph"
     ]
     log.write_text("not json\n")
     assert summary["main"]([str(log)]) == 2

@@ -162,14 +162,25 @@ def _source(kernel: object) -> str:
     return inspect.getsource(getattr(kernel, "fn", kernel))
 
 
-def _log_trials(full_key: str, trials: list[tuple[dict, object]], chosen: dict | None) -> None:
+def _log_trials(
+    full_key: str,
+    trials: list[tuple[dict, object]],
+    chosen: dict | None,
+    timed_by: str = "do_bench",
+) -> None:
     """Append one JSON line per tuning to `$MOEBENCH_TRITON_TUNE_LOG`, if set: the key,
-    each candidate's milliseconds (or why it failed) and the choice, so a run can show
-    what the choice beat and which candidates did not compile."""
+    how the candidates were timed ("graph" or "do_bench"), each candidate's milliseconds
+    (or why it failed) and the choice, so a run can show what the choice beat and which
+    candidates did not compile."""
     path = os.environ.get("MOEBENCH_TRITON_TUNE_LOG")
     if not path:
         return
-    line = {"key": full_key, "trials": [[c, r] for c, r in trials], "chosen": chosen}
+    line = {
+        "key": full_key,
+        "timed_by": timed_by,
+        "trials": [[c, r] for c, r in trials],
+        "chosen": chosen,
+    }
     try:
         with open(path, "a") as log:
             log.write(json.dumps(line) + "\n")
@@ -273,7 +284,7 @@ class Tuner:
             trials.append((config, ms))
             if ms < best_ms:
                 best, best_ms = config, ms
-        _log_trials(full_key, trials, best)
+        _log_trials(full_key, trials, best, "graph" if graphed else "do_bench")
         if best is None:
             raise RuntimeError(f"no Triton config ran for {key}; tried {configs}")
         table[full_key] = best
