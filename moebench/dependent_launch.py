@@ -25,7 +25,8 @@ Both are no-ops when the kernel was launched plainly, so a plain launch of the s
 compiled kernel stays correct. A kernel without them must not be launched with PDL
 (the backward's kernels launch plainly).
 
-`enabled` says whether a device gets PDL: CUDA compute capability 9.0 or later, unless
+`enabled` says whether a device gets PDL: CUDA compute capability 9.0 or later and a
+Triton that has it (`gdc_wait` and the `launch_pdl` launch option: 3.6 does), unless
 `$MOEBENCH_PDL=0` turns it off (to measure what it gives, or to rule it out).
 `for_tokens` adds the rule the callers go by: calls of at most MAX_TOKENS tokens, where
 it was measured to pay. Under CUDA graph capture the dependencies become the graph's
@@ -57,7 +58,21 @@ def switched_off() -> bool:
 
 @functools.cache
 def _capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    return torch.cuda.get_device_capability(device_index)[0] >= 9 and triton_has_it()
+
+
+@functools.cache
+def triton_has_it() -> bool:
+    """Whether this Triton can wait in a kernel and launch with PDL (older ones would fail
+    to compile the wait, or take `launch_pdl` for a kernel argument)."""
+    import dataclasses
+
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    options = {field.name for field in dataclasses.fields(CUDAOptions)}
+    return hasattr(tl.extra.cuda, "gdc_wait") and "launch_pdl" in options
 
 
 def enabled(device: torch.device) -> bool:

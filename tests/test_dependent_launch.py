@@ -36,6 +36,17 @@ def test_on_where_the_card_can(monkeypatch, value: str) -> None:
     assert not dependent_launch.enabled(torch.device("cuda", 0))
 
 
+def test_off_with_a_triton_that_lacks_it(monkeypatch) -> None:
+    assert dependent_launch.triton_has_it()  # the pinned Triton (3.6) has it
+    monkeypatch.setattr(dependent_launch, "triton_has_it", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    dependent_launch._capable.cache_clear()
+    try:
+        assert not dependent_launch.enabled(torch.device("cuda", 0))
+    finally:
+        dependent_launch._capable.cache_clear()
+
+
 def test_calls_of_a_few_tokens_take_it(monkeypatch) -> None:
     monkeypatch.setattr(dependent_launch, "_capable", lambda index: True)
     cuda = torch.device("cuda", 0)
