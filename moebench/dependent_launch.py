@@ -25,7 +25,7 @@ Both are no-ops when the kernel was launched plainly, so a plain launch of the s
 compiled kernel stays correct. A kernel without them must not be launched with PDL
 (the backward's kernels launch plainly).
 
-`enabled` says whether a device gets PDL: CUDA compute capability 9.0 or later and a
+`enabled` says whether a device gets PDL: NVIDIA compute capability 9.0 or later and a
 Triton that has it (`gdc_wait` and the `launch_pdl` launch option: 3.6 does), unless
 `$MOEBENCH_PDL=0` turns it off (to measure what it gives, or to rule it out).
 `for_tokens` adds the rule the callers go by: calls of at most MAX_TOKENS tokens, where
@@ -58,6 +58,8 @@ def switched_off() -> bool:
 
 @functools.cache
 def _capable(device_index: int) -> bool:
+    if torch.version.hip is not None:  # ROCm reports its own "capability" (9.4 on MI300)
+        return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9 and triton_has_it()
 
 

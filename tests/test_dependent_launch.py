@@ -47,6 +47,18 @@ def test_off_with_a_triton_that_lacks_it(monkeypatch) -> None:
         dependent_launch._capable.cache_clear()
 
 
+def test_off_on_rocm(monkeypatch) -> None:
+    """ROCm's torch.cuda reports an AMD GPU's architecture as its capability (9.4 on an
+    MI300): PTX's griddepcontrol is not there."""
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 4))
+    dependent_launch._capable.cache_clear()
+    try:
+        assert not dependent_launch.enabled(torch.device("cuda", 0))
+    finally:
+        dependent_launch._capable.cache_clear()
+
+
 def test_calls_of_a_few_tokens_take_it(monkeypatch) -> None:
     monkeypatch.setattr(dependent_launch, "_capable", lambda index: True)
     cuda = torch.device("cuda", 0)
