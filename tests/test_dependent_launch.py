@@ -36,27 +36,27 @@ def test_on_where_the_card_can(monkeypatch, value: str) -> None:
     assert not dependent_launch.enabled(torch.device("cuda", 0))
 
 
-def test_off_with_a_triton_that_lacks_it(monkeypatch) -> None:
+@pytest.fixture
+def uncached_capability():
+    """`_capable` looked up anew inside the test (it caches per device) and after it."""
+    dependent_launch._capable.cache_clear()
+    yield
+    dependent_launch._capable.cache_clear()
+
+
+def test_off_with_a_triton_that_lacks_it(monkeypatch, uncached_capability) -> None:
     assert dependent_launch.triton_has_it()  # the pinned Triton (3.6) has it
     monkeypatch.setattr(dependent_launch, "triton_has_it", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
-    dependent_launch._capable.cache_clear()
-    try:
-        assert not dependent_launch.enabled(torch.device("cuda", 0))
-    finally:
-        dependent_launch._capable.cache_clear()
+    assert not dependent_launch.enabled(torch.device("cuda", 0))
 
 
-def test_off_on_rocm(monkeypatch) -> None:
+def test_off_on_rocm(monkeypatch, uncached_capability) -> None:
     """ROCm's torch.cuda reports an AMD GPU's architecture as its capability (9.4 on an
     MI300): PTX's griddepcontrol is not there."""
     monkeypatch.setattr(torch.version, "hip", "6.2")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 4))
-    dependent_launch._capable.cache_clear()
-    try:
-        assert not dependent_launch.enabled(torch.device("cuda", 0))
-    finally:
-        dependent_launch._capable.cache_clear()
+    assert not dependent_launch.enabled(torch.device("cuda", 0))
 
 
 def test_calls_of_a_few_tokens_take_it(monkeypatch) -> None:
