@@ -46,7 +46,7 @@ import triton.language as tl
 ENV_SWITCH = "MOEBENCH_PDL"
 # The most tokens of a call whose kernels launch with PDL. The fused layer's graphed
 # forward on an H200, plain against PDL in turns (scripts/dependent_launch_probe.py;
-# triton/NOTES.md, version 13): at 1 token 2-7% faster (Qwen3-30B-A3B 34.8 -> 32.4 us),
+# triton/NOTES.md, version 13): at 1 token 1-7% faster (Qwen3-30B-A3B 34.8 -> 32.4 us),
 # at 64 tokens 0-1%, at 1024 tokens 1.6-3.5% slower (OLMoE-1B-7B 317 -> 328 us).
 MAX_TOKENS = 64
 
