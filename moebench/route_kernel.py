@@ -18,12 +18,12 @@ The parts are the bfloat16 pieces' products (`router_logits`, S = 3), the per-sl
 of `few_token_logits_kernel` or the plain float32 logits (S = 1).
 
 It computes the function `route` computes (Mixtral, Qwen2/3, OLMoE, DeepSeek-V3 and the
-base router), with its gradients (`RouteTopK.backward`, torch ops). The Router uses it on
-CUDA where Triton is importable (`routing.kernel_route_applies`: group-limited selection
-needs a power-of-two E; this module imports Triton); `route` stays the definition and the
-path everywhere else. Choices agree with `route`'s except where two scores tie to float32
-rounding (the check's TIE_MARGIN); the slots come in descending selection score, as
-torch.topk's sorted output.
+base router), with its gradients (`route_top_k_backward_kernel`, one launch). The Router
+uses it on CUDA where Triton is importable (`routing.kernel_route_applies`: group-limited
+selection needs a power-of-two E; this module imports Triton); `route` stays the
+definition and the path everywhere else. Choices agree with `route`'s except where two
+scores tie to float32 rounding (the check's TIE_MARGIN); the slots come in descending
+selection score, as torch.topk's sorted output.
 
 `few_token_logits_kernel`: for a few tokens without autograd (decode), x @ W in float32
 on the CUDA cores, each program one slice of D and of E, written as S partial sums that
@@ -45,7 +45,6 @@ import triton.language as tl
 from moebench import dependent_launch
 from moebench.case import LayerShape
 from moebench.dependent_launch import release_dependents, wait_for_predecessor
-from moebench.router_logits import sum_pieces
 
 
 @triton.jit
@@ -263,10 +262,80 @@ def _launch(
     return gate_TK, ids_TK, probs_TE
 
 
+@triton.jit
+def route_top_k_backward_kernel(
+    grad_gate_ptr,
+    grad_probs_ptr,
+    ids_ptr,
+    probs_ptr,
+    parts_ptr,
+    bias_ptr,
+    grad_parts_ptr,
+    E,
+    scaling,
+    PARTS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    NORM: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    GATE_GRAD: tl.constexpr,
+    PROBS_GRAD: tl.constexpr,
+):
+    """Token program_id(0): the logits' gradient from the gates' (if GATE_GRAD) and the
+    probabilities' (if PROBS_GRAD), into each of the PARTS blocks of grad_parts. With s
+    the scores, c the scaling and S the sum of the K chosen scores (plus the guard; 1
+    without renormalising), gate_k = c s_k / S, so ds_j = c (dgate_j - sum_k dgate_k
+    s_k / S) / S for a chosen j, else 0. Softmax: the probabilities are the scores and
+    dlogit = s (ds - sum(ds s)). Sigmoid: the scores again from the parts and the bias
+    (as the forward adds them), p = s / sum(s) adds (dp - sum(dp p)) / sum(s) to ds, and
+    dlogit = ds s (1 - s)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    probs = tl.load(probs_ptr + t * E + offs_e, mask=e_ok, other=0.0)
+    parts_row = parts_ptr + t * (PARTS * E) + offs_e
+    if SIGMOID:
+        logits = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0)
+        for part in tl.static_range(PARTS):
+            logits += tl.load(parts_row + part * E, mask=e_ok, other=0.0)
+        scores = tl.where(e_ok, tl.sigmoid(logits), 0.0)
+    else:
+        scores = probs
+    grad_scores = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    if GATE_GRAD:
+        offs_k = tl.arange(0, BLOCK_K)
+        k_ok = offs_k < TOP_K
+        ids = tl.load(ids_ptr + t * TOP_K + offs_k, mask=k_ok, other=-1)
+        hit = ids[:, None] == offs_e[None, :]  # slot k chose expert e (padding slots none)
+        grad_k = tl.load(grad_gate_ptr + t * TOP_K + offs_k, mask=k_ok, other=0.0)
+        grad_k = grad_k.to(tl.float32) * scaling
+        if NORM:
+            chosen = tl.sum(tl.where(hit, scores[None, :], 0.0), 1)
+            total = tl.sum(chosen, 0) + (1e-20 if SIGMOID else 0.0)
+            grad_k = (grad_k - tl.sum(grad_k * chosen, 0) / total) / total
+        grad_scores = tl.sum(tl.where(hit, grad_k[:, None], 0.0), 0)
+    if PROBS_GRAD:
+        grad_probs = tl.load(grad_probs_ptr + t * E + offs_e, mask=e_ok, other=0.0)
+        if SIGMOID:
+            inner = tl.sum(grad_probs * probs, 0)
+            grad_scores += (grad_probs - inner) / tl.sum(scores, 0)
+        else:
+            grad_scores += grad_probs
+    if SIGMOID:
+        grad_logits = grad_scores * scores * (1 - scores)
+    else:
+        grad_logits = scores * (grad_scores - tl.sum(grad_scores * scores, 0))
+    for part in tl.static_range(PARTS):
+        tl.store(grad_parts_ptr + t * (PARTS * E) + part * E + offs_e, grad_logits, mask=e_ok)
+
+
 class RouteTopK(torch.autograd.Function):
     """(gate_TK in gate_dtype, expert_ids_TK int64, probs_TE float32) from the logits'
     parts, the bias and the correction bias, as `route` computes them, differentiable in
-    the gates and the probabilities. Each part's gradient is the logits' gradient."""
+    the gates and the probabilities (`route_top_k_backward_kernel`: one launch where
+    torch ops took about sixteen, a third of a small training step's host time). Each
+    part's gradient is the logits' gradient."""
 
     @staticmethod
     def forward(ctx, parts_TSE, parts, bias_E, shape, gate_dtype, correction_E):
@@ -274,6 +343,7 @@ class RouteTopK(torch.autograd.Function):
             parts_TSE, parts, bias_E, shape, gate_dtype, correction_E
         )
         ctx.mark_non_differentiable(ids_TK)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         ctx.save_for_backward(ids_TK, probs_TE, parts_TSE, bias_E)
         ctx.shape, ctx.parts = shape, parts
         return gate_TK, ids_TK, probs_TE
@@ -281,38 +351,23 @@ class RouteTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_gate_TK, _grad_ids, grad_probs_TE):
         ids_TK, probs_TE, parts_TSE, bias_E = ctx.saved_tensors
+        if grad_gate_TK is None and grad_probs_TE is None:
+            return None, None, None, None, None, None
         shape = ctx.shape
-        sigmoid = shape.scoring == "sigmoid"
-        if sigmoid:  # the scores again, from the logits (the kernel keeps only probs)
-            logits_TE = sum_pieces(parts_TSE.detach().contiguous(), ctx.parts) + bias_E
-            scores_TE = torch.sigmoid(logits_TE)
-        else:
-            scores_TE = probs_TE
-        grad_s_TE = torch.zeros_like(scores_TE)
-        if grad_gate_TK is not None:
-            # gate_k = c s_k / S (S = the sum of the K chosen scores, plus the guard; 1
-            # without renormalising): ds_j = c (dgate_j - sum_k dgate_k s_k / S) / S for
-            # the chosen j, else 0.
-            grad_TK = grad_gate_TK.float() * shape.routed_scaling
-            chosen_TK = scores_TE.gather(1, ids_TK)
-            if shape.norm_topk_prob:
-                total_T1 = chosen_TK.sum(dim=1, keepdim=True) + (1e-20 if sigmoid else 0.0)
-                share_TK = chosen_TK / total_T1
-                grad_TK = (grad_TK - (grad_TK * share_TK).sum(1, keepdim=True)) / total_T1
-            grad_s_TE.scatter_(1, ids_TK, grad_TK)
-        if sigmoid:
-            if grad_probs_TE is not None:  # p = s / sum(s)
-                inner_T1 = (grad_probs_TE * probs_TE).sum(dim=1, keepdim=True)
-                total_T1 = scores_TE.sum(dim=1, keepdim=True)
-                grad_s_TE = grad_s_TE + (grad_probs_TE - inner_T1) / total_T1
-            grad_logits_TE = grad_s_TE * scores_TE * (1 - scores_TE)
-        else:
-            if grad_probs_TE is not None:  # the probabilities are the scores
-                grad_s_TE = grad_s_TE + grad_probs_TE
-            inner_T1 = (grad_s_TE * scores_TE).sum(dim=1, keepdim=True)
-            grad_logits_TE = scores_TE * (grad_s_TE - inner_T1)
-        grad_parts = grad_logits_TE.repeat(1, ctx.parts) if ctx.parts > 1 else grad_logits_TE
-        return grad_parts, None, None, None, None, None
+        T, E = probs_TE.shape
+        K = shape.top_k
+        grad_parts_TSE = torch.empty_like(parts_TSE, memory_format=torch.contiguous_format)
+        route_top_k_backward_kernel[(T,)](
+            probs_TE if grad_gate_TK is None else grad_gate_TK.contiguous(),
+            probs_TE if grad_probs_TE is None else grad_probs_TE.contiguous(),
+            ids_TK, probs_TE, parts_TSE.contiguous(), bias_E, grad_parts_TSE,
+            E, float(shape.routed_scaling),
+            PARTS=ctx.parts, TOP_K=K, BLOCK_K=1 << max(0, (K - 1).bit_length()),
+            BLOCK_E=1 << max(4, (E - 1).bit_length()), NORM=shape.norm_topk_prob,
+            SIGMOID=shape.scoring == "sigmoid", GATE_GRAD=grad_gate_TK is not None,
+            PROBS_GRAD=grad_probs_TE is not None, num_warps=1 if E <= 256 else 4,
+        )  # fmt: skip
+        return grad_parts_TSE, None, None, None, None, None
 
 
 def route_top_k(

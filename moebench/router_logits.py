@@ -31,6 +31,7 @@ elsewhere the Router keeps the plain float32 GEMM. Both paths compute the same f
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -40,18 +41,30 @@ PIECES = 3  # bfloat16 pieces that hold every bit of a float32
 def bfloat16_pieces(t: torch.Tensor, pieces: int = PIECES) -> list[torch.Tensor]:
     """float32 `t` as `pieces` bfloat16 tensors, largest first, whose float32 sum is `t`
     (exactly for three pieces, bar values under bfloat16's smallest subnormal)."""
-    out = []
     rest = t.float()
-    for _ in range(pieces):
-        piece = rest.to(torch.bfloat16)
-        out.append(piece)
-        rest = rest - piece.float()
+    out = [rest.to(torch.bfloat16)]
+    for _ in range(pieces - 1):
+        rest = rest - out[-1]  # exact: float32 minus a bfloat16 promoted to float32
+        out.append(rest.to(torch.bfloat16))
     return out
 
 
-def pieces_side_by_side(t_NM: torch.Tensor) -> torch.Tensor:
-    """N x 3M bfloat16: the pieces of `t_NM` side by side along the last dimension."""
-    return torch.cat(bfloat16_pieces(t_NM), dim=1)
+@dataclass(frozen=True)
+class WeightPieces:
+    """The router weight's bfloat16 pieces as `SplitLogits` multiplies them, made once
+    per weight (the Router keeps them across calls): [W1 W2 W3] (D x 3E) for the
+    logits, and [W1 W2 W1]^T (3E x D) for dx."""
+
+    side_by_side_D3E: torch.Tensor
+    for_input_grad_3ED: torch.Tensor
+
+
+def weight_pieces(w_DE: torch.Tensor) -> WeightPieces:
+    """`WeightPieces` of the float32 router weight `w_DE`."""
+    w1, w2, w3 = bfloat16_pieces(w_DE.detach())
+    return WeightPieces(
+        torch.cat([w1, w2, w3], dim=1), torch.cat([w1, w2, w1], dim=1).t().contiguous()
+    )
 
 
 def sum_pieces(p_NSM: torch.Tensor, pieces: int = PIECES) -> torch.Tensor:
@@ -91,26 +104,26 @@ def tensor_core_path(x_TD: torch.Tensor) -> bool:
 
 class SplitLogits(torch.autograd.Function):
     """The products x_TD @ [W1 W2 W3] side by side (T x 3E float32), from bfloat16 x_TD,
-    the float32 w_DE and w_D3E = pieces_side_by_side(w_DE) (kept by the caller across
-    calls): the logits less the bias are their `sum_pieces`. The three blocks are only
-    ever summed (by `sum_pieces`, or by the router's top-k kernel), so each gets the
-    logits' gradient, and the backward reads the first."""
+    the float32 w_DE and its `WeightPieces` (kept by the caller across calls): the
+    logits less the bias are their `sum_pieces`. The three blocks are only ever summed
+    (by `sum_pieces`, or by the router's top-k kernel), so each gets the logits'
+    gradient, and the backward reads the first."""
 
     @staticmethod
-    def forward(ctx, x_TD, w_DE, w_D3E):
-        ctx.save_for_backward(x_TD, w_D3E)
-        return matmul_float32(x_TD, w_D3E)
+    def forward(ctx, x_TD, w_DE, pieces: WeightPieces):
+        ctx.save_for_backward(x_TD)
+        ctx.pieces = pieces
+        return matmul_float32(x_TD, pieces.side_by_side_D3E)
 
     @staticmethod
     def backward(ctx, grad_T3E):
-        x_TD, w_D3E = ctx.saved_tensors
+        (x_TD,) = ctx.saved_tensors
         E = grad_T3E.shape[1] // PIECES
         g1, g2, g3 = bfloat16_pieces(grad_T3E[:, :E])
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             # dL1 W1 + dL1 W2 + dL2 W1: every product above 2^-16 of the largest.
-            w1, w2 = w_D3E[:, :E], w_D3E[:, E : 2 * E]
-            grad_x = torch.mm(torch.cat([g1, g1, g2], 1), torch.cat([w1, w2, w1], 1).t())
+            grad_x = torch.mm(torch.cat([g1, g1, g2], 1), ctx.pieces.for_input_grad_3ED)
         if ctx.needs_input_grad[1]:
             grad_w = sum_pieces(matmul_float32(x_TD.t(), torch.cat([g1, g2, g3], 1)))
         return grad_x, grad_w, None

@@ -38,9 +38,10 @@ from moebench.case import LayerShape
 from moebench.router_logits import (
     PIECES,
     SplitLogits,
-    pieces_side_by_side,
+    WeightPieces,
     sum_pieces,
     tensor_core_path,
+    weight_pieces,
 )
 
 
@@ -245,13 +246,13 @@ class Router(nn.Module):
         self.top_k = shape.top_k
         # The weight's bfloat16 pieces for the tensor-core path, and the (storage,
         # version) they were made from: an in-place edit of the weight remakes them.
-        self._pieces: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._pieces: tuple[tuple[int, int], WeightPieces] | None = None
 
-    def _pieces_of_weight(self) -> torch.Tensor:
+    def _pieces_of_weight(self) -> WeightPieces:
         w_DE = self.w_router_DE
         made_from = (w_DE.data_ptr(), w_DE._version)
         if self._pieces is None or self._pieces[0] != made_from:
-            self._pieces = (made_from, pieces_side_by_side(w_DE.detach()))
+            self._pieces = (made_from, weight_pieces(w_DE))
         return self._pieces[1]
 
     def logit_parts(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -144,6 +144,11 @@ def test_kernel_gradients_are_routes(convention):
         assert _relative(ours.grad, want.grad) <= 1e-5
     else:
         assert float(ours.grad.abs().max()) <= 1e-6
+    # through the probabilities alone (an auxiliary loss's path: no gates' gradient)
+    ours.grad = want.grad = None
+    route_top_k(ours, 1, zero_E, shape, torch.float32, correction_E)[2].backward(grad_probs_TE)
+    route(want, shape, correction_E)[2].backward(grad_probs_TE)
+    assert _relative(ours.grad, want.grad) <= 1e-5
 
 
 @needs_kernel

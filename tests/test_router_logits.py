@@ -16,9 +16,9 @@ from moebench.measure.check import TIE_MARGIN
 from moebench.router_logits import (
     SplitLogits,
     bfloat16_pieces,
-    pieces_side_by_side,
     sum_pieces,
     tensor_core_path,
+    weight_pieces,
 )
 
 
@@ -50,7 +50,7 @@ def test_split_logits_are_float32_logits_with_their_gradients():
     x_TD, w_DE, bias_E = _split_case()
     x_ours = x_TD.clone().requires_grad_(True)
     w_ours = w_DE.clone().requires_grad_(True)
-    products_T3E = SplitLogits.apply(x_ours, w_ours, pieces_side_by_side(w_DE))
+    products_T3E = SplitLogits.apply(x_ours, w_ours, weight_pieces(w_DE))
     logits_TE = sum_pieces(products_T3E) + bias_E
     x64 = x_TD.double().requires_grad_(True)
     w64 = w_DE.double().requires_grad_(True)

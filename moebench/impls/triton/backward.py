@@ -17,9 +17,10 @@ With y_t = sum_a w_a o_a, o_a = h_a W_down:
 The layer stores [W_gate W_up]^T (E x 2F x D, K-major) and W_down (E x F x D).
 `swiglu_backward_kernel` reads dh~, h and the pre-activations once (bfloat16 in, float32
 math) and writes dgu, w h (so dW_down needs no scaled copy of dy) and dw per
-row: no float32 copies of P x F tensors. dx and dw come back to tokens by gathering each
-assignment's row (`Alignment.row_of_assign_A`); `token_sum_kernel` gathers a token's K
-rows and sums them in one pass: no atomic scatter.
+row (dw stored at the row's assignment): no float32 copies of P x F tensors. dx comes
+back to tokens by gathering each assignment's row (`Alignment.row_of_assign_A`);
+`token_sum_kernel` gathers a token's K rows and sums them in one pass: no atomic
+scatter. `token_rows_kernel` gathers each padded row's x and dy in one launch.
 Padding rows hold the sentinel assignment A: they gather token T - 1's x and dy (finite
 numbers), and the SwiGLU backward writes zeros into their dgu and w h, so they add
 exactly nothing to any weight gradient. (Copying the gathered x out of the forward's
@@ -135,10 +136,11 @@ def swiglu_backward_kernel(
     BLOCK_F: tl.constexpr,
 ):
     """Rows BLOCK_R of the padded layout: with w the row's routing weight and dh~ the
-    unscaled gradient of h, dw = sum_f dh~ h, and through SwiGLU (g, u pre-activations,
-    dh = w dh~) dg = dh u s (1 + g (1 - s)) with s = sigmoid(g), du = dh g s, written side
-    by side as [dg du]; also w h. The P x F tensors share the row stride stride_p, dgu
-    has its own; padding rows get zeros."""
+    unscaled gradient of h, dw = sum_f dh~ h (stored at the row's assignment, in
+    dweight's dtype), and through SwiGLU (g, u pre-activations, dh = w dh~) dg = dh u s
+    (1 + g (1 - s)) with s = sigmoid(g), du = dh g s, written side by side as [dg du];
+    also w h. The P x F tensors share the row stride stride_p, dgu has its own; padding
+    rows get zeros."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ids = tl.load(sorted_ids_ptr + offs_r)
     row_ok = ids < num_assign
@@ -164,28 +166,77 @@ def swiglu_backward_kernel(
         tl.store(dgate_up_ptr + dgu_offsets, dgate.to(dtype), mask=store)
         tl.store(dgate_up_ptr + dgu_offsets + F, dup.to(dtype), mask=store)
         tl.store(h_weighted_ptr + offsets, (h * weight[:, None]).to(dtype), mask=store)
-    tl.store(dweight_ptr + offs_r, dweight)
+    tl.store(dweight_ptr + ids, dweight.to(dweight_ptr.dtype.element_ty), mask=row_ok)
 
 
 def swiglu_backward(
-    dh_unscaled_PF: torch.Tensor, saved: Saved, gate_weight_A: torch.Tensor
+    dh_unscaled_PF: torch.Tensor,
+    saved: Saved,
+    gate_weight_A: torch.Tensor,
+    dweight_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dgate_up_P2F = [dg du], weighted h_PF, dweight_P float32) of
-    `swiglu_backward_kernel`."""
+    """(dgate_up_P2F = [dg du], weighted h_PF, dweight_A in `dweight_dtype`, by
+    assignment) of `swiglu_backward_kernel`."""
     alignment = saved.alignment
     rows, F = saved.h_PF.shape
     tensors = (dh_unscaled_PF, saved.h_PF, saved.gate_pre_PF, saved.up_pre_PF)
     assert all(t.stride() == (F, 1) for t in tensors), "P x F inputs must be contiguous"
     h_weighted_PF = torch.empty_like(saved.h_PF)
     dgate_up_P2F = saved.h_PF.new_empty(rows, 2 * F)
-    dweight_P = torch.empty(rows, device=dh_unscaled_PF.device, dtype=torch.float32)
+    dweight_A = torch.empty(alignment.num_assign, device=saved.h_PF.device, dtype=dweight_dtype)
     block_r = 16  # P is a multiple of BLOCK_M >= 16
     swiglu_backward_kernel[(rows // block_r,)](
         *tensors, alignment.sorted_ids_P, gate_weight_A, dgate_up_P2F, h_weighted_PF,
-        dweight_P, F, alignment.num_assign, F, 2 * F,
+        dweight_A, F, alignment.num_assign, F, 2 * F,
         BLOCK_R=block_r, BLOCK_F=min(256, triton.next_power_of_2(F)), num_warps=4,
     )  # fmt: skip
-    return dgate_up_P2F, h_weighted_PF, dweight_P
+    return dgate_up_P2F, h_weighted_PF, dweight_A
+
+
+@triton.jit
+def token_rows_kernel(
+    x_ptr,
+    dy_ptr,
+    sorted_ids_ptr,
+    x_rows_ptr,
+    dy_rows_ptr,
+    D,
+    top_k,
+    last_token,
+    stride_x,
+    stride_dy,
+    BLOCK_D: tl.constexpr,
+):
+    """Padded row program_id(0), columns block program_id(1): the row's token's x and dy
+    (token = assignment // top_k, at most last_token: padding's sentinel reads the last
+    token), in the rows' dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    token = tl.minimum(tl.load(sorted_ids_ptr + row) // top_k, last_token).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs_d < D
+    x = tl.load(x_ptr + token * stride_x + offs_d, mask=mask)
+    dy = tl.load(dy_ptr + token * stride_dy + offs_d, mask=mask)
+    tl.store(x_rows_ptr + row * D + offs_d, x.to(x_rows_ptr.dtype.element_ty), mask=mask)
+    tl.store(dy_rows_ptr + row * D + offs_d, dy.to(dy_rows_ptr.dtype.element_ty), mask=mask)
+
+
+def token_rows(
+    x_TD: torch.Tensor, dy_TD: torch.Tensor, alignment: Alignment, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_PD, dy_PD): each padded row's token's x and output gradient, in x's dtype, in
+    one launch (`token_rows_kernel`; padding rows read the last token: finite numbers
+    that the SwiGLU backward's zeros cancel)."""
+    rows, (T, D) = alignment.max_rows, x_TD.shape
+    assert x_TD.stride(1) == 1 and dy_TD.stride(1) == 1
+    x_rows_PD = x_TD.new_empty(rows, D)
+    dy_rows_PD = x_TD.new_empty(rows, D)
+    block_d = min(1024, triton.next_power_of_2(D))
+    token_rows_kernel[(rows, triton.cdiv(D, block_d))](
+        x_TD, dy_TD, alignment.sorted_ids_P, x_rows_PD, dy_rows_PD,
+        D, top_k, T - 1, x_TD.stride(0), dy_TD.stride(0),
+        BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+    return x_rows_PD, dy_rows_PD
 
 
 @triton.jit
@@ -254,9 +305,7 @@ def fused_backward(
     T = x_TD.shape[0]
     ends_E = alignment.padded_ends_E
     # Padding rows (assignment A, token T) read token T - 1: see the module docstring.
-    token_P = (alignment.sorted_ids_P // K).clamp_(max=T - 1)
-    x_rows_PD = x_TD.index_select(0, token_P)
-    dy_rows_PD = grad_y_TD.to(x_TD.dtype).index_select(0, token_P)
+    x_rows_PD, dy_rows_PD = token_rows(x_TD, grad_y_TD.contiguous(), alignment, K)
     gate_weight_A = gate_weights_TK.reshape(-1).to(x_TD.dtype)
 
     def key(name: str, w_EKN: torch.Tensor) -> str:
@@ -264,7 +313,9 @@ def fused_backward(
 
     w_down_EDF = w_down_EFD.transpose(1, 2)
     dh_unscaled_PF = rows_times_weights(dy_rows_PD, w_down_EDF, alignment, key("dh", w_down_EDF))
-    dgate_up_P2F, h_weighted_PF, dweight_P = swiglu_backward(dh_unscaled_PF, saved, gate_weight_A)
+    dgate_up_P2F, h_weighted_PF, dweight_A = swiglu_backward(
+        dh_unscaled_PF, saved, gate_weight_A, gate_weights_TK.dtype
+    )
 
     def expert_grads(name: str, a_PM: torch.Tensor, b_PD: torch.Tensor, w_EKN: torch.Tensor):
         grouped = weight_grad if _grouped_ok(a_PM, b_PD) else None
@@ -282,7 +333,7 @@ def fused_backward(
     dx_TD = token_sum(dx_rows_PD, K, alignment.row_of_assign_A)
     return (
         dx_TD,
-        dweight_P[alignment.row_of_assign_A].view(T, K).to(gate_weights_TK.dtype),
+        dweight_A.view(T, K),
         dW_gate_up_E2FD.to(w_gate_up_E2FD.dtype),
         dW_down_EFD.to(w_down_EFD.dtype),
     )
