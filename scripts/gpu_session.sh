@@ -27,12 +27,19 @@
 # Steps run in the order given, all inside GPU_DEADLINE_S seconds (default 570, under the
 # device tool's 10-minute call): a step still running at the deadline gets SIGTERM, which
 # keeps its finished cases (moebench consolidates the run; `--resume` finishes it later).
-# Each step's results (parquet and run.json, no traces) are packed into $OUT/STEP.tar.gz as
-# soon as it ends, so what finished comes back even if a later step is cut; one log,
-# $OUT/session.log, holds every step's output. (The device tool returns at most 8 files
-# from $OUT: a run folder written there directly, with its parts and kernels, loses its
-# results.parquet past that count; the tarballs keep each step to one file.) Make the HTML reports afterwards, off the GPU
-# machine (`moebench report FILE`: plotly is not installed there).
+# Each step's results (parquet, run.json and the per-case parts, no traces) are packed
+# into $OUT/STEP.tar.gz as soon as it ends, so what finished comes back even if a later
+# step is cut; one log, $OUT/session.log, holds every step's output. (The device tool
+# returns at most 8 files from $OUT: a run folder written there directly, with its parts
+# and kernels, loses its results.parquet past that count; the tarballs keep each step to
+# one file.) Make the HTML reports afterwards, off the GPU machine (`moebench report
+# FILE`: plotly is not installed there).
+#
+# One run longer than a call (the whole peers suite, about 11 minutes): GPU_RESUME=RUN_ID
+# continues that run in the step's results root. Unpack the cut call's tarball there
+# first and let it travel (mkdir -p results/gpu-peers && tar -xzf peers.tar.gz -C
+# results/gpu-peers; device tool: carry "results/gpu-peers"), then run the same step with
+# the same GPU_FILTER and GPU_RESUME set: only the missing cases run, into the same run.
 #
 # Wheels that the GPU machine lacks (moe-ops) travel in .whl/ (device tool: carry ".whl");
 # the peers plugin is installed from this checkout without network.
@@ -83,7 +90,9 @@ suite() {  # a suite into this step's results root (GPU_FILTER: --filter for eve
   local filters=() filter
   IFS=';' read -ra parts <<< "${GPU_FILTER:-}"
   for filter in "${parts[@]}"; do filters+=(--filter "$filter"); done
-  timed python3 -m moebench run "$@" "${filters[@]}" --out "$root" --quiet
+  local resume=()
+  [ -n "${GPU_RESUME:-}" ] && resume=(--resume "$GPU_RESUME")
+  timed python3 -m moebench run "$@" "${filters[@]}" --out "$root" --quiet "${resume[@]}"
 }
 
 for step in "$@"; do
@@ -116,7 +125,7 @@ for step in "$@"; do
     *) echo "unknown step $step" | tee -a "$log" ;;
   esac
   if [ -n "$(ls -A "$root")" ]; then
-    tar -czf "$out/$step.tar.gz" --exclude='traces' --exclude='parts' --exclude='*.lock' \
+    tar -czf "$out/$step.tar.gz" --exclude='traces' --exclude='*.lock' \
       -C "$root" .
   fi
 done
