@@ -1,14 +1,31 @@
-"""Shared fixtures: tiny cases, a fast timing plan and a seeded random generator."""
+"""Shared fixtures: tiny cases, a fast timing plan and a seeded random generator; where
+the Triton kernels' tests run (`KERNEL_DEVICE`, `needs_kernels`)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import numpy as np
 import pytest
+import torch
 
 from moebench.case import Case, LayerShape, Workload
 from moebench.measure.timing import TimingPlan
 
 FAST_PLAN = TimingPlan(budget_ms=20, warmup=1, min_repeats=2, max_repeats=5)
+
+# The Triton kernels run on CUDA, or on CPU in Triton's interpreter (TRITON_INTERPRET=1,
+# `make test-kernels`); their tests skip without either.
+KERNEL_DEVICE = (
+    "cuda"
+    if torch.cuda.is_available()
+    else ("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None)
+)
+needs_kernels = pytest.mark.skipif(
+    KERNEL_DEVICE is None or importlib.util.find_spec("triton") is None,
+    reason="needs triton and a CUDA device (or TRITON_INTERPRET=1)",
+)
 
 
 def tiny_case(impl: str = "grouped", **changes) -> Case:

@@ -6,7 +6,6 @@ Triton's interpreter (TRITON_INTERPRET=1); skipped without either.
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -15,16 +14,7 @@ import torch
 
 from moebench.case import LayerShape
 from moebench.routing import kernel_route_applies, route
-
-DEVICE = (
-    "cuda"
-    if torch.cuda.is_available()
-    else ("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None)
-)
-needs_kernel = pytest.mark.skipif(
-    DEVICE is None or importlib.util.find_spec("triton") is None,
-    reason="needs triton and a CUDA device (or TRITON_INTERPRET=1)",
-)
+from tests.conftest import KERNEL_DEVICE, needs_kernels
 
 CONVENTIONS = [
     # LayerShape's router fields: Mixtral, Qwen3, OLMoE, DeepSeek-V3 shapes and edges
@@ -57,12 +47,12 @@ def _correction(shape: LayerShape) -> torch.Tensor | None:
     if not shape.correction_bias:
         return None
     generator = torch.Generator().manual_seed(shape.num_experts)
-    return (torch.rand(shape.num_experts, generator=generator) * 0.5).to(DEVICE)
+    return (torch.rand(shape.num_experts, generator=generator) * 0.5).to(KERNEL_DEVICE)
 
 
 def _logits(tokens: int, experts: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(tokens, experts, generator=generator) * 2).to(DEVICE)
+    return (torch.randn(tokens, experts, generator=generator) * 2).to(KERNEL_DEVICE)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -70,7 +60,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a64 - b64).norm() / b64.norm())
 
 
-@needs_kernel
+@needs_kernels
 @pytest.mark.parametrize("convention", CONVENTIONS)
 @pytest.mark.parametrize("tokens", [1, 37])
 def test_kernel_routes_as_route_does(convention, tokens):
@@ -80,7 +70,7 @@ def test_kernel_routes_as_route_does(convention, tokens):
     experts, correction_E = shape.num_experts, _correction(shape)
     logits_TE = _logits(tokens, experts, seed=experts + shape.top_k)
     # the logits as three parts and a bias, as the Router hands them over
-    bias_E = torch.linspace(-1, 1, experts, device=DEVICE)
+    bias_E = torch.linspace(-1, 1, experts, device=KERNEL_DEVICE)
     parts_T3E = torch.cat([logits_TE * 0.5, logits_TE * 0.25, logits_TE * 0.25 - bias_E], 1)
     gate_TK, ids_TK, probs_TE = route_top_k(
         parts_T3E, 3, bias_E, shape, torch.float32, correction_E
@@ -89,8 +79,8 @@ def test_kernel_routes_as_route_does(convention, tokens):
     assert ids_TK.dtype == torch.int64 and torch.equal(ids_TK, want_ids_TK)
     assert torch.allclose(gate_TK, want_gate_TK, rtol=1e-5, atol=1e-7)
     assert torch.allclose(probs_TE, want_probs_TE, rtol=1e-5, atol=1e-7)
-    if DEVICE == "cuda":  # the gates in the tokens' dtype, as the Router returns them
-        zero_E = torch.zeros(experts, device=DEVICE)
+    if KERNEL_DEVICE == "cuda":  # the gates in the tokens' dtype, as the Router returns them
+        zero_E = torch.zeros(experts, device=KERNEL_DEVICE)
         gate16_TK = route_top_k(logits_TE, 1, zero_E, shape, torch.bfloat16, correction_E)[0]
         assert gate16_TK.dtype == torch.bfloat16
         assert torch.allclose(
@@ -114,7 +104,7 @@ def test_conventions_change_choices():
         assert not torch.equal(chosen, plain.topk(shape.top_k).indices), convention
 
 
-@needs_kernel
+@needs_kernels
 @pytest.mark.parametrize("convention", CONVENTIONS)
 def test_kernel_gradients_are_routes(convention):
     from moebench.route_kernel import route_top_k
@@ -123,11 +113,11 @@ def test_kernel_gradients_are_routes(convention):
     experts, top_k, correction_E = shape.num_experts, shape.top_k, _correction(shape)
     logits_TE = _logits(23, experts, seed=1)
     generator = torch.Generator().manual_seed(2)
-    grad_gate_TK = torch.randn(23, top_k, generator=generator).to(DEVICE)
-    grad_probs_TE = torch.randn(23, experts, generator=generator).to(DEVICE)
+    grad_gate_TK = torch.randn(23, top_k, generator=generator).to(KERNEL_DEVICE)
+    grad_probs_TE = torch.randn(23, experts, generator=generator).to(KERNEL_DEVICE)
     ours = logits_TE.clone().requires_grad_(True)
     want = logits_TE.clone().requires_grad_(True)
-    zero_E = torch.zeros(experts, device=DEVICE)
+    zero_E = torch.zeros(experts, device=KERNEL_DEVICE)
     # two parts: each gets the logits' gradient
     gate_TK, _, probs_TE = route_top_k(
         torch.cat([ours, ours], 1) * 0.5, 2, zero_E, shape, torch.float32, correction_E
@@ -151,7 +141,7 @@ def test_kernel_gradients_are_routes(convention):
     assert _relative(ours.grad, want.grad) <= 1e-5
 
 
-@needs_kernel
+@needs_kernels
 @pytest.mark.parametrize(
     ("tokens", "hidden", "experts"), [(1, 2048, 128), (16, 300, 8), (5, 4096, 60)]
 )
@@ -159,8 +149,8 @@ def test_few_token_logits_are_float32_logits(tokens, hidden, experts):
     from moebench.route_kernel import FEW_TOKENS_ROWS, few_token_logits
 
     generator = torch.Generator().manual_seed(tokens)
-    x_TD = torch.randn(tokens, hidden, generator=generator).to(DEVICE)
-    w_DE = (torch.randn(hidden, experts, generator=generator) * 0.02).to(DEVICE)
+    x_TD = torch.randn(tokens, hidden, generator=generator).to(KERNEL_DEVICE)
+    w_DE = (torch.randn(hidden, experts, generator=generator) * 0.02).to(KERNEL_DEVICE)
     parts_TSE, parts = few_token_logits(x_TD, w_DE)
     assert parts == -(-hidden // FEW_TOKENS_ROWS) and parts_TSE.shape == (tokens, parts * experts)
     logits_TE = parts_TSE.view(tokens, parts, experts).sum(dim=1)

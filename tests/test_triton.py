@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -25,20 +24,11 @@ from moebench.measure.timing import TimingPlan
 from moebench.suite import parse_suite
 from moebench.weight_sources import make_weights
 from moebench.weights import make_inputs
+from tests.conftest import KERNEL_DEVICE, needs_kernels
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or not HAS_TRITON, reason="needs a CUDA device and triton"
-)
-# The alignment kernels also run in Triton's CPU interpreter (TRITON_INTERPRET=1).
-KERNEL_DEVICE = (
-    "cuda"
-    if torch.cuda.is_available()
-    else ("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None)
-)
-needs_kernels = pytest.mark.skipif(
-    KERNEL_DEVICE is None or not HAS_TRITON,
-    reason="needs triton and a CUDA device (or TRITON_INTERPRET=1)",
 )
 
 

@@ -7,21 +7,10 @@ stored by assignment. Runs on CUDA, or on CPU in Triton's interpreter
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-KERNEL_DEVICE = (
-    "cuda"
-    if torch.cuda.is_available()
-    else ("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None)
-)
-needs_kernels = pytest.mark.skipif(
-    KERNEL_DEVICE is None or importlib.util.find_spec("triton") is None,
-    reason="needs triton and a CUDA device (or TRITON_INTERPRET=1)",
-)
+from tests.conftest import KERNEL_DEVICE, needs_kernels
 
 
 def _alignment(tokens: int, experts: int, top_k: int, block_m: int, seed: int = 0):
