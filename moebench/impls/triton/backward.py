@@ -227,7 +227,7 @@ def token_rows(
     one launch (`token_rows_kernel`; padding rows read the last token: finite numbers
     that the SwiGLU backward's zeros cancel)."""
     rows, (T, D) = alignment.max_rows, x_TD.shape
-    assert x_TD.stride(1) == 1 and dy_TD.stride(1) == 1
+    x_TD, dy_TD = x_TD.contiguous(), dy_TD.contiguous()
     x_rows_PD = x_TD.new_empty(rows, D)
     dy_rows_PD = x_TD.new_empty(rows, D)
     block_d = min(1024, triton.next_power_of_2(D))
@@ -305,7 +305,7 @@ def fused_backward(
     T = x_TD.shape[0]
     ends_E = alignment.padded_ends_E
     # Padding rows (assignment A, token T) read token T - 1: see the module docstring.
-    x_rows_PD, dy_rows_PD = token_rows(x_TD, grad_y_TD.contiguous(), alignment, K)
+    x_rows_PD, dy_rows_PD = token_rows(x_TD, grad_y_TD, alignment, K)
     gate_weight_A = gate_weights_TK.reshape(-1).to(x_TD.dtype)
 
     def key(name: str, w_EKN: torch.Tensor) -> str:
