@@ -356,16 +356,20 @@ class RouteTopK(torch.autograd.Function):
         shape = ctx.shape
         T, E = probs_TE.shape
         K = shape.top_k
+        block_k, block_e = 1 << max(0, (K - 1).bit_length()), 1 << max(4, (E - 1).bit_length())
+        # The kernel holds a K x E slot-expert match per token: more warps where it is
+        # large (top-k of tens of experts), so that it stays in registers.
+        num_warps = 8 if block_k * block_e > 8192 else (1 if E <= 256 else 4)
         grad_parts_TSE = torch.empty_like(parts_TSE, memory_format=torch.contiguous_format)
         route_top_k_backward_kernel[(T,)](
             probs_TE if grad_gate_TK is None else grad_gate_TK.contiguous(),
             probs_TE if grad_probs_TE is None else grad_probs_TE.contiguous(),
             ids_TK, probs_TE, parts_TSE.contiguous(), bias_E, grad_parts_TSE,
             E, float(shape.routed_scaling),
-            PARTS=ctx.parts, TOP_K=K, BLOCK_K=1 << max(0, (K - 1).bit_length()),
-            BLOCK_E=1 << max(4, (E - 1).bit_length()), NORM=shape.norm_topk_prob,
-            SIGMOID=shape.scoring == "sigmoid", GATE_GRAD=grad_gate_TK is not None,
-            PROBS_GRAD=grad_probs_TE is not None, num_warps=1 if E <= 256 else 4,
+            PARTS=ctx.parts, TOP_K=K, BLOCK_K=block_k, BLOCK_E=block_e,
+            NORM=shape.norm_topk_prob, SIGMOID=shape.scoring == "sigmoid",
+            GATE_GRAD=grad_gate_TK is not None, PROBS_GRAD=grad_probs_TE is not None,
+            num_warps=num_warps,
         )  # fmt: skip
         return grad_parts_TSE, None, None, None, None, None
 

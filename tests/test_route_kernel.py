@@ -24,6 +24,7 @@ CONVENTIONS = [
     {"num_experts": 6, "top_k": 6, "routed_scaling": 2.5},  # every expert
     {"num_experts": 5, "top_k": 1, "norm_topk_prob": False},  # one expert, odd count
     {"num_experts": 300, "top_k": 4},  # not a power of two, wide
+    {"num_experts": 512, "top_k": 32},  # many slots: the backward's widest slot x expert match
     # DeepSeek-V3: sigmoid, correction bias, the best 4 of 8 groups, scaled
     {"num_experts": 256, "top_k": 8, "scoring": "sigmoid", "correction_bias": True,
      "n_groups": 8, "topk_groups": 4, "routed_scaling": 2.5},
