@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny cases, a fast timing plan and a seeded random generator; where
+"""Shared fixtures: tiny cases and suites, a fast timing plan and a seeded random
+generator; where
 the Triton kernels' tests run (`KERNEL_DEVICE`, `needs_kernels`)."""
 
 from __future__ import annotations
@@ -45,6 +46,25 @@ def tiny_case(impl: str = "grouped", **changes) -> Case:
         layers=changes.pop("layers", 1),
     )
     return Case(shape=shape, workload=workload, impl=impl, **changes)
+
+
+TINY_SUITE = """[suite]
+device = "cpu"
+[grid]
+impl = "grouped"
+hidden = 32
+ffn = 48
+num_experts = 4
+top_k = 2
+batch = 1
+seq_len = 4
+"""
+
+
+def tiny_suite_toml(**grid: str) -> str:
+    """A CPU suite of one tiny `grouped` case (4 tokens), with more [grid] keys given as
+    TOML values: `tiny_suite_toml(cuda_graph="[false, true]")`."""
+    return TINY_SUITE + "".join(f"{key} = {value}\n" for key, value in grid.items())
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from moebench.store import read_run
 from moebench.suite import SuiteError, parse_suite
 from moebench.weight_sources import make_weights
 from moebench.weights import ExpertWeights, make_inputs
-from tests.conftest import FAST_PLAN, tiny_case
+from tests.conftest import FAST_PLAN, tiny_case, tiny_suite_toml
 
 
 def _probs(weights: ExpertWeights, x_TD: torch.Tensor) -> torch.Tensor:
@@ -169,23 +169,8 @@ def test_a_run_from_before_router_scale_reads_as_the_default(tmp_path):
     assert impl_key(frame.iloc[0].to_dict()) == impl_key(row)
 
 
-SUITE = """
-[suite]
-device = "cpu"
-[grid]
-impl = "grouped"
-hidden = 32
-ffn = 48
-num_experts = 4
-top_k = 2
-batch = 1
-seq_len = 4
-router_scale = {value}
-"""
-
-
 def test_suite_sweeps_router_scale():
-    suite = parse_suite(SUITE.format(value="[0.02, 1, 0.5]"))
+    suite = parse_suite(tiny_suite_toml(router_scale="[0.02, 1, 0.5]"))
     assert [c.router_scale for c in suite.cases] == [0.02, 1.0, 0.5]
     assert isinstance(suite.cases[1].router_scale, float)
 
@@ -202,12 +187,12 @@ def test_suite_sweeps_router_scale():
 )
 def test_suite_refuses_a_bad_router_scale(value, message):
     with pytest.raises(SuiteError) as caught:
-        parse_suite(SUITE.format(value=value), "s.toml")
+        parse_suite(tiny_suite_toml(router_scale=value), "s.toml")
     assert "router_scale" in str(caught.value) and message in str(caught.value)
 
 
 def test_router_scale_with_a_checkpoint_is_refused():
-    text = SUITE.format(value="0.5") + 'weights = "checkpoint:/nowhere:0"\n'
+    text = tiny_suite_toml(router_scale="0.5", weights='"checkpoint:/nowhere:0"')
     with pytest.raises(SuiteError, match=r"router_scale.*has no effect"):
         parse_suite(text, "s.toml")
 

@@ -13,19 +13,18 @@ import pytest
 from tests.test_compare import run_cli, synthetic_rows, write_run_meta
 
 
+def _run(tmp_path: Path, rng: np.random.Generator, name: str, device: str, **meta) -> Path:
+    """A synthetic run `name` on `device` whose run.json holds `meta`."""
+    return write_run_meta(tmp_path, name, synthetic_rows(rng, name), device=device, **meta)
+
+
 def test_compare_warns_when_the_setups_differ(
     tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env_a = {"torch": "2.11.0", "cpu": "AMD EPYC 9654", "gpus": [{"name": "NVIDIA H200"}]}
     env_b = {"torch": "2.13.0", "cpu": "AMD EPYC 9654", "gpus": [{"name": "NVIDIA H100"}]}
-    base = write_run_meta(
-        tmp_path, "base", synthetic_rows(rng, "base"), device="cpu", environment=env_a,
-        cpu_threads=1,
-    )  # fmt: skip
-    cand = write_run_meta(
-        tmp_path, "cand", synthetic_rows(rng, "cand"), device="cpu", environment=env_b,
-        cpu_threads=2,
-    )  # fmt: skip
+    base = _run(tmp_path, rng, "base", "cpu", environment=env_a, cpu_threads=1)
+    cand = _run(tmp_path, rng, "cand", "cpu", environment=env_b, cpu_threads=2)
     summary = tmp_path / "summary.md"
     assert run_cli(str(base), str(cand), "--markdown", str(summary), "--quiet") == 0
     out = capsys.readouterr().out
@@ -42,14 +41,9 @@ def test_compare_warns_when_the_l2_flush_differs(
     """A CUDA run from before run.json held `l2_flush` zeroed its flush buffer: against a
     run that reads it, small cases differ by the write-back alone."""
     gpus = [{"name": "NVIDIA H200"}]
-    old = write_run_meta(
-        tmp_path, "old", synthetic_rows(rng, "old"), device="cuda", environment={"gpus": gpus}
-    )
+    old = _run(tmp_path, rng, "old", "cuda", environment={"gpus": gpus})
     new = {"gpus": gpus, "l2_flush": "read"}
-    runs = [
-        write_run_meta(tmp_path, name, synthetic_rows(rng, name), device="cuda", environment=new)
-        for name in ("new", "newer")
-    ]
+    runs = [_run(tmp_path, rng, name, "cuda", environment=new) for name in ("new", "newer")]
     assert run_cli(str(old), str(runs[0]), "--quiet") == 0
     out = capsys.readouterr().out
     assert "warning: the runs differ in L2 flush: zero (baseline) vs read (candidate)" in out
@@ -63,18 +57,10 @@ def test_compare_warns_when_the_timed_warm_up_differs(
     """A CUDA run from before run.json held `timing` had no timed warm-up: its
     compute-bound cases were timed partly before the card's clock settled."""
     env = {"gpus": [{"name": "NVIDIA H200"}], "l2_flush": "read"}
-    old = write_run_meta(
-        tmp_path, "old", synthetic_rows(rng, "old"), device="cuda", environment=env
-    )
+    old = _run(tmp_path, rng, "old", "cuda", environment=env)
+    timing = {"warmup": 3, "warmup_ms": 500.0}
     runs = [
-        write_run_meta(
-            tmp_path,
-            name,
-            synthetic_rows(rng, name),
-            device="cuda",
-            environment=env,
-            timing={"warmup": 3, "warmup_ms": 500.0},
-        )
+        _run(tmp_path, rng, name, "cuda", environment=env, timing=timing)
         for name in ("new", "newer")
     ]
     assert run_cli(str(old), str(runs[0]), "--quiet") == 0
@@ -83,13 +69,7 @@ def test_compare_warns_when_the_timed_warm_up_differs(
     assert run_cli(str(runs[0]), str(runs[1]), "--quiet") == 0
     assert "warm-up" not in capsys.readouterr().out
     cpu = [
-        write_run_meta(
-            tmp_path,
-            f"cpu{i}",
-            synthetic_rows(rng, f"cpu{i}"),
-            device="cpu",
-            timing={"warmup_ms": ms},
-        )
+        _run(tmp_path, rng, f"cpu{i}", "cpu", timing={"warmup_ms": ms})
         for i, ms in enumerate((0.0, 500.0))
     ]
     assert run_cli(str(cpu[0]), str(cpu[1]), "--quiet") == 0
@@ -102,15 +82,13 @@ def test_compare_warns_when_dependent_launch_differs(
     """`$MOEBENCH_PDL=0` moves the small calls of moebench's Triton kernels; a run from
     before run.json recorded it is not compared on it."""
     gpus = [{"name": "NVIDIA H200"}]
-    runs = {
-        name: write_run_meta(
-            tmp_path,
-            name,
-            synthetic_rows(rng, name),
-            device="cuda",
-            environment={"gpus": gpus, **({"dependent_launch": pdl} if pdl else {})},
-        )
+    environments = {
+        name: {"gpus": gpus, **({"dependent_launch": pdl} if pdl else {})}
         for name, pdl in (("on", "on"), ("off", "off"), ("old", None))
+    }
+    runs = {
+        name: _run(tmp_path, rng, name, "cuda", environment=environment)
+        for name, environment in environments.items()
     }
     assert run_cli(str(runs["off"]), str(runs["on"]), "--quiet") == 0
     out = capsys.readouterr().out

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moebench.suite import SuiteError, parse_suite
-from tests.conftest import tiny_case
+from tests.conftest import tiny_case, tiny_suite_toml
 
 
 def test_cuda_graph_default_keeps_the_case_id():
@@ -22,26 +22,13 @@ def test_cuda_graph_default_keeps_the_case_id():
 
 
 def test_suite_rejects_cuda_graph_on_cpu():
-    text = """
-[suite]
-device = "cpu"
-[grid]
-impl = "grouped"
-hidden = 32
-ffn = 48
-num_experts = 4
-top_k = 2
-batch = 1
-seq_len = 4
-cuda_graph = [false, true]
-"""
     with pytest.raises(SuiteError) as info:
-        parse_suite(text)
+        parse_suite(tiny_suite_toml(cuda_graph="[false, true]"))
     assert "'cuda_graph'" in str(info.value) and "needs a CUDA device" in str(info.value)
-    ok = parse_suite(text.replace("[false, true]", "false"))
+    ok = parse_suite(tiny_suite_toml(cuda_graph="false"))
     assert [c.cuda_graph for c in ok.cases] == [False]
     with pytest.raises(SuiteError) as info:
-        parse_suite(text.replace("[false, true]", '"yes"'))
+        parse_suite(tiny_suite_toml(cuda_graph='"yes"'))
     assert "cuda_graph" in str(info.value)
 
 

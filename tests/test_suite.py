@@ -13,6 +13,7 @@ import moebench.suite
 from moebench import registry
 from moebench.presets import PRESETS
 from moebench.suite import SuiteError, load_suite, parse_suite, resolve_device
+from tests.conftest import tiny_suite_toml
 
 SUITES = Path(__file__).resolve().parent.parent / "suites"
 
@@ -473,10 +474,7 @@ def test_unknown_option_error_lists_the_declared_ones(tmp_path: Path, option_imp
 
 def test_bad_weights_spec_names_the_key(tmp_path):
     path = tmp_path / "bad_weights.toml"
-    path.write_text(
-        '[suite]\ndevice = "cpu"\n[grid]\nimpl = "grouped"\nhidden = 32\nffn = 48\n'
-        'num_experts = 4\ntop_k = 2\nbatch = 1\nseq_len = 4\nweights = "redundant:7"\n'
-    )
+    path.write_text(tiny_suite_toml(weights='"redundant:7"'))
     with pytest.raises(SuiteError) as info:
         load_suite(path)
     assert "bad_weights.toml" in str(info.value) and "'weights'" in str(info.value)
