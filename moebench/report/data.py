@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from moebench.case import ALL_FIELDS
+from moebench.compare.drift import cpu_runs
 from moebench.store import COLUMNS, read_metadata, read_run, resolve_run
 
 # A case's fields except the implementation (and its labels/knobs): two rows with equal
@@ -100,7 +101,7 @@ def timing_text(meta: dict[str, Any]) -> str | None:
     timing = meta.get("timing")
     if not isinstance(timing, dict):
         return None
-    cuda = not str(meta.get("device") or "").startswith("cpu")
+    cuda = not cpu_runs(meta)
     calls = timing.get("warmup", "?")
     warm = f"{calls} warm-up call" + ("" if calls == 1 else "s")
     if cuda and timing.get("warmup_ms"):

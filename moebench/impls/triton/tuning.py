@@ -134,16 +134,18 @@ def candidates(kernel: str, block_m: int) -> list[dict]:
     return configs
 
 
-def code_fingerprint(code: Sequence[object], configs: list[dict], timed_by: str = "") -> str:
+def code_fingerprint(
+    code: Sequence[object], configs: list[dict], timed_by: str = "do_bench"
+) -> str:
     """12 hex digits over the versions of Triton and torch (whose grouped GEMM races
     some kernels), the code of the kernels in `code`, the candidate `configs` and how
-    they were timed (`timed_by`: "graph", or "" for `do_bench`): what a tuned choice
+    they were timed (`timed_by`: "graph" or "do_bench"): what a tuned choice
     depends on besides the key's shape. A JIT function's code is its
     `cache_key` (its source and the JIT functions it calls, and its first line's number:
     moving a kernel within its file tunes it again too); the interpreter's functions,
     which have none, give their source."""
     parts = [_version("triton"), torch.__version__, json.dumps(configs, sort_keys=True)]
-    if timed_by:  # (absent for do_bench: the choices made before keep their keys)
+    if timed_by != "do_bench":  # (the choices made before by do_bench keep their keys)
         parts.append(f"timed by {timed_by}")
     for kernel in code:
         parts.append(getattr(kernel, "cache_key", None) or _source(kernel))
@@ -261,7 +263,8 @@ class Tuner:
         graphed: bool,
     ) -> dict:
         configs = configs_fn()
-        full_key = f"{key} {code_fingerprint(code, configs, 'graph' if graphed else '')}"
+        timed_by = "graph" if graphed else "do_bench"
+        full_key = f"{key} {code_fingerprint(code, configs, timed_by)}"
         path = _device_file(device)
         table = self._table(path)
         if full_key in table:
@@ -284,7 +287,7 @@ class Tuner:
             trials.append((config, ms))
             if ms < best_ms:
                 best, best_ms = config, ms
-        _log_trials(full_key, trials, best, "graph" if graphed else "do_bench")
+        _log_trials(full_key, trials, best, timed_by)
         if best is None:
             raise RuntimeError(f"no Triton config ran for {key}; tried {configs}")
         table[full_key] = best
