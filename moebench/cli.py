@@ -309,8 +309,10 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
     gpus = ", ".join(str(g.get("name", "?")) for g in env.get("gpus") or [] if isinstance(g, dict))
     run_id = meta.get("run_id", args.run)
-    # moebench's own kernels launched with programmatic dependent launch, where recorded
+    # moebench's own kernels launched with programmatic dependent launch, where recorded,
     pdl = f"  dependent launch {env['dependent_launch']}" if env.get("dependent_launch") else ""
+    if env.get("fast_launch"):  # and past the JIT's dispatch (moebench.fast_launch)
+        pdl += f"  fast launch {env['fast_launch']}"
     say(
         console,
         f"run {run_id}  suite {meta.get('suite', '?')}  started {meta.get('started_at', '?')}\n"

@@ -46,6 +46,18 @@ def _dependent_launch() -> str | None:
     return dependent_launch.state()
 
 
+def _fast_launch() -> str | None:
+    """Whether moebench's Triton kernels skip the JIT's per-call dispatch ("on"/"off",
+    `moebench.fast_launch`), where CUDA and Triton are present; else None."""
+    from moebench.routing import route_kernels
+
+    if not torch.cuda.is_available() or route_kernels() is None:
+        return None
+    from moebench import fast_launch
+
+    return fast_launch.state()
+
+
 def usable_cpus() -> list[int]:
     """The logical CPUs this process may run on (its affinity mask)."""
     try:
@@ -117,6 +129,7 @@ def collect_environment(plugins: Iterable[str] = ()) -> dict[str, Any]:
         "provenance": provenance,
         "l2_flush": L2Flush.method,  # how each timed CUDA repeat is preceded
         "dependent_launch": _dependent_launch(),
+        "fast_launch": _fast_launch(),
     }
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

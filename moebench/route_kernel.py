@@ -45,6 +45,7 @@ import triton.language as tl
 from moebench import dependent_launch
 from moebench.case import LayerShape
 from moebench.dependent_launch import release_dependents, wait_for_predecessor
+from moebench.fast_launch import ceil_div, launch
 
 
 @triton.jit
@@ -217,10 +218,11 @@ def few_token_logits(x_TD: torch.Tensor, w_DE: torch.Tensor) -> tuple[torch.Tens
     # float32 computes in TF32 (7e-4 off on an H200 at 16 tokens): 8 columns there.
     block_e = 16 if block_t < 16 else 8
     step_d = max(8, 4096 // (block_t * block_e))
-    parts = triton.cdiv(D, FEW_TOKENS_ROWS)
+    parts = ceil_div(D, FEW_TOKENS_ROWS)
     parts_TSE = torch.empty(T, parts * E, device=x_TD.device, dtype=torch.float32)
     pdl = dependent_launch.for_tokens(x_TD.device, T)
-    few_token_logits_kernel[(parts, triton.cdiv(E, block_e))](
+    launch(
+        few_token_logits_kernel, (parts, ceil_div(E, block_e)),
         x_TD, w_DE, parts_TSE, T, D, E, x_TD.stride(0),
         BLOCK_T=block_t, SLICE_D=FEW_TOKENS_ROWS, STEP_D=min(step_d, FEW_TOKENS_ROWS),
         BLOCK_E=block_e, PDL=pdl, num_warps=4, launch_pdl=pdl,
@@ -251,7 +253,8 @@ def _launch(
     # latency; rows of a program run one after another), one warp where a row fits.
     rows = 1 if T < 4096 else max(1, min(16, 2048 // block_e))
     pdl = dependent_launch.for_tokens(device, T)
-    route_top_k_kernel[(triton.cdiv(T, rows),)](
+    launch(
+        route_top_k_kernel, (ceil_div(T, rows),),
         parts_TSE, bias_E, correction_E if correction else bias_E, gate_TK, ids_TK, probs_TE,
         T, E, float(shape.routed_scaling),
         PARTS=parts, TOP_K=K, BLOCK_K=1 << max(0, (K - 1).bit_length()),
@@ -361,7 +364,8 @@ class RouteTopK(torch.autograd.Function):
         # large (top-k of tens of experts), so that it stays in registers.
         num_warps = 8 if block_k * block_e > 8192 else (1 if E <= 256 else 4)
         grad_parts_TSE = torch.empty_like(parts_TSE, memory_format=torch.contiguous_format)
-        route_top_k_backward_kernel[(T,)](
+        launch(
+            route_top_k_backward_kernel, (T,),
             probs_TE if grad_gate_TK is None else grad_gate_TK.contiguous(),
             probs_TE if grad_probs_TE is None else grad_probs_TE.contiguous(),
             ids_TK, probs_TE, parts_TSE.contiguous(), bias_E, grad_parts_TSE,
@@ -386,4 +390,6 @@ def route_top_k(
     logits being the sum of the `parts` column blocks of parts_TSE plus bias_E, with the
     gates already in `gate_dtype`. Group-limited conventions need a power-of-two E
     (`routing.kernel_route_applies`)."""
+    if not torch.is_grad_enabled():  # inference: the kernel without autograd's wrapping
+        return _launch(parts_TSE, parts, bias_E, shape, gate_dtype, correction_E)
     return RouteTopK.apply(parts_TSE, parts, bias_E, shape, gate_dtype, correction_E)

@@ -1,7 +1,7 @@
 """Where the host's time goes in one un-graphed forward or training step of a layer (CUDA).
 
     python scripts/host_profile.py [--impl triton] [--preset qwen3-30b-a3b] [--tokens 1 64]
-                                   [--mode forward|train]
+                                   [--mode forward|train] [--ab fast-launch|pdl]
 
 For each token count: the microseconds per call of the whole layer, of its router and
 of its routed part alone (calls queued back to back, one sync at the end: while the GPU
@@ -12,9 +12,12 @@ CPU time.
 A layer whose host time exceeds its GPU time is launch-bound un-graphed: this says
 which calls to trim.
 
-With `--mode train` a call is the harness's training step (`case_run._step_fn`: fresh
-gradients, the forward, the backward of a fixed output gradient), also timed without
-its backward; the router and routed parts are timed at inference (no autograd).
+A forward runs under torch.inference_mode, as `moebench run` times it. With `--mode
+train` a call is the harness's training step (`case_run._step_fn`: fresh gradients, the
+forward, the backward of a fixed output gradient), also timed without its backward; the
+router and routed parts are timed at inference (no autograd). With `--ab SWITCH` the
+call is also timed with `$MOEBENCH_FAST_LAUNCH` or `$MOEBENCH_PDL` off and on, in turns
+in one process (`switch_turns`).
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import argparse
 import cProfile
 import functools
 import io
+import os
 import pstats
+import statistics
 import time
 
 import torch
 
-from moebench import registry
+from moebench import dependent_launch, fast_launch, registry
 from moebench.case import Case, Workload
 from moebench.layer import MoELayer
 from moebench.measure.case_run import _step_fn
@@ -49,8 +54,46 @@ def per_call_us(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+# --ab: a switch's environment variable, and what reads it again after a change
+SWITCHES = {
+    "fast-launch": (fast_launch.ENV_SWITCH, fast_launch.refresh_switch),
+    "pdl": (dependent_launch.ENV_SWITCH, lambda: None),  # read on every call
+}
+
+
+def switch_turns(fn, calls: int, switch: str, rounds: int = 8) -> str:
+    """The host microseconds per call of `fn` with `switch` off and on, taking turns
+    in one process (the order alternating by round), medians over the rounds: on a
+    shared host the time per call moves by tens of percent between processes, which a
+    comparison across processes would read as the switch's doing."""
+    variable, reread = SWITCHES[switch]
+    was = os.environ.get(variable)
+    times: dict[str, list[float]] = {"0": [], "1": []}
+    try:
+        for round_ in range(rounds):
+            for value in ("0", "1") if round_ % 2 == 0 else ("1", "0"):
+                os.environ[variable] = value
+                reread()
+                times[value].append(per_call_us(fn, calls))
+    finally:
+        if was is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = was
+        reread()
+    off, on = (statistics.median(times[v]) for v in ("0", "1"))
+    return f"{switch} off {off:.1f} us, on {on:.1f} us ({rounds} rounds in turns)"
+
+
 def profile_layer(
-    impl: str, preset: str, tokens: int, calls: int, top: int, mode: str = "forward", ops: int = 0
+    impl: str,
+    preset: str,
+    tokens: int,
+    calls: int,
+    top: int,
+    mode: str = "forward",
+    ops: int = 0,
+    ab: str | None = None,
 ) -> None:
     """Print the host time per call of `impl`'s layer (a forward, or a training step if
     `mode` is "train"), its router and routed part, and the device's kernel time per
@@ -66,17 +109,32 @@ def profile_layer(
     if mode == "train":
         x_TD.requires_grad_(True)
         call = functools.partial(_step_fn(case, layer, inputs, {}), 0)
-        parts.append(f"step {per_call_us(call, calls):.1f} us")
-        parts.append(f"its forward {per_call_us(functools.partial(layer, x_TD), calls):.1f} us")
     else:
         call = functools.partial(layer, x_TD)
-        parts.append(f"layer {per_call_us(call, calls):.1f} us")
-    if isinstance(layer, MoELayer):  # a router and a routed part to time apart
-        with torch.no_grad():
-            gate_TK, ids_TK, _ = layer.router(x_TD)
-            router_us = per_call_us(lambda: layer.router(x_TD), calls)
-            routed_us = per_call_us(lambda: layer.routed(x_TD, gate_TK, ids_TK), calls)
-        parts.append(f"router {router_us:.1f} us, routed {routed_us:.1f} us (inference)")
+    # as `moebench run` times it: a forward under inference_mode (a layer whose weights
+    # want gradients runs its training path otherwise), a training step with autograd
+    with torch.inference_mode() if mode == "forward" else torch.enable_grad():
+        if mode == "train":
+            parts.append(f"step {per_call_us(call, calls):.1f} us")
+            forward_us = per_call_us(functools.partial(layer, x_TD), calls)
+            parts.append(f"its forward {forward_us:.1f} us")
+        else:
+            parts.append(f"layer {per_call_us(call, calls):.1f} us")
+        if ab:
+            parts.append(switch_turns(call, calls, ab))
+        if isinstance(layer, MoELayer):  # a router and a routed part to time apart
+            with torch.no_grad():
+                gate_TK, ids_TK, _ = layer.router(x_TD)
+                router_us = per_call_us(lambda: layer.router(x_TD), calls)
+                routed_us = per_call_us(lambda: layer.routed(x_TD, gate_TK, ids_TK), calls)
+            parts.append(f"router {router_us:.1f} us, routed {routed_us:.1f} us (inference)")
+        _profile_calls(call, calls, top, ops, parts)
+
+
+def _profile_calls(call, calls: int, top: int, ops: int, parts: list[str]) -> None:
+    """The kernels' time per call (torch.profiler), printed after `parts`; the `top`
+    functions by own time and moebench's by cumulative time (cProfile); the `ops` torch
+    ops by own CPU time."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(calls):
@@ -114,6 +172,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--top", type=int, default=25, help="functions listed (0: none)")
     parser.add_argument("--ops", type=int, default=0, help="torch ops listed by CPU time")
+    parser.add_argument(
+        "--ab",
+        choices=sorted(SWITCHES),
+        help="time a call with this switch off and on, in turns in one process",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.exit(2, "host_profile.py needs a CUDA device: it times the host against one\n")
@@ -124,7 +187,9 @@ def main() -> None:
     if args.preset not in PRESETS:
         parser.exit(2, f"unknown preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}\n")
     for tokens in args.tokens:
-        profile_layer(args.impl, args.preset, tokens, args.calls, args.top, args.mode, args.ops)
+        profile_layer(
+            args.impl, args.preset, tokens, args.calls, args.top, args.mode, args.ops, args.ab
+        )
 
 
 if __name__ == "__main__":

@@ -108,21 +108,32 @@ PDL_MODULES = (
 )
 
 
+def _launched(tree) -> set[str]:
+    """The kernels a module launches, as `kernel[grid](...)` or through
+    `moebench.fast_launch` as `launch(kernel, grid, ...)`."""
+    import ast
+
+    names = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        if isinstance(node.func, ast.Subscript) and isinstance(node.func.value, ast.Name):
+            names.add(node.func.value.id)
+        callee = ast.unparse(node.func)
+        if callee in ("launch", "fast_launch.launch") and isinstance(node.args[0], ast.Name):
+            names.add(node.args[0].id)
+    return names
+
+
 def _contract_breaches(source: str) -> list[str]:
-    """Where `source` breaks the module docstring's contract: a kernel (launched as
-    `kernel[grid](...)` in it) with a PDL parameter whose first statement after its
-    docstring is not `wait_for_predecessor(PDL)`, or a launch whose `launch_pdl=` is not
-    the value it passes as `PDL=` (a kernel launched with PDL that does not wait)."""
+    """Where `source` breaks the module docstring's contract: a kernel (launched in it,
+    `_launched`) with a PDL parameter whose first statement after its docstring is not
+    `wait_for_predecessor(PDL)`, or a launch whose `launch_pdl=` is not the value it
+    passes as `PDL=` (a kernel launched with PDL that does not wait)."""
     import ast
 
     tree = ast.parse(source)
-    launched = {  # kernels: what the module launches as `kernel[grid](...)`
-        node.func.value.id
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Subscript)
-        and isinstance(node.func.value, ast.Name)
-    }
+    launched = _launched(tree)
     breaches = []
     for node in ast.walk(tree):
         if (
@@ -143,11 +154,13 @@ def _contract_breaches(source: str) -> list[str]:
 
 @pytest.mark.parametrize("module", PDL_MODULES)
 def test_each_kernel_waits_before_it_reads(module: str) -> None:
+    import ast
     import importlib
     import inspect
 
     source = inspect.getsource(importlib.import_module(module))
     assert "launch_pdl=" in source
+    assert _launched(ast.parse(source)), "no kernel launch found: the check would pass blind"
     assert _contract_breaches(source) == []
 
 
@@ -158,10 +171,16 @@ def reads_first(x_ptr, PDL: tl.constexpr):
     x = tl.load(x_ptr)
     wait_for_predecessor(PDL)
 
-def launch(x):
+def reads_first_too(x_ptr, PDL: tl.constexpr):
+    x = tl.load(x_ptr)
+    wait_for_predecessor(PDL)
+
+def launch_them(x):
     reads_first[(1,)](x, PDL=False, launch_pdl=True)
+    launch(reads_first_too, (1,), x, PDL=True, launch_pdl=True)
 '''
     assert _contract_breaches(wrong) == [
         "reads_first starts with 'x = tl.load(x_ptr)'",
-        "line 8: launch_pdl=True",
+        "reads_first_too starts with 'x = tl.load(x_ptr)'",
+        "line 12: launch_pdl=True",
     ]

@@ -138,13 +138,15 @@ ENVIRONMENT_FACTS = (
     ("driver", "driver"),
     ("CPU model", "cpu"),
     ("dependent launch (PDL)", "dependent_launch"),
+    ("fast launch of moebench's kernels", "fast_launch"),
 )
 
 
 def environment_differences(baseline: Mapping[str, Any], candidate: Mapping[str, Any]) -> list[str]:
     """Sentences naming what differs between two runs' environments: torch, CUDA,
-    driver, GPU, the timer's L2 flush and timed warm-up, CPU model, dependent launch of
-    moebench's Triton kernels, CPU threads (facts one of them lacks are not compared)."""
+    driver, GPU, the timer's L2 flush and timed warm-up, CPU model, dependent launch and
+    fast launch of moebench's Triton kernels, CPU threads (facts one of them lacks are not
+    compared)."""
     base_env = baseline.get("environment") or {}
     cand_env = candidate.get("environment") or {}
     pairs = [(label, base_env.get(key), cand_env.get(key)) for label, key in ENVIRONMENT_FACTS]

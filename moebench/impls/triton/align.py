@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from moebench.dependent_launch import release_dependents, wait_for_predecessor
+from moebench.fast_launch import ceil_div, launch, next_power_of_2
 
 COUNT_BLOCK = 1024
 BLOCKS_PER_STEP = 64
@@ -317,11 +318,12 @@ def align_to_blocks(
     row_of_assign_A = torch.empty(num_assign, device=device, dtype=torch.int32)
     outputs = (sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E, row_of_assign_A)
     if num_assign <= SMALL_ASSIGNMENTS and num_experts <= SMALL_EXPERTS:
-        _align_small_kernel[(1,)](
+        launch(
+            _align_small_kernel, (1,),
             expert_A, sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E,
             row_of_assign_A, num_assign, num_experts, max_rows, max_blocks,
             BLOCK_M=block_m, BLOCK_A=SMALL_ASSIGNMENTS,
-            BLOCK_E=triton.next_power_of_2(num_experts), BLOCKS_PER_STEP=BLOCKS_PER_STEP,
+            BLOCK_E=next_power_of_2(num_experts), BLOCKS_PER_STEP=BLOCKS_PER_STEP,
             PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
         return Alignment(*outputs, num_assign, block_m)
@@ -329,27 +331,31 @@ def align_to_blocks(
     padded_starts_E = torch.empty(num_experts, device=device, dtype=torch.int32)
     if num_assign <= MEDIUM_ASSIGNMENTS and num_experts <= SMALL_EXPERTS:
         counts_E = torch.empty(num_experts, device=device, dtype=torch.int32)
-        _align_one_program_kernel[(1,)](
+        launch(
+            _align_one_program_kernel, (1,),
             expert_A, counts_E, rank_A, padded_starts_E, sorted_ids_P, block_expert_B,
             num_padded_1, padded_ends_E, row_of_assign_A, num_assign, num_experts,
             max_rows, max_blocks,
             BLOCK_M=block_m, BLOCK_A=MEDIUM_BLOCK,
-            BLOCK_E=triton.next_power_of_2(num_experts), BLOCKS_PER_STEP=BLOCKS_PER_STEP,
+            BLOCK_E=next_power_of_2(num_experts), BLOCKS_PER_STEP=BLOCKS_PER_STEP,
             PDL=pdl, num_warps=8, launch_pdl=pdl,
         )  # fmt: skip
         return Alignment(*outputs, num_assign, block_m)
     counts_E = torch.zeros(num_experts, device=device, dtype=torch.int32)
-    _count_kernel[(triton.cdiv(max_rows, COUNT_BLOCK),)](
+    launch(
+        _count_kernel, (ceil_div(max_rows, COUNT_BLOCK),),
         expert_A, counts_E, rank_A, sorted_ids_P, num_assign, max_rows,
         BLOCK=COUNT_BLOCK, PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
-    _offsets_kernel[(1,)](
+    launch(
+        _offsets_kernel, (1,),
         counts_E, padded_starts_E, padded_ends_E, block_expert_B, num_padded_1,
         num_experts, max_blocks,
-        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts),
+        BLOCK_M=block_m, BLOCK_E=next_power_of_2(num_experts),
         BLOCKS_PER_STEP=BLOCKS_PER_STEP, PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
-    _scatter_kernel[(triton.cdiv(num_assign, COUNT_BLOCK),)](
+    launch(
+        _scatter_kernel, (ceil_div(num_assign, COUNT_BLOCK),),
         expert_A, rank_A, padded_starts_E, sorted_ids_P, row_of_assign_A, num_assign,
         BLOCK=COUNT_BLOCK, PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip

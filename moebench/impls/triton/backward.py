@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from moebench.dependent_launch import release_dependents, wait_for_predecessor
+from moebench.fast_launch import ceil_div, launch, next_power_of_2
 from moebench.impls.grouped import GROUPED_MM, grouped_mm_works
 from moebench.impls.triton import kernels, tuning
 from moebench.impls.triton.align import Alignment
@@ -185,10 +186,11 @@ def swiglu_backward(
     dgate_up_P2F = saved.h_PF.new_empty(rows, 2 * F)
     dweight_A = torch.empty(alignment.num_assign, device=saved.h_PF.device, dtype=dweight_dtype)
     block_r = 16  # P is a multiple of BLOCK_M >= 16
-    swiglu_backward_kernel[(rows // block_r,)](
+    launch(
+        swiglu_backward_kernel, (rows // block_r,),
         *tensors, alignment.sorted_ids_P, gate_weight_A, dgate_up_P2F, h_weighted_PF,
         dweight_A, F, alignment.num_assign, F, 2 * F,
-        BLOCK_R=block_r, BLOCK_F=min(256, triton.next_power_of_2(F)), num_warps=4,
+        BLOCK_R=block_r, BLOCK_F=min(256, next_power_of_2(F)), num_warps=4,
     )  # fmt: skip
     return dgate_up_P2F, h_weighted_PF, dweight_A
 
@@ -230,8 +232,9 @@ def token_rows(
     x_TD, dy_TD = x_TD.contiguous(), dy_TD.contiguous()
     x_rows_PD = x_TD.new_empty(rows, D)
     dy_rows_PD = x_TD.new_empty(rows, D)
-    block_d = min(1024, triton.next_power_of_2(D))
-    token_rows_kernel[(rows, triton.cdiv(D, block_d))](
+    block_d = min(1024, next_power_of_2(D))
+    launch(
+        token_rows_kernel, (rows, ceil_div(D, block_d)),
         x_TD, dy_TD, alignment.sorted_ids_P, x_rows_PD, dy_rows_PD,
         D, top_k, T - 1, x_TD.stride(0), dy_TD.stride(0),
         BLOCK_D=block_d, num_warps=4,
@@ -281,8 +284,9 @@ def token_sum(
     assert rows_RD.stride() == (D, 1), "rows must be contiguous"
     T = (rows_RD.shape[0] if row_of_assign_A is None else row_of_assign_A.numel()) // top_k
     out_TD = rows_RD.new_empty(T, D)
-    block_d = min(1024, triton.next_power_of_2(D))
-    token_sum_kernel[(T, triton.cdiv(D, block_d))](
+    block_d = min(1024, next_power_of_2(D))
+    launch(
+        token_sum_kernel, (T, ceil_div(D, block_d)),
         rows_RD, rows_RD if row_of_assign_A is None else row_of_assign_A, out_TD,
         D, top_k, D, D,
         GATHER=row_of_assign_A is not None, BLOCK_D=block_d, PDL=pdl, num_warps=4,

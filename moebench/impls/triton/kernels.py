@@ -27,9 +27,8 @@ may multiply them, but the scatter and the backward drop every padding row's res
 Small token counts use BLOCK_M = 16 and narrow BLOCK_N, so that many programs share one
 expert's weights and the weight read (the whole cost at decode) runs at full bandwidth.
 
-One token (`align.per_assignment_blocks`, PER_ASSIGNMENT): row block a holds assignment
-a alone, in its first row, and takes its expert from the token's expert ids, so no
-alignment kernel runs before the GEMMs.
+One token (`align.per_assignment_blocks`, PER_ASSIGNMENT): block a is assignment a alone,
+in its first row, its expert read from the token's ids: no alignment kernel runs first.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ import triton
 import triton.language as tl
 
 from moebench.dependent_launch import release_dependents, wait_for_predecessor
+from moebench.fast_launch import ceil_div, launch
 
 
 @triton.jit
@@ -342,8 +342,9 @@ def launch_gate_up(
     D, F = x_TD.shape[1], w_gate_EDF.shape[2]
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     num_blocks_m = alignment.max_blocks
-    grid = (num_blocks_m * triton.cdiv(F, block_n),)
-    gate_up_kernel[grid](
+    grid = (num_blocks_m * ceil_div(F, block_n),)
+    launch(
+        gate_up_kernel, grid,
         x_TD, w_gate_EDF, w_up_EDF, h_PF,
         *(pre_activations or (h_PF, h_PF)),
         *_row_list(alignment),
@@ -371,9 +372,9 @@ def launch_down(
     F, D = w_down_EFD.shape[1], w_down_EFD.shape[2]
     block_n = config["BLOCK_N"]
     num_blocks_m = alignment.max_blocks
-    grid = (num_blocks_m * triton.cdiv(D, block_n),)
-    down_kernel[grid](
-        h_PF, w_down_EFD, gate_weight_A, out_AD, *_row_list(alignment),
+    grid = (num_blocks_m * ceil_div(D, block_n),)
+    launch(
+        down_kernel, grid, h_PF, w_down_EFD, gate_weight_A, out_AD, *_row_list(alignment),
         D, F, alignment.num_assign, num_blocks_m,
         h_PF.stride(0), w_down_EFD.stride(0), w_down_EFD.stride(1), w_down_EFD.stride(2),
         out_AD.stride(0),
@@ -392,9 +393,9 @@ def launch_rows(
     K, N = w_EKN.shape[1], w_EKN.shape[2]
     assert a_PK.stride(1) == 1 and out_PN.stride(1) == 1
     num_blocks_m = alignment.max_blocks
-    grid = (num_blocks_m * triton.cdiv(N, config["BLOCK_N"]),)
-    down_kernel[grid](
-        a_PK, w_EKN, a_PK, out_PN, *_row_list(alignment),
+    grid = (num_blocks_m * ceil_div(N, config["BLOCK_N"]),)
+    launch(
+        down_kernel, grid, a_PK, w_EKN, a_PK, out_PN, *_row_list(alignment),
         N, K, alignment.num_assign, num_blocks_m,
         a_PK.stride(0), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2), out_PN.stride(0),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],

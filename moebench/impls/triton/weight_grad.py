@@ -15,9 +15,8 @@ is zeros) and stores the tile once, so the kernel is one streaming write.
 Where it runs: up to `FEW_ROWS_BLOCK_M` rows per block of the forward (a few dozen rows
 per expert on average, `tuning.block_m_for`) the tuner times these tiles and torch's
 grouped GEMM side by side and keeps the faster for the shape and token bucket; above it
-the FLOPs dominate and the grouped GEMM's tensor-core pipeline is used untimed. Measured
-on an H200 (NOTES.md, version 7): 4.0-4.7 TB/s written at 16 rows per block, where the
-grouped GEMM wrote 3.0-3.7.
+the FLOPs dominate and the grouped GEMM's tensor-core pipeline runs untimed. On an H200
+(NOTES.md, version 7) the tiles wrote 4.0-4.7 TB/s at 16 rows a block, CUTLASS 3.0-3.7.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moebench import fast_launch
 from moebench.impls.triton import tuning
 
 FEW_ROWS_BLOCK_M = 64
@@ -115,8 +115,11 @@ def launch(
     """out_EMN[e] <- a_PM[rows of e]^T @ b_PN[rows of e] (`weight_grad_kernel`)."""
     E, M, N = out_EMN.shape
     assert a_PM.stride(1) == 1 and b_PN.stride(1) == 1 and out_EMN.stride(2) == 1
-    grid = (E * triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-    weight_grad_kernel[grid](
+    grid = (
+        E * fast_launch.ceil_div(M, config["BLOCK_M"]) * fast_launch.ceil_div(N, config["BLOCK_N"]),
+    )
+    fast_launch.launch(
+        weight_grad_kernel, grid,
         a_PM, b_PN, out_EMN, ends_E, M, N,
         a_PM.stride(0), b_PN.stride(0), out_EMN.stride(0), out_EMN.stride(1),
         BLOCK_R=config["BLOCK_R"], BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],

@@ -1,0 +1,156 @@
+"""Launching moebench's Triton kernels without the JIT's per-call dispatch.
+
+`kernel[grid](*args, **kwargs)` goes through Triton's JIT dispatch on every call: it
+binds the arguments to the signature, specialises each one (a pointer's 16-byte
+alignment, an integer's divisibility by 16, an integer equal to 1), builds a cache key
+from that and the options, looks the compiled kernel up, checks the globals the kernel
+read, and only then launches. Under cProfile on an H200 machine's host that was 45 us a
+launch, and a one-token forward of the fused layer launches five kernels: un-graphed,
+the host's time is the call's latency (triton/NOTES.md, version 15).
+
+`launch(kernel, grid, *args, **kwargs)` is the same launch. The first call of each
+specialisation goes through the JIT (which compiles if need be, and launches) and keeps
+the compiled kernel, keyed by the kernel, the current device, the keyword arguments
+(constexprs and options, by name) and each positional argument's specialisation as
+Triton's binder computes it (`native_specialize_impl`, with the kernel's own backend
+and the parameter's flags). Later calls compute that key and launch the compiled kernel
+directly (`CompiledKernel[grid]`, as Triton's fused-softmax tutorial does). Since the
+key is Triton's own specialisation, arguments that would compile another kernel get
+another entry: a kernel compiled for other arguments is never reused.
+
+What it skips: the check that the globals a kernel read have not changed since it
+compiled (moebench's kernels read module constants only), and the pre-run hooks (none
+are set on these kernels). Launch hooks (Proton) still run: the compiled kernel's
+launcher calls them.
+
+Plain launches remain where the fast path does not apply: Triton's interpreter (the CPU
+tests), a kernel whose parameters carry annotations or `do_not_specialize` (the binder
+treats those apart), a Triton without `native_specialize_impl`, and `$MOEBENCH_FAST_LAUNCH=0`
+(to measure what it gives, or to rule it out).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+ENV_SWITCH = "MOEBENCH_FAST_LAUNCH"
+
+
+def switched_off() -> bool:
+    """Whether `$MOEBENCH_FAST_LAUNCH` turns the fast path off ("0", "off", "false", "no")."""
+    return os.environ.get(ENV_SWITCH, "").strip().lower() in ("0", "off", "false", "no")
+
+
+# The switch, read once per process and again by `refresh_switch`: an environment read
+# per launch would be a measurable part of what this module saves.
+_off = switched_off()
+
+
+def refresh_switch() -> None:
+    """Read `$MOEBENCH_FAST_LAUNCH` again (for tests that flip it)."""
+    global _off
+    _off = switched_off()
+
+
+def ceil_div(a: int, b: int) -> int:
+    """ceil(a / b) for the grids: `triton.cdiv` is a constexpr function, whose call from
+    Python costs about 3 us (next to 0.04 for this), several times a layer call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n (>= 1): `triton.next_power_of_2` without the 3 us of
+    a constexpr function's call from Python."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def state() -> str | None:
+    """The run's environment record: "on" or "off" where CUDA is present, else None
+    (`moebench compare` sets it side by side: it moves the latency of un-graphed small
+    calls)."""
+    if not torch.cuda.is_available():
+        return None
+    return "off" if _off else "on"
+
+
+def launch(kernel: Any, grid: Sequence[int], *args: object, **kwargs: object) -> None:
+    """`kernel[grid](*args, **kwargs)` (module docstring): `args` positional in the
+    kernel's parameter order, `kwargs` the remaining parameters by name and the launch
+    options (num_warps, num_stages, launch_pdl)."""
+    launcher = _launchers.get(id(kernel))
+    if launcher is None:
+        launcher = _launchers[id(kernel)] = _Launcher(kernel)
+    if _off or launcher.plain:
+        kernel[grid](*args, **kwargs)
+    else:
+        launcher(grid, args, kwargs)
+
+
+class _Launcher:
+    """One kernel's compiled kernels by specialisation (module docstring)."""
+
+    def __init__(self, kernel: Any):
+        self.kernel = kernel
+        self.native = _native_specialize_impl()
+        params = list(getattr(kernel, "params", ()))
+        self.plain = (
+            self.native is None
+            or not _is_jit_function(kernel)
+            or any(p.annotation_type or p.do_not_specialize for p in params if not p.is_constexpr)
+        )
+        # per parameter: (constexpr, const, specialised on alignment)
+        self.flags = [
+            (p.is_constexpr, p.is_const, not p.do_not_specialize_on_alignment) for p in params
+        ]
+        self.params = params
+        self.backends: dict[int, Any] = {}
+        # (device, keyword items, specialisations) -> (compiled kernel, remaining params)
+        self.compiled: dict[tuple, tuple[Any, tuple]] = {}
+
+    def __call__(self, grid: Sequence[int], args: tuple, kwargs: dict) -> None:
+        device = torch.cuda.current_device()
+        backend = self.backends.get(device)
+        if backend is None:
+            # the backend the JIT's binder specialises with on this device
+            backend = self.backends[device] = self.kernel.device_caches[device][3]
+        native = self.native
+        specialisations = tuple(
+            arg if constexpr else native(backend, arg, const, True, align)
+            for arg, (constexpr, const, align) in zip(args, self.flags)
+        )
+        key = (device, tuple(kwargs.items()), specialisations)
+        found = self.compiled.get(key)
+        if found is None:
+            compiled = self.kernel[grid](*args, **kwargs)  # the JIT: compiles, launches
+            if compiled is not None and hasattr(compiled, "packed_metadata"):
+                rest = tuple(kwargs.get(p.name, p.default) for p in self.params[len(args) :])
+                self.compiled[key] = (compiled, rest)
+            return
+        compiled, rest = found
+        grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        compiled[grid3](*args, *rest)
+
+
+_launchers: dict[int, _Launcher] = {}
+
+
+def _native_specialize_impl() -> Any:
+    try:
+        from triton._C.libtriton import native_specialize_impl
+    except ImportError:
+        return None
+    return native_specialize_impl
+
+
+def _is_jit_function(kernel: Any) -> bool:
+    """A JIT function (under Triton's interpreter kernels are `InterpretedFunction`s,
+    whose launches stay plain)."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return False
+    return isinstance(kernel, JITFunction)

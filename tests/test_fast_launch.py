@@ -1,0 +1,208 @@
+"""`moebench.fast_launch`: its switch and record, a plain launch under Triton's
+interpreter, and on CUDA that a launch past the JIT's dispatch takes the kernel compiled
+for exactly its arguments' specialisation (a pointer's alignment, an integer equal to 1
+or divisible by 16), under a CUDA graph too, and that the fused layer gives the same
+bits with it as without (forward and a training step's input gradient)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="moebench.fast_launch launches Triton kernels")
+
+import triton
+import triton.language as tl
+
+from moebench import env, fast_launch, registry
+from moebench.weight_sources import make_weights
+from moebench.weights import make_inputs
+from tests.conftest import KERNEL_DEVICE, needs_kernels
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@triton.jit
+def _scaled_copy_kernel(src_ptr, dst_ptr, n, scale, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    values = tl.load(src_ptr + offs, mask=mask, other=0.0)
+    tl.store(dst_ptr + offs, values * scale, mask=mask)
+
+
+@pytest.fixture
+def switch(monkeypatch):
+    """Sets `$MOEBENCH_FAST_LAUNCH` for the test and reads it again, before and after."""
+
+    def set_to(value: str) -> None:
+        monkeypatch.setenv(fast_launch.ENV_SWITCH, value)
+        fast_launch.refresh_switch()
+
+    yield set_to
+    monkeypatch.delenv(fast_launch.ENV_SWITCH, raising=False)
+    fast_launch.refresh_switch()
+
+
+@pytest.mark.parametrize("value", ["0", "off", "False", " no "])
+def test_switched_off_by_the_environment(switch, value: str) -> None:
+    switch(value)
+    assert fast_launch.switched_off()
+
+
+@pytest.mark.parametrize("value", ["", "1", "on"])
+def test_on_by_default(switch, value: str) -> None:
+    switch(value)
+    assert not fast_launch.switched_off()
+
+
+def test_the_run_records_it_where_cuda_is(monkeypatch, switch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fast_launch.state() is None
+    assert env._fast_launch() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    switch("1")
+    assert env._fast_launch() == "on"
+    switch("0")
+    assert env._fast_launch() == "off"
+
+
+def _copy(src: torch.Tensor, dst: torch.Tensor, n: int, scale: float = 2.0) -> None:
+    fast_launch.launch(_scaled_copy_kernel, (triton.cdiv(n, 32),), src, dst, n, scale, BLOCK=32)
+
+
+@needs_kernels
+def test_a_launch_computes_what_the_kernel_does() -> None:
+    """On CUDA through the fast path, under the interpreter (TRITON_INTERPRET=1) plainly."""
+    src = torch.arange(40, dtype=torch.float32, device=KERNEL_DEVICE)
+    dst = torch.zeros_like(src)
+    for _ in range(2):  # the first launch through the JIT, the second past it on CUDA
+        _copy(src, dst, 40)
+        torch.testing.assert_close(dst, src * 2)
+    if KERNEL_DEVICE == "cpu":  # the interpreter's kernels launch plainly
+        assert fast_launch._launchers[id(_scaled_copy_kernel)].plain
+
+
+def _jit_compiled() -> int:
+    """How many kernels the JIT has compiled of `_scaled_copy_kernel` on this device."""
+    return len(_scaled_copy_kernel.device_caches[torch.cuda.current_device()][0])
+
+
+@contextlib.contextmanager
+def _jit_forbidden():
+    """`_scaled_copy_kernel`'s JIT dispatch (its `run`) fails inside."""
+    _scaled_copy_kernel.run = _fails
+    try:
+        yield
+    finally:
+        del _scaled_copy_kernel.run
+
+
+def _fails(*args, **kwargs):
+    raise AssertionError("the JIT's dispatch ran where the fast path should have")
+
+
+@needs_cuda
+def test_each_specialisation_gets_the_kernel_compiled_for_it(switch) -> None:
+    """A repeat of the same arguments' specialisation skips the JIT (`_jit_forbidden`);
+    a pointer off 16-byte alignment, a count of 1, one not divisible by 16 each compile
+    and keep their own kernel, and each computes right."""
+    switch("1")
+    buffer = torch.arange(80, dtype=torch.float16, device="cuda")
+
+    def launch_and_check(src: torch.Tensor, n: int, new_kernel: bool, scale: float) -> None:
+        dst = torch.full((80,), -1.0, dtype=torch.float16, device="cuda")
+        before = _jit_compiled()
+        with contextlib.nullcontext() if new_kernel else _jit_forbidden():
+            _copy(src, dst, n, scale)
+        torch.testing.assert_close(dst[:n], src[:n] * scale)
+        assert (dst[n:] == -1).all()
+        assert _jit_compiled() == before + int(new_kernel)
+        kept = fast_launch._launchers[id(_scaled_copy_kernel)].compiled
+        assert len(kept) == _jit_compiled()  # one entry per kernel the JIT compiled
+
+    aligned = buffer[:64]
+    launch_and_check(aligned, 48, new_kernel=True, scale=2.0)
+    launch_and_check(aligned, 48, new_kernel=False, scale=3.0)  # a float is not specialised
+    launch_and_check(buffer[16:], 32, new_kernel=False, scale=2.0)  # 32 bytes on: aligned
+    launch_and_check(buffer[1:], 48, new_kernel=True, scale=2.0)  # 2 bytes off
+    launch_and_check(buffer[1:], 48, new_kernel=False, scale=2.0)
+    launch_and_check(aligned, 1, new_kernel=True, scale=2.0)  # 1: a constant
+    launch_and_check(aligned, 17, new_kernel=True, scale=2.0)  # not divisible by 16
+    launch_and_check(aligned, 33, new_kernel=False, scale=2.0)
+
+
+@needs_cuda
+def test_switched_off_it_launches_through_the_jit(monkeypatch, switch) -> None:
+    src = torch.arange(64, dtype=torch.float32, device="cuda")
+    dst = torch.zeros_like(src)
+    switch("1")
+    _copy(src, dst, 64)  # known to the fast path from here on
+    switch("0")
+    calls = []
+    jit_run = _scaled_copy_kernel.run
+    monkeypatch.setattr(
+        _scaled_copy_kernel, "run", lambda *a, **k: calls.append(1) or jit_run(*a, **k)
+    )
+    _copy(src, dst, 64, 5.0)
+    assert calls == [1]
+    torch.testing.assert_close(dst, src * 5)
+
+
+@needs_cuda
+def test_a_cuda_graph_replays_a_fast_launch(switch) -> None:
+    switch("1")
+    src = torch.arange(64, dtype=torch.float32, device="cuda")
+    dst = torch.zeros_like(src)
+    _copy(src, dst, 64)  # compiled, and kept by the fast path
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _copy(src, dst, 64, 4.0)
+    dst.zero_()
+    graph.replay()
+    torch.testing.assert_close(dst, src * 4)
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (256, 512, 8, 2, 1),  # the one-token chain: few-token logits, no alignment
+        (256, 512, 8, 2, 64),  # the one-program alignment
+        (128, 256, 64, 32, 64),  # the three alignment kernels (2048 assignments)
+    ],
+)
+def test_the_fused_layer_keeps_every_bit(shape, switch, monkeypatch) -> None:
+    """The fused layer with every kernel launched past the JIT gives the bits it gives
+    launched through it: a forward, and a training step's output and input gradient."""
+    from moebench import route_kernel
+    from moebench.impls.triton import kernels
+    from tests.test_triton import _gpu_case
+
+    case = _gpu_case(shape, "bfloat16")
+    weights = make_weights(case)
+    x_TD = make_inputs(case, 1)[0]
+    grad_y_TD = torch.randn_like(x_TD)
+
+    def run(value: str) -> list[torch.Tensor]:
+        switch(value)
+        layer = registry.get("triton").build(weights, case)
+        with torch.inference_mode():
+            forwards = [layer(x_TD) for _ in range(3)]  # the JIT's launch, then past it
+        x = x_TD.detach().clone().requires_grad_(True)
+        outputs = []
+        for _ in range(2):
+            x.grad = None
+            y = layer(x)
+            y.backward(grad_y_TD)
+            outputs += [y.detach(), x.grad.clone()]
+        return forwards + outputs
+
+    plain = run("0")
+    monkeypatch.setattr(fast_launch, "_launchers", {})
+    fast = run("1")
+    for kernel in (kernels.gate_up_kernel, kernels.down_kernel, route_kernel.route_top_k_kernel):
+        assert fast_launch._launchers[id(kernel)].compiled, "launched through the JIT only"
+    for a, b in zip(plain, fast, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
