@@ -4,7 +4,8 @@
 #   GPU_DEADLINE_S=570 [GPU_TESTS="pytest args"] scripts/gpu_session.sh STEP [STEP...]
 #
 #   tests     the CUDA tests: built-ins vs reference on the device, the fused triton layer
-#             (forward and gradients on odd shapes, its backward's kernels, dependent launch),
+#             (forward and gradients on odd shapes, its backward's kernels, dependent launch,
+#             fast launch),
 #             the Router's kernels, the ceilings, the offload race, the checks' tolerances,
 #             profiling on CUDA, the presets against transformers' blocks, the peers plugin
 #             (on a fresh machine tests/test_triton.py alone takes over 8 minutes: it compiles
@@ -105,9 +106,9 @@ for step in "$@"; do
       # shellcheck disable=SC2086
       timed python3 -m pytest -q -p no:cacheprovider -rs ${GPU_TESTS:-tests/test_cuda.py \
         tests/test_triton.py tests/test_triton_backward_rows.py tests/test_route_kernel.py \
-        tests/test_router_logits.py tests/test_dependent_launch.py tests/test_ceilings.py \
-        tests/test_offload_cuda.py tests/test_check.py tests/test_profiling.py \
-        tests/test_presets_hf.py tests/test_peers.py}
+        tests/test_router_logits.py tests/test_dependent_launch.py tests/test_fast_launch.py \
+        tests/test_ceilings.py tests/test_offload_cuda.py tests/test_check.py \
+        tests/test_profiling.py tests/test_presets_hf.py tests/test_peers.py}
       ;;
     triton) suite suites/triton.toml --device cuda --profile ;;
     default) suite suites/default.toml --device cuda --profile ;;
