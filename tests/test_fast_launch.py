@@ -68,6 +68,20 @@ def test_the_run_records_it_where_cuda_is(monkeypatch, switch) -> None:
     assert env._fast_launch() == "off"
 
 
+def test_show_says_whether_a_run_had_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """The committed version 15 run had it; version 14's run, from before it was
+    recorded, says nothing of it."""
+    from pathlib import Path
+
+    from moebench.cli import main as cli_main
+
+    reference = Path(__file__).parent.parent / "results" / "reference"
+    assert cli_main(["show", str(reference / "h200-forward-v15")]) == 0
+    assert "fast launch on" in " ".join(capsys.readouterr().out.split())
+    assert cli_main(["show", str(reference / "h200-peers-v14")]) == 0
+    assert "fast launch" not in capsys.readouterr().out
+
+
 def _copy(src: torch.Tensor, dst: torch.Tensor, n: int, scale: float = 2.0) -> None:
     fast_launch.launch(_scaled_copy_kernel, (triton.cdiv(n, 32),), src, dst, n, scale, BLOCK=32)
 
