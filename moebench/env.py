@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import socket
@@ -34,28 +35,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _dependent_launch() -> str | None:
-    """Whether moebench's Triton kernels launch with PDL ("on"/"off",
-    `moebench.dependent_launch`), where CUDA and Triton are present; else None."""
+def _launch_state(module: str) -> str | None:
+    """How moebench's Triton kernels launch, as `moebench.<module>.state()` records it
+    ("on"/"off"): `dependent_launch` (PDL) or `fast_launch` (past the JIT's per-call
+    dispatch), where CUDA and Triton are present; else None."""
     from moebench.routing import route_kernels
 
     if not torch.cuda.is_available() or route_kernels() is None:
         return None
-    from moebench import dependent_launch  # imports Triton, which route_kernels found
-
-    return dependent_launch.state()
-
-
-def _fast_launch() -> str | None:
-    """Whether moebench's Triton kernels skip the JIT's per-call dispatch ("on"/"off",
-    `moebench.fast_launch`), where CUDA and Triton are present; else None."""
-    from moebench.routing import route_kernels
-
-    if not torch.cuda.is_available() or route_kernels() is None:
-        return None
-    from moebench import fast_launch
-
-    return fast_launch.state()
+    # imported here: the module imports Triton, which route_kernels found
+    return importlib.import_module(f"moebench.{module}").state()
 
 
 def usable_cpus() -> list[int]:
@@ -128,8 +117,8 @@ def collect_environment(plugins: Iterable[str] = ()) -> dict[str, Any]:
         "gpus": [],
         "provenance": provenance,
         "l2_flush": L2Flush.method,  # how each timed CUDA repeat is preceded
-        "dependent_launch": _dependent_launch(),
-        "fast_launch": _fast_launch(),
+        "dependent_launch": _launch_state("dependent_launch"),
+        "fast_launch": _launch_state("fast_launch"),
     }
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

@@ -76,35 +76,25 @@ def test_compare_warns_when_the_timed_warm_up_differs(
     assert "warm-up" not in capsys.readouterr().out
 
 
-def test_compare_warns_when_dependent_launch_differs(
-    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("key", "label"),
+    [
+        ("dependent_launch", "dependent launch (PDL)"),  # $MOEBENCH_PDL=0
+        ("fast_launch", "fast launch of moebench's kernels"),  # $MOEBENCH_FAST_LAUNCH=0
+    ],
+)
+def test_compare_warns_when_a_launch_switch_differs(
+    key: str,
+    label: str,
+    tmp_path: Path,
+    rng: np.random.Generator,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`$MOEBENCH_PDL=0` moves the small calls of moebench's Triton kernels; a run from
-    before run.json recorded it is not compared on it."""
+    """Each switch moves the small calls of moebench's Triton kernels; a run from before
+    run.json recorded it is not compared on it."""
     gpus = [{"name": "NVIDIA H200"}]
     environments = {
-        name: {"gpus": gpus, **({"dependent_launch": pdl} if pdl else {})}
-        for name, pdl in (("on", "on"), ("off", "off"), ("old", None))
-    }
-    runs = {
-        name: _run(tmp_path, rng, name, "cuda", environment=environment)
-        for name, environment in environments.items()
-    }
-    assert run_cli(str(runs["off"]), str(runs["on"]), "--quiet") == 0
-    out = capsys.readouterr().out
-    assert "warning: the runs differ in dependent launch (PDL): off (baseline) vs on" in out
-    assert run_cli(str(runs["old"]), str(runs["on"]), "--quiet") == 0
-    assert "dependent launch" not in capsys.readouterr().out
-
-
-def test_compare_warns_when_fast_launch_differs(
-    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """`$MOEBENCH_FAST_LAUNCH=0` moves the un-graphed small calls of moebench's Triton
-    kernels; a run from before run.json recorded it is not compared on it."""
-    gpus = [{"name": "NVIDIA H200"}]
-    environments = {
-        name: {"gpus": gpus, **({"fast_launch": value} if value else {})}
+        name: {"gpus": gpus, **({key: value} if value else {})}
         for name, value in (("on", "on"), ("off", "off"), ("old", None))
     }
     runs = {
@@ -113,6 +103,6 @@ def test_compare_warns_when_fast_launch_differs(
     }
     assert run_cli(str(runs["off"]), str(runs["on"]), "--quiet") == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "the runs differ in fast launch of moebench's kernels: off (baseline) vs on" in out
+    assert f"warning: the runs differ in {label}: off (baseline) vs on" in out
     assert run_cli(str(runs["old"]), str(runs["on"]), "--quiet") == 0
-    assert "fast launch" not in capsys.readouterr().out
+    assert label.split(" (")[0] not in capsys.readouterr().out

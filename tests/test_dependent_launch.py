@@ -71,12 +71,12 @@ def test_calls_of_a_few_tokens_take_it(monkeypatch) -> None:
 def test_the_run_records_it_where_cuda_is(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert dependent_launch.state() is None
-    assert env._dependent_launch() is None
+    assert env._launch_state("dependent_launch") is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(dependent_launch, "_capable", lambda index: True)
-    assert env._dependent_launch() == "on"
+    assert env._launch_state("dependent_launch") == "on"
     monkeypatch.setenv(dependent_launch.ENV_SWITCH, "0")
-    assert env._dependent_launch() == "off"
+    assert env._launch_state("dependent_launch") == "off"
 
 
 def test_environment_holds_the_fact() -> None:

@@ -60,12 +60,12 @@ def test_on_by_default(switch, value: str) -> None:
 def test_the_run_records_it_where_cuda_is(monkeypatch, switch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert fast_launch.state() is None
-    assert env._fast_launch() is None
+    assert env._launch_state("fast_launch") is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     switch("1")
-    assert env._fast_launch() == "on"
+    assert env._launch_state("fast_launch") == "on"
     switch("0")
-    assert env._fast_launch() == "off"
+    assert env._launch_state("fast_launch") == "off"
 
 
 def test_show_says_whether_a_run_had_it(capsys: pytest.CaptureFixture[str]) -> None:
