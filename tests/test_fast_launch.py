@@ -82,6 +82,30 @@ def test_show_says_whether_a_run_had_it(capsys: pytest.CaptureFixture[str]) -> N
     assert "fast launch" not in capsys.readouterr().out
 
 
+def test_host_profile_takes_turns_with_the_switch(monkeypatch, switch) -> None:
+    """`scripts/host_profile.py --ab fast-launch` times each call with the switch as read
+    by this module (not only set in the environment), both sides alike, and leaves the
+    environment as it found it."""
+    import os
+    import runpy
+    from pathlib import Path
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    switch("")  # unset: on
+    monkeypatch.delenv(fast_launch.ENV_SWITCH)
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "host_profile.py"))
+    seen: list[tuple[str | None, bool]] = []
+
+    def call() -> None:
+        seen.append((os.environ.get(fast_launch.ENV_SWITCH), fast_launch._off))
+
+    text = script["switch_turns"](call, calls=3, switch="fast-launch", rounds=4)
+    assert text.startswith("fast-launch off ") and " on " in text
+    assert sorted(set(seen)) == [("0", True), ("1", False)]
+    assert seen.count(("0", True)) == seen.count(("1", False))
+    assert fast_launch.ENV_SWITCH not in os.environ and not fast_launch._off
+
+
 def _copy(src: torch.Tensor, dst: torch.Tensor, n: int, scale: float = 2.0) -> None:
     fast_launch.launch(_scaled_copy_kernel, (triton.cdiv(n, 32),), src, dst, n, scale, BLOCK=32)
 
