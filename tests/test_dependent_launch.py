@@ -84,18 +84,27 @@ def test_environment_holds_the_fact() -> None:
     assert env.collect_environment()["dependent_launch"] == expected
 
 
-def test_show_says_whether_a_run_had_it(capsys: pytest.CaptureFixture[str]) -> None:
-    """The committed version 13 run had it; version 12's run, from before it was
-    recorded, says nothing of it."""
+@pytest.mark.parametrize(
+    ("fact", "with_it", "before_it"),
+    [
+        ("dependent launch", "h200-triton-v13", "h200-triton-v12"),
+        ("fast launch", "h200-forward-v15", "h200-peers-v14"),  # moebench.fast_launch
+    ],
+)
+def test_show_says_how_a_run_launched(
+    fact: str, with_it: str, before_it: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A committed run that had the launch switch on says so; a run from before it was
+    recorded says nothing of it."""
     from pathlib import Path
 
     from moebench.cli import main as cli_main
 
     reference = Path(__file__).parent.parent / "results" / "reference"
-    assert cli_main(["show", str(reference / "h200-triton-v13")]) == 0
-    assert "dependent launch on" in " ".join(capsys.readouterr().out.split())
-    assert cli_main(["show", str(reference / "h200-triton-v12")]) == 0
-    assert "dependent launch" not in capsys.readouterr().out
+    assert cli_main(["show", str(reference / with_it)]) == 0
+    assert f"{fact} on" in " ".join(capsys.readouterr().out.split())
+    assert cli_main(["show", str(reference / before_it)]) == 0
+    assert fact not in capsys.readouterr().out
 
 
 # ------------------------------------------------- the contract, read from the source
