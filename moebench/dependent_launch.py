@@ -26,22 +26,22 @@ compiled kernel stays correct. A kernel without them must not be launched with P
 (the backward's kernels launch plainly).
 
 `enabled` says whether a device gets PDL: NVIDIA compute capability 9.0 or later and a
-Triton that has it (`gdc_wait` and the `launch_pdl` launch option: 3.6 does), unless
-`$MOEBENCH_PDL=0` turns it off (to measure what it gives, or to rule it out).
-`for_tokens` adds the rule the callers go by: calls of at most MAX_TOKENS tokens, where
-it was measured to pay. Under CUDA graph capture the dependencies become the graph's
-programmatic edges. A call's first kernel may launch under the tail of whatever ran
-before it on the stream: the previous layer in a model, the L2 flush in moebench's timer.
+Triton that has it (`gdc_wait` and the `launch_pdl` option: 3.6 does), unless
+`$MOEBENCH_PDL=0` turns it off (to measure it). `for_tokens` adds the callers' rule:
+calls of at most MAX_TOKENS tokens, where it was measured to pay. Under CUDA graph
+capture the dependencies become the graph's programmatic edges. A call's first kernel
+may launch under whatever ran before it: the previous layer, the timer's L2 flush.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from moebench.env import switch_off
 
 ENV_SWITCH = "MOEBENCH_PDL"
 # The most tokens of a call whose kernels launch with PDL. The fused layer's graphed
@@ -53,7 +53,7 @@ MAX_TOKENS = 64
 
 def switched_off() -> bool:
     """Whether `$MOEBENCH_PDL` turns dependent launch off ("0", "off", "false", "no")."""
-    return os.environ.get(ENV_SWITCH, "").strip().lower() in ("0", "off", "false", "no")
+    return switch_off(ENV_SWITCH)
 
 
 @functools.cache

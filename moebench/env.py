@@ -35,6 +35,12 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def switch_off(variable: str) -> bool:
+    """Whether the environment variable `variable` turns a switch off ("0", "off",
+    "false" or "no", any case; unset or anything else: on)."""
+    return os.environ.get(variable, "").strip().lower() in ("0", "off", "false", "no")
+
+
 def _launch_state(module: str) -> str | None:
     """How moebench's Triton kernels launch, as `moebench.<module>.state()` records it
     ("on"/"off"): `dependent_launch` (PDL) or `fast_launch` (past the JIT's per-call

@@ -31,18 +31,19 @@ treats those apart), a Triton without `native_specialize_impl`, and `$MOEBENCH_F
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from moebench.env import switch_off
 
 ENV_SWITCH = "MOEBENCH_FAST_LAUNCH"
 
 
 def switched_off() -> bool:
     """Whether `$MOEBENCH_FAST_LAUNCH` turns the fast path off ("0", "off", "false", "no")."""
-    return os.environ.get(ENV_SWITCH, "").strip().lower() in ("0", "off", "false", "no")
+    return switch_off(ENV_SWITCH)
 
 
 # The switch, read once per process and again by `refresh_switch`: an environment read
