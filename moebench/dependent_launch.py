@@ -27,7 +27,7 @@ compiled kernel stays correct. A kernel without them must not be launched with P
 
 `enabled` says whether a device gets PDL: NVIDIA compute capability 9.0 or later and a
 Triton that has it (`gdc_wait` and the `launch_pdl` option: 3.6 does), unless
-`$MOEBENCH_PDL=0` turns it off (to measure it). `for_tokens` adds the callers' rule:
+`$MOEBENCH_PDL=0` (read once, `refresh_switch`) turns it off. `for_tokens` adds the rule:
 calls of at most MAX_TOKENS tokens, where it was measured to pay. Under CUDA graph
 capture the dependencies become the graph's programmatic edges. A call's first kernel
 may launch under whatever ran before it: the previous layer, the timer's L2 flush.
@@ -79,7 +79,7 @@ def triton_has_it() -> bool:
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels on `device` are launched with PDL (module docstring)."""
-    if device.type != "cuda" or switched_off():
+    if device.type != "cuda" or _off:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _capable(index)
@@ -113,3 +113,14 @@ def release_dependents(ON: tl.constexpr):
     """Let the next kernel launch once every program of this one has passed here."""
     if ON:
         tl.extra.cuda.gdc_launch_dependents()
+
+
+# The switch, read once per process and again by `refresh_switch`, as fast_launch reads
+# its own: read on every call, it was about 9 us of a one-token forward's 200 us of host.
+_off = switched_off()
+
+
+def refresh_switch() -> None:
+    """Read `$MOEBENCH_PDL` again (for tests and probes that flip it)."""
+    global _off
+    _off = switched_off()

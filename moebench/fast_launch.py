@@ -13,15 +13,22 @@ specialisation goes through the JIT (which compiles if need be, and launches) an
 the compiled kernel, keyed by the kernel, the current device, the keyword arguments
 (constexprs and options, by name) and each positional argument's specialisation as
 Triton's binder computes it (`native_specialize_impl`, with the kernel's own backend
-and the parameter's flags). Later calls compute that key and launch the compiled kernel
-directly (`CompiledKernel[grid]`, as Triton's fused-softmax tutorial does). Since the
-key is Triton's own specialisation, arguments that would compile another kernel get
-another entry: a kernel compiled for other arguments is never reused.
+and the parameter's flags). Later calls compute that key and hand the arguments to the
+compiled kernel's launcher (the C function `CompiledKernel[grid]` ends in) with the
+current stream. Since the key is Triton's own specialisation, arguments that would
+compile another kernel get another entry: a kernel compiled for other arguments is
+never reused.
+
+`CompiledKernel[grid]` itself is skipped too: on every call it reads the current device
+through `torch.cuda.current_device` and builds a launch-metadata record for hooks that
+are not set (in Triton 3.6 the hook chains are never None), which on the H200 machine's
+host was as much again as the key (triton/NOTES.md, version 16). It is still the path
+where a launch hook is set (Proton, say: the hooks run as Triton runs them) and for a
+kernel that needs scratch memory allocated per launch.
 
 What it skips: the check that the globals a kernel read have not changed since it
 compiled (moebench's kernels read module constants only), and the pre-run hooks (none
-are set on these kernels). Launch hooks (Proton) still run: the compiled kernel's
-launcher calls them.
+are set on these kernels).
 
 Plain launches remain where the fast path does not apply: Triton's interpreter (the CPU
 tests), a kernel whose parameters carry annotations or `do_not_specialize` (the binder
@@ -31,7 +38,9 @@ treats those apart), a Triton without `native_specialize_impl`, and `$MOEBENCH_F
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -107,36 +116,119 @@ class _Launcher:
         self.flags = [
             (p.is_constexpr, p.is_const, not p.do_not_specialize_on_alignment) for p in params
         ]
+        self.consts = [p.is_const for p in params]
+        self.aligns = [not p.do_not_specialize_on_alignment for p in params]
+        # positional arguments before the first constexpr are specialised in one `map`
+        self.first_constexpr = next(
+            (i for i, p in enumerate(params) if p.is_constexpr), len(params)
+        )
         self.params = params
         self.backends: dict[int, Any] = {}
-        # (device, keyword items, specialisations) -> (compiled kernel, remaining params)
-        self.compiled: dict[tuple, tuple[Any, tuple]] = {}
+        # (device, keyword items, specialisations) -> _Compiled
+        self.compiled: dict[tuple, _Compiled] = {}
 
     def __call__(self, grid: Sequence[int], args: tuple, kwargs: dict) -> None:
-        device = torch.cuda.current_device()
+        device = _current_device()
         backend = self.backends.get(device)
         if backend is None:
             # the backend the JIT's binder specialises with on this device
             backend = self.backends[device] = self.kernel.device_caches[device][3]
-        native = self.native
-        specialisations = tuple(
-            arg if constexpr else native(backend, arg, const, True, align)
-            for arg, (constexpr, const, align) in zip(args, self.flags)
-        )
+        if len(args) <= self.first_constexpr:  # a C loop: no Python frame per argument
+            specialisations = tuple(
+                map(self.native, repeat(backend), args, self.consts, repeat(True), self.aligns)
+            )
+        else:
+            specialisations = tuple(
+                arg if constexpr else self.native(backend, arg, const, True, align)
+                for arg, (constexpr, const, align) in zip(args, self.flags)
+            )
         key = (device, tuple(kwargs.items()), specialisations)
         found = self.compiled.get(key)
         if found is None:
             compiled = self.kernel[grid](*args, **kwargs)  # the JIT: compiles, launches
             if compiled is not None and hasattr(compiled, "packed_metadata"):
                 rest = tuple(kwargs.get(p.name, p.default) for p in self.params[len(args) :])
-                self.compiled[key] = (compiled, rest)
+                self.compiled[key] = _Compiled(compiled, rest)
             return
-        compiled, rest = found
-        grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-        compiled[grid3](*args, *rest)
+        found.launch(grid, device, args)
+
+
+class _Compiled:
+    """A compiled kernel and the parameters after the positional ones, launched through
+    its C launcher where no hook is set and it needs no scratch memory, else through
+    `CompiledKernel[grid]` (module docstring)."""
+
+    __slots__ = ("c_launch", "direct", "head", "kernel", "rest", "runtime")
+
+    def __init__(self, compiled: Any, rest: tuple):
+        from triton import knobs
+
+        self.kernel, self.rest, self.runtime = compiled, rest, knobs.runtime
+        launcher = compiled.run  # loads the module and function handles if need be
+        self.direct = (
+            _launcher_takes_head()
+            and getattr(launcher, "global_scratch_size", 1) == 0
+            and getattr(launcher, "profile_scratch_size", 1) == 0
+            and callable(getattr(launcher, "launch", None))
+        )
+        if self.direct:
+            self.c_launch = launcher.launch
+            # what the launcher takes between the stream and the kernel's arguments:
+            # function, cooperative grid, PDL, two scratch buffers (none), the packed
+            # metadata, launch metadata and the two hooks (none)
+            self.head = (
+                compiled.function,
+                launcher.launch_cooperative_grid,
+                launcher.launch_pdl,
+                None, None, compiled.packed_metadata, None, None, None,
+            )  # fmt: skip
+
+    def launch(self, grid: Sequence[int], device: int, args: tuple) -> None:
+        grid_x = grid[0]
+        grid_y = grid[1] if len(grid) > 1 else 1
+        grid_z = grid[2] if len(grid) > 2 else 1
+        if self.direct and _no_launch_hooks(self.runtime):
+            stream = _current_stream(device)
+            self.c_launch(grid_x, grid_y, grid_z, stream, *self.head, *args, *self.rest)
+        else:
+            self.kernel[(grid_x, grid_y, grid_z)](*args, *self.rest)
+
+
+def _current_device() -> int:
+    """The current CUDA device's index, without `torch.cuda.current_device`'s lazy-init
+    check (a fast launch follows a JIT launch, which initialised CUDA)."""
+    return torch._C._cuda_getDevice()
+
+
+def _current_stream(device: int) -> int:
+    """The current stream's handle on `device`, as Triton's driver reads it."""
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def _no_launch_hooks(runtime: Any) -> bool:
+    """Whether no launch hook is set in Triton's `knobs.runtime` (3.6's empty hook
+    chains; None or a hook set by assignment count as set: `CompiledKernel[grid]` runs
+    them)."""
+    return not getattr(runtime.launch_enter_hook, "calls", True) and not getattr(
+        runtime.launch_exit_hook, "calls", True
+    )
 
 
 _launchers: dict[int, _Launcher] = {}
+
+# The arguments Triton 3.6's C launcher parses before the kernel's own (grid, stream,
+# function, cooperative grid, PDL, then seven objects: `_Compiled.head`); a Triton whose
+# launcher takes others keeps `CompiledKernel[grid]`.
+LAUNCHER_HEAD_FORMAT = "iiiKKppOOOOOO"
+
+
+@functools.cache
+def _launcher_takes_head() -> bool:
+    try:
+        from triton.backends.nvidia.driver import _BASE_ARGS_FORMAT
+    except ImportError:
+        return False
+    return _BASE_ARGS_FORMAT == LAUNCHER_HEAD_FORMAT
 
 
 def _native_specialize_impl() -> Any:

@@ -40,6 +40,7 @@ def probe(preset: str, tokens: int, rounds: int, device: torch.device) -> str:
     with torch.no_grad():
         for name, switch in (("plain", "0"), ("PDL", "1")):
             os.environ[dependent_launch.ENV_SWITCH] = switch
+            dependent_launch.refresh_switch()
             holder: list[torch.Tensor] = []
             graphs[name] = graphed_step(
                 lambda _, h=holder: h.append(layer(x_TD)), 1, device, "triton"
@@ -47,6 +48,7 @@ def probe(preset: str, tokens: int, rounds: int, device: torch.device) -> str:
             graphs[name](0)
             outputs[name] = holder[-1].clone()
         os.environ.pop(dependent_launch.ENV_SWITCH)
+        dependent_launch.refresh_switch()
         samples: dict[str, list[float]] = {"plain": [], "PDL": []}
         for _ in range(rounds):
             for name, replay in graphs.items():

@@ -57,7 +57,7 @@ def per_call_us(fn, calls: int) -> float:
 # --ab: a switch's environment variable, and what reads it again after a change
 SWITCHES = {
     "fast-launch": (fast_launch.ENV_SWITCH, fast_launch.refresh_switch),
-    "pdl": (dependent_launch.ENV_SWITCH, lambda: None),  # read on every call
+    "pdl": (dependent_launch.ENV_SWITCH, dependent_launch.refresh_switch),
 }
 
 

@@ -29,6 +29,24 @@ needs_kernels = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def launch_switch(monkeypatch):
+    """`launch_switch(module, value)`: sets the environment switch of `module`
+    (`moebench.fast_launch` or `moebench.dependent_launch`: `ENV_SWITCH`, read once per
+    process) and has the module read it again; both undone after the test."""
+    touched = []
+
+    def set_to(module, value: str) -> None:
+        monkeypatch.setenv(module.ENV_SWITCH, value)
+        module.refresh_switch()
+        touched.append(module)
+
+    yield set_to
+    for module in touched:
+        monkeypatch.delenv(module.ENV_SWITCH, raising=False)
+        module.refresh_switch()
+
+
 def tiny_case(impl: str = "grouped", **changes) -> Case:
     """A case small enough to run in milliseconds on a CPU."""
     shape = LayerShape(

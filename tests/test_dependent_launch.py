@@ -19,17 +19,23 @@ def test_off_on_the_cpu() -> None:
     assert not dependent_launch.enabled(torch.device("cpu"))
 
 
+@pytest.fixture
+def switch(launch_switch):
+    """Sets `$MOEBENCH_PDL` for the test (`launch_switch`)."""
+    return lambda value: launch_switch(dependent_launch, value)
+
+
 @pytest.mark.parametrize("value", ["0", "off", "False", " no "])
-def test_switched_off_by_the_environment(monkeypatch, value: str) -> None:
-    monkeypatch.setenv(dependent_launch.ENV_SWITCH, value)
+def test_switched_off_by_the_environment(monkeypatch, switch, value: str) -> None:
+    switch(value)
     assert dependent_launch.switched_off()
     monkeypatch.setattr(dependent_launch, "_capable", lambda index: True)
     assert not dependent_launch.enabled(torch.device("cuda", 0))
 
 
 @pytest.mark.parametrize("value", ["", "1", "on"])
-def test_on_where_the_card_can(monkeypatch, value: str) -> None:
-    monkeypatch.setenv(dependent_launch.ENV_SWITCH, value)
+def test_on_where_the_card_can(monkeypatch, switch, value: str) -> None:
+    switch(value)
     monkeypatch.setattr(dependent_launch, "_capable", lambda index: True)
     assert dependent_launch.enabled(torch.device("cuda", 0))
     monkeypatch.setattr(dependent_launch, "_capable", lambda index: False)  # before Hopper
@@ -68,14 +74,15 @@ def test_calls_of_a_few_tokens_take_it(monkeypatch) -> None:
     assert not dependent_launch.for_tokens(torch.device("cpu"), 1)
 
 
-def test_the_run_records_it_where_cuda_is(monkeypatch) -> None:
+def test_the_run_records_it_where_cuda_is(monkeypatch, switch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert dependent_launch.state() is None
     assert env._launch_state("dependent_launch") is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(dependent_launch, "_capable", lambda index: True)
+    switch("1")
     assert env._launch_state("dependent_launch") == "on"
-    monkeypatch.setenv(dependent_launch.ENV_SWITCH, "0")
+    switch("0")
     assert env._launch_state("dependent_launch") == "off"
 
 

@@ -2,8 +2,9 @@
 tests/test_dependent_launch.py), a plain launch under Triton's interpreter, and on CUDA
 that a launch past the JIT's dispatch takes the kernel compiled for exactly its
 arguments' specialisation (a pointer's alignment, an integer equal to 1 or divisible by
-16), under a CUDA graph too, and that the fused layer gives the same bits with it as
-without (forward and a training step's input gradient)."""
+16), through the compiled kernel's C launcher unless a launch hook is set, under a CUDA
+graph too, and that the fused layer gives the same bits with it as without (forward and
+a training step's input gradient)."""
 
 from __future__ import annotations
 
@@ -34,16 +35,9 @@ def _scaled_copy_kernel(src_ptr, dst_ptr, n, scale, BLOCK: tl.constexpr):
 
 
 @pytest.fixture
-def switch(monkeypatch):
-    """Sets `$MOEBENCH_FAST_LAUNCH` for the test and reads it again, before and after."""
-
-    def set_to(value: str) -> None:
-        monkeypatch.setenv(fast_launch.ENV_SWITCH, value)
-        fast_launch.refresh_switch()
-
-    yield set_to
-    monkeypatch.delenv(fast_launch.ENV_SWITCH, raising=False)
-    fast_launch.refresh_switch()
+def switch(launch_switch):
+    """Sets `$MOEBENCH_FAST_LAUNCH` for the test (`launch_switch`)."""
+    return lambda value: launch_switch(fast_launch, value)
 
 
 @pytest.mark.parametrize("value", ["0", "off", "False", " no "])
@@ -156,6 +150,65 @@ def test_each_specialisation_gets_the_kernel_compiled_for_it(switch) -> None:
     launch_and_check(aligned, 1, new_kernel=True, scale=2.0)  # 1: a constant
     launch_and_check(aligned, 17, new_kernel=True, scale=2.0)  # not divisible by 16
     launch_and_check(aligned, 33, new_kernel=False, scale=2.0)
+
+
+@contextlib.contextmanager
+def _compiled_kernel_forbidden():
+    """`CompiledKernel[grid]` (Triton's Python launch path) fails inside."""
+    from triton.compiler.compiler import CompiledKernel
+
+    getitem = CompiledKernel.__getitem__
+    CompiledKernel.__getitem__ = _fails
+    try:
+        yield
+    finally:
+        CompiledKernel.__getitem__ = getitem
+
+
+@needs_cuda
+def test_a_repeat_goes_to_the_c_launcher_unless_a_hook_is_set(switch) -> None:
+    """Without launch hooks a repeat launch skips `CompiledKernel[grid]` too; with one
+    set (Proton, say) it runs through it, and the hook sees the launch."""
+    from triton import knobs
+
+    switch("1")
+    src = torch.arange(64, dtype=torch.float32, device="cuda")
+    dst = torch.zeros_like(src)
+    _copy(src, dst, 64)  # compiled, and kept by the fast path
+    with _jit_forbidden(), _compiled_kernel_forbidden():
+        _copy(src, dst, 64, 3.0)
+    torch.testing.assert_close(dst, src * 3)
+    seen = []
+
+    def hook(metadata) -> None:
+        seen.append(metadata.get()["name"])
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        with _jit_forbidden():
+            _copy(src, dst, 64, 5.0)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert seen == ["_scaled_copy_kernel"]
+    torch.testing.assert_close(dst, src * 5)
+
+
+@triton.jit
+def _fill_kernel(dst_ptr, n, value, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst_ptr + offs, tl.full((BLOCK,), value, tl.float32), mask=offs < n)
+
+
+@needs_cuda
+def test_a_constexpr_passed_by_position(switch) -> None:
+    """A constexpr among the positional arguments is keyed by its value: another value
+    is another kernel, not the one compiled for the first."""
+    switch("1")
+    dst = torch.zeros(64, dtype=torch.float32, device="cuda")
+    for block, value in ((16, 1.0), (16, 2.0), (64, 3.0), (64, 4.0), (16, 5.0)):
+        fast_launch.launch(_fill_kernel, (triton.cdiv(40, block),), dst, 40, value, block)
+        assert (dst[:40] == value).all() and (dst[40:] == 0).all()
+    assert len(fast_launch._launchers[id(_fill_kernel)].compiled) == 2
 
 
 @needs_cuda

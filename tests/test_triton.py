@@ -471,7 +471,7 @@ def test_forward_runs_without_host_sync_and_under_a_graph(tokens):
         (128, 256, 64, 32, 64),  # the three alignment kernels (2048 assignments)
     ],
 )
-def test_dependent_launch_keeps_every_bit(shape, monkeypatch):
+def test_dependent_launch_keeps_every_bit(shape, launch_switch):
     """Launched with PDL (each kernel starting under its predecessor's tail), the layer
     gives the bits it gives launched plainly: forward, un-graphed and replayed from a
     CUDA graph, and a training step's input gradient (its weight gradients to rounding).
@@ -488,7 +488,7 @@ def test_dependent_launch_keeps_every_bit(shape, monkeypatch):
     grad_y_TD = torch.randn_like(x_TD)
 
     def run(pdl: str) -> list[torch.Tensor]:
-        monkeypatch.setenv(dependent_launch.ENV_SWITCH, pdl)
+        launch_switch(dependent_launch, pdl)
         layer = registry.get("triton").build(weights, case)
         with torch.no_grad():
             eager = layer(x_TD)
