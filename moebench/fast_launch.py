@@ -21,10 +21,12 @@ never reused.
 
 `CompiledKernel[grid]` itself is skipped too: on every call it reads the current device
 through `torch.cuda.current_device` and builds a launch-metadata record for hooks that
-are not set (in Triton 3.6 the hook chains are never None), which on the H200 machine's
-host was as much again as the key (triton/NOTES.md, version 16). It is still the path
-where a launch hook is set (Proton, say: the hooks run as Triton runs them) and for a
-kernel that needs scratch memory allocated per launch.
+are not set (in Triton 3.6 the hook chains are never None). Under cProfile on the H200
+machine's host that was half of a fast launch's time, three times the key's
+(triton/NOTES.md, version 16). It is still the path where a launch hook is set (Proton,
+say: the hooks run as Triton runs them), for a kernel that needs scratch memory
+allocated per launch, and with a Triton whose C launcher takes other leading arguments
+than 3.6's (`LAUNCHER_HEAD_FORMAT`).
 
 What it skips: the check that the globals a kernel read have not changed since it
 compiled (moebench's kernels read module constants only), and the pre-run hooks (none
