@@ -114,10 +114,8 @@ class _Launcher:
             or not _is_jit_function(kernel)
             or any(p.annotation_type or p.do_not_specialize for p in params if not p.is_constexpr)
         )
-        # per parameter: (constexpr, const, specialised on alignment)
-        self.flags = [
-            (p.is_constexpr, p.is_const, not p.do_not_specialize_on_alignment) for p in params
-        ]
+        # per parameter: constexpr, const, specialised on alignment
+        self.constexprs = [p.is_constexpr for p in params]
         self.consts = [p.is_const for p in params]
         self.aligns = [not p.do_not_specialize_on_alignment for p in params]
         # positional arguments before the first constexpr are specialised in one `map`
@@ -135,16 +133,7 @@ class _Launcher:
         if backend is None:
             # the backend the JIT's binder specialises with on this device
             backend = self.backends[device] = self.kernel.device_caches[device][3]
-        if len(args) <= self.first_constexpr:  # a C loop: no Python frame per argument
-            specialisations = tuple(
-                map(self.native, repeat(backend), args, self.consts, repeat(True), self.aligns)
-            )
-        else:
-            specialisations = tuple(
-                arg if constexpr else self.native(backend, arg, const, True, align)
-                for arg, (constexpr, const, align) in zip(args, self.flags)
-            )
-        key = (device, tuple(kwargs.items()), specialisations)
+        key = (device, tuple(kwargs.items()), self.specialisations(backend, args))
         found = self.compiled.get(key)
         if found is None:
             compiled = self.kernel[grid](*args, **kwargs)  # the JIT: compiles, launches
@@ -153,6 +142,18 @@ class _Launcher:
                 self.compiled[key] = _Compiled(compiled, rest)
             return
         found.launch(grid, device, args)
+
+    def specialisations(self, backend: Any, args: tuple) -> tuple:
+        """Each positional argument's specialisation as the JIT's binder computes it
+        with `backend` (`native_specialize_impl`), a constexpr's as its value."""
+        if len(args) <= self.first_constexpr:  # a C loop: no Python frame per argument
+            return tuple(
+                map(self.native, repeat(backend), args, self.consts, repeat(True), self.aligns)
+            )
+        return tuple(
+            arg if constexpr else self.native(backend, arg, const, True, align)
+            for arg, constexpr, const, align in zip(args, self.constexprs, self.consts, self.aligns)
+        )
 
 
 class _Compiled:

@@ -103,6 +103,42 @@ def test_a_launch_computes_what_the_kernel_does() -> None:
         assert fast_launch._launchers[id(_scaled_copy_kernel)].plain
 
 
+@pytest.mark.parametrize("kernel", ["_scaled_copy_kernel", "_fill_kernel"])
+def test_the_key_is_the_binders_specialisation(kernel: str) -> None:
+    """What a launch is keyed by equals what Triton's own binder specialises (on CPU:
+    Hopper's backend, no device needed): a tensor's dtype and 16-byte alignment, an
+    integer's divisibility by 16 or its being 1, a float, a bool; a constexpr passed by
+    position by its value. With all positional arguments before the first constexpr
+    (`_scaled_copy_kernel`) the key is made in one `map`, else argument by argument."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    fn = globals()[kernel]
+    jit = JITFunction(getattr(fn, "fn", fn))  # a JIT function under the interpreter too
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    launcher = fast_launch._Launcher(jit)
+    assert not launcher.plain
+    buffer = torch.arange(80, dtype=torch.float16)
+    for tensor in (buffer, buffer[1:], buffer[8:], buffer.float()):
+        for n in (1, 16, 17, 48):
+            for scalar in (2.0, True):
+                if kernel == "_scaled_copy_kernel":
+                    args = (tensor, tensor, n, scalar)
+                    kwargs = {"BLOCK": 32}
+                else:
+                    args = (tensor, n, scalar, 32)  # BLOCK by position
+                    kwargs = {}
+                _, expected, _ = binder(*args, **kwargs)
+                got = launcher.specialisations(backend, args)
+                as_binder = [
+                    ("constexpr", value) if constexpr else value
+                    for value, constexpr in zip(got, launcher.constexprs)
+                ]
+                assert as_binder == list(expected[: len(args)])
+
+
 def _jit_compiled() -> int:
     """How many kernels the JIT has compiled of `_scaled_copy_kernel` on this device."""
     return len(_scaled_copy_kernel.device_caches[torch.cuda.current_device()][0])
