@@ -52,6 +52,11 @@ case "$(python -c 'import moebench; print(moebench.__file__)')" in
   "$checkout"/*) fail "moebench imported from the checkout, not the wheel" ;;
 esac
 moebench suites >/dev/null || fail "moebench suites"
+# the tuned block sizes shipped per device (moebench/impls/triton/tuned/) are in the wheel
+shipped=$(python -c 'from moebench.impls.triton import tuning; d = tuning.shipped_dir()
+print(" ".join(sorted(p.name for p in d.glob("*.json"))))')
+[ "$shipped" = "$(cd "$checkout/moebench/impls/triton" && ls tuned/*.json 2>/dev/null \
+  | xargs -rn1 basename | sort | xargs)" ] || fail "shipped tuning files: '$shipped'"
 
 step "an empty git repository: moebench init, the plugin installed as a package"
 repo="$work/their-repo"

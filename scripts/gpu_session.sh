@@ -50,7 +50,10 @@
 # (entries tuned for other code than this checkout's are ignored, and replaced):
 # .tune-cache/*.json (git-ignored; device tool: carry ".tune-cache") seeds the tuning
 # cache, and the cache comes back as $OUT/tune-cache/ (copy it over .tune-cache/). It
-# holds choices of block sizes, no measurements. What each tuning timed (every candidate's
+# holds choices of block sizes, no measurements. .tune-cache does not outlive a fresh
+# checkout: fold what came back into the choices moebench ships, and commit them
+# (`python scripts/ship_tuning.py $OUT/tune-cache/NVIDIA_H200.json`; every key of the
+# package's tuned/ files is taken without tuning). What each tuning timed (every candidate's
 # milliseconds, or why it failed to compile) is logged to $OUT/tune-log.jsonl
 # (`python scripts/tune_log.py FILE` prints a line per tuning).
 set -uo pipefail

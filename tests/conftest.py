@@ -29,6 +29,14 @@ needs_kernels = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def no_shipped_tuning(monkeypatch):
+    """Every test tunes as if moebench shipped no tuned choices: on a card it ships them
+    for, a test that tunes would take them and time nothing (the tests of the shipped
+    choices turn them back on)."""
+    monkeypatch.setenv("MOEBENCH_TRITON_SHIPPED", "0")
+
+
 @pytest.fixture
 def launch_switch(monkeypatch):
     """`launch_switch(module, value)`: sets the environment switch of `module`

@@ -146,3 +146,15 @@ def test_builtin_suites_found_from_a_source_checkout_without_install(monkeypatch
     assert {"smoke", "default", "peers"} <= set(suites)
     assert catalog.resolve_suite("smoke") == suites["smoke"]
     assert suites["smoke"].parent.name == "suites"
+
+
+def test_the_shipped_tuning_choices_are_package_data() -> None:
+    """The fused layer's tuned block sizes moebench ships (`tuning.shipped_dir()`) are
+    listed as package data, so a wheel carries them (.ci/outsider.sh checks the wheel)."""
+    from moebench.impls.triton import tuning
+
+    setuptools = tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package_data = setuptools["package-data"]
+    package = CHECKOUT / "moebench" / "impls" / "triton"
+    assert tuning.shipped_dir().parent == package
+    assert f"{tuning.shipped_dir().name}/*.json" in package_data["moebench.impls.triton"]

@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from moebench import registry
@@ -155,3 +156,119 @@ def test_tuning_keys_name_each_gemms_weight_layout():
         stored = (layer.w_gate_up_E2FD, layer.w_down_EFD)
         assert [tuple(w.shape) for w in stored] == [(E, 2 * F, D), (E, F, D)]
         assert all(w.is_contiguous() for w in stored)
+
+
+def _shipped_setup(tmp_path, monkeypatch, shipped: dict) -> tuple[Path, Path]:
+    """A cache directory and a shipped directory holding `shipped` as cpu.json, the
+    shipped choices switched on (conftest switches them off for every other test)."""
+    cache, into = tmp_path / "cache", tmp_path / "tuned"
+    monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(cache))
+    monkeypatch.setenv(tuning.SHIPPED_SWITCH, "1")
+    monkeypatch.setattr(tuning, "shipped_dir", lambda: into)
+    into.mkdir()
+    (into / "cpu.json").write_text(json.dumps(shipped))
+    return cache, into
+
+
+def test_a_key_missing_from_the_cache_takes_the_shipped_choice(tmp_path, monkeypatch):
+    """Cache first, then the shipped choice, then tuning (in the interpreter: the first
+    candidate); a shipped choice for other code is not taken; `MOEBENCH_TRITON_SHIPPED=0`
+    ignores the shipped ones; a shipped choice is not copied into the cache."""
+    candidates = [{"BLOCK_M": 16}, {"BLOCK_M": 32}, {"BLOCK_M": 64}]
+    fingerprint = tuning.code_fingerprint((_kernel_v1,), candidates)
+    stale = tuning.code_fingerprint((_kernel_v2,), candidates)
+    cache, _ = _shipped_setup(
+        tmp_path,
+        monkeypatch,
+        {f"k {fingerprint}": candidates[1], f"old {stale}": candidates[2]},
+    )
+
+    def choose(key: str) -> dict:
+        return tuning.Tuner().choose(
+            torch.device("cpu"), key, lambda: candidates, lambda c: pytest.fail("timed"),
+            code=(_kernel_v1,),
+        )  # fmt: skip
+
+    assert choose("k") == candidates[1]
+    assert choose("old") == candidates[0]  # tuned: the shipped one is for other code
+    assert not (cache / "cpu.json").exists()
+    monkeypatch.setenv(tuning.SHIPPED_SWITCH, "0")
+    assert choose("k") == candidates[0]
+    monkeypatch.setenv(tuning.SHIPPED_SWITCH, "1")
+    cache.mkdir()
+    (cache / "cpu.json").write_text(json.dumps({f"k {fingerprint}": candidates[2]}))
+    assert choose("k") == candidates[2]  # tuned on this machine: the cache wins
+
+
+def _ship(argv: list[str]) -> int:
+    import runpy
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "ship_tuning.py"))
+    return script["main"](argv)
+
+
+def test_ship_tuning_folds_a_cache_and_a_log_into_the_shipped_file(tmp_path, monkeypatch, capsys):
+    """A cache named for its device and a tuning log with --device land in one shipped
+    file; a choice replaces the shipped ones of its key made for other code, keeps the
+    other keys; --replace starts afresh; the tuner then takes what was shipped."""
+    into = tmp_path / "tuned"
+    into.mkdir()
+    shipped = into / "NVIDIA_H200.json"
+    shipped.write_text(json.dumps({"down D8 T1 old": {"BLOCK_N": 1}, "keep D8 T1 f0": {"B": 2}}))
+    cache = tmp_path / "NVIDIA_H200.json"
+    cache.write_text(json.dumps({"down D8 T1 new": {"BLOCK_N": 3}}))
+    log = tmp_path / "tune-log.jsonl"
+    lines = [
+        {"key": "gate_up D8 T1 f1", "timed_by": "graph", "trials": [], "chosen": {"BLOCK_N": 4}},
+        {"key": "failed D8 T1 f1", "timed_by": "graph", "trials": [], "chosen": None},
+    ]
+    log.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    into_args = ["--into", str(into)]
+    assert _ship([str(cache), str(log), "--device", "NVIDIA H200", *into_args]) == 0
+    assert capsys.readouterr().out.strip() == f"{shipped}: 3 choices (2 new, 1 dropped)"
+    assert json.loads(shipped.read_text()) == {
+        "down D8 T1 new": {"BLOCK_N": 3},
+        "keep D8 T1 f0": {"B": 2},
+        "gate_up D8 T1 f1": {"BLOCK_N": 4},
+    }
+    assert _ship([str(cache), *into_args, "--replace"]) == 0
+    assert json.loads(shipped.read_text()) == {"down D8 T1 new": {"BLOCK_N": 3}}
+
+    # What was shipped is what the tuner takes, under the key it computes.
+    candidates = [{"BLOCK_M": 16}, {"BLOCK_M": 32}]
+    full_key = f"k {tuning.code_fingerprint((_kernel_v1,), candidates)}"
+    run_cache = tmp_path / "run" / "cpu.json"
+    run_cache.parent.mkdir()
+    run_cache.write_text(json.dumps({full_key: candidates[1]}))
+    assert _ship([str(run_cache), *into_args]) == 0
+    monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv(tuning.SHIPPED_SWITCH, "1")
+    monkeypatch.setattr(tuning, "shipped_dir", lambda: into)
+    choice = tuning.Tuner().choose(
+        torch.device("cpu"), "k", lambda: candidates, print, code=(_kernel_v1,)
+    )
+    assert choice == candidates[1]
+
+
+def test_ship_tuning_names_a_bad_source(tmp_path, capsys):
+    into = ["--into", str(tmp_path / "tuned")]
+    log = tmp_path / "tune-log.jsonl"
+    log.write_text('{"key": "k f", "chosen": {"B": 1}}\n')
+    assert _ship([str(log), *into]) == 2
+    assert "does not name its device; pass --device" in capsys.readouterr().err
+    log.write_text('{"key": "k f", "chosen": {"B": 1}}\nnot json\n')
+    assert _ship([str(log), "--device", "x", *into]) == 2
+    assert f"{log}:2: not a tuning line" in capsys.readouterr().err
+    bad = {
+        "list.json": "[1, 2]",
+        "text.json": "not json",
+        "nokey.json": '{"nofingerprint": {"B": 1}}',
+        "nochoice.json": '{"k f": 3}',
+    }
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        assert _ship([str(tmp_path / name), *into]) == 2, name
+        assert str(tmp_path / name) in capsys.readouterr().err
+    assert _ship([str(tmp_path / "missing.json"), *into]) == 2
+    assert "missing.json: cannot read it" in capsys.readouterr().err
+    assert not (tmp_path / "tuned").exists()  # nothing written from a bad source

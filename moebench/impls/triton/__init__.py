@@ -2,12 +2,13 @@
 
 Files: `align.py` (token -> expert alignment on the device), `kernels.py` (the two fused
 grouped GEMMs), `tuning.py` (block sizes, tuned once per device, shape and token bucket,
-cached on disk), `layer.py` (the module and its autograd function), `backward.py` (the
-backward: each GEMM the down kernel or torch's grouped GEMM, whichever the tuner timed
-faster, and two Triton kernels), `weight_grad.py` (the weight gradients of experts with
-few rows: a write-bound Triton kernel raced against the grouped GEMM), `NOTES.md` (each
-version measured on the H200, and what is left). Triton is imported only when a layer is
-built, so moebench runs where Triton is not installed.
+cached on disk; `tuned/` holds the choices moebench ships per device), `layer.py` (the
+module and its autograd function), `backward.py` (the backward: each GEMM the down
+kernel or torch's grouped GEMM, whichever the tuner timed faster, and two Triton
+kernels), `weight_grad.py` (the weight gradients of experts with few rows: a write-bound
+Triton kernel raced against the grouped GEMM), `NOTES.md` (each version measured on the
+H200, and what is left). Triton is imported only when a layer is built, so moebench runs
+where Triton is not installed.
 """
 
 from __future__ import annotations

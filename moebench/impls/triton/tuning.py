@@ -13,6 +13,14 @@ The cache lives in `$MOEBENCH_TRITON_CACHE` if set, else `$XDG_CACHE_HOME/moeben
 again. With `$MOEBENCH_TRITON_TUNE_LOG` set to a file, each tuning appends what every
 candidate took (or why it failed) to it as one JSON line.
 
+moebench also ships choices tuned on the cards it was measured on (`shipped_dir()`, the
+package's `tuned/<device name>.json`, written by `scripts/ship_tuning.py` from a cache or a
+tuning log): a key missing from the cache is looked up there before it is tuned, so a
+first run on such a card does not spend minutes tuning. Their keys carry the same
+fingerprint, so they are taken only for the code, Triton and torch they were timed on.
+The cache, tuned on this machine, comes first; `MOEBENCH_TRITON_SHIPPED=0` ignores the
+shipped choices (a card run at other clocks or power limits, say).
+
 Token counts are bucketed to the next power of two, since block choices change with the
 order of magnitude of the rows per expert, not with every count.
 
@@ -40,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from moebench.env import switch_off
 from moebench.measure.graph import graphed_step
 from moebench.measure.timing import TimingPlan, time_repeats
 
@@ -211,9 +220,46 @@ def cache_dir() -> Path:
     return Path(base) / "moebench" / "triton"
 
 
+def shipped_dir() -> Path:
+    """The choices moebench ships, one file per device name (the module docstring)."""
+    return Path(__file__).with_name("tuned")
+
+
+SHIPPED_SWITCH = "MOEBENCH_TRITON_SHIPPED"
+
+
+def device_file_name(device: torch.device | str) -> str:
+    """The file name of `device` (or of a device name) in the cache and among the shipped
+    choices: its name with every run of characters other than letters, digits, '_', '.'
+    and '-' as one '_' ("NVIDIA H200" -> "NVIDIA_H200.json"; the interpreter's "cpu.json")."""
+    if isinstance(device, str):
+        name = device.removesuffix(".json")
+    else:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".json"
+
+
 def _device_file(device: torch.device) -> Path:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return cache_dir() / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".json")
+    return cache_dir() / device_file_name(device)
+
+
+def merge_choice(table: dict[str, dict], full_key: str, choice: dict) -> dict[str, dict]:
+    """`table` with `choice` under `full_key` (a key and its fingerprint), less the entries
+    of the same key made for other code (or before keys had a fingerprint)."""
+    key = full_key.rsplit(" ", 1)[0]
+    merged = {k: v for k, v in table.items() if key not in (k, k.rsplit(" ", 1)[0])}
+    merged[full_key] = choice
+    return merged
+
+
+def read_table(path: Path) -> dict[str, dict]:
+    """The choices in a cache or shipped file; {} for a file missing or unreadable (a
+    cache is an aid: tuning again is the worst a bad file costs)."""
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
 
 
 class Tuner:
@@ -226,10 +272,7 @@ class Tuner:
 
     def _table(self, path: Path) -> dict[str, dict]:
         if path not in self._loaded:
-            try:
-                self._loaded[path] = json.loads(path.read_text())
-            except (OSError, ValueError):
-                self._loaded[path] = {}
+            self._loaded[path] = read_table(path)
         return self._loaded[path]
 
     def choose(
@@ -242,7 +285,8 @@ class Tuner:
         graphed: bool = False,
     ) -> dict:
         """The cached choice for `key` and this code (`code`: the kernels that `run`
-        launches; `code_fingerprint`), or the fastest of `configs()` by `run(config)`
+        launches; `code_fingerprint`), else the shipped one (`shipped_dir`), else the
+        fastest of `configs()` by `run(config)`
         (timed with triton's do_bench, or replayed from a CUDA graph if `graphed`: the
         module docstring), saved before it is returned. A config that fails to compile
         or launch (too much shared memory, say) is skipped."""
@@ -269,6 +313,10 @@ class Tuner:
         table = self._table(path)
         if full_key in table:
             return table[full_key]
+        if not switch_off(SHIPPED_SWITCH):
+            shipped = self._table(shipped_dir() / device_file_name(device))
+            if full_key in shipped:
+                return shipped[full_key]
         if device.type != "cuda":  # Triton's interpreter (tests): nothing worth timing
             return configs[0]
         from triton.testing import do_bench
@@ -298,13 +346,7 @@ class Tuner:
         """Add one choice to the file, keeping what other processes wrote meanwhile and
         dropping the entries of the same key made for other code (or before keys had a
         fingerprint)."""
-        try:
-            on_disk = json.loads(path.read_text()) if path.exists() else {}
-        except (OSError, ValueError):
-            on_disk = {}
-        key = full_key.rsplit(" ", 1)[0]
-        on_disk = {k: v for k, v in on_disk.items() if key not in (k, k.rsplit(" ", 1)[0])}
-        on_disk[full_key] = choice
+        on_disk = merge_choice(read_table(path), full_key, choice)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
