@@ -20,6 +20,12 @@
 #             which token counts, default 1 64 1024 8192)
 #   designs   seeds, moepp, dsmoe, topp, merging, offload and deepseek suites (GPU_DESIGNS:
 #             a subset, by name)
+#   ws-probe  scripts/ws_gemm_probe.py: the fused layer's GEMMs against TMA and
+#             warp-specialised versions (GPU_PRESETS, default mixtral-8x7b; GPU_TOKENS:
+#             one count, default 8192)
+#   host      scripts/host_profile.py, one-token forwards of Qwen3-30B-A3B and OLMoE-1B-7B
+#             in one process (GPU_PRESETS, GPU_TOKENS: others), with dependent launch off
+#             and on and the layers in turns, and cProfile's top functions
 #
 # GPU_FILTER="KEY=V1,V2" (or a label regex) keeps only matching cases of every suite step,
 # e.g. GPU_FILTER=cuda_graph=true scripts/gpu_session.sh peers (the graphed decode rows);
@@ -122,6 +128,18 @@ for step in "$@"; do
       timed python3 scripts/weight_grad_bench.py \
         --preset ${GPU_PRESETS:-deepseek-v3 qwen3-30b-a3b olmoe-1b-7b} \
         --tokens ${GPU_TOKENS:-1 64 1024 8192}
+      ;;
+    ws-probe)
+      for preset in ${GPU_PRESETS:-mixtral-8x7b}; do
+        # shellcheck disable=SC2086
+        timed python3 scripts/ws_gemm_probe.py --gemm down gate_up --preset "$preset" \
+          --tokens ${GPU_TOKENS:-8192}
+      done
+      ;;
+    host)
+      # shellcheck disable=SC2086
+      timed python3 scripts/host_profile.py --preset ${GPU_PRESETS:-qwen3-30b-a3b olmoe-1b-7b} \
+        --tokens ${GPU_TOKENS:-1} --ab pdl --top 30
       ;;
     designs)
       # GPU_DESIGNS: a subset of the design suites, by name

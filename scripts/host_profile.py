@@ -1,11 +1,14 @@
 """Where the host's time goes in one un-graphed forward or training step of a layer (CUDA).
 
-    python scripts/host_profile.py [--impl triton] [--preset qwen3-30b-a3b] [--tokens 1 64]
-                                   [--mode forward|train] [--ab fast-launch|pdl]
+    python scripts/host_profile.py [--impl triton] [--preset qwen3-30b-a3b ...]
+                                   [--tokens 1 64] [--mode forward|train]
+                                   [--ab fast-launch|pdl]
 
-For each token count: the microseconds per call of the whole layer, of its router and
-of its routed part alone (calls queued back to back, one sync at the end: while the GPU
-keeps up, wall time per call is the host's time) and of its kernels (torch.profiler),
+For each token count and preset: the microseconds per call of the whole layer, of its
+router and of its routed part alone (calls queued back to back, one sync at the end:
+while the GPU keeps up, wall time per call is the host's time; the layer's line also
+gives the host's time to queue the calls, before the sync, and calls the layer
+GPU-bound where the wall time is a fifth longer) and of its kernels (torch.profiler),
 then the functions that took the most host time (cProfile, by own time) and moebench's
 functions by the time under them, and with `--ops N` the N torch ops that took the most
 CPU time.
@@ -17,7 +20,9 @@ train` a call is the harness's training step (`case_run._step_fn`: fresh gradien
 forward, the backward of a fixed output gradient), also timed without its backward; the
 router and routed parts are timed at inference (no autograd). With `--ab SWITCH` the
 call is also timed with `$MOEBENCH_FAST_LAUNCH` or `$MOEBENCH_PDL` off and on, in turns
-in one process (`switch_turns`).
+in one process (`switch_turns`). With several presets, their calls are also timed in
+turns in one process (`preset_turns`): a host's speed moves between processes and over
+minutes, so two presets timed apart can differ by what the host did meanwhile.
 """
 
 from __future__ import annotations
@@ -42,16 +47,50 @@ from moebench.weight_sources import make_weights
 from moebench.weights import make_inputs
 
 
-def per_call_us(fn, calls: int) -> float:
-    """Host microseconds per call of `fn`, queued back to back."""
+def queued_and_wall_us(fn, calls: int) -> tuple[float, float]:
+    """(host microseconds per call to queue `calls` calls of `fn` back to back, wall
+    microseconds per call until the device finished them)."""
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    queued = time.perf_counter()
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
+    end = time.perf_counter()
+    return (queued - start) / calls * 1e6, (end - start) / calls * 1e6
+
+
+def per_call_us(fn, calls: int) -> float:
+    """Wall microseconds per call of `fn`, queued back to back (the host's time while
+    the device keeps up)."""
+    return queued_and_wall_us(fn, calls)[1]
+
+
+# A wall time this much over the host's queueing time: the device, not the host, set it.
+GPU_BOUND_RATIO = 1.2
+
+
+def describe_call(name: str, fn, calls: int) -> str:
+    """`name`, the wall microseconds per call, the host's to queue it, and which of the
+    two set the call's time: the host's launches or the device's work (the host queues
+    ahead of a slower device until the launch queue is full)."""
+    queued, wall = queued_and_wall_us(fn, calls)
+    bound = "GPU-bound" if wall > GPU_BOUND_RATIO * queued else "host-bound"
+    return f"{name} {wall:.1f} us (queued in {queued:.1f}: {bound})"
+
+
+def preset_turns(calls_by_preset: dict[str, object], calls: int, rounds: int = 8) -> str:
+    """The wall microseconds per call of each preset's call, taking turns in one
+    process (the order reversed every other round), medians over the rounds."""
+    times: dict[str, list[float]] = {name: [] for name in calls_by_preset}
+    names = list(calls_by_preset)
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            times[name].append(per_call_us(calls_by_preset[name], calls))
+    medians = ", ".join(f"{name} {statistics.median(t):.1f} us" for name, t in times.items())
+    return f"in turns ({rounds} rounds): {medians}"
 
 
 # --ab: a switch's environment variable, and what reads it again after a change
@@ -85,6 +124,28 @@ def switch_turns(fn, calls: int, switch: str, rounds: int = 8) -> str:
     return f"{switch} off {off:.1f} us, on {on:.1f} us ({rounds} rounds in turns)"
 
 
+def layer_call(impl: str, preset: str, tokens: int, mode: str = "forward"):
+    """(the layer, its input, a call of it as `moebench run` times it: a forward, or
+    the harness's training step if `mode` is "train")."""
+    case = Case(
+        PRESETS[preset], Workload(tokens, 1, mode), impl,
+        device="cuda", dtype="bfloat16", preset=preset,
+    )  # fmt: skip
+    layer = registry.get(impl).build(make_weights(case), case)
+    inputs = make_inputs(case, 1)
+    x_TD = inputs[0]
+    if mode == "train":
+        x_TD.requires_grad_(True)
+        return layer, x_TD, functools.partial(_step_fn(case, layer, inputs, {}), 0)
+    return layer, x_TD, functools.partial(layer, x_TD)
+
+
+def timing_mode(mode: str):
+    """As `moebench run` times a call: a forward under inference_mode (a layer whose
+    weights want gradients runs its training path otherwise), a step with autograd."""
+    return torch.inference_mode() if mode == "forward" else torch.enable_grad()
+
+
 def profile_layer(
     impl: str,
     preset: str,
@@ -98,28 +159,15 @@ def profile_layer(
     """Print the host time per call of `impl`'s layer (a forward, or a training step if
     `mode` is "train"), its router and routed part, and the device's kernel time per
     call; then the `top` functions by own time and the `ops` torch ops by own CPU time."""
-    case = Case(
-        PRESETS[preset], Workload(tokens, 1, mode), impl,
-        device="cuda", dtype="bfloat16", preset=preset,
-    )  # fmt: skip
-    layer = registry.get(impl).build(make_weights(case), case)
-    inputs = make_inputs(case, 1)
-    x_TD = inputs[0]
+    layer, x_TD, call = layer_call(impl, preset, tokens, mode)
     parts = [f"== {impl} {preset} {tokens} tokens, {mode}"]
-    if mode == "train":
-        x_TD.requires_grad_(True)
-        call = functools.partial(_step_fn(case, layer, inputs, {}), 0)
-    else:
-        call = functools.partial(layer, x_TD)
-    # as `moebench run` times it: a forward under inference_mode (a layer whose weights
-    # want gradients runs its training path otherwise), a training step with autograd
-    with torch.inference_mode() if mode == "forward" else torch.enable_grad():
+    with timing_mode(mode):
         if mode == "train":
-            parts.append(f"step {per_call_us(call, calls):.1f} us")
+            parts.append(describe_call("step", call, calls))
             forward_us = per_call_us(functools.partial(layer, x_TD), calls)
             parts.append(f"its forward {forward_us:.1f} us")
         else:
-            parts.append(f"layer {per_call_us(call, calls):.1f} us")
+            parts.append(describe_call("layer", call, calls))
         if ab:
             parts.append(switch_turns(call, calls, ab))
         if isinstance(layer, MoELayer):  # a router and a routed part to time apart
@@ -166,7 +214,7 @@ def _profile_calls(call, calls: int, top: int, ops: int, parts: list[str]) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impl", default="triton")
-    parser.add_argument("--preset", default="qwen3-30b-a3b")
+    parser.add_argument("--preset", nargs="+", default=["qwen3-30b-a3b"])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--mode", choices=("forward", "train"), default="forward")
     parser.add_argument("--calls", type=int, default=300)
@@ -184,12 +232,18 @@ def main() -> None:
         registry.get(args.impl)
     except registry.RegistryError as error:
         parser.exit(2, f"{error}\n")
-    if args.preset not in PRESETS:
-        parser.exit(2, f"unknown preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}\n")
+    unknown = [preset for preset in args.preset if preset not in PRESETS]
+    if unknown:
+        parser.exit(2, f"unknown preset {unknown[0]!r}; known: {', '.join(sorted(PRESETS))}\n")
     for tokens in args.tokens:
-        profile_layer(
-            args.impl, args.preset, tokens, args.calls, args.top, args.mode, args.ops, args.ab
-        )
+        for preset in args.preset:
+            profile_layer(
+                args.impl, preset, tokens, args.calls, args.top, args.mode, args.ops, args.ab
+            )
+        if len(args.preset) > 1:
+            calls = {p: layer_call(args.impl, p, tokens, args.mode)[2] for p in args.preset}
+            with timing_mode(args.mode):
+                print(f"== {tokens} tokens, {args.mode}, " + preset_turns(calls, args.calls))
 
 
 if __name__ == "__main__":

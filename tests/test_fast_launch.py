@@ -320,3 +320,27 @@ def test_the_fused_layer_keeps_every_bit(shape, switch, monkeypatch) -> None:
         assert fast_launch._launchers[id(kernel)].compiled, "launched through the JIT only"
     for a, b in zip(plain, fast, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_host_profile_says_which_side_set_a_calls_time(monkeypatch) -> None:
+    """A call whose device work outlasts its queueing is GPU-bound, one the device keeps
+    up with host-bound; presets timed in turns each get their median, in both orders."""
+    import runpy
+    import time
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "host_profile.py"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    host_bound = script["describe_call"]("layer", lambda: time.sleep(0.001), 5)
+    assert host_bound.endswith(": host-bound)")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: time.sleep(0.02))
+    text = script["describe_call"]("layer", lambda: time.sleep(0.0001), 20)
+    assert text.startswith("layer ") and text.endswith(": GPU-bound)")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    order: list[str] = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
+    text = script["preset_turns"](calls, calls=2, rounds=2)
+    assert text.startswith("in turns (2 rounds): a ") and ", b " in text
+    # each round: 5 warm-up calls and 2 timed per preset; the second round b first
+    assert order == ["a"] * 7 + ["b"] * 7 + ["b"] * 7 + ["a"] * 7
