@@ -117,7 +117,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         error(console, problem)
         return EXIT_BAD_INPUT
     if args.threads is not None and args.threads < 1:
-        console.print(f"[red]error:[/] --threads must be at least 1, got {args.threads}")
+        error(console, f"--threads must be at least 1, got {args.threads}")
         return EXIT_BAD_INPUT
     if distributed.is_follower():
         return distributed.follow(tuple(args.plugin))
@@ -128,16 +128,16 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         try:
             gpus = parse_devices(args.devices)
         except DevicesError as exc:
-            console.print(f"[red]error:[/] {escape(str(exc))}")
+            error(console, exc)
             return EXIT_BAD_INPUT
         if args.in_process and len(gpus) > 1:
-            console.print("[red]error:[/] --devices with several GPUs needs worker processes")
+            error(console, "--devices with several GPUs needs worker processes")
             return EXIT_BAD_INPUT
     from moebench.measure.phases import nvtx_available
     from moebench.measure.profile import ProfileOptions
 
     if args.nvtx and not nvtx_available():
-        console.print("[red]error:[/] --nvtx needs a CUDA build of torch (NVTX is not in this one)")
+        error(console, "--nvtx needs a CUDA build of torch (NVTX is not in this one)")
         return EXIT_BAD_INPUT
     profile = ProfileOptions(trace=args.profile, nvtx=args.nvtx)
     plan = TimingPlan(
@@ -270,7 +270,6 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
 
 def presets_table() -> Table:
     """The presets with their router conventions, and the keys that change one."""
-    from rich.markup import escape
 
     from moebench.presets import preset_rows
     from moebench.routing import ROUTER_FIELDS

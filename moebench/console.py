@@ -15,20 +15,27 @@ from rich.text import Text
 DEFAULT_RESULTS_ROOT = "results"
 
 
+def _print(console: Any, text: Text) -> None:
+    """`text` wrapped at a terminal's edge; in a file or a log, each line whole (a log
+    has no edge, and a line broken inside a message no longer greps)."""
+    console.print(text, soft_wrap=not console.is_terminal)
+
+
 def error(console: Any, message: object) -> None:
     """`error: MESSAGE` (a multi-line message keeps its lines)."""
-    console.print(Text.assemble(("error:", "red"), " ", str(message)))
+    _print(console, Text.assemble(("error:", "red"), " ", str(message)))
 
 
 def warning(console: Any, message: object) -> None:
     """`warning: MESSAGE`."""
-    console.print(Text.assemble(("warning:", "yellow"), " ", str(message)))
+    _print(console, Text.assemble(("warning:", "yellow"), " ", str(message)))
 
 
 def say(console: Any, *parts: object | tuple[str, str]) -> None:
     """One line from literal parts; a (text, style) pair is styled, never parsed."""
-    console.print(
-        Text.assemble(*(p if isinstance(p, tuple) else str(p) for p in parts))  # type: ignore[arg-type]
+    _print(
+        console,
+        Text.assemble(*(p if isinstance(p, tuple) else str(p) for p in parts)),  # type: ignore[arg-type]
     )
 
 

@@ -46,7 +46,6 @@ from typing import Any
 
 import pandas as pd
 from rich.console import Console
-from rich.markup import escape
 
 from moebench.case import (
     ALL_FIELDS,
@@ -58,6 +57,7 @@ from moebench.case import (
     Workload,
 )
 from moebench.compare.runs import plain_value
+from moebench.console import error, say
 from moebench.store import StoreError, read_metadata, read_run
 
 COMMAND = "export"
@@ -313,7 +313,7 @@ def main(args: argparse.Namespace, console: Console) -> int:
         frame = read_run(args.run, args.root)
         meta = read_metadata(args.run, args.root)
     except (StoreError, OSError, ValueError) as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
+        error(console, exc)
         return EXIT_BAD_INPUT
     if args.format == "csv":
         text, note = to_csv(frame), f"{len(frame)} cases"
@@ -329,7 +329,7 @@ def main(args: argparse.Namespace, console: Console) -> int:
             note += f" ({left_out} cases not ok or without samples left out)"
     if args.storage:
         if args.format != "pytest-benchmark" or args.output != "-":
-            console.print("[red]error:[/] --storage is for --format pytest-benchmark, without -o")
+            error(console, "--storage is for --format pytest-benchmark, without -o")
             return EXIT_BAD_INPUT
         path = storage_path(Path(args.storage), str(meta.get("run_id") or "moebench"))
     elif args.output == "-":
@@ -338,13 +338,13 @@ def main(args: argparse.Namespace, console: Console) -> int:
     else:
         path = Path(args.output)
     if path.exists() and not args.force:  # results files are not overwritten by accident
-        console.print(f"[red]error:[/] {escape(str(path))} exists; pass --force to overwrite it")
+        error(console, f"{path} exists; pass --force to overwrite it")
         return EXIT_BAD_INPUT
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     except OSError as exc:
-        console.print(f"[red]error:[/] cannot write {escape(str(path))}: {escape(str(exc))}")
+        error(console, f"cannot write {path}: {exc}")
         return EXIT_BAD_INPUT
-    console.print(f"wrote {escape(note)} to {escape(str(path))}")
+    say(console, f"wrote {note} to {path}")
     return EXIT_OK

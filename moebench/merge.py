@@ -22,8 +22,8 @@ from typing import Any
 
 import pyarrow as pa
 from rich.console import Console
-from rich.markup import escape
 
+from moebench.console import error, say
 from moebench.store import (
     ResultStore,
     StoreError,
@@ -136,10 +136,10 @@ def main(args: argparse.Namespace, console: Console) -> int:
     try:
         store, notes = merge_runs(args.runs, args.root, args.out)
     except (MergeError, StoreError, OSError) as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
+        error(console, exc)
         return EXIT_BAD_INPUT
     for note in notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+        say(console, ("note:", "yellow"), " ", note)
     meta = store.read_meta()
     console.print(
         f"merged {len(args.runs)} runs, {meta['cases_total']} cases: {store.run_dir}",

@@ -47,7 +47,7 @@ def moebench(capsys, *args: str) -> tuple[int, str]:
     captured = capsys.readouterr()
     output = captured.out + captured.err
     assert "Traceback" not in output, output
-    return code, one_line(output)  # rich wraps long lines at 160 columns
+    return code, one_line(output)  # the assertions read the words, not the layout
 
 
 def one_line(text: str) -> str:
@@ -101,6 +101,26 @@ def test_runtime_errors_keep_square_brackets(tmp_path, capsys):
     assert "[enforce fail at alloc.cpp:42] out of [grid] luck" in one_line(output)
     code, output = moebench(capsys, "show", "latest", "--root", str(tmp_path / "r"))
     assert code == 0 and "error" in output
+
+
+def test_a_long_message_is_one_line_in_a_log_and_wrapped_on_a_terminal(capsys):
+    """In a log (not a terminal) a message is never broken inside, however long, so it
+    still greps; a terminal's edge wraps it."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from moebench.console import error
+
+    code = main(["run", "no-such-suite"])  # (the `moebench` helper joins the lines)
+    lines = capsys.readouterr().out.splitlines()
+    (line,) = [line for line in lines if line.startswith("error:")]
+    assert code == 2 and len(line) > 160 and len(lines) == 1
+    assert line.endswith("smoke, switch, topp, triton")  # the built-ins, all on the line
+    terminal = Console(file=StringIO(), force_terminal=True, width=40)
+    error(terminal, "a message longer than this terminal is wide, in [grid] words")
+    printed = terminal.file.getvalue()
+    assert len(printed.splitlines()) == 2 and "[grid]" in printed
 
 
 @pytest.mark.parametrize("name", ["exp[v2]", "../../x", "a/b", ".hidden", "x" * 101])

@@ -27,6 +27,7 @@ from moebench.compare.render import (
 )
 from moebench.compare.runs import CompareError, load_run
 from moebench.compare.verdict import DEFAULT_THRESHOLD, METRICS, Threshold, ThresholdError
+from moebench.console import error, warning
 
 COMMAND = "compare"
 HELP = "compare a candidate run with a baseline (or two implementations): noise-aware verdicts"
@@ -148,7 +149,7 @@ def main(args: argparse.Namespace, console: Console) -> int:
     try:
         report = build_report(args)
     except CompareError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
+        error(console, exc)
         return EXIT_BAD_INPUT
     if not args.quiet:
         console.print(rich_table(report))
@@ -156,8 +157,8 @@ def main(args: argparse.Namespace, console: Console) -> int:
             console.print(rich_impl_table(report))
     for note in report.notes:
         console.print(escape(note), style="dim", soft_wrap=True)
-    for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    for message in report.warnings:
+        warning(console, message)
     if not report.settings.case_gate:
         console.print(
             "single cases below inform; the gate is on each implementation's geometric mean",
@@ -178,7 +179,7 @@ def main(args: argparse.Namespace, console: Console) -> int:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 Path(path).write_text(text, encoding="utf-8")
     except OSError as exc:
-        console.print(f"[red]error:[/] cannot write output: {escape(str(exc))}")
+        error(console, f"cannot write output: {exc}")
         return EXIT_BAD_INPUT
     console.print(
         escape(report.summary()), style="bold" if report.passed else "bold red", soft_wrap=True

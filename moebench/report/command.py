@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from rich.markup import escape
+from moebench.console import error, say, warning
 
 COMMAND = "report"
 HELP = "an interactive HTML report of one or more runs (several runs are compared)"
@@ -51,9 +51,7 @@ def main(args: argparse.Namespace, console: Any) -> int:
     try:
         import plotly  # noqa: F401
     except ImportError:
-        console.print(
-            "[red]error:[/] " + escape("the report needs plotly: pip install 'moebench[report]'")
-        )
+        error(console, "the report needs plotly: pip install 'moebench[report]'")
         return EXIT_BAD_INPUT
     from moebench.report.png import PngUnavailableError, export_pngs, require_kaleido
     from moebench.store import StoreError
@@ -62,7 +60,7 @@ def main(args: argparse.Namespace, console: Any) -> int:
         try:
             require_kaleido()
         except PngUnavailableError as exc:
-            console.print(f"[red]error:[/] {escape(str(exc))}")
+            error(console, exc)
             return EXIT_BAD_INPUT
     from pathlib import Path
 
@@ -71,35 +69,32 @@ def main(args: argparse.Namespace, console: Any) -> int:
     try:
         for run in args.runs:
             if problem := _run_problem(run, args.root, console):
-                console.print(f"[red]error:[/] {escape(problem)}")
+                error(console, problem)
                 return EXIT_BAD_INPUT
         if Path(args.output).exists() and not args.force:  # as export: never by accident
-            console.print(
-                f"[red]error:[/] {escape(args.output)} exists; pass --force to overwrite it"
-            )
+            error(console, f"{args.output} exists; pass --force to overwrite it")
             return EXIT_BAD_INPUT
         result = write_report(args.runs, args.output, root=args.root)
     except StoreError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
+        error(console, exc)
         return EXIT_BAD_INPUT
     manifest = result.manifest
-    console.print(
-        f"wrote {escape(str(result.path))} ({result.size_bytes / 1e6:.1f} MB): "
+    say(
+        console,
+        f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB): "
         f"{manifest['cases']} cases from {len(manifest['runs'])} run(s), "
-        f"{len(manifest['figures'])} figures"
+        f"{len(manifest['figures'])} figures",
     )
     for omitted in manifest["omitted"]:
-        console.print(f"  left out {omitted['section']}: {escape(omitted['reason'])}")
+        say(console, f"  left out {omitted['section']}: {omitted['reason']}")
     if args.png:
         figures = [fig for section in result.sections for fig in section.figures]
         try:
             paths = export_pngs(figures, args.png)
         except Exception as exc:  # kaleido's browser can fail in many ways; say which
-            console.print(
-                f"[red]error:[/] PNG export failed: {type(exc).__name__}: {escape(str(exc))}"
-            )
+            error(console, f"PNG export failed: {type(exc).__name__}: {exc}")
             return EXIT_FAIL
-        console.print(f"wrote {len(paths)} PNG files to {escape(str(args.png))}")
+        say(console, f"wrote {len(paths)} PNG files to {args.png}")
     return EXIT_OK
 
 
@@ -118,5 +113,5 @@ def _run_problem(run: str, root: str, console: Any) -> str | None:
     if finished == 0:
         return f"{run}: nothing to report: " + (note or "the table has no rows")
     if note:
-        console.print(f"[yellow]warning:[/] {escape(run)}: {escape(note)}")
+        warning(console, f"{run}: {note}")
     return None

@@ -32,6 +32,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from moebench.console import error, say
+
 COMMAND = "init"
 HELP = "scaffold a suite, a plugin package and a CI workflow in your repository"
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -124,10 +126,10 @@ def main(args: argparse.Namespace, console: Console) -> int:
     try:
         written = scaffold(target, args.impl, args.force)
     except (ValueError, OSError) as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
+        error(console, exc)
         return EXIT_BAD_INPUT
     for path in written:
-        console.print(f"wrote {escape(str(path))}")
+        say(console, f"wrote {path}")
     package = substitutions(args.impl)["__PACKAGE__"]
     console.print(
         f"\nnext, in {escape(str(target))}:\n"
