@@ -36,12 +36,18 @@ Plain launches remain where the fast path does not apply: Triton's interpreter (
 tests), a kernel whose parameters carry annotations or `do_not_specialize` (the binder
 treats those apart), a Triton without `native_specialize_impl`, and `$MOEBENCH_FAST_LAUNCH=0`
 (to measure what it gives, or to rule it out).
+
+Within `compile_only()`, a launch compiles its kernel for its arguments and runs nothing
+(the JIT's `warmup`; under Triton's `AsyncCompileMode` the compile goes to a thread
+pool): the tuner compiles all of a key's candidates at once so before timing them one
+by one (`tuning.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -89,10 +95,37 @@ def state() -> str | None:
     return "off" if _off else "on"
 
 
+# Set inside `compile_only()`.
+_compile_only = False
+
+
+@contextlib.contextmanager
+def compile_only() -> Iterator[None]:
+    """Within it, `launch` compiles the kernel for its arguments and launches nothing
+    (module docstring). Nothing is kept for the fast path: a compile handed to a thread
+    pool is no kernel yet, and the first launch after goes through the JIT, which finds
+    the compiled kernel in its cache."""
+    global _compile_only
+    was, _compile_only = _compile_only, True
+    try:
+        yield
+    finally:
+        _compile_only = was
+
+
+def compiling_only() -> bool:
+    """Whether launches only compile (`compile_only`)."""
+    return _compile_only
+
+
 def launch(kernel: Any, grid: Sequence[int], *args: object, **kwargs: object) -> None:
     """`kernel[grid](*args, **kwargs)` (module docstring): `args` positional in the
     kernel's parameter order, `kwargs` the remaining parameters by name and the launch
     options (num_warps, num_stages, launch_pdl)."""
+    if _compile_only:
+        if _is_jit_function(kernel):  # (the interpreter's kernels compile nothing)
+            kernel.warmup(*args, grid=grid, **kwargs)
+        return
     launcher = _launchers.get(id(kernel))
     if launcher is None:
         launcher = _launchers[id(kernel)] = _Launcher(kernel)

@@ -23,6 +23,10 @@
 #   ws-probe  scripts/ws_gemm_probe.py: the fused layer's GEMMs against TMA and
 #             warp-specialised versions (GPU_PRESETS, default mixtral-8x7b; GPU_TOKENS:
 #             one count, default 8192)
+#   compile-ab  the fused layer's tuning with its candidates compiled one by one, then all
+#             at once (MOEBENCH_TRITON_PARALLEL_COMPILE=auto), each from empty caches (no
+#             shipped choices): Qwen3-30B-A3B's forward and training step at 8192 tokens
+#             (GPU_PRESETS: others); scripts/tune_log.py sums each side's tuning time
 #   host      scripts/host_profile.py, one-token forwards of Qwen3-30B-A3B and OLMoE-1B-7B
 #             in one process (GPU_PRESETS, GPU_TOKENS: others), with dependent launch off
 #             and on and the layers in turns, and cProfile's top functions
@@ -134,6 +138,20 @@ for step in "$@"; do
         # shellcheck disable=SC2086
         timed python3 scripts/ws_gemm_probe.py --gemm down gate_up --preset "$preset" \
           --tokens ${GPU_TOKENS:-8192}
+      done
+      ;;
+    compile-ab)
+      for workers in 1 auto; do
+        rm -rf "/tmp/ab-$workers" && mkdir -p "/tmp/ab-$workers"
+        # shellcheck disable=SC2086
+        MOEBENCH_TRITON_PARALLEL_COMPILE=$workers MOEBENCH_TRITON_SHIPPED=0 \
+          MOEBENCH_TRITON_CACHE="/tmp/ab-$workers/tune" TRITON_CACHE_DIR="/tmp/ab-$workers/triton" \
+          MOEBENCH_TRITON_TUNE_LOG="$out/tune-$workers.jsonl" \
+          timed python3 -m moebench run suites/triton.toml --device cuda --filter impl=triton \
+          --filter cuda_graph=false --filter batch=8192 \
+          --filter "preset=$(echo ${GPU_PRESETS:-qwen3-30b-a3b} | tr ' ' ',')" \
+          --out "$root" --quiet
+        timed python3 scripts/tune_log.py "$out/tune-$workers.jsonl"
       done
       ;;
     host)

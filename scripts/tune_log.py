@@ -7,7 +7,9 @@ Each line: the key (kernel, weight layout, shape, dtype, token bucket), the chos
 candidate and its milliseconds, the runner-up, and how many candidates failed to
 compile or launch (the first error is shown). Where the candidates hold both a Triton
 tile and torch's grouped GEMM (the backward's GEMMs), the best of each is shown too, and
-where they were timed replayed from a CUDA graph (the forward's GEMMs), that too.
+where they were timed replayed from a CUDA graph (the forward's GEMMs), that too, and
+how long the tuning took (with the part spent compiling every candidate at once, where
+`MOEBENCH_TRITON_PARALLEL_COMPILE` asked for it); last, the tunings' seconds in all.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def summarise(line: dict) -> str:
         text += f"; {len(failed)} failed ({failed[0]})"
     if line.get("timed_by") == "graph":  # (logs from before 2026-12-03 do not say)
         text += "; timed from a CUDA graph"
+    if "tune_s" in line:  # (logs from before 2026-12-04 do not say)
+        text += f"; tuned in {line['tune_s']:.1f} s"
+        if "precompile_s" in line:
+            text += f", {line['precompile_s']:.1f} of them compiling every candidate at once"
     return text
 
 
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"tune_log.py: cannot read {args.log}: {error.strerror}", file=sys.stderr)
         return 2
+    tune_s = []
     for number, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
@@ -78,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             line = json.loads(raw)
             if args.key in line["key"]:
                 print(summarise(line))
+                tune_s += [line["tune_s"]] if "tune_s" in line else []
         except (ValueError, KeyError, TypeError) as error:
             print(f"tune_log.py: {args.log}:{number}: not a tuning line ({error})", file=sys.stderr)
             return 2
+    if tune_s:
+        print(f"in all: {sum(tune_s):.1f} s of tuning ({len(tune_s)} logged with their time)")
     return 0
 
 

@@ -88,6 +88,14 @@ def test_tune_log_summary_reads_what_the_tuner_wrote(tmp_path, monkeypatch, caps
     assert capsys.readouterr().out.splitlines() == [
         "gate_up nmajor D8 T64 abc: M16 N128 K64 w4 s3 0.1 ms; timed from a CUDA graph"
     ]
+    seconds = {"precompile_s": 1.5, "tune_s": 2.25}
+    tuning._log_trials("down nmajor D8 T64 abc", [(tile, 0.2)], tile, "graph", seconds)
+    assert summary["main"]([str(log), "--key", "down"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "down nmajor D8 T64 abc: M16 N128 K64 w4 s3 0.2 ms; timed from a CUDA graph;"
+        " tuned in 2.2 s, 1.5 of them compiling every candidate at once",
+        "in all: 2.2 s of tuning (1 logged with their time)",
+    ]
     log.write_text("not json\n")
     assert summary["main"]([str(log)]) == 2
     assert "not a tuning line" in capsys.readouterr().err

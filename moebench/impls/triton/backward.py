@@ -107,7 +107,9 @@ def rows_times_weights(
         # the grouped GEMM last: Triton's interpreter (tests) takes the first untimed
         return tuning.candidates("down", alignment.block_m) + ([GROUPED_GEMM] if grouped else [])
 
-    config = tuning.TUNER.choose(a_PK.device, tuning_key, configs, run, code=(kernels.down_kernel,))
+    config = tuning.TUNER.choose(
+        a_PK.device, tuning_key, configs, run, code=(kernels.down_kernel,), precompile=True
+    )
     return run(config)
 
 

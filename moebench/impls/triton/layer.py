@@ -111,6 +111,7 @@ def fused_experts(
                 launch,
                 code=(kernel,),
                 graphed=True,  # kernels of a few us: the graph times the GPU, not the host
+                precompile=True,
             )
             launch(config)
     with timer.phase("unpermute"):

@@ -24,6 +24,14 @@ shipped choices (a card run at other clocks or power limits, say).
 Token counts are bucketed to the next power of two, since block choices change with the
 order of magnitude of the rows per expert, not with every count.
 
+Compiling the candidates is most of a tuning's time (a GEMM's candidate takes a second or
+more to compile and milliseconds to time). With `$MOEBENCH_TRITON_PARALLEL_COMPILE=N`
+(or "auto": one per CPU this process may use), the kernels' own tunings compile every
+candidate at once on N threads (Triton's `AsyncCompileMode`) before timing them one by
+one, as before; unset, 0 or 1 compile each as it is first timed. It is off by default
+until measured on a card (the tuning log records each tuning's `tune_s` and, where
+candidates compiled at once, `precompile_s`).
+
 A candidate is timed by triton's `do_bench`, one launch after another from Python, or
 with `graphed=True` replayed from a CUDA graph by moebench's own timer, L2 flushed
 before each (`graphed_ms`). The forward's GEMMs take the graph: at one token their
@@ -35,6 +43,7 @@ The method is part of the fingerprint: a choice timed the other way is tuned aga
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -43,12 +52,15 @@ import json
 import os
 import re
 import statistics
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from moebench.env import switch_off
+from moebench import fast_launch
+from moebench.env import switch_off, usable_cpus
 from moebench.measure.graph import graphed_step
 from moebench.measure.timing import TimingPlan, time_repeats
 
@@ -178,11 +190,13 @@ def _log_trials(
     trials: list[tuple[dict, object]],
     chosen: dict | None,
     timed_by: str = "do_bench",
+    seconds: dict[str, float] | None = None,
 ) -> None:
     """Append one JSON line per tuning to `$MOEBENCH_TRITON_TUNE_LOG`, if set: the key,
     how the candidates were timed ("graph" or "do_bench"), each candidate's milliseconds
     (or why it failed) and the choice, so a run can show what the choice beat and which
-    candidates did not compile."""
+    candidates did not compile; `seconds`: how long the tuning took (`tune_s`) and its
+    compiling at once (`precompile_s`), where known."""
     path = os.environ.get("MOEBENCH_TRITON_TUNE_LOG")
     if not path:
         return
@@ -191,6 +205,7 @@ def _log_trials(
         "timed_by": timed_by,
         "trials": [[c, r] for c, r in trials],
         "chosen": chosen,
+        **(seconds or {}),
     }
     try:
         with open(path, "a") as log:
@@ -209,6 +224,47 @@ def graphed_ms(run: Callable[[], object], device: torch.device) -> float:
     launch it. `run` must be capturable (no host sync)."""
     step = graphed_step(lambda _: run(), 1, device, "the Triton tuner")
     return statistics.median(time_repeats(step, device, GRAPHED_PLAN))
+
+
+PARALLEL_COMPILE_SWITCH = "MOEBENCH_TRITON_PARALLEL_COMPILE"
+
+
+def compile_workers() -> int:
+    """Threads that compile a tuning's candidates at once: `$MOEBENCH_TRITON_PARALLEL_COMPILE`
+    as a count, "auto" for the CPUs this process may use; 1 (each compiled as it is first
+    timed) where it is unset or anything else."""
+    value = os.environ.get(PARALLEL_COMPILE_SWITCH, "").strip().lower()
+    if value == "auto":
+        return len(usable_cpus())
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def _precompile(configs: list[dict], run: Callable[[dict], object]) -> float | None:
+    """Compile the Triton kernels `run(config)` launches for every config at once, on
+    `compile_workers()` threads, running nothing (`fast_launch.compile_only` under
+    Triton's `AsyncCompileMode`); the seconds it took, or None where it did not run (one
+    worker, or a Triton without `AsyncCompileMode`). A config whose compile fails is
+    left to fail again when it is timed, where its reason is logged. Configs that name a
+    library's GEMM (`"kernel"`) compile nothing of Triton's and are not run."""
+    ours = [config for config in configs if "kernel" not in config]
+    workers = min(compile_workers(), len(ours))
+    if workers < 2:
+        return None
+    try:
+        from triton import AsyncCompileMode
+    except ImportError:
+        return None
+    start = time.perf_counter()
+    with (
+        ThreadPoolExecutor(workers, thread_name_prefix="moebench-compile") as pool,
+        AsyncCompileMode(pool, ignore_errors=True),
+        fast_launch.compile_only(),
+    ):
+        for config in ours:
+            # any failure: the timed loop meets it again, and logs it
+            with contextlib.suppress(Exception):
+                run(config)
+    return time.perf_counter() - start
 
 
 def cache_dir() -> Path:
@@ -283,17 +339,20 @@ class Tuner:
         run: Callable[[dict], object],
         code: Sequence[object] = (),
         graphed: bool = False,
+        precompile: bool = False,
     ) -> dict:
         """The cached choice for `key` and this code (`code`: the kernels that `run`
         launches; `code_fingerprint`), else the shipped one (`shipped_dir`), else the
         fastest of `configs()` by `run(config)`
         (timed with triton's do_bench, or replayed from a CUDA graph if `graphed`: the
         module docstring), saved before it is returned. A config that fails to compile
-        or launch (too much shared memory, say) is skipped."""
+        or launch (too much shared memory, say) is skipped. `precompile`: `run` only
+        launches kernels (and allocates), so its candidates may be compiled at once
+        first (`_precompile`; never for a `run` that itself tunes)."""
         chosen = self._chosen.get((device, key))
         if chosen is None:
             chosen = self._chosen[(device, key)] = self._lookup_or_tune(
-                device, key, configs, run, code, graphed
+                device, key, configs, run, code, graphed, precompile
             )
         return chosen
 
@@ -305,7 +364,10 @@ class Tuner:
         run: Callable[[dict], object],
         code: Sequence[object],
         graphed: bool,
+        precompile: bool = False,
     ) -> dict:
+        if fast_launch.compiling_only():  # a `run` passed as precompilable tunes: say so
+            raise RuntimeError(f"tuning {key!r} inside a compile-only pass")
         configs = configs_fn()
         timed_by = "graph" if graphed else "do_bench"
         full_key = f"{key} {code_fingerprint(code, configs, timed_by)}"
@@ -321,6 +383,10 @@ class Tuner:
             return configs[0]
         from triton.testing import do_bench
 
+        start = time.perf_counter()
+        seconds = {}
+        if precompile and (precompile_s := _precompile(configs, run)) is not None:
+            seconds["precompile_s"] = round(precompile_s, 3)
         best, best_ms = None, float("inf")
         trials = []  # (config, ms or the error's first line) for the tuning log
         for config in configs:
@@ -335,7 +401,8 @@ class Tuner:
             trials.append((config, ms))
             if ms < best_ms:
                 best, best_ms = config, ms
-        _log_trials(full_key, trials, best, timed_by)
+        seconds["tune_s"] = round(time.perf_counter() - start, 3)
+        _log_trials(full_key, trials, best, timed_by, seconds)
         if best is None:
             raise RuntimeError(f"no Triton config ran for {key}; tried {configs}")
         table[full_key] = best

@@ -164,6 +164,7 @@ def weight_grad_choice(
         lambda: candidates(block_m, grouped_gemm is not None),
         lambda config: _run(a_PM, b_PN, ends_E, config, grouped_gemm),
         code=(weight_grad_kernel,),
+        precompile=True,
     )
 
 
