@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from moebench.impls.triton.tuning import device_file_name, merge_choice, shipped_dir
+from moebench.impls.triton.tuning import device_file_name, merge_choice, read_log, shipped_dir
 
 
 class SourceError(ValueError):
@@ -35,18 +35,15 @@ def read_choices(source: Path) -> list[tuple[str, dict]]:
     except OSError as error:
         raise SourceError(f"{source}: cannot read it ({error.strerror})") from None
     if source.suffix == ".jsonl":
-        pairs = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                tuning = json.loads(line)
-                full_key, chosen = tuning["key"], tuning["chosen"]
-            except (ValueError, KeyError, TypeError):
-                raise SourceError(f"{source}:{number}: not a tuning line") from None
-            if chosen is not None:  # every candidate failed: nothing to ship
-                pairs.append((_checked_key(full_key, source), _checked_choice(chosen, source)))
-        return pairs
+        try:
+            tunings = [tuning for _, tuning in read_log(text)]
+        except ValueError as error:
+            raise SourceError(f"{source}: {error}") from None
+        return [
+            (_checked_key(tuning["key"], source), _checked_choice(tuning["chosen"], source))
+            for tuning in tunings
+            if tuning["chosen"] is not None  # every candidate failed: nothing to ship
+        ]
     try:
         table = json.loads(text)
     except ValueError:

@@ -15,9 +15,10 @@ how long the tuning took (with the part spent compiling every candidate at once,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from moebench.impls.triton.tuning import read_log
 
 _FIELDS = (
     ("BLOCK_M", "M"),
@@ -77,18 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"tune_log.py: cannot read {args.log}: {error.strerror}", file=sys.stderr)
         return 2
+    try:
+        tunings = read_log(text)
+    except ValueError as error:
+        print(f"tune_log.py: {args.log}: {error}", file=sys.stderr)
+        return 2
     tune_s = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
+    for number, line in tunings:
+        if args.key not in line["key"]:
             continue
         try:
-            line = json.loads(raw)
-            if args.key in line["key"]:
-                print(summarise(line))
-                tune_s += [line["tune_s"]] if "tune_s" in line else []
-        except (ValueError, KeyError, TypeError) as error:
+            print(summarise(line))
+        except (ValueError, KeyError, TypeError) as error:  # its trials not what they are
             print(f"tune_log.py: {args.log}:{number}: not a tuning line ({error})", file=sys.stderr)
             return 2
+        tune_s += [line["tune_s"]] if "tune_s" in line else []
     if tune_s:
         print(f"in all: {sum(tune_s):.1f} s of tuning ({len(tune_s)} logged with their time)")
     return 0

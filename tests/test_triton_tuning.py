@@ -261,12 +261,12 @@ def test_ship_tuning_folds_a_cache_and_a_log_into_the_shipped_file(tmp_path, mon
 def test_ship_tuning_names_a_bad_source(tmp_path, capsys):
     into = ["--into", str(tmp_path / "tuned")]
     log = tmp_path / "tune-log.jsonl"
-    log.write_text('{"key": "k f", "chosen": {"B": 1}}\n')
+    log.write_text('{"key": "k f", "trials": [], "chosen": {"B": 1}}\n')
     assert _ship([str(log), *into]) == 2
     assert "does not name its device; pass --device" in capsys.readouterr().err
-    log.write_text('{"key": "k f", "chosen": {"B": 1}}\nnot json\n')
+    log.write_text('{"key": "k f", "trials": [], "chosen": {"B": 1}}\nnot json\n')
     assert _ship([str(log), "--device", "x", *into]) == 2
-    assert f"{log}:2: not a tuning line" in capsys.readouterr().err
+    assert f"{log}: line 2: not a tuning line" in capsys.readouterr().err
     bad = {
         "list.json": "[1, 2]",
         "text.json": "not json",

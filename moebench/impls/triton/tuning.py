@@ -214,6 +214,28 @@ def _log_trials(
         pass  # the log is an aid; tuning goes on without it
 
 
+def read_log(text: str) -> list[tuple[int, dict]]:
+    """(line number, tuning) for each line of a log `_log_trials` wrote (`text`), blank
+    lines skipped. Raises ValueError naming the first line that is not a tuning (a JSON
+    object with its key, trials and choice)."""
+    tunings = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            tuning = json.loads(raw)
+        except ValueError:
+            tuning = None
+        if (
+            not isinstance(tuning, dict)
+            or not {"key", "trials", "chosen"} <= tuning.keys()
+            or not isinstance(tuning["key"], str)
+        ):
+            raise ValueError(f"line {number}: not a tuning line")
+        tunings.append((number, tuning))
+    return tunings
+
+
 # A candidate's timing in the graph: a few ms of calls; the median is what is compared.
 GRAPHED_PLAN = TimingPlan(budget_ms=20.0, warmup=2, min_repeats=10, max_repeats=100)
 
