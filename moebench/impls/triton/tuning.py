@@ -24,13 +24,13 @@ shipped choices (a card run at other clocks or power limits, say).
 Token counts are bucketed to the next power of two, since block choices change with the
 order of magnitude of the rows per expert, not with every count.
 
-Compiling the candidates is most of a tuning's time (a GEMM's candidate takes a second or
-more to compile and milliseconds to time). With `$MOEBENCH_TRITON_PARALLEL_COMPILE=N`
-(or "auto": one per CPU this process may use), the kernels' own tunings compile every
-candidate at once on N threads (Triton's `AsyncCompileMode`) before timing them one by
-one, as before; unset, 0 or 1 compile each as it is first timed. It is off by default
-until measured on a card (the tuning log records each tuning's `tune_s` and, where
-candidates compiled at once, `precompile_s`).
+Compiling the candidates is most of a tuning's time (timing one takes milliseconds; on a
+fresh machine `tests/test_triton.py`, which compiles every candidate, takes minutes).
+With `$MOEBENCH_TRITON_PARALLEL_COMPILE=N` (or "auto": one per CPU this process may
+use), the kernels' own tunings compile every candidate at once on N threads (Triton's
+`AsyncCompileMode`) before timing them one by one, as before; unset, 0 or 1 compile each
+as it is first timed. It is off by default until measured on a card (the tuning log
+records each tuning's `tune_s` and, where candidates compiled at once, `precompile_s`).
 
 A candidate is timed by triton's `do_bench`, one launch after another from Python, or
 with `graphed=True` replayed from a CUDA graph by moebench's own timer, L2 flushed
