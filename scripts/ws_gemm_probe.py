@@ -2,7 +2,7 @@
 loads and Triton's warp specialisation, against the layer's own kernels.
 
     python scripts/ws_gemm_probe.py [--gemm down gate_up] [--preset mixtral-8x7b]
-                                    [--tokens 8192] [--ws 0 1] [--tiny]
+                                    [--tokens 8192] [--ws 0 1] [--tiny] [--compile-only]
 
 Why (triton/NOTES.md, "What would close the gaps", large batches): Triton 3.6 runs its
 Hopper warp-specialisation pass for capability 9.x on loops marked
@@ -17,11 +17,26 @@ apart), then gate and up are two descriptor loads of the K-major E 2F x D weight
 Prints, per config, the median ms of each kernel replayed from a CUDA graph with L2
 flushed (`tuning.graphed_ms`), and checks that the outputs agree. Under
 TRITON_INTERPRET=1 on a CPU (tiny shapes, `--tiny`) it checks the values only.
+
+`--compile-only`, on any host (no card, no interpreter): compiles every variant for
+Hopper (sm_90) as the JIT would for these arguments (its own binder and argument
+packing, on meta tensors of the same shapes and strides) and prints what each uses:
+shared memory, warps, and the registers and stack per thread (`cuobjdump`, bundled with
+Triton). Read that way on a CPU at Mixtral-8x7B's 8192 tokens (triton/NOTES.md), Triton
+3.6's warp specialisation applied with num_warps=4 only (4 warps became 12 at 168
+registers, no stack, 16-33 KB more shared memory) and left num_warps=8 kernels exactly
+as they were; without it, the 4-warp tiles of 128 x 256 (down) and 128 x 128 (gate_up,
+two accumulators) spilled (255 registers, 512-656 bytes of stack). So the probe races
+warp specialisation on 4-warp configs and keeps 8-warp ones as the plain reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
@@ -29,7 +44,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moebench.impls.triton import kernels, tuning
-from moebench.impls.triton.align import align_to_blocks
+from moebench.impls.triton.align import Alignment, align_to_blocks, max_padded_rows
 from moebench.impls.triton.kernels import _block_coords
 from moebench.presets import PRESETS
 
@@ -104,15 +119,18 @@ def _grid(config: dict, max_tiles: int, device: torch.device) -> tuple[int]:
     return (min(sms, max_tiles),)
 
 
-def launch_down_tma(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config: dict) -> None:
-    """`kernels.launch_down`'s result through `down_tma_kernel`."""
+def launch_down_tma(
+    h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config: dict, kernel=down_tma_kernel
+) -> None:
+    """`kernels.launch_down`'s result through `down_tma_kernel` (`kernel`: a stand-in
+    for it, `_CompileOnly`)."""
     E, F, D = w_down_EFD.shape
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     assert F % block_k == 0, "a K tile must not cross into the next expert's rows"
     h_desc = TensorDescriptor.from_tensor(h_PF, [block_m, block_k])
     w_desc = TensorDescriptor.from_tensor(w_down_EFD.view(E * F, D), [block_k, block_n])
     grid = _grid(config, alignment.max_blocks * triton.cdiv(D, block_n), h_PF.device)
-    down_tma_kernel[grid](
+    kernel[grid](
         h_desc, w_desc, gate_weight_A, out_AD,
         alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1,
         D, F, alignment.num_assign, out_AD.stride(0),
@@ -178,8 +196,11 @@ def gather_rows(x_TD, alignment, top_k: int) -> torch.Tensor:
     return x_TD[(ids_P // top_k).long()]
 
 
-def launch_gate_up_tma(a_PD, w_gate_up_E2FD, h_PF, alignment, config: dict) -> None:
-    """`kernels.launch_gate_up`'s h through `gate_up_tma_kernel`, from gathered rows."""
+def launch_gate_up_tma(
+    a_PD, w_gate_up_E2FD, h_PF, alignment, config: dict, kernel=gate_up_tma_kernel
+) -> None:
+    """`kernels.launch_gate_up`'s h through `gate_up_tma_kernel`, from gathered rows
+    (`kernel` as in `launch_down_tma`)."""
     E, two_f, D = w_gate_up_E2FD.shape
     F = two_f // 2
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
@@ -187,7 +208,7 @@ def launch_gate_up_tma(a_PD, w_gate_up_E2FD, h_PF, alignment, config: dict) -> N
     a_desc = TensorDescriptor.from_tensor(a_PD, [block_m, block_k])
     w_desc = TensorDescriptor.from_tensor(w_gate_up_E2FD.view(E * two_f, D), [block_n, block_k])
     grid = _grid(config, alignment.max_blocks * triton.cdiv(F, block_n), h_PF.device)
-    gate_up_tma_kernel[grid](
+    kernel[grid](
         a_desc, w_desc, h_PF, alignment.block_expert_B, alignment.num_padded_1,
         D, F, h_PF.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
@@ -221,16 +242,39 @@ def problem(hidden: int, ffn: int, experts: int, top_k: int, tokens: int, device
     }
 
 
-CONFIGS = {
-    "down": [
-        {"BLOCK_M": 128, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": s}
-        for n, k, w, s in ((128, 64, 4, 3), (128, 64, 8, 4), (256, 64, 8, 3), (128, 128, 8, 3))
-    ],
-    "gate_up": [
-        {"BLOCK_M": 128, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": s}
-        for n, k, w, s in ((64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (64, 128, 8, 3))
-    ],
+# (BLOCK_N, BLOCK_K, warps, stages): 8-warp tiles (warp specialisation leaves them as
+# they are) and 4-warp ones, which it turns into a producer and consumers (docstring).
+TILES = {
+    "down": (
+        *((128, 64, 8, 4), (256, 64, 8, 3), (128, 128, 8, 3)),
+        *((128, 64, 4, 4), (256, 64, 4, 3), (128, 128, 4, 3)),
+    ),
+    "gate_up": (
+        *((64, 64, 8, 4), (128, 64, 8, 3), (64, 128, 8, 3)),
+        *((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3)),
+    ),
 }
+CONFIGS = {
+    gemm: [
+        {"BLOCK_M": 128, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": s}
+        for n, k, w, s in tiles
+    ]
+    for gemm, tiles in TILES.items()
+}
+
+
+def variants(gemm: str, ws: list[int], persistent: list[int], tiny: bool) -> list[dict]:
+    """Each config of `gemm` with warp specialisation off and on (on: 4-warp configs
+    only) and per tile or persistent; `tiny`: 64 x 64 tiles (the tiny shape's F and D)."""
+    out = []
+    for p in persistent:
+        for w in ws:
+            for config in CONFIGS[gemm]:
+                if w and config["num_warps"] != 4:
+                    continue
+                config = {**config, "WS": bool(w), "PERSISTENT": bool(p)}
+                out.append({**config, "BLOCK_N": 64, "BLOCK_K": 64} if tiny else config)
+    return out
 
 
 def layer_and_probe(gemm: str, data: dict, top_k: int):
@@ -286,6 +330,101 @@ def layer_choice(gemm: str, data: dict, top_k: int, run_layer) -> dict:
     )
 
 
+def hopper_compile(kernel, args: tuple, kwargs: dict):
+    """`kernel` compiled for Hopper (sm_90) as Triton's JIT compiles it for these
+    arguments (its binder and argument packing, Triton 3.6), on any host: no card is
+    needed, and meta tensors stand in for the data."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource, compile
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = CUDABackend(target)
+    kwargs = {
+        **kwargs,
+        "debug": kernel.debug or knobs.runtime.debug,
+        "instrumentation_mode": knobs.compilation.instrumentation_mode,
+    }
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialisation, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound, specialisation, options
+    )
+    source = ASTSource(kernel, signature, constexprs, attrs)
+    return compile(source, target=target, options=options.__dict__)
+
+
+def resources(compiled) -> str:
+    """Shared memory, warps, and registers and stack per thread of a compiled kernel
+    (its cubin read by `cuobjdump`, which Triton bundles)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [str(tool), "--dump-resource-usage", cubin.name],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    registers, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    metadata = compiled.metadata
+    return (
+        f"shared {metadata.shared} B, {metadata.num_warps} warps,"
+        f" {registers} registers, stack {stack} B"
+    )
+
+
+class _CompileOnly:
+    """Stands in for a probe kernel under --compile-only: `kernel[grid](*args, **kwargs)`
+    compiles it for Hopper (`hopper_compile`) and keeps the result; nothing runs."""
+
+    def __init__(self, kernel):
+        self.kernel, self.compiled = kernel, None
+
+    def __getitem__(self, grid):
+        def compile_for_hopper(*args, **kwargs) -> None:
+            self.compiled = hopper_compile(self.kernel, args, kwargs)
+
+        return compile_for_hopper
+
+
+def shapes_only(hidden: int, ffn: int, experts: int, top_k: int, tokens: int) -> dict:
+    """`problem`'s tensors as meta tensors (shapes, strides, dtypes; no data) and an
+    alignment of the layer's sizes at 128-row blocks: what compiling needs."""
+    assign = tokens * top_k
+    rows = max_padded_rows(assign, experts, 128)
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    ids = (meta(n, dtype=torch.int32) for n in (rows, rows // 128, 1))
+    return {
+        "alignment": Alignment(*ids, None, None, assign, 128),
+        "x_TD": meta(tokens, hidden),
+        "w_gate_up_E2FD": meta(experts, 2 * ffn, hidden),
+        "h_PF": meta(rows, ffn),
+        "w_down_EFD": meta(experts, ffn, hidden),
+        "gate_weight_A": meta(assign),
+    }
+
+
+def compile_report(gemm: str, data: dict, config: dict) -> str:
+    """What `gemm`'s probe kernel compiled for Hopper with `config` uses."""
+    alignment = data["alignment"]
+    if gemm == "down":
+        kernel = _CompileOnly(down_tma_kernel)
+        out_AD = torch.empty(alignment.num_assign, data["w_down_EFD"].shape[2], device="meta")
+        args = (data["h_PF"], data["w_down_EFD"], data["gate_weight_A"], out_AD.bfloat16())
+        launch_down_tma(*args, alignment, config, kernel=kernel)
+    else:
+        kernel = _CompileOnly(gate_up_tma_kernel)
+        a_PD = torch.empty(alignment.max_rows, data["x_TD"].shape[1], device="meta").bfloat16()
+        args = (a_PD, data["w_gate_up_E2FD"], data["h_PF"])
+        launch_gate_up_tma(*args, alignment, config, kernel=kernel)
+    return resources(kernel.compiled)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gemm", choices=("down", "gate_up"), nargs="+", default=["down"])
@@ -294,6 +433,10 @@ def main() -> None:
     parser.add_argument("--ws", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--persistent", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--tiny", action="store_true", help="E 4, F 128, D 128, 16 tokens")
+    parser.add_argument(
+        "--compile-only", action="store_true",
+        help="compile each variant for Hopper on this host and say what it uses",
+    )  # fmt: skip
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.tiny:
@@ -302,6 +445,12 @@ def main() -> None:
         s = PRESETS[args.preset]
         shape = (s.hidden, s.ffn, s.num_experts, s.top_k, args.tokens)
     top_k = shape[3]
+    if args.compile_only:
+        data = shapes_only(*shape)
+        for gemm in args.gemm:
+            for config in variants(gemm, args.ws, args.persistent, args.tiny):
+                print(f"{gemm} {config}: {compile_report(gemm, data, config)}", flush=True)
+        return
     data = problem(*shape, device)
     timed = device == "cuda"
     for gemm in args.gemm:
@@ -318,24 +467,19 @@ def main() -> None:
                 lambda: gather_rows(data["x_TD"], data["alignment"], top_k), out.device
             )
             print(f"gate_up: the gather by torch indexing: {gather_ms:.3f} ms")
-        variants = [(ws, persistent) for persistent in args.persistent for ws in args.ws]
-        for ws, persistent in variants:
-            for config in CONFIGS[gemm]:
-                config = {**config, "WS": bool(ws), "PERSISTENT": bool(persistent)}
-                if args.tiny:
-                    config = {**config, "BLOCK_N": 64, "BLOCK_K": 64}
-                out.zero_()
-                try:
-                    run_probe(config)
-                except Exception as error:  # a config that does not compile: say so, go on
-                    print(f"{gemm} {config}: {type(error).__name__}: {str(error)[:200]}")
-                    continue
-                torch.testing.assert_close(out[rows], expected, rtol=2e-2, atol=2e-4)
-                if not timed:
-                    print(f"{gemm} {config}: values agree")
-                    continue
-                ms = tuning.graphed_ms(lambda r=run_probe, c=config: r(c), out.device)
-                print(f"{gemm} {config}: {ms:.3f} ms ({layer_ms / ms:.2f}x the layer's)")
+        for config in variants(gemm, args.ws, args.persistent, args.tiny):
+            out.zero_()
+            try:
+                run_probe(config)
+            except Exception as error:  # a config that does not compile: say so, go on
+                print(f"{gemm} {config}: {type(error).__name__}: {str(error)[:200]}")
+                continue
+            torch.testing.assert_close(out[rows], expected, rtol=2e-2, atol=2e-4)
+            if not timed:
+                print(f"{gemm} {config}: values agree")
+                continue
+            ms = tuning.graphed_ms(lambda r=run_probe, c=config: r(c), out.device)
+            print(f"{gemm} {config}: {ms:.3f} ms ({layer_ms / ms:.2f}x the layer's)")
 
 
 if __name__ == "__main__":
