@@ -37,17 +37,18 @@ tests), a kernel whose parameters carry annotations or `do_not_specialize` (the 
 treats those apart), a Triton without `native_specialize_impl`, and `$MOEBENCH_FAST_LAUNCH=0`
 (to measure what it gives, or to rule it out).
 
-Within `compile_only()`, a launch compiles its kernel for its arguments and runs nothing
-(the JIT's `warmup`; under Triton's `AsyncCompileMode` the compile goes to a thread
-pool): the tuner compiles all of a key's candidates at once so before timing them one
-by one (`tuning.py`).
+Within `compile_only()`, a launch compiles its kernel for its arguments and runs nothing:
+by default through the JIT's `warmup` (under Triton's `AsyncCompileMode` the compile goes
+to a thread pool; the tuner compiles all of a key's candidates at once so before timing
+them one by one, `tuning.py`), or through a function of the caller's
+(`moebench.offline_compile`: for a card this host does not have).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -95,18 +96,26 @@ def state() -> str | None:
     return "off" if _off else "on"
 
 
-# Set inside `compile_only()`.
-_compile_only = False
+Compiler = Callable[[Any, Sequence[int], tuple, dict], object]
+
+
+def _warm_up(kernel: Any, grid: Sequence[int], args: tuple, kwargs: dict) -> None:
+    kernel.warmup(*args, grid=grid, **kwargs)
+
+
+# Set inside `compile_only()`: what a launch compiles through instead of launching.
+_compile_only: Compiler | None = None
 
 
 @contextlib.contextmanager
-def compile_only() -> Iterator[None]:
+def compile_only(compiler: Compiler | None = None) -> Iterator[None]:
     """Within it, `launch` compiles the kernel for its arguments and launches nothing
-    (module docstring). Nothing is kept for the fast path: a compile handed to a thread
-    pool is no kernel yet, and the first launch after goes through the JIT, which finds
-    the compiled kernel in its cache."""
+    (module docstring): `compiler(kernel, grid, args, kwargs)`, by default the JIT's
+    `warmup`. Nothing is kept for the fast path: a compile handed to a thread pool is no
+    kernel yet, and the first launch after goes through the JIT, which finds the
+    compiled kernel in its cache."""
     global _compile_only
-    was, _compile_only = _compile_only, True
+    was, _compile_only = _compile_only, compiler or _warm_up
     try:
         yield
     finally:
@@ -115,16 +124,22 @@ def compile_only() -> Iterator[None]:
 
 def compiling_only() -> bool:
     """Whether launches only compile (`compile_only`)."""
-    return _compile_only
+    return _compile_only is not None
+
+
+def compiling_offline() -> bool:
+    """Whether launches compile through a caller's compiler (`compile_only(compiler)`),
+    for a card this host may not have, rather than the JIT's own."""
+    return _compile_only is not None and _compile_only is not _warm_up
 
 
 def launch(kernel: Any, grid: Sequence[int], *args: object, **kwargs: object) -> None:
     """`kernel[grid](*args, **kwargs)` (module docstring): `args` positional in the
     kernel's parameter order, `kwargs` the remaining parameters by name and the launch
     options (num_warps, num_stages, launch_pdl)."""
-    if _compile_only:
+    if _compile_only is not None:
         if _is_jit_function(kernel):  # (the interpreter's kernels compile nothing)
-            kernel.warmup(*args, grid=grid, **kwargs)
+            _compile_only(kernel, grid, args, kwargs)
         return
     launcher = _launchers.get(id(kernel))
     if launcher is None:

@@ -19,24 +19,20 @@ flushed (`tuning.graphed_ms`), and checks that the outputs agree. Under
 TRITON_INTERPRET=1 on a CPU (tiny shapes, `--tiny`) it checks the values only.
 
 `--compile-only`, on any host (no card, no interpreter): compiles every variant for
-Hopper (sm_90) as the JIT would for these arguments (its own binder and argument
-packing, on meta tensors of the same shapes and strides) and prints what each uses:
-shared memory, warps, and the registers and stack per thread (`cuobjdump`, bundled with
-Triton). Read that way on a CPU at Mixtral-8x7B's 8192 tokens (triton/NOTES.md), Triton
-3.6's warp specialisation applied with num_warps=4 only (4 warps became 12 at 168
-registers, no stack, 16-33 KB more shared memory) and left num_warps=8 kernels exactly
-as they were; without it, the 4-warp tiles of 128 x 256 (down) and 128 x 128 (gate_up,
-two accumulators) spilled (255 registers, 512-656 bytes of stack). So the probe races
-warp specialisation on 4-warp configs and keeps 8-warp ones as the plain reference.
+Hopper (sm_90) as the JIT would for these arguments, on meta tensors of the same shapes
+and strides (`moebench.offline_compile`), and prints what each uses: shared memory,
+warps, and the registers and stack per thread. Read that way on a CPU at Mixtral-8x7B's
+8192 tokens (triton/NOTES.md), Triton 3.6's warp specialisation applied with num_warps=4
+only (4 warps became 12 at 168 registers, no stack, 16-33 KB more shared memory) and
+left num_warps=8 kernels exactly as they were; without it, the 4-warp tiles of 128 x 256
+(down) and 128 x 128 (gate_up, two accumulators) spilled (255 registers, 512-656 bytes
+of stack). So the probe races warp specialisation on 4-warp configs and keeps 8-warp
+ones as the plain reference.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 import triton
@@ -46,6 +42,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from moebench.impls.triton import kernels, tuning
 from moebench.impls.triton.align import Alignment, align_to_blocks, max_padded_rows
 from moebench.impls.triton.kernels import _block_coords
+from moebench.offline_compile import Compiled, compile_for, resources
 from moebench.presets import PRESETS
 
 
@@ -330,61 +327,18 @@ def layer_choice(gemm: str, data: dict, top_k: int, run_layer) -> dict:
     )
 
 
-def hopper_compile(kernel, args: tuple, kwargs: dict):
-    """`kernel` compiled for Hopper (sm_90) as Triton's JIT compiles it for these
-    arguments (its binder and argument packing, Triton 3.6), on any host: no card is
-    needed, and meta tensors stand in for the data."""
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler import ASTSource, compile
-    from triton.runtime.jit import create_function_from_signature
-
-    target = GPUTarget("cuda", 90, 32)
-    backend = CUDABackend(target)
-    kwargs = {
-        **kwargs,
-        "debug": kernel.debug or knobs.runtime.debug,
-        "instrumentation_mode": knobs.compilation.instrumentation_mode,
-    }
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialisation, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(
-        backend, kwargs, bound, specialisation, options
-    )
-    source = ASTSource(kernel, signature, constexprs, attrs)
-    return compile(source, target=target, options=options.__dict__)
-
-
-def resources(compiled) -> str:
-    """Shared memory, warps, and registers and stack per thread of a compiled kernel
-    (its cubin read by `cuobjdump`, which Triton bundles)."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run(
-            [str(tool), "--dump-resource-usage", cubin.name],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-    registers, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
-    metadata = compiled.metadata
-    return (
-        f"shared {metadata.shared} B, {metadata.num_warps} warps,"
-        f" {registers} registers, stack {stack} B"
-    )
-
-
 class _CompileOnly:
     """Stands in for a probe kernel under --compile-only: `kernel[grid](*args, **kwargs)`
-    compiles it for Hopper (`hopper_compile`) and keeps the result; nothing runs."""
+    compiles it for Hopper (`moebench.offline_compile`) and keeps the result; nothing
+    runs. (The probe launches through `kernel[grid]`, not `fast_launch`, whose direct C
+    launch is not written for tensor descriptors.)"""
 
     def __init__(self, kernel):
         self.kernel, self.compiled = kernel, None
 
     def __getitem__(self, grid):
         def compile_for_hopper(*args, **kwargs) -> None:
-            self.compiled = hopper_compile(self.kernel, args, kwargs)
+            self.compiled = compile_for(self.kernel, args, kwargs)
 
         return compile_for_hopper
 
@@ -422,7 +376,7 @@ def compile_report(gemm: str, data: dict, config: dict) -> str:
         a_PD = torch.empty(alignment.max_rows, data["x_TD"].shape[1], device="meta").bfloat16()
         args = (a_PD, data["w_gate_up_E2FD"], data["h_PF"])
         launch_gate_up_tma(*args, alignment, config, kernel=kernel)
-    return resources(kernel.compiled)
+    return Compiled(gemm, config, **resources(kernel.compiled)).describe()
 
 
 def main() -> None:
@@ -449,7 +403,7 @@ def main() -> None:
         data = shapes_only(*shape)
         for gemm in args.gemm:
             for config in variants(gemm, args.ws, args.persistent, args.tiny):
-                print(f"{gemm} {config}: {compile_report(gemm, data, config)}", flush=True)
+                print(compile_report(gemm, data, config), flush=True)
         return
     data = problem(*shape, device)
     timed = device == "cuda"

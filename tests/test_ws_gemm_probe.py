@@ -72,5 +72,5 @@ def test_its_warp_specialised_variants_are_so_when_compiled_for_hopper():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
-    assert len(lines) == 6 and all("'WS': True" in line for line in lines)
+    assert len(lines) == 6 and all("WS=True" in line for line in lines)
     assert all("12 warps" in line and line.endswith("stack 0 B") for line in lines), lines

@@ -388,9 +388,13 @@ class Tuner:
         graphed: bool,
         precompile: bool = False,
     ) -> dict:
+        configs = configs_fn()
+        if fast_launch.compiling_offline():  # compiling for another card: every candidate
+            for config in configs:
+                run(config)
+            return configs[0]  # (nothing timed, nothing cached)
         if fast_launch.compiling_only():  # a `run` passed as precompilable tunes: say so
             raise RuntimeError(f"tuning {key!r} inside a compile-only pass")
-        configs = configs_fn()
         timed_by = "graph" if graphed else "do_bench"
         full_key = f"{key} {code_fingerprint(code, configs, timed_by)}"
         path = _device_file(device)

@@ -1,0 +1,138 @@
+"""Compiling moebench's Triton kernels for a card this host does not have (Hopper, sm_90,
+by default), to see that they compile and what they use, with no card and no data.
+
+Triton compiles for a target without a device (`triton.compile` with a `GPUTarget`, its
+bundled `ptxas`). Inside `compiling_for()`, every `moebench.fast_launch.launch` compiles
+its kernel as Triton's JIT would for those arguments (the JIT's own binder and argument
+packing: a pointer's 16-byte alignment, an integer's divisibility by 16, the
+constexprs) and launches nothing; meta tensors (`device="meta"`) stand in for the data,
+so a layer's code can run whole at a real model's shapes in no memory. The tuner, in
+such a pass, compiles every candidate of each key and returns the first
+(`tuning.Tuner`). Each compile is recorded with what the kernel uses: shared memory,
+warps, and registers and stack (spills) per thread from its cubin (`cuobjdump`, which
+Triton bundles).
+
+`scripts/offline_compile.py` runs the fused layer's forward so for a preset's shape;
+`scripts/ws_gemm_probe.py --compile-only` its probe kernels. Written for Triton 3.6 (it
+calls the JIT's `create_function_from_signature` and `_pack_args`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moebench import fast_launch
+
+# Hopper (H100, H200): the GPUTarget's backend, capability and warp size.
+HOPPER = ("cuda", 90, 32)
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """One kernel compiled for the target: its name, the launch's keyword arguments
+    (constexprs and options), and what it uses, or why it did not compile."""
+
+    kernel: str
+    constants: dict[str, Any]
+    shared_bytes: int = 0
+    warps: int = 0
+    registers: int = 0
+    stack_bytes: int = 0
+    error: str | None = None
+
+    def describe(self) -> str:
+        """One line: the kernel, its constants, and what it uses or its error."""
+        constants = " ".join(f"{k}={v}" for k, v in self.constants.items())
+        if self.error:
+            return f"{self.kernel} {constants}: FAILED {self.error}"
+        return (
+            f"{self.kernel} {constants}: shared {self.shared_bytes} B, {self.warps} warps,"
+            f" {self.registers} registers, stack {self.stack_bytes} B"
+        )
+
+
+def compile_for(kernel: Any, args: tuple, kwargs: dict, target: tuple = HOPPER) -> Any:
+    """`kernel` (a JIT function) compiled for `target` as Triton's JIT compiles it for
+    these arguments; tensors may be meta tensors."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource, compile
+    from triton.runtime.jit import create_function_from_signature
+
+    gpu = GPUTarget(*target)
+    backend = CUDABackend(gpu)
+    kwargs = {  # as the JIT's `run` completes them
+        **kwargs,
+        "debug": kernel.debug or knobs.runtime.debug,
+        "instrumentation_mode": knobs.compilation.instrumentation_mode,
+    }
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialisation, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound, specialisation, options
+    )
+    return compile(
+        ASTSource(kernel, signature, constexprs, attrs), target=gpu, options=options.__dict__
+    )
+
+
+def resources(compiled: Any) -> dict[str, int]:
+    """What a compiled kernel uses: shared memory and warps from its metadata, registers
+    and stack per thread from its cubin (`cuobjdump --dump-resource-usage`)."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [str(tool), "--dump-resource-usage", cubin.name],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"cuobjdump gave no resource usage: {usage[:200]!r}")
+    return {
+        "shared_bytes": compiled.metadata.shared,
+        "warps": compiled.metadata.num_warps,
+        "registers": int(found.group(1)),
+        "stack_bytes": int(found.group(2)),
+    }
+
+
+@contextlib.contextmanager
+def compiling_for(target: tuple = HOPPER) -> Iterator[list[Compiled]]:
+    """Within it, each `fast_launch.launch` compiles its kernel for `target` and launches
+    nothing; yields the list each compile is appended to (module docstring). A kernel
+    that does not compile is recorded with its error, and the pass goes on."""
+    record: list[Compiled] = []
+
+    def compile_(kernel: Any, grid: object, args: tuple, kwargs: dict) -> None:
+        name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+        try:
+            used = resources(compile_for(kernel, args, kwargs, target))
+        except Exception as error:  # any compile failure is the finding
+            record.append(Compiled(name, kwargs, error=_summary(error)))
+            return
+        record.append(Compiled(name, kwargs, **used))
+
+    with fast_launch.compile_only(compile_):
+        yield record
+
+
+def _summary(error: Exception) -> str:
+    """An error in one line: its type, where (a compile error's first line, "at L:C:")
+    and its cause (the last line, Triton's message after the quoted source)."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    where = f"{lines[0]} " if len(lines) > 1 else ""
+    return f"{type(error).__name__}: {where}{lines[-1].strip()}"

@@ -1,0 +1,91 @@
+"""Compile the fused `triton` layer's forward for Hopper (sm_90) on this host, no card
+needed: every kernel it launches, each tuning candidate of its GEMMs included, at a
+preset's shape; print what each uses (`moebench.offline_compile`).
+
+    python scripts/offline_compile.py [--preset mixtral-8x7b | --shape D F E K]
+                                      [--tokens 1 64 1024 8192] [--train]
+
+A call's kernels as on an H200: programmatic dependent launch at up to 64 tokens, the
+per-assignment layout at one token (inference), every row-block size the forward races.
+`--train`: the training forward (it keeps the pre-activations: another gate_up kernel).
+One line per compile (kernel, constexprs and options, shared memory, warps, registers
+and stack per thread, or why it failed), then a summary. Exit status: 0 when everything
+compiled, 1 when something failed, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from moebench import dependent_launch, offline_compile
+from moebench.impls.triton import tuning
+from moebench.impls.triton.layer import fused_experts
+from moebench.presets import PRESETS
+
+
+def compile_forward(
+    hidden: int, ffn: int, experts: int, top_k: int, tokens: int, train: bool
+) -> list[offline_compile.Compiled]:
+    """Every compile of one forward of `tokens` tokens per row-block size it may take,
+    on meta tensors, with dependent launch as Hopper has it."""
+
+    def meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    args = (
+        meta(tokens, hidden),
+        meta(tokens, top_k),
+        meta(tokens, top_k, dtype=torch.int64),
+        meta(experts, 2 * ffn, hidden),
+        meta(experts, ffn, hidden),
+    )
+    if train or tokens == 1:
+        block_ms = [tuning.block_m_for(tokens, top_k, experts)]
+    else:
+        block_ms = tuning.block_m_choices(tokens, top_k, experts)
+    compiled = []
+    enabled = dependent_launch.enabled
+    dependent_launch.enabled = lambda device: not dependent_launch._off  # as on Hopper
+    try:
+        for block_m in block_ms:
+            with offline_compile.compiling_for() as record:
+                fused_experts(*args, keep_for_backward=train, block_m=block_m)
+            compiled += record
+    finally:
+        dependent_launch.enabled = enabled
+    return compiled
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="mixtral-8x7b", choices=sorted(PRESETS))
+    parser.add_argument(
+        "--shape", type=int, nargs=4, metavar=("D", "F", "E", "K"),
+        help="hidden, expert width, experts, top_k (in place of --preset)",
+    )  # fmt: skip
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 1024, 8192])
+    parser.add_argument("--train", action="store_true", help="the training forward")
+    args = parser.parse_args(argv)
+    if args.shape:
+        shape = tuple(args.shape)
+    else:
+        preset = PRESETS[args.preset]
+        shape = (preset.hidden, preset.ffn, preset.num_experts, preset.top_k)
+    if any(t < 1 for t in args.tokens) or any(n < 1 for n in shape) or shape[3] > shape[2]:
+        parser.error("tokens and every size must be at least 1, top_k at most the experts")
+    failed = spilled = total = 0
+    for tokens in args.tokens:
+        for compiled in compile_forward(*shape, tokens, args.train):
+            print(f"T{tokens} {compiled.describe()}", flush=True)
+            total += 1
+            failed += compiled.error is not None
+            spilled += compiled.stack_bytes > 0
+    print(f"{total} kernels compiled for sm_90: {failed} failed, {spilled} with stack (spills)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

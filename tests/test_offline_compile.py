@@ -1,0 +1,103 @@
+"""`moebench.offline_compile` and scripts/offline_compile.py: moebench's kernels compiled
+for Hopper on a host without a card (CI's too). A launch in the pass compiles and runs
+nothing, a kernel that does not compile is recorded with its error and the pass goes
+on, and the fused layer's forward compiles every tuning candidate of both GEMMs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="compiling for a card is Triton's")
+
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+from moebench import fast_launch, offline_compile
+from moebench.impls.triton import tuning
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "offline_compile.py"
+
+
+def _scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+
+def _broken(x_ptr, BLOCK: tl.constexpr):
+    tl.store(x_ptr + tl.arange(0, BLOCK), not_a_name)  # noqa: F821 (the compile error)
+
+
+def check_a_pass() -> None:
+    """The body of `test_a_launch_compiles_for_hopper_and_runs_nothing`, run in a process
+    without the interpreter (which patches Triton's language while kernels run under it,
+    so a compile in the same process may fail for that)."""
+    x, out = torch.ones(32), torch.zeros(32)
+    scale, broken = JITFunction(_scale), JITFunction(_broken)
+    with offline_compile.compiling_for() as record:
+        assert fast_launch.compiling_offline()
+        fast_launch.launch(scale, (1,), x, out, 32, BLOCK=32, num_warps=2)
+        fast_launch.launch(broken, (1,), x, BLOCK=32)
+        fast_launch.launch(scale, (1,), x, out, 17, BLOCK=64, num_warps=4)
+    assert not fast_launch.compiling_only() and (out == 0).all()
+    good, bad, again = record
+    assert good.kernel == "_scale" and good.error is None
+    assert good.constants == {"BLOCK": 32, "num_warps": 2} and good.warps == 2
+    assert good.registers > 0 and good.stack_bytes == 0
+    assert bad.kernel == "_broken" and "not_a_name" in bad.error
+    assert "FAILED" in bad.describe()
+    assert again.error is None and again.warps == 4  # the pass went on
+
+
+def _without_interpreter() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parents[1]), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_a_launch_compiles_for_hopper_and_runs_nothing():
+    code = "from tests.test_offline_compile import check_a_pass; check_a_pass()"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=_without_interpreter(), cwd=SCRIPT.parents[1],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    """The script in a process without the interpreter (moebench's kernels then are
+    JIT functions)."""
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], env=_without_interpreter(),
+        capture_output=True, text=True,
+    )  # fmt: skip
+
+
+def test_the_fused_forward_compiles_every_candidate_for_hopper():
+    done = _run("--shape", "256", "384", "8", "2", "--tokens", "1", "64")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[-1].startswith(f"{len(lines) - 1} kernels compiled for sm_90: 0 failed")
+    for tokens in (1, 64):
+        block_m = tuning.block_m_for(tokens, 2, 8)
+        for gemm in ("gate_up", "down"):
+            tiles = {
+                line.split(": ")[0]
+                for line in lines
+                if line.startswith(f"T{tokens} {gemm}_kernel ")
+            }
+            assert len(tiles) == len(tuning.candidates(gemm, block_m)), (tokens, gemm)
+    # one token: the per-assignment layout, no alignment kernel; 64 tokens: aligned, PDL
+    assert all("PER_ASSIGNMENT=True" in line for line in lines if line.startswith("T1 gate"))
+    assert any(line.startswith("T64 _align") for line in lines)
+    assert all("PDL=True" in line for line in lines if line.startswith("T64 "))
+
+
+def test_bad_arguments_exit_2():
+    done = _run("--shape", "256", "384", "8", "9", "--tokens", "1")
+    assert done.returncode == 2 and "top_k at most the experts" in done.stderr
