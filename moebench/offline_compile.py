@@ -15,11 +15,16 @@ Triton bundles).
 `scripts/offline_compile.py` runs the fused layer's forward so for a preset's shape;
 `scripts/ws_gemm_probe.py --compile-only` its probe kernels. Written for Triton 3.6 (it
 calls the JIT's `create_function_from_signature` and `_pack_args`).
+
+The compiled kernels land in Triton's cache as the JIT's own do, so a pass run with
+`TRITON_CACHE_DIR` set can be packed (`pack_cache`: metadata and cubins only) and carried
+to a card, where the JIT loads them instead of compiling (`unpack_cache` there first).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import subprocess
 import tempfile
@@ -136,3 +141,38 @@ def _summary(error: Exception) -> str:
         return type(error).__name__
     where = f"{lines[0]} " if len(lines) > 1 else ""
     return f"{type(error).__name__}: {where}{lines[-1].strip()}"
+
+
+# Where a packed cache's groups name their files: replaced by the cache's folder where it
+# is unpacked (`unpack_cache`), since Triton's groups hold absolute paths.
+CACHE_PLACEHOLDER = "@TRITON_CACHE@"
+# What loading a cached kernel reads: its metadata (and the group naming it) and binary.
+_KEPT_SUFFIXES = (".json", ".cubin")
+
+
+def pack_cache(cache_dir: Path) -> int:
+    """Shrink the Triton cache in `cache_dir` (`TRITON_CACHE_DIR` of an offline pass) to
+    what a card's JIT needs to load its kernels instead of compiling them: each entry's
+    metadata and cubin (the IR, about nine tenths of an entry, goes), each group's paths
+    relative to CACHE_PLACEHOLDER. Returns the bytes left. A JIT finds an entry only
+    under the same key, which takes in Triton's version and its `ptxas`, the kernel's
+    code, its arguments' specialisation and options (Triton's `get_cache_key`)."""
+    for path in sorted(cache_dir.rglob("*")):
+        if path.is_file() and not path.name.endswith(_KEPT_SUFFIXES):
+            path.unlink()
+    for group in cache_dir.rglob("__grp__*.json"):
+        children = json.loads(group.read_text())["child_paths"]
+        kept = {
+            name: f"{CACHE_PLACEHOLDER}/{group.parent.name}/{Path(child).name}"
+            for name, child in children.items()
+            if name.endswith(_KEPT_SUFFIXES)
+        }
+        group.write_text(json.dumps({"child_paths": kept}))
+    return sum(path.stat().st_size for path in cache_dir.rglob("*") if path.is_file())
+
+
+def unpack_cache(cache_dir: Path) -> None:
+    """Point a packed cache's groups at `cache_dir`, where it now lies (`pack_cache`)."""
+    for group in cache_dir.rglob("__grp__*.json"):
+        text = group.read_text()
+        group.write_text(text.replace(CACHE_PLACEHOLDER, str(cache_dir.resolve())))

@@ -60,7 +60,11 @@
 # (entries tuned for other code than this checkout's are ignored, and replaced):
 # .tune-cache/*.json (git-ignored; device tool: carry ".tune-cache") seeds the tuning
 # cache, and the cache comes back as $OUT/tune-cache/ (copy it over .tune-cache/). It
-# holds choices of block sizes, no measurements. .tune-cache does not outlive a fresh
+# holds choices of block sizes, no measurements. Kernels compiled ahead on a host without
+# a card travel as .triton-cache/ (git-ignored; `python scripts/offline_compile.py --preset
+# P --cache .triton-cache`; device tool: carry ".triton-cache"): unpacked as Triton's
+# cache, the JIT loads them instead of compiling, where its key comes out the same there
+# (not yet seen on a card: the tune log's tune_s says). .tune-cache does not outlive a fresh
 # checkout: fold what came back into the choices moebench ships, and commit them
 # (`python scripts/ship_tuning.py $OUT/tune-cache/NVIDIA_H200.json`; every key of the
 # package's tuned/ files is taken without tuning). What each tuning timed (every candidate's
@@ -77,6 +81,12 @@ export PYTHONUNBUFFERED=1 MOEBENCH_TRITON_CACHE=/tmp/moebench-triton
 export MOEBENCH_TRITON_TUNE_LOG="$out/tune-log.jsonl"
 if compgen -G ".tune-cache/*.json" >/dev/null; then
   mkdir -p "$MOEBENCH_TRITON_CACHE" && cp .tune-cache/*.json "$MOEBENCH_TRITON_CACHE/"
+fi
+if [ -d .triton-cache ]; then
+  export TRITON_CACHE_DIR=/tmp/triton-cache
+  mkdir -p "$TRITON_CACHE_DIR" && cp -r .triton-cache/. "$TRITON_CACHE_DIR/"
+  python3 -c "import sys; from pathlib import Path; from moebench.offline_compile import \
+unpack_cache; unpack_cache(Path(sys.argv[1]))" "$TRITON_CACHE_DIR"
 fi
 
 site=/tmp/site

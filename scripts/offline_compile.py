@@ -9,14 +9,18 @@ A call's kernels as on an H200: programmatic dependent launch at up to 64 tokens
 per-assignment layout at one token (inference), every row-block size the forward races.
 `--train`: the training forward (it keeps the pre-activations: another gate_up kernel).
 One line per compile (kernel, constexprs and options, shared memory, warps, registers
-and stack per thread, or why it failed), then a summary. Exit status: 0 when everything
-compiled, 1 when something failed, 2 on bad arguments.
+and stack per thread, or why it failed), then a summary. `--cache DIR`: compile into
+DIR as Triton's cache and pack it (`offline_compile.pack_cache`), for a card's JIT to
+load instead of compiling (`scripts/gpu_session.sh` unpacks `.triton-cache/`).
+Exit status: 0 when everything compiled, 1 when something failed, 2 on bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 1024, 8192])
     parser.add_argument("--train", action="store_true", help="the training forward")
+    parser.add_argument("--cache", type=Path, help="compile into this Triton cache, packed")
     args = parser.parse_args(argv)
     if args.shape:
         shape = tuple(args.shape)
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = (preset.hidden, preset.ffn, preset.num_experts, preset.top_k)
     if any(t < 1 for t in args.tokens) or any(n < 1 for n in shape) or shape[3] > shape[2]:
         parser.error("tokens and every size must be at least 1, top_k at most the experts")
+    if args.cache:  # (Triton reads its cache folder from the environment as it compiles)
+        os.environ["TRITON_CACHE_DIR"] = str(args.cache.resolve())
     failed = spilled = total = 0
     for tokens in args.tokens:
         for compiled in compile_forward(*shape, tokens, args.train):
@@ -84,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             failed += compiled.error is not None
             spilled += compiled.stack_bytes > 0
     print(f"{total} kernels compiled for sm_90: {failed} failed, {spilled} with stack (spills)")
+    if args.cache:
+        size = offline_compile.pack_cache(args.cache)
+        print(f"packed {args.cache}: {size / 2**20:.1f} MiB")
     return 1 if failed else 0
 
 

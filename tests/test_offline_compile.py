@@ -101,3 +101,27 @@ def test_the_fused_forward_compiles_every_candidate_for_hopper():
 def test_bad_arguments_exit_2():
     done = _run("--shape", "256", "384", "8", "9", "--tokens", "1")
     assert done.returncode == 2 and "top_k at most the experts" in done.stderr
+
+
+def test_a_packed_cache_is_loaded_instead_of_compiled(tmp_path):
+    """--cache: only metadata and cubins are kept, their groups named relative to the
+    placeholder; unpacked where it lies, a second pass compiles nothing (no IR written
+    again: every kernel was a hit in Triton's cache)."""
+    cache = tmp_path / "cache"
+    args = ("--shape", "256", "384", "8", "2", "--tokens", "64")
+    done = _run(*args, "--cache", str(cache))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1].startswith(f"packed {cache}: ")
+    suffixes = {path.suffix for path in cache.rglob("*") if path.is_file()}
+    assert suffixes == {".json", ".cubin"}
+    groups = list(cache.rglob("__grp__*.json"))
+    assert groups and all(offline_compile.CACHE_PLACEHOLDER in g.read_text() for g in groups)
+    moved = tmp_path / "elsewhere"
+    cache.rename(moved)
+    offline_compile.unpack_cache(moved)
+    env = {**_without_interpreter(), "TRITON_CACHE_DIR": str(moved)}
+    again = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {path.suffix for path in moved.rglob("*") if path.is_file()} == suffixes
