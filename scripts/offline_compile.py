@@ -18,15 +18,14 @@ Exit status: 0 when everything compiled, 1 when something failed, 2 on bad argum
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from moebench import dependent_launch, offline_compile
-from moebench.impls.triton import tuning
-from moebench.impls.triton.layer import fused_experts
+from moebench import offline_compile
 from moebench.presets import PRESETS
 
 
@@ -35,6 +34,9 @@ def compile_forward(
 ) -> list[offline_compile.Compiled]:
     """Every compile of one forward of `tokens` tokens per row-block size it may take,
     on meta tensors, with dependent launch as Hopper has it."""
+    from moebench import dependent_launch  # (these import Triton, which main checked)
+    from moebench.impls.triton import tuning
+    from moebench.impls.triton.layer import fused_experts
 
     def meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return torch.empty(*shape, device="meta", dtype=dtype)
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", action="store_true", help="the training forward")
     parser.add_argument("--cache", type=Path, help="compile into this Triton cache, packed")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("triton") is None:
+        parser.exit(2, "offline_compile.py needs Triton: pip install triton==3.6.0\n")
     if args.shape:
         shape = tuple(args.shape)
     else:
