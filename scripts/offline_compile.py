@@ -1,13 +1,16 @@
-"""Compile the fused `triton` layer's forward for Hopper (sm_90) on this host, no card
-needed: every kernel it launches, each tuning candidate of its GEMMs included, at a
-preset's shape; print what each uses (`moebench.offline_compile`).
+"""Compile the fused `triton` layer for Hopper (sm_90) on this host, no card needed:
+every kernel its forward (and with `--train` its training step) launches, each tuning
+candidate of its GEMMs included, at a preset's shape; print what each uses
+(`moebench.offline_compile`).
 
     python scripts/offline_compile.py [--preset mixtral-8x7b | --shape D F E K]
                                       [--tokens 1 64 1024 8192] [--train]
 
 A call's kernels as on an H200: programmatic dependent launch at up to 64 tokens, the
 per-assignment layout at one token (inference), every row-block size the forward races.
-`--train`: the training forward (it keeps the pre-activations: another gate_up kernel).
+`--train`: the training step (its forward keeps the pre-activations, another gate_up
+kernel; its backward: the rows' products and weight gradients with their candidates, the
+SwiGLU backward, the token sums).
 One line per compile (kernel, constexprs and options, shared memory, warps, registers
 and stack per thread, or why it failed), then a summary. `--cache DIR`: compile into
 DIR as Triton's cache and pack it (`offline_compile.pack_cache`), for a card's JIT to
@@ -29,13 +32,14 @@ from moebench import offline_compile
 from moebench.presets import PRESETS
 
 
-def compile_forward(
+def compile_layer(
     hidden: int, ffn: int, experts: int, top_k: int, tokens: int, train: bool
 ) -> list[offline_compile.Compiled]:
-    """Every compile of one forward of `tokens` tokens per row-block size it may take,
-    on meta tensors, with dependent launch as Hopper has it."""
+    """Every compile of one call of `tokens` tokens (a forward per row-block size it may
+    take, or a training step), on meta tensors, with dependent launch as Hopper has it."""
     from moebench import dependent_launch  # (these import Triton, which main checked)
     from moebench.impls.triton import tuning
+    from moebench.impls.triton.backward import fused_backward
     from moebench.impls.triton.layer import fused_experts
 
     def meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -58,7 +62,9 @@ def compile_forward(
     try:
         for block_m in block_ms:
             with offline_compile.compiling_for() as record:
-                fused_experts(*args, keep_for_backward=train, block_m=block_m)
+                _, saved = fused_experts(*args, keep_for_backward=train, block_m=block_m)
+                if train:
+                    fused_backward(saved, meta(tokens, hidden), args[0], args[1], *args[3:])
             compiled += record
     finally:
         dependent_launch.enabled = enabled
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         help="hidden, expert width, experts, top_k (in place of --preset)",
     )  # fmt: skip
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 1024, 8192])
-    parser.add_argument("--train", action="store_true", help="the training forward")
+    parser.add_argument("--train", action="store_true", help="the training step")
     parser.add_argument("--cache", type=Path, help="compile into this Triton cache, packed")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("triton") is None:
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_CACHE_DIR"] = str(args.cache.resolve())
     failed = spilled = total = 0
     for tokens in args.tokens:
-        for compiled in compile_forward(*shape, tokens, args.train):
+        for compiled in compile_layer(*shape, tokens, args.train):
             print(f"T{tokens} {compiled.describe()}", flush=True)
             total += 1
             failed += compiled.error is not None

@@ -1,7 +1,8 @@
 """`moebench.offline_compile` and scripts/offline_compile.py: moebench's kernels compiled
 for Hopper on a host without a card (CI's too). A launch in the pass compiles and runs
 nothing, a kernel that does not compile is recorded with its error and the pass goes
-on, and the fused layer's forward compiles every tuning candidate of both GEMMs."""
+on, the fused layer's forward compiles every tuning candidate of both GEMMs and its
+training step its backward's kernels, and a packed cache is loaded, not compiled."""
 
 from __future__ import annotations
 
@@ -96,6 +97,17 @@ def test_the_fused_forward_compiles_every_candidate_for_hopper():
     assert all("PER_ASSIGNMENT=True" in line for line in lines if line.startswith("T1 gate"))
     assert any(line.startswith("T64 _align") for line in lines)
     assert all("PDL=True" in line for line in lines if line.startswith("T64 "))
+
+
+def test_the_training_step_compiles_its_backward_too():
+    done = _run("--shape", "256", "384", "8", "2", "--tokens", "64", "--train")
+    assert done.returncode == 0, done.stderr[-2000:]
+    kernels = {line.split()[1] for line in done.stdout.splitlines()[:-1]}
+    assert kernels == {
+        "_align_one_program_kernel", "gate_up_kernel", "down_kernel", "swiglu_backward_kernel",
+        "token_rows_kernel", "weight_grad_kernel", "token_sum_kernel",
+    }  # fmt: skip
+    assert all("STORE_PRE=True" in line for line in done.stdout.splitlines() if " gate_up" in line)
 
 
 def test_bad_arguments_exit_2():
