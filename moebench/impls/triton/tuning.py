@@ -134,8 +134,12 @@ def candidates(kernel: str, block_m: int) -> list[dict]:
         # 8 experts x 768 / 32 columns are 192 programs, 1.5 waves on 132 SMs)
         shapes += [(16, 256, 4, 3), (16, 512, 4, 2), (16, 512, 4, 3), (16, 1024, 4, 2)]
     elif kernel == "gate_up":
+        # (128 columns, BLOCK_K 32 and 4 warps was one: compiled for sm_90 it spills at
+        # 128-row blocks, two 128 x 128 float32 accumulators on 128 threads, and in the
+        # 36 tunings of the committed tune logs that raced it, it ran 1.14-5.6x the
+        # winner's time; NOTES.md, version 16)
         shapes = [(64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (64, 128, 8, 3)]
-        shapes += [(128, 32, 4, 4), (128, 64, 8, 4)]
+        shapes += [(128, 64, 8, 4)]
     else:
         shapes = [(128, 64, 8, 4), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3)]
         shapes += [(128, 128, 8, 3), (256, 64, 8, 4), (256, 32, 8, 6)]
