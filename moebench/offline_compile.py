@@ -121,16 +121,21 @@ def compiling_for(target: tuple = HOPPER) -> Iterator[list[Compiled]]:
     record: list[Compiled] = []
 
     def compile_(kernel: Any, grid: object, args: tuple, kwargs: dict) -> None:
-        name = getattr(kernel, "__name__", None) or kernel.fn.__name__
-        try:
-            used = resources(compile_for(kernel, args, kwargs, target))
-        except Exception as error:  # any compile failure is the finding
-            record.append(Compiled(name, kwargs, error=_summary(error)))
-            return
-        record.append(Compiled(name, kwargs, **used))
+        record.append(compile_record(kernel, args, kwargs, target))
 
     with fast_launch.compile_only(compile_):
         yield record
+
+
+def compile_record(kernel: Any, args: tuple, kwargs: dict, target: tuple = HOPPER) -> Compiled:
+    """`kernel` compiled for `target` for these arguments (`compile_for`), as what it
+    uses (`resources`) or, where it does not compile, why."""
+    name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+    try:
+        used = resources(compile_for(kernel, args, kwargs, target))
+    except Exception as error:  # any compile failure is the finding
+        return Compiled(name, kwargs, error=_summary(error))
+    return Compiled(name, kwargs, **used)
 
 
 def _summary(error: Exception) -> str:

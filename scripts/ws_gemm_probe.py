@@ -33,6 +33,7 @@ ones as the plain reference.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import triton
@@ -42,7 +43,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from moebench.impls.triton import kernels, tuning
 from moebench.impls.triton.align import Alignment, align_to_blocks, max_padded_rows
 from moebench.impls.triton.kernels import _block_coords
-from moebench.offline_compile import Compiled, compile_for, resources
+from moebench.offline_compile import compile_record
 from moebench.presets import PRESETS
 
 
@@ -338,7 +339,7 @@ class _CompileOnly:
 
     def __getitem__(self, grid):
         def compile_for_hopper(*args, **kwargs) -> None:
-            self.compiled = compile_for(self.kernel, args, kwargs)
+            self.compiled = compile_record(self.kernel, args, kwargs)
 
         return compile_for_hopper
 
@@ -363,8 +364,9 @@ def shapes_only(hidden: int, ffn: int, experts: int, top_k: int, tokens: int) ->
     }
 
 
-def compile_report(gemm: str, data: dict, config: dict) -> str:
-    """What `gemm`'s probe kernel compiled for Hopper with `config` uses."""
+def compile_report(gemm: str, data: dict, config: dict):
+    """`gemm`'s probe kernel compiled for Hopper with `config`: what it uses, or why it
+    did not compile (`offline_compile.Compiled`)."""
     alignment = data["alignment"]
     if gemm == "down":
         kernel = _CompileOnly(down_tma_kernel)
@@ -376,10 +378,11 @@ def compile_report(gemm: str, data: dict, config: dict) -> str:
         a_PD = torch.empty(alignment.max_rows, data["x_TD"].shape[1], device="meta").bfloat16()
         args = (a_PD, data["w_gate_up_E2FD"], data["h_PF"])
         launch_gate_up_tma(*args, alignment, config, kernel=kernel)
-    return Compiled(gemm, config, **resources(kernel.compiled)).describe()
+    return kernel.compiled
 
 
-def main() -> None:
+def main() -> int:
+    """Exit status: 0, or with --compile-only 1 where a variant did not compile."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gemm", choices=("down", "gate_up"), nargs="+", default=["down"])
     parser.add_argument("--preset", default="mixtral-8x7b")
@@ -401,10 +404,13 @@ def main() -> None:
     top_k = shape[3]
     if args.compile_only:
         data = shapes_only(*shape)
+        failed = 0
         for gemm in args.gemm:
             for config in variants(gemm, args.ws, args.persistent, args.tiny):
-                print(compile_report(gemm, data, config), flush=True)
-        return
+                compiled = compile_report(gemm, data, config)
+                failed += compiled.error is not None
+                print(compiled.describe(), flush=True)
+        return 1 if failed else 0
     data = problem(*shape, device)
     timed = device == "cuda"
     for gemm in args.gemm:
@@ -434,7 +440,8 @@ def main() -> None:
                 continue
             ms = tuning.graphed_ms(lambda r=run_probe, c=config: r(c), out.device)
             print(f"{gemm} {config}: {ms:.3f} ms ({layer_ms / ms:.2f}x the layer's)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
