@@ -35,6 +35,7 @@ import os
 import pstats
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -81,18 +82,6 @@ def describe_call(name: str, fn, calls: int) -> str:
     return f"{name} {wall:.1f} us (queued in {queued:.1f}: {bound})"
 
 
-def preset_turns(calls_by_preset: dict[str, object], calls: int, rounds: int = 8) -> str:
-    """The wall microseconds per call of each preset's call, taking turns in one
-    process (the order reversed every other round), medians over the rounds."""
-    times: dict[str, list[float]] = {name: [] for name in calls_by_preset}
-    names = list(calls_by_preset)
-    for round_ in range(rounds):
-        for name in names if round_ % 2 == 0 else names[::-1]:
-            times[name].append(per_call_us(calls_by_preset[name], calls))
-    medians = ", ".join(f"{name} {statistics.median(t):.1f} us" for name, t in times.items())
-    return f"in turns ({rounds} rounds): {medians}"
-
-
 # --ab: a switch's environment variable, and what reads it again after a change
 SWITCHES = {
     "fast-launch": (fast_launch.ENV_SWITCH, fast_launch.refresh_switch),
@@ -100,28 +89,51 @@ SWITCHES = {
 }
 
 
+def in_turns(sides: dict[str, Callable[[], float]], rounds: int = 8) -> dict[str, float]:
+    """Each side's median time over `rounds`, the sides taking turns in one process (the
+    order reversed every other round): on a shared host the time per call moves by tens
+    of percent between processes and over minutes, which a comparison of sides timed
+    apart would read as their difference."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            times[name].append(sides[name]())
+    return {name: statistics.median(taken) for name, taken in times.items()}
+
+
 def switch_turns(fn, calls: int, switch: str, rounds: int = 8) -> str:
-    """The host microseconds per call of `fn` with `switch` off and on, taking turns
-    in one process (the order alternating by round), medians over the rounds: on a
-    shared host the time per call moves by tens of percent between processes, which a
-    comparison across processes would read as the switch's doing."""
+    """The host microseconds per call of `fn` with `switch` off and on, in turns
+    (`in_turns`), the switch read again as its module reads it, the environment
+    restored after."""
     variable, reread = SWITCHES[switch]
     was = os.environ.get(variable)
-    times: dict[str, list[float]] = {"0": [], "1": []}
+
+    def with_switch(value: str) -> float:
+        os.environ[variable] = value
+        reread()
+        return per_call_us(fn, calls)
+
     try:
-        for round_ in range(rounds):
-            for value in ("0", "1") if round_ % 2 == 0 else ("1", "0"):
-                os.environ[variable] = value
-                reread()
-                times[value].append(per_call_us(fn, calls))
+        median = in_turns({v: functools.partial(with_switch, v) for v in ("0", "1")}, rounds)
     finally:
         if was is None:
             os.environ.pop(variable, None)
         else:
             os.environ[variable] = was
         reread()
-    off, on = (statistics.median(times[v]) for v in ("0", "1"))
-    return f"{switch} off {off:.1f} us, on {on:.1f} us ({rounds} rounds in turns)"
+    return f"{switch} off {median['0']:.1f} us, on {median['1']:.1f} us ({rounds} rounds in turns)"
+
+
+def preset_turns(
+    calls_by_preset: dict[str, Callable[[], object]], calls: int, rounds: int = 8
+) -> str:
+    """The wall microseconds per call of each preset's call, in turns (`in_turns`)."""
+    sides = {
+        name: functools.partial(per_call_us, call, calls) for name, call in calls_by_preset.items()
+    }
+    medians = ", ".join(f"{name} {us:.1f} us" for name, us in in_turns(sides, rounds).items())
+    return f"in turns ({rounds} rounds): {medians}"
 
 
 def layer_call(impl: str, preset: str, tokens: int, mode: str = "forward"):
