@@ -44,13 +44,19 @@ def read_choices(source: Path) -> list[tuple[str, dict]]:
             for tuning in tunings
             if tuning["chosen"] is not None  # every candidate failed: nothing to ship
         ]
+    table = _json_object(source, text, "a tuning cache")
+    return [(_checked_key(k, source), _checked_choice(v, source)) for k, v in table.items()]
+
+
+def _json_object(path: Path, text: str, what: str) -> dict:
+    """`text` (of `path`) as the one JSON object a cache or shipped file is."""
     try:
         table = json.loads(text)
     except ValueError:
-        raise SourceError(f"{source}: not JSON (a tuning cache is one JSON object)") from None
+        table = None
     if not isinstance(table, dict):
-        raise SourceError(f"{source}: not a tuning cache (one JSON object of choices)")
-    return [(_checked_key(k, source), _checked_choice(v, source)) for k, v in table.items()]
+        raise SourceError(f"{path}: not {what} (one JSON object of choices)")
+    return table
 
 
 def _checked_key(full_key: object, source: Path) -> str:
@@ -65,17 +71,6 @@ def _checked_choice(choice: object, source: Path) -> dict:
     return choice
 
 
-def _shipped(path: Path) -> dict[str, dict]:
-    """A shipped file's choices (one that does not read is an error, not a loss)."""
-    try:
-        table = json.loads(path.read_text())
-    except ValueError:
-        raise SourceError(f"{path}: the shipped file is not JSON; mend it or --replace") from None
-    if not isinstance(table, dict):
-        raise SourceError(f"{path}: the shipped file is not one JSON object; --replace it")
-    return table
-
-
 def ship(sources: list[Path], device: str | None, into: Path, replace: bool) -> list[str]:
     """Write each device's shipped file in `into` with the choices of `sources` folded in
     (module docstring); the lines that say what was written."""
@@ -88,7 +83,10 @@ def ship(sources: list[Path], device: str | None, into: Path, replace: bool) -> 
     lines = []
     for name, pairs in by_device.items():
         path = into / name
-        before = {} if replace or not path.exists() else _shipped(path)
+        # a shipped file that does not read is an error, not a loss: mend it or --replace
+        before = {}
+        if not replace and path.exists():
+            before = _json_object(path, path.read_text(), "a shipped file")
         table = dict(before)
         for full_key, choice in pairs:
             table = merge_choice(table, full_key, choice)

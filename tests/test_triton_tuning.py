@@ -280,3 +280,11 @@ def test_ship_tuning_names_a_bad_source(tmp_path, capsys):
     assert _ship([str(tmp_path / "missing.json"), *into]) == 2
     assert "missing.json: cannot read it" in capsys.readouterr().err
     assert not (tmp_path / "tuned").exists()  # nothing written from a bad source
+    good = tmp_path / "NVIDIA_H200.json"
+    good.write_text('{"k f": {"B": 1}}')
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "NVIDIA_H200.json").write_text("[broken")
+    assert _ship([str(good), *into]) == 2
+    assert "NVIDIA_H200.json: not a shipped file" in capsys.readouterr().err
+    assert (tmp_path / "tuned" / "NVIDIA_H200.json").read_text() == "[broken"  # untouched
+    assert _ship([str(good), *into, "--replace"]) == 0
