@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +28,18 @@ needs_kernels = pytest.mark.skipif(
     KERNEL_DEVICE is None or importlib.util.find_spec("triton") is None,
     reason="needs triton and a CUDA device (or TRITON_INTERPRET=1)",
 )
+
+
+CHECKOUT = Path(__file__).parents[1]
+
+
+def without_interpreter() -> dict[str, str]:
+    """This process's environment less TRITON_INTERPRET, the checkout importable: for a
+    subprocess that compiles Triton kernels (the interpreter patches Triton's language
+    while kernels run under it, so compiling in a process that runs it may fail)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(CHECKOUT), env.get("PYTHONPATH", "")])
+    return env
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ training step its backward's kernels, and a packed cache is loaded, not compiled
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from triton.runtime.jit import JITFunction
 
 from moebench import fast_launch, offline_compile
 from moebench.impls.triton import tuning
+from tests.conftest import without_interpreter
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "offline_compile.py"
 
@@ -55,16 +55,10 @@ def check_a_pass() -> None:
     assert again.error is None and again.warps == 4  # the pass went on
 
 
-def _without_interpreter() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parents[1]), env.get("PYTHONPATH", "")])
-    return env
-
-
 def test_a_launch_compiles_for_hopper_and_runs_nothing():
     code = "from tests.test_offline_compile import check_a_pass; check_a_pass()"
     done = subprocess.run(
-        [sys.executable, "-c", code], env=_without_interpreter(), cwd=SCRIPT.parents[1],
+        [sys.executable, "-c", code], env=without_interpreter(), cwd=SCRIPT.parents[1],
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -74,7 +68,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     """The script in a process without the interpreter (moebench's kernels then are
     JIT functions)."""
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], env=_without_interpreter(),
+        [sys.executable, str(SCRIPT), *args], env=without_interpreter(),
         capture_output=True, text=True,
     )  # fmt: skip
 
@@ -131,7 +125,7 @@ def test_a_packed_cache_is_loaded_instead_of_compiled(tmp_path):
     moved = tmp_path / "elsewhere"
     cache.rename(moved)
     offline_compile.unpack_cache(moved)
-    env = {**_without_interpreter(), "TRITON_CACHE_DIR": str(moved)}
+    env = {**without_interpreter(), "TRITON_CACHE_DIR": str(moved)}
     again = subprocess.run(
         [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True
     )

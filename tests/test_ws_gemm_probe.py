@@ -7,7 +7,6 @@ variants are warp-specialised."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import runpy
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import needs_kernels
+from tests.conftest import needs_kernels, without_interpreter
 
 PROBE = Path(__file__).parents[1] / "scripts" / "ws_gemm_probe.py"
 
@@ -64,8 +63,7 @@ def test_its_warp_specialised_variants_are_so_when_compiled_for_hopper():
     """`--compile-only` (no card; a process without the interpreter): each variant the
     probe races with warp specialisation comes out of Triton's Hopper compiler with the
     extra warps of its producer and no stack (spills), at Mixtral-8x7B's 8192 tokens."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(PROBE.parents[1]), env.get("PYTHONPATH", "")])
+    env = without_interpreter()
     args = ["--compile-only", "--gemm", "down", "gate_up", "--ws", "1", "--persistent", "0"]
     done = subprocess.run(
         [sys.executable, str(PROBE), *args], env=env, capture_output=True, text=True
