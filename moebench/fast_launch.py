@@ -34,8 +34,10 @@ are set on these kernels).
 
 Plain launches remain where the fast path does not apply: Triton's interpreter (the CPU
 tests), a kernel whose parameters carry annotations or `do_not_specialize` (the binder
-treats those apart), a Triton without `native_specialize_impl`, and `$MOEBENCH_FAST_LAUNCH=0`
-(to measure what it gives, or to rule it out).
+treats those apart), a kernel first launched with tensor descriptors (TMA: the binder
+and the C launcher expand each into several arguments, which this path does not), a
+Triton without `native_specialize_impl`, and `$MOEBENCH_FAST_LAUNCH=0` (to measure what
+it gives, or to rule it out).
 
 Within `compile_only()`, a launch compiles its kernel for its arguments and runs nothing:
 by default through the JIT's `warmup` (under Triton's `AsyncCompileMode` the compile goes
@@ -143,7 +145,7 @@ def launch(kernel: Any, grid: Sequence[int], *args: object, **kwargs: object) ->
         return
     launcher = _launchers.get(id(kernel))
     if launcher is None:
-        launcher = _launchers[id(kernel)] = _Launcher(kernel)
+        launcher = _launchers[id(kernel)] = _Launcher(kernel, args)
     if _off or launcher.plain:
         kernel[grid](*args, **kwargs)
     else:
@@ -153,7 +155,7 @@ def launch(kernel: Any, grid: Sequence[int], *args: object, **kwargs: object) ->
 class _Launcher:
     """One kernel's compiled kernels by specialisation (module docstring)."""
 
-    def __init__(self, kernel: Any):
+    def __init__(self, kernel: Any, args: tuple):
         self.kernel = kernel
         self.native = _native_specialize_impl()
         params = list(getattr(kernel, "params", ()))
@@ -161,6 +163,7 @@ class _Launcher:
             self.native is None
             or not _is_jit_function(kernel)
             or any(p.annotation_type or p.do_not_specialize for p in params if not p.is_constexpr)
+            or any(_is_tensor_descriptor(arg) for arg in args)
         )
         # per parameter: constexpr, const, specialised on alignment
         self.constexprs = [p.is_constexpr for p in params]
@@ -298,3 +301,12 @@ def _is_jit_function(kernel: Any) -> bool:
     except ImportError:
         return False
     return isinstance(kernel, JITFunction)
+
+
+def _is_tensor_descriptor(arg: object) -> bool:
+    """A host-side TMA tensor descriptor (`triton.tools.tensor_descriptor`)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return False
+    return isinstance(arg, TensorDescriptor)

@@ -118,7 +118,7 @@ def test_the_key_is_the_binders_specialisation(kernel: str) -> None:
     jit = JITFunction(getattr(fn, "fn", fn))  # a JIT function under the interpreter too
     backend = CUDABackend(GPUTarget("cuda", 90, 32))
     binder = create_function_from_signature(jit.signature, jit.params, backend)
-    launcher = fast_launch._Launcher(jit)
+    launcher = fast_launch._Launcher(jit, ())
     assert not launcher.plain
     buffer = torch.arange(80, dtype=torch.float16)
     for tensor in (buffer, buffer[1:], buffer[8:], buffer.float()):

@@ -33,7 +33,7 @@ import torch
 
 from moebench import dependent_launch
 from moebench.case import Case
-from moebench.impls.triton import kernels, tuning
+from moebench.impls.triton import kernels, tma, tuning
 from moebench.impls.triton.align import align_to_blocks, per_assignment_blocks
 from moebench.impls.triton.backward import Saved, fused_backward, token_sum
 from moebench.layer import MoELayer
@@ -88,28 +88,49 @@ def fused_experts(
     gate_weight_A = gate_weights_TK.to(x_TD.dtype).contiguous().view(-1)
 
     def gate_up(config: dict) -> None:
-        kernels.launch_gate_up(
-            x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config, pre_activations, pdl
-        )
+        if config.get("TMA"):
+            tma.launch_gate_up(x_TD, w_gate_up_E2FD, h_PF, alignment, K, config, pre_activations)
+        else:
+            kernels.launch_gate_up(
+                x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config, pre_activations, pdl
+            )
 
     def down(config: dict) -> None:
-        kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, pdl)
+        if config.get("TMA"):
+            tma.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
+        else:
+            kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, pdl)
+
+    def candidates(name: str) -> list[dict]:
+        # TMA tiles (tma.py) race the pointer kernels' on Hopper where a row list is
+        # walked without dependent launch (64- and 128-row blocks: compute-bound calls)
+        configs = tuning.candidates(name, block_m)
+        if (
+            not (alignment.per_assignment or pdl)
+            and tma.available(x_TD.device)
+            and w_gate_up_E2FD.is_contiguous()
+            and w_down_EFD.is_contiguous()
+        ):
+            configs += tma.candidates(name, block_m, D, F, x_TD.element_size())
+        return configs
 
     # Tuned in order: the down kernel's trials read the h that gate_up wrote. Training's
     # gate_up also stores the pre-activations: a different kernel, tuned apart.
     gate_up_key = "gate_up_train" if keep_for_backward else "gate_up"
     steps = (
-        ("gate_up", gate_up_key, tuning.weight_layout(w_gate_EDF), gate_up, kernels.gate_up_kernel),
-        ("down", "down", tuning.weight_layout(w_down_EFD), down, kernels.down_kernel),
-    )
+        ("gate_up", gate_up_key, tuning.weight_layout(w_gate_EDF), gate_up,
+         (kernels.gate_up_kernel, tma.gather_rows_kernel, tma.gate_up_tma_kernel)),
+        ("down", "down", tuning.weight_layout(w_down_EFD), down,
+         (kernels.down_kernel, tma.down_tma_kernel)),
+    )  # fmt: skip
     with timer.phase("expert"):
-        for name, key, layout, launch, kernel in steps:
+        for name, key, layout, launch, code in steps:
             config = tuning.TUNER.choose(
                 x_TD.device,
                 tuning.key(key, x_TD, w_down_EFD, K, layout, block_m),
-                lambda name=name: tuning.candidates(name, block_m),
+                lambda name=name: candidates(name),
                 launch,
-                code=(kernel,),
+                code=code,
                 graphed=True,  # kernels of a few us: the graph times the GPU, not the host
                 precompile=True,
             )
@@ -161,7 +182,7 @@ def _block_m(
         tuning.key("block_m", x_TD, w_down_EFD, K, layout),
         lambda: [{"BLOCK_M": block_m} for block_m in choices],
         forward,
-        code=(kernels.gate_up_kernel, kernels.down_kernel),
+        code=(kernels.gate_up_kernel, kernels.down_kernel, *tma.KERNELS),
     )
     return config["BLOCK_M"]
 

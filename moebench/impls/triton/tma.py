@@ -1,0 +1,228 @@
+"""The fused layer's two GEMMs with TMA loads (Hopper's tensor-memory copy engine):
+tuning candidates beside `kernels.py`'s, raced by the same tuner at 64- and 128-row
+blocks, where the GEMMs are compute-bound.
+
+Shape legend as in `kernels.py`: T tokens, D hidden, F expert width, E routed experts,
+K top_k, A = T x K assignments, P padded sorted rows.
+
+A TMA load copies a whole tile from a tensor descriptor (base, shape, strides, tile)
+into shared memory, asynchronously, the out-of-range part filled with zeros; it cannot
+gather rows. So:
+
+- `gate_up`: the padded sorted rows of x are first copied into one P x D matrix
+  (`gather_rows_kernel`; padding rows zero, as `kernels.gate_up_kernel` loads them), then
+  A tiles come from it and the gate and up tiles from the K-major E 2F x D weights viewed
+  as (E 2F) x D. SwiGLU and, in training, the pre-activations are the epilogue, as in
+  `kernels.gate_up_kernel`.
+- `down`: h (P x F) and the N-major E x F x D weights viewed as (E F) x D are both
+  descriptors; the routing weight and the scatter to each row's assignment stay the
+  epilogue.
+
+A tile must not run from one expert's rows into the next (gate into up for gate_up):
+`fits` says which configs a shape allows. Found by `scripts/ws_gemm_probe.py` on an H200
+(NOTES.md, version 17), at Mixtral-8x7B's 8192 tokens: gate_up 5.64 ms against the
+pointer kernel's 6.43 (the gather 0.08 ms more), down 2.64 against 2.76.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moebench import fast_launch
+from moebench.fast_launch import ceil_div, launch
+from moebench.impls.triton.kernels import _block_coords
+
+# (BLOCK_N, BLOCK_K, warps, stages) raced per GEMM at blocks of 64 rows or more: the
+# probe's fastest (gate_up 128 x 64 at 8 warps; down 256 x 64 at 8 warps), with one
+# deeper or narrower neighbour each.
+TILES = {
+    "gate_up": ((128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)),
+    "down": ((256, 64, 8, 3), (128, 64, 8, 4)),
+}
+# The tiles' (row, column) strides and bases must be multiples of 16 bytes.
+_ALIGN_BYTES = 16
+
+
+@triton.jit
+def gather_rows_kernel(
+    x_ptr, a_ptr, sorted_ids_ptr, num_padded_ptr, D, num_assign, top_k, max_rows,
+    stride_x_t, stride_a_p, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """a[row] <- x[token of row's assignment], zero for padding, for the real padded
+    rows (blocks past the padded length, read on the device, exit at once)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if tl.program_id(0) * BLOCK_R >= tl.load(num_padded_ptr):
+        return
+    row_ok = rows < max_rows
+    ids = tl.load(sorted_ids_ptr + rows, mask=row_ok, other=num_assign)
+    real = ids < num_assign
+    token = (ids // top_k).to(tl.int64)
+    for start in range(0, D, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_ok = cols[None, :] < D
+        x_ptrs = x_ptr + token[:, None] * stride_x_t + cols[None, :]
+        values = tl.load(x_ptrs, mask=real[:, None] & col_ok, other=0.0)
+        a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_a_p + cols[None, :]
+        tl.store(a_ptrs, values, mask=row_ok[:, None] & col_ok)
+
+
+@triton.jit
+def gate_up_tma_kernel(
+    a_desc, w_desc, h_ptr, gate_pre_ptr, up_pre_ptr, block_expert_ptr, num_padded_ptr,
+    D, F, num_blocks_m, stride_h_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, STORE_PRE: tl.constexpr,
+):  # fmt: skip
+    """h[row] <- SwiGLU of the gathered row through its expert's gate and up rows, one
+    BLOCK_M x BLOCK_N tile a program (with STORE_PRE the pre-activations too)."""
+    pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m)
+    gate_row = expert * 2 * F + pid_n * BLOCK_N
+    up_row = gate_row + F
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(D, BLOCK_K)):
+        a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+        acc_gate = tl.dot(a, w_desc.load([gate_row, k * BLOCK_K]).T, acc_gate)
+        acc_up = tl.dot(a, w_desc.load([up_row, k * BLOCK_K]).T, acc_up)
+    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_offsets = offs_m[:, None].to(tl.int64) * stride_h_p + offs_n[None, :]
+    dtype = h_ptr.dtype.element_ty
+    tl.store(h_ptr + row_offsets, h.to(dtype))
+    if STORE_PRE:  # training: the backward needs the pre-activations
+        tl.store(gate_pre_ptr + row_offsets, acc_gate.to(dtype))
+        tl.store(up_pre_ptr + row_offsets, acc_up.to(dtype))
+
+
+@triton.jit
+def down_tma_kernel(
+    h_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
+    num_padded_ptr, D, F, num_assign, num_blocks_m, stride_out_a,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """out[a] <- gate[a] * h[row of a] @ W_down[expert of a], one tile a program."""
+    pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(D, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    first_w_row = tl.load(block_expert_ptr + pid_m) * F
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(F, BLOCK_K)):
+        a = h_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+        acc = tl.dot(a, w_desc.load([first_w_row + k * BLOCK_K, pid_n * BLOCK_N]), acc)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ids = tl.load(sorted_ids_ptr + offs_m)
+    row_ok = ids < num_assign
+    gate = tl.load(gate_weight_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
+    acc = acc * gate[:, None]
+    out_ptrs = out_ptr + ids[:, None].to(tl.int64) * stride_out_a + offs_n[None, :]
+    store_ok = row_ok[:, None] & (offs_n[None, :] < D)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_ok)
+
+
+KERNELS = (gather_rows_kernel, gate_up_tma_kernel, down_tma_kernel)
+
+
+def available(device: torch.device) -> bool:
+    """TMA is Hopper's (capability 9 and up); Triton's interpreter runs it on a CPU, and
+    an offline pass compiles for Hopper (`moebench.offline_compile`)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return bool(triton.knobs.runtime.interpret) or fast_launch.compiling_offline()
+
+
+def fits(kernel: str, config: dict, D: int, F: int, element_bytes: int) -> bool:
+    """Whether `kernel`'s ("gate_up" or "down") TMA tiles of `config` suit these widths:
+    rows 16-byte aligned, and no K tile of down running into the next expert's rows of
+    the (E F) x D weights, no N tile of gate_up from gate into up (out-of-range columns
+    of D are zero-filled, so D needs no multiple)."""
+    if (D * element_bytes) % _ALIGN_BYTES or (F * element_bytes) % _ALIGN_BYTES:
+        return False
+    if kernel == "gate_up":
+        return F % config["BLOCK_N"] == 0
+    return F % config["BLOCK_K"] == 0
+
+
+def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) -> list[dict]:
+    """The TMA configs (`"TMA": True`) the tuner races for `kernel` at `block_m` beside
+    `tuning.candidates`: from 64-row blocks, those that `fits` these widths."""
+    if block_m < 64:
+        return []
+    configs = [
+        {"BLOCK_M": block_m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8,
+         "num_warps": warps, "num_stages": stages, "TMA": True}
+        for n, k, warps, stages in TILES[kernel]
+    ]  # fmt: skip
+    return [config for config in configs if fits(kernel, config, D, F, element_bytes)]
+
+
+def _descriptor(matrix: torch.Tensor, block: list[int]):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(matrix, block)
+
+
+def launch_gate_up(
+    x_TD: torch.Tensor,
+    w_gate_up_E2FD: torch.Tensor,
+    h_PF: torch.Tensor,
+    alignment,
+    top_k: int,
+    config: dict,
+    pre_activations: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """`kernels.launch_gate_up`'s results (h_PF, and the pre-activations if given) through
+    `gather_rows_kernel` and `gate_up_tma_kernel`; w_gate_up_E2FD contiguous."""
+    E, two_f, D = w_gate_up_E2FD.shape
+    F = two_f // 2
+    rows = alignment.max_rows
+    a_PD = torch.empty(rows, D, device=x_TD.device, dtype=x_TD.dtype)
+    block_rows, block_d = 16, min(triton.next_power_of_2(D), 512)
+    launch(
+        gather_rows_kernel, (ceil_div(rows, block_rows),),
+        x_TD, a_PD, alignment.sorted_ids_P, alignment.num_padded_1, D, alignment.num_assign,
+        top_k, rows, x_TD.stride(0), a_PD.stride(0),
+        BLOCK_R=block_rows, BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    num_blocks_m = alignment.max_blocks
+    launch(
+        gate_up_tma_kernel, (num_blocks_m * ceil_div(F, block_n),),
+        _descriptor(a_PD, [block_m, block_k]),
+        _descriptor(w_gate_up_E2FD.view(E * two_f, D), [block_n, block_k]),
+        h_PF, *(pre_activations or (h_PF, h_PF)),
+        alignment.block_expert_B, alignment.num_padded_1, D, F, num_blocks_m, h_PF.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
+        STORE_PRE=pre_activations is not None,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip
+
+
+def launch_down(
+    h_PF: torch.Tensor,
+    w_down_EFD: torch.Tensor,
+    gate_weight_A: torch.Tensor,
+    out_AD: torch.Tensor,
+    alignment,
+    config: dict,
+) -> None:
+    """`kernels.launch_down`'s result through `down_tma_kernel`; w_down_EFD contiguous."""
+    E, F, D = w_down_EFD.shape
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    num_blocks_m = alignment.max_blocks
+    launch(
+        down_tma_kernel, (num_blocks_m * ceil_div(D, block_n),),
+        _descriptor(h_PF, [block_m, block_k]),
+        _descriptor(w_down_EFD.view(E * F, D), [block_k, block_n]),
+        gate_weight_A, out_AD, alignment.sorted_ids_P, alignment.block_expert_B,
+        alignment.num_padded_1, D, F, alignment.num_assign, num_blocks_m, out_AD.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip

@@ -1,0 +1,149 @@
+"""The fused layer's TMA tiles (`moebench/impls/triton/tma.py`): every candidate against
+float32 per-row products (D not a multiple of any tile, an expert with no tokens,
+padding rows zero), which shapes they are offered for, and the layer's forward and
+gradients against `reference` with only TMA tiles to choose from. In Triton's
+interpreter on a CPU (float16), and on a card (skipped without one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moebench import registry
+from moebench.impls.reference import reference_output
+from moebench.impls.triton import tma, tuning
+from moebench.measure.check import check_gradients
+from moebench.weight_sources import make_weights
+from moebench.weights import make_inputs
+from tests.conftest import KERNEL_DEVICE, needs_kernels
+from tests.test_triton import _gpu_case, _relative
+
+
+def test_fits_refuses_a_tile_crossing_into_the_next_experts_rows():
+    gate_up = {"BLOCK_N": 128, "BLOCK_K": 64}
+    down = {"BLOCK_N": 256, "BLOCK_K": 64}
+    assert tma.fits("gate_up", gate_up, 72, 256, 2)
+    assert not tma.fits("gate_up", gate_up, 72, 192, 2)  # gate's last tile into up
+    assert tma.fits("down", down, 72, 192, 2)
+    assert not tma.fits("down", down, 72, 200, 2)  # a K tile into the next expert
+    assert not tma.fits("down", down, 36, 192, 2)  # a row of 72 bytes: not 16-aligned
+    assert tma.fits("down", down, 36, 192, 4)
+
+
+def test_candidates_only_from_64_row_blocks_and_marked():
+    assert tma.candidates("gate_up", 32, 4096, 14336, 2) == []
+    configs = tma.candidates("down", 128, 4096, 14336, 2)
+    assert configs and all(c["TMA"] and c["BLOCK_M"] == 128 for c in configs)
+    # Qwen3-30B-A3B's F = 768: the 128-column gate_up tiles fit, DeepSeek-V3's 2048 too
+    assert len(tma.candidates("gate_up", 64, 2048, 768, 2)) == len(tma.TILES["gate_up"])
+    # F = 96: no gate_up tile (64 or 128 columns) stays inside gate
+    assert tma.candidates("gate_up", 64, 2048, 96, 2) == []
+
+
+def _problem(tokens: int, block_m: int):
+    """x, weights, routing and float32 expectations per assignment (h, pre-activations
+    and the weighted down product); D = 72 (no multiple of BLOCK_K: TMA's zero fill)."""
+    D, F, E, K, dtype = 72, 128, 5, 2, torch.float16
+    gen = torch.Generator().manual_seed(tokens)
+    x_TD = torch.randn(tokens, D, generator=gen).to(dtype)
+    w_gate_up_E2FD = (torch.randn(E, 2 * F, D, generator=gen) / 8).to(dtype)
+    w_down_EFD = (torch.randn(E, F, D, generator=gen) / 8).to(dtype)
+    # expert E - 1 gets no token
+    ids_TK = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(tokens)])
+    gate_A = torch.rand(tokens * K, generator=gen).to(dtype)
+    pre_A2F = torch.stack(
+        [w_gate_up_E2FD[e].float() @ x_TD[a // K].float() for a, e in enumerate(ids_TK.view(-1))]
+    )
+    h_AF = torch.nn.functional.silu(pre_A2F[:, :F]) * pre_A2F[:, F:]
+    out_AD = torch.stack(
+        [
+            gate_A[a].float() * (h_AF[a] @ w_down_EFD[e].float())
+            for a, e in enumerate(ids_TK.view(-1))
+        ]
+    )
+    return x_TD, w_gate_up_E2FD, w_down_EFD, ids_TK, gate_A, pre_A2F, h_AF, out_AD
+
+
+@needs_kernels
+@pytest.mark.parametrize(("tokens", "block_m"), [(70, 64), (300, 128)])
+def test_every_tma_candidate_matches_a_float32_loop(tokens, block_m):
+    from moebench.impls.triton.align import align_to_blocks
+
+    if KERNEL_DEVICE == "cpu" and block_m > 64:
+        pytest.skip("large blocks: CUDA only")
+    dev = KERNEL_DEVICE
+    x_TD, w_gate_up_E2FD, w_down_EFD, ids_TK, gate_A, pre_A2F, h_AF, out_AD = _problem(
+        tokens, block_m
+    )
+    D, F = x_TD.shape[1], w_down_EFD.shape[1]
+    alignment = align_to_blocks(ids_TK.to(torch.int32).to(dev), w_down_EFD.shape[0], block_m)
+    rows, num_padded = alignment.max_rows, int(alignment.num_padded_1)
+    row_ids = alignment.sorted_ids_P.long().cpu()[:num_padded]
+    real = row_ids < alignment.num_assign
+    configs = tma.candidates("gate_up", block_m, D, F, 2)
+    assert len(configs) == len(tma.TILES["gate_up"])
+    for config in configs:
+        h_PF, gate_pre_PF, up_pre_PF = (
+            torch.full((rows, F), float("nan"), device=dev, dtype=x_TD.dtype) for _ in range(3)
+        )
+        tma.launch_gate_up(
+            x_TD.to(dev), w_gate_up_E2FD.to(dev), h_PF, alignment, 2, config,
+            (gate_pre_PF, up_pre_PF),
+        )  # fmt: skip
+        for got, want in ((h_PF, h_AF), (gate_pre_PF, pre_A2F[:, :F]), (up_pre_PF, pre_A2F[:, F:])):
+            got = got.float().cpu()[:num_padded]
+            torch.testing.assert_close(
+                got[real], want[row_ids[real]], rtol=2e-2, atol=2e-2, msg=str(config)
+            )
+            # padding rows hold zeros, as the pointer kernel leaves them: the backward reads them
+            assert (got[~real] == 0).all(), config
+    h_PF = torch.zeros(rows, F)
+    h_PF[:num_padded][real] = h_AF[row_ids[real]]
+    configs = tma.candidates("down", block_m, D, F, 2)
+    assert configs
+    for config in configs:
+        got_AD = torch.full((tokens * 2, D), float("nan"), device=dev, dtype=x_TD.dtype)
+        tma.launch_down(
+            h_PF.to(x_TD.dtype).to(dev), w_down_EFD.to(dev), gate_A.to(dev), got_AD, alignment,
+            config,
+        )  # fmt: skip
+        torch.testing.assert_close(
+            got_AD.float().cpu(), out_AD, rtol=2e-2, atol=2e-2, msg=str(config)
+        )
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_layer_on_tma_tiles_alone_matches_reference(dtype, monkeypatch, tmp_path):
+    """Forward and gradients with the pointer kernels' candidates taken away: the tuner
+    can only pick TMA tiles, at 64-row blocks (CPU) or 128 (CUDA)."""
+    if KERNEL_DEVICE == "cpu" and dtype == "bfloat16":
+        pytest.skip("Triton's interpreter computes in numpy, which has no bfloat16")
+    monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning.TUNER, "_chosen", {})
+    monkeypatch.setattr(tuning, "candidates", lambda kernel, block_m: [])
+    ran = []
+
+    def counted(name: str):
+        launch = getattr(tma, name)
+
+        def run(*args, **kwargs):
+            ran.append(name)
+            launch(*args, **kwargs)
+
+        return run
+
+    for name in ("launch_gate_up", "launch_down"):
+        monkeypatch.setattr(tma, name, counted(name))
+    tokens = 100 if KERNEL_DEVICE == "cpu" else 2048  # 64- and 128-row blocks
+    case = _gpu_case((200, 128, 4, 2, tokens), dtype, mode="train", device=KERNEL_DEVICE)
+    weights = make_weights(case)
+    layer = registry.get("triton").build(weights, case)
+    x_TD = make_inputs(case, 1)[0]
+    tolerance = {"bfloat16": 2e-2, "float16": 5e-3}[dtype]
+    with torch.no_grad():
+        y_TD = layer(x_TD)
+    assert set(ran) == {"launch_gate_up", "launch_down"}, ran
+    assert _relative(y_TD, reference_output(weights, x_TD)) <= tolerance
+    result = check_gradients(layer, [weights], x_TD, dtype, 0)
+    assert max(result.errors.values()) <= tolerance, result.errors
