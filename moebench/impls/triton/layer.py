@@ -105,12 +105,7 @@ def fused_experts(
         # TMA tiles (tma.py) race the pointer kernels' on Hopper where a row list is
         # walked without dependent launch (64- and 128-row blocks: compute-bound calls)
         configs = tuning.candidates(name, block_m)
-        if (
-            not (alignment.per_assignment or pdl)
-            and tma.available(x_TD.device)
-            and w_gate_up_E2FD.is_contiguous()
-            and w_down_EFD.is_contiguous()
-        ):
+        if not (alignment.per_assignment or pdl) and tma.takes(w_gate_up_E2FD, w_down_EFD):
             configs += tma.candidates(name, block_m, D, F, x_TD.element_size())
         return configs
 

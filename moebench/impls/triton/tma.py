@@ -138,6 +138,14 @@ def available(device: torch.device) -> bool:
     return bool(triton.knobs.runtime.interpret) or fast_launch.compiling_offline()
 
 
+def takes(*weights: torch.Tensor) -> bool:
+    """Whether TMA tiles can read these weights: on a device that has TMA (`available`),
+    each contiguous and 16-byte aligned (a descriptor's base)."""
+    return available(weights[0].device) and all(
+        w.is_contiguous() and w.data_ptr() % _ALIGN_BYTES == 0 for w in weights
+    )
+
+
 def fits(kernel: str, config: dict, D: int, F: int, element_bytes: int) -> bool:
     """Whether `kernel`'s ("gate_up" or "down") TMA tiles of `config` suit these widths:
     rows 16-byte aligned, and no K tile of down running into the next expert's rows of
