@@ -12,9 +12,9 @@ such a pass, compiles every candidate of each key and returns the first
 warps, and registers and stack (spills) per thread from its cubin (`cuobjdump`, which
 Triton bundles).
 
-`scripts/offline_compile.py` runs the fused layer's forward so for a preset's shape;
-`scripts/ws_gemm_probe.py --compile-only` its probe kernels. Written for Triton 3.6 (it
-calls the JIT's `create_function_from_signature` and `_pack_args`).
+`scripts/offline_compile.py` runs the fused layer's forward so for a preset's shape.
+Written for Triton 3.6 (it calls the JIT's `create_function_from_signature` and
+`_pack_args`).
 
 The compiled kernels land in Triton's cache as the JIT's own do, so a pass run with
 `TRITON_CACHE_DIR` set can be packed (`pack_cache`: metadata and cubins only) and carried

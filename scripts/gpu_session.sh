@@ -20,9 +20,6 @@
 #             which token counts, default 1 64 1024 8192)
 #   designs   seeds, moepp, dsmoe, topp, merging, offload and deepseek suites (GPU_DESIGNS:
 #             a subset, by name)
-#   ws-probe  scripts/ws_gemm_probe.py: the fused layer's GEMMs against TMA and
-#             warp-specialised versions (GPU_PRESETS, default mixtral-8x7b; GPU_TOKENS:
-#             one count, default 8192)
 #   compile-ab  the fused layer's tuning with its candidates compiled one by one, then all
 #             at once (MOEBENCH_TRITON_PARALLEL_COMPILE=auto), each from empty caches (no
 #             shipped choices): Qwen3-30B-A3B's forward and training step at 8192 tokens
@@ -128,8 +125,9 @@ for step in "$@"; do
       # GPU_TESTS: other pytest arguments (a subset, say) in place of the default list
       # shellcheck disable=SC2086
       timed python3 -m pytest -q -p no:cacheprovider -rs ${GPU_TESTS:-tests/test_cuda.py \
-        tests/test_triton.py tests/test_triton_backward_rows.py tests/test_route_kernel.py \
-        tests/test_router_logits.py tests/test_dependent_launch.py tests/test_fast_launch.py \
+        tests/test_triton.py tests/test_tma.py tests/test_triton_backward_rows.py \
+        tests/test_route_kernel.py tests/test_router_logits.py tests/test_dependent_launch.py \
+        tests/test_fast_launch.py \
         tests/test_ceilings.py tests/test_offload_cuda.py tests/test_check.py \
         tests/test_profiling.py tests/test_presets_hf.py tests/test_peers.py}
       ;;
@@ -142,13 +140,6 @@ for step in "$@"; do
       timed python3 scripts/weight_grad_bench.py \
         --preset ${GPU_PRESETS:-deepseek-v3 qwen3-30b-a3b olmoe-1b-7b} \
         --tokens ${GPU_TOKENS:-1 64 1024 8192}
-      ;;
-    ws-probe)
-      for preset in ${GPU_PRESETS:-mixtral-8x7b}; do
-        # shellcheck disable=SC2086
-        timed python3 scripts/ws_gemm_probe.py --gemm down gate_up --preset "$preset" \
-          --tokens ${GPU_TOKENS:-8192}
-      done
       ;;
     compile-ab)
       for workers in 1 auto; do

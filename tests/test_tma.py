@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="the TMA tiles are Triton kernels")
+
 from moebench import registry
 from moebench.impls.reference import reference_output
 from moebench.impls.triton import tma, tuning

@@ -19,9 +19,11 @@ gather rows. So:
   epilogue.
 
 A tile must not run from one expert's rows into the next (gate into up for gate_up):
-`fits` says which configs a shape allows. Found by `scripts/ws_gemm_probe.py` on an H200
-(NOTES.md, version 17), at Mixtral-8x7B's 8192 tokens: gate_up 5.64 ms against the
-pointer kernel's 6.43 (the gather 0.08 ms more), down 2.64 against 2.76.
+`fits` says which configs a shape allows. Raced in the layer's tuning on an H200
+(NOTES.md, version 17), TMA tiles won gate_up where D is wide and experts few or
+tokens many (Mixtral-8x7B at 1024 and 8192 tokens, 1.01-1.07x the best pointer tile;
+DeepSeek-V3 at 8192, 1.06x) and lost it on Qwen3-30B-A3B and OLMoE-1B-7B (0.83-0.92x);
+down came out even (0.88-1.02x). The tuner keeps whichever is faster per key.
 """
 
 from __future__ import annotations
