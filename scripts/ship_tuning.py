@@ -6,8 +6,9 @@ on that card takes them instead of tuning (moebench/impls/triton/tuning.py).
 
 A SOURCE is a tuning cache (`<device name>.json`, as `$MOEBENCH_TRITON_CACHE` holds it and
 `scripts/gpu_session.sh` brings it back in $OUT/tune-cache/), whose file name names the
-device, or a tuning log (`*.jsonl`, `$MOEBENCH_TRITON_TUNE_LOG`), whose device `--device`
-names. Each choice replaces the shipped ones of the same key made for other code, as the
+device (one that ships choices already: a new device takes `--device`, so that a renamed
+cache does not become a file no card looks up), or a tuning log (`*.jsonl`,
+`$MOEBENCH_TRITON_TUNE_LOG`), whose device `--device` names. Each choice replaces the shipped ones of the same key made for other code, as the
 tuner's own cache does; `--replace` starts from no shipped choice for that device (after a
 run that tuned every key on the current code). Prints one line per device file written.
 Exit status: 0 written, 2 a source that is missing or not a cache or log.
@@ -78,8 +79,15 @@ def ship(sources: list[Path], device: str | None, into: Path, replace: bool) -> 
     for source in sources:
         if source.suffix == ".jsonl" and device is None:
             raise SourceError(f"{source}: a tuning log does not name its device; pass --device")
+        pairs = read_choices(source)
         name = device_file_name(device or source.name)
-        by_device.setdefault(name, []).extend(read_choices(source))
+        if device is None and not (into / name).exists():
+            # a renamed cache would otherwise become a new device's file, never looked up
+            raise SourceError(
+                f"{source}: no device ships {name} yet; a cache is named for its device as "
+                "the tuner writes it (NVIDIA_H200.json): pass --device for a new device"
+            )
+        by_device.setdefault(name, []).extend(pairs)
     lines = []
     for name, pairs in by_device.items():
         path = into / name

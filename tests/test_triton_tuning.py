@@ -248,7 +248,10 @@ def test_ship_tuning_folds_a_cache_and_a_log_into_the_shipped_file(tmp_path, mon
     run_cache = tmp_path / "run" / "cpu.json"
     run_cache.parent.mkdir()
     run_cache.write_text(json.dumps({full_key: candidates[1]}))
-    assert _ship([str(run_cache), *into_args]) == 0
+    assert _ship([str(run_cache), *into_args]) == 2  # no cpu.json shipped yet: say which
+    assert "no device ships cpu.json yet" in capsys.readouterr().err
+    assert not (into / "cpu.json").exists()
+    assert _ship([str(run_cache), "--device", "cpu", *into_args]) == 0
     monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path / "empty"))
     monkeypatch.setenv(tuning.SHIPPED_SWITCH, "1")
     monkeypatch.setattr(tuning, "shipped_dir", lambda: into)
