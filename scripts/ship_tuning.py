@@ -8,10 +8,11 @@ A SOURCE is a tuning cache (`<device name>.json`, as `$MOEBENCH_TRITON_CACHE` ho
 `scripts/gpu_session.sh` brings it back in $OUT/tune-cache/), whose file name names the
 device (one that ships choices already: a new device takes `--device`, so that a renamed
 cache does not become a file no card looks up), or a tuning log (`*.jsonl`,
-`$MOEBENCH_TRITON_TUNE_LOG`), whose device `--device` names. Each choice replaces the shipped ones of the same key made for other code, as the
-tuner's own cache does; `--replace` starts from no shipped choice for that device (after a
-run that tuned every key on the current code). Prints one line per device file written.
-Exit status: 0 written, 2 a source that is missing or not a cache or log.
+`$MOEBENCH_TRITON_TUNE_LOG`), whose device `--device` names. Each choice replaces the
+shipped ones of the same key made for other code, as the tuner's own cache does;
+`--replace` starts from no shipped choice for that device (after a run that tuned every
+key on the current code). Prints one line per device file written. Exit status: 0
+written, 2 a source that is missing, not a cache or log, or a cache naming no device.
 """
 
 from __future__ import annotations
