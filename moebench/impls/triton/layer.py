@@ -41,6 +41,26 @@ from moebench.measure.graph import graphed_step
 from moebench.measure.phases import NULL_TIMER, Timer
 from moebench.weights import ExpertWeights
 
+# The kernels each forward tuning's choice depends on (`tuning.code_fingerprint`): a
+# change to them, or a line moved above them in their file, tunes again, and leaves the
+# shipped choices (tuned/) unmatched (tests/test_triton_tuning.py checks those).
+GEMM_CODE = {
+    "gate_up": (kernels.gate_up_kernel, tma.gather_rows_kernel, tma.gate_up_tma_kernel),
+    "down": (kernels.down_kernel, tma.down_tma_kernel),
+}
+BLOCK_M_CODE = (kernels.gate_up_kernel, kernels.down_kernel, *tma.KERNELS)
+
+
+def gemm_candidates(
+    name: str, block_m: int, D: int, F: int, element_bytes: int, with_tma: bool
+) -> list[dict]:
+    """The configs the forward's `name` GEMM ("gate_up" or "down") races at `block_m`
+    for hidden D and expert width F: the pointer kernel's, and TMA tiles `with_tma`."""
+    configs = tuning.candidates(name, block_m)
+    if with_tma:
+        configs += tma.candidates(name, block_m, D, F, element_bytes)
+    return configs
+
 
 def fused_experts(
     x_TD: torch.Tensor,
@@ -101,31 +121,28 @@ def fused_experts(
         else:
             kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, pdl)
 
-    def candidates(name: str) -> list[dict]:
-        # TMA tiles (tma.py) race the pointer kernels' on Hopper where a row list is
-        # walked without dependent launch (64- and 128-row blocks: compute-bound calls)
-        configs = tuning.candidates(name, block_m)
-        if not (alignment.per_assignment or pdl) and tma.takes(w_gate_up_E2FD, w_down_EFD):
-            configs += tma.candidates(name, block_m, D, F, x_TD.element_size())
-        return configs
+    # TMA tiles (tma.py) race the pointer kernels' on Hopper where a row list is walked
+    # without dependent launch (64- and 128-row blocks: the compute-bound calls)
+    def with_tma() -> bool:
+        return not (alignment.per_assignment or pdl) and tma.takes(w_gate_up_E2FD, w_down_EFD)
 
     # Tuned in order: the down kernel's trials read the h that gate_up wrote. Training's
     # gate_up also stores the pre-activations: a different kernel, tuned apart.
     gate_up_key = "gate_up_train" if keep_for_backward else "gate_up"
     steps = (
-        ("gate_up", gate_up_key, tuning.weight_layout(w_gate_EDF), gate_up,
-         (kernels.gate_up_kernel, tma.gather_rows_kernel, tma.gate_up_tma_kernel)),
-        ("down", "down", tuning.weight_layout(w_down_EFD), down,
-         (kernels.down_kernel, tma.down_tma_kernel)),
-    )  # fmt: skip
+        ("gate_up", gate_up_key, tuning.weight_layout(w_gate_EDF), gate_up),
+        ("down", "down", tuning.weight_layout(w_down_EFD), down),
+    )
     with timer.phase("expert"):
-        for name, key, layout, launch, code in steps:
+        for name, key, layout, launch in steps:
             config = tuning.TUNER.choose(
                 x_TD.device,
                 tuning.key(key, x_TD, w_down_EFD, K, layout, block_m),
-                lambda name=name: candidates(name),
+                lambda name=name: gemm_candidates(
+                    name, block_m, D, F, x_TD.element_size(), with_tma()
+                ),
                 launch,
-                code=code,
+                code=GEMM_CODE[name],
                 graphed=True,  # kernels of a few us: the graph times the GPU, not the host
                 precompile=True,
             )
@@ -177,7 +194,7 @@ def _block_m(
         tuning.key("block_m", x_TD, w_down_EFD, K, layout),
         lambda: [{"BLOCK_M": block_m} for block_m in choices],
         forward,
-        code=(kernels.gate_up_kernel, kernels.down_kernel, *tma.KERNELS),
+        code=BLOCK_M_CODE,
     )
     return config["BLOCK_M"]
 

@@ -19,11 +19,10 @@ gather rows. So:
   epilogue.
 
 A tile must not run from one expert's rows into the next (gate into up for gate_up):
-`fits` says which configs a shape allows. Raced in the layer's tuning on an H200
-(NOTES.md, version 17), TMA tiles won gate_up where D is wide and experts few or
-tokens many (Mixtral-8x7B at 1024 and 8192 tokens, 1.01-1.07x the best pointer tile;
-DeepSeek-V3 at 8192, 1.06x) and lost it on Qwen3-30B-A3B and OLMoE-1B-7B (0.83-0.92x);
-down came out even (0.88-1.02x). The tuner keeps whichever is faster per key.
+`fits` says which configs a shape allows. In the layer's tuning on H200s (NOTES.md,
+version 17) TMA won gate_up on Mixtral-8x7B and DeepSeek-V3 (1.01-1.20x the best pointer
+tile), lost it on Qwen3-30B-A3B and OLMoE-1B-7B (0.83-0.92x); down 0.88-1.12x. (Lines
+above the kernels move their cache keys, and so the shipped tuning's fingerprints.)
 """
 
 from __future__ import annotations
@@ -36,9 +35,8 @@ from moebench import fast_launch
 from moebench.fast_launch import ceil_div, launch
 from moebench.impls.triton.kernels import _block_coords
 
-# (BLOCK_N, BLOCK_K, warps, stages) raced per GEMM at blocks of 64 rows or more: the
-# probe's fastest (gate_up 128 x 64 at 8 warps; down 256 x 64 at 8 warps), with one
-# deeper or narrower neighbour each.
+# (BLOCK_N, BLOCK_K, warps, stages) per GEMM from 64-row blocks: the fastest of version
+# 17's probe (NOTES.md) and one deeper or narrower neighbour each.
 TILES = {
     "gate_up": ((128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)),
     "down": ((256, 64, 8, 3), (128, 64, 8, 4)),

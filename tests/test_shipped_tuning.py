@@ -1,0 +1,95 @@
+"""The tuned choices moebench ships (`moebench/impls/triton/tuned/`) still match the code.
+
+A shipped choice is taken only under the fingerprint the running code computes for its
+key (`tuning.code_fingerprint`: the kernels' cache keys, the candidates, Triton's and
+torch's versions). A kernel's cache key takes its source and its first line's number, so
+an edit of a kernel, or a line added above one in its file, leaves every shipped choice
+that depends on it unmatched, and a card tunes again: version 17 lost its first shipped
+file so (NOTES.md). This recomputes the fingerprint of each shipped forward choice (the
+two GEMMs and the row-block race) under the card's versions, in a process without
+Triton's interpreter (whose kernels have no cache key)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CHECKOUT, without_interpreter
+
+pytest.importorskip("triton", reason="the fingerprints take the kernels' Triton cache keys")
+
+# The versions on the lent H200 that the shipped choices were tuned with
+# (results/reference/h200-triton-v17/run.json, "environment").
+CARD_TRITON, CARD_TORCH = "3.6.0", "2.11.0+cu130"
+
+CHECK = """
+import json, sys, torch
+from moebench.impls.triton import layer, tuning
+
+tuning._version = lambda distribution: sys.argv[1]
+torch.__version__ = sys.argv[2]
+checked, stale = 0, []
+for path in sorted(tuning.shipped_dir().glob("*.json")):
+    for full_key in json.loads(path.read_text()):
+        kind, _, D, F, E, K, _, T, *rest = full_key.split()
+        D, F, E, K, T = (int(part[1:]) for part in (D, F, E, K, T))
+        if kind in ("gate_up", "gate_up_train", "down"):
+            name = "down" if kind == "down" else "gate_up"
+            block_m = int(rest[0][1:])
+            # TMA tiles race wherever a row list is walked without dependent launch
+            configs = layer.gemm_candidates(name, block_m, D, F, 2, T > 64)
+            expected = tuning.code_fingerprint(layer.GEMM_CODE[name], configs, "graph")
+        elif kind == "block_m":
+            configs = [{"BLOCK_M": m} for m in tuning.block_m_choices(T, K, E)]
+            expected = tuning.code_fingerprint(layer.BLOCK_M_CODE, configs)
+        else:  # the backward's keys: other code, not checked here
+            continue
+        checked += 1
+        if rest[-1] != expected:
+            stale.append(f"{path.name}: {full_key} (the code gives {expected})")
+print(json.dumps({"checked": checked, "stale": stale}))
+"""
+
+
+def _check(package_root: Path | None = None) -> dict:
+    """The check's findings, with moebench imported from `package_root` if given."""
+    env = without_interpreter()
+    if package_root is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(package_root), env["PYTHONPATH"]])
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK, CARD_TRITON, CARD_TORCH],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=package_root or CHECKOUT,
+    )  # fmt: skip  (`-c` puts the working directory first on sys.path)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_every_shipped_forward_choice_matches_the_codes_fingerprint():
+    found = _check()
+    assert found["checked"] > 0, "no shipped forward choice to check"
+    assert found["stale"] == [], (
+        "shipped choices the code no longer matches (a kernel edited or moved in its "
+        "file): tune them again on the card and `scripts/ship_tuning.py --replace`:\n"
+        + "\n".join(found["stale"])
+    )
+
+
+def test_a_line_added_above_a_kernel_is_caught(tmp_path):
+    """The check itself: a copy of the package whose tma.py has one line more at its
+    top fails it."""
+    copy = tmp_path / "moebench"
+    shutil.copytree(CHECKOUT / "moebench", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    tma_py = copy / "impls" / "triton" / "tma.py"
+    tma_py.write_text("# one line more\n" + tma_py.read_text())
+    found = _check(tmp_path)
+    assert found["checked"] > 0 and found["stale"]
