@@ -18,7 +18,7 @@ from moebench.measure.check import check_gradients
 from moebench.weight_sources import make_weights
 from moebench.weights import make_inputs
 from tests.conftest import KERNEL_DEVICE, needs_kernels
-from tests.test_triton import _gpu_case, _relative
+from tests.test_triton import _gpu_case, _relative, float32_problem
 
 
 def test_fits_refuses_a_tile_crossing_into_the_next_experts_rows():
@@ -42,30 +42,6 @@ def test_candidates_only_from_64_row_blocks_and_marked():
     assert tma.candidates("gate_up", 64, 2048, 96, 2) == []
 
 
-def _problem(tokens: int, block_m: int):
-    """x, weights, routing and float32 expectations per assignment (h, pre-activations
-    and the weighted down product); D = 72 (no multiple of BLOCK_K: TMA's zero fill)."""
-    D, F, E, K, dtype = 72, 128, 5, 2, torch.float16
-    gen = torch.Generator().manual_seed(tokens)
-    x_TD = torch.randn(tokens, D, generator=gen).to(dtype)
-    w_gate_up_E2FD = (torch.randn(E, 2 * F, D, generator=gen) / 8).to(dtype)
-    w_down_EFD = (torch.randn(E, F, D, generator=gen) / 8).to(dtype)
-    # expert E - 1 gets no token
-    ids_TK = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(tokens)])
-    gate_A = torch.rand(tokens * K, generator=gen).to(dtype)
-    pre_A2F = torch.stack(
-        [w_gate_up_E2FD[e].float() @ x_TD[a // K].float() for a, e in enumerate(ids_TK.view(-1))]
-    )
-    h_AF = torch.nn.functional.silu(pre_A2F[:, :F]) * pre_A2F[:, F:]
-    out_AD = torch.stack(
-        [
-            gate_A[a].float() * (h_AF[a] @ w_down_EFD[e].float())
-            for a, e in enumerate(ids_TK.view(-1))
-        ]
-    )
-    return x_TD, w_gate_up_E2FD, w_down_EFD, ids_TK, gate_A, pre_A2F, h_AF, out_AD
-
-
 @needs_kernels
 @pytest.mark.parametrize(("tokens", "block_m"), [(70, 64), (300, 128)])
 def test_every_tma_candidate_matches_a_float32_loop(tokens, block_m):
@@ -74,8 +50,9 @@ def test_every_tma_candidate_matches_a_float32_loop(tokens, block_m):
     if KERNEL_DEVICE == "cpu" and block_m > 64:
         pytest.skip("large blocks: CUDA only")
     dev = KERNEL_DEVICE
-    x_TD, w_gate_up_E2FD, w_down_EFD, ids_TK, gate_A, pre_A2F, h_AF, out_AD = _problem(
-        tokens, block_m
+    # D = 72: no multiple of BLOCK_K (TMA's zero fill); F = 128: every tile fits
+    x_TD, w_gate_up_E2FD, w_down_EFD, ids_TK, gate_A, pre_A2F, h_AF, out_AD = float32_problem(
+        tokens, 72, 128, 5, 2
     )
     D, F = x_TD.shape[1], w_down_EFD.shape[1]
     alignment = align_to_blocks(ids_TK.to(torch.int32).to(dev), w_down_EFD.shape[0], block_m)

@@ -162,6 +162,28 @@ def test_expert_weight_grad_takes_the_grouped_gemm_above_few_rows(tmp_path, monk
     assert weight_grad.expert_weight_grad(a_PM, b_PN, ends_E, 16, "few", grouped) == "grouped"
 
 
+def float32_problem(tokens: int, D: int, F: int, E: int, K: int) -> tuple:
+    """Float16 x, gate|up and down weights, routing (expert E - 1 gets no token) and
+    routing weights, and float32 expectations per assignment: the gate|up products (A x
+    2F), h (SwiGLU) and the weighted down product."""
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(tokens)
+    x_TD = torch.randn(tokens, D, generator=gen).to(dtype)
+    w_gate_up_E2FD = (torch.randn(E, 2 * F, D, generator=gen) / 8).to(dtype)
+    w_down_EFD = (torch.randn(E, F, D, generator=gen) / 8).to(dtype)
+    ids_TK = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(tokens)])
+    gate_A = torch.rand(tokens * K, generator=gen).to(dtype)
+    experts_A = ids_TK.reshape(-1).tolist()
+    pre_A2F = torch.stack(
+        [w_gate_up_E2FD[e].float() @ x_TD[a // K].float() for a, e in enumerate(experts_A)]
+    )
+    h_AF = torch.nn.functional.silu(pre_A2F[:, :F]) * pre_A2F[:, F:]
+    out_AD = torch.stack(
+        [gate_A[a].float() * (h_AF[a] @ w_down_EFD[e].float()) for a, e in enumerate(experts_A)]
+    )
+    return x_TD, w_gate_up_E2FD, w_down_EFD, ids_TK, gate_A, pre_A2F, h_AF, out_AD
+
+
 @needs_kernels
 @pytest.mark.parametrize(("tokens", "block_m"), [(1, 16), (13, 16), (70, 64), (300, 128)])
 def test_every_forward_candidate_matches_a_float32_loop(tokens, block_m):
@@ -175,22 +197,8 @@ def test_every_forward_candidate_matches_a_float32_loop(tokens, block_m):
         pytest.skip("large blocks: CUDA only")
     dev, dtype = KERNEL_DEVICE, torch.float16
     D, F, E, K = 72, 40, 5, 2
-    gen = torch.Generator().manual_seed(tokens)
-    x_TD = torch.randn(tokens, D, generator=gen).to(dtype)
-    w_gate_up_E2FD = (torch.randn(E, 2 * F, D, generator=gen) / 8).to(dtype)
-    w_down_EFD = (torch.randn(E, F, D, generator=gen) / 8).to(dtype)
-    ids_TK = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(tokens)])
-    gate_A = torch.rand(tokens * K, generator=gen).to(dtype)
-    # float32 expectations per assignment: h (SwiGLU) and the weighted down product
-    h_AF = torch.empty(tokens * K, F)
-    for a, expert in enumerate(ids_TK.reshape(-1).tolist()):
-        gate_up = w_gate_up_E2FD[expert].float() @ x_TD[a // K].float()
-        h_AF[a] = torch.nn.functional.silu(gate_up[:F]) * gate_up[F:]
-    out_AD = torch.stack(
-        [
-            gate_A[a].float() * (h_AF[a] @ w_down_EFD[e].float())
-            for a, e in enumerate(ids_TK.reshape(-1).tolist())
-        ]
+    x_TD, w_gate_up_E2FD, w_down_EFD, ids_TK, gate_A, _, h_AF, out_AD = float32_problem(
+        tokens, D, F, E, K
     )
     w_gate_up_E2FD, w_down_EFD = w_gate_up_E2FD.to(dev), w_down_EFD.to(dev)
     w_gate_EDF = w_gate_up_E2FD[:, :F].transpose(1, 2)
