@@ -61,8 +61,9 @@
 # a card travel as .triton-cache/ (git-ignored; `python scripts/offline_compile.py --preset
 # P --cache .triton-cache`; device tool: carry ".triton-cache"): unpacked as Triton's
 # cache, the JIT loads them instead of compiling, where its key comes out the same there
-# (on the card of version 17 it did not: every kernel compiled again; that card's Python
-# is 3.12, whose Triton wheel differs from a 3.11 host's). .tune-cache does not outlive a fresh
+# (on the card of version 17 it did not: every kernel compiled again. Triton's key hashes
+# its libtriton binary, and that card's Python is 3.12: a cache compiled by a 3.11 host's
+# wheel cannot match). .tune-cache does not outlive a fresh
 # checkout: fold what came back into the choices moebench ships, and commit them
 # (`python scripts/ship_tuning.py $OUT/tune-cache/NVIDIA_H200.json`; every key of the
 # package's tuned/ files is taken without tuning). What each tuning timed (every candidate's
