@@ -11,14 +11,11 @@ import torch
 
 pytest.importorskip("triton", reason="the TMA tiles are Triton kernels")
 
-from moebench import registry
 from moebench.impls.reference import reference_output
 from moebench.impls.triton import tma, tuning
 from moebench.measure.check import check_gradients
-from moebench.weight_sources import make_weights
-from moebench.weights import make_inputs
 from tests.conftest import KERNEL_DEVICE, needs_kernels
-from tests.test_triton import _gpu_case, _relative, float32_problem
+from tests.test_triton import TOLERANCE, _gpu_case, _relative, built_layer, float32_problem
 
 
 def test_fits_refuses_a_tile_crossing_into_the_next_experts_rows():
@@ -116,10 +113,8 @@ def test_layer_on_tma_tiles_alone_matches_reference(dtype, monkeypatch, tmp_path
         monkeypatch.setattr(tma, name, counted(name))
     tokens = 100 if KERNEL_DEVICE == "cpu" else 2048  # 64- and 128-row blocks
     case = _gpu_case((200, 128, 4, 2, tokens), dtype, mode="train", device=KERNEL_DEVICE)
-    weights = make_weights(case)
-    layer = registry.get("triton").build(weights, case)
-    x_TD = make_inputs(case, 1)[0]
-    tolerance = {"bfloat16": 2e-2, "float16": 5e-3}[dtype]
+    weights, layer, x_TD = built_layer(case)
+    tolerance = TOLERANCE[dtype]
     with torch.no_grad():
         y_TD = layer(x_TD)
     assert set(ran) == {"launch_gate_up", "launch_down"}, ran

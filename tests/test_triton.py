@@ -340,6 +340,16 @@ def _gpu_case(
     )
 
 
+# the relative error a layer's output and gradients may have against `reference`
+TOLERANCE = {"bfloat16": 2e-2, "float16": 5e-3}
+
+
+def built_layer(case: Case) -> tuple:
+    """(weights, the `triton` layer built on them, the case's first input)."""
+    weights = make_weights(case)
+    return weights, registry.get("triton").build(weights, case), make_inputs(case, 1)[0]
+
+
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     a64, b64 = a.double(), b.double()
     return float((a64 - b64).norm() / b64.norm())
@@ -354,10 +364,8 @@ def test_forward_and_gradients_match_reference(shape, dtype):
     if KERNEL_DEVICE == "cpu" and shape[-1] > 1000:
         pytest.skip("large blocks: CUDA only")
     case = _gpu_case(shape, dtype, mode="train", device=KERNEL_DEVICE)
-    weights = make_weights(case)
-    layer = registry.get("triton").build(weights, case)
-    x_TD = make_inputs(case, 1)[0]
-    tolerance = {"bfloat16": 2e-2, "float16": 5e-3}[dtype]
+    weights, layer, x_TD = built_layer(case)
+    tolerance = TOLERANCE[dtype]
     with torch.no_grad():
         y_TD = layer(x_TD)
     assert torch.isfinite(y_TD).all()
@@ -384,9 +392,7 @@ def test_forward_and_gradients_match_reference(shape, dtype):
 
 def _fused_experts_args(case: Case) -> tuple:
     """(weights, x_TD, the arguments of `fused_experts` after the layer's router)."""
-    weights = make_weights(case)
-    layer = registry.get("triton").build(weights, case)
-    x_TD = make_inputs(case, 1)[0]
+    weights, layer, x_TD = built_layer(case)
     with torch.no_grad():
         gate_TK, ids_TK, _ = layer.router(x_TD)
     return weights, x_TD, (x_TD, gate_TK, ids_TK, layer.w_gate_up_E2FD, layer.w_down_EFD)
@@ -451,9 +457,7 @@ def test_forward_races_the_row_block_size(tmp_path, monkeypatch):
 def test_forward_runs_without_host_sync_and_under_a_graph(tokens):
     """One token (no alignment) and 64 (the one-program alignment)."""
     case = _gpu_case((256, 512, 8, 2, tokens), "bfloat16")
-    weights = make_weights(case)
-    layer = registry.get("triton").build(weights, case)
-    x_TD = make_inputs(case, 1)[0]
+    _, layer, x_TD = built_layer(case)
     with torch.no_grad():
         expected = layer(x_TD)  # tunes (outside the capture) and warms up
         torch.cuda.set_sync_debug_mode("error")
