@@ -19,7 +19,10 @@ gather rows. So:
   epilogue.
 
 A tile must not run from one expert's rows into the next (gate into up for gate_up):
-`fits` says which configs a shape allows. In the layer's tuning on H200s (NOTES.md,
+`fits` says which configs a shape allows. With HALF_TAIL (each tile is raced with it and
+without) an expert's last block whose second half is padding alone loads and computes
+its first half only, through a second descriptor of half a block's height (a TMA box's
+height is fixed), as the pointer kernels' HALF_TAIL does. In the layer's tuning on H200s (NOTES.md,
 version 17) TMA won gate_up on Mixtral-8x7B and DeepSeek-V3 (1.01-1.20x the best pointer
 tile), lost it on Qwen3-30B-A3B and OLMoE-1B-7B (0.83-0.92x); down 0.88-1.12x. (Lines
 above the kernels move their cache keys, and so the shipped tuning's fingerprints.)
@@ -33,7 +36,7 @@ import triton.language as tl
 
 from moebench import fast_launch
 from moebench.fast_launch import ceil_div, launch
-from moebench.impls.triton.kernels import _block_coords
+from moebench.impls.triton.kernels import _block_coords, _second_half_is_padding
 
 # (BLOCK_N, BLOCK_K, warps, stages) per GEMM from 64-row blocks: the fastest of version
 # 17's probe (NOTES.md) and one deeper or narrower neighbour each.
@@ -70,27 +73,49 @@ def gather_rows_kernel(
 
 @triton.jit
 def gate_up_tma_kernel(
-    a_desc, w_desc, h_ptr, gate_pre_ptr, up_pre_ptr, block_expert_ptr, num_padded_ptr,
-    D, F, num_blocks_m, stride_h_p,
+    a_desc, a_half_desc, w_desc, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
+    block_expert_ptr, num_padded_ptr, D, F, num_assign, num_blocks_m, stride_h_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, STORE_PRE: tl.constexpr,
+    GROUP_M: tl.constexpr, STORE_PRE: tl.constexpr, HALF_TAIL: tl.constexpr,
 ):  # fmt: skip
     """h[row] <- SwiGLU of the gathered row through its expert's gate and up rows, one
-    BLOCK_M x BLOCK_N tile a program (with STORE_PRE the pre-activations too)."""
+    BLOCK_M x BLOCK_N tile a program (with STORE_PRE the pre-activations too; with
+    HALF_TAIL a block whose second half is padding alone computes its first half, its A
+    tiles through a_half_desc)."""
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
+    if HALF_TAIL:  # noqa: SIM102 (an expert's last block, half of it padding: half the rows)
+        if _second_half_is_padding(sorted_ids_ptr, pid_m, num_assign, BLOCK_M):
+            _gate_up_tma_tile(
+                a_half_desc, w_desc, h_ptr, gate_pre_ptr, up_pre_ptr, block_expert_ptr, D, F,
+                stride_h_p, pid_m, pid_n, BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, STORE_PRE,
+            )  # fmt: skip
+            return
+    _gate_up_tma_tile(
+        a_desc, w_desc, h_ptr, gate_pre_ptr, up_pre_ptr, block_expert_ptr, D, F, stride_h_p,
+        pid_m, pid_n, BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _gate_up_tma_tile(
+    a_desc, w_desc, h_ptr, gate_pre_ptr, up_pre_ptr, block_expert_ptr, D, F, stride_h_p,
+    pid_m, pid_n, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, STORE_PRE: tl.constexpr,
+):  # fmt: skip
+    """gate_up of the first ROWS rows of row block pid_m (a_desc's box: ROWS rows)."""
     expert = tl.load(block_expert_ptr + pid_m)
     gate_row = expert * 2 * F + pid_n * BLOCK_N
     up_row = gate_row + F
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_gate = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(D, BLOCK_K)):
         a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
         acc_gate = tl.dot(a, w_desc.load([gate_row, k * BLOCK_K]).T, acc_gate)
         acc_up = tl.dot(a, w_desc.load([up_row, k * BLOCK_K]).T, acc_up)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, ROWS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_offsets = offs_m[:, None].to(tl.int64) * stride_h_p + offs_n[None, :]
     dtype = h_ptr.dtype.element_ty
@@ -102,21 +127,43 @@ def gate_up_tma_kernel(
 
 @triton.jit
 def down_tma_kernel(
-    h_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
+    h_desc, h_half_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
     num_padded_ptr, D, F, num_assign, num_blocks_m, stride_out_a,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, HALF_TAIL: tl.constexpr,
 ):  # fmt: skip
-    """out[a] <- gate[a] * h[row of a] @ W_down[expert of a], one tile a program."""
+    """out[a] <- gate[a] * h[row of a] @ W_down[expert of a], one tile a program (with
+    HALF_TAIL as in `gate_up_tma_kernel`, h's tiles through h_half_desc)."""
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(D, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
+    if HALF_TAIL:  # noqa: SIM102 (an expert's last block, half of it padding: half the rows)
+        if _second_half_is_padding(sorted_ids_ptr, pid_m, num_assign, BLOCK_M):
+            _down_tma_tile(
+                h_half_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr,
+                block_expert_ptr, D, F, num_assign, stride_out_a, pid_m, pid_n,
+                BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+            return
+    _down_tma_tile(
+        h_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, D, F,
+        num_assign, stride_out_a, pid_m, pid_n, BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+
+
+@triton.jit
+def _down_tma_tile(
+    h_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, D, F,
+    num_assign, stride_out_a, pid_m, pid_n, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """down of the first ROWS rows of row block pid_m (h_desc's box: ROWS rows)."""
     first_w_row = tl.load(block_expert_ptr + pid_m) * F
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(F, BLOCK_K)):
         a = h_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
         acc = tl.dot(a, w_desc.load([first_w_row + k * BLOCK_K, pid_n * BLOCK_N]), acc)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, ROWS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ids = tl.load(sorted_ids_ptr + offs_m)
     row_ok = ids < num_assign
@@ -160,7 +207,9 @@ def fits(kernel: str, config: dict, D: int, F: int, element_bytes: int) -> bool:
 
 def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) -> list[dict]:
     """The TMA configs (`"TMA": True`) the tuner races for `kernel` at `block_m` beside
-    `tuning.candidates`: from 64-row blocks, those that `fits` these widths."""
+    `tuning.candidates`: from 64-row blocks, those that `fits` these widths, each tile
+    also with HALF_TAIL (as the pointer kernels': an expert's last block whose second
+    half is padding alone computes half its rows)."""
     if block_m < 64:
         return []
     configs = [
@@ -168,6 +217,7 @@ def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) ->
          "num_warps": warps, "num_stages": stages, "TMA": True}
         for n, k, warps, stages in TILES[kernel]
     ]  # fmt: skip
+    configs += [{**config, "HALF_TAIL": True} for config in configs]
     return [config for config in configs if fits(kernel, config, D, F, element_bytes)]
 
 
@@ -175,6 +225,16 @@ def _descriptor(matrix: torch.Tensor, block: list[int]):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     return TensorDescriptor.from_tensor(matrix, block)
+
+
+def _row_descriptors(rows_PK: torch.Tensor, config: dict) -> tuple:
+    """The A operand's descriptors: whole blocks of rows, and (what HALF_TAIL's first
+    halves load; a TMA box has a fixed height) half blocks."""
+    block_m, block_k = config["BLOCK_M"], config["BLOCK_K"]
+    return (
+        _descriptor(rows_PK, [block_m, block_k]),
+        _descriptor(rows_PK, [block_m // 2, block_k]),
+    )
 
 
 def launch_gate_up(
@@ -203,12 +263,13 @@ def launch_gate_up(
     num_blocks_m = alignment.max_blocks
     launch(
         gate_up_tma_kernel, (num_blocks_m * ceil_div(F, block_n),),
-        _descriptor(a_PD, [block_m, block_k]),
+        *_row_descriptors(a_PD, config),
         _descriptor(w_gate_up_E2FD.view(E * two_f, D), [block_n, block_k]),
-        h_PF, *(pre_activations or (h_PF, h_PF)),
-        alignment.block_expert_B, alignment.num_padded_1, D, F, num_blocks_m, h_PF.stride(0),
+        h_PF, *(pre_activations or (h_PF, h_PF)), alignment.sorted_ids_P,
+        alignment.block_expert_B, alignment.num_padded_1, D, F, alignment.num_assign,
+        num_blocks_m, h_PF.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
-        STORE_PRE=pre_activations is not None,
+        STORE_PRE=pre_activations is not None, HALF_TAIL=bool(config.get("HALF_TAIL")),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
 
@@ -227,10 +288,11 @@ def launch_down(
     num_blocks_m = alignment.max_blocks
     launch(
         down_tma_kernel, (num_blocks_m * ceil_div(D, block_n),),
-        _descriptor(h_PF, [block_m, block_k]),
+        *_row_descriptors(h_PF, config),
         _descriptor(w_down_EFD.view(E * F, D), [block_k, block_n]),
         gate_weight_A, out_AD, alignment.sorted_ids_P, alignment.block_expert_B,
         alignment.num_padded_1, D, F, alignment.num_assign, num_blocks_m, out_AD.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
+        HALF_TAIL=bool(config.get("HALF_TAIL")),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
