@@ -35,8 +35,11 @@ def test_candidates_only_from_64_row_blocks_and_marked():
     assert configs and all(c["TMA"] and c["BLOCK_M"] == 128 for c in configs)
     # Qwen3-30B-A3B's F = 768: the 128-column gate_up tiles fit, DeepSeek-V3's 2048 too
     configs = tma.candidates("gate_up", 64, 2048, 768, 2)
-    assert len(configs) == 2 * len(tma.TILES["gate_up"])  # each tile, with HALF_TAIL and not
-    assert sum(bool(config.get("HALF_TAIL")) for config in configs) == len(tma.TILES["gate_up"])
+    tiles = len(tma.TILES["gate_up"])
+    assert len(configs) == 4 * tiles  # each tile, with and without HALF_TAIL and ONE_DOT
+    assert sum(bool(config.get("HALF_TAIL")) for config in configs) == 2 * tiles
+    assert sum(bool(config.get("ONE_DOT")) for config in configs) == 2 * tiles
+    assert not any(c.get("ONE_DOT") for c in tma.candidates("down", 64, 2048, 768, 2))
     # F = 96: no gate_up tile (64 or 128 columns) stays inside gate
     assert tma.candidates("gate_up", 64, 2048, 96, 2) == []
 
@@ -66,7 +69,7 @@ def test_every_tma_candidate_matches_a_float32_loop(tokens, block_m):
             skipped[first + block_m // 2 : first + block_m] = True
     assert 0 < int(skipped.sum()) < int((~real).sum()), "no half tail, or only half tails"
     configs = tma.candidates("gate_up", block_m, D, F, 2)
-    assert len(configs) == 2 * len(tma.TILES["gate_up"])
+    assert len(configs) == 4 * len(tma.TILES["gate_up"])
     for config in configs:
         h_PF, gate_pre_PF, up_pre_PF = (
             torch.full((rows, F), float("nan"), device=dev, dtype=x_TD.dtype) for _ in range(3)

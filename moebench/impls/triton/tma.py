@@ -77,11 +77,13 @@ def gate_up_tma_kernel(
     block_expert_ptr, num_padded_ptr, D, F, num_assign, num_blocks_m, stride_h_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, STORE_PRE: tl.constexpr, HALF_TAIL: tl.constexpr,
+    ONE_DOT: tl.constexpr,
 ):  # fmt: skip
     """h[row] <- SwiGLU of the gathered row through its expert's gate and up rows, one
     BLOCK_M x BLOCK_N tile a program (with STORE_PRE the pre-activations too; with
     HALF_TAIL a block whose second half is padding alone computes its first half, its A
-    tiles through a_half_desc)."""
+    tiles through a_half_desc; with ONE_DOT w_desc views the weights E x 2 x F x D and
+    one box holds a tile's gate and up rows, multiplied in one dot)."""
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
@@ -90,11 +92,12 @@ def gate_up_tma_kernel(
             _gate_up_tma_tile(
                 a_half_desc, w_desc, h_ptr, gate_pre_ptr, up_pre_ptr, block_expert_ptr, D, F,
                 stride_h_p, pid_m, pid_n, BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, STORE_PRE,
+                ONE_DOT,
             )  # fmt: skip
             return
     _gate_up_tma_tile(
         a_desc, w_desc, h_ptr, gate_pre_ptr, up_pre_ptr, block_expert_ptr, D, F, stride_h_p,
-        pid_m, pid_n, BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE,
+        pid_m, pid_n, BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE, ONE_DOT,
     )  # fmt: skip
 
 
@@ -102,18 +105,26 @@ def gate_up_tma_kernel(
 def _gate_up_tma_tile(
     a_desc, w_desc, h_ptr, gate_pre_ptr, up_pre_ptr, block_expert_ptr, D, F, stride_h_p,
     pid_m, pid_n, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, STORE_PRE: tl.constexpr,
+    BLOCK_K: tl.constexpr, STORE_PRE: tl.constexpr, ONE_DOT: tl.constexpr,
 ):  # fmt: skip
     """gate_up of the first ROWS rows of row block pid_m (a_desc's box: ROWS rows)."""
     expert = tl.load(block_expert_ptr + pid_m)
-    gate_row = expert * 2 * F + pid_n * BLOCK_N
-    up_row = gate_row + F
-    acc_gate = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(D, BLOCK_K)):
-        a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
-        acc_gate = tl.dot(a, w_desc.load([gate_row, k * BLOCK_K]).T, acc_gate)
-        acc_up = tl.dot(a, w_desc.load([up_row, k * BLOCK_K]).T, acc_up)
+    if ONE_DOT:  # a ROWS x 2 BLOCK_N product: wider wgmmas (a half tile's too)
+        acc = tl.zeros((ROWS, 2 * BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(D, BLOCK_K)):
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            w = w_desc.load([expert, 0, pid_n * BLOCK_N, k * BLOCK_K])
+            acc = tl.dot(a, w.reshape(2 * BLOCK_N, BLOCK_K).T, acc)
+        acc_gate, acc_up = tl.split(tl.permute(acc.reshape(ROWS, 2, BLOCK_N), (0, 2, 1)))
+    else:
+        gate_row = expert * 2 * F + pid_n * BLOCK_N
+        up_row = gate_row + F
+        acc_gate = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(D, BLOCK_K)):
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            acc_gate = tl.dot(a, w_desc.load([gate_row, k * BLOCK_K]).T, acc_gate)
+            acc_up = tl.dot(a, w_desc.load([up_row, k * BLOCK_K]).T, acc_up)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     offs_m = pid_m * BLOCK_M + tl.arange(0, ROWS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -209,7 +220,8 @@ def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) ->
     """The TMA configs (`"TMA": True`) the tuner races for `kernel` at `block_m` beside
     `tuning.candidates`: from 64-row blocks, those that `fits` these widths, each tile
     also with HALF_TAIL (as the pointer kernels': an expert's last block whose second
-    half is padding alone computes half its rows)."""
+    half is padding alone computes half its rows), and gate_up's also with ONE_DOT (gate
+    and up as one product twice as wide)."""
     if block_m < 64:
         return []
     configs = [
@@ -218,6 +230,8 @@ def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) ->
         for n, k, warps, stages in TILES[kernel]
     ]  # fmt: skip
     configs += [{**config, "HALF_TAIL": True} for config in configs]
+    if kernel == "gate_up":
+        configs += [{**config, "ONE_DOT": True} for config in configs]
     return [config for config in configs if fits(kernel, config, D, F, element_bytes)]
 
 
@@ -264,12 +278,15 @@ def launch_gate_up(
     launch(
         gate_up_tma_kernel, (num_blocks_m * ceil_div(F, block_n),),
         *_row_descriptors(a_PD, config),
-        _descriptor(w_gate_up_E2FD.view(E * two_f, D), [block_n, block_k]),
+        _descriptor(w_gate_up_E2FD.view(E, 2, F, D), [1, 2, block_n, block_k])
+        if config.get("ONE_DOT")
+        else _descriptor(w_gate_up_E2FD.view(E * two_f, D), [block_n, block_k]),
         h_PF, *(pre_activations or (h_PF, h_PF)), alignment.sorted_ids_P,
         alignment.block_expert_B, alignment.num_padded_1, D, F, alignment.num_assign,
         num_blocks_m, h_PF.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
         STORE_PRE=pre_activations is not None, HALF_TAIL=bool(config.get("HALF_TAIL")),
+        ONE_DOT=bool(config.get("ONE_DOT")),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
 
