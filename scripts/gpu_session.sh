@@ -27,6 +27,9 @@
 #   host      scripts/host_profile.py, one-token forwards of Qwen3-30B-A3B and OLMoE-1B-7B
 #             in one process (GPU_PRESETS, GPU_TOKENS: others), with dependent launch off
 #             and on and the layers in turns, and cProfile's top functions
+#   tail      scripts/tail_probe.py: what an expert's tail block costs in gate_up, per kind
+#             of tile and HALF_TAIL, on DeepSeek-V3's shape (GPU_PRESETS: one other preset);
+#             $OUT/tail_probe.json
 #
 # GPU_FILTER="KEY=V1,V2" (or a label regex) keeps only matching cases of every suite step,
 # e.g. GPU_FILTER=cuda_graph=true scripts/gpu_session.sh peers (the graphed decode rows);
@@ -161,6 +164,10 @@ for step in "$@"; do
       # shellcheck disable=SC2086
       timed python3 scripts/host_profile.py --preset ${GPU_PRESETS:-qwen3-30b-a3b olmoe-1b-7b} \
         --tokens ${GPU_TOKENS:-1} --ab pdl --top 30
+      ;;
+    tail)
+      timed python3 scripts/tail_probe.py --preset "${GPU_PRESETS:-deepseek-v3}" \
+        --json "$out/tail_probe.json"
       ;;
     designs)
       # GPU_DESIGNS: a subset of the design suites, by name

@@ -136,3 +136,34 @@ def test_layer_on_tma_tiles_alone_matches_reference(dtype, monkeypatch, tmp_path
     assert _relative(y_TD, reference_output(weights, x_TD)) <= tolerance
     result = check_gradients(layer, [weights], x_TD, dtype, 0)
     assert max(result.errors.values()) <= tolerance, result.errors
+
+
+@needs_kernels
+def test_tail_probe_runs_every_variant_and_they_agree(tmp_path, capsys):
+    """scripts/tail_probe.py end to end at a small shape: each rows-per-expert count and
+    variant timed, and every variant's h equal to the pointer tile's on the real rows
+    (the TMA tiles' gather, one dot and half paths included)."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "tail_probe.py"))
+    # 64-row blocks: 32 rows an expert fill half a block, 40 a bit more, 64 all of it
+    out = tmp_path / "tail.json"
+    args = ["--shape", "64", "128", "4", "2", "--rows", "32", "40", "64", "--block-m", "64"]
+    assert script["main"]([*args, "--warm-s", "0", "--rounds", "1", "--json", str(out)]) == 0
+    found = json.loads(out.read_text())
+    assert set(found) == {f"{rows} {name}" for rows in (32, 40, 64) for name in script["VARIANTS"]}
+    for label, result in found.items():
+        assert result["ms"] > 0, label
+        assert result["max_diff"] <= 2e-2, (label, result)  # float16 sums in another order
+    assert "TMA, ONE_DOT, HALF_TAIL" in capsys.readouterr().out
+
+
+def test_tail_probe_refuses_rows_that_make_no_whole_token_count():
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "tail_probe.py"))
+    with pytest.raises(SystemExit, match="--rows 3"):
+        script["probe"](64, 128, 4, 8, [3], 64, 0, 1, "cpu", torch.float16)

@@ -1,0 +1,168 @@
+"""What an expert's last block (its tail) costs in the fused layer's gate_up GEMM, per
+kind of tile, with and without HALF_TAIL (CUDA; NOTES.md, versions 18 and 19).
+
+    python scripts/tail_probe.py [--preset deepseek-v3 | --shape D F E K]
+                                 [--rows 256 288 320 384] [--block-m 128]
+                                 [--warm-s 3] [--rounds 8] [--json FILE]
+
+Every expert gets exactly n rows (token t's slots go to experts t K, ..., t K + K - 1,
+mod E), so at 128-row blocks n = 256 is two full blocks an expert, 288 adds a tail of
+32 rows, 320 one of 64 and 384 a full third block: a tail's cost is the time over n =
+256's, and HALF_TAIL's saving is that of its first-half path. The variants (one gate_up
+tile each, 128 x 128 x 64 at 8 warps and 4 stages, the tuner's usual winner at these
+shapes): the pointer tile (`kernels.py`), the TMA tile (`tma.py`, the gather of x
+included) and the TMA tile with ONE_DOT, each with and without HALF_TAIL. The card's
+clock falls under its power cap within a second of GEMMs, so every variant is first run
+for `--warm-s` seconds, then all are timed in turns, `--rounds` times (median, ms). Each
+variant's h on the real rows is also compared with the first variant's: the largest
+difference is printed beside its time (0 where they agree bit for bit).
+
+Under Triton's interpreter (`TRITON_INTERPRET=1`) it runs on a CPU at a small `--shape`
+in float16, for the tests: nothing there is worth timing. For where the time goes inside
+a variant, run one variant under Nsight Compute (`ncu --kernel-name regex:gate_up`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from moebench.presets import PRESETS
+
+VARIANTS = {
+    "pointer": {},
+    "pointer, HALF_TAIL": {"HALF_TAIL": True},
+    "TMA": {"TMA": True},
+    "TMA, HALF_TAIL": {"TMA": True, "HALF_TAIL": True},
+    "TMA, ONE_DOT": {"TMA": True, "ONE_DOT": True},
+    "TMA, ONE_DOT, HALF_TAIL": {"TMA": True, "ONE_DOT": True, "HALF_TAIL": True},
+}
+
+
+def tile(block_m: int, variant: dict, on_cpu: bool) -> dict:
+    """The probe's gate_up config for `variant` at `block_m` rows (a narrower tile on a
+    CPU, where the interpreter's time grows with it)."""
+    block_n, block_k = (32, 32) if on_cpu else (128, 64)
+    return {
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
+        "num_warps": 8, "num_stages": 4, **variant,
+    }  # fmt: skip
+
+
+def probe(
+    D: int, F: int, E: int, K: int, rows_per_expert: list[int], block_m: int,
+    warm_s: float, rounds: int, device: str, dtype: torch.dtype,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """{"<rows> <variant>": {"ms": median, "max_diff": largest |h - first variant's h|
+    on the real rows}} for each rows-per-expert count and variant."""
+    from moebench.impls.triton import kernels, tma
+    from moebench.impls.triton.align import align_to_blocks
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    w_E2FD = torch.randn(E, 2 * F, D, device=device, dtype=dtype, generator=gen) * 0.02
+    w_gate_EDF, w_up_EDF = w_E2FD[:, :F].transpose(1, 2), w_E2FD[:, F:].transpose(1, 2)
+    runs: dict[str, Callable[[], object]] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    real_rows: dict[int, torch.Tensor] = {}
+    for rows in rows_per_expert:
+        if rows * E % K:
+            raise SystemExit(f"--rows {rows}: {rows} x {E} experts is no whole number of tokens")
+        tokens = rows * E // K
+        x_TD = torch.randn(tokens, D, device=device, dtype=dtype, generator=gen)
+        slots = torch.arange(tokens, device=device)[:, None] * K + torch.arange(K, device=device)
+        alignment = align_to_blocks((slots % E).to(torch.int32), E, block_m)
+        real_rows[rows] = alignment.sorted_ids_P < alignment.num_assign
+        for name, variant in VARIANTS.items():
+            config = tile(block_m, variant, device == "cpu")
+            h_PF = torch.zeros(alignment.max_rows, F, device=device, dtype=dtype)
+            outputs[f"{rows} {name}"] = h_PF
+
+            def run(x_TD=x_TD, alignment=alignment, h_PF=h_PF, config=config) -> None:
+                if config.get("TMA"):
+                    tma.launch_gate_up(x_TD, w_E2FD, h_PF, alignment, K, config)
+                else:
+                    kernels.launch_gate_up(x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config)
+
+            runs[f"{rows} {name}"] = run
+    times = _timed_in_turns(runs, warm_s, rounds, device)
+    found = {}
+    for label, h_PF in outputs.items():
+        rows = int(label.split()[0])
+        first = outputs[f"{rows} {next(iter(VARIANTS))}"]
+        real = real_rows[rows]
+        diff = (h_PF[real].float() - first[real].float()).abs().max()
+        found[label] = {"ms": times[label], "max_diff": float(diff)}
+    return found
+
+
+def _timed_in_turns(
+    runs: dict[str, Callable[[], object]], warm_s: float, rounds: int, device: str
+) -> dict[str, float]:
+    """The median ms of each run, after `warm_s` seconds of all of them, timed in turns."""
+    cuda = device == "cuda"
+    for run in runs.values():  # compiles, and fills each output once
+        run()
+    start = time.perf_counter()
+    while time.perf_counter() - start < warm_s:
+        for run in runs.values():
+            run()
+        if cuda:
+            torch.cuda.synchronize()
+    samples: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(rounds):
+        for label, run in runs.items():
+            if cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+                begin.record()
+                run()
+                end.record()
+                end.synchronize()
+                samples[label].append(begin.elapsed_time(end))
+            else:
+                begin_s = time.perf_counter()
+                run()
+                samples[label].append((time.perf_counter() - begin_s) * 1e3)
+    return {label: statistics.median(ms) for label, ms in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import triton
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="deepseek-v3", choices=sorted(PRESETS))
+    parser.add_argument("--shape", type=int, nargs=4, metavar=("D", "F", "E", "K"))
+    parser.add_argument("--rows", type=int, nargs="+", default=[256, 288, 320, 384])
+    parser.add_argument("--block-m", type=int, default=128, choices=(64, 128))
+    parser.add_argument("--warm-s", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    interpreted = bool(triton.knobs.runtime.interpret)
+    if not (torch.cuda.is_available() or interpreted):
+        print("tail_probe: needs a CUDA device (or TRITON_INTERPRET=1 at a small --shape)")
+        return 2
+    if args.shape:
+        D, F, E, K = args.shape
+    else:
+        shape = PRESETS[args.preset]
+        D, F, E, K = shape.hidden, shape.ffn, shape.num_experts, shape.top_k
+    device = "cpu" if interpreted else "cuda"
+    dtype = torch.float16 if interpreted else torch.bfloat16  # (numpy has no bfloat16)
+    found = probe(D, F, E, K, args.rows, args.block_m, args.warm_s, args.rounds, device, dtype)
+    print(f"gate_up, D {D} F {F} E {E} K {K}, {args.block_m}-row blocks: median ms (max |h diff|)")
+    for label, result in found.items():
+        print(f"  {label:34} {result['ms']:9.3f}  ({result['max_diff']:.3g})")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(found, out, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
