@@ -19,13 +19,13 @@ gather rows. So:
   epilogue.
 
 A tile must not run from one expert's rows into the next (gate into up for gate_up):
-`fits` says which configs a shape allows. With HALF_TAIL (each tile is raced with it and
-without) an expert's last block whose second half is padding alone loads and computes
-its first half only, through a second descriptor of half a block's height (a TMA box's
-height is fixed), as the pointer kernels' HALF_TAIL does. In the layer's tuning on H200s (NOTES.md,
-version 17) TMA won gate_up on Mixtral-8x7B and DeepSeek-V3 (1.01-1.20x the best pointer
-tile), lost it on Qwen3-30B-A3B and OLMoE-1B-7B (0.83-0.92x); down 0.88-1.12x. (Lines
-above the kernels move their cache keys, and so the shipped tuning's fingerprints.)
+`fits` says which configs a shape allows. Raced with and without HALF_TAIL (an expert's
+last block, second half padding, computes its first half through a half-height second
+descriptor) and, gate_up's, ONE_DOT (gate and up in one box, one dot twice as wide). On
+H200s (NOTES.md, versions 17-19) TMA won gate_up on Mixtral-8x7B and DeepSeek-V3
+(1.01-1.20x the best pointer tile), lost it on Qwen3-30B-A3B and OLMoE-1B-7B (0.83-0.92x);
+down 0.88-1.12x. (Lines above the kernels move their cache keys, and so the shipped
+tuning's fingerprints: keep their count.)
 """
 
 from __future__ import annotations
