@@ -134,13 +134,24 @@ def _timed_in_turns(
 def main(argv: list[str] | None = None) -> int:
     import triton
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="deepseek-v3", choices=sorted(PRESETS))
-    parser.add_argument("--shape", type=int, nargs=4, metavar=("D", "F", "E", "K"))
-    parser.add_argument("--rows", type=int, nargs="+", default=[256, 288, 320, 384])
+    first_paragraph = __doc__.split("\n\n")[0].replace("\n", " ")
+    parser = argparse.ArgumentParser(description=first_paragraph)
+    parser.add_argument(
+        "--preset", default="deepseek-v3", choices=sorted(PRESETS), help="the layer's shape"
+    )
+    parser.add_argument(
+        "--shape", type=int, nargs=4, metavar=("D", "F", "E", "K"),
+        help="hidden, expert width, experts, top_k (in place of --preset)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rows", type=int, nargs="+", default=[256, 288, 320, 384],
+        help="rows every expert gets, one run of each variant per count",
+    )  # fmt: skip
     parser.add_argument("--block-m", type=int, default=128, choices=(64, 128))
-    parser.add_argument("--warm-s", type=float, default=3.0)
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument(
+        "--warm-s", type=float, default=3.0, help="seconds of calls before the timing"
+    )
+    parser.add_argument("--rounds", type=int, default=8, help="timed calls of each variant")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     interpreted = bool(triton.knobs.runtime.interpret)
