@@ -33,7 +33,6 @@ import functools
 import io
 import os
 import pstats
-import statistics
 import time
 from collections.abc import Callable
 
@@ -43,6 +42,7 @@ from moebench import dependent_launch, fast_launch, registry
 from moebench.case import Case, Workload
 from moebench.layer import MoELayer
 from moebench.measure.case_run import _step_fn
+from moebench.measure.timing import in_turns
 from moebench.presets import PRESETS
 from moebench.weight_sources import make_weights
 from moebench.weights import make_inputs
@@ -87,19 +87,6 @@ SWITCHES = {
     "fast-launch": (fast_launch.ENV_SWITCH, fast_launch.refresh_switch),
     "pdl": (dependent_launch.ENV_SWITCH, dependent_launch.refresh_switch),
 }
-
-
-def in_turns(sides: dict[str, Callable[[], float]], rounds: int = 8) -> dict[str, float]:
-    """Each side's median time over `rounds`, the sides taking turns in one process (the
-    order reversed every other round): on a shared host the time per call moves by tens
-    of percent between processes and over minutes, which a comparison of sides timed
-    apart would read as their difference."""
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    names = list(sides)
-    for round_ in range(rounds):
-        for name in names if round_ % 2 == 0 else names[::-1]:
-            times[name].append(sides[name]())
-    return {name: statistics.median(taken) for name, taken in times.items()}
 
 
 def switch_turns(fn, calls: int, switch: str, rounds: int = 8) -> str:

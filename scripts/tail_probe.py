@@ -25,14 +25,14 @@ a variant, run one variant under Nsight Compute (`ncu --kernel-name regex:gate_u
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
+from moebench.measure import timing
 from moebench.presets import PRESETS
 
 VARIANTS = {
@@ -90,7 +90,12 @@ def probe(
                     kernels.launch_gate_up(x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config)
 
             runs[f"{rows} {name}"] = run
-    times = _timed_in_turns(runs, warm_s, rounds, device)
+    # warmed up together, to the clock the power cap keeps; then timed in turns
+    on = torch.device(device)
+    plan = timing.TimingPlan(warmup=1, warmup_ms=warm_s * 1e3)
+    timing.warm_up(lambda _: [run() for run in runs.values()], on, plan)
+    sides = {label: functools.partial(timing.time_once, run, on) for label, run in runs.items()}
+    times = timing.in_turns(sides, rounds)
     found = {}
     for label, h_PF in outputs.items():
         rows = int(label.split()[0])
@@ -99,36 +104,6 @@ def probe(
         diff = (h_PF[real].float() - first[real].float()).abs().max()
         found[label] = {"ms": times[label], "max_diff": float(diff)}
     return found
-
-
-def _timed_in_turns(
-    runs: dict[str, Callable[[], object]], warm_s: float, rounds: int, device: str
-) -> dict[str, float]:
-    """The median ms of each run, after `warm_s` seconds of all of them, timed in turns."""
-    cuda = device == "cuda"
-    for run in runs.values():  # compiles, and fills each output once
-        run()
-    start = time.perf_counter()
-    while time.perf_counter() - start < warm_s:
-        for run in runs.values():
-            run()
-        if cuda:
-            torch.cuda.synchronize()
-    samples: dict[str, list[float]] = {label: [] for label in runs}
-    for _ in range(rounds):
-        for label, run in runs.items():
-            if cuda:
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
-                begin.record()
-                run()
-                end.record()
-                end.synchronize()
-                samples[label].append(begin.elapsed_time(end))
-            else:
-                begin_s = time.perf_counter()
-                run()
-                samples[label].append((time.perf_counter() - begin_s) * 1e3)
-    return {label: statistics.median(ms) for label, ms in samples.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moebench.measure.timing import TimingPlan, time_repeats, warm_up
+from moebench.measure.timing import TimingPlan, in_turns, time_once, time_repeats, warm_up
 
 CUDA = torch.device("cuda")
 
@@ -127,3 +127,26 @@ def test_the_report_header_gives_the_timing(tmp_path: Path) -> None:
     html = out.read_text()
     assert ">timing<" in html
     assert "3 warm-up calls, then 500 ms of calls; 5-200 timed calls within 300 ms" in html
+
+
+def test_in_turns_alternates_the_order_and_takes_each_sides_median():
+    order: list[str] = []
+    samples = {"a": iter([5.0, 1.0, 3.0, 100.0]), "b": iter([2.0, 2.0, 2.0, 2.0])}
+
+    def side(name: str):
+        def sample() -> float:
+            order.append(name)
+            return next(samples[name])
+
+        return sample
+
+    medians = in_turns({"a": side("a"), "b": side("b")}, rounds=4)
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]  # reversed every other round
+    assert medians == {"a": 4.0, "b": 2.0}
+
+
+def test_time_once_times_one_call_on_the_host():
+    calls = []
+    ms = time_once(lambda: (calls.append(1), time.sleep(0.01)), torch.device("cpu"))
+    assert calls == [1]
+    assert 9.0 <= ms < 1000.0

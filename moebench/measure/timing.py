@@ -165,6 +165,29 @@ def time_back_to_back(
     return samples + _cuda_batch(fn, first, more, device, None)
 
 
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """The milliseconds of one call of `fn`: CUDA events around it on a CUDA device (then
+    a sync), else the host's clock. No warm-up, no flush: for probes that time several
+    variants in turns (`in_turns`) after warming them up together."""
+    if device.type == "cuda":
+        return _cuda_batch(lambda _: fn(), 0, 1, device, None)[0]
+    return _cpu_batch(lambda _: fn(), 0, 1)[0]
+
+
+def in_turns(sides: dict[str, Callable[[], float]], rounds: int = 8) -> dict[str, float]:
+    """Each side's median (a side returns one sample) over `rounds`, the sides taking turns
+    in one process, the order reversed every other round: on a shared host the time per
+    call moves by tens of percent between processes and over minutes, and a card's clock
+    with its power draw, which a comparison of sides timed apart would read as their
+    difference."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            times[name].append(sides[name]())
+    return {name: statistics.median(taken) for name, taken in times.items()}
+
+
 def _cpu_batch(fn: Callable[[int], object], start: int, n: int) -> list[float]:
     out = []
     for i in range(start, start + n):
