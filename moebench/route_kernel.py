@@ -25,15 +25,17 @@ definition and the path everywhere else. Choices agree with `route`'s except whe
 scores tie to float32 rounding (the check's TIE_MARGIN); the slots come in descending
 selection score, as torch.topk's sorted output.
 
-`few_token_logits_kernel`: for a few tokens without autograd (decode), x @ W in float32
-on the CUDA cores, each program one slice of D and of E, written as S partial sums that
-the top-k kernel adds: no GEMM library call (cuBLAS takes ~5.5 us for one token's 2048 x
-384 product), no separate reduction, no atomics (the same bits every run). It computes
-up to FEW_TOKENS tokens; the Router takes it where it is the faster path
-(`takes_few_token_logits`: up to 4 tokens, 2 at DeepSeek-V3's width).
+`few_token_logits_kernel`: for a few tokens (decode, and a training step of a few tokens),
+x @ W in float32 on the CUDA cores, each program one slice of D and of E, written as S
+partial sums that the top-k kernel adds: no GEMM library call (cuBLAS takes ~5.5 us for
+one token's 2048 x 384 product), no separate reduction, no atomics (the same bits every
+run). It computes up to FEW_TOKENS tokens; the Router takes it where it is the faster
+path (`takes_few_token_logits`: up to 4 tokens, 2 at DeepSeek-V3's width). Under
+autograd, `few_token_logits_backward_kernel` gives dx and dW in one launch.
 
-Both launch with programmatic dependent launch where `dependent_launch.for_tokens` says
-(Hopper, calls of at most 64 tokens), as the fused layer's kernels after them do.
+The forward kernels launch with programmatic dependent launch where
+`dependent_launch.for_tokens` says (Hopper, calls of at most 64 tokens), as the fused
+layer's kernels after them do.
 """
 
 from __future__ import annotations
@@ -208,7 +210,15 @@ def few_token_logits_kernel(
 
 def few_token_logits(x_TD: torch.Tensor, w_DE: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(parts_TSE, S): x_TD @ w_DE (float32) as S partial sums side by side, for at most
-    FEW_TOKENS tokens, without autograd (`few_token_logits_kernel`)."""
+    FEW_TOKENS tokens (`few_token_logits_kernel`), differentiable in both where autograd
+    records (`FewTokenLogits`)."""
+    if torch.is_grad_enabled() and (x_TD.requires_grad or w_DE.requires_grad):
+        parts_TSE = FewTokenLogits.apply(x_TD, w_DE)
+        return parts_TSE, parts_TSE.shape[1] // w_DE.shape[1]
+    return _few_token_logits(x_TD, w_DE.detach())
+
+
+def _few_token_logits(x_TD: torch.Tensor, w_DE: torch.Tensor) -> tuple[torch.Tensor, int]:
     T, D = x_TD.shape
     E = w_DE.shape[1]
     assert T <= FEW_TOKENS and w_DE.dtype == torch.float32 and w_DE.is_contiguous()
@@ -228,6 +238,96 @@ def few_token_logits(x_TD: torch.Tensor, w_DE: torch.Tensor) -> tuple[torch.Tens
         BLOCK_E=block_e, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     return parts_TSE, parts
+
+
+@triton.jit
+def few_token_logits_backward_kernel(
+    grad_parts_ptr,
+    x_ptr,
+    w_ptr,
+    grad_x_ptr,
+    grad_w_ptr,
+    T,
+    D,
+    E,
+    stride_x_t,
+    stride_grad_t,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    SLICE_D: tl.constexpr,
+    X_GRAD: tl.constexpr,
+    W_GRAD: tl.constexpr,
+):
+    """Rows d of block program_id(0), in part s = d // SLICE_D of the forward: with g the
+    gradient of part s (T x E), dx[t, d] = sum_e g[t, e] W[d, e] (if X_GRAD) and
+    dW[d, e] = sum_t x[t, d] g[t, e] (if W_GRAD), in float32 on the CUDA cores."""
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    part = (tl.program_id(0) * BLOCK_D) // SLICE_D  # BLOCK_D divides SLICE_D
+    offs_t = tl.arange(0, BLOCK_T)
+    d_ok = offs_d < D
+    t_ok = offs_t < T
+    x = tl.load(
+        x_ptr + offs_t[:, None] * stride_x_t + offs_d[None, :],
+        mask=t_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    grad_x = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for first in range(0, E, BLOCK_E):
+        offs_e = first + tl.arange(0, BLOCK_E)
+        e_ok = offs_e < E
+        g = tl.load(
+            grad_parts_ptr + offs_t[:, None] * stride_grad_t + part * E + offs_e[None, :],
+            mask=t_ok[:, None] & e_ok[None, :],
+            other=0.0,
+        )
+        w_offsets = offs_d.to(tl.int64)[:, None] * E + offs_e[None, :]
+        if X_GRAD:
+            w = tl.load(w_ptr + w_offsets, mask=d_ok[:, None] & e_ok[None, :], other=0.0)
+            grad_x += tl.sum(g[:, None, :] * w[None, :, :], axis=2)
+        if W_GRAD:
+            grad_w = tl.sum(x[:, :, None] * g[:, None, :], axis=0)
+            tl.store(grad_w_ptr + w_offsets, grad_w, mask=d_ok[:, None] & e_ok[None, :])
+    if X_GRAD:
+        out = grad_x_ptr + offs_t[:, None] * D + offs_d[None, :]
+        tl.store(out, grad_x.to(grad_x_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+
+
+class FewTokenLogits(torch.autograd.Function):
+    """`few_token_logits`'s parts (T x S E float32) from x_TD and the float32 w_DE, with
+    both gradients from one launch (`few_token_logits_backward_kernel`). In a training
+    step of a few tokens the tensor-core path's forward and backward took eleven torch
+    ops and 0.59 ms of host on an H200's host (triton/NOTES.md, version 19), for a few
+    MFLOP."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_DE):
+        x_TD = x_TD.contiguous()
+        ctx.save_for_backward(x_TD, w_DE)
+        return _few_token_logits(x_TD, w_DE.detach())[0]
+
+    @staticmethod
+    def backward(ctx, grad_parts_TSE):
+        x_TD, w_DE = ctx.saved_tensors
+        want_x, want_w = ctx.needs_input_grad
+        T, D = x_TD.shape
+        E = w_DE.shape[1]
+        grad_parts_TSE = grad_parts_TSE.contiguous()
+        grad_x = torch.empty_like(x_TD) if want_x else None
+        grad_w = torch.empty_like(w_DE, memory_format=torch.contiguous_format) if want_w else None
+        block_t = 1 << max(0, (T - 1).bit_length())
+        block_d = 32
+        # at most 2048 products a program (16 a thread), and one side of each sum under
+        # 16, so that Triton keeps the float32 sums off TF32 dots (`_few_token_logits`)
+        block_e = max(8, min(64, 2048 // (block_t * block_d)))
+        launch(
+            few_token_logits_backward_kernel, (ceil_div(D, block_d),),
+            grad_parts_TSE, x_TD, w_DE, grad_x if want_x else x_TD,
+            grad_w if want_w else w_DE, T, D, E, x_TD.stride(0), grad_parts_TSE.stride(0),
+            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e, SLICE_D=FEW_TOKENS_ROWS,
+            X_GRAD=want_x, W_GRAD=want_w, num_warps=4,
+        )  # fmt: skip
+        return grad_x, grad_w
 
 
 def _launch(

@@ -257,13 +257,14 @@ class Router(nn.Module):
 
     def logit_parts(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(parts_TSE, S): the logits less the bias as S float32 column blocks of E
-        whose sum they are: a few tokens without autograd on CUDA get
-        `route_kernel.few_token_logits` (`takes_few_token_logits`), bfloat16 on CUDA
-        the tensor cores' three (`router_logits`), anything else one float32 GEMM."""
+        whose sum they are: a few tokens on CUDA get `route_kernel.few_token_logits`
+        (`takes_few_token_logits`; with its one-launch backward in a training step),
+        bfloat16 on CUDA the tensor cores' three (`router_logits`), anything else one
+        float32 GEMM."""
         w_DE = self.w_router_DE
         kernels = route_kernels() if x_TD.device.type == "cuda" else None
-        if kernels and kernels.takes_few_token_logits(*x_TD.shape) and not torch.is_grad_enabled():
-            return kernels.few_token_logits(x_TD, w_DE.detach())
+        if kernels and kernels.takes_few_token_logits(*x_TD.shape):
+            return kernels.few_token_logits(x_TD, w_DE)
         if tensor_core_path(x_TD):
             return SplitLogits.apply(x_TD, w_DE, self._pieces_of_weight()), PIECES
         return x_TD.float() @ w_DE, 1

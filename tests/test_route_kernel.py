@@ -159,6 +159,51 @@ def test_few_token_logits_are_float32_logits(tokens, hidden, experts):
     assert _relative(logits_TE, exact_TE) <= 1e-6
 
 
+@needs_kernels
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "experts", "dtype"),
+    [(1, 2048, 64, torch.bfloat16), (3, 600, 8, torch.float32), (16, 300, 60, torch.float16)],
+)
+def test_few_token_logits_gradients_are_float32_gradients(tokens, hidden, experts, dtype):
+    """Each part's own gradient reaches its own slice of D (the parts are not assumed to be
+    only summed), in float32 sums; dx in x's dtype, dW in float32, and either alone."""
+    from moebench.route_kernel import FEW_TOKENS_ROWS, few_token_logits
+
+    generator = torch.Generator().manual_seed(tokens + hidden)
+    x_TD = torch.randn(tokens, hidden, generator=generator).to(dtype)
+    w_DE = torch.randn(hidden, experts, generator=generator) * 0.02
+    x_ours = x_TD.to(KERNEL_DEVICE, copy=True).requires_grad_(True)
+    w_ours = w_DE.to(KERNEL_DEVICE, copy=True).requires_grad_(True)
+    parts_TSE, parts = few_token_logits(x_ours, w_ours)
+    assert parts_TSE.requires_grad and parts == -(-hidden // FEW_TOKENS_ROWS) > 1
+    grad_TSE = torch.randn(parts_TSE.shape, generator=generator)
+    parts_TSE.backward(grad_TSE.to(KERNEL_DEVICE))
+    # float64: part s is x[:, slice s] @ W[slice s]
+    x64 = x_TD.double().requires_grad_(True)
+    w64 = w_DE.double().requires_grad_(True)
+    exact_TSE = torch.cat(
+        [
+            x64[:, first : first + FEW_TOKENS_ROWS] @ w64[first : first + FEW_TOKENS_ROWS]
+            for first in range(0, hidden, FEW_TOKENS_ROWS)
+        ],
+        1,
+    )
+    exact_TSE.backward(grad_TSE.double())
+    assert x_ours.grad.dtype == dtype and w_ours.grad.dtype == torch.float32
+    assert _relative(w_ours.grad, w64.grad) <= 1e-6
+    rounding = _relative(x64.grad.to(dtype), x64.grad) if dtype != torch.float32 else 1e-6
+    # Triton's interpreter truncates float32 to bfloat16 (a GPU rounds to nearest)
+    truncates = KERNEL_DEVICE == "cpu" and dtype == torch.bfloat16
+    assert _relative(x_ours.grad, x64.grad) <= (2.2 if truncates else 1.1) * rounding
+    # one side alone, as a frozen router or a detached input asks
+    w_alone = w_DE.to(KERNEL_DEVICE, copy=True).requires_grad_(True)
+    few_token_logits(x_TD.to(KERNEL_DEVICE), w_alone)[0].backward(grad_TSE.to(KERNEL_DEVICE))
+    assert torch.equal(w_alone.grad, w_ours.grad)
+    x_alone = x_TD.to(KERNEL_DEVICE, copy=True).requires_grad_(True)
+    few_token_logits(x_alone, w_DE.to(KERNEL_DEVICE))[0].backward(grad_TSE.to(KERNEL_DEVICE))
+    assert torch.equal(x_alone.grad, x_ours.grad)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_router_takes_the_few_token_kernel_only_where_it_was_faster():
     """The H200's Router, graphed (NOTES.md of the fused layer, version 11): the kernel
