@@ -45,8 +45,11 @@ VARIANTS = {
     "TMA, ONE_DOT, HALF_TAIL": {"TMA": True, "ONE_DOT": True, "HALF_TAIL": True},
     "TMA, GATHER_A": {"TMA": True, "ONE_DOT": True, "GATHER_A": True},
     "TMA, GATHER_A, HALF_TAIL": {
-        "TMA": True, "ONE_DOT": True, "GATHER_A": True, "HALF_TAIL": True,
-    },  # fmt: skip
+        "TMA": True,
+        "ONE_DOT": True,
+        "GATHER_A": True,
+        "HALF_TAIL": True,
+    },
 }
 
 

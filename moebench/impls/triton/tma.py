@@ -21,7 +21,8 @@ gather rows. So:
 A tile must not run from one expert's rows into the next (gate into up for gate_up):
 `fits` says which configs a shape allows. Raced with and without HALF_TAIL (an expert's
 last block, second half padding, computes its first half through a half-height second
-descriptor) and, gate_up's, ONE_DOT (gate and up in one box, one dot twice as wide). On
+descriptor) and, gate_up's, ONE_DOT (gate and up in one box, one dot twice as wide;
+with GATHER_A too, A's rows loaded by pointers from x, so no gather pass runs). On
 H200s (NOTES.md, versions 17-19) TMA won gate_up on Mixtral-8x7B and DeepSeek-V3
 (1.01-1.20x the best pointer tile), lost it on Qwen3-30B-A3B and OLMoE-1B-7B (0.83-0.92x);
 down 0.88-1.12x. (Lines above the kernels move their cache keys, and so the shipped
