@@ -11,8 +11,9 @@ mod E), so at 128-row blocks n = 256 is two full blocks an expert, 288 adds a ta
 256's, and HALF_TAIL's saving is that of its first-half path. The variants (one gate_up
 tile each, 128 x 128 x 64 at 8 warps and 4 stages, the tuner's usual winner at these
 shapes): the pointer tile (`kernels.py`), the TMA tile (`tma.py`, the gather of x
-included) and the TMA tile with ONE_DOT, each with and without HALF_TAIL. The card's
-clock falls under its power cap within a second of GEMMs, so every variant is first run
+included), the TMA tile with ONE_DOT, and with ONE_DOT and GATHER_A (A loaded by
+pointers from x's rows, TMA for the weights only), each with and without HALF_TAIL. The
+card's clock falls under its power cap within a second of GEMMs, so every variant is run
 for `--warm-s` seconds, then all are timed in turns, `--rounds` times (median, ms). Each
 variant's h on the real rows is also compared with the first variant's: the largest
 difference is printed beside its time (0 where they agree bit for bit).
@@ -42,6 +43,13 @@ VARIANTS = {
     "TMA, HALF_TAIL": {"TMA": True, "HALF_TAIL": True},
     "TMA, ONE_DOT": {"TMA": True, "ONE_DOT": True},
     "TMA, ONE_DOT, HALF_TAIL": {"TMA": True, "ONE_DOT": True, "HALF_TAIL": True},
+    "TMA, GATHER_A": {"TMA": True, "ONE_DOT": True, "GATHER_A": True},
+    "TMA, GATHER_A, HALF_TAIL": {
+        "TMA": True,
+        "ONE_DOT": True,
+        "GATHER_A": True,
+        "HALF_TAIL": True,
+    },
 }
 
 

@@ -43,8 +43,10 @@ for path in sorted(tuning.shipped_dir().glob("*.json")):
             name = "down" if kind == "down" else "gate_up"
             block_m = int(rest[0][1:])
             # TMA tiles race wherever a row list is walked without dependent launch
-            configs = layer.gemm_candidates(name, block_m, D, F, 2, T > 64)
-            expected = tuning.code_fingerprint(layer.GEMM_CODE[name], configs, "graph")
+            with_tma = T > 64
+            configs = layer.gemm_candidates(name, block_m, D, F, 2, with_tma)
+            code = layer.gemm_code(name, with_tma)
+            expected = tuning.code_fingerprint(code, configs, "graph")
         elif kind == "block_m":
             configs = [{"BLOCK_M": m} for m in tuning.block_m_choices(T, K, E)]
             expected = tuning.code_fingerprint(layer.BLOCK_M_CODE, configs)

@@ -43,12 +43,20 @@ from moebench.weights import ExpertWeights
 
 # The kernels each forward tuning's choice depends on (`tuning.code_fingerprint`): a
 # change to them, or a line moved above them in their file, tunes again, and leaves the
-# shipped choices (tuned/) unmatched (tests/test_triton_tuning.py checks those).
-GEMM_CODE = {
-    "gate_up": (kernels.gate_up_kernel, tma.gather_rows_kernel, tma.gate_up_tma_kernel),
-    "down": (kernels.down_kernel, tma.down_tma_kernel),
+# shipped choices (tuned/) unmatched (tests/test_shipped_tuning.py checks those).
+POINTER_CODE = {"gate_up": (kernels.gate_up_kernel,), "down": (kernels.down_kernel,)}
+TMA_CODE = {
+    "gate_up": (tma.gather_rows_kernel, tma.gate_up_tma_kernel),
+    "down": (tma.down_tma_kernel,),
 }
 BLOCK_M_CODE = (kernels.gate_up_kernel, kernels.down_kernel, *tma.KERNELS)
+
+
+def gemm_code(name: str, with_tma: bool) -> tuple:
+    """The kernels whose code a choice for the forward's `name` GEMM depends on: the
+    pointer kernel's, and the TMA kernels' where their tiles race (`with_tma`), so that
+    an edit of a TMA kernel leaves the choices made without them (decode) matched."""
+    return POINTER_CODE[name] + (TMA_CODE[name] if with_tma else ())
 
 
 def gemm_candidates(
@@ -142,7 +150,7 @@ def fused_experts(
                     name, block_m, D, F, x_TD.element_size(), with_tma()
                 ),
                 launch,
-                code=GEMM_CODE[name],
+                code=gemm_code(name, with_tma()),
                 graphed=True,  # kernels of a few us: the graph times the GPU, not the host
                 precompile=True,
             )

@@ -21,7 +21,8 @@ gather rows. So:
 A tile must not run from one expert's rows into the next (gate into up for gate_up):
 `fits` says which configs a shape allows. Raced with and without HALF_TAIL (an expert's
 last block, second half padding, computes its first half through a half-height second
-descriptor) and, gate_up's, ONE_DOT (gate and up in one box, one dot twice as wide). On
+descriptor) and, gate_up's, ONE_DOT (gate and up in one box, one dot twice as wide;
+with GATHER_A too, A's rows loaded by pointers from x, so no gather pass runs). On
 H200s (NOTES.md, versions 17-19) TMA won gate_up on Mixtral-8x7B and DeepSeek-V3
 (1.01-1.20x the best pointer tile), lost it on Qwen3-30B-A3B and OLMoE-1B-7B (0.83-0.92x);
 down 0.88-1.12x. (Lines above the kernels move their cache keys, and so the shipped
@@ -73,48 +74,68 @@ def gather_rows_kernel(
 
 @triton.jit
 def gate_up_tma_kernel(
-    a_desc, a_half_desc, w_desc, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
-    block_expert_ptr, num_padded_ptr, D, F, num_assign, num_blocks_m, stride_h_p,
+    a_desc, a_half_desc, w_desc, x_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
+    block_expert_ptr, num_padded_ptr, D, F, num_assign, top_k, num_blocks_m, stride_x_t,
+    stride_h_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, STORE_PRE: tl.constexpr, HALF_TAIL: tl.constexpr,
-    ONE_DOT: tl.constexpr,
+    ONE_DOT: tl.constexpr, GATHER_A: tl.constexpr,
 ):  # fmt: skip
     """h[row] <- SwiGLU of the gathered row through its expert's gate and up rows, one
     BLOCK_M x BLOCK_N tile a program (with STORE_PRE the pre-activations too; with
     HALF_TAIL a block whose second half is padding alone computes its first half, its A
     tiles through a_half_desc; with ONE_DOT w_desc views the weights E x 2 x F x D and
-    one box holds a tile's gate and up rows, multiplied in one dot)."""
+    one box holds a tile's gate and up rows, multiplied in one dot; with GATHER_A, only
+    with ONE_DOT, the A tiles are loaded from x's rows by pointers, as
+    `kernels.gate_up_kernel` loads them, and the descriptors of A are not read)."""
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     if HALF_TAIL:  # noqa: SIM102 (an expert's last block, half of it padding: half the rows)
         if _second_half_is_padding(sorted_ids_ptr, pid_m, num_assign, BLOCK_M):
             _gate_up_tma_tile(
-                a_half_desc, w_desc, h_ptr, gate_pre_ptr, up_pre_ptr, block_expert_ptr, D, F,
-                stride_h_p, pid_m, pid_n, BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, STORE_PRE,
-                ONE_DOT,
+                a_half_desc, w_desc, x_ptr, sorted_ids_ptr, h_ptr, gate_pre_ptr, up_pre_ptr,
+                block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_h_p, pid_m,
+                pid_n, BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, STORE_PRE, ONE_DOT, GATHER_A,
             )  # fmt: skip
             return
     _gate_up_tma_tile(
-        a_desc, w_desc, h_ptr, gate_pre_ptr, up_pre_ptr, block_expert_ptr, D, F, stride_h_p,
-        pid_m, pid_n, BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE, ONE_DOT,
+        a_desc, w_desc, x_ptr, sorted_ids_ptr, h_ptr, gate_pre_ptr, up_pre_ptr,
+        block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_h_p, pid_m, pid_n,
+        BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE, ONE_DOT, GATHER_A,
     )  # fmt: skip
 
 
 @triton.jit
 def _gate_up_tma_tile(
-    a_desc, w_desc, h_ptr, gate_pre_ptr, up_pre_ptr, block_expert_ptr, D, F, stride_h_p,
-    pid_m, pid_n, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    a_desc, w_desc, x_ptr, sorted_ids_ptr, h_ptr, gate_pre_ptr, up_pre_ptr,
+    block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_h_p, pid_m, pid_n,
+    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, STORE_PRE: tl.constexpr, ONE_DOT: tl.constexpr,
+    GATHER_A: tl.constexpr,
 ):  # fmt: skip
     """gate_up of the first ROWS rows of row block pid_m (a_desc's box: ROWS rows)."""
     expert = tl.load(block_expert_ptr + pid_m)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, ROWS)
     if ONE_DOT:  # a ROWS x 2 BLOCK_N product: wider wgmmas (a half tile's too)
         acc = tl.zeros((ROWS, 2 * BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(D, BLOCK_K)):
-            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
-            w = w_desc.load([expert, 0, pid_n * BLOCK_N, k * BLOCK_K])
-            acc = tl.dot(a, w.reshape(2 * BLOCK_N, BLOCK_K).T, acc)
+        if GATHER_A:  # A by pointers from x's rows (padding rows load zeros)
+            ids = tl.load(sorted_ids_ptr + offs_m)
+            row_ok = ids < num_assign
+            offs_k = tl.arange(0, BLOCK_K)
+            token = (ids // top_k).to(tl.int64)
+            a_ptrs = x_ptr + token[:, None] * stride_x_t + offs_k[None, :]
+            for k in range(0, tl.cdiv(D, BLOCK_K)):
+                a_ok = row_ok[:, None] & (offs_k[None, :] < D - k * BLOCK_K)
+                a = tl.load(a_ptrs, mask=a_ok, other=0.0)
+                w = w_desc.load([expert, 0, pid_n * BLOCK_N, k * BLOCK_K])
+                acc = tl.dot(a, w.reshape(2 * BLOCK_N, BLOCK_K).T, acc)
+                a_ptrs += BLOCK_K
+        else:
+            for k in range(0, tl.cdiv(D, BLOCK_K)):
+                a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+                w = w_desc.load([expert, 0, pid_n * BLOCK_N, k * BLOCK_K])
+                acc = tl.dot(a, w.reshape(2 * BLOCK_N, BLOCK_K).T, acc)
         acc_gate, acc_up = tl.split(tl.permute(acc.reshape(ROWS, 2, BLOCK_N), (0, 2, 1)))
     else:
         gate_row = expert * 2 * F + pid_n * BLOCK_N
@@ -126,7 +147,6 @@ def _gate_up_tma_tile(
             acc_gate = tl.dot(a, w_desc.load([gate_row, k * BLOCK_K]).T, acc_gate)
             acc_up = tl.dot(a, w_desc.load([up_row, k * BLOCK_K]).T, acc_up)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
-    offs_m = pid_m * BLOCK_M + tl.arange(0, ROWS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_offsets = offs_m[:, None].to(tl.int64) * stride_h_p + offs_n[None, :]
     dtype = h_ptr.dtype.element_ty
@@ -231,7 +251,8 @@ def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) ->
     ]  # fmt: skip
     configs += [{**config, "HALF_TAIL": True} for config in configs]
     if kernel == "gate_up":
-        configs += [{**config, "ONE_DOT": True} for config in configs]
+        one_dot = [{**config, "ONE_DOT": True} for config in configs]
+        configs += one_dot + [{**config, "GATHER_A": True} for config in one_dot]
     return [config for config in configs if fits(kernel, config, D, F, element_bytes)]
 
 
@@ -265,28 +286,33 @@ def launch_gate_up(
     E, two_f, D = w_gate_up_E2FD.shape
     F = two_f // 2
     rows = alignment.max_rows
-    a_PD = torch.empty(rows, D, device=x_TD.device, dtype=x_TD.dtype)
-    block_rows, block_d = 16, min(triton.next_power_of_2(D), 512)
-    launch(
-        gather_rows_kernel, (ceil_div(rows, block_rows),),
-        x_TD, a_PD, alignment.sorted_ids_P, alignment.num_padded_1, D, alignment.num_assign,
-        top_k, rows, x_TD.stride(0), a_PD.stride(0),
-        BLOCK_R=block_rows, BLOCK_D=block_d, num_warps=4,
-    )  # fmt: skip
+    gather_a = bool(config.get("GATHER_A"))
+    if gather_a:  # the kernel loads x's rows itself: no copy, and no A descriptors
+        a_descriptors = (x_TD, x_TD)
+    else:
+        a_PD = torch.empty(rows, D, device=x_TD.device, dtype=x_TD.dtype)
+        block_rows, block_d = 16, min(triton.next_power_of_2(D), 512)
+        launch(
+            gather_rows_kernel, (ceil_div(rows, block_rows),),
+            x_TD, a_PD, alignment.sorted_ids_P, alignment.num_padded_1, D,
+            alignment.num_assign, top_k, rows, x_TD.stride(0), a_PD.stride(0),
+            BLOCK_R=block_rows, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
+        a_descriptors = _row_descriptors(a_PD, config)
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     num_blocks_m = alignment.max_blocks
     launch(
         gate_up_tma_kernel, (num_blocks_m * ceil_div(F, block_n),),
-        *_row_descriptors(a_PD, config),
+        *a_descriptors,
         _descriptor(w_gate_up_E2FD.view(E, 2, F, D), [1, 2, block_n, block_k])
         if config.get("ONE_DOT")
         else _descriptor(w_gate_up_E2FD.view(E * two_f, D), [block_n, block_k]),
-        h_PF, *(pre_activations or (h_PF, h_PF)), alignment.sorted_ids_P,
-        alignment.block_expert_B, alignment.num_padded_1, D, F, alignment.num_assign,
-        num_blocks_m, h_PF.stride(0),
+        x_TD, h_PF, *(pre_activations or (h_PF, h_PF)), alignment.sorted_ids_P,
+        alignment.block_expert_B, alignment.num_padded_1, D, F, alignment.num_assign, top_k,
+        num_blocks_m, x_TD.stride(0), h_PF.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
         STORE_PRE=pre_activations is not None, HALF_TAIL=bool(config.get("HALF_TAIL")),
-        ONE_DOT=bool(config.get("ONE_DOT")),
+        ONE_DOT=bool(config.get("ONE_DOT")), GATHER_A=gather_a,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
 
