@@ -2,7 +2,7 @@
 
     python scripts/host_profile.py [--impl triton] [--preset qwen3-30b-a3b ...]
                                    [--tokens 1 64] [--mode forward|train]
-                                   [--ab fast-launch|pdl]
+                                   [--ab fast-launch|pdl|few-token-logits]
 
 For each token count and preset: the microseconds per call of the whole layer, of its
 router and of its routed part alone (calls queued back to back, one sync at the end:
@@ -19,8 +19,9 @@ A forward runs under torch.inference_mode, as `moebench run` times it. With `--m
 train` a call is the harness's training step (`case_run._step_fn`: fresh gradients, the
 forward, the backward of a fixed output gradient), also timed without its backward; the
 router and routed parts are timed at inference (no autograd). With `--ab SWITCH` the
-call is also timed with `$MOEBENCH_FAST_LAUNCH` or `$MOEBENCH_PDL` off and on, in turns
-in one process (`switch_turns`). With several presets, their calls are also timed in
+call is also timed with the switch off and on, in turns in one process (`switch_turns`):
+`$MOEBENCH_FAST_LAUNCH`, `$MOEBENCH_PDL`, or the Router's few-token logits kernel
+(off: its tensor-core path at every token count). With several presets, their calls are also timed in
 turns in one process (`preset_turns`): a host's speed moves between processes and over
 minutes, so two presets timed apart can differ by what the host did meanwhile.
 """
@@ -28,6 +29,7 @@ minutes, so two presets timed apart can differ by what the host did meanwhile.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import functools
 import io
@@ -38,7 +40,7 @@ from collections.abc import Callable
 
 import torch
 
-from moebench import dependent_launch, fast_launch, registry
+from moebench import dependent_launch, fast_launch, registry, route_kernel
 from moebench.case import Case, Workload
 from moebench.layer import MoELayer
 from moebench.measure.case_run import _step_fn
@@ -82,34 +84,58 @@ def describe_call(name: str, fn, calls: int) -> str:
     return f"{name} {wall:.1f} us (queued in {queued:.1f}: {bound})"
 
 
-# --ab: a switch's environment variable, and what reads it again after a change
-SWITCHES = {
-    "fast-launch": (fast_launch.ENV_SWITCH, fast_launch.refresh_switch),
-    "pdl": (dependent_launch.ENV_SWITCH, dependent_launch.refresh_switch),
-}
-
-
-def switch_turns(fn, calls: int, switch: str, rounds: int = 8) -> str:
-    """The host microseconds per call of `fn` with `switch` off and on, in turns
-    (`in_turns`), the switch read again as its module reads it, the environment
+@contextlib.contextmanager
+def _environment_switch(variable: str, reread: Callable[[], object], on: bool):
+    """The switch's environment variable set to `on`, read again as its module reads it;
     restored after."""
-    variable, reread = SWITCHES[switch]
     was = os.environ.get(variable)
-
-    def with_switch(value: str) -> float:
-        os.environ[variable] = value
-        reread()
-        return per_call_us(fn, calls)
-
+    os.environ[variable] = "1" if on else "0"
+    reread()
     try:
-        median = in_turns({v: functools.partial(with_switch, v) for v in ("0", "1")}, rounds)
+        yield
     finally:
         if was is None:
             os.environ.pop(variable, None)
         else:
             os.environ[variable] = was
         reread()
-    return f"{switch} off {median['0']:.1f} us, on {median['1']:.1f} us ({rounds} rounds in turns)"
+
+
+@contextlib.contextmanager
+def _few_token_logits_switch(on: bool):
+    """Off: the Router never takes `route_kernel.few_token_logits` (the tensor-core path at
+    every token count, as a training step took before the kernel's backward)."""
+    rule = route_kernel.takes_few_token_logits
+    if not on:
+        route_kernel.takes_few_token_logits = lambda tokens, hidden: False
+    try:
+        yield
+    finally:
+        route_kernel.takes_few_token_logits = rule
+
+
+# --ab: a switch, as a context manager of on (True) or off
+SWITCHES = {
+    "fast-launch": functools.partial(
+        _environment_switch, fast_launch.ENV_SWITCH, fast_launch.refresh_switch
+    ),
+    "pdl": functools.partial(
+        _environment_switch, dependent_launch.ENV_SWITCH, dependent_launch.refresh_switch
+    ),
+    "few-token-logits": _few_token_logits_switch,
+}
+
+
+def switch_turns(fn, calls: int, switch: str, rounds: int = 8) -> str:
+    """The host microseconds per call of `fn` with `switch` off and on, in turns
+    (`in_turns`), each side inside the switch's context (`SWITCHES`)."""
+
+    def with_switch(on: bool) -> float:
+        with SWITCHES[switch](on):
+            return per_call_us(fn, calls)
+
+    median = in_turns({side: functools.partial(with_switch, side) for side in (False, True)}, rounds)
+    return f"{switch} off {median[False]:.1f} us, on {median[True]:.1f} us ({rounds} rounds in turns)"
 
 
 def preset_turns(

@@ -57,7 +57,7 @@ def _logits(tokens: int, experts: int, seed: int = 0) -> torch.Tensor:
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.detach().double(), b.detach().double()
+    a64, b64 = a.detach().cpu().double(), b.detach().cpu().double()
     return float((a64 - b64).norm() / b64.norm())
 
 
@@ -255,3 +255,27 @@ def test_router_keeps_its_torch_path_when_triton_does_not_import(monkeypatch):
         assert not kernel_route_applies(LayerShape(64, 32, 8, 2), on_cuda)
     finally:
         routing.route_kernels.cache_clear()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_host_profile_switches_the_few_token_kernel_in_turns(monkeypatch):
+    """`scripts/host_profile.py --ab few-token-logits`: off, the Router's rule refuses
+    every call; on, it is the rule itself; both sides alike, the rule restored after."""
+    import runpy
+    from pathlib import Path
+
+    from moebench import route_kernel
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    rule = route_kernel.takes_few_token_logits
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "host_profile.py"))
+    seen: list[bool] = []
+    text = script["switch_turns"](
+        lambda: seen.append(route_kernel.takes_few_token_logits(1, 2048)),
+        calls=3,
+        switch="few-token-logits",
+        rounds=4,
+    )
+    assert text.startswith("few-token-logits off ") and " on " in text
+    assert seen.count(False) == seen.count(True) > 0
+    assert route_kernel.takes_few_token_logits is rule
