@@ -21,9 +21,10 @@ forward, the backward of a fixed output gradient), also timed without its backwa
 router and routed parts are timed at inference (no autograd). With `--ab SWITCH` the
 call is also timed with the switch off and on, in turns in one process (`switch_turns`):
 `$MOEBENCH_FAST_LAUNCH`, `$MOEBENCH_PDL`, or the Router's few-token logits kernel
-(off: its tensor-core path at every token count). With several presets, their calls are also timed in
-turns in one process (`preset_turns`): a host's speed moves between processes and over
-minutes, so two presets timed apart can differ by what the host did meanwhile.
+(off: its tensor-core path at every token count). With several presets, their calls are
+also timed in turns in one process (`preset_turns`): a host's speed moves between
+processes and over minutes, so two presets timed apart can differ by what the host did
+meanwhile.
 """
 
 from __future__ import annotations
@@ -134,8 +135,10 @@ def switch_turns(fn, calls: int, switch: str, rounds: int = 8) -> str:
         with SWITCHES[switch](on):
             return per_call_us(fn, calls)
 
-    median = in_turns({side: functools.partial(with_switch, side) for side in (False, True)}, rounds)
-    return f"{switch} off {median[False]:.1f} us, on {median[True]:.1f} us ({rounds} rounds in turns)"
+    sides = {side: functools.partial(with_switch, side) for side in (False, True)}
+    median = in_turns(sides, rounds)
+    off, on = median[False], median[True]
+    return f"{switch} off {off:.1f} us, on {on:.1f} us ({rounds} rounds in turns)"
 
 
 def preset_turns(

@@ -34,6 +34,13 @@ def _scaled_copy_kernel(src_ptr, dst_ptr, n, scale, BLOCK: tl.constexpr):
     tl.store(dst_ptr + offs, values * scale, mask=mask)
 
 
+@triton.jit
+def _tile_copy_kernel(src_desc, dst_ptr, BLOCK: tl.constexpr):
+    """The BLOCK x BLOCK tile at (0, 0) of a TMA descriptor, copied to dst."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(dst_ptr + offs[:, None] * BLOCK + offs[None, :], src_desc.load([0, 0]))
+
+
 @pytest.fixture
 def switch(launch_switch):
     """Sets `$MOEBENCH_FAST_LAUNCH` for the test (`launch_switch`)."""
@@ -139,19 +146,40 @@ def test_the_key_is_the_binders_specialisation(kernel: str) -> None:
                 assert as_binder == list(expected[: len(args)])
 
 
+def test_a_tensor_descriptor_is_keyed_as_the_binder_keys_it() -> None:
+    """A host-side TMA descriptor's key is the binder's (dtype and block shape), and a
+    kernel launched with one takes the fast path where Triton's launcher expands it."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    fn = _tile_copy_kernel
+    jit = JITFunction(getattr(fn, "fn", fn))
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    for dtype, block in ((torch.float16, 16), (torch.bfloat16, 16), (torch.float16, 32)):
+        source = torch.zeros(64, 64, dtype=dtype)
+        args = (TensorDescriptor.from_tensor(source, [block, block]), source)
+        _, expected, _ = binder(*args, BLOCK=block)
+        launcher = fast_launch._Launcher(jit, args)
+        assert not launcher.plain
+        assert list(launcher.specialisations(backend, args)) == list(expected[:2])
+
+
 def _jit_compiled() -> int:
     """How many kernels the JIT has compiled of `_scaled_copy_kernel` on this device."""
     return len(_scaled_copy_kernel.device_caches[torch.cuda.current_device()][0])
 
 
 @contextlib.contextmanager
-def _jit_forbidden():
-    """`_scaled_copy_kernel`'s JIT dispatch (its `run`) fails inside."""
-    _scaled_copy_kernel.run = _fails
+def _jit_forbidden(kernel=_scaled_copy_kernel):
+    """`kernel`'s JIT dispatch (its `run`) fails inside."""
+    kernel.run = _fails
     try:
         yield
     finally:
-        del _scaled_copy_kernel.run
+        del kernel.run
 
 
 def _fails(*args, **kwargs):
@@ -227,6 +255,29 @@ def test_a_repeat_goes_to_the_c_launcher_unless_a_hook_is_set(switch) -> None:
         knobs.runtime.launch_enter_hook.remove(hook)
     assert seen == ["_scaled_copy_kernel"]
     torch.testing.assert_close(dst, src * 5)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="needs a GPU with TMA (Hopper or later)",
+)
+def test_a_descriptor_launch_reads_the_descriptor_it_is_given(switch) -> None:
+    """A repeat launch of a TMA kernel skips the JIT and `CompiledKernel[grid]`, and reads
+    through the new call's descriptor (another tensor, another base), not the first's."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    switch("1")
+    first, second = (torch.randn(32, 32, device="cuda").half() + offset for offset in (0.0, 100.0))
+    for source, repeat in ((first, False), (second, True), (first, True)):
+        out = torch.zeros(16, 16, device="cuda", dtype=torch.float16)
+        descriptor = TensorDescriptor.from_tensor(source, [16, 16])
+        forbidden = (_jit_forbidden(_tile_copy_kernel), _compiled_kernel_forbidden())
+        with contextlib.ExitStack() as stack:
+            for context in forbidden if repeat else ():
+                stack.enter_context(context)
+            fast_launch.launch(_tile_copy_kernel, (1,), descriptor, out, BLOCK=16)
+        torch.testing.assert_close(out, source[:16, :16], rtol=0, atol=0)
+    assert len(fast_launch._launchers[id(_tile_copy_kernel)].compiled) == 1
 
 
 @triton.jit

@@ -212,8 +212,17 @@ def available(device: torch.device) -> bool:
     """TMA is Hopper's (capability 9 and up); Triton's interpreter runs it on a CPU, and
     an offline pass compiles for Hopper (`moebench.offline_compile`)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 9
+        index = torch.cuda.current_device() if device.index is None else device.index
+        has_tma = _HAS_TMA.get(index)
+        if has_tma is None:  # asked twice a forward: 30 us a query under cProfile
+            has_tma = _HAS_TMA[index] = torch.cuda.get_device_capability(index)[0] >= 9
+        return has_tma
     return bool(triton.knobs.runtime.interpret) or fast_launch.compiling_offline()
+
+
+# By CUDA device index. A dict rather than functools.cache: an import above the kernels
+# would move their lines, and with them every shipped choice's fingerprint.
+_HAS_TMA: dict[int, bool] = {}
 
 
 def takes(*weights: torch.Tensor) -> bool:
