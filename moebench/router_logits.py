@@ -24,8 +24,9 @@ The backward splits dL (float32) the same way:
 - dx = dL @ W^T from the two largest pieces of each side: relative error ~2^-16, far
   below the rounding of dx to bfloat16.
 
-Used where x is bfloat16 on CUDA and torch's matmul takes `out_dtype` (torch >= 2.8);
-elsewhere the Router keeps the plain float32 GEMM. Both paths compute the same function.
+Used where x is bfloat16 on CUDA and torch's matmul takes `out_dtype` (torch >= 2.8),
+bar a few tokens (`route_kernel.few_token_logits`, forward and backward, takes those);
+elsewhere the Router keeps the plain float32 GEMM. The paths compute the same function.
 """
 
 from __future__ import annotations
