@@ -6,7 +6,8 @@ in the run: dtype, routing, layers, a CUDA graph, ...), one column per implement
 (with its options, where it ran with several sets), cells `latency ms (latency / floor)`:
 the floor is max(FLOPs / matmul rate, bytes touched / copy bandwidth) as measured in the
 run (`roofline_frac` = floor / latency). `*` marks a noisy case, a status (`oom`,
-`mismatch`, ...) a case that did not finish ok, an empty cell a case the run did not hold.
+`mismatch`, ...) a case that did not finish ok, an empty cell a case the run did not hold;
+the fastest latency of a row that holds two or more is bold.
 Made for READMEs, pull requests and closing notes, from the committed parquet, so the
 table can be made again.
 """
@@ -32,17 +33,29 @@ from moebench.report.data import (
 ROW_FIELDS = ("dtype", "routing", "layers", "world_size", "capacity_factor", "seed", "device")
 
 
-def _cell(row: dict[str, Any]) -> str:
+def _cell(row: dict[str, Any], fastest: bool = False) -> str:
     if row.get("status") != "ok":
         return str(row.get("status") or "?")
     latency = number(row.get("latency_ms"))
     if latency is None:
         return "ok"
-    text = f"{latency:.3g}"
+    text = f"**{latency:.3g}**" if fastest else f"{latency:.3g}"
     fraction = number(row.get("roofline_frac"))
     if fraction:
         text += f" ({1 / fraction:.2f}x)"
     return text + ("*" if is_true(row.get("noisy")) else "")
+
+
+def _row_cells(by_column: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """A table row's cells by column, the fastest latency bold where two or more cells
+    hold one."""
+    latencies = {
+        column: latency
+        for column, row in by_column.items()
+        if row.get("status") == "ok" and (latency := number(row.get("latency_ms"))) is not None
+    }
+    fastest = min(latencies, key=latencies.__getitem__) if len(latencies) > 1 else None
+    return {column: _cell(row, column == fastest) for column, row in by_column.items()}
 
 
 def _column(row: dict[str, Any]) -> str:
@@ -75,7 +88,7 @@ def to_markdown(frame: pd.DataFrame, meta: dict[str, Any]) -> str:
     extra = [name for name in ROW_FIELDS if varies(frame, name)]
     records = frame.to_dict("records")
     columns: list[str] = []
-    cells: dict[tuple[str, ...], dict[str, str]] = {}
+    rows: dict[tuple[str, ...], dict[str, dict[str, Any]]] = {}
     tokens_of: dict[tuple[str, ...], int] = {}
     for row in records:
         column = _column(row)
@@ -85,7 +98,8 @@ def to_markdown(frame: pd.DataFrame, meta: dict[str, Any]) -> str:
         tokens = int(row.get("tokens") or 0)
         full = (*key, str(tokens))
         tokens_of[full] = tokens
-        cells.setdefault(full, {})[column] = _cell(row)
+        rows.setdefault(full, {})[column] = row
+    cells = {full: _row_cells(by_column) for full, by_column in rows.items()}
     # the run's order of shapes, then of modes (and other fields) within one, then tokens
     shape_seen = {key[0]: i for i, key in reversed(list(enumerate(cells)))}
     group_seen = {key[:-1]: i for i, key in reversed(list(enumerate(cells)))}
@@ -108,8 +122,8 @@ def to_markdown(frame: pd.DataFrame, meta: dict[str, Any]) -> str:
         + ". A cell: the median "
         "latency in ms and, in brackets, latency / floor, where the floor is max(FLOPs / "
         "matmul rate, bytes of the experts touched / copy bandwidth). `*`: noisy (p90/p10 "
-        "over the device's limit, or the median still moving). A status: the case did not "
-        "finish ok. Empty: the run does not hold that case. Made by `moebench export RUN "
-        "--format markdown`."
+        "over the device's limit, or the median still moving). Bold: the row's fastest. A "
+        "status: the case did not finish ok. Empty: the run does not hold that case. Made "
+        "by `moebench export RUN --format markdown`."
     )
     return "\n".join([title, "", legend, "", *lines, ""])

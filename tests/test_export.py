@@ -136,8 +136,8 @@ def test_csv_export(tmp_path: Path) -> None:
 
 def test_markdown_export(tmp_path: Path) -> None:
     """One row per case without its implementation, one column per implementation:
-    latency (x floor), `*` when noisy, the status when not ok; a CUDA-graph case and a
-    pipe in an option value stay readable."""
+    latency (x floor), `*` when noisy, the status when not ok, the row's fastest latency
+    bold; a CUDA-graph case and a pipe in an option value stay readable."""
     from moebench.markdown_table import to_markdown
     from moebench.store import read_metadata, read_run
 
@@ -153,7 +153,13 @@ def test_markdown_export(tmp_path: Path) -> None:
     (row,) = table[2:]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:3] == ["D64 F128 E4 k2", "forward", "16"]
-    assert cells[5] == "mismatch" and cells[3].replace(".", "").isdigit()
+    assert cells[5] == "mismatch" and cells[3].strip("*").replace(".", "").isdigit()
+    # the faster of the two ok cells is bold, the slower and the mismatch are not
+    latency = read_run(run).set_index("impl")["latency_ms"]
+    faster, slower = sorted(("reference", "grouped"), key=latency.__getitem__)
+    column = {"reference": 3, "grouped": 4}
+    assert cells[column[faster]] == f"**{latency[faster]:.3g}**"
+    assert cells[column[slower]] == f"{latency[slower]:.3g}"
 
     frame = read_run(run)
     frame["roofline_frac"] = 0.5
@@ -163,7 +169,9 @@ def test_markdown_export(tmp_path: Path) -> None:
     text = to_markdown(pd.concat([frame, graphed], ignore_index=True), meta)
     assert "float32 60 TFLOP/s, copy 4000 GB/s" in text
     assert "| D64 F128 E4 k2 | forward | 16 | " in text and "(2.00x)*" in text
-    assert "| D64 F128 E4 k2 | forward, CUDA graph | 16 |" in text
+    # alone in its row (the only graphed case): nothing to be faster than, not bold
+    graphed_row = next(line for line in text.splitlines() if "CUDA graph" in line)
+    assert "(2.00x)*" in graphed_row and "**" not in graphed_row
     assert "grouped a=x\\|y" in text  # escaped: the table keeps its columns
 
 
