@@ -131,8 +131,7 @@ def fused_experts(
 
     # TMA tiles (tma.py) race the pointer kernels' on Hopper where a row list is walked
     # without dependent launch (64- and 128-row blocks: the compute-bound calls)
-    def with_tma() -> bool:
-        return not (alignment.per_assignment or pdl) and tma.takes(w_gate_up_E2FD, w_down_EFD)
+    with_tma = not (alignment.per_assignment or pdl) and tma.takes(w_gate_up_E2FD, w_down_EFD)
 
     # Tuned in order: the down kernel's trials read the h that gate_up wrote. Training's
     # gate_up also stores the pre-activations: a different kernel, tuned apart.
@@ -147,10 +146,10 @@ def fused_experts(
                 x_TD.device,
                 tuning.key(key, x_TD, w_down_EFD, K, layout, block_m),
                 lambda name=name: gemm_candidates(
-                    name, block_m, D, F, x_TD.element_size(), with_tma()
+                    name, block_m, D, F, x_TD.element_size(), with_tma
                 ),
                 launch,
-                code=gemm_code(name, with_tma()),
+                code=gemm_code(name, with_tma),
                 graphed=True,  # kernels of a few us: the graph times the GPU, not the host
                 precompile=True,
             )
