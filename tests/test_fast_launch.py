@@ -271,10 +271,10 @@ def test_a_descriptor_launch_reads_the_descriptor_it_is_given(switch) -> None:
     for source, repeat in ((first, False), (second, True), (first, True)):
         out = torch.zeros(16, 16, device="cuda", dtype=torch.float16)
         descriptor = TensorDescriptor.from_tensor(source, [16, 16])
-        forbidden = (_jit_forbidden(_tile_copy_kernel), _compiled_kernel_forbidden())
         with contextlib.ExitStack() as stack:
-            for context in forbidden if repeat else ():
-                stack.enter_context(context)
+            if repeat:  # past the JIT and `CompiledKernel[grid]`: the C launcher itself
+                stack.enter_context(_jit_forbidden(_tile_copy_kernel))
+                stack.enter_context(_compiled_kernel_forbidden())
             fast_launch.launch(_tile_copy_kernel, (1,), descriptor, out, BLOCK=16)
         torch.testing.assert_close(out, source[:16, :16], rtol=0, atol=0)
     assert len(fast_launch._launchers[id(_tile_copy_kernel)].compiled) == 1
