@@ -47,7 +47,7 @@ import triton.language as tl
 from moebench import dependent_launch
 from moebench.case import LayerShape
 from moebench.dependent_launch import release_dependents, wait_for_predecessor
-from moebench.fast_launch import ceil_div, launch
+from moebench.fast_launch import ceil_div, launch, next_power_of_2
 
 
 @triton.jit
@@ -328,6 +328,99 @@ class FewTokenLogits(torch.autograd.Function):
             X_GRAD=want_x, W_GRAD=want_w, num_warps=4,
         )  # fmt: skip
         return grad_x, grad_w
+
+
+PIECE_TOKENS = 64  # the most tokens piece_logits_kernel computes (one program's rows)
+PIECE_PARTS = 16  # slices of D at most, each a part of the sum that the top-k kernel adds
+PIECE_BLOCK_D = 64  # rows of W per step of a slice
+
+
+@triton.jit
+def piece_logits_kernel(
+    x_ptr,
+    pieces_ptr,
+    parts_ptr,
+    T,
+    D,
+    E,
+    stride_x_t,
+    slice_d,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Part s (program 0), experts of block program 1: x[:, d] (W1 + W2 + W3)[d, e]
+    summed over the slice_d rows d of slice s, on the tensor cores (bfloat16 products,
+    exact; summed in float32 accumulators), into parts[t, s E + e]."""
+    wait_for_predecessor(PDL)
+    release_dependents(PDL)
+    part = tl.program_id(0)
+    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_t = tl.arange(0, BLOCK_T)
+    e_ok = offs_e < E
+    t_ok = offs_t < T
+    # W1's products apart from the two smaller pieces': the tensor cores align a sum's
+    # terms to its largest and drop the bits below, so W2 and W3 summed into W1's
+    # accumulator would lose what they are there for
+    acc_big = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    acc_small = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    end = tl.minimum(part * slice_d + slice_d, D)
+    for first in range(part * slice_d, end, BLOCK_D):
+        offs_d = first + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < end
+        x = tl.load(
+            x_ptr + offs_t[:, None] * stride_x_t + offs_d[None, :],
+            mask=t_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        w_rows = pieces_ptr + offs_d.to(tl.int64)[:, None] * (3 * E) + offs_e[None, :]
+        w_ok = d_ok[:, None] & e_ok[None, :]
+        acc_small = tl.dot(x, tl.load(w_rows + 2 * E, mask=w_ok, other=0.0), acc_small)
+        acc_small = tl.dot(x, tl.load(w_rows + E, mask=w_ok, other=0.0), acc_small)
+        acc_big = tl.dot(x, tl.load(w_rows, mask=w_ok, other=0.0), acc_big)
+    out = parts_ptr + offs_t[:, None] * (tl.num_programs(0) * E) + part * E + offs_e[None, :]
+    tl.store(out, acc_big + acc_small, mask=t_ok[:, None] & e_ok[None, :])
+
+
+def takes_piece_logits(x_TD: torch.Tensor) -> bool:
+    """Whether the Router computes the logits of `x_TD` with `piece_logits` where no
+    gradient is recorded: bfloat16, more tokens than `takes_few_token_logits` takes and
+    at most PIECE_TOKENS."""
+    T, D = x_TD.shape
+    return x_TD.dtype == torch.bfloat16 and T <= PIECE_TOKENS and not takes_few_token_logits(T, D)
+
+
+def piece_logits(
+    x_TD: torch.Tensor,
+    side_by_side_D3E: torch.Tensor,
+    max_parts: int = PIECE_PARTS,
+    block_e: int = 32,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> tuple[torch.Tensor, int]:
+    """(parts_TSE, S): bfloat16 x_TD (at most PIECE_TOKENS tokens) times the float32
+    router weight whose three bfloat16 pieces `side_by_side_D3E` holds
+    (`router_logits.WeightPieces`), as S partial sums over slices of D
+    (`piece_logits_kernel`): the tensor-core path of `router_logits` without cuBLAS's
+    launch and its split-K reduction. Not differentiable (inference only)."""
+    T, D = x_TD.shape
+    E = side_by_side_D3E.shape[1] // 3
+    assert T <= PIECE_TOKENS and x_TD.dtype == side_by_side_D3E.dtype == torch.bfloat16
+    assert side_by_side_D3E.is_contiguous() and side_by_side_D3E.shape[0] == D
+    x_TD = x_TD.contiguous()
+    slice_d = ceil_div(ceil_div(D, max_parts), PIECE_BLOCK_D) * PIECE_BLOCK_D
+    parts = ceil_div(D, slice_d)
+    block_e = min(block_e, max(16, next_power_of_2(E)))
+    parts_TSE = torch.empty(T, parts * E, device=x_TD.device, dtype=torch.float32)
+    pdl = dependent_launch.for_tokens(x_TD.device, T)
+    launch(
+        piece_logits_kernel, (parts, ceil_div(E, block_e)),
+        x_TD, side_by_side_D3E, parts_TSE, T, D, E, x_TD.stride(0), slice_d,
+        BLOCK_T=max(16, next_power_of_2(T)), BLOCK_D=PIECE_BLOCK_D, BLOCK_E=block_e,
+        PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+    )  # fmt: skip
+    return parts_TSE, parts
 
 
 def _launch(

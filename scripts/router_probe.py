@@ -1,18 +1,26 @@
-"""Where the Router's few-token logits kernel beats its cuBLAS path, on a CUDA device:
+"""Which logits path makes the Router fastest, on a CUDA device:
 
-    python scripts/router_probe.py [--preset qwen3-30b-a3b ...] [--tokens 1 2 4 8 16]
+    python scripts/router_probe.py [--preset qwen3-30b-a3b ...] [--tokens 1 2 4 8 16 32 64]
+        [--piece-configs 8:64:4:3 4:32:4:3 ...]
 
 For each preset and token count, the whole Router (logits, then the top-k kernel) is
-captured in a CUDA graph and timed by `triton.testing.do_bench_cudagraph` twice: with
-its logits from `route_kernel.few_token_logits_kernel` (float32 partial sums) and from
-the cuBLAS path (the tensor cores' three bfloat16 pieces). Prints both medians in
-microseconds and whether the two picked the same experts. `takes_few_token_logits`
-holds the limits this measured on the H200 (the fused layer's NOTES.md, version 11).
+captured in a CUDA graph and timed by `triton.testing.do_bench_cudagraph` with its logits
+from each path that computes that many tokens: `route_kernel.few_token_logits_kernel`
+(float32 partial sums on the CUDA cores, "few-token"), `route_kernel.piece_logits_kernel`
+(the three bfloat16 pieces on the tensor cores in one Triton launch, "pieces", once per
+`--piece-configs` entry MAX_PARTS:BLOCK_E:NUM_WARPS:NUM_STAGES) and cuBLAS (the same
+pieces through torch.mm, "cuBLAS"). Prints each path's median in microseconds, whether it
+picked the same experts as cuBLAS, and the path the Router takes. `takes_few_token_logits`
+and `takes_piece_logits` hold the limits this measured on the H200 (the fused layer's
+NOTES.md, versions 11 and 21).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+from collections.abc import Iterator
 
 import torch
 from triton.testing import do_bench_cudagraph
@@ -25,15 +33,45 @@ from moebench.weight_sources import make_weights
 from moebench.weights import make_inputs
 
 
+@contextlib.contextmanager
+def logits_path(name: str, piece_config: tuple[int, ...] = ()) -> Iterator[None]:
+    """The Router's logits from path `name` alone while inside (its rules restored after)."""
+    saved = (
+        route_kernel.takes_few_token_logits,
+        route_kernel.takes_piece_logits,
+        route_kernel.piece_logits,
+    )
+    route_kernel.takes_few_token_logits = lambda tokens, hidden: name == "few-token"
+    route_kernel.takes_piece_logits = lambda x_TD: name == "pieces"
+    if piece_config:
+        max_parts, block_e, num_warps, num_stages = piece_config
+        route_kernel.piece_logits = functools.partial(
+            saved[2], max_parts=max_parts, block_e=block_e, num_warps=num_warps,
+            num_stages=num_stages,
+        )  # fmt: skip
+    try:
+        yield
+    finally:
+        (
+            route_kernel.takes_few_token_logits,
+            route_kernel.takes_piece_logits,
+            route_kernel.piece_logits,
+        ) = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     presets = ["qwen3-30b-a3b", "olmoe-1b-7b", "mixtral-8x7b", "deepseek-v3"]
     parser.add_argument("--preset", nargs="+", default=presets)
-    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument(
+        "--piece-configs", nargs="+", default=[f"{route_kernel.PIECE_PARTS}:64:4:3"],
+        metavar="PARTS:BLOCK_E:WARPS:STAGES",
+    )  # fmt: skip
     args = parser.parse_args()
-    if max(args.tokens) > route_kernel.FEW_TOKENS:
-        parser.error(f"--tokens: the kernel computes at most {route_kernel.FEW_TOKENS}")
-    rule = route_kernel.takes_few_token_logits
+    if max(args.tokens) > route_kernel.PIECE_TOKENS:
+        parser.error(f"--tokens: the kernels compute at most {route_kernel.PIECE_TOKENS}")
+    piece_configs = [tuple(int(v) for v in c.split(":")) for c in args.piece_configs]
     for preset in args.preset:
         for tokens in args.tokens:
             case = Case(PRESETS[preset], Workload(tokens, 1, "forward"), "reference",
@@ -44,20 +82,27 @@ def main() -> None:
                 weights.correction_bias_E,
             ).cuda()  # fmt: skip
             x_TD = make_inputs(case, 1)[0]
-            timed = {}
+            takes_few = route_kernel.takes_few_token_logits(tokens, case.shape.hidden)
+            takes_pieces = not takes_few and route_kernel.takes_piece_logits(x_TD)
+            runs = [("cuBLAS", ())]
+            if tokens <= route_kernel.FEW_TOKENS:
+                runs.append(("few-token", ()))
+            runs += [("pieces", config) for config in piece_configs]
+            timed = []
             with torch.no_grad():
-                for path, takes in (("kernel", True), ("cuBLAS", False)):
-                    route_kernel.takes_few_token_logits = lambda t, d, takes=takes: takes
-                    experts = router(x_TD)[1]
-                    us = do_bench_cudagraph(lambda r=router, x=x_TD: r(x), rep=200) * 1e3
-                    timed[path] = (us, experts)
-            route_kernel.takes_few_token_logits = rule
-            same = bool((timed["kernel"][1] == timed["cuBLAS"][1]).all())
-            print(
-                f"{preset} {tokens} tokens: kernel {timed['kernel'][0]:.1f} us, cuBLAS path "
-                f"{timed['cuBLAS'][0]:.1f} us, same experts {same}, "
-                f"the Router takes the kernel: {rule(tokens, case.shape.hidden)}"
+                for name, config in runs:
+                    with logits_path(name, config):
+                        experts = router(x_TD)[1]
+                        us = do_bench_cudagraph(lambda r=router, x=x_TD: r(x), rep=200) * 1e3
+                    label = name + (":" + ":".join(map(str, config)) if config else "")
+                    timed.append((label, us, experts))
+            cublas_experts = timed[0][2]
+            takes = "few-token" if takes_few else ("pieces" if takes_pieces else "cuBLAS")
+            cells = ", ".join(
+                f"{label} {us:.1f} us{'' if torch.equal(e, cublas_experts) else ' (other experts)'}"
+                for label, us, e in timed
             )
+            print(f"{preset} {tokens} tokens: {cells}; the Router takes {takes}", flush=True)
 
 
 if __name__ == "__main__":

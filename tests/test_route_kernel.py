@@ -204,6 +204,87 @@ def test_few_token_logits_gradients_are_float32_gradients(tokens, hidden, expert
     assert torch.equal(x_alone.grad, x_ours.grad)
 
 
+@needs_kernels
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "experts", "max_parts"),
+    [(64, 2048, 64, 16), (5, 200, 8, 16), (33, 7168, 256, 16), (17, 4096, 60, 3)],
+)
+def test_piece_logits_are_float32_logits(tokens, hidden, experts, max_parts):
+    """The tensor cores' three pieces per slice of D, summed, are the float32 logits
+    (hidden not a multiple of a step, experts not of a block, tokens not of a tile)."""
+    if KERNEL_DEVICE == "cpu":
+        pytest.skip("Triton's interpreter computes in numpy, which has no bfloat16 dot")
+    from moebench.route_kernel import piece_logits
+    from moebench.router_logits import matmul_float32, sum_pieces, weight_pieces
+
+    generator = torch.Generator().manual_seed(tokens + hidden)
+    x_TD = torch.randn(tokens, hidden, generator=generator).to(torch.bfloat16)
+    w_DE = torch.randn(hidden, experts, generator=generator) * 0.02
+    pieces = weight_pieces(w_DE.to(KERNEL_DEVICE))
+    parts_TSE, parts = piece_logits(
+        x_TD.to(KERNEL_DEVICE), pieces.side_by_side_D3E, max_parts=max_parts
+    )
+    assert 1 < parts <= max_parts and parts_TSE.shape == (tokens, parts * experts)
+    logits_TE = parts_TSE.view(tokens, parts, experts).sum(dim=1)
+    exact_TE = x_TD.double() @ w_DE.double()
+    # as close as the path it stands in for: the same pieces through cuBLAS
+    cublas_TE = sum_pieces(matmul_float32(x_TD.to(KERNEL_DEVICE), pieces.side_by_side_D3E))
+    ours, theirs = _relative(logits_TE, exact_TE), _relative(cublas_TE, exact_TE)
+    assert ours <= max(2e-6, 1.5 * theirs), (ours, theirs)
+    one_piece_TE = x_TD.double() @ w_DE.to(torch.bfloat16).double()
+    assert _relative(one_piece_TE, exact_TE) > 1e-4  # the check tells the pieces apart
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bfloat16 dots)")
+def test_router_takes_piece_logits_at_inference_and_keeps_gradients_in_training():
+    """At 32 tokens the Router's inference logits come from `piece_logits` and choose
+    what its cuBLAS path chooses; in a training step (the router weight a Parameter)
+    the logits stay differentiable, through the cuBLAS path."""
+    from moebench import route_kernel
+    from moebench.routing import Router
+
+    shape = LayerShape(2048, 768, 64, 8)
+    generator = torch.Generator().manual_seed(3)
+    router = Router(
+        torch.randn(2048, 64, generator=generator) * 0.02, torch.zeros(64), shape
+    ).cuda()
+    x_TD = torch.randn(32, 2048, generator=generator).to("cuda", torch.bfloat16)
+    calls = []
+    rule = route_kernel.piece_logits
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return rule(*args, **kwargs)
+
+    route_kernel.piece_logits = counted
+    try:
+        with torch.no_grad():
+            _, ids_TK, probs_TE = router(x_TD)
+        assert calls == [(32, 2048)]
+        gate_TK, train_ids_TK, train_probs_TE = router(x_TD)  # autograd records
+        assert calls == [(32, 2048)] and gate_TK.requires_grad
+        assert torch.equal(ids_TK, train_ids_TK)
+        assert _relative(probs_TE, train_probs_TE) <= 1e-5
+        gate_TK.float().sum().backward()
+        assert router.w_router_DE.grad is not None
+    finally:
+        route_kernel.piece_logits = rule
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_router_takes_piece_logits_between_the_few_token_kernel_and_its_tile():
+    from moebench.route_kernel import PIECE_TOKENS, takes_piece_logits
+
+    def x(tokens: int, hidden: int = 2048, dtype: torch.dtype = torch.bfloat16):
+        return torch.empty(tokens, hidden, dtype=dtype)
+
+    assert all(takes_piece_logits(x(t)) for t in (5, 8, 33, PIECE_TOKENS))
+    assert takes_piece_logits(x(4, 7168))  # the few-token kernel stops at 2 there
+    assert not any(takes_piece_logits(x(t)) for t in (1, 4, PIECE_TOKENS + 1, 4096))
+    assert not takes_piece_logits(x(32, dtype=torch.float16))  # no exact pieces there
+    assert not takes_piece_logits(x(32, dtype=torch.float32))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_router_takes_the_few_token_kernel_only_where_it_was_faster():
     """The H200's Router, graphed (NOTES.md of the fused layer, version 11): the kernel
