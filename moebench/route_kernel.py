@@ -330,9 +330,22 @@ class FewTokenLogits(torch.autograd.Function):
         return grad_x, grad_w
 
 
-PIECE_TOKENS = 64  # the most tokens piece_logits_kernel computes (one program's rows)
-PIECE_PARTS = 16  # slices of D at most, each a part of the sum that the top-k kernel adds
+PIECE_TOKENS = 64  # tokens of a program of piece_logits_kernel at most
+PIECE_PARTS = 16  # slices of D the kernel's own choice makes at most
+PIECE_PROGRAMS = 128  # programs over tokens, experts and slices that fill the card enough
 PIECE_BLOCK_D = 64  # rows of W per step of a slice
+# Rows of W a slice sums at most: the tensor cores' float32 sums drift with the length
+# of a sum (on the H200 one slice of 7168 rows lost to cuBLAS's accuracy, slices of up
+# to 1408 held it; triton/NOTES.md, version 21).
+PIECE_MAX_SLICE = 1024
+# Where the Router takes piece_logits, from `router_probe.py` on the H200
+# (triton/NOTES.md, version 21): the Router graphed, pieces against cuBLAS, won at 64 and
+# 256 tokens of width 2048-4096 and 64 of DeepSeek-V3's 7168 x 256 experts, lost at 256
+# of those and from 1024 tokens of 4096 up; at 1024 tokens of 2048 it took 19 and 6 us
+# off the host-bound un-graphed forwards of OLMoE-1B-7B and Qwen3-30B-A3B, for +-1 us on
+# the device. At most tokens x hidden, and tokens x hidden x experts (the products):
+PIECE_MAX_ELEMENTS = 1024 * 2048
+PIECE_MAX_PRODUCTS = 1024 * 2048 * 128
 
 
 @triton.jit
@@ -350,14 +363,15 @@ def piece_logits_kernel(
     BLOCK_E: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """Part s (program 0), experts of block program 1: x[:, d] (W1 + W2 + W3)[d, e]
-    summed over the slice_d rows d of slice s, on the tensor cores (bfloat16 products,
-    exact; summed in float32 accumulators), into parts[t, s E + e]."""
+    """Part s (program 0), experts of block program 1, tokens of block program 2:
+    x[t, d] (W1 + W2 + W3)[d, e] summed over the slice_d rows d of slice s, on the tensor
+    cores (bfloat16 products, exact; summed in float32 accumulators), into
+    parts[t, s E + e]."""
     wait_for_predecessor(PDL)
     release_dependents(PDL)
     part = tl.program_id(0)
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_t = tl.arange(0, BLOCK_T)
+    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     e_ok = offs_e < E
     t_ok = offs_t < T
     # W1's products apart from the two smaller pieces': the tensor cores align a sum's
@@ -366,58 +380,78 @@ def piece_logits_kernel(
     acc_big = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
     acc_small = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
     end = tl.minimum(part * slice_d + slice_d, D)
+    x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_x_t
     for first in range(part * slice_d, end, BLOCK_D):
         offs_d = first + tl.arange(0, BLOCK_D)
         d_ok = offs_d < end
-        x = tl.load(
-            x_ptr + offs_t[:, None] * stride_x_t + offs_d[None, :],
-            mask=t_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        x = tl.load(x_rows + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         w_rows = pieces_ptr + offs_d.to(tl.int64)[:, None] * (3 * E) + offs_e[None, :]
         w_ok = d_ok[:, None] & e_ok[None, :]
         acc_small = tl.dot(x, tl.load(w_rows + 2 * E, mask=w_ok, other=0.0), acc_small)
         acc_small = tl.dot(x, tl.load(w_rows + E, mask=w_ok, other=0.0), acc_small)
         acc_big = tl.dot(x, tl.load(w_rows, mask=w_ok, other=0.0), acc_big)
-    out = parts_ptr + offs_t[:, None] * (tl.num_programs(0) * E) + part * E + offs_e[None, :]
+    num_parts = tl.num_programs(0)
+    out = parts_ptr + offs_t.to(tl.int64)[:, None] * (num_parts * E) + part * E + offs_e[None, :]
     tl.store(out, acc_big + acc_small, mask=t_ok[:, None] & e_ok[None, :])
 
 
-def takes_piece_logits(x_TD: torch.Tensor) -> bool:
-    """Whether the Router computes the logits of `x_TD` with `piece_logits` where no
-    gradient is recorded: bfloat16, more tokens than `takes_few_token_logits` takes and
-    at most PIECE_TOKENS."""
+def takes_piece_logits(x_TD: torch.Tensor, experts: int) -> bool:
+    """Whether the Router computes the logits of `x_TD` for `experts` experts with
+    `piece_logits` where no gradient is recorded: bfloat16, more tokens than
+    `takes_few_token_logits` takes, at most PIECE_MAX_ELEMENTS tokens x hidden and
+    PIECE_MAX_PRODUCTS tokens x hidden x experts."""
     T, D = x_TD.shape
-    return x_TD.dtype == torch.bfloat16 and T <= PIECE_TOKENS and not takes_few_token_logits(T, D)
+    return (
+        x_TD.dtype == torch.bfloat16
+        and T * D <= PIECE_MAX_ELEMENTS
+        and T * D * experts <= PIECE_MAX_PRODUCTS
+        and not takes_few_token_logits(T, D)
+    )
+
+
+def piece_tiles(
+    T: int, D: int, E: int, max_parts: int | None = None, block_e: int = 32
+) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_E, slice_d, parts) of `piece_logits_kernel` for T x D tokens and E
+    experts: D cut into at most `max_parts` slices (default: as many as bring the programs
+    to PIECE_PROGRAMS, at most PIECE_PARTS), and into more where a slice would pass
+    PIECE_MAX_SLICE rows."""
+    block_t = min(PIECE_TOKENS, max(16, next_power_of_2(T)))
+    block_e = min(block_e, max(16, next_power_of_2(E)))
+    if max_parts is None:
+        blocks = ceil_div(T, block_t) * ceil_div(E, block_e)
+        max_parts = max(1, min(PIECE_PARTS, PIECE_PROGRAMS // blocks))
+    parts = max(max_parts, ceil_div(D, PIECE_MAX_SLICE))
+    slice_d = ceil_div(ceil_div(D, parts), PIECE_BLOCK_D) * PIECE_BLOCK_D
+    return block_t, block_e, slice_d, ceil_div(D, slice_d)
 
 
 def piece_logits(
     x_TD: torch.Tensor,
     side_by_side_D3E: torch.Tensor,
-    max_parts: int = PIECE_PARTS,
+    max_parts: int | None = None,
     block_e: int = 32,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> tuple[torch.Tensor, int]:
-    """(parts_TSE, S): bfloat16 x_TD (at most PIECE_TOKENS tokens) times the float32
-    router weight whose three bfloat16 pieces `side_by_side_D3E` holds
-    (`router_logits.WeightPieces`), as S partial sums over slices of D
-    (`piece_logits_kernel`): the tensor-core path of `router_logits` without cuBLAS's
-    launch and its split-K reduction. Not differentiable (inference only)."""
+    """(parts_TSE, S): bfloat16 x_TD times the float32 router weight whose three
+    bfloat16 pieces `side_by_side_D3E` holds (`router_logits.WeightPieces`), as S
+    partial sums over slices of D (`piece_logits_kernel`, tiled by `piece_tiles`): the
+    tensor-core path of `router_logits` in one launch, without cuBLAS's host time (about
+    60 us a call on one H200's host) and, at a few tokens, its split-K reduction. Not
+    differentiable (inference only)."""
     T, D = x_TD.shape
     E = side_by_side_D3E.shape[1] // 3
-    assert T <= PIECE_TOKENS and x_TD.dtype == side_by_side_D3E.dtype == torch.bfloat16
+    assert x_TD.dtype == side_by_side_D3E.dtype == torch.bfloat16
     assert side_by_side_D3E.is_contiguous() and side_by_side_D3E.shape[0] == D
     x_TD = x_TD.contiguous()
-    slice_d = ceil_div(ceil_div(D, max_parts), PIECE_BLOCK_D) * PIECE_BLOCK_D
-    parts = ceil_div(D, slice_d)
-    block_e = min(block_e, max(16, next_power_of_2(E)))
+    block_t, block_e, slice_d, parts = piece_tiles(T, D, E, max_parts, block_e)
     parts_TSE = torch.empty(T, parts * E, device=x_TD.device, dtype=torch.float32)
     pdl = dependent_launch.for_tokens(x_TD.device, T)
     launch(
-        piece_logits_kernel, (parts, ceil_div(E, block_e)),
+        piece_logits_kernel, (parts, ceil_div(E, block_e), ceil_div(T, block_t)),
         x_TD, side_by_side_D3E, parts_TSE, T, D, E, x_TD.stride(0), slice_d,
-        BLOCK_T=max(16, next_power_of_2(T)), BLOCK_D=PIECE_BLOCK_D, BLOCK_E=block_e,
+        BLOCK_T=block_t, BLOCK_D=PIECE_BLOCK_D, BLOCK_E=block_e,
         PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return parts_TSE, parts

@@ -259,15 +259,15 @@ class Router(nn.Module):
         """(parts_TSE, S): the logits less the bias as S float32 column blocks of E
         whose sum they are: a few tokens on CUDA get `route_kernel.few_token_logits`
         (`takes_few_token_logits`; with its one-launch backward in a training step),
-        bfloat16 on CUDA the tensor cores' three (`router_logits`; up to
-        `route_kernel.PIECE_TOKENS` tokens at inference in `piece_logits`' one launch),
-        anything else one float32 GEMM."""
+        bfloat16 on CUDA the tensor cores' three (`router_logits`; at inference, where
+        `takes_piece_logits`, in `piece_logits`' one launch), anything else one float32
+        GEMM."""
         w_DE = self.w_router_DE
         kernels = route_kernels() if x_TD.device.type == "cuda" else None
         if kernels and kernels.takes_few_token_logits(*x_TD.shape):
             return kernels.few_token_logits(x_TD, w_DE)
         records_grad = torch.is_grad_enabled() and (x_TD.requires_grad or w_DE.requires_grad)
-        if kernels and not records_grad and kernels.takes_piece_logits(x_TD):
+        if kernels and not records_grad and kernels.takes_piece_logits(x_TD, w_DE.shape[1]):
             return kernels.piece_logits(x_TD, self._pieces_of_weight().side_by_side_D3E)
         if tensor_core_path(x_TD):
             return SplitLogits.apply(x_TD, w_DE, self._pieces_of_weight()), PIECES

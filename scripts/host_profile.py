@@ -2,7 +2,7 @@
 
     python scripts/host_profile.py [--impl triton] [--preset qwen3-30b-a3b ...]
                                    [--tokens 1 64] [--mode forward|train]
-                                   [--ab fast-launch|pdl|few-token-logits]
+                                   [--ab fast-launch|pdl|few-token-logits|piece-logits]
 
 For each token count and preset: the microseconds per call of the whole layer, of its
 router and of its routed part alone (calls queued back to back, one sync at the end:
@@ -20,11 +20,11 @@ train` a call is the harness's training step (`case_run._step_fn`: fresh gradien
 forward, the backward of a fixed output gradient), also timed without its backward; the
 router and routed parts are timed at inference (no autograd). With `--ab SWITCH` the
 call is also timed with the switch off and on, in turns in one process (`switch_turns`):
-`$MOEBENCH_FAST_LAUNCH`, `$MOEBENCH_PDL`, or the Router's few-token logits kernel
-(off: its tensor-core path at every token count). With several presets, their calls are
-also timed in turns in one process (`preset_turns`): a host's speed moves between
-processes and over minutes, so two presets timed apart can differ by what the host did
-meanwhile.
+`$MOEBENCH_FAST_LAUNCH`, `$MOEBENCH_PDL`, or one of the Router's logits kernels, the
+few-token one or the pieces' one (off: its cuBLAS path there). With several presets,
+their calls are also timed in turns in one process (`preset_turns`): a host's speed
+moves between processes and over minutes, so two presets timed apart can differ by what
+the host did meanwhile.
 """
 
 from __future__ import annotations
@@ -103,16 +103,16 @@ def _environment_switch(variable: str, reread: Callable[[], object], on: bool):
 
 
 @contextlib.contextmanager
-def _few_token_logits_switch(on: bool):
-    """Off: the Router never takes `route_kernel.few_token_logits` (the tensor-core path at
-    every token count, as a training step took before the kernel's backward)."""
-    rule = route_kernel.takes_few_token_logits
+def _router_rule_switch(rule_name: str, on: bool):
+    """Off: `route_kernel`'s rule `rule_name` refuses every call, so the Router takes its
+    next path (the tensor-core path through cuBLAS, for either kernel's rule)."""
+    rule = getattr(route_kernel, rule_name)
     if not on:
-        route_kernel.takes_few_token_logits = lambda tokens, hidden: False
+        setattr(route_kernel, rule_name, lambda *args: False)
     try:
         yield
     finally:
-        route_kernel.takes_few_token_logits = rule
+        setattr(route_kernel, rule_name, rule)
 
 
 # --ab: a switch, as a context manager of on (True) or off
@@ -123,7 +123,8 @@ SWITCHES = {
     "pdl": functools.partial(
         _environment_switch, dependent_launch.ENV_SWITCH, dependent_launch.refresh_switch
     ),
-    "few-token-logits": _few_token_logits_switch,
+    "few-token-logits": functools.partial(_router_rule_switch, "takes_few_token_logits"),
+    "piece-logits": functools.partial(_router_rule_switch, "takes_piece_logits"),
 }
 
 

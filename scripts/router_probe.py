@@ -1,18 +1,20 @@
 """Which logits path makes the Router fastest, on a CUDA device:
 
     python scripts/router_probe.py [--preset qwen3-30b-a3b ...] [--tokens 1 2 4 8 16 32 64]
-        [--piece-configs 8:64:4:3 4:32:4:3 ...]
+        [--piece-configs 0:32:4:3 8:64:4:3 ...]
 
 For each preset and token count, the whole Router (logits, then the top-k kernel) is
-captured in a CUDA graph and timed by `triton.testing.do_bench_cudagraph` with its logits
-from each path that computes that many tokens: `route_kernel.few_token_logits_kernel`
-(float32 partial sums on the CUDA cores, "few-token"), `route_kernel.piece_logits_kernel`
-(the three bfloat16 pieces on the tensor cores in one Triton launch, "pieces", once per
-`--piece-configs` entry MAX_PARTS:BLOCK_E:NUM_WARPS:NUM_STAGES) and cuBLAS (the same
-pieces through torch.mm, "cuBLAS"). Prints each path's median in microseconds, whether it
-picked the same experts as cuBLAS, and the path the Router takes. `takes_few_token_logits`
-and `takes_piece_logits` hold the limits this measured on the H200 (the fused layer's
-NOTES.md, versions 11 and 21).
+captured in a CUDA graph and timed by `triton.testing.do_bench_cudagraph`, and timed
+un-graphed (calls queued back to back: the host's time where it is the slower), with its
+logits from each path that computes that many tokens:
+`route_kernel.few_token_logits_kernel` (float32 partial sums on the CUDA cores,
+"few-token"), `route_kernel.piece_logits_kernel` (the three bfloat16 pieces on the
+tensor cores in one Triton launch, "pieces", once per `--piece-configs` entry
+MAX_PARTS:BLOCK_E:NUM_WARPS:NUM_STAGES, 0 parts for the kernel's own choice) and cuBLAS
+(the same pieces through torch.mm, "cuBLAS"). Prints each path's medians in
+microseconds, whether it picked the same experts as cuBLAS, and the path the Router
+takes. `takes_few_token_logits` and `takes_piece_logits` hold the limits this measured
+on the H200 (the fused layer's NOTES.md, versions 11 and 21).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import time
 from collections.abc import Iterator
 
 import torch
@@ -42,11 +45,11 @@ def logits_path(name: str, piece_config: tuple[int, ...] = ()) -> Iterator[None]
         route_kernel.piece_logits,
     )
     route_kernel.takes_few_token_logits = lambda tokens, hidden: name == "few-token"
-    route_kernel.takes_piece_logits = lambda x_TD: name == "pieces"
+    route_kernel.takes_piece_logits = lambda x_TD, experts: name == "pieces"
     if piece_config:
         max_parts, block_e, num_warps, num_stages = piece_config
         route_kernel.piece_logits = functools.partial(
-            saved[2], max_parts=max_parts, block_e=block_e, num_warps=num_warps,
+            saved[2], max_parts=max_parts or None, block_e=block_e, num_warps=num_warps,
             num_stages=num_stages,
         )  # fmt: skip
     try:
@@ -59,18 +62,29 @@ def logits_path(name: str, piece_config: tuple[int, ...] = ()) -> Iterator[None]
         ) = saved
 
 
+def wall_us_per_call(fn, calls: int = 200) -> float:
+    """Microseconds per call of `fn` un-graphed, calls queued back to back and one sync
+    at the end: the host's time per call where it is slower than the device's."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     presets = ["qwen3-30b-a3b", "olmoe-1b-7b", "mixtral-8x7b", "deepseek-v3"]
     parser.add_argument("--preset", nargs="+", default=presets)
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument(
-        "--piece-configs", nargs="+", default=[f"{route_kernel.PIECE_PARTS}:64:4:3"],
+        "--piece-configs", nargs="+", default=["0:32:4:3"],
         metavar="PARTS:BLOCK_E:WARPS:STAGES",
     )  # fmt: skip
     args = parser.parse_args()
-    if max(args.tokens) > route_kernel.PIECE_TOKENS:
-        parser.error(f"--tokens: the kernels compute at most {route_kernel.PIECE_TOKENS}")
     piece_configs = [tuple(int(v) for v in c.split(":")) for c in args.piece_configs]
     for preset in args.preset:
         for tokens in args.tokens:
@@ -83,7 +97,8 @@ def main() -> None:
             ).cuda()  # fmt: skip
             x_TD = make_inputs(case, 1)[0]
             takes_few = route_kernel.takes_few_token_logits(tokens, case.shape.hidden)
-            takes_pieces = not takes_few and route_kernel.takes_piece_logits(x_TD)
+            experts = case.shape.num_experts
+            takes_pieces = not takes_few and route_kernel.takes_piece_logits(x_TD, experts)
             runs = [("cuBLAS", ())]
             if tokens <= route_kernel.FEW_TOKENS:
                 runs.append(("few-token", ()))
@@ -94,13 +109,15 @@ def main() -> None:
                     with logits_path(name, config):
                         experts = router(x_TD)[1]
                         us = do_bench_cudagraph(lambda r=router, x=x_TD: r(x), rep=200) * 1e3
+                        host_us = wall_us_per_call(lambda r=router, x=x_TD: r(x))
                     label = name + (":" + ":".join(map(str, config)) if config else "")
-                    timed.append((label, us, experts))
-            cublas_experts = timed[0][2]
+                    timed.append((label, us, host_us, experts))
+            cublas_experts = timed[0][3]
             takes = "few-token" if takes_few else ("pieces" if takes_pieces else "cuBLAS")
             cells = ", ".join(
-                f"{label} {us:.1f} us{'' if torch.equal(e, cublas_experts) else ' (other experts)'}"
-                for label, us, e in timed
+                f"{label} {us:.1f} us ({host_us:.1f} un-graphed)"
+                + ("" if torch.equal(e, cublas_experts) else " (other experts)")
+                for label, us, host_us, e in timed
             )
             print(f"{preset} {tokens} tokens: {cells}; the Router takes {takes}", flush=True)
 

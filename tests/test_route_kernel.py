@@ -207,14 +207,21 @@ def test_few_token_logits_gradients_are_float32_gradients(tokens, hidden, expert
 @needs_kernels
 @pytest.mark.parametrize(
     ("tokens", "hidden", "experts", "max_parts"),
-    [(64, 2048, 64, 16), (5, 200, 8, 16), (33, 7168, 256, 16), (17, 4096, 60, 3)],
+    [
+        (64, 2048, 64, 16),
+        (5, 200, 8, 16),
+        (33, 7168, 256, 16),
+        (17, 4096, 60, 3),
+        (1000, 2048, 128, None),  # 16 token blocks, the last one short; D in 2 slices
+        (300, 7168, 256, 1),  # one part asked: 7 slices all the same (PIECE_MAX_SLICE)
+    ],
 )
 def test_piece_logits_are_float32_logits(tokens, hidden, experts, max_parts):
     """The tensor cores' three pieces per slice of D, summed, are the float32 logits
     (hidden not a multiple of a step, experts not of a block, tokens not of a tile)."""
     if KERNEL_DEVICE == "cpu":
         pytest.skip("Triton's interpreter computes in numpy, which has no bfloat16 dot")
-    from moebench.route_kernel import piece_logits
+    from moebench.route_kernel import piece_logits, piece_tiles
     from moebench.router_logits import matmul_float32, sum_pieces, weight_pieces
 
     generator = torch.Generator().manual_seed(tokens + hidden)
@@ -224,7 +231,8 @@ def test_piece_logits_are_float32_logits(tokens, hidden, experts, max_parts):
     parts_TSE, parts = piece_logits(
         x_TD.to(KERNEL_DEVICE), pieces.side_by_side_D3E, max_parts=max_parts
     )
-    assert 1 < parts <= max_parts and parts_TSE.shape == (tokens, parts * experts)
+    assert parts == piece_tiles(tokens, hidden, experts, max_parts)[3] > 1
+    assert parts_TSE.shape == (tokens, parts * experts)
     logits_TE = parts_TSE.view(tokens, parts, experts).sum(dim=1)
     exact_TE = x_TD.double() @ w_DE.double()
     # as close as the path it stands in for: the same pieces through cuBLAS
@@ -272,17 +280,52 @@ def test_router_takes_piece_logits_at_inference_and_keeps_gradients_in_training(
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-def test_router_takes_piece_logits_between_the_few_token_kernel_and_its_tile():
-    from moebench.route_kernel import PIECE_TOKENS, takes_piece_logits
+def test_router_takes_piece_logits_where_it_was_faster_than_cublas():
+    """The H200's Router (NOTES.md of the fused layer, version 21): the pieces' kernel
+    beat cuBLAS graphed at 64 and 256 tokens of width 2048-4096 and 64 of 7168, and
+    un-graphed at 1024 of 2048 (host-bound); it lost at 256 of 7168 and from 1024 tokens
+    of 4096."""
+    from moebench.route_kernel import takes_piece_logits
 
-    def x(tokens: int, hidden: int = 2048, dtype: torch.dtype = torch.bfloat16):
-        return torch.empty(tokens, hidden, dtype=dtype)
+    def takes(tokens: int, hidden: int, experts: int, dtype=torch.bfloat16) -> bool:
+        return takes_piece_logits(torch.empty(tokens, hidden, dtype=dtype), experts)
 
-    assert all(takes_piece_logits(x(t)) for t in (5, 8, 33, PIECE_TOKENS))
-    assert takes_piece_logits(x(4, 7168))  # the few-token kernel stops at 2 there
-    assert not any(takes_piece_logits(x(t)) for t in (1, 4, PIECE_TOKENS + 1, 4096))
-    assert not takes_piece_logits(x(32, dtype=torch.float16))  # no exact pieces there
-    assert not takes_piece_logits(x(32, dtype=torch.float32))
+    # (tokens, hidden, experts): OLMoE-1B-7B, Qwen3-30B-A3B, Mixtral-8x7B, DeepSeek-V3
+    faster = [(8, 2048, 64), (64, 2048, 64), (256, 2048, 128), (1024, 2048, 64),
+              (1024, 2048, 128), (64, 4096, 8), (256, 4096, 8), (8, 7168, 256),
+              (64, 7168, 256)]  # fmt: skip
+    slower = [(1024, 4096, 8), (256, 7168, 256), (4096, 2048, 64), (8192, 2048, 128)]
+    assert all(takes(*point) for point in faster)
+    assert not any(takes(*point) for point in slower)
+    assert takes(4, 7168, 256)  # the few-token kernel stops at 2 there
+    assert not any(takes(t, 2048, 64) for t in (1, 4))  # the few-token kernel's
+    assert not takes(32, 2048, 64, torch.float16)  # no exact pieces there
+    assert not takes(32, 2048, 64, torch.float32)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "experts", "max_parts", "parts"),
+    [
+        (64, 2048, 64, None, 16),  # OLMoE-1B-7B, one block of tokens: 16 slices of 128
+        (1024, 2048, 64, None, 4),  # 16 x 2 blocks of tokens x experts: 4 slices
+        (8192, 2048, 128, None, 2),  # 128 x 4 blocks: no slicing wanted, 2048 rows cut
+        (256, 7168, 256, None, 7),  # 4 slices wanted, 7 for PIECE_MAX_SLICE
+        (300, 7168, 256, 1, 7),
+        (5, 200, 8, 16, 4),  # slices of whole steps: 4 of 64 rows for 200
+        (17, 4096, 60, 3, 4),
+    ],
+)
+def test_piece_tiles_slice_d_into_whole_steps_of_bounded_length(
+    tokens, hidden, experts, max_parts, parts
+):
+    from moebench.route_kernel import PIECE_BLOCK_D, PIECE_MAX_SLICE, piece_tiles
+
+    block_t, block_e, slice_d, got = piece_tiles(tokens, hidden, experts, max_parts)
+    assert got == parts
+    assert slice_d % PIECE_BLOCK_D == 0 and slice_d <= PIECE_MAX_SLICE
+    assert (parts - 1) * slice_d < hidden <= parts * slice_d  # no empty slice
+    assert 16 <= block_t <= 64 and block_t >= min(tokens, 64) and block_e in (16, 32)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
