@@ -36,7 +36,6 @@ import functools
 import io
 import os
 import pstats
-import time
 from collections.abc import Callable
 
 import torch
@@ -45,25 +44,10 @@ from moebench import dependent_launch, fast_launch, registry, route_kernel
 from moebench.case import Case, Workload
 from moebench.layer import MoELayer
 from moebench.measure.case_run import _step_fn
-from moebench.measure.timing import in_turns
+from moebench.measure.timing import in_turns, queued_and_wall_us
 from moebench.presets import PRESETS
 from moebench.weight_sources import make_weights
 from moebench.weights import make_inputs
-
-
-def queued_and_wall_us(fn, calls: int) -> tuple[float, float]:
-    """(host microseconds per call to queue `calls` calls of `fn` back to back, wall
-    microseconds per call until the device finished them)."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    queued = time.perf_counter()
-    torch.cuda.synchronize()
-    end = time.perf_counter()
-    return (queued - start) / calls * 1e6, (end - start) / calls * 1e6
 
 
 def per_call_us(fn, calls: int) -> float:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import time
 from collections.abc import Iterator
 
 import torch
@@ -30,6 +29,7 @@ from triton.testing import do_bench_cudagraph
 
 from moebench import route_kernel
 from moebench.case import Case, Workload
+from moebench.measure.timing import queued_and_wall_us
 from moebench.presets import PRESETS
 from moebench.routing import Router
 from moebench.weight_sources import make_weights
@@ -60,19 +60,6 @@ def logits_path(name: str, piece_config: tuple[int, ...] = ()) -> Iterator[None]
             route_kernel.takes_piece_logits,
             route_kernel.piece_logits,
         ) = saved
-
-
-def wall_us_per_call(fn, calls: int = 200) -> float:
-    """Microseconds per call of `fn` un-graphed, calls queued back to back and one sync
-    at the end: the host's time per call where it is slower than the device's."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def main() -> None:
@@ -109,7 +96,7 @@ def main() -> None:
                     with logits_path(name, config):
                         experts = router(x_TD)[1]
                         us = do_bench_cudagraph(lambda r=router, x=x_TD: r(x), rep=200) * 1e3
-                        host_us = wall_us_per_call(lambda r=router, x=x_TD: r(x))
+                        host_us = queued_and_wall_us(lambda r=router, x=x_TD: r(x), 200)[1]
                     label = name + (":" + ":".join(map(str, config)) if config else "")
                     timed.append((label, us, host_us, experts))
             cublas_experts = timed[0][3]

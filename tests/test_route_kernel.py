@@ -382,24 +382,33 @@ def test_router_keeps_its_torch_path_when_triton_does_not_import(monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-def test_host_profile_switches_the_few_token_kernel_in_turns(monkeypatch):
-    """`scripts/host_profile.py --ab few-token-logits`: off, the Router's rule refuses
-    every call; on, it is the rule itself; both sides alike, the rule restored after."""
+@pytest.mark.parametrize(
+    ("switch", "rule", "args"),
+    [
+        ("few-token-logits", "takes_few_token_logits", (1, 2048)),
+        ("piece-logits", "takes_piece_logits", (torch.empty(64, 2048, dtype=torch.bfloat16), 64)),
+    ],
+)
+def test_host_profile_switches_a_router_kernel_in_turns(monkeypatch, switch, rule, args):
+    """`scripts/host_profile.py --ab few-token-logits` (or `piece-logits`): off, the
+    Router's rule refuses every call; on, it is the rule itself; both sides alike, the
+    rule restored after."""
     import runpy
     from pathlib import Path
 
     from moebench import route_kernel
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    rule = route_kernel.takes_few_token_logits
+    original = getattr(route_kernel, rule)
+    assert original(*args)  # a call the kernel takes
     script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "host_profile.py"))
     seen: list[bool] = []
     text = script["switch_turns"](
-        lambda: seen.append(route_kernel.takes_few_token_logits(1, 2048)),
+        lambda: seen.append(getattr(route_kernel, rule)(*args)),
         calls=3,
-        switch="few-token-logits",
+        switch=switch,
         rounds=4,
     )
-    assert text.startswith("few-token-logits off ") and " on " in text
+    assert text.startswith(f"{switch} off ") and " on " in text
     assert seen.count(False) == seen.count(True) > 0
-    assert route_kernel.takes_few_token_logits is rule
+    assert getattr(route_kernel, rule) is original

@@ -174,6 +174,23 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     return _cpu_batch(lambda _: fn(), 0, 1)[0]
 
 
+def queued_and_wall_us(fn: Callable[[], object], calls: int) -> tuple[float, float]:
+    """(host microseconds per call to queue `calls` calls of `fn` back to back on a CUDA
+    device, wall microseconds per call until the device finished them), after 5 calls of
+    warm-up: where the wall time is about the queueing time, the host set it (an
+    un-graphed call is host-bound), where it is longer, the device."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    queued = time.perf_counter()
+    torch.cuda.synchronize()
+    end = time.perf_counter()
+    return (queued - start) / calls * 1e6, (end - start) / calls * 1e6
+
+
 def in_turns(sides: dict[str, Callable[[], float]], rounds: int = 8) -> dict[str, float]:
     """Each side's median (a side returns one sample) over `rounds`, the sides taking turns
     in one process, the order reversed every other round: on a shared host the time per
