@@ -33,6 +33,13 @@ run). It computes up to FEW_TOKENS tokens; the Router takes it where it is the f
 path (`takes_few_token_logits`: up to 4 tokens, 2 at DeepSeek-V3's width). Under
 autograd, `few_token_logits_backward_kernel` gives dx and dW in one launch.
 
+`piece_logits_kernel`: `router_logits`' tensor-core path (the float32 weight as three
+bfloat16 pieces) in one Triton launch, tiles of 64 tokens x 32 experts x a slice of D,
+its slices written as parts as the few-token kernel's are: at inference the Router takes
+it from where the few-token kernel stops to about a thousand tokens
+(`takes_piece_logits`), where cuBLAS's GEMM cost more host time (about 60 us a call) or,
+at a few tokens, a split-K reduction and a launch outside the dependent-launch chain.
+
 The forward kernels launch with programmatic dependent launch where
 `dependent_launch.for_tokens` says (Hopper, calls of at most 64 tokens), as the fused
 layer's kernels after them do.
