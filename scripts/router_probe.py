@@ -1,6 +1,6 @@
 """Which logits path makes the Router fastest, on a CUDA device:
 
-    python scripts/router_probe.py [--preset qwen3-30b-a3b ...] [--tokens 1 2 4 8 16 32 64]
+    python scripts/router_probe.py [--preset qwen3-30b-a3b ...] [--tokens 1 8 64 1024 ...]
         [--piece-configs 0:32:4:3 8:64:4:3 ...]
 
 For each preset and token count, the whole Router (logits, then the top-k kernel) is
@@ -66,7 +66,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     presets = ["qwen3-30b-a3b", "olmoe-1b-7b", "mixtral-8x7b", "deepseek-v3"]
     parser.add_argument("--preset", nargs="+", default=presets)
-    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument(
+        "--tokens", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64, 256, 1024]
+    )
     parser.add_argument(
         "--piece-configs", nargs="+", default=["0:32:4:3"],
         metavar="PARTS:BLOCK_E:WARPS:STAGES",
@@ -84,8 +86,9 @@ def main() -> None:
             ).cuda()  # fmt: skip
             x_TD = make_inputs(case, 1)[0]
             takes_few = route_kernel.takes_few_token_logits(tokens, case.shape.hidden)
-            experts = case.shape.num_experts
-            takes_pieces = not takes_few and route_kernel.takes_piece_logits(x_TD, experts)
+            takes_pieces = not takes_few and route_kernel.takes_piece_logits(
+                x_TD, case.shape.num_experts
+            )
             runs = [("cuBLAS", ())]
             if tokens <= route_kernel.FEW_TOKENS:
                 runs.append(("few-token", ()))
@@ -94,11 +97,11 @@ def main() -> None:
             with torch.no_grad():
                 for name, config in runs:
                     with logits_path(name, config):
-                        experts = router(x_TD)[1]
+                        chosen_TK = router(x_TD)[1]
                         us = do_bench_cudagraph(lambda r=router, x=x_TD: r(x), rep=200) * 1e3
                         host_us = queued_and_wall_us(lambda r=router, x=x_TD: r(x), 200)[1]
                     label = name + (":" + ":".join(map(str, config)) if config else "")
-                    timed.append((label, us, host_us, experts))
+                    timed.append((label, us, host_us, chosen_TK))
             cublas_experts = timed[0][3]
             takes = "few-token" if takes_few else ("pieces" if takes_pieces else "cuBLAS")
             cells = ", ".join(
