@@ -43,7 +43,13 @@ def test_candidates_only_from_64_row_blocks_and_marked():
     assert sum(bool(config.get("ONE_DOT")) for config in configs) == 4 * tiles
     assert all(c.get("ONE_DOT") for c in configs if c.get("GATHER_A"))
     assert sum(bool(config.get("GATHER_A")) for config in configs) == 2 * tiles
-    assert not any(c.get("ONE_DOT") for c in tma.candidates("down", 64, 2048, 768, 2))
+    down = tma.candidates("down", 64, 2048, 768, 2)
+    assert not any(c.get("ONE_DOT") for c in down)
+    # down: each tile plain, with HALF_TAIL, and persistent (never both)
+    assert len(down) == 3 * len(tma.TILES["down"])
+    persistent = [c for c in down if c.get("PERSISTENT")]
+    assert len(persistent) == len(tma.TILES["down"])
+    assert not any(c.get("HALF_TAIL") for c in persistent)
     # F = 96: no gate_up tile (64 or 128 columns) stays inside gate
     assert tma.candidates("gate_up", 64, 2048, 96, 2) == []
 

@@ -47,7 +47,7 @@ from moebench.weights import ExpertWeights
 POINTER_CODE = {"gate_up": (kernels.gate_up_kernel,), "down": (kernels.down_kernel,)}
 TMA_CODE = {
     "gate_up": (tma.gather_rows_kernel, tma.gate_up_tma_kernel),
-    "down": (tma.down_tma_kernel,),
+    "down": (tma.down_tma_kernel, tma.down_persistent_kernel),
 }
 BLOCK_M_CODE = (kernels.gate_up_kernel, kernels.down_kernel, *tma.KERNELS)
 

@@ -205,7 +205,43 @@ def _down_tma_tile(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_ok)
 
 
-KERNELS = (gather_rows_kernel, gate_up_tma_kernel, down_tma_kernel)
+@triton.jit
+def down_persistent_kernel(
+    h_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
+    num_padded_ptr, D, F, num_assign, stride_out_a, num_programs,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """`down_tma_kernel`'s tiles (without HALF_TAIL), a program walking every
+    num_programs-th tile of the padded length's: one loop nest that Triton flattens and
+    pipelines, so a tile's first weight and h loads are in flight during the previous
+    tile's epilogue (the down GEMM's K loop is 12-32 steps: its fill and its epilogue are
+    a large share of a tile)."""
+    num_blocks_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
+    num_blocks_n = tl.cdiv(D, BLOCK_N)
+    k_steps = tl.cdiv(F, BLOCK_K)
+    # the epilogue's own tile counter: its coordinates do not wait on the next tile's
+    epilogue_tile = tl.program_id(0) - num_programs
+    for tile in tl.range(tl.program_id(0), num_blocks_m * num_blocks_n, num_programs, flatten=True):
+        pid_m, pid_n = _block_coords(tile, num_blocks_m, num_blocks_n, GROUP_M)
+        first_w_row = tl.load(block_expert_ptr + pid_m) * F
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, k_steps):
+            a = h_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            acc = tl.dot(a, w_desc.load([first_w_row + k * BLOCK_K, pid_n * BLOCK_N]), acc)
+        epilogue_tile += num_programs
+        pid_m, pid_n = _block_coords(epilogue_tile, num_blocks_m, num_blocks_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ids = tl.load(sorted_ids_ptr + offs_m)
+        row_ok = ids < num_assign
+        gate = tl.load(gate_weight_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
+        out_ptrs = out_ptr + ids[:, None].to(tl.int64) * stride_out_a + offs_n[None, :]
+        store_ok = row_ok[:, None] & (offs_n[None, :] < D)
+        tl.store(out_ptrs, (acc * gate[:, None]).to(out_ptr.dtype.element_ty), mask=store_ok)
+
+
+KERNELS = (gather_rows_kernel, gate_up_tma_kernel, down_tma_kernel, down_persistent_kernel)
 
 
 def available(device: torch.device) -> bool:
@@ -223,6 +259,28 @@ def available(device: torch.device) -> bool:
 # By CUDA device index. A dict rather than functools.cache: an import above the kernels
 # would move their lines, and with them every shipped choice's fingerprint.
 _HAS_TMA: dict[int, bool] = {}
+
+
+# Streaming multiprocessors by CUDA device index (`_multiprocessors`).
+_MULTIPROCESSORS: dict[int, int] = {}
+# Where there is no device to ask: an H200's count for an offline compile, and a few
+# programs under the interpreter, so that each walks several tiles (tests).
+_OFFLINE_MULTIPROCESSORS = 132
+_INTERPRETER_PROGRAMS = 3
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """How many programs a persistent kernel launches at most on `device`."""
+    if device.type != "cuda":
+        if fast_launch.compiling_offline():
+            return _OFFLINE_MULTIPROCESSORS
+        return _INTERPRETER_PROGRAMS
+    index = torch.cuda.current_device() if device.index is None else device.index
+    count = _MULTIPROCESSORS.get(index)
+    if count is None:
+        count = torch.cuda.get_device_properties(index).multi_processor_count
+        _MULTIPROCESSORS[index] = count
+    return count
 
 
 def takes(*weights: torch.Tensor) -> bool:
@@ -258,7 +316,10 @@ def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) ->
          "num_warps": warps, "num_stages": stages, "TMA": True}
         for n, k, warps, stages in TILES[kernel]
     ]  # fmt: skip
-    configs += [{**config, "HALF_TAIL": True} for config in configs]
+    plain = configs
+    configs = plain + [{**config, "HALF_TAIL": True} for config in plain]
+    if kernel == "down":
+        configs += [{**config, "PERSISTENT": True} for config in plain]
     if kernel == "gate_up":
         one_dot = [{**config, "ONE_DOT": True} for config in configs]
         configs += one_dot + [{**config, "GATHER_A": True} for config in one_dot]
@@ -334,16 +395,30 @@ def launch_down(
     alignment,
     config: dict,
 ) -> None:
-    """`kernels.launch_down`'s result through `down_tma_kernel`; w_down_EFD contiguous."""
+    """`kernels.launch_down`'s result through `down_tma_kernel`, or with PERSISTENT
+    through `down_persistent_kernel` (a program a streaming multiprocessor, at most one a
+    tile); w_down_EFD contiguous."""
     E, F, D = w_down_EFD.shape
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     num_blocks_m = alignment.max_blocks
+    w_desc = _descriptor(w_down_EFD.view(E * F, D), [block_k, block_n])
+    if config.get("PERSISTENT"):
+        tiles = num_blocks_m * ceil_div(D, block_n)
+        programs = min(tiles, _multiprocessors(h_PF.device))
+        launch(
+            down_persistent_kernel, (programs,),
+            _descriptor(h_PF, [block_m, block_k]), w_desc, gate_weight_A, out_AD,
+            alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1, D, F,
+            alignment.num_assign, out_AD.stride(0), programs,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )  # fmt: skip
+        return
     launch(
         down_tma_kernel, (num_blocks_m * ceil_div(D, block_n),),
-        *_row_descriptors(h_PF, config),
-        _descriptor(w_down_EFD.view(E * F, D), [block_k, block_n]),
-        gate_weight_A, out_AD, alignment.sorted_ids_P, alignment.block_expert_B,
-        alignment.num_padded_1, D, F, alignment.num_assign, num_blocks_m, out_AD.stride(0),
+        *_row_descriptors(h_PF, config), w_desc, gate_weight_A, out_AD,
+        alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1, D, F,
+        alignment.num_assign, num_blocks_m, out_AD.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
         HALF_TAIL=bool(config.get("HALF_TAIL")),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
