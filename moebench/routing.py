@@ -250,6 +250,8 @@ class Router(nn.Module):
 
     def _pieces_of_weight(self) -> WeightPieces:
         w_DE = self.w_router_DE
+        if w_DE.is_inference():  # (built under inference_mode) no version to see an edit by
+            return weight_pieces(w_DE)
         made_from = (w_DE.data_ptr(), w_DE._version)
         if self._pieces is None or self._pieces[0] != made_from:
             self._pieces = (made_from, weight_pieces(w_DE))

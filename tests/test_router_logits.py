@@ -84,6 +84,20 @@ def test_router_remakes_its_pieces_after_an_in_place_edit(monkeypatch):
     assert torch.allclose(router.logits(x_TD), expected_TE, atol=1e-5)
 
 
+def test_router_built_under_inference_mode_routes_on_its_current_weight(monkeypatch):
+    """A Router built under torch.inference_mode holds inference tensors, which keep no
+    version counter: it takes its pieces from the weight as it is at each call (an edit
+    in place, inside inference_mode, still counts) instead of failing."""
+    monkeypatch.setattr(routing, "tensor_core_path", lambda x: x.dtype == torch.bfloat16)
+    x_TD, w_DE, bias_E = _split_case(tokens=64, hidden=128, experts=16)
+    with torch.inference_mode():
+        router = routing.Router(w_DE, bias_E, LayerShape(128, 64, 16, 2))
+        assert torch.allclose(router.logits(x_TD), x_TD.float() @ w_DE + bias_E, atol=1e-5)
+        router.w_router_DE.mul_(-3.0)
+        expected_TE = x_TD.float() @ router.w_router_DE + bias_E
+        assert torch.allclose(router.logits(x_TD), expected_TE, atol=1e-5)
+
+
 def test_only_bfloat16_on_cuda_takes_the_tensor_core_path():
     assert not tensor_core_path(torch.zeros(2, 2, dtype=torch.bfloat16))  # CPU
     if torch.cuda.is_available():
