@@ -25,8 +25,8 @@ The backward splits dL (float32) the same way:
   below the rounding of dx to bfloat16.
 
 Used where x is bfloat16 on CUDA and torch's matmul takes `out_dtype` (torch >= 2.8),
-bar a few tokens (`route_kernel.few_token_logits`, forward and backward, takes those) and
-inference calls of up to about a thousand tokens (`route_kernel.piece_logits`: these
+bar a few tokens (`logits_kernel.few_token_logits`, forward and backward, takes those) and
+inference calls of up to about a thousand tokens (`logits_kernel.piece_logits`: these
 pieces in one Triton launch); elsewhere the Router keeps the plain float32 GEMM. The
 paths compute the same function.
 """

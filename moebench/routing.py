@@ -25,6 +25,7 @@ what the layer did, recorded as `tokens_per_expert`, not the prior.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import math
 import warnings
@@ -198,20 +199,32 @@ def kernel_route_applies(shape: LayerShape, x_TD: torch.Tensor) -> bool:
 
 @functools.cache
 def route_kernels() -> ModuleType | None:
-    """`moebench.route_kernel`, or None where Triton is missing or does not import (then
-    the Router keeps its torch path, which computes the same function, and says so once)."""
+    """`moebench.route_kernel` (the top-k), or None where Triton is missing or does not
+    import (then the Router keeps its torch path, which computes the same function, and
+    says so once)."""
+    return _triton_module("route_kernel")
+
+
+@functools.cache
+def logits_kernels() -> ModuleType | None:
+    """`moebench.logits_kernel` (the logits' parts), or None as `route_kernels`."""
+    return _triton_module("logits_kernel")
+
+
+def _triton_module(name: str) -> ModuleType | None:
+    """moebench's module `name`, which imports Triton, or None with a warning where
+    Triton is missing or its import fails."""
     if importlib.util.find_spec("triton") is None:
         return None
     try:
-        from moebench import route_kernel
+        return importlib.import_module(f"moebench.{name}")
     except Exception as error:  # a broken Triton install: any error its import raises
         warnings.warn(
             f"moebench's router kernels are off, Triton did not import ({error}); "
             "the Router runs its torch path",
-            stacklevel=2,
+            stacklevel=3,
         )
         return None
-    return route_kernel
 
 
 class Router(nn.Module):
@@ -259,13 +272,13 @@ class Router(nn.Module):
 
     def logit_parts(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(parts_TSE, S): the logits less the bias as S float32 column blocks of E
-        whose sum they are: a few tokens on CUDA get `route_kernel.few_token_logits`
+        whose sum they are: a few tokens on CUDA get `logits_kernel.few_token_logits`
         (`takes_few_token_logits`; with its one-launch backward in a training step),
         bfloat16 on CUDA the tensor cores' three (`router_logits`; at inference, where
         `takes_piece_logits`, in `piece_logits`' one launch), anything else one float32
         GEMM."""
         w_DE = self.w_router_DE
-        kernels = route_kernels() if x_TD.device.type == "cuda" else None
+        kernels = logits_kernels() if x_TD.device.type == "cuda" else None
         if kernels and kernels.takes_few_token_logits(*x_TD.shape):
             return kernels.few_token_logits(x_TD, w_DE)
         records_grad = torch.is_grad_enabled() and (x_TD.requires_grad or w_DE.requires_grad)

@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 import torch
 
-from moebench import dependent_launch, fast_launch, registry, route_kernel
+from moebench import dependent_launch, fast_launch, logits_kernel, registry
 from moebench.case import Case, Workload
 from moebench.layer import MoELayer
 from moebench.measure.case_run import _step_fn
@@ -88,15 +88,15 @@ def _environment_switch(variable: str, reread: Callable[[], object], on: bool):
 
 @contextlib.contextmanager
 def _router_rule_switch(rule_name: str, on: bool):
-    """Off: `route_kernel`'s rule `rule_name` refuses every call, so the Router takes its
+    """Off: `logits_kernel`'s rule `rule_name` refuses every call, so the Router takes its
     next path (the tensor-core path through cuBLAS, for either kernel's rule)."""
-    rule = getattr(route_kernel, rule_name)
+    rule = getattr(logits_kernel, rule_name)
     if not on:
-        setattr(route_kernel, rule_name, lambda *args: False)
+        setattr(logits_kernel, rule_name, lambda *args: False)
     try:
         yield
     finally:
-        setattr(route_kernel, rule_name, rule)
+        setattr(logits_kernel, rule_name, rule)
 
 
 # --ab: a switch, as a context manager of on (True) or off

@@ -7,8 +7,8 @@ For each preset and token count, the whole Router (logits, then the top-k kernel
 captured in a CUDA graph and timed by `triton.testing.do_bench_cudagraph`, and timed
 un-graphed (calls queued back to back: the host's time where it is the slower), with its
 logits from each path that computes that many tokens:
-`route_kernel.few_token_logits_kernel` (float32 partial sums on the CUDA cores,
-"few-token"), `route_kernel.piece_logits_kernel` (the three bfloat16 pieces on the
+`logits_kernel.few_token_logits_kernel` (float32 partial sums on the CUDA cores,
+"few-token"), `logits_kernel.piece_logits_kernel` (the three bfloat16 pieces on the
 tensor cores in one Triton launch, "pieces", once per `--piece-configs` entry
 MAX_PARTS:BLOCK_E:NUM_WARPS:NUM_STAGES, 0 parts for the kernel's own choice) and cuBLAS
 (the same pieces through torch.mm, "cuBLAS"). Prints each path's medians in
@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 from triton.testing import do_bench_cudagraph
 
-from moebench import route_kernel
+from moebench import logits_kernel
 from moebench.case import Case, Workload
 from moebench.measure.timing import queued_and_wall_us
 from moebench.presets import PRESETS
@@ -40,15 +40,15 @@ from moebench.weights import make_inputs
 def logits_path(name: str, piece_config: tuple[int, ...] = ()) -> Iterator[None]:
     """The Router's logits from path `name` alone while inside (its rules restored after)."""
     saved = (
-        route_kernel.takes_few_token_logits,
-        route_kernel.takes_piece_logits,
-        route_kernel.piece_logits,
+        logits_kernel.takes_few_token_logits,
+        logits_kernel.takes_piece_logits,
+        logits_kernel.piece_logits,
     )
-    route_kernel.takes_few_token_logits = lambda tokens, hidden: name == "few-token"
-    route_kernel.takes_piece_logits = lambda x_TD, experts: name == "pieces"
+    logits_kernel.takes_few_token_logits = lambda tokens, hidden: name == "few-token"
+    logits_kernel.takes_piece_logits = lambda x_TD, experts: name == "pieces"
     if piece_config:
         max_parts, block_e, num_warps, num_stages = piece_config
-        route_kernel.piece_logits = functools.partial(
+        logits_kernel.piece_logits = functools.partial(
             saved[2], max_parts=max_parts or None, block_e=block_e, num_warps=num_warps,
             num_stages=num_stages,
         )  # fmt: skip
@@ -56,9 +56,9 @@ def logits_path(name: str, piece_config: tuple[int, ...] = ()) -> Iterator[None]
         yield
     finally:
         (
-            route_kernel.takes_few_token_logits,
-            route_kernel.takes_piece_logits,
-            route_kernel.piece_logits,
+            logits_kernel.takes_few_token_logits,
+            logits_kernel.takes_piece_logits,
+            logits_kernel.piece_logits,
         ) = saved
 
 
@@ -85,12 +85,12 @@ def main() -> None:
                 weights.correction_bias_E,
             ).cuda()  # fmt: skip
             x_TD = make_inputs(case, 1)[0]
-            takes_few = route_kernel.takes_few_token_logits(tokens, case.shape.hidden)
-            takes_pieces = not takes_few and route_kernel.takes_piece_logits(
+            takes_few = logits_kernel.takes_few_token_logits(tokens, case.shape.hidden)
+            takes_pieces = not takes_few and logits_kernel.takes_piece_logits(
                 x_TD, case.shape.num_experts
             )
             runs = [("cuBLAS", ())]
-            if tokens <= route_kernel.FEW_TOKENS:
+            if tokens <= logits_kernel.FEW_TOKENS:
                 runs.append(("few-token", ()))
             runs += [("pieces", config) for config in piece_configs]
             timed = []

@@ -118,6 +118,7 @@ def test_show_says_how_a_run_launched(
 
 PDL_MODULES = (
     "moebench.route_kernel",
+    "moebench.logits_kernel",
     "moebench.impls.triton.align",
     "moebench.impls.triton.kernels",
     "moebench.impls.triton.backward",

@@ -147,7 +147,7 @@ def test_kernel_gradients_are_routes(convention):
     ("tokens", "hidden", "experts"), [(1, 2048, 128), (16, 300, 8), (5, 4096, 60)]
 )
 def test_few_token_logits_are_float32_logits(tokens, hidden, experts):
-    from moebench.route_kernel import FEW_TOKENS_ROWS, few_token_logits
+    from moebench.logits_kernel import FEW_TOKENS_ROWS, few_token_logits
 
     generator = torch.Generator().manual_seed(tokens)
     x_TD = torch.randn(tokens, hidden, generator=generator).to(KERNEL_DEVICE)
@@ -167,7 +167,7 @@ def test_few_token_logits_are_float32_logits(tokens, hidden, experts):
 def test_few_token_logits_gradients_are_float32_gradients(tokens, hidden, experts, dtype):
     """Each part's own gradient reaches its own slice of D (the parts are not assumed to be
     only summed), in float32 sums; dx in x's dtype, dW in float32, and either alone."""
-    from moebench.route_kernel import FEW_TOKENS_ROWS, few_token_logits
+    from moebench.logits_kernel import FEW_TOKENS_ROWS, few_token_logits
 
     generator = torch.Generator().manual_seed(tokens + hidden)
     x_TD = torch.randn(tokens, hidden, generator=generator).to(dtype)
@@ -221,7 +221,7 @@ def test_piece_logits_are_float32_logits(tokens, hidden, experts, max_parts):
     (hidden not a multiple of a step, experts not of a block, tokens not of a tile)."""
     if KERNEL_DEVICE == "cpu":
         pytest.skip("Triton's interpreter computes in numpy, which has no bfloat16 dot")
-    from moebench.route_kernel import piece_logits, piece_tiles
+    from moebench.logits_kernel import piece_logits, piece_tiles
     from moebench.router_logits import matmul_float32, sum_pieces, weight_pieces
 
     generator = torch.Generator().manual_seed(tokens + hidden)
@@ -248,7 +248,7 @@ def test_router_takes_piece_logits_at_inference_and_keeps_gradients_in_training(
     """At 32 tokens the Router's inference logits come from `piece_logits` and choose
     what its cuBLAS path chooses; in a training step (the router weight a Parameter)
     the logits stay differentiable, through the cuBLAS path."""
-    from moebench import route_kernel
+    from moebench import logits_kernel
     from moebench.routing import Router
 
     shape = LayerShape(2048, 768, 64, 8)
@@ -258,13 +258,13 @@ def test_router_takes_piece_logits_at_inference_and_keeps_gradients_in_training(
     ).cuda()
     x_TD = torch.randn(32, 2048, generator=generator).to("cuda", torch.bfloat16)
     calls = []
-    rule = route_kernel.piece_logits
+    rule = logits_kernel.piece_logits
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
         return rule(*args, **kwargs)
 
-    route_kernel.piece_logits = counted
+    logits_kernel.piece_logits = counted
     try:
         with torch.no_grad():
             _, ids_TK, probs_TE = router(x_TD)
@@ -276,7 +276,7 @@ def test_router_takes_piece_logits_at_inference_and_keeps_gradients_in_training(
         gate_TK.float().sum().backward()
         assert router.w_router_DE.grad is not None
     finally:
-        route_kernel.piece_logits = rule
+        logits_kernel.piece_logits = rule
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
@@ -285,7 +285,7 @@ def test_router_takes_piece_logits_where_it_was_faster_than_cublas():
     beat cuBLAS graphed at 64 and 256 tokens of width 2048-4096 and 64 of 7168, and
     un-graphed at 1024 of 2048 (host-bound); it lost at 256 of 7168 and from 1024 tokens
     of 4096."""
-    from moebench.route_kernel import takes_piece_logits
+    from moebench.logits_kernel import takes_piece_logits
 
     def takes(tokens: int, hidden: int, experts: int, dtype=torch.bfloat16) -> bool:
         return takes_piece_logits(torch.empty(tokens, hidden, dtype=dtype), experts)
@@ -319,7 +319,7 @@ def test_router_takes_piece_logits_where_it_was_faster_than_cublas():
 def test_piece_tiles_slice_d_into_whole_steps_of_bounded_length(
     tokens, hidden, experts, max_parts, parts
 ):
-    from moebench.route_kernel import PIECE_BLOCK_D, PIECE_MAX_SLICE, piece_tiles
+    from moebench.logits_kernel import PIECE_BLOCK_D, PIECE_MAX_SLICE, piece_tiles
 
     block_t, block_e, slice_d, got = piece_tiles(tokens, hidden, experts, max_parts)
     assert got == parts
@@ -333,7 +333,7 @@ def test_router_takes_the_few_token_kernel_only_where_it_was_faster():
     """The H200's Router, graphed (NOTES.md of the fused layer, version 11): the kernel
     beat cuBLAS at 1-4 tokens of width 2048-4096 and 1-2 of 7168, and lost at 8 and 16
     tokens everywhere and at 4 of 7168."""
-    from moebench.route_kernel import FEW_TOKENS, takes_few_token_logits
+    from moebench.logits_kernel import FEW_TOKENS, takes_few_token_logits
 
     faster = [(1, 2048), (4, 2048), (4, 4096), (1, 7168), (2, 7168)]
     slower = [(8, 2048), (16, 2048), (16, 4096), (4, 7168), (8, 7168)]
@@ -369,16 +369,21 @@ def test_router_keeps_its_torch_path_when_triton_does_not_import(monkeypatch):
     from moebench import routing
 
     monkeypatch.setattr(routing.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.setitem(sys.modules, "moebench.route_kernel", None)  # its import fails
-    monkeypatch.delattr(moebench, "route_kernel", raising=False)
+    for name in ("route_kernel", "logits_kernel"):  # their imports fail
+        monkeypatch.setitem(sys.modules, f"moebench.{name}", None)
+        monkeypatch.delattr(moebench, name, raising=False)
     routing.route_kernels.cache_clear()
+    routing.logits_kernels.cache_clear()
     try:
         with pytest.warns(UserWarning, match="Triton did not import"):
             assert routing.route_kernels() is None
+        with pytest.warns(UserWarning, match="Triton did not import"):
+            assert routing.logits_kernels() is None
         on_cuda = SimpleNamespace(device=torch.device("cuda"))
         assert not kernel_route_applies(LayerShape(64, 32, 8, 2), on_cuda)
     finally:
         routing.route_kernels.cache_clear()
+        routing.logits_kernels.cache_clear()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
@@ -396,19 +401,19 @@ def test_host_profile_switches_a_router_kernel_in_turns(monkeypatch, switch, rul
     import runpy
     from pathlib import Path
 
-    from moebench import route_kernel
+    from moebench import logits_kernel
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    original = getattr(route_kernel, rule)
+    original = getattr(logits_kernel, rule)
     assert original(*args)  # a call the kernel takes
     script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "host_profile.py"))
     seen: list[bool] = []
     text = script["switch_turns"](
-        lambda: seen.append(getattr(route_kernel, rule)(*args)),
+        lambda: seen.append(getattr(logits_kernel, rule)(*args)),
         calls=3,
         switch=switch,
         rounds=4,
     )
     assert text.startswith(f"{switch} off ") and " on " in text
     assert seen.count(False) == seen.count(True) > 0
-    assert getattr(route_kernel, rule) is original
+    assert getattr(logits_kernel, rule) is original
