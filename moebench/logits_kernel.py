@@ -76,11 +76,7 @@ def few_token_logits_kernel(
     for first in tl.static_range(0, SLICE_D, STEP_D):
         offs_d = part * SLICE_D + first + tl.arange(0, STEP_D)
         d_ok = offs_d < D
-        x = tl.load(
-            x_ptr + offs_t[:, None] * stride_x_t + offs_d[None, :],
-            mask=t_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        x = _x_tile(x_ptr, offs_t, offs_d, t_ok, d_ok, stride_x_t)
         w = tl.load(
             w_ptr + offs_d.to(tl.int64)[:, None] * E + offs_e[None, :],
             mask=d_ok[:, None] & e_ok[None, :],
@@ -90,6 +86,14 @@ def few_token_logits_kernel(
     num_parts = tl.num_programs(0)
     out = parts_ptr + offs_t[:, None] * (num_parts * E) + part * E + offs_e[None, :]
     tl.store(out, acc, mask=t_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _x_tile(x_ptr, offs_t, offs_d, t_ok, d_ok, stride_x_t):
+    """x[t, d] for the tokens offs_t and rows offs_d, in float32 (zero where masked):
+    the few-token kernels' operand, forward and backward."""
+    x_ptrs = x_ptr + offs_t[:, None] * stride_x_t + offs_d[None, :]
+    return tl.load(x_ptrs, mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
 
 
 def few_token_logits(x_TD: torch.Tensor, w_DE: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -151,11 +155,7 @@ def few_token_logits_backward_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     d_ok = offs_d < D
     t_ok = offs_t < T
-    x = tl.load(
-        x_ptr + offs_t[:, None] * stride_x_t + offs_d[None, :],
-        mask=t_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    x = _x_tile(x_ptr, offs_t, offs_d, t_ok, d_ok, stride_x_t)
     grad_x = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for first in range(0, E, BLOCK_E):
         offs_e = first + tl.arange(0, BLOCK_E)

@@ -194,15 +194,10 @@ def _down_tma_tile(
     for k in range(0, tl.cdiv(F, BLOCK_K)):
         a = h_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
         acc = tl.dot(a, w_desc.load([first_w_row + k * BLOCK_K, pid_n * BLOCK_N]), acc)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, ROWS)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ids = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = ids < num_assign
-    gate = tl.load(gate_weight_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
-    acc = acc * gate[:, None]
-    out_ptrs = out_ptr + ids[:, None].to(tl.int64) * stride_out_a + offs_n[None, :]
-    store_ok = row_ok[:, None] & (offs_n[None, :] < D)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_ok)
+    _weighted_scatter(
+        acc, gate_weight_ptr, out_ptr, sorted_ids_ptr, D, num_assign, stride_out_a, pid_m, pid_n,
+        BLOCK_M, ROWS, BLOCK_N,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -231,14 +226,28 @@ def down_persistent_kernel(
             acc = tl.dot(a, w_desc.load([first_w_row + k * BLOCK_K, pid_n * BLOCK_N]), acc)
         epilogue_tile += num_programs
         pid_m, pid_n = _block_coords(epilogue_tile, num_blocks_m, num_blocks_n, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ids = tl.load(sorted_ids_ptr + offs_m)
-        row_ok = ids < num_assign
-        gate = tl.load(gate_weight_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
-        out_ptrs = out_ptr + ids[:, None].to(tl.int64) * stride_out_a + offs_n[None, :]
-        store_ok = row_ok[:, None] & (offs_n[None, :] < D)
-        tl.store(out_ptrs, (acc * gate[:, None]).to(out_ptr.dtype.element_ty), mask=store_ok)
+        _weighted_scatter(
+            acc, gate_weight_ptr, out_ptr, sorted_ids_ptr, D, num_assign, stride_out_a, pid_m,
+            pid_n, BLOCK_M, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+
+
+@triton.jit
+def _weighted_scatter(
+    acc, gate_weight_ptr, out_ptr, sorted_ids_ptr, D, num_assign, stride_out_a, pid_m, pid_n,
+    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The TMA down tiles' epilogue: the first ROWS rows of row block pid_m (columns block
+    pid_n of acc), each times its assignment's routing weight, to that assignment's row
+    of out; padding rows write nothing."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, ROWS)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ids = tl.load(sorted_ids_ptr + offs_m)
+    row_ok = ids < num_assign
+    gate = tl.load(gate_weight_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
+    out_ptrs = out_ptr + ids[:, None].to(tl.int64) * stride_out_a + offs_n[None, :]
+    store_ok = row_ok[:, None] & (offs_n[None, :] < D)
+    tl.store(out_ptrs, (acc * gate[:, None]).to(out_ptr.dtype.element_ty), mask=store_ok)
 
 
 KERNELS = (gather_rows_kernel, gate_up_tma_kernel, down_tma_kernel, down_persistent_kernel)
