@@ -36,13 +36,15 @@ def test_candidates_only_from_64_row_blocks_and_marked():
     # Qwen3-30B-A3B's F = 768: the 128-column gate_up tiles fit, DeepSeek-V3's 2048 too
     configs = tma.candidates("gate_up", 64, 2048, 768, 2)
     tiles = len(tma.TILES["gate_up"])
-    # each tile with and without HALF_TAIL, as two dots, one dot, and one dot with A
-    # gathered by pointers
-    assert len(configs) == 6 * tiles
+    # each tile plain, with HALF_TAIL and persistent (never both), as two dots, one dot,
+    # and one dot with A gathered by pointers
+    assert len(configs) == 9 * tiles
     assert sum(bool(config.get("HALF_TAIL")) for config in configs) == 3 * tiles
-    assert sum(bool(config.get("ONE_DOT")) for config in configs) == 4 * tiles
+    assert sum(bool(config.get("PERSISTENT")) for config in configs) == 3 * tiles
+    assert not any(c.get("HALF_TAIL") and c.get("PERSISTENT") for c in configs)
+    assert sum(bool(config.get("ONE_DOT")) for config in configs) == 6 * tiles
     assert all(c.get("ONE_DOT") for c in configs if c.get("GATHER_A"))
-    assert sum(bool(config.get("GATHER_A")) for config in configs) == 2 * tiles
+    assert sum(bool(config.get("GATHER_A")) for config in configs) == 3 * tiles
     down = tma.candidates("down", 64, 2048, 768, 2)
     assert not any(c.get("ONE_DOT") for c in down)
     # down: each tile plain, with HALF_TAIL, and persistent (never both)
@@ -79,7 +81,7 @@ def test_every_tma_candidate_matches_a_float32_loop(tokens, block_m):
             skipped[first + block_m // 2 : first + block_m] = True
     assert 0 < int(skipped.sum()) < int((~real).sum()), "no half tail, or only half tails"
     configs = tma.candidates("gate_up", block_m, D, F, 2)
-    assert len(configs) == 6 * len(tma.TILES["gate_up"])
+    assert len(configs) == 9 * len(tma.TILES["gate_up"])
     for config in configs:
         h_PF, gate_pre_PF, up_pre_PF = (
             torch.full((rows, F), float("nan"), device=dev, dtype=x_TD.dtype) for _ in range(3)

@@ -10,14 +10,16 @@ grouped GEMMs belongs to one expert. The real padded length lives on the device
 P = A + min(E, A) x (BLOCK_M - 1), since each non-empty expert adds under one block of
 padding.
 
-Three small kernels (plus zeroing the counters): `count` fills the row list with the
+Two small kernels (plus zeroing the counters): `count` fills the row list with the
 padding sentinel and gives each assignment its rank in its expert (an atomic increment
-per assignment); `offsets` (one program) turns the counts into padded starts, the padded
-length and each block's expert; `scatter` writes each assignment to its expert's start
-plus its rank (and that row, the inverse permutation, which the backward gathers
-through). Ranks from atomics make the order of rows inside an expert arbitrary; each
-row's result does not depend on its position, so the layer's output is still the same
-bits on every run.
+per assignment); `offsets_scatter` turns the counts into padded starts in every program
+(the first also writes the padded length and each block's expert) and writes each
+assignment to its expert's start plus its rank (and that row, the inverse permutation,
+which the backward gathers through). An un-graphed call of a few hundred tokens is
+bound by the host's launches, and a separate one-program offsets kernel was one more.
+Ranks from atomics make the order of rows inside an expert arbitrary; each row's result
+does not depend on its position, so the layer's output is still the same bits on every
+run.
 
 At decode (at most SMALL_ASSIGNMENTS assignments) one program does all of it
 (`_align_small_kernel`): ranks from comparing every assignment with every earlier one,
@@ -136,19 +138,31 @@ def _count_kernel(
 
 
 @triton.jit
-def _offsets_kernel(
+def _offsets_scatter_kernel(
+    expert_ptr,
     counts_ptr,
-    padded_starts_ptr,
+    rank_ptr,
+    starts_ptr,
+    sorted_ids_ptr,
+    row_of_assign_ptr,
     padded_ends_ptr,
     block_expert_ptr,
     num_padded_ptr,
+    num_assign,
     num_experts,
     max_blocks,
+    BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCKS_PER_STEP: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    """Each program turns the counts into padded starts itself (a cumulative sum over
+    at most SMALL_EXPERTS experts), keeps them in its own row of starts_ptr (BLOCK_E a
+    program) and writes its BLOCK assignments to their expert's start plus their rank;
+    the first program also writes the padded ends and length and each block's expert.
+    One launch where a one-program offsets kernel and a scatter kernel were two: no
+    program waits on another's starts."""
     wait_for_predecessor(PDL)
     release_dependents(PDL)
     offs_e = tl.arange(0, BLOCK_E)
@@ -156,33 +170,21 @@ def _offsets_kernel(
     counts = tl.load(counts_ptr + offs_e, mask=expert_ok, other=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, 0)
-    tl.store(padded_starts_ptr + offs_e, ends - padded, mask=expert_ok)
-    tl.store(padded_ends_ptr + offs_e, ends, mask=expert_ok)
-    tl.store(num_padded_ptr, tl.sum(padded, 0))
-    _store_block_experts(
-        block_expert_ptr, ends, padded, offs_e, expert_ok, num_experts, max_blocks,
-        BLOCK_M, BLOCKS_PER_STEP,
-    )  # fmt: skip
-
-
-@triton.jit
-def _scatter_kernel(
-    expert_ptr,
-    rank_ptr,
-    padded_starts_ptr,
-    sorted_ids_ptr,
-    row_of_assign_ptr,
-    num_assign,
-    BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    wait_for_predecessor(PDL)
-    release_dependents(PDL)
+    my_starts_ptr = starts_ptr + tl.program_id(0) * BLOCK_E
+    tl.store(my_starts_ptr + offs_e, ends - padded, mask=expert_ok)
+    if tl.program_id(0) == 0:
+        tl.store(padded_ends_ptr + offs_e, ends, mask=expert_ok)
+        tl.store(num_padded_ptr, tl.sum(padded, 0))
+        _store_block_experts(
+            block_expert_ptr, ends, padded, offs_e, expert_ok, num_experts, max_blocks,
+            BLOCK_M, BLOCKS_PER_STEP,
+        )  # fmt: skip
+    tl.debug_barrier()  # this program's starts stored before any of its threads reads one
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < num_assign
     expert = tl.load(expert_ptr + offs, mask=ok, other=0)
     rank = tl.load(rank_ptr + offs, mask=ok, other=0)
-    start = tl.load(padded_starts_ptr + expert, mask=ok, other=0)
+    start = tl.load(my_starts_ptr + expert, mask=ok, other=0, cache_modifier=".cg")
     tl.store(sorted_ids_ptr + start + rank, offs.to(tl.int32), mask=ok)
     tl.store(row_of_assign_ptr + offs, start + rank, mask=ok)
 
@@ -328,9 +330,9 @@ def align_to_blocks(
         )  # fmt: skip
         return Alignment(*outputs, num_assign, block_m)
     rank_A = torch.empty(num_assign, device=device, dtype=torch.int32)
-    padded_starts_E = torch.empty(num_experts, device=device, dtype=torch.int32)
     if num_assign <= MEDIUM_ASSIGNMENTS and num_experts <= SMALL_EXPERTS:
         counts_E = torch.empty(num_experts, device=device, dtype=torch.int32)
+        padded_starts_E = torch.empty(num_experts, device=device, dtype=torch.int32)
         launch(
             _align_one_program_kernel, (1,),
             expert_A, counts_E, rank_A, padded_starts_E, sorted_ids_P, block_expert_B,
@@ -347,17 +349,15 @@ def align_to_blocks(
         expert_A, counts_E, rank_A, sorted_ids_P, num_assign, max_rows,
         BLOCK=COUNT_BLOCK, PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
+    scatter_programs = ceil_div(num_assign, COUNT_BLOCK)
+    block_e = next_power_of_2(num_experts)
+    starts_CE = torch.empty(scatter_programs, block_e, device=device, dtype=torch.int32)
     launch(
-        _offsets_kernel, (1,),
-        counts_E, padded_starts_E, padded_ends_E, block_expert_B, num_padded_1,
-        num_experts, max_blocks,
-        BLOCK_M=block_m, BLOCK_E=next_power_of_2(num_experts),
-        BLOCKS_PER_STEP=BLOCKS_PER_STEP, PDL=pdl, launch_pdl=pdl,
-    )  # fmt: skip
-    launch(
-        _scatter_kernel, (ceil_div(num_assign, COUNT_BLOCK),),
-        expert_A, rank_A, padded_starts_E, sorted_ids_P, row_of_assign_A, num_assign,
-        BLOCK=COUNT_BLOCK, PDL=pdl, launch_pdl=pdl,
+        _offsets_scatter_kernel, (scatter_programs,),
+        expert_A, counts_E, rank_A, starts_CE, sorted_ids_P, row_of_assign_A, padded_ends_E,
+        block_expert_B, num_padded_1, num_assign, num_experts, max_blocks,
+        BLOCK=COUNT_BLOCK, BLOCK_M=block_m, BLOCK_E=block_e, BLOCKS_PER_STEP=BLOCKS_PER_STEP,
+        PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     return Alignment(*outputs, num_assign, block_m)
 

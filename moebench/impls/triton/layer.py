@@ -46,7 +46,7 @@ from moebench.weights import ExpertWeights
 # shipped choices (tuned/) unmatched (tests/test_shipped_tuning.py checks those).
 POINTER_CODE = {"gate_up": (kernels.gate_up_kernel,), "down": (kernels.down_kernel,)}
 TMA_CODE = {
-    "gate_up": (tma.gather_rows_kernel, tma.gate_up_tma_kernel),
+    "gate_up": (tma.gather_rows_kernel, tma.gate_up_tma_kernel, tma.gate_up_persistent_kernel),
     "down": (tma.down_tma_kernel, tma.down_persistent_kernel),
 }
 BLOCK_M_CODE = (kernels.gate_up_kernel, kernels.down_kernel, *tma.KERNELS)
@@ -89,9 +89,9 @@ def fused_experts(
     the tuner's choice (`_block_m`)."""
     T, D = x_TD.shape
     E, F, _ = w_down_EFD.shape
-    # E x D x F views of the K-major storage: the kernels take any strides.
-    w_gate_EDF = w_gate_up_E2FD[:, :F].transpose(1, 2)
-    w_up_EDF = w_gate_up_E2FD[:, F:].transpose(1, 2)
+    # gate and up as E x D x F weights: the layout of both halves' views (an un-graphed
+    # call of a few hundred tokens is bound by the host: no view it does not launch with)
+    gate_up_layout = tuning.weight_layout(w_gate_up_E2FD.transpose(1, 2))
     K = expert_ids_TK.shape[1]
     x_TD = x_TD.contiguous()
     per_assignment = T == 1 and not keep_for_backward
@@ -99,7 +99,9 @@ def fused_experts(
     if block_m is None and (keep_for_backward or per_assignment):  # not raced: `_block_m`
         block_m = tuning.block_m_for(T, K, E)
     elif block_m is None:
-        block_m = _block_m(x_TD, gate_weights_TK, expert_ids_TK, w_gate_up_E2FD, w_down_EFD)
+        block_m = _block_m(
+            x_TD, gate_weights_TK, expert_ids_TK, w_gate_up_E2FD, w_down_EFD, gate_up_layout
+        )
     with timer.phase("permute"):
         if per_assignment:
             alignment = per_assignment_blocks(expert_ids_TK, block_m)
@@ -118,7 +120,9 @@ def fused_experts(
     def gate_up(config: dict) -> None:
         if config.get("TMA"):
             tma.launch_gate_up(x_TD, w_gate_up_E2FD, h_PF, alignment, K, config, pre_activations)
-        else:
+        else:  # E x D x F views of the K-major storage: the kernel takes any strides
+            w_gate_EDF = w_gate_up_E2FD[:, :F].transpose(1, 2)
+            w_up_EDF = w_gate_up_E2FD[:, F:].transpose(1, 2)
             kernels.launch_gate_up(
                 x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config, pre_activations, pdl
             )
@@ -137,7 +141,7 @@ def fused_experts(
     # gate_up also stores the pre-activations: a different kernel, tuned apart.
     gate_up_key = "gate_up_train" if keep_for_backward else "gate_up"
     steps = (
-        ("gate_up", gate_up_key, tuning.weight_layout(w_gate_EDF), gate_up),
+        ("gate_up", gate_up_key, gate_up_layout, gate_up),
         ("down", "down", tuning.weight_layout(w_down_EFD), down),
     )
     with timer.phase("expert"):
@@ -168,8 +172,10 @@ def _block_m(
     expert_ids_TK: torch.Tensor,
     w_gate_up_E2FD: torch.Tensor,
     w_down_EFD: torch.Tensor,
+    gate_up_layout: str,
 ) -> int:
-    """The forward's rows per block: where `tuning.block_m_choices` offers more than one,
+    """The forward's rows per block (`gate_up_layout`: `tuning.weight_layout` of the gate
+    and up weights as E x D x F): where `tuning.block_m_choices` offers more than one,
     the fastest whole forward (alignment, both GEMMs with their own tuned tiles, token
     sum) of them, tuned once per shape and token bucket. Training keeps `block_m_for`:
     its backward runs on the forward's blocks, and the race times the forward alone.
@@ -195,10 +201,9 @@ def _block_m(
             )  # fmt: skip
         graphed[block_m](0)
 
-    layout = tuning.weight_layout(w_gate_up_E2FD[:, :1].transpose(1, 2))
     config = tuning.TUNER.choose(
         x_TD.device,
-        tuning.key("block_m", x_TD, w_down_EFD, K, layout),
+        tuning.key("block_m", x_TD, w_down_EFD, K, gate_up_layout),
         lambda: [{"BLOCK_M": block_m} for block_m in choices],
         forward,
         code=BLOCK_M_CODE,

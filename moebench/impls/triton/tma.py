@@ -107,20 +107,19 @@ def gate_up_tma_kernel(
 
 
 @triton.jit
-def _gate_up_tma_tile(
-    a_desc, w_desc, x_ptr, sorted_ids_ptr, h_ptr, gate_pre_ptr, up_pre_ptr,
-    block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_h_p, pid_m, pid_n,
-    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, STORE_PRE: tl.constexpr, ONE_DOT: tl.constexpr,
+def _gate_up_products(
+    a_desc, w_desc, x_ptr, sorted_ids_ptr, block_expert_ptr, D, F, num_assign, top_k,
+    stride_x_t, pid_m, pid_n, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_DOT: tl.constexpr,
     GATHER_A: tl.constexpr,
 ):  # fmt: skip
-    """gate_up of the first ROWS rows of row block pid_m (a_desc's box: ROWS rows)."""
+    """(gate, up) products, ROWS x BLOCK_N each in float32, of the first ROWS rows of
+    row block pid_m and column block pid_n."""
     expert = tl.load(block_expert_ptr + pid_m)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, ROWS)
     if ONE_DOT:  # a ROWS x 2 BLOCK_N product: wider wgmmas (a half tile's too)
         acc = tl.zeros((ROWS, 2 * BLOCK_N), dtype=tl.float32)
         if GATHER_A:  # A by pointers from x's rows (padding rows load zeros)
-            ids = tl.load(sorted_ids_ptr + offs_m)
+            ids = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, ROWS))
             row_ok = ids < num_assign
             offs_k = tl.arange(0, BLOCK_K)
             token = (ids // top_k).to(tl.int64)
@@ -146,7 +145,18 @@ def _gate_up_tma_tile(
             a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
             acc_gate = tl.dot(a, w_desc.load([gate_row, k * BLOCK_K]).T, acc_gate)
             acc_up = tl.dot(a, w_desc.load([up_row, k * BLOCK_K]).T, acc_up)
+    return acc_gate, acc_up
+
+
+@triton.jit
+def _swiglu_store(
+    acc_gate, acc_up, h_ptr, gate_pre_ptr, up_pre_ptr, stride_h_p, pid_m, pid_n,
+    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, STORE_PRE: tl.constexpr,
+):  # fmt: skip
+    """The TMA gate_up tiles' epilogue: SwiGLU of the first ROWS rows of row block pid_m
+    (column block pid_n) into h, and with STORE_PRE the pre-activations too."""
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    offs_m = pid_m * BLOCK_M + tl.arange(0, ROWS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_offsets = offs_m[:, None].to(tl.int64) * stride_h_p + offs_n[None, :]
     dtype = h_ptr.dtype.element_ty
@@ -154,6 +164,55 @@ def _gate_up_tma_tile(
     if STORE_PRE:  # training: the backward needs the pre-activations
         tl.store(gate_pre_ptr + row_offsets, acc_gate.to(dtype))
         tl.store(up_pre_ptr + row_offsets, acc_up.to(dtype))
+
+
+@triton.jit
+def _gate_up_tma_tile(
+    a_desc, w_desc, x_ptr, sorted_ids_ptr, h_ptr, gate_pre_ptr, up_pre_ptr,
+    block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_h_p, pid_m, pid_n,
+    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, STORE_PRE: tl.constexpr, ONE_DOT: tl.constexpr,
+    GATHER_A: tl.constexpr,
+):  # fmt: skip
+    """gate_up of the first ROWS rows of row block pid_m (a_desc's box: ROWS rows)."""
+    acc_gate, acc_up = _gate_up_products(
+        a_desc, w_desc, x_ptr, sorted_ids_ptr, block_expert_ptr, D, F, num_assign, top_k,
+        stride_x_t, pid_m, pid_n, BLOCK_M, ROWS, BLOCK_N, BLOCK_K, ONE_DOT, GATHER_A,
+    )  # fmt: skip
+    _swiglu_store(
+        acc_gate, acc_up, h_ptr, gate_pre_ptr, up_pre_ptr, stride_h_p, pid_m, pid_n, BLOCK_M,
+        ROWS, BLOCK_N, STORE_PRE,
+    )  # fmt: skip
+
+
+@triton.jit
+def gate_up_persistent_kernel(
+    a_desc, w_desc, x_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr, block_expert_ptr,
+    num_padded_ptr, D, F, num_assign, top_k, stride_x_t, stride_h_p, num_programs,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, STORE_PRE: tl.constexpr, ONE_DOT: tl.constexpr,
+    GATHER_A: tl.constexpr,
+):  # fmt: skip
+    """`gate_up_tma_kernel`'s tiles (without HALF_TAIL), a program walking every
+    num_programs-th tile of the padded length's in one loop nest that Triton flattens and
+    pipelines, as `down_persistent_kernel` walks down's: a tile's first loads are in
+    flight during the previous tile's SwiGLU and stores."""
+    num_blocks_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)
+    num_blocks_n = tl.cdiv(F, BLOCK_N)
+    # the epilogue's own tile counter: its coordinates do not wait on the next tile's
+    epilogue_tile = tl.program_id(0) - num_programs
+    for tile in tl.range(tl.program_id(0), num_blocks_m * num_blocks_n, num_programs, flatten=True):
+        pid_m, pid_n = _block_coords(tile, num_blocks_m, num_blocks_n, GROUP_M)
+        acc_gate, acc_up = _gate_up_products(
+            a_desc, w_desc, x_ptr, sorted_ids_ptr, block_expert_ptr, D, F, num_assign, top_k,
+            stride_x_t, pid_m, pid_n, BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, ONE_DOT, GATHER_A,
+        )  # fmt: skip
+        epilogue_tile += num_programs
+        pid_m, pid_n = _block_coords(epilogue_tile, num_blocks_m, num_blocks_n, GROUP_M)
+        _swiglu_store(
+            acc_gate, acc_up, h_ptr, gate_pre_ptr, up_pre_ptr, stride_h_p, pid_m, pid_n,
+            BLOCK_M, BLOCK_M, BLOCK_N, STORE_PRE,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -250,7 +309,13 @@ def _weighted_scatter(
     tl.store(out_ptrs, (acc * gate[:, None]).to(out_ptr.dtype.element_ty), mask=store_ok)
 
 
-KERNELS = (gather_rows_kernel, gate_up_tma_kernel, down_tma_kernel, down_persistent_kernel)
+KERNELS = (
+    gather_rows_kernel,
+    gate_up_tma_kernel,
+    gate_up_persistent_kernel,
+    down_tma_kernel,
+    down_persistent_kernel,
+)
 
 
 def available(device: torch.device) -> bool:
@@ -316,8 +381,9 @@ def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) ->
     """The TMA configs (`"TMA": True`) the tuner races for `kernel` at `block_m` beside
     `tuning.candidates`: from 64-row blocks, those that `fits` these widths, each tile
     also with HALF_TAIL (as the pointer kernels': an expert's last block whose second
-    half is padding alone computes half its rows), and gate_up's also with ONE_DOT (gate
-    and up as one product twice as wide)."""
+    half is padding alone computes half its rows) and, not with it, PERSISTENT (a program
+    a streaming multiprocessor, walking tiles), and gate_up's also with ONE_DOT (gate and
+    up as one product twice as wide), and with ONE_DOT also GATHER_A."""
     if block_m < 64:
         return []
     configs = [
@@ -327,11 +393,12 @@ def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) ->
     ]  # fmt: skip
     plain = configs
     configs = plain + [{**config, "HALF_TAIL": True} for config in plain]
+    persistent = [{**config, "PERSISTENT": True} for config in plain]
     if kernel == "down":
-        configs += [{**config, "PERSISTENT": True} for config in plain]
+        configs += persistent
     if kernel == "gate_up":
-        one_dot = [{**config, "ONE_DOT": True} for config in configs]
-        configs += one_dot + [{**config, "GATHER_A": True} for config in one_dot]
+        one_dot = [{**config, "ONE_DOT": True} for config in configs + persistent]
+        configs += persistent + one_dot + [{**config, "GATHER_A": True} for config in one_dot]
     return [config for config in configs if fits(kernel, config, D, F, element_bytes)]
 
 
@@ -361,7 +428,9 @@ def launch_gate_up(
     pre_activations: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """`kernels.launch_gate_up`'s results (h_PF, and the pre-activations if given) through
-    `gather_rows_kernel` and `gate_up_tma_kernel`; w_gate_up_E2FD contiguous."""
+    `gather_rows_kernel` (not with GATHER_A) and `gate_up_tma_kernel`, or with PERSISTENT
+    `gate_up_persistent_kernel` (a program a streaming multiprocessor, at most one a
+    tile); w_gate_up_E2FD contiguous."""
     E, two_f, D = w_gate_up_E2FD.shape
     F = two_f // 2
     rows = alignment.max_rows
@@ -380,12 +449,27 @@ def launch_gate_up(
         a_descriptors = _row_descriptors(a_PD, config)
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     num_blocks_m = alignment.max_blocks
-    launch(
-        gate_up_tma_kernel, (num_blocks_m * ceil_div(F, block_n),),
-        *a_descriptors,
+    w_desc = (
         _descriptor(w_gate_up_E2FD.view(E, 2, F, D), [1, 2, block_n, block_k])
         if config.get("ONE_DOT")
-        else _descriptor(w_gate_up_E2FD.view(E * two_f, D), [block_n, block_k]),
+        else _descriptor(w_gate_up_E2FD.view(E * two_f, D), [block_n, block_k])
+    )
+    if config.get("PERSISTENT"):
+        tiles = num_blocks_m * ceil_div(F, block_n)
+        programs = min(tiles, _multiprocessors(x_TD.device))
+        launch(
+            gate_up_persistent_kernel, (programs,),
+            a_descriptors[0], w_desc, x_TD, h_PF, *(pre_activations or (h_PF, h_PF)),
+            alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1, D, F,
+            alignment.num_assign, top_k, x_TD.stride(0), h_PF.stride(0), programs,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
+            STORE_PRE=pre_activations is not None, ONE_DOT=bool(config.get("ONE_DOT")),
+            GATHER_A=gather_a, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )  # fmt: skip
+        return
+    launch(
+        gate_up_tma_kernel, (num_blocks_m * ceil_div(F, block_n),),
+        *a_descriptors, w_desc,
         x_TD, h_PF, *(pre_activations or (h_PF, h_PF)), alignment.sorted_ids_P,
         alignment.block_expert_B, alignment.num_padded_1, D, F, alignment.num_assign, top_k,
         num_blocks_m, x_TD.stride(0), h_PF.stride(0),
