@@ -27,6 +27,9 @@
 #   host      scripts/host_profile.py, one-token forwards of Qwen3-30B-A3B and OLMoE-1B-7B
 #             in one process (GPU_PRESETS, GPU_TOKENS: others), with dependent launch off
 #             and on and the layers in turns, and cProfile's top functions
+#   ncu       Nsight Compute's counters on the fused layer's GEMM kernels, one forward each
+#             (scripts/ncu_layer.py; GPU_NCU_CASES: PRESET:TOKENS list, default Qwen3-30B-A3B at
+#             8192 tokens and OLMoE-1B-7B at 64 and 1024); the report is $OUT/ncu.txt
 #   tail      scripts/tail_probe.py: what an expert's tail block costs in gate_up, per kind
 #             of tile and HALF_TAIL, on DeepSeek-V3's shape (GPU_PRESETS: one other preset);
 #             $OUT/tail_probe.json
@@ -164,6 +167,15 @@ for step in "$@"; do
       # shellcheck disable=SC2086
       timed python3 scripts/host_profile.py --preset ${GPU_PRESETS:-qwen3-30b-a3b olmoe-1b-7b} \
         --tokens ${GPU_TOKENS:-1} --ab pdl --top 30
+      ;;
+    ncu)
+      # shellcheck disable=SC2086
+      timed ncu --clock-control none --profile-from-start off -k 'regex:gate_up|down' \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --section Occupancy --section LaunchStats -o "$out/ncu" -f \
+        python3 scripts/ncu_layer.py \
+        ${GPU_NCU_CASES:-qwen3-30b-a3b:8192 olmoe-1b-7b:64 olmoe-1b-7b:1024}
+      ncu --import "$out/ncu.ncu-rep" --page details > "$out/ncu.txt" 2>&1
       ;;
     tail)
       timed python3 scripts/tail_probe.py --preset "${GPU_PRESETS:-deepseek-v3}" \

@@ -19,14 +19,14 @@ gather rows. So:
   epilogue.
 
 A tile must not run from one expert's rows into the next (gate into up for gate_up):
-`fits` says which configs a shape allows. Raced with and without HALF_TAIL (an expert's
-last block, second half padding, computes its first half through a half-height second
-descriptor) and, gate_up's, ONE_DOT (gate and up in one box, one dot twice as wide;
-with GATHER_A too, A's rows loaded by pointers from x, so no gather pass runs). On
-H200s (NOTES.md, versions 17-19) TMA won gate_up on Mixtral-8x7B and DeepSeek-V3
-(1.01-1.20x the best pointer tile), lost it on Qwen3-30B-A3B and OLMoE-1B-7B (0.83-0.92x);
-down 0.88-1.12x. (Lines above the kernels move their cache keys, and so the shipped
-tuning's fingerprints: keep their count.)
+`fits` says which configs a shape allows. Raced plain, with HALF_TAIL (an expert's last
+block, second half padding, computes its first half through a half-height descriptor)
+and PERSISTENT (a program an SM walking tiles), gate_up's also with ONE_DOT (gate and
+up in one box, one dot twice as wide; with GATHER_A too, A's rows loaded by pointers
+from x, so no gather pass runs). On an H200 TMA won 10 of 12 gate_up keys from 1024
+tokens (not Qwen3-30B-A3B's or OLMoE-1B-7B's at 8192: pointer tiles 0.5-1% ahead) and 4
+of 10 down keys (NOTES.md, versions 17-23). (Lines above the kernels move their cache
+keys, and so the shipped tuning's fingerprints: keep their count.)
 """
 
 from __future__ import annotations
