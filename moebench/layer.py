@@ -177,9 +177,25 @@ class MoELayer(nn.Module):
             )
             if weights.w_shared_expert_gate_D is not None:
                 self.w_shared_expert_gate_D = nn.Parameter(weights.w_shared_expert_gate_D)
+        self.hidden = shape.hidden
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         # Set by layers that drop (token, slot) assignments: bool mask, shape T x K.
         self._last_dropped_TK: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The layer on tokens x hidden input, or on any leading dimensions x hidden
+        (batch x sequence x hidden, say: flattened to tokens, the output shaped back);
+        other input is refused with a message that names its shape, before any
+        subclass's `forward` sees it."""
+        if x.dim() == 2 and x.shape[1] == self.hidden:
+            return super().__call__(x, *args, **kwargs)
+        if x.dim() < 2 or x.shape[-1] != self.hidden:
+            raise ValueError(
+                f"{type(self).__name__} takes tokens x hidden input (hidden = {self.hidden}),"
+                f" or any leading dimensions x {self.hidden}; got shape {tuple(x.shape)}"
+            )
+        y = super().__call__(x.reshape(-1, self.hidden), *args, **kwargs)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def routed(
         self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor

@@ -202,3 +202,25 @@ def test_weights_are_drawn_once_for_a_top_k_and_capacity_sweep(monkeypatch):
     assert (first[0].shape.top_k, second[0].shape.top_k) == (1, 2)
     cache.get(tiny_case("grouped", num_experts=8))
     assert len(drawn) == 2
+
+
+@pytest.mark.parametrize("impl", ["reference", "grouped", "capacity", "moepp", "topp"])
+def test_leading_dimensions_are_flattened_and_shaped_back(impl):
+    """Batch x sequence x hidden gives what the flattened tokens give, shaped back."""
+    case = tiny_case(impl, capacity_factor=100.0)
+    weights = make_weights(case)
+    layer = registry.get(impl).build(weights, case)
+    x_TD = make_inputs(case, 1)[0]
+    with torch.no_grad():
+        y_TD = layer(x_TD)
+        y_BSD = layer(x_TD.reshape(2, -1, x_TD.shape[1]))
+    assert y_BSD.shape == (2, x_TD.shape[0] // 2, x_TD.shape[1])
+    torch.testing.assert_close(y_BSD.reshape(y_TD.shape), y_TD)
+
+
+@pytest.mark.parametrize("shape", [(8,), (8, 31), (2, 4, 33)], ids=str)
+def test_input_of_another_width_names_its_shape(shape):
+    case = tiny_case("grouped")
+    layer = registry.get("grouped").build(make_weights(case), case)
+    with pytest.raises(ValueError, match=rf"hidden = 32.*got shape \({shape[0]},"):
+        layer(torch.randn(*shape))
