@@ -399,3 +399,33 @@ def test_cuda_profile_sees_kernels_and_syncs(tmp_path):
     kernels = read_kernels(outcome.run_dir)
     assert "kernel" in set(kernels["kind"]) and not kernels["kernel"].str.startswith("aten::").any()
     assert isinstance(kernels, pd.DataFrame)
+
+
+@pytest.mark.parametrize("bad", ["bogus:3", "olmoe-1b-7b", "olmoe-1b-7b:0", "olmoe-1b-7b:x"])
+def test_ncu_layer_refuses_a_case_it_cannot_build(bad, monkeypatch, capsys):
+    """scripts/ncu_layer.py (the layer profiled under Nsight Compute) names the bad
+    PRESET:TOKENS and the presets, and exits 2, before it touches a device."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "ncu_layer.py"))
+    monkeypatch.setattr(sys, "argv", ["ncu_layer.py", "olmoe-1b-7b:64", bad])
+    with pytest.raises(SystemExit) as exited:
+        script["main"]()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert repr(bad) in err and "olmoe-1b-7b" in err and "PRESET:TOKENS" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_ncu_layer_without_cuda_says_so(monkeypatch, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "ncu_layer.py"))
+    monkeypatch.setattr(sys, "argv", ["ncu_layer.py", "olmoe-1b-7b:64"])
+    with pytest.raises(SystemExit) as exited:
+        script["main"]()
+    assert exited.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
