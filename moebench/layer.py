@@ -149,6 +149,10 @@ def routing_stats(
     )
 
 
+# nn.Module's call (hooks, then forward), named once: `MoELayer.__call__` is on every call
+_MODULE_CALL = nn.Module.__call__
+
+
 class MoELayer(nn.Module):
     """Router, routed experts (the subclass's job) and shared experts.
 
@@ -186,16 +190,18 @@ class MoELayer(nn.Module):
         """The layer on tokens x hidden input, or on any leading dimensions x hidden
         (batch x sequence x hidden, say: flattened to tokens, the output shaped back);
         other input is refused with a message that names its shape, before any
-        subclass's `forward` sees it."""
-        if x.dim() == 2 and x.shape[1] == self.hidden:
-            return super().__call__(x, *args, **kwargs)
-        if x.dim() < 2 or x.shape[-1] != self.hidden:
+        subclass's `forward` sees it. (It runs inside every un-graphed timed call: a shape
+        check and one frame, 0.1-0.5 us on a 2026 x86 host.)"""
+        shape = x.shape
+        if len(shape) == 2 and shape[1] == self.hidden:
+            return _MODULE_CALL(self, x, *args, **kwargs)
+        if len(shape) < 2 or shape[-1] != self.hidden:
             raise ValueError(
                 f"{type(self).__name__} takes tokens x hidden input (hidden = {self.hidden}),"
-                f" or any leading dimensions x {self.hidden}; got shape {tuple(x.shape)}"
+                f" or any leading dimensions x {self.hidden}; got shape {tuple(shape)}"
             )
-        y = super().__call__(x.reshape(-1, self.hidden), *args, **kwargs)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        y = _MODULE_CALL(self, x.reshape(-1, self.hidden), *args, **kwargs)
+        return y.reshape(*shape[:-1], y.shape[-1])
 
     def routed(
         self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
