@@ -26,8 +26,28 @@ def test_the_floor_rate_is_what_the_card_keeps_not_its_first_burst():
 
 def test_cpu_ceilings_name_both_rates_per_dtype():
     found = ceilings.measure_ceilings("cpu", ["float32"])
-    assert set(found) == {"copy_gbps", "matmul_tflops_float32", "matmul_burst_tflops_float32"}
+    assert set(found) == {
+        "copy_gbps", "matmul_tflops_float32", "matmul_burst_tflops_float32", "host_op_us"
+    }  # fmt: skip
     assert all(value > 0 for value in found.values())
+
+
+def test_the_host_speed_is_a_dispatch_time_that_grows_with_host_work(monkeypatch):
+    """host_op_us is microseconds an op, and a host that spends 20 us more on each
+    round of three ops reads about 6.7 us slower."""
+    quick = ceilings.host_op_us()
+    assert 0 < quick < 1000
+    empty = torch.empty
+
+    def slower_empty(*args, **kwargs):
+        started = time.perf_counter()
+        while time.perf_counter() - started < 20e-6:
+            pass
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", slower_empty)
+    slow = ceilings.host_op_us()
+    assert slow - quick == pytest.approx(20 / 3, rel=0.5)
 
 
 def test_ceilings_text_gives_the_sustained_rate_and_the_burst():
@@ -37,6 +57,7 @@ def test_ceilings_text_gives_the_sustained_rate_and_the_burst():
         "bfloat16 686.1 TFLOP/s sustained (818.6 burst)",
         "copy 4242 GB/s",
     ]
+    assert ceilings_parts({**both, "host_op_us": 0.912})[-1] == "host 0.91 us a torch op"
     # A run from before the sustained rate: its one figure, unlabelled.
     assert ceilings_parts({"matmul_tflops_bfloat16": 790.0}) == ["bfloat16 790 TFLOP/s"]
 

@@ -106,3 +106,28 @@ def test_compare_warns_when_a_launch_switch_differs(
     assert f"warning: the runs differ in {label}: off (baseline) vs on" in out
     assert run_cli(str(runs["old"]), str(runs["on"]), "--quiet") == 0
     assert label.split(" (")[0] not in capsys.readouterr().out
+
+
+def test_compare_names_hosts_of_different_speed(
+    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runs whose hosts took 0.8 and 1.6 us a torch op (run.json's ceilings): the
+    launch-bound cases move with the host, and the comparison says so; hosts 10% apart,
+    or a run from before the figure, are not named."""
+    env = {"gpus": [{"name": "NVIDIA H200"}], "l2_flush": "read"}
+    runs = {
+        name: _run(tmp_path, rng, name, "cuda", environment=env, ceilings=ceilings)
+        for name, ceilings in (
+            ("fast", {"copy_gbps": 4200.0, "host_op_us": 0.8}),
+            ("slow", {"copy_gbps": 4200.0, "host_op_us": 1.6}),
+            ("near", {"copy_gbps": 4200.0, "host_op_us": 0.88}),
+            ("older", {"copy_gbps": 4200.0}),
+        )
+    }
+    assert run_cli(str(runs["fast"]), str(runs["slow"]), "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "warning: the runs' hosts differ in speed: 0.8 us a torch op (baseline) vs 1.6" in out
+    assert "x2.00" in out
+    for other in ("near", "older"):
+        assert run_cli(str(runs["fast"]), str(runs[other]), "--quiet") == 0
+        assert "hosts differ" not in capsys.readouterr().out

@@ -142,11 +142,16 @@ ENVIRONMENT_FACTS = (
 )
 
 
+# Hosts this far apart in their time per torch op (`ceilings.host_op_us`, either way)
+# are named: every call bound by its host's launches moves with that, whatever the code.
+HOST_SPEED_NOTE = 1.25
+
+
 def environment_differences(baseline: Mapping[str, Any], candidate: Mapping[str, Any]) -> list[str]:
     """Sentences naming what differs between two runs' environments: torch, CUDA,
     driver, GPU, the timer's L2 flush and timed warm-up, CPU model, dependent launch and
     fast launch of moebench's Triton kernels, CPU threads (facts one of them lacks are not
-    compared)."""
+    compared); and hosts whose speed differs by HOST_SPEED_NOTE or more."""
     base_env = baseline.get("environment") or {}
     cand_env = candidate.get("environment") or {}
     pairs = [(label, base_env.get(key), cand_env.get(key)) for label, key in ENVIRONMENT_FACTS]
@@ -154,12 +159,29 @@ def environment_differences(baseline: Mapping[str, Any], candidate: Mapping[str,
     pairs.append(("L2 flush", _l2_flush(baseline), _l2_flush(candidate)))
     pairs.append(("timed warm-up", _timed_warmup(baseline), _timed_warmup(candidate)))
     pairs.append(("CPU threads", baseline.get("cpu_threads"), candidate.get("cpu_threads")))
-    return [
+    found = [
         f"the runs differ in {label}: {base} (baseline) vs {cand} (candidate); their "
         "timings are not of the same setup"
         for label, base, cand in pairs
         if base not in (None, "") and cand not in (None, "") and base != cand
     ]
+    host = _host_speed(baseline, candidate)
+    return found if host is None else [*found, host]
+
+
+def _host_speed(baseline: Mapping[str, Any], candidate: Mapping[str, Any]) -> str | None:
+    """A sentence where the two runs' hosts took HOST_SPEED_NOTE times as long or longer
+    than each other to dispatch a torch op (run.json's `ceilings.host_op_us`; runs from
+    before it was measured, and merged runs, have none)."""
+    base = (baseline.get("ceilings") or {}).get("host_op_us")
+    cand = (candidate.get("ceilings") or {}).get("host_op_us")
+    if not base or not cand or max(base, cand) / min(base, cand) < HOST_SPEED_NOTE:
+        return None
+    return (
+        f"the runs' hosts differ in speed: {base:.2g} us a torch op (baseline) vs"
+        f" {cand:.2g} (candidate), x{cand / base:.2f}; calls bound by their host (un-graphed,"
+        " a few tokens) move with it, whatever the code"
+    )
 
 
 def _l2_flush(meta: Mapping[str, Any]) -> str | None:

@@ -1,6 +1,6 @@
 """The device's own ceilings, measured once per run, so `roofline_frac` is against what
 this card does rather than a datasheet: copy bandwidth (bytes read + written) and the
-matrix-product rate per dtype.
+matrix-product rate per dtype; and the host's own speed (`host_op_us`).
 
 The matrix rate is the rate the card sustains. A large layer is timed as the median of
 back-to-back calls, and under back-to-back tensor-core work a card lowers its clock to
@@ -13,11 +13,19 @@ floor's rate) is its median over the last half; `matmul_burst_tflops_<dtype>`, t
 fastest of the first products (the figure moebench recorded before), is kept beside it.
 The copy bandwidth is not power-bound (4242 GB/s at first, 4234 sustained): the fastest
 of a short burst.
+
+An un-graphed call of a few tokens is bound by its host (Python, torch's dispatch, the
+launches), whatever its device: on the lent H200 machines the same code's one-token
+forwards took 0.15 ms in one run and 0.36 in another (triton/NOTES.md, version 23).
+`host_op_us` is that host's time to dispatch one small torch op from Python, on CPU
+tensors so that no device takes part, and `moebench compare` names two runs whose hosts
+differ by more than HOST_SPEED_NOTE.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -26,6 +34,8 @@ from moebench.weights import torch_dtype
 
 SUSTAINED_MS = 1000.0  # the H200 settles at its power cap within ~100 ms
 BURST_CALLS = 30  # the first products, before the clock drops: the burst rate
+HOST_OP_CALLS = 1000  # a round of `host_op_us`: 3 ops each, a few ms
+HOST_OP_ROUNDS = 7
 
 
 def measure_ceilings(device: str, dtypes: list[str]) -> dict[str, float]:
@@ -53,7 +63,21 @@ def measure_ceilings(device: str, dtypes: list[str]) -> dict[str, float]:
         sustained, burst = sustained_and_burst(2 * n**3 / 1e12, samples_ms)
         ceilings[f"matmul_tflops_{name}"] = sustained
         ceilings[f"matmul_burst_tflops_{name}"] = burst
+    ceilings["host_op_us"] = host_op_us()
     return ceilings
+
+
+def host_op_us() -> float:
+    """Microseconds the host takes to dispatch one small torch op from Python: an empty
+    16-element CPU tensor, a view of it and an in-place add, HOST_OP_CALLS times a round,
+    the median of HOST_OP_ROUNDS rounds (module docstring)."""
+    rounds = []
+    for _ in range(HOST_OP_ROUNDS):
+        started = time.perf_counter()
+        for _ in range(HOST_OP_CALLS):
+            torch.empty(16).view(4, 4).add_(1.0)
+        rounds.append((time.perf_counter() - started) / (3 * HOST_OP_CALLS) * 1e6)
+    return statistics.median(rounds)
 
 
 def sustained_and_burst(work: float, samples_ms: list[float]) -> tuple[float, float]:

@@ -80,7 +80,7 @@ def run_ceilings(meta: dict[str, Any]) -> dict[str, float]:
 def ceilings_parts(ceilings: dict[str, float]) -> list[str]:
     """A run's ceilings as text, matrix rates first: "bfloat16 686 TFLOP/s sustained (819
     burst)" (`measure.ceilings`; runs before the sustained rate have one figure, their
-    burst), "copy 4242 GB/s"."""
+    burst), "copy 4242 GB/s", and the host's speed, "host 0.9 us a torch op"."""
     parts = []
     for key, rate in ceilings.items():
         if key.startswith("matmul_tflops_"):
@@ -90,6 +90,8 @@ def ceilings_parts(ceilings: dict[str, float]) -> list[str]:
             parts.append(f"{dtype} {rate:.4g} TFLOP/s{sustained}")
     if ceilings.get("copy_gbps"):
         parts.append(f"copy {ceilings['copy_gbps']:.4g} GB/s")
+    if ceilings.get("host_op_us"):
+        parts.append(f"host {ceilings['host_op_us']:.2g} us a torch op")
     return parts
 
 
