@@ -19,7 +19,7 @@ launches), whatever its device: on the lent H200 machines the same code's one-to
 forwards took 0.15 ms in one run and 0.36 in another (triton/NOTES.md, version 23).
 `host_op_us` is that host's time to dispatch one small torch op from Python, on CPU
 tensors so that no device takes part, and `moebench compare` names two runs whose hosts
-differ by more than HOST_SPEED_NOTE.
+differ by a quarter or more (`compare.drift.HOST_SPEED_NOTE`).
 """
 
 from __future__ import annotations
