@@ -58,6 +58,7 @@ def test_ceilings_text_gives_the_sustained_rate_and_the_burst():
         "copy 4242 GB/s",
     ]
     assert ceilings_parts({**both, "host_op_us": 0.912})[-1] == "host 0.91 us a torch op"
+    assert ceilings_parts({**both, "host_op_us": "fast"}) == ceilings_parts(both)
     # A run from before the sustained rate: its one figure, unlabelled.
     assert ceilings_parts({"matmul_tflops_bfloat16": 790.0}) == ["bfloat16 790 TFLOP/s"]
 

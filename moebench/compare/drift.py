@@ -175,13 +175,19 @@ def _host_speed(baseline: Mapping[str, Any], candidate: Mapping[str, Any]) -> st
     before it was measured, and merged runs, have none)."""
     base = (baseline.get("ceilings") or {}).get("host_op_us")
     cand = (candidate.get("ceilings") or {}).get("host_op_us")
-    if not base or not cand or max(base, cand) / min(base, cand) < HOST_SPEED_NOTE:
+    if not all(_positive_number(value) for value in (base, cand)):  # absent, or not a time
+        return None
+    if max(base, cand) / min(base, cand) < HOST_SPEED_NOTE:
         return None
     return (
         f"the runs' hosts differ in speed: {base:.2g} us a torch op (baseline) vs"
         f" {cand:.2g} (candidate), x{cand / base:.2f}; calls bound by their host (un-graphed,"
         " a few tokens) move with it, whatever the code"
     )
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _l2_flush(meta: Mapping[str, Any]) -> str | None:

@@ -90,7 +90,7 @@ def ceilings_parts(ceilings: dict[str, float]) -> list[str]:
             parts.append(f"{dtype} {rate:.4g} TFLOP/s{sustained}")
     if ceilings.get("copy_gbps"):
         parts.append(f"copy {ceilings['copy_gbps']:.4g} GB/s")
-    if ceilings.get("host_op_us"):
+    if isinstance(ceilings.get("host_op_us"), (int, float)) and ceilings["host_op_us"] > 0:
         parts.append(f"host {ceilings['host_op_us']:.2g} us a torch op")
     return parts
 
