@@ -585,3 +585,27 @@ def test_gpu_runs_keep_a_uniform_slowdown(tmp_path: Path, rng: np.random.Generat
     report = compare_runs(load_run(base), load_run(slow), Settings(LATENCY, Threshold(0.05)))
     assert not report.passed and report.drift is not None and not report.drift.divided
     assert report.drift.shift == pytest.approx(1.2, rel=0.03)
+
+
+def test_the_terminal_tables_fit_80_columns(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Every line of both tables, a gate failure among them, inside 80 columns with its
+    right border: a table wider than the terminal loses its right-hand figures."""
+    import io
+
+    from rich.console import Console
+
+    from moebench.compare.render import rich_impl_table, rich_table
+
+    base = write_run(tmp_path, "base", synthetic_rows(rng, "base"))
+    slow = write_run(
+        tmp_path, "cand", synthetic_rows(rng, "cand", lambda impl: 1.3 if impl == "grouped" else 1)
+    )
+    report = compare_runs(load_run(base), load_run(slow), Settings(LATENCY, Threshold(0.05)))
+    assert any(r.fails_gate for r in report.results)
+    for table in (rich_table(report), rich_impl_table(report)):
+        console = Console(width=80, record=True, file=io.StringIO())
+        console.print(table)
+        lines = console.export_text().splitlines()
+        framed = [line for line in lines if line[:1] in "┏┃┡│└"]
+        assert framed and all(len(line) <= 80 for line in lines)
+        assert all(line.rstrip()[-1] in "┓┃┩│┘" for line in framed), "\n".join(framed)

@@ -124,12 +124,20 @@ def _styled(verdict: str, fails: bool) -> str:
     return text + (" [bold](gate)[/]" if fails else "")
 
 
+# The case column's narrowest: the other five columns take 63 of an 80-column terminal
+# with their borders and padding (verdicts up to "normalizer", a 95% CI up to
+# "0.956-0.999"), and a table wider than the terminal is cut at its edge, not wrapped.
+CASE_MIN_WIDTH = 14
+VERDICT_MAX_WIDTH = len("normalizer")
+
+
 def rich_table(report: Report) -> Table:
-    """The terminal table, most severe verdicts first."""
+    """The terminal table, most severe verdicts first. It fits an 80-column terminal:
+    the case labels wrap, the figures do not."""
     base_head, cand_head, ratio_head, ci_head = _headings(report)
     table = Table(title=title(report), caption=method(report))
-    table.add_column("verdict")
-    table.add_column("case", ratio=1, min_width=20)
+    table.add_column("verdict", max_width=VERDICT_MAX_WIDTH)  # "(gate)" on a line of its own
+    table.add_column("case", ratio=1, min_width=CASE_MIN_WIDTH)
     for head in (base_head, cand_head, ratio_head, ci_head):
         table.add_column(head, justify="right", no_wrap=True)
     for result in report.results:
