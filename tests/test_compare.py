@@ -609,3 +609,36 @@ def test_the_terminal_tables_fit_80_columns(tmp_path: Path, rng: np.random.Gener
         framed = [line for line in lines if line[:1] in "┏┃┡│└"]
         assert framed and all(len(line) <= 80 for line in lines)
         assert all(line.rstrip()[-1] in "┓┃┩│┘" for line in framed), "\n".join(framed)
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_compare_wraps_at_a_terminal_and_keeps_whole_lines_in_a_log(
+    tmp_path: Path, rng: np.random.Generator, terminal: bool
+) -> None:
+    """An 80-column terminal gets every line of compare's output inside 80 columns; a log
+    gets each sentence (verdicts, notes, the summary) whole on one line, to grep."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from moebench.cli import build_parser
+    from moebench.compare import command
+
+    base = write_run(tmp_path, "base", synthetic_rows(rng, "base"))
+    slow = write_run(
+        tmp_path, "cand", synthetic_rows(rng, "cand", lambda impl: 1.3 if impl == "grouped" else 1)
+    )
+    args = build_parser().parse_args(["compare", str(base), str(slow)])
+    console = Console(file=io.StringIO(), force_terminal=terminal, width=80, no_color=True)
+    assert command.main(args, console) == command.EXIT_REGRESSION
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", console.file.getvalue()).splitlines()  # styles out
+    sentences = [line for line in lines if line.startswith("regressed (fails the gate) grouped")]
+    summary = [line for line in lines if line.startswith("cases:")]
+    if terminal:
+        assert max(len(line) for line in lines) <= 80
+        assert sentences and all(len(line) <= 80 for line in sentences)
+    else:
+        assert len(sentences) == len(SHAPES) and summary
+        assert all(line.rstrip().endswith("excludes x1") for line in sentences)
+        assert max(len(line) for line in sentences) > 80

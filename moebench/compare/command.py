@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
 
 from moebench.compare.bootstrap import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
 from moebench.compare.pairing import (
@@ -27,7 +26,7 @@ from moebench.compare.render import (
 )
 from moebench.compare.runs import CompareError, load_run
 from moebench.compare.verdict import DEFAULT_THRESHOLD, METRICS, Threshold, ThresholdError
-from moebench.console import error, warning
+from moebench.console import error, say, warning
 
 COMMAND = "compare"
 HELP = "compare a candidate run with a baseline (or two implementations): noise-aware verdicts"
@@ -155,23 +154,20 @@ def main(args: argparse.Namespace, console: Console) -> int:
         console.print(rich_table(report))
         if report.impl_summaries:
             console.print(rich_impl_table(report))
+    # Each sentence whole in a log (a CI log is searched line by line), wrapped at a
+    # terminal's edge (`moebench.console`).
     for note in report.notes:
-        console.print(escape(note), style="dim", soft_wrap=True)
+        say(console, (note, "dim"))
     for message in report.warnings:
         warning(console, message)
     if not report.settings.case_gate:
-        console.print(
-            "single cases below inform; the gate is on each implementation's geometric mean",
-            style="dim",
-            soft_wrap=True,
-        )
-    # One line per sentence (soft_wrap): a CI log is searched line by line.
+        inform = "single cases below inform; the gate is on each implementation's geometric mean"
+        say(console, (inform, "dim"))
     for result in [*report.results, *report.impl_summaries]:
         if result.verdict in ("failed", "regressed", "improved"):
-            style = VERDICT_STYLE[result.verdict]
             gate = " (fails the gate)" if result.fails_gate else ""
-            console.print(
-                f"[{style}]{result.verdict}[/]{gate} {escape(result.sentence)}", soft_wrap=True
+            say(
+                console, (result.verdict, VERDICT_STYLE[result.verdict]), gate, " ", result.sentence
             )
     try:
         for path, text in ((args.markdown, markdown(report)), (args.json, dumps(report))):
@@ -181,7 +177,5 @@ def main(args: argparse.Namespace, console: Console) -> int:
     except OSError as exc:
         error(console, f"cannot write output: {exc}")
         return EXIT_BAD_INPUT
-    console.print(
-        escape(report.summary()), style="bold" if report.passed else "bold red", soft_wrap=True
-    )
+    say(console, (report.summary(), "bold" if report.passed else "bold red"))
     return EXIT_OK if report.passed else EXIT_REGRESSION
