@@ -21,6 +21,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from moebench.console import say
+
 COMMAND = "suites"
 HELP = "list the built-in suites and their case counts per device"
 EXIT_OK = 0
@@ -85,5 +87,5 @@ def main(args: argparse.Namespace, console: Console) -> int:
         table.add_row(name, *counts, escape(description))
     console.print(table)
     for reason in reasons:
-        console.print(f"not loadable here: {escape(reason)}", style="dim", soft_wrap=True)
+        say(console, (f"not loadable here: {reason}", "dim"))
     return EXIT_OK

@@ -187,7 +187,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         return EXIT_BAD_INPUT
     print_summary(console, outcome.rows, f"run {outcome.run_id}")
     if note := noise_note(outcome.rows):
-        console.print(f"[yellow]{note}[/]")
+        say(console, (note, "yellow"))
     if outcome.skipped:
         say(console, f"{outcome.skipped} cases already done in {outcome.run_id} were skipped")
     failed = [r for r in outcome.rows if r.get("status") != "ok"]

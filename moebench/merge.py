@@ -141,8 +141,5 @@ def main(args: argparse.Namespace, console: Console) -> int:
     for note in notes:
         say(console, ("note:", "yellow"), " ", note)
     meta = store.read_meta()
-    console.print(
-        f"merged {len(args.runs)} runs, {meta['cases_total']} cases: {store.run_dir}",
-        soft_wrap=True,
-    )
+    say(console, f"merged {len(args.runs)} runs, {meta['cases_total']} cases: {store.run_dir}")
     return EXIT_OK

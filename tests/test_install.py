@@ -61,6 +61,39 @@ def test_suites_command_counts_cases_per_device(capsys: pytest.CaptureFixture[st
     assert cpu == len(load_suite("default", device="cpu").cases) and cuda != cpu
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_suite_that_does_not_load_says_why_literally_at_any_width(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal: bool
+) -> None:
+    """`moebench suites` names a suite that does not load here and the reason, as written
+    (brackets and all): inside an 80-column terminal, one whole line in a log."""
+    import argparse
+    import io
+    import re
+
+    from rich.console import Console
+
+    from moebench import catalog
+
+    broken = tmp_path / "broken.toml"
+    broken.write_text(
+        '[suite]\nname = "broken"\ndescription = "needs a plugin"\n'
+        "[grid]\nhidden = 64\nffn = 128\nnum_experts = 4\ntop_k = 1\nbatch = 1\n"
+        'seq_len = 4\nimpl = ["a-plugin-impl-not-installed-here:[eager]"]\n'
+    )
+    monkeypatch.setattr(catalog, "builtin_suites", lambda: {"broken": broken})
+    console = Console(file=io.StringIO(), force_terminal=terminal, width=80)
+    assert catalog.main(argparse.Namespace(), console) == catalog.EXIT_OK
+    text = re.sub(r"\x1b\[[0-9;]*m", "", console.file.getvalue())
+    if terminal:
+        assert max(len(line) for line in text.splitlines()) <= 80
+        text = " ".join(line.strip() for line in text.splitlines())
+        assert "not loadable here: broken (cpu):" in text
+    else:
+        (line,) = [line for line in text.splitlines() if "not loadable here: broken (cpu)" in line]
+        assert "a-plugin-impl-not-installed-here:[eager]" in line and len(line) > 80
+
+
 def test_init_writes_the_scaffold_and_refuses_to_overwrite(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -133,3 +133,17 @@ def test_a_merged_run_reports_the_highest_ceilings_of_its_parts() -> None:
     own = RunInfo(0, "R1", "r", "r", "r", {"ceilings": {"copy_gbps": 1.0}}, 1)
     assert own.ceilings == {"copy_gbps": 1.0}
     assert RunInfo(0, "R1", "r", "r", "r", {}, 1).ceilings == {}
+
+
+def test_merge_prints_the_folder_it_wrote_as_written(
+    tmp_path: Path, one_thread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An --out folder with brackets in its name is printed as it is (rich markup would
+    read "[v2]" as a tag and drop it)."""
+    cases = list(load_suite("smoke").cases)[:4]
+    shard_dirs = [_run(cases, tmp_path / "shards", (i, 2)) for i in (1, 2)]
+    out = tmp_path / "merged[v2]"
+    capsys.readouterr()
+    assert cli_main(["merge", *map(str, shard_dirs), "--out", str(out)]) == 0
+    (merged_dir,) = out.iterdir()
+    assert f"merged 2 runs, 4 cases: {merged_dir}" in capsys.readouterr().out
