@@ -24,12 +24,12 @@ EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 CONFIRM_CASES = 10_000  # a bigger suite needs --yes (or a y on the terminal)
 CASE_OVERHEAD_S = 1.0  # build, checks and memory window of one case, roughly
 RUN_EXAMPLES = """examples:
-  moebench run smoke                                # built-in: 44 tiny CPU cases, seconds
-  moebench run suites/default.toml --device cuda    # a suite file, on the GPU
+  moebench run smoke                              # built-in: 44 tiny CPU cases
+  moebench run suites/default.toml --device cuda  # a suite file, on the GPU
   moebench run smoke --filter impl=grouped,reference --filter 'E8k2'
-  moebench run smoke --plugin my_moe.py             # try an implementation from a file
-  moebench run default --resume default-20261125-182722-9706   # finish a killed run
-  moebench run default --shard 2/4                  # a quarter of the cases (moebench merge)
+  moebench run smoke --plugin my_moe.py           # a plugin from a file
+  moebench run default --shard 2/4                # a quarter (moebench merge)
+  moebench run default --resume default-20261125-182722-9706  # finish a run
 
 """
 
@@ -355,19 +355,23 @@ def cmd_env(args: argparse.Namespace, console: Console) -> int:
 RUN_EXITS = """exit codes:
   0    every case ran (a case that failed is a row with its status and error)
   1    --strict, and a case is not ok
-  2    bad input, one line each: a suite that does not load (file, table, key and what is
-       allowed), a --filter that matches nothing, a bad --out or --shard, a --resume of another
-       suite's run, of a run in use or of an unknown run id (the known ones are listed),
-       a suite of more than 10,000 cases without --yes
-  130  interrupted (Ctrl-C, SIGTERM, SIGHUP): finished cases are kept, the results
-       consolidated, and the exact command that resumes the run is printed"""
+  2    bad input, one line each: a suite that does not load (file, table, key
+       and what is allowed), a --filter that matches nothing, a bad --out or
+       --shard, a --resume of another suite's run, of a run in use or of an
+       unknown run id (the known ones are listed), a suite of more than 10,000
+       cases without --yes
+  130  interrupted (Ctrl-C, SIGTERM, SIGHUP): finished cases are kept, the
+       results consolidated, and the exact command that resumes the run is
+       printed"""
 LIST_EXITS = """exit codes:
   0    listed
   1    a plugin failed to import (listed as a 'broken' row with its error)
   2    a --plugin that cannot be imported"""
 SHOW_EXITS = """exit codes:
-  0    shown; a run with no or not all cases says so, with the command that finishes it
-  2    an unknown run, or a file that is not a moebench results table (message says why)"""
+  0    shown; a run with no or not all cases says so, with the command that
+       finishes it
+  2    an unknown run, or a file that is not a moebench results table (the
+       message says why)"""
 ENV_EXITS = """exit codes:
   0    printed"""
 

@@ -66,8 +66,9 @@ FORMATS = ("pytest-benchmark", "csv", "markdown")
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 EXIT_CODES = """exit codes:
   0    written
-  2    bad input, with a message: an unknown run, a file that is not a moebench results
-       table, an output file that exists (pass --force), an output that cannot be written"""
+  2    bad input, with a message: an unknown run, a file that is not a moebench
+       results table, an output file that exists (pass --force), an output that
+       cannot be written"""
 # The pytest-benchmark storage layout this writes (stable since 3.x; 'ops' since 3.1).
 PYTEST_BENCHMARK_FORMAT = "5.1.0"
 # The node id of the test `moebench init` writes (bench/pytest.ini makes bench/ the root).

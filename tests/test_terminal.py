@@ -92,3 +92,22 @@ def test_progress_lines_when_not_a_terminal(
     lines = [line for line in out.splitlines() if line.startswith("[")]
     assert lines[0].startswith("[1/2] ok dense D64F128 E4k1 T16 forward") and " ms" in lines[0]
     assert lines[1].startswith("[2/2] ok dense D64F128 E4k2")
+
+
+def test_every_commands_help_fits_an_80_column_terminal(monkeypatch) -> None:
+    """argparse wraps the options to the terminal; the examples and exit codes below
+    them are written out by hand, so they are held to 80 columns here."""
+    import argparse
+
+    from moebench.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "80")
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    too_wide = [
+        f"{name}: {line}"
+        for name, command in commands.choices.items()
+        for line in command.format_help().splitlines()
+        if len(line) > 80
+    ]
+    assert len(commands.choices) >= 10 and not too_wide, "\n".join(too_wide)

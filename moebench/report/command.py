@@ -18,9 +18,10 @@ EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_CODES = """exit codes:
   0    written; a run with not all its cases is named in a warning
   1    the PNG export failed (the HTML is written)
-  2    bad input, with a message: an unknown run (the known ones are listed), a file
-       that is not a moebench results table, a run with no cases, an output file that
-       exists (pass --force), a missing optional dependency (what to install)"""
+  2    bad input, with a message: an unknown run (the known ones are listed), a
+       file that is not a moebench results table, a run with no cases, an output
+       file that exists (pass --force), a missing optional dependency (what to
+       install)"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
