@@ -94,6 +94,27 @@ def test_a_suite_that_does_not_load_says_why_literally_at_any_width(
         assert "a-plugin-impl-not-installed-here:[eager]" in line and len(line) > 80
 
 
+def test_init_names_its_folder_as_written_inside_80_columns(tmp_path: Path) -> None:
+    """`moebench init` into a folder with brackets in its name: its next steps name the
+    folder as it is, and fit an 80-column terminal."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from moebench import scaffold
+    from moebench.cli import build_parser
+
+    target = tmp_path / "repo[v2]"
+    args = build_parser().parse_args(["init", str(target), "--impl", "fused-moe"])
+    console = Console(file=io.StringIO(), force_terminal=True, width=80)
+    assert scaffold.main(args, console) == 0
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", console.file.getvalue()).splitlines()
+    assert f"next, in {target}:" in lines
+    steps = lines[lines.index(f"next, in {target}:") + 1 :]
+    assert len(steps) == 4 and all(len(line) <= 80 for line in steps)
+
+
 def test_init_writes_the_scaffold_and_refuses_to_overwrite(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -30,7 +30,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from moebench.console import error, say
 
@@ -131,12 +131,13 @@ def main(args: argparse.Namespace, console: Console) -> int:
     for path in written:
         say(console, f"wrote {path}")
     package = substitutions(args.impl)["__PACKAGE__"]
-    console.print(
-        f"\nnext, in {escape(str(target))}:\n"
-        f"  pip install ./bench/plugin          # your plugin; `moebench list` shows {args.impl}\n"
+    next_steps = (
+        f"\nnext, in {target}:\n"
+        "  pip install ./bench/plugin          # your plugin: `moebench list` shows it\n"
         f"  moebench run bench/moebench.toml    # {args.impl} beside reference and grouped\n"
         f"  edit bench/plugin/{package}/moe.py  # your kernel in `routed`\n"
-        "  commit .github/workflows/moebench.yml: main's runs become the baseline",
-        soft_wrap=True,
+        "  commit .github/workflows/moebench.yml: main's runs become the baseline"
     )
+    # as written (a folder's name is no markup), each command whole to copy
+    console.print(Text(next_steps), soft_wrap=True, highlight=False)
     return EXIT_OK
