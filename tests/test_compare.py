@@ -618,7 +618,6 @@ def test_compare_wraps_at_a_terminal_and_keeps_whole_lines_in_a_log(
     """An 80-column terminal gets every line of compare's output inside 80 columns; a log
     gets each sentence (verdicts, notes, the summary) whole on one line, to grep."""
     import io
-    import re
 
     from rich.console import Console
 
@@ -630,9 +629,9 @@ def test_compare_wraps_at_a_terminal_and_keeps_whole_lines_in_a_log(
         tmp_path, "cand", synthetic_rows(rng, "cand", lambda impl: 1.3 if impl == "grouped" else 1)
     )
     args = build_parser().parse_args(["compare", str(base), str(slow)])
-    console = Console(file=io.StringIO(), force_terminal=terminal, width=80, no_color=True)
+    console = Console(file=io.StringIO(), force_terminal=terminal, width=80, record=True)
     assert command.main(args, console) == command.EXIT_REGRESSION
-    lines = re.sub(r"\x1b\[[0-9;]*m", "", console.file.getvalue()).splitlines()  # styles out
+    lines = console.export_text().splitlines()
     sentences = [line for line in lines if line.startswith("regressed (fails the gate) grouped")]
     summary = [line for line in lines if line.startswith("cases:")]
     if terminal:

@@ -69,7 +69,6 @@ def test_a_suite_that_does_not_load_says_why_literally_at_any_width(
     (brackets and all): inside an 80-column terminal, one whole line in a log."""
     import argparse
     import io
-    import re
 
     from rich.console import Console
 
@@ -82,9 +81,9 @@ def test_a_suite_that_does_not_load_says_why_literally_at_any_width(
         'seq_len = 4\nimpl = ["a-plugin-impl-not-installed-here:[eager]"]\n'
     )
     monkeypatch.setattr(catalog, "builtin_suites", lambda: {"broken": broken})
-    console = Console(file=io.StringIO(), force_terminal=terminal, width=80)
+    console = Console(file=io.StringIO(), force_terminal=terminal, width=80, record=True)
     assert catalog.main(argparse.Namespace(), console) == catalog.EXIT_OK
-    text = re.sub(r"\x1b\[[0-9;]*m", "", console.file.getvalue())
+    text = console.export_text()
     if terminal:
         assert max(len(line) for line in text.splitlines()) <= 80
         text = " ".join(line.strip() for line in text.splitlines())
@@ -98,7 +97,6 @@ def test_init_names_its_folder_as_written_inside_80_columns(tmp_path: Path) -> N
     """`moebench init` into a folder with brackets in its name: its next steps name the
     folder as it is, and fit an 80-column terminal."""
     import io
-    import re
 
     from rich.console import Console
 
@@ -107,9 +105,9 @@ def test_init_names_its_folder_as_written_inside_80_columns(tmp_path: Path) -> N
 
     target = tmp_path / "repo[v2]"
     args = build_parser().parse_args(["init", str(target), "--impl", "fused-moe"])
-    console = Console(file=io.StringIO(), force_terminal=True, width=80)
+    console = Console(file=io.StringIO(), force_terminal=True, width=80, record=True)
     assert scaffold.main(args, console) == 0
-    lines = re.sub(r"\x1b\[[0-9;]*m", "", console.file.getvalue()).splitlines()
+    lines = console.export_text().splitlines()
     assert f"next, in {target}:" in lines
     steps = lines[lines.index(f"next, in {target}:") + 1 :]
     assert len(steps) == 4 and all(len(line) <= 80 for line in steps)
