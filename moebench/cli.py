@@ -383,10 +383,26 @@ def _exits(text: str) -> dict[str, Any]:
     return {"epilog": text, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
+class _VersionAction(argparse.Action):
+    """`--version`: moebench's version and source (`provenance.version_line`), found only
+    when asked (it runs git), then exit 0."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "print moebench's version and commit, then exit")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from moebench.provenance import version_line
+
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moebench", description="Benchmark and profile Mixture-of-Experts layers."
     )
+    parser.add_argument("--version", "-V", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(

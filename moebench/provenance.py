@@ -74,6 +74,21 @@ def moebench_source() -> dict[str, Any]:
     return found
 
 
+def version_line() -> str:
+    """moebench's version and where it came from, in one line (`moebench --version`):
+    its checkout's commit (and whether tracked files changed), the commit pip installed
+    from git, or a wheel's version alone."""
+    source = moebench_source()
+    commit = str(source.get("commit") or "")[:10]
+    if source.get("source") == "checkout":
+        where = f"checkout {commit or 'without commits'}" + (", dirty" if source["dirty"] else "")
+    elif source.get("source") == "git":
+        where = f"git {commit} from {source.get('url')}"
+    else:
+        where = "wheel"
+    return f"moebench {source['version']} ({where})"
+
+
 def plugin_sources(specs: Iterable[str] = ()) -> list[dict[str, Any]]:
     """Every entry-point plugin, and every `--plugin` spec, with the distribution that
     provides it and its version (None for a file or a module of no distribution; a file's

@@ -110,3 +110,29 @@ def test_a_real_run_records_provenance(tmp_path: Path) -> None:
     # how each case was timed, the smoke suite's settings and the default timed warm-up
     timing = read_metadata(run)["timing"]
     assert timing["warmup_ms"] == 500.0 and timing["budget_ms"] > 0 and timing["flush_l2"]
+
+
+def test_version_prints_the_version_and_where_it_came_from(capsys, monkeypatch) -> None:
+    from moebench import __version__, provenance
+
+    with pytest.raises(SystemExit) as done:
+        cli_main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out.strip()
+    source = moebench_source()
+    assert out.startswith(f"moebench {__version__} (") and "\n" not in out
+    if source.get("commit"):  # this checkout (or pip's record of the git commit)
+        assert source["commit"][:10] in out
+    for found, expected in [
+        ({"source": "checkout", "commit": "0123456789abc", "dirty": True},
+         "(checkout 0123456789, dirty)"),
+        ({"source": "checkout", "commit": None, "dirty": False}, "(checkout without commits)"),
+        ({"source": "git", "commit": "fedcba9876543", "url": "https://x/y.git"},
+         "(git fedcba9876 from https://x/y.git)"),
+        ({"source": "wheel", "commit": None}, "(wheel)"),
+    ]:  # fmt: skip
+        monkeypatch.setattr(provenance, "moebench_source", lambda f=found: {"version": "9", **f})
+        assert provenance.version_line() == f"moebench 9 {expected}"
+    with pytest.raises(SystemExit) as done:  # -V too, and before any command
+        cli_main(["-V", "run"])
+    assert done.value.code == 0 and capsys.readouterr().out == "moebench 9 (wheel)\n"
