@@ -377,10 +377,15 @@ ENV_EXITS = """exit codes:
 
 
 def _exits(text: str) -> dict[str, Any]:
-    """add_parser keywords that print `text` (exit codes and messages) below the help."""
+    """add_parser keywords that print `text` (exit codes and messages) below the help,
+    and take no abbreviated option (`build_parser`)."""
     if not text:
-        return {}
-    return {"epilog": text, "formatter_class": argparse.RawDescriptionHelpFormatter}
+        return {"allow_abbrev": False}
+    return {
+        "epilog": text,
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+        "allow_abbrev": False,
+    }
 
 
 class _VersionAction(argparse.Action):
@@ -398,9 +403,39 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+class _OutIsRunsOption(argparse.Action):
+    """`--out DIR` given to a command that reads runs: `moebench run`'s name for the
+    results folder, which these commands call --root. Refused with that said, rather
+    than taken as an abbreviation of `--output` (a file written there, the runs looked
+    up under results/)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=1, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, _: object, values: Any, *rest) -> None:
+        writes = any("--output" in action.option_strings for action in parser._actions)
+        output = "; the file it writes is -o/--output" if writes else ""
+        parser.error(
+            f"--out is where `moebench run` writes runs: this command reads them from "
+            f"--root {values[0]}{output}"
+        )
+
+
+def _refuse_out_where_root(sub: Any) -> None:
+    """`--out` on every command that looks runs up under --root but has no --out of its
+    own (`_OutIsRunsOption`)."""
+    for command in sub.choices.values():
+        options = {option for action in command._actions for option in action.option_strings}
+        if "--root" in options and "--out" not in options:
+            command.add_argument("--out", action=_OutIsRunsOption)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # No abbreviated options: `report --out DIR` must not silently mean `--output DIR`.
     parser = argparse.ArgumentParser(
-        prog="moebench", description="Benchmark and profile Mixture-of-Experts layers."
+        prog="moebench",
+        description="Benchmark and profile Mixture-of-Experts layers.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", "-V", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -411,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a suite's cases, one parquet row each, into results/<run_id>/.",
         epilog=RUN_EXAMPLES + "\n" + RUN_EXITS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     run.add_argument("suite", help="a built-in suite's name (moebench suites) or a suite TOML file")
     run.add_argument("--device", help="override the suite's device: cpu, cuda, cuda:N, auto")
@@ -505,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         "moebench.scaffold",
     ):
         _add_optional_command(sub, module)
+    _refuse_out_where_root(sub)
     return parser
 
 

@@ -439,3 +439,34 @@ def test_a_run_without_a_case_list_resumes_on_its_suite_name(run_copy, tmp_path,
     assert code == 2 and "it was started with suite 'tiny'" in output
     assert _resume(capsys, tmp_path, run_copy.name)[0] == 0
     assert len((run_copy / "cases.tsv").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    "argv, writes",
+    [
+        (["report", "latest", "--out", "res"], True),
+        (["export", "latest", "--out", "res"], True),
+        (["show", "latest", "--out", "res"], False),
+        (["compare", "a", "b", "--out", "res"], False),
+    ],
+)
+def test_out_on_a_command_that_reads_runs_names_root(tmp_path, monkeypatch, capsys, argv, writes):
+    """`run --out res` then `report latest --out res`: --out was taken as an abbreviation
+    of --output (the report written to a file named res, the run looked up under
+    results/); now it is refused in one line that names --root."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "res").mkdir()
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--out is where `moebench run` writes runs" in err and "--root res" in err
+    assert ("-o/--output" in err) == writes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]  # nothing written
+
+
+def test_abbreviated_options_are_refused(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["run", "smoke", "--thr", "1"])
+    assert done.value.code == 2
+    assert "unrecognized arguments: --thr 1" in capsys.readouterr().err
