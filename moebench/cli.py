@@ -34,6 +34,11 @@ RUN_EXAMPLES = """examples:
 """
 
 
+# The progress bar's own width, in columns: rich's default (40) left a case's label
+# a dozen columns at 80.
+BAR_WIDTH = 20
+
+
 class RichProgress:
     """Progress bar: case i of N, the current case, elapsed time and ETA."""
 
@@ -46,17 +51,27 @@ class RichProgress:
             TimeElapsedColumn,
             TimeRemainingColumn,
         )
+        from rich.table import Column
 
+        # The counters keep their width; the case's label takes what the terminal has
+        # left and ends in an ellipsis (at 80 columns a long label squeezed the counters
+        # to "3/…" and "0:00…").
+        fixed = Column(no_wrap=True)
         self.progress = Progress(
-            TextColumn("case"),
-            MofNCompleteColumn(),
-            BarColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.description}", markup=False),
+            TextColumn("case", table_column=fixed),
+            MofNCompleteColumn(table_column=fixed),
+            BarColumn(bar_width=BAR_WIDTH, table_column=fixed),
+            TimeElapsedColumn(table_column=fixed),
+            TextColumn("eta", table_column=fixed),
+            TimeRemainingColumn(table_column=fixed),
+            TextColumn(
+                "{task.description}",
+                markup=False,
+                table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"),
+            ),
             console=console,
             transient=False,
+            expand=True,
         )
         self.task: Any = None
         self.failed = 0
@@ -96,7 +111,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         for spec in args.plugin:
             import_plugin(spec)
         suite = load_suite(args.suite, device=args.device)
-        cases = filter_cases(suite.cases, args.filter)
+        unmatched: list[str] = []
+        cases = filter_cases(suite.cases, args.filter, unmatched)
         if args.shard and cases:
             index, count = parse_shard(args.shard)
             shard_meta = {"shard": {"index": index, "count": count, "of_cases": len(cases)}}
@@ -104,6 +120,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     except (SuiteError, FilterError, PluginError, ShardError) as exc:
         error(console, exc)
         return EXIT_BAD_INPUT
+    for line in unmatched:
+        warning(console, line)
     if not cases:
         error(console, f"--filter {args.filter} leaves no case of {suite.path}")
         return EXIT_BAD_INPUT

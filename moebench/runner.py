@@ -65,10 +65,14 @@ def _filter_text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def filter_cases(cases: Iterable[Case], expressions: list[str]) -> list[Case]:
+def filter_cases(
+    cases: Iterable[Case], expressions: list[str], unmatched: list[str] | None = None
+) -> list[Case]:
     """Keep cases matching every expression: `key=v1,v2` on a case field (booleans as
     TOML writes them: true, false; any case), or a regular expression searched in the
-    case's label."""
+    case's label. `unmatched`, where given, gets one line for each `key=` value that no
+    case left by the expressions before it has (a typo keeps the others' cases, silently
+    otherwise)."""
     kept = list(cases)
     for expr in expressions:
         if "=" in expr:
@@ -79,6 +83,13 @@ def filter_cases(cases: Iterable[Case], expressions: list[str]) -> list[Case]:
             if kept and key not in kept[0].fields():
                 raise FilterError(
                     f"--filter {expr!r}: unknown field {key!r}; fields: {sorted(kept[0].fields())}"
+                )
+            present = {_filter_text(c.fields()[key]) for c in kept}
+            missing = sorted(wanted - present)
+            if missing and unmatched is not None and kept:
+                unmatched.append(
+                    f"--filter {expr}: no case has {key} {', '.join(map(repr, missing))} "
+                    f"(those left have: {', '.join(sorted(present))})"
                 )
             kept = [c for c in kept if _filter_text(c.fields()[key]) in wanted]
         else:

@@ -14,10 +14,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from moebench.cli import main as cli_main
 from moebench.plugins import import_plugin
 from moebench.runner import filter_cases, run_cases
 from moebench.store import read_metadata, read_run
 from tests.conftest import FAST_PLAN, tiny_case
+from tests.test_bad_input import TINY_SUITE
 
 PLUGIN = str(Path(__file__).with_name("plugin_faulty.py"))
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +119,30 @@ def test_filter_cases():
     for spelled in ("cuda_graph=true", "cuda_graph=True", "cuda_graph=TRUE"):
         assert [c.cuda_graph for c in filter_cases(graphed, [spelled])] == [True]
     assert [c.cuda_graph for c in filter_cases(graphed, ["cuda_graph=false"])] == [False]
+
+
+def test_filter_values_that_no_case_has_are_named(tmp_path, capsys):
+    """`impl=grouped,gruoped` keeps grouped's cases: the typo is said, not swallowed;
+    each value is looked for among the cases the filters before it left."""
+    cases = [tiny_case(impl, num_experts=e) for impl in ("grouped", "dense") for e in (4, 8)]
+    unmatched: list[str] = []
+    kept = filter_cases(cases, ["impl=grouped,gruoped", "num_experts=4,8,16"], unmatched)
+    assert [(c.impl, c.fields()["num_experts"]) for c in kept] == [("grouped", 4), ("grouped", 8)]
+    assert unmatched == [
+        "--filter impl=grouped,gruoped: no case has impl 'gruoped' (those left have: "
+        "dense, grouped)",
+        "--filter num_experts=4,8,16: no case has num_experts '16' (those left have: 4, 8)",
+    ]
+    unmatched.clear()
+    filter_cases(cases, ["impl=dense", "num_experts=4,8"], unmatched)
+    assert unmatched == []
+    # through the command: a warning line, then the run of what was kept
+    suite = tmp_path / "tiny.toml"
+    suite.write_text(TINY_SUITE)
+    assert cli_main(["run", str(suite), "--out", str(tmp_path), "--quiet",
+                     "--filter", "impl=grouped,gruoped"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "warning: --filter impl=grouped,gruoped: no case has impl 'gruoped'" in out
 
 
 SLOW_SUITE = """

@@ -111,3 +111,29 @@ def test_every_commands_help_fits_an_80_column_terminal(monkeypatch) -> None:
         if len(line) > 80
     ]
     assert len(commands.choices) >= 10 and not too_wide, "\n".join(too_wide)
+
+
+def test_the_progress_bar_keeps_its_counters_at_80_columns() -> None:
+    """A case's label longer than the terminal has left ends in an ellipsis; the
+    counters, the elapsed time and the ETA keep their width (they were squeezed to
+    "3/…" and "0:00…" by long labels at 80 columns)."""
+    import types
+
+    from rich.console import Console
+
+    from moebench.cli import RichProgress
+
+    label = "grouped D64F128 E8k1 T128 forward float32 zipf:1.2 [grid] and more text"
+    case = types.SimpleNamespace(label=lambda: label)
+    for width in (80, 200):
+        console = Console(width=width, record=True, force_terminal=True)
+        progress = RichProgress(console)
+        progress.start(44)
+        for _ in range(3):
+            progress.begin(case)
+            progress.advance(case, {"status": "ok"})
+        progress.progress.stop()
+        console.print(progress.progress.get_renderable())
+        (line,) = console.export_text().strip().splitlines()[-1:]
+        assert len(line) <= width and " 3/44 " in line and " eta " in line, line
+        assert line.endswith("…") if width == 80 else line.endswith(label), line
