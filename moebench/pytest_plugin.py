@@ -41,6 +41,7 @@ to load in every pytest session.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,13 +66,17 @@ def moebench_cases(
     `pytest.param(case, id=case.label())`.
 
     device: overrides the suite's device ("cpu", "cuda", "auto"). filters: `moebench run
-    --filter` expressions (`key=v1,v2`, or a regular expression on the label). A suite
-    that does not load raises `moebench.suite.SuiteError` at collection, naming the file.
+    --filter` expressions (`key=v1,v2`, or a regular expression on the label; a value no
+    case has is a UserWarning). A suite that does not load raises
+    `moebench.suite.SuiteError` at collection, naming the file.
     """
     from moebench.runner import filter_cases
     from moebench.suite import load_suite
 
-    cases = filter_cases(load_suite(suite, device=device).cases, list(filters))
+    unmatched: list[str] = []
+    cases = filter_cases(load_suite(suite, device=device).cases, list(filters), unmatched)
+    for line in unmatched:  # in pytest's warnings summary, as `moebench run` warns
+        warnings.warn(line, UserWarning, stacklevel=2)
     return [pytest.param(case, id=case.label()) for case in cases]
 
 

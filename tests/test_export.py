@@ -264,6 +264,8 @@ def test_moebench_cases_ids_are_labels(tmp_path: Path) -> None:
     params = moebench_cases(suite, filters=["impl=grouped"])
     assert len(params) == 2 and all(p.id == p.values[0].label() for p in params)
     assert {p.values[0].impl for p in params} == {"grouped"}
+    with pytest.warns(UserWarning, match="no case has impl 'gruoped'"):
+        assert len(moebench_cases(suite, filters=["impl=grouped,gruoped"])) == 2
 
 
 # ------------------------------------------------------------------ the round trip
