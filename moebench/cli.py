@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from moebench.console import error, resume_command, say, warning, without_resume
+from moebench.console import error, resume_command, say, say_facts, warning, without_resume
 from moebench.terminal import STATUS_STYLE, LineProgress, noise_note, print_summary
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -326,18 +326,22 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
     gpus = ", ".join(str(g.get("name", "?")) for g in env.get("gpus") or [] if isinstance(g, dict))
     run_id = meta.get("run_id", args.run)
-    # moebench's own kernels launched with programmatic dependent launch, where recorded,
-    pdl = f"  dependent launch {env['dependent_launch']}" if env.get("dependent_launch") else ""
-    if env.get("fast_launch"):  # and past the JIT's dispatch (moebench.fast_launch)
-        pdl += f"  fast launch {env['fast_launch']}"
-    say(
+    # moebench's own kernels launched with programmatic dependent launch, and past the
+    # JIT's dispatch (moebench.fast_launch), where recorded
+    launches = [
+        f"{name} {env[key]}"
+        for key, name in (("dependent_launch", "dependent launch"), ("fast_launch", "fast launch"))
+        if env.get(key)
+    ]
+    started = _to_the_second(meta.get("started_at", "?"))
+    say_facts(console, [f"run {run_id}", f"suite {meta.get('suite', '?')}", f"started {started}"])
+    say_facts(
         console,
-        f"run {run_id}  suite {meta.get('suite', '?')}  started {meta.get('started_at', '?')}\n"
-        f"host {env.get('host', '?')}  gpu {gpus or 'none'}  torch {env.get('torch', '?')}  "
-        f"git {env.get('git_sha', '?')}{pdl}",
-    )
+        [f"host {env.get('host', '?')}", f"gpu {gpus or 'none'}", f"torch {env.get('torch', '?')}",
+         f"git {env.get('git_sha', '?')}", *launches],
+    )  # fmt: skip
     if ceilings := ceilings_parts(run_ceilings(meta)):
-        say(console, "ceilings " + ", ".join(ceilings))
+        say_facts(console, ["ceilings " + ceilings[0], *ceilings[1:]], separator=", ")
     if timing := timing_text(meta):
         say(console, "timing " + timing)
     rows = frame.to_dict("records")
@@ -347,6 +351,16 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     print_summary(console, rows, f"{len(rows)} cases")
     return EXIT_OK
+
+
+def _to_the_second(timestamp: object) -> str:
+    """An ISO timestamp without its fraction of a second (as written otherwise)."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(timestamp)).isoformat(timespec="seconds")
+    except ValueError:
+        return str(timestamp)
 
 
 def cmd_env(args: argparse.Namespace, console: Console) -> int:

@@ -39,6 +39,22 @@ def say(console: Any, *parts: object | tuple[str, str]) -> None:
     )
 
 
+def say_facts(console: Any, facts: Sequence[str], separator: str = "  ") -> None:
+    """Facts (`host vm`, `git 1a2b...`) one after another: on a terminal as many to a
+    line as fit, none split across two (a timestamp or a commit stays whole); in a log,
+    one line."""
+    width = console.width if console.is_terminal else None
+    line = ""
+    for fact in facts:
+        if line and width and len(line) + len(separator) + len(fact) > width:
+            say(console, line + separator.rstrip())
+            line = fact
+        else:
+            line = f"{line}{separator}{fact}" if line else fact
+    if line:
+        say(console, line)
+
+
 def without_resume(argv: Sequence[str]) -> list[str]:
     """`moebench run` arguments with any --resume (and its value) taken out."""
     out: list[str] = []

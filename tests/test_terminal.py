@@ -137,3 +137,25 @@ def test_the_progress_bar_keeps_its_counters_at_80_columns() -> None:
         (line,) = console.export_text().strip().splitlines()[-1:]
         assert len(line) <= width and " 3/44 " in line and " eta " in line, line
         assert line.endswith("…") if width == 80 else line.endswith(label), line
+
+
+def test_shows_header_keeps_each_fact_whole_at_80_columns() -> None:
+    """`moebench show` of a committed GPU run: at 80 columns its facts wrap between
+    one another, never inside one (the start time, the commit, a ceiling); in a log the
+    header is its three lines."""
+    from moebench.cli import build_parser, cmd_show
+
+    run = Path(__file__).parent.parent / "results" / "reference" / "h200-forward-v15"
+    args = build_parser().parse_args(["show", str(run)])
+    headers = {}
+    for terminal in (True, False):
+        console = Console(width=80 if terminal else 160, record=True, force_terminal=terminal)
+        assert cmd_show(args, console) == 0
+        lines = console.export_text().splitlines()
+        headers[terminal] = lines[: next(i for i, line in enumerate(lines) if "timing" in line)]
+    terminal, log = headers[True], headers[False]
+    assert len(log) == 3 and all(len(line) <= 80 for line in terminal), terminal
+    facts = [fact for line in log for fact in line.replace(", ", "  ").split("  ")]
+    assert any(fact.startswith("git ") for fact in facts) and len(terminal) > len(log)
+    for fact in facts:  # each fact of the log's lines stands whole on a terminal line
+        assert any(fact in line for line in terminal), (fact, terminal)
