@@ -338,7 +338,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     say_facts(
         console,
         [f"host {env.get('host', '?')}", f"gpu {gpus or 'none'}", f"torch {env.get('torch', '?')}",
-         f"git {env.get('git_sha', '?')}", *launches],
+         f"git {env.get('git_sha') or 'none'}", *launches],
     )  # fmt: skip
     if ceilings := ceilings_parts(run_ceilings(meta)):
         say_facts(console, ["ceilings " + ceilings[0], *ceilings[1:]], separator=", ")

@@ -470,3 +470,19 @@ def test_abbreviated_options_are_refused(capsys):
         main(["run", "smoke", "--thr", "1"])
     assert done.value.code == 2
     assert "unrecognized arguments: --thr 1" in capsys.readouterr().err
+
+
+def test_show_says_none_for_a_run_of_moebench_from_a_wheel(tmp_path, monkeypatch, capsys):
+    """moebench installed from a wheel records no commit of its own: show says `git
+    none`, as it says `gpu none`, not Python's `None`."""
+    from moebench import __version__, provenance
+
+    wheel = {"version": __version__, "commit": None, "dirty": None, "source": "wheel"}
+    monkeypatch.setattr(provenance, "moebench_source", lambda: wheel)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.toml").write_text(TINY_SUITE)
+    assert main(["run", "tiny.toml", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["show", "latest"]) == 0
+    header = capsys.readouterr().out.splitlines()[1]
+    assert "git none" in header and "None" not in header, header
