@@ -74,18 +74,31 @@ def main(args: argparse.Namespace, console: Console) -> int:
     for device in DEVICES:
         table.add_column(f"{device} cases", justify="right")
     table.add_column("description")
-    reasons = []
+    # first problem -> suite -> the devices it stops that suite on
+    reasons: dict[str, dict[str, list[str]]] = {}
     for name, path in builtin_suites().items():
-        counts, description = [], ""
+        counts, description = [], _raw_description(path)
         for device in DEVICES:
             try:
                 count, description = count_cases(path, device)
                 counts.append(str(count))
             except SuiteError as exc:
                 counts.append("-")
-                reasons.append(f"{name} ({device}): {exc.problems[0]}")
+                reasons.setdefault(exc.problems[0], {}).setdefault(name, []).append(device)
         table.add_row(name, *counts, escape(description))
     console.print(table)
-    for reason in reasons:
-        say(console, (f"not loadable here: {reason}", "dim"))
+    for reason, stopped in reasons.items():
+        where = ", ".join(f"{name} ({', '.join(devices)})" for name, devices in stopped.items())
+        say(console, (f"not loadable here: {where}: {reason}", "dim"))
     return EXIT_OK
+
+
+def _raw_description(path: Path) -> str:
+    """[suite] description read without validating the suite, for one that does not load."""
+    import tomllib
+
+    try:
+        description = tomllib.loads(path.read_text(encoding="utf-8"))["suite"]["description"]
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        return ""
+    return description if isinstance(description, str) else ""

@@ -14,6 +14,9 @@ option `cache_experts` stands for a knob that some plugin implementation declare
 [suite]
 name = "smoke"                # default: the file's stem
 description = "tiny shapes"   # default: ""
+requires = { my-plugin = "pip install ./plugin" }   # packages whose implementations the
+                              #  suite runs, each with how to install it: one of them
+                              #  missing is named in place of the impls it would register
 device = "cpu"                # "cpu" | "cuda" | "cuda:N" | "auto" (default "auto":
                               #  "cuda" if torch.cuda.is_available() else "cpu");
                               #  load_suite(device=...) / --device overrides it

@@ -9,6 +9,7 @@ import difflib
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, fields
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -29,7 +30,13 @@ MEASUREMENT_DEFAULTS: dict[str, float | int] = {
     "min_repeats": 5,
     "max_repeats": 200,
 }
-SUITE_KEYS: tuple[str, ...] = ("name", "description", "device", *MEASUREMENT_DEFAULTS)
+SUITE_KEYS: tuple[str, ...] = (
+    "name",
+    "description",
+    "device",
+    "requires",
+    *MEASUREMENT_DEFAULTS,
+)
 DEVICE_SECTIONS: tuple[str, ...] = ("cpu", "cuda")
 DEVICE_FORMS = "'cpu', 'cuda', 'cuda:N', 'auto'"
 _DICT_TABLES = ("suite", "grid", "options")
@@ -196,6 +203,10 @@ class SchemaChecker:
         self.path = path
         self.device_override = device
         self.problems: list[str] = []
+        # [suite] requires: the packages this suite's implementations come from, each with
+        # how to install it; unknown impls are explained by a missing one (raise_if_problems).
+        self.missing_requires: dict[str, str] = {}
+        self.unknown_impl_problems: set[str] = set()
 
     # ----- reporting
 
@@ -206,9 +217,16 @@ class SchemaChecker:
     def raise_if_problems(self) -> None:
         if not self.problems:
             return
-        lines = [f"{self.path}: {p}" for p in self.problems[:MAX_REPORTED]]
-        if len(self.problems) > MAX_REPORTED:
-            lines.append(f"{self.path}: ... and {len(self.problems) - MAX_REPORTED} more")
+        problems = self.problems
+        if self.missing_requires and self.unknown_impl_problems:
+            # The impls a missing package would register: name the package, not each impl.
+            problems = [
+                f"[suite] requires {name!r}, which is not installed here: {how}"
+                for name, how in self.missing_requires.items()
+            ] + [p for p in problems if p not in self.unknown_impl_problems]
+        lines = [f"{self.path}: {p}" for p in problems[:MAX_REPORTED]]
+        if len(problems) > MAX_REPORTED:
+            lines.append(f"{self.path}: ... and {len(problems) - MAX_REPORTED} more")
         raise SuiteError("\n".join(lines), lines)
 
     # ----- structure
@@ -321,6 +339,9 @@ class SchemaChecker:
                     f"allowed: {', '.join(allowed)}"
                 )
                 continue
+            if key == "requires":
+                out[key] = self.requires_table(value, where)
+                continue
             kind = (
                 _STR
                 if key in ("name", "description", "device")
@@ -336,6 +357,26 @@ class SchemaChecker:
             # The name starts the run id, which names the run's folder under the root.
             self.problem(f"[{where}] key 'name': {problem}")
         return out
+
+    def requires_table(self, value: Any, where: str) -> dict[str, str]:
+        """[suite] requires = { package = "how to install it", ... }: the distributions
+        (plugin packages) whose implementations the suite runs. Which are missing is noted
+        here; it is reported only if an impl is unknown (a --plugin file may register it)."""
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items()
+        ):
+            self.problem(
+                f"[{where}] key 'requires': expected a table of package name = how to "
+                f'install it (strings), as {{ my-plugin = "pip install ./plugin" }}, '
+                f"got {_show(value)}"
+            )
+            return {}
+        for name, how in value.items():
+            try:
+                metadata.distribution(name)
+            except metadata.PackageNotFoundError:
+                self.missing_requires[name] = how
+        return dict(value)
 
     def check_settings(self, settings: dict[str, Any], where: str) -> None:
         for key in ("timeout_s", "budget_ms"):
@@ -394,11 +435,14 @@ class SchemaChecker:
             if kind.choices is not None:
                 choices = list(kind.choices())
                 if item not in choices:
-                    self.problem(
+                    message = (
                         f"{where} key {key!r}: unknown {key} {item!r}"
                         f"{_suggest(item, choices)}; known: {', '.join(map(repr, choices))}"
                         + (registry.broken_note() if key == "impl" else "")
                     )
+                    self.problem(message)
+                    if key == "impl":
+                        self.unknown_impl_problems.add(message)
                     return None
             out.append(item)
         return out

@@ -87,9 +87,11 @@ def test_a_suite_that_does_not_load_says_why_literally_at_any_width(
     if terminal:
         assert max(len(line) for line in text.splitlines()) <= 80
         text = " ".join(line.strip() for line in text.splitlines())
-        assert "not loadable here: broken (cpu):" in text
+        assert "not loadable here: broken (cpu, cuda):" in text
     else:
-        (line,) = [line for line in text.splitlines() if "not loadable here: broken (cpu)" in line]
+        (line,) = [
+            line for line in text.splitlines() if "not loadable here: broken (cpu, cuda):" in line
+        ]
         assert "a-plugin-impl-not-installed-here:[eager]" in line and len(line) > 80
 
 
@@ -183,6 +185,34 @@ def test_suites_command_marks_a_suite_that_needs_a_missing_plugin(
     assert cli_main(["suites"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "│ needs │ - │ - │" in out and "unknown impl 'not-installed'" in out
+
+
+def test_suites_command_names_a_missing_required_package_once(
+    tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A suite whose [suite] requires a package not installed (the built-in `peers` from a
+    wheel): its description still shows, and one line names the package and how to install
+    it, for both devices (not a list of unknown impls per device)."""
+    import moebench.catalog
+
+    needs_plugin = tmp_path / "needs.toml"
+    needs_plugin.write_text(
+        '[suite]\ndescription = "a peer library"\n'
+        'requires = { moebench-not-installed = "pip install ./plugin" }\n'
+        '[grid]\nimpl = ["not-installed"]\nhidden = 8\nffn = 8\nnum_experts = 2\n'
+        "top_k = 1\nbatch = 1\nseq_len = 2\n"
+    )
+    monkeypatch.setattr(moebench.catalog, "builtin_suites", lambda: {"needs": needs_plugin})
+    assert cli_main(["suites"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "│ needs │ - │ - │ a peer library │" in out
+    assert out.count("not loadable here") == 1
+    assert (
+        "not loadable here: needs (cpu, cuda): "
+        f"{needs_plugin}: [suite] requires 'moebench-not-installed', which is not "
+        "installed here: pip install ./plugin"
+    ) in out
+    assert "unknown impl" not in out
 
 
 def test_builtin_suites_found_from_a_source_checkout_without_install(monkeypatch):

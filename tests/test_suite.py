@@ -386,6 +386,14 @@ BAD_SUITES = {
         BASE.replace("[suite]", '[suite]\nwarmup_ms = "long"'),
         ["warmup_ms", "long"],
     ),
+    "requires not a table": (
+        BASE.replace("[suite]", '[suite]\nrequires = ["my-plugin"]'),
+        ["[suite] key 'requires'", "table of package name = how to install it", "list"],
+    ),
+    "requires with an empty hint": (
+        BASE.replace("[suite]", '[suite]\nrequires = { my-plugin = "" }'),
+        ["[suite] key 'requires'", '"pip install ./plugin"'],
+    ),
     "bad value in the inactive cuda section": (
         BASE + '[cuda.grid]\npreset = "mixtral"\n',
         ["[cuda.grid]", "preset", "mixtral-8x7b"],
@@ -399,6 +407,33 @@ def test_bad_suite_names_file_key_and_what_is_allowed(tmp_path: Path, label: str
     message = error_of(tmp_path, text)
     for fragment in expected:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_a_missing_required_package_is_named_in_place_of_its_impls(tmp_path: Path) -> None:
+    """[suite] requires: the impls a missing plugin package would register are not listed
+    one by one (each with every known impl); the package is, with how to install it. The
+    suite's other problems stay."""
+    requires = '[suite]\nrequires = { moebench-not-installed = "pip install ./plugin" }'
+    text = with_lines(BASE, impl='["grouped", "from-the-plugin"]', batch="1.5")
+    message = error_of(tmp_path, text.replace("[suite]", requires))
+    lines = message.splitlines()
+    assert lines[0].endswith(
+        "[suite] requires 'moebench-not-installed', which is not installed here: "
+        "pip install ./plugin"
+    )
+    assert "unknown impl" not in message and "from-the-plugin" not in message
+    assert len(lines) == 2 and "'batch'" in lines[1]
+
+
+def test_requires_is_only_reported_when_an_impl_is_unknown(tmp_path: Path) -> None:
+    """A missing package whose impls are all known (registered by a --plugin file, say)
+    stops nothing; an installed package leaves unknown impls reported as such."""
+    missing = '[suite]\nrequires = { moebench-not-installed = "pip install ./plugin" }'
+    assert len(load_suite(write(tmp_path, BASE.replace("[suite]", missing))).cases) == 1
+    installed = '[suite]\nrequires = { pytest = "pip install pytest" }'
+    text = with_lines(BASE, impl='"from-the-plugin"').replace("[suite]", installed)
+    message = error_of(tmp_path, text)
+    assert "unknown impl 'from-the-plugin'" in message and "[suite] requires" not in message
 
 
 def test_all_problems_are_reported_each_on_its_own_line(tmp_path: Path) -> None:
