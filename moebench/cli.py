@@ -1,4 +1,6 @@
-"""The `moebench` command: run, list, show, env, report, compare, export.
+"""The `moebench` command: its parser, and the small commands list, show and env. The
+others live in their own modules, each exposing COMMAND, HELP, add_arguments and main:
+run (`moebench.run_command`), report, compare, export, suites, merge and init.
 
 Exit codes: 0 done, 1 failure of what was asked (a regression, or --strict with failed
 cases), 2 bad input (a message says what is wrong), 130 interrupted.
@@ -7,7 +9,6 @@ cases), 2 bad input (a message says what is wrong), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from typing import Any
@@ -17,233 +18,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from moebench.console import error, resume_command, say, say_facts, warning, without_resume
-from moebench.terminal import STATUS_STYLE, LineProgress, noise_note, print_summary
+from moebench.console import error, say, say_facts, warning
+from moebench.terminal import print_summary
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-CONFIRM_CASES = 10_000  # a bigger suite needs --yes (or a y on the terminal)
-CASE_OVERHEAD_S = 1.0  # build, checks and memory window of one case, roughly
-RUN_EXAMPLES = """examples:
-  moebench run smoke                              # built-in: 44 tiny CPU cases
-  moebench run suites/default.toml --device cuda  # a suite file, on the GPU
-  moebench run smoke --filter impl=grouped,reference --filter 'E8k2'
-  moebench run smoke --plugin my_moe.py           # a plugin from a file
-  moebench run default --shard 2/4                # a quarter (moebench merge)
-  moebench run default --resume default-20261125-182722-9706  # finish a run
-
-"""
-
-
-# The progress bar's own width, in columns: rich's default (40) left a case's label
-# a dozen columns at 80.
-BAR_WIDTH = 20
-
-
-class RichProgress:
-    """Progress bar: case i of N, the current case, elapsed time and ETA."""
-
-    def __init__(self, console: Console):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from rich.table import Column
-
-        # The counters keep their width; the case's label takes what the terminal has
-        # left and ends in an ellipsis (at 80 columns a long label squeezed the counters
-        # to "3/…" and "0:00…").
-        fixed = Column(no_wrap=True)
-        self.progress = Progress(
-            TextColumn("case", table_column=fixed),
-            MofNCompleteColumn(table_column=fixed),
-            BarColumn(bar_width=BAR_WIDTH, table_column=fixed),
-            TimeElapsedColumn(table_column=fixed),
-            TextColumn("eta", table_column=fixed),
-            TimeRemainingColumn(table_column=fixed),
-            TextColumn(
-                "{task.description}",
-                markup=False,
-                table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"),
-            ),
-            console=console,
-            transient=False,
-            expand=True,
-        )
-        self.task: Any = None
-        self.failed = 0
-
-    def start(self, total: int) -> None:
-        self.progress.start()
-        self.task = self.progress.add_task("", total=total)
-
-    def begin(self, case: Any) -> None:
-        self.progress.update(self.task, description=case.label())
-
-    def advance(self, case: Any, row: dict[str, Any]) -> None:
-        if row.get("status") != "ok":
-            self.failed += 1
-            status = str(row.get("status"))
-            say(
-                self.progress.console,
-                (status, STATUS_STYLE.get(status, "red")),
-                f" {case.label()}: {row.get('error')}",
-            )
-        self.progress.advance(self.task)
-
-    def stop(self) -> None:
-        self.progress.stop()
-
-
-def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from moebench.measure.timing import TimingPlan
-    from moebench.plugins import PluginError, import_plugin
-    from moebench.runner import FilterError, filter_cases, run_cases
-    from moebench.shard import ShardError, parse_shard, select_shard
-    from moebench.store import StoreError
-    from moebench.suite import SuiteError, load_suite
-
-    shard_meta = {}
-    try:
-        for spec in args.plugin:
-            import_plugin(spec)
-        suite = load_suite(args.suite, device=args.device)
-        unmatched: list[str] = []
-        cases = filter_cases(suite.cases, args.filter, unmatched)
-        if args.shard and cases:
-            index, count = parse_shard(args.shard)
-            shard_meta = {"shard": {"index": index, "count": count, "of_cases": len(cases)}}
-            cases = select_shard(cases, index, count)
-    except (SuiteError, FilterError, PluginError, ShardError) as exc:
-        error(console, exc)
-        return EXIT_BAD_INPUT
-    for line in unmatched:
-        warning(console, line)
-    if not cases:
-        error(console, f"--filter {args.filter} leaves no case of {suite.path}")
-        return EXIT_BAD_INPUT
-    if len(cases) > CONFIRM_CASES and not args.yes and not _confirm_size(cases, suite, console):
-        return EXIT_BAD_INPUT
-    # Expert parallelism (moebench.distributed): under torchrun, ranks other than 0 only
-    # compute what rank 0 sends them; rank 0 runs the sweep below and writes the results.
-    from moebench import distributed
-
-    if problem := distributed.nproc_problem(args.nproc):
-        error(console, problem)
-        return EXIT_BAD_INPUT
-    if args.threads is not None and args.threads < 1:
-        error(console, f"--threads must be at least 1, got {args.threads}")
-        return EXIT_BAD_INPUT
-    if distributed.is_follower():
-        return distributed.follow(tuple(args.plugin))
-    gpus = None
-    if args.devices:
-        from moebench.devices import DevicesError, parse_devices
-
-        try:
-            gpus = parse_devices(args.devices)
-        except DevicesError as exc:
-            error(console, exc)
-            return EXIT_BAD_INPUT
-        if args.in_process and len(gpus) > 1:
-            error(console, "--devices with several GPUs needs worker processes")
-            return EXIT_BAD_INPUT
-    from moebench.measure.phases import nvtx_available
-    from moebench.measure.profile import ProfileOptions
-
-    if args.nvtx and not nvtx_available():
-        error(console, "--nvtx needs a CUDA build of torch (NVTX is not in this one)")
-        return EXIT_BAD_INPUT
-    profile = ProfileOptions(trace=args.profile, nvtx=args.nvtx)
-    plan = TimingPlan(
-        budget_ms=suite.budget_ms,
-        warmup=suite.warmup,
-        warmup_ms=suite.warmup_ms,
-        min_repeats=suite.min_repeats,
-        max_repeats=suite.max_repeats,
-    )
-    say(
-        console,
-        (suite.name, "bold"),
-        f": {len(cases)} cases on {suite.device} (timeout {suite.timeout_s:g} s per case)",
-    )
-    run_argv = without_resume(getattr(args, "argv", None) or sys.argv[1:])
-    progress = None
-    if not args.quiet:  # a bar on a terminal; a line per case in a log
-        progress = RichProgress(console) if console.is_terminal else LineProgress(console)
-    try:
-        outcome = run_cases(
-            cases,
-            suite_name=suite.name,
-            plan=plan,
-            timeout_s=suite.timeout_s,
-            out_root=args.out,
-            resume=args.resume,
-            isolate=not args.in_process,
-            plugins=tuple(args.plugin),
-            progress=progress,
-            nproc=args.nproc,
-            gpus=gpus,
-            meta={
-                "suite_path": str(suite.path),
-                "device": suite.device,
-                "gpus": gpus,
-                "profile": args.profile,
-                "run_argv": run_argv,
-                "timing": dataclasses.asdict(plan),
-                **shard_meta,
-            },
-            profile=profile,
-            threads=args.threads,
-            warn=lambda message: warning(console, message),
-        )
-    except StoreError as exc:
-        error(console, exc)
-        return EXIT_BAD_INPUT
-    print_summary(console, outcome.rows, f"run {outcome.run_id}")
-    if note := noise_note(outcome.rows):
-        say(console, (note, "yellow"))
-    if outcome.skipped:
-        say(console, f"{outcome.skipped} cases already done in {outcome.run_id} were skipped")
-    failed = [r for r in outcome.rows if r.get("status") != "ok"]
-    say(
-        console,
-        f"{len(outcome.rows) - len(failed)} ok, {len(failed)} not ok; results: "
-        f"{outcome.results_path}",
-    )
-    if outcome.interrupted:
-        say(
-            console,
-            (f"interrupted ({outcome.interrupted_by})", "yellow"),
-            ": finished cases are saved; continue with "
-            f"`{resume_command(run_argv, outcome.run_id)}`",
-        )
-        return EXIT_INTERRUPTED
-    return EXIT_FAIL if (args.strict and failed) else EXIT_OK
-
-
-def _confirm_size(cases: list[Any], suite: Any, console: Console) -> bool:
-    """A suite of more than CONFIRM_CASES cases runs only when the user says so: on a
-    terminal by answering y, elsewhere with --yes. Says its size and expected time."""
-    warmup_s = suite.warmup_ms / 1e3 if suite.device.startswith("cuda") else 0.0
-    hours = len(cases) * (suite.budget_ms / 1e3 + warmup_s + CASE_OVERHEAD_S) / 3600
-    warmup = f" and {suite.warmup_ms:g} ms of warm-up" if warmup_s else ""
-    message = (
-        f"{suite.path} gives {len(cases):,} cases: at its budget of {suite.budget_ms:g} ms"
-        f"{warmup} per case plus about {CASE_OVERHEAD_S:g} s to build and check each, about "
-        f"{hours:,.1f} hours"
-    )
-    if sys.stdin.isatty():
-        say(console, message)
-        try:
-            return input("run them all? [y/N] ").strip().lower() in ("y", "yes")
-        except EOFError:
-            return False
-    error(console, f"{message}; pass --yes to run them (or --filter to run fewer)")
-    return False
 
 
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
@@ -384,17 +162,6 @@ def cmd_env(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-RUN_EXITS = """exit codes:
-  0    every case ran (a case that failed is a row with its status and error)
-  1    --strict, and a case is not ok
-  2    bad input, one line each: a suite that does not load (file, table, key
-       and what is allowed), a --filter that matches nothing, a bad --out or
-       --shard, a --resume of another suite's run, of a run in use or of an
-       unknown run id (the known ones are listed), a suite of more than 10,000
-       cases without --yes
-  130  interrupted (Ctrl-C, SIGTERM, SIGHUP): finished cases are kept, the
-       results consolidated, and the exact command that resumes the run is
-       printed"""
 LIST_EXITS = """exit codes:
   0    listed
   1    a plugin failed to import (listed as a 'broken' row with its error)
@@ -472,81 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", "-V", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser(
-        "run",
-        help="run a suite into results/<run_id>/",
-        description="Run a suite's cases, one parquet row each, into results/<run_id>/.",
-        epilog=RUN_EXAMPLES + "\n" + RUN_EXITS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    run.add_argument("suite", help="a built-in suite's name (moebench suites) or a suite TOML file")
-    run.add_argument("--device", help="override the suite's device: cpu, cuda, cuda:N, auto")
-    run.add_argument("--out", default="results", help="results root folder (default: results)")
-    run.add_argument(
-        "--filter",
-        action="append",
-        default=[],
-        help="keep cases matching KEY=V1,V2 or a regex on the case label (repeatable)",
-    )
-    run.add_argument("--resume", metavar="RUN_ID", help="finish run RUN_ID: only missing cases")
-    run.add_argument(
-        "--plugin",
-        action="append",
-        default=[],
-        help="import MODULE or FILE.py that registers implementations (repeatable)",
-    )
-    run.add_argument(
-        "--in-process",
-        action="store_true",
-        help="run cases in this process (no worker: no hard timeout, easier debugging)",
-    )
-    run.add_argument(
-        "--nproc",
-        type=int,
-        metavar="N",
-        help="ranks to start for the expert-parallel cases, as torchrun --nproc-per-node N "
-        "(default: the suite's largest world_size; cases needing more are skipped)",
-    )
-    run.add_argument(
-        "--devices",
-        metavar="LIST",
-        help="GPUs to spread single-device cases over, one worker pinned to each: "
-        "'all' or e.g. cuda:0,cuda:1 (expert-parallel cases run after them)",
-    )
-    run.add_argument(
-        "--profile",
-        action="store_true",
-        help="after timing, a torch.profiler pass per case: traces/<case_id>.json.gz, "
-        "kernels.parquet, kernel_launches / device_busy_frac / host_sync_count columns",
-    )
-    run.add_argument(
-        "--nvtx",
-        action="store_true",
-        help="NVTX ranges for each case and its phases (for nsys profile moebench run ...)",
-    )
-    run.add_argument(
-        "--threads",
-        type=int,
-        metavar="N",
-        help="intra-op threads for CPU cases (default: the physical cores this process may "
-        "use; cases under 20 MFLOP a call use 1); recorded in run.json",
-    )
-    run.add_argument(
-        "--shard",
-        metavar="I/N",
-        help="run shard I of N (from 1): a deterministic share of the cases, balanced by "
-        "expected cost; join the shards' runs with `moebench merge`",
-    )
-    run.add_argument("--strict", action="store_true", help="exit 1 if any case is not ok")
-    run.add_argument(
-        "--yes",
-        action="store_true",
-        help=f"run a suite of more than {CONFIRM_CASES:,} cases without asking",
-    )
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
-    run.set_defaults(handler=cmd_run)
-
+    _add_optional_command(sub, "moebench.run_command")
     lst = sub.add_parser(
         "list", help="list implementations (and broken plugins)", **_exits(LIST_EXITS)
     )
@@ -588,7 +281,10 @@ def _add_optional_command(sub: Any, module_name: str) -> None:
             raise  # the command's module exists but something it imports is missing
         return
     command = sub.add_parser(
-        module.COMMAND, help=module.HELP, **_exits(getattr(module, "EXIT_CODES", ""))
+        module.COMMAND,
+        help=module.HELP,
+        description=getattr(module, "DESCRIPTION", None),
+        **_exits(getattr(module, "EXIT_CODES", "")),
     )
     module.add_arguments(command)
     command.set_defaults(handler=lambda args, console: module.main(args, console))

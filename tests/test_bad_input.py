@@ -387,7 +387,7 @@ def test_a_suite_over_10000_cases_asks_for_yes(tmp_path, capsys, monkeypatch):
     text = one_line(output)
     assert code == 2 and "gives 12,000 cases: at its budget of 5 ms per case" in text
     assert "pass --yes to run them" in text and not (tmp_path / "r").exists()
-    monkeypatch.setattr("moebench.cli.CONFIRM_CASES", 1)
+    monkeypatch.setattr("moebench.run_command.CONFIRM_CASES", 1)
     suite.write_text(TINY_SUITE)
     args = ("run", str(suite), "--out", str(tmp_path / "r"), "--in-process", "--quiet")
     assert moebench(capsys, *args)[0] == 2

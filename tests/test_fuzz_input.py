@@ -114,7 +114,7 @@ def _stub_measurement(monkeypatch) -> None:
     )
     monkeypatch.setattr(runner, "measure_ceilings", lambda device, dtypes: {})
     monkeypatch.setattr(env, "collect_environment", lambda plugins=(): {})
-    monkeypatch.setattr("moebench.cli.CONFIRM_CASES", 40)  # bigger random suites: refused
+    monkeypatch.setattr("moebench.run_command.CONFIRM_CASES", 40)  # bigger random suites: refused
     monkeypatch.setattr("sys.stdin.isatty", lambda: False)
 
 

@@ -121,7 +121,7 @@ def test_the_progress_bar_keeps_its_counters_at_80_columns() -> None:
 
     from rich.console import Console
 
-    from moebench.cli import RichProgress
+    from moebench.run_command import RichProgress
 
     label = "grouped D64F128 E8k1 T128 forward float32 zipf:1.2 [grid] and more text"
     case = types.SimpleNamespace(label=lambda: label)
