@@ -34,10 +34,39 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     except PluginError as exc:
         error(console, exc)
         return EXIT_BAD_INPUT
+    broken = registry.broken()
+    table = implementations_table(registry.available().values(), broken, console.width)
+    console.print(table)
+    console.print(presets_table())
+    if broken:  # a CI step that checks its plugins fails here
+        error(console, f"{len(broken)} plugin(s) failed to import")
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+# Below this many columns, list's six columns left the description a word a line: each
+# implementation's facts go on one line and its description under them instead.
+NARROW_LIST_COLUMNS = 120
+
+
+def implementations_table(infos: Any, broken: Any, width: int) -> Table:
+    """The registered implementations and the plugins that failed to import, as columns
+    on a wide console, as name + (facts, then description) on a narrow one."""
     table = Table(title="implementations")
+    if width < NARROW_LIST_COLUMNS:
+        table.add_column("name", no_wrap=True)
+        table.add_column("family, kind; devices; dtypes / description")
+        for info in infos:
+            facts = f"{info.family}, {'exact' if info.exact else 'variant'}; "
+            facts += f"{','.join(info.devices)}; {','.join(info.dtypes)}"
+            table.add_row(Text(info.name), Text.assemble((facts, "dim"), "\n", info.description))
+        for plugin in broken.values():
+            detail = Text.assemble(("broken", "red"), "\n", f"{plugin.target}: {plugin.error}")
+            table.add_row(Text(plugin.name), detail)
+        return table
     for column in ("name", "family", "kind", "devices", "dtypes", "description"):
         table.add_column(column)
-    for info in registry.available().values():
+    for info in infos:
         table.add_row(
             Text(info.name),
             Text(info.family),
@@ -46,7 +75,6 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
             Text(",".join(info.dtypes)),
             Text(info.description),
         )
-    broken = registry.broken()
     for plugin in broken.values():
         table.add_row(
             Text(plugin.name),
@@ -56,12 +84,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
             "-",
             Text(f"{plugin.target}: {plugin.error}"),
         )
-    console.print(table)
-    console.print(presets_table())
-    if broken:  # a CI step that checks its plugins fails here
-        error(console, f"{len(broken)} plugin(s) failed to import")
-        return EXIT_FAIL
-    return EXIT_OK
+    return table
 
 
 def presets_table() -> Table:

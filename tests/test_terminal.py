@@ -159,3 +159,33 @@ def test_shows_header_keeps_each_fact_whole_at_80_columns() -> None:
     assert any(fact.startswith("git ") for fact in facts) and len(terminal) > len(log)
     for fact in facts:  # each fact of the log's lines stands whole on a terminal line
         assert any(fact in line for line in terminal), (fact, terminal)
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_list_keeps_each_description_readable_at_any_width(width: int) -> None:
+    """`moebench list` at 80 columns gave the description a dozen columns: a word a line,
+    and "float32,bfl…". Narrow, each implementation's facts take one line and its
+    description the width left; wide (a log), the six columns stay."""
+    import argparse
+    import re
+
+    from moebench import registry
+    from moebench.cli import cmd_list
+
+    console = Console(width=width, record=True, force_terminal=True)
+    assert cmd_list(argparse.Namespace(plugin=[]), console) == 0
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= width
+    text = " ".join(re.sub(r"[│┃]", " ", line).strip() for line in lines)
+    text = " ".join(text.split())
+    grouped = registry.get("grouped")
+    assert " ".join(grouped.description.split()) in text
+    if width < 120:
+        assert "dropless, exact; cpu,cuda; float32,bfloat16,float16" in text
+        assert "…" not in console.export_text()
+    else:
+        assert any(
+            line.split("│")[5].strip() == "float32,bfloat16,float16"
+            for line in lines
+            if "│ grouped " in line
+        )
