@@ -172,17 +172,55 @@ def cmd_env(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps(env, indent=2, default=str))
         return EXIT_OK
     table = Table(title="what moebench sees", show_header=False)
-    table.add_column("key")
+    table.add_column("key", no_wrap=True)
     table.add_column("value")
-    for key, value in env.items():
-        if key != "gpus":
-            table.add_row(Text(key), Text(str(value)))
+    for key, value in environment_rows(env):
+        table.add_row(Text(key), Text(value))
     for gpu in env["gpus"]:
         table.add_row(f"gpu {gpu['index']}", Text(", ".join(f"{k}={v}" for k, v in gpu.items())))
     if not env["gpus"]:
         table.add_row("gpus", "none visible to torch (CPU runs only); NVML not queried")
     console.print(table)
     return EXIT_OK
+
+
+# What a missing fact means, said instead of Python's None (`moebench env`).
+ENV_NONE = {
+    "torch_cuda": "none (a CPU build of torch)",
+    "triton": "not installed",
+    "dependent_launch": "n/a (needs CUDA and Triton)",
+    "fast_launch": "n/a (needs CUDA and Triton)",
+}
+
+
+def environment_rows(env: dict[str, Any]) -> list[tuple[str, str]]:
+    """`collect_environment()`'s facts as (key, value) lines for a person: None said in
+    words, moebench's commit and source in one line, the working directory's repository
+    and each plugin on a line of their own (the JSON keeps the dicts)."""
+    from moebench.provenance import source_phrase
+
+    provenance = env.get("provenance") or {}
+    rows = []
+    for key, value in env.items():
+        if key in ("gpus", "provenance", "git_sha"):
+            continue
+        if key == "moebench" and provenance.get("moebench"):
+            value = f"{value} ({source_phrase(provenance['moebench'])})"
+        rows.append((key, ENV_NONE.get(key, "none") if value is None else str(value)))
+    repository = provenance.get("repository")
+    if repository:
+        commit = str(repository.get("commit") or "no commit")[:10]
+        dirty = ", dirty" if repository.get("dirty") else ""
+        rows.append(("repository", f"{repository['root']} at {commit}{dirty}"))
+    else:
+        rows.append(("repository", "none (the working directory is in no git work tree)"))
+    for plugin in provenance.get("plugins") or []:
+        name = plugin.get("entry_point") or plugin.get("plugin")
+        target = plugin.get("target") or plugin.get("plugin")
+        dist = plugin.get("distribution")
+        origin = f" from {dist} {plugin.get('version')}" if dist else ""
+        rows.append((f"plugin {name}", f"{target}{origin}"))
+    return rows
 
 
 LIST_EXITS = """exit codes:

@@ -79,14 +79,18 @@ def version_line() -> str:
     its checkout's commit (and whether tracked files changed), the commit pip installed
     from git, or a wheel's version alone."""
     source = moebench_source()
+    return f"moebench {source['version']} ({source_phrase(source)})"
+
+
+def source_phrase(source: Mapping[str, Any]) -> str:
+    """Where moebench came from, from `moebench_source()`'s dict: "checkout <commit>[,
+    dirty]", "git <commit> from <url>" or "wheel"."""
     commit = str(source.get("commit") or "")[:10]
     if source.get("source") == "checkout":
-        where = f"checkout {commit or 'without commits'}" + (", dirty" if source["dirty"] else "")
-    elif source.get("source") == "git":
-        where = f"git {commit} from {source.get('url')}"
-    else:
-        where = "wheel"
-    return f"moebench {source['version']} ({where})"
+        return f"checkout {commit or 'without commits'}" + (", dirty" if source["dirty"] else "")
+    if source.get("source") == "git":
+        return f"git {commit} from {source.get('url')}"
+    return "wheel"
 
 
 def plugin_sources(specs: Iterable[str] = ()) -> list[dict[str, Any]]:

@@ -136,3 +136,64 @@ def test_version_prints_the_version_and_where_it_came_from(capsys, monkeypatch) 
     with pytest.raises(SystemExit) as done:  # -V too, and before any command
         cli_main(["-V", "run"])
     assert done.value.code == 0 and capsys.readouterr().out == "moebench 9 (wheel)\n"
+
+
+def test_env_says_each_fact_in_words(monkeypatch, tmp_path: Path) -> None:
+    """`moebench env` printed Python's None (torch_cuda, triton, git_sha) and the whole
+    provenance dict's repr; each fact is now a line in words, with moebench's source, the
+    working directory's repository and each plugin on a line of their own. --json keeps
+    the raw values."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from moebench import env as env_module
+    from moebench.cli import environment_rows
+
+    facts = {
+        "python": "3.11.7",
+        "torch_cuda": None,
+        "triton": None,
+        "moebench": "0.1.0",
+        "git_sha": None,
+        "dependent_launch": None,
+        "l2_flush": "read",
+        "gpus": [],
+        "provenance": {
+            "moebench": {"version": "0.1.0", "commit": None, "source": "wheel"},
+            "repository": {"root": "/home/me/kernels", "commit": "91c2aa0b55e1", "dirty": True},
+            "plugins": [
+                {"entry_point": "my-moe", "target": "my_pkg.moe", "distribution": "my-pkg",
+                 "version": "0.3.1"},
+                {"plugin": "local_moe.py", "distribution": None, "version": None},
+            ],
+        },
+    }  # fmt: skip
+    rows = dict(environment_rows(facts))
+    assert rows == {
+        "python": "3.11.7",
+        "torch_cuda": "none (a CPU build of torch)",
+        "triton": "not installed",
+        "moebench": "0.1.0 (wheel)",
+        "dependent_launch": "n/a (needs CUDA and Triton)",
+        "l2_flush": "read",
+        "repository": "/home/me/kernels at 91c2aa0b55, dirty",
+        "plugin my-moe": "my_pkg.moe from my-pkg 0.3.1",
+        "plugin local_moe.py": "local_moe.py",
+    }
+    facts["provenance"]["repository"] = None
+    assert "in no git work tree" in dict(environment_rows(facts))["repository"]
+
+    monkeypatch.chdir(tmp_path)  # no repository here
+    console = Console(file=io.StringIO(), width=80, record=True)
+    from moebench.cli import cmd_env
+
+    assert cmd_env(type("Args", (), {"json": False})(), console) == 0
+    text = console.export_text()
+    assert "None" not in text and "{" not in text and max(map(len, text.splitlines())) <= 80
+    monkeypatch.setattr(env_module, "collect_environment", lambda: facts)
+    printed = io.StringIO()
+    monkeypatch.setattr("sys.stdout", printed)
+    assert cmd_env(type("Args", (), {"json": True})(), console) == 0
+    assert json.loads(printed.getvalue())["triton"] is None
