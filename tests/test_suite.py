@@ -513,3 +513,26 @@ def test_bad_weights_spec_names_the_key(tmp_path):
     with pytest.raises(SuiteError) as info:
         load_suite(path)
     assert "bad_weights.toml" in str(info.value) and "'weights'" in str(info.value)
+
+
+def _stated_counts(path: Path) -> dict[str, int]:
+    """The case counts a built-in suite's header comment states: `# CPU  (28 cases; ...`
+    or `# CUDA (NCCL, 128 cases ...` on one line."""
+    import re
+
+    stated = {}
+    for line in path.read_text().splitlines():
+        found = re.match(r"#\s*(CPU|CUDA)\s+\((?:[^,;)]+, )?(\d+) cases", line)
+        if found:
+            stated[found.group(1).lower()] = int(found.group(2))
+    return stated
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SUITES.glob("*.toml")))
+def test_the_case_counts_a_suite_states_are_its_own(name: str) -> None:
+    """A header comment that says how many cases a device gets says the truth (peers said
+    216 on CUDA, before its 32 graphed cases were counted: 248)."""
+    from moebench.suite import count_cases
+
+    for device, stated in _stated_counts(SUITES / f"{name}.toml").items():
+        assert count_cases(SUITES / f"{name}.toml", device)[0] == stated, (name, device)
