@@ -133,7 +133,8 @@ def main(args: argparse.Namespace, console: Console) -> int:
     for line in unmatched:
         warning(console, line)
     if not cases:
-        error(console, f"--filter {args.filter} leaves no case of {suite.path}")
+        written = " ".join(f"--filter {expr}" for expr in args.filter)
+        error(console, f"{written} leaves no case of {suite.path}")
         return EXIT_BAD_INPUT
     if len(cases) > CONFIRM_CASES and not args.yes and not _confirm_size(cases, suite, console):
         return EXIT_BAD_INPUT

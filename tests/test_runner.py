@@ -143,6 +143,11 @@ def test_filter_values_that_no_case_has_are_named(tmp_path, capsys):
                      "--filter", "impl=grouped,gruoped"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "warning: --filter impl=grouped,gruoped: no case has impl 'gruoped'" in out
+    # nothing left: the filters as written (not Python's list of them), and exit 2
+    assert cli_main(["run", str(suite), "--out", str(tmp_path), "--quiet",
+                     "--filter", "impl=grouped", "--filter", "E64"]) == 2  # fmt: skip
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"error: --filter impl=grouped --filter E64 leaves no case of {suite}" in out
 
 
 SLOW_SUITE = """
