@@ -5,7 +5,8 @@
     moebench run smoke --shard 3/3 --out results
     moebench merge results/smoke-2026...-a1 results/smoke-2026...-b2 results/smoke-...-c3
 
-The merged run is a new folder under --out with every case once, its `run_id` column set
+The merged run is a new folder beside the first run (under --out if given) with every
+case once, its `run_id` column set
 to the new id, and run.json naming the runs it came from (`merged_from`: their ids,
 shards, hosts and start times). Refused (exit 2, nothing written): runs of different
 suites, of different moebench versions or results schema versions, of different shard
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -76,15 +78,29 @@ def check_mergeable(runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return [f"shard(s) {missing} of {count} missing: the merged run is partial"] if missing else []
 
 
-def merge_runs(specs: list[str], root: str, out: str) -> tuple[ResultStore, list[str]]:
+def beside(run: Path, root: str) -> Path:
+    """The results root holding the run at `run` (a run folder, or a file in one), so
+    that the merged run lands next to its shards; `root` for a parquet file of no run."""
+    folder = run if run.is_dir() else run.parent
+    if (folder / "run.json").is_file() or (folder / "parts").is_dir():
+        return folder.parent
+    return Path(root)
+
+
+def merge_runs(
+    specs: list[str], root: str, out: str | None = None
+) -> tuple[ResultStore, list[str]]:
     """Merge the runs `specs` (ids under root, folders or parquet files) into a new run
-    under `out`; (its store, notes). MergeError / StoreError on bad input."""
+    under `out` (default: beside the first run); (its store, notes). MergeError /
+    StoreError on bad input."""
     if len(specs) < 2:
         raise MergeError(f"merge takes two runs or more; got {len(specs)}")
     runs = []
     for spec in specs:
         path = resolve_run(spec, root)
         runs.append((str(spec), read_metadata(path), read_table(path)))
+        if out is None:
+            out = str(beside(path, root))
     notes = check_mergeable([(name, meta) for name, meta, _ in runs])
     owner: dict[str, str] = {}
     for name, _, table in runs:
@@ -128,7 +144,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `moebench merge`."""
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run ids, folders or files")
     parser.add_argument("--root", default="results", help="results root for run ids")
-    parser.add_argument("--out", default="results", help="where the merged run is written")
+    parser.add_argument(
+        "--out",
+        help="results root the merged run is written under (default: the one holding the "
+        "first run, so the merged run lands beside its shards)",
+    )
 
 
 def main(args: argparse.Namespace, console: Console) -> int:

@@ -58,6 +58,23 @@ def test_shards_of_smoke_merged_equal_the_unsharded_run(tmp_path: Path, one_thre
     assert meta["cases_total"] == len(cases) and "shard" not in meta
 
 
+def test_a_merged_run_lands_beside_its_shards(tmp_path: Path, monkeypatch) -> None:
+    """Without --out, the merged run goes where the shards are (it went to results/ of
+    the working directory, where `show latest --root SHARDS` does not look)."""
+    cases = list(load_suite("smoke").cases)[:4]
+    shard_dirs = [_run(cases, tmp_path / "shards", (i, 2)) for i in (1, 2)]
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["merge", *map(str, shard_dirs)]) == 0
+    assert not (tmp_path / "results").exists()
+    merged = set((tmp_path / "shards").iterdir()) - set(shard_dirs)
+    (merged_dir,) = merged
+    assert len(read_run(merged_dir)) == 4
+    # run ids under --root: beside them too
+    ids = [d.name for d in shard_dirs]
+    assert cli_main(["merge", *ids, "--root", str(tmp_path / "shards")]) == 0
+    assert len(list((tmp_path / "shards").iterdir())) == 4
+
+
 def test_shards_are_deterministic_disjoint_and_balanced() -> None:
     cases = list(load_suite("default", device="cpu").cases)
     assert assign_shards(cases, 4) == assign_shards(list(cases), 4)
