@@ -38,6 +38,11 @@ from moebench.store import (
 COMMAND = "merge"
 HELP = "join the runs of a suite's shards (run --shard I/N) into one run"
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
+EXIT_CODES = """exit codes:
+  0    merged; a note names the shards missing from a partial merge
+  2    nothing written: an unknown run, fewer than two runs, or runs that cannot
+       be merged (different suites, moebench or schema versions, shard counts or
+       timing settings; a shard given twice; a case in two runs)"""
 
 
 class MergeError(ValueError):
