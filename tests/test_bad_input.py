@@ -397,7 +397,9 @@ def test_a_suite_over_10000_cases_asks_for_yes(tmp_path, capsys, monkeypatch):
 # ----------------------------------------------------------------- documentation
 
 
-@pytest.mark.parametrize("command", ["run", "list", "show", "env", "report", "compare", "export"])
+@pytest.mark.parametrize(
+    "command", ["run", "list", "show", "env", "report", "compare", "export", "merge", "init"]
+)
 def test_every_command_documents_its_exit_codes(capsys, command):
     with pytest.raises(SystemExit):
         main([command, "--help"])

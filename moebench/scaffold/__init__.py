@@ -37,6 +37,10 @@ from moebench.console import error, say
 COMMAND = "init"
 HELP = "scaffold a suite, a plugin package and a CI workflow in your repository"
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
+EXIT_CODES = """exit codes:
+  0    written, with the next steps
+  2    an --impl name that cannot name a package or is a built-in's, or a file
+       that exists (pass --force): nothing written; a folder it cannot write to"""
 IMPL_NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
 
 
