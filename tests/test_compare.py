@@ -170,7 +170,12 @@ def test_run_compared_with_itself_has_no_regression(
     assert report.passed
     assert {r.verdict for r in report.results} == {"unchanged"}
     assert all(r.ratio == pytest.approx(1.0) for r in report.results)
-    assert run_cli(str(path), str(path)) == 0
+    # On the command line that is a mistake (`compare latest latest`): a gate that cannot
+    # fail. Refused, for the same file and for a copy of the run (its run id).
+    copy = tmp_path / "copy.parquet"
+    copy.write_bytes(path.read_bytes())
+    for candidate in (path, copy, path.parent):
+        assert run_cli(str(path), str(candidate)) == 2
 
 
 def test_false_alarm_rate_of_same_distribution_is_below_5_percent(
@@ -394,23 +399,31 @@ def good_run(tmp_path: Path, rng: np.random.Generator) -> Path:
 @pytest.mark.parametrize(
     ("make_args", "message"),
     [
-        (lambda p, t: [str(p), str(t / "nowhere")], "no run or parquet file"),
-        (lambda p, t: [str(p), str(p), "--metric", "speed"], "unknown metric 'speed'; known:"),
-        (lambda p, t: [str(p), str(p), "--metric", "energy_j"], "metric 'energy_j' has no values"),
+        (lambda p, t, q: [str(p), str(t / "nowhere")], "no run or parquet file"),
+        (lambda p, t, q: [str(p), str(q), "--metric", "speed"], "unknown metric 'speed'; known:"),
         (
-            lambda p, t: [str(p), str(p), "--normalize", "nope"],
+            lambda p, t, q: [str(p), str(q), "--metric", "energy_j"],
+            "metric 'energy_j' has no values",
+        ),
+        (
+            lambda p, t, q: [str(p), str(q), "--normalize", "nope"],
             "--normalize nope: unknown implementation",
         ),
-        (lambda p, t: [str(p), str(p), "--threshold", "lots"], "Could not parse threshold: 'lots'"),
-        (lambda p, t: [str(p)], "compare takes BASELINE CANDIDATE"),
-        (lambda p, t: [str(p), str(p), "--impls", "reference"], "--impls takes two names"),
+        (
+            lambda p, t, q: [str(p), str(q), "--threshold", "lots"],
+            "Could not parse threshold: 'lots'",
+        ),
+        (lambda p, t, q: [str(p)], "compare takes BASELINE CANDIDATE"),
+        (lambda p, t, q: [str(p), str(p)], "baseline and candidate are the same run (good:"),
+        (lambda p, t, q: [str(p), str(q), "--impls", "reference"], "--impls takes two names"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(
-    good_run: Path, tmp_path: Path, make_args: Callable[[Path, Path], list[str]], message: str,
-    capsys: pytest.CaptureFixture[str],
+    good_run: Path, tmp_path: Path, make_args: Callable[[Path, Path, Path], list[str]],
+    message: str, capsys: pytest.CaptureFixture[str], rng: np.random.Generator,
 ) -> None:  # fmt: skip
-    assert run_cli(*make_args(good_run, tmp_path)) == 2
+    other_run = write_run(tmp_path, "other", synthetic_rows(rng, "other"))
+    assert run_cli(*make_args(good_run, tmp_path, other_run)) == 2
     out = " ".join(capsys.readouterr().out.split())  # undo rich's line wrapping
     assert "error:" in out and message in out
 
@@ -509,7 +522,6 @@ def test_end_to_end_real_runs(tmp_path: Path, sleepy_impl: dict[str, float]) -> 
         return outcome.results_path
 
     base, slow = run(0.010), run(0.020)
-    assert run_cli(str(base), str(base)) == 0
     # Gated per implementation: on a busy machine the run-to-run drift of tiny grouped
     # cases can be wider than 2x, so single cases may not stand out of it.
     settings = Settings(LATENCY, Threshold(0.05), gate="impl")

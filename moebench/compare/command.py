@@ -140,6 +140,16 @@ def build_report(args: argparse.Namespace) -> Report:
             f"got {len(args.runs)} run(s)"
         )
     baseline, candidate = (load_run(spec, args.root) for spec in args.runs)
+    if baseline.meta.get("run_id") and baseline.meta.get("run_id") == candidate.meta.get(
+        "run_id"
+    ):
+        # `compare latest latest`, or a run against its copy: every case is unchanged by
+        # construction, a gate that cannot fail.
+        raise CompareError(
+            f"baseline and candidate are the same run ({baseline.name}: "
+            f"{' and '.join(map(repr, args.runs))}); compare two runs, or one run's "
+            "implementations with --impls A,B"
+        )
     return compare_runs(baseline, candidate, settings)
 
 
