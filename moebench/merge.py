@@ -6,13 +6,12 @@
     moebench merge results/smoke-2026...-a1 results/smoke-2026...-b2 results/smoke-...-c3
 
 The merged run is a new folder beside the first run (under --out if given) with every
-case once, its `run_id` column set
-to the new id, and run.json naming the runs it came from (`merged_from`: their ids,
-shards, hosts and start times). Refused (exit 2, nothing written): runs of different
-suites, of different moebench versions or results schema versions, of different shard
-counts or timing settings (run.json's `timing`: a suite's warm-up, budget and repeats
-edited between the runs), and a case present in two runs. Missing shards are reported,
-not refused (a partial merge is still a run).
+case once, its `run_id` column set to the new id, and run.json naming the runs it came
+from (`merged_from`: their ids, shards, hosts and start times). Refused (exit 2, nothing
+written): runs of different suites, of different moebench versions or results schema
+versions, of different shard counts or timing settings (run.json's `timing`: a suite's
+warm-up, budget and repeats edited between the runs), and a case present in two runs.
+Missing shards are reported, not refused (a partial merge is still a run).
 """
 
 from __future__ import annotations
