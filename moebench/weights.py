@@ -141,10 +141,18 @@ def random_weights(case: Case, layer: int = 0) -> ExpertWeights:
     return weights
 
 
-def make_inputs(case: Case, count: int) -> list[torch.Tensor]:
-    """`count` distinct N(0, 1) input batches x_TD, so repeats rotate through them."""
+# Seed offsets of the input batches: those the timed calls rotate through, and the one no
+# timed call sees, checked after timing (`case_run`).
+TIMED_INPUTS_SEED_OFFSET = 1_000_003
+UNSEEN_INPUT_SEED_OFFSET = 5_000_011
+
+
+def make_inputs(case: Case, count: int, unseen: bool = False) -> list[torch.Tensor]:
+    """`count` distinct N(0, 1) input batches x_TD, so repeats rotate through them; with
+    `unseen`, batches of another seed, which no timed call is given."""
     device = torch.device(case.device)
-    generator = torch.Generator(device=device).manual_seed(case.seed + 1_000_003)
+    offset = UNSEEN_INPUT_SEED_OFFSET if unseen else TIMED_INPUTS_SEED_OFFSET
+    generator = torch.Generator(device=device).manual_seed(case.seed + offset)
     shape = (case.tokens, case.shape.hidden)
     return [
         torch.randn(*shape, generator=generator, device=device).to(torch_dtype(case.dtype))

@@ -62,6 +62,24 @@ def build_wrong_later(weights, case):
     return _WrongAfterFirstCall(weights, case)
 
 
+class _RoutingKeptFromFirstCall(GroupedMoE):
+    """Routes its first batch, then keeps that routing for every later batch of the same
+    shape (a dispatch plan cached by shape, as for a CUDA graph): right on the batch it
+    was first called with, wrong on any other."""
+
+    plan = None
+
+    def routed(self, x_TD, gate_weights_TK, expert_ids_TK):
+        if self.plan is None or self.plan[0].shape != gate_weights_TK.shape:
+            self.plan = (gate_weights_TK, expert_ids_TK)
+        return super().routed(x_TD, *self.plan)
+
+
+@register("test-routing-kept", family="test", description="first batch's routing, kept")
+def build_routing_kept(weights, case):
+    return _RoutingKeptFromFirstCall(weights, case)
+
+
 class _JitterAfterFirstCall(MoEPPLayer):
     """MoE++, right on every call within bfloat16's tolerance: from the second call on its
     output carries 1% noise, as another summation order's rounding would. Stacked, the

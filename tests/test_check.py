@@ -61,6 +61,25 @@ def test_wrong_plugins_are_mismatches_and_never_timed(tmp_path):
     assert train["grad_check"].startswith("ok")
 
 
+def test_a_layer_right_only_on_its_first_input_is_a_mismatch(tmp_path):
+    """A layer that keeps its first batch's routing is right on that batch, where the
+    first-call and drift checks look, whichever batches the timed calls rotate through:
+    an input no call has seen, checked after timing, fails it."""
+    frame = _run(
+        [
+            tiny_case("test-routing-kept"),
+            tiny_case("test-routing-kept", batch=1, seq_len=4096),  # one timed batch
+            tiny_case("grouped"),
+        ],
+        tmp_path,
+    )
+    kept = frame.loc["test-routing-kept"]
+    assert set(kept["status"]) == {"mismatch"}
+    assert all(error.startswith("wrong on an input it was not timed on") for error in kept["error"])
+    assert kept["latency_ms"].isna().all()
+    assert frame.loc["grouped", "status"] == "ok"
+
+
 def test_variants_skip_the_gradient_check_with_a_reason(tmp_path):
     frame = _run([tiny_case("dense", mode="train"), tiny_case("capacity", mode="train")], tmp_path)
     assert set(frame["status"]) == {"ok"}

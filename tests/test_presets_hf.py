@@ -47,7 +47,7 @@ class HFReference(WeightCache):
         super().__init__()
         self.preset = preset
 
-    def reference(self, case: Case, x_TD: torch.Tensor) -> torch.Tensor:
+    def reference(self, case: Case, x_TD: torch.Tensor, unseen: bool = False) -> torch.Tensor:
         return hf_output(hf_block(self.preset, self.get(case)[0]), x_TD)
 
 

@@ -140,9 +140,8 @@ def build_report(args: argparse.Namespace) -> Report:
             f"got {len(args.runs)} run(s)"
         )
     baseline, candidate = (load_run(spec, args.root) for spec in args.runs)
-    if baseline.meta.get("run_id") and baseline.meta.get("run_id") == candidate.meta.get(
-        "run_id"
-    ):
+    run_id = baseline.meta.get("run_id")
+    if run_id and run_id == candidate.meta.get("run_id"):
         # `compare latest latest`, or a run against its copy: every case is unchanged by
         # construction, a gate that cannot fail.
         raise CompareError(

@@ -65,8 +65,11 @@ class WeightCache:
             view.shape = case.shape
         return views
 
-    def reference(self, case: Case, x_TD: torch.Tensor) -> torch.Tensor:
-        key = (case.shape, case.tokens)
+    def reference(self, case: Case, x_TD: torch.Tensor, unseen: bool = False) -> torch.Tensor:
+        """The base reference's output on x_TD: the case's first timed input batch, or
+        with `unseen` its unseen one (`make_inputs`); one of each kept, for the cases of
+        one shape that follow."""
+        key = (case.shape, case.tokens, unseen)
         if key not in self.golden:
             weights = self.get(case)
             golden = (
@@ -74,7 +77,8 @@ class WeightCache:
                 if len(weights) == 1
                 else reference_stack_output(weights, x_TD)
             )
-            self.golden = {key: golden}
+            kept = {k: v for k, v in self.golden.items() if k[2] != unseen}
+            self.golden = {**kept, key: golden}
         return self.golden[key]
 
 
@@ -104,11 +108,13 @@ def check_first_call(
     weights: list[ExpertWeights],
     x_TD: torch.Tensor,
     cache: WeightCache,
+    unseen: bool = False,
 ) -> FirstCall:
     """One forward of `layer` on x_TD (no grad), checked as `moebench run` checks it: an
     exact layer against the base reference, a variant against its own design reference
     (and `fidelity_err` against the base), globally and per token (`moebench.measure.check`);
-    a stack layer by layer, each layer on the input it got (`designs.stack_inputs`)."""
+    a stack layer by layer, each layer on the input it got (`designs.stack_inputs`).
+    x_TD is the case's first timed input batch, or with `unseen` its unseen one."""
     info = registry.get(case.impl)
     stacked = isinstance(layer, Stack)
     columns: dict[str, Any] = {}
@@ -124,13 +130,13 @@ def check_first_call(
         module_stats = [m.stats() if hasattr(m, "stats") else None for m in modules]
         if not info.exact:
             # fidelity: the distance from the base layer's function, end to end
-            columns["fidelity_err"] = relative_error(y, cache.reference(case, x_TD))
+            columns["fidelity_err"] = relative_error(y, cache.reference(case, x_TD, unseen))
         layer_inputs = [x for x, _ in recorded] if recorded else None
         with stack_inputs(layer_inputs) as reference_layers:
             if info.exact and stacked:
                 expected = reference_stack_output(weights, x_TD)
             elif info.exact:
-                expected = cache.reference(case, x_TD)
+                expected = cache.reference(case, x_TD, unseen)
             else:
                 # A variant without a design reference is held to its own first output.
                 reference = info.reference
@@ -257,6 +263,13 @@ def measure_case(
             drift = check.check_output(last.pop(0).detach(), expected, case.dtype, ties).failure
         if drift:
             return _mismatch(row, f"drifted during timing: {drift}")
+        # An input no call has seen: a layer that keeps what it worked out on its first
+        # input (a routing plan cached by shape) is right on the first input, where the
+        # checks above look, and wrong on every other.
+        (unseen_TD,) = make_inputs(case, 1, unseen=True)
+        unseen = check_first_call(case, layer, weights, unseen_TD, cache, unseen=True).failure
+        if unseen:
+            return _mismatch(row, f"wrong on an input it was not timed on: {unseen}")
         energy = _energy(step, device) if device.type == "cuda" else None
         # 3b. Where the time goes: phases (and with --profile a profiler pass), after timing.
         mode = case.workload.mode

@@ -3,7 +3,7 @@
 Shape legend: T tokens, D hidden, F expert width, E routed experts, K top_k,
 S shared-expert width.
 
-Three checks, each against the float32 reference of the same weights (an exact layer) or
+The checks, each against the float32 reference of the same weights (an exact layer) or
 of the variant's own design (a variant registered with `reference=`):
 
 - output: the global relative error ||y - y_ref|| / ||y_ref|| (`rel_err`, tolerance per
@@ -25,6 +25,11 @@ of the variant's own design (a variant registered with `reference=`):
   call and wrong later (a race) fails as "drifted during timing". A stack instead gets
   one more call after timing, checked layer by layer as its first: its later layers'
   inputs differ from the first call's by rounding, which may flip near-tied choices.
+- unseen input: then one call on an input batch no call has seen (another seed,
+  `make_inputs(..., unseen=True)`), checked as the first call is: a layer that keeps what
+  it worked out on its first batch (a routing plan cached by shape) is right on that
+  batch, where the checks above look, and fails here ("wrong on an input it was not
+  timed on").
 
 Which of the layer's parameters is which weight (`weight_grads`): a parameter that is a
 weight-set tensor, a copy of one, a copy with its last two dimensions transposed, or gate
