@@ -55,8 +55,17 @@ from moebench.registry import register
 
 class Faulty(ExpertParallelMoE):
     fault = ""
+    calls = 0
+    first = None
 
     def forward(self, x_TD):
+        self.calls += 1
+        if self.fault == "later" and self.rank == 1 and self.calls > 2:
+            return super().forward(x_TD) * 1.5  # right on the two calls before timing
+        if self.fault == "kept":  # every rank computes (the all-to-alls), returns the first
+            y_TD = super().forward(x_TD)
+            self.first = y_TD if self.first is None else self.first
+            return self.first
         if self.rank == 1:
             if self.fault == "raises":
                 raise ValueError("rank one fails on purpose")
@@ -77,7 +86,7 @@ def builder(fault):
     return build
 
 
-for fault in ("raises", "hangs", "dies", "wrong"):
+for fault in ("raises", "hangs", "dies", "wrong", "later", "kept"):
     register(f"test-ep-{fault}", family=EP_FAMILY, description=fault, modes=("forward",))(
         builder(fault)
     )
@@ -285,6 +294,8 @@ def test_failing_ranks_fail_their_case_and_the_sweep_goes_on(tmp_path, faults):
         ep_case(world_size=torch.cuda.device_count() + 1, device="cuda"),
         ep_case(world_size=2, layers=2),  # a stack of layers
         ep_case(world_size=2, seed=1),
+        ep_case("test-ep-later", world_size=2),
+        ep_case("test-ep-kept", world_size=2),
     ]
     started = time.perf_counter()
     outcome = run_cases(
@@ -313,6 +324,8 @@ def test_failing_ranks_fail_their_case_and_the_sweep_goes_on(tmp_path, faults):
         "skipped",
         "error",
         "ok",
+        "mismatch",
+        "mismatch",
     ], error
     assert "rank 1: ValueError: rank one fails on purpose" in error[1]
     assert "within the 4 s timeout" in error[2] and rows[cases[2].case_id]["wall_s"] < 8
@@ -326,6 +339,10 @@ def test_failing_ranks_fail_their_case_and_the_sweep_goes_on(tmp_path, faults):
         in (error[8])
     )
     assert "layers=2: expert-parallel cases measure one layer" in error[9]
+    # right before timing, wrong during it: caught after timing; right on the first batch
+    # alone: caught on the unseen one (both were `ok`, with the first call checked alone)
+    assert error[11].startswith("drifted during timing: relative error") and "2 ranks" in error[11]
+    assert error[12].startswith("wrong on an input it was not timed on: relative error")
     assert time.perf_counter() - started < 40
 
 

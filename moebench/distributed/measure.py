@@ -9,10 +9,13 @@ Same function on every rank: each rank draws the case's weights and inputs
 ranks hold identical numbers by construction (a CUDA generator need not give equal numbers
 on two different cards). The batch of T tokens is split into W contiguous slices, one per
 rank (like data parallel: `token_bounds`); the ranks' outputs gathered to rank 0 must equal
-the float32 single-device `reference_output` of the whole batch on the same weights,
-within the dtype's TOLERANCE, or the case is a `mismatch` and is not timed. A layer that
-drops assignments on purpose is checked against the reference with the same drops (that is
-`rel_err`) and its distance to the dropless function is `fidelity_err`.
+the float32 single-device `reference_output` of the whole batch on the same weights, as a
+single-device layer's must (`check.check_output`: within the dtype's TOLERANCE, and every
+token within TOKEN_TOLERANCE), or the case is a `mismatch` and is not timed. So must its
+output on a batch no timed call sees (the unseen batch), and, after timing, the last timed
+call's output on the first batch (drift). A layer that drops assignments on purpose is
+checked against the reference with the same drops (that is `rel_err`) and its distance to
+the dropless function is `fidelity_err`.
 
 Timing: the slowest rank decides. Latency repeats start together (an all-reduce before
 each, outside the timed window) and each repeat's figure is the maximum over the ranks
@@ -58,6 +61,7 @@ from moebench.measure.case_run import (
     TOLERANCE,
     relative_error,
 )
+from moebench.measure.check import check_output, routing_ties
 from moebench.measure.memory import peak_during, weight_bytes
 from moebench.measure.phases import BREAKDOWN_REPEATS, NULL_TIMER, PhaseTimer
 from moebench.measure.phases import EP_PHASES as PHASES
@@ -182,6 +186,56 @@ def gather_rows(
     return torch.cat([p[: stop - start] for p, (start, stop) in zip(parts, bounds)])
 
 
+class _CallCheck:
+    """One call's output check on every rank (`check_call`): the numbers and whether it
+    failed everywhere, why on rank 0; and on rank 0 what later outputs on the same batch
+    are held to (the expected output, its tokens near a routing tie)."""
+
+    def __init__(self, values: list[float], failure: str | None, expected: Any, ties: Any):
+        self.rel_err, self.max_token_err, self.fidelity_err, failed = values
+        self.failed = failed > 0
+        self.failure = failure
+        self.expected, self.ties = expected, ties
+
+
+def check_call(
+    y_TD: torch.Tensor,
+    layer: ExpertParallelMoE,
+    case: Case,
+    bounds: list[tuple[int, int]],
+    group: dist.ProcessGroup,
+    device: torch.device,
+    reference: tuple[ExpertWeights, torch.Tensor] | _CallCheck,
+) -> _CallCheck:
+    """The ranks' outputs of one call gathered on rank 0 and checked there: against the
+    reference on the whole batch, `reference` = (weights, x_TD) (a layer that drops
+    assignments: against the reference with its drops), or against an earlier check's
+    expected output (drift). A collective: every rank gets the numbers and the verdict."""
+    rank = dist.get_rank(group)
+    y_full_TD = gather_rows(y_TD, bounds, group)
+    keep_full_TK = None
+    against_earlier = isinstance(reference, _CallCheck)  # the same on every rank
+    if not against_earlier and layer._last_dropped_TK is not None:
+        kept_TK = (~layer._last_dropped_TK).to(torch.uint8)  # this call's drops
+        keep_full_TK = gather_rows(kept_TK, bounds, group).bool()
+    values, failure, expected, ties = [0.0, 0.0, 0.0, 0.0], None, None, None
+    if rank == 0:
+        fidelity = 0.0
+        if isinstance(reference, _CallCheck):
+            expected, ties = reference.expected, reference.ties
+        else:
+            weights, x_full_TD = reference
+            expected = reference_output(weights, x_full_TD, keep_full_TK)
+            ties = routing_ties(weights, x_full_TD)
+            if keep_full_TK is not None:
+                fidelity = relative_error(y_full_TD, reference_output(weights, x_full_TD))
+        checked = check_output(y_full_TD, expected, case.dtype, ties)
+        if checked.failure:
+            failure = f"{checked.failure} on {dist.get_world_size(group)} ranks"
+        values = [checked.rel_err, checked.max_token_err, fidelity, float(bool(failure))]
+    return _CallCheck(_broadcast_floats(values, device, group), failure, expected, ties)
+
+
 def measure_on_rank(
     case: Case, plan: TimingPlan, group: dist.ProcessGroup, device: torch.device
 ) -> dict[str, Any] | None:
@@ -202,11 +256,11 @@ def measure_on_rank(
     rotations = max(1, min(MAX_ROTATIONS, math.ceil(ROTATE_BYTES / slice_bytes)))
     if device.type == "cpu":
         rotations = min(rotations, 2)
-    full_inputs = make_inputs(rank_case, rotations)
+    full_inputs = make_inputs(rank_case, rotations) + make_inputs(rank_case, 1, unseen=True)
     for x_TD in full_inputs:
         dist.broadcast(x_TD, src=dist.get_global_rank(group, 0), group=group)
-    inputs = [x_TD[start:stop].contiguous() for x_TD in full_inputs]
-    checked_TD = full_inputs[0]
+    *inputs, unseen_TD = [x_TD[start:stop].contiguous() for x_TD in full_inputs]
+    checked_TD, unseen_full_TD = full_inputs[0], full_inputs[-1]
     del full_inputs
 
     torch.manual_seed(case.seed)
@@ -222,45 +276,50 @@ def measure_on_rank(
         "impl_detail": layer.impl_detail,
     }
 
-    # 1. Correctness, before any timing.
+    # 1. Correctness, before any timing: the first call, then one on the unseen batch.
     with torch.no_grad():
         y_TD = layer(inputs[0])
-    stats = layer.global_stats()
-    traffic = layer.traffic()
-    y_full_TD = gather_rows(y_TD, bounds, group)
-    dropped_TK = layer._last_dropped_TK
-    keep_full_TK = None
-    if dropped_TK is not None:
-        keep_full_TK = gather_rows((~dropped_TK).to(torch.uint8), bounds, group).bool()
-    errors = [0.0, 0.0]
-    if rank == 0:
-        errors[0] = relative_error(y_full_TD, reference_output(weights, checked_TD, keep_full_TK))
-        if keep_full_TK is not None:
-            errors[1] = relative_error(y_full_TD, reference_output(weights, checked_TD))
-    rel_err, fidelity_err = _broadcast_floats(errors, device, group)
-    del y_TD, y_full_TD, weights, checked_TD
-    tolerance = TOLERANCE[case.dtype]
-    row.update(tolerance=tolerance, rel_err=rel_err)
+        stats = layer.global_stats()
+        traffic = layer.traffic()
+        first = check_call(y_TD, layer, case, bounds, group, device, (weights, checked_TD))
+        unseen = None
+        if not first.failed:
+            y_TD = layer(unseen_TD)
+            reference = (weights, unseen_full_TD)
+            unseen = check_call(y_TD, layer, case, bounds, group, device, reference)
+    del y_TD, weights, checked_TD, unseen_full_TD, unseen_TD
+    row.update(tolerance=TOLERANCE[case.dtype], rel_err=first.rel_err)
+    row["max_token_err"] = first.max_token_err
     if not info.exact:
-        row["fidelity_err"] = fidelity_err
-    if not rel_err <= tolerance:
+        row["fidelity_err"] = first.fidelity_err
+    if first.failed or (unseen is not None and unseen.failed):
         row["status"] = "mismatch"
         row["error"] = (
-            f"relative error {rel_err:.3g} > tolerance {tolerance:g} ({case.dtype}) on "
-            f"{world_size} ranks"
+            first.failure
+            if first.failed
+            else f"wrong on an input it was not timed on: {unseen and unseen.failure}"
         )
         return row if rank == 0 else None
     if stats is not None:
         row.update(stats.columns())
 
     # 2. Peak memory of one step, 3. latency, 4. the phase breakdown.
+    last: dict[int, torch.Tensor] = {}
+
     def step(i: int) -> object:
-        return layer(inputs[i % len(inputs)])
+        y_TD = layer(inputs[i % len(inputs)])
+        if i % len(inputs) == 0:
+            last[0] = y_TD  # the latest output on the first batch, for the drift check
+        return y_TD
 
     with torch.inference_mode():
         step(0)
         peak, added = peak_during(lambda: step(1), device)
         samples_ms = time_steps(step, device, plan, group)
+        drift = check_call(last.pop(0), layer, case, bounds, group, device, first)
+        if drift.failed:
+            row.update(status="mismatch", error=f"drifted during timing: {drift.failure}")
+            return row if rank == 0 else None
         repeats = max(1, min(BREAKDOWN_REPEATS, len(samples_ms)))
         phases = breakdown(layer, step, device, group, repeats)
         if layer.overlap:
