@@ -33,8 +33,9 @@ them, so `pytest --benchmark-compare` compares against a moebench run.
 
 The fixture builds the layer as `moebench run` does (the same weights, inputs, stacks and
 output check, `moebench.measure.case_run.check_first_call`): `moebench_layer.rel_err` and
-`.max_token_err` are its errors against the reference, `.ok` whether it passed and
-`.failure` why not; the check is not timed (gradients are checked by `moebench run`).
+`.max_token_err` are its errors against the reference, `.ok` whether it passed (on the
+first batch, and on one no timed call sees) and `.failure` why not; the check is not
+timed (gradients and drift during timing are checked by `moebench run`).
 The module imports torch only when a fixture or `moebench_cases` is used, so it is cheap
 to load in every pytest session.
 """
@@ -149,6 +150,14 @@ def build_layer(case: Case) -> BuiltLayer:
     layer = case_run.build_layer(case, weights)
     inputs = make_inputs(case, INPUT_ROTATIONS)
     first = case_run.check_first_call(case, layer, weights, inputs[0], _cache)
+    failure = first.failure
+    if failure is None:
+        # as `moebench run` does after timing: a batch no timed call sees (a layer right
+        # on its first batch alone, a routing plan kept from it, fails here)
+        (unseen_TD,) = make_inputs(case, 1, unseen=True)
+        unseen = case_run.check_first_call(case, layer, weights, unseen_TD, _cache, unseen=True)
+        if unseen.failure:
+            failure = f"wrong on an input it was not timed on: {unseen.failure}"
     built = BuiltLayer(
         case,
         weights,
@@ -158,7 +167,7 @@ def build_layer(case: Case) -> BuiltLayer:
         first.columns.get("fidelity_err"),
         case_run.TOLERANCE[case.dtype],
         max_token_err=first.columns.get("max_token_err"),
-        failure=first.failure,
+        failure=failure,
     )
     built._step = _make_step(case, layer, inputs)
     return built

@@ -255,3 +255,5 @@ def test_the_pytest_fixture_checks_as_moebench_run_does():
     assert wrong.max_token_err == pytest.approx(1.0)
     right = build_layer(tiny_case("grouped", dtype="bfloat16", batch=1, seq_len=4096))
     assert right.ok and right.failure is None
+    kept = build_layer(tiny_case("test-routing-kept"))  # right on its first batch alone
+    assert not kept.ok and kept.failure.startswith("wrong on an input it was not timed on")
