@@ -80,6 +80,21 @@ def build_routing_kept(weights, case):
     return _RoutingKeptFromFirstCall(weights, case)
 
 
+class _InputAsScratch(GroupedMoE):
+    """Right output, then x's buffer reused as scratch space (zeroed): the references
+    computed after the call, and every later call, would see another batch."""
+
+    def forward(self, x_TD):
+        y_TD = super().forward(x_TD)
+        x_TD.zero_()
+        return y_TD
+
+
+@register("test-input-scratch", family="test", description="writes into its input")
+def build_input_scratch(weights, case):
+    return _InputAsScratch(weights, case)
+
+
 class _JitterAfterFirstCall(MoEPPLayer):
     """MoE++, right on every call within bfloat16's tolerance: from the second call on its
     output carries 1% noise, as another summation order's rounding would. Stacked, the

@@ -80,6 +80,16 @@ def test_a_layer_right_only_on_its_first_input_is_a_mismatch(tmp_path):
     assert frame.loc["grouped", "status"] == "ok"
 
 
+def test_a_layer_that_writes_into_its_input_is_a_mismatch_and_spoils_no_other(tmp_path):
+    """Run first for its shape, a layer zeroing its input after use had the shared
+    reference computed on zeros: it passed, and the exact layers after it failed."""
+    frame = _run([tiny_case("test-input-scratch"), tiny_case("grouped")], tmp_path)
+    scratch = frame.loc["test-input-scratch"]
+    assert scratch["status"] == "mismatch" and "wrote into its input x" in scratch["error"]
+    assert scratch["rel_err"] < check.TOLERANCE["float32"]  # its output was right
+    assert frame.loc["grouped", "status"] == "ok"
+
+
 def test_variants_skip_the_gradient_check_with_a_reason(tmp_path):
     frame = _run([tiny_case("dense", mode="train"), tiny_case("capacity", mode="train")], tmp_path)
     assert set(frame["status"]) == {"ok"}

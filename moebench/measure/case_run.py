@@ -121,7 +121,10 @@ def check_first_call(
     with torch.no_grad():
         if stacked:
             layer.record = True
+        given_TD = x_TD.clone()  # what the references see, whatever the layer does to x
         y = layer(x_TD)
+        overwrote = not torch.equal(x_TD, given_TD)
+        x_TD = given_TD
         recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
         if stacked:
             layer.record, recorded, layer.recorded = False, layer.recorded or [], None
@@ -155,6 +158,10 @@ def check_first_call(
             if failure is None and layer_check.failure:
                 failure = f"layer {index} of {len(recorded)}: {layer_check.failure}"
         columns.update(rel_err=checked.rel_err, max_token_err=worst_token)
+    if overwrote:
+        # Checked on the batch as given (the references, which the impls of a shape share,
+        # are computed on it), it may pass; the timed calls would reuse a changed batch.
+        failure = "it wrote into its input x (in place); a layer's input is read-only"
     return FirstCall(columns, failure, expected, ties, modules, module_stats)
 
 

@@ -25,6 +25,9 @@ of the variant's own design (a variant registered with `reference=`):
   call and wrong later (a race) fails as "drifted during timing". A stack instead gets
   one more call after timing, checked layer by layer as its first: its later layers'
   inputs differ from the first call's by rounding, which may flip near-tied choices.
+- input untouched: the first call must leave its input as it was (the references are
+  computed on the batch as given, shared by the impls of a shape, and the timed calls
+  reuse the batch): a layer that writes into x fails, whatever its output.
 - unseen input: then one call on an input batch no call has seen (another seed,
   `make_inputs(..., unseen=True)`), checked as the first call is: a layer that keeps what
   it worked out on its first batch (a routing plan cached by shape) is right on that
