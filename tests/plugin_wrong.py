@@ -95,6 +95,30 @@ def build_input_scratch(weights, case):
     return _InputAsScratch(weights, case)
 
 
+class _Float32Output(GroupedMoE):
+    """Computes in the case's dtype and hands back float32 (an upcast epilogue)."""
+
+    def forward(self, x_TD):
+        return super().forward(x_TD).float()
+
+
+@register("test-float32-output", family="test", description="returns float32")
+def build_float32_output(weights, case):
+    return _Float32Output(weights, case)
+
+
+class _LastTokenLost(GroupedMoE):
+    """One row short (a grid that rounds the token count down)."""
+
+    def forward(self, x_TD):
+        return super().forward(x_TD)[:-1]
+
+
+@register("test-last-token-lost", family="test", description="one row short", exact=False)
+def build_last_token_lost(weights, case):
+    return _LastTokenLost(weights, case)
+
+
 class _JitterAfterFirstCall(MoEPPLayer):
     """MoE++, right on every call within bfloat16's tolerance: from the second call on its
     output carries 1% noise, as another summation order's rounding would. Stacked, the

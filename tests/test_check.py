@@ -90,6 +90,23 @@ def test_a_layer_that_writes_into_its_input_is_a_mismatch_and_spoils_no_other(tm
     assert frame.loc["grouped", "status"] == "ok"
 
 
+def test_an_output_of_another_shape_or_dtype_is_a_mismatch(tmp_path):
+    """The output is the input's shape, dtype and device: a bfloat16 case answered in
+    float32 passed the numbers; a variant one row short ended in a broadcasting error."""
+    frame = _run(
+        [tiny_case("test-float32-output", dtype="bfloat16"), tiny_case("test-last-token-lost")],
+        tmp_path,
+    )
+    upcast = frame.loc["test-float32-output"]
+    assert upcast["status"] == "mismatch"
+    assert upcast["error"] == (
+        "its output is (16, 32) float32 on cpu; a layer returns its input's shape, dtype "
+        "and device: (16, 32) bfloat16 on cpu"
+    )
+    short = frame.loc["test-last-token-lost"]
+    assert short["status"] == "mismatch" and short["error"].startswith("its output is (15, 32)")
+
+
 def test_variants_skip_the_gradient_check_with_a_reason(tmp_path):
     frame = _run([tiny_case("dense", mode="train"), tiny_case("capacity", mode="train")], tmp_path)
     assert set(frame["status"]) == {"ok"}

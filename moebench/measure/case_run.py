@@ -125,13 +125,14 @@ def check_first_call(
         y = layer(x_TD)
         overwrote = not torch.equal(x_TD, given_TD)
         x_TD = given_TD
+        misshapen = _output_problem(y, x_TD)
         recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
         if stacked:
             layer.record, recorded, layer.recorded = False, layer.recorded or [], None
         # Each layer's routing of this call: the balance columns and the counts.
         modules = list(layer.layers) if stacked else [layer]
         module_stats = [m.stats() if hasattr(m, "stats") else None for m in modules]
-        if not info.exact:
+        if not info.exact and not misshapen:
             # fidelity: the distance from the base layer's function, end to end
             columns["fidelity_err"] = relative_error(y, cache.reference(case, x_TD, unseen))
         layer_inputs = [x for x, _ in recorded] if recorded else None
@@ -146,6 +147,8 @@ def check_first_call(
                 expected = y if reference is None else reference(weights, x_TD, case)
         ties = check.routing_ties(weights[0], x_TD)
     failure = None
+    if misshapen:  # nothing to compare number by number
+        return FirstCall(columns, misshapen, expected, ties, modules, module_stats)
     if info.exact or info.reference is not None:
         checked = check.check_output(y, expected, case.dtype, ties)
         failure, worst_token = checked.failure, checked.max_token_err
@@ -163,6 +166,21 @@ def check_first_call(
         # are computed on it), it may pass; the timed calls would reuse a changed batch.
         failure = "it wrote into its input x (in place); a layer's input is read-only"
     return FirstCall(columns, failure, expected, ties, modules, module_stats)
+
+
+def _output_problem(y: Any, x_TD: torch.Tensor) -> str | None:
+    """Why `y` is not an output of the layer's contract (a tensor of the input's shape,
+    dtype and device), or None."""
+    if not isinstance(y, torch.Tensor):
+        return f"its output is a {type(y).__name__}, not a tensor"
+    found = (tuple(y.shape), y.dtype, y.device)
+    if found != (tuple(x_TD.shape), x_TD.dtype, x_TD.device):
+        return (
+            f"its output is {found[0]} {str(y.dtype).removeprefix('torch.')} on {y.device}; "
+            f"a layer returns its input's shape, dtype and device: {tuple(x_TD.shape)} "
+            f"{str(x_TD.dtype).removeprefix('torch.')} on {x_TD.device}"
+        )
+    return None
 
 
 def _step_fn(case: Case, layer: torch.nn.Module, inputs: list[torch.Tensor], last: dict):

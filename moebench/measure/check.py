@@ -25,6 +25,8 @@ of the variant's own design (a variant registered with `reference=`):
   call and wrong later (a race) fails as "drifted during timing". A stack instead gets
   one more call after timing, checked layer by layer as its first: its later layers'
   inputs differ from the first call's by rounding, which may flip near-tied choices.
+- output contract: the output is a tensor of the input's shape, dtype and device (a
+  bfloat16 case answered in float32 is another layer; a row short, no layer at all).
 - input untouched: the first call must leave its input as it was (the references are
   computed on the batch as given, shared by the impls of a shape, and the timed calls
   reuse the batch): a layer that writes into x fails, whatever its output.
