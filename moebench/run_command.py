@@ -31,7 +31,9 @@ RUN_EXAMPLES = """examples:
 """
 RUN_EXITS = """exit codes:
   0    every case ran (a case that failed is a row with its status and error)
-  1    --strict, and a case is not ok
+  1    --strict, and a case is not ok; or a case's results could not be written
+       (a full disk): the cases written are kept, and the command that
+       resumes the run is printed
   2    bad input, one line each: a suite that does not load (file, table, key
        and what is allowed), a --filter that matches nothing, a bad --out or
        --shard, a --resume of another suite's run, of a run in use or of an
@@ -220,6 +222,15 @@ def main(args: argparse.Namespace, console: Console) -> int:
     if outcome.skipped:
         say(console, f"{outcome.skipped} cases already done in {outcome.run_id} were skipped")
     failed = [r for r in outcome.rows if r.get("status") != "ok"]
+    if outcome.write_failure:
+        written = len(list((outcome.run_dir / "parts").glob("*.parquet")))
+        error(
+            console,
+            f"{outcome.write_failure}: the run stopped; the {written} cases written are "
+            f"kept in {outcome.run_dir}; make room, then continue with "
+            f"`{resume_command(run_argv, outcome.run_id)}`",
+        )
+        return EXIT_FAIL
     say(
         console,
         f"{len(outcome.rows) - len(failed)} ok, {len(failed)} not ok; results: "

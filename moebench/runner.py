@@ -37,7 +37,7 @@ from moebench.measure.phases import named_range
 from moebench.measure.profile import NO_PROFILE, ProfileOptions, save_profile
 from moebench.measure.timing import TimingPlan
 from moebench.resume import open_for_resume
-from moebench.store import ResultStore, new_run_id
+from moebench.store import ResultStore, StoreError, new_run_id
 
 WORKER_START_TIMEOUT_S = 180.0
 # A CPU case whose one call does less work than this runs on one thread: waking a thread
@@ -337,6 +337,9 @@ class RunOutcome:
     interrupted: bool = False
     interrupted_by: str | None = None  # "Ctrl-C", "SIGTERM" or "SIGHUP"
     results_path: Path | None = None
+    # Why the run stopped before its last case: its results could not be written (a full
+    # disk); the cases written before are kept, and a resume finishes the run.
+    write_failure: str | None = None
 
 
 def run_cases(
@@ -470,6 +473,8 @@ def run_cases(
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (moebench.interrupt)
         outcome.interrupted = True
         outcome.interrupted_by = interrupt_name(exc)
+    except StoreError as exc:  # a case's row could not be written: stop, keep the rest
+        outcome.write_failure = str(exc)
     finally:
         ranks.close()
         executor.close()
@@ -478,9 +483,13 @@ def run_cases(
         meta_all["finished_at"] = datetime.now(UTC).isoformat()
         meta_all["load_end"] = machine_load()
         meta_all["interrupted"] = outcome.interrupted
-        store.write_meta(meta_all)
-        outcome.results_path = store.consolidate(warn)
-        store.unlock()
+        try:
+            store.write_meta(meta_all)
+            outcome.results_path = store.consolidate(warn)
+        except StoreError as exc:  # the parts written are the results: a resume joins them
+            outcome.write_failure = outcome.write_failure or str(exc)
+        finally:
+            store.unlock()
     return outcome
 
 

@@ -218,11 +218,24 @@ def row_table(row: dict[str, Any], metadata: dict[str, Any] | None = None) -> pa
 
 
 def _atomic_write(table: pa.Table, path: Path) -> None:
+    """`table` as the parquet file `path`: written beside it, then renamed over it, so a
+    kill leaves the old file or the new. StoreError naming the file when it cannot be
+    written (a full disk, a folder gone read-only), the half-written temporary removed."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path}: {_why(exc)}") from exc
+
+
+def _why(exc: OSError) -> str:
+    """The reason of an OSError in words ("No space left on device"), without pyarrow's
+    decoration of it."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 class ResultStore:
@@ -313,10 +326,15 @@ class ResultStore:
         return dict(line.partition("\t")[::2] for line in lines if line)
 
     def write_meta(self, meta: dict[str, Any]) -> None:
+        """run.json, atomically; StoreError naming it when it cannot be written."""
         meta = {**meta, "schema_version": SCHEMA_VERSION}
         tmp = self.run_dir / ".run.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2, default=str))
-        os.replace(tmp, self.run_dir / "run.json")
+        try:
+            tmp.write_text(json.dumps(meta, indent=2, default=str))
+            os.replace(tmp, self.run_dir / "run.json")
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write {self.run_dir / 'run.json'}: {_why(exc)}") from exc
 
     def read_meta(self) -> dict[str, Any]:
         """run.json ({} where there is none); StoreError when it is not a JSON object."""

@@ -224,3 +224,47 @@ def test_killed_run_resumes_with_every_case_once(tmp_path, how):
     assert f"{done} cases already done" in output
     frame = read_run(run_dir)
     assert len(frame) == 6 and frame["case_id"].is_unique and set(frame["status"]) == {"ok"}
+
+
+def test_a_full_disk_stops_the_run_and_keeps_what_was_written(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """No space for the third case's row: the run stops with one line naming the file and
+    the resume command (it ended in a traceback), the two rows written are kept, no
+    half-written temporary is left, and the resume, with room again, finishes the run."""
+    import errno
+
+    import moebench.store
+
+    suite = tmp_path / "tiny.toml"
+    suite.write_text(TINY_SUITE.replace("top_k = 2", "top_k = [1, 2]"))  # 4 cases
+    real_write = moebench.store.pq.write_table
+    written: list[str] = []
+
+    def full_after_two_parts(table, where, *args, **kwargs):
+        if "parts" in str(where) and len(written) >= 2:
+            Path(where).write_bytes(b"PAR1 half")  # what a full disk leaves
+            raise OSError(errno.ENOSPC, "Error writing bytes to file")
+        written.append(str(where))
+        return real_write(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(moebench.store.pq, "write_table", full_after_two_parts)
+    out = tmp_path / "results"
+    argv = ["run", str(suite), "--out", str(out), "--in-process", "--quiet"]
+    assert cli_main(argv) == 1
+    printed = " ".join(capsys.readouterr().out.split())
+    (run_dir,) = out.iterdir()
+    assert (
+        "error: cannot write " in printed
+        and ": No space left on device: the run stopped;" in printed
+    )
+    assert f"the 2 cases written are kept in {run_dir}" in printed
+    resume = f"moebench run {suite} --out {out} --in-process --quiet --resume {run_dir.name}"
+    assert f"continue with `{resume}`" in printed
+    assert sorted(p.name for p in (run_dir / "parts").iterdir()) == sorted(
+        Path(w).name.split(".", 2)[1] + ".parquet" for w in written if "parts" in w
+    )  # the two rows; no temporary left
+    monkeypatch.setattr(moebench.store.pq, "write_table", real_write)  # room again
+    assert cli_main([*argv, "--resume", run_dir.name]) == 0
+    frame = read_run(run_dir)
+    assert len(frame) == 4 and set(frame["status"]) == {"ok"}
