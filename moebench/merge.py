@@ -17,6 +17,7 @@ Missing shards are reported, not refused (a partial merge is still a run).
 from __future__ import annotations
 
 import argparse
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,21 @@ def merge_runs(
             owner[case_id] = name
     first = runs[0][1]
     store = ResultStore.create(out, new_run_id(str(first.get("suite") or "merged")))
+    try:
+        _write_merged(store, runs, first, len(owner))
+    except StoreError:  # a full disk, say: no half-merged run is left behind
+        shutil.rmtree(store.run_dir, ignore_errors=True)
+        raise
+    return store, notes
+
+
+def _write_merged(
+    store: ResultStore,
+    runs: list[tuple[str, dict[str, Any], pa.Table]],
+    first: dict[str, Any],
+    cases: int,
+) -> None:
+    """Every run's rows as parts of `store` (their run_id its own), run.json, results."""
     for _, _, table in runs:
         ids = pa.array([store.run_id] * len(table), type=pa.string())
         table = table.set_column(table.column_names.index("run_id"), "run_id", ids)
@@ -127,7 +143,7 @@ def merge_runs(
             "started_at": min(str(m.get("started_at")) for m in metas),
             "finished_at": max(str(m.get("finished_at")) for m in metas),
             "merged_at": datetime.now(UTC).isoformat(),
-            "cases_total": len(owner),
+            "cases_total": cases,
             "merged_from": [
                 {
                     "run_id": meta.get("run_id"),
@@ -141,7 +157,6 @@ def merge_runs(
         }
     )
     store.consolidate()
-    return store, notes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -164,3 +164,30 @@ def test_merge_prints_the_folder_it_wrote_as_written(
     assert cli_main(["merge", *map(str, shard_dirs), "--out", str(out)]) == 0
     (merged_dir,) = out.iterdir()
     assert f"merged 2 runs, 4 cases: {merged_dir}" in capsys.readouterr().out
+
+
+def test_a_merge_that_cannot_be_written_leaves_nothing(
+    tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A full disk half-way through a merge: one line naming the file, exit 2, and no
+    half-merged run left beside the shards."""
+    import errno
+
+    import moebench.store
+
+    a = _fake_run(tmp_path, "a", "smoke", ["c1", "c2"])
+    b = _fake_run(tmp_path, "b", "smoke", ["c3"])
+    real_write = moebench.store.pq.write_table
+    calls = []
+
+    def full_after_one(table, where, *args, **kwargs):
+        calls.append(where)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "Error writing bytes to file")
+        return real_write(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(moebench.store.pq, "write_table", full_after_one)
+    assert cli_main(["merge", str(a), str(b)]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "error: cannot write " in out and "No space left on device" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
