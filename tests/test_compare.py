@@ -428,6 +428,19 @@ def test_bad_input_exits_2_with_a_message(
     assert "error:" in out and message in out
 
 
+def test_an_output_file_that_cannot_be_written_is_named(
+    good_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], rng: np.random.Generator
+) -> None:
+    """--json into a place that cannot take it: the file is named (it said "cannot write
+    output"), exit 2."""
+    other = write_run(tmp_path, "other", synthetic_rows(rng, "other"))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    target = blocked / "compare.json"  # under a file, not a folder
+    assert run_cli(str(good_run), str(other), "--json", str(target)) == 2
+    assert f"error: cannot write {target}:" in " ".join(capsys.readouterr().out.split())
+
+
 def test_malformed_parquet_exits_2(
     good_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

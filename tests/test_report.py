@@ -345,6 +345,30 @@ def test_cli_writes_the_report_and_refuses_bad_input(runs, tmp_path, capsys, mon
     assert "pip install 'moebench[report]'" in printed(capsys)
 
 
+def test_a_page_that_cannot_be_written_is_one_line_and_no_file(
+    runs, tmp_path, capsys, monkeypatch
+):
+    """A full disk while writing the page: one line naming the file (it was a traceback),
+    exit 2, and no half-written page or temporary."""
+    import errno
+    from pathlib import Path
+
+    root, first, _ = runs
+    real_write_text = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.endswith(".tmp"):
+            real_write_text(self, "<html>half", encoding="utf-8")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    out = tmp_path / "full" / "r.html"
+    assert cli_main(["report", first, "--root", str(root), "-o", str(out)]) == 2
+    assert f"error: cannot write {out}: No space left on device" in printed(capsys)
+    assert list(out.parent.iterdir()) == []
+
+
 def printed(capsys) -> str:
     """What the command printed, with rich's line wrapping undone."""
     return " ".join(capsys.readouterr().out.split())

@@ -178,13 +178,14 @@ def main(args: argparse.Namespace, console: Console) -> int:
             say(
                 console, (result.verdict, VERDICT_STYLE[result.verdict]), gate, " ", result.sentence
             )
-    try:
-        for path, text in ((args.markdown, markdown(report)), (args.json, dumps(report))):
-            if path:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                Path(path).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        error(console, f"cannot write output: {exc}")
-        return EXIT_BAD_INPUT
+    for path, text in ((args.markdown, markdown(report)), (args.json, dumps(report))):
+        if not path:
+            continue
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            error(console, f"cannot write {path}: {exc.strerror or exc}")
+            return EXIT_BAD_INPUT
     say(console, (report.summary(), "bold" if report.passed else "bold red"))
     return EXIT_OK if report.passed else EXIT_REGRESSION

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from moebench.report.data import ReportData, load_runs
+from moebench.store import StoreError
 
 MANIFEST_RE = re.compile(
     r'<script type="application/json" id="moebench-manifest">(.*?)</script>', re.S
@@ -58,13 +59,19 @@ def write_report(
 ) -> ReportResult:
     """Read the runs named by `specs`, render the page and write it to `output` atomically.
 
-    Raises `moebench.store.StoreError` for a run that cannot be found or read.
+    Raises `moebench.store.StoreError` for a run that cannot be found or read, or a page
+    that cannot be written (naming the file; a full disk leaves no partial page).
     """
     data = load_runs(specs, root)
     page, sections = render_report(data)
     path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StoreError(f"cannot write {path}: {reason}") from exc
     return ReportResult(path, path.stat().st_size, read_manifest(page), sections)
