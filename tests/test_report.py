@@ -345,9 +345,7 @@ def test_cli_writes_the_report_and_refuses_bad_input(runs, tmp_path, capsys, mon
     assert "pip install 'moebench[report]'" in printed(capsys)
 
 
-def test_a_page_that_cannot_be_written_is_one_line_and_no_file(
-    runs, tmp_path, capsys, monkeypatch
-):
+def test_a_page_that_cannot_be_written_is_one_line_and_no_file(runs, tmp_path, capsys, monkeypatch):
     """A full disk while writing the page: one line naming the file (it was a traceback),
     exit 2, and no half-written page or temporary."""
     import errno
