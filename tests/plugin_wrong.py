@@ -119,6 +119,35 @@ def build_last_token_lost(weights, case):
     return _LastTokenLost(weights, case)
 
 
+class _AccumulatedBackward(torch.autograd.Function):
+    """Passes the output's gradient on times the number of backwards so far: a backward
+    workspace added into and never cleared between steps."""
+
+    @staticmethod
+    def forward(ctx, y_TD, layer):
+        ctx.layer = layer
+        return y_TD.clone()
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        ctx.layer.backwards += 1
+        return grad_TD * ctx.layer.backwards, None
+
+
+class _GradientsRightOnce(GroupedMoE):
+    """Right forward; right gradients on the first training step, wrong on the later."""
+
+    backwards = 0
+
+    def forward(self, x_TD):
+        return _AccumulatedBackward.apply(super().forward(x_TD), self)
+
+
+@register("test-gradients-right-once", family="test", description="backward right once")
+def build_gradients_right_once(weights, case):
+    return _GradientsRightOnce(weights, case)
+
+
 class _JitterAfterFirstCall(MoEPPLayer):
     """MoE++, right on every call within bfloat16's tolerance: from the second call on its
     output carries 1% noise, as another summation order's rounding would. Stacked, the

@@ -107,6 +107,21 @@ def test_an_output_of_another_shape_or_dtype_is_a_mismatch(tmp_path):
     assert short["status"] == "mismatch" and short["error"].startswith("its output is (15, 32)")
 
 
+def test_gradients_right_on_the_checked_step_alone_are_a_mismatch(tmp_path):
+    """A backward that accumulates into a workspace it never clears is right on the one
+    step the gradient check sees; after timing, one more step is held to that one."""
+    frame = _run(
+        [tiny_case("test-gradients-right-once", mode="train"), tiny_case("grouped", mode="train")],
+        tmp_path,
+    )
+    wrong = frame.loc["test-gradients-right-once"]
+    assert wrong["grad_check"].startswith("ok")  # the checked step was right
+    assert wrong["status"] == "mismatch" and pd.isna(wrong["latency_ms"])
+    assert wrong["error"].startswith("gradients drifted during timing: gradient of ")
+    assert "against the checked step's" in wrong["error"]
+    assert frame.loc["grouped", "status"] == "ok"
+
+
 def test_variants_skip_the_gradient_check_with_a_reason(tmp_path):
     frame = _run([tiny_case("dense", mode="train"), tiny_case("capacity", mode="train")], tmp_path)
     assert set(frame["status"]) == {"ok"}

@@ -257,8 +257,11 @@ def measure_case(
     row.update(first.columns)
     if first.failure:
         return _mismatch(row, first.failure)
+    checked_gradients: dict[str, torch.Tensor | None] = {}
     if case.workload.mode == "train":
-        columns, failure = check.gradient_columns(info.exact, layer, weights, inputs[0], case)
+        columns, failure, checked_gradients = check.gradient_columns(
+            info.exact, layer, weights, inputs[0], case
+        )
         row.update(columns)
         if failure:
             return _mismatch(row, failure)
@@ -295,6 +298,12 @@ def measure_case(
         unseen = check_first_call(case, layer, weights, unseen_TD, cache, unseen=True).failure
         if unseen:
             return _mismatch(row, f"wrong on an input it was not timed on: {unseen}")
+        if checked_gradients:  # a train case's gradients, after as many steps as were timed
+            later = check.later_gradients(
+                layer, weights, inputs[0], case.dtype, case.seed, checked_gradients
+            )
+            if later:
+                return _mismatch(row, f"gradients drifted during timing: {later}")
         energy = _energy(step, device) if device.type == "cuda" else None
         # 3b. Where the time goes: phases (and with --profile a profiler pass), after timing.
         mode = case.workload.mode

@@ -30,6 +30,12 @@ of the variant's own design (a variant registered with `reference=`):
 - input untouched: the first call must leave its input as it was (the references are
   computed on the batch as given, shared by the impls of a shape, and the timed calls
   reuse the batch): a layer that writes into x fails, whatever its output.
+- gradients after timing (train cases of exact layers): one more forward and backward on
+  the checked batch, with the checked step's upstream gradient, each gradient held to the
+  checked step's own (a strided sample of about GRAD_SAMPLE elements of each, every
+  expert's rows and columns): a backward right on its first step only (a workspace never
+  cleared) fails as "gradients drifted during timing". Against the layer's own checked
+  step, not the reference again, so it costs one step.
 - unseen input: then one call on an input batch no call has seen (another seed,
   `make_inputs(..., unseen=True)`), checked as the first call is: a layer that keeps what
   it worked out on its first batch (a routing plan cached by shape) is right on that
@@ -159,12 +165,19 @@ def check_output(
 # ----------------------------------------------------------------------------- gradients
 
 
+# Elements of each gradient kept from the checked step (a strided sample, every expert's
+# rows and columns alike), to hold the steps after timing to it (`later_gradients`).
+GRAD_SAMPLE = 1 << 20
+
+
 @dataclass
 class GradCheck:
-    """Relative errors of each checked gradient, and the failures found."""
+    """Relative errors of each checked gradient, and the failures found; `samples`: each
+    gradient of the checked step, sampled (`sample_gradient`)."""
 
     errors: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    samples: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
     @property
     def worst(self) -> float:
@@ -294,17 +307,12 @@ def check_gradients(
             result.failures.append(f"gradient not checkable: {where}{collect}")
             return result
         collectors.append(collect)
-    generator = torch.Generator(device=x_TD.device).manual_seed(seed + 17)
-    g_TD = torch.randn(x_TD.shape, generator=generator, device=x_TD.device).to(x_TD.dtype)
-    x_leaf = x_TD.detach().clone().requires_grad_(True)
-    for p in layer.parameters():
-        p.grad = None
-    with torch.enable_grad():
-        layer(x_leaf).backward(g_TD)
-    got = [collect() for collect in collectors]
+    g_TD = _upstream_gradient(x_TD, seed)
+    got, grad_x = _step_gradients(layer, collectors, x_TD, g_TD)
+    result.samples = _samples(got, grad_x)
     errors = _Errors()
     ref_grad_x = _reference_backward(weights_list, x_TD, g_TD.float(), got, errors)
-    errors.add("input", x_leaf.grad, ref_grad_x)
+    errors.add("input", grad_x, ref_grad_x)
     for p in layer.parameters():
         p.grad = None
     result.errors = dict(sorted(errors.relative().items()))
@@ -325,6 +333,93 @@ def check_gradients(
             f"({dtype}){why}"
         )
     return result
+
+
+def _upstream_gradient(x_TD: torch.Tensor, seed: int) -> torch.Tensor:
+    """The seeded gradient of the layer's output that the gradient checks backpropagate."""
+    generator = torch.Generator(device=x_TD.device).manual_seed(seed + 17)
+    return torch.randn(x_TD.shape, generator=generator, device=x_TD.device).to(x_TD.dtype)
+
+
+def _step_gradients(
+    layer: torch.nn.Module,
+    collectors: list[Callable[[], dict[str, torch.Tensor | None]]],
+    x_TD: torch.Tensor,
+    g_TD: torch.Tensor,
+) -> tuple[list[dict[str, torch.Tensor | None]], torch.Tensor | None]:
+    """One forward and backward of `layer` on x_TD with upstream gradient g_TD: each
+    module's weight gradients (weight-set layout) and the input's gradient."""
+    x_leaf = x_TD.detach().clone().requires_grad_(True)
+    for p in layer.parameters():
+        p.grad = None
+    with torch.enable_grad():
+        layer(x_leaf).backward(g_TD)
+    return [collect() for collect in collectors], x_leaf.grad
+
+
+def sample_gradient(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """About GRAD_SAMPLE elements of `grad` in float32: every f-th row and column of each
+    matrix (every expert's), taken through a strided view, so a gradient of many GB is
+    not copied whole."""
+    if grad is None:
+        return None
+    grad = grad.detach()
+    factor = max(1, math.ceil(math.sqrt(grad.numel() / GRAD_SAMPLE)))
+    view = grad[..., ::factor, ::factor] if grad.dim() >= 2 else grad[:: factor * factor]
+    return view.float().clone()
+
+
+def _samples(
+    got: list[dict[str, torch.Tensor | None]], grad_x: torch.Tensor | None
+) -> dict[str, torch.Tensor | None]:
+    stacked = len(got) > 1
+    samples = {
+        (f"layer{index}.{name}" if stacked else name): sample_gradient(grad)
+        for index, grads in enumerate(got)
+        for name, grad in grads.items()
+    }
+    samples["input"] = sample_gradient(grad_x)
+    return samples
+
+
+def later_gradients(
+    layer: torch.nn.Module,
+    weights_list: list[ExpertWeights],
+    x_TD: torch.Tensor,
+    dtype: str,
+    seed: int,
+    checked: dict[str, torch.Tensor | None],
+) -> str | None:
+    """One more forward and backward on the checked batch, with the checked step's
+    upstream gradient, its gradients held to the checked step's samples (`checked`,
+    `GradCheck.samples`) within GRAD_TOLERANCE: a layer whose backward goes wrong after
+    its first step (a workspace accumulated into and never cleared) fails. The failures
+    in a sentence, or None. Leaves no gradient behind."""
+    found = [weight_grads(m, w) for m, w in zip(layer_modules(layer), weights_list)]
+    collectors = [collect for collect in found if not isinstance(collect, str)]
+    if len(collectors) < len(found):
+        return None  # not checkable at all: the first check said so
+    got, grad_x = _step_gradients(layer, collectors, x_TD, _upstream_gradient(x_TD, seed))
+    later = _samples(got, grad_x)
+    for p in layer.parameters():
+        p.grad = None
+    failures = []
+    for name, first in checked.items():
+        now = later.get(name)
+        if first is None or now is None:
+            if (first is None) != (now is None):
+                failures.append(f"gradient of {name}: {'none' if now is None else 'one'} now")
+            continue
+        scale = float(torch.linalg.vector_norm(first))
+        error = float(torch.linalg.vector_norm(now - first)) / scale if scale else 0.0
+        if not torch.isfinite(now).all():
+            error = math.inf
+        if not error <= GRAD_TOLERANCE[dtype]:
+            failures.append(
+                f"gradient of {name}: relative error {error:.3g} against the checked step's "
+                f"> tolerance {GRAD_TOLERANCE[dtype]:g} ({dtype})"
+            )
+    return "; ".join(failures) or None
 
 
 def _reference_backward(
@@ -408,15 +503,17 @@ def gradient_columns(
     weights_list: list[ExpertWeights],
     x_TD: torch.Tensor,
     case: Case,
-) -> tuple[dict[str, object], str | None]:
+) -> tuple[dict[str, object], str | None, dict[str, torch.Tensor | None]]:
     """The gradient check of a train case: (`grad_err`, `grad_check` columns; the failure
-    sentence or None). A variant is not the reference function and its design reference
-    has no autograd path: skipped, with the reason in `grad_check`."""
+    sentence or None; the checked step's gradient samples, for `later_gradients`). A
+    variant is not the reference function and its design reference has no autograd path:
+    skipped, with the reason in `grad_check`."""
     if not exact:
-        return {"grad_check": "skipped: a variant (its design reference has no gradients)"}, None
+        skipped = "skipped: a variant (its design reference has no gradients)"
+        return {"grad_check": skipped}, None, {}
     result = check_gradients(layer, weights_list, x_TD, case.dtype, case.seed)
     columns: dict[str, object] = {
         "grad_err": result.worst,
         "grad_check": "failed" if result.failures else f"ok ({len(result.errors)} gradients)",
     }
-    return columns, "; ".join(result.failures) or None
+    return columns, "; ".join(result.failures) or None, result.samples
