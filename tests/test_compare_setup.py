@@ -35,6 +35,24 @@ def test_compare_warns_when_the_setups_differ(
     assert text.count("⚠️ **warning:**") == 3
 
 
+def test_compare_says_when_the_runs_are_of_different_suites(
+    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Runs of two suites: the shared cases are compared, and the warning says so (it
+    said only "N new, M missing")."""
+    base = _run(tmp_path, rng, "base", "cpu", suite="smoke")
+    cand = _run(tmp_path, rng, "cand", "cpu", suite="fused-moe")
+    same = _run(tmp_path, rng, "same", "cpu", suite="smoke")
+    assert run_cli(str(base), str(cand), "--quiet") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert (
+        "warning: the runs are of different suites: smoke (baseline) vs fused-moe "
+        "(candidate); only the cases both hold are compared"
+    ) in out
+    assert run_cli(str(base), str(same), "--quiet") == 0
+    assert "different suites" not in capsys.readouterr().out
+
+
 def test_compare_warns_when_the_l2_flush_differs(
     tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
 ) -> None:

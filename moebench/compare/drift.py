@@ -148,10 +148,20 @@ HOST_SPEED_NOTE = 1.25
 
 
 def environment_differences(baseline: Mapping[str, Any], candidate: Mapping[str, Any]) -> list[str]:
-    """Sentences naming what differs between two runs' environments: torch, CUDA,
-    driver, GPU, the timer's L2 flush and timed warm-up, CPU model, dependent launch and
-    fast launch of moebench's Triton kernels, CPU threads (facts one of them lacks are not
-    compared); and hosts whose speed differs by HOST_SPEED_NOTE or more."""
+    """Sentences naming what differs between two runs' setups: the suite they ran, then
+    their environments: torch, CUDA, driver, GPU, the timer's L2 flush and timed warm-up,
+    CPU model, dependent launch and fast launch of moebench's Triton kernels, CPU threads
+    (facts one of them lacks are not compared); and hosts whose speed differs by
+    HOST_SPEED_NOTE or more."""
+    suites = [baseline.get("suite"), candidate.get("suite")]
+    other_suite = (
+        [
+            f"the runs are of different suites: {suites[0]} (baseline) vs {suites[1]} "
+            "(candidate); only the cases both hold are compared"
+        ]
+        if all(suites) and suites[0] != suites[1]
+        else []
+    )
     base_env = baseline.get("environment") or {}
     cand_env = candidate.get("environment") or {}
     pairs = [(label, base_env.get(key), cand_env.get(key)) for label, key in ENVIRONMENT_FACTS]
@@ -166,7 +176,7 @@ def environment_differences(baseline: Mapping[str, Any], candidate: Mapping[str,
         if base not in (None, "") and cand not in (None, "") and base != cand
     ]
     host = _host_speed(baseline, candidate)
-    return found if host is None else [*found, host]
+    return [*other_suite, *found] if host is None else [*other_suite, *found, host]
 
 
 def _host_speed(baseline: Mapping[str, Any], candidate: Mapping[str, Any]) -> str | None:
