@@ -214,8 +214,8 @@ def check_call(
     rank = dist.get_rank(group)
     y_full_TD = gather_rows(y_TD, bounds, group)
     keep_full_TK = None
-    against_earlier = isinstance(reference, _CallCheck)  # the same on every rank
-    if not against_earlier and layer._last_dropped_TK is not None:
+    # the same on every rank, so every rank takes part in the same gathers
+    if not isinstance(reference, _CallCheck) and layer._last_dropped_TK is not None:
         kept_TK = (~layer._last_dropped_TK).to(torch.uint8)  # this call's drops
         keep_full_TK = gather_rows(kept_TK, bounds, group).bool()
     values, failure, expected, ties = [0.0, 0.0, 0.0, 0.0], None, None, None
