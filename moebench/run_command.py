@@ -152,6 +152,14 @@ def main(args: argparse.Namespace, console: Console) -> int:
         return EXIT_BAD_INPUT
     if distributed.is_follower():
         return distributed.follow(tuple(args.plugin))
+    if args.resume:  # an unknown run id is said before the run's header, not after it
+        from moebench.store import ResultStore, StoreError
+
+        try:
+            ResultStore.open(args.out, args.resume)
+        except StoreError as exc:
+            error(console, exc)
+            return EXIT_BAD_INPUT
     gpus = None
     if args.devices:
         from moebench.devices import DevicesError, parse_devices

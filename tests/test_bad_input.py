@@ -269,7 +269,9 @@ def test_resume_of_a_run_in_use_is_refused(run_copy, tmp_path, capsys):
 def test_unknown_run_id_lists_the_runs(run_copy, tmp_path, capsys):
     code, output = _resume(capsys, tmp_path, "nope")
     assert code == 2
-    assert f"no run 'nope' under {tmp_path / 'results'}; runs there: {run_copy.name}" in output
+    assert output.startswith(  # said first, not after the run's header
+        f"error: no run 'nope' under {tmp_path / 'results'}; runs there: {run_copy.name}"
+    )
     code, output = _resume(capsys, tmp_path, "../../../etc")
     assert code == 2 and "run id '../../../etc' cannot name a folder" in output
 
