@@ -38,7 +38,8 @@ from moebench.compare import (
     run_from_frame,
 )
 from moebench.compare.bootstrap import Side, ratio_ci
-from moebench.store import ResultStore, row_table
+from moebench.results_schema import row_table
+from moebench.store import ResultStore
 
 IMPLS = ("reference", "grouped", "capacity", "dense")
 SHAPES = ((4, 1, 1), (4, 2, 8), (8, 2, 1))  # (num_experts, top_k, batch)

@@ -7,8 +7,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from moebench.results_schema import METADATA_KEY
 from moebench.store import (
-    METADATA_KEY,
     ResultStore,
     StoreError,
     read_metadata,

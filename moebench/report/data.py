@@ -20,7 +20,8 @@ import pandas as pd
 
 from moebench.case import ALL_FIELDS
 from moebench.compare.drift import cpu_runs
-from moebench.store import COLUMNS, read_metadata, read_run, resolve_run
+from moebench.results_schema import COLUMNS
+from moebench.store import read_metadata, read_run, resolve_run
 
 # A case's fields except the implementation (and its labels/knobs): two rows with equal
 # values here measured the same layer on the same tokens.
