@@ -86,12 +86,12 @@ def _atomic_write(table: pa.Table, path: Path) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {path}: {_why(exc)}") from exc
+        raise StoreError(f"cannot write {path}: {os_reason(exc)}") from exc
 
 
-def _why(exc: OSError) -> str:
+def os_reason(exc: OSError) -> str:
     """The reason of an OSError in words ("No space left on device"), without pyarrow's
-    decoration of it."""
+    decoration of it or the path (which the caller's message names)."""
     return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
@@ -191,7 +191,7 @@ class ResultStore:
             os.replace(tmp, self.run_dir / "run.json")
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise StoreError(f"cannot write {self.run_dir / 'run.json'}: {_why(exc)}") from exc
+            raise StoreError(f"cannot write {self.run_dir / 'run.json'}: {os_reason(exc)}") from exc
 
     def read_meta(self) -> dict[str, Any]:
         """run.json ({} where there is none); StoreError when it is not a JSON object."""

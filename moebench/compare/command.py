@@ -27,6 +27,7 @@ from moebench.compare.render import (
 from moebench.compare.runs import CompareError, load_run
 from moebench.compare.verdict import DEFAULT_THRESHOLD, METRICS, Threshold, ThresholdError
 from moebench.console import error, say, warning
+from moebench.store import os_reason
 
 COMMAND = "compare"
 HELP = "compare a candidate run with a baseline (or two implementations): noise-aware verdicts"
@@ -185,7 +186,7 @@ def main(args: argparse.Namespace, console: Console) -> int:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text, encoding="utf-8")
         except OSError as exc:
-            error(console, f"cannot write {path}: {exc.strerror or exc}")
+            error(console, f"cannot write {path}: {os_reason(exc)}")
             return EXIT_BAD_INPUT
     say(console, (report.summary(), "bold" if report.passed else "bold red"))
     return EXIT_OK if report.passed else EXIT_REGRESSION

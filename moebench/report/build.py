@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from moebench.report.data import ReportData, load_runs
-from moebench.store import StoreError
+from moebench.store import StoreError, os_reason
 
 MANIFEST_RE = re.compile(
     r'<script type="application/json" id="moebench-manifest">(.*?)</script>', re.S
@@ -72,6 +72,5 @@ def write_report(
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise StoreError(f"cannot write {path}: {reason}") from exc
+        raise StoreError(f"cannot write {path}: {os_reason(exc)}") from exc
     return ReportResult(path, path.stat().st_size, read_manifest(page), sections)
