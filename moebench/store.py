@@ -75,14 +75,29 @@ def new_run_id(suite: str) -> str:
 
 
 def _atomic_write(table: pa.Table, path: Path) -> None:
-    """`table` as the parquet file `path`: written beside it, then renamed over it, so a
-    kill leaves the old file or the new. StoreError naming the file when it cannot be
-    written (a full disk, a folder gone read-only), the half-written temporary removed."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """`table` as the parquet file `path`, atomically and synced to disk
+    (`replace_atomically`)."""
+
+    def write(tmp: Path) -> None:
         pq.write_table(table, tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+
+    replace_atomically(path, write)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """`text` (UTF-8) as the file `path`, atomically (`replace_atomically`)."""
+    replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` into a temporary beside `path`, then renamed over it, so a kill leaves
+    the old file or the new. StoreError naming `path` when it cannot be written (a full
+    disk, a folder gone read-only), the half-written temporary removed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -166,9 +181,8 @@ class ResultStore:
     def write_cases(self, cases: list[tuple[str, str]]) -> None:
         """The run's resolved case list, (case_id, label) per case, so that a resume can
         check it runs the same suite."""
-        tmp = self.run_dir / f".{CASES_NAME}.tmp"
-        tmp.write_text("".join(f"{case_id}\t{label}\n" for case_id, label in cases))
-        os.replace(tmp, self.run_dir / CASES_NAME)
+        lines = "".join(f"{case_id}\t{label}\n" for case_id, label in cases)
+        write_text_atomically(self.run_dir / CASES_NAME, lines)
 
     def read_cases(self) -> dict[str, str] | None:
         """case_id -> label of the run's case list; None for a run that has none (runs
@@ -185,13 +199,7 @@ class ResultStore:
     def write_meta(self, meta: dict[str, Any]) -> None:
         """run.json, atomically; StoreError naming it when it cannot be written."""
         meta = {**meta, "schema_version": SCHEMA_VERSION}
-        tmp = self.run_dir / ".run.json.tmp"
-        try:
-            tmp.write_text(json.dumps(meta, indent=2, default=str))
-            os.replace(tmp, self.run_dir / "run.json")
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise StoreError(f"cannot write {self.run_dir / 'run.json'}: {os_reason(exc)}") from exc
+        write_text_atomically(self.run_dir / "run.json", json.dumps(meta, indent=2, default=str))
 
     def read_meta(self) -> dict[str, Any]:
         """run.json ({} where there is none); StoreError when it is not a JSON object."""
@@ -234,9 +242,7 @@ class ResultStore:
         folder = self.run_dir / "traces"
         folder.mkdir(exist_ok=True)
         path = folder / f"{case_id}.json.gz"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(trace_json_gz)
-        os.replace(tmp, path)
+        replace_atomically(path, lambda tmp: tmp.write_bytes(trace_json_gz))
         return path
 
     def write_kernels(self, case_id: str, kernels: list[dict[str, Any]]) -> Path:

@@ -59,6 +59,7 @@ from moebench.measure.case_run import (
     MAX_ROTATIONS,
     ROTATE_BYTES,
     TOLERANCE,
+    UNSEEN_FAILURE,
     relative_error,
 )
 from moebench.measure.check import check_output, routing_ties
@@ -295,9 +296,7 @@ def measure_on_rank(
     if first.failed or (unseen is not None and unseen.failed):
         row["status"] = "mismatch"
         row["error"] = (
-            first.failure
-            if first.failed
-            else f"wrong on an input it was not timed on: {unseen and unseen.failure}"
+            first.failure if first.failed else f"{UNSEEN_FAILURE}: {unseen and unseen.failure}"
         )
         return row if rank == 0 else None
     if stats is not None:

@@ -168,6 +168,21 @@ def check_first_call(
     return FirstCall(columns, failure, expected, ties, modules, module_stats)
 
 
+UNSEEN_FAILURE = "wrong on an input it was not timed on"
+
+
+def check_unseen(
+    case: Case, layer: torch.nn.Module, weights: list[ExpertWeights], cache: WeightCache
+) -> str | None:
+    """`layer` on a batch no timed call sees (`make_inputs(..., unseen=True)`), checked as
+    its first call was: a layer that keeps what it worked out on its first batch (a
+    routing plan cached by shape) is right there, where the other checks look, and wrong
+    here. The failure sentence, or None."""
+    (unseen_TD,) = make_inputs(case, 1, unseen=True)
+    failure = check_first_call(case, layer, weights, unseen_TD, cache, unseen=True).failure
+    return f"{UNSEEN_FAILURE}: {failure}" if failure else None
+
+
 def _output_problem(y: Any, x_TD: torch.Tensor) -> str | None:
     """Why `y` is not an output of the layer's contract (a tensor of the input's shape,
     dtype and device), or None."""
@@ -291,13 +306,8 @@ def measure_case(
             drift = check.check_output(last.pop(0).detach(), expected, case.dtype, ties).failure
         if drift:
             return _mismatch(row, f"drifted during timing: {drift}")
-        # An input no call has seen: a layer that keeps what it worked out on its first
-        # input (a routing plan cached by shape) is right on the first input, where the
-        # checks above look, and wrong on every other.
-        (unseen_TD,) = make_inputs(case, 1, unseen=True)
-        unseen = check_first_call(case, layer, weights, unseen_TD, cache, unseen=True).failure
-        if unseen:
-            return _mismatch(row, f"wrong on an input it was not timed on: {unseen}")
+        if unseen := check_unseen(case, layer, weights, cache):
+            return _mismatch(row, unseen)
         if checked_gradients:  # a train case's gradients, after as many steps as were timed
             later = check.later_gradients(
                 layer, weights, inputs[0], case.dtype, case.seed, checked_gradients

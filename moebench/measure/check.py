@@ -297,16 +297,11 @@ def check_gradients(
     """One forward and backward of `layer` against the reference's float32 autograd
     gradients: the input's and each trained weight's (module docstring). Leaves no
     gradient behind on the layer or on x."""
-    modules = layer_modules(layer)
     result = GradCheck()
-    collectors = []
-    for index, (module, weights) in enumerate(zip(modules, weights_list)):
-        collect = weight_grads(module, weights)
-        if isinstance(collect, str):
-            where = f"layer {index}: " if len(modules) > 1 else ""
-            result.failures.append(f"gradient not checkable: {where}{collect}")
-            return result
-        collectors.append(collect)
+    collectors = _collectors(layer, weights_list)
+    if isinstance(collectors, str):
+        result.failures.append(collectors)
+        return result
     g_TD = _upstream_gradient(x_TD, seed)
     got, grad_x = _step_gradients(layer, collectors, x_TD, g_TD)
     result.samples = _samples(got, grad_x)
@@ -333,6 +328,22 @@ def check_gradients(
             f"({dtype}){why}"
         )
     return result
+
+
+def _collectors(
+    layer: torch.nn.Module, weights_list: list[ExpertWeights]
+) -> list[Callable[[], dict[str, torch.Tensor | None]]] | str:
+    """Each module's weight-gradient collector (`weight_grads`), or the sentence saying
+    which parameter could not be placed."""
+    modules = layer_modules(layer)
+    collectors = []
+    for index, (module, weights) in enumerate(zip(modules, weights_list)):
+        collect = weight_grads(module, weights)
+        if isinstance(collect, str):
+            where = f"layer {index}: " if len(modules) > 1 else ""
+            return f"gradient not checkable: {where}{collect}"
+        collectors.append(collect)
+    return collectors
 
 
 def _upstream_gradient(x_TD: torch.Tensor, seed: int) -> torch.Tensor:
@@ -395,9 +406,8 @@ def later_gradients(
     `GradCheck.samples`) within GRAD_TOLERANCE: a layer whose backward goes wrong after
     its first step (a workspace accumulated into and never cleared) fails. The failures
     in a sentence, or None. Leaves no gradient behind."""
-    found = [weight_grads(m, w) for m, w in zip(layer_modules(layer), weights_list)]
-    collectors = [collect for collect in found if not isinstance(collect, str)]
-    if len(collectors) < len(found):
+    collectors = _collectors(layer, weights_list)
+    if isinstance(collectors, str):
         return None  # not checkable at all: the first check said so
     got, grad_x = _step_gradients(layer, collectors, x_TD, _upstream_gradient(x_TD, seed))
     later = _samples(got, grad_x)

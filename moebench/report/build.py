@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moebench.report.data import ReportData, load_runs
-from moebench.store import StoreError, os_reason
+from moebench.store import StoreError, os_reason, write_text_atomically
 
 MANIFEST_RE = re.compile(
     r'<script type="application/json" id="moebench-manifest">(.*?)</script>', re.S
@@ -65,12 +64,9 @@ def write_report(
     data = load_runs(specs, root)
     page, sections = render_report(data)
     path = Path(output)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise StoreError(f"cannot write {path}: {os_reason(exc)}") from exc
+    write_text_atomically(path, page)
     return ReportResult(path, path.stat().st_size, read_manifest(page), sections)
