@@ -81,9 +81,8 @@ def filter_cases(
             if kept and isinstance(kept[0].fields().get(key), bool):
                 wanted = {v.lower() for v in wanted}
             if kept and key not in kept[0].fields():
-                raise FilterError(
-                    f"--filter {expr!r}: unknown field {key!r}; fields: {sorted(kept[0].fields())}"
-                )
+                fields = ", ".join(sorted(kept[0].fields()))
+                raise FilterError(f"--filter {expr!r}: unknown field {key!r}; fields: {fields}")
             present = {_filter_text(c.fields()[key]) for c in kept}
             missing = sorted(wanted - present)
             if missing and unmatched is not None and kept:

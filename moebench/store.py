@@ -129,7 +129,7 @@ class ResultStore:
         try:
             store.parts_dir.mkdir(parents=True)
         except OSError as exc:
-            raise StoreError(f"cannot create run folder {store.run_dir}: {exc}") from exc
+            raise StoreError(f"cannot create run folder {store.run_dir}: {os_reason(exc)}") from exc
         return store
 
     @classmethod
