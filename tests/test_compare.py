@@ -280,6 +280,11 @@ def test_new_and_missing_cases_are_reported(tmp_path: Path, rng: np.random.Gener
     missing = next(r for r in report.results if r.verdict == "missing")
     assert missing.key == rows[0]["case_id"]
     assert "only in base" in missing.sentence
+    # the side that has the case shows its value, the other none (it read "- | -")
+    assert missing.baseline_raw == pytest.approx(rows[0]["latency_ms"])
+    assert missing.candidate_raw is None
+    new = next(r for r in report.results if r.verdict == "new")
+    assert new.baseline_raw is None and new.candidate_raw == pytest.approx(1.0)
     assert report.passed  # a changed suite is not a regression
 
 
@@ -337,7 +342,8 @@ def test_impls_within_one_run(
     assert run_cli(str(path), "--impls", "grouped,capacity") == 1
     capsys.readouterr()
     assert run_cli(str(path), "--impls", "reference,nope") == 2
-    assert "no implementation 'nope'" in capsys.readouterr().out
+    said = " ".join(capsys.readouterr().out.split())
+    assert "no implementation 'nope' in run; it has capacity, dense, grouped, reference" in said
 
 
 def test_gate_impl_uses_the_geometric_mean(tmp_path: Path, rng: np.random.Generator) -> None:
@@ -454,7 +460,8 @@ def test_malformed_parquet_exits_2(
 
     pd.DataFrame({"x": [1, 2]}).to_parquet(other)
     assert run_cli(str(good_run), str(other)) == 2
-    assert "not a moebench results table" in " ".join(capsys.readouterr().out.split())
+    said = " ".join(capsys.readouterr().out.split())
+    assert "not a moebench results table" in said
 
 
 def test_no_common_cases_exits_2(

@@ -260,8 +260,14 @@ def _judge(
         verdict: VerdictName = "new" if base_row is None else "missing"
         where = names[1] if base_row is None else names[0]
         other = names[0] if base_row is None else names[1]
+        present = base_row if cand_row is None else cand_row
+        raw = _measure(present, metric, None, None, where).raw  # the side that has it
         return CaseResult(
-            verdict=verdict, sentence=f"{label}: only in {where}, not in {other}", **common
+            verdict=verdict,
+            sentence=f"{label}: only in {where}, not in {other}",
+            baseline_raw=raw if cand_row is None else None,
+            candidate_raw=raw if base_row is None else None,
+            **common,
         )
     failed = status_decision(*statuses, (row_error(base_row), row_error(cand_row)))
     if failed is not None:
@@ -479,7 +485,7 @@ def compare_impls(run: Run, baseline_impl: str, candidate_impl: str, settings: S
     for impl in (baseline_impl, candidate_impl):
         if impl not in run.impls:
             raise CompareError(
-                f"--impls: no implementation {impl!r} in {run.name}; it has {run.impls}"
+                f"--impls: no implementation {impl!r} in {run.name}; it has {', '.join(run.impls)}"
             )
     if baseline_impl == candidate_impl:
         raise CompareError(f"--impls: two different implementations, not {baseline_impl} twice")

@@ -70,8 +70,8 @@ def run_from_frame(frame: pd.DataFrame, name: str, meta: dict[str, Any] | None =
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise CompareError(
-            f"{name}: not a moebench results table (missing columns {missing}; "
-            f"it has {sorted(frame.columns)[:12]})"
+            f"{name}: not a moebench results table (missing columns {', '.join(missing)}; "
+            f"it has {', '.join(map(str, sorted(frame.columns)[:12]))})"
         )
     rows: dict[str, dict[str, Any]] = {}
     duplicates = set()
