@@ -74,21 +74,24 @@ class LayerShape:
         if self.capacity_factor <= 0:
             found.append(("capacity_factor", f"must be > 0, got {self.capacity_factor}"))
         if self.activation not in ACTIVATIONS:
-            found.append(("activation", f"{self.activation!r} not in {list(ACTIVATIONS)}"))
+            found.append(
+                (
+                    "activation",
+                    f"{self.activation!r} not one of {', '.join(map(repr, ACTIVATIONS))}",
+                )
+            )
         return found + self.router_problems()
 
     def router_problems(self) -> list[tuple[str, str]]:
         """(field, message) for every router-convention value that cannot work here."""
         found = []
         if self.scoring not in SCORINGS:
-            found.append(("scoring", f"{self.scoring!r} not in {list(SCORINGS)}"))
-        if self.shared_expert_gate not in SHARED_EXPERT_GATES:
             found.append(
-                (
-                    "shared_expert_gate",
-                    f"{self.shared_expert_gate!r} not in {list(SHARED_EXPERT_GATES)}",
-                )
+                ("scoring", f"{self.scoring!r} not one of {', '.join(map(repr, SCORINGS))}")
             )
+        if self.shared_expert_gate not in SHARED_EXPERT_GATES:
+            gates = ", ".join(map(repr, SHARED_EXPERT_GATES))
+            found.append(("shared_expert_gate", f"{self.shared_expert_gate!r} not one of {gates}"))
         if not self.routed_scaling > 0:
             found.append(("routed_scaling", f"must be > 0, got {self.routed_scaling}"))
         E, groups = self.num_experts, self.n_groups
@@ -141,7 +144,7 @@ class Workload:
             if getattr(self, name) < 1:
                 found.append((name, f"must be >= 1, got {getattr(self, name)}"))
         if self.mode not in MODES:
-            found.append(("mode", f"{self.mode!r} not in {list(MODES)}"))
+            found.append(("mode", f"{self.mode!r} not one of {', '.join(map(repr, MODES))}"))
         return found
 
 

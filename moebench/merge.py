@@ -78,9 +78,15 @@ def check_mergeable(runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
     indexes = [(meta.get("shard") or {}).get("index") for _, meta in runs]
     repeated = sorted({i for i in indexes if indexes.count(i) > 1})
     if repeated:
-        raise MergeError(f"shard(s) {repeated} of {count} given more than once")
+        raise MergeError(
+            f"shard(s) {', '.join(map(str, repeated))} of {count} given more than once"
+        )
     missing = sorted(set(range(1, count + 1)) - set(indexes))
-    return [f"shard(s) {missing} of {count} missing: the merged run is partial"] if missing else []
+    return (
+        [f"shard(s) {', '.join(map(str, missing))} of {count} missing: the merged run is partial"]
+        if missing
+        else []
+    )
 
 
 def beside(run: Path, root: str) -> Path:

@@ -173,9 +173,8 @@ def get(name: str) -> ImplInfo:
     plugins that failed to import: the name may be one of theirs)."""
     load_all()
     if name not in _REGISTRY:
-        raise RegistryError(
-            f"unknown implementation {name!r}; known: {sorted(_REGISTRY)}{broken_note()}"
-        )
+        known = ", ".join(map(repr, sorted(_REGISTRY)))
+        raise RegistryError(f"unknown implementation {name!r}; known: {known}{broken_note()}")
     return _REGISTRY[name]
 
 

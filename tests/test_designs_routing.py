@@ -234,7 +234,7 @@ def test_deepseek_correction_bias_steers_selection_not_gate_weights():
         ({"n_groups": 3}, "n_groups: 3 must be >= 1 and divide num_experts=4"),
         ({"n_groups": 2, "topk_groups": 3}, "topk_groups: 3 must be in 0..n_groups=2"),
         ({"n_groups": 4, "topk_groups": 1}, "topk_groups: 1 groups x 1 experts per group <"),
-        ({"scoring": "tanh"}, "scoring: 'tanh' not in"),
+        ({"scoring": "tanh"}, "scoring: 'tanh' not one of 'softmax', 'sigmoid'"),
         ({"routed_scaling": 0}, "routed_scaling: must be > 0"),
     ],
 )

@@ -16,7 +16,7 @@ def test_duplicate_name_is_refused():
 
 
 def test_unknown_name_lists_known():
-    with pytest.raises(registry.RegistryError, match=r"known: .*grouped"):
+    with pytest.raises(registry.RegistryError, match=r"known: 'capacity', .*'grouped'"):
         registry.get("nope")
 
 

@@ -130,7 +130,7 @@ def test_merge_notes_missing_shards(tmp_path: Path, capsys: pytest.CaptureFixtur
     a = _fake_run(tmp_path, "a", "smoke", ["c1"], shard={"index": 1, "count": 3}, **env)
     b = _fake_run(tmp_path, "b", "smoke", ["c2"], shard={"index": 3, "count": 3}, **env)
     assert cli_main(["merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
-    assert "shard(s) [2] of 3 missing" in capsys.readouterr().out
+    assert "shard(s) 2 of 3 missing" in capsys.readouterr().out
     (merged,) = (tmp_path / "m").iterdir()
     assert json.loads((merged / "run.json").read_text())["cases_total"] == 2
 

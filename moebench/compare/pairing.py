@@ -373,9 +373,10 @@ def compare_runs(baseline: Run, candidate: Run, settings: Settings) -> Report:
         impl = settings.normalize
         if impl not in baseline.impls or impl not in candidate.impls:
             lacking = [r.name for r in (baseline, candidate) if impl not in r.impls]
+            shared = ", ".join(sorted(set(baseline.impls) & set(candidate.impls)))
             raise CompareError(
                 f"--normalize {impl}: unknown implementation in {', '.join(lacking)}; "
-                f"implementations there: {sorted(set(baseline.impls) & set(candidate.impls))}"
+                f"implementations there: {shared}"
             )
         norms = (_impl_index(baseline, impl), _impl_index(candidate, impl))
         notes.append(

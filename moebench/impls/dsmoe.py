@@ -78,7 +78,8 @@ class SparseRule:
             train=case.workload.mode == "train",
         )
         if rule.sparse not in SPARSE_RULES:
-            raise ValueError(f"dsmoe option 'sparse' {rule.sparse!r} not in {list(SPARSE_RULES)}")
+            rules = ", ".join(map(repr, SPARSE_RULES))
+            raise ValueError(f"dsmoe option 'sparse' {rule.sparse!r} not one of {rules}")
         if not 0 <= rule.threshold < 1:
             raise ValueError(f"dsmoe option 'threshold' must be in [0, 1), got {rule.threshold}")
         return rule

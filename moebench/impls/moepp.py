@@ -136,7 +136,9 @@ class MoEPPOptions:
         scale_inputs = case.option("scale_inputs", True)
         tau = case.option("tau", DEFAULT_TAU)
         if router not in ROUTERS:
-            raise ValueError(f"moepp option 'router' {router!r} not in {list(ROUTERS)}")
+            raise ValueError(
+                f"moepp option 'router' {router!r} not one of {', '.join(map(repr, ROUTERS))}"
+            )
         if not isinstance(scale_inputs, bool):
             raise ValueError(
                 f"moepp option 'scale_inputs' must be true or false, got {scale_inputs!r}"
