@@ -29,7 +29,7 @@ import torch
 
 from moebench import registry
 from moebench.case import Case
-from moebench.interrupt import interrupt_name
+from moebench.interrupt import ctrl_c_held, ignore_ctrl_c, interrupt_name
 from moebench.measure.case_run import WeightCache, measure_case
 from moebench.measure.ceilings import measure_ceilings
 from moebench.measure.estimate import estimate_case, fit_problem, oom_kills
@@ -202,7 +202,8 @@ class IsolatedExecutor:
             args=(child, self.plan, self.plugins, self.gpu, self.profile, self.threads),
             daemon=True,
         )
-        process.start()
+        with ctrl_c_held():
+            process.start()
         self._process = process
         child.close()
         self._conn = parent
@@ -300,7 +301,7 @@ def _worker_main(
         os.environ["CUDA_VISIBLE_DEVICES"] = str(physical_index(gpu))
     # Ctrl-C reaches the whole process group: the parent decides (it stops this worker),
     # so the worker neither prints a traceback nor dies mid-row on its own.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_ctrl_c()
     try:
         _serve(conn, plan, plugins, profile, threads)
     except (EOFError, OSError, KeyboardInterrupt):

@@ -47,6 +47,7 @@ from moebench.distributed.group import (
     torchrun_env,
 )
 from moebench.distributed.worker import RankSpec, rank_main
+from moebench.interrupt import ctrl_c_held
 from moebench.measure.timing import TimingPlan
 
 START_TIMEOUT_S = 180.0
@@ -95,18 +96,25 @@ class LocalRanks:
         self.ranks = [spec.rank for spec in specs]
         self.processes: list[Any] = []
         self.conns: list[Any] = []
-        for spec in specs:
-            parent, child = context.Pipe()
-            process = context.Process(
-                target=rank_main,
-                args=(spec, child),
-                daemon=True,
-                name=f"moebench-rank-{spec.rank}",
-            )
-            process.start()
-            child.close()
-            self.processes.append(process)
-            self.conns.append(parent)
+        try:
+            for spec in specs:
+                parent, child = context.Pipe()
+                process = context.Process(
+                    target=rank_main,
+                    args=(spec, child),
+                    daemon=True,
+                    name=f"moebench-rank-{spec.rank}",
+                )
+                # It ignores Ctrl-C from its first instruction; one pressed meanwhile is
+                # raised here once it is listed, so `kill` finds it.
+                with ctrl_c_held():
+                    process.start()
+                    self.processes.append(process)
+                    self.conns.append(parent)
+                child.close()
+        except KeyboardInterrupt:  # the ranks started so far would wait for their peers
+            self.kill()
+            raise
 
     def send(self, message: tuple[Any, ...]) -> None:
         """Send `message` to every rank (a dead one is reported by the next `gather`)."""
@@ -123,7 +131,20 @@ class LocalRanks:
         """One reply per rank, or the root cause of a failure: a rank's error, a dead
         process, the deadline (time.monotonic()) passed, or `abort()` returning a Failure
         (polled). An error raised inside a collective is often the echo of a peer's failure,
-        so after one the others get FAILURE_GRACE_S to report the cause."""
+        so after one the others get FAILURE_GRACE_S to report the cause. Interrupted, it
+        ends the ranks first: they ignore Ctrl-C, and would finish their case."""
+        try:
+            return self._gather(deadline, timeout_s, abort)
+        except KeyboardInterrupt:
+            self.kill()
+            raise
+
+    def _gather(
+        self,
+        deadline: float,
+        timeout_s: float,
+        abort: Callable[[], Failure | None] | None,
+    ) -> dict[int, tuple[str, Any]] | Failure:
         pending = {rank: i for i, rank in enumerate(self.ranks)}
         replies: dict[int, tuple[str, Any]] = {}
         failures: list[Failure] = []

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from moebench import registry
 from moebench.distributed.group import backend_for, rank_device
 from moebench.distributed.measure import measure_on_rank
+from moebench.interrupt import ignore_ctrl_c
 from moebench.measure.timing import TimingPlan
 
 JOIN_TIMEOUT_S = 180.0
@@ -98,6 +99,14 @@ def join_group(spec: RankSpec) -> torch.device:
 
 def rank_main(spec: RankSpec, conn: Connection) -> None:
     """Entry point of a rank process."""
+    ignore_ctrl_c()  # the run stops its ranks itself (`LocalRanks.kill`)
+    try:
+        _serve(spec, conn)
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        return  # the run is gone (interrupted, killed): nothing left to answer
+
+
+def _serve(spec: RankSpec, conn: Connection) -> None:
     try:
         device = join_group(spec)
     except Exception as exc:
