@@ -202,9 +202,9 @@ class IsolatedExecutor:
             args=(child, self.plan, self.plugins, self.gpu, self.profile, self.threads),
             daemon=True,
         )
-        with ctrl_c_held():
+        with ctrl_c_held():  # a press meanwhile is raised once `_kill` can find it
             process.start()
-        self._process = process
+            self._process = process
         child.close()
         self._conn = parent
         kind, reply = self._receive(WORKER_START_TIMEOUT_S)
