@@ -9,15 +9,12 @@ import multiprocessing as mp
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from moebench.interrupt import ctrl_c_held, ignore_ctrl_c
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.test_runner import _moebench
 
 EP_SUITE = """
 [suite]
@@ -70,19 +67,6 @@ def test_a_ctrl_c_while_held_is_raised_after_the_block_not_lost():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def _run(suite: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "moebench", "run", str(suite), "--out", str(out)],
-        cwd=REPO,
-        start_new_session=True,  # its own process group, as a terminal's job
-        # A shell's background job ignores SIGINT, and so would the child: Ctrl-C as on a terminal
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def _ctrl_c_after(proc: subprocess.Popen, line_starts: str) -> str:
     """Ctrl-C to the run's whole process group once it prints a line starting so; the
     run's output."""
@@ -124,7 +108,7 @@ def test_ctrl_c_during_an_expert_parallel_run_prints_no_child_traceback(tmp_path
     errors once the run had gone."""
     suite = tmp_path / "ep.toml"
     suite.write_text(EP_SUITE)
-    proc = _run(suite, tmp_path / "results")
+    proc = _moebench("run", str(suite), "--out", str(tmp_path / "results"))
     output = _ctrl_c_after(proc, when)
     assert proc.returncode == 130, output
     assert "Traceback" not in output and "TCPStore" not in output, output
