@@ -170,6 +170,8 @@ class _Launcher:
         self.plain = (
             self.native is None
             or not _is_jit_function(kernel)
+            # Gluon's descriptors: left to the JIT's own packing
+            or getattr(kernel, "is_gluon", bool)()
             or any(p.annotation_type or p.do_not_specialize for p in params if not p.is_constexpr)
             or (
                 any(_is_tensor_descriptor(arg) for arg in args)

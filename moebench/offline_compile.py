@@ -84,6 +84,8 @@ def compile_for(kernel: Any, args: tuple, kwargs: dict, target: tuple = HOPPER) 
     options, signature, constexprs, attrs = kernel._pack_args(
         backend, kwargs, bound, specialisation, options
     )
+    if getattr(kernel, "is_gluon", bool)():  # a Gluon kernel's source lowers through Gluon's own
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     return compile(
         ASTSource(kernel, signature, constexprs, attrs), target=gpu, options=options.__dict__
     )

@@ -1,7 +1,9 @@
 """`triton`: moebench's own fused MoE layer on Triton kernels (CUDA only).
 
 Files: `align.py` (token -> expert alignment on the device), `kernels.py` (the two fused
-grouped GEMMs), `tuning.py` (block sizes, tuned once per device, shape and token bucket,
+grouped GEMMs), `tma.py` (their TMA-load tiles, raced beside them on Hopper),
+`gluon_down.py` (the down GEMM warp-specialised in Gluon, raced only with
+`$MOEBENCH_GLUON_WS=1`), `tuning.py` (block sizes, tuned once per device, shape and token bucket,
 cached on disk; `tuned/` holds the choices moebench ships per device), `layer.py` (the
 module and its autograd function), `backward.py` (the backward: each GEMM the down
 kernel or torch's grouped GEMM, whichever the tuner timed faster, and two Triton

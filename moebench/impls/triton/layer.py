@@ -27,6 +27,7 @@ its predecessor's tail.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -52,21 +53,53 @@ TMA_CODE = {
 BLOCK_M_CODE = (kernels.gate_up_kernel, kernels.down_kernel, *tma.KERNELS)
 
 
-def gemm_code(name: str, with_tma: bool) -> tuple:
+# Set to "1" to race gluon_down.py's warp-specialised down kernels too (`races_gluon`).
+GLUON_ENV = "MOEBENCH_GLUON_WS"
+
+
+def races_gluon(with_tma: bool, x_TD: torch.Tensor) -> bool:
+    """Whether the down GEMM races gluon_down.py's kernels: asked for (`$MOEBENCH_GLUON_WS=1`;
+    off by default until a card has timed them in the layer: triton/NOTES.md, version 27),
+    where the TMA tiles race, on Hopper, for 16-bit inputs."""
+    if not with_tma or os.environ.get(GLUON_ENV) != "1":
+        return False
+    from moebench.impls.triton import gluon_down  # (Gluon is Triton 3.4's and later)
+
+    return gluon_down.available(x_TD.device) and gluon_down.takes(x_TD.dtype)
+
+
+def gemm_code(name: str, with_tma: bool, with_gluon: bool = False) -> tuple:
     """The kernels whose code a choice for the forward's `name` GEMM depends on: the
     pointer kernel's, and the TMA kernels' where their tiles race (`with_tma`), so that
-    an edit of a TMA kernel leaves the choices made without them (decode) matched."""
-    return POINTER_CODE[name] + (TMA_CODE[name] if with_tma else ())
+    an edit of a TMA kernel leaves the choices made without them (decode) matched; down's
+    Gluon kernels where they race (`with_gluon`)."""
+    code = POINTER_CODE[name] + (TMA_CODE[name] if with_tma else ())
+    if with_gluon and name == "down":
+        from moebench.impls.triton import gluon_down
+
+        code += gluon_down.KERNELS
+    return code
 
 
 def gemm_candidates(
-    name: str, block_m: int, D: int, F: int, element_bytes: int, with_tma: bool
+    name: str,
+    block_m: int,
+    D: int,
+    F: int,
+    element_bytes: int,
+    with_tma: bool,
+    with_gluon: bool = False,
 ) -> list[dict]:
     """The configs the forward's `name` GEMM ("gate_up" or "down") races at `block_m`
-    for hidden D and expert width F: the pointer kernel's, and TMA tiles `with_tma`."""
+    for hidden D and expert width F: the pointer kernel's, TMA tiles `with_tma`, and
+    down's Gluon kernels `with_gluon`."""
     configs = tuning.candidates(name, block_m)
     if with_tma:
         configs += tma.candidates(name, block_m, D, F, element_bytes)
+    if with_gluon and name == "down":
+        from moebench.impls.triton import gluon_down
+
+        configs += gluon_down.candidates(block_m, D, F, element_bytes)
     return configs
 
 
@@ -128,7 +161,14 @@ def fused_experts(
             )
 
     def down(config: dict) -> None:
-        if config.get("TMA"):
+        if config.get("GLUON_WS"):
+            from moebench.impls.triton import gluon_down
+
+            programs_max = tma.multiprocessors(h_PF.device)
+            gluon_down.launch_down(
+                h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, programs_max
+            )
+        elif config.get("TMA"):
             tma.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
         else:
             kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, pdl)
@@ -136,6 +176,7 @@ def fused_experts(
     # TMA tiles (tma.py) race the pointer kernels' on Hopper where a row list is walked
     # without dependent launch (64- and 128-row blocks: the compute-bound calls)
     with_tma = not (alignment.per_assignment or pdl) and tma.takes(w_gate_up_E2FD, w_down_EFD)
+    with_gluon = races_gluon(with_tma, x_TD)
 
     # Tuned in order: the down kernel's trials read the h that gate_up wrote. Training's
     # gate_up also stores the pre-activations: a different kernel, tuned apart.
@@ -150,10 +191,10 @@ def fused_experts(
                 x_TD.device,
                 tuning.key(key, x_TD, w_down_EFD, K, layout, block_m),
                 lambda name=name: gemm_candidates(
-                    name, block_m, D, F, x_TD.element_size(), with_tma
+                    name, block_m, D, F, x_TD.element_size(), with_tma, with_gluon
                 ),
                 launch,
-                code=gemm_code(name, with_tma),
+                code=gemm_code(name, with_tma, with_gluon),
                 graphed=True,  # kernels of a few us: the graph times the GPU, not the host
                 precompile=True,
             )

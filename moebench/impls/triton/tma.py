@@ -335,7 +335,7 @@ def available(device: torch.device) -> bool:
 _HAS_TMA: dict[int, bool] = {}
 
 
-# Streaming multiprocessors by CUDA device index (`_multiprocessors`).
+# Streaming multiprocessors by CUDA device index (`multiprocessors`).
 _MULTIPROCESSORS: dict[int, int] = {}
 # Where there is no device to ask: an H200's count for an offline compile, and a few
 # programs under the interpreter, so that each walks several tiles (tests).
@@ -343,7 +343,7 @@ _OFFLINE_MULTIPROCESSORS = 132
 _INTERPRETER_PROGRAMS = 3
 
 
-def _multiprocessors(device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int:
     """How many programs a persistent kernel launches at most on `device`."""
     if device.type != "cuda":
         if fast_launch.compiling_offline():
@@ -456,7 +456,7 @@ def launch_gate_up(
     )
     if config.get("PERSISTENT"):
         tiles = num_blocks_m * ceil_div(F, block_n)
-        programs = min(tiles, _multiprocessors(x_TD.device))
+        programs = min(tiles, multiprocessors(x_TD.device))
         launch(
             gate_up_persistent_kernel, (programs,),
             a_descriptors[0], w_desc, x_TD, h_PF, *(pre_activations or (h_PF, h_PF)),
@@ -497,7 +497,7 @@ def launch_down(
     w_desc = _descriptor(w_down_EFD.view(E * F, D), [block_k, block_n])
     if config.get("PERSISTENT"):
         tiles = num_blocks_m * ceil_div(D, block_n)
-        programs = min(tiles, _multiprocessors(h_PF.device))
+        programs = min(tiles, multiprocessors(h_PF.device))
         launch(
             down_persistent_kernel, (programs,),
             _descriptor(h_PF, [block_m, block_k]), w_desc, gate_weight_A, out_AD,

@@ -1,0 +1,247 @@
+"""The warp-specialised Gluon down kernels (`gluon_down.py`) on a Hopper card, before the
+tuner races them (`MOEBENCH_GLUON_WS=1`): a kernel that hangs there would stop a whole
+run, so here each config runs in a child process under a watchdog first.
+
+    python scripts/gluon_down_probe.py [--points mixtral-8x7b:8192 qwen3-30b-a3b:8192 ...]
+                                       [--timeout-s 90] [--rounds 5] [--json FILE]
+
+At each point (preset and token count; by default the ones issue 14 misses: 8192 tokens
+of every preset, Mixtral-8x7B's 1024), tokens are routed uniformly at random (top_k
+distinct experts each), aligned at every row-block height the tuner races, and each
+Gluon config is:
+- checked against the TMA tile of the same BLOCK_N and BLOCK_K (`tma.launch_down`, the
+  same K steps in the same order): `bits` true where out is equal bit for bit, else the
+  largest difference;
+- timed in a CUDA graph (L2 flushed before each replay, `tuning.graphed_ms`) in turns
+  with every other down candidate the layer races there (pointer and TMA tiles), after
+  a warm-up, `--rounds` times (median ms).
+A child that prints nothing for `--timeout-s` is ended, and one that dies is recorded;
+the config it was checking is recorded as `hang` or `crash`, and a new child goes on
+without it (a hang or crash while timing ends the point). One JSON line a
+config on stdout (and in `--json`), then a summary a point: the fastest of each kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+DEFAULT_POINTS = (
+    "deepseek-v3:8192",
+    "mixtral-8x7b:8192",
+    "qwen3-30b-a3b:8192",
+    "olmoe-1b-7b:8192",
+    "mixtral-8x7b:1024",
+)
+
+
+def _problem(preset: str, tokens: int, block_m: int, seed: int = 0) -> tuple:
+    """(h_PF, w_down_EFD, gate_A, alignment) on the card for a preset's shape."""
+    from moebench.impls.triton.align import align_to_blocks
+    from moebench.presets import PRESETS
+
+    shape = PRESETS[preset]
+    D, F, E, K = shape.hidden, shape.ffn, shape.num_experts, shape.top_k
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    scores = torch.rand(tokens, E, device="cuda", generator=generator)
+    ids_TK = scores.topk(K, dim=1).indices.to(torch.int32)
+    alignment = align_to_blocks(ids_TK, E, block_m)
+    h_PF = torch.randn(alignment.max_rows, F, device="cuda", generator=generator)
+    w_EFD = torch.randn(E, F, D, device="cuda", generator=generator) / F**0.5
+    gate_A = torch.rand(tokens * K, device="cuda", generator=generator)
+    return h_PF.bfloat16(), w_EFD.bfloat16(), gate_A.bfloat16(), alignment
+
+
+def _launcher(config: dict, problem: tuple, out_AD: torch.Tensor):
+    """A function launching `config`'s down kernel on `problem` into out_AD."""
+    from moebench.impls.triton import gluon_down, kernels, tma
+
+    h_PF, w_EFD, gate_A, alignment = problem
+    if config.get("GLUON_WS"):
+        programs = tma.multiprocessors(out_AD.device)
+        return lambda: gluon_down.launch_down(
+            h_PF, w_EFD, gate_A, out_AD, alignment, config, programs
+        )
+    if config.get("TMA"):
+        return lambda: tma.launch_down(h_PF, w_EFD, gate_A, out_AD, alignment, config)
+    return lambda: kernels.launch_down(h_PF, w_EFD, gate_A, out_AD, alignment, config)
+
+
+def _configs(preset: str, tokens: int) -> list[dict]:
+    """Every down config the layer races at this point with the Gluon kernels asked for,
+    at each row-block height it may take: the Gluon ones first."""
+    from moebench.impls.triton import tuning
+    from moebench.impls.triton.layer import gemm_candidates
+    from moebench.presets import PRESETS
+
+    shape = PRESETS[preset]
+    D, F, E, K = shape.hidden, shape.ffn, shape.num_experts, shape.top_k
+    configs = [
+        config
+        for block_m in tuning.block_m_choices(tokens, K, E)
+        for config in gemm_candidates("down", block_m, D, F, 2, True, True)
+    ]
+    return sorted(configs, key=lambda config: not config.get("GLUON_WS"))
+
+
+def run_child(preset: str, tokens: int, skip: set[int], rounds: int) -> None:
+    """Check and time every config not in `skip`, announcing each first ("START i") so
+    that the parent knows which one a hang was in."""
+    from moebench.impls.triton import tuning
+
+    configs = _configs(preset, tokens)
+    problems: dict[int, tuple] = {}
+    timed = []
+    for index, config in enumerate(configs):
+        if index in skip:
+            continue
+        print(f"START {index}", flush=True)
+        block_m = config["BLOCK_M"]
+        problem = problems.setdefault(block_m, _problem(preset, tokens, block_m))
+        out_AD = torch.full((problem[2].numel(), problem[1].shape[2]), float("nan"),
+                            device="cuda", dtype=torch.bfloat16)  # fmt: skip
+        launch = _launcher(config, problem, out_AD)
+        launch()
+        torch.cuda.synchronize()
+        record = {"point": f"{preset}:{tokens}", "index": index, "config": config}
+        if config.get("GLUON_WS"):
+            want_AD = torch.full_like(out_AD, float("nan"))
+            tile = {"BLOCK_M": block_m, "BLOCK_N": config["BLOCK_N"],
+                    "BLOCK_K": config["BLOCK_K"], "GROUP_M": 8, "num_warps": 8,
+                    "num_stages": 3, "TMA": True}  # fmt: skip
+            _launcher(tile, problem, want_AD)()
+            torch.cuda.synchronize()
+            record["bits"] = bool(torch.equal(out_AD, want_AD))
+            difference = (out_AD.float() - want_AD.float()).abs().nan_to_num(float("inf"))
+            record["max_diff"] = float(difference.max())
+        timed.append((record, launch))
+        print(f"CHECKED {json.dumps(record)}", flush=True)
+    print("TIMING", flush=True)
+    for record, launch in timed:  # the clock settles under the power cap first
+        tuning.graphed_ms(launch, torch.device("cuda"))
+        print(f"WARMED {record['index']}", flush=True)
+    times: dict[int, list[float]] = {}
+    for _ in range(rounds):
+        for record, launch in timed:
+            times.setdefault(record["index"], []).append(
+                tuning.graphed_ms(launch, torch.device("cuda"))
+            )
+            print(f"TIMED {record['index']}", flush=True)
+    for record, _ in timed:
+        record["ms"] = statistics.median(times[record["index"]])
+        print(f"RESULT {json.dumps(record)}", flush=True)
+
+
+def _child_lines(command: list[str], timeout_s: float) -> tuple[list[str], str | None, str]:
+    """A child's stdout lines, and "hang" (no line for `timeout_s`: it is killed),
+    "crash" (a non-zero exit) or None, and the end of its stderr."""
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in child.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    output: list[str] = []
+    while True:
+        try:
+            line = lines.get(timeout=timeout_s)
+        except queue.Empty:
+            child.kill()
+            child.wait()
+            return output, "hang", f"no output for {timeout_s:g} s"
+        if line is None:
+            break
+        output.append(line)
+    status = "crash" if child.wait() else None
+    return output, status, child.stderr.read()[-800:]
+
+
+def probe_point(point: str, timeout_s: float, rounds: int) -> list[dict]:
+    """Children until every config of `point` has a result or was ended (hang, crash)."""
+    preset, tokens = point.split(":")
+    skip: set[int] = set()
+    ended: list[dict] = []
+    while True:
+        command = [sys.executable, __file__, "--child", preset, tokens, "--rounds", str(rounds)]
+        command += ["--skip", ",".join(map(str, sorted(skip)))] if skip else []
+        output, status, error = _child_lines(command, timeout_s)
+        if status is None:
+            return ended + [json.loads(line[7:]) for line in output if line.startswith("RESULT ")]
+        started = [int(line[6:]) for line in output if line.startswith("START ")]
+        if not started:
+            raise RuntimeError(f"{point}: the child failed before any config: {error}")
+        if any(line.startswith("TIMING") for line in output):  # every config checked: a
+            # hang or crash while timing is no one config's to skip
+            ended.append({"point": point, "index": None, status: True, "error": error})
+            return ended
+        ended.append({"point": point, "index": started[-1], status: True, "error": error})
+        skip.add(started[-1])
+
+
+def summary(records: list[dict]) -> str:
+    """The fastest config of each kind (pointer, TMA, Gluon) a point, and the Gluon
+    configs whose bits differ or that were ended."""
+    lines = []
+    for point in dict.fromkeys(r["point"] for r in records):
+        mine = [r for r in records if r["point"] == point]
+        best = {}
+        for record in mine:
+            if "ms" not in record:
+                continue
+            config = record["config"]
+            kind = "gluon" if config.get("GLUON_WS") else "tma" if config.get("TMA") else "pointer"
+            if kind not in best or record["ms"] < best[kind]["ms"]:
+                best[kind] = record
+        parts = [f"{kind} {r['ms'] * 1e3:.1f} us" for kind, r in sorted(best.items())]
+        bad = [r for r in mine if r.get("hang") or r.get("crash") or r.get("bits") is False]
+        lines.append(f"{point}: {', '.join(parts)}; {len(bad)} Gluon config(s) wrong or ended")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--points", nargs="+", default=list(DEFAULT_POINTS))
+    parser.add_argument("--timeout-s", type=float, default=90.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", nargs=2, metavar=("PRESET", "TOKENS"), help=argparse.SUPPRESS)
+    parser.add_argument("--skip", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        skip = {int(i) for i in args.skip.split(",") if i}
+        run_child(args.child[0], int(args.child[1]), skip, args.rounds)
+        return 0
+    from moebench.presets import PRESETS
+
+    for point in args.points:
+        preset, _, tokens = point.partition(":")
+        if preset not in PRESETS or not tokens.isdigit() or int(tokens) < 1:
+            known = ", ".join(PRESETS)
+            parser.error(f"--points {point!r}: want PRESET:TOKENS, a preset of {known}")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        print("gluon_down_probe: needs a Hopper card (capability 9.x)", file=sys.stderr)
+        return 2
+    records = []
+    for point in args.points:
+        for record in probe_point(point, args.timeout_s, args.rounds):
+            print(json.dumps(record), flush=True)
+            records.append(record)
+    if args.json:
+        args.json.write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(summary(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The down GEMM warp-specialised in Gluon (`moebench/impls/triton/gluon_down.py`): which
+configs are offered and what they take, that every one compiles for Hopper on this host
+(CI's too: Gluon has no interpreter), that the layer races them only when asked
+(`$MOEBENCH_GLUON_WS=1`), and, on a Hopper card only, that every config gives the TMA
+tiles' exact bits on odd shapes and the layer's forward matches `reference`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon", reason="Gluon is Triton 3.4's and later")
+
+from moebench.impls.triton import gluon_down, tma, tuning
+from tests.conftest import CHECKOUT, without_interpreter
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="Gluon's wgmma kernels need a Hopper card")
+
+
+def test_candidates_by_block_height_each_fitting_shared_memory():
+    """128-row blocks: every tile of TILES, the 128-wide ones also PINGPONG; 64-row
+    blocks: TILES[64]; no other height; none taking more shared memory than a block may
+    use."""
+    assert gluon_down.candidates(32, 2048, 768, 2) == []
+    tall = gluon_down.candidates(128, 2048, 768, 2)
+    pingpong = [c for c in tall if c.get("PINGPONG")]
+    assert len(tall) == len(gluon_down.TILES[128]) + len(pingpong)
+    assert pingpong and all(c["BLOCK_N"] == 128 for c in pingpong)
+    assert len(gluon_down.candidates(64, 2048, 768, 2)) == len(gluon_down.TILES[64])
+    for config in tall:
+        assert config["GLUON_WS"] and config["BLOCK_M"] == 128
+        assert gluon_down.shared_bytes(config, 2) <= gluon_down.SHARED_BYTES
+    # N256 with 4 stages: 192 KB of ring and the scratch fit; 5 stages would not
+    deep = next(c for c in tall if c["BLOCK_N"] == 256 and c["STAGES"] == 4)
+    assert not gluon_down.fits({**deep, "STAGES": 5}, 2048, 768, 2)
+
+
+def test_fits_refuses_what_the_tma_tiles_refuse():
+    config = gluon_down.candidates(128, 2048, 768, 2)[0]
+    assert gluon_down.fits(config, 264, 384, 2)  # D no multiple of a tile: zero fill
+    assert not gluon_down.fits(config, 264, 400, 2)  # a K tile into the next expert
+    assert not gluon_down.fits(config, 260, 384, 2)  # a row of 520 bytes: not 16-aligned
+    assert not gluon_down.fits({**config, "STAGES": 8}, 264, 384, 2)  # shared memory
+    assert gluon_down.takes(torch.bfloat16) and gluon_down.takes(torch.float16)
+    assert not gluon_down.takes(torch.float32)
+
+
+def test_registers_move_from_the_loader_to_the_consumers():
+    """`maxnreg` spreads the 64K registers over the warp groups: three at 128-row blocks
+    (two consumer groups or PINGPONG's two consumers, and the loader's), two at 64."""
+    tall, pingpong = (c for c in gluon_down.candidates(128, 2048, 768, 2) if c["STAGES"] == 4
+                      and c["BLOCK_N"] == 128)  # fmt: skip
+    assert gluon_down.consumer_warps(tall) == 8 and gluon_down.consumer_warps(pingpong) == 4
+    assert gluon_down.max_registers(tall) == gluon_down.max_registers(pingpong) == 168
+    short = gluon_down.candidates(64, 2048, 768, 2)[0]
+    assert gluon_down.consumer_warps(short) == 4 and gluon_down.max_registers(short) == 248
+
+
+def _meta_alignment(tokens: int, top_k: int, experts: int, block_m: int):
+    from moebench.impls.triton.align import Alignment, max_padded_rows
+
+    rows = max_padded_rows(tokens * top_k, experts, block_m)
+
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, device="meta", dtype=torch.int32)
+
+    return Alignment(meta(rows), meta(rows // block_m), meta(1), None, None, tokens * top_k,
+                     block_m)  # fmt: skip
+
+
+def check_every_candidate_compiles() -> None:
+    """The body of `test_every_candidate_compiles_for_hopper` (in a process without
+    Triton's interpreter): each config at both heights, D = 264 (no multiple of a tile)
+    and F = 384, compiled for sm_90 without spills."""
+    from moebench import offline_compile
+
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+    D, F, E, K, tokens = 264, 384, 8, 2, 1024
+    configs = []
+    with offline_compile.compiling_for() as record:
+        for block_m in (64, 128):
+            alignment = _meta_alignment(tokens, K, E, block_m)
+            rows = alignment.max_rows
+            for config in gluon_down.candidates(block_m, D, F, 2):
+                configs.append(config)
+                gluon_down.launch_down(
+                    meta(rows, F), meta(E, F, D), meta(tokens * K), meta(tokens * K, D),
+                    alignment, config, 132,
+                )  # fmt: skip
+    assert len(record) == len(configs) == 8, [r.describe() for r in record]
+    for compiled, config in zip(record, configs):
+        assert compiled.error is None, compiled.describe()
+        assert compiled.stack_bytes == 0, compiled.describe()  # no spills
+        # the consumers' warps and the loader's warp group
+        assert compiled.warps == (12 if config["BLOCK_M"] == 128 else 8), compiled.describe()
+        # within the bound `fits` takes (the barriers apart)
+        bound = gluon_down.shared_bytes(config, 2) + 1024
+        assert compiled.shared_bytes <= bound, compiled.describe()
+
+
+def check_the_layer_races_them_when_asked(asked: bool) -> None:
+    """The body of `test_the_layer_races_them_only_when_asked`: a forward of 1024 tokens
+    at each row-block height it may take, on meta tensors, with launches recorded, not
+    compiled (`fast_launch.compile_only`: the tuner then launches every candidate of each
+    key once)."""
+    import os
+
+    from moebench import fast_launch
+    from moebench.impls.triton import layer
+
+    if asked:
+        os.environ[layer.GLUON_ENV] = "1"
+    launched: list[tuple[str, dict]] = []
+
+    def record(kernel, grid, args, kwargs) -> None:
+        launched.append((kernel.fn.__name__, kwargs))
+
+    def meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    D, F, E, K, tokens = 264, 384, 8, 2, 1024
+    heights = tuning.block_m_choices(tokens, K, E)
+    with fast_launch.compile_only(record):
+        for block_m in heights:
+            layer.fused_experts(
+                meta(tokens, D), meta(tokens, K), meta(tokens, K, dtype=torch.int64),
+                meta(E, 2 * F, D), meta(E, F, D), block_m=block_m,
+            )  # fmt: skip
+    gluon = [kwargs for name, kwargs in launched if name == "down_ws_kernel"]
+    if not asked:
+        assert gluon == []
+        return
+    heights = [b for b in heights if gluon_down.candidates(b, D, F, 2)]
+    assert heights, "no block height the Gluon kernels race at"
+    for block_m in heights:
+        wanted = gluon_down.candidates(block_m, D, F, 2)
+        got = [kwargs for kwargs in gluon if kwargs["BLOCK_M"] == block_m]
+        assert len(got) == len(wanted), (block_m, got)
+        for kwargs, config in zip(got, wanted):
+            assert kwargs["STAGES"] == config["STAGES"]
+            assert kwargs["PINGPONG"] == bool(config.get("PINGPONG"))
+    # the TMA tiles still race beside them
+    assert any(name == "down_tma_kernel" for name, _ in launched)
+
+
+def _in_a_fresh_process(call: str) -> None:
+    code = f"from tests.test_gluon_down import *; {call}"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=without_interpreter(), cwd=CHECKOUT,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_every_candidate_compiles_for_hopper():
+    _in_a_fresh_process("check_every_candidate_compiles()")
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_the_layer_races_them_only_when_asked(asked):
+    _in_a_fresh_process(f"check_the_layer_races_them_when_asked({asked})")
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "block_m"),
+    [(300, 5, 2, 128), (70, 5, 2, 64), (500, 6, 1, 128), (200, 4, 4, 128)],
+)
+def test_every_candidate_gives_the_tma_tiles_bits(tokens, experts, top_k, block_m, dtype):
+    """On odd shapes (D = 264: no multiple of a tile; an expert without tokens; top_k 1
+    and = the experts), each config's out equals, bit for bit, the TMA tile's of the
+    same BLOCK_N and BLOCK_K (the same K steps in the same order)."""
+    from moebench.impls.triton.align import align_to_blocks
+
+    generator = torch.Generator().manual_seed(tokens)
+    D, F = 264, 384
+    ids_TK = torch.stack(
+        [torch.randperm(experts - 1, generator=generator)[:top_k] for _ in range(tokens)]
+    ) if top_k < experts else torch.arange(experts).repeat(tokens, 1)  # fmt: skip
+    alignment = align_to_blocks(ids_TK.to(torch.int32).cuda(), experts, block_m)
+    h_PF = torch.randn(alignment.max_rows, F, generator=generator).to("cuda", dtype)
+    w_down_EFD = (torch.randn(experts, F, D, generator=generator) / F**0.5).to("cuda", dtype)
+    gate_A = torch.rand(tokens * top_k, generator=generator).to("cuda", dtype)
+    configs = gluon_down.candidates(block_m, D, F, 2)
+    assert configs
+    for config in configs:
+        got_AD = torch.full((tokens * top_k, D), float("nan"), device="cuda", dtype=dtype)
+        gluon_down.launch_down(
+            h_PF, w_down_EFD, gate_A, got_AD, alignment, config,
+            tma.multiprocessors(got_AD.device),
+        )  # fmt: skip
+        want_AD = torch.full_like(got_AD, float("nan"))
+        tile = {"BLOCK_M": block_m, "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"],
+                "GROUP_M": 8, "num_warps": 8, "num_stages": 3, "TMA": True}  # fmt: skip
+        tma.launch_down(h_PF, w_down_EFD, gate_A, want_AD, alignment, tile)
+        torch.cuda.synchronize()
+        assert not got_AD.isnan().any(), config  # every assignment's row written
+        assert torch.equal(got_AD, want_AD), config
+
+
+@needs_hopper
+def test_layer_on_gluon_down_alone_matches_reference(monkeypatch, tmp_path):
+    """The layer's forward with only these kernels to choose from for down: the tuner
+    picks one, and the output matches `reference`."""
+    from moebench.impls.reference import reference_output
+    from moebench.impls.triton import layer
+    from tests.test_triton import TOLERANCE, _gpu_case, _relative, built_layer
+
+    monkeypatch.setenv(layer.GLUON_ENV, "1")
+    monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning.TUNER, "_chosen", {})
+    only_gluon = layer.gemm_candidates
+
+    def candidates(name, *args):
+        configs = only_gluon(name, *args)
+        return [c for c in configs if c.get("GLUON_WS")] if name == "down" else configs
+
+    monkeypatch.setattr(layer, "gemm_candidates", candidates)
+    ran = []
+    launch = gluon_down.launch_down
+    monkeypatch.setattr(gluon_down, "launch_down", lambda *a: (ran.append(a[5]), launch(*a)))
+    case = _gpu_case((264, 384, 6, 2, 2048), "bfloat16", mode="forward", device="cuda")
+    weights, built, x_TD = built_layer(case)
+    with torch.no_grad():
+        y_TD = built(x_TD)
+    assert ran and all(config.get("GLUON_WS") for config in ran)
+    assert _relative(y_TD, reference_output(weights, x_TD)) <= TOLERANCE["bfloat16"]

@@ -1,0 +1,81 @@
+"""scripts/gluon_down_probe.py's watchdog, without a card: a child that goes quiet is
+killed and called a hang, the config it was checking is skipped by the next child, a
+hang while timing ends the point, and bad points are refused before anything runs."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "gluon_down_probe.py"
+
+
+@pytest.fixture(scope="module")
+def probe() -> dict:
+    return runpy.run_path(str(SCRIPT))
+
+
+def test_a_quiet_child_is_killed_and_called_a_hang(probe):
+    code = "import time; print('START 3', flush=True); time.sleep(60)"
+    lines, status, _ = probe["_child_lines"]([sys.executable, "-c", code], 2.0)
+    assert lines == ["START 3"] and status == "hang"
+    lines, status, error = probe["_child_lines"](
+        [sys.executable, "-c", "print('START 0'); raise SystemExit('boom')"], 10.0
+    )
+    assert lines == ["START 0"] and status == "crash" and "boom" in error
+    lines, status, _ = probe["_child_lines"]([sys.executable, "-c", "print('RESULT {}')"], 10.0)
+    assert lines == ["RESULT {}"] and status is None
+
+
+def _fake_children(probe: dict, outputs: list[tuple[list[str], str | None]]) -> list[list[str]]:
+    """Replace the children with `outputs` in turn; returns the commands they were given."""
+    commands = []
+
+    def child_lines(command, timeout_s):
+        commands.append(command)
+        lines, status = outputs[len(commands) - 1]
+        return lines, status, "stderr"
+
+    probe["probe_point"].__globals__["_child_lines"] = child_lines
+    return commands
+
+
+def test_a_hung_config_is_skipped_by_the_next_child(probe):
+    result = '{"point": "p:8", "index": 0, "config": {"GLUON_WS": true}, "ms": 1.5}'
+    commands = _fake_children(
+        probe,
+        [
+            (["START 0", 'CHECKED {"index": 0}', "START 1"], "hang"),
+            (["START 0", "CHECKED {}", "TIMING", f"RESULT {result}"], None),
+        ],
+    )
+    records = probe["probe_point"]("qwen3-30b-a3b:64", 5.0, 1)
+    assert "--skip" not in commands[0] and commands[1][-2:] == ["--skip", "1"]
+    assert records[0]["index"] == 1 and records[0]["hang"]
+    assert records[1]["ms"] == 1.5
+    assert "gluon 1500.0 us" in probe["summary"](records)
+    assert "1 Gluon config(s) wrong or ended" in probe["summary"](records)
+
+
+def test_a_crash_while_timing_ends_the_point(probe):
+    _fake_children(probe, [(["START 0", "CHECKED {}", "TIMING", "WARMED 0"], "crash")])
+    records = probe["probe_point"]("qwen3-30b-a3b:64", 5.0, 1)
+    assert records == [{"point": "qwen3-30b-a3b:64", "index": None, "crash": True,
+                        "error": "stderr"}]  # fmt: skip
+
+
+def test_a_child_failing_before_any_config_is_an_error(probe):
+    _fake_children(probe, [([], "crash")])
+    with pytest.raises(RuntimeError, match="before any config"):
+        probe["probe_point"]("qwen3-30b-a3b:64", 5.0, 1)
+
+
+@pytest.mark.parametrize("point", ["nope:12", "qwen3-30b-a3b", "qwen3-30b-a3b:0"])
+def test_bad_points_are_refused(probe, point, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        probe["main"](["--points", point])
+    assert exit_.value.code == 2
+    assert "want PRESET:TOKENS" in capsys.readouterr().err
