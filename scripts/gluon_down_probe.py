@@ -3,7 +3,7 @@ tuner races them (`MOEBENCH_GLUON_WS=1`): a kernel that hangs there would stop a
 run, so here each config runs in a child process under a watchdog first.
 
     python scripts/gluon_down_probe.py [--points mixtral-8x7b:8192 qwen3-30b-a3b:8192 ...]
-                                       [--timeout-s 90] [--rounds 5] [--json FILE]
+                                       [--timeout-s 90] [--rounds 3] [--all] [--json FILE]
 
 At each point (preset and token count; by default the ones issue 14 misses: 8192 tokens
 of every preset, Mixtral-8x7B's 1024), tokens are routed uniformly at random (top_k
@@ -13,8 +13,9 @@ Gluon config is:
   same K steps in the same order): `bits` true where out is equal bit for bit, else the
   largest difference;
 - timed in a CUDA graph (L2 flushed before each replay, `tuning.graphed_ms`) in turns
-  with every other down candidate the layer races there (pointer and TMA tiles), after
-  a warm-up, `--rounds` times (median ms).
+  with the down config moebench ships for that point (`SHIPPED`; where none was shipped
+  for this code, or with `--all`, every pointer and TMA down candidate the layer races
+  there), after a warm-up, `--rounds` times (median ms).
 A child that prints nothing for `--timeout-s` is ended, and one that dies is recorded;
 the config it was checking is recorded as `hang` or `crash`, and a new child goes on
 without it (a hang or crash while timing ends the point). One JSON line a
@@ -75,29 +76,57 @@ def _launcher(config: dict, problem: tuple, out_AD: torch.Tensor):
     return lambda: kernels.launch_down(h_PF, w_EFD, gate_A, out_AD, alignment, config)
 
 
-def _configs(preset: str, tokens: int) -> list[dict]:
-    """Every down config the layer races at this point with the Gluon kernels asked for,
-    at each row-block height it may take: the Gluon ones first."""
+def shipped_choice(preset: str, tokens: int, block_m: int, device_name: str) -> dict | None:
+    """The down config moebench ships for this point and row-block height on a card of
+    `device_name` (the key and code fingerprint the layer looks up without the Gluon
+    kernels), or None where none was shipped for this code."""
+    from moebench.impls.triton import layer, tuning
+    from moebench.presets import PRESETS
+
+    shape = PRESETS[preset]
+    D, F, E, K = shape.hidden, shape.ffn, shape.num_experts, shape.top_k
+    x_TD = torch.empty(tokens, D, device="meta", dtype=torch.bfloat16)
+    w_down_EFD = torch.empty(E, F, D, device="meta", dtype=torch.bfloat16)
+    layout = tuning.weight_layout(w_down_EFD)
+    key = tuning.key("down", x_TD, w_down_EFD, K, layout, block_m)
+    configs = layer.gemm_candidates("down", block_m, D, F, 2, True)
+    fingerprint = tuning.code_fingerprint(layer.gemm_code("down", True), configs, "graph")
+    table = tuning.read_table(tuning.shipped_dir() / tuning.device_file_name(device_name))
+    return table.get(f"{key} {fingerprint}")
+
+
+def _configs(preset: str, tokens: int, race_all: bool) -> list[dict]:
+    """The Gluon down configs at each row-block height the layer may take at this point,
+    then what they race: the shipped choice of each height (`"SHIPPED": True`), or, where
+    none was shipped or `race_all`, every pointer and TMA down candidate there."""
     from moebench.impls.triton import tuning
     from moebench.impls.triton.layer import gemm_candidates
     from moebench.presets import PRESETS
 
     shape = PRESETS[preset]
     D, F, E, K = shape.hidden, shape.ffn, shape.num_experts, shape.top_k
-    configs = [
-        config
-        for block_m in tuning.block_m_choices(tokens, K, E)
-        for config in gemm_candidates("down", block_m, D, F, 2, True, True)
-    ]
-    return sorted(configs, key=lambda config: not config.get("GLUON_WS"))
+    gluon, others = [], []
+    for block_m in tuning.block_m_choices(tokens, K, E):
+        candidates = gemm_candidates("down", block_m, D, F, 2, True, True)
+        gluon += [config for config in candidates if config.get("GLUON_WS")]
+        shipped = None if race_all else shipped_choice(preset, tokens, block_m, _device_name())
+        if shipped is not None:
+            others.append({**shipped, "SHIPPED": True})
+        else:
+            others += [config for config in candidates if not config.get("GLUON_WS")]
+    return gluon + others
 
 
-def run_child(preset: str, tokens: int, skip: set[int], rounds: int) -> None:
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def run_child(preset: str, tokens: int, skip: set[int], rounds: int, race_all: bool) -> None:
     """Check and time every config not in `skip`, announcing each first ("START i") so
     that the parent knows which one a hang was in."""
     from moebench.impls.triton import tuning
 
-    configs = _configs(preset, tokens)
+    configs = _configs(preset, tokens, race_all)
     problems: dict[int, tuple] = {}
     timed = []
     for index, config in enumerate(configs):
@@ -167,7 +196,7 @@ def _child_lines(command: list[str], timeout_s: float) -> tuple[list[str], str |
     return output, status, child.stderr.read()[-800:]
 
 
-def probe_point(point: str, timeout_s: float, rounds: int) -> list[dict]:
+def probe_point(point: str, timeout_s: float, rounds: int, race_all: bool = False) -> list[dict]:
     """Children until every config of `point` has a result or was ended (hang, crash)."""
     preset, tokens = point.split(":")
     skip: set[int] = set()
@@ -175,6 +204,7 @@ def probe_point(point: str, timeout_s: float, rounds: int) -> list[dict]:
     while True:
         command = [sys.executable, __file__, "--child", preset, tokens, "--rounds", str(rounds)]
         command += ["--skip", ",".join(map(str, sorted(skip)))] if skip else []
+        command += ["--all"] if race_all else []
         output, status, error = _child_lines(command, timeout_s)
         if status is None:
             return ended + [json.loads(line[7:]) for line in output if line.startswith("RESULT ")]
@@ -204,6 +234,8 @@ def summary(records: list[dict]) -> str:
             if kind not in best or record["ms"] < best[kind]["ms"]:
                 best[kind] = record
         parts = [f"{kind} {r['ms'] * 1e3:.1f} us" for kind, r in sorted(best.items())]
+        shipped = [r for r in mine if r.get("config", {}).get("SHIPPED") and "ms" in r]
+        parts += [f"shipped {r['ms'] * 1e3:.1f} us" for r in shipped]
         bad = [r for r in mine if r.get("hang") or r.get("crash") or r.get("bits") is False]
         lines.append(f"{point}: {', '.join(parts)}; {len(bad)} Gluon config(s) wrong or ended")
     return "\n".join(lines)
@@ -213,14 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--points", nargs="+", default=list(DEFAULT_POINTS))
     parser.add_argument("--timeout-s", type=float, default=90.0)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--all", action="store_true", dest="race_all")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", nargs=2, metavar=("PRESET", "TOKENS"), help=argparse.SUPPRESS)
     parser.add_argument("--skip", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         skip = {int(i) for i in args.skip.split(",") if i}
-        run_child(args.child[0], int(args.child[1]), skip, args.rounds)
+        run_child(args.child[0], int(args.child[1]), skip, args.rounds, args.race_all)
         return 0
     from moebench.presets import PRESETS
 
@@ -234,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     records = []
     for point in args.points:
-        for record in probe_point(point, args.timeout_s, args.rounds):
+        for record in probe_point(point, args.timeout_s, args.rounds, args.race_all):
             print(json.dumps(record), flush=True)
             records.append(record)
     if args.json:

@@ -5,6 +5,7 @@ hang while timing ends the point, and bad points are refused before anything run
 from __future__ import annotations
 
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 SCRIPT = Path(__file__).parents[1] / "scripts" / "gluon_down_probe.py"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def probe() -> dict:
     return runpy.run_path(str(SCRIPT))
 
@@ -79,3 +80,27 @@ def test_bad_points_are_refused(probe, point, capsys):
         probe["main"](["--points", point])
     assert exit_.value.code == 2
     assert "want PRESET:TOKENS" in capsys.readouterr().err
+
+
+def test_the_shipped_choice_is_found_under_the_layers_key():
+    """The probe races the Gluon configs against the down config moebench ships, looked
+    up under the key and fingerprint the layer computes (under the card's versions, in a
+    process without Triton's interpreter, as tests/test_shipped_tuning.py does)."""
+    pytest.importorskip("triton", reason="the fingerprints take the kernels' Triton cache keys")
+    from tests.conftest import without_interpreter
+    from tests.test_shipped_tuning import CARD_TORCH, CARD_TRITON
+
+    code = f"""
+import runpy, torch
+from moebench.impls.triton import tuning
+tuning._version = lambda distribution: {CARD_TRITON!r}
+torch.__version__ = {CARD_TORCH!r}
+probe = runpy.run_path({str(SCRIPT)!r})
+found = probe["shipped_choice"]("qwen3-30b-a3b", 8192, 128, "NVIDIA H200")
+assert found is not None and found["BLOCK_M"] == 128, found
+assert probe["shipped_choice"]("qwen3-30b-a3b", 8192, 128, "no such card") is None
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=without_interpreter(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
