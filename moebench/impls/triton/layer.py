@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -103,6 +104,18 @@ def gemm_candidates(
     return configs
 
 
+@dataclass(frozen=True)
+class ForwardPlan:
+    """What `fused_experts` decides before it launches, the same for every call of one
+    signature (`plans`): the rows per block, whether each assignment is its own block,
+    and both GEMMs' configs."""
+
+    block_m: int
+    per_assignment: bool
+    gate_up: dict
+    down: dict
+
+
 def fused_experts(
     x_TD: torch.Tensor,
     gate_weights_TK: torch.Tensor,
@@ -112,6 +125,7 @@ def fused_experts(
     keep_for_backward: bool = False,
     timer: Timer = NULL_TIMER,
     block_m: int | None = None,
+    plans: dict[tuple, ForwardPlan] | None = None,
 ) -> tuple[torch.Tensor, Saved | None]:
     """(sum_k gate_weights_TK[t, k] * SwiGLU_{expert_ids_TK[t, k]}(x_TD[t]) as T x D,
     what the backward needs if `keep_for_backward` else None), with gate and up stacked
@@ -119,22 +133,37 @@ def fused_experts(
     w_down_EFD. `timer` marks the phases (moebench.measure.phases): alignment is permute,
     the two fused GEMMs (gathered loads, weighted scatter in the epilogue) expert, the sum
     over slots unpermute. `block_m` (rows per block of the sorted token list) defaults to
-    the tuner's choice (`_block_m`)."""
+    the tuner's choice (`_block_m`).
+
+    `plans` (a layer's own dict): the first call of a signature (token count, top_k,
+    dtype, device, training or not, `block_m`, dependent launch on or off, the weights'
+    storage) keeps its decisions there as a `ForwardPlan`, and later calls take them
+    instead of building the tuner's keys and looking them up, the weights' layout and
+    what the TMA tiles take: host time, which bounds an un-graphed call of a few hundred
+    tokens. The switches read then ($MOEBENCH_GLUON_WS) hold for the plan's life."""
     T, D = x_TD.shape
     E, F, _ = w_down_EFD.shape
-    # gate and up as E x D x F weights: the layout of both halves' views (an un-graphed
-    # call of a few hundred tokens is bound by the host: no view it does not launch with)
-    gate_up_layout = tuning.weight_layout(w_gate_up_E2FD.transpose(1, 2))
     K = expert_ids_TK.shape[1]
     x_TD = x_TD.contiguous()
-    per_assignment = T == 1 and not keep_for_backward
     pdl = dependent_launch.for_tokens(x_TD.device, T)
-    if block_m is None and (keep_for_backward or per_assignment):  # not raced: `_block_m`
-        block_m = tuning.block_m_for(T, K, E)
-    elif block_m is None:
-        block_m = _block_m(
-            x_TD, gate_weights_TK, expert_ids_TK, w_gate_up_E2FD, w_down_EFD, gate_up_layout
-        )
+    plan_key = (
+        T, K, x_TD.dtype, x_TD.device, keep_for_backward, block_m, pdl,
+        w_gate_up_E2FD.data_ptr(), w_down_EFD.data_ptr(),
+    )  # fmt: skip
+    plan = None if plans is None else plans.get(plan_key)
+    if plan is not None:
+        block_m, per_assignment = plan.block_m, plan.per_assignment
+    else:
+        # gate and up as E x D x F weights: the layout of both halves' views
+        gate_up_layout = tuning.weight_layout(w_gate_up_E2FD.transpose(1, 2))
+        per_assignment = T == 1 and not keep_for_backward
+        if block_m is None and (keep_for_backward or per_assignment):  # not raced
+            block_m = tuning.block_m_for(T, K, E)
+        elif block_m is None:
+            block_m = _block_m(
+                x_TD, gate_weights_TK, expert_ids_TK, w_gate_up_E2FD, w_down_EFD,
+                gate_up_layout,
+            )  # fmt: skip
     with timer.phase("permute"):
         if per_assignment:
             alignment = per_assignment_blocks(expert_ids_TK, block_m)
@@ -173,11 +202,45 @@ def fused_experts(
         else:
             kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, pdl)
 
+    with timer.phase("expert"):
+        if plan is not None:
+            gate_up(plan.gate_up)
+            down(plan.down)
+        else:
+            configs = _tuned_gemms(
+                x_TD, w_gate_up_E2FD, w_down_EFD, alignment, K, keep_for_backward, pdl,
+                gate_up_layout, gate_up, down,
+            )  # fmt: skip
+            if plans is not None:
+                plans[plan_key] = ForwardPlan(block_m, per_assignment, *configs)
+    with timer.phase("unpermute"):
+        y_TD = out_AD if K == 1 else token_sum(out_AD, K, pdl=pdl)
+    saved = None
+    if pre_activations is not None:
+        saved = Saved(alignment, *pre_activations, h_PF, K)
+    return y_TD, saved
+
+
+def _tuned_gemms(
+    x_TD: torch.Tensor,
+    w_gate_up_E2FD: torch.Tensor,
+    w_down_EFD: torch.Tensor,
+    alignment,
+    K: int,
+    keep_for_backward: bool,
+    pdl: bool,
+    gate_up_layout: str,
+    gate_up: Callable[[dict], None],
+    down: Callable[[dict], None],
+) -> tuple[dict, dict]:
+    """Both GEMMs launched with the tuner's configs (tuned first if need be), which
+    are returned: (gate_up's, down's)."""
+    F, D = w_down_EFD.shape[1:]
+    block_m = alignment.block_m
     # TMA tiles (tma.py) race the pointer kernels' on Hopper where a row list is walked
     # without dependent launch (64- and 128-row blocks: the compute-bound calls)
     with_tma = not (alignment.per_assignment or pdl) and tma.takes(w_gate_up_E2FD, w_down_EFD)
     with_gluon = races_gluon(with_tma, x_TD)
-
     # Tuned in order: the down kernel's trials read the h that gate_up wrote. Training's
     # gate_up also stores the pre-activations: a different kernel, tuned apart.
     gate_up_key = "gate_up_train" if keep_for_backward else "gate_up"
@@ -185,26 +248,22 @@ def fused_experts(
         ("gate_up", gate_up_key, gate_up_layout, gate_up),
         ("down", "down", tuning.weight_layout(w_down_EFD), down),
     )
-    with timer.phase("expert"):
-        for name, key, layout, launch in steps:
-            config = tuning.TUNER.choose(
-                x_TD.device,
-                tuning.key(key, x_TD, w_down_EFD, K, layout, block_m),
-                lambda name=name: gemm_candidates(
-                    name, block_m, D, F, x_TD.element_size(), with_tma, with_gluon
-                ),
-                launch,
-                code=gemm_code(name, with_tma, with_gluon),
-                graphed=True,  # kernels of a few us: the graph times the GPU, not the host
-                precompile=True,
-            )
-            launch(config)
-    with timer.phase("unpermute"):
-        y_TD = out_AD if K == 1 else token_sum(out_AD, K, pdl=pdl)
-    saved = None
-    if pre_activations is not None:
-        saved = Saved(alignment, *pre_activations, h_PF, K)
-    return y_TD, saved
+    configs = []
+    for name, key, layout, launch in steps:
+        config = tuning.TUNER.choose(
+            x_TD.device,
+            tuning.key(key, x_TD, w_down_EFD, K, layout, block_m),
+            lambda name=name: gemm_candidates(
+                name, block_m, D, F, x_TD.element_size(), with_tma, with_gluon
+            ),
+            launch,
+            code=gemm_code(name, with_tma, with_gluon),
+            graphed=True,  # kernels of a few us: the graph times the GPU, not the host
+            precompile=True,
+        )
+        launch(config)
+        configs.append(config)
+    return configs[0], configs[1]
 
 
 def _block_m(
@@ -256,10 +315,11 @@ class _FusedExpertsFunction(torch.autograd.Function):
     """The fused forward, keeping its activations; the grouped-GEMM backward."""
 
     @staticmethod
-    def forward(ctx, x_TD, gate_weights_TK, expert_ids_TK, w_gate_up, w_down):
+    def forward(ctx, x_TD, gate_weights_TK, expert_ids_TK, w_gate_up, w_down, plans):
         y_TD, ctx.fused = fused_experts(
-            x_TD, gate_weights_TK, expert_ids_TK, w_gate_up, w_down, keep_for_backward=True
-        )
+            x_TD, gate_weights_TK, expert_ids_TK, w_gate_up, w_down, keep_for_backward=True,
+            plans=plans,
+        )  # fmt: skip
         ctx.save_for_backward(x_TD, gate_weights_TK, w_gate_up, w_down)
         return y_TD
 
@@ -270,7 +330,7 @@ class _FusedExpertsFunction(torch.autograd.Function):
             ctx.fused, grad_y_TD, x_TD, gate_weights_TK, w_gate_up, w_down
         )
         ctx.fused = None  # free the activations now, not when the graph goes
-        return dx, dgate, None, dw_gate_up, dw_down
+        return dx, dgate, None, dw_gate_up, dw_down, None
 
 
 class TritonMoE(MoELayer):
@@ -291,6 +351,7 @@ class TritonMoE(MoELayer):
         )  # one copy, written in the K-major layout
         self.w_gate_up_E2FD = torch.nn.Parameter(gate_up_E2FD)
         self.w_down_EFD = torch.nn.Parameter(weights.w_down_EFD)
+        self._plans: dict[tuple, ForwardPlan] = {}  # `fused_experts`' forward plans
 
     def routed(
         self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
@@ -303,5 +364,9 @@ class TritonMoE(MoELayer):
         )
         if wants_grad:
             with self.timer.phase("expert"):  # one autograd op: align, GEMMs and sum
-                return _FusedExpertsFunction.apply(x_TD, gate_weights_TK, expert_ids_TK, *weights)
-        return fused_experts(x_TD, gate_weights_TK, expert_ids_TK, *weights, timer=self.timer)[0]
+                return _FusedExpertsFunction.apply(
+                    x_TD, gate_weights_TK, expert_ids_TK, *weights, self._plans
+                )
+        return fused_experts(
+            x_TD, gate_weights_TK, expert_ids_TK, *weights, timer=self.timer, plans=self._plans
+        )[0]
