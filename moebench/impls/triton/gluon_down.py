@@ -146,14 +146,16 @@ def _load_partition(
 
 @gluon.jit
 def _mma_partition(
-    a_bufs, b_bufs, ready_bars, empty_bars, order_bars, gate_weight_ptr, out_ptr,
-    sorted_ids_ptr, num_padded_ptr, D, F, num_assign, stride_out_a, num_programs,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+    shared, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     GROUP_M: gl.constexpr, CONSUMER: gl.constexpr, CONSUMERS: gl.constexpr,
 ):  # fmt: skip
     """A consumer: the tiles i = CONSUMER, CONSUMER + CONSUMERS, ... of this program's
     walk (all of them when CONSUMERS is 1), each K loop from the ring, then the
-    epilogue."""
+    epilogue; `shared`: the ring, the barriers and the kernel's run-time arguments."""
+    (
+        a_bufs, b_bufs, ready_bars, empty_bars, order_bars, gate_weight_ptr, out_ptr,
+        sorted_ids_ptr, num_padded_ptr, D, F, num_assign, stride_out_a, num_programs,
+    ) = shared  # fmt: skip
     STAGES: gl.constexpr = a_bufs.type.shape[0]
     WARPS: gl.constexpr = gl.num_warps()
     mma_layout: gl.constexpr = _mma_layout(BLOCK_N, WARPS)
@@ -237,37 +239,31 @@ def down_ws_kernel(
         h_desc, w_desc, a_bufs, b_bufs, ready_bars, empty_bars, block_expert_ptr,
         num_padded_ptr, D, F, num_programs, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     )  # fmt: skip
+    # (the constexprs stay out of this tuple: joined to one inside the JIT, they would
+    # become run-time values)
+    consumer = (
+        a_bufs, b_bufs, ready_bars, empty_bars, order_bars, gate_weight_ptr, out_ptr,
+        sorted_ids_ptr, num_padded_ptr, D, F, num_assign, stride_out_a, num_programs,
+    )  # fmt: skip
     if PINGPONG:
         gl.warp_specialize(
             [
-                (_mma_partition, (
-                    a_bufs, b_bufs, ready_bars, empty_bars, order_bars, gate_weight_ptr,
-                    out_ptr, sorted_ids_ptr, num_padded_ptr, D, F, num_assign, stride_out_a,
-                    num_programs, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 0, 2,
-                )),
+                (_mma_partition, (consumer, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 0, 2)),
                 (_load_partition, loader_args),
-                (_mma_partition, (
-                    a_bufs, b_bufs, ready_bars, empty_bars, order_bars, gate_weight_ptr,
-                    out_ptr, sorted_ids_ptr, num_padded_ptr, D, F, num_assign, stride_out_a,
-                    num_programs, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 1, 2,
-                )),
+                (_mma_partition, (consumer, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 1, 2)),
             ],
             [1, gl.num_warps()],
             [_LOADER_REGISTERS, _CONSUMER_REGISTERS],
-        )  # fmt: skip
+        )
     else:
         gl.warp_specialize(
             [
-                (_mma_partition, (
-                    a_bufs, b_bufs, ready_bars, empty_bars, order_bars, gate_weight_ptr,
-                    out_ptr, sorted_ids_ptr, num_padded_ptr, D, F, num_assign, stride_out_a,
-                    num_programs, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 0, 1,
-                )),
+                (_mma_partition, (consumer, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 0, 1)),
                 (_load_partition, loader_args),
             ],
             [1],
             [_LOADER_REGISTERS],
-        )  # fmt: skip
+        )
 
 
 KERNELS = (down_ws_kernel,)
