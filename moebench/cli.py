@@ -190,6 +190,7 @@ ENV_NONE = {
     "triton": "not installed",
     "dependent_launch": "n/a (needs CUDA and Triton)",
     "fast_launch": "n/a (needs CUDA and Triton)",
+    "gluon_ws": "n/a (needs CUDA and Triton)",
 }
 
 

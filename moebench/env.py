@@ -41,6 +41,27 @@ def switch_off(variable: str) -> bool:
     return os.environ.get(variable, "").strip().lower() in ("0", "off", "false", "no")
 
 
+def switch_on(variable: str) -> bool:
+    """Whether the environment variable `variable` turns a switch that is off by default
+    on ("1", "on", "true" or "yes", any case; unset or anything else: off)."""
+    return os.environ.get(variable, "").strip().lower() in ("1", "on", "true", "yes")
+
+
+# On: the `triton` layer's down GEMM also races the warp-specialised Gluon kernels
+# (moebench/impls/triton/gluon_down.py; off until a card has timed them in the layer).
+GLUON_WS_SWITCH = "MOEBENCH_GLUON_WS"
+
+
+def _gluon_ws_state() -> str | None:
+    """The switch `GLUON_WS_SWITCH` as "on" or "off" where CUDA and Triton are present,
+    else None."""
+    from moebench.routing import route_kernels
+
+    if not torch.cuda.is_available() or route_kernels() is None:
+        return None
+    return "on" if switch_on(GLUON_WS_SWITCH) else "off"
+
+
 def _launch_state(module: str) -> str | None:
     """How moebench's Triton kernels launch, as `moebench.<module>.state()` records it
     ("on"/"off"): `dependent_launch` (PDL) or `fast_launch` (past the JIT's per-call
@@ -125,6 +146,7 @@ def collect_environment(plugins: Iterable[str] = ()) -> dict[str, Any]:
         "l2_flush": L2Flush.method,  # how each timed CUDA repeat is preceded
         "dependent_launch": _launch_state("dependent_launch"),
         "fast_launch": _launch_state("fast_launch"),
+        "gluon_ws": _gluon_ws_state(),
     }
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

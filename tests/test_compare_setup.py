@@ -99,6 +99,7 @@ def test_compare_warns_when_the_timed_warm_up_differs(
     [
         ("dependent_launch", "dependent launch (PDL)"),  # $MOEBENCH_PDL=0
         ("fast_launch", "fast launch of moebench's kernels"),  # $MOEBENCH_FAST_LAUNCH=0
+        ("gluon_ws", "Gluon down kernels in the triton tuner's race"),  # $MOEBENCH_GLUON_WS=1
     ],
 )
 def test_compare_warns_when_a_launch_switch_differs(

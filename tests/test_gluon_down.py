@@ -112,10 +112,11 @@ def check_the_layer_races_them_when_asked(asked: bool) -> None:
     import os
 
     from moebench import fast_launch
+    from moebench.env import GLUON_WS_SWITCH
     from moebench.impls.triton import layer
 
     if asked:
-        os.environ[layer.GLUON_ENV] = "1"
+        os.environ[GLUON_WS_SWITCH] = "1"
     launched: list[tuple[str, dict]] = []
 
     def record(kernel, grid, args, kwargs) -> None:
@@ -209,11 +210,12 @@ def test_every_candidate_gives_the_tma_tiles_bits(tokens, experts, top_k, block_
 def test_layer_on_gluon_down_alone_matches_reference(monkeypatch, tmp_path):
     """The layer's forward with only these kernels to choose from for down: the tuner
     picks one, and the output matches `reference`."""
+    from moebench.env import GLUON_WS_SWITCH
     from moebench.impls.reference import reference_output
     from moebench.impls.triton import layer
     from tests.test_triton import TOLERANCE, _gpu_case, _relative, built_layer
 
-    monkeypatch.setenv(layer.GLUON_ENV, "1")
+    monkeypatch.setenv(GLUON_WS_SWITCH, "1")
     monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
     monkeypatch.setattr(tuning.TUNER, "_chosen", {})
     only_gluon = layer.gemm_candidates
@@ -232,3 +234,22 @@ def test_layer_on_gluon_down_alone_matches_reference(monkeypatch, tmp_path):
         y_TD = built(x_TD)
     assert ran and all(config.get("GLUON_WS") for config in ran)
     assert _relative(y_TD, reference_output(weights, x_TD)) <= TOLERANCE["bfloat16"]
+
+
+def test_the_switch_without_gluon_says_what_to_install(monkeypatch):
+    """Asked for with a Triton that has no Gluon: an error naming the switch and the
+    Triton to install, not a bare ImportError from inside the layer."""
+    import sys
+
+    from moebench.env import GLUON_WS_SWITCH
+    from moebench.impls.triton import layer
+
+    monkeypatch.setenv(GLUON_WS_SWITCH, "1")
+    monkeypatch.setitem(sys.modules, "moebench.impls.triton.gluon_down", None)
+    monkeypatch.delattr("moebench.impls.triton.gluon_down")  # (imported above)
+    x_TD = torch.empty(4, 8, device="meta", dtype=torch.bfloat16)
+    with pytest.raises(ImportError, match=r"MOEBENCH_GLUON_WS=1 races Gluon kernels.*triton>=3\.6"):
+        layer.races_gluon(True, x_TD)
+    assert layer.races_gluon(False, x_TD) is False  # no TMA tiles race: not asked
+    monkeypatch.setenv(GLUON_WS_SWITCH, "0")
+    assert layer.races_gluon(True, x_TD) is False

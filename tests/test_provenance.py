@@ -197,3 +197,34 @@ def test_env_says_each_fact_in_words(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr("sys.stdout", printed)
     assert cmd_env(type("Args", (), {"json": True})(), console) == 0
     assert json.loads(printed.getvalue())["triton"] is None
+
+
+@pytest.mark.parametrize(
+    ("value", "on"), [("1", True), ("on", True), (" TRUE ", True), ("yes", True), ("0", False),
+                      ("", False), ("2", False), (None, False)],
+)  # fmt: skip
+def test_a_switch_that_is_off_by_default(value, on, monkeypatch):
+    from moebench.env import GLUON_WS_SWITCH, switch_on
+
+    if value is None:
+        monkeypatch.delenv(GLUON_WS_SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(GLUON_WS_SWITCH, value)
+    assert switch_on(GLUON_WS_SWITCH) is on
+
+
+def test_the_gluon_switch_is_recorded_only_where_it_can_act(monkeypatch):
+    """run.json's `gluon_ws`: None without CUDA (or Triton), so a CPU run never differs
+    from another on it; else "on" or "off"."""
+    import torch
+
+    from moebench import env as env_module
+
+    monkeypatch.setenv(env_module.GLUON_WS_SWITCH, "1")
+    if not torch.cuda.is_available():
+        assert env_module.collect_environment()["gluon_ws"] is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("moebench.routing.route_kernels", lambda: object())
+    assert env_module._gluon_ws_state() == "on"
+    monkeypatch.setenv(env_module.GLUON_WS_SWITCH, "off")
+    assert env_module._gluon_ws_state() == "off"

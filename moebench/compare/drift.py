@@ -139,6 +139,7 @@ ENVIRONMENT_FACTS = (
     ("CPU model", "cpu"),
     ("dependent launch (PDL)", "dependent_launch"),
     ("fast launch of moebench's kernels", "fast_launch"),
+    ("Gluon down kernels in the triton tuner's race", "gluon_ws"),
 )
 
 

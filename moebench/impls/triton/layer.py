@@ -27,7 +27,6 @@ its predecessor's tail.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ import torch
 
 from moebench import dependent_launch
 from moebench.case import Case
+from moebench.env import GLUON_WS_SWITCH, switch_on
 from moebench.impls.triton import kernels, tma, tuning
 from moebench.impls.triton.align import align_to_blocks, per_assignment_blocks
 from moebench.impls.triton.backward import Saved, fused_backward, token_sum
@@ -54,18 +54,20 @@ TMA_CODE = {
 BLOCK_M_CODE = (kernels.gate_up_kernel, kernels.down_kernel, *tma.KERNELS)
 
 
-# Set to "1" to race gluon_down.py's warp-specialised down kernels too (`races_gluon`).
-GLUON_ENV = "MOEBENCH_GLUON_WS"
-
-
 def races_gluon(with_tma: bool, x_TD: torch.Tensor) -> bool:
-    """Whether the down GEMM races gluon_down.py's kernels: asked for (`$MOEBENCH_GLUON_WS=1`;
-    off by default until a card has timed them in the layer: triton/NOTES.md, version 27),
-    where the TMA tiles race, on Hopper, for 16-bit inputs."""
-    if not with_tma or os.environ.get(GLUON_ENV) != "1":
+    """Whether the down GEMM races gluon_down.py's kernels: asked for
+    (`$MOEBENCH_GLUON_WS=1`, `env.GLUON_WS_SWITCH`; off by default until a card has timed
+    them in the layer: triton/NOTES.md, version 27), where the TMA tiles race, on Hopper,
+    for 16-bit inputs."""
+    if not with_tma or not switch_on(GLUON_WS_SWITCH):
         return False
-    from moebench.impls.triton import gluon_down  # (Gluon is Triton 3.4's and later)
-
+    try:
+        from moebench.impls.triton import gluon_down
+    except ImportError as exc:  # Gluon is Triton 3.4's and later
+        raise ImportError(
+            f"{GLUON_WS_SWITCH}=1 races Gluon kernels, which this Triton lacks"
+            f" ({exc}): pip install 'triton>=3.6', or unset {GLUON_WS_SWITCH}"
+        ) from exc
     return gluon_down.available(x_TD.device) and gluon_down.takes(x_TD.dtype)
 
 
