@@ -17,13 +17,14 @@ into roles:
   version 23's counters put a third of the large-batch GEMMs' stalls at it.
 - **The consumers** wait for `ready`, issue the wgmma asynchronously, wait until only it
   is in flight, and hand the previous step's slot back. Cooperative: one consumer of
-  CONSUMER_WARPS warps (8 at 128-row blocks: two warpgroups, 64 rows each; 4 at 64).
+  `consumer_warps` warps (8 at 128-row blocks: two warpgroups, 64 rows each; 4 at 64).
   PINGPONG (128-row blocks): two consumers of four warps take alternate tiles, so that
   one's epilogue runs under the other's K loop (down's K loop is short: 12-32 steps of
   64 on the four presets, so its epilogue is a large share of a tile). They take turns at
   the ring through a pair of `order` mbarriers: a consumer starts a tile's K loop only
   once the other has waited for all of its previous tile's slots, because an mbarrier's
-  wait is on the parity of its phase, which would pass early for a fill two ahead.
+  wait is on the parity of its phase: waiting for a slot's next fill but one, it would
+  pass at once on the fill the slot still holds.
 
 The epilogue multiplies in the wgmma's own layout and rounds, then moves the rows
 through shared memory (a scratch buffer of each consumer's, apart from the ring) to a
