@@ -109,11 +109,9 @@ def gemm_candidates(
 @dataclass(frozen=True)
 class ForwardPlan:
     """What `fused_experts` decides before it launches, the same for every call of one
-    signature (`plans`): the rows per block, whether each assignment is its own block,
-    and both GEMMs' configs."""
+    signature (`plans`): the rows per block and both GEMMs' configs."""
 
     block_m: int
-    per_assignment: bool
     gate_up: dict
     down: dict
 
@@ -153,12 +151,12 @@ def fused_experts(
         w_gate_up_E2FD.data_ptr(), w_down_EFD.data_ptr(),
     )  # fmt: skip
     plan = None if plans is None else plans.get(plan_key)
+    per_assignment = T == 1 and not keep_for_backward
     if plan is not None:
-        block_m, per_assignment = plan.block_m, plan.per_assignment
+        block_m = plan.block_m
     else:
         # gate and up as E x D x F weights: the layout of both halves' views
         gate_up_layout = tuning.weight_layout(w_gate_up_E2FD.transpose(1, 2))
-        per_assignment = T == 1 and not keep_for_backward
         if block_m is None and (keep_for_backward or per_assignment):  # not raced
             block_m = tuning.block_m_for(T, K, E)
         elif block_m is None:
@@ -214,7 +212,7 @@ def fused_experts(
                 gate_up_layout, gate_up, down,
             )  # fmt: skip
             if plans is not None:
-                plans[plan_key] = ForwardPlan(block_m, per_assignment, *configs)
+                plans[plan_key] = ForwardPlan(block_m, *configs)
     with timer.phase("unpermute"):
         y_TD = out_AD if K == 1 else token_sum(out_AD, K, pdl=pdl)
     saved = None
