@@ -26,7 +26,8 @@
 #             (GPU_PRESETS: others); scripts/tune_log.py sums each side's tuning time
 #   host      scripts/host_profile.py, one-token forwards of Qwen3-30B-A3B and OLMoE-1B-7B
 #             in one process (GPU_PRESETS, GPU_TOKENS: others), with dependent launch off
-#             and on and the layers in turns, and cProfile's top functions
+#             and on (GPU_AB: another switch of its --ab, forward-plan say) and the layers
+#             in turns, and cProfile's top functions
 #   ncu       Nsight Compute's counters on the fused layer's GEMM kernels, one forward each
 #             (scripts/ncu_layer.py; GPU_NCU_CASES: PRESET:TOKENS list, default Qwen3-30B-A3B at
 #             8192 tokens and OLMoE-1B-7B at 64 and 1024); the report is $OUT/ncu.txt
@@ -177,7 +178,7 @@ for step in "$@"; do
     host)
       # shellcheck disable=SC2086
       timed python3 scripts/host_profile.py --preset ${GPU_PRESETS:-qwen3-30b-a3b olmoe-1b-7b} \
-        --tokens ${GPU_TOKENS:-1} --ab pdl --top 30
+        --tokens ${GPU_TOKENS:-1} --ab ${GPU_AB:-pdl} --top 30
       ;;
     ncu)
       # shellcheck disable=SC2086

@@ -2,7 +2,8 @@
 
     python scripts/host_profile.py [--impl triton] [--preset qwen3-30b-a3b ...]
                                    [--tokens 1 64] [--mode forward|train]
-                                   [--ab fast-launch|pdl|few-token-logits|piece-logits]
+                                   [--ab fast-launch|pdl|few-token-logits|piece-logits|
+                                         forward-plan]
 
 For each token count and preset: the microseconds per call of the whole layer, of its
 router and of its routed part alone (calls queued back to back, one sync at the end:
@@ -20,8 +21,9 @@ train` a call is the harness's training step (`case_run._step_fn`: fresh gradien
 forward, the backward of a fixed output gradient), also timed without its backward; the
 router and routed parts are timed at inference (no autograd). With `--ab SWITCH` the
 call is also timed with the switch off and on, in turns in one process (`switch_turns`):
-`$MOEBENCH_FAST_LAUNCH`, `$MOEBENCH_PDL`, or one of the Router's logits kernels, the
-few-token one or the pieces' one (off: its cuBLAS path there). With several presets,
+`$MOEBENCH_FAST_LAUNCH`, `$MOEBENCH_PDL`, one of the Router's logits kernels, the
+few-token one or the pieces' one (off: its cuBLAS path there), or the `triton` layer's
+forward plan (off: every call decides again, `layer.ForwardPlan`). With several presets,
 their calls are also timed in turns in one process (`preset_turns`): a host's speed
 moves between processes and over minutes, so two presets timed apart can differ by what
 the host did meanwhile.
@@ -99,6 +101,25 @@ def _router_rule_switch(rule_name: str, on: bool):
         setattr(logits_kernel, rule_name, rule)
 
 
+@contextlib.contextmanager
+def _forward_plan_switch(on: bool):
+    """Off: the `triton` layer's calls go without their forward plan (`ForwardPlan`):
+    each decides its row blocks and tiles again, asking the tuner."""
+    from moebench.impls.triton import layer as triton_layer
+
+    fused_experts = triton_layer.fused_experts
+
+    def without_plan(*args, plans=None, **kwargs):
+        return fused_experts(*args, **kwargs)
+
+    if not on:
+        triton_layer.fused_experts = without_plan
+    try:
+        yield
+    finally:
+        triton_layer.fused_experts = fused_experts
+
+
 # --ab: a switch, as a context manager of on (True) or off
 SWITCHES = {
     "fast-launch": functools.partial(
@@ -109,6 +130,7 @@ SWITCHES = {
     ),
     "few-token-logits": functools.partial(_router_rule_switch, "takes_few_token_logits"),
     "piece-logits": functools.partial(_router_rule_switch, "takes_piece_logits"),
+    "forward-plan": _forward_plan_switch,
 }
 
 

@@ -95,3 +95,29 @@ def test_new_weight_storage_is_planned_again(tuner_calls):
         built.w_down_EFD.data = built.w_down_EFD.data.clone()
         built(x_TD)
     assert len(built._plans) == 2
+
+
+@needs_kernels
+def test_host_profile_turns_the_plan_off_and_on(tuner_calls):
+    """`scripts/host_profile.py --ab forward-plan`: with the switch off every call asks
+    the tuner again (no plan), on it asks nothing once its plan is made; the layer's
+    function is as it was after."""
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "host_profile.py"))
+    switch = script["SWITCHES"]["forward-plan"]
+    case = _gpu_case((72, 64, 4, 2, 40), DTYPE, device=KERNEL_DEVICE)
+    _, built, x_TD = built_layer(case)
+    with torch.no_grad():
+        built(x_TD)  # the plan is made
+        asked = len(tuner_calls)
+        with switch(False):
+            built(x_TD)
+            built(x_TD)
+        assert len(tuner_calls) >= asked + 4  # both GEMMs, each call
+        asked = len(tuner_calls)
+        with switch(True):
+            built(x_TD)
+        assert len(tuner_calls) == asked
+    assert layer.fused_experts.__name__ == "fused_experts"
