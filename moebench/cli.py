@@ -134,6 +134,8 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         for key, name in (("dependent_launch", "dependent launch"), ("fast_launch", "fast launch"))
         if env.get(key)
     ]
+    if env.get("gluon_ws") == "on":  # (off is the default: said only when on)
+        launches.append("Gluon down race on")
     started = _to_the_second(meta.get("started_at", "?"))
     say_facts(console, [f"run {run_id}", f"suite {meta.get('suite', '?')}", f"started {started}"])
     say_facts(

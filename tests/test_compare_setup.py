@@ -151,3 +151,18 @@ def test_compare_names_hosts_of_different_speed(
     for other in ("near", "older", "garbled"):  # a garbled figure is not a difference
         assert run_cli(str(runs["fast"]), str(runs[other]), "--quiet") == 0
         assert "hosts differ" not in capsys.readouterr().out
+
+
+def test_show_says_when_the_gluon_race_was_on(
+    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`moebench show` names the Gluon down race of a run that had it on, and says
+    nothing of it where it was off (the default) or not recorded."""
+    from moebench.cli import main as cli_main
+
+    gpus = [{"name": "NVIDIA H200"}]
+    for name, state, said in (("on", "on", True), ("off", "off", False), ("old", None, False)):
+        environment = {"gpus": gpus, **({"gluon_ws": state} if state else {})}
+        run = _run(tmp_path, rng, name, "cuda", environment=environment)
+        assert cli_main(["show", str(run)]) == 0
+        assert ("Gluon down race on" in " ".join(capsys.readouterr().out.split())) is said
