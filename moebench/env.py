@@ -55,20 +55,23 @@ GLUON_WS_SWITCH = "MOEBENCH_GLUON_WS"
 def _gluon_ws_state() -> str | None:
     """The switch `GLUON_WS_SWITCH` as "on" or "off" where CUDA and Triton are present,
     else None."""
-    from moebench.routing import route_kernels
-
-    if not torch.cuda.is_available() or route_kernels() is None:
+    if not _kernels_present():
         return None
     return "on" if switch_on(GLUON_WS_SWITCH) else "off"
+
+
+def _kernels_present() -> bool:
+    """Whether moebench's Triton kernels can run here: CUDA and Triton present."""
+    from moebench.routing import route_kernels
+
+    return torch.cuda.is_available() and route_kernels() is not None
 
 
 def _launch_state(module: str) -> str | None:
     """How moebench's Triton kernels launch, as `moebench.<module>.state()` records it
     ("on"/"off"): `dependent_launch` (PDL) or `fast_launch` (past the JIT's per-call
     dispatch), where CUDA and Triton are present; else None."""
-    from moebench.routing import route_kernels
-
-    if not torch.cuda.is_available() or route_kernels() is None:
+    if not _kernels_present():
         return None
     # imported here: the module imports Triton, which route_kernels found
     return importlib.import_module(f"moebench.{module}").state()

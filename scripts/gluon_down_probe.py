@@ -62,18 +62,12 @@ def _problem(preset: str, tokens: int, block_m: int, seed: int = 0) -> tuple:
 
 
 def _launcher(config: dict, problem: tuple, out_AD: torch.Tensor):
-    """A function launching `config`'s down kernel on `problem` into out_AD."""
-    from moebench.impls.triton import gluon_down, kernels, tma
+    """A function launching `config`'s down kernel on `problem` into out_AD, as the
+    layer does (`layer.launch_down`)."""
+    from moebench.impls.triton.layer import launch_down
 
     h_PF, w_EFD, gate_A, alignment = problem
-    if config.get("GLUON_WS"):
-        programs = tma.multiprocessors(out_AD.device)
-        return lambda: gluon_down.launch_down(
-            h_PF, w_EFD, gate_A, out_AD, alignment, config, programs
-        )
-    if config.get("TMA"):
-        return lambda: tma.launch_down(h_PF, w_EFD, gate_A, out_AD, alignment, config)
-    return lambda: kernels.launch_down(h_PF, w_EFD, gate_A, out_AD, alignment, config)
+    return lambda: launch_down(config, h_PF, w_EFD, gate_A, out_AD, alignment)
 
 
 def shipped_choice(preset: str, tokens: int, block_m: int, device_name: str) -> dict | None:

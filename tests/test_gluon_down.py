@@ -60,16 +60,18 @@ def test_registers_move_from_the_loader_to_the_consumers():
     assert gluon_down.consumer_warps(short) == 4 and gluon_down.max_registers(short) == 248
 
 
+def _meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """A tensor with no data: compiling for a card needs only shapes and dtypes."""
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
 def _meta_alignment(tokens: int, top_k: int, experts: int, block_m: int):
     from moebench.impls.triton.align import Alignment, max_padded_rows
 
     rows = max_padded_rows(tokens * top_k, experts, block_m)
-
-    def meta(*shape: int) -> torch.Tensor:
-        return torch.empty(*shape, device="meta", dtype=torch.int32)
-
-    return Alignment(meta(rows), meta(rows // block_m), meta(1), None, None, tokens * top_k,
-                     block_m)  # fmt: skip
+    ids = torch.int32
+    return Alignment(_meta(rows, dtype=ids), _meta(rows // block_m, dtype=ids),
+                     _meta(1, dtype=ids), None, None, tokens * top_k, block_m)  # fmt: skip
 
 
 def check_every_candidate_compiles() -> None:
@@ -77,9 +79,6 @@ def check_every_candidate_compiles() -> None:
     Triton's interpreter): each config at both heights, D = 264 (no multiple of a tile)
     and F = 384, compiled for sm_90 without spills."""
     from moebench import offline_compile
-
-    def meta(*shape: int) -> torch.Tensor:
-        return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
 
     D, F, E, K, tokens = 264, 384, 8, 2, 1024
     configs = []
@@ -90,7 +89,7 @@ def check_every_candidate_compiles() -> None:
             for config in gluon_down.candidates(block_m, D, F, 2):
                 configs.append(config)
                 gluon_down.launch_down(
-                    meta(rows, F), meta(E, F, D), meta(tokens * K), meta(tokens * K, D),
+                    _meta(rows, F), _meta(E, F, D), _meta(tokens * K), _meta(tokens * K, D),
                     alignment, config, 132,
                 )  # fmt: skip
     assert len(record) == len(configs) == 8, [r.describe() for r in record]
@@ -122,16 +121,13 @@ def check_the_layer_races_them_when_asked(asked: bool) -> None:
     def record(kernel, grid, args, kwargs) -> None:
         launched.append((kernel.fn.__name__, kwargs))
 
-    def meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        return torch.empty(*shape, device="meta", dtype=dtype)
-
     D, F, E, K, tokens = 264, 384, 8, 2, 1024
     heights = tuning.block_m_choices(tokens, K, E)
     with fast_launch.compile_only(record):
         for block_m in heights:
             layer.fused_experts(
-                meta(tokens, D), meta(tokens, K), meta(tokens, K, dtype=torch.int64),
-                meta(E, 2 * F, D), meta(E, F, D), block_m=block_m,
+                _meta(tokens, D), _meta(tokens, K), _meta(tokens, K, dtype=torch.int64),
+                _meta(E, 2 * F, D), _meta(E, F, D), block_m=block_m,
             )  # fmt: skip
     gluon = [kwargs for name, kwargs in launched if name == "down_ws_kernel"]
     if not asked:

@@ -106,6 +106,30 @@ def gemm_candidates(
     return configs
 
 
+def launch_down(
+    config: dict,
+    h_PF: torch.Tensor,
+    w_down_EFD: torch.Tensor,
+    gate_weight_A: torch.Tensor,
+    out_AD: torch.Tensor,
+    alignment,
+    pdl: bool = False,
+) -> None:
+    """The forward's down GEMM through the kernel `config` names: a Gluon one
+    (`GLUON_WS`), a TMA tile (`TMA`) or the pointer kernel (`pdl` as there)."""
+    if config.get("GLUON_WS"):
+        from moebench.impls.triton import gluon_down
+
+        programs_max = tma.multiprocessors(h_PF.device)
+        gluon_down.launch_down(
+            h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, programs_max
+        )
+    elif config.get("TMA"):
+        tma.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
+    else:
+        kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, pdl)
+
+
 @dataclass(frozen=True)
 class ForwardPlan:
     """What `fused_experts` decides before it launches, the same for every call of one
@@ -190,17 +214,7 @@ def fused_experts(
             )
 
     def down(config: dict) -> None:
-        if config.get("GLUON_WS"):
-            from moebench.impls.triton import gluon_down
-
-            programs_max = tma.multiprocessors(h_PF.device)
-            gluon_down.launch_down(
-                h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, programs_max
-            )
-        elif config.get("TMA"):
-            tma.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
-        else:
-            kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, pdl)
+        launch_down(config, h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, pdl)
 
     with timer.phase("expert"):
         if plan is not None:
