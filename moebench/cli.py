@@ -109,6 +109,11 @@ def presets_table() -> Table:
     return table
 
 
+# run.json's off-by-default switches (moebench.env) and the words `moebench show` says
+# for a run that had one on.
+SHOWN_SWITCHES = (("gluon_ws", "Gluon down race on"), ("merge_tail", "merged-tail race on"))
+
+
 def cmd_show(args: argparse.Namespace, console: Console) -> int:
     from moebench.report.data import ceilings_parts, run_ceilings, timing_text
     from moebench.resume import incompleteness
@@ -134,8 +139,8 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         for key, name in (("dependent_launch", "dependent launch"), ("fast_launch", "fast launch"))
         if env.get(key)
     ]
-    if env.get("gluon_ws") == "on":  # (off is the default: said only when on)
-        launches.append("Gluon down race on")
+    # off-by-default switches: said only when on
+    launches += [words for key, words in SHOWN_SWITCHES if env.get(key) == "on"]
     started = _to_the_second(meta.get("started_at", "?"))
     say_facts(console, [f"run {run_id}", f"suite {meta.get('suite', '?')}", f"started {started}"])
     say_facts(
@@ -193,6 +198,7 @@ ENV_NONE = {
     "dependent_launch": "n/a (needs CUDA and Triton)",
     "fast_launch": "n/a (needs CUDA and Triton)",
     "gluon_ws": "n/a (needs CUDA and Triton)",
+    "merge_tail": "n/a (needs CUDA and Triton)",
 }
 
 

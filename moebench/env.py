@@ -51,13 +51,19 @@ def switch_on(variable: str) -> bool:
 # (moebench/impls/triton/gluon_down.py; off until a card has timed them in the layer).
 GLUON_WS_SWITCH = "MOEBENCH_GLUON_WS"
 
+# On: the `triton` layer's GEMMs also race the merged-tail TMA tiles
+# (moebench/impls/triton/merge_tail.py: an expert's short last block computed with its
+# previous block, from one read of the weight tile; off until a card has timed them in
+# the layer).
+MERGE_TAIL_SWITCH = "MOEBENCH_MERGE_TAIL"
 
-def _gluon_ws_state() -> str | None:
-    """The switch `GLUON_WS_SWITCH` as "on" or "off" where CUDA and Triton are present,
-    else None."""
+
+def _switch_state(variable: str) -> str | None:
+    """The off-by-default switch `variable` as "on" or "off" where CUDA and Triton are
+    present, else None."""
     if not _kernels_present():
         return None
-    return "on" if switch_on(GLUON_WS_SWITCH) else "off"
+    return "on" if switch_on(variable) else "off"
 
 
 def _kernels_present() -> bool:
@@ -149,7 +155,8 @@ def collect_environment(plugins: Iterable[str] = ()) -> dict[str, Any]:
         "l2_flush": L2Flush.method,  # how each timed CUDA repeat is preceded
         "dependent_launch": _launch_state("dependent_launch"),
         "fast_launch": _launch_state("fast_launch"),
-        "gluon_ws": _gluon_ws_state(),
+        "gluon_ws": _switch_state(GLUON_WS_SWITCH),
+        "merge_tail": _switch_state(MERGE_TAIL_SWITCH),
     }
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

@@ -31,9 +31,11 @@
 #   ncu       Nsight Compute's counters on the fused layer's GEMM kernels, one forward each
 #             (scripts/ncu_layer.py; GPU_NCU_CASES: PRESET:TOKENS list, default Qwen3-30B-A3B at
 #             8192 tokens and OLMoE-1B-7B at 64 and 1024); the report is $OUT/ncu.txt
-#   tail      scripts/tail_probe.py: what an expert's tail block costs in gate_up, per kind
-#             of tile and HALF_TAIL, on DeepSeek-V3's shape (GPU_PRESETS: one other preset);
-#             $OUT/tail_probe.json
+#   tail      the merged-tail tiles (merge_tail.py): their tests (the TMA tiles' bits at
+#             128-row blocks), then scripts/tail_probe.py: what an expert's tail block costs
+#             in gate_up, per kind of tile, HALF_TAIL and MERGE_TAIL, on DeepSeek-V3's shape
+#             (GPU_PRESETS: one other preset); $OUT/tail_probe.json. Only when it is clean:
+#             MOEBENCH_MERGE_TAIL=1 GPU_FILTER=impl=triton scripts/gpu_session.sh peers
 #   gluon     the warp-specialised Gluon down kernels (gluon_down.py): their tests, then
 #             scripts/gluon_down_probe.py (each config under a watchdog, its bits against
 #             the TMA tile's, timed against every other down candidate; GPU_POINTS:
@@ -142,6 +144,7 @@ for step in "$@"; do
         tests/test_triton.py tests/test_tma.py tests/test_triton_backward_rows.py \
         tests/test_route_kernel.py tests/test_router_logits.py tests/test_dependent_launch.py \
         tests/test_fast_launch.py tests/test_gluon_down.py tests/test_forward_plan.py \
+        tests/test_merge_tail.py \
         tests/test_ceilings.py tests/test_offload_cuda.py tests/test_check.py \
         tests/test_profiling.py tests/test_presets_hf.py tests/test_peers.py}
       ;;
@@ -190,6 +193,7 @@ for step in "$@"; do
       ncu --import "$out/ncu.ncu-rep" --page details > "$out/ncu.txt" 2>&1
       ;;
     tail)
+      timed python3 -m pytest -q -p no:cacheprovider -rs tests/test_merge_tail.py
       timed python3 scripts/tail_probe.py --preset "${GPU_PRESETS:-deepseek-v3}" \
         --json "$out/tail_probe.json"
       ;;

@@ -12,7 +12,10 @@ mod E), so at 128-row blocks n = 256 is two full blocks an expert, 288 adds a ta
 tile each, 128 x 128 x 64 at 8 warps and 4 stages, the tuner's usual winner at these
 shapes): the pointer tile (`kernels.py`), the TMA tile (`tma.py`, the gather of x
 included), the TMA tile with ONE_DOT, and with ONE_DOT and GATHER_A (A loaded by
-pointers from x's rows, TMA for the weights only), each with and without HALF_TAIL. The
+pointers from x's rows, TMA for the weights only), each with and without HALF_TAIL; and
+64 columns wide, ONE_DOT's tile with HALF_TAIL beside `merge_tail.py`'s (a tail of at
+most half a block computed with its expert's block before it), with and without
+GATHER_A. The
 card's clock falls under its power cap within a second of GEMMs, so every variant is run
 for `--warm-s` seconds, then all are timed in turns, `--rounds` times (median, ms). Each
 variant's h on the real rows is also compared with the first variant's: the largest
@@ -50,13 +53,36 @@ VARIANTS = {
         "GATHER_A": True,
         "HALF_TAIL": True,
     },
+    # merge_tail.py's tiles hold a second accumulator for the tail: 64 columns of gate
+    # and of up (128 spill); beside them, tma.py's tile of that width
+    "TMA, ONE_DOT, N64, HALF_TAIL": {
+        "TMA": True,
+        "ONE_DOT": True,
+        "HALF_TAIL": True,
+        "BLOCK_N": 64,
+    },
+    "TMA, ONE_DOT, N64, MERGE_TAIL": {
+        "TMA": True,
+        "ONE_DOT": True,
+        "MERGE_TAIL": True,
+        "BLOCK_N": 64,
+    },
+    "TMA, GATHER_A, N64, MERGE_TAIL": {
+        "TMA": True,
+        "ONE_DOT": True,
+        "GATHER_A": True,
+        "MERGE_TAIL": True,
+        "BLOCK_N": 64,
+    },
 }
 
 
 def tile(block_m: int, variant: dict, on_cpu: bool) -> dict:
-    """The probe's gate_up config for `variant` at `block_m` rows (a narrower tile on a
-    CPU, where the interpreter's time grows with it)."""
-    block_n, block_k = (32, 32) if on_cpu else (128, 64)
+    """The probe's gate_up config for `variant` at `block_m` rows: 128 columns unless the
+    variant says (a narrower tile on a CPU, where the interpreter's time grows with it)."""
+    variant = dict(variant)
+    block_n = variant.pop("BLOCK_N", 128)
+    block_n, block_k = (32, 32) if on_cpu else (block_n, 64)
     return {
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
         "num_warps": 8, "num_stages": 4, **variant,
@@ -69,12 +95,11 @@ def probe(
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """{"<rows> <variant>": {"ms": median, "max_diff": largest |h - first variant's h|
     on the real rows}} for each rows-per-expert count and variant."""
-    from moebench.impls.triton import kernels, tma
     from moebench.impls.triton.align import align_to_blocks
+    from moebench.impls.triton.layer import launch_gate_up
 
     gen = torch.Generator(device=device).manual_seed(0)
     w_E2FD = torch.randn(E, 2 * F, D, device=device, dtype=dtype, generator=gen) * 0.02
-    w_gate_EDF, w_up_EDF = w_E2FD[:, :F].transpose(1, 2), w_E2FD[:, F:].transpose(1, 2)
     runs: dict[str, Callable[[], object]] = {}
     outputs: dict[str, torch.Tensor] = {}
     real_rows: dict[int, torch.Tensor] = {}
@@ -92,10 +117,7 @@ def probe(
             outputs[f"{rows} {name}"] = h_PF
 
             def run(x_TD=x_TD, alignment=alignment, h_PF=h_PF, config=config) -> None:
-                if config.get("TMA"):
-                    tma.launch_gate_up(x_TD, w_E2FD, h_PF, alignment, K, config)
-                else:
-                    kernels.launch_gate_up(x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config)
+                launch_gate_up(config, x_TD, w_E2FD, h_PF, alignment, K)
 
             runs[f"{rows} {name}"] = run
     # warmed up together, to the clock the power cap keeps; then timed in turns

@@ -100,6 +100,7 @@ def test_compare_warns_when_the_timed_warm_up_differs(
         ("dependent_launch", "dependent launch (PDL)"),  # $MOEBENCH_PDL=0
         ("fast_launch", "fast launch of moebench's kernels"),  # $MOEBENCH_FAST_LAUNCH=0
         ("gluon_ws", "Gluon down kernels in the triton tuner's race"),  # $MOEBENCH_GLUON_WS=1
+        ("merge_tail", "merged-tail tiles in the triton tuner's race"),  # $MOEBENCH_MERGE_TAIL=1
     ],
 )
 def test_compare_warns_when_a_launch_switch_differs(
@@ -153,16 +154,23 @@ def test_compare_names_hosts_of_different_speed(
         assert "hosts differ" not in capsys.readouterr().out
 
 
-def test_show_says_when_the_gluon_race_was_on(
-    tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("key", "words"), [("gluon_ws", "Gluon down race on"), ("merge_tail", "merged-tail race on")]
+)
+def test_show_says_when_a_race_switch_was_on(
+    key: str,
+    words: str,
+    tmp_path: Path,
+    rng: np.random.Generator,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`moebench show` names the Gluon down race of a run that had it on, and says
-    nothing of it where it was off (the default) or not recorded."""
+    """`moebench show` names the Gluon down race, or the merged-tail race, of a run that
+    had it on, and says nothing of it where it was off (the default) or not recorded."""
     from moebench.cli import main as cli_main
 
     gpus = [{"name": "NVIDIA H200"}]
     for name, state, said in (("on", "on", True), ("off", "off", False), ("old", None, False)):
-        environment = {"gpus": gpus, **({"gluon_ws": state} if state else {})}
+        environment = {"gpus": gpus, **({key: state} if state else {})}
         run = _run(tmp_path, rng, name, "cuda", environment=environment)
         assert cli_main(["show", str(run)]) == 0
-        assert ("Gluon down race on" in " ".join(capsys.readouterr().out.split())) is said
+        assert (words in " ".join(capsys.readouterr().out.split())) is said

@@ -158,6 +158,8 @@ def test_env_says_each_fact_in_words(monkeypatch, tmp_path: Path) -> None:
         "moebench": "0.1.0",
         "git_sha": None,
         "dependent_launch": None,
+        "gluon_ws": None,
+        "merge_tail": None,
         "l2_flush": "read",
         "gpus": [],
         "provenance": {
@@ -177,6 +179,8 @@ def test_env_says_each_fact_in_words(monkeypatch, tmp_path: Path) -> None:
         "triton": "not installed",
         "moebench": "0.1.0 (wheel)",
         "dependent_launch": "n/a (needs CUDA and Triton)",
+        "gluon_ws": "n/a (needs CUDA and Triton)",
+        "merge_tail": "n/a (needs CUDA and Triton)",
         "l2_flush": "read",
         "repository": "/home/me/kernels at 91c2aa0b55, dirty",
         "plugin my-moe": "my_pkg.moe from my-pkg 0.3.1",
@@ -199,32 +203,46 @@ def test_env_says_each_fact_in_words(monkeypatch, tmp_path: Path) -> None:
     assert json.loads(printed.getvalue())["triton"] is None
 
 
+@pytest.mark.parametrize("switch", ["GLUON_WS_SWITCH", "MERGE_TAIL_SWITCH"])
 @pytest.mark.parametrize(
     ("value", "on"), [("1", True), ("on", True), (" TRUE ", True), ("yes", True), ("0", False),
                       ("", False), ("2", False), (None, False)],
 )  # fmt: skip
-def test_a_switch_that_is_off_by_default(value, on, monkeypatch):
-    from moebench.env import GLUON_WS_SWITCH, switch_on
+def test_a_switch_that_is_off_by_default(switch, value, on, monkeypatch):
+    from moebench import env as env_module
+    from moebench.env import switch_on
 
+    variable = getattr(env_module, switch)
     if value is None:
-        monkeypatch.delenv(GLUON_WS_SWITCH, raising=False)
+        monkeypatch.delenv(variable, raising=False)
     else:
-        monkeypatch.setenv(GLUON_WS_SWITCH, value)
-    assert switch_on(GLUON_WS_SWITCH) is on
+        monkeypatch.setenv(variable, value)
+    assert switch_on(variable) is on
 
 
-def test_the_gluon_switch_is_recorded_only_where_it_can_act(monkeypatch):
-    """run.json's `gluon_ws`: None without CUDA (or Triton), so a CPU run never differs
-    from another on it; else "on" or "off"."""
+@pytest.mark.parametrize(
+    ("switch", "variable", "key"),
+    [
+        ("GLUON_WS_SWITCH", "MOEBENCH_GLUON_WS", "gluon_ws"),
+        ("MERGE_TAIL_SWITCH", "MOEBENCH_MERGE_TAIL", "merge_tail"),
+    ],
+)
+def test_a_switch_is_recorded_only_where_it_can_act(switch, variable, key, monkeypatch):
+    """run.json's `gluon_ws` and `merge_tail`: None without CUDA (or Triton), so a CPU
+    run never differs from another on it; else "on" or "off"."""
     import torch
 
     from moebench import env as env_module
 
-    monkeypatch.setenv(env_module.GLUON_WS_SWITCH, "1")
+    assert getattr(env_module, switch) == variable
+    monkeypatch.setenv(variable, "1")
     if not torch.cuda.is_available():
-        assert env_module.collect_environment()["gluon_ws"] is None
+        assert env_module.collect_environment()[key] is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("moebench.routing.route_kernels", lambda: object())
-    assert env_module._gluon_ws_state() == "on"
-    monkeypatch.setenv(env_module.GLUON_WS_SWITCH, "off")
-    assert env_module._gluon_ws_state() == "off"
+    assert env_module._switch_state(variable) == "on"
+    monkeypatch.setenv(variable, "off")
+    assert env_module._switch_state(variable) == "off"
+    monkeypatch.undo()  # run.json's key holds this switch's state, with CUDA or without
+    monkeypatch.setattr(env_module, "_switch_state", lambda name: f"state of {name}")
+    assert env_module.collect_environment()[key] == f"state of {variable}"

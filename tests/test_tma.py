@@ -160,16 +160,17 @@ def test_tail_probe_runs_every_variant_and_they_agree(tmp_path, capsys):
     from pathlib import Path
 
     script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "tail_probe.py"))
-    # 64-row blocks: 32 rows an expert fill half a block, 40 a bit more, 64 all of it
+    # 64-row blocks: 32 rows an expert fill half a block, 40 a bit more, 72 a block and
+    # a tail of 8 (MERGE_TAIL's)
     out = tmp_path / "tail.json"
-    args = ["--shape", "64", "128", "4", "2", "--rows", "32", "40", "64", "--block-m", "64"]
+    args = ["--shape", "64", "128", "4", "2", "--rows", "32", "40", "72", "--block-m", "64"]
     assert script["main"]([*args, "--warm-s", "0", "--rounds", "1", "--json", str(out)]) == 0
     found = json.loads(out.read_text())
-    assert set(found) == {f"{rows} {name}" for rows in (32, 40, 64) for name in script["VARIANTS"]}
+    assert set(found) == {f"{rows} {name}" for rows in (32, 40, 72) for name in script["VARIANTS"]}
     for label, result in found.items():
         assert result["ms"] > 0, label
         assert result["max_diff"] <= 2e-2, (label, result)  # float16 sums in another order
-    assert "TMA, ONE_DOT, HALF_TAIL" in capsys.readouterr().out
+    assert "TMA, GATHER_A, N64, MERGE_TAIL" in capsys.readouterr().out
 
 
 def test_tail_probe_refuses_rows_that_make_no_whole_token_count():

@@ -140,6 +140,7 @@ ENVIRONMENT_FACTS = (
     ("dependent launch (PDL)", "dependent_launch"),
     ("fast launch of moebench's kernels", "fast_launch"),
     ("Gluon down kernels in the triton tuner's race", "gluon_ws"),
+    ("merged-tail tiles in the triton tuner's race", "merge_tail"),
 )
 
 

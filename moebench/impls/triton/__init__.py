@@ -3,7 +3,9 @@
 Files: `align.py` (token -> expert alignment on the device), `kernels.py` (the two fused
 grouped GEMMs), `tma.py` (their TMA-load tiles, raced beside them on Hopper),
 `gluon_down.py` (the down GEMM warp-specialised in Gluon, raced only with
-`$MOEBENCH_GLUON_WS=1`), `tuning.py` (block sizes, tuned once per device, shape and token bucket,
+`$MOEBENCH_GLUON_WS=1`), `merge_tail.py` (TMA tiles of both GEMMs that compute an
+expert's short last block with the block before it, raced only with
+`$MOEBENCH_MERGE_TAIL=1`), `tuning.py` (block sizes, tuned once per device, shape and token bucket,
 cached on disk; `tuned/` holds the choices moebench ships per device), `layer.py` (the
 module and its autograd function), `backward.py` (the backward: each GEMM the down
 kernel or torch's grouped GEMM, whichever the tuner timed faster, and two Triton

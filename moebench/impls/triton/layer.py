@@ -34,8 +34,8 @@ import torch
 
 from moebench import dependent_launch
 from moebench.case import Case
-from moebench.env import GLUON_WS_SWITCH, switch_on
-from moebench.impls.triton import kernels, tma, tuning
+from moebench.env import GLUON_WS_SWITCH, MERGE_TAIL_SWITCH, switch_on
+from moebench.impls.triton import kernels, merge_tail, tma, tuning
 from moebench.impls.triton.align import align_to_blocks, per_assignment_blocks
 from moebench.impls.triton.backward import Saved, fused_backward, token_sum
 from moebench.layer import MoELayer
@@ -71,16 +71,28 @@ def races_gluon(with_tma: bool, x_TD: torch.Tensor) -> bool:
     return gluon_down.available(x_TD.device) and gluon_down.takes(x_TD.dtype)
 
 
-def gemm_code(name: str, with_tma: bool, with_gluon: bool = False) -> tuple:
+def races_merged_tails(with_tma: bool) -> bool:
+    """Whether both GEMMs race merge_tail.py's tiles: asked for (`$MOEBENCH_MERGE_TAIL=1`,
+    `env.MERGE_TAIL_SWITCH`; off by default until a card has timed them in the layer:
+    triton/NOTES.md, version 28), where the TMA tiles race."""
+    return with_tma and switch_on(MERGE_TAIL_SWITCH)
+
+
+def gemm_code(
+    name: str, with_tma: bool, with_gluon: bool = False, with_merged: bool = False
+) -> tuple:
     """The kernels whose code a choice for the forward's `name` GEMM depends on: the
     pointer kernel's, and the TMA kernels' where their tiles race (`with_tma`), so that
     an edit of a TMA kernel leaves the choices made without them (decode) matched; down's
-    Gluon kernels where they race (`with_gluon`)."""
+    Gluon kernels where they race (`with_gluon`), the merged-tail tiles where they race
+    (`with_merged`)."""
     code = POINTER_CODE[name] + (TMA_CODE[name] if with_tma else ())
     if with_gluon and name == "down":
         from moebench.impls.triton import gluon_down
 
         code += gluon_down.KERNELS
+    if with_merged:
+        code += merge_tail.KERNELS[name]
     return code
 
 
@@ -92,10 +104,11 @@ def gemm_candidates(
     element_bytes: int,
     with_tma: bool,
     with_gluon: bool = False,
+    with_merged: bool = False,
 ) -> list[dict]:
     """The configs the forward's `name` GEMM ("gate_up" or "down") races at `block_m`
-    for hidden D and expert width F: the pointer kernel's, TMA tiles `with_tma`, and
-    down's Gluon kernels `with_gluon`."""
+    for hidden D and expert width F: the pointer kernel's, TMA tiles `with_tma`, down's
+    Gluon kernels `with_gluon` and the merged-tail tiles `with_merged`."""
     configs = tuning.candidates(name, block_m)
     if with_tma:
         configs += tma.candidates(name, block_m, D, F, element_bytes)
@@ -103,7 +116,36 @@ def gemm_candidates(
         from moebench.impls.triton import gluon_down
 
         configs += gluon_down.candidates(block_m, D, F, element_bytes)
+    if with_merged:
+        configs += merge_tail.candidates(name, block_m, D, F, element_bytes)
     return configs
+
+
+def launch_gate_up(
+    config: dict,
+    x_TD: torch.Tensor,
+    w_gate_up_E2FD: torch.Tensor,
+    h_PF: torch.Tensor,
+    alignment,
+    top_k: int,
+    pre_activations: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pdl: bool = False,
+) -> None:
+    """The forward's gate_up GEMM through the kernel `config` names: a merged-tail tile
+    (`MERGE_TAIL`), a TMA tile (`TMA`) or the pointer kernel (`pdl` as there)."""
+    if config.get("MERGE_TAIL"):
+        merge_tail.launch_gate_up(
+            x_TD, w_gate_up_E2FD, h_PF, alignment, top_k, config, pre_activations
+        )
+    elif config.get("TMA"):
+        tma.launch_gate_up(x_TD, w_gate_up_E2FD, h_PF, alignment, top_k, config, pre_activations)
+    else:  # E x D x F views of the K-major storage: the kernel takes any strides
+        F = h_PF.shape[1]
+        w_gate_EDF = w_gate_up_E2FD[:, :F].transpose(1, 2)
+        w_up_EDF = w_gate_up_E2FD[:, F:].transpose(1, 2)
+        kernels.launch_gate_up(
+            x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, top_k, config, pre_activations, pdl
+        )
 
 
 def launch_down(
@@ -116,7 +158,8 @@ def launch_down(
     pdl: bool = False,
 ) -> None:
     """The forward's down GEMM through the kernel `config` names: a Gluon one
-    (`GLUON_WS`), a TMA tile (`TMA`) or the pointer kernel (`pdl` as there)."""
+    (`GLUON_WS`), a merged-tail tile (`MERGE_TAIL`), a TMA tile (`TMA`) or the pointer
+    kernel (`pdl` as there)."""
     if config.get("GLUON_WS"):
         from moebench.impls.triton import gluon_down
 
@@ -124,6 +167,8 @@ def launch_down(
         gluon_down.launch_down(
             h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, programs_max
         )
+    elif config.get("MERGE_TAIL"):
+        merge_tail.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
     elif config.get("TMA"):
         tma.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
     else:
@@ -164,7 +209,8 @@ def fused_experts(
     storage) keeps its decisions there as a `ForwardPlan`, and later calls take them
     instead of building the tuner's keys and looking them up, the weights' layout and
     what the TMA tiles take: host time, which bounds an un-graphed call of a few hundred
-    tokens. The switches read then ($MOEBENCH_GLUON_WS) hold for the plan's life."""
+    tokens. The switches read then ($MOEBENCH_GLUON_WS, $MOEBENCH_MERGE_TAIL) hold for the
+    plan's life."""
     T, D = x_TD.shape
     E, F, _ = w_down_EFD.shape
     K = expert_ids_TK.shape[1]
@@ -204,14 +250,7 @@ def fused_experts(
     gate_weight_A = gate_weights_TK.to(x_TD.dtype).contiguous().view(-1)
 
     def gate_up(config: dict) -> None:
-        if config.get("TMA"):
-            tma.launch_gate_up(x_TD, w_gate_up_E2FD, h_PF, alignment, K, config, pre_activations)
-        else:  # E x D x F views of the K-major storage: the kernel takes any strides
-            w_gate_EDF = w_gate_up_E2FD[:, :F].transpose(1, 2)
-            w_up_EDF = w_gate_up_E2FD[:, F:].transpose(1, 2)
-            kernels.launch_gate_up(
-                x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, K, config, pre_activations, pdl
-            )
+        launch_gate_up(config, x_TD, w_gate_up_E2FD, h_PF, alignment, K, pre_activations, pdl)
 
     def down(config: dict) -> None:
         launch_down(config, h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, pdl)
@@ -255,6 +294,7 @@ def _tuned_gemms(
     # without dependent launch (64- and 128-row blocks: the compute-bound calls)
     with_tma = not (alignment.per_assignment or pdl) and tma.takes(w_gate_up_E2FD, w_down_EFD)
     with_gluon = races_gluon(with_tma, x_TD)
+    with_merged = races_merged_tails(with_tma)
     # Tuned in order: the down kernel's trials read the h that gate_up wrote. Training's
     # gate_up also stores the pre-activations: a different kernel, tuned apart.
     gate_up_key = "gate_up_train" if keep_for_backward else "gate_up"
@@ -268,10 +308,10 @@ def _tuned_gemms(
             x_TD.device,
             tuning.key(key, x_TD, w_down_EFD, K, layout, block_m),
             lambda name=name: gemm_candidates(
-                name, block_m, D, F, x_TD.element_size(), with_tma, with_gluon
+                name, block_m, D, F, x_TD.element_size(), with_tma, with_gluon, with_merged
             ),
             launch,
-            code=gemm_code(name, with_tma, with_gluon),
+            code=gemm_code(name, with_tma, with_gluon, with_merged),
             graphed=True,  # kernels of a few us: the graph times the GPU, not the host
             precompile=True,
         )

@@ -1,0 +1,308 @@
+"""The fused layer's two GEMMs with an expert's short tail merged into its last full row
+block: TMA tiles raced beside `tma.py`'s only with `$MOEBENCH_MERGE_TAIL=1`
+(`layer.races_merged_tails`) until a card has timed them in the layer (triton/NOTES.md,
+version 28).
+
+Shape legend as in `kernels.py`. Why: every expert's run is padded to whole row blocks,
+and its last block's program reads the expert's whole weight tile however few of its
+rows are real. `scripts/tail_probe.py` measured it on an H200 (NOTES.md, version 18):
+DeepSeek-V3's 256 experts given 288 rows each (two full 128-row blocks and a tail of 32)
+took 9.77 ms in gate_up's TMA tile, 256 rows 6.73 and 384 rows 9.68: a tail of 32 rows
+cost a full block, with HALF_TAIL's half-height path or without. At about 256 rows an
+expert (Mixtral-8x7B at 1024 tokens, DeepSeek-V3 at 8192: two points issue 14 misses)
+half the experts end in such a tail.
+
+Here a program whose next row block is its own expert's last, with that block's second
+half padding alone, computes its block and the tail's first half together: each K step
+one weight tile, two products (BLOCK_M and BLOCK_M / 2 rows). The tail's own program
+exits at once. Otherwise a program computes its block as `tma.py`'s tiles do: whole, or,
+where it is its expert's only block and its second half padding, its first half alone
+(HALF_TAIL's path). Each row's K steps are the same as in `tma.py`'s tile of the same
+BLOCK_N and BLOCK_K, so the results are the same bits; the padding rows of a tail's
+second half are not written (as HALF_TAIL leaves them).
+
+The two accumulators take half as many registers again as one: gate_up merges only with
+ONE_DOT (one product of gate and up rows, 2 BLOCK_N wide) and tiles of that width for
+its warps (`TILES`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moebench.fast_launch import ceil_div, launch
+from moebench.impls.triton import tma
+from moebench.impls.triton.kernels import _block_coords, _second_half_is_padding
+
+# (BLOCK_N, BLOCK_K, warps, stages) per GEMM: accumulators of 128 + 64 rows within a
+# thread's registers (gate_up: 2 BLOCK_N columns, ONE_DOT's product; down's 256-wide
+# tile on 16 warps: gate_up's spilled there), the stages within shared memory (A boxes
+# of 128 and 64 rows beside the weight box, every stage). Compiled for sm_90 without
+# spills (tests/test_merge_tail.py).
+TILES = {
+    "gate_up": ((64, 64, 8, 3), (64, 64, 8, 4), (64, 64, 8, 5)),
+    "down": ((128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 16, 3)),
+}
+
+
+@triton.jit
+def _tail_roles(
+    sorted_ids_ptr, block_expert_ptr, pid_m, num_blocks_m, num_assign, BLOCK_M: tl.constexpr
+):
+    """(row block pid_m is a tail, its second half padding alone; it is a tail that the
+    block before, its expert's too, computes; the next block is such a tail, which this
+    program computes with its own)."""
+    expert = tl.load(block_expert_ptr + pid_m)
+    tail = _second_half_is_padding(sorted_ids_ptr, pid_m, num_assign, BLOCK_M)
+    has_before = pid_m > 0
+    before = tl.load(block_expert_ptr + pid_m - 1, mask=has_before, other=-1)
+    has_next = pid_m + 1 < num_blocks_m
+    after = tl.load(block_expert_ptr + pid_m + 1, mask=has_next, other=-1)
+    next_first_padding = tl.load(
+        sorted_ids_ptr + (pid_m + 1) * BLOCK_M + BLOCK_M // 2, mask=has_next, other=0
+    )
+    merged_before = tail & (before == expert)
+    merges_next = (after == expert) & (next_first_padding >= num_assign)
+    return tail, merged_before, merges_next
+
+
+@triton.jit
+def gate_up_merged_kernel(
+    a_desc, a_half_desc, w_desc, x_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
+    block_expert_ptr, num_padded_ptr, D, F, num_assign, top_k, num_blocks_m, stride_x_t,
+    stride_h_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, STORE_PRE: tl.constexpr, GATHER_A: tl.constexpr,
+):  # fmt: skip
+    """`tma.gate_up_tma_kernel` with ONE_DOT (and HALF_TAIL's path for an expert's only
+    block), an expert's short tail computed with the block before it (module docstring)."""
+    pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    tail, merged_before, merges_next = _tail_roles(
+        sorted_ids_ptr, block_expert_ptr, pid_m, num_blocks_m, num_assign, BLOCK_M
+    )
+    if merged_before:
+        return
+    if tail:  # its expert's only block: the first half alone
+        tma._gate_up_tma_tile(
+            a_half_desc, w_desc, x_ptr, sorted_ids_ptr, h_ptr, gate_pre_ptr, up_pre_ptr,
+            block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_h_p, pid_m, pid_n,
+            BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, STORE_PRE, True, GATHER_A,
+        )  # fmt: skip
+        return
+    if merges_next:
+        acc, acc_tail = _gate_up_merged_products(
+            a_desc, a_half_desc, w_desc, x_ptr, sorted_ids_ptr, block_expert_ptr, D,
+            num_assign, top_k, stride_x_t, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A,
+        )  # fmt: skip
+        _one_dot_swiglu_store(
+            acc, h_ptr, gate_pre_ptr, up_pre_ptr, stride_h_p, pid_m, pid_n, BLOCK_M, BLOCK_M,
+            BLOCK_N, STORE_PRE,
+        )  # fmt: skip
+        _one_dot_swiglu_store(
+            acc_tail, h_ptr, gate_pre_ptr, up_pre_ptr, stride_h_p, pid_m + 1, pid_n, BLOCK_M,
+            BLOCK_M // 2, BLOCK_N, STORE_PRE,
+        )  # fmt: skip
+        return
+    tma._gate_up_tma_tile(
+        a_desc, w_desc, x_ptr, sorted_ids_ptr, h_ptr, gate_pre_ptr, up_pre_ptr,
+        block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_h_p, pid_m, pid_n,
+        BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE, True, GATHER_A,
+    )  # fmt: skip
+
+
+@triton.jit
+def _gathered_rows(
+    x_ptr, sorted_ids_ptr, first_row, num_assign, top_k, stride_x_t, ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """GATHER_A's A operand for rows [first_row, first_row + ROWS): pointers to the first
+    K step of each row's token in x, and which rows are real (padding loads zeros)."""
+    ids = tl.load(sorted_ids_ptr + first_row + tl.arange(0, ROWS))
+    token = (ids // top_k).to(tl.int64)
+    return x_ptr + token[:, None] * stride_x_t + tl.arange(0, BLOCK_K)[None, :], ids < num_assign
+
+
+@triton.jit
+def _gate_up_merged_products(
+    a_desc, a_half_desc, w_desc, x_ptr, sorted_ids_ptr, block_expert_ptr, D, num_assign,
+    top_k, stride_x_t, pid_m, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GATHER_A: tl.constexpr,
+):  # fmt: skip
+    """ONE_DOT's products (BLOCK_M and BLOCK_M / 2 rows x 2 BLOCK_N, float32) of row block
+    pid_m and of the next block's first half, both against column block pid_n of pid_m's
+    expert, one weight box a K step."""
+    HALF: tl.constexpr = BLOCK_M // 2
+    expert = tl.load(block_expert_ptr + pid_m)
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    acc_tail = tl.zeros((HALF, 2 * BLOCK_N), dtype=tl.float32)
+    if GATHER_A:  # A by pointers from x's rows (padding rows load zeros)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs, a_real = _gathered_rows(
+            x_ptr, sorted_ids_ptr, pid_m * BLOCK_M, num_assign, top_k, stride_x_t, BLOCK_M,
+            BLOCK_K,
+        )  # fmt: skip
+        tail_ptrs, tail_real = _gathered_rows(
+            x_ptr, sorted_ids_ptr, (pid_m + 1) * BLOCK_M, num_assign, top_k, stride_x_t, HALF,
+            BLOCK_K,
+        )  # fmt: skip
+        for k in range(0, tl.cdiv(D, BLOCK_K)):
+            k_ok = offs_k[None, :] < D - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=a_real[:, None] & k_ok, other=0.0)
+            a_tail = tl.load(tail_ptrs, mask=tail_real[:, None] & k_ok, other=0.0)
+            w = w_desc.load([expert, 0, pid_n * BLOCK_N, k * BLOCK_K])
+            w = w.reshape(2 * BLOCK_N, BLOCK_K).T
+            acc = tl.dot(a, w, acc)
+            acc_tail = tl.dot(a_tail, w, acc_tail)
+            a_ptrs += BLOCK_K
+            tail_ptrs += BLOCK_K
+    else:
+        for k in range(0, tl.cdiv(D, BLOCK_K)):
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            a_tail = a_half_desc.load([(pid_m + 1) * BLOCK_M, k * BLOCK_K])
+            w = w_desc.load([expert, 0, pid_n * BLOCK_N, k * BLOCK_K])
+            w = w.reshape(2 * BLOCK_N, BLOCK_K).T
+            acc = tl.dot(a, w, acc)
+            acc_tail = tl.dot(a_tail, w, acc_tail)
+    return acc, acc_tail
+
+
+@triton.jit
+def _one_dot_swiglu_store(
+    acc, h_ptr, gate_pre_ptr, up_pre_ptr, stride_h_p, pid_m, pid_n, BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, STORE_PRE: tl.constexpr,
+):  # fmt: skip
+    """ONE_DOT's product (ROWS x 2 BLOCK_N: gate's columns, then up's) split into gate and
+    up, then `tma._swiglu_store` of the first ROWS rows of row block pid_m."""
+    acc_gate, acc_up = tl.split(tl.permute(acc.reshape(ROWS, 2, BLOCK_N), (0, 2, 1)))
+    tma._swiglu_store(
+        acc_gate, acc_up, h_ptr, gate_pre_ptr, up_pre_ptr, stride_h_p, pid_m, pid_n, BLOCK_M,
+        ROWS, BLOCK_N, STORE_PRE,
+    )  # fmt: skip
+
+
+@triton.jit
+def down_merged_kernel(
+    h_desc, h_half_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
+    num_padded_ptr, D, F, num_assign, num_blocks_m, stride_out_a,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """`tma.down_tma_kernel` (with HALF_TAIL's path for an expert's only block), an
+    expert's short tail computed with the block before it (module docstring)."""
+    pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(D, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    tail, merged_before, merges_next = _tail_roles(
+        sorted_ids_ptr, block_expert_ptr, pid_m, num_blocks_m, num_assign, BLOCK_M
+    )
+    if merged_before:
+        return
+    if tail:  # its expert's only block: the first half alone
+        tma._down_tma_tile(
+            h_half_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
+            D, F, num_assign, stride_out_a, pid_m, pid_n, BLOCK_M, BLOCK_M // 2, BLOCK_N,
+            BLOCK_K,
+        )  # fmt: skip
+        return
+    if merges_next:
+        first_w_row = tl.load(block_expert_ptr + pid_m) * F
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_tail = tl.zeros((BLOCK_M // 2, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(F, BLOCK_K)):
+            w = w_desc.load([first_w_row + k * BLOCK_K, pid_n * BLOCK_N])
+            acc = tl.dot(h_desc.load([pid_m * BLOCK_M, k * BLOCK_K]), w, acc)
+            acc_tail = tl.dot(h_half_desc.load([(pid_m + 1) * BLOCK_M, k * BLOCK_K]), w, acc_tail)
+        tma._weighted_scatter(
+            acc, gate_weight_ptr, out_ptr, sorted_ids_ptr, D, num_assign, stride_out_a, pid_m,
+            pid_n, BLOCK_M, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+        tma._weighted_scatter(
+            acc_tail, gate_weight_ptr, out_ptr, sorted_ids_ptr, D, num_assign, stride_out_a,
+            pid_m + 1, pid_n, BLOCK_M, BLOCK_M // 2, BLOCK_N,
+        )  # fmt: skip
+        return
+    tma._down_tma_tile(
+        h_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, D, F,
+        num_assign, stride_out_a, pid_m, pid_n, BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+
+
+KERNELS = {"gate_up": (gate_up_merged_kernel,), "down": (down_merged_kernel,)}
+
+
+def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) -> list[dict]:
+    """The configs (`"MERGE_TAIL": True`, and `"TMA"`) the tuner races for `kernel`
+    ("gate_up" or "down") at `block_m` (64 or 128 rows; none below) beside
+    `tma.candidates`: each tile of TILES that `tma.fits` these widths; gate_up's with
+    ONE_DOT, with and, where D is a multiple of 16, without GATHER_A (at D = 264 its
+    128-row tiles took 255 registers and spilled, at 272 they take 176)."""
+    if block_m < 64:
+        return []
+    configs = [
+        {"BLOCK_M": block_m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8,
+         "num_warps": warps, "num_stages": stages, "TMA": True, "MERGE_TAIL": True}
+        for n, k, warps, stages in TILES[kernel]
+    ]  # fmt: skip
+    if kernel == "gate_up":
+        configs = [{**config, "ONE_DOT": True} for config in configs]
+        if D % 16 == 0:
+            configs += [{**config, "GATHER_A": True} for config in configs]
+    return [config for config in configs if tma.fits(kernel, config, D, F, element_bytes)]
+
+
+def launch_gate_up(
+    x_TD: torch.Tensor,
+    w_gate_up_E2FD: torch.Tensor,
+    h_PF: torch.Tensor,
+    alignment,
+    top_k: int,
+    config: dict,
+    pre_activations: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """`tma.launch_gate_up`'s results through `gate_up_merged_kernel` (x's rows gathered
+    first, as there, unless GATHER_A); w_gate_up_E2FD contiguous."""
+    E, two_f, D = w_gate_up_E2FD.shape
+    F = two_f // 2
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    gather_a = bool(config.get("GATHER_A"))
+    a_descriptors = (
+        (x_TD, x_TD) if gather_a else tma.gathered_row_descriptors(x_TD, alignment, top_k, config)
+    )
+    w_desc = tma.descriptor(w_gate_up_E2FD.view(E, 2, F, D), [1, 2, block_n, block_k])
+    num_blocks_m = alignment.max_blocks
+    launch(
+        gate_up_merged_kernel, (num_blocks_m * ceil_div(F, block_n),),
+        *a_descriptors, w_desc, x_TD, h_PF, *(pre_activations or (h_PF, h_PF)),
+        alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1, D, F,
+        alignment.num_assign, top_k, num_blocks_m, x_TD.stride(0), h_PF.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
+        STORE_PRE=pre_activations is not None, GATHER_A=gather_a,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip
+
+
+def launch_down(
+    h_PF: torch.Tensor,
+    w_down_EFD: torch.Tensor,
+    gate_weight_A: torch.Tensor,
+    out_AD: torch.Tensor,
+    alignment,
+    config: dict,
+) -> None:
+    """`tma.launch_down`'s result through `down_merged_kernel`; w_down_EFD contiguous."""
+    E, F, D = w_down_EFD.shape
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    num_blocks_m = alignment.max_blocks
+    launch(
+        down_merged_kernel, (num_blocks_m * ceil_div(D, block_n),),
+        *tma.row_descriptors(h_PF, config),
+        tma.descriptor(w_down_EFD.view(E * F, D), [block_k, block_n]), gate_weight_A, out_AD,
+        alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1, D, F,
+        alignment.num_assign, num_blocks_m, out_AD.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip

@@ -1,0 +1,266 @@
+"""The merged-tail tiles (`moebench/impls/triton/merge_tail.py`): which configs are
+offered, that every one gives `tma.py`'s tile of the same BLOCK_N and BLOCK_K the same
+bits (in Triton's interpreter on a CPU at 64-row blocks, on a card at 128 too) on a
+routing whose experts end in every kind of block, that each compiles for Hopper without
+spills, that the layer races them only when asked (`$MOEBENCH_MERGE_TAIL=1`), and the
+layer on these tiles alone against `reference`, forward and gradients."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the merged-tail tiles are Triton kernels")
+
+from moebench.impls.triton import merge_tail, tma, tuning
+from tests.conftest import CHECKOUT, KERNEL_DEVICE, needs_kernels, without_interpreter
+
+# Rows per expert in units of half a block (64-row blocks: 32 rows): expert 0 ends in a
+# tail of 3 rows after a full block (merged), expert 1 in one of 23 (more than half a
+# block: a full block), expert 2 has only a block's first half (its half alone), expert 3
+# no rows, expert 4 two full blocks and a tail of 11 (merged into the second), expert 5
+# exactly one block.
+HALF_BLOCKS = (2.1, 3.7, 0.6, 0, 4.35, 2)
+
+
+def _routing(block_m: int, top_k: int = 2) -> torch.Tensor:
+    """T x top_k expert ids giving each expert of HALF_BLOCKS its rows (whole tokens: a
+    token's slots are the labels t and t + T of the experts' rows laid end to end)."""
+    counts = [round(halves * block_m / 2) for halves in HALF_BLOCKS]
+    counts[1] += sum(counts) % top_k  # a whole number of tokens
+    labels = torch.cat([torch.full((count,), e) for e, count in enumerate(counts)])
+    tokens = labels.numel() // top_k
+    ids_TK = torch.stack([labels[t::tokens] for t in range(tokens)])
+    assert all(len(set(row.tolist())) == top_k for row in ids_TK), "a token's slots repeat"
+    return ids_TK.to(torch.int32)
+
+
+def _block_roles(alignment) -> set[str]:
+    """What the routing's blocks do under MERGE_TAIL, from the row list on the host."""
+    block_m = alignment.block_m
+    experts = alignment.block_expert_B.tolist()
+    ids = alignment.sorted_ids_P.tolist()
+    blocks = int(alignment.num_padded_1) // block_m
+    tail = [ids[b * block_m + block_m // 2] >= alignment.num_assign for b in range(blocks)]
+    roles = set()
+    for b in range(blocks):
+        if tail[b]:
+            roles.add("merged" if b and experts[b - 1] == experts[b] else "half alone")
+        elif ids[(b + 1) * block_m - 1] >= alignment.num_assign:
+            roles.add("full with padding")
+    return roles
+
+
+def _like_tma(config: dict) -> dict:
+    """The `tma.py` tile of the same BLOCK_N and BLOCK_K (and ONE_DOT, GATHER_A), with
+    HALF_TAIL: it skips the same padding rows."""
+    return {**{k: v for k, v in config.items() if k != "MERGE_TAIL"}, "HALF_TAIL": True}
+
+
+def test_candidates_from_64_row_blocks_marked_and_fitting():
+    assert merge_tail.candidates("down", 32, 2048, 768, 2) == []
+    gate_up = merge_tail.candidates("gate_up", 128, 2048, 768, 2)
+    assert len(gate_up) == 2 * len(merge_tail.TILES["gate_up"])  # with and without GATHER_A
+    assert all(c["TMA"] and c["MERGE_TAIL"] and c["ONE_DOT"] for c in gate_up)
+    assert sum(bool(c.get("GATHER_A")) for c in gate_up) == len(merge_tail.TILES["gate_up"])
+    down = merge_tail.candidates("down", 64, 2048, 768, 2)
+    assert len(down) == len(merge_tail.TILES["down"])
+    assert not any(c.get("ONE_DOT") or c.get("GATHER_A") for c in down)
+    # D = 264, no multiple of 16: GATHER_A's 128-row tiles spill there (264 rows of
+    # x, 528 bytes, are whole TMA boxes); F = 96: no 64-column gate_up tile stays inside
+    # gate; 72 bytes a row: no TMA box
+    odd = merge_tail.candidates("gate_up", 128, 264, 768, 2)
+    assert len(odd) == len(merge_tail.TILES["gate_up"]) and not any(c.get("GATHER_A") for c in odd)
+    assert merge_tail.candidates("gate_up", 128, 2048, 96, 2) == []
+    assert merge_tail.candidates("down", 128, 36, 768, 2) == []
+
+
+@needs_kernels
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_merged_tiles_give_the_tma_tiles_bits(block_m):
+    """Every config's h (and pre-activations) and out equal, bit for bit, those of the
+    TMA tile with the same columns and K steps, with HALF_TAIL: a merged tail's rows are
+    its own half path's, and the padding both skip stays unwritten. D = 72: no multiple
+    of BLOCK_K."""
+    from moebench.impls.triton.align import align_to_blocks
+
+    if KERNEL_DEVICE == "cpu" and block_m > 64:
+        pytest.skip("large blocks: CUDA only")
+    dev, dtype = KERNEL_DEVICE, torch.float16
+    ids_TK = _routing(block_m).to(dev)
+    tokens, top_k = ids_TK.shape
+    E, D, F = len(HALF_BLOCKS), 72, 128
+    generator = torch.Generator().manual_seed(block_m)
+    x_TD = torch.randn(tokens, D, generator=generator).to(dtype).to(dev)
+    w_gate_up_E2FD = (torch.randn(E, 2 * F, D, generator=generator) / 8).to(dtype).to(dev)
+    w_down_EFD = (torch.randn(E, F, D, generator=generator) / 8).to(dtype).to(dev)
+    gate_A = torch.rand(tokens * top_k, generator=generator).to(dtype).to(dev)
+    alignment = align_to_blocks(ids_TK, E, block_m)
+    assert _block_roles(alignment) == {"merged", "half alone", "full with padding"}
+    rows = alignment.max_rows
+
+    def nans(*shape: int) -> torch.Tensor:
+        return torch.full(shape, float("nan"), device=dev, dtype=dtype)
+
+    for config in merge_tail.candidates("gate_up", block_m, D, F, 2):
+        got, want = ([nans(rows, F) for _ in range(3)] for _ in range(2))
+        merge_tail.launch_gate_up(x_TD, w_gate_up_E2FD, got[0], alignment, top_k, config, got[1:])
+        tma.launch_gate_up(
+            x_TD, w_gate_up_E2FD, want[0], alignment, top_k, _like_tma(config), want[1:]
+        )  # fmt: skip
+        for mine, theirs in zip(got, want):
+            torch.testing.assert_close(
+                mine, theirs, rtol=0, atol=0, equal_nan=True, msg=str(config)
+            )
+        h_PF = got[0]
+    assert h_PF[: int(alignment.num_padded_1)].isnan().any(), "no padding left unwritten"
+    h_PF = h_PF.nan_to_num()  # (the padding halves both skip hold NaN: not multiplied)
+    for config in merge_tail.candidates("down", block_m, D, F, 2):
+        got_AD, want_AD = nans(tokens * top_k, D), nans(tokens * top_k, D)
+        merge_tail.launch_down(h_PF, w_down_EFD, gate_A, got_AD, alignment, config)
+        tma.launch_down(h_PF, w_down_EFD, gate_A, want_AD, alignment, _like_tma(config))
+        assert not got_AD.isnan().any(), config  # every assignment's row written
+        assert torch.equal(got_AD, want_AD), config
+
+
+def check_every_candidate_compiles() -> None:
+    """The body of `test_every_candidate_compiles_for_hopper` (in a process without
+    Triton's interpreter): each config of both GEMMs at both heights, D = 272 (no multiple
+    of a tile; of 16, as GATHER_A's tiles need), F = 384, training's gate_up (the
+    pre-activations stored) too, compiled for sm_90 without spills and within a block's
+    shared memory."""
+    from moebench import offline_compile
+    from tests.test_gluon_down import _meta, _meta_alignment
+
+    D, F, E, K, tokens = 272, 384, 8, 2, 1024
+    launched = 0
+    with offline_compile.compiling_for() as record:
+        for block_m in (64, 128):
+            alignment = _meta_alignment(tokens, K, E, block_m)
+            rows = alignment.max_rows
+            for config in merge_tail.candidates("gate_up", block_m, D, F, 2):
+                for pre in (None, (_meta(rows, F), _meta(rows, F))):
+                    merge_tail.launch_gate_up(
+                        _meta(tokens, D), _meta(E, 2 * F, D), _meta(rows, F), alignment, K,
+                        config, pre,
+                    )  # fmt: skip
+                    launched += 1
+            for config in merge_tail.candidates("down", block_m, D, F, 2):
+                merge_tail.launch_down(
+                    _meta(rows, F), _meta(E, F, D), _meta(tokens * K), _meta(tokens * K, D),
+                    alignment, config,
+                )  # fmt: skip
+                launched += 1
+    merged = [r for r in record if r.kernel.endswith("merged_kernel")]
+    assert len(merged) == launched == 2 * (2 * 6 + 3), [r.describe() for r in record]
+    for compiled in merged:
+        assert compiled.error is None, compiled.describe()
+        assert compiled.stack_bytes == 0, compiled.describe()  # no spills
+        assert compiled.shared_bytes <= 232448, compiled.describe()
+
+
+def check_the_layer_races_them_when_asked(asked: bool) -> None:
+    """The body of `test_the_layer_races_them_only_when_asked`: forwards of 1024 tokens at
+    each row-block height they may take, on meta tensors, launches recorded, not
+    compiled (the tuner then launches every candidate of each key once)."""
+    import os
+
+    from moebench import fast_launch
+    from moebench.env import MERGE_TAIL_SWITCH
+    from moebench.impls.triton import layer
+    from tests.test_gluon_down import _meta
+
+    if asked:
+        os.environ[MERGE_TAIL_SWITCH] = "1"
+    launched: list[tuple[str, dict]] = []
+
+    def record(kernel, grid, args, kwargs) -> None:
+        launched.append((kernel.fn.__name__, kwargs))
+
+    D, F, E, K, tokens = 264, 384, 8, 2, 1024
+    heights = tuning.block_m_choices(tokens, K, E)
+    assert 64 in heights and 128 in heights
+    with fast_launch.compile_only(record):
+        for block_m in heights:
+            layer.fused_experts(
+                _meta(tokens, D), _meta(tokens, K), _meta(tokens, K, dtype=torch.int64),
+                _meta(E, 2 * F, D), _meta(E, F, D), block_m=block_m,
+            )  # fmt: skip
+    for name, kernel in (("gate_up", "gate_up_merged_kernel"), ("down", "down_merged_kernel")):
+        merged = [kwargs for ran, kwargs in launched if ran == kernel]
+        if not asked:
+            assert merged == [], name
+            continue
+        for block_m in heights:
+            got = [kwargs for kwargs in merged if kwargs["BLOCK_M"] == block_m]
+            assert len(got) == len(merge_tail.candidates(name, block_m, D, F, 2)), (name, block_m)
+    # the TMA tiles race beside them either way
+    assert any(name == "down_tma_kernel" for name, _ in launched)
+
+
+def _in_a_fresh_process(call: str) -> None:
+    code = f"from tests.test_merge_tail import *; {call}"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=without_interpreter(), cwd=CHECKOUT,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_every_candidate_compiles_for_hopper():
+    pytest.importorskip("triton.experimental.gluon", reason="tests/test_gluon_down's helpers")
+    _in_a_fresh_process("check_every_candidate_compiles()")
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_the_layer_races_them_only_when_asked(asked):
+    pytest.importorskip("triton.experimental.gluon", reason="tests/test_gluon_down's helpers")
+    _in_a_fresh_process(f"check_the_layer_races_them_when_asked({asked})")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_layer_on_merged_tiles_alone_matches_reference(dtype, monkeypatch, tmp_path):
+    """Forward and gradients with only the merged-tail tiles to choose from (the training
+    step's gate_up stores its pre-activations through them; the backward runs on their
+    rows), at 64-row blocks (CPU) or 128 (CUDA)."""
+    from moebench.env import MERGE_TAIL_SWITCH
+    from moebench.impls.reference import reference_output
+    from moebench.impls.triton import layer
+    from moebench.measure.check import check_gradients
+    from tests.test_triton import TOLERANCE, _gpu_case, _relative, built_layer
+
+    if KERNEL_DEVICE == "cpu" and dtype == "bfloat16":
+        pytest.skip("Triton's interpreter computes in numpy, which has no bfloat16")
+    monkeypatch.setenv(MERGE_TAIL_SWITCH, "1")
+    monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning.TUNER, "_chosen", {})
+    every = layer.gemm_candidates
+    monkeypatch.setattr(
+        layer, "gemm_candidates", lambda *a: [c for c in every(*a) if c.get("MERGE_TAIL")]
+    )
+    ran = []
+    for name in ("launch_gate_up", "launch_down"):
+        launch = getattr(merge_tail, name)
+        monkeypatch.setattr(
+            merge_tail, name, lambda *a, name=name, launch=launch: (ran.append(a), launch(*a))
+        )
+    # 64-row blocks (CPU: the block size for 60 rows an expert on average; the router
+    # gives some experts more, and so a tail to merge) or 128-row blocks (CUDA: about 300
+    # rows an expert, two blocks and a tail of under 64 rows)
+    tokens = 120 if KERNEL_DEVICE == "cpu" else 600
+    case = _gpu_case((200, 128, 4, 2, tokens), dtype, mode="train", device=KERNEL_DEVICE)
+    weights, built, x_TD = built_layer(case)
+    tolerance = TOLERANCE[dtype]
+    with torch.no_grad():
+        y_TD = built(x_TD)
+    assert ran, "no merged-tail tile ran"
+    # (launch_gate_up's fourth argument is the alignment, launch_down's fifth)
+    roles = set().union(*(_block_roles(a[3] if len(a) == 7 else a[4]) for a in ran))
+    assert "merged" in roles, roles
+    assert _relative(y_TD, reference_output(weights, x_TD)) <= tolerance
+    result = check_gradients(built, [weights], x_TD, dtype, 0)
+    assert max(result.errors.values()) <= tolerance, result.errors
