@@ -64,6 +64,7 @@ VARIANTS = {
     "TMA, ONE_DOT, N64, MERGE_TAIL": {
         "TMA": True,
         "ONE_DOT": True,
+        "HALF_TAIL": True,
         "MERGE_TAIL": True,
         "BLOCK_N": 64,
     },
@@ -71,6 +72,7 @@ VARIANTS = {
         "TMA": True,
         "ONE_DOT": True,
         "GATHER_A": True,
+        "HALF_TAIL": True,
         "MERGE_TAIL": True,
         "BLOCK_N": 64,
     },

@@ -55,16 +55,17 @@ def _block_roles(alignment) -> set[str]:
 
 
 def _like_tma(config: dict) -> dict:
-    """The `tma.py` tile of the same BLOCK_N and BLOCK_K (and ONE_DOT, GATHER_A), with
-    HALF_TAIL: it skips the same padding rows."""
-    return {**{k: v for k, v in config.items() if k != "MERGE_TAIL"}, "HALF_TAIL": True}
+    """The `tma.py` tile of the same BLOCK_N and BLOCK_K (and ONE_DOT, GATHER_A,
+    HALF_TAIL: it skips the same padding rows)."""
+    assert config["HALF_TAIL"]
+    return {k: v for k, v in config.items() if k != "MERGE_TAIL"}
 
 
 def test_candidates_from_64_row_blocks_marked_and_fitting():
     assert merge_tail.candidates("down", 32, 2048, 768, 2) == []
     gate_up = merge_tail.candidates("gate_up", 128, 2048, 768, 2)
     assert len(gate_up) == 2 * len(merge_tail.TILES["gate_up"])  # with and without GATHER_A
-    assert all(c["TMA"] and c["MERGE_TAIL"] and c["ONE_DOT"] for c in gate_up)
+    assert all(c["TMA"] and c["HALF_TAIL"] and c["MERGE_TAIL"] and c["ONE_DOT"] for c in gate_up)
     assert sum(bool(c.get("GATHER_A")) for c in gate_up) == len(merge_tail.TILES["gate_up"])
     down = merge_tail.candidates("down", 64, 2048, 768, 2)
     assert len(down) == len(merge_tail.TILES["down"])
@@ -86,6 +87,7 @@ def test_merged_tiles_give_the_tma_tiles_bits(block_m):
     its own half path's, and the padding both skip stays unwritten. D = 72: no multiple
     of BLOCK_K."""
     from moebench.impls.triton.align import align_to_blocks
+    from moebench.impls.triton.layer import launch_down, launch_gate_up
 
     if KERNEL_DEVICE == "cpu" and block_m > 64:
         pytest.skip("large blocks: CUDA only")
@@ -107,10 +109,10 @@ def test_merged_tiles_give_the_tma_tiles_bits(block_m):
 
     for config in merge_tail.candidates("gate_up", block_m, D, F, 2):
         got, want = ([nans(rows, F) for _ in range(3)] for _ in range(2))
-        merge_tail.launch_gate_up(x_TD, w_gate_up_E2FD, got[0], alignment, top_k, config, got[1:])
-        tma.launch_gate_up(
-            x_TD, w_gate_up_E2FD, want[0], alignment, top_k, _like_tma(config), want[1:]
-        )  # fmt: skip
+        for h_and_pre, tile in ((got, config), (want, _like_tma(config))):
+            launch_gate_up(
+                tile, x_TD, w_gate_up_E2FD, h_and_pre[0], alignment, top_k, h_and_pre[1:]
+            )
         for mine, theirs in zip(got, want):
             torch.testing.assert_close(
                 mine, theirs, rtol=0, atol=0, equal_nan=True, msg=str(config)
@@ -120,8 +122,8 @@ def test_merged_tiles_give_the_tma_tiles_bits(block_m):
     h_PF = h_PF.nan_to_num()  # (the padding halves both skip hold NaN: not multiplied)
     for config in merge_tail.candidates("down", block_m, D, F, 2):
         got_AD, want_AD = nans(tokens * top_k, D), nans(tokens * top_k, D)
-        merge_tail.launch_down(h_PF, w_down_EFD, gate_A, got_AD, alignment, config)
-        tma.launch_down(h_PF, w_down_EFD, gate_A, want_AD, alignment, _like_tma(config))
+        launch_down(config, h_PF, w_down_EFD, gate_A, got_AD, alignment)
+        launch_down(_like_tma(config), h_PF, w_down_EFD, gate_A, want_AD, alignment)
         assert not got_AD.isnan().any(), config  # every assignment's row written
         assert torch.equal(got_AD, want_AD), config
 
@@ -133,6 +135,7 @@ def check_every_candidate_compiles() -> None:
     pre-activations stored) too, compiled for sm_90 without spills and within a block's
     shared memory."""
     from moebench import offline_compile
+    from moebench.impls.triton.layer import launch_down, launch_gate_up
     from tests.test_gluon_down import _meta, _meta_alignment
 
     D, F, E, K, tokens = 272, 384, 8, 2, 1024
@@ -143,15 +146,15 @@ def check_every_candidate_compiles() -> None:
             rows = alignment.max_rows
             for config in merge_tail.candidates("gate_up", block_m, D, F, 2):
                 for pre in (None, (_meta(rows, F), _meta(rows, F))):
-                    merge_tail.launch_gate_up(
-                        _meta(tokens, D), _meta(E, 2 * F, D), _meta(rows, F), alignment, K,
-                        config, pre,
+                    launch_gate_up(
+                        config, _meta(tokens, D), _meta(E, 2 * F, D), _meta(rows, F),
+                        alignment, K, pre,
                     )  # fmt: skip
                     launched += 1
             for config in merge_tail.candidates("down", block_m, D, F, 2):
-                merge_tail.launch_down(
-                    _meta(rows, F), _meta(E, F, D), _meta(tokens * K), _meta(tokens * K, D),
-                    alignment, config,
+                launch_down(
+                    config, _meta(rows, F), _meta(E, F, D), _meta(tokens * K),
+                    _meta(tokens * K, D), alignment,
                 )  # fmt: skip
                 launched += 1
     merged = [r for r in record if r.kernel.endswith("merged_kernel")]
@@ -242,12 +245,16 @@ def test_layer_on_merged_tiles_alone_matches_reference(dtype, monkeypatch, tmp_p
     monkeypatch.setattr(
         layer, "gemm_candidates", lambda *a: [c for c in every(*a) if c.get("MERGE_TAIL")]
     )
-    ran = []
+    ran = []  # the alignments of the merged-tail tiles' launches
     for name in ("launch_gate_up", "launch_down"):
-        launch = getattr(merge_tail, name)
-        monkeypatch.setattr(
-            merge_tail, name, lambda *a, name=name, launch=launch: (ran.append(a), launch(*a))
-        )
+        launch = getattr(tma, name)
+
+        def recorded(*args, launch=launch):
+            if args[-1] in merge_tail.KERNELS.values():  # tile_kernel
+                ran.append(args[3] if len(args) == 8 else args[4])
+            launch(*args)
+
+        monkeypatch.setattr(tma, name, recorded)
     # 64-row blocks (CPU: the block size for 60 rows an expert on average; the router
     # gives some experts more, and so a tail to merge) or 128-row blocks (CUDA: about 300
     # rows an expert, two blocks and a tail of under 64 rows)
@@ -258,8 +265,7 @@ def test_layer_on_merged_tiles_alone_matches_reference(dtype, monkeypatch, tmp_p
     with torch.no_grad():
         y_TD = built(x_TD)
     assert ran, "no merged-tail tile ran"
-    # (launch_gate_up's fourth argument is the alignment, launch_down's fifth)
-    roles = set().union(*(_block_roles(a[3] if len(a) == 7 else a[4]) for a in ran))
+    roles = set().union(*(_block_roles(alignment) for alignment in ran))
     assert "merged" in roles, roles
     assert _relative(y_TD, reference_output(weights, x_TD)) <= tolerance
     result = check_gradients(built, [weights], x_TD, dtype, 0)

@@ -92,7 +92,7 @@ def gemm_code(
 
         code += gluon_down.KERNELS
     if with_merged:
-        code += merge_tail.KERNELS[name]
+        code += (merge_tail.KERNELS[name],)
     return code
 
 
@@ -133,12 +133,11 @@ def launch_gate_up(
 ) -> None:
     """The forward's gate_up GEMM through the kernel `config` names: a merged-tail tile
     (`MERGE_TAIL`), a TMA tile (`TMA`) or the pointer kernel (`pdl` as there)."""
-    if config.get("MERGE_TAIL"):
-        merge_tail.launch_gate_up(
-            x_TD, w_gate_up_E2FD, h_PF, alignment, top_k, config, pre_activations
+    if config.get("TMA"):
+        merged = merge_tail.KERNELS["gate_up"] if config.get("MERGE_TAIL") else None
+        tma.launch_gate_up(
+            x_TD, w_gate_up_E2FD, h_PF, alignment, top_k, config, pre_activations, merged
         )
-    elif config.get("TMA"):
-        tma.launch_gate_up(x_TD, w_gate_up_E2FD, h_PF, alignment, top_k, config, pre_activations)
     else:  # E x D x F views of the K-major storage: the kernel takes any strides
         F = h_PF.shape[1]
         w_gate_EDF = w_gate_up_E2FD[:, :F].transpose(1, 2)
@@ -167,10 +166,9 @@ def launch_down(
         gluon_down.launch_down(
             h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, programs_max
         )
-    elif config.get("MERGE_TAIL"):
-        merge_tail.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
     elif config.get("TMA"):
-        tma.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config)
+        merged = merge_tail.KERNELS["down"] if config.get("MERGE_TAIL") else None
+        tma.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, merged)
     else:
         kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, pdl)
 

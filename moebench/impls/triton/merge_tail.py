@@ -28,11 +28,9 @@ its warps (`TILES`).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from moebench.fast_launch import ceil_div, launch
 from moebench.impls.triton import tma
 from moebench.impls.triton.kernels import _block_coords, _second_half_is_padding
 
@@ -74,10 +72,13 @@ def gate_up_merged_kernel(
     block_expert_ptr, num_padded_ptr, D, F, num_assign, top_k, num_blocks_m, stride_x_t,
     stride_h_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, STORE_PRE: tl.constexpr, GATHER_A: tl.constexpr,
+    GROUP_M: tl.constexpr, STORE_PRE: tl.constexpr, HALF_TAIL: tl.constexpr,
+    ONE_DOT: tl.constexpr, GATHER_A: tl.constexpr,
 ):  # fmt: skip
-    """`tma.gate_up_tma_kernel` with ONE_DOT (and HALF_TAIL's path for an expert's only
-    block), an expert's short tail computed with the block before it (module docstring)."""
+    """`tma.gate_up_tma_kernel` (its arguments, ONE_DOT only), an expert's short tail
+    computed with the block before it (module docstring); with HALF_TAIL, a tail that is
+    its expert's only block computes its first half alone."""
+    tl.static_assert(ONE_DOT, "two products and a tail's two more spill")
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
@@ -86,7 +87,7 @@ def gate_up_merged_kernel(
     )
     if merged_before:
         return
-    if tail:  # its expert's only block: the first half alone
+    if HALF_TAIL & tail:  # its expert's only block: the first half alone
         tma._gate_up_tma_tile(
             a_half_desc, w_desc, x_ptr, sorted_ids_ptr, h_ptr, gate_pre_ptr, up_pre_ptr,
             block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_h_p, pid_m, pid_n,
@@ -189,10 +190,11 @@ def down_merged_kernel(
     h_desc, h_half_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
     num_padded_ptr, D, F, num_assign, num_blocks_m, stride_out_a,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, HALF_TAIL: tl.constexpr,
 ):  # fmt: skip
-    """`tma.down_tma_kernel` (with HALF_TAIL's path for an expert's only block), an
-    expert's short tail computed with the block before it (module docstring)."""
+    """`tma.down_tma_kernel` (its arguments), an expert's short tail computed with the
+    block before it (module docstring); with HALF_TAIL, a tail that is its expert's only
+    block computes its first half alone."""
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(D, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
@@ -201,7 +203,7 @@ def down_merged_kernel(
     )
     if merged_before:
         return
-    if tail:  # its expert's only block: the first half alone
+    if HALF_TAIL & tail:  # its expert's only block: the first half alone
         tma._down_tma_tile(
             h_half_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
             D, F, num_assign, stride_out_a, pid_m, pid_n, BLOCK_M, BLOCK_M // 2, BLOCK_N,
@@ -231,20 +233,23 @@ def down_merged_kernel(
     )  # fmt: skip
 
 
-KERNELS = {"gate_up": (gate_up_merged_kernel,), "down": (down_merged_kernel,)}
+# per GEMM, the kernel of its merged-tail tiles: `tma.launch_gate_up`'s and
+# `tma.launch_down`'s `tile_kernel`, and what their choices' fingerprints hold
+KERNELS = {"gate_up": gate_up_merged_kernel, "down": down_merged_kernel}
 
 
 def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) -> list[dict]:
-    """The configs (`"MERGE_TAIL": True`, and `"TMA"`) the tuner races for `kernel`
-    ("gate_up" or "down") at `block_m` (64 or 128 rows; none below) beside
+    """The configs (`"MERGE_TAIL": True`, and `"TMA"`, `"HALF_TAIL"`) the tuner races for
+    `kernel` ("gate_up" or "down") at `block_m` (64 or 128 rows; none below) beside
     `tma.candidates`: each tile of TILES that `tma.fits` these widths; gate_up's with
     ONE_DOT, with and, where D is a multiple of 16, without GATHER_A (at D = 264 its
-    128-row tiles took 255 registers and spilled, at 272 they take 176)."""
+    128-row tiles took 255 registers and spilled, at 272 they take 176). `tma.py`'s
+    launchers launch them (`tile_kernel`: `KERNELS`)."""
     if block_m < 64:
         return []
     configs = [
-        {"BLOCK_M": block_m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8,
-         "num_warps": warps, "num_stages": stages, "TMA": True, "MERGE_TAIL": True}
+        {"BLOCK_M": block_m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_warps": warps,
+         "num_stages": stages, "TMA": True, "HALF_TAIL": True, "MERGE_TAIL": True}
         for n, k, warps, stages in TILES[kernel]
     ]  # fmt: skip
     if kernel == "gate_up":
@@ -252,57 +257,3 @@ def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) ->
         if D % 16 == 0:
             configs += [{**config, "GATHER_A": True} for config in configs]
     return [config for config in configs if tma.fits(kernel, config, D, F, element_bytes)]
-
-
-def launch_gate_up(
-    x_TD: torch.Tensor,
-    w_gate_up_E2FD: torch.Tensor,
-    h_PF: torch.Tensor,
-    alignment,
-    top_k: int,
-    config: dict,
-    pre_activations: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> None:
-    """`tma.launch_gate_up`'s results through `gate_up_merged_kernel` (x's rows gathered
-    first, as there, unless GATHER_A); w_gate_up_E2FD contiguous."""
-    E, two_f, D = w_gate_up_E2FD.shape
-    F = two_f // 2
-    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    gather_a = bool(config.get("GATHER_A"))
-    a_descriptors = (
-        (x_TD, x_TD) if gather_a else tma.gathered_row_descriptors(x_TD, alignment, top_k, config)
-    )
-    w_desc = tma.descriptor(w_gate_up_E2FD.view(E, 2, F, D), [1, 2, block_n, block_k])
-    num_blocks_m = alignment.max_blocks
-    launch(
-        gate_up_merged_kernel, (num_blocks_m * ceil_div(F, block_n),),
-        *a_descriptors, w_desc, x_TD, h_PF, *(pre_activations or (h_PF, h_PF)),
-        alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1, D, F,
-        alignment.num_assign, top_k, num_blocks_m, x_TD.stride(0), h_PF.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
-        STORE_PRE=pre_activations is not None, GATHER_A=gather_a,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )  # fmt: skip
-
-
-def launch_down(
-    h_PF: torch.Tensor,
-    w_down_EFD: torch.Tensor,
-    gate_weight_A: torch.Tensor,
-    out_AD: torch.Tensor,
-    alignment,
-    config: dict,
-) -> None:
-    """`tma.launch_down`'s result through `down_merged_kernel`; w_down_EFD contiguous."""
-    E, F, D = w_down_EFD.shape
-    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    num_blocks_m = alignment.max_blocks
-    launch(
-        down_merged_kernel, (num_blocks_m * ceil_div(D, block_n),),
-        *tma.row_descriptors(h_PF, config),
-        tma.descriptor(w_down_EFD.view(E * F, D), [block_k, block_n]), gate_weight_A, out_AD,
-        alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1, D, F,
-        alignment.num_assign, num_blocks_m, out_AD.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )  # fmt: skip

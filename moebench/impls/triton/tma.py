@@ -442,9 +442,11 @@ def launch_gate_up(
     top_k: int,
     config: dict,
     pre_activations: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tile_kernel=None,
 ) -> None:
     """`kernels.launch_gate_up`'s results (h_PF, and the pre-activations if given) through
-    `gather_rows_kernel` (not with GATHER_A) and `gate_up_tma_kernel`, or with PERSISTENT
+    `gather_rows_kernel` (not with GATHER_A) and `gate_up_tma_kernel` (or `tile_kernel`,
+    which takes its arguments: merge_tail.py's), or with PERSISTENT
     `gate_up_persistent_kernel` (a program a streaming multiprocessor, at most one a
     tile); w_gate_up_E2FD contiguous."""
     E, two_f, D = w_gate_up_E2FD.shape
@@ -475,7 +477,7 @@ def launch_gate_up(
         )  # fmt: skip
         return
     launch(
-        gate_up_tma_kernel, (num_blocks_m * ceil_div(F, block_n),),
+        tile_kernel or gate_up_tma_kernel, (num_blocks_m * ceil_div(F, block_n),),
         *a_descriptors, w_desc,
         x_TD, h_PF, *(pre_activations or (h_PF, h_PF)), alignment.sorted_ids_P,
         alignment.block_expert_B, alignment.num_padded_1, D, F, alignment.num_assign, top_k,
@@ -494,10 +496,12 @@ def launch_down(
     out_AD: torch.Tensor,
     alignment,
     config: dict,
+    tile_kernel=None,
 ) -> None:
-    """`kernels.launch_down`'s result through `down_tma_kernel`, or with PERSISTENT
-    through `down_persistent_kernel` (a program a streaming multiprocessor, at most one a
-    tile); w_down_EFD contiguous."""
+    """`kernels.launch_down`'s result through `down_tma_kernel` (or `tile_kernel`, which
+    takes its arguments: merge_tail.py's), or with PERSISTENT through
+    `down_persistent_kernel` (a program a streaming multiprocessor, at most one a tile);
+    w_down_EFD contiguous."""
     E, F, D = w_down_EFD.shape
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     num_blocks_m = alignment.max_blocks
@@ -515,7 +519,7 @@ def launch_down(
         )  # fmt: skip
         return
     launch(
-        down_tma_kernel, (num_blocks_m * ceil_div(D, block_n),),
+        tile_kernel or down_tma_kernel, (num_blocks_m * ceil_div(D, block_n),),
         *row_descriptors(h_PF, config), w_desc, gate_weight_A, out_AD,
         alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1, D, F,
         alignment.num_assign, num_blocks_m, out_AD.stride(0),
