@@ -312,13 +312,35 @@ def test_report_of_an_empty_run_or_over_a_file_is_refused(run_copy, tmp_path, ca
 # ----------------------------------------------------------------- interruptions
 
 
-def test_sighup_and_sigterm_interrupt_like_ctrl_c():
+@pytest.fixture
+def default_signals():
+    """SIGHUP and SIGTERM at their default handlers for the test, whatever the test run
+    inherited (under nohup SIGHUP is ignored, and stays so inside `signals_interrupt`),
+    and as they were after."""
+    numbers = (signal.SIGHUP, signal.SIGTERM)
+    before = {number: signal.signal(number, signal.SIG_DFL) for number in numbers}
+    yield
+    for number, handler in before.items():
+        signal.signal(number, handler)
+
+
+def test_sighup_and_sigterm_interrupt_like_ctrl_c(default_signals):
     for number, name in ((signal.SIGHUP, "SIGHUP"), (signal.SIGTERM, "SIGTERM")):
         with pytest.raises(KeyboardInterrupt) as caught, signals_interrupt():
             os.kill(os.getpid(), number)
             signal.sigtimedwait([], 0)  # let the handler run
         assert isinstance(caught.value, Interrupted) and caught.value.signal_name == name
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_signal_ignored_on_purpose_stays_ignored(default_signals):
+    """Under nohup (SIGHUP ignored) a hangup neither interrupts the run nor kills it."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with signals_interrupt():
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGHUP)
+        signal.sigtimedwait([], 0)
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
 
 
 def test_an_interrupted_run_keeps_its_cases_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
