@@ -33,8 +33,9 @@
 #             8192 tokens and OLMoE-1B-7B at 64 and 1024); the report is $OUT/ncu.txt
 #   tail      the merged-tail tiles (merge_tail.py): their tests (the TMA tiles' bits at
 #             128-row blocks), then scripts/tail_probe.py: what an expert's tail block costs
-#             in gate_up, per kind of tile, HALF_TAIL and MERGE_TAIL, on DeepSeek-V3's shape
-#             (GPU_PRESETS: one other preset); $OUT/tail_probe.json. Only when it is clean:
+#             in gate_up and in down, per kind of tile, HALF_TAIL and MERGE_TAIL, on
+#             DeepSeek-V3's shape (GPU_PRESETS: one other preset);
+#             $OUT/tail_probe_gate_up.json and tail_probe_down.json. Only when it is clean:
 #             MOEBENCH_MERGE_TAIL=1 GPU_FILTER=impl=triton scripts/gpu_session.sh peers
 #   gluon     the warp-specialised Gluon down kernels (gluon_down.py): their tests, then
 #             scripts/gluon_down_probe.py (each config under a watchdog, its bits against
@@ -194,8 +195,10 @@ for step in "$@"; do
       ;;
     tail)
       timed python3 -m pytest -q -p no:cacheprovider -rs tests/test_merge_tail.py
-      timed python3 scripts/tail_probe.py --preset "${GPU_PRESETS:-deepseek-v3}" \
-        --json "$out/tail_probe.json"
+      for gemm in gate_up down; do
+        timed python3 scripts/tail_probe.py --preset "${GPU_PRESETS:-deepseek-v3}" \
+          --gemm "$gemm" --json "$out/tail_probe_$gemm.json"
+      done
       ;;
     designs)
       # GPU_DESIGNS: a subset of the design suites, by name

@@ -1,25 +1,30 @@
-"""What an expert's last block (its tail) costs in the fused layer's gate_up GEMM, per
-kind of tile, with and without HALF_TAIL (CUDA; NOTES.md, versions 18 and 19).
+"""What an expert's last block (its tail) costs in the fused layer's gate_up or down GEMM,
+per kind of tile, with and without HALF_TAIL and MERGE_TAIL (CUDA; NOTES.md, versions 18,
+19 and 28).
 
     python scripts/tail_probe.py [--preset deepseek-v3 | --shape D F E K]
+                                 [--gemm gate_up | down]
                                  [--rows 256 288 320 384] [--block-m 128]
                                  [--warm-s 3] [--rounds 8] [--json FILE]
 
 Every expert gets exactly n rows (token t's slots go to experts t K, ..., t K + K - 1,
 mod E), so at 128-row blocks n = 256 is two full blocks an expert, 288 adds a tail of
 32 rows, 320 one of 64 and 384 a full third block: a tail's cost is the time over n =
-256's, and HALF_TAIL's saving is that of its first-half path. The variants (one gate_up
-tile each, 128 x 128 x 64 at 8 warps and 4 stages, the tuner's usual winner at these
-shapes): the pointer tile (`kernels.py`), the TMA tile (`tma.py`, the gather of x
-included), the TMA tile with ONE_DOT, and with ONE_DOT and GATHER_A (A loaded by
-pointers from x's rows, TMA for the weights only), each with and without HALF_TAIL; and
-64 columns wide, ONE_DOT's tile with HALF_TAIL beside `merge_tail.py`'s (a tail of at
-most half a block computed with its expert's block before it), with and without
-GATHER_A. The
+256's, and HALF_TAIL's saving is that of its first-half path, MERGE_TAIL's that of
+computing the tail with the block before it. The gate_up variants (one tile each, 128 x
+128 x 64 at 8 warps and 4 stages, the tuner's usual winner at these shapes): the pointer
+tile (`kernels.py`), the TMA tile (`tma.py`, the gather of x included), the TMA tile with
+ONE_DOT, and with ONE_DOT and GATHER_A (A loaded by pointers from x's rows, TMA for the
+weights only), each with and without HALF_TAIL; and 64 columns wide, ONE_DOT's tile with
+HALF_TAIL beside `merge_tail.py`'s (a tail of at most half a block computed with its
+expert's block before it), with and without GATHER_A. The down variants: the pointer
+and TMA tiles 128 columns wide, with and without HALF_TAIL, and merge_tail.py's; the TMA
+tile 256 wide with HALF_TAIL beside merge_tail.py's (on 16 warps, as it races). The
 card's clock falls under its power cap within a second of GEMMs, so every variant is run
 for `--warm-s` seconds, then all are timed in turns, `--rounds` times (median, ms). Each
-variant's h on the real rows is also compared with the first variant's: the largest
-difference is printed beside its time (0 where they agree bit for bit).
+variant's output (h, or the per-assignment rows of down) on the real rows is also
+compared with the first variant's: the largest difference is printed beside its time (0
+where they agree bit for bit).
 
 Under Triton's interpreter (`TRITON_INTERPRET=1`) it runs on a CPU at a small `--shape`
 in float16, for the tests: nothing there is worth timing. For where the time goes inside
@@ -77,6 +82,21 @@ VARIANTS = {
         "BLOCK_N": 64,
     },
 }
+DOWN_VARIANTS = {
+    "pointer": {},
+    "pointer, HALF_TAIL": {"HALF_TAIL": True},
+    "TMA": {"TMA": True},
+    "TMA, HALF_TAIL": {"TMA": True, "HALF_TAIL": True},
+    "TMA, MERGE_TAIL": {"TMA": True, "HALF_TAIL": True, "MERGE_TAIL": True},
+    "TMA, N256, HALF_TAIL": {"TMA": True, "HALF_TAIL": True, "BLOCK_N": 256},
+    "TMA, N256, MERGE_TAIL": {
+        "TMA": True,
+        "HALF_TAIL": True,
+        "MERGE_TAIL": True,
+        "BLOCK_N": 256,
+        "num_warps": 16,
+    },
+}
 
 
 def tile(block_m: int, variant: dict, on_cpu: bool) -> dict:
@@ -91,20 +111,25 @@ def tile(block_m: int, variant: dict, on_cpu: bool) -> dict:
     }  # fmt: skip
 
 
+GEMMS = {"gate_up": VARIANTS, "down": DOWN_VARIANTS}
+
+
 def probe(
     D: int, F: int, E: int, K: int, rows_per_expert: list[int], block_m: int,
-    warm_s: float, rounds: int, device: str, dtype: torch.dtype,
+    warm_s: float, rounds: int, device: str, dtype: torch.dtype, gemm: str = "gate_up",
 ) -> dict[str, dict[str, float]]:  # fmt: skip
-    """{"<rows> <variant>": {"ms": median, "max_diff": largest |h - first variant's h|
-    on the real rows}} for each rows-per-expert count and variant."""
+    """{"<rows> <variant>": {"ms": median, "max_diff": largest |output - first variant's
+    output| on the real rows}} for each rows-per-expert count and `gemm`'s variants."""
     from moebench.impls.triton.align import align_to_blocks
-    from moebench.impls.triton.layer import launch_gate_up
+    from moebench.impls.triton.layer import launch_down, launch_gate_up
 
     gen = torch.Generator(device=device).manual_seed(0)
     w_E2FD = torch.randn(E, 2 * F, D, device=device, dtype=dtype, generator=gen) * 0.02
+    w_down_EFD = torch.randn(E, F, D, device=device, dtype=dtype, generator=gen) * 0.02
+    variants = GEMMS[gemm]
     runs: dict[str, Callable[[], object]] = {}
     outputs: dict[str, torch.Tensor] = {}
-    real_rows: dict[int, torch.Tensor] = {}
+    real_rows: dict[int, torch.Tensor | slice] = {}
     for rows in rows_per_expert:
         if rows * E % K:
             raise SystemExit(f"--rows {rows}: {rows} x {E} experts is no whole number of tokens")
@@ -112,15 +137,23 @@ def probe(
         x_TD = torch.randn(tokens, D, device=device, dtype=dtype, generator=gen)
         slots = torch.arange(tokens, device=device)[:, None] * K + torch.arange(K, device=device)
         alignment = align_to_blocks((slots % E).to(torch.int32), E, block_m)
-        real_rows[rows] = alignment.sorted_ids_P < alignment.num_assign
-        for name, variant in VARIANTS.items():
+        if gemm == "gate_up":
+            real_rows[rows] = alignment.sorted_ids_P < alignment.num_assign
+        else:  # down's input: h's rows; its output: one row an assignment, all real
+            real_rows[rows] = slice(None)
+            h_PF = torch.randn(alignment.max_rows, F, device=device, dtype=dtype, generator=gen)
+            gate_A = torch.rand(tokens * K, device=device, dtype=dtype, generator=gen)
+        for name, variant in variants.items():
             config = tile(block_m, variant, device == "cpu")
-            h_PF = torch.zeros(alignment.max_rows, F, device=device, dtype=dtype)
-            outputs[f"{rows} {name}"] = h_PF
-
-            def run(x_TD=x_TD, alignment=alignment, h_PF=h_PF, config=config) -> None:
-                launch_gate_up(config, x_TD, w_E2FD, h_PF, alignment, K)
-
+            if gemm == "gate_up":
+                out = torch.zeros(alignment.max_rows, F, device=device, dtype=dtype)
+                run = functools.partial(launch_gate_up, config, x_TD, w_E2FD, out, alignment, K)
+            else:
+                out = torch.zeros(tokens * K, D, device=device, dtype=dtype)
+                run = functools.partial(
+                    launch_down, config, h_PF, w_down_EFD, gate_A, out, alignment
+                )
+            outputs[f"{rows} {name}"] = out
             runs[f"{rows} {name}"] = run
     # warmed up together, to the clock the power cap keeps; then timed in turns
     on = torch.device(device)
@@ -129,11 +162,11 @@ def probe(
     sides = {label: functools.partial(timing.time_once, run, on) for label, run in runs.items()}
     times = timing.in_turns(sides, rounds)
     found = {}
-    for label, h_PF in outputs.items():
+    for label, out in outputs.items():
         rows = int(label.split()[0])
-        first = outputs[f"{rows} {next(iter(VARIANTS))}"]
+        first = outputs[f"{rows} {next(iter(variants))}"]
         real = real_rows[rows]
-        diff = (h_PF[real].float() - first[real].float()).abs().max()
+        diff = (out[real].float() - first[real].float()).abs().max()
         found[label] = {"ms": times[label], "max_diff": float(diff)}
     return found
 
@@ -154,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rows", type=int, nargs="+", default=[256, 288, 320, 384],
         help="rows every expert gets, one run of each variant per count",
     )  # fmt: skip
+    parser.add_argument("--gemm", default="gate_up", choices=sorted(GEMMS))
     parser.add_argument("--block-m", type=int, default=128, choices=(64, 128))
     parser.add_argument(
         "--warm-s", type=float, default=3.0, help="seconds of calls before the timing"
@@ -172,8 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         D, F, E, K = shape.hidden, shape.ffn, shape.num_experts, shape.top_k
     device = "cpu" if interpreted else "cuda"
     dtype = torch.float16 if interpreted else torch.bfloat16  # (numpy has no bfloat16)
-    found = probe(D, F, E, K, args.rows, args.block_m, args.warm_s, args.rounds, device, dtype)
-    print(f"gate_up, D {D} F {F} E {E} K {K}, {args.block_m}-row blocks: median ms (max |h diff|)")
+    found = probe(
+        D, F, E, K, args.rows, args.block_m, args.warm_s, args.rounds, device, dtype, args.gemm
+    )
+    what = "h" if args.gemm == "gate_up" else "out"
+    print(
+        f"{args.gemm}, D {D} F {F} E {E} K {K}, {args.block_m}-row blocks:"
+        f" median ms (max |{what} diff|)"
+    )
     for label, result in found.items():
         print(f"  {label:34} {result['ms']:9.3f}  ({result['max_diff']:.3g})")
     if args.json:

@@ -151,10 +151,11 @@ def test_layer_on_tma_tiles_alone_matches_reference(dtype, monkeypatch, tmp_path
 
 
 @needs_kernels
-def test_tail_probe_runs_every_variant_and_they_agree(tmp_path, capsys):
+@pytest.mark.parametrize("gemm", ["gate_up", "down"])
+def test_tail_probe_runs_every_variant_and_they_agree(gemm, tmp_path, capsys):
     """scripts/tail_probe.py end to end at a small shape: each rows-per-expert count and
-    variant timed, and every variant's h equal to the pointer tile's on the real rows
-    (the TMA tiles' gather, one dot and half paths included)."""
+    variant timed, and every variant's output equal to the pointer tile's on the real
+    rows (the TMA tiles' gather, one dot, half and merged-tail paths included)."""
     import json
     import runpy
     from pathlib import Path
@@ -164,13 +165,16 @@ def test_tail_probe_runs_every_variant_and_they_agree(tmp_path, capsys):
     # a tail of 8 (MERGE_TAIL's)
     out = tmp_path / "tail.json"
     args = ["--shape", "64", "128", "4", "2", "--rows", "32", "40", "72", "--block-m", "64"]
-    assert script["main"]([*args, "--warm-s", "0", "--rounds", "1", "--json", str(out)]) == 0
+    args += ["--gemm", gemm, "--warm-s", "0", "--rounds", "1", "--json", str(out)]
+    assert script["main"](args) == 0
     found = json.loads(out.read_text())
-    assert set(found) == {f"{rows} {name}" for rows in (32, 40, 72) for name in script["VARIANTS"]}
+    variants = script["GEMMS"][gemm]
+    assert set(found) == {f"{rows} {name}" for rows in (32, 40, 72) for name in variants}
     for label, result in found.items():
         assert result["ms"] > 0, label
         assert result["max_diff"] <= 2e-2, (label, result)  # float16 sums in another order
-    assert "TMA, GATHER_A, N64, MERGE_TAIL" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{gemm}, D 64" in printed and "MERGE_TAIL" in printed
 
 
 def test_tail_probe_refuses_rows_that_make_no_whole_token_count():
