@@ -17,9 +17,10 @@ tile (`kernels.py`), the TMA tile (`tma.py`, the gather of x included), the TMA 
 ONE_DOT, and with ONE_DOT and GATHER_A (A loaded by pointers from x's rows, TMA for the
 weights only), each with and without HALF_TAIL; and 64 columns wide, ONE_DOT's tile with
 HALF_TAIL beside `merge_tail.py`'s (a tail of at most half a block computed with its
-expert's block before it), with and without GATHER_A. The down variants: the pointer
-and TMA tiles 128 columns wide, with and without HALF_TAIL, and merge_tail.py's; the TMA
-tile 256 wide with HALF_TAIL beside merge_tail.py's (on 16 warps, as it races). The
+expert's block before it), with and without GATHER_A, and merge_tail.py's 128-wide tile
+on 16 warps (W16). The down variants: the pointer and TMA tiles 128 columns wide, with
+and without HALF_TAIL, and merge_tail.py's; the TMA tile 256 wide with HALF_TAIL beside
+merge_tail.py's on 8 and 16 warps. The
 card's clock falls under its power cap within a second of GEMMs, so every variant is run
 for `--warm-s` seconds, then all are timed in turns, `--rounds` times (median, ms). Each
 variant's output (h, or the per-assignment rows of down) on the real rows is also
@@ -73,6 +74,13 @@ VARIANTS = {
         "MERGE_TAIL": True,
         "BLOCK_N": 64,
     },
+    "TMA, ONE_DOT, W16, MERGE_TAIL": {
+        "TMA": True,
+        "ONE_DOT": True,
+        "HALF_TAIL": True,
+        "MERGE_TAIL": True,
+        "num_warps": 16,
+    },
     "TMA, GATHER_A, N64, MERGE_TAIL": {
         "TMA": True,
         "ONE_DOT": True,
@@ -89,7 +97,8 @@ DOWN_VARIANTS = {
     "TMA, HALF_TAIL": {"TMA": True, "HALF_TAIL": True},
     "TMA, MERGE_TAIL": {"TMA": True, "HALF_TAIL": True, "MERGE_TAIL": True},
     "TMA, N256, HALF_TAIL": {"TMA": True, "HALF_TAIL": True, "BLOCK_N": 256},
-    "TMA, N256, MERGE_TAIL": {
+    "TMA, N256, MERGE_TAIL": {"TMA": True, "HALF_TAIL": True, "MERGE_TAIL": True, "BLOCK_N": 256},
+    "TMA, N256, W16, MERGE_TAIL": {
         "TMA": True,
         "HALF_TAIL": True,
         "MERGE_TAIL": True,

@@ -22,8 +22,8 @@ BLOCK_N and BLOCK_K, so the results are the same bits; the padding rows of a tai
 second half are not written (as HALF_TAIL leaves them).
 
 The two accumulators take half as many registers again as one: gate_up merges only with
-ONE_DOT (one product of gate and up rows, 2 BLOCK_N wide) and tiles of that width for
-its warps (`TILES`).
+ONE_DOT (one product of gate and up rows, 2 BLOCK_N wide), at widths its warps hold
+(`TILES`).
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from moebench.impls.triton import tma
 from moebench.impls.triton.kernels import _block_coords, _second_half_is_padding
 
 # (BLOCK_N, BLOCK_K, warps, stages) per GEMM: accumulators of 128 + 64 rows within a
-# thread's registers (gate_up: 2 BLOCK_N columns, ONE_DOT's product; down's 256-wide
-# tile on 16 warps: gate_up's spilled there), the stages within shared memory (A boxes
-# of 128 and 64 rows beside the weight box, every stage). Compiled for sm_90 without
-# spills (tests/test_merge_tail.py).
+# thread's registers (gate_up: 2 BLOCK_N columns, ONE_DOT's product; its 256-wide tile on
+# 16 warps: on 8 it took 255 registers, and spilled with GATHER_A), the stages within
+# shared memory (A boxes of 128 and 64 rows beside the weight box, every stage). Compiled
+# for sm_90 without spills (tests/test_merge_tail.py).
 TILES = {
-    "gate_up": ((64, 64, 8, 3), (64, 64, 8, 4), (64, 64, 8, 5)),
-    "down": ((128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 16, 3)),
+    "gate_up": ((64, 64, 8, 3), (64, 64, 8, 4), (64, 64, 8, 5), (128, 64, 16, 3)),
+    "down": ((128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (256, 64, 16, 3)),
 }
 
 
@@ -95,17 +95,19 @@ def gate_up_merged_kernel(
         )  # fmt: skip
         return
     if merges_next:
+        # (the tail's rows stored first: the other order spilled the 256-wide tile on 16
+        # warps, its epilogue's temporaries beside the tail's product)
         acc, acc_tail = _gate_up_merged_products(
             a_desc, a_half_desc, w_desc, x_ptr, sorted_ids_ptr, block_expert_ptr, D,
             num_assign, top_k, stride_x_t, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, GATHER_A,
         )  # fmt: skip
         _one_dot_swiglu_store(
-            acc, h_ptr, gate_pre_ptr, up_pre_ptr, stride_h_p, pid_m, pid_n, BLOCK_M, BLOCK_M,
-            BLOCK_N, STORE_PRE,
-        )  # fmt: skip
-        _one_dot_swiglu_store(
             acc_tail, h_ptr, gate_pre_ptr, up_pre_ptr, stride_h_p, pid_m + 1, pid_n, BLOCK_M,
             BLOCK_M // 2, BLOCK_N, STORE_PRE,
+        )  # fmt: skip
+        _one_dot_swiglu_store(
+            acc, h_ptr, gate_pre_ptr, up_pre_ptr, stride_h_p, pid_m, pid_n, BLOCK_M, BLOCK_M,
+            BLOCK_N, STORE_PRE,
         )  # fmt: skip
         return
     tma._gate_up_tma_tile(
@@ -219,12 +221,12 @@ def down_merged_kernel(
             acc = tl.dot(h_desc.load([pid_m * BLOCK_M, k * BLOCK_K]), w, acc)
             acc_tail = tl.dot(h_half_desc.load([(pid_m + 1) * BLOCK_M, k * BLOCK_K]), w, acc_tail)
         tma._weighted_scatter(
-            acc, gate_weight_ptr, out_ptr, sorted_ids_ptr, D, num_assign, stride_out_a, pid_m,
-            pid_n, BLOCK_M, BLOCK_M, BLOCK_N,
-        )  # fmt: skip
-        tma._weighted_scatter(
             acc_tail, gate_weight_ptr, out_ptr, sorted_ids_ptr, D, num_assign, stride_out_a,
             pid_m + 1, pid_n, BLOCK_M, BLOCK_M // 2, BLOCK_N,
+        )  # fmt: skip
+        tma._weighted_scatter(
+            acc, gate_weight_ptr, out_ptr, sorted_ids_ptr, D, num_assign, stride_out_a, pid_m,
+            pid_n, BLOCK_M, BLOCK_M, BLOCK_N,
         )  # fmt: skip
         return
     tma._down_tma_tile(
