@@ -18,7 +18,8 @@ ONE_DOT, and with ONE_DOT and GATHER_A (A loaded by pointers from x's rows, TMA 
 weights only), each with and without HALF_TAIL; and 64 columns wide, ONE_DOT's tile with
 HALF_TAIL beside `merge_tail.py`'s (a tail of at most half a block computed with its
 expert's block before it), with and without GATHER_A, and merge_tail.py's 128-wide tile
-on 16 warps (W16). The down variants: the pointer and TMA tiles 128 columns wide, with
+on 16 warps (W16); the pointer tile 64 wide with HALF_TAIL beside merge_tail.py's, and
+its 128-wide one on 16 warps. The down variants: the pointer and TMA tiles 128 columns wide, with
 and without HALF_TAIL, and merge_tail.py's; the TMA tile 256 wide with HALF_TAIL beside
 merge_tail.py's on 8 and 16 warps. The
 card's clock falls under its power cap within a second of GEMMs, so every variant is run
@@ -81,6 +82,9 @@ VARIANTS = {
         "MERGE_TAIL": True,
         "num_warps": 16,
     },
+    "pointer, N64, HALF_TAIL": {"HALF_TAIL": True, "BLOCK_N": 64},
+    "pointer, N64, MERGE_TAIL": {"HALF_TAIL": True, "MERGE_TAIL": True, "BLOCK_N": 64},
+    "pointer, W16, MERGE_TAIL": {"HALF_TAIL": True, "MERGE_TAIL": True, "num_warps": 16},
     "TMA, GATHER_A, N64, MERGE_TAIL": {
         "TMA": True,
         "ONE_DOT": True,

@@ -1,6 +1,6 @@
 """The merged-tail tiles (`moebench/impls/triton/merge_tail.py`): which configs are
-offered, that every one gives `tma.py`'s tile of the same BLOCK_N and BLOCK_K the same
-bits (in Triton's interpreter on a CPU at 64-row blocks, on a card at 128 too) on a
+offered, that every one gives `tma.py`'s or `kernels.py`'s tile of the same BLOCK_N and
+BLOCK_K the same bits (in Triton's interpreter on a CPU at 64-row blocks, on a card at 128 too) on a
 routing whose experts end in every kind of block, that each compiles for Hopper without
 spills, that the layer races them only when asked (`$MOEBENCH_MERGE_TAIL=1`), and the
 layer on these tiles alone against `reference`, forward and gradients."""
@@ -54,9 +54,9 @@ def _block_roles(alignment) -> set[str]:
     return roles
 
 
-def _like_tma(config: dict) -> dict:
-    """The `tma.py` tile of the same BLOCK_N and BLOCK_K (and ONE_DOT, GATHER_A,
-    HALF_TAIL: it skips the same padding rows)."""
+def _unmerged(config: dict) -> dict:
+    """The `tma.py` or `kernels.py` tile of the same BLOCK_N and BLOCK_K (and TMA,
+    ONE_DOT, GATHER_A, HALF_TAIL: it skips the same padding rows)."""
     assert config["HALF_TAIL"]
     return {k: v for k, v in config.items() if k != "MERGE_TAIL"}
 
@@ -64,28 +64,33 @@ def _like_tma(config: dict) -> dict:
 def test_candidates_from_64_row_blocks_marked_and_fitting():
     assert merge_tail.candidates("down", 32, 2048, 768, 2) == []
     gate_up = merge_tail.candidates("gate_up", 128, 2048, 768, 2)
-    assert len(gate_up) == 2 * len(merge_tail.TILES["gate_up"])  # with and without GATHER_A
-    assert all(c["TMA"] and c["HALF_TAIL"] and c["MERGE_TAIL"] and c["ONE_DOT"] for c in gate_up)
+    assert all(c["HALF_TAIL"] and c["MERGE_TAIL"] for c in gate_up)
+    tma_tiles = [c for c in gate_up if c.get("TMA")]
+    assert len(tma_tiles) == 2 * len(merge_tail.TILES["gate_up"])  # with and without GATHER_A
+    assert all(c["ONE_DOT"] for c in tma_tiles)
     assert sum(bool(c.get("GATHER_A")) for c in gate_up) == len(merge_tail.TILES["gate_up"])
+    pointer = [c for c in gate_up if not c.get("TMA")]
+    assert len(pointer) == len(merge_tail.POINTER_TILES)
+    assert not any(c.get("ONE_DOT") or c.get("GATHER_A") for c in pointer)
     down = merge_tail.candidates("down", 64, 2048, 768, 2)
-    assert len(down) == len(merge_tail.TILES["down"])
+    assert len(down) == len(merge_tail.TILES["down"]) and all(c["TMA"] for c in down)
     assert not any(c.get("ONE_DOT") or c.get("GATHER_A") for c in down)
     # D = 264, no multiple of 16: GATHER_A's 128-row tiles spill there (264 rows of
-    # x, 528 bytes, are whole TMA boxes); F = 96: no 64-column gate_up tile stays inside
-    # gate; 72 bytes a row: no TMA box
-    odd = merge_tail.candidates("gate_up", 128, 264, 768, 2)
+    # x, 528 bytes, are whole TMA boxes); F = 96: no 64-column TMA gate_up tile stays
+    # inside gate (the pointer tiles take any F); 72 bytes a row: no TMA box
+    odd = [c for c in merge_tail.candidates("gate_up", 128, 264, 768, 2) if c.get("TMA")]
     assert len(odd) == len(merge_tail.TILES["gate_up"]) and not any(c.get("GATHER_A") for c in odd)
-    assert merge_tail.candidates("gate_up", 128, 2048, 96, 2) == []
+    assert merge_tail.candidates("gate_up", 128, 2048, 96, 2) == pointer
     assert merge_tail.candidates("down", 128, 36, 768, 2) == []
 
 
 @needs_kernels
 @pytest.mark.parametrize("block_m", [64, 128])
-def test_merged_tiles_give_the_tma_tiles_bits(block_m):
+def test_merged_tiles_give_the_unmerged_tiles_bits(block_m):
     """Every config's h (and pre-activations) and out equal, bit for bit, those of the
-    TMA tile with the same columns and K steps, with HALF_TAIL: a merged tail's rows are
-    its own half path's, and the padding both skip stays unwritten. D = 72: no multiple
-    of BLOCK_K."""
+    TMA or pointer tile with the same columns and K steps, with HALF_TAIL: a merged
+    tail's rows are its own half path's, and the padding both skip stays unwritten.
+    D = 72: no multiple of BLOCK_K."""
     from moebench.impls.triton.align import align_to_blocks
     from moebench.impls.triton.layer import launch_down, launch_gate_up
 
@@ -109,7 +114,7 @@ def test_merged_tiles_give_the_tma_tiles_bits(block_m):
 
     for config in merge_tail.candidates("gate_up", block_m, D, F, 2):
         got, want = ([nans(rows, F) for _ in range(3)] for _ in range(2))
-        for h_and_pre, tile in ((got, config), (want, _like_tma(config))):
+        for h_and_pre, tile in ((got, config), (want, _unmerged(config))):
             launch_gate_up(
                 tile, x_TD, w_gate_up_E2FD, h_and_pre[0], alignment, top_k, h_and_pre[1:]
             )
@@ -123,7 +128,7 @@ def test_merged_tiles_give_the_tma_tiles_bits(block_m):
     for config in merge_tail.candidates("down", block_m, D, F, 2):
         got_AD, want_AD = nans(tokens * top_k, D), nans(tokens * top_k, D)
         launch_down(config, h_PF, w_down_EFD, gate_A, got_AD, alignment)
-        launch_down(_like_tma(config), h_PF, w_down_EFD, gate_A, want_AD, alignment)
+        launch_down(_unmerged(config), h_PF, w_down_EFD, gate_A, want_AD, alignment)
         assert not got_AD.isnan().any(), config  # every assignment's row written
         assert torch.equal(got_AD, want_AD), config
 
@@ -158,7 +163,8 @@ def check_every_candidate_compiles() -> None:
                 )  # fmt: skip
                 launched += 1
     merged = [r for r in record if r.kernel.endswith("merged_kernel")]
-    tiles = len(merge_tail.TILES["gate_up"]) * 2 * 2 + len(merge_tail.TILES["down"])
+    gate_up = 2 * len(merge_tail.TILES["gate_up"]) + len(merge_tail.POINTER_TILES)
+    tiles = gate_up * 2 + len(merge_tail.TILES["down"])  # gate_up with and without pre
     assert len(merged) == launched == 2 * tiles, [r.describe() for r in record]
     for compiled in merged:
         assert compiled.error is None, compiled.describe()
@@ -193,8 +199,9 @@ def check_the_layer_races_them_when_asked(asked: bool) -> None:
                 _meta(tokens, D), _meta(tokens, K), _meta(tokens, K, dtype=torch.int64),
                 _meta(E, 2 * F, D), _meta(E, F, D), block_m=block_m,
             )  # fmt: skip
-    for name, kernel in (("gate_up", "gate_up_merged_kernel"), ("down", "down_merged_kernel")):
-        merged = [kwargs for ran, kwargs in launched if ran == kernel]
+    for name in ("gate_up", "down"):
+        kernels = {kernel.fn.__name__ for kernel in merge_tail.KERNELS[name]}
+        merged = [kwargs for ran, kwargs in launched if ran in kernels]
         if not asked:
             assert merged == [], name
             continue
@@ -226,14 +233,16 @@ def test_the_layer_races_them_only_when_asked(asked):
 
 
 @needs_kernels
+@pytest.mark.parametrize("gate_up_kind", ["tma", "pointer"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_layer_on_merged_tiles_alone_matches_reference(dtype, monkeypatch, tmp_path):
-    """Forward and gradients with only the merged-tail tiles to choose from (the training
-    step's gate_up stores its pre-activations through them; the backward runs on their
-    rows), at 64-row blocks (CPU) or 128 (CUDA)."""
+def test_layer_on_merged_tiles_alone_matches_reference(dtype, gate_up_kind, monkeypatch, tmp_path):
+    """Forward and gradients with only the merged-tail tiles to choose from (gate_up's
+    TMA or pointer ones; the training step's gate_up stores its pre-activations through
+    them, and the backward runs on their rows), at 64-row blocks (CPU) or 128 (CUDA)."""
     from moebench.env import MERGE_TAIL_SWITCH
     from moebench.impls.reference import reference_output
-    from moebench.impls.triton import layer
+    from moebench.impls.triton import kernels, layer
+    from moebench.impls.triton.align import Alignment
     from moebench.measure.check import check_gradients
     from tests.test_triton import TOLERANCE, _gpu_case, _relative, built_layer
 
@@ -243,19 +252,29 @@ def test_layer_on_merged_tiles_alone_matches_reference(dtype, monkeypatch, tmp_p
     monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
     monkeypatch.setattr(tuning.TUNER, "_chosen", {})
     every = layer.gemm_candidates
-    monkeypatch.setattr(
-        layer, "gemm_candidates", lambda *a: [c for c in every(*a) if c.get("MERGE_TAIL")]
-    )
-    ran = []  # the alignments of the merged-tail tiles' launches
-    for name in ("launch_gate_up", "launch_down"):
-        launch = getattr(tma, name)
+
+    def merged(name: str, *args) -> list[dict]:
+        configs = [c for c in every(name, *args) if c.get("MERGE_TAIL")]
+        if name == "gate_up":
+            configs = [c for c in configs if bool(c.get("TMA")) == (gate_up_kind == "tma")]
+        return configs
+
+    monkeypatch.setattr(layer, "gemm_candidates", merged)
+    ran = []  # (kernel, alignment) of the merged-tail tiles' launches
+    merged_kernels = [kernel for pair in merge_tail.KERNELS.values() for kernel in pair]
+    for module, name in (
+        (tma, "launch_gate_up"),
+        (tma, "launch_down"),
+        (kernels, "launch_gate_up"),
+    ):
+        launch = getattr(module, name)
 
         def recorded(*args, launch=launch):
-            if args[-1] in merge_tail.KERNELS.values():  # tile_kernel
-                ran.append(args[3] if len(args) == 8 else args[4])
+            if args[-1] in merged_kernels:  # tile_kernel
+                ran.append((args[-1], next(a for a in args if isinstance(a, Alignment))))
             launch(*args)
 
-        monkeypatch.setattr(tma, name, recorded)
+        monkeypatch.setattr(module, name, recorded)
     # 64-row blocks (CPU: the block size for 60 rows an expert on average; the router
     # gives some experts more, and so a tail to merge) or 128-row blocks (CUDA: about 300
     # rows an expert, two blocks and a tail of under 64 rows)
@@ -265,8 +284,9 @@ def test_layer_on_merged_tiles_alone_matches_reference(dtype, monkeypatch, tmp_p
     tolerance = TOLERANCE[dtype]
     with torch.no_grad():
         y_TD = built(x_TD)
-    assert ran, "no merged-tail tile ran"
-    roles = set().union(*(_block_roles(alignment) for alignment in ran))
+    gate_up = merge_tail.KERNELS["gate_up"][0 if gate_up_kind == "tma" else 1]
+    assert {kernel for kernel, _ in ran} == {gate_up, merge_tail.KERNELS["down"][0]}, ran
+    roles = set().union(*(_block_roles(alignment) for _, alignment in ran))
     assert "merged" in roles, roles
     assert _relative(y_TD, reference_output(weights, x_TD)) <= tolerance
     result = check_gradients(built, [weights], x_TD, dtype, 0)

@@ -335,16 +335,18 @@ def launch_gate_up(
     config: dict,
     pre_activations: tuple[torch.Tensor, torch.Tensor] | None = None,
     pdl: bool = False,
+    tile_kernel=None,
 ) -> None:
     """h_PF <- SwiGLU of the gathered tokens through their experts' gate and up weights;
     with `pre_activations` (two P x F buffers), the gate and up products too. `pdl`:
-    launched with programmatic dependent launch (`moebench.dependent_launch`)."""
+    launched with programmatic dependent launch (`moebench.dependent_launch`).
+    `tile_kernel`: another kernel of `gate_up_kernel`'s arguments (merge_tail.py's)."""
     D, F = x_TD.shape[1], w_gate_EDF.shape[2]
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     num_blocks_m = alignment.max_blocks
     grid = (num_blocks_m * ceil_div(F, block_n),)
     launch(
-        gate_up_kernel, grid,
+        tile_kernel or gate_up_kernel, grid,
         x_TD, w_gate_EDF, w_up_EDF, h_PF,
         *(pre_activations or (h_PF, h_PF)),
         *_row_list(alignment),

@@ -92,7 +92,7 @@ def gemm_code(
 
         code += gluon_down.KERNELS
     if with_merged:
-        code += (merge_tail.KERNELS[name],)
+        code += merge_tail.KERNELS[name]
     return code
 
 
@@ -131,20 +131,24 @@ def launch_gate_up(
     pre_activations: tuple[torch.Tensor, torch.Tensor] | None = None,
     pdl: bool = False,
 ) -> None:
-    """The forward's gate_up GEMM through the kernel `config` names: a merged-tail tile
-    (`MERGE_TAIL`), a TMA tile (`TMA`) or the pointer kernel (`pdl` as there)."""
+    """The forward's gate_up GEMM through the kernel `config` names: a TMA tile (`TMA`)
+    or the pointer kernel (`pdl` as there), either's merged-tail kernel with
+    `MERGE_TAIL`."""
+    merged_tma, merged_pointer = merge_tail.KERNELS["gate_up"]
+    merged = config.get("MERGE_TAIL")
     if config.get("TMA"):
-        merged = merge_tail.KERNELS["gate_up"] if config.get("MERGE_TAIL") else None
         tma.launch_gate_up(
-            x_TD, w_gate_up_E2FD, h_PF, alignment, top_k, config, pre_activations, merged
-        )
+            x_TD, w_gate_up_E2FD, h_PF, alignment, top_k, config, pre_activations,
+            merged_tma if merged else None,
+        )  # fmt: skip
     else:  # E x D x F views of the K-major storage: the kernel takes any strides
         F = h_PF.shape[1]
         w_gate_EDF = w_gate_up_E2FD[:, :F].transpose(1, 2)
         w_up_EDF = w_gate_up_E2FD[:, F:].transpose(1, 2)
         kernels.launch_gate_up(
-            x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, top_k, config, pre_activations, pdl
-        )
+            x_TD, w_gate_EDF, w_up_EDF, h_PF, alignment, top_k, config, pre_activations, pdl,
+            merged_pointer if merged else None,
+        )  # fmt: skip
 
 
 def launch_down(
@@ -167,7 +171,7 @@ def launch_down(
             h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, programs_max
         )
     elif config.get("TMA"):
-        merged = merge_tail.KERNELS["down"] if config.get("MERGE_TAIL") else None
+        merged = merge_tail.KERNELS["down"][0] if config.get("MERGE_TAIL") else None
         tma.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, merged)
     else:
         kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, pdl)

@@ -19,7 +19,9 @@ exits at once. Otherwise a program computes its block as `tma.py`'s tiles do: wh
 where it is its expert's only block and its second half padding, its first half alone
 (HALF_TAIL's path). Each row's K steps are the same as in `tma.py`'s tile of the same
 BLOCK_N and BLOCK_K, so the results are the same bits; the padding rows of a tail's
-second half are not written (as HALF_TAIL leaves them).
+second half are not written (as HALF_TAIL leaves them). gate_up also has a pointer tile
+so merged (`gate_up_pointer_merged_kernel`, `kernels.py`'s tile): the pointer tiles win
+its keys at 8192 tokens on Qwen3-30B-A3B and OLMoE-1B-7B.
 
 The two accumulators take half as many registers again as one: gate_up merges only with
 ONE_DOT (one product of gate and up rows, 2 BLOCK_N wide), at widths its warps hold
@@ -31,8 +33,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moebench.impls.triton import tma
-from moebench.impls.triton.kernels import _block_coords, _second_half_is_padding
+from moebench.dependent_launch import release_dependents, wait_for_predecessor
+from moebench.impls.triton import kernels, tma
+from moebench.impls.triton.kernels import _block_coords, _block_rows, _second_half_is_padding
 
 # (BLOCK_N, BLOCK_K, warps, stages) per GEMM: accumulators of 128 + 64 rows within a
 # thread's registers (gate_up: 2 BLOCK_N columns, ONE_DOT's product; its 256-wide tile on
@@ -43,6 +46,8 @@ TILES = {
     "gate_up": ((64, 64, 8, 3), (64, 64, 8, 4), (64, 64, 8, 5), (128, 64, 16, 3)),
     "down": ((128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (256, 64, 16, 3)),
 }
+# gate_up's pointer tiles (gate and up as two products, four accumulators with the tail's)
+POINTER_TILES = ((64, 64, 8, 3), (64, 64, 8, 4), (128, 64, 16, 3))
 
 
 @triton.jit
@@ -235,9 +240,133 @@ def down_merged_kernel(
     )  # fmt: skip
 
 
-# per GEMM, the kernel of its merged-tail tiles: `tma.launch_gate_up`'s and
-# `tma.launch_down`'s `tile_kernel`, and what their choices' fingerprints hold
-KERNELS = {"gate_up": gate_up_merged_kernel, "down": down_merged_kernel}
+@triton.jit
+def gate_up_pointer_merged_kernel(
+    x_ptr, w_gate_ptr, w_up_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
+    block_expert_ptr, num_padded_ptr, D, F, num_assign, top_k, num_blocks_m, stride_x_t,
+    stride_w_e, stride_w_d, stride_w_f, stride_h_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, STORE_PRE: tl.constexpr, PER_ASSIGNMENT: tl.constexpr,
+    HALF_TAIL: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """`kernels.gate_up_kernel` (its arguments; a row list, not PER_ASSIGNMENT), an
+    expert's short tail computed with the block before it (module docstring); with
+    HALF_TAIL, a tail that is its expert's only block computes its first half alone. The
+    pointer tiles win gate_up at 8192 tokens on the fine-grained shapes (Qwen3-30B-A3B,
+    OLMoE-1B-7B), where an expert spans four to eight blocks and a tail."""
+    tl.static_assert(not PER_ASSIGNMENT, "one assignment a block has no tail")
+    wait_for_predecessor(PDL)
+    pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    tail, merged_before, merges_next = _tail_roles(
+        sorted_ids_ptr, block_expert_ptr, pid_m, num_blocks_m, num_assign, BLOCK_M
+    )
+    if merged_before:
+        return
+    if HALF_TAIL & tail:  # its expert's only block: the first half alone
+        kernels._gate_up_tile(
+            x_ptr, w_gate_ptr, w_up_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
+            block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_w_e, stride_w_d,
+            stride_w_f, stride_h_p, pid_m, pid_n,
+            BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, STORE_PRE, False, PDL,
+        )  # fmt: skip
+        return
+    if merges_next:
+        _gate_up_pointer_merged_tile(
+            x_ptr, w_gate_ptr, w_up_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
+            block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_w_e, stride_w_d,
+            stride_w_f, stride_h_p, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE, PDL,
+        )  # fmt: skip
+        return
+    kernels._gate_up_tile(
+        x_ptr, w_gate_ptr, w_up_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
+        block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_w_e, stride_w_d,
+        stride_w_f, stride_h_p, pid_m, pid_n,
+        BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE, False, PDL,
+    )  # fmt: skip
+
+
+@triton.jit
+def _gate_up_pointer_merged_tile(
+    x_ptr, w_gate_ptr, w_up_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
+    block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_w_e, stride_w_d,
+    stride_w_f, stride_h_p, pid_m, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, STORE_PRE: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """`kernels._gate_up_tile` of row block pid_m and, from the same weight tiles each K
+    step, of the next block's first half (its expert's tail)."""
+    HALF: tl.constexpr = BLOCK_M // 2
+    expert, offs_m, ids, row_ok, offs_n, offs_n_wrapped = _block_rows(
+        sorted_ids_ptr, block_expert_ptr, pid_m, pid_n, num_assign, F, BLOCK_M, BLOCK_M,
+        BLOCK_N, False,
+    )  # fmt: skip
+    _, tail_m, tail_ids, tail_ok, _, _ = _block_rows(
+        sorted_ids_ptr, block_expert_ptr, pid_m + 1, pid_n, num_assign, F, BLOCK_M, HALF,
+        BLOCK_N, False,
+    )  # fmt: skip
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + (ids // top_k).to(tl.int64)[:, None] * stride_x_t + offs_k[None, :]
+    tail_ptrs = x_ptr + (tail_ids // top_k).to(tl.int64)[:, None] * stride_x_t + offs_k[None, :]
+    w_offsets = (
+        expert * stride_w_e + offs_k[:, None] * stride_w_d + offs_n_wrapped[None, :] * stride_w_f
+    )
+    g_ptrs = w_gate_ptr + w_offsets
+    u_ptrs = w_up_ptr + w_offsets
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    tail_gate = tl.zeros((HALF, BLOCK_N), dtype=tl.float32)
+    tail_up = tl.zeros((HALF, BLOCK_N), dtype=tl.float32)
+    for k in range(0, (D + BLOCK_K - 1) // BLOCK_K):
+        k_left = D - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        a_tail = tl.load(tail_ptrs, mask=tail_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        k_ok = offs_k[:, None] < k_left
+        w_g = tl.load(g_ptrs, mask=k_ok, other=0.0)
+        w_u = tl.load(u_ptrs, mask=k_ok, other=0.0)
+        acc_gate = tl.dot(a, w_g, acc_gate)
+        acc_up = tl.dot(a, w_u, acc_up)
+        tail_gate = tl.dot(a_tail, w_g, tail_gate)
+        tail_up = tl.dot(a_tail, w_u, tail_up)
+        a_ptrs += BLOCK_K
+        tail_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K * stride_w_d
+        u_ptrs += BLOCK_K * stride_w_d
+    release_dependents(PDL)
+    # (the tail's rows first, as the TMA tiles store them)
+    _swiglu_rows_store(
+        tail_gate, tail_up, h_ptr, gate_pre_ptr, up_pre_ptr, tail_m, offs_n, F, stride_h_p,
+        STORE_PRE,
+    )  # fmt: skip
+    _swiglu_rows_store(
+        acc_gate, acc_up, h_ptr, gate_pre_ptr, up_pre_ptr, offs_m, offs_n, F, stride_h_p,
+        STORE_PRE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _swiglu_rows_store(
+    acc_gate, acc_up, h_ptr, gate_pre_ptr, up_pre_ptr, offs_m, offs_n, F, stride_h_p,
+    STORE_PRE: tl.constexpr,
+):  # fmt: skip
+    """`kernels._gate_up_tile`'s epilogue (rows offs_m, columns offs_n below F), apart:
+    made a function there, it would change the code of every pointer gate_up choice moebench
+    ships (`tuning.code_fingerprint`)."""
+    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    row_offsets = offs_m[:, None].to(tl.int64) * stride_h_p + offs_n[None, :]
+    tl.store(h_ptr + row_offsets, h.to(h_ptr.dtype.element_ty), mask=offs_n[None, :] < F)
+    if STORE_PRE:  # training: the backward needs the pre-activations
+        dtype = h_ptr.dtype.element_ty
+        tl.store(gate_pre_ptr + row_offsets, acc_gate.to(dtype), mask=offs_n[None, :] < F)
+        tl.store(up_pre_ptr + row_offsets, acc_up.to(dtype), mask=offs_n[None, :] < F)
+
+
+# per GEMM, the kernels of its merged-tail tiles (`tile_kernel`, `layer.launch_gate_up`
+# and `layer.launch_down` pass them), which its choices' fingerprints then hold
+KERNELS = {
+    "gate_up": (gate_up_merged_kernel, gate_up_pointer_merged_kernel),
+    "down": (down_merged_kernel,),
+}
 
 
 def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) -> list[dict]:
@@ -245,8 +374,9 @@ def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) ->
     `kernel` ("gate_up" or "down") at `block_m` (64 or 128 rows; none below) beside
     `tma.candidates`: each tile of TILES that `tma.fits` these widths; gate_up's with
     ONE_DOT, with and, where D is a multiple of 16, without GATHER_A (at D = 264 its
-    128-row tiles took 255 registers and spilled, at 272 they take 176). `tma.py`'s
-    launchers launch them (`tile_kernel`: `KERNELS`)."""
+    128-row tiles took 255 registers and spilled, at 272 they take 176); and gate_up's
+    pointer tiles of POINTER_TILES (`"MERGE_TAIL"` without `"TMA"`). `tma.py`'s and
+    `kernels.py`'s launchers launch them (their `tile_kernel`)."""
     if block_m < 64:
         return []
     configs = [
@@ -258,4 +388,11 @@ def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) ->
         configs = [{**config, "ONE_DOT": True} for config in configs]
         if D % 16 == 0:
             configs += [{**config, "GATHER_A": True} for config in configs]
-    return [config for config in configs if tma.fits(kernel, config, D, F, element_bytes)]
+    configs = [config for config in configs if tma.fits(kernel, config, D, F, element_bytes)]
+    if kernel == "gate_up":
+        configs += [
+            {"BLOCK_M": block_m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_warps": warps,
+             "num_stages": stages, "HALF_TAIL": True, "MERGE_TAIL": True}
+            for n, k, warps, stages in POINTER_TILES
+        ]  # fmt: skip
+    return configs
