@@ -51,12 +51,16 @@ POINTER_TILES = ((64, 64, 8, 3), (64, 64, 8, 4), (128, 64, 16, 3))
 
 
 @triton.jit
-def _tail_roles(
-    sorted_ids_ptr, block_expert_ptr, pid_m, num_blocks_m, num_assign, BLOCK_M: tl.constexpr
-):
-    """(row block pid_m is a tail, its second half padding alone; it is a tail that the
-    block before, its expert's too, computes; the next block is such a tail, which this
-    program computes with its own)."""
+def _program_roles(
+    sorted_ids_ptr, block_expert_ptr, num_padded_ptr, num_blocks_m, num_blocks_n, num_assign,
+    BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr, HALF_TAIL: tl.constexpr,
+):  # fmt: skip
+    """This program's (row block, column block) as `kernels._block_coords` orders them, the
+    rows of its block it computes (0: a block past the padded length, or a tail the block
+    before computes; BLOCK_M / 2: with HALF_TAIL, a tail that is its expert's only block;
+    else BLOCK_M), and whether it computes the next block's first half too (that block
+    its expert's tail, its second half padding)."""
+    pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, num_blocks_n, GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
     tail = _second_half_is_padding(sorted_ids_ptr, pid_m, num_assign, BLOCK_M)
     has_before = pid_m > 0
@@ -66,9 +70,11 @@ def _tail_roles(
     next_first_padding = tl.load(
         sorted_ids_ptr + (pid_m + 1) * BLOCK_M + BLOCK_M // 2, mask=has_next, other=0
     )
-    merged_before = tail & (before == expert)
-    merges_next = (after == expert) & (next_first_padding >= num_assign)
-    return tail, merged_before, merges_next
+    # (blocks past the padded length hold the sentinel expert E: none merges into them)
+    computes = (pid_m * BLOCK_M < tl.load(num_padded_ptr)) & ~(tail & (before == expert))
+    rows = tl.where(computes, tl.where(tail & HALF_TAIL, BLOCK_M // 2, BLOCK_M), 0)
+    merges_next = computes & (after == expert) & (next_first_padding >= num_assign)
+    return pid_m, pid_n, rows, merges_next
 
 
 @triton.jit
@@ -84,21 +90,10 @@ def gate_up_merged_kernel(
     computed with the block before it (module docstring); with HALF_TAIL, a tail that is
     its expert's only block computes its first half alone."""
     tl.static_assert(ONE_DOT, "two products and a tail's two more spill")
-    pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    tail, merged_before, merges_next = _tail_roles(
-        sorted_ids_ptr, block_expert_ptr, pid_m, num_blocks_m, num_assign, BLOCK_M
-    )
-    if merged_before:
-        return
-    if HALF_TAIL & tail:  # its expert's only block: the first half alone
-        tma._gate_up_tma_tile(
-            a_half_desc, w_desc, x_ptr, sorted_ids_ptr, h_ptr, gate_pre_ptr, up_pre_ptr,
-            block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_h_p, pid_m, pid_n,
-            BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, STORE_PRE, True, GATHER_A,
-        )  # fmt: skip
-        return
+    pid_m, pid_n, rows, merges_next = _program_roles(
+        sorted_ids_ptr, block_expert_ptr, num_padded_ptr, num_blocks_m, tl.cdiv(F, BLOCK_N),
+        num_assign, BLOCK_M, GROUP_M, HALF_TAIL,
+    )  # fmt: skip
     if merges_next:
         # (the tail's rows stored first: the other order spilled the 256-wide tile on 16
         # warps, its epilogue's temporaries beside the tail's product)
@@ -114,12 +109,18 @@ def gate_up_merged_kernel(
             acc, h_ptr, gate_pre_ptr, up_pre_ptr, stride_h_p, pid_m, pid_n, BLOCK_M, BLOCK_M,
             BLOCK_N, STORE_PRE,
         )  # fmt: skip
-        return
-    tma._gate_up_tma_tile(
-        a_desc, w_desc, x_ptr, sorted_ids_ptr, h_ptr, gate_pre_ptr, up_pre_ptr,
-        block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_h_p, pid_m, pid_n,
-        BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE, True, GATHER_A,
-    )  # fmt: skip
+    elif rows == BLOCK_M // 2:  # its expert's only block: the first half alone
+        tma._gate_up_tma_tile(
+            a_half_desc, w_desc, x_ptr, sorted_ids_ptr, h_ptr, gate_pre_ptr, up_pre_ptr,
+            block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_h_p, pid_m, pid_n,
+            BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, STORE_PRE, True, GATHER_A,
+        )  # fmt: skip
+    elif rows == BLOCK_M:
+        tma._gate_up_tma_tile(
+            a_desc, w_desc, x_ptr, sorted_ids_ptr, h_ptr, gate_pre_ptr, up_pre_ptr,
+            block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_h_p, pid_m, pid_n,
+            BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE, True, GATHER_A,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -202,21 +203,10 @@ def down_merged_kernel(
     """`tma.down_tma_kernel` (its arguments), an expert's short tail computed with the
     block before it (module docstring); with HALF_TAIL, a tail that is its expert's only
     block computes its first half alone."""
-    pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(D, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    tail, merged_before, merges_next = _tail_roles(
-        sorted_ids_ptr, block_expert_ptr, pid_m, num_blocks_m, num_assign, BLOCK_M
-    )
-    if merged_before:
-        return
-    if HALF_TAIL & tail:  # its expert's only block: the first half alone
-        tma._down_tma_tile(
-            h_half_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
-            D, F, num_assign, stride_out_a, pid_m, pid_n, BLOCK_M, BLOCK_M // 2, BLOCK_N,
-            BLOCK_K,
-        )  # fmt: skip
-        return
+    pid_m, pid_n, rows, merges_next = _program_roles(
+        sorted_ids_ptr, block_expert_ptr, num_padded_ptr, num_blocks_m, tl.cdiv(D, BLOCK_N),
+        num_assign, BLOCK_M, GROUP_M, HALF_TAIL,
+    )  # fmt: skip
     if merges_next:
         first_w_row = tl.load(block_expert_ptr + pid_m) * F
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -233,11 +223,17 @@ def down_merged_kernel(
             acc, gate_weight_ptr, out_ptr, sorted_ids_ptr, D, num_assign, stride_out_a, pid_m,
             pid_n, BLOCK_M, BLOCK_M, BLOCK_N,
         )  # fmt: skip
-        return
-    tma._down_tma_tile(
-        h_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, D, F,
-        num_assign, stride_out_a, pid_m, pid_n, BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K,
-    )  # fmt: skip
+    elif rows == BLOCK_M // 2:  # its expert's only block: the first half alone
+        tma._down_tma_tile(
+            h_half_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
+            D, F, num_assign, stride_out_a, pid_m, pid_n, BLOCK_M, BLOCK_M // 2, BLOCK_N,
+            BLOCK_K,
+        )  # fmt: skip
+    elif rows == BLOCK_M:
+        tma._down_tma_tile(
+            h_desc, w_desc, gate_weight_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, D, F,
+            num_assign, stride_out_a, pid_m, pid_n, BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -256,35 +252,30 @@ def gate_up_pointer_merged_kernel(
     OLMoE-1B-7B), where an expert spans four to eight blocks and a tail."""
     tl.static_assert(not PER_ASSIGNMENT, "one assignment a block has no tail")
     wait_for_predecessor(PDL)
-    pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    tail, merged_before, merges_next = _tail_roles(
-        sorted_ids_ptr, block_expert_ptr, pid_m, num_blocks_m, num_assign, BLOCK_M
-    )
-    if merged_before:
-        return
-    if HALF_TAIL & tail:  # its expert's only block: the first half alone
-        kernels._gate_up_tile(
-            x_ptr, w_gate_ptr, w_up_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
-            block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_w_e, stride_w_d,
-            stride_w_f, stride_h_p, pid_m, pid_n,
-            BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, STORE_PRE, False, PDL,
-        )  # fmt: skip
-        return
+    pid_m, pid_n, rows, merges_next = _program_roles(
+        sorted_ids_ptr, block_expert_ptr, num_padded_ptr, num_blocks_m, tl.cdiv(F, BLOCK_N),
+        num_assign, BLOCK_M, GROUP_M, HALF_TAIL,
+    )  # fmt: skip
     if merges_next:
         _gate_up_pointer_merged_tile(
             x_ptr, w_gate_ptr, w_up_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
             block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_w_e, stride_w_d,
             stride_w_f, stride_h_p, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE, PDL,
         )  # fmt: skip
-        return
-    kernels._gate_up_tile(
-        x_ptr, w_gate_ptr, w_up_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
-        block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_w_e, stride_w_d,
-        stride_w_f, stride_h_p, pid_m, pid_n,
-        BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE, False, PDL,
-    )  # fmt: skip
+    elif rows == BLOCK_M // 2:  # its expert's only block: the first half alone
+        kernels._gate_up_tile(
+            x_ptr, w_gate_ptr, w_up_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
+            block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_w_e, stride_w_d,
+            stride_w_f, stride_h_p, pid_m, pid_n,
+            BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K, STORE_PRE, False, PDL,
+        )  # fmt: skip
+    elif rows == BLOCK_M:
+        kernels._gate_up_tile(
+            x_ptr, w_gate_ptr, w_up_ptr, h_ptr, gate_pre_ptr, up_pre_ptr, sorted_ids_ptr,
+            block_expert_ptr, D, F, num_assign, top_k, stride_x_t, stride_w_e, stride_w_d,
+            stride_w_f, stride_h_p, pid_m, pid_n,
+            BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, STORE_PRE, False, PDL,
+        )  # fmt: skip
 
 
 @triton.jit
