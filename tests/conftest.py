@@ -42,6 +42,21 @@ def without_interpreter() -> dict[str, str]:
     return env
 
 
+def in_a_fresh_process(module: str, call: str) -> None:
+    """Run `call` (Python code: a function of the test module `module`, "tests.test_x",
+    with its arguments) in a new interpreter without Triton's interpreter
+    (`without_interpreter`); fail with its error output unless it exits 0."""
+    import subprocess
+    import sys
+
+    code = f"from {module} import *; {call}"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=without_interpreter(), cwd=CHECKOUT,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.fixture(autouse=True)
 def no_shipped_tuning(monkeypatch):
     """Every test tunes as if moebench shipped no tuned choices: on a card it ships them

@@ -6,7 +6,6 @@ tiles' exact bits on odd shapes and the layer's forward matches `reference`."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 pytest.importorskip("triton.experimental.gluon", reason="Gluon is Triton 3.4's and later")
 
 from moebench.impls.triton import gluon_down, tma, tuning
-from tests.conftest import CHECKOUT, without_interpreter
+from tests.conftest import in_a_fresh_process
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="Gluon's wgmma kernels need a Hopper card")
@@ -146,22 +145,13 @@ def check_the_layer_races_them_when_asked(asked: bool) -> None:
     assert any(name == "down_tma_kernel" for name, _ in launched)
 
 
-def _in_a_fresh_process(call: str) -> None:
-    code = f"from tests.test_gluon_down import *; {call}"
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=without_interpreter(), cwd=CHECKOUT,
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def test_every_candidate_compiles_for_hopper():
-    _in_a_fresh_process("check_every_candidate_compiles()")
+    in_a_fresh_process("tests.test_gluon_down", "check_every_candidate_compiles()")
 
 
 @pytest.mark.parametrize("asked", [True, False])
 def test_the_layer_races_them_only_when_asked(asked):
-    _in_a_fresh_process(f"check_the_layer_races_them_when_asked({asked})")
+    in_a_fresh_process("tests.test_gluon_down", f"check_the_layer_races_them_when_asked({asked})")
 
 
 @needs_hopper
@@ -235,7 +225,6 @@ def test_layer_on_gluon_down_alone_matches_reference(monkeypatch, tmp_path):
 def test_the_switch_without_gluon_says_what_to_install(monkeypatch):
     """Asked for with a Triton that has no Gluon: an error naming the switch and the
     Triton to install, not a bare ImportError from inside the layer."""
-    import sys
 
     from moebench.env import GLUON_WS_SWITCH
     from moebench.impls.triton import layer

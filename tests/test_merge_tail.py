@@ -7,16 +7,13 @@ layer on these tiles alone against `reference`, forward and gradients."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="the merged-tail tiles are Triton kernels")
 
 from moebench.impls.triton import merge_tail, tma, tuning
-from tests.conftest import CHECKOUT, KERNEL_DEVICE, needs_kernels, without_interpreter
+from tests.conftest import KERNEL_DEVICE, in_a_fresh_process, needs_kernels
 
 # Rows per expert in units of half a block (64-row blocks: 32 rows): expert 0 ends in a
 # tail of 3 rows after a full block (merged), expert 1 in one of 23 (more than half a
@@ -212,24 +209,15 @@ def check_the_layer_races_them_when_asked(asked: bool) -> None:
     assert any(name == "down_tma_kernel" for name, _ in launched)
 
 
-def _in_a_fresh_process(call: str) -> None:
-    code = f"from tests.test_merge_tail import *; {call}"
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=without_interpreter(), cwd=CHECKOUT,
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def test_every_candidate_compiles_for_hopper():
     pytest.importorskip("triton.experimental.gluon", reason="tests/test_gluon_down's helpers")
-    _in_a_fresh_process("check_every_candidate_compiles()")
+    in_a_fresh_process("tests.test_merge_tail", "check_every_candidate_compiles()")
 
 
 @pytest.mark.parametrize("asked", [True, False])
 def test_the_layer_races_them_only_when_asked(asked):
     pytest.importorskip("triton.experimental.gluon", reason="tests/test_gluon_down's helpers")
-    _in_a_fresh_process(f"check_the_layer_races_them_when_asked({asked})")
+    in_a_fresh_process("tests.test_merge_tail", f"check_the_layer_races_them_when_asked({asked})")
 
 
 @needs_kernels
