@@ -37,6 +37,10 @@
 #             DeepSeek-V3's shape (GPU_PRESETS: one other preset);
 #             $OUT/tail_probe_gate_up.json and tail_probe_down.json. Only when it is clean:
 #             MOEBENCH_MERGE_TAIL=1 GPU_FILTER=impl=triton scripts/gpu_session.sh peers
+#   stages    scripts/stage_probe.py: what each stage of the fused layer (Router, alignment,
+#             each GEMM, the sum over slots) adds to a graphed call's critical path
+#             (GPU_POINTS: PRESET:TOKENS list; default the points issue 14 misses);
+#             $OUT/stage_probe.json
 #   gluon     the warp-specialised Gluon down kernels (gluon_down.py): their tests, then
 #             scripts/gluon_down_probe.py (each config under a watchdog, its bits against
 #             the TMA tile's, timed against every other down candidate; GPU_POINTS:
@@ -156,6 +160,11 @@ for step in "$@"; do
       timed python3 -m pytest -q -p no:cacheprovider -rs tests/test_gluon_down.py
       # shellcheck disable=SC2086
       timed python3 scripts/gluon_down_probe.py --json "$out/gluon_down_probe.json" \
+        ${GPU_POINTS:+--points $GPU_POINTS}
+      ;;
+    stages)
+      # shellcheck disable=SC2086
+      timed python3 scripts/stage_probe.py --json "$out/stage_probe.json" \
         ${GPU_POINTS:+--points $GPU_POINTS}
       ;;
     peers) suite suites/peers.toml --device cuda ;;

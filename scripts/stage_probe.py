@@ -1,0 +1,193 @@
+"""What each stage of the fused `triton` layer adds to a call's critical path, on a CUDA
+device (NOTES.md, version 28):
+
+    python scripts/stage_probe.py [--points olmoe-1b-7b:64 deepseek-v3:8192 ...]
+                                  [--rounds 5] [--json FILE]
+
+A kernel's duration in a profile is not what removing it would save: with dependent
+launch (calls of at most 64 tokens on Hopper) each kernel starts under its predecessor's
+tail, and a short kernel's cost is mostly the wait at its boundary. So this probe times
+the layer's call and its parts, each captured in a CUDA graph, in turns (moebench's own
+timer, L2 flushed before each call), on the same weights, input and routing:
+
+- `layer`: the whole call (the Router, the routed experts, the shared experts if any);
+- `routed`: the routed experts given the Router's choices (alignment, both GEMMs, the sum
+  over slots: `TritonMoE.routed`);
+- `gemms+sum`: both GEMMs and the sum over slots, given the alignment;
+- `gemms`: both GEMMs alone; `gate_up`, `down`: each alone;
+- `router`: the Router alone; `alignment`: the alignment alone.
+
+The GEMMs run with the configs the layer's own first call chose (its forward plan). The
+differences are what the stages add on the path: layer - routed is the Router (and the
+shared experts), routed - gemms+sum the alignment, gemms+sum - gemms the sum over slots.
+Without CUDA (Triton's interpreter, `TRITON_INTERPRET=1`, a small `--shape`) the stages
+run un-graphed, for the tests: nothing there is worth timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+
+from moebench.presets import PRESETS
+
+DEFAULT_POINTS = ["olmoe-1b-7b:64", "qwen3-30b-a3b:8192", "mixtral-8x7b:1024", "deepseek-v3:8192"]
+STAGES = ("layer", "routed", "gemms+sum", "gemms", "gate_up", "down", "router", "alignment")
+
+
+def parse_point(text: str) -> tuple[str, int]:
+    """ "PRESET:TOKENS" -> (preset, tokens), or SystemExit naming the bad point."""
+    preset, _, tokens = text.partition(":")
+    if preset not in PRESETS or not tokens.isdigit() or int(tokens) < 1:
+        raise SystemExit(
+            f"stage_probe: bad point {text!r}: PRESET:TOKENS, PRESET one of {sorted(PRESETS)}"
+        )
+    return preset, int(tokens)
+
+
+def stages(layer, x_TD: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Each stage of STAGES as a call, on `layer` (a built `triton` layer whose first
+    call has run) and its input."""
+    from moebench import dependent_launch
+    from moebench.impls.triton.align import align_to_blocks, per_assignment_blocks
+    from moebench.impls.triton.backward import token_sum
+    from moebench.impls.triton.layer import launch_down, launch_gate_up
+
+    (plan,) = layer._plans.values()  # the one inference signature the first call planned
+    gates_TK, ids_TK, _ = layer.router(x_TD)
+    T, K = ids_TK.shape
+    E, F, D = layer.w_down_EFD.shape
+    pdl = dependent_launch.for_tokens(x_TD.device, T)
+
+    def align():
+        if T == 1:  # as `fused_experts`: one block an assignment
+            return per_assignment_blocks(ids_TK, plan.block_m)
+        return align_to_blocks(ids_TK, E, plan.block_m, pdl)
+
+    alignment = align()
+    h_PF = torch.empty(alignment.max_rows, F, device=x_TD.device, dtype=x_TD.dtype)
+    out_AD = torch.empty(T * K, D, device=x_TD.device, dtype=x_TD.dtype)
+    gate_A = gates_TK.to(x_TD.dtype).contiguous().view(-1)
+    weights = (layer.w_gate_up_E2FD, layer.w_down_EFD)
+
+    def gate_up():
+        launch_gate_up(plan.gate_up, x_TD, weights[0], h_PF, alignment, K, None, pdl)
+
+    def down():
+        launch_down(plan.down, h_PF, weights[1], gate_A, out_AD, alignment, pdl)
+
+    def gemms_and_sum():
+        gate_up()
+        down()
+        return out_AD if K == 1 else token_sum(out_AD, K, pdl=pdl)
+
+    return {
+        "layer": lambda: layer(x_TD),
+        "routed": lambda: layer.routed(x_TD, gates_TK, ids_TK),
+        "gemms+sum": gemms_and_sum,
+        "gemms": lambda: (gate_up(), down()),
+        "gate_up": gate_up,
+        "down": down,
+        "router": lambda: layer.router(x_TD),
+        "alignment": align,
+    }
+
+
+def probe(
+    hidden: int, ffn: int, experts: int, top_k: int, preset: str | None, tokens: int,
+    rounds: int, device: torch.device,
+) -> dict[str, object]:  # fmt: skip
+    """{"us": {stage: median microseconds}, "same_bits": whether `gemms+sum` gives
+    `routed`'s output bit for bit} at one point, the stages timed in turns."""
+    from moebench import registry
+    from moebench.case import Case, LayerShape, Workload
+    from moebench.measure.graph import graphed_step
+    from moebench.measure.timing import TimingPlan, time_repeats
+    from moebench.weight_sources import make_weights
+    from moebench.weights import make_inputs
+
+    shape = PRESETS[preset] if preset else LayerShape(hidden, ffn, experts, top_k)
+    cuda = device.type == "cuda"
+    case = Case(shape, Workload(tokens, 1, "forward"), "triton", device=device.type,
+                dtype="bfloat16" if cuda else "float16", cuda_graph=cuda)  # fmt: skip
+    layer = registry.get("triton").build(make_weights(case), case)
+    x_TD = make_inputs(case, 1)[0]
+    plan = TimingPlan(budget_ms=100.0, warmup=2, min_repeats=10, max_repeats=100)
+    samples: dict[str, list[float]] = {name: [] for name in STAGES}
+    with torch.no_grad():
+        layer(x_TD)  # tunes, and plans the forward
+        calls = stages(layer, x_TD)
+        same_bits = torch.equal(calls["gemms+sum"]().clone(), calls["routed"]())
+        if cuda:
+            replays = {n: graphed_step(lambda _, c=c: c(), 1, device, n) for n, c in calls.items()}
+        else:
+            replays = {name: (lambda _, c=call: c()) for name, call in calls.items()}
+        for round_ in range(rounds):
+            for name in STAGES if round_ % 2 == 0 else STAGES[::-1]:
+                taken = time_repeats(replays[name], device, plan)
+                samples[name].append(statistics.median(taken) * 1e3)
+    us = {name: statistics.median(taken) for name, taken in samples.items()}
+    return {"us": us, "same_bits": same_bits}
+
+
+def report(label: str, found: dict[str, object]) -> str:
+    """The stages' medians, and what each adds on the critical path."""
+    us = found["us"]
+    lines = [f"{label}: median us of a graphed call (gemms+sum gives routed's bits:"
+             f" {found['same_bits']})"]  # fmt: skip
+    lines += [f"  {name:10} {us[name]:10.1f}" for name in STAGES]
+    lines.append(
+        "  on the path: router (and shared experts) {:.1f}, alignment {:.1f},"
+        " sum over slots {:.1f}".format(
+            us["layer"] - us["routed"],
+            us["routed"] - us["gemms+sum"],
+            us["gemms+sum"] - us["gemms"],
+        )
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import triton
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--points", nargs="+", default=DEFAULT_POINTS, metavar="PRESET:TOKENS")
+    parser.add_argument(
+        "--shape", type=int, nargs=5, metavar=("D", "F", "E", "K", "TOKENS"),
+        help="one point of this shape in place of --points (the interpreter's tests)",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=5, help="turns of every stage")
+    parser.add_argument("--json", help="also write what `probe` found at each point to this file")
+    args = parser.parse_args(argv)
+    interpreted = bool(triton.knobs.runtime.interpret)
+    if not (torch.cuda.is_available() or interpreted):
+        print("stage_probe: needs a CUDA device (or TRITON_INTERPRET=1 at a small --shape)")
+        return 2
+    device = torch.device("cpu" if interpreted else "cuda")
+    if args.shape:
+        hidden, ffn, experts, top_k, tokens = args.shape
+        points = [(f"D{hidden} F{ffn} E{experts} K{top_k}:{tokens}", None, tokens)]
+    else:
+        points = [(text, *parse_point(text)) for text in args.points]
+        hidden = ffn = experts = top_k = 0
+    found = {}
+    for label, preset, tokens in points:
+        found[label] = probe(
+            hidden, ffn, experts, top_k, preset, tokens, args.rounds, device
+        )  # fmt: skip
+        print(report(label, found[label]), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(found, out, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""scripts/stage_probe.py: every stage of the fused layer timed at a small shape in
+Triton's interpreter (on a card, graphed), the stages' GEMMs and sum giving the layer's
+routed output bit for bit, and bad points refused with what they should be."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_kernels
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "stage_probe.py"
+
+
+@needs_kernels
+def test_every_stage_is_timed_and_the_stages_compute_the_layers_rows(tmp_path, capsys):
+    script = runpy.run_path(str(SCRIPT))
+    out = tmp_path / "stages.json"
+    # 100 tokens, top-2 of 4 experts: 64-row blocks, the alignment's row list
+    args = ["--shape", "64", "128", "4", "2", "100", "--rounds", "1", "--json", str(out)]
+    assert script["main"](args) == 0
+    (found,) = json.loads(out.read_text()).values()
+    assert set(found["us"]) == set(script["STAGES"])
+    assert all(us > 0 for us in found["us"].values()), found
+    assert found["same_bits"] is True
+    printed = capsys.readouterr().out
+    assert "on the path: router" in printed and "gemms+sum" in printed
+
+
+@pytest.mark.parametrize("point", ["olmoe-1b-7b", "nope:64", "olmoe-1b-7b:0", "olmoe-1b-7b:x"])
+def test_a_bad_point_is_refused_with_the_form_it_takes(point):
+    script = runpy.run_path(str(SCRIPT))
+    with pytest.raises(SystemExit, match=r"bad point .*PRESET:TOKENS"):
+        script["parse_point"](point)
