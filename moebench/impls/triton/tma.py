@@ -402,36 +402,20 @@ def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) ->
     return [config for config in configs if fits(kernel, config, D, F, element_bytes)]
 
 
-def descriptor(matrix: torch.Tensor, block: list[int]):
-    """A TMA descriptor of `matrix` whose box is `block`."""
+def _descriptor(matrix: torch.Tensor, block: list[int]):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     return TensorDescriptor.from_tensor(matrix, block)
 
 
-def row_descriptors(rows_PK: torch.Tensor, config: dict) -> tuple:
+def _row_descriptors(rows_PK: torch.Tensor, config: dict) -> tuple:
     """The A operand's descriptors: whole blocks of rows, and (what HALF_TAIL's first
     halves load; a TMA box has a fixed height) half blocks."""
     block_m, block_k = config["BLOCK_M"], config["BLOCK_K"]
     return (
-        descriptor(rows_PK, [block_m, block_k]),
-        descriptor(rows_PK, [block_m // 2, block_k]),
+        _descriptor(rows_PK, [block_m, block_k]),
+        _descriptor(rows_PK, [block_m // 2, block_k]),
     )
-
-
-def gathered_row_descriptors(x_TD: torch.Tensor, alignment, top_k: int, config: dict) -> tuple:
-    """`row_descriptors` of the padded sorted rows of x, copied into one P x D matrix
-    first (`gather_rows_kernel`: a TMA box cannot gather rows)."""
-    rows, D = alignment.max_rows, x_TD.shape[1]
-    a_PD = torch.empty(rows, D, device=x_TD.device, dtype=x_TD.dtype)
-    block_rows, block_d = 16, min(triton.next_power_of_2(D), 512)
-    launch(
-        gather_rows_kernel, (ceil_div(rows, block_rows),),
-        x_TD, a_PD, alignment.sorted_ids_P, alignment.num_padded_1, D,
-        alignment.num_assign, top_k, rows, x_TD.stride(0), a_PD.stride(0),
-        BLOCK_R=block_rows, BLOCK_D=block_d, num_warps=4,
-    )  # fmt: skip
-    return row_descriptors(a_PD, config)
 
 
 def launch_gate_up(
@@ -451,17 +435,26 @@ def launch_gate_up(
     tile); w_gate_up_E2FD contiguous."""
     E, two_f, D = w_gate_up_E2FD.shape
     F = two_f // 2
+    rows = alignment.max_rows
     gather_a = bool(config.get("GATHER_A"))
-    # with GATHER_A the kernel loads x's rows itself: no copy, and no A descriptors
-    a_descriptors = (
-        (x_TD, x_TD) if gather_a else gathered_row_descriptors(x_TD, alignment, top_k, config)
-    )
+    if gather_a:  # the kernel loads x's rows itself: no copy, and no A descriptors
+        a_descriptors = (x_TD, x_TD)
+    else:
+        a_PD = torch.empty(rows, D, device=x_TD.device, dtype=x_TD.dtype)
+        block_rows, block_d = 16, min(triton.next_power_of_2(D), 512)
+        launch(
+            gather_rows_kernel, (ceil_div(rows, block_rows),),
+            x_TD, a_PD, alignment.sorted_ids_P, alignment.num_padded_1, D,
+            alignment.num_assign, top_k, rows, x_TD.stride(0), a_PD.stride(0),
+            BLOCK_R=block_rows, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
+        a_descriptors = _row_descriptors(a_PD, config)
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     num_blocks_m = alignment.max_blocks
     w_desc = (
-        descriptor(w_gate_up_E2FD.view(E, 2, F, D), [1, 2, block_n, block_k])
+        _descriptor(w_gate_up_E2FD.view(E, 2, F, D), [1, 2, block_n, block_k])
         if config.get("ONE_DOT")
-        else descriptor(w_gate_up_E2FD.view(E * two_f, D), [block_n, block_k])
+        else _descriptor(w_gate_up_E2FD.view(E * two_f, D), [block_n, block_k])
     )
     if config.get("PERSISTENT"):
         tiles = num_blocks_m * ceil_div(F, block_n)
@@ -505,13 +498,13 @@ def launch_down(
     E, F, D = w_down_EFD.shape
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     num_blocks_m = alignment.max_blocks
-    w_desc = descriptor(w_down_EFD.view(E * F, D), [block_k, block_n])
+    w_desc = _descriptor(w_down_EFD.view(E * F, D), [block_k, block_n])
     if config.get("PERSISTENT"):
         tiles = num_blocks_m * ceil_div(D, block_n)
         programs = min(tiles, multiprocessors(h_PF.device))
         launch(
             down_persistent_kernel, (programs,),
-            descriptor(h_PF, [block_m, block_k]), w_desc, gate_weight_A, out_AD,
+            _descriptor(h_PF, [block_m, block_k]), w_desc, gate_weight_A, out_AD,
             alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1, D, F,
             alignment.num_assign, out_AD.stride(0), programs,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
@@ -520,7 +513,7 @@ def launch_down(
         return
     launch(
         tile_kernel or down_tma_kernel, (num_blocks_m * ceil_div(D, block_n),),
-        *row_descriptors(h_PF, config), w_desc, gate_weight_A, out_AD,
+        *_row_descriptors(h_PF, config), w_desc, gate_weight_A, out_AD,
         alignment.sorted_ids_P, alignment.block_expert_B, alignment.num_padded_1, D, F,
         alignment.num_assign, num_blocks_m, out_AD.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
