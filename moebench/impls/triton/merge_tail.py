@@ -1,7 +1,7 @@
 """The fused layer's two GEMMs with an expert's short tail merged into its last full row
-block: TMA tiles raced beside `tma.py`'s only with `$MOEBENCH_MERGE_TAIL=1`
-(`layer.races_merged_tails`) until a card has timed them in the layer (triton/NOTES.md,
-version 28).
+block: tiles raced beside `tma.py`'s and `kernels.py`'s only with
+`$MOEBENCH_MERGE_TAIL=1` (`layer.races_merged_tails`) until a card has timed them in the
+layer (triton/NOTES.md, version 28).
 
 Shape legend as in `kernels.py`. Why: every expert's run is padded to whole row blocks,
 and its last block's program reads the expert's whole weight tile however few of its
@@ -364,7 +364,7 @@ def candidates(kernel: str, block_m: int, D: int, F: int, element_bytes: int) ->
     """The configs (`"MERGE_TAIL": True`, and `"TMA"`, `"HALF_TAIL"`) the tuner races for
     `kernel` ("gate_up" or "down") at `block_m` (64 or 128 rows; none below) beside
     `tma.candidates`: each tile of TILES that `tma.fits` these widths; gate_up's with
-    ONE_DOT, with and, where D is a multiple of 16, without GATHER_A (at D = 264 its
+    ONE_DOT, without and, where D is a multiple of 16, with GATHER_A (at D = 264 its
     128-row tiles took 255 registers and spilled, at 272 they take 176); and gate_up's
     pointer tiles of POINTER_TILES (`"MERGE_TAIL"` without `"TMA"`). `tma.py`'s and
     `kernels.py`'s launchers launch them (their `tile_kernel`)."""
