@@ -111,7 +111,11 @@ def presets_table() -> Table:
 
 # run.json's off-by-default switches (moebench.env) and the words `moebench show` says
 # for a run that had one on.
-SHOWN_SWITCHES = (("gluon_ws", "Gluon down race on"), ("merge_tail", "merged-tail race on"))
+SHOWN_SWITCHES = (
+    ("gluon_ws", "Gluon down race on"),
+    ("merge_tail", "merged-tail race on"),
+    ("route_align", "route and align in one launch"),
+)
 
 
 def cmd_show(args: argparse.Namespace, console: Console) -> int:
@@ -199,6 +203,7 @@ ENV_NONE = {
     "fast_launch": "n/a (needs CUDA and Triton)",
     "gluon_ws": "n/a (needs CUDA and Triton)",
     "merge_tail": "n/a (needs CUDA and Triton)",
+    "route_align": "n/a (needs CUDA and Triton)",
 }
 
 

@@ -57,6 +57,10 @@ GLUON_WS_SWITCH = "MOEBENCH_GLUON_WS"
 # the layer).
 MERGE_TAIL_SWITCH = "MOEBENCH_MERGE_TAIL"
 
+# On: the `triton` layer routes a call of 2 to 64 tokens and aligns its assignments in
+# one launch (moebench/impls/triton/route_align.py; off until a card has timed it).
+ROUTE_ALIGN_SWITCH = "MOEBENCH_ROUTE_ALIGN"
+
 
 def _switch_state(variable: str) -> str | None:
     """The off-by-default switch `variable` as "on" or "off" where CUDA and Triton are
@@ -157,6 +161,7 @@ def collect_environment(plugins: Iterable[str] = ()) -> dict[str, Any]:
         "fast_launch": _launch_state("fast_launch"),
         "gluon_ws": _switch_state(GLUON_WS_SWITCH),
         "merge_tail": _switch_state(MERGE_TAIL_SWITCH),
+        "route_align": _switch_state(ROUTE_ALIGN_SWITCH),
     }
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

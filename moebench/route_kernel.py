@@ -70,14 +70,30 @@ def route_top_k_kernel(
     BLOCK_E: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """ROWS tokens: logits from PARTS parts and the bias; scores (softmax, or sigmoid per
-    expert); the selection scores (plus the correction bias if CORRECTION), limited to the
-    GROUPS_KEPT best of GROUPS groups by the sum of each group's two best if GROUPS > 1
-    (then BLOCK_E = E); TOP_K rounds of arg-max over them; the chosen experts' scores as
-    gates, renormalised if NORM, times scaling."""
+    """`route_rows` of the program's ROWS tokens."""
     wait_for_predecessor(PDL)
     release_dependents(PDL)
-    offs_t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    route_rows(
+        parts_ptr, bias_ptr, correction_ptr, gate_ptr, ids_ptr, probs_ptr, T, E, scaling,
+        tl.program_id(0) * ROWS, PARTS, TOP_K, BLOCK_K, NORM, SIGMOID, CORRECTION, GROUPS,
+        GROUPS_KEPT, ROWS, BLOCK_E,
+    )  # fmt: skip
+
+
+@triton.jit
+def route_rows(
+    parts_ptr, bias_ptr, correction_ptr, gate_ptr, ids_ptr, probs_ptr, T, E, scaling,
+    first_t, PARTS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    NORM: tl.constexpr, SIGMOID: tl.constexpr, CORRECTION: tl.constexpr,
+    GROUPS: tl.constexpr, GROUPS_KEPT: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """ROWS tokens from first_t: logits from PARTS parts and the bias; scores (softmax, or
+    sigmoid per expert); the selection scores (plus the correction bias if CORRECTION),
+    limited to the GROUPS_KEPT best of GROUPS groups by the sum of each group's two best
+    if GROUPS > 1 (then BLOCK_E = E); TOP_K rounds of arg-max over them; the chosen
+    experts' scores as gates, renormalised if NORM, times scaling."""
+    offs_t = first_t + tl.arange(0, ROWS)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_t < T
     mask = row_ok[:, None] & (offs_e[None, :] < E)
@@ -153,9 +169,36 @@ def _launch(
     gate_dtype: torch.dtype,
     correction_E: torch.Tensor | None,
 ):
+    T = parts_TSE.shape[0]
+    parts_TSE = parts_TSE.contiguous()
+    (gate_TK, ids_TK, probs_TE), args, constants = route_arguments(
+        parts_TSE, parts, bias_E, shape, gate_dtype, correction_E
+    )
+    # A row per program up to a few thousand tokens (the reductions of one row are the
+    # latency; rows of a program run one after another), one warp where a row fits.
+    block_e = constants["BLOCK_E"]
+    rows = 1 if T < 4096 else max(1, min(16, 2048 // block_e))
+    pdl = dependent_launch.for_tokens(parts_TSE.device, T)
+    launch(
+        route_top_k_kernel, (ceil_div(T, rows),), *args, **constants, ROWS=rows, PDL=pdl,
+        num_warps=1 if block_e <= 256 else 4, launch_pdl=pdl,
+    )  # fmt: skip
+    return gate_TK, ids_TK, probs_TE
+
+
+def route_arguments(
+    parts_TSE: torch.Tensor,
+    parts: int,
+    bias_E: torch.Tensor,
+    shape: LayerShape,
+    gate_dtype: torch.dtype,
+    correction_E: torch.Tensor | None,
+) -> tuple[tuple[torch.Tensor, ...], tuple, dict]:
+    """((gate_TK, ids_TK, probs_TE) to fill, `route_rows`' run-time arguments before
+    first_t, its constexprs but ROWS) for contiguous parts_TSE: what `route_top_k_kernel`
+    and any kernel that routes with `route_rows` launch with."""
     T, E = parts_TSE.shape[0], parts_TSE.shape[1] // parts
     K = shape.top_k
-    parts_TSE = parts_TSE.contiguous()
     device = parts_TSE.device
     gate_TK = torch.empty(T, K, device=device, dtype=gate_dtype)
     ids_TK = torch.empty(T, K, device=device, dtype=torch.int64)
@@ -164,20 +207,17 @@ def _launch(
     groups = shape.n_groups if shape.groups_kept < shape.n_groups else 1
     assert groups == 1 or block_e == E, "group-limited routing needs a power-of-two E"
     correction = shape.correction_bias and correction_E is not None
-    # A row per program up to a few thousand tokens (the reductions of one row are the
-    # latency; rows of a program run one after another), one warp where a row fits.
-    rows = 1 if T < 4096 else max(1, min(16, 2048 // block_e))
-    pdl = dependent_launch.for_tokens(device, T)
-    launch(
-        route_top_k_kernel, (ceil_div(T, rows),),
+    args = (
         parts_TSE, bias_E, correction_E if correction else bias_E, gate_TK, ids_TK, probs_TE,
         T, E, float(shape.routed_scaling),
-        PARTS=parts, TOP_K=K, BLOCK_K=1 << max(0, (K - 1).bit_length()),
-        NORM=shape.norm_topk_prob, SIGMOID=shape.scoring == "sigmoid", CORRECTION=correction,
-        GROUPS=groups, GROUPS_KEPT=shape.groups_kept, ROWS=rows, BLOCK_E=block_e, PDL=pdl,
-        num_warps=1 if block_e <= 256 else 4, launch_pdl=pdl,
     )  # fmt: skip
-    return gate_TK, ids_TK, probs_TE
+    constants = {
+        "PARTS": parts, "TOP_K": K, "BLOCK_K": 1 << max(0, (K - 1).bit_length()),
+        "NORM": shape.norm_topk_prob, "SIGMOID": shape.scoring == "sigmoid",
+        "CORRECTION": correction, "GROUPS": groups, "GROUPS_KEPT": shape.groups_kept,
+        "BLOCK_E": block_e,
+    }  # fmt: skip
+    return (gate_TK, ids_TK, probs_TE), args, constants
 
 
 @triton.jit

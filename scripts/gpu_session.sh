@@ -39,7 +39,8 @@
 #             MOEBENCH_MERGE_TAIL=1 GPU_FILTER=impl=triton scripts/gpu_session.sh peers
 #   stages    scripts/stage_probe.py: what each stage of the fused layer (Router, alignment,
 #             each GEMM, the sum over slots) adds to a graphed call's critical path
-#             (GPU_POINTS: PRESET:TOKENS list; default the points issue 14 misses);
+#             (GPU_POINTS: PRESET:TOKENS list; default the points issue 14 misses; GPU_AB:
+#             a switch to time the call with, in turns: MOEBENCH_ROUTE_ALIGN, say);
 #             $OUT/stage_probe.json
 #   gluon     the warp-specialised Gluon down kernels (gluon_down.py): their tests, then
 #             scripts/gluon_down_probe.py (each config under a watchdog, its bits against
@@ -149,7 +150,7 @@ for step in "$@"; do
         tests/test_triton.py tests/test_tma.py tests/test_triton_backward_rows.py \
         tests/test_route_kernel.py tests/test_router_logits.py tests/test_dependent_launch.py \
         tests/test_fast_launch.py tests/test_gluon_down.py tests/test_forward_plan.py \
-        tests/test_merge_tail.py \
+        tests/test_merge_tail.py tests/test_route_align.py \
         tests/test_ceilings.py tests/test_offload_cuda.py tests/test_check.py \
         tests/test_profiling.py tests/test_presets_hf.py tests/test_peers.py}
       ;;
@@ -165,7 +166,7 @@ for step in "$@"; do
     stages)
       # shellcheck disable=SC2086
       timed python3 scripts/stage_probe.py --json "$out/stage_probe.json" \
-        ${GPU_POINTS:+--points $GPU_POINTS}
+        ${GPU_POINTS:+--points $GPU_POINTS} ${GPU_AB:+--ab $GPU_AB}
       ;;
     peers) suite suites/peers.toml --device cuda ;;
     weight-grad)

@@ -2,7 +2,7 @@
 device (NOTES.md, version 28):
 
     python scripts/stage_probe.py [--points olmoe-1b-7b:64 deepseek-v3:8192 ...]
-                                  [--rounds 5] [--json FILE]
+                                  [--ab MOEBENCH_ROUTE_ALIGN] [--rounds 5] [--json FILE]
 
 A kernel's duration in a profile is not what removing it would save: with dependent
 launch (calls of at most 64 tokens on Hopper) each kernel starts under its predecessor's
@@ -20,6 +20,9 @@ timer, L2 flushed before each call), on the same weights, input and routing:
 The GEMMs run with the configs the layer's own first call chose (its forward plan). The
 differences are what the stages add on the path: layer - routed is the Router (and the
 shared experts), routed - gemms+sum the alignment, gemms+sum - gemms the sum over slots.
+`--ab VARIABLE` adds the whole call with that switch on (`VARIABLE=1`, captured so) to
+the turns, and says whether its output is the plain call's bit for bit: an A/B of a
+change behind a switch (`MOEBENCH_ROUTE_ALIGN`, say) on the same card, in one process.
 Without CUDA (Triton's interpreter, `TRITON_INTERPRET=1`, a small `--shape`) the stages
 run un-graphed, for the tests: nothing there is worth timing.
 """
@@ -27,10 +30,12 @@ run un-graphed, for the tests: nothing there is worth timing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -98,12 +103,27 @@ def stages(layer, x_TD: torch.Tensor) -> dict[str, Callable[[], object]]:
     }
 
 
+@contextlib.contextmanager
+def switched_on(variable: str) -> Iterator[None]:
+    """The environment variable `variable` set to "1" inside, as it was after."""
+    before = os.environ.get(variable)
+    os.environ[variable] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = before
+
+
 def probe(
     hidden: int, ffn: int, experts: int, top_k: int, preset: str | None, tokens: int,
-    rounds: int, device: torch.device,
+    rounds: int, device: torch.device, ab: str | None = None,
 ) -> dict[str, object]:  # fmt: skip
     """{"us": {stage: median microseconds}, "same_bits": whether `gemms+sum` gives
-    `routed`'s output bit for bit} at one point, the stages timed in turns."""
+    `routed`'s output bit for bit, and with `ab` "ab_same_bits": whether the call with
+    that switch on gives the plain call's} at one point, the stages timed in turns."""
     from moebench import registry
     from moebench.case import Case, LayerShape, Workload
     from moebench.measure.graph import graphed_step
@@ -118,21 +138,35 @@ def probe(
     layer = registry.get("triton").build(make_weights(case), case)
     x_TD = make_inputs(case, 1)[0]
     plan = TimingPlan(budget_ms=100.0, warmup=2, min_repeats=10, max_repeats=100)
-    samples: dict[str, list[float]] = {name: [] for name in STAGES}
+    names = [*STAGES, *([f"layer, {ab}=1"] if ab else [])]
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    found: dict[str, object] = {}
     with torch.no_grad():
-        layer(x_TD)  # tunes, and plans the forward
+        plain_out = layer(x_TD).clone()  # tunes, and plans the forward
         calls = stages(layer, x_TD)
-        same_bits = torch.equal(calls["gemms+sum"]().clone(), calls["routed"]())
+        found["same_bits"] = torch.equal(calls["gemms+sum"]().clone(), calls["routed"]())
         if cuda:
             replays = {n: graphed_step(lambda _, c=c: c(), 1, device, n) for n, c in calls.items()}
         else:
             replays = {name: (lambda _, c=call: c()) for name, call in calls.items()}
+        if ab:
+            with switched_on(ab):
+                found["ab_same_bits"] = torch.equal(layer(x_TD), plain_out)  # (plans it)
+                if cuda:  # the switch is read while the graph is captured
+                    replays[names[-1]] = graphed_step(lambda _: layer(x_TD), 1, device, ab)
+            if not cuda:  # read at each call
+
+                def switched_call(_) -> None:
+                    with switched_on(ab):
+                        layer(x_TD)
+
+                replays[names[-1]] = switched_call
         for round_ in range(rounds):
-            for name in STAGES if round_ % 2 == 0 else STAGES[::-1]:
+            for name in names if round_ % 2 == 0 else names[::-1]:
                 taken = time_repeats(replays[name], device, plan)
                 samples[name].append(statistics.median(taken) * 1e3)
-    us = {name: statistics.median(taken) for name, taken in samples.items()}
-    return {"us": us, "same_bits": same_bits}
+    found["us"] = {name: statistics.median(taken) for name, taken in samples.items()}
+    return found
 
 
 def report(label: str, found: dict[str, object]) -> str:
@@ -140,7 +174,7 @@ def report(label: str, found: dict[str, object]) -> str:
     us = found["us"]
     lines = [f"{label}: median us of a graphed call (gemms+sum gives routed's bits:"
              f" {found['same_bits']})"]  # fmt: skip
-    lines += [f"  {name:10} {us[name]:10.1f}" for name in STAGES]
+    lines += [f"  {name:10} {taken:10.1f}" for name, taken in us.items()]
     lines.append(
         "  on the path: router (and shared experts) {:.1f}, alignment {:.1f},"
         " sum over slots {:.1f}".format(
@@ -149,6 +183,12 @@ def report(label: str, found: dict[str, object]) -> str:
             us["gemms+sum"] - us["gemms"],
         )
     )
+    if "ab_same_bits" in found:
+        (switched,) = (name for name in us if name not in STAGES)
+        lines.append(
+            f"  {switched}: {us[switched]:.1f} us against {us['layer']:.1f}"
+            f" ({us[switched] / us['layer']:.3f}x), same bits {found['ab_same_bits']}"
+        )
     return "\n".join(lines)
 
 
@@ -160,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--shape", type=int, nargs=5, metavar=("D", "F", "E", "K", "TOKENS"),
         help="one point of this shape in place of --points (the interpreter's tests)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ab", metavar="VARIABLE",
+        help="also time the call with this off-by-default switch on (MOEBENCH_ROUTE_ALIGN)",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=5, help="turns of every stage")
     parser.add_argument("--json", help="also write what `probe` found at each point to this file")
@@ -178,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     found = {}
     for label, preset, tokens in points:
         found[label] = probe(
-            hidden, ffn, experts, top_k, preset, tokens, args.rounds, device
+            hidden, ffn, experts, top_k, preset, tokens, args.rounds, device, args.ab
         )  # fmt: skip
         print(report(label, found[label]), flush=True)
         if device.type == "cuda":

@@ -101,6 +101,8 @@ def test_compare_warns_when_the_timed_warm_up_differs(
         ("fast_launch", "fast launch of moebench's kernels"),  # $MOEBENCH_FAST_LAUNCH=0
         ("gluon_ws", "Gluon down kernels in the triton tuner's race"),  # $MOEBENCH_GLUON_WS=1
         ("merge_tail", "merged-tail tiles in the triton tuner's race"),  # $MOEBENCH_MERGE_TAIL=1
+        # $MOEBENCH_ROUTE_ALIGN=1
+        ("route_align", "the triton layer's top-k and alignment in one launch"),
     ],
 )
 def test_compare_warns_when_a_launch_switch_differs(
@@ -155,7 +157,12 @@ def test_compare_names_hosts_of_different_speed(
 
 
 @pytest.mark.parametrize(
-    ("key", "words"), [("gluon_ws", "Gluon down race on"), ("merge_tail", "merged-tail race on")]
+    ("key", "words"),
+    [
+        ("gluon_ws", "Gluon down race on"),
+        ("merge_tail", "merged-tail race on"),
+        ("route_align", "route and align in one launch"),
+    ],
 )
 def test_show_says_when_a_race_switch_was_on(
     key: str,

@@ -160,6 +160,7 @@ def test_env_says_each_fact_in_words(monkeypatch, tmp_path: Path) -> None:
         "dependent_launch": None,
         "gluon_ws": None,
         "merge_tail": None,
+        "route_align": None,
         "l2_flush": "read",
         "gpus": [],
         "provenance": {
@@ -181,6 +182,7 @@ def test_env_says_each_fact_in_words(monkeypatch, tmp_path: Path) -> None:
         "dependent_launch": "n/a (needs CUDA and Triton)",
         "gluon_ws": "n/a (needs CUDA and Triton)",
         "merge_tail": "n/a (needs CUDA and Triton)",
+        "route_align": "n/a (needs CUDA and Triton)",
         "l2_flush": "read",
         "repository": "/home/me/kernels at 91c2aa0b55, dirty",
         "plugin my-moe": "my_pkg.moe from my-pkg 0.3.1",
@@ -203,7 +205,7 @@ def test_env_says_each_fact_in_words(monkeypatch, tmp_path: Path) -> None:
     assert json.loads(printed.getvalue())["triton"] is None
 
 
-@pytest.mark.parametrize("switch", ["GLUON_WS_SWITCH", "MERGE_TAIL_SWITCH"])
+@pytest.mark.parametrize("switch", ["GLUON_WS_SWITCH", "MERGE_TAIL_SWITCH", "ROUTE_ALIGN_SWITCH"])
 @pytest.mark.parametrize(
     ("value", "on"), [("1", True), ("on", True), (" TRUE ", True), ("yes", True), ("0", False),
                       ("", False), ("2", False), (None, False)],
@@ -225,11 +227,12 @@ def test_a_switch_that_is_off_by_default(switch, value, on, monkeypatch):
     [
         ("GLUON_WS_SWITCH", "MOEBENCH_GLUON_WS", "gluon_ws"),
         ("MERGE_TAIL_SWITCH", "MOEBENCH_MERGE_TAIL", "merge_tail"),
+        ("ROUTE_ALIGN_SWITCH", "MOEBENCH_ROUTE_ALIGN", "route_align"),
     ],
 )
 def test_a_switch_is_recorded_only_where_it_can_act(switch, variable, key, monkeypatch):
-    """run.json's `gluon_ws` and `merge_tail`: None without CUDA (or Triton), so a CPU
-    run never differs from another on it; else "on" or "off"."""
+    """run.json's `gluon_ws`, `merge_tail` and `route_align`: None without CUDA (or
+    Triton), so a CPU run never differs from another on it; else "on" or "off"."""
     import torch
 
     from moebench import env as env_module

@@ -5,6 +5,7 @@ routed output bit for bit, and bad points refused with what they should be."""
 from __future__ import annotations
 
 import json
+import os
 import runpy
 from pathlib import Path
 
@@ -21,13 +22,16 @@ def test_every_stage_is_timed_and_the_stages_compute_the_layers_rows(tmp_path, c
     out = tmp_path / "stages.json"
     # 100 tokens, top-2 of 4 experts: 64-row blocks, the alignment's row list
     args = ["--shape", "64", "128", "4", "2", "100", "--rounds", "1", "--json", str(out)]
-    assert script["main"](args) == 0
+    assert script["main"]([*args, "--ab", "MOEBENCH_ROUTE_ALIGN"]) == 0
     (found,) = json.loads(out.read_text()).values()
-    assert set(found["us"]) == set(script["STAGES"])
+    switched = "layer, MOEBENCH_ROUTE_ALIGN=1"
+    assert set(found["us"]) == {*script["STAGES"], switched}
     assert all(us > 0 for us in found["us"].values()), found
-    assert found["same_bits"] is True
+    assert found["same_bits"] is True and found["ab_same_bits"] is True
     printed = capsys.readouterr().out
     assert "on the path: router" in printed and "gemms+sum" in printed
+    assert f"{switched}: " in printed and "same bits True" in printed
+    assert "MOEBENCH_ROUTE_ALIGN" not in os.environ  # as it was
 
 
 @pytest.mark.parametrize("point", ["olmoe-1b-7b", "nope:64", "olmoe-1b-7b:0", "olmoe-1b-7b:x"])

@@ -260,11 +260,26 @@ def _align_one_program_kernel(
     BLOCKS_PER_STEP: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """`_count_kernel`, `_offsets_kernel` and `_scatter_kernel` in one program, BLOCK_A
-    assignments at a time, a barrier between the steps (a block's barrier also orders its
-    global writes and atomics; the counts and starts are read past L1 all the same)."""
+    """`align_in_steps`, one program."""
     wait_for_predecessor(PDL)
     release_dependents(PDL)
+    align_in_steps(
+        expert_ptr, counts_ptr, rank_ptr, padded_starts_ptr, sorted_ids_ptr, block_expert_ptr,
+        num_padded_ptr, padded_ends_ptr, row_of_assign_ptr, num_assign, num_experts, max_rows,
+        max_blocks, BLOCK_M, BLOCK_A, BLOCK_E, BLOCKS_PER_STEP,
+    )  # fmt: skip
+
+
+@triton.jit
+def align_in_steps(
+    expert_ptr, counts_ptr, rank_ptr, padded_starts_ptr, sorted_ids_ptr, block_expert_ptr,
+    num_padded_ptr, padded_ends_ptr, row_of_assign_ptr, num_assign, num_experts, max_rows,
+    max_blocks, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCKS_PER_STEP: tl.constexpr,
+):  # fmt: skip
+    """`_count_kernel`, `_offsets_kernel` and `_scatter_kernel` by one program, BLOCK_A
+    assignments at a time, a barrier between the steps (a block's barrier also orders its
+    global writes and atomics; the counts and starts are read past L1 all the same)."""
     offs_a = tl.arange(0, BLOCK_A)
     offs_e = tl.arange(0, BLOCK_E)
     expert_ok = offs_e < num_experts
@@ -302,6 +317,16 @@ def _align_one_program_kernel(
         tl.store(row_of_assign_ptr + offs, start + rank, mask=ok)
 
 
+def alignment_outputs(
+    num_assign: int, num_experts: int, block_m: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """An `Alignment`'s tensors to fill, in its order: sorted ids (P), block experts (B),
+    padded length (1), padded ends (E), row of each assignment (A); all int32."""
+    max_rows = max_padded_rows(num_assign, num_experts, block_m)
+    sizes = (max_rows, max_rows // block_m, 1, num_experts, num_assign)
+    return tuple(torch.empty(n, device=device, dtype=torch.int32) for n in sizes)
+
+
 def align_to_blocks(
     expert_ids_TK: torch.Tensor, num_experts: int, block_m: int, pdl: bool = False
 ) -> Alignment:
@@ -311,14 +336,9 @@ def align_to_blocks(
     device = expert_ids_TK.device
     expert_A = expert_ids_TK.reshape(-1)
     num_assign = expert_A.numel()
-    max_rows = max_padded_rows(num_assign, num_experts, block_m)
-    max_blocks = max_rows // block_m
-    padded_ends_E = torch.empty(num_experts, device=device, dtype=torch.int32)
-    sorted_ids_P = torch.empty(max_rows, device=device, dtype=torch.int32)
-    block_expert_B = torch.empty(max_blocks, device=device, dtype=torch.int32)
-    num_padded_1 = torch.empty(1, device=device, dtype=torch.int32)
-    row_of_assign_A = torch.empty(num_assign, device=device, dtype=torch.int32)
-    outputs = (sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E, row_of_assign_A)
+    outputs = alignment_outputs(num_assign, num_experts, block_m, device)
+    sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E, row_of_assign_A = outputs
+    max_rows, max_blocks = sorted_ids_P.numel(), block_expert_B.numel()
     if num_assign <= SMALL_ASSIGNMENTS and num_experts <= SMALL_EXPERTS:
         launch(
             _align_small_kernel, (1,),
