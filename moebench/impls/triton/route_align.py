@@ -37,6 +37,12 @@ from moebench.impls.triton.align import (
 from moebench.route_kernel import route_arguments, route_rows
 
 MAX_TOKENS = 64  # the calls dependent launch chains (`dependent_launch.for_tokens`)
+# Tokens x experts the program routes at once (32 a thread on its 8 warps): the rounds of
+# a top-k are one after another, but each round's rows are reduced together, so all of
+# OLMoE-1B-7B's or Qwen3-30B-A3B's 64 tokens go in one pass. Group-limited selection
+# holds more at once (DeepSeek-V3 took 255 registers at 32 tokens of 256 experts, 173 at
+# 16): half as many there.
+ROW_ELEMENTS = 8192
 
 
 @triton.jit
@@ -104,12 +110,13 @@ def route_and_align(
     counts_E, padded_starts_E = (torch.empty(E, device=device, dtype=torch.int32) for _ in "ab")
     rank_A = torch.empty(num_assign, device=device, dtype=torch.int32)
     block_e = constants["BLOCK_E"]
+    row_elements = ROW_ELEMENTS // 2 if constants["GROUPS"] > 1 else ROW_ELEMENTS
     launch(
         route_align_kernel, (1,),
         *args, counts_E, rank_A, padded_starts_E, sorted_ids_P, block_expert_B, num_padded_1,
         padded_ends_E, row_of_assign_A, num_assign, sorted_ids_P.numel(),
         block_expert_B.numel(),
-        **constants, ROWS=max(1, min(16, 2048 // block_e, triton.next_power_of_2(T))),
+        **constants, ROWS=max(1, min(row_elements // block_e, triton.next_power_of_2(T))),
         BLOCK_M=block_m, BLOCK_A=MEDIUM_BLOCK, BLOCKS_PER_STEP=BLOCKS_PER_STEP, PDL=pdl,
         num_warps=8, launch_pdl=pdl,
     )  # fmt: skip
