@@ -5,15 +5,15 @@ grouped GEMMs), `tma.py` (their TMA-load tiles, raced beside them on Hopper),
 `gluon_down.py` (the down GEMM warp-specialised in Gluon, raced only with
 `$MOEBENCH_GLUON_WS=1`), `merge_tail.py` (TMA tiles of both GEMMs that compute an
 expert's short last block with the block before it, raced only with
-`$MOEBENCH_MERGE_TAIL=1`), `route_align.py` (the Router's top-k and the alignment in
-one launch for calls of 2-64 tokens, only with `$MOEBENCH_ROUTE_ALIGN=1`), `tuning.py` (block sizes, tuned once per device, shape and token bucket,
-cached on disk; `tuned/` holds the choices moebench ships per device), `layer.py` (the
-module and its autograd function), `backward.py` (the backward: each GEMM the down
-kernel or torch's grouped GEMM, whichever the tuner timed faster, and two Triton
-kernels), `weight_grad.py` (the weight gradients of experts with few rows: a write-bound
-Triton kernel raced against the grouped GEMM), `NOTES.md` (each version measured on the
-H200, and what is left). Triton is imported only when a layer is built, so moebench runs
-where Triton is not installed.
+`$MOEBENCH_MERGE_TAIL=1`), `route_align.py` (the Router's top-k and the alignment in one
+launch for calls of 2-64 tokens, only with `$MOEBENCH_ROUTE_ALIGN=1`), `tuning.py`
+(block sizes, tuned once per device, shape and token bucket, cached on disk; `tuned/`
+holds the choices moebench ships per device), `layer.py` (the module and its autograd
+function), `backward.py` (the backward: each GEMM the down kernel or torch's grouped
+GEMM, whichever the tuner timed faster, and two Triton kernels), `weight_grad.py` (the
+weight gradients of experts with few rows: a write-bound Triton kernel raced against the
+grouped GEMM), `NOTES.md` (each version measured on the H200, and what is left). Triton
+is imported only when a layer is built, so moebench runs where Triton is not installed.
 """
 
 from __future__ import annotations
