@@ -102,25 +102,29 @@ def check_every_candidate_compiles() -> None:
         assert compiled.shared_bytes <= bound, compiled.describe()
 
 
-def check_the_layer_races_them_when_asked(asked: bool) -> None:
-    """The body of `test_the_layer_races_them_only_when_asked`: a forward of 1024 tokens
-    at each row-block height it may take, on meta tensors, with launches recorded, not
-    compiled (`fast_launch.compile_only`: the tuner then launches every candidate of each
-    key once)."""
+# The shape of the race tests' forwards: D no multiple of a tile, both row-block heights.
+RACE_SHAPE = {"D": 264, "F": 384, "E": 8, "K": 2, "tokens": 1024}
+
+
+def forward_launches(switch: str | None) -> tuple[list[tuple[str, dict]], list[int]]:
+    """(each launch's kernel name and keyword arguments, the row-block heights) of a
+    forward of RACE_SHAPE at each height it may take, with the environment variable
+    `switch` set to 1 (when given), on meta tensors, launches recorded, not compiled
+    (`fast_launch.compile_only`: the tuner then launches every candidate of each key
+    once). For a process of its own: the switch stays set."""
     import os
 
     from moebench import fast_launch
-    from moebench.env import GLUON_WS_SWITCH
     from moebench.impls.triton import layer
 
-    if asked:
-        os.environ[GLUON_WS_SWITCH] = "1"
+    if switch:
+        os.environ[switch] = "1"
     launched: list[tuple[str, dict]] = []
 
     def record(kernel, grid, args, kwargs) -> None:
         launched.append((kernel.fn.__name__, kwargs))
 
-    D, F, E, K, tokens = 264, 384, 8, 2, 1024
+    D, F, E, K, tokens = RACE_SHAPE.values()
     heights = tuning.block_m_choices(tokens, K, E)
     with fast_launch.compile_only(record):
         for block_m in heights:
@@ -128,6 +132,15 @@ def check_the_layer_races_them_when_asked(asked: bool) -> None:
                 _meta(tokens, D), _meta(tokens, K), _meta(tokens, K, dtype=torch.int64),
                 _meta(E, 2 * F, D), _meta(E, F, D), block_m=block_m,
             )  # fmt: skip
+    return launched, heights
+
+
+def check_the_layer_races_them_when_asked(asked: bool) -> None:
+    """The body of `test_the_layer_races_them_only_when_asked` (`forward_launches`)."""
+    from moebench.env import GLUON_WS_SWITCH
+
+    launched, heights = forward_launches(GLUON_WS_SWITCH if asked else None)
+    D, F = RACE_SHAPE["D"], RACE_SHAPE["F"]
     gluon = [kwargs for name, kwargs in launched if name == "down_ws_kernel"]
     if not asked:
         assert gluon == []

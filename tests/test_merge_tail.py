@@ -170,32 +170,14 @@ def check_every_candidate_compiles() -> None:
 
 
 def check_the_layer_races_them_when_asked(asked: bool) -> None:
-    """The body of `test_the_layer_races_them_only_when_asked`: forwards of 1024 tokens at
-    each row-block height they may take, on meta tensors, launches recorded, not
-    compiled (the tuner then launches every candidate of each key once)."""
-    import os
-
-    from moebench import fast_launch
+    """The body of `test_the_layer_races_them_only_when_asked`
+    (`test_gluon_down.forward_launches`, at both row-block heights)."""
     from moebench.env import MERGE_TAIL_SWITCH
-    from moebench.impls.triton import layer
-    from tests.test_gluon_down import _meta
+    from tests.test_gluon_down import RACE_SHAPE, forward_launches
 
-    if asked:
-        os.environ[MERGE_TAIL_SWITCH] = "1"
-    launched: list[tuple[str, dict]] = []
-
-    def record(kernel, grid, args, kwargs) -> None:
-        launched.append((kernel.fn.__name__, kwargs))
-
-    D, F, E, K, tokens = 264, 384, 8, 2, 1024
-    heights = tuning.block_m_choices(tokens, K, E)
+    launched, heights = forward_launches(MERGE_TAIL_SWITCH if asked else None)
+    D, F = RACE_SHAPE["D"], RACE_SHAPE["F"]
     assert 64 in heights and 128 in heights
-    with fast_launch.compile_only(record):
-        for block_m in heights:
-            layer.fused_experts(
-                _meta(tokens, D), _meta(tokens, K), _meta(tokens, K, dtype=torch.int64),
-                _meta(E, 2 * F, D), _meta(E, F, D), block_m=block_m,
-            )  # fmt: skip
     for name in ("gate_up", "down"):
         kernels = {kernel.fn.__name__ for kernel in merge_tail.KERNELS[name]}
         merged = [kwargs for ran, kwargs in launched if ran in kernels]
