@@ -2,7 +2,7 @@
 device (NOTES.md, version 28):
 
     python scripts/stage_probe.py [--points olmoe-1b-7b:64 deepseek-v3:8192 ...]
-                                  [--ab MOEBENCH_ROUTE_ALIGN] [--rounds 5] [--json FILE]
+                                  [--ab MOEBENCH_ROUTE_ALIGN] [--rounds 7] [--json FILE]
 
 A kernel's duration in a profile is not what removing it would save: with dependent
 launch (calls of at most 64 tokens on Hopper) each kernel starts under its predecessor's
@@ -20,9 +20,11 @@ timer, L2 flushed before each call), on the same weights, input and routing:
 The GEMMs run with the configs the layer's own first call chose (its forward plan). The
 differences are what the stages add on the path: layer - routed is the Router (and the
 shared experts), routed - gemms+sum the alignment, gemms+sum - gemms the sum over slots.
-`--ab VARIABLE` adds the whole call with that switch on (`VARIABLE=1`, captured so) to
-the turns, and says whether its output is the plain call's bit for bit: an A/B of a
-change behind a switch (`MOEBENCH_ROUTE_ALIGN`, say) on the same card, in one process.
+`--ab VARIABLE` adds the whole call of a second layer, built, tuned and captured with
+that switch on (`VARIABLE=1`), right after the plain call in every turn, and says whether
+its output is the plain call's bit for bit: an A/B of a change behind a switch
+(`MOEBENCH_ROUTE_ALIGN`, or `MOEBENCH_MERGE_TAIL`, whose tiles join the race) on the same
+card, in one process. Each turn's medians are in the JSON (`turns_us`).
 Without CUDA (Triton's interpreter, `TRITON_INTERPRET=1`, a small `--shape`) the stages
 run un-graphed, for the tests: nothing there is worth timing.
 """
@@ -121,9 +123,10 @@ def probe(
     hidden: int, ffn: int, experts: int, top_k: int, preset: str | None, tokens: int,
     rounds: int, device: torch.device, ab: str | None = None,
 ) -> dict[str, object]:  # fmt: skip
-    """{"us": {stage: median microseconds}, "same_bits": whether `gemms+sum` gives
-    `routed`'s output bit for bit, and with `ab` "ab_same_bits": whether the call with
-    that switch on gives the plain call's} at one point, the stages timed in turns."""
+    """{"us": {stage: median microseconds}, "turns_us": {stage: each turn's median},
+    "same_bits": whether `gemms+sum` gives `routed`'s output bit for bit, and with `ab`
+    "ab_same_bits": whether a layer built with that switch on gives the plain call's} at
+    one point, the stages timed in turns."""
     from moebench import registry
     from moebench.case import Case, LayerShape, Workload
     from moebench.measure.graph import graphed_step
@@ -135,10 +138,13 @@ def probe(
     cuda = device.type == "cuda"
     case = Case(shape, Workload(tokens, 1, "forward"), "triton", device=device.type,
                 dtype="bfloat16" if cuda else "float16", cuda_graph=cuda)  # fmt: skip
-    layer = registry.get("triton").build(make_weights(case), case)
+    weights = make_weights(case)
+    layer = registry.get("triton").build(weights, case)
     x_TD = make_inputs(case, 1)[0]
     plan = TimingPlan(budget_ms=100.0, warmup=2, min_repeats=10, max_repeats=100)
-    names = [*STAGES, *([f"layer, {ab}=1"] if ab else [])]
+    # the switched call right after the plain one in every turn: their difference is the
+    # A/B, and neighbours in a turn see the same clocks
+    names = [STAGES[0], *([f"layer, {ab}=1"] if ab else []), *STAGES[1:]]
     samples: dict[str, list[float]] = {name: [] for name in names}
     found: dict[str, object] = {}
     with torch.no_grad():
@@ -150,22 +156,26 @@ def probe(
         else:
             replays = {name: (lambda _, c=call: c()) for name, call in calls.items()}
         if ab:
+            # a layer of its own, built, tuned and planned with the switch on: a switch
+            # that adds tiles to the race acts when the first call plans the forward
             with switched_on(ab):
-                found["ab_same_bits"] = torch.equal(layer(x_TD), plain_out)  # (plans it)
+                switched = registry.get("triton").build(weights, case)
+                found["ab_same_bits"] = torch.equal(switched(x_TD), plain_out)
                 if cuda:  # the switch is read while the graph is captured
-                    replays[names[-1]] = graphed_step(lambda _: layer(x_TD), 1, device, ab)
+                    replays[names[1]] = graphed_step(lambda _: switched(x_TD), 1, device, ab)
             if not cuda:  # read at each call
 
                 def switched_call(_) -> None:
                     with switched_on(ab):
-                        layer(x_TD)
+                        switched(x_TD)
 
-                replays[names[-1]] = switched_call
+                replays[names[1]] = switched_call
         for round_ in range(rounds):
             for name in names if round_ % 2 == 0 else names[::-1]:
                 taken = time_repeats(replays[name], device, plan)
                 samples[name].append(statistics.median(taken) * 1e3)
     found["us"] = {name: statistics.median(taken) for name, taken in samples.items()}
+    found["turns_us"] = samples  # each turn's median, to see drift and outliers
     return found
 
 
@@ -205,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "--ab", metavar="VARIABLE",
         help="also time the call with this off-by-default switch on (MOEBENCH_ROUTE_ALIGN)",
     )  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=5, help="turns of every stage")
+    parser.add_argument("--rounds", type=int, default=7, help="turns of every stage")
     parser.add_argument("--json", help="also write what `probe` found at each point to this file")
     args = parser.parse_args(argv)
     interpreted = bool(triton.knobs.runtime.interpret)
@@ -227,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         print(report(label, found[label]), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(found, out, indent=1)
+        if args.json:  # after each point: a call cut at its deadline keeps what finished
+            with open(args.json, "w") as out:
+                json.dump(found, out, indent=1)
     return 0
 
 
