@@ -37,10 +37,7 @@ def test_tuner_reads_the_cache_file_and_keeps_other_keys(tmp_path, monkeypatch):
     assert on_disk == {k1: cached, "k2 abc": {"BLOCK_M": 32}}
 
 
-
-def test_other_kernels_raced_for_a_key_are_chosen_again_in_the_same_process(
-    tmp_path, monkeypatch
-):
+def test_other_kernels_raced_for_a_key_are_chosen_again_in_the_same_process(tmp_path, monkeypatch):
     """A switch that adds tiles to the race (MOEBENCH_MERGE_TAIL) flipped between two
     layers of one process: the second layer's choice is made for its own kernels, not
     the first's remembered."""
@@ -51,6 +48,7 @@ def test_other_kernels_raced_for_a_key_are_chosen_again_in_the_same_process(
     both = (_kernel_v1, _kernel_v2)
     assert tuner.choose(cpu, "k", lambda: [merged, plain], print, code=both) == merged
     assert tuner.choose(cpu, "k", lambda: [{"BLOCK_M": 99}], print, code=(_kernel_v1,)) == plain
+
 
 def _kernel_v1(x):
     return x + 1
