@@ -7,9 +7,11 @@ its floor against issue 14's 1.05x, and its GEMMs alone are 1.02x. What is left 
 small kernels around them, chained by dependent launch: the logits, the top-k (64
 programs of one row each), the alignment (one program), the sum over slots. A short
 kernel's cost on that chain is mostly the wait at its boundary. Here one program routes
-every token (`route_kernel.route_rows`, ROWS at a time: the same function, the same
-bits) and then, after a barrier, aligns their assignments (`align.align_in_steps`):
-one boundary and one launch fewer. `scripts/stage_probe.py` measures what the Router and
+every token (`route_kernel.route_rows`, ROWS at a time: the same function) and then,
+after a barrier, aligns their assignments (`align.align_in_steps`): one boundary and
+one launch fewer. The gates and experts are the Router kernel's bits; the fp32
+probabilities (`aux_loss`'s) differ from them in the last bits on a card, because 8
+warps add a row's terms in another order than the Router's one-warp programs. `scripts/stage_probe.py` measures what the Router and
 the alignment add to the call, and so what this can save at most.
 
 For 2 to 64 tokens (one token needs no alignment), at most MEDIUM_ASSIGNMENTS
