@@ -55,10 +55,12 @@ def _problem(preset: str, tokens: int, block_m: int, seed: int = 0) -> tuple:
     scores = torch.rand(tokens, E, device="cuda", generator=generator)
     ids_TK = scores.topk(K, dim=1).indices.to(torch.int32)
     alignment = align_to_blocks(ids_TK, E, block_m)
-    h_PF = torch.randn(alignment.max_rows, F, device="cuda", generator=generator)
-    w_EFD = torch.randn(E, F, D, device="cuda", generator=generator) / F**0.5
-    gate_A = torch.rand(tokens * K, device="cuda", generator=generator)
-    return h_PF.bfloat16(), w_EFD.bfloat16(), gate_A.bfloat16(), alignment
+    # drawn in bfloat16: DeepSeek-V3's weights in float32 would be 15 GB, twice over
+    bf16 = {"device": "cuda", "dtype": torch.bfloat16, "generator": generator}
+    h_PF = torch.randn(alignment.max_rows, F, **bf16)
+    w_EFD = torch.randn(E, F, D, **bf16).mul_(F**-0.5)
+    gate_A = torch.rand(tokens * K, **bf16)
+    return h_PF, w_EFD, gate_A, alignment
 
 
 def _launcher(config: dict, problem: tuple, out_AD: torch.Tensor):
@@ -116,21 +118,27 @@ def _device_name() -> str:
 
 
 def run_child(preset: str, tokens: int, skip: set[int], rounds: int, race_all: bool) -> None:
-    """Check and time every config not in `skip`, announcing each first ("START i") so
-    that the parent knows which one a hang was in."""
+    """Check and time every config not in `skip`, announcing each first ("START i
+    config") so that the parent knows which one a hang was in."""
     from moebench.impls.triton import tuning
 
     configs = _configs(preset, tokens, race_all)
+    # one problem and one output an row-block height, shared by its configs (an output
+    # each would hold 48 GB at DeepSeek-V3's 8192 tokens): each is checked as it is
+    # launched, and timing only overwrites
     problems: dict[int, tuple] = {}
     timed = []
     for index, config in enumerate(configs):
         if index in skip:
             continue
-        print(f"START {index}", flush=True)
+        print(f"START {index} {json.dumps(config)}", flush=True)
         block_m = config["BLOCK_M"]
-        problem = problems.setdefault(block_m, _problem(preset, tokens, block_m))
-        out_AD = torch.full((problem[2].numel(), problem[1].shape[2]), float("nan"),
-                            device="cuda", dtype=torch.bfloat16)  # fmt: skip
+        if block_m not in problems:
+            problem = _problem(preset, tokens, block_m)
+            shape_AD = (problem[2].numel(), problem[1].shape[2])
+            problems[block_m] = problem, torch.empty(shape_AD, device="cuda", dtype=torch.bfloat16)
+        problem, out_AD = problems[block_m]
+        out_AD.fill_(float("nan"))
         launch = _launcher(config, problem, out_AD)
         launch()
         torch.cuda.synchronize()
@@ -202,15 +210,19 @@ def probe_point(point: str, timeout_s: float, rounds: int, race_all: bool = Fals
         output, status, error = _child_lines(command, timeout_s)
         if status is None:
             return ended + [json.loads(line[7:]) for line in output if line.startswith("RESULT ")]
-        started = [int(line[6:]) for line in output if line.startswith("START ")]
+        # "START index config": the config a hang or crash was in, for the summary
+        started = [line[6:].split(" ", 1) for line in output if line.startswith("START ")]
         if not started:
             raise RuntimeError(f"{point}: the child failed before any config: {error}")
         if any(line.startswith("TIMING") for line in output):  # every config checked: a
             # hang or crash while timing is no one config's to skip
             ended.append({"point": point, "index": None, status: True, "error": error})
             return ended
-        ended.append({"point": point, "index": started[-1], status: True, "error": error})
-        skip.add(started[-1])
+        index, config = int(started[-1][0]), json.loads((started[-1] + ["{}"])[1])
+        ended.append(
+            {"point": point, "index": index, "config": config, status: True, "error": error}
+        )
+        skip.add(index)
 
 
 def summary(records: list[dict]) -> str:
@@ -231,7 +243,11 @@ def summary(records: list[dict]) -> str:
         shipped = [r for r in mine if r.get("config", {}).get("SHIPPED") and "ms" in r]
         parts += [f"shipped {r['ms'] * 1e3:.1f} us" for r in shipped]
         bad = [r for r in mine if r.get("hang") or r.get("crash") or r.get("bits") is False]
-        lines.append(f"{point}: {', '.join(parts)}; {len(bad)} Gluon config(s) wrong or ended")
+        gluon_bad = sum(bool(r.get("config", {}).get("GLUON_WS")) for r in bad)
+        lines.append(
+            f"{point}: {', '.join(parts)}; {gluon_bad} Gluon config(s) wrong or ended,"
+            f" {len(bad) - gluon_bad} other(s) ended"
+        )
     return "\n".join(lines)
 
 

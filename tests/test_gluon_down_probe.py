@@ -49,16 +49,18 @@ def test_a_hung_config_is_skipped_by_the_next_child(probe):
     commands = _fake_children(
         probe,
         [
-            (["START 0", 'CHECKED {"index": 0}', "START 1"], "hang"),
+            (["START 0", 'CHECKED {"index": 0}', 'START 1 {"GLUON_WS": true}'], "hang"),
             (["START 0", "CHECKED {}", "TIMING", f"RESULT {result}"], None),
         ],
     )
     records = probe["probe_point"]("qwen3-30b-a3b:64", 5.0, 1)
     assert "--skip" not in commands[0] and commands[1][-2:] == ["--skip", "1"]
-    assert records[0]["index"] == 1 and records[0]["hang"]
+    assert records[0]["index"] == 1 and records[0]["hang"] and records[0]["config"]
     assert records[1]["ms"] == 1.5
     assert "gluon 1500.0 us" in probe["summary"](records)
-    assert "1 Gluon config(s) wrong or ended" in probe["summary"](records)
+    assert "1 Gluon config(s) wrong or ended, 0 other(s) ended" in probe["summary"](records)
+    records[0]["config"] = {"TMA": True}  # a TMA tile's crash is not the Gluon kernels'
+    assert "0 Gluon config(s) wrong or ended, 1 other(s) ended" in probe["summary"](records)
 
 
 def test_a_crash_while_timing_ends_the_point(probe):
