@@ -40,7 +40,7 @@
 #   stages    scripts/stage_probe.py: what each stage of the fused layer (Router, alignment,
 #             each GEMM, the sum over slots) adds to a graphed call's critical path
 #             (GPU_POINTS: PRESET:TOKENS list; default the points issue 14 misses; GPU_AB:
-#             a switch to time the call with, in turns: MOEBENCH_ROUTE_ALIGN, say);
+#             switches to time the call with, in turns: MOEBENCH_ROUTE_ALIGN, or A,B);
 #             $OUT/stage_probe.json
 #   gluon     the warp-specialised Gluon down kernels (gluon_down.py): their tests, then
 #             scripts/gluon_down_probe.py (each config under a watchdog, its bits against

@@ -21,10 +21,11 @@ The GEMMs run with the configs the layer's own first call chose (its forward pla
 differences are what the stages add on the path: layer - routed is the Router (and the
 shared experts), routed - gemms+sum the alignment, gemms+sum - gemms the sum over slots.
 `--ab VARIABLE` adds the whole call of a second layer, built, tuned and captured with
-that switch on (`VARIABLE=1`), right after the plain call in every turn, and says whether
-its output is the plain call's bit for bit: an A/B of a change behind a switch
-(`MOEBENCH_ROUTE_ALIGN`, or `MOEBENCH_MERGE_TAIL`, whose tiles join the race) on the same
-card, in one process. Each turn's medians are in the JSON (`turns_us`).
+that switch on (`VARIABLE=1`; `A,B`: both on), right after the plain call in every
+turn, and says whether its output is the plain call's bit for bit: an A/B of a change
+behind a switch (`MOEBENCH_ROUTE_ALIGN`, or `MOEBENCH_MERGE_TAIL`, whose tiles join the
+race) on the same card, in one process. Each turn's medians are in the JSON
+(`turns_us`).
 Without CUDA (Triton's interpreter, `TRITON_INTERPRET=1`, a small `--shape`) the stages
 run un-graphed, for the tests: nothing there is worth timing.
 """
@@ -106,17 +107,20 @@ def stages(layer, x_TD: torch.Tensor) -> dict[str, Callable[[], object]]:
 
 
 @contextlib.contextmanager
-def switched_on(variable: str) -> Iterator[None]:
-    """The environment variable `variable` set to "1" inside, as it was after."""
-    before = os.environ.get(variable)
-    os.environ[variable] = "1"
+def switched_on(variables: str) -> Iterator[None]:
+    """The environment variables named in `variables` (comma-separated) set to "1"
+    inside, as they were after."""
+    names = variables.split(",")
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update(dict.fromkeys(names, "1"))
     try:
         yield
     finally:
-        if before is None:
-            del os.environ[variable]
-        else:
-            os.environ[variable] = before
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def probe(
@@ -144,7 +148,7 @@ def probe(
     plan = TimingPlan(budget_ms=100.0, warmup=2, min_repeats=10, max_repeats=100)
     # the switched call right after the plain one in every turn: their difference is the
     # A/B, and neighbours in a turn see the same clocks
-    names = [STAGES[0], *([f"layer, {ab}=1"] if ab else []), *STAGES[1:]]
+    names = [STAGES[0], *([f"layer, {ab.replace(',', '=1 ')}=1"] if ab else []), *STAGES[1:]]
     samples: dict[str, list[float]] = {name: [] for name in names}
     found: dict[str, object] = {}
     with torch.no_grad():
@@ -212,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         help="one point of this shape in place of --points (the interpreter's tests)",
     )  # fmt: skip
     parser.add_argument(
-        "--ab", metavar="VARIABLE",
-        help="also time the call with this off-by-default switch on (MOEBENCH_ROUTE_ALIGN)",
+        "--ab", metavar="VARIABLE[,VARIABLE]",
+        help="also time the call with these off-by-default switches on (MOEBENCH_ROUTE_ALIGN)",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=7, help="turns of every stage")
     parser.add_argument("--json", help="also write what `probe` found at each point to this file")
