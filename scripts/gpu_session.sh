@@ -42,11 +42,11 @@
 #             (GPU_POINTS: PRESET:TOKENS list; default the points issue 14 misses; GPU_AB:
 #             switches to time the call with, in turns: MOEBENCH_ROUTE_ALIGN, or A,B);
 #             $OUT/stage_probe.json
-#   gluon     the warp-specialised Gluon down kernels (gluon_down.py): their tests, then
-#             scripts/gluon_down_probe.py (each config under a watchdog, its bits against
-#             the TMA tile's, timed against every other down candidate; GPU_POINTS:
-#             PRESET:TOKENS list); $OUT/gluon_down_probe.json. Only when it is clean:
-#             MOEBENCH_GLUON_WS=1 GPU_FILTER=impl=triton scripts/gpu_session.sh peers
+#   gluon     the warp-specialised Gluon kernels (gluon_down.py, gluon_gate_up.py): their
+#             tests, then scripts/gluon_down_probe.py (each down config under a watchdog,
+#             its bits against the TMA tile's, timed against every other down candidate;
+#             GPU_POINTS: PRESET:TOKENS list); $OUT/gluon_down_probe.json. Only when it is
+#             clean: MOEBENCH_GLUON_WS=1 GPU_FILTER=impl=triton scripts/gpu_session.sh peers
 #
 # GPU_FILTER="KEY=V1,V2" (or a label regex) keeps only matching cases of every suite step,
 # e.g. GPU_FILTER=cuda_graph=true scripts/gpu_session.sh peers (the graphed decode rows);
@@ -149,8 +149,8 @@ for step in "$@"; do
       timed python3 -m pytest -q -p no:cacheprovider -rs ${GPU_TESTS:-tests/test_cuda.py \
         tests/test_triton.py tests/test_tma.py tests/test_triton_backward_rows.py \
         tests/test_route_kernel.py tests/test_router_logits.py tests/test_dependent_launch.py \
-        tests/test_fast_launch.py tests/test_gluon_down.py tests/test_forward_plan.py \
-        tests/test_merge_tail.py tests/test_route_align.py \
+        tests/test_fast_launch.py tests/test_gluon_down.py tests/test_gluon_gate_up.py \
+        tests/test_forward_plan.py tests/test_merge_tail.py tests/test_route_align.py \
         tests/test_ceilings.py tests/test_offload_cuda.py tests/test_check.py \
         tests/test_profiling.py tests/test_presets_hf.py tests/test_peers.py}
       ;;
@@ -158,7 +158,7 @@ for step in "$@"; do
     default) suite suites/default.toml --device cuda --profile ;;
     hierarchical) suite suites/hierarchical.toml --device cuda ;;
     gluon)
-      timed python3 -m pytest -q -p no:cacheprovider -rs tests/test_gluon_down.py
+      timed python3 -m pytest -q -p no:cacheprovider -rs tests/test_gluon_down.py tests/test_gluon_gate_up.py
       # shellcheck disable=SC2086
       timed python3 scripts/gluon_down_probe.py --json "$out/gluon_down_probe.json" \
         ${GPU_POINTS:+--points $GPU_POINTS}

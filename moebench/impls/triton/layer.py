@@ -56,7 +56,8 @@ BLOCK_M_CODE = (kernels.gate_up_kernel, kernels.down_kernel, *tma.KERNELS)
 
 
 def races_gluon(with_tma: bool, x_TD: torch.Tensor) -> bool:
-    """Whether the down GEMM races gluon_down.py's kernels: asked for
+    """Whether the down GEMM races gluon_down.py's kernels and inference's gate_up
+    gluon_gate_up.py's: asked for
     (`$MOEBENCH_GLUON_WS=1`, `env.GLUON_WS_SWITCH`; off by default until a card has timed
     them in the layer: triton/NOTES.md, version 27), where the TMA tiles race, on Hopper,
     for 16-bit inputs."""
@@ -84,14 +85,18 @@ def gemm_code(
 ) -> tuple:
     """The kernels whose code a choice for the forward's `name` GEMM depends on: the
     pointer kernel's, and the TMA kernels' where their tiles race (`with_tma`), so that
-    an edit of a TMA kernel leaves the choices made without them (decode) matched; down's
-    Gluon kernels where they race (`with_gluon`), the merged-tail tiles where they race
-    (`with_merged`)."""
+    an edit of a TMA kernel leaves the choices made without them (decode) matched; the
+    GEMM's Gluon kernels where they race (`with_gluon`), the merged-tail tiles where they
+    race (`with_merged`)."""
     code = POINTER_CODE[name] + (TMA_CODE[name] if with_tma else ())
     if with_gluon and name == "down":
         from moebench.impls.triton import gluon_down
 
         code += gluon_down.KERNELS
+    elif with_gluon:
+        from moebench.impls.triton import gluon_gate_up
+
+        code += gluon_gate_up.KERNELS
     if with_merged:
         code += merge_tail.KERNELS[name]
     return code
@@ -108,8 +113,9 @@ def gemm_candidates(
     with_merged: bool = False,
 ) -> list[dict]:
     """The configs the forward's `name` GEMM ("gate_up" or "down") races at `block_m`
-    for hidden D and expert width F: the pointer kernel's, TMA tiles `with_tma`, down's
-    Gluon kernels `with_gluon` and the merged-tail tiles `with_merged`."""
+    for hidden D and expert width F: the pointer kernel's, TMA tiles `with_tma`, its
+    Gluon kernels `with_gluon` (inference's gate_up only) and the merged-tail tiles
+    `with_merged`."""
     configs = tuning.candidates(name, block_m)
     if with_tma:
         configs += tma.candidates(name, block_m, D, F, element_bytes)
@@ -117,6 +123,10 @@ def gemm_candidates(
         from moebench.impls.triton import gluon_down
 
         configs += gluon_down.candidates(block_m, D, F, element_bytes)
+    elif with_gluon:
+        from moebench.impls.triton import gluon_gate_up
+
+        configs += gluon_gate_up.candidates(block_m, D, F, element_bytes)
     if with_merged:
         configs += merge_tail.candidates(name, block_m, D, F, element_bytes)
     return configs
@@ -132,12 +142,20 @@ def launch_gate_up(
     pre_activations: tuple[torch.Tensor, torch.Tensor] | None = None,
     pdl: bool = False,
 ) -> None:
-    """The forward's gate_up GEMM through the kernel `config` names: a TMA tile (`TMA`)
-    or the pointer kernel (`pdl` as there), either's merged-tail kernel with
-    `MERGE_TAIL`."""
+    """The forward's gate_up GEMM through the kernel `config` names: a Gluon one
+    (`GLUON_WS`, inference only), a TMA tile (`TMA`) or the pointer kernel (`pdl` as
+    there), either's merged-tail kernel with `MERGE_TAIL`."""
     merged_tma, merged_pointer = merge_tail.KERNELS["gate_up"]
     merged = config.get("MERGE_TAIL")
-    if config.get("TMA"):
+    if config.get("GLUON_WS"):
+        from moebench.impls.triton import gluon_gate_up
+
+        assert pre_activations is None, "the Gluon gate_up stores no pre-activations"
+        programs_max = tma.multiprocessors(h_PF.device)
+        gluon_gate_up.launch_gate_up(
+            x_TD, w_gate_up_E2FD, h_PF, alignment, top_k, config, programs_max
+        )
+    elif config.get("TMA"):
         tma.launch_gate_up(
             x_TD, w_gate_up_E2FD, h_PF, alignment, top_k, config, pre_activations,
             merged_tma if merged else None,
@@ -313,14 +331,16 @@ def _tuned_gemms(
     )
     configs = []
     for name, key, layout, launch in steps:
+        # training's gate_up stores the pre-activations, which the Gluon one does not
+        gluon = with_gluon and key != "gate_up_train"
         config = tuning.TUNER.choose(
             x_TD.device,
             tuning.key(key, x_TD, w_down_EFD, K, layout, block_m),
-            lambda name=name: gemm_candidates(
-                name, block_m, D, F, x_TD.element_size(), with_tma, with_gluon, with_merged
+            lambda name=name, gluon=gluon: gemm_candidates(
+                name, block_m, D, F, x_TD.element_size(), with_tma, gluon, with_merged
             ),
             launch,
-            code=gemm_code(name, with_tma, with_gluon, with_merged),
+            code=gemm_code(name, with_tma, gluon, with_merged),
             graphed=True,  # kernels of a few us: the graph times the GPU, not the host
             precompile=True,
         )

@@ -11,8 +11,9 @@ every token (`route_kernel.route_rows`, ROWS at a time: the same function) and t
 after a barrier, aligns their assignments (`align.align_in_steps`): one boundary and
 one launch fewer. The gates and experts are the Router kernel's bits; the fp32
 probabilities (`aux_loss`'s) differ from them in the last bits on a card, because 8
-warps add a row's terms in another order than the Router's one-warp programs. `scripts/stage_probe.py` measures what the Router and
-the alignment add to the call, and so what this can save at most.
+warps add a row's terms in another order than the Router's one-warp programs.
+`scripts/stage_probe.py` measures what the Router and the alignment add to the call,
+and so what this can save at most.
 
 For 2 to 64 tokens (one token needs no alignment), at most MEDIUM_ASSIGNMENTS
 assignments and SMALL_EXPERTS experts (`takes`), inference only: the top-k's gradient

@@ -418,6 +418,21 @@ def _row_descriptors(rows_PK: torch.Tensor, config: dict) -> tuple:
     )
 
 
+def gathered_rows(x_TD: torch.Tensor, alignment, top_k: int) -> torch.Tensor:
+    """x's rows in the alignment's order (P x D, `gather_rows_kernel`; padding rows
+    zeros): the A operand a TMA descriptor reads."""
+    rows, D = alignment.max_rows, x_TD.shape[1]
+    a_PD = torch.empty(rows, D, device=x_TD.device, dtype=x_TD.dtype)
+    block_rows, block_d = 16, min(triton.next_power_of_2(D), 512)
+    launch(
+        gather_rows_kernel, (ceil_div(rows, block_rows),),
+        x_TD, a_PD, alignment.sorted_ids_P, alignment.num_padded_1, D,
+        alignment.num_assign, top_k, rows, x_TD.stride(0), a_PD.stride(0),
+        BLOCK_R=block_rows, BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+    return a_PD
+
+
 def launch_gate_up(
     x_TD: torch.Tensor,
     w_gate_up_E2FD: torch.Tensor,
@@ -435,20 +450,11 @@ def launch_gate_up(
     tile); w_gate_up_E2FD contiguous."""
     E, two_f, D = w_gate_up_E2FD.shape
     F = two_f // 2
-    rows = alignment.max_rows
     gather_a = bool(config.get("GATHER_A"))
     if gather_a:  # the kernel loads x's rows itself: no copy, and no A descriptors
         a_descriptors = (x_TD, x_TD)
     else:
-        a_PD = torch.empty(rows, D, device=x_TD.device, dtype=x_TD.dtype)
-        block_rows, block_d = 16, min(triton.next_power_of_2(D), 512)
-        launch(
-            gather_rows_kernel, (ceil_div(rows, block_rows),),
-            x_TD, a_PD, alignment.sorted_ids_P, alignment.num_padded_1, D,
-            alignment.num_assign, top_k, rows, x_TD.stride(0), a_PD.stride(0),
-            BLOCK_R=block_rows, BLOCK_D=block_d, num_warps=4,
-        )  # fmt: skip
-        a_descriptors = _row_descriptors(a_PD, config)
+        a_descriptors = _row_descriptors(gathered_rows(x_TD, alignment, top_k), config)
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     num_blocks_m = alignment.max_blocks
     w_desc = (
