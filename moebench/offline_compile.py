@@ -10,7 +10,9 @@ so a layer's code can run whole at a real model's shapes in no memory. The tuner
 such a pass, compiles every candidate of each key and returns the first
 (`tuning.Tuner`). Each compile is recorded with what the kernel uses: shared memory,
 warps, and registers and stack (spills) per thread from its cubin (`cuobjdump`, which
-Triton bundles).
+Triton bundles), and its PTX without debug locations (`comparable_ptx`): two
+checkouts' PTX, the same to the line, is the same kernel, so an edit meant to change no
+kernel (a helper moved, a function shared) is checked without a card.
 
 `scripts/offline_compile.py` runs the fused layer's forward so for a preset's shape.
 Written for Triton 3.6 (it calls the JIT's `create_function_from_signature` and
@@ -29,7 +31,7 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,7 @@ class Compiled:
     registers: int = 0
     stack_bytes: int = 0
     error: str | None = None
+    ptx: str = field(default="", repr=False)  # `comparable_ptx` of it, where it has PTX
 
     def describe(self) -> str:
         """One line: the kernel, its constants, and what it uses or its error."""
@@ -134,10 +137,29 @@ def compile_record(kernel: Any, args: tuple, kwargs: dict, target: tuple = HOPPE
     uses (`resources`) or, where it does not compile, why."""
     name = getattr(kernel, "__name__", None) or kernel.fn.__name__
     try:
-        used = resources(compile_for(kernel, args, kwargs, target))
+        compiled = compile_for(kernel, args, kwargs, target)
+        used = resources(compiled)
     except Exception as error:  # any compile failure is the finding
         return Compiled(name, kwargs, error=_summary(error))
-    return Compiled(name, kwargs, **used)
+    # (a kernel loaded from a packed cache has its cubin and no PTX)
+    return Compiled(name, kwargs, **used, ptx=comparable_ptx(compiled.asm.get("ptx", "")))
+
+
+# What of a PTX file says where its code came from, not what it does: debug locations,
+# file names, comments, the debug sections, and the labels that mark inlined calls' lines
+# (`$L__tmp7:`, numbered in order, so one call more or less renumbers all after it).
+_PTX_PROVENANCE = re.compile(r"^\s*(\.loc|\.file|//)|^\$L__tmp\d+:$")
+
+
+def comparable_ptx(ptx: str) -> str:
+    """`ptx` without what says where its code came from (`_PTX_PROVENANCE`), with the
+    references to the inlined calls' labels made alike: equal for the same kernel compiled
+    from source rearranged (helpers moved between modules, a function passed in)."""
+    if not ptx:
+        return ""
+    ptx = re.sub(r"^\s*\.section\s+\.debug.*", "", ptx, flags=re.S | re.M)
+    lines = [line for line in ptx.splitlines() if not _PTX_PROVENANCE.match(line)]
+    return re.sub(r"\$L__tmp\d+", "$L__tmp", "\n".join(lines)) + "\n"
 
 
 def _summary(error: Exception) -> str:

@@ -5,6 +5,7 @@ candidate of its GEMMs included, at a preset's shape; print what each uses
 
     python scripts/offline_compile.py [--preset mixtral-8x7b | --shape D F E K]
                                       [--tokens 1 64 1024 8192] [--train]
+                                      [--cache DIR] [--ptx DIR]
 
 A call's kernels as on an H200: programmatic dependent launch at up to 64 tokens, the
 per-assignment layout at one token (inference), every row-block size the forward races.
@@ -15,6 +16,10 @@ One line per compile (kernel, constexprs and options, shared memory, warps, regi
 and stack per thread, or why it failed), then a summary. `--cache DIR`: compile into
 DIR as Triton's cache and pack it (`offline_compile.pack_cache`), for a card's JIT to
 load instead of compiling (`scripts/gpu_session.sh` unpacks `.triton-cache/`).
+`--ptx DIR`: each kernel's PTX, debug locations left out (`offline_compile.comparable_ptx`),
+a file a compile named by token count, kernel and constants: `diff -r` of two checkouts'
+folders says whether an edit changed any kernel (with `MOEBENCH_GLUON_WS=1` and
+`MOEBENCH_MERGE_TAIL=1` set, the kernels those switches race too).
 Exit status: 0 when everything compiled, 1 when something failed, 2 on bad arguments.
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -71,6 +77,20 @@ def compile_layer(
     return compiled
 
 
+def write_ptx(folder: Path, prefix: str, compiled: offline_compile.Compiled) -> Path:
+    """`compiled`'s PTX into `folder`, named by `prefix`, its kernel and its constants; a
+    second compile of that name with other PTX (arguments specialised otherwise) gets
+    `~2`, `~3`, ... after it."""
+    constants = "_".join(f"{key}{value}" for key, value in compiled.constants.items())
+    name = re.sub(r"[^A-Za-z0-9_.=-]", "", f"{prefix}_{compiled.kernel}_{constants}")
+    path, count = folder / f"{name}.ptx", 1
+    while path.exists() and path.read_text() != compiled.ptx:
+        count += 1
+        path = folder / f"{name}~{count}.ptx"
+    path.write_text(compiled.ptx)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="mixtral-8x7b", choices=sorted(PRESETS))
@@ -81,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 1024, 8192])
     parser.add_argument("--train", action="store_true", help="the training step")
     parser.add_argument("--cache", type=Path, help="compile into this Triton cache, packed")
+    parser.add_argument("--ptx", type=Path, help="write each kernel's PTX into this folder")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("triton") is None:
         parser.exit(2, "offline_compile.py needs Triton: pip install triton==3.6.0\n")
@@ -93,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("tokens and every size must be at least 1, top_k at most the experts")
     if args.cache:  # (Triton reads its cache folder from the environment as it compiles)
         os.environ["TRITON_CACHE_DIR"] = str(args.cache.resolve())
+    if args.ptx and args.ptx.exists() and any(args.ptx.iterdir()):
+        parser.error(f"--ptx {args.ptx}: not empty (a folder of another pass's PTX?)")
+    if args.ptx:
+        args.ptx.mkdir(parents=True, exist_ok=True)
     failed = spilled = total = 0
     for tokens in args.tokens:
         for compiled in compile_layer(*shape, tokens, args.train):
@@ -100,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             total += 1
             failed += compiled.error is not None
             spilled += compiled.stack_bytes > 0
+            if args.ptx and compiled.ptx:
+                write_ptx(args.ptx, f"T{tokens}", compiled)
     print(f"{total} kernels compiled for sm_90: {failed} failed, {spilled} with stack (spills)")
+    if args.ptx:
+        print(f"PTX of each kernel in {args.ptx}/")
     if args.cache:
         size = offline_compile.pack_cache(args.cache)
         print(f"packed {args.cache}: {size / 2**20:.1f} MiB")

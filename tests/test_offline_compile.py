@@ -131,3 +131,40 @@ def test_a_packed_cache_is_loaded_instead_of_compiled(tmp_path):
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert {path.suffix for path in moved.rglob("*") if path.is_file()} == suffixes
+
+
+def test_comparable_ptx_drops_where_the_code_came_from_and_keeps_what_it_does():
+    """Two compiles of one kernel from rearranged source differ in debug locations and
+    the numbering of the inlined calls' labels only: those go; an instruction stays."""
+    ptx = (
+        '.version 8.7\n.file 1 "/a/gluon_down.py"\n.visible .entry k(\n)\n{\n'
+        "\t.loc 1 40 5\n$L__tmpN:\n\tadd.s32 %r1, %r2, C;\n\tbra $L__BB0_2;\n"
+        "// a comment\n}\n\t.section\t.debug_info\n{\n.b8 1\n}\n"
+    )
+
+    def compile_of(label: int, constant: int) -> str:
+        return ptx.replace("N:", f"{label}:").replace("C;", f"{constant};")
+
+    one, other = compile_of(3, 1), compile_of(7, 1)
+    assert one != other
+    kept = offline_compile.comparable_ptx(one)
+    assert kept == offline_compile.comparable_ptx(other)
+    assert ".loc" not in kept and ".file" not in kept and "$L__tmp" not in kept
+    assert "debug_info" not in kept and "comment" not in kept
+    assert "add.s32 %r1, %r2, 1;" in kept and "bra $L__BB0_2;" in kept
+    assert kept != offline_compile.comparable_ptx(compile_of(3, 2))
+
+
+def test_ptx_folder_holds_each_kernel_and_refuses_another_pass(tmp_path):
+    folder = tmp_path / "ptx"
+    done = _run("--shape", "256", "384", "8", "2", "--tokens", "64", "--ptx", str(folder))
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = sorted(folder.glob("*.ptx"))
+    kernels = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("T64 ")}
+    assert {f.name.split("_", 1)[1].split("_BLOCK")[0] for f in files} >= {"gate_up_kernel"}
+    assert len(files) >= len(kernels) and all(f.name.startswith("T64_") for f in files)
+    for path in files:
+        text = path.read_text()
+        assert ".entry" in text and "\t.loc" not in text, path.name
+    again = _run("--shape", "256", "384", "8", "2", "--tokens", "64", "--ptx", str(folder))
+    assert again.returncode == 2 and "not empty" in again.stderr
