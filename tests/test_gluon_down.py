@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton.experimental.gluon", reason="Gluon is Triton 3.4's and later")
 
-from moebench.impls.triton import gluon_down, tma, tuning
+from moebench.impls.triton import gluon_common, gluon_down, tma, tuning
 from tests.conftest import in_a_fresh_process
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -32,7 +32,7 @@ def test_candidates_by_block_height_each_fitting_shared_memory():
     assert len(gluon_down.candidates(64, 2048, 768, 2)) == len(gluon_down.TILES[64])
     for config in tall:
         assert config["GLUON_WS"] and config["BLOCK_M"] == 128
-        assert gluon_down.shared_bytes(config, 2) <= gluon_down.SHARED_BYTES
+        assert gluon_down.shared_bytes(config, 2) <= gluon_common.SHARED_BYTES
     # N256 with 4 stages: 192 KB of ring and the scratch fit; 5 stages would not
     deep = next(c for c in tall if c["BLOCK_N"] == 256 and c["STAGES"] == 4)
     assert not gluon_down.fits({**deep, "STAGES": 5}, 2048, 768, 2)
@@ -44,8 +44,8 @@ def test_fits_refuses_what_the_tma_tiles_refuse():
     assert not gluon_down.fits(config, 264, 400, 2)  # a K tile into the next expert
     assert not gluon_down.fits(config, 260, 384, 2)  # a row of 520 bytes: not 16-aligned
     assert not gluon_down.fits({**config, "STAGES": 8}, 264, 384, 2)  # shared memory
-    assert gluon_down.takes(torch.bfloat16) and gluon_down.takes(torch.float16)
-    assert not gluon_down.takes(torch.float32)
+    assert gluon_common.takes(torch.bfloat16) and gluon_common.takes(torch.float16)
+    assert not gluon_common.takes(torch.float32)
 
 
 def test_registers_move_from_the_loader_to_the_consumers():
@@ -53,10 +53,10 @@ def test_registers_move_from_the_loader_to_the_consumers():
     (two consumer groups or PINGPONG's two consumers, and the loader's), two at 64."""
     tall, pingpong = (c for c in gluon_down.candidates(128, 2048, 768, 2) if c["STAGES"] == 4
                       and c["BLOCK_N"] == 128)  # fmt: skip
-    assert gluon_down.consumer_warps(tall) == 8 and gluon_down.consumer_warps(pingpong) == 4
-    assert gluon_down.max_registers(tall) == gluon_down.max_registers(pingpong) == 168
+    assert gluon_common.consumer_warps(tall) == 8 and gluon_common.consumer_warps(pingpong) == 4
+    assert gluon_common.max_registers(tall) == gluon_common.max_registers(pingpong) == 168
     short = gluon_down.candidates(64, 2048, 768, 2)[0]
-    assert gluon_down.consumer_warps(short) == 4 and gluon_down.max_registers(short) == 248
+    assert gluon_common.consumer_warps(short) == 4 and gluon_common.max_registers(short) == 248
 
 
 def _meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -135,27 +135,31 @@ def forward_launches(switch: str | None) -> tuple[list[tuple[str, dict]], list[i
     return launched, heights
 
 
-def check_the_layer_races_them_when_asked(asked: bool) -> None:
-    """The body of `test_the_layer_races_them_only_when_asked` (`forward_launches`)."""
+def check_the_layer_races_them_when_asked(asked: bool, gemm: str = "down") -> None:
+    """The body of `test_the_layer_races_them_only_when_asked` (`forward_launches`) for
+    the `gemm` ("down" or "gate_up") GEMM's Gluon kernels: every config of each block
+    height they race at, in order, beside the TMA tiles; none when not asked."""
     from moebench.env import GLUON_WS_SWITCH
+    from moebench.impls.triton import gluon_gate_up
 
+    module = {"down": gluon_down, "gate_up": gluon_gate_up}[gemm]
     launched, heights = forward_launches(GLUON_WS_SWITCH if asked else None)
     D, F = RACE_SHAPE["D"], RACE_SHAPE["F"]
-    gluon = [kwargs for name, kwargs in launched if name == "down_ws_kernel"]
+    gluon = [kwargs for name, kwargs in launched if name == f"{gemm}_ws_kernel"]
     if not asked:
         assert gluon == []
         return
-    heights = [b for b in heights if gluon_down.candidates(b, D, F, 2)]
+    heights = [b for b in heights if module.candidates(b, D, F, 2)]
     assert heights, "no block height the Gluon kernels race at"
     for block_m in heights:
-        wanted = gluon_down.candidates(block_m, D, F, 2)
+        wanted = module.candidates(block_m, D, F, 2)
         got = [kwargs for kwargs in gluon if kwargs["BLOCK_M"] == block_m]
         assert len(got) == len(wanted), (block_m, got)
         for kwargs, config in zip(got, wanted):
-            assert kwargs["STAGES"] == config["STAGES"]
+            assert (kwargs["BLOCK_N"], kwargs["STAGES"]) == (config["BLOCK_N"], config["STAGES"])
             assert kwargs["PINGPONG"] == bool(config.get("PINGPONG"))
     # the TMA tiles still race beside them
-    assert any(name == "down_tma_kernel" for name, _ in launched)
+    assert any(name == f"{gemm}_tma_kernel" for name, _ in launched)
 
 
 def test_every_candidate_compiles_for_hopper():
@@ -205,10 +209,10 @@ def test_every_candidate_gives_the_tma_tiles_bits(tokens, experts, top_k, block_
         assert torch.equal(got_AD, want_AD), config
 
 
-@needs_hopper
-def test_layer_on_gluon_down_alone_matches_reference(monkeypatch, tmp_path):
-    """The layer's forward with only these kernels to choose from for down: the tuner
-    picks one, and the output matches `reference`."""
+def layer_on_gluon_alone_matches_reference(monkeypatch, tmp_path, gemm, module, launcher):
+    """The layer's forward with only Gluon kernels to choose from for `gemm` ("gate_up"
+    or "down"), launched by `module`'s function `launcher`: the tuner picks one, and the
+    output matches `reference`."""
     from moebench.env import GLUON_WS_SWITCH
     from moebench.impls.reference import reference_output
     from moebench.impls.triton import layer
@@ -217,22 +221,27 @@ def test_layer_on_gluon_down_alone_matches_reference(monkeypatch, tmp_path):
     monkeypatch.setenv(GLUON_WS_SWITCH, "1")
     monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
     monkeypatch.setattr(tuning.TUNER, "_chosen", {})
-    only_gluon = layer.gemm_candidates
+    every = layer.gemm_candidates
 
     def candidates(name, *args):
-        configs = only_gluon(name, *args)
-        return [c for c in configs if c.get("GLUON_WS")] if name == "down" else configs
+        configs = every(name, *args)
+        return [c for c in configs if c.get("GLUON_WS")] if name == gemm else configs
 
     monkeypatch.setattr(layer, "gemm_candidates", candidates)
     ran = []
-    launch = gluon_down.launch_down
-    monkeypatch.setattr(gluon_down, "launch_down", lambda *a: (ran.append(a[5]), launch(*a)))
+    launch = getattr(module, launcher)
+    monkeypatch.setattr(module, launcher, lambda *a: (ran.append(a[5]), launch(*a)))
     case = _gpu_case((264, 384, 6, 2, 2048), "bfloat16", mode="forward", device="cuda")
     weights, built, x_TD = built_layer(case)
     with torch.no_grad():
         y_TD = built(x_TD)
     assert ran and all(config.get("GLUON_WS") for config in ran)
     assert _relative(y_TD, reference_output(weights, x_TD)) <= TOLERANCE["bfloat16"]
+
+
+@needs_hopper
+def test_layer_on_gluon_down_alone_matches_reference(monkeypatch, tmp_path):
+    layer_on_gluon_alone_matches_reference(monkeypatch, tmp_path, "down", gluon_down, "launch_down")
 
 
 def test_the_switch_without_gluon_says_what_to_install(monkeypatch):
@@ -243,8 +252,8 @@ def test_the_switch_without_gluon_says_what_to_install(monkeypatch):
     from moebench.impls.triton import layer
 
     monkeypatch.setenv(GLUON_WS_SWITCH, "1")
-    monkeypatch.setitem(sys.modules, "moebench.impls.triton.gluon_down", None)
-    monkeypatch.delattr("moebench.impls.triton.gluon_down")  # (imported above)
+    monkeypatch.setitem(sys.modules, "moebench.impls.triton.gluon_common", None)
+    monkeypatch.delattr("moebench.impls.triton.gluon_common")  # (imported above)
     x_TD = torch.empty(4, 8, device="meta", dtype=torch.bfloat16)
     with pytest.raises(ImportError, match=r"MOEBENCH_GLUON_WS=1 races Gluon kernels.*triton>=3\.6"):
         layer.races_gluon(True, x_TD)

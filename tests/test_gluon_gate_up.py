@@ -12,13 +12,13 @@ import torch
 
 pytest.importorskip("triton.experimental.gluon", reason="Gluon is Triton 3.4's and later")
 
-from moebench.impls.triton import gluon_down, gluon_gate_up, tma, tuning
+from moebench.impls.triton import gluon_common, gluon_gate_up, tma
 from tests.conftest import in_a_fresh_process
 from tests.test_gluon_down import (
     RACE_SHAPE,
     _meta,
     _meta_alignment,
-    forward_launches,
+    layer_on_gluon_alone_matches_reference,
     needs_hopper,
 )
 
@@ -35,7 +35,7 @@ def test_candidates_by_block_height_each_fitting_shared_memory():
     assert len(gluon_gate_up.candidates(64, 2048, 768, 2)) == len(gluon_gate_up.TILES[64])
     for config in tall:
         assert config["GLUON_WS"] and config["BLOCK_M"] == 128
-        assert gluon_gate_up.shared_bytes(config, 2) <= gluon_down.SHARED_BYTES
+        assert gluon_gate_up.shared_bytes(config, 2) <= gluon_common.SHARED_BYTES
     deep = next(c for c in tall if c["BLOCK_N"] == 128 and c["STAGES"] == 4)
     assert not gluon_gate_up.fits({**deep, "STAGES": 5}, 2048, 768, 2)
 
@@ -77,29 +77,6 @@ def check_every_candidate_compiles() -> None:
         assert compiled.shared_bytes <= bound, compiled.describe()
 
 
-def check_the_layer_races_them_when_asked(asked: bool) -> None:
-    """The body of `test_the_layer_races_them_only_when_asked` (`forward_launches`)."""
-    from moebench.env import GLUON_WS_SWITCH
-
-    launched, heights = forward_launches(GLUON_WS_SWITCH if asked else None)
-    D, F = RACE_SHAPE["D"], RACE_SHAPE["F"]
-    gluon = [kwargs for name, kwargs in launched if name == "gate_up_ws_kernel"]
-    if not asked:
-        assert gluon == []
-        return
-    heights = [b for b in heights if gluon_gate_up.candidates(b, D, F, 2)]
-    assert heights, "no block height the Gluon kernels race at"
-    for block_m in heights:
-        wanted = gluon_gate_up.candidates(block_m, D, F, 2)
-        got = [kwargs for kwargs in gluon if kwargs["BLOCK_M"] == block_m]
-        assert len(got) == len(wanted), (block_m, got)
-        for kwargs, config in zip(got, wanted):
-            assert (kwargs["BLOCK_N"], kwargs["STAGES"]) == (config["BLOCK_N"], config["STAGES"])
-            assert kwargs["PINGPONG"] == bool(config.get("PINGPONG"))
-    # the TMA tiles still race beside them
-    assert any(name == "gate_up_tma_kernel" for name, _ in launched)
-
-
 def check_training_never_races_them() -> None:
     """Training's gate_up (it stores the pre-activations) races the Triton tiles alone,
     with the switch on."""
@@ -128,7 +105,7 @@ def test_every_candidate_compiles_for_hopper():
 @pytest.mark.parametrize("asked", [True, False])
 def test_the_layer_races_them_only_when_asked(asked):
     in_a_fresh_process(
-        "tests.test_gluon_gate_up", f"check_the_layer_races_them_when_asked({asked})"
+        "tests.test_gluon_down", f"check_the_layer_races_them_when_asked({asked}, 'gate_up')"
     )
 
 
@@ -175,29 +152,6 @@ def test_every_candidate_gives_the_tma_tiles_bits(tokens, experts, top_k, block_
 
 @needs_hopper
 def test_layer_on_gluon_gate_up_alone_matches_reference(monkeypatch, tmp_path):
-    """The layer's forward with only these kernels to choose from for gate_up: the tuner
-    picks one, and the output matches `reference`."""
-    from moebench.env import GLUON_WS_SWITCH
-    from moebench.impls.reference import reference_output
-    from moebench.impls.triton import layer
-    from tests.test_triton import TOLERANCE, _gpu_case, _relative, built_layer
-
-    monkeypatch.setenv(GLUON_WS_SWITCH, "1")
-    monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
-    monkeypatch.setattr(tuning.TUNER, "_chosen", {})
-    every = layer.gemm_candidates
-
-    def candidates(name, *args):
-        configs = every(name, *args)
-        return [c for c in configs if c.get("GLUON_WS")] if name == "gate_up" else configs
-
-    monkeypatch.setattr(layer, "gemm_candidates", candidates)
-    ran = []
-    launch = gluon_gate_up.launch_gate_up
-    monkeypatch.setattr(gluon_gate_up, "launch_gate_up", lambda *a: (ran.append(a[5]), launch(*a)))
-    case = _gpu_case((264, 384, 6, 2, 2048), "bfloat16", mode="forward", device="cuda")
-    weights, built, x_TD = built_layer(case)
-    with torch.no_grad():
-        y_TD = built(x_TD)
-    assert ran and all(config.get("GLUON_WS") for config in ran)
-    assert _relative(y_TD, reference_output(weights, x_TD)) <= TOLERANCE["bfloat16"]
+    layer_on_gluon_alone_matches_reference(
+        monkeypatch, tmp_path, "gate_up", gluon_gate_up, "launch_gate_up"
+    )

@@ -5,15 +5,14 @@ card has timed them in the layer (triton/NOTES.md, version 29).
 Shape legend as in `kernels.py`. Same result as `tma.gate_up_tma_kernel`'s two-product
 tile, bit for bit (each row of the gathered x @ the expert's gate rows and @ its up
 rows in float32, SwiGLU in float32, rounded once into h; padding rows, gathered as
-zeros, give zeros). `gluon_down.py`'s structure, which its docstring explains: a
-persistent grid split into a loader warp that fills a ring of STAGES shared-memory slots
-by TMA (here three boxes a K step: the row block of the gathered x, the expert's gate
-rows and its up rows) and consumers that wait for a slot, issue both wgmmas
-asynchronously and hand the previous step's slot back, so the loader fills the next
-tile's slots under this tile's epilogue. Why: at 8192 tokens gate_up is about 60% of
-the layer's GEMM time, and version 26's probe of a Gluon gate_up (on a branch since
-lost) had it 4% faster than the shipped winners on DeepSeek-V3's and Mixtral-8x7B's
-shapes.
+zeros, give zeros), computed by the persistent, warp-specialised skeleton
+`gluon_common.py` explains: a loader warp fills a ring of shared-memory slots by TMA
+(here three boxes a K step: the row block of the gathered x, the expert's gate rows and
+its up rows), consumers issue both wgmmas asynchronously and run the SwiGLU epilogue,
+and the loader fills the next tile's slots under this tile's epilogue. Why: at 8192
+tokens gate_up is about 60% of the layer's GEMM time, and version 26's probe of a Gluon
+gate_up (on a branch since lost) had it 4% faster than the shipped winners on
+DeepSeek-V3's and Mixtral-8x7B's shapes.
 
 Two float32 accumulators of BLOCK_M x BLOCK_N a consumer: 128 registers a thread at 128
 rows and 128 columns on two warp groups, so PINGPONG (two consumers of one warp group
@@ -37,15 +36,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from moebench.fast_launch import launch
-from moebench.impls.triton import gluon_down
+from moebench.impls.triton import gluon_common as common
 from moebench.impls.triton import tma as tma_tiles
-from moebench.impls.triton.gluon_down import (
-    _CONSUMER_REGISTERS,
-    _LOADER_REGISTERS,
-    _mma_layout,
-    _store_layout,
-    _tile_coords,
-)
+from moebench.impls.triton.gluon_common import mma_layout, store_layout, tile_coords
 
 # (BLOCK_N, BLOCK_K, STAGES) per row-block height. A step's ring slot holds the row
 # block and two weight boxes: 48 KB at 128 rows and 128 columns, so 4 stages and the
@@ -70,7 +63,7 @@ def _load_partition(
     step_bytes: gl.constexpr = a_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes
     step = 0
     for tile in range(gl.program_id(0), num_blocks_m * num_blocks_n, num_programs):
-        pid_m, pid_n = _tile_coords(tile, num_blocks_m, num_blocks_n, GROUP_M)
+        pid_m, pid_n = tile_coords(tile, num_blocks_m, num_blocks_n, GROUP_M)
         gate_row = gl.load(block_expert_ptr + pid_m) * 2 * F + pid_n * BLOCK_N
         for k in range(k_steps):
             slot = step % STAGES
@@ -104,7 +97,7 @@ def _mma_partition(
     ) = shared  # fmt: skip
     STAGES: gl.constexpr = a_bufs.type.shape[0]
     WARPS: gl.constexpr = gl.num_warps()
-    mma_layout: gl.constexpr = _mma_layout(BLOCK_N, WARPS)
+    acc_layout: gl.constexpr = mma_layout(BLOCK_N, WARPS)
     num_blocks_m = gl.cdiv(gl.load(num_padded_ptr), BLOCK_M)
     num_blocks_n = F // BLOCK_N
     k_steps = gl.cdiv(D, BLOCK_K)
@@ -112,11 +105,11 @@ def _mma_partition(
     pid = gl.program_id(0)
     my_tiles = gl.cdiv(gl.maximum(num_tiles - pid, 0), num_programs)
     for i in range(CONSUMER, my_tiles, CONSUMERS):
-        pid_m, pid_n = _tile_coords(pid + i * num_programs, num_blocks_m, num_blocks_n, GROUP_M)
+        pid_m, pid_n = tile_coords(pid + i * num_programs, num_blocks_m, num_blocks_n, GROUP_M)
         if CONSUMERS > 1:  # wait for the other consumer's turn at the ring to end
             mbarrier.wait(order_bars.index(CONSUMER), ((i // CONSUMERS) & 1) ^ (1 - CONSUMER))
-        acc_gate = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, mma_layout)
-        acc_up = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, mma_layout)
+        acc_gate = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, acc_layout)
+        acc_up = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, acc_layout)
         step = i * k_steps
         for k in range(k_steps):
             slot = step % STAGES
@@ -146,7 +139,7 @@ def _swiglu_store(
     operations' order of `tl.sigmoid` (1 / (1 + exp(-x))), rounded once into h's rows;
     stored through a layout of 16-byte row segments."""
     h = acc_gate * (1 / (1 + gl.exp(-acc_gate))) * acc_up
-    layout: gl.constexpr = _store_layout(BLOCK_N, WARPS)
+    layout: gl.constexpr = store_layout(BLOCK_N, WARPS)
     h = gl.convert_layout(h.to(h_ptr.dtype.element_ty), layout)
     rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
@@ -168,43 +161,19 @@ def gate_up_ws_kernel(
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, a_shape, a_desc.layout)
     gate_bufs = gl.allocate_shared_memory(w_desc.dtype, w_shape, w_desc.layout)
     up_bufs = gl.allocate_shared_memory(w_desc.dtype, w_shape, w_desc.layout)
-    ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    order_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready_bars.index(i), count=1)
-        mbarrier.init(empty_bars.index(i), count=1)
-    for i in gl.static_range(2):
-        mbarrier.init(order_bars.index(i), count=1)
+    ready_bars, empty_bars, order_bars = common.ring_barriers(STAGES)
     loader_args = (
         a_desc, w_desc, a_bufs, gate_bufs, up_bufs, ready_bars, empty_bars, block_expert_ptr,
         num_padded_ptr, D, F, num_programs, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     )  # fmt: skip
-    # (constexprs stay out of this tuple: joined to one inside the JIT, they would
-    # become run-time values)
-    consumer = (
+    consumer_args = (
         a_bufs, gate_bufs, up_bufs, ready_bars, empty_bars, order_bars, h_ptr,
         num_padded_ptr, D, F, stride_h_p, num_programs,
     )  # fmt: skip
-    if PINGPONG:
-        gl.warp_specialize(
-            [
-                (_mma_partition, (consumer, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 0, 2)),
-                (_load_partition, loader_args),
-                (_mma_partition, (consumer, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 1, 2)),
-            ],
-            [1, gl.num_warps()],
-            [_LOADER_REGISTERS, _CONSUMER_REGISTERS],
-        )
-    else:
-        gl.warp_specialize(
-            [
-                (_mma_partition, (consumer, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 0, 1)),
-                (_load_partition, loader_args),
-            ],
-            [1],
-            [_LOADER_REGISTERS],
-        )
+    common.specialize(
+        _mma_partition, consumer_args, _load_partition, loader_args, BLOCK_M, BLOCK_N,
+        BLOCK_K, GROUP_M, PINGPONG,
+    )  # fmt: skip
 
 
 KERNELS = (tma_tiles.gather_rows_kernel, gate_up_ws_kernel)
@@ -215,7 +184,7 @@ def shared_bytes(config: dict, element_bytes: int) -> int:
     boxes a stage) and its epilogue's scratch."""
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     ring = config["STAGES"] * (block_m + 2 * block_n) * block_k * element_bytes
-    return ring + gluon_down.SCRATCH_BYTES
+    return ring + common.SCRATCH_BYTES
 
 
 def fits(config: dict, D: int, F: int, element_bytes: int) -> bool:
@@ -223,7 +192,7 @@ def fits(config: dict, D: int, F: int, element_bytes: int) -> bool:
     aligned, no N tile running from gate into up) and its shared memory fits."""
     if (D * element_bytes) % 16 or (F * element_bytes) % 16 or F % config["BLOCK_N"]:
         return False
-    return shared_bytes(config, element_bytes) <= gluon_down.SHARED_BYTES
+    return shared_bytes(config, element_bytes) <= common.SHARED_BYTES
 
 
 def candidates(block_m: int, D: int, F: int, element_bytes: int) -> list[dict]:
@@ -231,14 +200,7 @@ def candidates(block_m: int, D: int, F: int, element_bytes: int) -> list[dict]:
     `block_m` rows (64 or 128; none otherwise) beside `tma.candidates`: each tile of
     TILES that `fits`, at 128 rows the 64-wide ones also PINGPONG (two accumulators of
     128 x 128 would not fit one warp group's registers)."""
-    configs = []
-    for block_n, block_k, stages in TILES.get(block_m, ()):
-        config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
-                  "STAGES": stages, "GLUON_WS": True}  # fmt: skip
-        configs.append(config)
-        if block_m == 128 and block_n == 64:
-            configs.append({**config, "PINGPONG": True})
-    return [config for config in configs if fits(config, D, F, element_bytes)]
+    return common.candidates(TILES, block_m, 64, lambda c: fits(c, D, F, element_bytes))
 
 
 def launch_gate_up(
@@ -260,11 +222,11 @@ def launch_gate_up(
     programs = min(alignment.max_blocks * (F // block_n), programs_max)
     launch(
         gate_up_ws_kernel, (programs,),
-        gluon_down._descriptor(a_PD, [block_m, block_k]),
-        gluon_down._descriptor(w_gate_up_E2FD.view(E * two_f, D), [block_n, block_k]),
+        common.descriptor(a_PD, [block_m, block_k]),
+        common.descriptor(w_gate_up_E2FD.view(E * two_f, D), [block_n, block_k]),
         h_PF, alignment.block_expert_B, alignment.num_padded_1, D, F, h_PF.stride(0),
         programs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         GROUP_M=config["GROUP_M"], STAGES=config["STAGES"],
-        PINGPONG=bool(config.get("PINGPONG")), num_warps=gluon_down.consumer_warps(config),
-        maxnreg=gluon_down.max_registers(config),
+        PINGPONG=bool(config.get("PINGPONG")), num_warps=common.consumer_warps(config),
+        maxnreg=common.max_registers(config),
     )  # fmt: skip

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -64,13 +65,13 @@ def races_gluon(with_tma: bool, x_TD: torch.Tensor) -> bool:
     if not with_tma or not switch_on(GLUON_WS_SWITCH):
         return False
     try:
-        from moebench.impls.triton import gluon_down
+        from moebench.impls.triton import gluon_common
     except ImportError as exc:  # Gluon is Triton 3.4's and later
         raise ImportError(
             f"{GLUON_WS_SWITCH}=1 races Gluon kernels, which this Triton lacks"
             f" ({exc}): pip install 'triton>=3.6', or unset {GLUON_WS_SWITCH}"
         ) from exc
-    return gluon_down.available(x_TD.device) and gluon_down.takes(x_TD.dtype)
+    return gluon_common.available(x_TD.device) and gluon_common.takes(x_TD.dtype)
 
 
 def races_merged_tails(with_tma: bool) -> bool:
@@ -89,17 +90,22 @@ def gemm_code(
     GEMM's Gluon kernels where they race (`with_gluon`), the merged-tail tiles where they
     race (`with_merged`)."""
     code = POINTER_CODE[name] + (TMA_CODE[name] if with_tma else ())
-    if with_gluon and name == "down":
-        from moebench.impls.triton import gluon_down
-
-        code += gluon_down.KERNELS
-    elif with_gluon:
-        from moebench.impls.triton import gluon_gate_up
-
-        code += gluon_gate_up.KERNELS
+    if with_gluon:
+        code += _gluon_gemm(name).KERNELS
     if with_merged:
         code += merge_tail.KERNELS[name]
     return code
+
+
+def _gluon_gemm(name: str) -> ModuleType:
+    """The module of the forward's `name` GEMM in Gluon (imported only where it races)."""
+    if name == "down":
+        from moebench.impls.triton import gluon_down
+
+        return gluon_down
+    from moebench.impls.triton import gluon_gate_up
+
+    return gluon_gate_up
 
 
 def gemm_candidates(
@@ -119,14 +125,8 @@ def gemm_candidates(
     configs = tuning.candidates(name, block_m)
     if with_tma:
         configs += tma.candidates(name, block_m, D, F, element_bytes)
-    if with_gluon and name == "down":
-        from moebench.impls.triton import gluon_down
-
-        configs += gluon_down.candidates(block_m, D, F, element_bytes)
-    elif with_gluon:
-        from moebench.impls.triton import gluon_gate_up
-
-        configs += gluon_gate_up.candidates(block_m, D, F, element_bytes)
+    if with_gluon:
+        configs += _gluon_gemm(name).candidates(block_m, D, F, element_bytes)
     if with_merged:
         configs += merge_tail.candidates(name, block_m, D, F, element_bytes)
     return configs
