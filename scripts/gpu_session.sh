@@ -43,10 +43,11 @@
 #             switches to time the call with, in turns: MOEBENCH_ROUTE_ALIGN, or A,B);
 #             $OUT/stage_probe.json
 #   gluon     the warp-specialised Gluon kernels (gluon_down.py, gluon_gate_up.py): their
-#             tests, then scripts/gluon_down_probe.py (each down config under a watchdog,
-#             its bits against the TMA tile's, timed against every other down candidate;
-#             GPU_POINTS: PRESET:TOKENS list); $OUT/gluon_down_probe.json. Only when it is
-#             clean: MOEBENCH_GLUON_WS=1 GPU_FILTER=impl=triton scripts/gpu_session.sh peers
+#             tests, then scripts/gluon_probe.py for each GEMM (GPU_GEMMS, default
+#             "gate_up down": each config under a watchdog, its bits against the TMA
+#             tile's, timed against the shipped choice; GPU_POINTS: PRESET:TOKENS list);
+#             $OUT/gluon_probe_GEMM.json. Only when it is clean: MOEBENCH_GLUON_WS=1
+#             GPU_FILTER=impl=triton scripts/gpu_session.sh peers
 #
 # GPU_FILTER="KEY=V1,V2" (or a label regex) keeps only matching cases of every suite step,
 # e.g. GPU_FILTER=cuda_graph=true scripts/gpu_session.sh peers (the graphed decode rows);
@@ -159,9 +160,11 @@ for step in "$@"; do
     hierarchical) suite suites/hierarchical.toml --device cuda ;;
     gluon)
       timed python3 -m pytest -q -p no:cacheprovider -rs tests/test_gluon_down.py tests/test_gluon_gate_up.py
-      # shellcheck disable=SC2086
-      timed python3 scripts/gluon_down_probe.py --json "$out/gluon_down_probe.json" \
-        ${GPU_POINTS:+--points $GPU_POINTS}
+      for gemm in ${GPU_GEMMS:-gate_up down}; do
+        # shellcheck disable=SC2086
+        timed python3 scripts/gluon_probe.py --gemm "$gemm" \
+          --json "$out/gluon_probe_$gemm.json" ${GPU_POINTS:+--points $GPU_POINTS}
+      done
       ;;
     stages)
       # shellcheck disable=SC2086

@@ -1,4 +1,4 @@
-"""scripts/gluon_down_probe.py's watchdog, without a card: a child that goes quiet is
+"""scripts/gluon_probe.py's watchdog, without a card: a child that goes quiet is
 killed and called a hang, the config it was checking is skipped by the next child, a
 hang while timing ends the point, and bad points are refused before anything runs."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "gluon_down_probe.py"
+SCRIPT = Path(__file__).parents[1] / "scripts" / "gluon_probe.py"
 
 
 @pytest.fixture()
@@ -55,9 +55,10 @@ def test_a_hung_config_is_skipped_by_the_next_child(probe):
     )
     records = probe["probe_point"]("qwen3-30b-a3b:64", 5.0, 1)
     assert "--skip" not in commands[0] and commands[1][-2:] == ["--skip", "1"]
+    assert commands[0][commands[0].index("--gemm") + 1] == "down"
     assert records[0]["index"] == 1 and records[0]["hang"] and records[0]["config"]
     assert records[1]["ms"] == 1.5
-    assert "gluon 1500.0 us" in probe["summary"](records)
+    assert "p:8 down: gluon 1500.0 us" in probe["summary"](records)
     assert "1 Gluon config(s) wrong or ended, 0 other(s) ended" in probe["summary"](records)
     records[0]["config"] = {"TMA": True}  # a TMA tile's crash is not the Gluon kernels'
     assert "0 Gluon config(s) wrong or ended, 1 other(s) ended" in probe["summary"](records)
@@ -66,14 +67,30 @@ def test_a_hung_config_is_skipped_by_the_next_child(probe):
 def test_a_crash_while_timing_ends_the_point(probe):
     _fake_children(probe, [(["START 0", "CHECKED {}", "TIMING", "WARMED 0"], "crash")])
     records = probe["probe_point"]("qwen3-30b-a3b:64", 5.0, 1)
-    assert records == [{"point": "qwen3-30b-a3b:64", "index": None, "crash": True,
-                        "error": "stderr"}]  # fmt: skip
+    assert records == [{"point": "qwen3-30b-a3b:64", "gemm": "down", "index": None,
+                        "crash": True, "error": "stderr"}]  # fmt: skip
 
 
 def test_a_child_failing_before_any_config_is_an_error(probe):
     _fake_children(probe, [([], "crash")])
     with pytest.raises(RuntimeError, match="before any config"):
         probe["probe_point"]("qwen3-30b-a3b:64", 5.0, 1)
+
+
+def test_gate_up_is_probed_when_asked(probe):
+    result = '{"point": "p:8", "gemm": "gate_up", "index": 0, "config": {}, "ms": 2.0}'
+    commands = _fake_children(
+        probe, [(["START 0", "CHECKED {}", "TIMING", f"RESULT {result}"], None)]
+    )
+    records = probe["probe_point"]("qwen3-30b-a3b:64", 5.0, 1, gemm="gate_up")
+    assert commands[0][commands[0].index("--gemm") + 1] == "gate_up"
+    assert "p:8 gate_up: pointer 2000.0 us" in probe["summary"](records)
+
+
+def test_an_unknown_gemm_is_refused(probe, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        probe["main"](["--gemm", "up"])
+    assert exit_.value.code == 2 and "invalid choice: 'up'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("point", ["nope:12", "qwen3-30b-a3b", "qwen3-30b-a3b:0"])
@@ -85,9 +102,10 @@ def test_bad_points_are_refused(probe, point, capsys):
 
 
 def test_the_shipped_choice_is_found_under_the_layers_key():
-    """The probe races the Gluon configs against the down config moebench ships, looked
-    up under the key and fingerprint the layer computes (under the card's versions, in a
-    process without Triton's interpreter, as tests/test_shipped_tuning.py does)."""
+    """The probe races the Gluon configs against the config moebench ships (down's and
+    gate_up's), looked up under the key and fingerprint the layer computes (under the
+    card's versions, in a process without Triton's interpreter, as
+    tests/test_shipped_tuning.py does)."""
     pytest.importorskip("triton", reason="the fingerprints take the kernels' Triton cache keys")
     from tests.conftest import without_interpreter
     from tests.test_shipped_tuning import CARD_TORCH, CARD_TRITON
@@ -101,6 +119,8 @@ probe = runpy.run_path({str(SCRIPT)!r})
 found = probe["shipped_choice"]("qwen3-30b-a3b", 8192, 128, "NVIDIA H200")
 assert found is not None and found["BLOCK_M"] == 128, found
 assert probe["shipped_choice"]("qwen3-30b-a3b", 8192, 128, "no such card") is None
+found = probe["shipped_choice"]("qwen3-30b-a3b", 8192, 128, "NVIDIA H200", "gate_up")
+assert found is not None and found["BLOCK_M"] == 128 and "GLUON_WS" not in found, found
 """
     done = subprocess.run(
         [sys.executable, "-c", code], env=without_interpreter(), capture_output=True, text=True

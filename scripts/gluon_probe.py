@@ -1,21 +1,24 @@
-"""The warp-specialised Gluon down kernels (`gluon_down.py`) on a Hopper card, before the
-tuner races them (`MOEBENCH_GLUON_WS=1`): a kernel that hangs there would stop a whole
-run, so here each config runs in a child process under a watchdog first.
+"""The warp-specialised Gluon GEMMs (`gluon_down.py`, `gluon_gate_up.py`) on a Hopper card,
+before the tuner races them (`MOEBENCH_GLUON_WS=1`): a kernel that hangs there would stop
+a whole run, so here each config runs in a child process under a watchdog first.
 
-    python scripts/gluon_down_probe.py [--points mixtral-8x7b:8192 qwen3-30b-a3b:8192 ...]
-                                       [--timeout-s 90] [--rounds 3] [--all] [--json FILE]
+    python scripts/gluon_probe.py [--gemm down | gate_up]
+                                  [--points mixtral-8x7b:8192 qwen3-30b-a3b:8192 ...]
+                                  [--timeout-s 90] [--rounds 3] [--all] [--json FILE]
 
 At each point (preset and token count; by default the ones issue 14 misses: 8192 tokens
 of every preset, Mixtral-8x7B's 1024), tokens are routed uniformly at random (top_k
 distinct experts each), aligned at every row-block height the tuner races, and each
-Gluon config is:
-- checked against the TMA tile of the same BLOCK_N and BLOCK_K (`tma.launch_down`, the
-  same K steps in the same order): `bits` true where out is equal bit for bit, else the
+Gluon config of the GEMM (`--gemm`: down, the default, or inference's gate_up) is:
+- checked against the TMA tile of the same BLOCK_N and BLOCK_K (`tma.launch_down`, or
+  `tma.launch_gate_up`'s two-product tile: the same K steps in the same order): `bits`
+  true where the output (down's rows of out, gate_up's h) is equal bit for bit, else the
   largest difference;
 - timed in a CUDA graph (L2 flushed before each replay, `tuning.graphed_ms`) in turns
-  with the down config moebench ships for that point (`SHIPPED`; where none was shipped
-  for this code, or with `--all`, every pointer and TMA down candidate the layer races
-  there), after a warm-up, `--rounds` times (median ms).
+  with the config moebench ships for that point (`SHIPPED`; where none was shipped for
+  this code, or with `--all`, every pointer and TMA candidate the layer races there),
+  after a warm-up, `--rounds` times (median ms). gate_up's times include the gather of
+  x's rows that its TMA tiles and Gluon kernels launch first, as the layer's do.
 A child that prints nothing for `--timeout-s` is ended, and one that dies is recorded;
 the config it was checking is recorded as `hang` or `crash`, and a new child goes on
 without it (a hang or crash while timing ends the point). One JSON line a
@@ -44,8 +47,12 @@ DEFAULT_POINTS = (
 )
 
 
-def _problem(preset: str, tokens: int, block_m: int, seed: int = 0) -> tuple:
-    """(h_PF, w_down_EFD, gate_A, alignment) on the card for a preset's shape."""
+GEMMS = ("down", "gate_up")
+
+
+def _problem(gemm: str, preset: str, tokens: int, block_m: int, seed: int = 0) -> dict:
+    """The GEMM's inputs on the card for a preset's shape, its alignment and top_k: down's
+    h_PF, w_down_EFD and gate_A, gate_up's x_TD and w_gate_up_E2FD."""
     from moebench.impls.triton.align import align_to_blocks
     from moebench.presets import PRESETS
 
@@ -57,24 +64,44 @@ def _problem(preset: str, tokens: int, block_m: int, seed: int = 0) -> tuple:
     alignment = align_to_blocks(ids_TK, E, block_m)
     # drawn in bfloat16: DeepSeek-V3's weights in float32 would be 15 GB, twice over
     bf16 = {"device": "cuda", "dtype": torch.bfloat16, "generator": generator}
+    if gemm == "gate_up":
+        x_TD = torch.randn(tokens, D, **bf16)
+        w_E2FD = torch.randn(E, 2 * F, D, **bf16).mul_(D**-0.5)
+        return {"x_TD": x_TD, "w_E2FD": w_E2FD, "alignment": alignment, "K": K}
     h_PF = torch.randn(alignment.max_rows, F, **bf16)
     w_EFD = torch.randn(E, F, D, **bf16).mul_(F**-0.5)
     gate_A = torch.rand(tokens * K, **bf16)
-    return h_PF, w_EFD, gate_A, alignment
+    return {"h_PF": h_PF, "w_EFD": w_EFD, "gate_A": gate_A, "alignment": alignment, "K": K}
 
 
-def _launcher(config: dict, problem: tuple, out_AD: torch.Tensor):
-    """A function launching `config`'s down kernel on `problem` into out_AD, as the
-    layer does (`layer.launch_down`)."""
-    from moebench.impls.triton.layer import launch_down
+def _output(gemm: str, problem: dict) -> torch.Tensor:
+    """The GEMM's output buffer: gate_up's h (a row a padded row), down's out (a row an
+    assignment)."""
+    if gemm == "gate_up":
+        rows, F = problem["alignment"].max_rows, problem["w_E2FD"].shape[1] // 2
+    else:
+        rows, F = problem["gate_A"].numel(), problem["w_EFD"].shape[2]
+    return torch.empty(rows, F, device="cuda", dtype=torch.bfloat16)
 
-    h_PF, w_EFD, gate_A, alignment = problem
-    return lambda: launch_down(config, h_PF, w_EFD, gate_A, out_AD, alignment)
+
+def _launcher(gemm: str, config: dict, problem: dict, out: torch.Tensor):
+    """A function launching `config`'s kernel of `gemm` on `problem` into `out`, as the
+    layer does (`layer.launch_gate_up`, `layer.launch_down`)."""
+    from moebench.impls.triton.layer import launch_down, launch_gate_up
+
+    alignment = problem["alignment"]
+    if gemm == "gate_up":
+        x_TD, w_E2FD, K = problem["x_TD"], problem["w_E2FD"], problem["K"]
+        return lambda: launch_gate_up(config, x_TD, w_E2FD, out, alignment, K)
+    h_PF, w_EFD, gate_A = problem["h_PF"], problem["w_EFD"], problem["gate_A"]
+    return lambda: launch_down(config, h_PF, w_EFD, gate_A, out, alignment)
 
 
-def shipped_choice(preset: str, tokens: int, block_m: int, device_name: str) -> dict | None:
-    """The down config moebench ships for this point and row-block height on a card of
-    `device_name` (the key and code fingerprint the layer looks up without the Gluon
+def shipped_choice(
+    preset: str, tokens: int, block_m: int, device_name: str, gemm: str = "down"
+) -> dict | None:
+    """The config of `gemm` moebench ships for this point and row-block height on a card
+    of `device_name` (the key and code fingerprint the layer looks up without the Gluon
     kernels), or None where none was shipped for this code."""
     from moebench.impls.triton import layer, tuning
     from moebench.presets import PRESETS
@@ -83,18 +110,22 @@ def shipped_choice(preset: str, tokens: int, block_m: int, device_name: str) -> 
     D, F, E, K = shape.hidden, shape.ffn, shape.num_experts, shape.top_k
     x_TD = torch.empty(tokens, D, device="meta", dtype=torch.bfloat16)
     w_down_EFD = torch.empty(E, F, D, device="meta", dtype=torch.bfloat16)
-    layout = tuning.weight_layout(w_down_EFD)
-    key = tuning.key("down", x_TD, w_down_EFD, K, layout, block_m)
-    configs = layer.gemm_candidates("down", block_m, D, F, 2, True)
-    fingerprint = tuning.code_fingerprint(layer.gemm_code("down", True), configs, "graph")
+    if gemm == "gate_up":  # (the layer's: E x D x F views of the K-major storage)
+        w_E2FD = torch.empty(E, 2 * F, D, device="meta", dtype=torch.bfloat16)
+        layout = tuning.weight_layout(w_E2FD.transpose(1, 2))
+    else:
+        layout = tuning.weight_layout(w_down_EFD)
+    key = tuning.key(gemm, x_TD, w_down_EFD, K, layout, block_m)
+    configs = layer.gemm_candidates(gemm, block_m, D, F, 2, True)
+    fingerprint = tuning.code_fingerprint(layer.gemm_code(gemm, True), configs, "graph")
     table = tuning.read_table(tuning.shipped_dir() / tuning.device_file_name(device_name))
     return table.get(f"{key} {fingerprint}")
 
 
-def _configs(preset: str, tokens: int, race_all: bool) -> list[dict]:
-    """The Gluon down configs at each row-block height the layer may take at this point,
-    then what they race: the shipped choice of each height (`"SHIPPED": True`), or, where
-    none was shipped or `race_all`, every pointer and TMA down candidate there."""
+def _configs(gemm: str, preset: str, tokens: int, race_all: bool) -> list[dict]:
+    """The Gluon configs of `gemm` at each row-block height the layer may take at this
+    point, then what they race: the shipped choice of each height (`"SHIPPED": True`),
+    or, where none was shipped or `race_all`, every pointer and TMA candidate there."""
     from moebench.impls.triton import tuning
     from moebench.impls.triton.layer import gemm_candidates
     from moebench.presets import PRESETS
@@ -103,9 +134,11 @@ def _configs(preset: str, tokens: int, race_all: bool) -> list[dict]:
     D, F, E, K = shape.hidden, shape.ffn, shape.num_experts, shape.top_k
     gluon, others = [], []
     for block_m in tuning.block_m_choices(tokens, K, E):
-        candidates = gemm_candidates("down", block_m, D, F, 2, True, True)
+        candidates = gemm_candidates(gemm, block_m, D, F, 2, True, True)
         gluon += [config for config in candidates if config.get("GLUON_WS")]
-        shipped = None if race_all else shipped_choice(preset, tokens, block_m, _device_name())
+        shipped = (
+            None if race_all else shipped_choice(preset, tokens, block_m, _device_name(), gemm)
+        )
         if shipped is not None:
             others.append({**shipped, "SHIPPED": True})
         else:
@@ -117,16 +150,18 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def run_child(preset: str, tokens: int, skip: set[int], rounds: int, race_all: bool) -> None:
+def run_child(
+    gemm: str, preset: str, tokens: int, skip: set[int], rounds: int, race_all: bool
+) -> None:
     """Check and time every config not in `skip`, announcing each first ("START i
     config") so that the parent knows which one a hang was in."""
     from moebench.impls.triton import tuning
 
-    configs = _configs(preset, tokens, race_all)
-    # one problem and one output an row-block height, shared by its configs (an output
+    configs = _configs(gemm, preset, tokens, race_all)
+    # one problem and one output a row-block height, shared by its configs (an output
     # each would hold 48 GB at DeepSeek-V3's 8192 tokens): each is checked as it is
     # launched, and timing only overwrites
-    problems: dict[int, tuple] = {}
+    problems: dict[int, tuple[dict, torch.Tensor]] = {}
     timed = []
     for index, config in enumerate(configs):
         if index in skip:
@@ -134,25 +169,25 @@ def run_child(preset: str, tokens: int, skip: set[int], rounds: int, race_all: b
         print(f"START {index} {json.dumps(config)}", flush=True)
         block_m = config["BLOCK_M"]
         if block_m not in problems:
-            problem = _problem(preset, tokens, block_m)
-            shape_AD = (problem[2].numel(), problem[1].shape[2])
-            problems[block_m] = problem, torch.empty(shape_AD, device="cuda", dtype=torch.bfloat16)
-        problem, out_AD = problems[block_m]
-        out_AD.fill_(float("nan"))
-        launch = _launcher(config, problem, out_AD)
+            problem = _problem(gemm, preset, tokens, block_m)
+            problems[block_m] = problem, _output(gemm, problem)
+        problem, out = problems[block_m]
+        out.fill_(float("nan"))
+        launch = _launcher(gemm, config, problem, out)
         launch()
         torch.cuda.synchronize()
-        record = {"point": f"{preset}:{tokens}", "index": index, "config": config}
+        record = {"point": f"{preset}:{tokens}", "gemm": gemm, "index": index, "config": config}
         if config.get("GLUON_WS"):
-            want_AD = torch.full_like(out_AD, float("nan"))
+            want = torch.full_like(out, float("nan"))
             tile = {"BLOCK_M": block_m, "BLOCK_N": config["BLOCK_N"],
                     "BLOCK_K": config["BLOCK_K"], "GROUP_M": 8, "num_warps": 8,
                     "num_stages": 3, "TMA": True}  # fmt: skip
-            _launcher(tile, problem, want_AD)()
+            _launcher(gemm, tile, problem, want)()
             torch.cuda.synchronize()
-            record["bits"] = bool(torch.equal(out_AD, want_AD))
-            difference = (out_AD.float() - want_AD.float()).abs().nan_to_num(float("inf"))
-            record["max_diff"] = float(difference.max())
+            # (gate_up leaves the rows past the last block unwritten: NaN in both)
+            got, want = out.nan_to_num(7.0), want.nan_to_num(7.0)
+            record["bits"] = bool(torch.equal(got, want))
+            record["max_diff"] = float((got.float() - want.float()).abs().max())
         timed.append((record, launch))
         print(f"CHECKED {json.dumps(record)}", flush=True)
     print("TIMING", flush=True)
@@ -198,13 +233,17 @@ def _child_lines(command: list[str], timeout_s: float) -> tuple[list[str], str |
     return output, status, child.stderr.read()[-800:]
 
 
-def probe_point(point: str, timeout_s: float, rounds: int, race_all: bool = False) -> list[dict]:
-    """Children until every config of `point` has a result or was ended (hang, crash)."""
+def probe_point(
+    point: str, timeout_s: float, rounds: int, race_all: bool = False, gemm: str = "down"
+) -> list[dict]:
+    """Children until every config of `gemm` at `point` has a result or was ended (hang,
+    crash)."""
     preset, tokens = point.split(":")
     skip: set[int] = set()
     ended: list[dict] = []
     while True:
-        command = [sys.executable, __file__, "--child", preset, tokens, "--rounds", str(rounds)]
+        command = [sys.executable, __file__, "--child", preset, tokens, "--gemm", gemm]
+        command += ["--rounds", str(rounds)]
         command += ["--skip", ",".join(map(str, sorted(skip)))] if skip else []
         command += ["--all"] if race_all else []
         output, status, error = _child_lines(command, timeout_s)
@@ -216,21 +255,24 @@ def probe_point(point: str, timeout_s: float, rounds: int, race_all: bool = Fals
             raise RuntimeError(f"{point}: the child failed before any config: {error}")
         if any(line.startswith("TIMING") for line in output):  # every config checked: a
             # hang or crash while timing is no one config's to skip
-            ended.append({"point": point, "index": None, status: True, "error": error})
+            ended.append(
+                {"point": point, "gemm": gemm, "index": None, status: True, "error": error}
+            )
             return ended
         index, config = int(started[-1][0]), json.loads((started[-1] + ["{}"])[1])
         ended.append(
-            {"point": point, "index": index, "config": config, status: True, "error": error}
-        )
+            {"point": point, "gemm": gemm, "index": index, "config": config, status: True,
+             "error": error}
+        )  # fmt: skip
         skip.add(index)
 
 
 def summary(records: list[dict]) -> str:
-    """The fastest config of each kind (pointer, TMA, Gluon) a point, and the Gluon
-    configs whose bits differ or that were ended."""
+    """The fastest config of each kind (pointer, TMA, Gluon) a point and GEMM, and the
+    Gluon configs whose bits differ or that were ended."""
     lines = []
-    for point in dict.fromkeys(r["point"] for r in records):
-        mine = [r for r in records if r["point"] == point]
+    for point, gemm in dict.fromkeys((r["point"], r.get("gemm", "down")) for r in records):
+        mine = [r for r in records if (r["point"], r.get("gemm", "down")) == (point, gemm)]
         best = {}
         for record in mine:
             if "ms" not in record:
@@ -245,7 +287,7 @@ def summary(records: list[dict]) -> str:
         bad = [r for r in mine if r.get("hang") or r.get("crash") or r.get("bits") is False]
         gluon_bad = sum(bool(r.get("config", {}).get("GLUON_WS")) for r in bad)
         lines.append(
-            f"{point}: {', '.join(parts)}; {gluon_bad} Gluon config(s) wrong or ended,"
+            f"{point} {gemm}: {', '.join(parts)}; {gluon_bad} Gluon config(s) wrong or ended,"
             f" {len(bad) - gluon_bad} other(s) ended"
         )
     return "\n".join(lines)
@@ -253,6 +295,7 @@ def summary(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gemm", choices=GEMMS, default="down")
     parser.add_argument("--points", nargs="+", default=list(DEFAULT_POINTS))
     parser.add_argument("--timeout-s", type=float, default=90.0)
     parser.add_argument("--rounds", type=int, default=3)
@@ -263,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         skip = {int(i) for i in args.skip.split(",") if i}
-        run_child(args.child[0], int(args.child[1]), skip, args.rounds, args.race_all)
+        run_child(args.gemm, args.child[0], int(args.child[1]), skip, args.rounds, args.race_all)
         return 0
     from moebench.presets import PRESETS
 
@@ -273,11 +316,11 @@ def main(argv: list[str] | None = None) -> int:
             known = ", ".join(PRESETS)
             parser.error(f"--points {point!r}: want PRESET:TOKENS, a preset of {known}")
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        print("gluon_down_probe: needs a Hopper card (capability 9.x)", file=sys.stderr)
+        print("gluon_probe: needs a Hopper card (capability 9.x)", file=sys.stderr)
         return 2
     records = []
     for point in args.points:
-        for record in probe_point(point, args.timeout_s, args.rounds, args.race_all):
+        for record in probe_point(point, args.timeout_s, args.rounds, args.race_all, args.gemm):
             print(json.dumps(record), flush=True)
             records.append(record)
     if args.json:
