@@ -197,11 +197,50 @@ def pack_cache(cache_dir: Path) -> int:
             if name.endswith(_KEPT_SUFFIXES)
         }
         group.write_text(json.dumps({"child_paths": kept}))
+    (cache_dir / MADE_BY).write_text(json.dumps(compiler_identity()))
     return sum(path.stat().st_size for path in cache_dir.rglob("*") if path.is_file())
 
 
-def unpack_cache(cache_dir: Path) -> None:
-    """Point a packed cache's groups at `cache_dir`, where it now lies (`pack_cache`)."""
+# A packed cache's record of the compiler that made it (`compiler_identity`).
+MADE_BY = "made_by.json"
+
+
+def compiler_identity(target: tuple = HOPPER) -> dict[str, str]:
+    """What of this host's compiler goes into every one of Triton's cache keys: the hash of
+    Triton's own files and `libtriton` binary (`triton_key`, which differs between two
+    Pythons' wheels of one version), and the backend's (`ptxas`'s version and the
+    target), with the Python and Triton versions for the reader."""
+    import platform
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.cache import triton_key
+
+    return {
+        "triton_key": triton_key(),
+        "backend": CUDABackend(GPUTarget(*target)).hash(),
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def unpack_cache(cache_dir: Path) -> str:
+    """Point a packed cache's groups at `cache_dir`, where it now lies (`pack_cache`), and
+    say whether this host's Triton can load its kernels: one line, for the log."""
     for group in cache_dir.rglob("__grp__*.json"):
         text = group.read_text()
         group.write_text(text.replace(CACHE_PLACEHOLDER, str(cache_dir.resolve())))
+    made_by = cache_dir / MADE_BY
+    if not made_by.exists():
+        return f"{cache_dir}: no {MADE_BY}, so whether this Triton can load it is not known"
+    theirs, mine = json.loads(made_by.read_text()), compiler_identity()
+    differ = [key for key in ("triton_key", "backend") if theirs.get(key) != mine[key]]
+    if not differ:
+        return f"{cache_dir}: made by this compiler (Triton {mine['triton']}), loadable"
+    made = f"Triton {theirs.get('triton')} on Python {theirs.get('python')}"
+    here = f"Triton {mine['triton']} on Python {mine['python']}"
+    return (
+        f"{cache_dir}: made by another compiler ({made}; here {here}; {' and '.join(differ)}"
+        " differ): every kernel will compile again"
+    )

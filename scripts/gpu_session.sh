@@ -79,12 +79,16 @@
 # .tune-cache/*.json (git-ignored; device tool: carry ".tune-cache") seeds the tuning
 # cache, and the cache comes back as $OUT/tune-cache/ (copy it over .tune-cache/). It
 # holds choices of block sizes, no measurements. Kernels compiled ahead on a host without
-# a card travel as .triton-cache/ (git-ignored; `python scripts/offline_compile.py --preset
-# P --cache .triton-cache`; device tool: carry ".triton-cache"): unpacked as Triton's
-# cache, the JIT loads them instead of compiling, where its key comes out the same there
-# (on the card of version 17 it did not: every kernel compiled again. Triton's key hashes
-# its libtriton binary, and that card's Python is 3.12: a cache compiled by a 3.11 host's
-# wheel cannot match). .tune-cache does not outlive a fresh
+# a card travel as .triton-cache/ or, a quarter of its size, .triton-cache.tar.gz (both
+# git-ignored; `python scripts/offline_compile.py --preset P --cache .triton-cache`, then
+# `tar -czf .triton-cache.tar.gz -C .triton-cache .`; device tool: carry
+# ".triton-cache.tar.gz"): unpacked as Triton's cache, the JIT loads them instead of
+# compiling, where its key comes out the same there. Triton's key hashes its libtriton
+# binary, which differs between Pythons' wheels (the card's Python is 3.12: a 3.11 host's
+# cache compiled every kernel again on version 17's card), so compile from a Python 3.12
+# venv with the card's Triton; the log's first lines say whether the cache was made by
+# the card's compiler, its last how many kernels were compiled there all the same.
+# .tune-cache does not outlive a fresh
 # checkout: fold what came back into the choices moebench ships, and commit them
 # (`python scripts/ship_tuning.py $OUT/tune-cache/NVIDIA_H200.json`; every key of the
 # package's tuned/ files is taken without tuning). What each tuning timed (every candidate's
@@ -102,11 +106,18 @@ export MOEBENCH_TRITON_TUNE_LOG="$out/tune-log.jsonl"
 if compgen -G ".tune-cache/*.json" >/dev/null; then
   mkdir -p "$MOEBENCH_TRITON_CACHE" && cp .tune-cache/*.json "$MOEBENCH_TRITON_CACHE/"
 fi
-if [ -d .triton-cache ]; then
+kernels_carried=
+if [ -f .triton-cache.tar.gz ] || [ -d .triton-cache ]; then
   export TRITON_CACHE_DIR=/tmp/triton-cache
-  mkdir -p "$TRITON_CACHE_DIR" && cp -r .triton-cache/. "$TRITON_CACHE_DIR/"
+  mkdir -p "$TRITON_CACHE_DIR"
+  if [ -f .triton-cache.tar.gz ]; then
+    tar -xzf .triton-cache.tar.gz -C "$TRITON_CACHE_DIR"
+  else
+    cp -r .triton-cache/. "$TRITON_CACHE_DIR/"
+  fi
   python3 -c "import sys; from pathlib import Path; from moebench.offline_compile import \
-unpack_cache; unpack_cache(Path(sys.argv[1]))" "$TRITON_CACHE_DIR"
+unpack_cache; print(unpack_cache(Path(sys.argv[1])))" "$TRITON_CACHE_DIR" | tee -a "$log"
+  kernels_carried=$(find "$TRITON_CACHE_DIR" -name '*.cubin' | wc -l)
 fi
 
 site=/tmp/site
@@ -228,5 +239,10 @@ for step in "$@"; do
 done
 if compgen -G "$MOEBENCH_TRITON_CACHE/*.json" >/dev/null; then
   mkdir -p "$out/tune-cache" && cp "$MOEBENCH_TRITON_CACHE"/*.json "$out/tune-cache/"
+fi
+if [ -n "$kernels_carried" ]; then
+  kernels_now=$(find "$TRITON_CACHE_DIR" -name '*.cubin' | wc -l)
+  echo "== Triton's cache: $kernels_carried kernels carried," \
+    "$((kernels_now - kernels_carried)) compiled here" | tee -a "$log"
 fi
 echo "== $(date -u +%T) done, $(left) s to spare" | tee -a "$log"

@@ -6,6 +6,7 @@ training step its backward's kernels, and a packed cache is loaded, not compiled
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -122,15 +123,24 @@ def test_a_packed_cache_is_loaded_instead_of_compiled(tmp_path):
     assert suffixes == {".json", ".cubin"}
     groups = list(cache.rglob("__grp__*.json"))
     assert groups and all(offline_compile.CACHE_PLACEHOLDER in g.read_text() for g in groups)
+    made_by = json.loads((cache / offline_compile.MADE_BY).read_text())
+    assert made_by == offline_compile.compiler_identity()
     moved = tmp_path / "elsewhere"
     cache.rename(moved)
-    offline_compile.unpack_cache(moved)
+    assert offline_compile.unpack_cache(moved).endswith("loadable")
     env = {**without_interpreter(), "TRITON_CACHE_DIR": str(moved)}
     again = subprocess.run(
         [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert {path.suffix for path in moved.rglob("*") if path.is_file()} == suffixes
+    # made by another Triton's wheel (another Python's, say): said so, not loaded silently
+    (moved / offline_compile.MADE_BY).write_text(json.dumps({**made_by, "triton_key": "x"}))
+    assert "triton_key differ): every kernel will compile again" in offline_compile.unpack_cache(
+        moved
+    )
+    (moved / offline_compile.MADE_BY).unlink()
+    assert "not known" in offline_compile.unpack_cache(moved)
 
 
 def test_comparable_ptx_drops_where_the_code_came_from_and_keeps_what_it_does():
