@@ -15,7 +15,9 @@ SwiGLU backward, the token sums).
 One line per compile (kernel, constexprs and options, shared memory, warps, registers
 and stack per thread, or why it failed), then a summary. `--cache DIR`: compile into
 DIR as Triton's cache and pack it (`offline_compile.pack_cache`), for a card's JIT to
-load instead of compiling (`scripts/gpu_session.sh` unpacks `.triton-cache/`).
+load instead of compiling (`scripts/gpu_session.sh` unpacks `.triton-cache/`); a DIR
+packed by an earlier pass of the same compiler is taken up again, so that passes for
+several presets add up in one cache.
 `--ptx DIR`: each kernel's PTX, debug locations left out (`offline_compile.comparable_ptx`),
 a file a compile named by token count, kernel and constants: `diff -r` of two checkouts'
 folders says whether an edit changed any kernel (with `MOEBENCH_GLUON_WS=1` and
@@ -112,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         shape = (preset.hidden, preset.ffn, preset.num_experts, preset.top_k)
     if any(t < 1 for t in args.tokens) or any(n < 1 for n in shape) or shape[3] > shape[2]:
         parser.error("tokens and every size must be at least 1, top_k at most the experts")
+    if args.cache and (args.cache / offline_compile.MADE_BY).exists():
+        # a packed cache of an earlier pass: taken up again, so that passes add up
+        said = offline_compile.unpack_cache(args.cache)
+        if not said.endswith("loadable"):
+            parser.error(f"--cache {said}; give an empty folder")
+        print(said)
     if args.cache:  # (Triton reads its cache folder from the environment as it compiles)
         os.environ["TRITON_CACHE_DIR"] = str(args.cache.resolve())
     if args.ptx and args.ptx.exists() and any(args.ptx.iterdir()):

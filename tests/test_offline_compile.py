@@ -178,3 +178,23 @@ def test_ptx_folder_holds_each_kernel_and_refuses_another_pass(tmp_path):
         assert ".entry" in text and "\t.loc" not in text, path.name
     again = _run("--shape", "256", "384", "8", "2", "--tokens", "64", "--ptx", str(folder))
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_passes_into_one_cache_add_up_and_another_compilers_is_refused(tmp_path):
+    """A second --cache pass into a folder packed by this compiler takes it up (its
+    kernels load, the other shape's are added) and packs it again; a folder packed by
+    another compiler is refused (exit 2), not mixed."""
+    cache = tmp_path / "cache"
+    first = _run("--shape", "256", "384", "8", "2", "--tokens", "64", "--cache", str(cache))
+    assert first.returncode == 0, first.stderr[-2000:]
+    cubins = len(list(cache.rglob("*.cubin")))
+    second = _run("--shape", "512", "384", "8", "2", "--tokens", "64", "--cache", str(cache))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.splitlines()[0].endswith("loadable")
+    assert len(list(cache.rglob("*.cubin"))) > cubins
+    groups = list(cache.rglob("__grp__*.json"))
+    assert all(str(cache) not in group.read_text() for group in groups)  # packed again
+    made_by = json.loads((cache / offline_compile.MADE_BY).read_text())
+    (cache / offline_compile.MADE_BY).write_text(json.dumps({**made_by, "backend": "other"}))
+    third = _run("--shape", "256", "384", "8", "2", "--tokens", "64", "--cache", str(cache))
+    assert third.returncode == 2 and "give an empty folder" in third.stderr
