@@ -86,8 +86,9 @@
 # compiling, where its key comes out the same there. Triton's key hashes its libtriton
 # binary, which differs between Pythons' wheels (the card's Python is 3.12: a 3.11 host's
 # cache compiled every kernel again on version 17's card), so compile from a Python 3.12
-# venv with the card's Triton; the log's first lines say whether the cache was made by
-# the card's compiler, its last how many kernels were compiled there all the same.
+# venv with the card's Triton (`scripts/card_cache.sh` does it all); the log's first lines
+# say whether the cache was made by the card's compiler, its last how many kernels were
+# compiled there all the same.
 # .tune-cache does not outlive a fresh
 # checkout: fold what came back into the choices moebench ships, and commit them
 # (`python scripts/ship_tuning.py $OUT/tune-cache/NVIDIA_H200.json`; every key of the
