@@ -345,6 +345,39 @@ def test_cli_writes_the_report_and_refuses_bad_input(runs, tmp_path, capsys, mon
     assert "pip install 'moebench[report]'" in printed(capsys)
 
 
+def test_plotly_js_beside_many_pages_is_written_once(runs, tmp_path, capsys):
+    """--plotly-js DIR: each page loads DIR/plotly-VERSION.min.js by its path relative to
+    the page, in place of 5 MB of its own; the file is written once, whole."""
+    import plotly
+    import plotly.offline
+
+    root, first, second = runs
+    shared = tmp_path / "reference"
+    pages = [shared / "a" / "a.html", shared / "b c" / "b.html"]
+    for page, run_id in zip(pages, (first, second)):
+        args = ["report", run_id, "--root", str(root), "-o", str(page), "--plotly-js", str(shared)]
+        assert cli_main(args) == 0
+        assert f"load plotly.js from {shared}" in printed(capsys)
+    js = shared / f"plotly-{plotly.__version__}.min.js"
+    assert js.read_text() == plotly.offline.get_plotlyjs()
+    stamp = js.stat().st_mtime_ns
+    for page in pages:
+        text = page.read_text()
+        assert f'<script src="../plotly-{plotly.__version__}.min.js"' in text
+        assert "/*! For license information please see plotly" not in text
+        assert len(text.encode()) < len(plotly.offline.get_plotlyjs()) / 2
+    again = ["report", first, "--root", str(root), "-o", str(pages[0]), "--force"]
+    assert cli_main([*again, "--plotly-js", str(shared)]) == 0
+    assert js.stat().st_mtime_ns == stamp  # not written again
+    assert (
+        "<script src=" not in write_report([first], tmp_path / "x.html", root=root).path.read_text()
+    )
+    not_a_folder = ["report", first, "--root", str(root), "-o", str(tmp_path / "y.html")]
+    assert cli_main([*not_a_folder, "--plotly-js", str(js)]) == 2
+    assert f"--plotly-js {js}: not a folder" in printed(capsys)
+    assert not (tmp_path / "y.html").exists()
+
+
 def test_a_page_that_cannot_be_written_is_one_line_and_no_file(runs, tmp_path, capsys, monkeypatch):
     """A full disk while writing the page: one line naming the file (it was a traceback),
     exit 2, and no half-written page or temporary."""

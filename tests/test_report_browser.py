@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("plotly")
 
 from moebench.measure.timing import TimingPlan
-from moebench.report.build import read_manifest, render_report, write_report
+from moebench.report.build import plotly_file, read_manifest, render_report, write_report
 from moebench.report.data import prepare
 from moebench.runner import run_cases
 from tests.test_report import small_cases, synthetic_sweep
@@ -104,6 +104,24 @@ def test_a_real_run_renders_in_chromium(tmp_path):
     result = write_report([outcome.run_id], page, root=tmp_path)
     assert len(result.manifest["figures"]) >= 8
     check_rendered(rendered_dom(page, tmp_path), result.manifest)
+
+
+def test_a_page_loading_plotly_js_beside_it_renders_and_says_when_it_is_missing(tmp_path):
+    """`--plotly-js DIR`: the page draws every figure from the shared file; without the
+    file it says in the page which file it needed, not a blank page."""
+    import plotly.offline
+
+    frame = synthetic_sweep(shapes=2, tokens=(1, 64), samples=20)
+    page = tmp_path / "reference" / "run" / "run.html"
+    js, src = plotly_file(tmp_path / "reference", page)
+    page_text, _ = render_report(prepare([frame], [{"run_id": "beside"}]), src)
+    page.parent.mkdir(parents=True)
+    page.write_text(page_text)
+    js.write_text(plotly.offline.get_plotlyjs())
+    check_rendered(rendered_dom(page, tmp_path), read_manifest(page_text))
+    js.unlink()
+    dom = rendered_dom(page, tmp_path)
+    assert re.search(r'<pre id="moebench-errors">[^<]*plotly.js did not load from', dom), dom[:500]
 
 
 def test_every_kind_of_figure_renders_in_chromium(tmp_path):

@@ -1,5 +1,8 @@
-"""`moebench report RUN [RUN ...] -o report.html [--png DIR]`: one self-contained HTML
-file (works offline) comparing the runs named; the first is the baseline of comparisons.
+"""`moebench report RUN [RUN ...] -o report.html [--png DIR] [--plotly-js DIR]`: one
+self-contained HTML file (works offline) comparing the runs named; the first is the
+baseline of comparisons. With `--plotly-js DIR` the page loads plotly.js (about 5 MB) from
+DIR/plotly-VERSION.min.js, written there once, so that many pages kept together (a
+repository's reference runs) hold one copy; such a page works offline beside that file.
 
 Exit codes (EXIT_CODES, shown by --help): 0 written, 1 the PNG export failed, 2 bad input
 or a missing optional dependency (plotly, kaleido), with the message saying what to do.
@@ -44,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--png", metavar="DIR", help="also write each figure as DIR/<figure>.png (needs kaleido)"
     )
+    parser.add_argument(
+        "--plotly-js",
+        metavar="DIR",
+        help="load plotly.js from DIR/plotly-VERSION.min.js (written there once) in place of "
+        "inlining its 5 MB: for many reports kept together",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 
@@ -72,10 +81,13 @@ def main(args: argparse.Namespace, console: Any) -> int:
             if problem := _run_problem(run, args.root, console):
                 error(console, problem)
                 return EXIT_BAD_INPUT
+        if args.plotly_js and Path(args.plotly_js).exists() and not Path(args.plotly_js).is_dir():
+            error(console, f"--plotly-js {args.plotly_js}: not a folder")
+            return EXIT_BAD_INPUT
         if Path(args.output).exists() and not args.force:  # as export: never by accident
             error(console, f"{args.output} exists; pass --force to overwrite it")
             return EXIT_BAD_INPUT
-        result = write_report(args.runs, args.output, root=args.root)
+        result = write_report(args.runs, args.output, root=args.root, plotly_dir=args.plotly_js)
     except StoreError as exc:
         error(console, exc)
         return EXIT_BAD_INPUT
@@ -86,6 +98,8 @@ def main(args: argparse.Namespace, console: Any) -> int:
         f"{manifest['cases']} cases from {len(manifest['runs'])} run(s), "
         f"{len(manifest['figures'])} figures",
     )
+    if args.plotly_js and manifest["figures"]:
+        say(console, f"  its figures load plotly.js from {args.plotly_js}: keep them together")
     for omitted in manifest["omitted"]:
         say(console, f"  left out {omitted['section']}: {omitted['reason']}")
     if args.png:

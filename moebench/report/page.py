@@ -47,8 +47,10 @@ def _num(value: Any, spec: str) -> str:
     return "-" if _missing(value) else format(value, spec)
 
 
-def render_page(data: ReportData, sections: list[Section], *, plotlyjs: str, version: str) -> str:
-    """The whole page as one string."""
+def render_page(
+    data: ReportData, sections: list[Section], *, plotly_script: str, version: str
+) -> str:
+    """The whole page as one string; `plotly_script`: the tag that loads plotly.js."""
     import plotly.io as pio
 
     figures_manifest, omitted_manifest, rendered = [], [], []
@@ -103,7 +105,7 @@ def render_page(data: ReportData, sections: list[Section], *, plotlyjs: str, ver
         css=tpl.CSS,
         font=FONT,
         error_hook=tpl.ERROR_HOOK,
-        plotlyjs=plotlyjs,
+        plotly_script=plotly_script,
         environment=_environment(data.runs),
         nav=_nav(sections, data),
         verdict=_verdict(data),

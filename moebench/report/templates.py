@@ -18,7 +18,7 @@ PAGE = Template("""<!DOCTYPE html>
 <style>:root { --font: $font; }
 $css</style>
 <script>$error_hook</script>
-<script>$plotlyjs</script>
+$plotly_script
 </head>
 <body>
 <header>
@@ -141,12 +141,26 @@ footer { padding: 12px 28px 30px; font-size: 12px; }
 
 ERROR_HOOK = """
 window.moebenchErrors = [];
+window.moebenchError = function (message) {
+  window.moebenchErrors.push(message);
+  function show() {
+    var box = document.getElementById('moebench-errors');
+    if (box) { box.textContent = window.moebenchErrors.join('\\n'); box.hidden = false; }
+  }
+  if (document.getElementById('moebench-errors')) { show(); }
+  else { document.addEventListener('DOMContentLoaded', show); }
+};
 window.addEventListener('error', function (event) {
-  window.moebenchErrors.push(String(event.message || event));
-  var box = document.getElementById('moebench-errors');
-  if (box) { box.textContent = window.moebenchErrors.join('\\n'); box.hidden = false; }
+  window.moebenchError(String(event.message || event));
 });
 """
+# plotly.js inlined (one self-contained page), or loaded from a file beside the page
+# (`moebench report --plotly-js DIR`: many pages, one copy), saying so where it is missing.
+PLOTLY_INLINE = Template("<script>$js</script>")
+PLOTLY_FILE = Template(
+    '<script src="$src" onerror="moebenchError(\'plotly.js did not load from $src:'
+    " the figures need that file beside this page (moebench report --plotly-js)')\"></script>"
+)
 
 PAGE_JS = """
 (function () {
