@@ -327,6 +327,16 @@ def alignment_outputs(
     return tuple(torch.empty(n, device=device, dtype=torch.int32) for n in sizes)
 
 
+def in_steps_scratch(
+    num_assign: int, num_experts: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `align_in_steps` works in: (counts_E, rank_A, padded_starts_E), int32."""
+    counts_E, padded_starts_E = (
+        torch.empty(num_experts, device=device, dtype=torch.int32) for _ in range(2)
+    )
+    return counts_E, torch.empty(num_assign, device=device, dtype=torch.int32), padded_starts_E
+
+
 def align_to_blocks(
     expert_ids_TK: torch.Tensor, num_experts: int, block_m: int, pdl: bool = False
 ) -> Alignment:
@@ -349,10 +359,8 @@ def align_to_blocks(
             PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
         return Alignment(*outputs, num_assign, block_m)
-    rank_A = torch.empty(num_assign, device=device, dtype=torch.int32)
     if num_assign <= MEDIUM_ASSIGNMENTS and num_experts <= SMALL_EXPERTS:
-        counts_E = torch.empty(num_experts, device=device, dtype=torch.int32)
-        padded_starts_E = torch.empty(num_experts, device=device, dtype=torch.int32)
+        counts_E, rank_A, padded_starts_E = in_steps_scratch(num_assign, num_experts, device)
         launch(
             _align_one_program_kernel, (1,),
             expert_A, counts_E, rank_A, padded_starts_E, sorted_ids_P, block_expert_B,
@@ -364,6 +372,7 @@ def align_to_blocks(
         )  # fmt: skip
         return Alignment(*outputs, num_assign, block_m)
     counts_E = torch.zeros(num_experts, device=device, dtype=torch.int32)
+    rank_A = torch.empty(num_assign, device=device, dtype=torch.int32)
     launch(
         _count_kernel, (ceil_div(max_rows, COUNT_BLOCK),),
         expert_A, counts_E, rank_A, sorted_ids_P, num_assign, max_rows,

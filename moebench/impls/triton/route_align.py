@@ -36,6 +36,7 @@ from moebench.impls.triton.align import (
     Alignment,
     align_in_steps,
     alignment_outputs,
+    in_steps_scratch,
 )
 from moebench.route_kernel import route_arguments, route_rows
 
@@ -110,8 +111,7 @@ def route_and_align(
     device = parts_TSE.device
     outputs = alignment_outputs(num_assign, E, block_m, device)
     sorted_ids_P, block_expert_B, num_padded_1, padded_ends_E, row_of_assign_A = outputs
-    counts_E, padded_starts_E = (torch.empty(E, device=device, dtype=torch.int32) for _ in "ab")
-    rank_A = torch.empty(num_assign, device=device, dtype=torch.int32)
+    counts_E, rank_A, padded_starts_E = in_steps_scratch(num_assign, E, device)
     block_e = constants["BLOCK_E"]
     row_elements = ROW_ELEMENTS // 2 if constants["GROUPS"] > 1 else ROW_ELEMENTS
     launch(
