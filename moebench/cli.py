@@ -109,12 +109,12 @@ def presets_table() -> Table:
     return table
 
 
-# run.json's off-by-default switches (moebench.env) and the words `moebench show` says
-# for a run that had one on.
+# run.json's switches of the `triton` layer (moebench.env), the state `moebench show`
+# speaks of (the one that is not the default today) and its words for it.
 SHOWN_SWITCHES = (
-    ("gluon_ws", "Gluon down race on"),
-    ("merge_tail", "merged-tail race on"),
-    ("route_align", "route and align in one launch"),
+    ("gluon_ws", "off", "Gluon race off"),
+    ("merge_tail", "off", "merged-tail race off"),
+    ("route_align", "on", "route and align in one launch"),
 )
 
 
@@ -143,8 +143,8 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         for key, name in (("dependent_launch", "dependent launch"), ("fast_launch", "fast launch"))
         if env.get(key)
     ]
-    # off-by-default switches: said only when on
-    launches += [words for key, words in SHOWN_SWITCHES if env.get(key) == "on"]
+    # the layer's switches: said only where not in today's default state
+    launches += [words for key, state, words in SHOWN_SWITCHES if env.get(key) == state]
     started = _to_the_second(meta.get("started_at", "?"))
     say_facts(console, [f"run {run_id}", f"suite {meta.get('suite', '?')}", f"started {started}"])
     say_facts(

@@ -47,27 +47,41 @@ def switch_on(variable: str) -> bool:
     return os.environ.get(variable, "").strip().lower() in ("1", "on", "true", "yes")
 
 
-# On: the `triton` layer's down GEMM also races the warp-specialised Gluon kernels
-# (moebench/impls/triton/gluon_down.py; off until a card has timed them in the layer).
+# Off ("0"): the `triton` layer's GEMMs leave the warp-specialised Gluon kernels
+# (moebench/impls/triton/gluon_down.py, gluon_gate_up.py) out of their race. On by
+# default since version 31 (triton/NOTES.md): on an H100 they took 3-5% off the down
+# GEMM in the layer, same bits as the TMA tiles'.
 GLUON_WS_SWITCH = "MOEBENCH_GLUON_WS"
 
-# On: the `triton` layer's GEMMs also race the merged-tail TMA tiles
+# Off ("0"): the `triton` layer's GEMMs leave the merged-tail TMA tiles out of their race
 # (moebench/impls/triton/merge_tail.py: an expert's short last block computed with its
-# previous block, from one read of the weight tile; off until a card has timed them in
-# the layer).
+# previous block, from one read of the weight tile). On by default since version 31:
+# DeepSeek-V3's down 2% faster in the layer on an H100, 10% alone in version 29.
 MERGE_TAIL_SWITCH = "MOEBENCH_MERGE_TAIL"
+
+# Switches of the `triton` layer that are on unless turned off (the others are off
+# unless turned on).
+ON_BY_DEFAULT = (GLUON_WS_SWITCH, MERGE_TAIL_SWITCH)
 
 # On: the `triton` layer routes a call of 2 to 64 tokens and aligns its assignments in
 # one launch (moebench/impls/triton/route_align.py; off until a card has timed it).
 ROUTE_ALIGN_SWITCH = "MOEBENCH_ROUTE_ALIGN"
 
 
+def layer_switch_on(variable: str) -> bool:
+    """Whether the `triton` layer's switch `variable` is on: unless turned off for those
+    `ON_BY_DEFAULT`, only when turned on for the others."""
+    if variable in ON_BY_DEFAULT:
+        return not switch_off(variable)
+    return switch_on(variable)
+
+
 def _switch_state(variable: str) -> str | None:
-    """The off-by-default switch `variable` as "on" or "off" where CUDA and Triton are
-    present, else None."""
+    """The `triton` layer's switch `variable` as "on" or "off" (`layer_switch_on`) where
+    CUDA and Triton are present, else None."""
     if not _kernels_present():
         return None
-    return "on" if switch_on(variable) else "off"
+    return "on" if layer_switch_on(variable) else "off"
 
 
 def _kernels_present() -> bool:

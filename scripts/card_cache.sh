@@ -29,6 +29,7 @@ points=("$@")
   olmoe-1b-7b:8192 mixtral-8x7b:1024)
 for point in "${points[@]}"; do
   echo "== $point"
+  # (both switches are on by default; set here so that a shell's =0 does not leave them out)
   MOEBENCH_GLUON_WS=1 MOEBENCH_MERGE_TAIL=1 PYTHONPATH="$PWD" "$venv/bin/python" \
     scripts/offline_compile.py --preset "${point%%:*}" --tokens "${point##*:}" \
     --cache .triton-cache | tail -2

@@ -35,19 +35,20 @@
 #             128-row blocks), then scripts/tail_probe.py: what an expert's tail block costs
 #             in gate_up and in down, per kind of tile, HALF_TAIL and MERGE_TAIL, on
 #             DeepSeek-V3's shape (GPU_PRESETS: one other preset);
-#             $OUT/tail_probe_gate_up.json and tail_probe_down.json. Only when it is clean:
-#             MOEBENCH_MERGE_TAIL=1 GPU_FILTER=impl=triton scripts/gpu_session.sh peers
+#             $OUT/tail_probe_gate_up.json and tail_probe_down.json (the layer races
+#             them by default since version 31; MOEBENCH_MERGE_TAIL=0: not)
 #   stages    scripts/stage_probe.py: what each stage of the fused layer (Router, alignment,
 #             each GEMM, the sum over slots) adds to a graphed call's critical path
 #             (GPU_POINTS: PRESET:TOKENS list; default the points issue 14 misses; GPU_AB:
-#             switches to time the call with, in turns: MOEBENCH_ROUTE_ALIGN, or A,B);
+#             switches to time the call with (=1) and without (=0), in turns:
+#             MOEBENCH_ROUTE_ALIGN, or A,B);
 #             $OUT/stage_probe.json
 #   gluon     the warp-specialised Gluon kernels (gluon_down.py, gluon_gate_up.py): their
 #             tests, then scripts/gluon_probe.py for each GEMM (GPU_GEMMS, default
 #             "gate_up down": each config under a watchdog, its bits against the TMA
 #             tile's, timed against the shipped choice; GPU_POINTS: PRESET:TOKENS list);
-#             $OUT/gluon_probe_GEMM.json. Only when it is clean: MOEBENCH_GLUON_WS=1
-#             GPU_FILTER=impl=triton scripts/gpu_session.sh peers
+#             $OUT/gluon_probe_GEMM.json (the layer races them by default since
+#             version 31; MOEBENCH_GLUON_WS=0: not)
 #
 # GPU_FILTER="KEY=V1,V2" (or a label regex) keeps only matching cases of every suite step,
 # e.g. GPU_FILTER=cuda_graph=true scripts/gpu_session.sh peers (the graphed decode rows);

@@ -20,8 +20,8 @@ packed by an earlier pass of the same compiler is taken up again, so that passes
 several presets add up in one cache.
 `--ptx DIR`: each kernel's PTX, debug locations left out (`offline_compile.comparable_ptx`),
 a file a compile named by token count, kernel and constants: `diff -r` of two checkouts'
-folders says whether an edit changed any kernel (with `MOEBENCH_GLUON_WS=1` and
-`MOEBENCH_MERGE_TAIL=1` set, the kernels those switches race too).
+folders says whether an edit changed any kernel (the Gluon and merged-tail kernels
+included, unless `MOEBENCH_GLUON_WS=0` or `MOEBENCH_MERGE_TAIL=0` is set).
 Exit status: 0 when everything compiled, 1 when something failed, 2 on bad arguments.
 """
 

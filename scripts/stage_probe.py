@@ -22,9 +22,10 @@ differences are what the stages add on the path: layer - routed is the Router (a
 shared experts), routed - gemms+sum the alignment, gemms+sum - gemms the sum over slots.
 `--ab VARIABLE` adds the whole call of a second layer, built, tuned and captured with
 that switch on (`VARIABLE=1`; `A,B`: both on), right after the plain call in every
-turn, and says whether its output is the plain call's bit for bit: an A/B of a change
-behind a switch (`MOEBENCH_ROUTE_ALIGN`, or `MOEBENCH_MERGE_TAIL`, whose tiles join the
-race) on the same card, in one process. Each turn's medians are in the JSON
+turn, and says whether its output is the plain call's bit for bit; the plain layer and
+its stages then run with the switch off (`VARIABLE=0`, whatever its default): an A/B of
+a change behind a switch (`MOEBENCH_ROUTE_ALIGN`, or `MOEBENCH_MERGE_TAIL`, whose tiles
+join the race) on the same card, in one process. Each turn's medians are in the JSON
 (`turns_us`).
 Without CUDA (Triton's interpreter, `TRITON_INTERPRET=1`, a small `--shape`) the stages
 run un-graphed, for the tests: nothing there is worth timing.
@@ -107,12 +108,12 @@ def stages(layer, x_TD: torch.Tensor) -> dict[str, Callable[[], object]]:
 
 
 @contextlib.contextmanager
-def switched_on(variables: str) -> Iterator[None]:
-    """The environment variables named in `variables` (comma-separated) set to "1"
-    inside, as they were after."""
+def switches_set(variables: str, value: str) -> Iterator[None]:
+    """The environment variables named in `variables` (comma-separated) set to `value`
+    ("1" or "0") inside, as they were after."""
     names = variables.split(",")
     before = {name: os.environ.get(name) for name in names}
-    os.environ.update(dict.fromkeys(names, "1"))
+    os.environ.update(dict.fromkeys(names, value))
     try:
         yield
     finally:
@@ -151,7 +152,9 @@ def probe(
     names = [STAGES[0], *([f"layer, {ab.replace(',', '=1 ')}=1"] if ab else []), *STAGES[1:]]
     samples: dict[str, list[float]] = {name: [] for name in names}
     found: dict[str, object] = {}
-    with torch.no_grad():
+    # the plain layer with the switches off (some are on by default), the other with them on
+    plain = switches_set(ab, "0") if ab else contextlib.nullcontext()
+    with torch.no_grad(), plain:
         plain_out = layer(x_TD).clone()  # tunes, and plans the forward
         calls = stages(layer, x_TD)
         found["same_bits"] = torch.equal(calls["gemms+sum"]().clone(), calls["routed"]())
@@ -162,7 +165,7 @@ def probe(
         if ab:
             # a layer of its own, built, tuned and planned with the switch on: a switch
             # that adds tiles to the race acts when the first call plans the forward
-            with switched_on(ab):
+            with switches_set(ab, "1"):
                 switched = registry.get("triton").build(weights, case)
                 found["ab_same_bits"] = torch.equal(switched(x_TD), plain_out)
                 if cuda:  # the switch is read while the graph is captured
@@ -170,7 +173,7 @@ def probe(
             if not cuda:  # read at each call
 
                 def switched_call(_) -> None:
-                    with switched_on(ab):
+                    with switches_set(ab, "1"):
                         switched(x_TD)
 
                 replays[names[1]] = switched_call

@@ -99,8 +99,8 @@ def test_compare_warns_when_the_timed_warm_up_differs(
     [
         ("dependent_launch", "dependent launch (PDL)"),  # $MOEBENCH_PDL=0
         ("fast_launch", "fast launch of moebench's kernels"),  # $MOEBENCH_FAST_LAUNCH=0
-        ("gluon_ws", "Gluon down kernels in the triton tuner's race"),  # $MOEBENCH_GLUON_WS=1
-        ("merge_tail", "merged-tail tiles in the triton tuner's race"),  # $MOEBENCH_MERGE_TAIL=1
+        ("gluon_ws", "Gluon kernels in the triton tuner's race"),  # $MOEBENCH_GLUON_WS=0
+        ("merge_tail", "merged-tail tiles in the triton tuner's race"),  # $MOEBENCH_MERGE_TAIL=0
         # $MOEBENCH_ROUTE_ALIGN=1
         ("route_align", "the triton layer's top-k and alignment in one launch"),
     ],
@@ -157,26 +157,30 @@ def test_compare_names_hosts_of_different_speed(
 
 
 @pytest.mark.parametrize(
-    ("key", "words"),
+    ("key", "unusual", "words"),
     [
-        ("gluon_ws", "Gluon down race on"),
-        ("merge_tail", "merged-tail race on"),
-        ("route_align", "route and align in one launch"),
+        ("gluon_ws", "off", "Gluon race off"),
+        ("merge_tail", "off", "merged-tail race off"),
+        ("route_align", "on", "route and align in one launch"),
     ],
 )
-def test_show_says_when_a_race_switch_was_on(
+def test_show_says_when_a_race_switch_was_not_in_its_default_state(
     key: str,
+    unusual: str,
     words: str,
     tmp_path: Path,
     rng: np.random.Generator,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`moebench show` names the Gluon down race, or the merged-tail race, of a run that
-    had it on, and says nothing of it where it was off (the default) or not recorded."""
+    """`moebench show` names a switch of the triton layer (the Gluon race, the merged-tail
+    race: on by default; route-and-align: off) of a run that had it in the state that is
+    not today's default, and says nothing of it in the default state or not recorded."""
     from moebench.cli import main as cli_main
 
+    usual = {"on": "off", "off": "on"}[unusual]
     gpus = [{"name": "NVIDIA H200"}]
-    for name, state, said in (("on", "on", True), ("off", "off", False), ("old", None, False)):
+    states = ((unusual, unusual, True), (usual, usual, False), ("old", None, False))
+    for name, state, said in states:
         environment = {"gpus": gpus, **({key: state} if state else {})}
         run = _run(tmp_path, rng, name, "cuda", environment=environment)
         assert cli_main(["show", str(run)]) == 0

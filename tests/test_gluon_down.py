@@ -1,7 +1,7 @@
 """The down GEMM warp-specialised in Gluon (`moebench/impls/triton/gluon_down.py`): which
 configs are offered and what they take, that every one compiles for Hopper on this host
-(CI's too: Gluon has no interpreter), that the layer races them only when asked
-(`$MOEBENCH_GLUON_WS=1`), and, on a Hopper card only, that every config gives the TMA
+(CI's too: Gluon has no interpreter), that the layer races them unless turned off
+(`$MOEBENCH_GLUON_WS=0`), and, on a Hopper card only, that every config gives the TMA
 tiles' exact bits on odd shapes and the layer's forward matches `reference`."""
 
 from __future__ import annotations
@@ -106,19 +106,21 @@ def check_every_candidate_compiles() -> None:
 RACE_SHAPE = {"D": 264, "F": 384, "E": 8, "K": 2, "tokens": 1024}
 
 
-def forward_launches(switch: str | None) -> tuple[list[tuple[str, dict]], list[int]]:
+def forward_launches(switch: str, setting: str | None) -> tuple[list[tuple[str, dict]], list[int]]:
     """(each launch's kernel name and keyword arguments, the row-block heights) of a
     forward of RACE_SHAPE at each height it may take, with the environment variable
-    `switch` set to 1 (when given), on meta tensors, launches recorded, not compiled
-    (`fast_launch.compile_only`: the tuner then launches every candidate of each key
-    once). For a process of its own: the switch stays set."""
+    `switch` set to `setting` (unset where None), on meta tensors, launches recorded, not
+    compiled (`fast_launch.compile_only`: the tuner then launches every candidate of each
+    key once). For a process of its own: the switch stays as set."""
     import os
 
     from moebench import fast_launch
     from moebench.impls.triton import layer
 
-    if switch:
-        os.environ[switch] = "1"
+    if setting is None:
+        os.environ.pop(switch, None)
+    else:
+        os.environ[switch] = setting
     launched: list[tuple[str, dict]] = []
 
     def record(kernel, grid, args, kwargs) -> None:
@@ -135,18 +137,19 @@ def forward_launches(switch: str | None) -> tuple[list[tuple[str, dict]], list[i
     return launched, heights
 
 
-def check_the_layer_races_them_when_asked(asked: bool, gemm: str = "down") -> None:
-    """The body of `test_the_layer_races_them_only_when_asked` (`forward_launches`) for
-    the `gemm` ("down" or "gate_up") GEMM's Gluon kernels: every config of each block
-    height they race at, in order, beside the TMA tiles; none when not asked."""
+def check_the_layer_races_them(setting: str | None, gemm: str = "down") -> None:
+    """The body of `test_the_layer_races_them_unless_turned_off` (`forward_launches`,
+    `$MOEBENCH_GLUON_WS` set to `setting`, unset where None) for the `gemm` ("down" or
+    "gate_up") GEMM's Gluon kernels: every config of each block height they race at, in
+    order, beside the TMA tiles; none when turned off ("0")."""
     from moebench.env import GLUON_WS_SWITCH
     from moebench.impls.triton import gluon_gate_up
 
     module = {"down": gluon_down, "gate_up": gluon_gate_up}[gemm]
-    launched, heights = forward_launches(GLUON_WS_SWITCH if asked else None)
+    launched, heights = forward_launches(GLUON_WS_SWITCH, setting)
     D, F = RACE_SHAPE["D"], RACE_SHAPE["F"]
     gluon = [kwargs for name, kwargs in launched if name == f"{gemm}_ws_kernel"]
-    if not asked:
+    if setting == "0":
         assert gluon == []
         return
     heights = [b for b in heights if module.candidates(b, D, F, 2)]
@@ -166,9 +169,9 @@ def test_every_candidate_compiles_for_hopper():
     in_a_fresh_process("tests.test_gluon_down", "check_every_candidate_compiles()")
 
 
-@pytest.mark.parametrize("asked", [True, False])
-def test_the_layer_races_them_only_when_asked(asked):
-    in_a_fresh_process("tests.test_gluon_down", f"check_the_layer_races_them_when_asked({asked})")
+@pytest.mark.parametrize("setting", [None, "1", "0"])
+def test_the_layer_races_them_unless_turned_off(setting):
+    in_a_fresh_process("tests.test_gluon_down", f"check_the_layer_races_them({setting!r})")
 
 
 @needs_hopper
@@ -245,8 +248,9 @@ def test_layer_on_gluon_down_alone_matches_reference(monkeypatch, tmp_path):
 
 
 def test_the_switch_without_gluon_says_what_to_install(monkeypatch):
-    """Asked for with a Triton that has no Gluon: an error naming the switch and the
-    Triton to install, not a bare ImportError from inside the layer."""
+    """Asked for (`=1`) with a Triton that has no Gluon: an error naming the switch and
+    the Triton to install, not a bare ImportError from inside the layer; left at its
+    default there, the race goes on without them."""
 
     from moebench.env import GLUON_WS_SWITCH
     from moebench.impls.triton import layer
@@ -259,4 +263,6 @@ def test_the_switch_without_gluon_says_what_to_install(monkeypatch):
         layer.races_gluon(True, x_TD)
     assert layer.races_gluon(False, x_TD) is False  # no TMA tiles race: not asked
     monkeypatch.setenv(GLUON_WS_SWITCH, "0")
+    assert layer.races_gluon(True, x_TD) is False
+    monkeypatch.delenv(GLUON_WS_SWITCH)
     assert layer.races_gluon(True, x_TD) is False

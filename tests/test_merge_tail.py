@@ -2,7 +2,7 @@
 offered, that every one gives `tma.py`'s or `kernels.py`'s tile of the same BLOCK_N and
 BLOCK_K the same bits (in Triton's interpreter on a CPU at 64-row blocks, on a card at 128 too) on a
 routing whose experts end in every kind of block, that each compiles for Hopper without
-spills, that the layer races them only when asked (`$MOEBENCH_MERGE_TAIL=1`), and the
+spills, that the layer races them unless turned off (`$MOEBENCH_MERGE_TAIL=0`), and the
 layer on these tiles alone against `reference`, forward and gradients."""
 
 from __future__ import annotations
@@ -169,13 +169,15 @@ def check_every_candidate_compiles() -> None:
         assert compiled.shared_bytes <= 232448, compiled.describe()
 
 
-def check_the_layer_races_them_when_asked(asked: bool) -> None:
-    """The body of `test_the_layer_races_them_only_when_asked`
-    (`test_gluon_down.forward_launches`, at both row-block heights)."""
+def check_the_layer_races_them(setting: str | None) -> None:
+    """The body of `test_the_layer_races_them_unless_turned_off`
+    (`test_gluon_down.forward_launches`, `$MOEBENCH_MERGE_TAIL` set to `setting`, unset
+    where None, at both row-block heights)."""
     from moebench.env import MERGE_TAIL_SWITCH
     from tests.test_gluon_down import RACE_SHAPE, forward_launches
 
-    launched, heights = forward_launches(MERGE_TAIL_SWITCH if asked else None)
+    launched, heights = forward_launches(MERGE_TAIL_SWITCH, setting)
+    asked = setting != "0"
     D, F = RACE_SHAPE["D"], RACE_SHAPE["F"]
     assert 64 in heights and 128 in heights
     for name in ("gate_up", "down"):
@@ -196,10 +198,10 @@ def test_every_candidate_compiles_for_hopper():
     in_a_fresh_process("tests.test_merge_tail", "check_every_candidate_compiles()")
 
 
-@pytest.mark.parametrize("asked", [True, False])
-def test_the_layer_races_them_only_when_asked(asked):
+@pytest.mark.parametrize("setting", [None, "1", "0"])
+def test_the_layer_races_them_unless_turned_off(setting):
     pytest.importorskip("triton.experimental.gluon", reason="tests/test_gluon_down's helpers")
-    in_a_fresh_process("tests.test_merge_tail", f"check_the_layer_races_them_when_asked({asked})")
+    in_a_fresh_process("tests.test_merge_tail", f"check_the_layer_races_them({setting!r})")
 
 
 @needs_kernels

@@ -205,21 +205,26 @@ def test_env_says_each_fact_in_words(monkeypatch, tmp_path: Path) -> None:
     assert json.loads(printed.getvalue())["triton"] is None
 
 
-@pytest.mark.parametrize("switch", ["GLUON_WS_SWITCH", "MERGE_TAIL_SWITCH", "ROUTE_ALIGN_SWITCH"])
+@pytest.mark.parametrize(
+    ("switch", "by_default"),
+    [("GLUON_WS_SWITCH", True), ("MERGE_TAIL_SWITCH", True), ("ROUTE_ALIGN_SWITCH", False)],
+)
 @pytest.mark.parametrize(
     ("value", "on"), [("1", True), ("on", True), (" TRUE ", True), ("yes", True), ("0", False),
-                      ("", False), ("2", False), (None, False)],
+                      (" Off ", False), ("no", False), ("", None), ("2", None), (None, None)],
 )  # fmt: skip
-def test_a_switch_that_is_off_by_default(switch, value, on, monkeypatch):
+def test_a_switch_of_the_triton_layer(switch, by_default, value, on, monkeypatch):
+    """Each switch is on or off as set, and in its default state where unset or set to
+    anything else (`on` None)."""
     from moebench import env as env_module
-    from moebench.env import switch_on
 
     variable = getattr(env_module, switch)
+    assert (variable in env_module.ON_BY_DEFAULT) is by_default
     if value is None:
         monkeypatch.delenv(variable, raising=False)
     else:
         monkeypatch.setenv(variable, value)
-    assert switch_on(variable) is on
+    assert env_module.layer_switch_on(variable) is (by_default if on is None else on)
 
 
 @pytest.mark.parametrize(
@@ -246,6 +251,9 @@ def test_a_switch_is_recorded_only_where_it_can_act(switch, variable, key, monke
     assert env_module._switch_state(variable) == "on"
     monkeypatch.setenv(variable, "off")
     assert env_module._switch_state(variable) == "off"
+    monkeypatch.delenv(variable)
+    default = "on" if variable in env_module.ON_BY_DEFAULT else "off"
+    assert env_module._switch_state(variable) == default
     monkeypatch.undo()  # run.json's key holds this switch's state, with CUDA or without
     monkeypatch.setattr(env_module, "_switch_state", lambda name: f"state of {name}")
     assert env_module.collect_environment()[key] == f"state of {variable}"

@@ -40,3 +40,17 @@ def test_a_bad_point_is_refused_with_the_form_it_takes(point):
     script = runpy.run_path(str(SCRIPT))
     with pytest.raises(SystemExit, match=r"bad point .*PRESET:TOKENS"):
         script["parse_point"](point)
+
+
+def test_the_switches_are_set_inside_and_as_they_were_after(monkeypatch):
+    """`--ab`'s plain layer runs with the switches at "0" (on-by-default ones too), the
+    other at "1"; each is put back as it was, set or unset."""
+    script = runpy.run_path(str(SCRIPT))
+    monkeypatch.setenv("MOEBENCH_GLUON_WS", "yes")
+    monkeypatch.delenv("MOEBENCH_MERGE_TAIL", raising=False)
+    with script["switches_set"]("MOEBENCH_GLUON_WS,MOEBENCH_MERGE_TAIL", "0"):
+        assert os.environ["MOEBENCH_GLUON_WS"] == os.environ["MOEBENCH_MERGE_TAIL"] == "0"
+        with script["switches_set"]("MOEBENCH_MERGE_TAIL", "1"):
+            assert os.environ["MOEBENCH_MERGE_TAIL"] == "1"
+        assert os.environ["MOEBENCH_MERGE_TAIL"] == "0"
+    assert os.environ["MOEBENCH_GLUON_WS"] == "yes" and "MOEBENCH_MERGE_TAIL" not in os.environ

@@ -139,7 +139,7 @@ ENVIRONMENT_FACTS = (
     ("CPU model", "cpu"),
     ("dependent launch (PDL)", "dependent_launch"),
     ("fast launch of moebench's kernels", "fast_launch"),
-    ("Gluon down kernels in the triton tuner's race", "gluon_ws"),
+    ("Gluon kernels in the triton tuner's race", "gluon_ws"),
     ("merged-tail tiles in the triton tuner's race", "merge_tail"),
     ("the triton layer's top-k and alignment in one launch", "route_align"),
 )

@@ -3,10 +3,10 @@
 Files: `align.py` (token -> expert alignment on the device), `kernels.py` (the two fused
 grouped GEMMs), `tma.py` (their TMA-load tiles, raced beside them on Hopper),
 `gluon_down.py` and `gluon_gate_up.py` (the down GEMM and inference's gate_up
-warp-specialised in Gluon, raced only with `$MOEBENCH_GLUON_WS=1`; `gluon_common.py`
+warp-specialised in Gluon, raced unless `$MOEBENCH_GLUON_WS=0`; `gluon_common.py`
 what the two share), `merge_tail.py` (tiles of both GEMMs that compute an
-expert's short last block with the block before it, raced only with
-`$MOEBENCH_MERGE_TAIL=1`), `route_align.py` (the Router's top-k and the alignment in one
+expert's short last block with the block before it, raced unless
+`$MOEBENCH_MERGE_TAIL=0`), `route_align.py` (the Router's top-k and the alignment in one
 launch for calls of 2-64 tokens, only with `$MOEBENCH_ROUTE_ALIGN=1`), `tuning.py`
 (block sizes, tuned once per device, shape and token bucket, cached on disk; `tuned/`
 holds the choices moebench ships per device), `layer.py` (the module and its autograd

@@ -1,6 +1,6 @@
 """The fused layer's down GEMM warp-specialised in Gluon (Triton's explicit-layout
-language): tuning candidates beside `tma.py`'s, raced only with `$MOEBENCH_GLUON_WS=1`
-(`layer.races_gluon`) until a card has timed them in the layer (triton/NOTES.md, version 27).
+language): tuning candidates beside `tma.py`'s (`layer.races_gluon`; `$MOEBENCH_GLUON_WS=0`
+leaves them out), built in version 27 and raced by default since 31 (triton/NOTES.md).
 
 Shape legend as in `kernels.py`. Same result as `tma.down_tma_kernel`, bit for bit where
 the K steps are the same (each row of h @ W_down[expert] in float32, times its

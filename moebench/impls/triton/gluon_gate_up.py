@@ -1,6 +1,6 @@
 """The fused layer's inference gate_up GEMM warp-specialised in Gluon: tuning candidates
-beside `tma.py`'s, raced only with `$MOEBENCH_GLUON_WS=1` (`layer.races_gluon`) until a
-card has timed them in the layer (triton/NOTES.md, version 29).
+beside `tma.py`'s (`layer.races_gluon`; `$MOEBENCH_GLUON_WS=0` leaves them out), built in
+version 30, raced by default since 31 (triton/NOTES.md).
 
 Shape legend as in `kernels.py`. Same result as `tma.gate_up_tma_kernel`'s two-product
 tile, bit for bit (each row of the gathered x @ the expert's gate rows and @ its up

@@ -35,7 +35,13 @@ import torch
 
 from moebench import dependent_launch
 from moebench.case import Case
-from moebench.env import GLUON_WS_SWITCH, MERGE_TAIL_SWITCH, ROUTE_ALIGN_SWITCH, switch_on
+from moebench.env import (
+    GLUON_WS_SWITCH,
+    MERGE_TAIL_SWITCH,
+    ROUTE_ALIGN_SWITCH,
+    layer_switch_on,
+    switch_on,
+)
 from moebench.impls.triton import kernels, merge_tail, route_align, tma, tuning
 from moebench.impls.triton.align import Alignment, align_to_blocks, per_assignment_blocks
 from moebench.impls.triton.backward import Saved, fused_backward, token_sum
@@ -58,15 +64,17 @@ BLOCK_M_CODE = (kernels.gate_up_kernel, kernels.down_kernel, *tma.KERNELS)
 
 def races_gluon(with_tma: bool, x_TD: torch.Tensor) -> bool:
     """Whether the down GEMM races gluon_down.py's kernels and inference's gate_up
-    gluon_gate_up.py's: asked for
-    (`$MOEBENCH_GLUON_WS=1`, `env.GLUON_WS_SWITCH`; off by default until a card has timed
-    them in the layer: triton/NOTES.md, version 27), where the TMA tiles race, on Hopper,
-    for 16-bit inputs."""
-    if not with_tma or not switch_on(GLUON_WS_SWITCH):
+    gluon_gate_up.py's: where the TMA tiles race, on Hopper, for 16-bit inputs, unless
+    turned off (`$MOEBENCH_GLUON_WS=0`, `env.GLUON_WS_SWITCH`; on by default since
+    triton/NOTES.md's version 31). A Triton without Gluon races without them, unless
+    they were asked for (`=1`): that is an error that says what to install."""
+    if not with_tma or not layer_switch_on(GLUON_WS_SWITCH):
         return False
     try:
         from moebench.impls.triton import gluon_common
     except ImportError as exc:  # Gluon is Triton 3.4's and later
+        if not switch_on(GLUON_WS_SWITCH):
+            return False
         raise ImportError(
             f"{GLUON_WS_SWITCH}=1 races Gluon kernels, which this Triton lacks"
             f" ({exc}): pip install 'triton>=3.6', or unset {GLUON_WS_SWITCH}"
@@ -75,10 +83,10 @@ def races_gluon(with_tma: bool, x_TD: torch.Tensor) -> bool:
 
 
 def races_merged_tails(with_tma: bool) -> bool:
-    """Whether both GEMMs race merge_tail.py's tiles: asked for (`$MOEBENCH_MERGE_TAIL=1`,
-    `env.MERGE_TAIL_SWITCH`; off by default until a card has timed them in the layer:
-    triton/NOTES.md, version 28), where the TMA tiles race."""
-    return with_tma and switch_on(MERGE_TAIL_SWITCH)
+    """Whether both GEMMs race merge_tail.py's tiles: where the TMA tiles race, unless
+    turned off (`$MOEBENCH_MERGE_TAIL=0`, `env.MERGE_TAIL_SWITCH`; on by default since
+    triton/NOTES.md's version 31)."""
+    return with_tma and layer_switch_on(MERGE_TAIL_SWITCH)
 
 
 def gemm_code(
@@ -465,7 +473,7 @@ class TritonMoE(MoELayer):
         one block size to take (`tuning.block_m_choices`)."""
         T, K, E = x_TD.shape[0], self.top_k, self.num_experts
         if not (
-            switch_on(ROUTE_ALIGN_SWITCH)
+            layer_switch_on(ROUTE_ALIGN_SWITCH)
             and not torch.is_grad_enabled()
             and route_align.takes(T, K, E)
             and kernel_route_applies(self.router.shape, x_TD)

@@ -1,7 +1,7 @@
 """The fused layer's two GEMMs with an expert's short tail merged into its last full row
-block: tiles raced beside `tma.py`'s and `kernels.py`'s only with
-`$MOEBENCH_MERGE_TAIL=1` (`layer.races_merged_tails`) until a card has timed them in the
-layer (triton/NOTES.md, version 28).
+block: tiles raced beside `tma.py`'s and `kernels.py`'s (`layer.races_merged_tails`;
+`$MOEBENCH_MERGE_TAIL=0` leaves them out), built in version 28, raced by default since
+version 31 (triton/NOTES.md).
 
 Shape legend as in `kernels.py`. Why: every expert's run is padded to whole row blocks,
 and its last block's program reads the expert's whole weight tile however few of its
