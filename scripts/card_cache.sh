@@ -3,7 +3,11 @@
 # the device tool to carry, so that the card's JIT loads them instead of compiling
 # (triton/NOTES.md, version 30):
 #
-#   scripts/card_cache.sh [PRESET:TOKENS ...]    (default: the points issue 14 misses)
+#   scripts/card_cache.sh [PRESET:TOKENS[,TOKENS...][:train] ... | peers]
+#
+# (default: the points issue 14 misses at large batches; `:train` compiles the training
+# step's kernels too; `peers`: every point of suites/peers.toml, forward and training,
+# about 15 minutes and 15 MB compressed)
 #
 # Triton's cache key hashes its libtriton binary, which differs between Pythons' wheels;
 # the card's Python is 3.12, so this compiles in a Python 3.12 venv ($CARD_VENV, default
@@ -27,11 +31,24 @@ assert triton.__version__ == '3.6.0', triton.__version__"
 points=("$@")
 [ ${#points[@]} -gt 0 ] || points=(deepseek-v3:8192 mixtral-8x7b:8192 qwen3-30b-a3b:8192
   olmoe-1b-7b:8192 mixtral-8x7b:1024)
+if [ "${points[*]}" = peers ]; then
+  points=()
+  for preset in mixtral-8x7b qwen3-30b-a3b olmoe-1b-7b deepseek-v3; do
+    points+=("$preset:1,64,1024,8192" "$preset:1,64,1024,8192:train")
+  done
+fi
 for point in "${points[@]}"; do
   echo "== $point"
+  preset=${point%%:*} rest=${point#*:}
+  tokens=${rest%%:*} train=()
+  case "$rest" in
+    *:train) train=(--train) ;;
+    *:*) echo "bad point $point: PRESET:TOKENS[,TOKENS...][:train]" >&2; exit 2 ;;
+  esac
   # (both switches are on by default; set here so that a shell's =0 does not leave them out)
+  # shellcheck disable=SC2086
   MOEBENCH_GLUON_WS=1 MOEBENCH_MERGE_TAIL=1 PYTHONPATH="$PWD" "$venv/bin/python" \
-    scripts/offline_compile.py --preset "${point%%:*}" --tokens "${point##*:}" \
+    scripts/offline_compile.py --preset "$preset" --tokens ${tokens//,/ } "${train[@]}" \
     --cache .triton-cache | tail -2
 done
 tar -czf .triton-cache.tar.gz -C .triton-cache .
