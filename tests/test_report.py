@@ -323,6 +323,20 @@ def test_a_sweep_of_hundreds_of_cases_stays_readable_and_small():
     assert len(by_key["balance"].figures) == 3  # one heatmap per expert count
 
 
+def test_runs_of_one_suite_with_no_case_in_common_are_pointed_to_merge():
+    """Two runs of one suite, each filtered to other implementations: nothing to compare
+    run against run, and the reason says how to join them; runs of two suites are not
+    told to merge."""
+    frame = synthetic_sweep(shapes=1, tokens=(1, 64), samples=5)
+    parts = [frame[frame["impl"] == "grouped"], frame[frame["impl"] != "grouped"]]
+    for suites, told in ((("peers", "peers"), True), (("peers", "triton"), False)):
+        metas = [{"run_id": f"part{i}", "suite": suite} for i, suite in enumerate(suites)]
+        _, sections = render_report(prepare([p.copy() for p in parts], metas))
+        (comparison,) = [s for s in sections if s.key == "comparison"]
+        assert "nothing matched" in comparison.omitted
+        assert ("`moebench merge RUN RUN ...`" in comparison.omitted) is told
+
+
 def test_cli_writes_the_report_and_refuses_bad_input(runs, tmp_path, capsys, monkeypatch):
     root, first, _ = runs
     out = tmp_path / "sub" / "cli.html"

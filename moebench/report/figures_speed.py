@@ -194,12 +194,16 @@ def run_speedups(data: ReportData) -> Section:
         return omitted(key, title, description, "one run: nothing to compare (name two or more)")
     table = run_comparison(data)
     if table.empty:
-        return omitted(
-            key,
-            title,
-            description,
-            "no case finished ok in both the first run and a later one (nothing matched)",
-        )
+        reason = "no case finished ok in both the first run and a later one (nothing matched)"
+        suites = {run.meta.get("suite") for run in data.runs}
+        if len(suites) == 1 and None not in suites:
+            # parts of one suite (each run filtered to some implementations, say): the
+            # other sections compare implementations only within a run
+            reason += (
+                "; runs of one suite that hold different cases join into one run with"
+                " `moebench merge RUN RUN ...`, whose report compares them case by case"
+            )
+        return omitted(key, title, description, reason)
     panels = []
     for run in data.runs[1:]:
         part = table[table["run_index"] == run.index].sort_values("speedup")
