@@ -1,6 +1,7 @@
 """The warp-specialised Gluon GEMMs (`gluon_down.py`, `gluon_gate_up.py`) on a Hopper card,
-before the tuner races them (`MOEBENCH_GLUON_WS=1`): a kernel that hangs there would stop
-a whole run, so here each config runs in a child process under a watchdog first.
+before the tuner races them (by default since version 31; `MOEBENCH_GLUON_WS=0`: not): a
+kernel that hangs there would stop a whole run, so here each config runs in a child
+process under a watchdog first (after any edit of a Gluon kernel, before a suite).
 
     python scripts/gluon_probe.py [--gemm down | gate_up]
                                   [--points mixtral-8x7b:8192 qwen3-30b-a3b:8192 ...]
