@@ -9,12 +9,15 @@ compile or launch (the first error is shown). Where the candidates hold both a T
 tile and torch's grouped GEMM (the backward's GEMMs), the best of each is shown too, and
 where they were timed replayed from a CUDA graph (the forward's GEMMs), that too, and
 how long the tuning took (with the part spent compiling every candidate at once, where
-`MOEBENCH_TRITON_PARALLEL_COMPILE` asked for it); last, the tunings' seconds in all.
+`MOEBENCH_TRITON_PARALLEL_COMPILE` asked for it), and where a run-off timed the closest
+candidates again in turns (`MOEBENCH_TRITON_RUNOFF=1`), their medians there; last, the
+tunings' seconds in all.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -49,17 +52,29 @@ def summarise(line: dict) -> str:
     )
     failed = [result for _, result in line["trials"] if not isinstance(result, (int, float))]
     text = f"{line['key']}: {describe(line['chosen'])}"
-    if timed:
-        text += f" {timed[0][0]:.4g} ms"
-    if len(timed) > 1:
-        text += f"; next {describe(timed[1][1])} {timed[1][0]:.4g} ms"
+    # (the chosen is the pass's fastest, unless a run-off chose another)
+    chosen_ms = [ms for ms, config in timed if config == line["chosen"]]
+    others = [(ms, config) for ms, config in timed if config != line["chosen"]]
+    if chosen_ms:
+        text += f" {chosen_ms[0]:.4g} ms"
+    if others:
+        text += f"; next {describe(others[0][1])} {others[0][0]:.4g} ms"
     grouped = [ms for ms, config in timed if "kernel" in config]
     tiles = [ms for ms, config in timed if "kernel" not in config]
     if grouped and tiles:
         text += f"; grouped GEMM {grouped[0]:.4g} ms, best Triton tile {tiles[0]:.4g} ms"
     if failed:
         text += f"; {len(failed)} failed ({failed[0]})"
-    if line.get("timed_by") == "graph":  # (logs from before 2026-12-03 do not say)
+    if line.get("runoff"):  # ($MOEBENCH_TRITON_RUNOFF=1)
+        medians = [statistics.median(times) for _, times in line["runoff"]]
+        rounds = len(line["runoff"][0][1])
+        text += (
+            f"; run-off of {len(medians)} in {rounds} turns, medians "
+            + ", ".join(f"{ms:.4g}" for ms in medians)
+            + " ms"
+        )
+    # ("graph", or "graph, run-off"; logs from before 2026-12-03 do not say)
+    if str(line.get("timed_by", "")).startswith("graph"):
         text += "; timed from a CUDA graph"
     if "tune_s" in line:  # (logs from before 2026-12-04 do not say)
         text += f"; tuned in {line['tune_s']:.1f} s"

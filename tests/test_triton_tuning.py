@@ -304,3 +304,91 @@ def test_ship_tuning_names_a_bad_source(tmp_path, capsys):
     assert "NVIDIA_H200.json: not a shipped file" in capsys.readouterr().err
     assert (tmp_path / "tuned" / "NVIDIA_H200.json").read_text() == "[broken"  # untouched
     assert _ship([str(good), *into, "--replace"]) == 0
+
+
+def _timer(times: dict[int, list[float]]):
+    """A fake `time_one` for `tuning.race`: config {"id": i} takes the next of times[i]
+    (a float) or raises (a string), and every call is recorded."""
+    calls = []
+
+    def time_one(config: dict) -> float:
+        calls.append(config["id"])
+        result = times[config["id"]].pop(0)
+        if isinstance(result, str):
+            raise RuntimeError(result)
+        return result
+
+    return time_one, calls
+
+
+def test_a_race_without_run_off_takes_the_pass_and_drops_failures():
+    configs = [{"id": i} for i in range(4)]
+    time_one, calls = _timer({0: [1.0], 1: ["out of shared memory"], 2: [0.98], 3: [2.0]})
+    best, trials, runoff = tuning.race(configs, time_one)
+    assert best == {"id": 2} and runoff == [] and calls == [0, 1, 2, 3]
+    assert trials[1] == ({"id": 1}, "RuntimeError: out of shared memory")
+    time_one, _ = _timer({0: ["no"], 1: ["no"]})
+    assert tuning.race(configs[:2], time_one, runoff=True)[0] is None  # none ran
+
+
+def test_the_run_off_times_the_close_ones_again_in_turns_and_takes_the_steadier():
+    """The pass's best (a lucky first reading) loses the run-off to one that is faster
+    in every turn; a candidate beyond RUNOFF_MARGIN, and one that failed, take no part;
+    the order turns round each round."""
+    configs = [{"id": i} for i in range(5)]
+    rounds = tuning.RUNOFF_ROUNDS
+    time_one, calls = _timer(
+        {
+            0: [0.95] + [1.10] * rounds,  # the pass's best, slower in the run-off
+            1: [0.97] + [1.00] * rounds,
+            2: [0.99, 1.20, "lost the device", 1.20],  # ran, then failed once
+            3: [1.30],  # beyond the margin
+            4: ["CompilationError"],
+        }
+    )
+    best, trials, runoff = tuning.race(configs, time_one, runoff=True)
+    assert best == {"id": 1}
+    assert [config["id"] for config, _ in runoff] == [0, 1, 2]
+    assert runoff[1][1] == [1.00] * rounds and runoff[2][1][1] == float("inf")
+    assert calls[5:] == [0, 1, 2, 2, 1, 0, 0, 1, 2][: 3 * rounds]  # in turns
+    assert [ms for _, ms in trials][:4] == [0.95, 0.97, 0.99, 1.30]
+    # one candidate within the margin: nothing to run off
+    time_one, calls = _timer({0: [1.0], 1: [1.2]})
+    assert tuning.race(configs[:2], time_one, runoff=True)[2] == [] and calls == [0, 1]
+
+
+def test_the_tune_log_shows_the_run_off_and_the_chosen_ones_own_time(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    summary = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "tune_log.py"))
+    log = tmp_path / "tune.jsonl"
+    monkeypatch.setenv("MOEBENCH_TRITON_TUNE_LOG", str(log))
+    lucky, steady = {"BLOCK_M": 64, "num_warps": 4}, {"BLOCK_M": 128, "num_warps": 8}
+    trials = [(lucky, 0.95), (steady, 0.97)]
+    runoff = [(lucky, [1.1, 1.1, 1.1]), (steady, [1.0, 1.0, 1.0])]
+    key = "gate_up kmajor D8 T8192 abc"
+    tuning._log_trials(key, trials, steady, "graph, run-off", None, runoff)
+    assert summary["main"]([str(log)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "gate_up kmajor D8 T8192 abc: M128 w8 0.97 ms; next M64 w4 0.95 ms; run-off of 2 in"
+        " 3 turns, medians 1.1, 1 ms; timed from a CUDA graph"
+    ]
+
+
+def test_a_run_off_makes_its_own_choices(tmp_path, monkeypatch):
+    """`MOEBENCH_TRITON_RUNOFF=1` is a way of timing: a choice made without it is not
+    reused with it, in the process (the memo) or on disk (the fingerprint), and back."""
+    monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
+    monkeypatch.delenv(tuning.RUNOFF_SWITCH, raising=False)
+    tuner, cpu = tuning.Tuner(), torch.device("cpu")
+    first, second = {"BLOCK_M": 16}, {"BLOCK_M": 32}
+    assert tuner.choose(cpu, "k", lambda: [first], print, code=(_kernel_v1,)) == first
+    monkeypatch.setenv(tuning.RUNOFF_SWITCH, "1")
+    assert tuner.choose(cpu, "k", lambda: [second], print, code=(_kernel_v1,)) == second
+    monkeypatch.delenv(tuning.RUNOFF_SWITCH)
+    assert tuner.choose(cpu, "k", lambda: [second], print, code=(_kernel_v1,)) == first
+    fingerprints = {
+        tuning.code_fingerprint((_kernel_v1,), [first], timed_by)
+        for timed_by in ("graph", "graph, run-off", "do_bench", "do_bench, run-off")
+    }
+    assert len(fingerprints) == 4

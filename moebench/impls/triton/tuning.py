@@ -62,7 +62,7 @@ from pathlib import Path
 import torch
 
 from moebench import fast_launch
-from moebench.env import switch_off, usable_cpus
+from moebench.env import switch_off, switch_on, usable_cpus
 from moebench.measure.graph import graphed_step
 from moebench.measure.timing import TimingPlan, time_repeats
 
@@ -197,12 +197,14 @@ def _log_trials(
     chosen: dict | None,
     timed_by: str = "do_bench",
     seconds: dict[str, float] | None = None,
+    runoff: list[tuple[dict, list[float]]] | None = None,
 ) -> None:
     """Append one JSON line per tuning to `$MOEBENCH_TRITON_TUNE_LOG`, if set: the key,
     how the candidates were timed ("graph" or "do_bench"), each candidate's milliseconds
     (or why it failed) and the choice, so a run can show what the choice beat and which
     candidates did not compile; `seconds`: how long the tuning took (`tune_s`) and its
-    compiling at once (`precompile_s`), where known."""
+    compiling at once (`precompile_s`), where known; `runoff`: each contender's times in
+    the run-off (`race`), where one ran."""
     path = os.environ.get("MOEBENCH_TRITON_TUNE_LOG")
     if not path:
         return
@@ -212,6 +214,7 @@ def _log_trials(
         "trials": [[c, r] for c, r in trials],
         "chosen": chosen,
         **(seconds or {}),
+        **({"runoff": [[c, times] for c, times in runoff]} if runoff else {}),
     }
     try:
         with open(path, "a") as log:
@@ -252,6 +255,51 @@ def graphed_ms(run: Callable[[], object], device: torch.device) -> float:
     launch it. `run` must be capturable (no host sync)."""
     step = graphed_step(lambda _: run(), 1, device, "the Triton tuner")
     return statistics.median(time_repeats(step, device, GRAPHED_PLAN))
+
+
+# The run-off (`$MOEBENCH_TRITON_RUNOFF=1`; off until a card has timed it: NOTES.md,
+# version 31). One pass times each candidate once, one after another, and on an H100 the
+# same tile read 0.706 and 0.780 ms in two tunings of one key (the clock moves under the
+# power cap as a tuning goes on), so a choice among candidates a few percent apart was
+# the pass's order and noise. The candidates within RUNOFF_MARGIN of the pass's best, at
+# most RUNOFF_SIZE, are timed again in RUNOFF_ROUNDS turns, the order reversed each
+# turn, and the lowest median of those times wins.
+RUNOFF_SWITCH = "MOEBENCH_TRITON_RUNOFF"
+RUNOFF_MARGIN = 1.05
+RUNOFF_SIZE = 4
+RUNOFF_ROUNDS = 3
+
+
+def race(
+    configs: list[dict], time_one: Callable[[dict], float], runoff: bool = False
+) -> tuple[dict | None, list[tuple[dict, object]], list[tuple[dict, list[float]]]]:
+    """(the fastest of `configs` by `time_one(config)` ms, or None where none ran; each
+    config's ms or its error's first line, for the tuning log; with `runoff`, each
+    contender's times in the run-off's turns). A config whose timing raises is dropped."""
+    trials: list[tuple[dict, object]] = []
+    for config in configs:
+        try:
+            trials.append((config, time_one(config)))
+        except Exception as error:  # any failure only drops the config
+            trials.append((config, f"{type(error).__name__}: {str(error)[:200]}"))
+    timed = sorted(
+        ((ms, index) for index, (_, ms) in enumerate(trials) if isinstance(ms, float | int)),
+    )
+    if not timed:
+        return None, trials, []
+    best_ms, best_index = timed[0]
+    contenders = [i for ms, i in timed if ms <= best_ms * RUNOFF_MARGIN][:RUNOFF_SIZE]
+    if not runoff or len(contenders) < 2:
+        return trials[best_index][0], trials, []
+    turns: dict[int, list[float]] = {i: [] for i in contenders}
+    for turn in range(RUNOFF_ROUNDS):
+        for index in contenders if turn % 2 == 0 else contenders[::-1]:
+            try:
+                turns[index].append(time_one(trials[index][0]))
+            except Exception:  # ran once, failed now: out of the run-off
+                turns[index].append(float("inf"))
+    winner = min(contenders, key=lambda i: statistics.median(turns[i]))
+    return trials[winner][0], trials, [(trials[i][0], turns[i]) for i in contenders]
 
 
 PARALLEL_COMPILE_SWITCH = "MOEBENCH_TRITON_PARALLEL_COMPILE"
@@ -377,9 +425,10 @@ class Tuner:
         or launch (too much shared memory, say) is skipped. `precompile`: `run` only
         launches kernels (and allocates), so its candidates may be compiled at once
         first (`_precompile`; never for a `run` that itself tunes)."""
-        # the kernels raced are in the memo's key: a switch that adds tiles to the race
-        # (`MOEBENCH_MERGE_TAIL`) tunes again in the same process
-        memo = (device, key, tuple(map(id, code)))
+        # the kernels raced and the run-off are in the memo's key: a switch that adds
+        # tiles to the race (`MOEBENCH_MERGE_TAIL`), or `MOEBENCH_TRITON_RUNOFF`, tunes
+        # again in the same process
+        memo = (device, key, tuple(map(id, code)), switch_on(RUNOFF_SWITCH))
         chosen = self._chosen.get(memo)
         if chosen is None:
             chosen = self._chosen[memo] = self._lookup_or_tune(
@@ -404,7 +453,9 @@ class Tuner:
             return configs[0]  # (nothing timed, nothing cached)
         if fast_launch.compiling_only():  # a `run` passed as precompilable tunes: say so
             raise RuntimeError(f"tuning {key!r} inside a compile-only pass")
-        timed_by = "graph" if graphed else "do_bench"
+        # (a run-off is a way of timing too: its choices are its own)
+        runoff = switch_on(RUNOFF_SWITCH)
+        timed_by = ("graph" if graphed else "do_bench") + (", run-off" if runoff else "")
         full_key = f"{key} {code_fingerprint(code, configs, timed_by)}"
         path = _device_file(device)
         table = self._table(path)
@@ -422,22 +473,15 @@ class Tuner:
         seconds = {}
         if precompile and (precompile_s := _precompile(configs, run)) is not None:
             seconds["precompile_s"] = round(precompile_s, 3)
-        best, best_ms = None, float("inf")
-        trials = []  # (config, ms or the error's first line) for the tuning log
-        for config in configs:
-            try:
-                if graphed:
-                    ms = graphed_ms(lambda c=config: run(c), device)
-                else:
-                    ms = do_bench(lambda c=config: run(c), warmup=5, rep=20)
-            except Exception as error:  # any failure only drops the config
-                trials.append((config, f"{type(error).__name__}: {str(error)[:200]}"))
-                continue
-            trials.append((config, ms))
-            if ms < best_ms:
-                best, best_ms = config, ms
+
+        def time_one(config: dict) -> float:
+            if graphed:
+                return graphed_ms(lambda: run(config), device)
+            return do_bench(lambda: run(config), warmup=5, rep=20)
+
+        best, trials, turns = race(configs, time_one, runoff)
         seconds["tune_s"] = round(time.perf_counter() - start, 3)
-        _log_trials(full_key, trials, best, timed_by, seconds)
+        _log_trials(full_key, trials, best, timed_by, seconds, turns)
         if best is None:
             raise RuntimeError(f"no Triton config ran for {key}; tried {configs}")
         table[full_key] = best
