@@ -166,8 +166,8 @@ def code_fingerprint(
 ) -> str:
     """12 hex digits over the versions of Triton and torch (whose grouped GEMM races
     some kernels), the code of the kernels in `code`, the candidate `configs` and how
-    they were timed (`timed_by`: "graph" or "do_bench"): what a tuned choice
-    depends on besides the key's shape. A JIT function's code is its
+    they were timed (`timed_by`: "graph" or "do_bench", either with ", run-off"): what
+    a tuned choice depends on besides the key's shape. A JIT function's code is its
     `cache_key` (its source and the JIT functions it calls, and its first line's number:
     moving a kernel within its file tunes it again too); the interpreter's functions,
     which have none, give their source."""
