@@ -78,10 +78,29 @@ def layer_switch_on(variable: str) -> bool:
 
 def _switch_state(variable: str) -> str | None:
     """The `triton` layer's switch `variable` as "on" or "off" (`layer_switch_on`) where
-    CUDA and Triton are present, else None."""
+    CUDA and Triton are present, else None; the Gluon race "off" where it cannot run."""
     if not _kernels_present():
         return None
-    return "on" if layer_switch_on(variable) else "off"
+    if not layer_switch_on(variable):
+        return "off"
+    if variable == GLUON_WS_SWITCH and not _gluon_races():
+        return "off"  # on by default, but this Triton or card cannot race Gluon kernels
+    return "on"
+
+
+def _gluon_races() -> bool:
+    """Whether the Gluon kernels can race here: this Triton has Gluon (3.4 and later) and
+    the first card is Hopper (wgmma is Hopper's alone)."""
+    import importlib.util
+
+    import torch
+
+    try:
+        if importlib.util.find_spec("triton.experimental.gluon") is None:
+            return False
+    except ModuleNotFoundError:  # no Triton, or one without `experimental`
+        return False
+    return torch.cuda.get_device_capability(0)[0] == 9
 
 
 def _kernels_present() -> bool:

@@ -248,6 +248,7 @@ def test_a_switch_is_recorded_only_where_it_can_act(switch, variable, key, monke
         assert env_module.collect_environment()[key] is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("moebench.routing.route_kernels", lambda: object())
+    monkeypatch.setattr(env_module, "_gluon_races", lambda: True)
     assert env_module._switch_state(variable) == "on"
     monkeypatch.setenv(variable, "off")
     assert env_module._switch_state(variable) == "off"
@@ -257,3 +258,44 @@ def test_a_switch_is_recorded_only_where_it_can_act(switch, variable, key, monke
     monkeypatch.undo()  # run.json's key holds this switch's state, with CUDA or without
     monkeypatch.setattr(env_module, "_switch_state", lambda name: f"state of {name}")
     assert env_module.collect_environment()[key] == f"state of {variable}"
+
+
+@pytest.mark.parametrize("variable_value", [None, "1"])
+def test_the_gluon_race_is_recorded_off_where_it_cannot_run(variable_value, monkeypatch):
+    """A Triton without Gluon (or a card other than Hopper) races without it, so run.json
+    says "off" there even with the switch on; the other switches do not depend on it."""
+    import torch
+
+    from moebench import env as env_module
+
+    for variable in (env_module.GLUON_WS_SWITCH, env_module.MERGE_TAIL_SWITCH):
+        if variable_value is None:
+            monkeypatch.delenv(variable, raising=False)
+        else:
+            monkeypatch.setenv(variable, variable_value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("moebench.routing.route_kernels", lambda: object())
+    monkeypatch.setattr(env_module, "_gluon_races", lambda: False)
+    assert env_module._switch_state(env_module.GLUON_WS_SWITCH) == "off"
+    assert env_module._switch_state(env_module.MERGE_TAIL_SWITCH) == "on"
+    monkeypatch.setattr(env_module, "_gluon_races", lambda: True)
+    assert env_module._switch_state(env_module.GLUON_WS_SWITCH) == "on"
+
+
+def test_gluon_races_reads_the_card(monkeypatch):
+    """`_gluon_races` is False on a card other than Hopper, and on Hopper follows
+    whether this Triton has Gluon."""
+    import importlib.util
+
+    import torch
+
+    from moebench import env as env_module
+
+    try:
+        has_gluon = importlib.util.find_spec("triton.experimental.gluon") is not None
+    except ModuleNotFoundError:
+        has_gluon = False
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (8, 0))
+    assert env_module._gluon_races() is False
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    assert env_module._gluon_races() is has_gluon
