@@ -6,6 +6,7 @@ rich reads `[grid]` as markup and drops it; every message here is a `Text`, so a
 
 from __future__ import annotations
 
+import os
 import shlex
 from collections.abc import Sequence
 from typing import Any
@@ -15,10 +16,21 @@ from rich.text import Text
 DEFAULT_RESULTS_ROOT = "results"
 
 
+def columns_set() -> bool:
+    """Whether the user bounded the output's width with `$COLUMNS` (a number)."""
+    return os.environ.get("COLUMNS", "").strip().isdigit()
+
+
+def bounded_width(console: Any) -> int | None:
+    """The columns output must fit: a terminal's width, or `$COLUMNS` where the user set
+    it (rich reads it into `console.width`); None in a file or a log, which has no edge."""
+    return console.width if console.is_terminal or columns_set() else None
+
+
 def _print(console: Any, text: Text) -> None:
     """`text` wrapped at a terminal's edge; in a file or a log, each line whole (a log
     has no edge, and a line broken inside a message no longer greps)."""
-    console.print(text, soft_wrap=not console.is_terminal)
+    console.print(text, soft_wrap=bounded_width(console) is None)
 
 
 def error(console: Any, message: object) -> None:
@@ -43,7 +55,7 @@ def say_facts(console: Any, facts: Sequence[str], separator: str = "  ") -> None
     """Facts (`host vm`, `git 1a2b...`) one after another: on a terminal as many to a
     line as fit, none split across two (a timestamp or a commit stays whole); in a log,
     one line."""
-    width = console.width if console.is_terminal else None
+    width = bounded_width(console)
     line = ""
     for fact in facts:
         if line and width and len(line) + len(separator) + len(fact) > width:

@@ -16,6 +16,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from moebench.console import bounded_width
 from moebench.report.data import is_true
 
 STATUS_STYLE = {
@@ -126,10 +127,11 @@ def natural_width(table: Table) -> int:
 
 
 def print_summary(console: Console, rows: list[dict[str, Any]], title: str) -> None:
-    """`summary_table` sized for `console`, nothing cut: a terminal's width, or in a file
-    or a log the wide table at its natural width, however wide."""
-    if console.is_terminal:
-        console.print(summary_table(rows, title, console.width))
+    """`summary_table` sized for `console`, nothing cut: a terminal's width (or
+    `$COLUMNS`, where the user set it), or in a file or a log the wide table at its
+    natural width, however wide."""
+    if (width := bounded_width(console)) is not None:
+        console.print(summary_table(rows, title, width))
         return
     table = summary_table(rows, title)
     width = console.width  # print(width=) is capped at the console's width: widen it

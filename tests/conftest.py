@@ -65,6 +65,13 @@ def no_shipped_tuning(monkeypatch):
     monkeypatch.setenv("MOEBENCH_TRITON_SHIPPED", "0")
 
 
+@pytest.fixture(autouse=True)
+def no_columns(monkeypatch):
+    """Every test's output as in a log, whatever $COLUMNS the shell or CI sets (a set
+    $COLUMNS bounds piped output's width: moebench.console.bounded_width)."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
 @pytest.fixture
 def launch_switch(monkeypatch):
     """`launch_switch(module, value)`: sets the environment switch of `module`

@@ -189,3 +189,24 @@ def test_list_keeps_each_description_readable_at_any_width(width: int) -> None:
             for line in lines
             if "│ grouped " in line
         )
+
+
+@pytest.mark.parametrize("columns", [None, "80", "100"])
+def test_show_piped_keeps_to_columns_where_set(columns, monkeypatch, capsys) -> None:
+    """`moebench show RUN | less`: piped output has no edge, so each case takes one wide
+    line; but `COLUMNS=80 moebench show RUN | less` asks for 80 columns, and every line,
+    facts and table, fits them (the table stacked)."""
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert cli_main(["show", str(REFERENCE_RUN)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cases = len(read_run(REFERENCE_RUN))
+    if columns is None:
+        assert max(len(line) for line in lines) > 120  # the wide table, unsqueezed
+        assert sum("reference" in line and "float32" in line for line in lines) > 0
+        assert len(lines) < cases + 15  # one line a case, a few for the header
+    else:
+        assert max(len(line) for line in lines) <= int(columns), lines
+        assert len(lines) > 2 * cases  # stacked: two lines a case
