@@ -5,7 +5,6 @@ from __future__ import annotations
 import doctest
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -100,12 +99,10 @@ def test_pytest_benchmark_json_layout(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def _pytest_benchmark_command() -> list[str]:
-    """The `pytest-benchmark` console script next to this Python, else `python -m`."""
-    script = Path(sys.executable).parent / "pytest-benchmark"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("pytest-benchmark")
-    return [found] if found else [sys.executable, "-m", "pytest_benchmark"]
+    """`pytest-benchmark` run by this Python (`-m`, as its console script does): a
+    `pytest-benchmark` found on PATH may belong to another Python, without moebench's
+    dependencies (a pyenv shim ahead of an unactivated venv)."""
+    return [sys.executable, "-m", "pytest_benchmark"]
 
 
 def test_pytest_benchmark_compare_reads_the_export(tmp_path: Path) -> None:
