@@ -115,6 +115,7 @@ SHOWN_SWITCHES = (
     ("gluon_ws", "off", "Gluon race off"),
     ("merge_tail", "off", "merged-tail race off"),
     ("route_align", "on", "route and align in one launch"),
+    ("triton_runoff", "off", "tuner run-off off"),
 )
 
 
@@ -204,6 +205,7 @@ ENV_NONE = {
     "gluon_ws": "n/a (needs CUDA and Triton)",
     "merge_tail": "n/a (needs CUDA and Triton)",
     "route_align": "n/a (needs CUDA and Triton)",
+    "triton_runoff": "n/a (needs CUDA and Triton)",
 }
 
 

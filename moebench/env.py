@@ -59,9 +59,16 @@ GLUON_WS_SWITCH = "MOEBENCH_GLUON_WS"
 # DeepSeek-V3's down 2% faster in the layer on an H100, 10% alone in version 29.
 MERGE_TAIL_SWITCH = "MOEBENCH_MERGE_TAIL"
 
+# Off ("0"): the `triton` layer's tuner takes the fastest candidate of one pass, where
+# by default it times the candidates within 5% of that pass's best again, in turns, and
+# takes the lowest median (moebench/impls/triton/tuning.py, `race`). On by default since
+# version 32 (triton/NOTES.md): on an H100 one pass took a candidate whose lucky first
+# reading (0.900 ms) was 0.973 in the run-off, beside one at 0.911.
+TRITON_RUNOFF_SWITCH = "MOEBENCH_TRITON_RUNOFF"
+
 # Switches of the `triton` layer that are on unless turned off (the others are off
 # unless turned on).
-ON_BY_DEFAULT = (GLUON_WS_SWITCH, MERGE_TAIL_SWITCH)
+ON_BY_DEFAULT = (GLUON_WS_SWITCH, MERGE_TAIL_SWITCH, TRITON_RUNOFF_SWITCH)
 
 # On: the `triton` layer routes a call of 2 to 64 tokens and aligns its assignments in
 # one launch (moebench/impls/triton/route_align.py; off until a card has timed it).
@@ -195,6 +202,7 @@ def collect_environment(plugins: Iterable[str] = ()) -> dict[str, Any]:
         "gluon_ws": _switch_state(GLUON_WS_SWITCH),
         "merge_tail": _switch_state(MERGE_TAIL_SWITCH),
         "route_align": _switch_state(ROUTE_ALIGN_SWITCH),
+        "triton_runoff": _switch_state(TRITON_RUNOFF_SWITCH),
     }
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

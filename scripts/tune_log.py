@@ -10,8 +10,8 @@ tile and torch's grouped GEMM (the backward's GEMMs), the best of each is shown 
 where they were timed replayed from a CUDA graph (the forward's GEMMs), that too, and
 how long the tuning took (with the part spent compiling every candidate at once, where
 `MOEBENCH_TRITON_PARALLEL_COMPILE` asked for it), and where a run-off timed the closest
-candidates again in turns (`MOEBENCH_TRITON_RUNOFF=1`), their medians there; last, the
-tunings' seconds in all.
+candidates again in turns (by default; `MOEBENCH_TRITON_RUNOFF=0`: none), their medians
+there; last, the tunings' seconds in all.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def summarise(line: dict) -> str:
         text += f"; grouped GEMM {grouped[0]:.4g} ms, best Triton tile {tiles[0]:.4g} ms"
     if failed:
         text += f"; {len(failed)} failed ({failed[0]})"
-    if line.get("runoff"):  # ($MOEBENCH_TRITON_RUNOFF=1)
+    if line.get("runoff"):  # (unless $MOEBENCH_TRITON_RUNOFF=0)
         medians = [statistics.median(times) for _, times in line["runoff"]]
         rounds = len(line["runoff"][0][1])
         text += (

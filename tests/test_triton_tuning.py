@@ -22,7 +22,7 @@ def test_tuner_reads_the_cache_file_and_keeps_other_keys(tmp_path, monkeypatch):
     assert tuning.cache_dir() == tmp_path
     cached = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4}
     candidates = [{"BLOCK_M": 99}]
-    k1 = f"k1 {tuning.code_fingerprint((), candidates)}"
+    k1 = f"k1 {tuning.code_fingerprint((), candidates, tuning.timing_way(graphed=False))}"
     (tmp_path / "cpu.json").write_text(json.dumps({k1: cached}))
     tuner = tuning.Tuner()
     calls = []
@@ -196,8 +196,8 @@ def test_a_key_missing_from_the_cache_takes_the_shipped_choice(tmp_path, monkeyp
     candidate); a shipped choice for other code is not taken; `MOEBENCH_TRITON_SHIPPED=0`
     ignores the shipped ones; a shipped choice is not copied into the cache."""
     candidates = [{"BLOCK_M": 16}, {"BLOCK_M": 32}, {"BLOCK_M": 64}]
-    fingerprint = tuning.code_fingerprint((_kernel_v1,), candidates)
-    stale = tuning.code_fingerprint((_kernel_v2,), candidates)
+    fingerprint = tuning.code_fingerprint((_kernel_v1,), candidates, tuning.timing_way(False))
+    stale = tuning.code_fingerprint((_kernel_v2,), candidates, tuning.timing_way(False))
     cache, _ = _shipped_setup(
         tmp_path,
         monkeypatch,
@@ -257,7 +257,7 @@ def test_ship_tuning_folds_a_cache_and_a_log_into_the_shipped_file(tmp_path, mon
 
     # What was shipped is what the tuner takes, under the key it computes.
     candidates = [{"BLOCK_M": 16}, {"BLOCK_M": 32}]
-    full_key = f"k {tuning.code_fingerprint((_kernel_v1,), candidates)}"
+    full_key = f"k {tuning.code_fingerprint((_kernel_v1,), candidates, tuning.timing_way(False))}"
     run_cache = tmp_path / "run" / "cpu.json"
     run_cache.parent.mkdir()
     run_cache.write_text(json.dumps({full_key: candidates[1]}))
@@ -376,16 +376,22 @@ def test_the_tune_log_shows_the_run_off_and_the_chosen_ones_own_time(tmp_path, m
 
 
 def test_a_run_off_makes_its_own_choices(tmp_path, monkeypatch):
-    """`MOEBENCH_TRITON_RUNOFF=1` is a way of timing: a choice made without it is not
-    reused with it, in the process (the memo) or on disk (the fingerprint), and back."""
+    """The run-off (on unless `MOEBENCH_TRITON_RUNOFF=0`) is a way of timing: a choice
+    made without it is not reused with it, in the process (the memo) or on disk (the
+    fingerprint), and back; unset, it is on."""
     monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
-    monkeypatch.delenv(tuning.RUNOFF_SWITCH, raising=False)
+    monkeypatch.setenv(tuning.RUNOFF_SWITCH, "0")
+    assert tuning.timing_way(graphed=True) == "graph"
     tuner, cpu = tuning.Tuner(), torch.device("cpu")
     first, second = {"BLOCK_M": 16}, {"BLOCK_M": 32}
     assert tuner.choose(cpu, "k", lambda: [first], print, code=(_kernel_v1,)) == first
-    monkeypatch.setenv(tuning.RUNOFF_SWITCH, "1")
+    monkeypatch.delenv(tuning.RUNOFF_SWITCH)  # the default: on
+    assert tuning.timing_way(graphed=True) == "graph, run-off"
+    assert tuning.timing_way(graphed=False) == "do_bench, run-off"
     assert tuner.choose(cpu, "k", lambda: [second], print, code=(_kernel_v1,)) == second
-    monkeypatch.delenv(tuning.RUNOFF_SWITCH)
+    monkeypatch.setenv(tuning.RUNOFF_SWITCH, "1")
+    assert tuner.choose(cpu, "k", lambda: [first], print, code=(_kernel_v1,)) == second
+    monkeypatch.setenv(tuning.RUNOFF_SWITCH, "0")
     assert tuner.choose(cpu, "k", lambda: [second], print, code=(_kernel_v1,)) == first
     fingerprints = {
         tuning.code_fingerprint((_kernel_v1,), [first], timed_by)

@@ -62,7 +62,7 @@ from pathlib import Path
 import torch
 
 from moebench import fast_launch
-from moebench.env import switch_off, switch_on, usable_cpus
+from moebench.env import TRITON_RUNOFF_SWITCH, layer_switch_on, switch_off, usable_cpus
 from moebench.measure.graph import graphed_step
 from moebench.measure.timing import TimingPlan, time_repeats
 
@@ -257,17 +257,24 @@ def graphed_ms(run: Callable[[], object], device: torch.device) -> float:
     return statistics.median(time_repeats(step, device, GRAPHED_PLAN))
 
 
-# The run-off (`$MOEBENCH_TRITON_RUNOFF=1`; off until a card has timed it: NOTES.md,
-# version 31). One pass times each candidate once, one after another, and on an H100 the
-# same tile read 0.706 and 0.780 ms in two tunings of one key (the clock moves under the
-# power cap as a tuning goes on), so a choice among candidates a few percent apart was
-# the pass's order and noise. The candidates within RUNOFF_MARGIN of the pass's best, at
-# most RUNOFF_SIZE, are timed again in RUNOFF_ROUNDS turns, the order reversed each
-# turn, and the lowest median of those times wins.
-RUNOFF_SWITCH = "MOEBENCH_TRITON_RUNOFF"
+# The run-off (on unless `$MOEBENCH_TRITON_RUNOFF=0`, `env.TRITON_RUNOFF_SWITCH`; built in
+# NOTES.md's version 31, on by default since 32). One pass times each candidate once, one
+# after another, and on an H100 the same tile read 0.706 and 0.780 ms in two tunings of
+# one key (the clock moves under the power cap as a tuning goes on), so a choice among
+# candidates a few percent apart was the pass's order and noise. The candidates within
+# RUNOFF_MARGIN of the pass's best, at most RUNOFF_SIZE, are timed again in RUNOFF_ROUNDS
+# turns, the order reversed each turn, and the lowest median of those times wins.
+RUNOFF_SWITCH = TRITON_RUNOFF_SWITCH
 RUNOFF_MARGIN = 1.05
 RUNOFF_SIZE = 4
 RUNOFF_ROUNDS = 3
+
+
+def timing_way(graphed: bool) -> str:
+    """How a tuning here times its candidates (`code_fingerprint`'s `timed_by`): replayed
+    from a CUDA graph (`graphed`) or by do_bench, with the run-off unless it is off."""
+    way = "graph" if graphed else "do_bench"
+    return way + (", run-off" if layer_switch_on(RUNOFF_SWITCH) else "")
 
 
 def race(
@@ -428,7 +435,7 @@ class Tuner:
         # the kernels raced and the run-off are in the memo's key: a switch that adds
         # tiles to the race (`MOEBENCH_MERGE_TAIL`), or `MOEBENCH_TRITON_RUNOFF`, tunes
         # again in the same process
-        memo = (device, key, tuple(map(id, code)), switch_on(RUNOFF_SWITCH))
+        memo = (device, key, tuple(map(id, code)), layer_switch_on(RUNOFF_SWITCH))
         chosen = self._chosen.get(memo)
         if chosen is None:
             chosen = self._chosen[memo] = self._lookup_or_tune(
@@ -454,8 +461,8 @@ class Tuner:
         if fast_launch.compiling_only():  # a `run` passed as precompilable tunes: say so
             raise RuntimeError(f"tuning {key!r} inside a compile-only pass")
         # (a run-off is a way of timing too: its choices are its own)
-        runoff = switch_on(RUNOFF_SWITCH)
-        timed_by = ("graph" if graphed else "do_bench") + (", run-off" if runoff else "")
+        runoff = layer_switch_on(RUNOFF_SWITCH)
+        timed_by = timing_way(graphed)
         full_key = f"{key} {code_fingerprint(code, configs, timed_by)}"
         path = _device_file(device)
         table = self._table(path)
