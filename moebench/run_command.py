@@ -287,7 +287,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--filter",
         action="append",
         default=[],
-        help="keep cases matching KEY=V1,V2 or a regex on the case label (repeatable)",
+        help="keep cases matching KEY=V1,V2 (a value may hold * or ?) or a regex on the case"
+        " label (repeatable)",
     )
     parser.add_argument("--resume", metavar="RUN_ID", help="finish run RUN_ID: only missing cases")
     parser.add_argument(

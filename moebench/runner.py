@@ -12,6 +12,7 @@ refused the case: `registry.Unsupported`, or too few ranks).
 
 from __future__ import annotations
 
+import fnmatch
 import gc
 import multiprocessing as mp
 import os
@@ -65,13 +66,22 @@ def _filter_text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _matches(text: str, value: str) -> bool:
+    """Whether a case field's `text` is the --filter `value`: equal, or, where the value
+    holds `*` or `?`, matched by it as a shell-style wildcard (`[` stays literal)."""
+    if "*" not in value and "?" not in value:
+        return text == value
+    return fnmatch.fnmatchcase(text, value.replace("[", "[[]"))
+
+
 def filter_cases(
     cases: Iterable[Case], expressions: list[str], unmatched: list[str] | None = None
 ) -> list[Case]:
     """Keep cases matching every expression: `key=v1,v2` on a case field (booleans as
-    TOML writes them: true, false; any case), or a regular expression searched in the
-    case's label. `unmatched`, where given, gets one line for each `key=` value that no
-    case left by the expressions before it has (a typo keeps the others' cases, silently
+    TOML writes them: true, false; any case; a value with `*` or `?` is a shell-style
+    wildcard, `impl=hf-*:grouped_mm`), or a regular expression searched in the case's
+    label. `unmatched`, where given, gets one line for each `key=` value that no case
+    left by the expressions before it has (a typo keeps the others' cases, silently
     otherwise)."""
     kept = list(cases)
     for expr in expressions:
@@ -84,13 +94,15 @@ def filter_cases(
                 fields = ", ".join(sorted(kept[0].fields()))
                 raise FilterError(f"--filter {expr!r}: unknown field {key!r}; fields: {fields}")
             present = {_filter_text(c.fields()[key]) for c in kept}
-            missing = sorted(wanted - present)
+            missing = sorted(v for v in wanted if not any(_matches(t, v) for t in present))
             if missing and unmatched is not None and kept:
                 unmatched.append(
                     f"--filter {expr}: no case has {key} {', '.join(map(repr, missing))} "
                     f"(those left have: {', '.join(sorted(present))})"
                 )
-            kept = [c for c in kept if _filter_text(c.fields()[key]) in wanted]
+            kept = [
+                c for c in kept if any(_matches(_filter_text(c.fields()[key]), v) for v in wanted)
+            ]
         else:
             try:
                 pattern = re.compile(expr)

@@ -121,6 +121,25 @@ def test_filter_cases():
     assert [c.cuda_graph for c in filter_cases(graphed, ["cuda_graph=false"])] == [False]
 
 
+def test_filter_values_take_wildcards():
+    """`impl=hf-*:grouped_mm` keeps every transformers block under one backend: a value
+    with `*` or `?` is a shell-style wildcard; `[` in a value is itself, never a class;
+    a wildcard that matches nothing is named as a typo is."""
+    impls = ("hf-mixtral:grouped_mm", "hf-olmoe:grouped_mm", "hf-olmoe:eager", "grouped")
+    cases = [replace(tiny_case("grouped"), impl=impl) for impl in impls]
+    kept = filter_cases(cases, ["impl=hf-*:grouped_mm,grouped"])
+    assert [c.impl for c in kept] == ["hf-mixtral:grouped_mm", "hf-olmoe:grouped_mm", "grouped"]
+    assert [c.impl for c in filter_cases(cases, ["impl=hf-olmoe:?????"])] == ["hf-olmoe:eager"]
+    assert [c.fields()["num_experts"] for c in filter_cases(cases[:1], ["num_experts=*"])] == [4]
+    unmatched: list[str] = []
+    assert filter_cases(cases, ["impl=hf-*:batched_mm,hf-[a]*"], unmatched) == []
+    assert unmatched == [
+        "--filter impl=hf-*:batched_mm,hf-[a]*: no case has impl 'hf-*:batched_mm', 'hf-[a]*'"
+        " (those left have: grouped, hf-mixtral:grouped_mm, hf-olmoe:eager,"
+        " hf-olmoe:grouped_mm)"
+    ]
+
+
 def test_filter_values_that_no_case_has_are_named(tmp_path, capsys):
     """`impl=grouped,gruoped` keeps grouped's cases: the typo is said, not swallowed;
     each value is looked for among the cases the filters before it left."""
