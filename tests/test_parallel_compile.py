@@ -66,9 +66,11 @@ def test_compile_workers_reads_the_switch(monkeypatch):
 
 def _cuda_tuner(monkeypatch, tmp_path, timed: list) -> tuning.Tuner:
     """A Tuner that takes a CPU for a card: no cache file name from the device, and
-    triton's do_bench calling the candidate once and reading its time from it."""
+    triton's do_bench calling the candidate once and reading its time from it; one pass,
+    no run-off (these tests count the compiles and timings of that pass)."""
     import triton.testing
 
+    monkeypatch.setenv(tuning.RUNOFF_SWITCH, "0")
     monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MOEBENCH_TRITON_TUNE_LOG", str(tmp_path / "log.jsonl"))
     monkeypatch.setattr(tuning, "device_file_name", lambda device: "card.json")

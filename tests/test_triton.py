@@ -155,7 +155,8 @@ def test_expert_weight_grad_takes_the_grouped_gemm_above_few_rows(tmp_path, monk
     # Few rows, and the tuner's cached choice is the grouped GEMM: no kernel launched.
     cache_file = tuning._device_file(torch.device(KERNEL_DEVICE))
     code = (weight_grad.weight_grad_kernel,)
-    fingerprint = tuning.code_fingerprint(code, weight_grad.candidates(16, True))
+    configs = weight_grad.candidates(16, True)
+    fingerprint = tuning.code_fingerprint(code, configs, tuning.timing_way(graphed=False))
     cache_file.write_text(json.dumps({f"few {fingerprint}": weight_grad.GROUPED_GEMM}))
     tuning.TUNER._loaded.pop(cache_file, None)
     monkeypatch.setattr(weight_grad, "launch", lambda *args: pytest.fail("launched"))
@@ -292,7 +293,9 @@ def test_backward_rows_gemm_takes_the_tuners_choice(tmp_path, monkeypatch):
             torch.testing.assert_close(out_PN[row].float(), expected, rtol=2e-2, atol=2e-2)
 
     configs = [*tuning.candidates("down", 16), GROUPED_GEMM]
-    fingerprint = tuning.code_fingerprint((kernels.down_kernel,), configs)
+    fingerprint = tuning.code_fingerprint(
+        (kernels.down_kernel,), configs, tuning.timing_way(graphed=False)
+    )
     cache_file = tuning._device_file(torch.device(KERNEL_DEVICE))
     cache_file.write_text(json.dumps({f"rows {fingerprint}": GROUPED_GEMM}))
     tuning.TUNER._loaded.pop(cache_file, None)
