@@ -53,7 +53,9 @@
 # GPU_FILTER="KEY=V1,V2" (or a label regex) keeps only matching cases of every suite step,
 # e.g. GPU_FILTER=cuda_graph=true scripts/gpu_session.sh peers (the graphed decode rows);
 # several filters, all of which a case must match, are separated by ";"
-# (GPU_FILTER="preset=deepseek-v3;mode=train;impl=triton,moe-ops").
+# (GPU_FILTER="preset=deepseek-v3;mode=train;impl=triton,moe-ops"); a value may be a
+# wildcard (GPU_FILTER="impl=grouped,moe-ops,hf-*:grouped_mm,hf-*:batched_mm": the peers
+# but `reference` and the transformers blocks' slow `eager` loops).
 #
 # Steps run in the order given, all inside GPU_DEADLINE_S seconds (default 570, under the
 # device tool's 10-minute call): a step still running at the deadline gets SIGTERM, which
