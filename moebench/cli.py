@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from moebench.console import columns_set, error, say, say_facts, warning
+from moebench.console import console_width, error, say, say_facts, warning
 from moebench.terminal import print_summary
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -365,18 +365,6 @@ def _add_optional_command(sub: Any, module_name: str) -> None:
     )
     module.add_arguments(command)
     command.set_defaults(handler=lambda args, console: module.main(args, console))
-
-
-# Logs and CI jobs are no terminal: their tables get this room instead of rich's 80 columns.
-PIPED_COLUMNS = 160
-
-
-def console_width() -> int | None:
-    """The console's width: the terminal's (None: rich asks it), or `$COLUMNS` where the
-    user set it, else PIPED_COLUMNS when stdout is no terminal."""
-    if sys.stdout.isatty() or columns_set():
-        return None  # rich reads $COLUMNS before the terminal's size
-    return PIPED_COLUMNS
 
 
 def main(argv: list[str] | None = None) -> int:

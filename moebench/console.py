@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,19 @@ DEFAULT_RESULTS_ROOT = "results"
 def columns_set() -> bool:
     """Whether the user bounded the output's width with `$COLUMNS` (a number)."""
     return os.environ.get("COLUMNS", "").strip().isdigit()
+
+
+# Logs and CI jobs are no terminal: their tables get this room instead of rich's 80 columns.
+PIPED_COLUMNS = 160
+
+
+def console_width() -> int | None:
+    """The width to make the console with: the terminal's (None: rich asks it), or
+    `$COLUMNS` where the user set it (rich reads it), else PIPED_COLUMNS when stdout is
+    no terminal."""
+    if sys.stdout.isatty() or columns_set():
+        return None
+    return PIPED_COLUMNS
 
 
 def bounded_width(console: Any) -> int | None:

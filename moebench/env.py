@@ -96,18 +96,15 @@ def _switch_state(variable: str) -> str | None:
 
 
 def _gluon_races() -> bool:
-    """Whether the Gluon kernels can race here: this Triton has Gluon (3.4 and later) and
-    the first card is Hopper (wgmma is Hopper's alone)."""
-    import importlib.util
-
+    """Whether the Gluon kernels can race on the first card: this Triton has Gluon (3.4
+    and later) and `gluon_common.available` takes the card (the layer's own rule)."""
     import torch
 
     try:
-        if importlib.util.find_spec("triton.experimental.gluon") is None:
-            return False
-    except ModuleNotFoundError:  # no Triton, or one without `experimental`
+        from moebench.impls.triton import gluon_common
+    except ImportError:  # no Triton, or one without Gluon
         return False
-    return torch.cuda.get_device_capability(0)[0] == 9
+    return gluon_common.available(torch.device("cuda", 0))
 
 
 def _kernels_present() -> bool:

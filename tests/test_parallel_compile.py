@@ -70,7 +70,7 @@ def _cuda_tuner(monkeypatch, tmp_path, timed: list) -> tuning.Tuner:
     no run-off (these tests count the compiles and timings of that pass)."""
     import triton.testing
 
-    monkeypatch.setenv(tuning.RUNOFF_SWITCH, "0")
+    monkeypatch.setenv(tuning.TRITON_RUNOFF_SWITCH, "0")
     monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MOEBENCH_TRITON_TUNE_LOG", str(tmp_path / "log.jsonl"))
     monkeypatch.setattr(tuning, "device_file_name", lambda device: "card.json")

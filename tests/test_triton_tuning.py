@@ -380,18 +380,18 @@ def test_a_run_off_makes_its_own_choices(tmp_path, monkeypatch):
     made without it is not reused with it, in the process (the memo) or on disk (the
     fingerprint), and back; unset, it is on."""
     monkeypatch.setenv("MOEBENCH_TRITON_CACHE", str(tmp_path))
-    monkeypatch.setenv(tuning.RUNOFF_SWITCH, "0")
+    monkeypatch.setenv(tuning.TRITON_RUNOFF_SWITCH, "0")
     assert tuning.timing_way(graphed=True) == "graph"
     tuner, cpu = tuning.Tuner(), torch.device("cpu")
     first, second = {"BLOCK_M": 16}, {"BLOCK_M": 32}
     assert tuner.choose(cpu, "k", lambda: [first], print, code=(_kernel_v1,)) == first
-    monkeypatch.delenv(tuning.RUNOFF_SWITCH)  # the default: on
+    monkeypatch.delenv(tuning.TRITON_RUNOFF_SWITCH)  # the default: on
     assert tuning.timing_way(graphed=True) == "graph, run-off"
     assert tuning.timing_way(graphed=False) == "do_bench, run-off"
     assert tuner.choose(cpu, "k", lambda: [second], print, code=(_kernel_v1,)) == second
-    monkeypatch.setenv(tuning.RUNOFF_SWITCH, "1")
+    monkeypatch.setenv(tuning.TRITON_RUNOFF_SWITCH, "1")
     assert tuner.choose(cpu, "k", lambda: [first], print, code=(_kernel_v1,)) == second
-    monkeypatch.setenv(tuning.RUNOFF_SWITCH, "0")
+    monkeypatch.setenv(tuning.TRITON_RUNOFF_SWITCH, "0")
     assert tuner.choose(cpu, "k", lambda: [second], print, code=(_kernel_v1,)) == first
     fingerprints = {
         tuning.code_fingerprint((_kernel_v1,), [first], timed_by)

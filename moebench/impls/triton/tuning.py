@@ -264,17 +264,18 @@ def graphed_ms(run: Callable[[], object], device: torch.device) -> float:
 # candidates a few percent apart was the pass's order and noise. The candidates within
 # RUNOFF_MARGIN of the pass's best, at most RUNOFF_SIZE, are timed again in RUNOFF_ROUNDS
 # turns, the order reversed each turn, and the lowest median of those times wins.
-RUNOFF_SWITCH = TRITON_RUNOFF_SWITCH
 RUNOFF_MARGIN = 1.05
 RUNOFF_SIZE = 4
 RUNOFF_ROUNDS = 3
 
 
-def timing_way(graphed: bool) -> str:
-    """How a tuning here times its candidates (`code_fingerprint`'s `timed_by`): replayed
-    from a CUDA graph (`graphed`) or by do_bench, with the run-off unless it is off."""
-    way = "graph" if graphed else "do_bench"
-    return way + (", run-off" if layer_switch_on(RUNOFF_SWITCH) else "")
+def timing_way(graphed: bool, runoff: bool | None = None) -> str:
+    """How a tuning times its candidates (`code_fingerprint`'s `timed_by`): replayed
+    from a CUDA graph (`graphed`) or by do_bench, with the run-off where `runoff` (None:
+    unless `$MOEBENCH_TRITON_RUNOFF=0`)."""
+    if runoff is None:
+        runoff = layer_switch_on(TRITON_RUNOFF_SWITCH)
+    return ("graph" if graphed else "do_bench") + (", run-off" if runoff else "")
 
 
 def race(
@@ -435,11 +436,12 @@ class Tuner:
         # the kernels raced and the run-off are in the memo's key: a switch that adds
         # tiles to the race (`MOEBENCH_MERGE_TAIL`), or `MOEBENCH_TRITON_RUNOFF`, tunes
         # again in the same process
-        memo = (device, key, tuple(map(id, code)), layer_switch_on(RUNOFF_SWITCH))
+        runoff = layer_switch_on(TRITON_RUNOFF_SWITCH)
+        memo = (device, key, tuple(map(id, code)), runoff)
         chosen = self._chosen.get(memo)
         if chosen is None:
             chosen = self._chosen[memo] = self._lookup_or_tune(
-                device, key, configs, run, code, graphed, precompile
+                device, key, configs, run, code, graphed, runoff, precompile
             )
         return chosen
 
@@ -451,6 +453,7 @@ class Tuner:
         run: Callable[[dict], object],
         code: Sequence[object],
         graphed: bool,
+        runoff: bool,
         precompile: bool = False,
     ) -> dict:
         configs = configs_fn()
@@ -460,9 +463,7 @@ class Tuner:
             return configs[0]  # (nothing timed, nothing cached)
         if fast_launch.compiling_only():  # a `run` passed as precompilable tunes: say so
             raise RuntimeError(f"tuning {key!r} inside a compile-only pass")
-        # (a run-off is a way of timing too: its choices are its own)
-        runoff = layer_switch_on(RUNOFF_SWITCH)
-        timed_by = timing_way(graphed)
+        timed_by = timing_way(graphed, runoff)  # (a run-off's choices are its own)
         full_key = f"{key} {code_fingerprint(code, configs, timed_by)}"
         path = _device_file(device)
         table = self._table(path)
