@@ -8,8 +8,11 @@
 #             fast launch),
 #             the Router's kernels, the ceilings, the offload race, the checks' tolerances,
 #             profiling on CUDA, the presets against transformers' blocks, the peers plugin
-#             (on a fresh machine tests/test_triton.py alone takes over 8 minutes: it compiles
-#             every tuning candidate, HALF_TAIL ones included; pick with GPU_TESTS="... -k ...")
+#             (a fresh machine needs two calls: in version 33's first, tests/test_cuda.py and
+#             38 of tests/test_triton.py's 41 tests took the 575 s, compiling and tuning for
+#             the tests' odd shapes; the second, on the same warm machine, ran the rest in
+#             494 s; pick with GPU_TESTS="-v tests/... tests/test_x.py::name ...", where
+#             -v names each test as it ends, so a cut call says which ran)
 #   triton    suites/triton.toml with --profile (the fused layer against grouped, plain and
 #             graphed, and where its time goes)
 #   default   suites/default.toml --profile
