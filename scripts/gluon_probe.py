@@ -102,8 +102,11 @@ def shipped_choice(
     preset: str, tokens: int, block_m: int, device_name: str, gemm: str = "down"
 ) -> dict | None:
     """The config of `gemm` moebench ships for this point and row-block height on a card
-    of `device_name` (the key and code fingerprint the layer looks up without the Gluon
-    kernels), or None where none was shipped for this code."""
+    of `device_name`, or None where none was shipped for this code: under the key the
+    layer looks up and a fingerprint it computes there in some state of its switches (the
+    Gluon and merged-tail races on or off, chosen with the tuner's run-off or by one
+    pass), today's defaults first. Since version 33 both cards ship choices made with
+    every race on, so the shipped choice may be a Gluon config itself."""
     from moebench.impls.triton import layer, tuning
     from moebench.presets import PRESETS
 
@@ -117,10 +120,16 @@ def shipped_choice(
     else:
         layout = tuning.weight_layout(w_down_EFD)
     key = tuning.key(gemm, x_TD, w_down_EFD, K, layout, block_m)
-    configs = layer.gemm_candidates(gemm, block_m, D, F, 2, True)
-    fingerprint = tuning.code_fingerprint(layer.gemm_code(gemm, True), configs, "graph")
     table = tuning.read_table(tuning.shipped_dir() / tuning.device_file_name(device_name))
-    return table.get(f"{key} {fingerprint}")
+    for races in ((True, True), (False, True), (True, False), (False, False)):
+        configs = layer.gemm_candidates(gemm, block_m, D, F, 2, True, *races)
+        code = layer.gemm_code(gemm, True, *races)
+        for runoff in (True, False):
+            timed_by = tuning.timing_way(graphed=True, runoff=runoff)
+            found = table.get(f"{key} {tuning.code_fingerprint(code, configs, timed_by)}")
+            if found is not None:
+                return found
+    return None
 
 
 def _configs(gemm: str, preset: str, tokens: int, race_all: bool) -> list[dict]:

@@ -103,8 +103,8 @@ def test_bad_points_are_refused(probe, point, capsys):
 
 def test_the_shipped_choice_is_found_under_the_layers_key():
     """The probe races the Gluon configs against the config moebench ships (down's and
-    gate_up's), looked up under the key and fingerprint the layer computes (under the
-    card's versions, in a process without Triton's interpreter, as
+    gate_up's) on both cards, looked up under the key and a fingerprint the layer
+    computes (under the card's versions, in a process without Triton's interpreter, as
     tests/test_shipped_tuning.py does)."""
     pytest.importorskip("triton", reason="the fingerprints take the kernels' Triton cache keys")
     from tests.conftest import without_interpreter
@@ -116,11 +116,11 @@ from moebench.impls.triton import tuning
 tuning._version = lambda distribution: {CARD_TRITON!r}
 torch.__version__ = {CARD_TORCH!r}
 probe = runpy.run_path({str(SCRIPT)!r})
-found = probe["shipped_choice"]("qwen3-30b-a3b", 8192, 128, "NVIDIA H200")
-assert found is not None and found["BLOCK_M"] == 128, found
+for card in ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
+    for gemm in ("down", "gate_up"):
+        found = probe["shipped_choice"]("qwen3-30b-a3b", 8192, 128, card, gemm)
+        assert found is not None and found["BLOCK_M"] == 128, (card, gemm, found)
 assert probe["shipped_choice"]("qwen3-30b-a3b", 8192, 128, "no such card") is None
-found = probe["shipped_choice"]("qwen3-30b-a3b", 8192, 128, "NVIDIA H200", "gate_up")
-assert found is not None and found["BLOCK_M"] == 128 and "GLUON_WS" not in found, found
 """
     done = subprocess.run(
         [sys.executable, "-c", code], env=without_interpreter(), capture_output=True, text=True

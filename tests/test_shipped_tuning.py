@@ -9,8 +9,8 @@ file so (NOTES.md). This recomputes the fingerprint of each shipped forward choi
 two GEMMs and the row-block race) under the card's versions, in a process without
 Triton's interpreter (whose kernels have no cache key). A GEMM's choice matches if it
 was made with the Gluon and merged-tail races in any of their states (on by default since
-version 31; the H200's choices of 1024 and 8192 tokens were made with both off, and
-serve only runs that turn them off until an H200 ships new ones)."""
+version 31; both cards' shipped choices were made with both on, the H100's in version 32,
+the H200's in version 33), by one pass or with the run-off."""
 
 from __future__ import annotations
 
