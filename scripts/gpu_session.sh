@@ -12,7 +12,9 @@
 #             38 of tests/test_triton.py's 41 tests took the 575 s, compiling and tuning for
 #             the tests' odd shapes; the second, on the same warm machine, ran the rest in
 #             494 s; pick with GPU_TESTS="-v tests/... tests/test_x.py::name ...", where
-#             -v names each test as it ends, so a cut call says which ran)
+#             -v names each test as it ends, so a cut call says which ran; the card has
+#             pytest-xdist, and most of that time is compiling on the CPU: "-n 4 --dist
+#             loadfile" in GPU_TESTS might fit the suite in one call, not yet tried there)
 #   triton    suites/triton.toml with --profile (the fused layer against grouped, plain and
 #             graphed, and where its time goes)
 #   default   suites/default.toml --profile
