@@ -38,8 +38,8 @@ from moebench.impls.triton.tma import _weighted_scatter
 # on 3, 69.1 us; 64 x 256 and 128 x 64, 70.9), and 64 x 128 on 6 stages: a persistent
 # program's pipeline spans its tiles, so it may keep more loads in flight.
 TILES = ((64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 5), (64, 128, 4, 6))
-# Programs an SM: one a tile's pipeline keeps 3-5 weight tiles in flight (48-80 KB at 64 x
-# 128), two keep twice that where two fit in shared memory (`shared_bytes`).
+# Programs an SM: one keeps its pipeline's 3 to 5 weight tiles in flight (48-80 KB at 64 x
+# 128), two keep twice that where both fit in shared memory (`shared_bytes`).
 PROGRAMS_PER_SM = (1, 2)
 # An H100's or H200's shared memory an SM, and what each resident block takes of it
 SM_SHARED_BYTES, BLOCK_RESERVED_BYTES = 233472, 1024
@@ -107,11 +107,11 @@ def candidates(block_m: int, D: int, F: int, element_bytes: int) -> list[dict]:
     """The configs (`"PERSISTENT": True` without `"TMA"`, and `"PROGRAMS_PER_SM"`) the
     tuner races for the down GEMM at `block_m` beside `tuning.candidates`': each tile of
     TILES at each count of PROGRAMS_PER_SM whose programs fit an SM's shared memory
-    together (`shared_bytes`), at decode's blocks (at most 32 rows; none
-    above, where the TMA tiles' persistent kernel races), for hidden D and expert width F
-    that are multiples of 16. (At D = 264, whose weight rows Triton cannot take as
-    16-byte aligned, the flattened loop compiled for sm_90 with 32 registers and 2.9 KB
-    of spills, where `kernels.down_kernel` takes 255 registers and none.)"""
+    together (`shared_bytes`), at decode's blocks (at most 32 rows; none above, where the
+    TMA tiles' persistent kernel races), for hidden D and expert width F that are
+    multiples of 16. (At D = 264, whose weight rows Triton cannot take as 16-byte
+    aligned, the flattened loop compiled for sm_90 with 32 registers and 2.9 KB of
+    spills, where `kernels.down_kernel` takes 255 registers and none.)"""
     if block_m > 32 or D % 16 or F % 16:
         return []
     return [
