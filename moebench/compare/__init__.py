@@ -42,7 +42,8 @@ The same from Python:
 """
 
 from moebench.compare.command import COMMAND, HELP, add_arguments, build_report, main
-from moebench.compare.pairing import CaseResult, Report, Settings, compare_impls, compare_runs
+from moebench.compare.pairing import compare_impls, compare_runs
+from moebench.compare.report import CaseResult, Report, Settings
 from moebench.compare.runs import CompareError, Run, load_run, run_from_frame
 from moebench.compare.verdict import METRICS, Change, Decision, Threshold, ThresholdError, decide
 

@@ -8,15 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from moebench.compare.bootstrap import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
-from moebench.compare.pairing import (
-    DRIFT_MODES,
-    GATES,
-    Report,
-    Settings,
-    compare_impls,
-    compare_runs,
-    get_metric,
-)
+from moebench.compare.pairing import compare_impls, compare_runs, get_metric
 from moebench.compare.render import (
     VERDICT_STYLE,
     dumps,
@@ -24,6 +16,7 @@ from moebench.compare.render import (
     rich_impl_table,
     rich_table,
 )
+from moebench.compare.report import DRIFT_MODES, GATES, Report, Settings
 from moebench.compare.runs import CompareError, load_run
 from moebench.compare.verdict import DEFAULT_THRESHOLD, METRICS, Threshold, ThresholdError
 from moebench.console import error, say, warning

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moebench.compare.aggregate import ImplSummary
-from moebench.compare.pairing import CaseResult, Report
+from moebench.compare.report import CaseResult, Report
 from moebench.compare.verdict import Metric
 
 VERDICT_STYLE = {
