@@ -32,6 +32,7 @@ from moebench.compare.drift import (
     environment_differences,
     measure_drift,
 )
+from moebench.compare.host_side import host_side_note
 from moebench.compare.report import (
     JUDGED,
     CaseResult,
@@ -306,6 +307,9 @@ def compare_runs(baseline: Run, candidate: Run, settings: Settings) -> Report:
         else:
             notes.append(drift.describe())
             results = judge_all(drift)
+    host_note = host_side_note(results)
+    if host_note is not None:
+        notes.append(host_note)
     summaries = _summaries(results, settings, lambda r: str(r.fields.get("impl")))
     return Report(
         baseline.describe(),
