@@ -14,11 +14,10 @@ Qwen3-30B-A3B took 0.343 and 0.116 ms with the same kernels, its graphed twin 0.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from typing import Any
 
 from moebench.compare.report import CaseResult
+from moebench.compare.runs import fields_key
 
 MOVED = ("improved", "regressed")
 # Moved cases the note names; the rest it counts
@@ -29,7 +28,7 @@ def host_side_moves(results: Sequence[CaseResult]) -> list[tuple[CaseResult, Cas
     """(un-graphed case, its graphed twin) for every case judged improved or regressed
     whose twin was judged unchanged, in `results`' order."""
     twins = {
-        _without_graph(result.fields): result
+        fields_key(result.fields, ("cuda_graph",)): result
         for result in results
         if result.fields.get("cuda_graph") is True
     }
@@ -37,7 +36,7 @@ def host_side_moves(results: Sequence[CaseResult]) -> list[tuple[CaseResult, Cas
     for result in results:
         if result.verdict not in MOVED or result.fields.get("cuda_graph") is True:
             continue
-        twin = twins.get(_without_graph(result.fields))
+        twin = twins.get(fields_key(result.fields, ("cuda_graph",)))
         if twin is not None and twin.verdict == "unchanged" and twin.ratio is not None:
             pairs.append((result, twin))
     return pairs
@@ -61,9 +60,3 @@ def host_side_note(results: Sequence[CaseResult]) -> str | None:
         " share of the call (launches, Python), which moves with the host machine as much"
         f" as with the code: {named}{more}"
     )
-
-
-def _without_graph(fields: dict[str, Any]) -> str:
-    """A case's fields but `cuda_graph`, as a key: an un-graphed case and its twin share it."""
-    rest = {name: value for name, value in fields.items() if name != "cuda_graph"}
-    return json.dumps(rest, sort_keys=True, default=str)

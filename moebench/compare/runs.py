@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,10 +121,15 @@ def case_fields(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def impl_key(row: Mapping[str, Any]) -> str:
     """The case fields except the implementation's own, as a hashable key."""
-    fields_ = {
-        k: v for k, v in case_fields(row).items() if k not in NOT_IN_IMPL_KEY and k != "tokens"
-    }
-    return json.dumps(fields_, sort_keys=True, default=str)
+    return fields_key(case_fields(row), (*NOT_IN_IMPL_KEY, "tokens"))
+
+
+def fields_key(fields: Mapping[str, Any], leaving_out: Iterable[str]) -> str:
+    """`fields` but those named in `leaving_out`, as a hashable key: cases that differ
+    only there share it."""
+    left_out = set(leaving_out)
+    kept = {name: value for name, value in fields.items() if name not in left_out}
+    return json.dumps(kept, sort_keys=True, default=str)
 
 
 def shape_words(row: Mapping[str, Any]) -> list[str]:

@@ -18,7 +18,10 @@ a tile's first weight loads are in flight during the previous tile's epilogue
 (`tma.down_persistent_kernel` does so at 64 and 128 rows, where the TMA tiles race).
 
 Each tile's K steps are `kernels._down_tile`'s (same BLOCK_K, same order) and its
-epilogue the same product, so the results are the same bits.
+epilogue the same product, so the results are the same bits. The K loop is written out
+again rather than shared: a helper taken out of `kernels._down_tile` would change
+`kernels.down_kernel`'s cache key, and with it every shipped choice of the down GEMM
+(tests/test_shipped_tuning.py), which only a card can tune again.
 """
 
 from __future__ import annotations
