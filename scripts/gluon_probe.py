@@ -103,8 +103,8 @@ def shipped_choice(
 ) -> dict | None:
     """The config of `gemm` moebench ships for this point and row-block height on a card
     of `device_name`, or None where none was shipped for this code: under the key the
-    layer looks up and a fingerprint it computes there in some state of its switches (the
-    Gluon and merged-tail races on or off, chosen with the tuner's run-off or by one
+    layer looks up and any fingerprint it may take there (`layer.shipped_fingerprints`:
+    the Gluon and merged-tail races on or off, chosen with the tuner's run-off or by one
     pass), today's defaults first. Since version 33 both cards ship choices made with
     every race on, so the shipped choice may be a Gluon config itself."""
     from moebench.impls.triton import layer, tuning
@@ -121,14 +121,10 @@ def shipped_choice(
         layout = tuning.weight_layout(w_down_EFD)
     key = tuning.key(gemm, x_TD, w_down_EFD, K, layout, block_m)
     table = tuning.read_table(tuning.shipped_dir() / tuning.device_file_name(device_name))
-    for races in ((True, True), (False, True), (True, False), (False, False)):
-        configs = layer.gemm_candidates(gemm, block_m, D, F, 2, True, *races)
-        code = layer.gemm_code(gemm, True, *races)
-        for runoff in (True, False):
-            timed_by = tuning.timing_way(graphed=True, runoff=runoff)
-            found = table.get(f"{key} {tuning.code_fingerprint(code, configs, timed_by)}")
-            if found is not None:
-                return found
+    for fingerprint in layer.shipped_fingerprints(gemm, block_m, D, F, tokens):
+        found = table.get(f"{key} {fingerprint}")
+        if found is not None:
+            return found
     return None
 
 

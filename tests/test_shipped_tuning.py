@@ -36,8 +36,6 @@ import json, sys, torch
 from moebench.impls.triton import layer, tuning
 
 tuning._version = lambda distribution: sys.argv[1]
-# a choice tuned by one pass, or with the run-off (the default since version 32)
-TIMED_BY = {way: (way, way + ", run-off") for way in ("graph", "do_bench")}
 torch.__version__ = sys.argv[2]
 checked, stale = 0, []
 for path in sorted(tuning.shipped_dir().glob("*.json")):
@@ -45,27 +43,13 @@ for path in sorted(tuning.shipped_dir().glob("*.json")):
         kind, _, D, F, E, K, _, T, *rest = full_key.split()
         D, F, E, K, T = (int(part[1:]) for part in (D, F, E, K, T))
         if kind in ("gate_up", "gate_up_train", "down"):
-            name = "down" if kind == "down" else "gate_up"
             block_m = int(rest[0][1:])
-            # TMA tiles race wherever a row list is walked without dependent launch; the
-            # Gluon (not training's gate_up) and merged-tail ones beside them unless
-            # turned off: a choice made in any of those states is taken in that state
-            with_tma = T > 64
-            gluon = (False, True) if with_tma and kind != "gate_up_train" else (False,)
-            merged = (False, True) if with_tma else (False,)
-            expected = set()
-            for with_gluon in gluon:
-                for with_merged in merged:
-                    race = (name, with_tma, with_gluon, with_merged)
-                    configs = layer.gemm_candidates(name, block_m, D, F, 2, *race[1:])
-                    code = layer.gemm_code(*race)
-                    for timed_by in TIMED_BY["graph"]:
-                        expected.add(tuning.code_fingerprint(code, configs, timed_by))
+            expected = set(layer.shipped_fingerprints(kind, block_m, D, F, T))
         elif kind == "block_m":
             configs = [{"BLOCK_M": m} for m in tuning.block_m_choices(T, K, E)]
             expected = {
                 tuning.code_fingerprint(layer.BLOCK_M_CODE, configs, timed_by)
-                for timed_by in TIMED_BY["do_bench"]
+                for timed_by in (tuning.timing_way(False, runoff) for runoff in (True, False))
             }
         else:  # the backward's keys: other code, not checked here
             continue

@@ -164,6 +164,33 @@ def gemm_candidates(
     return configs
 
 
+def shipped_fingerprints(
+    kind: str, block_m: int, D: int, F: int, tokens: int, element_bytes: int = 2
+) -> list[str]:
+    """Every fingerprint a choice for the forward GEMM key `kind` ("gate_up",
+    "gate_up_train" or "down") at `tokens` and `block_m` may carry and still be taken:
+    made with the Gluon and merged-tail races in any of their states (each may be turned
+    off) and timed from a CUDA graph by one pass or with the run-off; today's defaults
+    first. The TMA tiles (and with them the other two races) are taken to race past 64
+    tokens, where dependent launch stops. The persistent decode tiles (off by default)
+    are not counted: no shipped choice was made with them."""
+    name = "gate_up" if kind.startswith("gate_up") else "down"
+    with_tma = tokens > 64
+    # training's gate_up stores the pre-activations, which the Gluon one does not
+    gluon_states = (True, False) if with_tma and kind != "gate_up_train" else (False,)
+    merged_states = (True, False) if with_tma else (False,)
+    fingerprints = []
+    for with_merged in merged_states:
+        for with_gluon in gluon_states:
+            race = (with_tma, with_gluon, with_merged)
+            configs = gemm_candidates(name, block_m, D, F, element_bytes, *race)
+            code = gemm_code(name, *race)
+            for runoff in (True, False):
+                timed_by = tuning.timing_way(graphed=True, runoff=runoff)
+                fingerprints.append(tuning.code_fingerprint(code, configs, timed_by))
+    return fingerprints
+
+
 def launch_gate_up(
     config: dict,
     x_TD: torch.Tensor,
