@@ -115,7 +115,6 @@ SHOWN_SWITCHES = (
     ("gluon_ws", "off", "Gluon race off"),
     ("merge_tail", "off", "merged-tail race off"),
     ("route_align", "on", "route and align in one launch"),
-    ("decode_persistent", "on", "persistent decode down raced"),
     ("triton_runoff", "off", "tuner run-off off"),
 )
 
@@ -206,7 +205,6 @@ ENV_NONE = {
     "gluon_ws": "n/a (needs CUDA and Triton)",
     "merge_tail": "n/a (needs CUDA and Triton)",
     "route_align": "n/a (needs CUDA and Triton)",
-    "decode_persistent": "n/a (needs CUDA and Triton)",
     "triton_runoff": "n/a (needs CUDA and Triton)",
 }
 

@@ -74,11 +74,6 @@ ON_BY_DEFAULT = (GLUON_WS_SWITCH, MERGE_TAIL_SWITCH, TRITON_RUNOFF_SWITCH)
 # one launch (moebench/impls/triton/route_align.py; off until a card has timed it).
 ROUTE_ALIGN_SWITCH = "MOEBENCH_ROUTE_ALIGN"
 
-# On: the `triton` layer's down GEMM at decode (2 to 64 tokens) also races a few
-# programs an SM walking its tiles (moebench/impls/triton/decode_down.py; off until a
-# card has timed it).
-DECODE_PERSISTENT_SWITCH = "MOEBENCH_DECODE_PERSISTENT"
-
 
 def layer_switch_on(variable: str) -> bool:
     """Whether the `triton` layer's switch `variable` is on: unless turned off for those
@@ -204,7 +199,6 @@ def collect_environment(plugins: Iterable[str] = ()) -> dict[str, Any]:
         "gluon_ws": _switch_state(GLUON_WS_SWITCH),
         "merge_tail": _switch_state(MERGE_TAIL_SWITCH),
         "route_align": _switch_state(ROUTE_ALIGN_SWITCH),
-        "decode_persistent": _switch_state(DECODE_PERSISTENT_SWITCH),
         "triton_runoff": _switch_state(TRITON_RUNOFF_SWITCH),
     }
     if torch.cuda.is_available():

@@ -103,8 +103,6 @@ def test_compare_warns_when_the_timed_warm_up_differs(
         ("merge_tail", "merged-tail tiles in the triton tuner's race"),  # $MOEBENCH_MERGE_TAIL=0
         # $MOEBENCH_ROUTE_ALIGN=1
         ("route_align", "the triton layer's top-k and alignment in one launch"),
-        # $MOEBENCH_DECODE_PERSISTENT=1
-        ("decode_persistent", "the triton layer's persistent decode down tiles in its race"),
         ("triton_runoff", "the triton tuner's run-off"),  # $MOEBENCH_TRITON_RUNOFF=0
     ],
 )
@@ -165,7 +163,6 @@ def test_compare_names_hosts_of_different_speed(
         ("gluon_ws", "off", "Gluon race off"),
         ("merge_tail", "off", "merged-tail race off"),
         ("route_align", "on", "route and align in one launch"),
-        ("decode_persistent", "on", "persistent decode down raced"),
         ("triton_runoff", "off", "tuner run-off off"),
     ],
 )

@@ -106,15 +106,12 @@ def check_every_candidate_compiles() -> None:
 RACE_SHAPE = {"D": 264, "F": 384, "E": 8, "K": 2, "tokens": 1024}
 
 
-def forward_launches(
-    switch: str, setting: str | None, shape: dict = RACE_SHAPE, heights: list[int] | None = None
-) -> tuple[list[tuple[str, dict]], list[int]]:
+def forward_launches(switch: str, setting: str | None) -> tuple[list[tuple[str, dict]], list[int]]:
     """(each launch's kernel name and keyword arguments, the row-block heights) of a
-    forward of `shape` at each of `heights` (by default each height it may take), with
-    the environment variable `switch` set to `setting` (unset where None), on meta
-    tensors, launches recorded, not compiled (`fast_launch.compile_only`: the tuner then
-    launches every candidate of each key once). For a process of its own: the switch
-    stays as set."""
+    forward of RACE_SHAPE at each height it may take, with the environment variable
+    `switch` set to `setting` (unset where None), on meta tensors, launches recorded, not
+    compiled (`fast_launch.compile_only`: the tuner then launches every candidate of each
+    key once). For a process of its own: the switch stays as set."""
     import os
 
     from moebench import fast_launch
@@ -129,8 +126,8 @@ def forward_launches(
     def record(kernel, grid, args, kwargs) -> None:
         launched.append((kernel.fn.__name__, kwargs))
 
-    D, F, E, K, tokens = shape.values()
-    heights = heights or tuning.block_m_choices(tokens, K, E)
+    D, F, E, K, tokens = RACE_SHAPE.values()
+    heights = tuning.block_m_choices(tokens, K, E)
     with fast_launch.compile_only(record):
         for block_m in heights:
             layer.fused_experts(

@@ -211,7 +211,6 @@ def test_env_says_each_fact_in_words(monkeypatch, tmp_path: Path) -> None:
         ("GLUON_WS_SWITCH", True),
         ("MERGE_TAIL_SWITCH", True),
         ("ROUTE_ALIGN_SWITCH", False),
-        ("DECODE_PERSISTENT_SWITCH", False),
         ("TRITON_RUNOFF_SWITCH", True),
     ],
 )
@@ -239,14 +238,13 @@ def test_a_switch_of_the_triton_layer(switch, by_default, value, on, monkeypatch
         ("GLUON_WS_SWITCH", "MOEBENCH_GLUON_WS", "gluon_ws"),
         ("MERGE_TAIL_SWITCH", "MOEBENCH_MERGE_TAIL", "merge_tail"),
         ("ROUTE_ALIGN_SWITCH", "MOEBENCH_ROUTE_ALIGN", "route_align"),
-        ("DECODE_PERSISTENT_SWITCH", "MOEBENCH_DECODE_PERSISTENT", "decode_persistent"),
         ("TRITON_RUNOFF_SWITCH", "MOEBENCH_TRITON_RUNOFF", "triton_runoff"),
     ],
 )
 def test_a_switch_is_recorded_only_where_it_can_act(switch, variable, key, monkeypatch):
-    """run.json's `gluon_ws`, `merge_tail`, `route_align`, `decode_persistent` and
-    `triton_runoff`: None without CUDA (or Triton), so a CPU run never differs from
-    another on it; else "on" or "off"."""
+    """run.json's `gluon_ws`, `merge_tail`, `route_align` and `triton_runoff`: None
+    without CUDA (or Triton), so a CPU run never differs from another on it; else "on"
+    or "off"."""
     import torch
 
     from moebench import env as env_module

@@ -142,7 +142,6 @@ ENVIRONMENT_FACTS = (
     ("Gluon kernels in the triton tuner's race", "gluon_ws"),
     ("merged-tail tiles in the triton tuner's race", "merge_tail"),
     ("the triton layer's top-k and alignment in one launch", "route_align"),
-    ("the triton layer's persistent decode down tiles in its race", "decode_persistent"),
     ("the triton tuner's run-off", "triton_runoff"),
 )
 

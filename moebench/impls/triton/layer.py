@@ -36,14 +36,13 @@ import torch
 from moebench import dependent_launch
 from moebench.case import Case
 from moebench.env import (
-    DECODE_PERSISTENT_SWITCH,
     GLUON_WS_SWITCH,
     MERGE_TAIL_SWITCH,
     ROUTE_ALIGN_SWITCH,
     layer_switch_on,
     switch_on,
 )
-from moebench.impls.triton import decode_down, kernels, merge_tail, route_align, tma, tuning
+from moebench.impls.triton import kernels, merge_tail, route_align, tma, tuning
 from moebench.impls.triton.align import Alignment, align_to_blocks, per_assignment_blocks
 from moebench.impls.triton.backward import Saved, fused_backward, token_sum
 from moebench.layer import MoELayer
@@ -90,39 +89,19 @@ def races_merged_tails(with_tma: bool) -> bool:
     return with_tma and layer_switch_on(MERGE_TAIL_SWITCH)
 
 
-def races_decode_persistent(name: str, alignment: Alignment) -> bool:
-    """Whether the forward's `name` GEMM races decode_down.py's persistent tiles: the
-    down GEMM over a row list of at most 32-row blocks (2 to 64 tokens), where asked for
-    (`$MOEBENCH_DECODE_PERSISTENT=1`, `env.DECODE_PERSISTENT_SWITCH`; off until a card
-    has timed it)."""
-    return (
-        name == "down"
-        and not alignment.per_assignment
-        and alignment.block_m <= 32
-        and layer_switch_on(DECODE_PERSISTENT_SWITCH)
-    )
-
-
 def gemm_code(
-    name: str,
-    with_tma: bool,
-    with_gluon: bool = False,
-    with_merged: bool = False,
-    with_decode_persistent: bool = False,
+    name: str, with_tma: bool, with_gluon: bool = False, with_merged: bool = False
 ) -> tuple:
     """The kernels whose code a choice for the forward's `name` GEMM depends on: the
     pointer kernel's, and the TMA kernels' where their tiles race (`with_tma`), so that
     an edit of a TMA kernel leaves the choices made without them (decode) matched; the
     GEMM's Gluon kernels where they race (`with_gluon`), the merged-tail tiles where they
-    race (`with_merged`), the persistent decode tiles where they race
-    (`with_decode_persistent`)."""
+    race (`with_merged`)."""
     code = POINTER_CODE[name] + (TMA_CODE[name] if with_tma else ())
     if with_gluon:
         code += _gluon_gemm(name).KERNELS
     if with_merged:
         code += merge_tail.KERNELS[name]
-    if with_decode_persistent:
-        code += decode_down.KERNELS
     return code
 
 
@@ -146,12 +125,11 @@ def gemm_candidates(
     with_tma: bool,
     with_gluon: bool = False,
     with_merged: bool = False,
-    with_decode_persistent: bool = False,
 ) -> list[dict]:
     """The configs the forward's `name` GEMM ("gate_up" or "down") races at `block_m`
     for hidden D and expert width F: the pointer kernel's, TMA tiles `with_tma`, its
-    Gluon kernels `with_gluon` (inference's gate_up only), the merged-tail tiles
-    `with_merged` and down's persistent decode tiles `with_decode_persistent`."""
+    Gluon kernels `with_gluon` (inference's gate_up only) and the merged-tail tiles
+    `with_merged`."""
     configs = tuning.candidates(name, block_m)
     if with_tma:
         configs += tma.candidates(name, block_m, D, F, element_bytes)
@@ -159,8 +137,6 @@ def gemm_candidates(
         configs += _gluon_gemm(name).candidates(block_m, D, F, element_bytes)
     if with_merged:
         configs += merge_tail.candidates(name, block_m, D, F, element_bytes)
-    if with_decode_persistent:
-        configs += decode_down.candidates(block_m, D, F, element_bytes)
     return configs
 
 
@@ -172,8 +148,7 @@ def shipped_fingerprints(
     made with the Gluon and merged-tail races in any of their states (each may be turned
     off) and timed from a CUDA graph by one pass or with the run-off; today's defaults
     first. The TMA tiles (and with them the other two races) are taken to race past 64
-    tokens, where dependent launch stops. The persistent decode tiles (off by default)
-    are not counted: no shipped choice was made with them."""
+    tokens, where dependent launch stops."""
     name = "gate_up" if kind.startswith("gate_up") else "down"
     with_tma = tokens > 64
     # training's gate_up stores the pre-activations, which the Gluon one does not
@@ -239,9 +214,8 @@ def launch_down(
     pdl: bool = False,
 ) -> None:
     """The forward's down GEMM through the kernel `config` names: a Gluon one
-    (`GLUON_WS`), a merged-tail tile (`MERGE_TAIL`), a TMA tile (`TMA`), a persistent
-    decode tile (`PERSISTENT` without `TMA`) or the pointer kernel (`pdl` as in the last
-    two)."""
+    (`GLUON_WS`), a merged-tail tile (`MERGE_TAIL`), a TMA tile (`TMA`) or the pointer
+    kernel (`pdl` as there)."""
     if config.get("GLUON_WS"):
         from moebench.impls.triton import gluon_down
 
@@ -252,8 +226,6 @@ def launch_down(
     elif config.get("TMA"):
         merged = merge_tail.KERNELS["down"][0] if config.get("MERGE_TAIL") else None
         tma.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, merged)
-    elif config.get("PERSISTENT"):
-        decode_down.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, pdl)
     else:
         kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, pdl)
 
@@ -395,15 +367,14 @@ def _tuned_gemms(
     for name, key, layout, launch in steps:
         # training's gate_up stores the pre-activations, which the Gluon one does not
         gluon = with_gluon and key != "gate_up_train"
-        race = (with_tma, gluon, with_merged, races_decode_persistent(name, alignment))
         config = tuning.TUNER.choose(
             x_TD.device,
             tuning.key(key, x_TD, w_down_EFD, K, layout, block_m),
-            lambda name=name, race=race: gemm_candidates(
-                name, block_m, D, F, x_TD.element_size(), *race
+            lambda name=name, gluon=gluon: gemm_candidates(
+                name, block_m, D, F, x_TD.element_size(), with_tma, gluon, with_merged
             ),
             launch,
-            code=gemm_code(name, *race),
+            code=gemm_code(name, with_tma, gluon, with_merged),
             graphed=True,  # kernels of a few us: the graph times the GPU, not the host
             precompile=True,
         )
