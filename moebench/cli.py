@@ -114,7 +114,6 @@ def presets_table() -> Table:
 SHOWN_SWITCHES = (
     ("gluon_ws", "off", "Gluon race off"),
     ("merge_tail", "off", "merged-tail race off"),
-    ("route_align", "on", "route and align in one launch"),
     ("triton_runoff", "off", "tuner run-off off"),
 )
 
@@ -204,7 +203,6 @@ ENV_NONE = {
     "fast_launch": "n/a (needs CUDA and Triton)",
     "gluon_ws": "n/a (needs CUDA and Triton)",
     "merge_tail": "n/a (needs CUDA and Triton)",
-    "route_align": "n/a (needs CUDA and Triton)",
     "triton_runoff": "n/a (needs CUDA and Triton)",
 }
 

@@ -70,10 +70,6 @@ TRITON_RUNOFF_SWITCH = "MOEBENCH_TRITON_RUNOFF"
 # unless turned on).
 ON_BY_DEFAULT = (GLUON_WS_SWITCH, MERGE_TAIL_SWITCH, TRITON_RUNOFF_SWITCH)
 
-# On: the `triton` layer routes a call of 2 to 64 tokens and aligns its assignments in
-# one launch (moebench/impls/triton/route_align.py; off until a card has timed it).
-ROUTE_ALIGN_SWITCH = "MOEBENCH_ROUTE_ALIGN"
-
 
 def layer_switch_on(variable: str) -> bool:
     """Whether the `triton` layer's switch `variable` is on: unless turned off for those
@@ -198,7 +194,6 @@ def collect_environment(plugins: Iterable[str] = ()) -> dict[str, Any]:
         "fast_launch": _launch_state("fast_launch"),
         "gluon_ws": _switch_state(GLUON_WS_SWITCH),
         "merge_tail": _switch_state(MERGE_TAIL_SWITCH),
-        "route_align": _switch_state(ROUTE_ALIGN_SWITCH),
         "triton_runoff": _switch_state(TRITON_RUNOFF_SWITCH),
     }
     if torch.cuda.is_available():

@@ -46,7 +46,7 @@
 #             each GEMM, the sum over slots) adds to a graphed call's critical path
 #             (GPU_POINTS: PRESET:TOKENS list; default the points issue 14 misses; GPU_AB:
 #             switches to time the call with (=1) and without (=0), in turns:
-#             MOEBENCH_ROUTE_ALIGN, or A,B);
+#             MOEBENCH_MERGE_TAIL, say, or A,B);
 #             $OUT/stage_probe.json
 #   gluon     the warp-specialised Gluon kernels (gluon_down.py, gluon_gate_up.py): their
 #             tests, then scripts/gluon_probe.py for each GEMM (GPU_GEMMS, default
@@ -171,7 +171,7 @@ for step in "$@"; do
         tests/test_triton.py tests/test_tma.py tests/test_triton_backward_rows.py \
         tests/test_route_kernel.py tests/test_router_logits.py tests/test_dependent_launch.py \
         tests/test_fast_launch.py tests/test_gluon_down.py tests/test_gluon_gate_up.py \
-        tests/test_forward_plan.py tests/test_merge_tail.py tests/test_route_align.py \
+        tests/test_forward_plan.py tests/test_merge_tail.py \
         tests/test_ceilings.py tests/test_offload_cuda.py tests/test_check.py \
         tests/test_profiling.py tests/test_presets_hf.py tests/test_peers.py}
       ;;

@@ -2,7 +2,7 @@
 device (NOTES.md, version 28):
 
     python scripts/stage_probe.py [--points olmoe-1b-7b:64 deepseek-v3:8192 ...]
-                                  [--ab MOEBENCH_ROUTE_ALIGN] [--rounds 7] [--json FILE]
+                                  [--ab MOEBENCH_MERGE_TAIL] [--rounds 7] [--json FILE]
 
 A kernel's duration in a profile is not what removing it would save: with dependent
 launch (calls of at most 64 tokens on Hopper) each kernel starts under its predecessor's
@@ -24,9 +24,9 @@ shared experts), routed - gemms+sum the alignment, gemms+sum - gemms the sum ove
 that switch on (`VARIABLE=1`; `A,B`: both on), right after the plain call in every
 turn, and says whether its output is the plain call's bit for bit; the plain layer and
 its stages then run with the switch off (`VARIABLE=0`, whatever its default): an A/B of
-a change behind a switch (`MOEBENCH_ROUTE_ALIGN`, or `MOEBENCH_MERGE_TAIL`, whose tiles
-join the race) on the same card, in one process. Each turn's medians are in the JSON
-(`turns_us`).
+a change behind a switch (`MOEBENCH_MERGE_TAIL`, say, whose tiles join the race, or the
+tuner's `MOEBENCH_TRITON_RUNOFF`) on the same card, in one process. Each turn's medians
+are in the JSON (`turns_us`).
 Without CUDA (Triton's interpreter, `TRITON_INTERPRET=1`, a small `--shape`) the stages
 run un-graphed, for the tests: nothing there is worth timing.
 """
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--ab", metavar="VARIABLE[,VARIABLE]",
-        help="also time the call with these off-by-default switches on (MOEBENCH_ROUTE_ALIGN)",
+        help="also time the call with these switches on (MOEBENCH_MERGE_TAIL, say)",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=7, help="turns of every stage")
     parser.add_argument("--json", help="also write what `probe` found at each point to this file")

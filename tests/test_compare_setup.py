@@ -101,8 +101,6 @@ def test_compare_warns_when_the_timed_warm_up_differs(
         ("fast_launch", "fast launch of moebench's kernels"),  # $MOEBENCH_FAST_LAUNCH=0
         ("gluon_ws", "Gluon kernels in the triton tuner's race"),  # $MOEBENCH_GLUON_WS=0
         ("merge_tail", "merged-tail tiles in the triton tuner's race"),  # $MOEBENCH_MERGE_TAIL=0
-        # $MOEBENCH_ROUTE_ALIGN=1
-        ("route_align", "the triton layer's top-k and alignment in one launch"),
         ("triton_runoff", "the triton tuner's run-off"),  # $MOEBENCH_TRITON_RUNOFF=0
     ],
 )
@@ -162,7 +160,6 @@ def test_compare_names_hosts_of_different_speed(
     [
         ("gluon_ws", "off", "Gluon race off"),
         ("merge_tail", "off", "merged-tail race off"),
-        ("route_align", "on", "route and align in one launch"),
         ("triton_runoff", "off", "tuner run-off off"),
     ],
 )

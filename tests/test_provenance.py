@@ -160,7 +160,6 @@ def test_env_says_each_fact_in_words(monkeypatch, tmp_path: Path) -> None:
         "dependent_launch": None,
         "gluon_ws": None,
         "merge_tail": None,
-        "route_align": None,
         "l2_flush": "read",
         "gpus": [],
         "provenance": {
@@ -182,7 +181,6 @@ def test_env_says_each_fact_in_words(monkeypatch, tmp_path: Path) -> None:
         "dependent_launch": "n/a (needs CUDA and Triton)",
         "gluon_ws": "n/a (needs CUDA and Triton)",
         "merge_tail": "n/a (needs CUDA and Triton)",
-        "route_align": "n/a (needs CUDA and Triton)",
         "l2_flush": "read",
         "repository": "/home/me/kernels at 91c2aa0b55, dirty",
         "plugin my-moe": "my_pkg.moe from my-pkg 0.3.1",
@@ -210,7 +208,6 @@ def test_env_says_each_fact_in_words(monkeypatch, tmp_path: Path) -> None:
     [
         ("GLUON_WS_SWITCH", True),
         ("MERGE_TAIL_SWITCH", True),
-        ("ROUTE_ALIGN_SWITCH", False),
         ("TRITON_RUNOFF_SWITCH", True),
     ],
 )
@@ -237,14 +234,12 @@ def test_a_switch_of_the_triton_layer(switch, by_default, value, on, monkeypatch
     [
         ("GLUON_WS_SWITCH", "MOEBENCH_GLUON_WS", "gluon_ws"),
         ("MERGE_TAIL_SWITCH", "MOEBENCH_MERGE_TAIL", "merge_tail"),
-        ("ROUTE_ALIGN_SWITCH", "MOEBENCH_ROUTE_ALIGN", "route_align"),
         ("TRITON_RUNOFF_SWITCH", "MOEBENCH_TRITON_RUNOFF", "triton_runoff"),
     ],
 )
 def test_a_switch_is_recorded_only_where_it_can_act(switch, variable, key, monkeypatch):
-    """run.json's `gluon_ws`, `merge_tail`, `route_align` and `triton_runoff`: None
-    without CUDA (or Triton), so a CPU run never differs from another on it; else "on"
-    or "off"."""
+    """run.json's `gluon_ws`, `merge_tail` and `triton_runoff`: None without CUDA (or
+    Triton), so a CPU run never differs from another on it; else "on" or "off"."""
     import torch
 
     from moebench import env as env_module

@@ -22,16 +22,16 @@ def test_every_stage_is_timed_and_the_stages_compute_the_layers_rows(tmp_path, c
     out = tmp_path / "stages.json"
     # 100 tokens, top-2 of 4 experts: 64-row blocks, the alignment's row list
     args = ["--shape", "64", "128", "4", "2", "100", "--rounds", "1", "--json", str(out)]
-    assert script["main"]([*args, "--ab", "MOEBENCH_ROUTE_ALIGN,MOEBENCH_MERGE_TAIL"]) == 0
+    assert script["main"]([*args, "--ab", "MOEBENCH_TRITON_RUNOFF,MOEBENCH_MERGE_TAIL"]) == 0
     (found,) = json.loads(out.read_text()).values()
-    switched = "layer, MOEBENCH_ROUTE_ALIGN=1 MOEBENCH_MERGE_TAIL=1"
+    switched = "layer, MOEBENCH_TRITON_RUNOFF=1 MOEBENCH_MERGE_TAIL=1"
     assert set(found["us"]) == {*script["STAGES"], switched}
     assert all(us > 0 for us in found["us"].values()), found
     assert found["same_bits"] is True and found["ab_same_bits"] is True
     printed = capsys.readouterr().out
     assert "on the path: router" in printed and "gemms+sum" in printed
     assert f"{switched}: " in printed and "same bits True" in printed
-    assert not {"MOEBENCH_ROUTE_ALIGN", "MOEBENCH_MERGE_TAIL"} & set(os.environ)  # as it was
+    assert not {"MOEBENCH_TRITON_RUNOFF", "MOEBENCH_MERGE_TAIL"} & set(os.environ)  # as it was
     assert len(found["turns_us"]["layer"]) == 1  # --rounds 1
 
 

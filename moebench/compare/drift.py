@@ -141,7 +141,6 @@ ENVIRONMENT_FACTS = (
     ("fast launch of moebench's kernels", "fast_launch"),
     ("Gluon kernels in the triton tuner's race", "gluon_ws"),
     ("merged-tail tiles in the triton tuner's race", "merge_tail"),
-    ("the triton layer's top-k and alignment in one launch", "route_align"),
     ("the triton tuner's run-off", "triton_runoff"),
 )
 

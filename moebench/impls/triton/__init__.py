@@ -6,8 +6,7 @@ grouped GEMMs), `tma.py` (their TMA-load tiles, raced beside them on Hopper),
 warp-specialised in Gluon, raced unless `$MOEBENCH_GLUON_WS=0`; `gluon_common.py`
 what the two share), `merge_tail.py` (tiles of both GEMMs that compute an
 expert's short last block with the block before it, raced unless
-`$MOEBENCH_MERGE_TAIL=0`), `route_align.py` (the Router's top-k and the alignment in one
-launch for calls of 2-64 tokens, only with `$MOEBENCH_ROUTE_ALIGN=1`), `tuning.py`
+`$MOEBENCH_MERGE_TAIL=0`), `tuning.py`
 (block sizes, tuned once per device, shape and token bucket, cached on disk; `tuned/`
 holds the choices moebench ships per device), `layer.py` (the module and its autograd
 function), `backward.py` (the backward: each GEMM the down kernel or torch's grouped

@@ -38,17 +38,15 @@ from moebench.case import Case
 from moebench.env import (
     GLUON_WS_SWITCH,
     MERGE_TAIL_SWITCH,
-    ROUTE_ALIGN_SWITCH,
     layer_switch_on,
     switch_on,
 )
-from moebench.impls.triton import kernels, merge_tail, route_align, tma, tuning
-from moebench.impls.triton.align import Alignment, align_to_blocks, per_assignment_blocks
+from moebench.impls.triton import kernels, merge_tail, tma, tuning
+from moebench.impls.triton.align import align_to_blocks, per_assignment_blocks
 from moebench.impls.triton.backward import Saved, fused_backward, token_sum
 from moebench.layer import MoELayer
 from moebench.measure.graph import graphed_step
 from moebench.measure.phases import NULL_TIMER, Timer
-from moebench.routing import kernel_route_applies
 from moebench.weights import ExpertWeights
 
 # The kernels each forward tuning's choice depends on (`tuning.code_fingerprint`): a
@@ -250,7 +248,6 @@ def fused_experts(
     timer: Timer = NULL_TIMER,
     block_m: int | None = None,
     plans: dict[tuple, ForwardPlan] | None = None,
-    alignment: Alignment | None = None,
 ) -> tuple[torch.Tensor, Saved | None]:
     """(sum_k gate_weights_TK[t, k] * SwiGLU_{expert_ids_TK[t, k]}(x_TD[t]) as T x D,
     what the backward needs if `keep_for_backward` else None), with gate and up stacked
@@ -266,10 +263,7 @@ def fused_experts(
     instead of building the tuner's keys and looking them up, the weights' layout and
     what the TMA tiles take: host time, which bounds an un-graphed call of a few hundred
     tokens. The switches read then ($MOEBENCH_GLUON_WS, $MOEBENCH_MERGE_TAIL) hold for the
-    plan's life.
-
-    `alignment`: the rows already aligned at `block_m` (`route_align.route_and_align`),
-    which the forward then does not align again."""
+    plan's life."""
     T, D = x_TD.shape
     E, F, _ = w_down_EFD.shape
     K = expert_ids_TK.shape[1]
@@ -294,9 +288,7 @@ def fused_experts(
                 gate_up_layout,
             )  # fmt: skip
     with timer.phase("permute"):
-        if alignment is not None:
-            assert alignment.block_m == block_m, "an alignment at other blocks than the call's"
-        elif per_assignment:
+        if per_assignment:
             alignment = per_assignment_blocks(expert_ids_TK, block_m)
         else:
             alignment = align_to_blocks(expert_ids_TK, E, block_m, pdl)
@@ -469,44 +461,6 @@ class TritonMoE(MoELayer):
         self.w_gate_up_E2FD = torch.nn.Parameter(gate_up_E2FD)
         self.w_down_EFD = torch.nn.Parameter(weights.w_down_EFD)
         self._plans: dict[tuple, ForwardPlan] = {}  # `fused_experts`' forward plans
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """MoELayer's forward; with `$MOEBENCH_ROUTE_ALIGN=1`, where `route_align` serves
-        the call, the Router's top-k and the alignment in one launch (the "router" phase
-        holds both)."""
-        block_m = self._route_align_block_m(x_TD)
-        if block_m is None:
-            return super().forward(x_TD)
-        router = self.router
-        with self.timer.phase("router"):
-            parts_TSE, parts = router.logit_parts(x_TD)
-            gate_weights_TK, expert_ids_TK, probs_TE, alignment = route_align.route_and_align(
-                parts_TSE, parts, router.bias_E, router.shape, x_TD.dtype,
-                router.correction_bias_E, block_m,
-                dependent_launch.for_tokens(x_TD.device, x_TD.shape[0]),
-            )  # fmt: skip
-        self._last = (expert_ids_TK, probs_TE)
-        y_TD = fused_experts(
-            x_TD, gate_weights_TK, expert_ids_TK, self.w_gate_up_E2FD, self.w_down_EFD,
-            timer=self.timer, block_m=block_m, plans=self._plans, alignment=alignment,
-        )[0]  # fmt: skip
-        return self.add_shared(x_TD, y_TD)
-
-    def _route_align_block_m(self, x_TD: torch.Tensor) -> int | None:
-        """The rows per block a call routes and aligns at in one launch, or None where it
-        does not: asked for (`$MOEBENCH_ROUTE_ALIGN=1`), at inference, where the Router
-        routes with its Triton kernel, `route_align.takes` the call, and the forward has
-        one block size to take (`tuning.block_m_choices`)."""
-        T, K, E = x_TD.shape[0], self.top_k, self.num_experts
-        if not (
-            layer_switch_on(ROUTE_ALIGN_SWITCH)
-            and not torch.is_grad_enabled()
-            and route_align.takes(T, K, E)
-            and kernel_route_applies(self.router.shape, x_TD)
-        ):
-            return None
-        choices = tuning.block_m_choices(T, K, E)
-        return choices[0] if len(choices) == 1 else None
 
     def routed(
         self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
