@@ -2,6 +2,7 @@
 
 import os
 import time
+import weakref
 
 from moebench import register
 from moebench.impls.grouped import GroupedMoE
@@ -37,3 +38,22 @@ def build_slow(weights, case):
 @register("test-bracket-error", family="test", description="raises a message in brackets")
 def build_bracket_error(weights, case):
     raise RuntimeError("[enforce fail at alloc.cpp:42] out of [grid] luck")
+
+
+BUILT_CYCLIC: list = []  # weak references to every test-cyclic layer built
+
+
+class _Cyclic(GroupedMoE):
+    """Holds itself, as transformers' blocks do through their modules: only the garbage
+    collector frees it, and with it its tensors."""
+
+    def __init__(self, weights, case):
+        super().__init__(weights, case)
+        self.cycle = [self]  # a list: not registered as a submodule
+
+
+@register("test-cyclic", family="test", description="grouped in a reference cycle")
+def build_cyclic(weights, case):
+    layer = _Cyclic(weights, case)
+    BUILT_CYCLIC.append(weakref.ref(layer))
+    return layer

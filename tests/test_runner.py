@@ -107,6 +107,26 @@ def test_failures_become_rows_and_the_sweep_goes_on(tmp_path):
     assert frame.loc["grouped", "status"] == frame.loc["reference", "status"] == "ok"
 
 
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_a_layer_in_a_reference_cycle_is_freed_when_its_case_ends(mode):
+    """A worker measures case after case: a layer that only the collector can free (as
+    transformers' blocks are) must be gone before the next case, or its weights hold
+    device memory that case needs (12 DeepSeek-V3 cases ran out of an 80 GB H100 so)."""
+    import gc
+
+    from moebench.runner import InProcessExecutor
+
+    executor = InProcessExecutor(FAST_PLAN, plugins=(PLUGIN,))
+    built = sys.modules["moebench_plugin_plugin_faulty"].BUILT_CYCLIC
+    gc.disable()  # only the executor may collect: the layer must not go by chance
+    try:
+        row = executor.run(tiny_case("test-cyclic", mode=mode), timeout_s=60)
+        assert row["status"] == "ok", row
+        assert built and built[-1]() is None, "the case's layer outlived its case"
+    finally:
+        gc.enable()
+
+
 def test_filter_cases():
     cases = [tiny_case(impl, num_experts=e) for impl in ("grouped", "dense") for e in (4, 8)]
     assert len(filter_cases(cases, ["impl=grouped"])) == 2
