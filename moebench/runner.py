@@ -130,7 +130,7 @@ def _release_memory(case: Case) -> None:
     """Free what a case left behind before the next one runs. Its layer and tensors may
     live on in reference cycles (a layer's closures, hooks and CUDA graphs that hold it;
     a failed case's traceback frames) until the collector runs, which device memory does
-    not prompt: in one worker, `suites/peers.toml` on an 80 GB H100 ran 12 DeepSeek-V3
+    not prompt: in one worker, `suites/peers.toml` on an 80 GB H100 ran 8 DeepSeek-V3
     cases out of memory with 40-50 GB still held by the cases before them."""
     gc.collect()
     if case.device.startswith("cuda"):

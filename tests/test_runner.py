@@ -111,7 +111,7 @@ def test_failures_become_rows_and_the_sweep_goes_on(tmp_path):
 def test_a_layer_in_a_reference_cycle_is_freed_when_its_case_ends(mode):
     """A worker measures case after case: a layer that only the collector can free (as
     transformers' blocks are) must be gone before the next case, or its weights hold
-    device memory that case needs (12 DeepSeek-V3 cases ran out of an 80 GB H100 so)."""
+    device memory that case needs (8 DeepSeek-V3 cases ran out of an 80 GB H100 so)."""
     import gc
 
     from moebench.runner import InProcessExecutor
