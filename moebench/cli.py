@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moebench.console import console_width, error, say, say_facts, warning
-from moebench.terminal import print_summary
+from moebench.terminal import print_failures, print_summary
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -162,6 +162,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     if not rows:
         return EXIT_OK
     print_summary(console, rows, f"{len(rows)} cases")
+    print_failures(console, rows)
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ rich reads `[grid]` as markup and drops it; every message here is a `Text`, so a
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -15,6 +16,38 @@ from typing import Any
 from rich.text import Text
 
 DEFAULT_RESULTS_ROOT = "results"
+
+
+# Where the runner says an error was raised: "... (at graph.py:869)"
+_RAISED_AT = re.compile(r" \(at [^()\s]+:\d+\)$")
+# A sentence's end: its full stop (or ! ?) before a space
+_SENTENCE_END = re.compile(r"[.!?](?= )")
+
+
+def brief_error(error: str, most: int = 160, sentences_past: int = 60) -> str:
+    """`error` for a one-line mention of a failed case: its sentences up to the first
+    that ends past `sentences_past` characters, at most `most` characters, with the
+    runner's "(at file:line)" kept. torch's out-of-memory error is two sentences of
+    fact ("CUDA out of memory. Tried to allocate 14.00 GiB.") and then 500 characters of
+    advice; the row keeps the whole message (`moebench report` shows it).
+
+    >>> brief_error("OutOfMemoryError: CUDA out of memory. Tried to allocate 14.00 GiB. "
+    ...             "GPU 0 has a total capacity of 79.18 GiB. (at graph.py:869)")
+    'OutOfMemoryError: CUDA out of memory. Tried to allocate 14.00 GiB. ... (at graph.py:869)'
+    """
+    text = " ".join(str(error).split())  # one line
+    found = _RAISED_AT.search(text)
+    raised_at = found.group(0) if found else ""
+    body = text[: found.start()] if found else text
+    cut = next(
+        (body[: end.end()] for end in _SENTENCE_END.finditer(body) if end.end() >= sentences_past),
+        body,
+    )
+    if len(cut) > most:
+        cut = cut[: most - 4].rstrip() + " ..."
+    elif len(cut) < len(body):
+        cut += " ..."
+    return cut + raised_at
 
 
 def columns_set() -> bool:

@@ -11,7 +11,14 @@ from typing import Any
 
 from rich.console import Console
 
-from moebench.console import error, resume_command, say, warning, without_resume
+from moebench.console import (
+    brief_error,
+    error,
+    resume_command,
+    say,
+    warning,
+    without_resume,
+)
 from moebench.terminal import STATUS_STYLE, LineProgress, noise_note, print_summary
 
 COMMAND = "run"
@@ -101,7 +108,7 @@ class RichProgress:
             say(
                 self.progress.console,
                 (status, STATUS_STYLE.get(status, "red")),
-                f" {case.label()}: {row.get('error')}",
+                f" {case.label()}: {brief_error(str(row.get('error')))}",
             )
         self.progress.advance(self.task)
 

@@ -16,8 +16,8 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from moebench.console import bounded_width
-from moebench.report.data import is_true
+from moebench.console import bounded_width, brief_error, say
+from moebench.report.data import case_label, is_true
 
 STATUS_STYLE = {
     "ok": "green",
@@ -140,6 +140,17 @@ def print_summary(console: Console, rows: list[dict[str, Any]], title: str) -> N
         console.print(table)
     finally:
         console.width = width
+
+
+def print_failures(console: Console, rows: list[dict[str, Any]]) -> None:
+    """A line for each case that did not finish ok: its status, the case, and why (the
+    error's first sentences, `brief_error`), each whole in a log."""
+    for row in rows:
+        status = str(row.get("status") or "?")
+        if status == "ok":
+            continue
+        why = "" if _missing(row.get("error")) else f": {brief_error(str(row['error']))}"
+        say(console, (status, STATUS_STYLE.get(status, "red")), f" {case_label(row)}{why}")
 
 
 def _wide(rows: list[dict[str, Any]], title: str) -> Table:

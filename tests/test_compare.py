@@ -40,6 +40,7 @@ from moebench.compare import (
 from moebench.compare.bootstrap import Side, ratio_ci
 from moebench.results_schema import row_table
 from moebench.store import ResultStore
+from tests.test_terminal import TORCH_OOM
 
 IMPLS = ("reference", "grouped", "capacity", "dense")
 SHAPES = ((4, 1, 1), (4, 2, 8), (8, 2, 1))  # (num_experts, top_k, batch)
@@ -299,6 +300,18 @@ def test_failed_cases(tmp_path: Path, rng: np.random.Generator) -> None:
     assert len(failed) == 1 and failed[0].fails_gate
     assert "mismatch in candidate: relative error 0.3" in failed[0].sentence
     assert not report.passed
+    # torch's out-of-memory message: its facts, not its 500 characters of advice
+    broken[0].update(status="oom", error=TORCH_OOM)
+    oom = compare_runs(
+        load_run(base),
+        load_run(write_run(tmp_path, "oom", broken)),
+        Settings(LATENCY, Threshold(0.05)),
+    )
+    (failed,) = [r for r in oom.results if r.verdict == "failed"]
+    assert failed.sentence.endswith(
+        "oom in candidate: OutOfMemoryError: CUDA out of memory. Tried to allocate 14.00 GiB."
+        " ... (at graph.py:869)"
+    )
     # Failed in the baseline, fixed in the candidate: reported, not a gate failure.
     fixed = compare_runs(load_run(cand), load_run(base), Settings(LATENCY, Threshold(0.05)))
     assert [r.verdict for r in fixed.results].count("failed") == 1

@@ -8,10 +8,27 @@ import pytest
 from rich.console import Console
 
 from moebench.cli import main as cli_main
+from moebench.console import brief_error
+from moebench.runner import run_cases
 from moebench.store import read_run
 from moebench.terminal import print_summary, summary_table
+from tests.conftest import FAST_PLAN, tiny_case
 
 REFERENCE_RUN = Path(__file__).parent.parent / "results" / "reference" / "smoke.parquet"
+FAULTY_PLUGIN = str(Path(__file__).with_name("plugin_faulty.py"))
+
+# What torch 2.11 says when a CUDA allocation fails, as the runner records it (a case of
+# results/reference/h100-peers-v34/)
+TORCH_OOM = (
+    "OutOfMemoryError: CUDA out of memory. Tried to allocate 14.00 GiB. GPU 0 has a total "
+    "capacity of 79.18 GiB of which 6.55 GiB is free. Including non-PyTorch memory, this "
+    "process has 72.62 GiB memory in use. Of the allocated memory 64.05 GiB is allocated by "
+    "PyTorch, and 7.76 GiB is reserved by PyTorch but unallocated. If reserved but "
+    "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+    "to avoid fragmentation.  See documentation for Memory Management  (https://docs.pytorch"
+    ".org/docs/stable/notes/cuda.html#optimizing-memory-usage-with-pytorch-cuda-alloc-conf) "
+    "(at graph.py:869)"
+)
 
 
 def _render(width: int | None) -> list[str]:
@@ -210,3 +227,42 @@ def test_show_piped_keeps_to_columns_where_set(columns, monkeypatch, capsys) -> 
     else:
         assert max(len(line) for line in lines) <= int(columns), lines
         assert len(lines) > 2 * cases  # stacked: two lines a case
+
+
+@pytest.mark.parametrize(
+    ("error", "brief"),
+    [
+        (
+            TORCH_OOM,
+            "OutOfMemoryError: CUDA out of memory. Tried to allocate 14.00 GiB."
+            " ... (at graph.py:869)",
+        ),
+        # short ones whole, brackets and all
+        ("RuntimeError: [enforce fail at alloc.cpp:42] out of [grid] luck (at plugin.py:3)",) * 2,
+        ("needs at least 42.5 GiB (weights 21.1 GiB) but cuda has 35.3 GiB free; not run",) * 2,
+        ("ValueError: bad\n  shape", "ValueError: bad shape"),  # one line
+        ("x" * 300, "x" * 156 + " ..."),  # no sentence: cut at 160
+    ],
+)
+def test_a_failed_case_is_told_in_a_line(error: str, brief: str) -> None:
+    assert brief_error(error) == brief
+
+
+def test_show_says_why_each_case_failed(tmp_path, monkeypatch, capsys) -> None:
+    """`moebench show RUN` after a run with failures: a line a failed case, its status,
+    the case and the error's first sentences, each line within $COLUMNS."""
+    cases = [tiny_case("grouped"), tiny_case("test-raises"), tiny_case("test-bracket-error")]
+    outcome = run_cases(
+        cases, suite_name="t", plan=FAST_PLAN, timeout_s=60, out_root=tmp_path,
+        isolate=False, plugins=(FAULTY_PLUGIN,),
+    )  # fmt: skip
+    capsys.readouterr()
+    monkeypatch.setenv("COLUMNS", "80")
+    assert cli_main(["show", str(outcome.run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    text = " ".join(out.split())
+    assert "error test-raises · D" in text
+    assert "RuntimeError: build exploded on purpose (at plugin_faulty.py:" in text
+    assert "out of [grid] luck" in text  # printed as written, not read as markup
+    assert "error grouped" not in text and "ok grouped" not in text  # ok cases: the table

@@ -38,6 +38,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from moebench.console import brief_error
+
 VerdictName = Literal[
     "failed", "regressed", "improved", "unchanged", "new", "missing", "skipped", "normalizer"
 ]
@@ -257,7 +259,7 @@ def status_decision(
         ("baseline", "candidate"), (baseline_status, candidate_status), errors
     ):
         if status != "ok":
-            detail = f": {error}" if error else ""
+            detail = f": {brief_error(error)}" if error else ""
             sides.append(f"{status} in {side}{detail}")
     if not sides:
         return None
