@@ -19,7 +19,13 @@ from moebench.console import (
     warning,
     without_resume,
 )
-from moebench.terminal import STATUS_STYLE, LineProgress, noise_note, print_summary
+from moebench.terminal import (
+    STATUS_STYLE,
+    LineProgress,
+    noise_note,
+    print_failures,
+    print_summary,
+)
 
 COMMAND = "run"
 HELP = "run a suite into results/<run_id>/"
@@ -246,6 +252,8 @@ def main(args: argparse.Namespace, console: Console) -> int:
             f"`{resume_command(run_argv, outcome.run_id)}`",
         )
         return EXIT_FAIL
+    if args.quiet:  # no progress lines said why a case failed: say it here
+        print_failures(console, outcome.rows)
     say(
         console,
         f"{len(outcome.rows) - len(failed)} ok, {len(failed)} not ok; results: "
@@ -352,4 +360,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"run a suite of more than {CONFIRM_CASES:,} cases without asking",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--quiet", action="store_true",
+        help="no progress bar (failed cases are listed after the table)",
+    )  # fmt: skip

@@ -266,3 +266,18 @@ def test_show_says_why_each_case_failed(tmp_path, monkeypatch, capsys) -> None:
     assert "RuntimeError: build exploded on purpose (at plugin_faulty.py:" in text
     assert "out of [grid] luck" in text  # printed as written, not read as markup
     assert "error grouped" not in text and "ok grouped" not in text  # ok cases: the table
+
+
+def test_a_quiet_run_says_why_a_case_failed(tmp_path, capsys) -> None:
+    """`moebench run --quiet` prints no progress lines, where a failure's reason was said:
+    the failed cases are listed after the table instead, each once."""
+    from tests.test_bad_input import TINY_SUITE
+
+    suite = tmp_path / "s.toml"
+    suite.write_text(TINY_SUITE.replace('["reference", "grouped"]', '["grouped", "test-raises"]'))
+    args = ["run", str(suite), "--out", str(tmp_path / "r"), "--in-process", "--quiet"]
+    assert cli_main([*args, "--plugin", FAULTY_PLUGIN]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "build exploded on purpose" in line]
+    assert len(lines) == 1 and lines[0].startswith("error test-raises"), out
+    assert out.index("build exploded") < out.index("not ok; results:")
