@@ -13,8 +13,11 @@
 #             the tests' odd shapes; the second, on the same warm machine, ran the rest in
 #             494 s; pick with GPU_TESTS="-v tests/... tests/test_x.py::name ...", where
 #             -v names each test as it ends, so a cut call says which ran; the card has
-#             pytest-xdist, and most of that time is compiling on the CPU: "-n 4 --dist
-#             loadfile" in GPU_TESTS might fit the suite in one call, not yet tried there)
+#             pytest-xdist, and most of that time is compiling on the CPU: in version
+#             34, GPU_TESTS="-n 6 --dist loadfile FILES" ran about 95% of the suite in
+#             407 s on a fresh H100, with 2 failures it could not name before the cut:
+#             with xdist add -v, which names each test as it ends, and expect tests
+#             that need the whole card, the full-size presets', to fail beside others)
 #   triton    suites/triton.toml with --profile (the fused layer against grouped, plain and
 #             graphed, and where its time goes)
 #   default   suites/default.toml --profile
