@@ -16,8 +16,9 @@
 #             pytest-xdist, and most of that time is compiling on the CPU: in version
 #             34, GPU_TESTS="-n 6 --dist loadfile FILES" ran about 95% of the suite in
 #             407 s on a fresh H100, with 2 failures it could not name before the cut:
-#             with xdist add -v, which names each test as it ends, and expect tests
-#             that need the whole card, the full-size presets', to fail beside others)
+#             with xdist add -v, which names each test as it ends, and run apart the
+#             tests that time the card or need all of it: tests/test_cuda.py's timer
+#             and warm-up tests, tests/test_presets_hf.py's full-size presets)
 #   triton    suites/triton.toml with --profile (the fused layer against grouped, plain and
 #             graphed, and where its time goes)
 #   default   suites/default.toml --profile
