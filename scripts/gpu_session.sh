@@ -14,11 +14,10 @@
 #             494 s; pick with GPU_TESTS="-v tests/... tests/test_x.py::name ...", where
 #             -v names each test as it ends, so a cut call says which ran; the card has
 #             pytest-xdist, and most of that time is compiling on the CPU: in version
-#             34, GPU_TESTS="-n 6 --dist loadfile FILES" ran about 95% of the suite in
-#             407 s on a fresh H100, with 2 failures it could not name before the cut:
-#             with xdist add -v, which names each test as it ends, and run apart the
-#             tests that time the card or need all of it: tests/test_cuda.py's timer
-#             and warm-up tests, tests/test_presets_hf.py's full-size presets)
+#             34, "-n 6 --dist loadfile" ran about 95% of the suite in 407 s on a fresh
+#             H100, with 2 failures it could not name before the cut, likely the tests
+#             that time the card; GPU_TEST_WORKERS=6 runs the suite so, each test named
+#             as it ends, and those tests apart after it: not yet tried on a card)
 #   triton    suites/triton.toml with --profile (the fused layer against grouped, plain and
 #             graphed, and where its time goes)
 #   default   suites/default.toml --profile
@@ -169,15 +168,36 @@ for step in "$@"; do
   mkdir -p "$root"
   case "$step" in
     tests)
-      # GPU_TESTS: other pytest arguments (a subset, say) in place of the default list
-      # shellcheck disable=SC2086
-      timed python3 -m pytest -q -p no:cacheprovider -rs ${GPU_TESTS:-tests/test_cuda.py \
-        tests/test_triton.py tests/test_tma.py tests/test_triton_backward_rows.py \
-        tests/test_route_kernel.py tests/test_router_logits.py tests/test_dependent_launch.py \
-        tests/test_fast_launch.py tests/test_gluon_down.py tests/test_gluon_gate_up.py \
-        tests/test_forward_plan.py tests/test_merge_tail.py \
-        tests/test_ceilings.py tests/test_offload_cuda.py tests/test_check.py \
-        tests/test_profiling.py tests/test_presets_hf.py tests/test_peers.py}
+      # GPU_TESTS: other pytest arguments (a subset, say) in place of the default list.
+      # GPU_TEST_WORKERS=N (with pytest-xdist there): the default list on N workers, each
+      # test named as it ends, then one at a time the tests that time the card or need
+      # all of its memory (five workers beside them fail them: version 34)
+      cuda_tests="tests/test_cuda.py tests/test_triton.py tests/test_tma.py
+        tests/test_triton_backward_rows.py tests/test_route_kernel.py
+        tests/test_router_logits.py tests/test_dependent_launch.py tests/test_fast_launch.py
+        tests/test_gluon_down.py tests/test_gluon_gate_up.py tests/test_forward_plan.py
+        tests/test_merge_tail.py tests/test_ceilings.py tests/test_offload_cuda.py
+        tests/test_check.py tests/test_profiling.py tests/test_presets_hf.py
+        tests/test_peers.py"
+      whole_card="tests/test_cuda.py::test_latency_agrees_with_independent_timers
+        tests/test_cuda.py::test_timed_warm_up_takes_every_sample_at_the_clock_the_card_keeps
+        tests/test_ceilings.py::test_cuda_matrix_rate_is_read_after_a_second_of_products
+        tests/test_presets_hf.py::test_full_size_presets_equal_transformers_blocks_on_cuda"
+      if [ -n "${GPU_TESTS:-}" ]; then
+        # shellcheck disable=SC2086
+        timed python3 -m pytest -q -p no:cacheprovider -rs $GPU_TESTS
+      elif [ -n "${GPU_TEST_WORKERS:-}" ] && python3 -c "import xdist" 2>/dev/null; then
+        deselect=()
+        for test in $whole_card; do deselect+=(--deselect "$test"); done
+        # shellcheck disable=SC2086
+        timed python3 -m pytest -v -p no:cacheprovider -rs -n "$GPU_TEST_WORKERS" \
+          --dist loadfile $cuda_tests "${deselect[@]}"
+        # shellcheck disable=SC2086
+        timed python3 -m pytest -v -p no:cacheprovider -rs $whole_card
+      else
+        # shellcheck disable=SC2086
+        timed python3 -m pytest -q -p no:cacheprovider -rs $cuda_tests
+      fi
       ;;
     triton) suite suites/triton.toml --device cuda --profile ;;
     default) suite suites/default.toml --device cuda --profile ;;
