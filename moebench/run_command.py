@@ -11,17 +11,11 @@ from typing import Any
 
 from rich.console import Console
 
-from moebench.console import (
-    brief_error,
-    error,
-    resume_command,
-    say,
-    warning,
-    without_resume,
-)
+from moebench.console import error, resume_command, say, warning, without_resume
 from moebench.terminal import (
     STATUS_STYLE,
     LineProgress,
+    failure_reason,
     noise_note,
     print_failures,
     print_summary,
@@ -114,7 +108,7 @@ class RichProgress:
             say(
                 self.progress.console,
                 (status, STATUS_STYLE.get(status, "red")),
-                f" {case.label()}: {brief_error(str(row.get('error')))}",
+                f" {case.label()}{failure_reason(row)}",
             )
         self.progress.advance(self.task)
 

@@ -147,10 +147,17 @@ def print_failures(console: Console, rows: list[dict[str, Any]]) -> None:
     error's first sentences, `brief_error`), each whole in a log."""
     for row in rows:
         status = str(row.get("status") or "?")
-        if status == "ok":
-            continue
-        why = "" if _missing(row.get("error")) else f": {brief_error(str(row['error']))}"
-        say(console, (status, STATUS_STYLE.get(status, "red")), f" {case_label(row)}{why}")
+        if status != "ok":
+            say(
+                console,
+                (status, STATUS_STYLE.get(status, "red")),
+                f" {case_label(row)}{failure_reason(row)}",
+            )
+
+
+def failure_reason(row: dict[str, Any]) -> str:
+    """A failed row's error in brief (`brief_error`) after ": ", or "" where it has none."""
+    return "" if _missing(row.get("error")) else f": {brief_error(str(row['error']))}"
 
 
 def _wide(rows: list[dict[str, Any]], title: str) -> Table:

@@ -149,19 +149,29 @@ def shipped_fingerprints(
     tokens, where dependent launch stops."""
     name = "gate_up" if kind.startswith("gate_up") else "down"
     with_tma = tokens > 64
-    # training's gate_up stores the pre-activations, which the Gluon one does not
-    gluon_states = (True, False) if with_tma and kind != "gate_up_train" else (False,)
-    merged_states = (True, False) if with_tma else (False,)
+    switch_states = (True, False) if with_tma else (False,)
+    races = dict.fromkeys(  # (a key's race may be the same in two states: once)
+        gemm_race(kind, with_tma, with_gluon, with_merged)
+        for with_merged in switch_states
+        for with_gluon in switch_states
+    )
     fingerprints = []
-    for with_merged in merged_states:
-        for with_gluon in gluon_states:
-            race = (with_tma, with_gluon, with_merged)
-            configs = gemm_candidates(name, block_m, D, F, element_bytes, *race)
-            code = gemm_code(name, *race)
-            for runoff in (True, False):
-                timed_by = tuning.timing_way(graphed=True, runoff=runoff)
-                fingerprints.append(tuning.code_fingerprint(code, configs, timed_by))
+    for race in races:
+        configs = gemm_candidates(name, block_m, D, F, element_bytes, *race)
+        code = gemm_code(name, *race)
+        for runoff in (True, False):
+            timed_by = tuning.timing_way(graphed=True, runoff=runoff)
+            fingerprints.append(tuning.code_fingerprint(code, configs, timed_by))
     return fingerprints
+
+
+def gemm_race(
+    key: str, with_tma: bool, with_gluon: bool, with_merged: bool
+) -> tuple[bool, bool, bool]:
+    """(TMA tiles, Gluon kernels, merged-tail tiles) in the race of the forward GEMM key
+    `key` ("gate_up", "gate_up_train" or "down"), given the layer's states: training's
+    gate_up stores the pre-activations, which the Gluon one does not, so it races none."""
+    return with_tma, with_gluon and key != "gate_up_train", with_merged
 
 
 def launch_gate_up(
@@ -357,16 +367,15 @@ def _tuned_gemms(
     )
     configs = []
     for name, key, layout, launch in steps:
-        # training's gate_up stores the pre-activations, which the Gluon one does not
-        gluon = with_gluon and key != "gate_up_train"
+        race = gemm_race(key, with_tma, with_gluon, with_merged)
         config = tuning.TUNER.choose(
             x_TD.device,
             tuning.key(key, x_TD, w_down_EFD, K, layout, block_m),
-            lambda name=name, gluon=gluon: gemm_candidates(
-                name, block_m, D, F, x_TD.element_size(), with_tma, gluon, with_merged
+            lambda name=name, race=race: gemm_candidates(
+                name, block_m, D, F, x_TD.element_size(), *race
             ),
             launch,
-            code=gemm_code(name, with_tma, gluon, with_merged),
+            code=gemm_code(name, *race),
             graphed=True,  # kernels of a few us: the graph times the GPU, not the host
             precompile=True,
         )
