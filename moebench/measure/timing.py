@@ -17,6 +17,7 @@ warm-up every sample is taken in the state `measure.ceilings`' sustained rate is
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -154,15 +155,20 @@ def repeat_in_batches(
 def time_back_to_back(
     fn: Callable[[int], object], device: torch.device, duration_ms: float, first: int = 30
 ) -> list[float]:
-    """Each call's milliseconds of `fn(i)` run back to back on a CUDA device for about
-    `duration_ms` (at least 2 x `first` calls), no flush or sync between calls: how a
+    """Each call's milliseconds of `fn(i)` run back to back on a CUDA device for at least
+    `duration_ms` (and at least 2 x `first` calls), no flush or sync between calls: how a
     card runs sustained work, power cap included (`measure.ceilings`)."""
     for i in range(2):
         fn(i)
     samples = _cuda_batch(fn, 0, first, device, None)
-    per_call_ms = statistics.median(samples)
-    more = max(first, int((duration_ms - sum(samples)) / max(per_call_ms, 1e-6)))
-    return samples + _cuda_batch(fn, first, more, device, None)
+    # Batches sized from the latest calls' pace until the calls add up to duration_ms: a
+    # card whose first calls run slower than its later ones (an H100 ramping its clock)
+    # would otherwise stop short of it (0.97 s of 1 s on version 35's H100).
+    while len(samples) < 2 * first or sum(samples) < duration_ms:
+        per_call_ms = max(statistics.median(samples[-first:]), 1e-6)
+        more = max(first, math.ceil((duration_ms - sum(samples)) / per_call_ms))
+        samples += _cuda_batch(fn, len(samples), more, device, None)
+    return samples
 
 
 def time_once(fn: Callable[[], object], device: torch.device) -> float:
