@@ -8,16 +8,12 @@
 #             fast launch),
 #             the Router's kernels, the ceilings, the offload race, the checks' tolerances,
 #             profiling on CUDA, the presets against transformers' blocks, the peers plugin
-#             (a fresh machine needs two calls: in version 33's first, tests/test_cuda.py and
-#             38 of tests/test_triton.py's 41 tests took the 575 s, compiling and tuning for
-#             the tests' odd shapes; the second, on the same warm machine, ran the rest in
-#             494 s; pick with GPU_TESTS="-v tests/... tests/test_x.py::name ...", where
-#             -v names each test as it ends, so a cut call says which ran; the card has
-#             pytest-xdist, and most of that time is compiling on the CPU: in version
-#             34, "-n 6 --dist loadfile" ran about 95% of the suite in 407 s on a fresh
-#             H100, with 2 failures it could not name before the cut, likely the tests
-#             that time the card; GPU_TEST_WORKERS=6 runs the suite so, each test named
-#             as it ends, and those tests apart after it: not yet tried on a card)
+#             (one call with GPU_TEST_WORKERS=8: the suite on 8 pytest-xdist workers,
+#             each test named as it ends, then apart the tests that time the card or need
+#             all of it; 361 s and 20 s on a fresh H100 in version 35, most of it
+#             compiling the tests' odd shapes on the CPU: results/reference/h100-tests-v35;
+#             without it, one process needs two calls; carry .whl for the moe-ops tests;
+#             GPU_TESTS="-v tests/... tests/test_x.py::name ...": a subset)
 #   triton    suites/triton.toml with --profile (the fused layer against grouped, plain and
 #             graphed, and where its time goes)
 #   default   suites/default.toml --profile
@@ -171,7 +167,7 @@ for step in "$@"; do
       # GPU_TESTS: other pytest arguments (a subset, say) in place of the default list.
       # GPU_TEST_WORKERS=N (with pytest-xdist there): the default list on N workers, each
       # test named as it ends, then one at a time the tests that time the card or need
-      # all of its memory (five workers beside them fail them: version 34)
+      # all of its memory (workers beside them slow the card or fill its memory)
       cuda_tests="tests/test_cuda.py tests/test_triton.py tests/test_tma.py
         tests/test_triton_backward_rows.py tests/test_route_kernel.py
         tests/test_router_logits.py tests/test_dependent_launch.py tests/test_fast_launch.py
