@@ -65,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, console: Console) -> int:
-    """Print the built-in suites. One that does not load here (it names a plugin's
-    implementation that is not installed, say) shows "-" and the first reason."""
+    """Print the built-in suites. One that does not load for a device (it names a
+    plugin's implementation that is not installed, or one that runs only on the other
+    device) shows "-" there and the first reason."""
     from moebench.suite import SuiteError, count_cases
 
     table = Table(title="built-in suites (moebench run NAME)")
@@ -89,7 +90,7 @@ def main(args: argparse.Namespace, console: Console) -> int:
     console.print(table)
     for reason, stopped in reasons.items():
         where = ", ".join(f"{name} ({', '.join(devices)})" for name, devices in stopped.items())
-        say(console, (f"not loadable here: {where}: {reason}", "dim"))
+        say(console, (f"does not load: {where}: {reason}", "dim"))
     return EXIT_OK
 
 

@@ -287,10 +287,13 @@ class _SuiteParser(SchemaChecker):
 
 
 class _DeviceFreeParser(_SuiteParser):
-    """Takes the device as given (no torch.cuda probe, no per-case device checks)."""
+    """Takes the device as given and does not probe it (no torch.cuda call): a case's
+    checks are those that hold for any machine, so a case that no such device could
+    run (an implementation that runs only on CUDA, in a count for the CPU) is refused
+    as `load_suite` refuses it."""
 
     def device(self, suite_table: dict[str, Any]) -> str:
         return self.device_override or "cpu"
 
     def check_cases(self, expander: CaseExpander, cases: list[Case], device: str) -> None:
-        return None
+        expander.check_cases(cases, device, probe_device=False)

@@ -143,10 +143,12 @@ class CaseExpander:
             return None
         return LayerShape(**shape)
 
-    def check_cases(self, cases: list[Case], device: str) -> None:
+    def check_cases(self, cases: list[Case], device: str, probe_device: bool = True) -> None:
         """Every case's problems, one line per distinct problem with a count of cases.
         Each check runs once per distinct value of what it reads (a shape, a routing for
-        its expert count, an implementation with its dtype and mode, ...)."""
+        its expert count, an implementation with its dtype and mode, ...). Without
+        `probe_device`, what only the device itself can say (CUDA's bfloat16 support) is
+        not asked: the rest holds for any machine."""
         found: dict[tuple[str, str], list[Any]] = {}  # (key, message) -> [count, first case]
         memo: dict[tuple[Any, ...], list[tuple[str, str]]] = {}
         for case in cases:
@@ -161,6 +163,8 @@ class CaseExpander:
                 (("router_scale", case.router_scale, case.weights), _router_scale_problems),
                 (("impl", case.impl, case.dtype, workload.mode), _impl_problems),
             )
+            if probe_device:
+                checks += ((("cuda_dtype", case.dtype), _cuda_dtype_problems),)
             for memo_key, check in checks:
                 problems = memo.get(memo_key)
                 if problems is None:
@@ -232,8 +236,7 @@ def _router_scale_problems(case: Case, device: str) -> list[tuple[str, str]]:
 
 
 def _impl_problems(case: Case, device: str) -> list[tuple[str, str]]:
-    """What the implementation (ImplInfo) and the device say about the case's dtype,
-    device and mode."""
+    """What the implementation (ImplInfo) says about the case's dtype, device and mode."""
     problems: list[tuple[str, str]] = []
     info = registry.get(case.impl)
     if case.dtype not in info.dtypes:
@@ -261,15 +264,20 @@ def _impl_problems(case: Case, device: str) -> list[tuple[str, str]]:
                 f"allowed for it: {', '.join(info.modes)}",
             )
         )
+    return problems
+
+
+def _cuda_dtype_problems(case: Case, device: str) -> list[tuple[str, str]]:
+    """What the CUDA device itself says about the case's dtype (it is asked)."""
     if device.startswith("cuda") and case.dtype == "bfloat16" and not _cuda_bf16_supported():
-        problems.append(
+        return [
             (
                 "dtype",
                 f"bfloat16 is not supported by CUDA device {device!r} "
                 "(torch.cuda.is_bf16_supported() is False); allowed: float32 or float16",
             )
-        )
-    return problems
+        ]
+    return []
 
 
 def _cuda_bf16_supported() -> bool:

@@ -59,6 +59,10 @@ def test_suites_command_counts_cases_per_device(capsys: pytest.CaptureFixture[st
     default = next(line for line in out.splitlines() if "│ default" in line)
     cpu, cuda = (int(default.split("│")[i]) for i in (2, 3))
     assert cpu == len(load_suite("default", device="cpu").cases) and cuda != cpu
+    # triton runs only on CUDA: its suite has no CPU cases, and the line below says why
+    triton = next(line for line in out.splitlines() if "│ triton" in line)
+    assert triton.split("│")[2].strip() == "-" and int(triton.split("│")[3]) == 46
+    assert "does not load: triton (cpu):" in out and "does not run on device 'cpu'" in out
 
 
 @pytest.mark.parametrize("terminal", [True, False])
@@ -87,10 +91,10 @@ def test_a_suite_that_does_not_load_says_why_literally_at_any_width(
     if terminal:
         assert max(len(line) for line in text.splitlines()) <= 80
         text = " ".join(line.strip() for line in text.splitlines())
-        assert "not loadable here: broken (cpu, cuda):" in text
+        assert "does not load: broken (cpu, cuda):" in text
     else:
         (line,) = [
-            line for line in text.splitlines() if "not loadable here: broken (cpu, cuda):" in line
+            line for line in text.splitlines() if "does not load: broken (cpu, cuda):" in line
         ]
         assert "a-plugin-impl-not-installed-here:[eager]" in line and len(line) > 80
 
@@ -206,9 +210,9 @@ def test_suites_command_names_a_missing_required_package_once(
     assert cli_main(["suites"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "│ needs │ - │ - │ a peer library │" in out
-    assert out.count("not loadable here") == 1
+    assert out.count("does not load:") == 1
     assert (
-        "not loadable here: needs (cpu, cuda): "
+        "does not load: needs (cpu, cuda): "
         f"{needs_plugin}: [suite] requires 'moebench-not-installed', which is not "
         "installed here: pip install ./plugin"
     ) in out

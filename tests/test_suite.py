@@ -536,3 +536,29 @@ def test_the_case_counts_a_suite_states_are_its_own(name: str) -> None:
 
     for device, stated in _stated_counts(SUITES / f"{name}.toml").items():
         assert count_cases(SUITES / f"{name}.toml", device)[0] == stated, (name, device)
+
+
+def test_a_count_for_a_device_refuses_what_that_device_cannot_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`count_cases` (the `moebench suites` table) refuses what `load_suite` would
+    refuse on that device, whatever device this machine has, and never asks CUDA: it
+    counted the triton suite's 46 CUDA-only cases as runnable on the CPU."""
+    import moebench.suite_cases
+    from moebench.suite import count_cases
+
+    def no_probe() -> bool:
+        raise AssertionError("count_cases asked the CUDA device")
+
+    monkeypatch.setattr(moebench.suite_cases, "_cuda_bf16_supported", no_probe)
+    with pytest.raises(SuiteError, match=r"impl 'triton' does not run on device 'cpu'"):
+        count_cases(SUITES / "triton.toml", "cpu")
+    assert count_cases(SUITES / "triton.toml", "cuda")[0] == 46
+    graphed_on_cpu = tmp_path / "graphed.toml"
+    graphed_on_cpu.write_text(
+        '[suite]\nname = "graphed"\n[grid]\nimpl = "grouped"\nhidden = 8\nffn = 8\n'
+        "num_experts = 2\ntop_k = 1\nbatch = 1\nseq_len = 2\ncuda_graph = true\n"
+    )
+    with pytest.raises(SuiteError, match=r"key 'cuda_graph': needs a CUDA device"):
+        count_cases(graphed_on_cpu, "cpu")
+    assert count_cases(graphed_on_cpu, "cuda")[0] == 1
