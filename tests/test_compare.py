@@ -131,7 +131,7 @@ def test_threshold_parses_percent_and_fraction(spec: str, fraction: float) -> No
 
 @pytest.mark.parametrize("spec", ["five", "5 %", "-5%", "%", "", "1e-2", "5%%"])
 def test_threshold_bad_spec_says_so(spec: str) -> None:
-    with pytest.raises(ThresholdError, match=r"^Could not parse threshold: "):
+    with pytest.raises(ThresholdError, match=r"^threshold '.*' is not a percentage or a fraction"):
         Threshold.parse(spec)
 
 
@@ -431,7 +431,7 @@ def good_run(tmp_path: Path, rng: np.random.Generator) -> Path:
         ),
         (
             lambda p, t, q: [str(p), str(q), "--threshold", "lots"],
-            "Could not parse threshold: 'lots'",
+            "--threshold 'lots' is not a percentage or a fraction; allowed: e.g. 5% or 0.05",
         ),
         (lambda p, t, q: [str(p)], "compare takes BASELINE CANDIDATE"),
         (lambda p, t, q: [str(p), str(p)], "baseline and candidate are the same run (good:"),

@@ -104,7 +104,7 @@ def build_report(args: argparse.Namespace) -> Report:
     try:
         threshold = Threshold.parse(args.threshold)
     except ThresholdError as exc:
-        raise CompareError(str(exc)) from exc
+        raise CompareError(f"--{exc}") from exc  # "--threshold 'x' is not ...": the option
     if not 0 < args.confidence < 1:
         raise CompareError(f"--confidence must be between 0 and 1, got {args.confidence}")
     if args.resamples < 100:

@@ -70,10 +70,10 @@ class Threshold:
 
     >>> Threshold.parse("5%"), Threshold.parse("0.25"), str(Threshold.parse("12.5%"))
     (Threshold(fraction=0.05), Threshold(fraction=0.25), '12.5%')
-    >>> Threshold.parse("five")
+    >>> Threshold.parse("five")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    moebench.compare.verdict.ThresholdError: Could not parse threshold: 'five'
+    moebench.compare.verdict.ThresholdError: threshold 'five' is not a percentage or a ...
     """
 
     fraction: float
@@ -82,12 +82,15 @@ class Threshold:
     def parse(cls, spec: str) -> Threshold:
         text = str(spec).strip()
         match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(%?)", text)
+        problem = (
+            f"threshold {spec!r} is not a percentage or a fraction; allowed: e.g. 5% or 0.05"
+        )
         if not match:
-            raise ThresholdError(f"Could not parse threshold: {spec!r}")
+            raise ThresholdError(problem)
         value = float(match.group(1))
         fraction = value / 100 if match.group(2) else value
         if not math.isfinite(fraction):
-            raise ThresholdError(f"Could not parse threshold: {spec!r}")
+            raise ThresholdError(problem)
         return cls(round(fraction, 12))
 
     def __str__(self) -> str:
