@@ -231,6 +231,33 @@ def test_one_implementation_30_percent_slower_is_regressed(
     assert "is beyond +5% and its CI excludes x1" in out
 
 
+def test_a_case_a_run_flagged_noisy_is_judged_and_said_to_be_noise(
+    rng: np.random.Generator,
+) -> None:
+    """A case whose run flagged its timing as noise (`noisy`: do not rank it) keeps the
+    verdict of its samples, and its sentence names the run that flagged it; a quiet
+    case's sentence does not, nor does a metric measured once."""
+    base_rows = synthetic_rows(rng, "base")
+    cand_rows = synthetic_rows(rng, "cand", lambda impl: 1.3 if impl == "grouped" else 1)
+    for rows, flagged in ((base_rows, "grouped"), (cand_rows, "dense")):
+        for row in rows:
+            row["noisy"] = row["impl"] == flagged and row["num_experts"] == 8
+    base, cand = in_memory_run(base_rows), in_memory_run(cand_rows)
+    results = compare_runs(base, cand, Settings(LATENCY, Threshold(0.05))).results
+    sentence = {(r.fields["impl"], r.fields["num_experts"], r.fields["batch"]): r for r in results}
+    noisy_grouped = sentence["grouped", 8, 1]
+    assert noisy_grouped.verdict == "regressed"
+    assert noisy_grouped.sentence.endswith(
+        "; noisy in base (p90/p10 over the device's limit, or the median still moving): "
+        "rerun on a quieter machine to rank it"
+    )
+    assert "; noisy in cand (" in sentence["dense", 8, 1].sentence
+    assert sentence["dense", 8, 1].verdict == "unchanged"
+    assert all("noisy in" not in r.sentence for k, r in sentence.items() if k[1] == 4)
+    memory = compare_runs(base, cand, Settings(METRICS["peak_mem_bytes"], Threshold(0.05)))
+    assert all("noisy in" not in r.sentence for r in memory.results)
+
+
 def test_normalize_hides_a_uniform_slowdown_and_keeps_a_real_one(
     tmp_path: Path, rng: np.random.Generator
 ) -> None:

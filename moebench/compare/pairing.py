@@ -202,9 +202,10 @@ def _judge(
         change_text += f", over the run's shift x{shift:.3g}"
     if ci is None and metric.has_samples:
         change_text += f" (fewer than {MIN_SAMPLES} samples: no CI)"
+    noisy_note = _noisy_note(base_row, cand_row, names, metric)
     return CaseResult(
         verdict=decision.verdict,
-        sentence=f"{label}: {change_text}: {decision.reason}",
+        sentence=f"{label}: {change_text}: {decision.reason}{noisy_note}",
         ratio=ratio,
         ci_low=ci[0] if ci else None,
         ci_high=ci[1] if ci else None,
@@ -212,6 +213,23 @@ def _judge(
         fails_gate=fails_gate(decision.verdict, *statuses, regressions_count=settings.case_gate),
         **values,
         **common,
+    )
+
+
+def _noisy_note(
+    base_row: Mapping[str, Any], cand_row: Mapping[str, Any], names: tuple[str, str], metric: Metric
+) -> str:
+    """'; noisy in RUN (...)' where a run flagged the case's timing as noise (its own
+    table says not to rank it): the CI of its samples does not see a median that was
+    still moving. Said, not judged: the verdict stays the samples'."""
+    if not metric.has_samples:
+        return ""
+    noisy = [name for row, name in zip((base_row, cand_row), names) if row.get("noisy") is True]
+    if not noisy:
+        return ""
+    return (
+        f"; noisy in {' and '.join(noisy)} (p90/p10 over the device's limit, or the median "
+        "still moving): rerun on a quieter machine to rank it"
     )
 
 

@@ -82,9 +82,7 @@ class Threshold:
     def parse(cls, spec: str) -> Threshold:
         text = str(spec).strip()
         match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(%?)", text)
-        problem = (
-            f"threshold {spec!r} is not a percentage or a fraction; allowed: e.g. 5% or 0.05"
-        )
+        problem = f"threshold {spec!r} is not a percentage or a fraction; allowed: e.g. 5% or 0.05"
         if not match:
             raise ThresholdError(problem)
         value = float(match.group(1))
