@@ -75,11 +75,14 @@ def check_same_cases(
         parts.append(f"{len(extra)} case(s) of the run are not in it ({_some(extra, started)})")
     if missing:
         parts.append(f"{len(missing)} of its case(s) are not in the run ({_some(missing, now)})")
+    if meta.get("run_argv"):
+        how = f": `{resume_command(meta['run_argv'], store.run_id)}`"
+    else:  # (a run from before run.json kept its command line)
+        how = f" ({meta['suite_path']})" if meta.get("suite_path") else ""
     raise StoreError(
         f"cannot resume {store.run_id}: the suite and filters now give another case list "
         f"than the run was started with: {'; '.join(parts)}. Resume with the suite file "
-        f"and --filter/--device options the run was started with"
-        + (f" ({meta['suite_path']})" if meta.get("suite_path") else "")
+        f"and --filter/--device/--impls options the run was started with{how}"
     )
 
 

@@ -31,7 +31,7 @@ RUN_EXAMPLES = """examples:
   moebench run smoke                              # built-in: 44 tiny CPU cases
   moebench run suites/default.toml --device cuda  # a suite file, on the GPU
   moebench run smoke --filter impl=grouped,reference --filter 'E8k2'
-  moebench run smoke --plugin my_moe.py           # a plugin from a file
+  moebench run smoke --plugin my_moe.py --impls my-moe,reference  # your layer
   moebench run default --shard 2/4                # a quarter (moebench merge)
   moebench run default --resume default-20261125-182722-9706  # finish a run
 
@@ -42,7 +42,8 @@ RUN_EXITS = """exit codes:
        (a full disk): the cases written are kept, and the command that
        resumes the run is printed
   2    bad input, one line each: a suite that does not load (file, table, key
-       and what is allowed), a --filter that matches nothing, a bad --out or
+       and what is allowed), a --filter that matches nothing, an --impls name
+       that is no implementation, a bad --out or
        --shard, a --resume of another suite's run, of a run in use or of an
        unknown run id (the known ones are listed), a suite of more than 10,000
        cases without --yes
@@ -123,13 +124,21 @@ def main(args: argparse.Namespace, console: Console) -> int:
     from moebench.runner import FilterError, filter_cases, run_cases
     from moebench.shard import ShardError, parse_shard, select_shard
     from moebench.store import StoreError
-    from moebench.suite import SuiteError, load_suite
+    from moebench.suite import SuiteError, load_suite, with_impls
 
     shard_meta = {}
+    notes: list[str] = []
     try:
-        for spec in args.plugin:
-            import_plugin(spec)
+        from_plugins = [name for spec in args.plugin for name in import_plugin(spec)]
         suite = load_suite(args.suite, device=args.device)
+        if args.impls:
+            suite, notes = with_impls(suite, [name.strip() for name in args.impls.split(",")])
+        elif from_plugins and not set(from_plugins) & set(suite.impls):
+            notes.append(
+                f"--plugin registered {', '.join(from_plugins)}, which {suite.name} does not "
+                f"run (it runs {', '.join(suite.impls)}): --impls "
+                f"{','.join([*from_plugins, *suite.impls[:1]])} runs its cases with them"
+            )
         unmatched: list[str] = []
         cases = filter_cases(suite.cases, args.filter, unmatched)
         if args.shard and cases:
@@ -139,7 +148,7 @@ def main(args: argparse.Namespace, console: Console) -> int:
     except (SuiteError, FilterError, PluginError, ShardError) as exc:
         error(console, exc)
         return EXIT_BAD_INPUT
-    for line in unmatched:
+    for line in notes + unmatched:
         warning(console, line)
     if not cases:
         written = " ".join(f"--filter {expr}" for expr in args.filter)
@@ -305,6 +314,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="import MODULE or FILE.py that registers implementations (repeatable)",
+    )
+    parser.add_argument(
+        "--impls",
+        metavar="A,B",
+        help="run the suite's cases with these implementations instead of its own (their "
+        "default options; cases one cannot run are left out, with a warning)",
     )
     parser.add_argument(
         "--in-process",

@@ -120,12 +120,13 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from moebench.case import Case
-from moebench.suite_cases import CaseExpander, _matches
+from moebench.suite_cases import CaseExpander, _matches, runnable_problems
 from moebench.suite_schema import (
     DEVICE_SECTIONS,
     FILTER_EXTRA_KEYS,
@@ -148,6 +149,7 @@ __all__ = [
     "load_suite",
     "parse_suite",
     "resolve_device",
+    "with_impls",
 ]
 
 
@@ -194,6 +196,44 @@ def load_suite(path: str | Path, device: str | None = None) -> Suite:
             f"{path}: not a text file (byte {exc.start} is not UTF-8); a suite is a TOML file"
         ) from exc
     return parse_suite(text, str(path), device)
+
+
+def with_impls(suite: Suite, impls: Sequence[str]) -> tuple[Suite, list[str]]:
+    """The suite's cases run by `impls` instead of its own implementations (`run
+    --impls`): each case once per implementation, in the suite's order, with the
+    implementation's default options; a case an implementation cannot run on the
+    suite's device (a mode, dtype or device it did not register) is left out. Returns
+    the suite and one line per reason cases were left out. Raises SuiteError for a name
+    that is not an implementation, or when no case is left."""
+    from moebench import registry
+
+    unknown = [name for name in impls if name not in registry.available()]
+    if unknown:
+        known = ", ".join(registry.available())
+        raise SuiteError(
+            f"--impls: unknown implementation {', '.join(map(repr, unknown))}; known: "
+            f"{known} (--plugin FILE.py imports one of your own){registry.broken_note()}"
+        )
+    cases: dict[str, Case] = {}
+    seen: set[str] = set()
+    left_out: dict[str, int] = {}
+    for case in suite.cases:
+        for impl in impls:
+            swapped = replace(case, impl=impl, options=())
+            if swapped.case_id in seen:
+                continue
+            seen.add(swapped.case_id)
+            problems = runnable_problems(swapped, suite.device)
+            if problems:
+                left_out[problems[0]] = left_out.get(problems[0], 0) + 1
+            else:
+                cases[swapped.case_id] = swapped
+    notes = [f"--impls: {count} case(s) left out: {why}" for why, count in left_out.items()]
+    if not cases:
+        raise SuiteError(
+            f"--impls {','.join(impls)}: no case of {suite.path} left ({'; '.join(notes)})"
+        )
+    return replace(suite, cases=tuple(cases.values())), notes
 
 
 def count_cases(path: str | Path, device: str) -> tuple[int, str]:

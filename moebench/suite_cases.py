@@ -267,6 +267,20 @@ def _impl_problems(case: Case, device: str) -> list[tuple[str, str]]:
     return problems
 
 
+def runnable_problems(case: Case, device: str) -> list[str]:
+    """Why the case's implementation cannot run it on `device` (the devices, dtypes and
+    modes it registered; CUDA's bfloat16 support, asked; on several ranks, what the
+    expert-parallel launcher refuses), one sentence each; [] if it can."""
+    found = [message for _, message in _impl_problems(case, device)]
+    found += [message for _, message in _cuda_dtype_problems(case, device)]
+    if case.world_size > 1:
+        from moebench.distributed.group import case_problem
+
+        if problem := case_problem(case):
+            found.append(problem)
+    return found
+
+
 def _cuda_dtype_problems(case: Case, device: str) -> list[tuple[str, str]]:
     """What the CUDA device itself says about the case's dtype (it is asked)."""
     if device.startswith("cuda") and case.dtype == "bfloat16" and not _cuda_bf16_supported():

@@ -251,6 +251,9 @@ def test_resume_with_another_suite_is_refused(run_copy, tmp_path, capsys):
     text = one_line(output)
     assert "the suite and filters now give another case list" in text
     assert "2 of its case(s) are not in the run ('reference D16F32 E4k2 T4" in text
+    # the command the run was started with, to resume it as it was
+    assert "options the run was started with: `moebench run " in text
+    assert text.endswith(f" --resume {run_copy.name}`")
     assert {p: p.stat().st_mtime_ns for p in files_under(run_copy)} == before
 
 
