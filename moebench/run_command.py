@@ -43,7 +43,7 @@ RUN_EXITS = """exit codes:
        resumes the run is printed
   2    bad input, one line each: a suite that does not load (file, table, key
        and what is allowed), a --filter that matches nothing, an --impls name
-       that is no implementation, a bad --out or
+       that is no implementation or that leaves no case, a bad --out or
        --shard, a --resume of another suite's run, of a run in use or of an
        unknown run id (the known ones are listed), a suite of more than 10,000
        cases without --yes

@@ -202,7 +202,8 @@ def with_impls(suite: Suite, impls: Sequence[str]) -> tuple[Suite, list[str]]:
     """The suite's cases run by `impls` instead of its own implementations (`run
     --impls`): each case once per implementation, in the suite's order, with the
     implementation's default options; a case an implementation cannot run on the
-    suite's device (a mode, dtype or device it did not register) is left out. Returns
+    suite's device (a mode, dtype or device it did not register; several ranks for a
+    layer that is not expert-parallel) is left out. Returns
     the suite and one line per reason cases were left out. Raises SuiteError for a name
     that is not an implementation, or when no case is left."""
     from moebench import registry
