@@ -255,7 +255,15 @@ def test_a_case_a_run_flagged_noisy_is_judged_and_said_to_be_noise(
     assert sentence["dense", 8, 1].verdict == "unchanged"
     assert all("noisy in" not in r.sentence for k, r in sentence.items() if k[1] == 4)
     memory = compare_runs(base, cand, Settings(METRICS["peak_mem_bytes"], Threshold(0.05)))
-    assert all("noisy in" not in r.sentence for r in memory.results)
+    assert all("noisy in" not in r.sentence and not r.noisy_in for r in memory.results)
+    # a pull request's Markdown says it in the row's reason, and the JSON names the runs
+    from moebench.compare.render import as_json, markdown
+
+    report = compare_runs(base, cand, Settings(LATENCY, Threshold(0.05)))
+    rows = [line for line in markdown(report).splitlines() if "grouped D64F128 E8k2" in line]
+    assert rows and all("beyond 5% and the CI excludes x1; noisy in base (" in r for r in rows)
+    cases = {c["label"]: c for c in as_json(report)["cases"]}
+    assert {tuple(c["noisy_in"]) for c in cases.values()} == {(), ("base",), ("cand",)}
 
 
 def test_normalize_hides_a_uniform_slowdown_and_keeps_a_real_one(

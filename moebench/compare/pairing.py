@@ -38,6 +38,7 @@ from moebench.compare.report import (
     CaseResult,
     Report,
     Settings,
+    noise_note,
 )
 from moebench.compare.runs import (
     CompareError,
@@ -202,10 +203,12 @@ def _judge(
         change_text += f", over the run's shift x{shift:.3g}"
     if ci is None and metric.has_samples:
         change_text += f" (fewer than {MIN_SAMPLES} samples: no CI)"
-    noisy_note = _noisy_note(base_row, cand_row, names, metric)
+    noisy_in = _noisy_in(base_row, cand_row, names, metric)
+    noisy_note = f"; {noise_note(noisy_in)}" if noisy_in else ""
     return CaseResult(
         verdict=decision.verdict,
         sentence=f"{label}: {change_text}: {decision.reason}{noisy_note}",
+        noisy_in=noisy_in,
         ratio=ratio,
         ci_low=ci[0] if ci else None,
         ci_high=ci[1] if ci else None,
@@ -216,21 +219,16 @@ def _judge(
     )
 
 
-def _noisy_note(
+def _noisy_in(
     base_row: Mapping[str, Any], cand_row: Mapping[str, Any], names: tuple[str, str], metric: Metric
-) -> str:
-    """'; noisy in RUN (...)' where a run flagged the case's timing as noise (its own
-    table says not to rank it): the CI of its samples does not see a median that was
-    still moving. Said, not judged: the verdict stays the samples'."""
+) -> tuple[str, ...]:
+    """The runs (of `names`) that flagged the case's timing as noise, for a timed metric:
+    its own table says not to rank it, and the CI of its samples does not see a median
+    that was still moving. Said, not judged: the verdict stays the samples'."""
     if not metric.has_samples:
-        return ""
-    noisy = [name for row, name in zip((base_row, cand_row), names) if row.get("noisy") is True]
-    if not noisy:
-        return ""
-    return (
-        f"; noisy in {' and '.join(noisy)} (p90/p10 over the device's limit, or the median "
-        "still moving): rerun on a quieter machine to rank it"
-    )
+        return ()
+    rows = (base_row, cand_row)
+    return tuple(name for row, name in zip(rows, names, strict=True) if row.get("noisy") is True)
 
 
 def _ratio(candidate: float, baseline: float) -> float:

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moebench.compare.aggregate import ImplSummary
-from moebench.compare.report import CaseResult, Report
+from moebench.compare.report import CaseResult, Report, noise_note
 from moebench.compare.verdict import Metric
 
 VERDICT_STYLE = {
@@ -293,10 +293,11 @@ def _why(result: CaseResult, report: Report) -> str:
     """The reason in a table row, without repeating the row's numbers: the rule for a
     judged case, the message for a failed, skipped, new or missing one."""
     threshold = report.settings.threshold
+    noise = f"; {noise_note(result.noisy_in)}" if result.noisy_in else ""
     if result.verdict in ("regressed", "improved"):
-        return f"beyond {threshold} and the CI excludes x1"
+        return f"beyond {threshold} and the CI excludes x1{noise}"
     if result.verdict == "unchanged":
-        return f"within {threshold}, or the CI includes x1"
+        return f"within {threshold}, or the CI includes x1{noise}"
     if result.verdict == "normalizer":
         return "the normalizer: shown raw, not judged"
     return result.reason

@@ -18,6 +18,15 @@ DRIFT_MODES: tuple[str, ...] = ("auto", "off")
 JUDGED = ("regressed", "improved", "unchanged")
 
 
+def noise_note(noisy_in: tuple[str, ...]) -> str:
+    """'noisy in RUN (...): rerun ...': what a case's sentence and table row say when the
+    runs `noisy_in` flagged its timing as noise."""
+    return (
+        f"noisy in {' and '.join(noisy_in)} (p90/p10 over the device's limit, or the median "
+        "still moving): rerun on a quieter machine to rank it"
+    )
+
+
 @dataclass(frozen=True)
 class CaseResult:
     """The comparison of one case: values, ratio, CI, verdict and its sentence."""
@@ -44,6 +53,8 @@ class CaseResult:
     candidate_raw: float | None = None
     # The run's overall shift divided out of `ratio` before judging (CPU runs; 1.0: none).
     shift: float = 1.0
+    # The runs (by name) that flagged the case's timing as noise (`noisy`): said, not judged.
+    noisy_in: tuple[str, ...] = ()
 
     @property
     def reason(self) -> str:
@@ -67,6 +78,7 @@ class CaseResult:
             "baseline_raw": self.baseline_raw,
             "candidate_raw": self.candidate_raw,
             "shift": self.shift,
+            "noisy_in": list(self.noisy_in),
             "baseline_samples": self.baseline_samples,
             "candidate_samples": self.candidate_samples,
             "baseline_status": self.baseline_status,
