@@ -208,13 +208,11 @@ def with_impls(suite: Suite, impls: Sequence[str]) -> tuple[Suite, list[str]]:
     that is not an implementation, or when no case is left."""
     from moebench import registry
 
-    unknown = [name for name in impls if name not in registry.available()]
-    if unknown:
-        known = ", ".join(registry.available())
-        raise SuiteError(
-            f"--impls: unknown implementation {', '.join(map(repr, unknown))}; known: "
-            f"{known} (--plugin FILE.py imports one of your own){registry.broken_note()}"
-        )
+    for name in impls:
+        try:
+            registry.get(name)
+        except registry.RegistryError as exc:
+            raise SuiteError(f"--impls: {exc} (--plugin FILE.py imports one of your own)") from exc
     cases: dict[str, Case] = {}
     seen: set[str] = set()
     left_out: dict[str, int] = {}
