@@ -19,7 +19,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${CARD_VENV:-/tmp/moebench-py312}"
-python312="${PYTHON312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python)}"
+# (a pyenv shim named python3.12 may exist and refuse to run: ask it to run, not whether it is there)
+python312="${PYTHON312:-$(python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null \
+  || echo /root/.pyenv/versions/3.12.1/bin/python)}"
 if [ ! -x "$venv/bin/python" ]; then
   "$python312" -m venv "$venv"
   # any torch for Python 3.12 (meta tensors only); it may pull another Triton, replaced
