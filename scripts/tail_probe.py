@@ -5,6 +5,7 @@ per kind of tile, with and without HALF_TAIL and MERGE_TAIL (CUDA; NOTES.md, ver
     python scripts/tail_probe.py [--preset deepseek-v3 | --shape D F E K]
                                  [--gemm gate_up | down]
                                  [--rows 256 288 320 384] [--block-m 128]
+                                 [--group-m 8 [3 ...]] [--only VARIANT ...]
                                  [--warm-s 3] [--rounds 8] [--json FILE]
 
 Every expert gets exactly n rows (token t's slots go to experts t K, ..., t K + K - 1,
@@ -31,6 +32,12 @@ where they agree bit for bit).
 Under Triton's interpreter (`TRITON_INTERPRET=1`) it runs on a CPU at a small `--shape`
 in float16, for the tests: nothing there is worth timing. For where the time goes inside
 a variant, run one variant under Nsight Compute (`ncu --kernel-name regex:gate_up`).
+
+`--group-m` races the tile order too: GROUP_M row blocks walk the columns together, so
+that their weight tiles are read from HBM once and from L2 after. With 3 blocks an expert
+(`--rows 288` or 384) and GROUP_M = 8, every third group splits an expert between two
+groups, whose weight tiles are then read from HBM twice; GROUP_M = 3 splits none (NOTES.md,
+version 37). Several values label each variant with its own (`G3`, `G8`).
 """
 
 from __future__ import annotations
@@ -112,14 +119,15 @@ DOWN_VARIANTS = {
 }
 
 
-def tile(block_m: int, variant: dict, on_cpu: bool) -> dict:
+def tile(block_m: int, variant: dict, on_cpu: bool, group_m: int = 8) -> dict:
     """The probe's gate_up config for `variant` at `block_m` rows: 128 columns unless the
-    variant says (a narrower tile on a CPU, where the interpreter's time grows with it)."""
+    variant says (a narrower tile on a CPU, where the interpreter's time grows with it),
+    `group_m` row blocks a group."""
     variant = dict(variant)
     block_n = variant.pop("BLOCK_N", 128)
     block_n, block_k = (32, 32) if on_cpu else (block_n, 64)
     return {
-        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m,
         "num_warps": 8, "num_stages": 4, **variant,
     }  # fmt: skip
 
@@ -130,16 +138,25 @@ GEMMS = {"gate_up": VARIANTS, "down": DOWN_VARIANTS}
 def probe(
     D: int, F: int, E: int, K: int, rows_per_expert: list[int], block_m: int,
     warm_s: float, rounds: int, device: str, dtype: torch.dtype, gemm: str = "gate_up",
+    group_ms: tuple[int, ...] = (8,), only: tuple[str, ...] = (),
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """{"<rows> <variant>": {"ms": median, "max_diff": largest |output - first variant's
-    output| on the real rows}} for each rows-per-expert count and `gemm`'s variants."""
+    output| on the real rows}} for each rows-per-expert count and `gemm`'s variants (those
+    named in `only`, if any), at each GROUP_M of `group_ms` (labelled " G<n>" when more
+    than one)."""
     from moebench.impls.triton.align import align_to_blocks
     from moebench.impls.triton.layer import launch_down, launch_gate_up
 
     gen = torch.Generator(device=device).manual_seed(0)
     w_E2FD = torch.randn(E, 2 * F, D, device=device, dtype=dtype, generator=gen) * 0.02
     w_down_EFD = torch.randn(E, F, D, device=device, dtype=dtype, generator=gen) * 0.02
-    variants = GEMMS[gemm]
+    variants = {}
+    for name, variant in GEMMS[gemm].items():
+        if only and name not in only:
+            continue
+        for group_m in group_ms:
+            label = name + (f" G{group_m}" if len(group_ms) > 1 else "")
+            variants[label] = (variant, group_m)
     runs: dict[str, Callable[[], object]] = {}
     outputs: dict[str, torch.Tensor] = {}
     real_rows: dict[int, torch.Tensor | slice] = {}
@@ -156,8 +173,8 @@ def probe(
             real_rows[rows] = slice(None)
             h_PF = torch.randn(alignment.max_rows, F, device=device, dtype=dtype, generator=gen)
             gate_A = torch.rand(tokens * K, device=device, dtype=dtype, generator=gen)
-        for name, variant in variants.items():
-            config = tile(block_m, variant, device == "cpu")
+        for name, (variant, group_m) in variants.items():
+            config = tile(block_m, variant, device == "cpu", group_m)
             if gemm == "gate_up":
                 out = torch.zeros(alignment.max_rows, F, device=device, dtype=dtype)
                 run = functools.partial(launch_gate_up, config, x_TD, w_E2FD, out, alignment, K)
@@ -203,11 +220,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gemm", default="gate_up", choices=sorted(GEMMS))
     parser.add_argument("--block-m", type=int, default=128, choices=(64, 128))
     parser.add_argument(
+        "--group-m", type=int, nargs="+", default=[8], metavar="N",
+        help="row blocks a group of the tile order (several: each variant at each)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", nargs="+", default=[], metavar="VARIANT",
+        help="these variants alone (names as printed, e.g. 'TMA, GATHER_A, HALF_TAIL')",
+    )  # fmt: skip
+    parser.add_argument(
         "--warm-s", type=float, default=3.0, help="seconds of calls before the timing"
     )
     parser.add_argument("--rounds", type=int, default=8, help="timed calls of each variant")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.only) - set(GEMMS[args.gemm]))
+    if unknown:
+        parser.error(f"--only: no {args.gemm} variant {unknown}; allowed: {sorted(GEMMS[args.gemm])}")
+    if min(args.group_m) < 1:
+        parser.error(f"--group-m {min(args.group_m)}: a group holds at least 1 row block")
     interpreted = bool(triton.knobs.runtime.interpret)
     if not (torch.cuda.is_available() or interpreted):
         print("tail_probe: needs a CUDA device (or TRITON_INTERPRET=1 at a small --shape)")
@@ -220,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if interpreted else "cuda"
     dtype = torch.float16 if interpreted else torch.bfloat16  # (numpy has no bfloat16)
     found = probe(
-        D, F, E, K, args.rows, args.block_m, args.warm_s, args.rounds, device, dtype, args.gemm
-    )
+        D, F, E, K, args.rows, args.block_m, args.warm_s, args.rounds, device, dtype, args.gemm,
+        tuple(args.group_m), tuple(args.only),
+    )  # fmt: skip
     what = "h" if args.gemm == "gate_up" else "out"
     print(
         f"{args.gemm}, D {D} F {F} E {E} K {K}, {args.block_m}-row blocks:"

@@ -177,6 +177,42 @@ def test_tail_probe_runs_every_variant_and_they_agree(gemm, tmp_path, capsys):
     assert f"{gemm}, D 64" in printed and "MERGE_TAIL" in printed
 
 
+@needs_kernels
+def test_tail_probe_races_the_tile_order_and_it_changes_no_bit(tmp_path):
+    """--group-m: each variant at each GROUP_M, labelled; the order of the tiles moves
+    no output bit (each tile's sums are the same)."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "tail_probe.py"))
+    out = tmp_path / "tail.json"
+    # 3 blocks an expert (64-row blocks, 136 rows): GROUP_M 2 splits experts, 3 does not
+    args = ["--shape", "64", "128", "4", "2", "--rows", "136", "--block-m", "64"]
+    args += ["--group-m", "3", "2", "--only", "pointer", "TMA, GATHER_A, HALF_TAIL"]
+    args += ["--warm-s", "0", "--rounds", "1", "--json", str(out)]
+    assert script["main"](args) == 0
+    found = json.loads(out.read_text())
+    names = ("pointer", "TMA, GATHER_A, HALF_TAIL")
+    assert set(found) == {f"136 {name} G{g}" for name in names for g in (3, 2)}
+    assert found["136 pointer G2"]["max_diff"] == 0
+    assert found["136 TMA, GATHER_A, HALF_TAIL G2"]["max_diff"] <= 2e-2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--only", "TMA, TWO_DOTS"], "no gate_up variant"), (["--group-m", "0"], "at least 1")],
+)
+def test_tail_probe_names_a_bad_option(args, message, capsys):
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "tail_probe.py"))
+    with pytest.raises(SystemExit):
+        script["main"](args)
+    assert message in capsys.readouterr().err
+
+
 def test_tail_probe_refuses_rows_that_make_no_whole_token_count():
     import runpy
     from pathlib import Path
