@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     unknown = sorted(set(args.only) - set(GEMMS[args.gemm]))
     if unknown:
-        parser.error(f"--only: no {args.gemm} variant {unknown}; allowed: {sorted(GEMMS[args.gemm])}")
+        allowed = sorted(GEMMS[args.gemm])
+        parser.error(f"--only: no {args.gemm} variant {unknown}; allowed: {allowed}")
     if min(args.group_m) < 1:
         parser.error(f"--group-m {min(args.group_m)}: a group holds at least 1 row block")
     interpreted = bool(triton.knobs.runtime.interpret)
