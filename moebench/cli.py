@@ -115,6 +115,7 @@ SHOWN_SWITCHES = (
     ("gluon_ws", "off", "Gluon race off"),
     ("merge_tail", "off", "merged-tail race off"),
     ("triton_runoff", "off", "tuner run-off off"),
+    ("down_split_k", "on", "split down race on"),
 )
 
 
@@ -205,6 +206,7 @@ ENV_NONE = {
     "gluon_ws": "n/a (needs CUDA and Triton)",
     "merge_tail": "n/a (needs CUDA and Triton)",
     "triton_runoff": "n/a (needs CUDA and Triton)",
+    "down_split_k": "n/a (needs CUDA and Triton)",
 }
 
 
