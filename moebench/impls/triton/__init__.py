@@ -6,7 +6,8 @@ grouped GEMMs), `tma.py` (their TMA-load tiles, raced beside them on Hopper),
 warp-specialised in Gluon, raced unless `$MOEBENCH_GLUON_WS=0`; `gluon_common.py`
 what the two share), `merge_tail.py` (tiles of both GEMMs that compute an
 expert's short last block with the block before it, raced unless
-`$MOEBENCH_MERGE_TAIL=0`), `tuning.py`
+`$MOEBENCH_MERGE_TAIL=0`), `gluon_down_split.py` (the Gluon down kernel with its K loop
+split in two: an experiment raced only with `$MOEBENCH_DOWN_SPLIT_K=1`), `tuning.py`
 (block sizes, tuned once per device, shape and token bucket, cached on disk; `tuned/`
 holds the choices moebench ships per device), `layer.py` (the module and its autograd
 function), `backward.py` (the backward: each GEMM the down kernel or torch's grouped
