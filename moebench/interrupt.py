@@ -69,7 +69,9 @@ def ctrl_c_held() -> Iterator[None]:
 
     resource_tracker.ensure_running()
     # The block holds this thread alone (the children inherit it); another thread of this
-    # process may still take the signal, so its handler only notes it until the end.
+    # process may still take the signal, so its handler only notes it until the end. (If
+    # that thread runs the handler only after the block, the press is raised then, by the
+    # handler restored: later, not lost.)
     pressed: list[int] = []
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, lambda n, _: pressed.append(n)) if in_main else None
