@@ -171,7 +171,14 @@ def probe(
             # that adds tiles to the race acts when the first call plans the forward
             with switches_set(ab, "1"):
                 switched = registry.get("triton").build(weights, case)
-                found["ab_same_bits"] = torch.equal(switched(x_TD), plain_out)
+                switched_out = switched(x_TD)
+                found["ab_same_bits"] = torch.equal(switched_out, plain_out)
+                # (a switch whose kernels sum in another order: how far, as a fraction
+                # of the output's largest magnitude)
+                found["ab_max_diff"] = float(
+                    (switched_out.float() - plain_out.float()).abs().max()
+                    / plain_out.float().abs().max().clamp_min(1e-30)
+                )
                 if cuda:  # the switch is read while the graph is captured
                     replays[names[1]] = graphed_step(lambda _: switched(x_TD), 1, device, ab)
             if not cuda:  # read at each call
@@ -209,6 +216,7 @@ def report(label: str, found: dict[str, object]) -> str:
         lines.append(
             f"  {switched}: {us[switched]:.1f} us against {us['layer']:.1f}"
             f" ({us[switched] / us['layer']:.3f}x), same bits {found['ab_same_bits']}"
+            f" (largest difference {found['ab_max_diff']:.2e} of the largest output)"
         )
     return "\n".join(lines)
 

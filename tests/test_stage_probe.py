@@ -28,9 +28,11 @@ def test_every_stage_is_timed_and_the_stages_compute_the_layers_rows(tmp_path, c
     assert set(found["us"]) == {*script["STAGES"], switched}
     assert all(us > 0 for us in found["us"].values()), found
     assert found["same_bits"] is True and found["ab_same_bits"] is True
+    assert found["ab_max_diff"] == 0
     printed = capsys.readouterr().out
     assert "on the path: router" in printed and "gemms+sum" in printed
     assert f"{switched}: " in printed and "same bits True" in printed
+    assert "largest difference 0.00e+00 of the largest output" in printed
     assert not {"MOEBENCH_TRITON_RUNOFF", "MOEBENCH_MERGE_TAIL"} & set(os.environ)  # as it was
     assert len(found["turns_us"]["layer"]) == 1  # --rounds 1
 
