@@ -175,16 +175,14 @@ def test_the_layer_races_them_unless_turned_off(setting):
     in_a_fresh_process("tests.test_gluon_down", f"check_the_layer_races_them({setting!r})")
 
 
-@needs_hopper
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(
-    ("tokens", "experts", "top_k", "block_m"),
-    [(300, 5, 2, 128), (70, 5, 2, 64), (500, 6, 1, 128), (200, 4, 4, 128)],
-)
-def test_every_candidate_gives_the_tma_tiles_bits(tokens, experts, top_k, block_m, dtype):
-    """On odd shapes (D = 264: no multiple of a tile; an expert without tokens; top_k 1
-    and = the experts), each config's out equals, bit for bit, the TMA tile's of the
-    same BLOCK_N and BLOCK_K (the same K steps in the same order)."""
+# Odd shapes for the bits tests on a card: (tokens, experts, top_k, row-block height).
+ODD_SHAPES = [(300, 5, 2, 128), (70, 5, 2, 64), (500, 6, 1, 128), (200, 4, 4, 128)]
+
+
+def odd_down_inputs(tokens: int, experts: int, top_k: int, block_m: int, dtype: torch.dtype):
+    """(alignment, h_PF, w_down_EFD, gate_A) on the card for a down GEMM of D = 264 (no
+    multiple of a tile) and F = 384: one expert without tokens where top_k < experts,
+    else every token on every expert."""
     from moebench.impls.triton.align import align_to_blocks
 
     generator = torch.Generator().manual_seed(tokens)
@@ -196,6 +194,18 @@ def test_every_candidate_gives_the_tma_tiles_bits(tokens, experts, top_k, block_
     h_PF = torch.randn(alignment.max_rows, F, generator=generator).to("cuda", dtype)
     w_down_EFD = (torch.randn(experts, F, D, generator=generator) / F**0.5).to("cuda", dtype)
     gate_A = torch.rand(tokens * top_k, generator=generator).to("cuda", dtype)
+    return alignment, h_PF, w_down_EFD, gate_A
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("tokens", "experts", "top_k", "block_m"), ODD_SHAPES)
+def test_every_candidate_gives_the_tma_tiles_bits(tokens, experts, top_k, block_m, dtype):
+    """On odd shapes (D = 264: no multiple of a tile; an expert without tokens; top_k 1
+    and = the experts), each config's out equals, bit for bit, the TMA tile's of the
+    same BLOCK_N and BLOCK_K (the same K steps in the same order)."""
+    D, F = 264, 384
+    alignment, h_PF, w_down_EFD, gate_A = odd_down_inputs(tokens, experts, top_k, block_m, dtype)
     configs = gluon_down.candidates(block_m, D, F, 2)
     assert configs
     for config in configs:

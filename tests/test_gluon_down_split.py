@@ -14,7 +14,14 @@ pytest.importorskip("triton.experimental.gluon", reason="Gluon is Triton 3.4's a
 
 from moebench.impls.triton import gluon_down, gluon_down_split, tma, tuning
 from tests.conftest import in_a_fresh_process
-from tests.test_gluon_down import RACE_SHAPE, _meta, _meta_alignment, forward_launches
+from tests.test_gluon_down import (
+    ODD_SHAPES,
+    RACE_SHAPE,
+    _meta,
+    _meta_alignment,
+    forward_launches,
+    odd_down_inputs,
+)
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="Gluon's wgmma kernels need a Hopper card")
@@ -101,25 +108,13 @@ def test_the_layer_races_it_only_when_turned_on(setting):
 
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(
-    ("tokens", "experts", "top_k", "block_m"),
-    [(300, 5, 2, 128), (70, 5, 2, 64), (500, 6, 1, 128), (200, 4, 4, 128)],
-)
+@pytest.mark.parametrize(("tokens", "experts", "top_k", "block_m"), ODD_SHAPES)
 def test_the_two_halves_sum_to_the_whole_kernels_row(tokens, experts, top_k, block_m, dtype):
     """On odd shapes (D = 264: no multiple of a tile; an expert without tokens; top_k 1
     and = the experts), each config writes both rows of every assignment, and their sum
     is the whole kernel's row within the roundings of the two halves."""
-    from moebench.impls.triton.align import align_to_blocks
-
-    generator = torch.Generator().manual_seed(tokens)
     D, F = 264, 384
-    ids_TK = torch.stack(
-        [torch.randperm(experts - 1, generator=generator)[:top_k] for _ in range(tokens)]
-    ) if top_k < experts else torch.arange(experts).repeat(tokens, 1)  # fmt: skip
-    alignment = align_to_blocks(ids_TK.to(torch.int32).cuda(), experts, block_m)
-    h_PF = torch.randn(alignment.max_rows, F, generator=generator).to("cuda", dtype)
-    w_down_EFD = (torch.randn(experts, F, D, generator=generator) / F**0.5).to("cuda", dtype)
-    gate_A = torch.rand(tokens * top_k, generator=generator).to("cuda", dtype)
+    alignment, h_PF, w_down_EFD, gate_A = odd_down_inputs(tokens, experts, top_k, block_m, dtype)
     programs = tma.multiprocessors(h_PF.device)
     configs = gluon_down_split.candidates(block_m, D, F, 2)
     assert configs
