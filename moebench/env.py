@@ -93,7 +93,7 @@ def _switch_state(variable: str) -> str | None:
     if not layer_switch_on(variable):
         return "off"
     if variable in (GLUON_WS_SWITCH, DOWN_SPLIT_K_SWITCH) and not _gluon_races():
-        return "off"  # turned on, but this Triton or card cannot race Gluon kernels
+        return "off"  # on, but this Triton or card cannot race Gluon kernels
     if variable == DOWN_SPLIT_K_SWITCH and not layer_switch_on(GLUON_WS_SWITCH):
         return "off"  # the split kernel races beside the Gluon ones only
     return "on"
