@@ -3,6 +3,7 @@ own routing (NOTES.md, version 36): each expert's run of rows is padded to whole
 blocks, so an expert with 260 rows at 128-row blocks computes 384.
 
     python scripts/row_padding.py RESULTS.parquet [--impl triton] [--blocks 128 64 16]
+                                  [--down-waves 132 [--down-columns 256]]
 
 For every forward case of `--impl` (its `tokens_per_expert`: the rows each expert
 computed in the correctness check, the same routing the timed calls ran), one line: the
@@ -11,8 +12,14 @@ ones at each block size of `--blocks`, and at the first with HALF_TAIL (an exper
 block computes half its rows where its real rows fit in that half). Below the crossover
 a GEMM's time is its weight reads, and padding costs only tensor time under them; at and
 above it, the padding is FLOP time the floor (real FLOPs / matrix rate) does not count:
-Mixtral-8x7B at 1024 tokens computes 1.25x its rows at 128-row blocks. CPU only: it
-reads the parquet and nothing else.
+Mixtral-8x7B at 1024 tokens computes 1.25x its rows at 128-row blocks.
+
+`--down-waves PROGRAMS` adds what a persistent down kernel of that many programs (one a
+streaming multiprocessor: 132 on an H100 or H200) makes of those blocks (at the first
+block size) in tiles of `--down-columns` columns: the waves, and the share of the
+programs' time busy when each walks its tiles one tile-time apiece ("2.42/81%"), whole
+and with the K loop split in two (`gluon_down_split.py`, NOTES.md version 37). CPU only:
+it reads the parquet and nothing else.
 """
 
 from __future__ import annotations
@@ -36,10 +43,27 @@ def padded_rows(rows_per_expert: Sequence[int], block_m: int, half_tail: bool = 
     return total
 
 
-def padding_table(frame: pd.DataFrame, impl: str, blocks: Sequence[int]) -> pd.DataFrame:
+def waves(tiles: int, programs: int) -> tuple[float, float]:
+    """(waves, busy share): `tiles` over `programs` persistent programs, and the share of
+    their time busy when each walks ceil(tiles / programs) tiles of one tile-time."""
+    if tiles <= 0:
+        return 0.0, 0.0
+    rounds = -(-tiles // programs)
+    return tiles / programs, tiles / (rounds * programs)
+
+
+def padding_table(
+    frame: pd.DataFrame,
+    impl: str,
+    blocks: Sequence[int],
+    down_programs: int | None = None,
+    down_columns: int = 256,
+) -> pd.DataFrame:
     """One row per forward case of `impl` that computed rows: preset, tokens, graphed,
     rows an expert, max / mean, and padded / real rows per block size (and HALF_TAIL at
-    the first). Raises ValueError when the run has no such case."""
+    the first); with `down_programs`, the down GEMM's waves and busy share at the first
+    block size, whole and split in two (module docstring). Raises ValueError when the
+    run has no such case."""
     cases = frame[(frame["impl"] == impl) & (frame["mode"] == "forward")]
     cases = cases[cases["tokens_per_expert"].notna()]
     lines = []
@@ -59,6 +83,12 @@ def padding_table(frame: pd.DataFrame, impl: str, blocks: Sequence[int]) -> pd.D
         for block_m in blocks:
             line[f"x{block_m}"] = round(padded_rows(counts, block_m) / real, 3)
         line[f"x{blocks[0]} half"] = round(padded_rows(counts, blocks[0], True) / real, 3)
+        if down_programs:
+            row_blocks = padded_rows(counts, blocks[0]) // blocks[0]
+            tiles = row_blocks * -(-int(case["hidden"]) // down_columns)
+            for label, units in (("down", tiles), ("split", 2 * tiles)):
+                count, busy = waves(units, down_programs)
+                line[f"{label} N{down_columns}"] = f"{count:.2f}/{busy:.0%}"
         lines.append(line)
     if not lines:
         raise ValueError(f"no forward case of impl {impl!r} with tokens_per_expert in the run")
@@ -72,13 +102,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--blocks", type=int, nargs="+", default=[128, 64, 16], help="row-block sizes"
     )
+    parser.add_argument(
+        "--down-waves", type=int, metavar="PROGRAMS",
+        help="the down GEMM's waves on this many persistent programs (132: H100, H200)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--down-columns", type=int, default=256, help="the down tile's columns (default 256)"
+    )
     args = parser.parse_args(argv)
     if any(block < 2 for block in args.blocks):
         parser.error(f"--blocks must be 2 or more rows, got {args.blocks}")
+    if args.down_waves is not None and args.down_waves < 1:
+        parser.error(f"--down-waves must be 1 or more programs, got {args.down_waves}")
+    if args.down_columns < 1:
+        parser.error(f"--down-columns must be 1 or more, got {args.down_columns}")
     from moebench.store import read_run
 
     try:
-        table = padding_table(read_run(args.results), args.impl, args.blocks)
+        table = padding_table(
+            read_run(args.results), args.impl, args.blocks, args.down_waves, args.down_columns
+        )
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: {args.results}: {exc}", file=sys.stderr)
         return 2
