@@ -175,12 +175,6 @@ def candidates(block_m: int, D: int, F: int, element_bytes: int) -> list[dict]:
     return [config for config in configs if fits(config, D, F, element_bytes)]
 
 
-def splits(config: dict) -> int:
-    """The rows of out an assignment takes under the down config `config` (1 unless it
-    is one of these)."""
-    return int(config.get("SPLIT_K", 1))
-
-
 def launch_down(
     h_PF: torch.Tensor,
     w_down_EFD: torch.Tensor,
@@ -195,7 +189,7 @@ def launch_down(
     `programs_max` programs."""
     E, F, D = w_down_EFD.shape
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    num_splits = splits(config)
+    num_splits = config["SPLIT_K"]
     assert out_RD.shape[0] >= alignment.num_assign * num_splits and out_RD.stride(1) == 1
     programs = min(alignment.max_blocks * ceil_div(D, block_n) * num_splits, programs_max)
     launch(

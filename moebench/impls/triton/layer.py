@@ -420,12 +420,15 @@ def _tuned_gemms(
     # Tuned in order: the down kernel's trials read the h that gate_up wrote. Training's
     # gate_up also stores the pre-activations: a different kernel, tuned apart.
     gate_up_key = "gate_up_train" if keep_for_backward else "gate_up"
+    # (name, key, weight layout, the launch the race times, the launch of the choice: the
+    # caller sums the slots itself)
     steps = (
-        ("gate_up", gate_up_key, gate_up_layout, gate_up),
-        ("down", "down", tuning.weight_layout(w_down_EFD), down_and_sum if with_split else down),
-    )
+        ("gate_up", gate_up_key, gate_up_layout, gate_up, gate_up),
+        ("down", "down", tuning.weight_layout(w_down_EFD), down_and_sum if with_split else down,
+         down),
+    )  # fmt: skip
     configs = []
-    for name, key, layout, launch in steps:
+    for name, key, layout, timed, launch in steps:
         race = gemm_race(key, with_tma, with_gluon, with_merged, with_split)
         config = tuning.TUNER.choose(
             x_TD.device,
@@ -433,7 +436,7 @@ def _tuned_gemms(
             lambda name=name, race=race: gemm_candidates(
                 name, block_m, D, F, x_TD.element_size(), *race
             ),
-            launch,
+            timed,
             code=gemm_code(name, *race),
             graphed=True,  # kernels of a few us: the graph times the GPU, not the host
             precompile=True,
