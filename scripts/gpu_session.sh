@@ -59,7 +59,8 @@
 # several filters, all of which a case must match, are separated by ";"
 # (GPU_FILTER="preset=deepseek-v3;mode=train;impl=triton,moe-ops"); a value may be a
 # wildcard (GPU_FILTER="impl=grouped,moe-ops,hf-*:grouped_mm,hf-*:batched_mm": the peers
-# but `reference` and the transformers blocks' slow `eager` loops).
+# but `reference` and the transformers blocks' slow `eager` loops). GPU_PROFILE=1 adds
+# --profile (where each case's time goes) to every suite step.
 #
 # Steps run in the order given, all inside GPU_DEADLINE_S seconds (default 570, under the
 # device tool's 10-minute call): a step still running at the deadline gets SIGTERM, which
@@ -154,9 +155,10 @@ suite() {  # a suite into this step's results root (GPU_FILTER: --filter for eve
   local filters=() filter
   IFS=';' read -ra parts <<< "${GPU_FILTER:-}"
   for filter in "${parts[@]}"; do filters+=(--filter "$filter"); done
-  local resume=()
-  [ -n "${GPU_RESUME:-}" ] && resume=(--resume "$GPU_RESUME")
-  timed python3 -m moebench run "$@" "${filters[@]}" --out "$root" --quiet "${resume[@]}"
+  local options=()
+  [ -n "${GPU_RESUME:-}" ] && options+=(--resume "$GPU_RESUME")
+  [ -n "${GPU_PROFILE:-}" ] && options+=(--profile)
+  timed python3 -m moebench run "$@" "${filters[@]}" --out "$root" --quiet "${options[@]}"
 }
 
 for step in "$@"; do
