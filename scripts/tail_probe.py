@@ -20,10 +20,11 @@ weights only), each with and without HALF_TAIL; and 64 columns wide, ONE_DOT's t
 HALF_TAIL beside `merge_tail.py`'s (a tail of at most half a block computed with its
 expert's block before it), with and without GATHER_A, and merge_tail.py's 128-wide tile
 on 16 warps (W16); the pointer tile 64 wide with HALF_TAIL beside merge_tail.py's, and
-its 128-wide one on 16 warps. The down variants: the pointer and TMA tiles 128 columns wide, with
-and without HALF_TAIL, and merge_tail.py's; the TMA tile 256 wide with HALF_TAIL beside
-merge_tail.py's on 8 and 16 warps. The
-card's clock falls under its power cap within a second of GEMMs, so every variant is run
+its 128-wide one on 16 warps; on a Hopper card, Gluon's warp-specialised tile
+(`gluon_gate_up.py`) beside `gluon_gate_up_merged.py`'s (a tail's first 32 or 64 rows
+computed from the weight boxes of the block before them). The down variants: the pointer
+and TMA tiles 128 columns wide, with and without HALF_TAIL, and merge_tail.py's; the TMA
+tile 256 wide with HALF_TAIL beside merge_tail.py's on 8 and 16 warps. The card's clock falls under its power cap within a second of GEMMs, so every variant is run
 for `--warm-s` seconds, then all are timed in turns, `--rounds` times (median, ms). Each
 variant's output (h, or the per-assignment rows of down) on the real rows is also
 compared with the first variant's: the largest difference is printed beside its time (0
@@ -100,6 +101,11 @@ VARIANTS = {
         "MERGE_TAIL": True,
         "BLOCK_N": 64,
     },
+    # Gluon's warp-specialised tile (gluon_gate_up.py), and with the tail's first 32 or 64
+    # rows computed beside the block before it (gluon_gate_up_merged.py; Hopper only)
+    "Gluon": {"GLUON_WS": True, "STAGES": 4},
+    "Gluon, MERGE_TAIL 32": {"GLUON_WS": True, "MERGE_TAIL": True, "TAIL": 32, "STAGES": 3},
+    "Gluon, MERGE_TAIL 64": {"GLUON_WS": True, "MERGE_TAIL": True, "TAIL": 64, "STAGES": 3},
 }
 DOWN_VARIANTS = {
     "pointer": {},
@@ -152,8 +158,8 @@ def probe(
     w_down_EFD = torch.randn(E, F, D, device=device, dtype=dtype, generator=gen) * 0.02
     variants = {}
     for name, variant in GEMMS[gemm].items():
-        if only and name not in only:
-            continue
+        if (only and name not in only) or (variant.get("GLUON_WS") and device == "cpu"):
+            continue  # (Gluon has no interpreter)
         for group_m in group_ms:
             label = name + (f" G{group_m}" if len(group_ms) > 1 else "")
             variants[label] = (variant, group_m)
