@@ -24,10 +24,12 @@ its 128-wide one on 16 warps; on a Hopper card, Gluon's warp-specialised tile
 (`gluon_gate_up.py`) beside `gluon_gate_up_merged.py`'s (a tail's first 32 or 64 rows
 computed from the weight boxes of the block before them). The down variants: the pointer
 and TMA tiles 128 columns wide, with and without HALF_TAIL, and merge_tail.py's; the TMA
-tile 256 wide with HALF_TAIL beside merge_tail.py's on 8 and 16 warps. The card's clock falls under its power cap within a second of GEMMs, so every variant is run
-for `--warm-s` seconds, then all are timed in turns, `--rounds` times (median, ms). Each
-variant's output (h, or the per-assignment rows of down) on the real rows is also
-compared with the first variant's: the largest difference is printed beside its time (0
+tile 256 wide with HALF_TAIL beside merge_tail.py's on 8 and 16 warps; on a Hopper card,
+`gluon_down.py`'s 256-wide tile beside `gluon_down_merged.py`'s. The card's clock falls
+under its power cap within a second of GEMMs, so every variant is run for `--warm-s`
+seconds, then all are timed in turns, `--rounds` times (median, ms). Each variant's
+output (h, or the per-assignment rows of down) on the real rows is also compared with
+the first variant's: the largest difference is printed beside its time (0
 where they agree bit for bit).
 
 Under Triton's interpreter (`TRITON_INTERPRET=1`) it runs on a CPU at a small `--shape`
@@ -121,6 +123,21 @@ DOWN_VARIANTS = {
         "MERGE_TAIL": True,
         "BLOCK_N": 256,
         "num_warps": 16,
+    },
+    "Gluon, N256": {"GLUON_WS": True, "BLOCK_N": 256, "STAGES": 4},
+    "Gluon, N256, MERGE_TAIL 32": {
+        "GLUON_WS": True,
+        "MERGE_TAIL": True,
+        "TAIL": 32,
+        "BLOCK_N": 256,
+        "STAGES": 3,
+    },
+    "Gluon, N256, MERGE_TAIL 64": {
+        "GLUON_WS": True,
+        "MERGE_TAIL": True,
+        "TAIL": 64,
+        "BLOCK_N": 256,
+        "STAGES": 3,
     },
 }
 

@@ -68,6 +68,20 @@ def test_every_candidate_compiles_for_hopper():
 ROWS_PER_EXPERT = (0, 17, 128, 129, 160, 161, 192, 193, 276)
 
 
+def merged_rows(
+    sorted_ids_P: torch.Tensor, experts_P: torch.Tensor, num_assign: int, tail: int
+) -> torch.Tensor:
+    """Which padded rows lie in a merged tail's block: its expert's last block but not its
+    first (the block before it of the same expert), row `tail` on padding."""
+    merged = torch.zeros(len(sorted_ids_P), dtype=torch.bool)
+    for first in range(128, len(sorted_ids_P), 128):
+        same = experts_P[first] == experts_P[first - 1]
+        real = sorted_ids_P[first] < num_assign
+        if same and real and sorted_ids_P[first + tail] >= num_assign:
+            merged[first : first + 128] = True
+    return merged
+
+
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_writes_gluon_gate_ups_rows_and_the_tails_within_two_roundings(dtype):
@@ -111,13 +125,7 @@ def test_writes_gluon_gate_ups_rows_and_the_tails_within_two_roundings(dtype):
         )  # fmt: skip
         torch.cuda.synchronize()
         got, want = got.cpu()[: len(rows)], want.cpu()[: len(rows)]
-        # a merged tail: its expert's last block, not its first, row `tail` on padding
-        merged = torch.zeros(len(rows), dtype=torch.bool)
-        for block in range(1, len(rows) // 128):
-            first = block * 128
-            same = experts_P[first] == experts_P[first - 1]
-            if same and not real[first + tail] and real[first]:
-                merged[first : first + 128] = True
+        merged = merged_rows(sorted_ids, experts_P, alignment.num_assign, tail)
         assert merged.any(), config  # the shape holds merged tails
         kept = ~merged
         assert torch.equal(got[kept].nan_to_num(7.0), want[kept].nan_to_num(7.0)), config

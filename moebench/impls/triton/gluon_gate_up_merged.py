@@ -14,18 +14,18 @@ it in Triton, but its two accumulators fit a thread's registers only in tiles na
 wider in warps than the winners, and it loses (1.39-1.48 ms at 288 rows against 1.26).
 
 Here `gluon_gate_up.py`'s persistent, warp-specialised skeleton takes a tile's roles
-from `merge_tail._program_roles`' rule: a row block that is its expert's last but not
-its first, with its rows from TAIL on padding, is not a tile of its own; the block
-before it (of the same expert: a full block) loads, each K step, the tail's first TAIL
-rows as a fourth box beside its own row block and the two weight boxes, and its consumer
-issues two more wgmmas from the same weight boxes, with the operands swapped so that the
-tail's few rows are the product's N (wgmma's M is 64 rows a warp group at least): the
-tail's gate and up, transposed, are BLOCK_N x TAIL, TAIL registers a thread more than
-the block's 128. The tail's SwiGLU is stored back transposed into h's rows; its rows past
-TAIL (padding) are not written (as HALF_TAIL leaves them). Not the same bits as the TMA
-tile for the tail's rows (the swapped product sums its K steps in another order inside
-the instruction): within the layer's check as any tile is. The block's own rows are
-`gluon_gate_up.py`'s, bit for bit.
+from `merge_tail._program_roles`' rule (`gluon_common.merge_roles`): a row block that is
+its expert's last but not its first, with its rows from TAIL on padding, is not a tile of
+its own; the block before it (of the same expert: a full block) loads, each K step, the
+tail's first TAIL rows as a fourth box beside its own row block and the two weight boxes,
+and its consumer issues two more wgmmas from the same weight boxes, with the operands
+swapped so that the tail's few rows are the product's N (wgmma's M is 64 rows a warp
+group at least): the tail's gate and up, transposed, are BLOCK_N x TAIL, TAIL registers a
+thread more than the block's 128. The tail's SwiGLU is stored back transposed into h's
+rows; its rows past TAIL (padding) are not written (as HALF_TAIL leaves them). Not the
+same bits as the TMA tile for the tail's rows (the swapped product sums its K steps in
+another order inside the instruction): within the layer's check as any tile is. The
+block's own rows are `gluon_gate_up.py`'s, bit for bit.
 
 Gluon has no interpreter: these kernels compile here for sm_90 (`moebench.offline_compile`,
 tests/test_gluon_gate_up_merged.py) and run only on a Hopper card.
@@ -47,34 +47,18 @@ from moebench.fast_launch import launch
 from moebench.impls.triton import gluon_common as common
 from moebench.impls.triton import gluon_gate_up
 from moebench.impls.triton import tma as tma_tiles
-from moebench.impls.triton.gluon_common import mma_layout, tile_coords
+from moebench.impls.triton.gluon_common import (
+    merge_roles,
+    mma_layout,
+    tile_coords,
+    transposed_store_layout,
+)
 
 # (BLOCK_N, BLOCK_K, STAGES, TAIL) at 128-row blocks: a ring slot holds the row block,
 # the tail's box and two weight boxes (56 KB at 128 columns and a tail of 64), so three
 # stages and the epilogue's scratch fit. 128 columns: the swapped product's M, two warp
 # groups of 64.
 TILES = ((128, 64, 3, 32), (128, 64, 3, 64))
-
-
-@gluon.jit
-def _roles(
-    sorted_ids_ptr, block_expert_ptr, pid_m, num_blocks_m, num_assign,
-    BLOCK_M: gl.constexpr, TAIL: gl.constexpr,
-):  # fmt: skip
-    """Whether row block pid_m is a tile (not a tail the block before computes), and
-    whether its tile computes the next block's first TAIL rows too (that block its
-    expert's tail: its rows from TAIL on padding). An expert's real rows come first in
-    its run, so a block's rows from TAIL on are padding when row TAIL is."""
-    expert = gl.load(block_expert_ptr + pid_m)
-    before = gl.load(block_expert_ptr + gl.maximum(pid_m - 1, 0))
-    is_tail = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + TAIL) >= num_assign
-    has_next = pid_m + 1 < num_blocks_m
-    next_m = gl.minimum(pid_m + 1, num_blocks_m - 1)
-    after = gl.load(block_expert_ptr + next_m)
-    next_is_tail = gl.load(sorted_ids_ptr + next_m * BLOCK_M + TAIL) >= num_assign
-    computes = ~(is_tail & (pid_m > 0) & (before == expert))
-    merges_next = computes & has_next & (after == expert) & next_is_tail
-    return computes, merges_next
 
 
 @gluon.jit
@@ -95,7 +79,7 @@ def _load_partition(
     step = 0
     for tile in range(gl.program_id(0), num_blocks_m * num_blocks_n, num_programs):
         pid_m, pid_n = tile_coords(tile, num_blocks_m, num_blocks_n, GROUP_M)
-        computes, merges = _roles(
+        computes, merges = merge_roles(
             sorted_ids_ptr, block_expert_ptr, pid_m, num_blocks_m, num_assign, BLOCK_M, TAIL
         )
         if computes:
@@ -147,7 +131,7 @@ def _mma_partition(
     step = 0
     for tile in range(gl.program_id(0), num_blocks_m * num_blocks_n, num_programs):
         pid_m, pid_n = tile_coords(tile, num_blocks_m, num_blocks_n, GROUP_M)
-        computes, merges = _roles(
+        computes, merges = merge_roles(
             sorted_ids_ptr, block_expert_ptr, pid_m, num_blocks_m, num_assign, BLOCK_M, TAIL
         )
         if computes:
@@ -203,14 +187,6 @@ def _mma_partition(
             )
 
 
-@gluon.constexpr_function
-def _transposed_store_layout(BLOCK_N, num_warps):
-    """A transposed tile (columns x rows) stored 8 columns (16 bytes) a thread, a warp's
-    threads along whole row segments, the warps across the rows."""
-    threads_n = BLOCK_N // 8 if BLOCK_N < 256 else 32  # (`min` is Triton's in here)
-    return gl.BlockedLayout([8, 1], [threads_n, 32 // threads_n], [1, num_warps], [0, 1])
-
-
 @gluon.jit
 def _swiglu_store_transposed(
     gate_t, up_t, h_ptr, stride_h_p, first_row, first_col, WARPS: gl.constexpr
@@ -220,7 +196,7 @@ def _swiglu_store_transposed(
     BLOCK_N: gl.constexpr = gate_t.type.shape[0]
     TAIL: gl.constexpr = gate_t.type.shape[1]
     h_t = gate_t * (1 / (1 + gl.exp(-gate_t))) * up_t
-    layout: gl.constexpr = _transposed_store_layout(BLOCK_N, WARPS)
+    layout: gl.constexpr = transposed_store_layout(BLOCK_N, WARPS)
     h_t = gl.convert_layout(h_t.to(h_ptr.dtype.element_ty), layout)
     cols = first_col + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
     rows = first_row + gl.arange(0, TAIL, layout=gl.SliceLayout(0, layout))

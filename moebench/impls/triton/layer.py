@@ -246,8 +246,8 @@ def launch_down(
 ) -> None:
     """The forward's down GEMM through the kernel `config` names: the split Gluon one
     (`SPLIT_K`: out_AD then holds SPLIT_K rows an assignment, `down_rows`), a Gluon one
-    (`GLUON_WS`), a merged-tail tile (`MERGE_TAIL`), a TMA tile (`TMA`) or the pointer
-    kernel (`pdl` as there)."""
+    (`GLUON_WS`), a TMA tile (`TMA`) or the pointer kernel (`pdl` as there), the Gluon
+    and TMA ones' merged-tail kernels with `MERGE_TAIL`."""
     if config.get("SPLIT_K"):
         from moebench.impls.triton import gluon_down_split
 
@@ -256,12 +256,11 @@ def launch_down(
             h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, programs_max
         )
     elif config.get("GLUON_WS"):
-        from moebench.impls.triton import gluon_down
+        from moebench.impls.triton import gluon_down, gluon_down_merged
 
+        gemm = gluon_down_merged if config.get("MERGE_TAIL") else gluon_down
         programs_max = tma.multiprocessors(h_PF.device)
-        gluon_down.launch_down(
-            h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, programs_max
-        )
+        gemm.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, programs_max)
     elif config.get("TMA"):
         merged = merge_tail.KERNELS["down"][0] if config.get("MERGE_TAIL") else None
         tma.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, merged)
