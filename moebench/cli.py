@@ -116,6 +116,7 @@ SHOWN_SWITCHES = (
     ("merge_tail", "off", "merged-tail race off"),
     ("triton_runoff", "off", "tuner run-off off"),
     ("down_split_k", "on", "split down race on"),
+    ("gluon_merge_tail", "on", "Gluon merged-tail race on"),
 )
 
 
@@ -207,6 +208,7 @@ ENV_NONE = {
     "merge_tail": "n/a (needs CUDA and Triton)",
     "triton_runoff": "n/a (needs CUDA and Triton)",
     "down_split_k": "n/a (needs CUDA and Triton)",
+    "gluon_merge_tail": "n/a (needs CUDA and Triton)",
 }
 
 

@@ -14,7 +14,13 @@ pytest.importorskip("triton.experimental.gluon", reason="Gluon is Triton 3.4's a
 
 from moebench.impls.triton import gluon_common, gluon_gate_up, gluon_gate_up_merged, tma
 from tests.conftest import in_a_fresh_process
-from tests.test_gluon_down import _meta, _meta_alignment, needs_hopper
+from tests.test_gluon_down import (
+    RACE_SHAPE,
+    _meta,
+    _meta_alignment,
+    forward_launches,
+    needs_hopper,
+)
 
 
 def test_candidates_at_128_rows_only_each_fitting_shared_memory():
@@ -61,6 +67,50 @@ def check_every_candidate_compiles() -> None:
 
 def test_every_candidate_compiles_for_hopper():
     in_a_fresh_process("tests.test_gluon_gate_up_merged", "check_every_candidate_compiles()")
+
+
+def check_the_layer_races_them(setting: str | None) -> None:
+    """The body of `test_the_layer_races_them_only_when_turned_on`: with the switch on,
+    both GEMMs' merged-tail configs at 128-row blocks, in order, beside their plain Gluon
+    kernels; else none."""
+    from moebench.env import GLUON_MERGE_TAIL_SWITCH
+    from moebench.impls.triton import gluon_down_merged
+
+    launched, heights = forward_launches(GLUON_MERGE_TAIL_SWITCH, setting)
+    D, F = RACE_SHAPE["D"], RACE_SHAPE["F"]
+    for kernel, module in (
+        ("gate_up_merged_ws_kernel", gluon_gate_up_merged),
+        ("down_merged_ws_kernel", gluon_down_merged),
+    ):
+        got = [kwargs for name, kwargs in launched if name == kernel]
+        if setting != "1":
+            assert got == [], kernel
+            continue
+        wanted = [c for b in heights for c in module.candidates(b, D, F, 2)]
+        assert wanted and len(got) == len(wanted), kernel
+        for kwargs, config in zip(got, wanted):
+            assert (kwargs["BLOCK_N"], kwargs["TAIL"]) == (config["BLOCK_N"], config["TAIL"])
+    names = {name for name, _ in launched}
+    assert {"gate_up_ws_kernel", "down_ws_kernel"} <= names  # the plain ones race beside
+
+
+@pytest.mark.parametrize("setting", [None, "0", "1"])
+def test_the_layer_races_them_only_when_turned_on(setting):
+    in_a_fresh_process(
+        "tests.test_gluon_gate_up_merged", f"check_the_layer_races_them({setting!r})"
+    )
+
+
+def test_training_and_a_layer_without_gluon_race_none():
+    """Training's gate_up stores the pre-activations (no Gluon kernel does); without
+    the Gluon race (turned off, or no Hopper card) the merged kernels race nowhere."""
+    from moebench.impls.triton import layer
+
+    assert not layer.gemm_race("gate_up_train", True, True, True, False, True)[4]
+    assert layer.gemm_race("gate_up", True, True, True, False, True)[4]
+    assert layer.gemm_race("down", True, True, True, False, True)[4]
+    assert not layer.gemm_race("down", True, False, True, False, True)[4]
+    assert not layer.races_gluon_merged(False)
 
 
 # rows an expert: none, a lone short block, a lone full block, a full block and tails of
