@@ -21,8 +21,9 @@ HALF_TAIL beside `merge_tail.py`'s (a tail of at most half a block computed with
 expert's block before it), with and without GATHER_A, and merge_tail.py's 128-wide tile
 on 16 warps (W16); the pointer tile 64 wide with HALF_TAIL beside merge_tail.py's, and
 its 128-wide one on 16 warps; on a Hopper card, Gluon's warp-specialised tile
-(`gluon_gate_up.py`) beside `gluon_gate_up_merged.py`'s (a tail's first 32 or 64 rows
-computed from the weight boxes of the block before them). The down variants: the pointer
+(`gluon_gate_up.py`) beside `gluon_gate_up_wide.py`'s (one product of gate and up) and
+`gluon_gate_up_merged.py`'s (a tail's first 32 or 64 rows computed from the weight boxes
+of the block before them). The down variants: the pointer
 and TMA tiles 128 columns wide, with and without HALF_TAIL, and merge_tail.py's; the TMA
 tile 256 wide with HALF_TAIL beside merge_tail.py's on 8 and 16 warps; on a Hopper card,
 `gluon_down.py`'s 256-wide tile beside `gluon_down_merged.py`'s. The card's clock falls
@@ -106,6 +107,7 @@ VARIANTS = {
     # Gluon's warp-specialised tile (gluon_gate_up.py), and with the tail's first 32 or 64
     # rows computed beside the block before it (gluon_gate_up_merged.py; Hopper only)
     "Gluon": {"GLUON_WS": True, "STAGES": 4},
+    "Gluon, ONE_DOT": {"GLUON_WS": True, "ONE_DOT": True, "STAGES": 4},
     "Gluon, MERGE_TAIL 32": {"GLUON_WS": True, "MERGE_TAIL": True, "TAIL": 32, "STAGES": 3},
     "Gluon, MERGE_TAIL 64": {"GLUON_WS": True, "MERGE_TAIL": True, "TAIL": 64, "STAGES": 3},
 }

@@ -249,10 +249,16 @@ def launch_gate_up(
     merged_tma, merged_pointer = merge_tail.KERNELS["gate_up"]
     merged = config.get("MERGE_TAIL")
     if config.get("GLUON_WS"):
-        from moebench.impls.triton import gluon_gate_up, gluon_gate_up_merged
+        from moebench.impls.triton import gluon_gate_up, gluon_gate_up_merged, gluon_gate_up_wide
 
         assert pre_activations is None, "the Gluon gate_up stores no pre-activations"
-        gemm = gluon_gate_up_merged if merged else gluon_gate_up
+        gemm = (
+            gluon_gate_up_merged
+            if merged
+            else gluon_gate_up_wide
+            if config.get("ONE_DOT")
+            else gluon_gate_up
+        )
         programs_max = tma.multiprocessors(h_PF.device)
         gemm.launch_gate_up(x_TD, w_gate_up_E2FD, h_PF, alignment, top_k, config, programs_max)
     elif config.get("TMA"):
