@@ -116,7 +116,6 @@ SHOWN_SWITCHES = (
     ("merge_tail", "off", "merged-tail race off"),
     ("triton_runoff", "off", "tuner run-off off"),
     ("down_split_k", "on", "split down race on"),
-    ("gluon_merge_tail", "on", "Gluon merged-tail race on"),
 )
 
 
@@ -208,7 +207,6 @@ ENV_NONE = {
     "merge_tail": "n/a (needs CUDA and Triton)",
     "triton_runoff": "n/a (needs CUDA and Triton)",
     "down_split_k": "n/a (needs CUDA and Triton)",
-    "gluon_merge_tail": "n/a (needs CUDA and Triton)",
 }
 
 

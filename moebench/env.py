@@ -72,12 +72,6 @@ TRITON_RUNOFF_SWITCH = "MOEBENCH_TRITON_RUNOFF"
 # experiment of version 37 (triton/NOTES.md), measured in `scripts/stage_probe.py --ab`.
 DOWN_SPLIT_K_SWITCH = "MOEBENCH_DOWN_SPLIT_K"
 
-# On ("1"): the `triton` layer's Gluon GEMMs (inference's gate_up and down) also race
-# their merged-tail kernels (gluon_gate_up_merged.py, gluon_down_merged.py: an expert's
-# short last block computed beside the block before it, from one read of the weight
-# tile). Off by default: an experiment of version 38 (triton/NOTES.md).
-GLUON_MERGE_TAIL_SWITCH = "MOEBENCH_GLUON_MERGE_TAIL"
-
 # Switches of the `triton` layer that are on unless turned off (the others are off
 # unless turned on).
 ON_BY_DEFAULT = (GLUON_WS_SWITCH, MERGE_TAIL_SWITCH, TRITON_RUNOFF_SWITCH)
@@ -98,11 +92,10 @@ def _switch_state(variable: str) -> str | None:
         return None
     if not layer_switch_on(variable):
         return "off"
-    gluon_kernels = (GLUON_WS_SWITCH, DOWN_SPLIT_K_SWITCH, GLUON_MERGE_TAIL_SWITCH)
-    if variable in gluon_kernels and not _gluon_races():
+    if variable in (GLUON_WS_SWITCH, DOWN_SPLIT_K_SWITCH) and not _gluon_races():
         return "off"  # on, but this Triton or card cannot race Gluon kernels
-    if variable in gluon_kernels[1:] and not layer_switch_on(GLUON_WS_SWITCH):
-        return "off"  # the split and merged kernels race beside the Gluon ones only
+    if variable == DOWN_SPLIT_K_SWITCH and not layer_switch_on(GLUON_WS_SWITCH):
+        return "off"  # the split kernel races beside the Gluon ones only
     return "on"
 
 
@@ -211,7 +204,6 @@ def collect_environment(plugins: Iterable[str] = ()) -> dict[str, Any]:
         "merge_tail": _switch_state(MERGE_TAIL_SWITCH),
         "triton_runoff": _switch_state(TRITON_RUNOFF_SWITCH),
         "down_split_k": _switch_state(DOWN_SPLIT_K_SWITCH),
-        "gluon_merge_tail": _switch_state(GLUON_MERGE_TAIL_SWITCH),
     }
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

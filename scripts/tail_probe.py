@@ -21,12 +21,10 @@ HALF_TAIL beside `merge_tail.py`'s (a tail of at most half a block computed with
 expert's block before it), with and without GATHER_A, and merge_tail.py's 128-wide tile
 on 16 warps (W16); the pointer tile 64 wide with HALF_TAIL beside merge_tail.py's, and
 its 128-wide one on 16 warps; on a Hopper card, Gluon's warp-specialised tile
-(`gluon_gate_up.py`) beside `gluon_gate_up_wide.py`'s (one product of gate and up) and
-`gluon_gate_up_merged.py`'s (a tail's first 32 or 64 rows computed from the weight boxes
-of the block before them). The down variants: the pointer
-and TMA tiles 128 columns wide, with and without HALF_TAIL, and merge_tail.py's; the TMA
-tile 256 wide with HALF_TAIL beside merge_tail.py's on 8 and 16 warps; on a Hopper card,
-`gluon_down.py`'s 256-wide tile beside `gluon_down_merged.py`'s. The card's clock falls
+(`gluon_gate_up.py`) beside `gluon_gate_up_wide.py`'s (one product of gate and up). The
+down variants: the pointer and TMA tiles 128 columns wide, with and without HALF_TAIL,
+and merge_tail.py's; the TMA tile 256 wide with HALF_TAIL beside merge_tail.py's on 8
+and 16 warps; on a Hopper card, `gluon_down.py`'s 256-wide tile. The card's clock falls
 under its power cap within a second of GEMMs, so every variant is run for `--warm-s`
 seconds, then all are timed in turns, `--rounds` times (median, ms). Each variant's
 output (h, or the per-assignment rows of down) on the real rows is also compared with
@@ -104,12 +102,10 @@ VARIANTS = {
         "MERGE_TAIL": True,
         "BLOCK_N": 64,
     },
-    # Gluon's warp-specialised tile (gluon_gate_up.py), and with the tail's first 32 or 64
-    # rows computed beside the block before it (gluon_gate_up_merged.py; Hopper only)
+    # Gluon's warp-specialised tile (gluon_gate_up.py), and as one product of gate and up
+    # (gluon_gate_up_wide.py); Hopper only
     "Gluon": {"GLUON_WS": True, "STAGES": 4},
     "Gluon, ONE_DOT": {"GLUON_WS": True, "ONE_DOT": True, "STAGES": 4},
-    "Gluon, MERGE_TAIL 32": {"GLUON_WS": True, "MERGE_TAIL": True, "TAIL": 32, "STAGES": 3},
-    "Gluon, MERGE_TAIL 64": {"GLUON_WS": True, "MERGE_TAIL": True, "TAIL": 64, "STAGES": 3},
 }
 DOWN_VARIANTS = {
     "pointer": {},
@@ -127,20 +123,6 @@ DOWN_VARIANTS = {
         "num_warps": 16,
     },
     "Gluon, N256": {"GLUON_WS": True, "BLOCK_N": 256, "STAGES": 4},
-    "Gluon, N256, MERGE_TAIL 32": {
-        "GLUON_WS": True,
-        "MERGE_TAIL": True,
-        "TAIL": 32,
-        "BLOCK_N": 256,
-        "STAGES": 3,
-    },
-    "Gluon, N256, MERGE_TAIL 64": {
-        "GLUON_WS": True,
-        "MERGE_TAIL": True,
-        "TAIL": 64,
-        "BLOCK_N": 256,
-        "STAGES": 3,
-    },
 }
 
 

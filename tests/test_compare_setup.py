@@ -103,7 +103,6 @@ def test_compare_warns_when_the_timed_warm_up_differs(
         ("merge_tail", "merged-tail tiles in the triton tuner's race"),  # $MOEBENCH_MERGE_TAIL=0
         ("triton_runoff", "the triton tuner's run-off"),  # $MOEBENCH_TRITON_RUNOFF=0
         ("down_split_k", "down's split kernel in the triton tuner's race"),  # =1
-        ("gluon_merge_tail", "Gluon merged-tail kernels in the triton tuner's race"),  # =1
     ],
 )
 def test_compare_warns_when_a_launch_switch_differs(
@@ -164,7 +163,6 @@ def test_compare_names_hosts_of_different_speed(
         ("merge_tail", "off", "merged-tail race off"),
         ("triton_runoff", "off", "tuner run-off off"),
         ("down_split_k", "on", "split down race on"),
-        ("gluon_merge_tail", "on", "Gluon merged-tail race on"),
     ],
 )
 def test_show_says_when_a_race_switch_was_not_in_its_default_state(

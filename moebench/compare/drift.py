@@ -143,7 +143,6 @@ ENVIRONMENT_FACTS = (
     ("merged-tail tiles in the triton tuner's race", "merge_tail"),
     ("the triton tuner's run-off", "triton_runoff"),
     ("down's split kernel in the triton tuner's race", "down_split_k"),
-    ("Gluon merged-tail kernels in the triton tuner's race", "gluon_merge_tail"),
 )
 
 

@@ -8,9 +8,8 @@ what the two share), `merge_tail.py` (tiles of both GEMMs that compute an
 expert's short last block with the block before it, raced unless
 `$MOEBENCH_MERGE_TAIL=0`), `gluon_down_split.py` (the Gluon down kernel with its K loop
 split in two: an experiment raced only with `$MOEBENCH_DOWN_SPLIT_K=1`),
-`gluon_gate_up_merged.py` and `gluon_down_merged.py` (the Gluon GEMMs with an expert's
-short tail computed beside its last full block: an experiment raced only with
-`$MOEBENCH_GLUON_MERGE_TAIL=1`), `tuning.py`
+`gluon_gate_up_wide.py` (inference's gate_up in Gluon as one product of gate and up: an
+experiment timed by `scripts/tail_probe.py`, raced nowhere yet), `tuning.py`
 (block sizes, tuned once per device, shape and token bucket, cached on disk; `tuned/`
 holds the choices moebench ships per device), `layer.py` (the module and its autograd
 function), `backward.py` (the backward: each GEMM the down kernel or torch's grouped

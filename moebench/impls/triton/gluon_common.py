@@ -202,33 +202,3 @@ def _consumer_role(
 @gluon.jit
 def _loader_role(load, loader_args):
     load(*loader_args)
-
-
-@gluon.jit
-def merge_roles(
-    sorted_ids_ptr, block_expert_ptr, pid_m, num_blocks_m, num_assign,
-    BLOCK_M: gl.constexpr, TAIL: gl.constexpr,
-):  # fmt: skip
-    """The merged-tail kernels' (`gluon_gate_up_merged.py`, `gluon_down_merged.py`) rule:
-    whether row block pid_m is a tile (not a tail the block before computes), and
-    whether its tile computes the next block's first TAIL rows too (that block its
-    expert's tail: its rows from TAIL on padding). An expert's real rows come first in
-    its run, so a block's rows from TAIL on are padding when row TAIL is."""
-    expert = gl.load(block_expert_ptr + pid_m)
-    before = gl.load(block_expert_ptr + gl.maximum(pid_m - 1, 0))
-    is_tail = gl.load(sorted_ids_ptr + pid_m * BLOCK_M + TAIL) >= num_assign
-    has_next = pid_m + 1 < num_blocks_m
-    next_m = gl.minimum(pid_m + 1, num_blocks_m - 1)
-    after = gl.load(block_expert_ptr + next_m)
-    next_is_tail = gl.load(sorted_ids_ptr + next_m * BLOCK_M + TAIL) >= num_assign
-    computes = ~(is_tail & (pid_m > 0) & (before == expert))
-    merges_next = computes & has_next & (after == expert) & next_is_tail
-    return computes, merges_next
-
-
-@gluon.constexpr_function
-def transposed_store_layout(BLOCK_N, num_warps):
-    """A transposed tile (columns x rows) stored 8 columns (16 bytes) a thread, a warp's
-    threads along whole row segments, the warps across the rows."""
-    threads_n = BLOCK_N // 8 if BLOCK_N < 256 else 32  # (`min` is Triton's in here)
-    return gl.BlockedLayout([8, 1], [threads_n, 32 // threads_n], [1, num_warps], [0, 1])

@@ -37,7 +37,6 @@ from moebench import dependent_launch
 from moebench.case import Case
 from moebench.env import (
     DOWN_SPLIT_K_SWITCH,
-    GLUON_MERGE_TAIL_SWITCH,
     GLUON_WS_SWITCH,
     MERGE_TAIL_SWITCH,
     layer_switch_on,
@@ -97,28 +96,18 @@ def races_split_down(with_gluon: bool) -> bool:
     return with_gluon and layer_switch_on(DOWN_SPLIT_K_SWITCH)
 
 
-def races_gluon_merged(with_gluon: bool) -> bool:
-    """Whether the Gluon GEMMs also race their merged-tail kernels (gluon_gate_up_merged.py,
-    gluon_down_merged.py): where the Gluon kernels race, and only when turned on
-    (`$MOEBENCH_GLUON_MERGE_TAIL=1`, `env.GLUON_MERGE_TAIL_SWITCH`; an experiment of
-    triton/NOTES.md's version 38)."""
-    return with_gluon and layer_switch_on(GLUON_MERGE_TAIL_SWITCH)
-
-
 def gemm_code(
     name: str,
     with_tma: bool,
     with_gluon: bool = False,
     with_merged: bool = False,
     with_split: bool = False,
-    with_gluon_merged: bool = False,
 ) -> tuple:
     """The kernels whose code a choice for the forward's `name` GEMM depends on: the
     pointer kernel's, and the TMA kernels' where their tiles race (`with_tma`), so that
     an edit of a TMA kernel leaves the choices made without them (decode) matched; the
     GEMM's Gluon kernels where they race (`with_gluon`), the merged-tail tiles where they
-    race (`with_merged`), down's split kernel where it races (`with_split`), the Gluon
-    merged-tail kernel where it races (`with_gluon_merged`)."""
+    race (`with_merged`), down's split kernel where it races (`with_split`)."""
     code = POINTER_CODE[name] + (TMA_CODE[name] if with_tma else ())
     if with_gluon:
         code += _gluon_gemm(name).KERNELS
@@ -128,21 +117,7 @@ def gemm_code(
         from moebench.impls.triton import gluon_down_split
 
         code += gluon_down_split.KERNELS
-    if with_gluon_merged:
-        code += _gluon_merged_gemm(name).KERNELS
     return code
-
-
-def _gluon_merged_gemm(name: str) -> ModuleType:
-    """The module of the forward's `name` GEMM's Gluon merged-tail kernel (imported only
-    where it races)."""
-    if name == "down":
-        from moebench.impls.triton import gluon_down_merged
-
-        return gluon_down_merged
-    from moebench.impls.triton import gluon_gate_up_merged
-
-    return gluon_gate_up_merged
 
 
 def _gluon_gemm(name: str) -> ModuleType:
@@ -166,13 +141,11 @@ def gemm_candidates(
     with_gluon: bool = False,
     with_merged: bool = False,
     with_split: bool = False,
-    with_gluon_merged: bool = False,
 ) -> list[dict]:
     """The configs the forward's `name` GEMM ("gate_up" or "down") races at `block_m`
     for hidden D and expert width F: the pointer kernel's, TMA tiles `with_tma`, its
     Gluon kernels `with_gluon` (inference's gate_up only), the merged-tail tiles
-    `with_merged`, down's split Gluon kernel `with_split` and the Gluon merged-tail
-    kernel `with_gluon_merged`."""
+    `with_merged` and down's split Gluon kernel `with_split`."""
     configs = tuning.candidates(name, block_m)
     if with_tma:
         configs += tma.candidates(name, block_m, D, F, element_bytes)
@@ -184,8 +157,6 @@ def gemm_candidates(
         from moebench.impls.triton import gluon_down_split
 
         configs += gluon_down_split.candidates(block_m, D, F, element_bytes)
-    if with_gluon_merged:
-        configs += _gluon_merged_gemm(name).candidates(block_m, D, F, element_bytes)
     return configs
 
 
@@ -217,20 +188,14 @@ def shipped_fingerprints(
 
 
 def gemm_race(
-    key: str,
-    with_tma: bool,
-    with_gluon: bool,
-    with_merged: bool,
-    with_split: bool = False,
-    with_gluon_merged: bool = False,
-) -> tuple[bool, bool, bool, bool, bool]:
-    """(TMA tiles, Gluon kernels, merged-tail tiles, down's split kernel, Gluon merged-tail
-    kernel) in the race of the forward GEMM key `key` ("gate_up", "gate_up_train" or
-    "down"), given the layer's states: training's gate_up stores the pre-activations,
-    which the Gluon ones do not, so it races none; only down has a split kernel."""
+    key: str, with_tma: bool, with_gluon: bool, with_merged: bool, with_split: bool = False
+) -> tuple[bool, bool, bool, bool]:
+    """(TMA tiles, Gluon kernels, merged-tail tiles, down's split kernel) in the race of
+    the forward GEMM key `key` ("gate_up", "gate_up_train" or "down"), given the layer's
+    states: training's gate_up stores the pre-activations, which the Gluon one does not,
+    so it races none; only down has a split kernel."""
     gluon = with_gluon and key != "gate_up_train"
-    split = with_split and gluon and key == "down"
-    return with_tma, gluon, with_merged, split, with_gluon_merged and gluon
+    return with_tma, gluon, with_merged, with_split and gluon and key == "down"
 
 
 def launch_gate_up(
@@ -244,21 +209,16 @@ def launch_gate_up(
     pdl: bool = False,
 ) -> None:
     """The forward's gate_up GEMM through the kernel `config` names: a Gluon one
-    (`GLUON_WS`, inference only), a TMA tile (`TMA`) or the pointer kernel (`pdl` as
-    there), each one's merged-tail kernel with `MERGE_TAIL`."""
+    (`GLUON_WS`, inference only; with `ONE_DOT` gluon_gate_up_wide.py's), a TMA tile
+    (`TMA`) or the pointer kernel (`pdl` as there), either's merged-tail kernel with
+    `MERGE_TAIL`."""
     merged_tma, merged_pointer = merge_tail.KERNELS["gate_up"]
     merged = config.get("MERGE_TAIL")
     if config.get("GLUON_WS"):
-        from moebench.impls.triton import gluon_gate_up, gluon_gate_up_merged, gluon_gate_up_wide
+        from moebench.impls.triton import gluon_gate_up, gluon_gate_up_wide
 
         assert pre_activations is None, "the Gluon gate_up stores no pre-activations"
-        gemm = (
-            gluon_gate_up_merged
-            if merged
-            else gluon_gate_up_wide
-            if config.get("ONE_DOT")
-            else gluon_gate_up
-        )
+        gemm = gluon_gate_up_wide if config.get("ONE_DOT") else gluon_gate_up
         programs_max = tma.multiprocessors(h_PF.device)
         gemm.launch_gate_up(x_TD, w_gate_up_E2FD, h_PF, alignment, top_k, config, programs_max)
     elif config.get("TMA"):
@@ -287,8 +247,8 @@ def launch_down(
 ) -> None:
     """The forward's down GEMM through the kernel `config` names: the split Gluon one
     (`SPLIT_K`: out_AD then holds SPLIT_K rows an assignment, `down_rows`), a Gluon one
-    (`GLUON_WS`), a TMA tile (`TMA`) or the pointer kernel (`pdl` as there), the Gluon
-    and TMA ones' merged-tail kernels with `MERGE_TAIL`."""
+    (`GLUON_WS`), a merged-tail tile (`MERGE_TAIL`), a TMA tile (`TMA`) or the pointer
+    kernel (`pdl` as there)."""
     if config.get("SPLIT_K"):
         from moebench.impls.triton import gluon_down_split
 
@@ -297,11 +257,12 @@ def launch_down(
             h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, programs_max
         )
     elif config.get("GLUON_WS"):
-        from moebench.impls.triton import gluon_down, gluon_down_merged
+        from moebench.impls.triton import gluon_down
 
-        gemm = gluon_down_merged if config.get("MERGE_TAIL") else gluon_down
         programs_max = tma.multiprocessors(h_PF.device)
-        gemm.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, programs_max)
+        gluon_down.launch_down(
+            h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, programs_max
+        )
     elif config.get("TMA"):
         merged = merge_tail.KERNELS["down"][0] if config.get("MERGE_TAIL") else None
         tma.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, merged)
@@ -456,7 +417,6 @@ def _tuned_gemms(
     with_gluon = races_gluon(with_tma, x_TD)
     with_merged = races_merged_tails(with_tma)
     with_split = races_split_down(with_gluon)
-    with_gluon_merged = races_gluon_merged(with_gluon)
     # Tuned in order: the down kernel's trials read the h that gate_up wrote. Training's
     # gate_up also stores the pre-activations: a different kernel, tuned apart.
     gate_up_key = "gate_up_train" if keep_for_backward else "gate_up"
@@ -469,7 +429,7 @@ def _tuned_gemms(
     )  # fmt: skip
     configs = []
     for name, key, layout, timed, launch in steps:
-        race = gemm_race(key, with_tma, with_gluon, with_merged, with_split, with_gluon_merged)
+        race = gemm_race(key, with_tma, with_gluon, with_merged, with_split)
         config = tuning.TUNER.choose(
             x_TD.device,
             tuning.key(key, x_TD, w_down_EFD, K, layout, block_m),
