@@ -115,7 +115,6 @@ SHOWN_SWITCHES = (
     ("gluon_ws", "off", "Gluon race off"),
     ("merge_tail", "off", "merged-tail race off"),
     ("triton_runoff", "off", "tuner run-off off"),
-    ("down_split_k", "on", "split down race on"),
 )
 
 
@@ -206,7 +205,6 @@ ENV_NONE = {
     "gluon_ws": "n/a (needs CUDA and Triton)",
     "merge_tail": "n/a (needs CUDA and Triton)",
     "triton_runoff": "n/a (needs CUDA and Triton)",
-    "down_split_k": "n/a (needs CUDA and Triton)",
 }
 
 

@@ -66,12 +66,6 @@ MERGE_TAIL_SWITCH = "MOEBENCH_MERGE_TAIL"
 # reading (0.900 ms) was 0.973 in the run-off, beside one at 0.911.
 TRITON_RUNOFF_SWITCH = "MOEBENCH_TRITON_RUNOFF"
 
-# On ("1"): the `triton` layer's down GEMM also races gluon_down_split.py's kernel, its K
-# loop split in two and the halves summed with the slots, so that a tile count just
-# over a whole number of waves leaves no multiprocessor idle. Off by default: an
-# experiment of version 37 (triton/NOTES.md), measured in `scripts/stage_probe.py --ab`.
-DOWN_SPLIT_K_SWITCH = "MOEBENCH_DOWN_SPLIT_K"
-
 # Switches of the `triton` layer that are on unless turned off (the others are off
 # unless turned on).
 ON_BY_DEFAULT = (GLUON_WS_SWITCH, MERGE_TAIL_SWITCH, TRITON_RUNOFF_SWITCH)
@@ -87,15 +81,13 @@ def layer_switch_on(variable: str) -> bool:
 
 def _switch_state(variable: str) -> str | None:
     """The `triton` layer's switch `variable` as "on" or "off" (`layer_switch_on`) where
-    CUDA and Triton are present, else None; the Gluon races "off" where they cannot run."""
+    CUDA and Triton are present, else None; the Gluon race "off" where it cannot run."""
     if not _kernels_present():
         return None
     if not layer_switch_on(variable):
         return "off"
-    if variable in (GLUON_WS_SWITCH, DOWN_SPLIT_K_SWITCH) and not _gluon_races():
-        return "off"  # on, but this Triton or card cannot race Gluon kernels
-    if variable == DOWN_SPLIT_K_SWITCH and not layer_switch_on(GLUON_WS_SWITCH):
-        return "off"  # the split kernel races beside the Gluon ones only
+    if variable == GLUON_WS_SWITCH and not _gluon_races():
+        return "off"  # on by default, but this Triton or card cannot race Gluon kernels
     return "on"
 
 
@@ -203,7 +195,6 @@ def collect_environment(plugins: Iterable[str] = ()) -> dict[str, Any]:
         "gluon_ws": _switch_state(GLUON_WS_SWITCH),
         "merge_tail": _switch_state(MERGE_TAIL_SWITCH),
         "triton_runoff": _switch_state(TRITON_RUNOFF_SWITCH),
-        "down_split_k": _switch_state(DOWN_SPLIT_K_SWITCH),
     }
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

@@ -69,7 +69,8 @@ def stages(layer, x_TD: torch.Tensor) -> dict[str, Callable[[], object]]:
     call has run) and its input."""
     from moebench import dependent_launch
     from moebench.impls.triton.align import align_to_blocks, per_assignment_blocks
-    from moebench.impls.triton.layer import down_rows, launch_down, launch_gate_up, sum_over_slots
+    from moebench.impls.triton.backward import token_sum
+    from moebench.impls.triton.layer import launch_down, launch_gate_up
 
     (plan,) = layer._plans.values()  # the one inference signature the first call planned
     gates_TK, ids_TK, _ = layer.router(x_TD)
@@ -84,7 +85,7 @@ def stages(layer, x_TD: torch.Tensor) -> dict[str, Callable[[], object]]:
 
     alignment = align()
     h_PF = torch.empty(alignment.max_rows, F, device=x_TD.device, dtype=x_TD.dtype)
-    out_RD = torch.empty(T * K * down_rows(plan.down), D, device=x_TD.device, dtype=x_TD.dtype)
+    out_AD = torch.empty(T * K, D, device=x_TD.device, dtype=x_TD.dtype)
     gate_A = gates_TK.to(x_TD.dtype).contiguous().view(-1)
     weights = (layer.w_gate_up_E2FD, layer.w_down_EFD)
 
@@ -92,12 +93,12 @@ def stages(layer, x_TD: torch.Tensor) -> dict[str, Callable[[], object]]:
         launch_gate_up(plan.gate_up, x_TD, weights[0], h_PF, alignment, K, None, pdl)
 
     def down():
-        launch_down(plan.down, h_PF, weights[1], gate_A, out_RD, alignment, pdl)
+        launch_down(plan.down, h_PF, weights[1], gate_A, out_AD, alignment, pdl)
 
     def gemms_and_sum():
         gate_up()
         down()
-        return sum_over_slots(out_RD, K, plan.down, pdl)
+        return out_AD if K == 1 else token_sum(out_AD, K, pdl=pdl)
 
     return {
         "layer": lambda: layer(x_TD),

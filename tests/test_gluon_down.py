@@ -107,8 +107,7 @@ RACE_SHAPE = {"D": 264, "F": 384, "E": 8, "K": 2, "tokens": 1024}
 
 
 def forward_launches(switch: str, setting: str | None) -> tuple[list[tuple[str, dict]], list[int]]:
-    """(each launch's kernel name and keyword arguments, its positional ones under
-    "args", the row-block heights) of a
+    """(each launch's kernel name and keyword arguments, the row-block heights) of a
     forward of RACE_SHAPE at each height it may take, with the environment variable
     `switch` set to `setting` (unset where None), on meta tensors, launches recorded, not
     compiled (`fast_launch.compile_only`: the tuner then launches every candidate of each
@@ -125,7 +124,7 @@ def forward_launches(switch: str, setting: str | None) -> tuple[list[tuple[str, 
     launched: list[tuple[str, dict]] = []
 
     def record(kernel, grid, args, kwargs) -> None:
-        launched.append((kernel.fn.__name__, {**kwargs, "args": args}))
+        launched.append((kernel.fn.__name__, kwargs))
 
     D, F, E, K, tokens = RACE_SHAPE.values()
     heights = tuning.block_m_choices(tokens, K, E)

@@ -209,7 +209,6 @@ def test_env_says_each_fact_in_words(monkeypatch, tmp_path: Path) -> None:
         ("GLUON_WS_SWITCH", True),
         ("MERGE_TAIL_SWITCH", True),
         ("TRITON_RUNOFF_SWITCH", True),
-        ("DOWN_SPLIT_K_SWITCH", False),
     ],
 )
 @pytest.mark.parametrize(
@@ -236,7 +235,6 @@ def test_a_switch_of_the_triton_layer(switch, by_default, value, on, monkeypatch
         ("GLUON_WS_SWITCH", "MOEBENCH_GLUON_WS", "gluon_ws"),
         ("MERGE_TAIL_SWITCH", "MOEBENCH_MERGE_TAIL", "merge_tail"),
         ("TRITON_RUNOFF_SWITCH", "MOEBENCH_TRITON_RUNOFF", "triton_runoff"),
-        ("DOWN_SPLIT_K_SWITCH", "MOEBENCH_DOWN_SPLIT_K", "down_split_k"),
     ],
 )
 def test_a_switch_is_recorded_only_where_it_can_act(switch, variable, key, monkeypatch):
@@ -284,26 +282,6 @@ def test_the_gluon_race_is_recorded_off_where_it_cannot_run(variable_value, monk
     assert env_module._switch_state(env_module.MERGE_TAIL_SWITCH) == "on"
     monkeypatch.setattr(env_module, "_gluon_races", lambda: True)
     assert env_module._switch_state(env_module.GLUON_WS_SWITCH) == "on"
-
-
-def test_the_split_down_race_is_recorded_on_only_beside_the_gluon_race(monkeypatch):
-    """`down_split_k`: "on" only where turned on and the Gluon kernels race (it is one
-    of them): "off" where they cannot run or are turned off."""
-    import torch
-
-    from moebench import env as env_module
-
-    monkeypatch.setenv(env_module.DOWN_SPLIT_K_SWITCH, "1")
-    monkeypatch.delenv(env_module.GLUON_WS_SWITCH, raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr("moebench.routing.route_kernels", lambda: object())
-    monkeypatch.setattr(env_module, "_gluon_races", lambda: True)
-    assert env_module._switch_state(env_module.DOWN_SPLIT_K_SWITCH) == "on"
-    monkeypatch.setenv(env_module.GLUON_WS_SWITCH, "0")
-    assert env_module._switch_state(env_module.DOWN_SPLIT_K_SWITCH) == "off"
-    monkeypatch.delenv(env_module.GLUON_WS_SWITCH)
-    monkeypatch.setattr(env_module, "_gluon_races", lambda: False)
-    assert env_module._switch_state(env_module.DOWN_SPLIT_K_SWITCH) == "off"
 
 
 def test_gluon_races_reads_the_card(monkeypatch):

@@ -155,7 +155,8 @@ def test_layer_on_tma_tiles_alone_matches_reference(dtype, monkeypatch, tmp_path
 def test_tail_probe_runs_every_variant_and_they_agree(gemm, tmp_path, capsys):
     """scripts/tail_probe.py end to end at a small shape: each rows-per-expert count and
     variant timed, and every variant's output equal to the pointer tile's on the real
-    rows (the TMA tiles' gather, one dot, half and merged-tail paths included)."""
+    rows (the TMA tiles' gather, one dot, half and merged-tail paths included); the Gluon
+    variants (no interpreter) left out on a CPU."""
     import json
     import runpy
     from pathlib import Path
@@ -169,7 +170,9 @@ def test_tail_probe_runs_every_variant_and_they_agree(gemm, tmp_path, capsys):
     assert script["main"](args) == 0
     found = json.loads(out.read_text())
     variants = script["GEMMS"][gemm]
-    assert set(found) == {f"{rows} {name}" for rows in (32, 40, 72) for name in variants}
+    on_cpu = [name for name, variant in variants.items() if not variant.get("GLUON_WS")]
+    assert "pointer" in on_cpu and len(on_cpu) < len(variants)  # (Gluon ones are listed)
+    assert set(found) == {f"{rows} {name}" for rows in (32, 40, 72) for name in on_cpu}
     for label, result in found.items():
         assert result["ms"] > 0, label
         assert result["max_diff"] <= 2e-2, (label, result)  # float16 sums in another order

@@ -142,7 +142,6 @@ ENVIRONMENT_FACTS = (
     ("Gluon kernels in the triton tuner's race", "gluon_ws"),
     ("merged-tail tiles in the triton tuner's race", "merge_tail"),
     ("the triton tuner's run-off", "triton_runoff"),
-    ("down's split kernel in the triton tuner's race", "down_split_k"),
 )
 
 

@@ -36,7 +36,6 @@ import torch
 from moebench import dependent_launch
 from moebench.case import Case
 from moebench.env import (
-    DOWN_SPLIT_K_SWITCH,
     GLUON_WS_SWITCH,
     MERGE_TAIL_SWITCH,
     layer_switch_on,
@@ -88,35 +87,19 @@ def races_merged_tails(with_tma: bool) -> bool:
     return with_tma and layer_switch_on(MERGE_TAIL_SWITCH)
 
 
-def races_split_down(with_gluon: bool) -> bool:
-    """Whether the down GEMM also races gluon_down_split.py's kernel (its K loop split in
-    two, the halves summed with the slots): where the Gluon kernels race, and only when
-    turned on (`$MOEBENCH_DOWN_SPLIT_K=1`, `env.DOWN_SPLIT_K_SWITCH`; an experiment of
-    triton/NOTES.md's version 37)."""
-    return with_gluon and layer_switch_on(DOWN_SPLIT_K_SWITCH)
-
-
 def gemm_code(
-    name: str,
-    with_tma: bool,
-    with_gluon: bool = False,
-    with_merged: bool = False,
-    with_split: bool = False,
+    name: str, with_tma: bool, with_gluon: bool = False, with_merged: bool = False
 ) -> tuple:
     """The kernels whose code a choice for the forward's `name` GEMM depends on: the
     pointer kernel's, and the TMA kernels' where their tiles race (`with_tma`), so that
     an edit of a TMA kernel leaves the choices made without them (decode) matched; the
     GEMM's Gluon kernels where they race (`with_gluon`), the merged-tail tiles where they
-    race (`with_merged`), down's split kernel where it races (`with_split`)."""
+    race (`with_merged`)."""
     code = POINTER_CODE[name] + (TMA_CODE[name] if with_tma else ())
     if with_gluon:
         code += _gluon_gemm(name).KERNELS
     if with_merged:
         code += merge_tail.KERNELS[name]
-    if with_split:
-        from moebench.impls.triton import gluon_down_split
-
-        code += gluon_down_split.KERNELS
     return code
 
 
@@ -140,12 +123,11 @@ def gemm_candidates(
     with_tma: bool,
     with_gluon: bool = False,
     with_merged: bool = False,
-    with_split: bool = False,
 ) -> list[dict]:
     """The configs the forward's `name` GEMM ("gate_up" or "down") races at `block_m`
     for hidden D and expert width F: the pointer kernel's, TMA tiles `with_tma`, its
-    Gluon kernels `with_gluon` (inference's gate_up only), the merged-tail tiles
-    `with_merged` and down's split Gluon kernel `with_split`."""
+    Gluon kernels `with_gluon` (inference's gate_up only) and the merged-tail tiles
+    `with_merged`."""
     configs = tuning.candidates(name, block_m)
     if with_tma:
         configs += tma.candidates(name, block_m, D, F, element_bytes)
@@ -153,10 +135,6 @@ def gemm_candidates(
         configs += _gluon_gemm(name).candidates(block_m, D, F, element_bytes)
     if with_merged:
         configs += merge_tail.candidates(name, block_m, D, F, element_bytes)
-    if with_split:
-        from moebench.impls.triton import gluon_down_split
-
-        configs += gluon_down_split.candidates(block_m, D, F, element_bytes)
     return configs
 
 
@@ -188,14 +166,12 @@ def shipped_fingerprints(
 
 
 def gemm_race(
-    key: str, with_tma: bool, with_gluon: bool, with_merged: bool, with_split: bool = False
-) -> tuple[bool, bool, bool, bool]:
-    """(TMA tiles, Gluon kernels, merged-tail tiles, down's split kernel) in the race of
-    the forward GEMM key `key` ("gate_up", "gate_up_train" or "down"), given the layer's
-    states: training's gate_up stores the pre-activations, which the Gluon one does not,
-    so it races none; only down has a split kernel."""
-    gluon = with_gluon and key != "gate_up_train"
-    return with_tma, gluon, with_merged, with_split and gluon and key == "down"
+    key: str, with_tma: bool, with_gluon: bool, with_merged: bool
+) -> tuple[bool, bool, bool]:
+    """(TMA tiles, Gluon kernels, merged-tail tiles) in the race of the forward GEMM key
+    `key` ("gate_up", "gate_up_train" or "down"), given the layer's states: training's
+    gate_up stores the pre-activations, which the Gluon one does not, so it races none."""
+    return with_tma, with_gluon and key != "gate_up_train", with_merged
 
 
 def launch_gate_up(
@@ -245,18 +221,10 @@ def launch_down(
     alignment,
     pdl: bool = False,
 ) -> None:
-    """The forward's down GEMM through the kernel `config` names: the split Gluon one
-    (`SPLIT_K`: out_AD then holds SPLIT_K rows an assignment, `down_rows`), a Gluon one
+    """The forward's down GEMM through the kernel `config` names: a Gluon one
     (`GLUON_WS`), a merged-tail tile (`MERGE_TAIL`), a TMA tile (`TMA`) or the pointer
     kernel (`pdl` as there)."""
-    if config.get("SPLIT_K"):
-        from moebench.impls.triton import gluon_down_split
-
-        programs_max = tma.multiprocessors(h_PF.device)
-        gluon_down_split.launch_down(
-            h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, programs_max
-        )
-    elif config.get("GLUON_WS"):
+    if config.get("GLUON_WS"):
         from moebench.impls.triton import gluon_down
 
         programs_max = tma.multiprocessors(h_PF.device)
@@ -268,20 +236,6 @@ def launch_down(
         tma.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, merged)
     else:
         kernels.launch_down(h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, config, pdl)
-
-
-def down_rows(config: dict) -> int:
-    """The rows of the down GEMM's output an assignment takes under `config`: SPLIT_K
-    (gluon_down_split.py's partial sums, assignment a's at rows a S to a S + S - 1), else
-    one."""
-    return int(config.get("SPLIT_K", 1))
-
-
-def sum_over_slots(out_RD: torch.Tensor, top_k: int, down: dict, pdl: bool) -> torch.Tensor:
-    """T x D: each token's sum of the rows the down GEMM (config `down`) wrote for its
-    top_k assignments (`down_rows` each): out_RD itself where that is one row a token."""
-    rows = top_k * down_rows(down)
-    return out_RD if rows == 1 else token_sum(out_RD, rows, pdl=pdl)
 
 
 @dataclass(frozen=True)
@@ -355,37 +309,28 @@ def fused_experts(
 
     h_PF = buffer(F)
     pre_activations = (buffer(F), buffer(F)) if keep_for_backward else None
+    out_AD = torch.empty(T * K, D, device=x_TD.device, dtype=x_TD.dtype)
     gate_weight_A = gate_weights_TK.to(x_TD.dtype).contiguous().view(-1)
-    down_out: list[torch.Tensor] = []  # the down GEMM's rows, `down_rows` an assignment
 
     def gate_up(config: dict) -> None:
         launch_gate_up(config, x_TD, w_gate_up_E2FD, h_PF, alignment, K, pre_activations, pdl)
 
     def down(config: dict) -> None:
-        out_RD = torch.empty(T * K * down_rows(config), D, device=x_TD.device, dtype=x_TD.dtype)
-        launch_down(config, h_PF, w_down_EFD, gate_weight_A, out_RD, alignment, pdl)
-        down_out[:] = [out_RD]
-
-    def down_and_sum(config: dict) -> None:
-        down(config)
-        sum_over_slots(down_out[0], K, config, pdl)
+        launch_down(config, h_PF, w_down_EFD, gate_weight_A, out_AD, alignment, pdl)
 
     with timer.phase("expert"):
         if plan is not None:
             gate_up(plan.gate_up)
             down(plan.down)
         else:
-            plan = ForwardPlan(
-                block_m,
-                *_tuned_gemms(
-                    x_TD, w_gate_up_E2FD, w_down_EFD, alignment, K, keep_for_backward, pdl,
-                    gate_up_layout, gate_up, down, down_and_sum,
-                ),
+            configs = _tuned_gemms(
+                x_TD, w_gate_up_E2FD, w_down_EFD, alignment, K, keep_for_backward, pdl,
+                gate_up_layout, gate_up, down,
             )  # fmt: skip
             if plans is not None:
-                plans[plan_key] = plan
+                plans[plan_key] = ForwardPlan(block_m, *configs)
     with timer.phase("unpermute"):
-        y_TD = sum_over_slots(down_out[0], K, plan.down, pdl)
+        y_TD = out_AD if K == 1 else token_sum(out_AD, K, pdl=pdl)
     saved = None
     if pre_activations is not None:
         saved = Saved(alignment, *pre_activations, h_PF, K)
@@ -403,12 +348,9 @@ def _tuned_gemms(
     gate_up_layout: str,
     gate_up: Callable[[dict], None],
     down: Callable[[dict], None],
-    down_and_sum: Callable[[dict], None],
 ) -> tuple[dict, dict]:
     """Both GEMMs launched with the tuner's configs (tuned first if need be), which
-    are returned: (gate_up's, down's). Where down's split kernel races, down's candidates
-    are timed with the sum over slots after them (`down_and_sum`): the split one's sum
-    reads twice the rows."""
+    are returned: (gate_up's, down's)."""
     F, D = w_down_EFD.shape[1:]
     block_m = alignment.block_m
     # TMA tiles (tma.py) race the pointer kernels' on Hopper where a row list is walked
@@ -416,27 +358,23 @@ def _tuned_gemms(
     with_tma = not (alignment.per_assignment or pdl) and tma.takes(w_gate_up_E2FD, w_down_EFD)
     with_gluon = races_gluon(with_tma, x_TD)
     with_merged = races_merged_tails(with_tma)
-    with_split = races_split_down(with_gluon)
     # Tuned in order: the down kernel's trials read the h that gate_up wrote. Training's
     # gate_up also stores the pre-activations: a different kernel, tuned apart.
     gate_up_key = "gate_up_train" if keep_for_backward else "gate_up"
-    # (name, key, weight layout, the launch the race times, the launch of the choice: the
-    # caller sums the slots itself)
     steps = (
-        ("gate_up", gate_up_key, gate_up_layout, gate_up, gate_up),
-        ("down", "down", tuning.weight_layout(w_down_EFD), down_and_sum if with_split else down,
-         down),
-    )  # fmt: skip
+        ("gate_up", gate_up_key, gate_up_layout, gate_up),
+        ("down", "down", tuning.weight_layout(w_down_EFD), down),
+    )
     configs = []
-    for name, key, layout, timed, launch in steps:
-        race = gemm_race(key, with_tma, with_gluon, with_merged, with_split)
+    for name, key, layout, launch in steps:
+        race = gemm_race(key, with_tma, with_gluon, with_merged)
         config = tuning.TUNER.choose(
             x_TD.device,
             tuning.key(key, x_TD, w_down_EFD, K, layout, block_m),
             lambda name=name, race=race: gemm_candidates(
                 name, block_m, D, F, x_TD.element_size(), *race
             ),
-            timed,
+            launch,
             code=gemm_code(name, *race),
             graphed=True,  # kernels of a few us: the graph times the GPU, not the host
             precompile=True,
