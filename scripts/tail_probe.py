@@ -9,27 +9,26 @@ per kind of tile, with and without HALF_TAIL and MERGE_TAIL (CUDA; NOTES.md, ver
                                  [--warm-s 3] [--rounds 8] [--json FILE]
 
 Every expert gets exactly n rows (token t's slots go to experts t K, ..., t K + K - 1,
-mod E), so at 128-row blocks n = 256 is two full blocks an expert, 288 adds a tail of
-32 rows, 320 one of 64 and 384 a full third block: a tail's cost is the time over n =
+mod E), so at 128-row blocks n = 256 is two full blocks an expert, 288 adds a tail of 32
+rows, 320 one of 64 and 384 a full third block: a tail's cost is the time over n =
 256's, and HALF_TAIL's saving is that of its first-half path, MERGE_TAIL's that of
 computing the tail with the block before it. The gate_up variants (one tile each, 128 x
 128 x 64 at 8 warps and 4 stages, the tuner's usual winner at these shapes): the pointer
-tile (`kernels.py`), the TMA tile (`tma.py`, the gather of x included), the TMA tile with
-ONE_DOT, and with ONE_DOT and GATHER_A (A loaded by pointers from x's rows, TMA for the
-weights only), each with and without HALF_TAIL; and 64 columns wide, ONE_DOT's tile with
-HALF_TAIL beside `merge_tail.py`'s (a tail of at most half a block computed with its
-expert's block before it), with and without GATHER_A, and merge_tail.py's 128-wide tile
-on 16 warps (W16); the pointer tile 64 wide with HALF_TAIL beside merge_tail.py's, and
-its 128-wide one on 16 warps; on a Hopper card, Gluon's warp-specialised tile
-(`gluon_gate_up.py`) beside `gluon_gate_up_wide.py`'s (one product of gate and up). The
-down variants: the pointer and TMA tiles 128 columns wide, with and without HALF_TAIL,
-and merge_tail.py's; the TMA tile 256 wide with HALF_TAIL beside merge_tail.py's on 8
-and 16 warps; on a Hopper card, `gluon_down.py`'s 256-wide tile. The card's clock falls
-under its power cap within a second of GEMMs, so every variant is run for `--warm-s`
-seconds, then all are timed in turns, `--rounds` times (median, ms). Each variant's
-output (h, or the per-assignment rows of down) on the real rows is also compared with
-the first variant's: the largest difference is printed beside its time (0
-where they agree bit for bit).
+tile (`kernels.py`), the TMA tile (`tma.py`, the gather of x included), the TMA tile
+with ONE_DOT, and with ONE_DOT and GATHER_A (A loaded by pointers from x's rows, TMA for
+the weights only), each with and without HALF_TAIL; and 64 columns wide, ONE_DOT's tile
+with HALF_TAIL beside `merge_tail.py`'s (a tail of at most half a block computed with
+its expert's block before it), with and without GATHER_A, and merge_tail.py's 128-wide
+tile on 16 warps (W16); the pointer tile 64 wide with HALF_TAIL beside merge_tail.py's,
+and its 128-wide one on 16 warps; on a Hopper card, Gluon's warp-specialised tile
+(`gluon_gate_up.py`). The down variants: the pointer and TMA tiles 128 columns wide,
+with and without HALF_TAIL, and merge_tail.py's; the TMA tile 256 wide with HALF_TAIL
+beside merge_tail.py's on 8 and 16 warps; on a Hopper card, `gluon_down.py`'s 256-wide
+tile. The card's clock falls under its power cap within a second of GEMMs, so every
+variant is run for `--warm-s` seconds, then all are timed in turns, `--rounds` times
+(median, ms). Each variant's output (h, or the per-assignment rows of down) on the real
+rows is also compared with the first variant's: the largest difference is printed beside
+its time (0 where they agree bit for bit).
 
 Under Triton's interpreter (`TRITON_INTERPRET=1`) it runs on a CPU at a small `--shape`
 in float16, for the tests: nothing there is worth timing. For where the time goes inside
@@ -102,10 +101,8 @@ VARIANTS = {
         "MERGE_TAIL": True,
         "BLOCK_N": 64,
     },
-    # Gluon's warp-specialised tile (gluon_gate_up.py), and as one product of gate and up
-    # (gluon_gate_up_wide.py); Hopper only
+    # Gluon's warp-specialised tile (gluon_gate_up.py; Hopper only)
     "Gluon": {"GLUON_WS": True, "STAGES": 4},
-    "Gluon, ONE_DOT": {"GLUON_WS": True, "ONE_DOT": True, "STAGES": 4},
 }
 DOWN_VARIANTS = {
     "pointer": {},

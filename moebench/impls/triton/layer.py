@@ -185,18 +185,18 @@ def launch_gate_up(
     pdl: bool = False,
 ) -> None:
     """The forward's gate_up GEMM through the kernel `config` names: a Gluon one
-    (`GLUON_WS`, inference only; with `ONE_DOT` gluon_gate_up_wide.py's), a TMA tile
-    (`TMA`) or the pointer kernel (`pdl` as there), either's merged-tail kernel with
-    `MERGE_TAIL`."""
+    (`GLUON_WS`, inference only), a TMA tile (`TMA`) or the pointer kernel (`pdl` as
+    there), either's merged-tail kernel with `MERGE_TAIL`."""
     merged_tma, merged_pointer = merge_tail.KERNELS["gate_up"]
     merged = config.get("MERGE_TAIL")
     if config.get("GLUON_WS"):
-        from moebench.impls.triton import gluon_gate_up, gluon_gate_up_wide
+        from moebench.impls.triton import gluon_gate_up
 
         assert pre_activations is None, "the Gluon gate_up stores no pre-activations"
-        gemm = gluon_gate_up_wide if config.get("ONE_DOT") else gluon_gate_up
         programs_max = tma.multiprocessors(h_PF.device)
-        gemm.launch_gate_up(x_TD, w_gate_up_E2FD, h_PF, alignment, top_k, config, programs_max)
+        gluon_gate_up.launch_gate_up(
+            x_TD, w_gate_up_E2FD, h_PF, alignment, top_k, config, programs_max
+        )
     elif config.get("TMA"):
         tma.launch_gate_up(
             x_TD, w_gate_up_E2FD, h_PF, alignment, top_k, config, pre_activations,
