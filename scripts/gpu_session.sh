@@ -178,8 +178,7 @@ for step in "$@"; do
       cuda_tests="tests/test_cuda.py tests/test_triton.py tests/test_tma.py
         tests/test_triton_backward_rows.py tests/test_route_kernel.py
         tests/test_router_logits.py tests/test_dependent_launch.py tests/test_fast_launch.py
-        tests/test_gluon_down.py tests/test_gluon_gate_up.py
-        tests/test_forward_plan.py
+        tests/test_gluon_down.py tests/test_gluon_gate_up.py tests/test_forward_plan.py
         tests/test_merge_tail.py tests/test_ceilings.py tests/test_offload_cuda.py
         tests/test_check.py tests/test_profiling.py tests/test_presets_hf.py
         tests/test_peers.py"

@@ -17,9 +17,9 @@ Mixtral-8x7B at 1024 tokens computes 1.25x its rows at 128-row blocks.
 `--down-waves PROGRAMS` adds what a persistent down kernel of that many programs (one a
 streaming multiprocessor: 132 on an H100 or H200) makes of those blocks (at the first
 block size) in tiles of `--down-columns` columns: the waves, and the share of the
-programs' time busy when each walks its tiles one tile-time apiece ("2.42/81%"), whole
-and with the K loop split in two (`gluon_down_split.py`, NOTES.md version 37). CPU only:
-it reads the parquet and nothing else.
+programs' time busy when each walks its tiles one tile-time apiece ("2.42/81%"; NOTES.md
+versions 37 and 38: a down split in two along K, to fill the last wave, lost on a card).
+CPU only: it reads the parquet and nothing else.
 """
 
 from __future__ import annotations
@@ -62,8 +62,7 @@ def padding_table(
     """One row per forward case of `impl` that computed rows: preset, tokens, graphed,
     rows an expert, max / mean, and padded / real rows per block size (and HALF_TAIL at
     the first); with `down_programs`, the down GEMM's waves and busy share at the first
-    block size, whole and split in two (module docstring). Raises ValueError when the
-    run has no such case."""
+    block size (module docstring). Raises ValueError when the run has no such case."""
     cases = frame[(frame["impl"] == impl) & (frame["mode"] == "forward")]
     cases = cases[cases["tokens_per_expert"].notna()]
     lines = []
@@ -86,9 +85,8 @@ def padding_table(
         if down_programs:
             row_blocks = padded_rows(counts, blocks[0]) // blocks[0]
             tiles = row_blocks * -(-int(case["hidden"]) // down_columns)
-            for label, units in (("down", tiles), ("split", 2 * tiles)):
-                count, busy = waves(units, down_programs)
-                line[f"{label} N{down_columns}"] = f"{count:.2f}/{busy:.0%}"
+            count, busy = waves(tiles, down_programs)
+            line[f"down N{down_columns}"] = f"{count:.2f}/{busy:.0%}"
         lines.append(line)
     if not lines:
         raise ValueError(f"no forward case of impl {impl!r} with tokens_per_expert in the run")
