@@ -1,4 +1,4 @@
-"""The swapped gate_up experiment (`moebench/impls/triton/gluon_gate_up_rows.py`): its tile
+"""The swapped gate_up experiment (`moebench/impls/triton/gluon_gate_up_rows.py`): its unit
 table (in Triton's interpreter on a CPU, or on a card), that every config compiles for
 Hopper on this host without spills, and, on a Hopper card only, that its h equals the
 shipped Gluon tile's for every assignment on odd shapes."""
@@ -22,25 +22,25 @@ def _ids_for_rows(rows_E: list[int], top_k: int = 1) -> torch.Tensor:
 
 
 @needs_kernels
-def test_row_tiles_split_each_experts_blocks_as_evenly_as_three_allow():
-    """Each expert's 64-row blocks in ceil(blocks / 3) tiles, heights apart by at most
-    one, the taller first; experts with no rows give none; entries are first block * 4
+def test_row_units_split_each_experts_blocks_as_evenly_as_six_allow():
+    """Each expert's 64-row blocks in ceil(blocks / 6) units, heights apart by at most
+    one, the taller first; experts with no rows give none; entries are first block * 8
     + height, in row order."""
     from moebench.impls.triton.align import align_to_blocks
 
-    rows_E = [0, 1, 64, 65, 200, 256, 300, 129, 448]
-    # blocks:  0, 1,  1,  2,   4,   4,   5,   3,   7
+    rows_E = [0, 1, 64, 65, 200, 384, 385, 129, 830]
+    # blocks:  0, 1,  1,  2,   4,   6,   7,   3,  13
     alignment = align_to_blocks(_ids_for_rows(rows_E).to(KERNEL_DEVICE), len(rows_E), 64)
-    tiles_R, num_tiles_1 = gluon_gate_up_rows.row_tiles(alignment, len(rows_E))
-    heights = [[], [1], [1], [2], [2, 2], [2, 2], [3, 2], [3], [3, 2, 2]]
+    units_R, num_units_1 = gluon_gate_up_rows.row_units(alignment, len(rows_E))
+    heights = [[], [1], [1], [2], [4], [6], [4, 3], [3], [5, 4, 4]]
     want, block = [], 0
     for expert_heights in heights:
         for height in expert_heights:
-            want.append(block * 4 + height)
+            want.append(block * 8 + height)
             block += height
-    assert int(num_tiles_1) == len(want)
-    assert tiles_R[: len(want)].tolist() == want
-    assert block == int(alignment.num_padded_1) // 64  # every block in one tile
+    assert int(num_units_1) == len(want)
+    assert units_R[: len(want)].tolist() == want
+    assert block == int(alignment.num_padded_1) // 64  # every block in one unit
 
 
 def test_candidates_fit_shared_memory_and_refuse_what_the_tma_tiles_refuse():
@@ -49,14 +49,14 @@ def test_candidates_fit_shared_memory_and_refuse_what_the_tma_tiles_refuse():
     for config in configs:
         assert config["GLUON_ROWS"] and config["BLOCK_M"] == 64
         assert gluon_gate_up_rows.shared_bytes(config, 2) <= gluon_common.SHARED_BYTES
-    assert gluon_gate_up_rows.candidates(264, 320, 2) == []  # an N tile from gate into up
+    assert gluon_gate_up_rows.candidates(264, 352, 2) == []  # an N tile from gate into up
     assert gluon_gate_up_rows.candidates(260, 384, 2) == []  # rows not 16-byte aligned
 
 
 def check_every_candidate_compiles() -> None:
     """The body of `test_every_candidate_compiles_for_hopper`: each config for Mixtral-8x7B's
-    shape and an odd one (D = 264), compiled for sm_90 without spills, on 8 consumer warps
-    and the loader's warp group."""
+    shape and an odd one (D = 264), compiled for sm_90 without spills, on two consumer
+    warp groups and the loader's."""
     from moebench import offline_compile
     from moebench.impls.triton.align import Alignment, max_padded_rows
 
@@ -92,11 +92,13 @@ def test_every_candidate_compiles_for_hopper():
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "rows_E", [[0, 1, 64, 65, 200, 256, 300, 129, 448], [5, 0, 130, 70], [191, 192, 193]]
+    "rows_E",
+    [[0, 1, 64, 65, 200, 384, 385, 129, 830], [5, 0, 130, 70], [191, 192, 193, 320, 257]],
 )
 def test_every_candidate_gives_each_assignment_the_gluon_tiles_h(rows_E, dtype):
-    """On odd shapes (D = 264: no multiple of a K box; experts without rows; tiles of one,
-    two and three blocks), each config's h row of every assignment equals the shipped
+    """On odd shapes (D = 264: no multiple of a K box; experts without rows; units of one
+    to six blocks, an expert of several units; warp groups of none to three blocks), each
+    config's h row of every assignment equals the shipped
     Gluon tile's (128-row blocks) bit for bit, and every padded row is written."""
     from moebench.impls.triton.align import align_to_blocks
 

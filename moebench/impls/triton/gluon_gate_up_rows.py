@@ -1,25 +1,34 @@
 """An experiment (NOTES.md, version 39): inference's gate_up in Gluon with the products
-swapped, so that a tile's rows are wgmma's N and can be any of 64, 128 or 192, and an
-expert's rows are padded to 64 instead of 128.
+swapped, so that a tile's rows are wgmma's N, and an expert's rows padded to 64 instead
+of 128.
 
-Why: at 1024 tokens the GEMMs of the shipped layer run near the card's sustained rate on
-the rows they compute, but those rows are padded to whole 128-row blocks of each expert
+Why: at 1024 tokens the shipped GEMMs run near the card's sustained rate on the rows
+they compute, but those rows are padded to whole 128-row blocks of each expert
 (Mixtral-8x7B: 2560 rows for 2048 real ones, version 37's counters), and a shorter tail
 block costs about as much as a full one, because it reads the same weight tile for fewer
-products (version 37's tail probe). Here the alignment pads to 64 rows, and a tile takes
-up to three 64-row blocks of one expert (`row_tiles_kernel` splits each expert's blocks
-into as few tiles as that allows, as even as they go: 4 blocks are 2 + 2, not 3 + 1), so
-that a tile's weight boxes serve 128 or 192 rows wherever the expert has them.
+products (version 37's tail probe). The first version of this file (commit b7da24f: tiles
+of 64-192 rows of one expert, each on its own program) had the same bits but lost: where
+an expert's tiles differ in height (3 + 2 blocks) their programs drift apart, and the
+second reads the weight strip from HBM again (Nsight Compute, version 39: 29% L2 hits,
+1.46 GB/ms from DRAM for 1.46 ms, where the shipped Gluon tile took 1.05).
 
-The products: a tile is BLOCK_N columns of gate and of up (wgmma's M, 64 a warp group,
-two warp groups) times the tile's rows (N), the weight boxes as wgmma's A and the row
-block, read transposed, as B. A register tensor's dimensions are powers of two, so a
-192-row tile holds two accumulators a product, rows 0-127 and 128-191, and each K step
-issues both; the tile's height picks one of three compiled paths at run time. The
-epilogue transposes each accumulator's SwiGLU into h's rows. Same skeleton as
-`gluon_gate_up.py` (`gluon_common.py`: a loader warp filling a ring by TMA, the
-consumers' asynchronous wgmma, a persistent walk), with one TMA box a row block, so a
-tile's loads are as tall as its rows.
+So here one program computes all of an expert's rows (up to six 64-row blocks: a "unit";
+`row_units_kernel` splits a larger expert's blocks into as few units as that allows, as
+even as they go) for a strip of BLOCK_N = 64 columns of gate and of up: its two consumer
+warp groups take half the blocks each (up to three: 192 rows, 192 accumulator
+registers a thread), both reading each K step's weight boxes from the same ring slot,
+which both release (an `empty` barrier of two arrivals). Each expert's weights are read
+once, the two halves cannot drift, and a unit's rows cost their 64-row blocks.
+
+The products: a warp group's product is the strip's 64 columns (wgmma's M) times its
+rows (N), the weight boxes as A and the row blocks, read transposed, as B. A register
+tensor's dimensions are powers of two, so three blocks are two accumulators a product,
+rows 0-127 and 128-191, each K step issuing both; a warp group's height picks one of
+three compiled paths at run time (a warp group with no rows only paces the ring). The
+epilogue transposes each accumulator's SwiGLU into h's rows. Same skeleton otherwise as
+`gluon_gate_up.py` (`gluon_common.py`: a loader warp filling a ring by TMA, a persistent
+walk, the consumers in two partitions as PINGPONG's), with one TMA box a row block, so a
+unit's loads are as tall as its rows.
 
 Only `scripts/tail_probe.py` runs it ("Gluon rows"); the layer does not race it.
 """
@@ -44,79 +53,95 @@ from moebench.impls.triton import tma as tma_tiles
 from moebench.impls.triton.gluon_common import mma_layout, store_layout, tile_coords
 
 ROW_BLOCK = 64  # the alignment's rows a block
-MAX_ROW_BLOCKS = 3  # a tile's most row blocks: 192 accumulator registers a thread
-# (BLOCK_N, BLOCK_K, STAGES): a stage holds 192 rows and two weight boxes, 56 KB at
-# BLOCK_K = 64, so 3 stages and the epilogue's scratch fit
-TILES = ((128, 64, 3), (128, 32, 6))
+MAX_UNIT_BLOCKS = 6  # a unit's most row blocks: three a warp group, 192 rows
+# (BLOCK_N, BLOCK_K, STAGES): a stage holds six row blocks and two weight boxes, 64 KB at
+# BLOCK_K = 64, so 3 stages and the two consumers' epilogue scratch fit
+TILES = ((64, 64, 3), (64, 32, 6))
 
 
 @triton.jit
-def row_tiles_kernel(
-    padded_ends_ptr, tiles_ptr, num_tiles_ptr, num_experts, BLOCK_E: tl.constexpr,
-    ROW_BLOCK: tl.constexpr, MAX_ROW_BLOCKS: tl.constexpr,
+def row_units_kernel(
+    padded_ends_ptr, units_ptr, num_units_ptr, num_experts, BLOCK_E: tl.constexpr,
+    ROW_BLOCK: tl.constexpr, MAX_UNIT_BLOCKS: tl.constexpr,
 ):  # fmt: skip
-    """tiles[t] <- first row block * 4 + row blocks of tile t, each expert's blocks split
-    into ceil(blocks / MAX_ROW_BLOCKS) tiles whose heights differ by at most a block, the
-    experts in order; num_tiles[0] <- their count. One program."""
+    """units[u] <- first row block * 8 + row blocks of unit u: each expert's blocks split
+    into ceil(blocks / MAX_UNIT_BLOCKS) units whose heights differ by at most a block, the
+    experts in order; num_units[0] <- their count. One program."""
     offs_e = tl.arange(0, BLOCK_E)
     ok = offs_e < num_experts
     ends = tl.load(padded_ends_ptr + offs_e, mask=ok, other=0)
     starts = tl.load(padded_ends_ptr + offs_e - 1, mask=ok & (offs_e > 0), other=0)
     blocks = tl.where(ok, (ends - starts) // ROW_BLOCK, 0)
-    tiles = (blocks + MAX_ROW_BLOCKS - 1) // MAX_ROW_BLOCKS
-    first_tile = tl.cumsum(tiles, 0) - tiles
-    tl.store(num_tiles_ptr, tl.sum(tiles, 0))
-    per_tile = blocks // tl.maximum(tiles, 1)
-    taller = blocks % tl.maximum(tiles, 1)  # the first `taller` tiles take a block more
+    units = (blocks + MAX_UNIT_BLOCKS - 1) // MAX_UNIT_BLOCKS
+    first_unit = tl.cumsum(units, 0) - units
+    tl.store(num_units_ptr, tl.sum(units, 0))
+    per_unit = blocks // tl.maximum(units, 1)
+    taller = blocks % tl.maximum(units, 1)  # the first `taller` units take a block more
     first_block = starts // ROW_BLOCK
-    for j in range(0, tl.max(tiles, 0)):
-        height = per_tile + (j < taller).to(tl.int32)
-        begin = first_block + j * per_tile + tl.minimum(j, taller)
-        tl.store(tiles_ptr + first_tile + j, begin * 4 + height, mask=j < tiles)
+    for j in range(0, tl.max(units, 0)):
+        height = per_unit + (j < taller).to(tl.int32)
+        begin = first_block + j * per_unit + tl.minimum(j, taller)
+        tl.store(units_ptr + first_unit + j, begin * 8 + height, mask=j < units)
+
+
+@gluon.jit
+def _halves(entry):
+    """A unit's table entry -> (first row block, the first warp group's blocks, the
+    second's): the first takes the larger half."""
+    first_block = entry // 8
+    height = entry % 8
+    first = (height + 1) // 2
+    return first_block, first, height - first
+
+
+@gluon.jit
+def _load_rows(a_desc, bufs, slot, ready, first_block, height, k, BLOCK_K: gl.constexpr):
+    """One warp group's row blocks of a K step into its buffers: two into `main` when it
+    has two or three, its third (or only) one into `tail`."""
+    main_bufs, tail_bufs = bufs
+    ROWS: gl.constexpr = a_desc.block_type.shape[0]
+    first_row = first_block * ROWS
+    for j in gl.static_range(2):
+        tma.async_copy_global_to_shared(
+            a_desc, [first_row + j * ROWS, k * BLOCK_K], ready,
+            main_bufs.index(slot).slice(j * ROWS, ROWS), pred=height >= 2,
+        )  # fmt: skip
+    tail_row = first_row + gl.where(height == 3, 2 * ROWS, 0)
+    tma.async_copy_global_to_shared(
+        a_desc, [tail_row, k * BLOCK_K], ready, tail_bufs.index(slot),
+        pred=(height == 1) | (height == 3),
+    )  # fmt: skip
 
 
 @gluon.jit
 def _load_partition(
-    a_desc, w_desc, main_bufs, tail_bufs, gate_bufs, up_bufs, ready_bars, empty_bars,
-    tiles_ptr, num_tiles_ptr, block_expert_ptr, D, F, num_programs, BLOCK_N: gl.constexpr,
+    a_desc, w_desc, rows_bufs, gate_bufs, up_bufs, ready_bars, empty_bars, units_ptr,
+    num_units_ptr, block_expert_ptr, D, F, num_programs, BLOCK_N: gl.constexpr,
     BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
 ):  # fmt: skip
-    """The loader: every K step of every tile of this program, into the ring, one box a
-    row block of the tile."""
-    STAGES: gl.constexpr = tail_bufs.type.shape[0]
-    ROWS: gl.constexpr = a_desc.block_type.shape[0]
+    """The loader: every K step of every unit of this program, into the ring, one box a
+    row block of the unit."""
+    rows0, rows1 = rows_bufs
+    STAGES: gl.constexpr = gate_bufs.type.shape[0]
     row_bytes: gl.constexpr = a_desc.block_type.nbytes
     w_bytes: gl.constexpr = 2 * w_desc.block_type.nbytes
-    num_row_tiles = gl.load(num_tiles_ptr)
+    num_units = gl.load(num_units_ptr)
     num_blocks_n = F // BLOCK_N
     k_steps = gl.cdiv(D, BLOCK_K)
     step = 0
-    for tile in range(gl.program_id(0), num_row_tiles * num_blocks_n, num_programs):
-        pid_m, pid_n = tile_coords(tile, num_row_tiles, num_blocks_n, GROUP_M)
-        entry = gl.load(tiles_ptr + pid_m)
-        first_block = entry // 4
-        height = entry % 4
+    for tile in range(gl.program_id(0), num_units * num_blocks_n, num_programs):
+        pid_m, pid_n = tile_coords(tile, num_units, num_blocks_n, GROUP_M)
+        first_block, first, second = _halves(gl.load(units_ptr + pid_m))
         gate_row = gl.load(block_expert_ptr + first_block) * 2 * F + pid_n * BLOCK_N
         for k in range(k_steps):
             slot = step % STAGES
             mbarrier.wait(empty_bars.index(slot), ((step // STAGES) & 1) ^ 1)
             ready = ready_bars.index(slot)
-            # (an expect is an arrival: exactly one of the three, with its byte count)
-            mbarrier.expect(ready, w_bytes + row_bytes, pred=height == 1)
-            mbarrier.expect(ready, w_bytes + 2 * row_bytes, pred=height == 2)
-            mbarrier.expect(ready, w_bytes + 3 * row_bytes, pred=height == 3)
-            # rows 0-127 of a tile of two or three blocks into the main buffer, its
-            # third block (or a tile's only one) into the tail's
-            first_row = first_block * ROWS
-            for j in gl.static_range(2):
-                tma.async_copy_global_to_shared(
-                    a_desc, [first_row + j * ROWS, k * BLOCK_K], ready,
-                    main_bufs.index(slot).slice(j * ROWS, ROWS), pred=height >= 2,
-                )  # fmt: skip
-            tail_row = first_row + gl.where(height == 3, 2 * ROWS, 0)
-            tma.async_copy_global_to_shared(
-                a_desc, [tail_row, k * BLOCK_K], ready, tail_bufs.index(slot), pred=height != 2
-            )
+            # (an expect is an arrival: exactly one of these, with the unit's bytes)
+            for blocks in gl.static_range(1, 7):
+                mbarrier.expect(ready, w_bytes + blocks * row_bytes, pred=first + second == blocks)
+            _load_rows(a_desc, rows0, slot, ready, first_block, first, k, BLOCK_K)
+            _load_rows(a_desc, rows1, slot, ready, first_block + first, second, k, BLOCK_K)
             tma.async_copy_global_to_shared(
                 w_desc, [gate_row, k * BLOCK_K], ready, gate_bufs.index(slot)
             )
@@ -131,31 +156,42 @@ def _mma_partition(
     shared, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     GROUP_M: gl.constexpr, CONSUMER: gl.constexpr, CONSUMERS: gl.constexpr,
 ):  # fmt: skip
-    """The consumer (one, of two warp groups): each tile of this program's walk through
-    the path compiled for its height; BLOCK_M is a row block's height."""
+    """Consumer CONSUMER (a warp group) of 2: its half of each unit of this program's
+    walk, through the path compiled for its height; BLOCK_M is a row block's height."""
     (
-        main_bufs, tail_bufs, gate_bufs, up_bufs, ready_bars, empty_bars, h_ptr, tiles_ptr,
-        num_tiles_ptr, D, F, stride_h_p, num_programs,
+        rows_bufs, gate_bufs, up_bufs, ready_bars, empty_bars, h_ptr, units_ptr,
+        num_units_ptr, D, F, stride_h_p, num_programs,
     ) = shared  # fmt: skip
-    num_row_tiles = gl.load(num_tiles_ptr)
+    num_units = gl.load(num_units_ptr)
     num_blocks_n = F // BLOCK_N
     k_steps = gl.cdiv(D, BLOCK_K)
-    num_tiles = num_row_tiles * num_blocks_n
+    STAGES: gl.constexpr = gate_bufs.type.shape[0]
     pid = gl.program_id(0)
-    my_tiles = gl.cdiv(gl.maximum(num_tiles - pid, 0), num_programs)
-    ring = (main_bufs, tail_bufs, gate_bufs, up_bufs, ready_bars, empty_bars)
+    my_tiles = gl.cdiv(gl.maximum(num_units * num_blocks_n - pid, 0), num_programs)
+    ring = (rows_bufs[CONSUMER], gate_bufs, up_bufs, ready_bars, empty_bars)
     for i in range(my_tiles):
-        pid_m, pid_n = tile_coords(pid + i * num_programs, num_row_tiles, num_blocks_n, GROUP_M)
-        entry = gl.load(tiles_ptr + pid_m)
-        first_row = (entry // 4) * BLOCK_M
-        height = entry % 4
-        out = (h_ptr, stride_h_p, first_row, pid_n)
-        if height == 3:
-            _tile(ring, out, i * k_steps, k_steps, BLOCK_M, BLOCK_N, True, True)
-        elif height == 2:
-            _tile(ring, out, i * k_steps, k_steps, BLOCK_M, BLOCK_N, True, False)
+        pid_m, pid_n = tile_coords(pid + i * num_programs, num_units, num_blocks_n, GROUP_M)
+        first_block, first, second = _halves(gl.load(units_ptr + pid_m))
+        if CONSUMER == 0:
+            height = first
+            first_row = first_block * BLOCK_M
         else:
-            _tile(ring, out, i * k_steps, k_steps, BLOCK_M, BLOCK_N, False, True)
+            height = second
+            first_row = (first_block + first) * BLOCK_M
+        out = (h_ptr, stride_h_p, first_row, pid_n)
+        step = i * k_steps
+        if height == 3:
+            _tile(ring, out, step, k_steps, BLOCK_M, BLOCK_N, True, True)
+        elif height == 2:
+            _tile(ring, out, step, k_steps, BLOCK_M, BLOCK_N, True, False)
+        elif height == 1:
+            _tile(ring, out, step, k_steps, BLOCK_M, BLOCK_N, False, True)
+        else:  # no rows of this unit: pace the ring, releasing each slot once
+            for _ in range(k_steps):
+                slot = step % STAGES
+                mbarrier.wait(ready_bars.index(slot), (step // STAGES) & 1)
+                mbarrier.arrive(empty_bars.index(slot))
+                step += 1
 
 
 @gluon.jit
@@ -163,11 +199,13 @@ def _tile(
     ring, out, step, k_steps, ROW_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
     MAIN: gl.constexpr, TAIL: gl.constexpr,
 ):  # fmt: skip
-    """One tile's K loop and epilogue: MAIN, its first two row blocks (an accumulator of
-    BLOCK_N x 128 a product); TAIL, one more block (BLOCK_N x 64) after MAIN's or alone."""
-    main_bufs, tail_bufs, gate_bufs, up_bufs, ready_bars, empty_bars = ring
+    """One warp group's K loop and epilogue of a unit: MAIN, its first two row blocks (an
+    accumulator of BLOCK_N x 128 a product); TAIL, one more block (BLOCK_N x 64) after
+    MAIN's or alone."""
+    rows_bufs, gate_bufs, up_bufs, ready_bars, empty_bars = ring
+    main_bufs, tail_bufs = rows_bufs
     h_ptr, stride_h_p, first_row, pid_n = out
-    STAGES: gl.constexpr = tail_bufs.type.shape[0]
+    STAGES: gl.constexpr = gate_bufs.type.shape[0]
     WARPS: gl.constexpr = gl.num_warps()
     MAIN_ROWS: gl.constexpr = 2 * ROW_BLOCK
     TAIL_AT: gl.constexpr = MAIN_ROWS if MAIN else 0
@@ -237,46 +275,59 @@ def _swiglu_store_rows(acc_gate, acc_up, h_ptr, stride_h_p, first_row, pid_n, WA
 
 @gluon.jit
 def gate_up_rows_kernel(
-    a_desc, w_desc, h_ptr, tiles_ptr, num_tiles_ptr, block_expert_ptr, D, F, stride_h_p,
+    a_desc, w_desc, h_ptr, units_ptr, num_units_ptr, block_expert_ptr, D, F, stride_h_p,
     num_programs, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
     STAGES: gl.constexpr,
 ):  # fmt: skip
     """h[row] <- SwiGLU of the gathered row through its expert's gate and up rows, by
-    tiles of `row_tiles_kernel`'s table (module docstring): a_desc boxes 64 x BLOCK_K of
+    units of `row_units_kernel`'s table (module docstring): a_desc boxes 64 x BLOCK_K of
     the gathered rows (P x D, in 64-row blocks), w_desc BLOCK_N x BLOCK_K of the weights
-    viewed (E 2F) x D; num_programs programs, each walking every num_programs-th tile."""
+    viewed (E 2F) x D; num_programs programs, each walking every num_programs-th tile
+    (unit and strip of columns)."""
     ROWS: gl.constexpr = a_desc.block_type.shape[0]
     main_shape: gl.constexpr = [STAGES, 2 * ROWS, BLOCK_K]
     tail_shape: gl.constexpr = [STAGES, ROWS, BLOCK_K]
     w_shape: gl.constexpr = [STAGES] + w_desc.block_type.shape  # noqa: RUF005
-    # (a shared buffer's dimensions are powers of two too: 128 rows and 64 apart)
-    main_bufs = gl.allocate_shared_memory(a_desc.dtype, main_shape, a_desc.layout)
-    tail_bufs = gl.allocate_shared_memory(a_desc.dtype, tail_shape, a_desc.layout)
+    # each consumer's rows: two blocks and one apart (a shared buffer's dimensions are
+    # powers of two too)
+    rows_bufs = (
+        (
+            gl.allocate_shared_memory(a_desc.dtype, main_shape, a_desc.layout),
+            gl.allocate_shared_memory(a_desc.dtype, tail_shape, a_desc.layout),
+        ),
+        (
+            gl.allocate_shared_memory(a_desc.dtype, main_shape, a_desc.layout),
+            gl.allocate_shared_memory(a_desc.dtype, tail_shape, a_desc.layout),
+        ),
+    )
     gate_bufs = gl.allocate_shared_memory(w_desc.dtype, w_shape, w_desc.layout)
     up_bufs = gl.allocate_shared_memory(w_desc.dtype, w_shape, w_desc.layout)
-    ready_bars, empty_bars, _ = common.ring_barriers(STAGES)
+    ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready_bars.index(i), count=1)
+        mbarrier.init(empty_bars.index(i), count=2)  # both consumers release a slot
     loader_args = (
-        a_desc, w_desc, main_bufs, tail_bufs, gate_bufs, up_bufs, ready_bars, empty_bars,
-        tiles_ptr, num_tiles_ptr, block_expert_ptr, D, F, num_programs, BLOCK_N, BLOCK_K,
-        GROUP_M,
+        a_desc, w_desc, rows_bufs, gate_bufs, up_bufs, ready_bars, empty_bars, units_ptr,
+        num_units_ptr, block_expert_ptr, D, F, num_programs, BLOCK_N, BLOCK_K, GROUP_M,
     )  # fmt: skip
     consumer_args = (
-        main_bufs, tail_bufs, gate_bufs, up_bufs, ready_bars, empty_bars, h_ptr, tiles_ptr,
-        num_tiles_ptr, D, F, stride_h_p, num_programs,
+        rows_bufs, gate_bufs, up_bufs, ready_bars, empty_bars, h_ptr, units_ptr,
+        num_units_ptr, D, F, stride_h_p, num_programs,
     )  # fmt: skip
     common.specialize(
         _mma_partition, consumer_args, _load_partition, loader_args, ROWS, BLOCK_N, BLOCK_K,
-        GROUP_M, False,
+        GROUP_M, True,
     )  # fmt: skip
 
 
-KERNELS = (row_tiles_kernel, tma_tiles.gather_rows_kernel, gate_up_rows_kernel)
+KERNELS = (row_units_kernel, tma_tiles.gather_rows_kernel, gate_up_rows_kernel)
 
 
 def shared_bytes(config: dict, element_bytes: int) -> int:
-    """Shared memory the config takes at most: its ring (three row blocks and two weight
-    boxes a stage) and its epilogue's scratch."""
-    rows = MAX_ROW_BLOCKS * ROW_BLOCK
+    """Shared memory the config takes at most: its ring (six row blocks and two weight
+    boxes a stage) and its two consumers' epilogue scratch."""
+    rows = MAX_UNIT_BLOCKS * ROW_BLOCK
     ring = config["STAGES"] * (rows + 2 * config["BLOCK_N"]) * config["BLOCK_K"] * element_bytes
     return ring + common.SCRATCH_BYTES
 
@@ -294,18 +345,18 @@ def candidates(D: int, F: int, element_bytes: int) -> list[dict]:
     return configs
 
 
-def row_tiles(alignment, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tiles, num_tiles) of `row_tiles_kernel` for a 64-row alignment, on its device."""
+def row_units(alignment, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(units, num_units) of `row_units_kernel` for a 64-row alignment, on its device."""
     assert alignment.block_m == ROW_BLOCK and alignment.padded_ends_E is not None
     device = alignment.block_expert_B.device
-    tiles_R = torch.empty(alignment.max_blocks, device=device, dtype=torch.int32)
-    num_tiles_1 = torch.empty(1, device=device, dtype=torch.int32)
+    units_R = torch.empty(alignment.max_blocks, device=device, dtype=torch.int32)
+    num_units_1 = torch.empty(1, device=device, dtype=torch.int32)
     launch(
-        row_tiles_kernel, (1,), alignment.padded_ends_E, tiles_R, num_tiles_1, num_experts,
+        row_units_kernel, (1,), alignment.padded_ends_E, units_R, num_units_1, num_experts,
         BLOCK_E=next_power_of_2(num_experts), ROW_BLOCK=ROW_BLOCK,
-        MAX_ROW_BLOCKS=MAX_ROW_BLOCKS, num_warps=4,
+        MAX_UNIT_BLOCKS=MAX_UNIT_BLOCKS, num_warps=4,
     )  # fmt: skip
-    return tiles_R, num_tiles_1
+    return units_R, num_units_1
 
 
 def launch_gate_up(
@@ -317,21 +368,21 @@ def launch_gate_up(
     config: dict,
     programs_max: int,
 ) -> None:
-    """`gluon_gate_up.launch_gate_up`'s h_PF from a 64-row alignment: the tile table,
+    """`gluon_gate_up.launch_gate_up`'s h_PF from a 64-row alignment: the unit table,
     the gather of x's rows, then `gate_up_rows_kernel` on at most `programs_max`
     programs; w_gate_up_E2FD contiguous."""
     E, two_f, D = w_gate_up_E2FD.shape
     F = two_f // 2
     block_n, block_k = config["BLOCK_N"], config["BLOCK_K"]
-    tiles_R, num_tiles_1 = row_tiles(alignment, E)
+    units_R, num_units_1 = row_units(alignment, E)
     a_PD = tma_tiles.gathered_rows(x_TD, alignment, top_k)
     programs = min(alignment.max_blocks * (F // block_n), programs_max)
     launch(
         gate_up_rows_kernel, (programs,),
         common.descriptor(a_PD, [ROW_BLOCK, block_k]),
         common.descriptor(w_gate_up_E2FD.view(E * two_f, D), [block_n, block_k]),
-        h_PF, tiles_R, num_tiles_1, alignment.block_expert_B, D, F, h_PF.stride(0),
+        h_PF, units_R, num_units_1, alignment.block_expert_B, D, F, h_PF.stride(0),
         programs, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
-        STAGES=config["STAGES"], num_warps=8,
-        maxnreg=common.max_registers({"BLOCK_M": 2 * ROW_BLOCK}),
+        STAGES=config["STAGES"], num_warps=4,
+        maxnreg=common.max_registers({"BLOCK_M": 2 * ROW_BLOCK, "PINGPONG": True}),
     )  # fmt: skip
