@@ -106,8 +106,8 @@ VARIANTS = {
     # Gluon's warp-specialised tile (gluon_gate_up.py; Hopper only)
     "Gluon": {"GLUON_WS": True, "STAGES": 4},
     # the swapped experiment: 64-row alignment, tiles of 64-192 rows (gluon_gate_up_rows.py)
-    "Gluon rows": {"GLUON_ROWS": True, "STAGES": 3},
-    "Gluon rows, K32": {"GLUON_ROWS": True, "STAGES": 6, "BLOCK_K": 32},
+    "Gluon rows": {"GLUON_ROWS": True, "STAGES": 3, "BLOCK_N": 64},
+    "Gluon rows, K32": {"GLUON_ROWS": True, "STAGES": 6, "BLOCK_N": 64, "BLOCK_K": 32},
 }
 DOWN_VARIANTS = {
     "pointer": {},
@@ -148,11 +148,13 @@ def probe(
     D: int, F: int, E: int, K: int, rows_per_expert: list[int], block_m: int,
     warm_s: float, rounds: int, device: str, dtype: torch.dtype, gemm: str = "gate_up",
     group_ms: tuple[int, ...] = (8,), only: tuple[str, ...] = (),
+    token_counts: tuple[int, ...] = (),
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """{"<rows> <variant>": {"ms": median, "max_diff": largest |output - first variant's
     output| on the real rows}} for each rows-per-expert count and `gemm`'s variants (those
     named in `only`, if any), at each GROUP_M of `group_ms` (labelled " G<n>" when more
-    than one)."""
+    than one); and for each of `token_counts`, the same on random routing ("<T>tok": each
+    token's K experts drawn uniformly, so the experts' rows vary as a layer's do)."""
     from moebench.impls.triton.align import align_to_blocks
     from moebench.impls.triton.layer import launch_down, launch_gate_up
     from moebench.impls.triton.tma import multiprocessors
@@ -171,13 +173,18 @@ def probe(
     runs: dict[str, Callable[[], object]] = {}
     outputs: dict[str, torch.Tensor] = {}
     real_rows: dict[str, torch.Tensor | slice] = {}
+    cases = []
     for rows in rows_per_expert:
         if rows * E % K:
             raise SystemExit(f"--rows {rows}: {rows} x {E} experts is no whole number of tokens")
         tokens = rows * E // K
-        x_TD = torch.randn(tokens, D, device=device, dtype=dtype, generator=gen)
         slots = torch.arange(tokens, device=device)[:, None] * K + torch.arange(K, device=device)
-        expert_ids = (slots % E).to(torch.int32)
+        cases.append((str(rows), tokens, (slots % E).to(torch.int32)))
+    for tokens in token_counts:
+        scores = torch.rand(tokens, E, device=device, generator=gen)
+        cases.append((f"{tokens}tok", tokens, scores.topk(K, dim=1).indices.to(torch.int32)))
+    for rows, tokens, expert_ids in cases:
+        x_TD = torch.randn(tokens, D, device=device, dtype=dtype, generator=gen)
         alignments = {block_m: align_to_blocks(expert_ids, E, block_m)}
         alignment = alignments[block_m]
         if gemm == "down":  # down's input: h's rows; its output: one row an assignment
@@ -244,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         "--rows", type=int, nargs="+", default=[256, 288, 320, 384],
         help="rows every expert gets, one run of each variant per count",
     )  # fmt: skip
+    parser.add_argument(
+        "--tokens", type=int, nargs="+", default=[], metavar="T",
+        help="also T tokens routed at random (each token's top_k experts drawn uniformly)",
+    )  # fmt: skip
     parser.add_argument("--gemm", default="gate_up", choices=sorted(GEMMS))
     parser.add_argument("--block-m", type=int, default=128, choices=(64, 128))
     parser.add_argument(
@@ -264,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         allowed = sorted(GEMMS[args.gemm])
         parser.error(f"--only: no {args.gemm} variant {unknown}; allowed: {allowed}")
+    if args.tokens and min(args.tokens) < 1:
+        parser.error(f"--tokens {min(args.tokens)}: route at least 1 token")
     if min(args.group_m) < 1:
         parser.error(f"--group-m {min(args.group_m)}: a group holds at least 1 row block")
     interpreted = bool(triton.knobs.runtime.interpret)
@@ -279,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float16 if interpreted else torch.bfloat16  # (numpy has no bfloat16)
     found = probe(
         D, F, E, K, args.rows, args.block_m, args.warm_s, args.rounds, device, dtype, args.gemm,
-        tuple(args.group_m), tuple(args.only),
+        tuple(args.group_m), tuple(args.only), tuple(args.tokens),
     )  # fmt: skip
     what = "h" if args.gemm == "gate_up" else "out"
     print(

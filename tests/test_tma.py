@@ -203,9 +203,34 @@ def test_tail_probe_races_the_tile_order_and_it_changes_no_bit(tmp_path):
     assert found["136 TMA, GATHER_A, HALF_TAIL G2"]["max_diff"] <= 2e-2
 
 
+@needs_kernels
+def test_tail_probe_routes_tokens_at_random_too(tmp_path):
+    """--tokens: T tokens on random routing beside the even rows ("<T>tok"), every
+    variant's output on each assignment equal to the first's."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "tail_probe.py"))
+    out = tmp_path / "tail.json"
+    args = ["--shape", "64", "128", "4", "2", "--rows", "32", "--tokens", "50", "--block-m", "64"]
+    args += ["--only", "pointer", "TMA, GATHER_A, HALF_TAIL"]
+    args += ["--warm-s", "0", "--rounds", "1", "--json", str(out)]
+    assert script["main"](args) == 0
+    found = json.loads(out.read_text())
+    names = ("pointer", "TMA, GATHER_A, HALF_TAIL")
+    assert set(found) == {f"{case} {name}" for case in ("32", "50tok") for name in names}
+    assert found["50tok TMA, GATHER_A, HALF_TAIL"]["max_diff"] <= 2e-2
+    assert found["50tok pointer"]["ms"] > 0
+
+
 @pytest.mark.parametrize(
     "args, message",
-    [(["--only", "TMA, TWO_DOTS"], "no gate_up variant"), (["--group-m", "0"], "at least 1")],
+    [
+        (["--only", "TMA, TWO_DOTS"], "no gate_up variant"),
+        (["--group-m", "0"], "at least 1"),
+        (["--tokens", "0"], "route at least 1 token"),
+    ],
 )
 def test_tail_probe_names_a_bad_option(args, message, capsys):
     import runpy
