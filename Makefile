@@ -55,7 +55,7 @@ KERNEL_TESTS := tests/test_triton.py tests/test_route_kernel.py tests/test_route
   tests/test_tma.py tests/test_shipped_tuning.py tests/test_parallel_compile.py \
   tests/test_offline_compile.py tests/test_gluon_down.py tests/test_gluon_gate_up.py \
   tests/test_gluon_probe.py tests/test_forward_plan.py tests/test_merge_tail.py \
-  tests/test_stage_probe.py tests/test_gluon_gate_up_rows.py
+  tests/test_stage_probe.py
 
 $(KVENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(KVENV)

@@ -42,11 +42,10 @@
 #             $OUT/tail_probe_gate_up.json and tail_probe_down.json (the layer races
 #             them by default since version 31; MOEBENCH_MERGE_TAIL=0: not)
 #   tail-ncu  Nsight Compute's counters on scripts/tail_probe.py's gate_up tiles (the TMA
-#             one, the Gluon one and version 39's swapped Gluon one, every expert given 256
-#             rows and then 288: a tail of 32), on Mixtral-8x7B's shape (GPU_PRESETS:
-#             other presets, space-separated):
+#             one and the Gluon one, every expert given 256 rows and then 288: a tail of
+#             32), on Mixtral-8x7B's shape (GPU_PRESETS: other presets, space-separated):
 #             what bounds a full tile and what a tail's costs; $OUT/tail_ncu_PRESET.txt
-#             (triton/NOTES.md, version 38's item 0)
+#             (triton/NOTES.md, version 39)
 #   stages    scripts/stage_probe.py: what each stage of the fused layer (Router, alignment,
 #             each GEMM, the sum over slots) adds to a graphed call's critical path
 #             (GPU_POINTS: PRESET:TOKENS list; default the points issue 14 misses; GPU_AB:
@@ -255,18 +254,17 @@ for step in "$@"; do
       ncu --import "$out/ncu.ncu-rep" --page details > "$out/ncu.txt" 2>&1
       ;;
     tail-ncu)
-      # the first launch of each, profiled: the TMA tile, the Gluon one and the swapped
-      # Gluon one at 256 rows an expert (two full blocks) and at 288 (a tail of 32); one
-      # report a preset
+      # the first launch of each, profiled: the TMA tile and the Gluon one at 256 rows an
+      # expert (two full blocks) and at 288 (a tail of 32); one report a preset
       for preset in ${GPU_PRESETS:-mixtral-8x7b}; do
         timed ncu --clock-control none \
-          -k 'regex:gate_up_tma_kernel|gate_up_ws_kernel|gate_up_rows_kernel' -c 6 \
+          -k 'regex:gate_up_tma_kernel|gate_up_ws_kernel' -c 4 \
           --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
           --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
           --section SchedulerStats --section InstructionStats --section SourceCounters \
           -o "$out/tail_ncu_$preset" -f python3 scripts/tail_probe.py \
           --preset "$preset" --rows 256 288 \
-          --only "TMA, GATHER_A, HALF_TAIL" Gluon "Gluon rows" --warm-s 0.1 --rounds 1
+          --only "TMA, GATHER_A, HALF_TAIL" Gluon --warm-s 0.1 --rounds 1
         ncu --import "$out/tail_ncu_$preset.ncu-rep" --page details \
           > "$out/tail_ncu_$preset.txt" 2>&1
         rm -f "$out/tail_ncu_$preset.ncu-rep"  # (the text holds what it says)

@@ -21,16 +21,14 @@ with HALF_TAIL beside `merge_tail.py`'s (a tail of at most half a block computed
 its expert's block before it), with and without GATHER_A, and merge_tail.py's 128-wide
 tile on 16 warps (W16); the pointer tile 64 wide with HALF_TAIL beside merge_tail.py's,
 and its 128-wide one on 16 warps; on a Hopper card, Gluon's warp-specialised tile
-(`gluon_gate_up.py`), and version 39's experiment with the products swapped
-(`gluon_gate_up_rows.py`, "Gluon rows": its own alignment to 64-row blocks, tiles of
-64-192 rows; outputs compared by assignment). The down variants: the pointer and TMA
-tiles 128 columns wide, with and without HALF_TAIL, and merge_tail.py's; the TMA tile
-256 wide with HALF_TAIL beside merge_tail.py's on 8 and 16 warps; on a Hopper card,
-`gluon_down.py`'s 256-wide tile. The card's clock falls under its power cap within a
-second of GEMMs, so every variant is run for `--warm-s` seconds, then all are timed in
-turns, `--rounds` times (median, ms). Each variant's output (h, or the per-assignment
-rows of down) on the real rows is also compared with the first variant's: the largest
-difference is printed beside its time (0 where they agree bit for bit).
+(`gluon_gate_up.py`). The down variants: the pointer and TMA tiles 128 columns wide,
+with and without HALF_TAIL, and merge_tail.py's; the TMA tile 256 wide with HALF_TAIL
+beside merge_tail.py's on 8 and 16 warps; on a Hopper card, `gluon_down.py`'s 256-wide
+tile. The card's clock falls under its power cap within a second of GEMMs, so every
+variant is run for `--warm-s` seconds, then all are timed in turns, `--rounds` times
+(median, ms). Each variant's output (h, or the per-assignment rows of down) on the real
+rows is also compared with the first variant's: the largest difference is printed beside
+its time (0 where they agree bit for bit).
 
 Under Triton's interpreter (`TRITON_INTERPRET=1`) it runs on a CPU at a small `--shape`
 in float16, for the tests: nothing there is worth timing. For where the time goes inside
@@ -105,9 +103,6 @@ VARIANTS = {
     },
     # Gluon's warp-specialised tile (gluon_gate_up.py; Hopper only)
     "Gluon": {"GLUON_WS": True, "STAGES": 4},
-    # the swapped experiment: 64-row alignment, tiles of 64-192 rows (gluon_gate_up_rows.py)
-    "Gluon rows": {"GLUON_ROWS": True, "STAGES": 3, "BLOCK_N": 64},
-    "Gluon rows, K32": {"GLUON_ROWS": True, "STAGES": 6, "BLOCK_N": 64, "BLOCK_K": 32},
 }
 DOWN_VARIANTS = {
     "pointer": {},
@@ -157,15 +152,13 @@ def probe(
     token's K experts drawn uniformly, so the experts' rows vary as a layer's do)."""
     from moebench.impls.triton.align import align_to_blocks
     from moebench.impls.triton.layer import launch_down, launch_gate_up
-    from moebench.impls.triton.tma import multiprocessors
 
     gen = torch.Generator(device=device).manual_seed(0)
     w_E2FD = torch.randn(E, 2 * F, D, device=device, dtype=dtype, generator=gen) * 0.02
     w_down_EFD = torch.randn(E, F, D, device=device, dtype=dtype, generator=gen) * 0.02
     variants = {}
     for name, variant in GEMMS[gemm].items():
-        gluon = variant.get("GLUON_WS") or variant.get("GLUON_ROWS")
-        if (only and name not in only) or (gluon and device == "cpu"):
+        if (only and name not in only) or (variant.get("GLUON_WS") and device == "cpu"):
             continue  # (Gluon has no interpreter)
         for group_m in group_ms:
             label = name + (f" G{group_m}" if len(group_ms) > 1 else "")
@@ -185,8 +178,7 @@ def probe(
         cases.append((f"{tokens}tok", tokens, scores.topk(K, dim=1).indices.to(torch.int32)))
     for rows, tokens, expert_ids in cases:
         x_TD = torch.randn(tokens, D, device=device, dtype=dtype, generator=gen)
-        alignments = {block_m: align_to_blocks(expert_ids, E, block_m)}
-        alignment = alignments[block_m]
+        alignment = align_to_blocks(expert_ids, E, block_m)
         if gemm == "down":  # down's input: h's rows; its output: one row an assignment
             h_PF = torch.randn(alignment.max_rows, F, device=device, dtype=dtype, generator=gen)
             gate_A = torch.rand(tokens * K, device=device, dtype=dtype, generator=gen)
@@ -194,24 +186,9 @@ def probe(
             config = tile(block_m, variant, device == "cpu", group_m)
             label = f"{rows} {name}"
             if gemm == "gate_up":
-                if variant.get("GLUON_ROWS"):  # (its own alignment, to 64 rows)
-                    from moebench.impls.triton import gluon_gate_up_rows
-
-                    config["BLOCK_M"] = gluon_gate_up_rows.ROW_BLOCK
-                    if config["BLOCK_M"] not in alignments:
-                        alignments[config["BLOCK_M"]] = align_to_blocks(
-                            expert_ids, E, config["BLOCK_M"]
-                        )
-                mine = alignments[config["BLOCK_M"]]
-                out = torch.zeros(mine.max_rows, F, device=device, dtype=dtype)
-                if variant.get("GLUON_ROWS"):
-                    run = functools.partial(
-                        gluon_gate_up_rows.launch_gate_up, x_TD, w_E2FD, out, mine, K, config,
-                        multiprocessors(out.device),
-                    )  # fmt: skip
-                else:
-                    run = functools.partial(launch_gate_up, config, x_TD, w_E2FD, out, mine, K)
-                real_rows[label] = mine.row_of_assign_A.long()  # (each assignment's row)
+                out = torch.zeros(alignment.max_rows, F, device=device, dtype=dtype)
+                run = functools.partial(launch_gate_up, config, x_TD, w_E2FD, out, alignment, K)
+                real_rows[label] = alignment.row_of_assign_A.long()  # (each assignment's row)
             else:
                 out = torch.zeros(tokens * K, D, device=device, dtype=dtype)
                 run = functools.partial(
