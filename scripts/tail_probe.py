@@ -176,25 +176,26 @@ def probe(
     for tokens in token_counts:
         scores = torch.rand(tokens, E, device=device, generator=gen)
         cases.append((f"{tokens}tok", tokens, scores.topk(K, dim=1).indices.to(torch.int32)))
-    for rows, tokens, expert_ids in cases:
+    for case, tokens, expert_ids in cases:
         x_TD = torch.randn(tokens, D, device=device, dtype=dtype, generator=gen)
         alignment = align_to_blocks(expert_ids, E, block_m)
-        if gemm == "down":  # down's input: h's rows; its output: one row an assignment
+        if gemm == "gate_up":  # each assignment's row of h
+            real_rows[case] = alignment.row_of_assign_A.long()
+        else:  # down's input: h's rows; its output: one row an assignment, all real
+            real_rows[case] = slice(None)
             h_PF = torch.randn(alignment.max_rows, F, device=device, dtype=dtype, generator=gen)
             gate_A = torch.rand(tokens * K, device=device, dtype=dtype, generator=gen)
         for name, (variant, group_m) in variants.items():
             config = tile(block_m, variant, device == "cpu", group_m)
-            label = f"{rows} {name}"
+            label = f"{case} {name}"
             if gemm == "gate_up":
                 out = torch.zeros(alignment.max_rows, F, device=device, dtype=dtype)
                 run = functools.partial(launch_gate_up, config, x_TD, w_E2FD, out, alignment, K)
-                real_rows[label] = alignment.row_of_assign_A.long()  # (each assignment's row)
             else:
                 out = torch.zeros(tokens * K, D, device=device, dtype=dtype)
                 run = functools.partial(
                     launch_down, config, h_PF, w_down_EFD, gate_A, out, alignment
                 )
-                real_rows[label] = slice(None)
             outputs[label] = out
             runs[label] = run
     # warmed up together, to the clock the power cap keeps; then timed in turns
@@ -205,9 +206,10 @@ def probe(
     times = timing.in_turns(sides, rounds)
     found = {}
     for label, out in outputs.items():
-        first_label = f"{label.split()[0]} {next(iter(variants))}"
-        first = outputs[first_label][real_rows[first_label]]
-        diff = (out[real_rows[label]].float() - first.float()).abs().max()
+        case = label.split()[0]
+        real = real_rows[case]
+        first = outputs[f"{case} {next(iter(variants))}"]
+        diff = (out[real].float() - first[real].float()).abs().max()
         found[label] = {"ms": times[label], "max_diff": float(diff)}
     return found
 
