@@ -223,6 +223,38 @@ def test_tail_probe_routes_tokens_at_random_too(tmp_path):
     assert found["50tok pointer"]["ms"] > 0
 
 
+@needs_kernels
+def test_tail_probe_reports_one_wrong_assignment_row(monkeypatch, tmp_path):
+    """The probe's comparison is a check: a variant that overwrites one assignment's row
+    of h with ones (after its real launch; h's values are about 0.01 here) shows the
+    difference, on even rows and on random routing, while the unchanged variant shows
+    none."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    from moebench.impls.triton import layer
+
+    real_launch = layer.launch_gate_up
+
+    def one_row_wrong(config, x_TD, w_E2FD, out, alignment, top_k, *rest):
+        real_launch(config, x_TD, w_E2FD, out, alignment, top_k, *rest)
+        if config.get("TMA"):
+            out[alignment.row_of_assign_A[-1].long()] = 1.0
+
+    monkeypatch.setattr(layer, "launch_gate_up", one_row_wrong)
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "tail_probe.py"))
+    out = tmp_path / "tail.json"
+    args = ["--shape", "64", "128", "4", "2", "--rows", "32", "--tokens", "50", "--block-m", "64"]
+    args += ["--only", "pointer", "TMA, GATHER_A, HALF_TAIL"]
+    args += ["--warm-s", "0", "--rounds", "1", "--json", str(out)]
+    assert script["main"](args) == 0
+    found = json.loads(out.read_text())
+    for case in ("32", "50tok"):
+        assert found[f"{case} pointer"]["max_diff"] == 0
+        assert found[f"{case} TMA, GATHER_A, HALF_TAIL"]["max_diff"] > 0.9, found
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
