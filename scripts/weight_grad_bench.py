@@ -9,9 +9,6 @@ computing dW_gate_up (E x 2F x D) and dW_down (E x F x D): torch's grouped GEMM,
 Triton kernel alone (its best tile; the bandwidth of the bytes it writes), `zero_()` on
 the same bytes (a write ceiling), and the path the backward takes (the tuner's choice of
 the two up to `weight_grad.FEW_ROWS_BLOCK_M` rows per block, else the grouped GEMM).
-With `--tma`, also the experiment `weight_grad_tma.py` (tiles stored by TMA, one a program
-or persistent): its best config, its rate, and its largest difference from the shipped
-kernel's output (0: the same bits).
 """
 
 from __future__ import annotations
@@ -20,11 +17,12 @@ import argparse
 
 import torch
 
-from moebench.impls.triton.align import Alignment
 from moebench.presets import PRESETS
 
 
-def time_gradient(alignment: Alignment, width: int, D: int, key: str, tma: bool) -> str:
+def time_gradient(
+    rows: int, width: int, D: int, ends_E: torch.Tensor, block_m: int, key: str
+) -> str:
     """One E x width x D gradient from random rows: the grouped GEMM, the Triton kernel
     alone (its best tile), `zero_` on the same bytes, and the backward's own choice."""
     from triton.testing import do_bench
@@ -36,93 +34,36 @@ def time_gradient(alignment: Alignment, width: int, D: int, key: str, tma: bool)
         weight_grad_choice,
     )
 
-    ends_E, rows, block_m = alignment.padded_ends_E, alignment.max_rows, alignment.block_m
     a_PM = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
-    # zeros on padding rows, as the backward's a operands (dh~, h times the gate weight)
-    a_PM[alignment.sorted_ids_P >= alignment.num_assign] = 0
     b_PD = torch.randn(rows, D, device="cuda", dtype=torch.bfloat16)
     terabytes = ends_E.numel() * width * D * 2 / 1e12
 
     def kernel_only() -> torch.Tensor:
         return expert_weight_grad(a_PM, b_PD, ends_E, block_m, key + " kernel only", None)
 
+    # the best of the kernel's tiles (on a Hopper card the persistent TMA-store ones too)
     triton_ms = do_bench(kernel_only)
     grouped_ms = do_bench(lambda: weight_grad(a_PM, b_PD, ends_E))
     chosen_ms = do_bench(lambda: expert_weight_grad(a_PM, b_PD, ends_E, block_m, key, weight_grad))
     choice = weight_grad_choice(a_PM, b_PD, ends_E, block_m, key, weight_grad)
-    chosen = "grouped" if choice == GROUPED_GEMM else "triton"
+    chosen = "grouped" if choice == GROUPED_GEMM else f"triton {choice}"
     # The first 16 experts' gradients in float32 (all of them would need 60 GB here).
     expected = weight_grad(a_PM, b_PD, ends_E)[:16].float()
     got = kernel_only()
     zero_ms = do_bench(got.zero_)
     got = kernel_only()[:16].float()
     error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
-    line = (
+    return (
         f"{grouped_ms:.3f}, {triton_ms:.3f} ({terabytes / triton_ms * 1e3:.2f}),"
         f" {zero_ms:.3f} ({terabytes / zero_ms * 1e3:.2f}) err {error:.1e};"
         f" backward {chosen_ms:.3f} ({chosen})"
     )
-    if tma:
-        for variant in ("tma", "flat"):
-            line += "; " + time_tma(a_PM, b_PD, alignment, kernel_only(), terabytes, variant)
-    return line
-
-
-def time_tma(
-    a_PM: torch.Tensor,
-    b_PD: torch.Tensor,
-    alignment: Alignment,
-    shipped: torch.Tensor,
-    terabytes: float,
-    variant: str,
-) -> str:
-    """The experiment's configs of one variant ("tma", "tma skip": with SKIP_PADDING,
-    "walk": `weight_grad_walk_kernel`): the best one's ms (TB/s written) and config, and
-    its output's largest difference from the shipped kernel's (`shipped`)."""
-    from triton.testing import do_bench
-
-    from moebench.impls.triton import weight_grad_tma
-
-    out = torch.empty_like(shipped)
-    timed = []
-    ends_E, ids_P, num_assign = (
-        alignment.padded_ends_E,
-        alignment.sorted_ids_P,
-        alignment.num_assign,
-    )
-
-    def run(config: dict) -> None:
-        if config.get("FLAT"):
-            weight_grad_tma.launch_flat(a_PM, b_PD, ends_E, out, config)
-        elif config.get("WALK"):
-            weight_grad_tma.launch_walk(a_PM, b_PD, ends_E, out, config)
-        else:
-            weight_grad_tma.launch(a_PM, b_PD, ends_E, ids_P, num_assign, out, config)
-
-    if variant == "flat":
-        configs = weight_grad_tma.flat_candidates(alignment.block_m)
-    elif variant == "walk":
-        configs = weight_grad_tma.walk_candidates(alignment.block_m)
-    else:
-        configs = weight_grad_tma.candidates(skip_padding=variant == "tma skip")
-    for config in configs:
-        if weight_grad_tma.fits(config, out.shape[1], out.shape[2]):
-            timed.append((do_bench(lambda c=config: run(c)), config))
-    ms, best = min(timed, key=lambda pair: pair[0])
-    run(best)
-    difference = max(
-        float((out[e].float() - shipped[e].float()).abs().max()) for e in range(out.shape[0])
-    )
-    return f"{variant} {ms:.3f} ({terabytes / ms * 1e3:.2f}) {best} max diff {difference:g}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", nargs="+", default=["deepseek-v3", "qwen3-30b-a3b"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 64, 1024, 8192])
-    parser.add_argument(
-        "--tma", action="store_true", help="also time the TMA-store experiment (weight_grad_tma.py)"
-    )
     args = parser.parse_args()
     unknown = [p for p in args.preset if p not in PRESETS]
     if unknown:
@@ -148,14 +89,14 @@ def main() -> None:
             expert_ids_TK = scores_TE.topk(K, dim=1).indices.to(torch.int32)
             block_m = tuning.block_m_for(tokens, K, E)
             alignment = align_to_blocks(expert_ids_TK, E, block_m)
+            ends_E, rows = alignment.padded_ends_E, alignment.max_rows
             # the tuning keys read only shapes and the dtype: no memory behind them
             x_TD = torch.empty(tokens, D, device="meta", dtype=dtype)
             w_down_EFD = torch.empty(E, F, D, device="meta", dtype=dtype)
             line = [f"{preset} {tokens} {block_m}"]
             for name, width, layout in (("gate_up", 2 * F, "kmajor"), ("down", F, "nmajor")):
                 key = tuning.key(f"weight_grad_{name}", x_TD, w_down_EFD, K, layout)
-                gradient = time_gradient(alignment, width, D, key, args.tma)
-                line.append(f"{name}: {gradient}")
+                line.append(f"{name}: " + time_gradient(rows, width, D, ends_E, block_m, key))
             print(" | ".join(line), flush=True)
             torch.cuda.empty_cache()
 

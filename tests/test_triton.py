@@ -129,6 +129,68 @@ def test_few_rows_weight_grad_matches_a_per_expert_loop(dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_persistent_weight_grad_tiles_store_the_same_bits_by_tma(dtype):
+    """The persistent TMA-store tiles (a Hopper card's or the interpreter's candidates at
+    widths they divide): each program walks several tiles (the interpreter launches 3,
+    the card 2 a multiprocessor for 7 experts' 8-32 tiles), experts with no rows get
+    zeros, and every tile has the bits of the same tile stored one a program."""
+    from moebench.impls.triton import tma, weight_grad
+
+    if KERNEL_DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter computes in numpy, which has no bfloat16")
+    device = torch.device(KERNEL_DEVICE)
+    if not tma.available(device):
+        pytest.skip("TMA stores need a Hopper card (or Triton's interpreter)")
+    gen = torch.Generator().manual_seed(1)
+    counts = [0, 5, 0, 17, 1, 40, 0]
+    ends_E = torch.tensor(counts).cumsum(0).to(torch.int32).to(device)
+    M, N, P = 128, 256, sum(counts) + 9
+    a_PM = torch.randn(P, M, generator=gen).to(dtype).to(device)
+    b_PN = torch.randn(P, N, generator=gen).to(dtype).to(device)
+    a_PM[sum(counts) :] = float("nan")  # rows past the last end are never read
+    persistent = [
+        config
+        for block_m in (16, 64)
+        for config in weight_grad.candidates(block_m, False, M, N, tma=True)
+        if config.get("PROGRAMS_PER_SM")
+    ]
+    assert len(persistent) == 5
+    for config in persistent:
+        plain = {key: value for key, value in config.items() if key != "PROGRAMS_PER_SM"}
+        outs = []
+        for launched in (config, plain):
+            out_EMN = torch.full((len(counts), M, N), float("nan"), dtype=dtype, device=device)
+            weight_grad.launch(a_PM, b_PN, ends_E, out_EMN, launched)
+            outs.append(out_EMN)
+        assert torch.equal(outs[0], outs[1]), config
+        assert (outs[0][0] == 0).all() and (outs[0][-1] == 0).all()
+        expected = a_PM[5:22].float().t() @ b_PN[5:22].float()  # expert 3's 17 rows
+        torch.testing.assert_close(outs[0][3].float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@needs_kernels
+def test_persistent_weight_grad_tiles_refuse_widths_they_do_not_divide():
+    """A persistent config is raced only where its tiles divide the gradient; launched on
+    one they do not, it names itself and the widths instead of storing past a box."""
+    from moebench.impls.triton import weight_grad
+
+    assert not [
+        config
+        for config in weight_grad.candidates(64, False, 72, 136, tma=True)
+        if config.get("PROGRAMS_PER_SM")
+    ]
+    assert not [c for c in weight_grad.candidates(64, False) if c.get("PROGRAMS_PER_SM")]
+    config = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_R": 16, "num_warps": 4, "PROGRAMS_PER_SM": 2}
+    ends_E = torch.tensor([4, 8], dtype=torch.int32, device=KERNEL_DEVICE)
+    a_PM = torch.zeros(8, 72, dtype=torch.float16, device=KERNEL_DEVICE)
+    b_PN = torch.zeros(8, 136, dtype=torch.float16, device=KERNEL_DEVICE)
+    out_EMN = torch.empty(2, 72, 136, dtype=torch.float16, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="72 x 136"):
+        weight_grad.launch(a_PM, b_PN, ends_E, out_EMN, config)
+
+
+@needs_kernels
 def test_expert_weight_grad_takes_the_grouped_gemm_above_few_rows(tmp_path, monkeypatch):
     """Above FEW_ROWS_BLOCK_M rows per block the grouped GEMM is used untimed; without one
     (a dtype or width it cannot take) the Triton kernel stands in at any block size."""
@@ -155,7 +217,8 @@ def test_expert_weight_grad_takes_the_grouped_gemm_above_few_rows(tmp_path, monk
     # Few rows, and the tuner's cached choice is the grouped GEMM: no kernel launched.
     cache_file = tuning._device_file(torch.device(KERNEL_DEVICE))
     code = (weight_grad.weight_grad_kernel,)
-    configs = weight_grad.candidates(16, True)
+    tma_ok = weight_grad.tma_stores(a_PM.device, 40 * a_PM.element_size())
+    configs = weight_grad.candidates(16, True, 24, 40, tma_ok)
     fingerprint = tuning.code_fingerprint(code, configs, tuning.timing_way(graphed=False))
     cache_file.write_text(json.dumps({f"few {fingerprint}": weight_grad.GROUPED_GEMM}))
     tuning.TUNER._loaded.pop(cache_file, None)
