@@ -200,6 +200,11 @@ class _Launcher:
         key = (device, tuple(kwargs.items()), self.specialisations(backend, args))
         found = self.compiled.get(key)
         if found is None:
+            # A kernel first seen without a descriptor may take one later (the weight
+            # gradients' persistent tiles): a launcher that cannot expand it sends the
+            # kernel through the JIT from now on.
+            if not _launcher_expands_descriptors() and any(map(_is_tensor_descriptor, args)):
+                self.plain = True
             compiled = self.kernel[grid](*args, **kwargs)  # the JIT: compiles, launches
             if compiled is not None and hasattr(compiled, "packed_metadata"):
                 rest = tuple(kwargs.get(p.name, p.default) for p in self.params[len(args) :])

@@ -167,6 +167,49 @@ def test_a_tensor_descriptor_is_keyed_as_the_binder_keys_it() -> None:
         assert list(launcher.specialisations(backend, args)) == list(expected[:2])
 
 
+def test_a_descriptor_first_seen_later_takes_the_jit_where_the_launcher_cannot_expand_it(
+    monkeypatch,
+) -> None:
+    """A kernel first launched without a descriptor (a pointer, or None where the weight
+    gradients' plain tiles leave their descriptor out) and later with one: where Triton's
+    launcher does not expand descriptors, that launch and every later one go through the
+    JIT (the C launcher would be handed a Python object); where it does, the fast path
+    stays."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import JITFunction
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if fast_launch._native_specialize_impl() is None:
+        pytest.skip("this Triton has no native specialisation: every launch is plain")
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    source = torch.zeros(64, 64, dtype=torch.float16)
+    descriptor_args = (TensorDescriptor.from_tensor(source, [16, 16]), source)
+    monkeypatch.setattr(fast_launch, "_current_device", lambda: 0)
+    for expands in (False, True):
+        monkeypatch.setattr(fast_launch, "_launcher_expands_descriptors", lambda e=expands: e)
+        jit = JITFunction(getattr(_tile_copy_kernel, "fn", _tile_copy_kernel))
+        launcher = fast_launch._Launcher(jit, (source, source))  # no descriptor yet
+        assert not launcher.plain
+        launched = []
+        launcher.kernel = _FakeKernel(backend, launched)
+        launcher((1,), descriptor_args, {"BLOCK": 16})
+        assert launched == [(1,)]  # the first launch of a specialisation: the JIT's
+        assert launcher.plain is not expands
+
+
+class _FakeKernel:
+    """A JIT function's face to `_Launcher`: its device caches' backend, and `[grid]`
+    recording the launch (nothing compiles on a CPU)."""
+
+    def __init__(self, backend, launched: list):
+        self.device_caches = {0: (None, None, None, backend)}
+        self._launched = launched
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._launched.append(grid)
+
+
 def _jit_compiled() -> int:
     """How many kernels the JIT has compiled of `_scaled_copy_kernel` on this device."""
     return len(_scaled_copy_kernel.device_caches[torch.cuda.current_device()][0])
