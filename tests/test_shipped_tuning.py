@@ -7,10 +7,12 @@ an edit of a kernel, or a line added above one in its file, leaves every shipped
 that depends on it unmatched, and a card tunes again: version 17 lost its first shipped
 file so (NOTES.md). This recomputes the fingerprint of each shipped forward choice (the
 two GEMMs and the row-block race) under the card's versions, in a process without
-Triton's interpreter (whose kernels have no cache key). A GEMM's choice matches if it
-was made with the Gluon and merged-tail races in any of their states (on by default since
-version 31; both cards' shipped choices were made with both on, the H100's in version 32,
-the H200's in version 33), by one pass or with the run-off."""
+Triton's interpreter (whose kernels have no cache key), and of the backward's weight
+gradients (version 40 shipped the H100's again and dropped the H200's, which no longer
+matched). A GEMM's choice matches if it was made with the Gluon and merged-tail races in
+any of their states (on by default since version 31; both cards' shipped choices were
+made with both on, the H100's in version 32, the H200's in version 33), by one pass or
+with the run-off."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ CARD_TRITON, CARD_TORCH = "3.6.0", "2.11.0+cu130"
 
 CHECK = """
 import json, sys, torch
-from moebench.impls.triton import layer, tuning
+from moebench.impls.triton import layer, tuning, weight_grad
 
 tuning._version = lambda distribution: sys.argv[1]
 torch.__version__ = sys.argv[2]
@@ -51,7 +53,21 @@ for path in sorted(tuning.shipped_dir().glob("*.json")):
                 tuning.code_fingerprint(layer.BLOCK_M_CODE, configs, timed_by)
                 for timed_by in (tuning.timing_way(False, runoff) for runoff in (True, False))
             }
-        else:  # the backward's keys: other code, not checked here
+        elif kind.startswith("weight_grad_"):
+            # the block height is the alignment's, which the key leaves out: either side of
+            # the few-rows kernel's two candidate lists; both cards store by TMA and run
+            # torch's grouped GEMM on bfloat16
+            M = 2 * F if kind == "weight_grad_gate_up" else F
+            expected = {
+                tuning.code_fingerprint(
+                    (weight_grad.weight_grad_kernel,),
+                    weight_grad.candidates(block_m, True, M, D, store_tma=True),
+                    tuning.timing_way(False, runoff),
+                )
+                for block_m in (16, 64)
+                for runoff in (True, False)
+            }
+        else:  # dh and dx: other code, not checked here
             continue
         checked += 1
         if rest[-1] not in expected:
@@ -77,9 +93,9 @@ def _check(package_root: Path | None = None) -> dict:
     return json.loads(result.stdout)
 
 
-def test_every_shipped_forward_choice_matches_the_codes_fingerprint():
+def test_every_shipped_gemm_choice_matches_the_codes_fingerprint():
     found = _check()
-    assert found["checked"] > 0, "no shipped forward choice to check"
+    assert found["checked"] > 0, "no shipped choice to check"
     assert found["stale"] == [], (
         "shipped choices the code no longer matches (a kernel edited or moved in its "
         "file): tune them again on the card and `scripts/ship_tuning.py --replace`:\n"

@@ -152,7 +152,7 @@ def test_persistent_weight_grad_tiles_store_the_same_bits_by_tma(dtype):
     persistent = [
         config
         for block_m in (16, 64)
-        for config in weight_grad.candidates(block_m, False, M, N, tma=True)
+        for config in weight_grad.candidates(block_m, False, M, N, store_tma=True)
         if config.get("PROGRAMS_PER_SM")
     ]
     assert len(persistent) == 5
@@ -177,7 +177,7 @@ def test_persistent_weight_grad_tiles_refuse_widths_they_do_not_divide():
 
     assert not [
         config
-        for config in weight_grad.candidates(64, False, 72, 136, tma=True)
+        for config in weight_grad.candidates(64, False, 72, 136, store_tma=True)
         if config.get("PROGRAMS_PER_SM")
     ]
     assert not [c for c in weight_grad.candidates(64, False) if c.get("PROGRAMS_PER_SM")]

@@ -114,15 +114,16 @@ def _tile_sum(
 
 
 def candidates(
-    block_m: int, grouped_gemm: bool, M: int = 0, N: int = 0, tma: bool = False
+    block_m: int, grouped_gemm: bool, M: int = 0, N: int = 0, store_tma: bool = False
 ) -> list[dict]:
     """Tile shapes worth timing where the forward's row blocks hold `block_m` rows: wide
     along N (the gradient's contiguous dimension) so that each program writes whole
     128-byte lines, summing up to `block_m` rows per step (an expert's run is a whole
-    number of blocks). With `tma` (a Hopper card, or Triton's interpreter), the M x N
-    gradient's tiles that divide it also persistent, PROGRAMS_PER_SM programs a
-    multiprocessor storing by TMA (version 40 on an H100: at DeepSeek-V3's 1024 tokens
-    2-7% faster than one tile a program, at 64 tokens no faster). Then the grouped GEMM,
+    number of blocks). With `store_tma` (`tma_stores`: a Hopper card, or Triton's
+    interpreter), those of the tiles that divide the M x N gradient also persistent,
+    PROGRAMS_PER_SM programs a multiprocessor storing by TMA (version 40 on an H100: at
+    DeepSeek-V3's 1024 tokens 1-7% faster than one tile a program, at 64 tokens no
+    faster). Then the grouped GEMM,
     if it can run: last, because in Triton's interpreter (tests) the first candidate is
     taken untimed."""
     if block_m <= 32:
@@ -136,7 +137,7 @@ def candidates(
     tiles = [
         {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_R": r, "num_warps": warps} for m, n, r, warps in shapes
     ]
-    if tma:
+    if store_tma:
         tiles += [
             {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_R": r, "num_warps": warps, "PROGRAMS_PER_SM": 2}
             for m, n, r, warps in persistent
