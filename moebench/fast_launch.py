@@ -173,6 +173,8 @@ class _Launcher:
             # Gluon's descriptors: left to the JIT's own packing
             or getattr(kernel, "is_gluon", bool)()
             or any(p.annotation_type or p.do_not_specialize for p in params if not p.is_constexpr)
+            # a descriptor at the first launch: plain before the binder is asked to key
+            # it (`__call__` catches one that comes later)
             or (
                 any(_is_tensor_descriptor(arg) for arg in args)
                 and not _launcher_expands_descriptors()

@@ -165,7 +165,7 @@ def launch(
     per_sm = config.get("PROGRAMS_PER_SM")
     out_desc, programs = None, num_tiles
     if per_sm:
-        tma_ok = out_EMN.is_contiguous() and tma_stores(out_EMN.device, N * out_EMN.element_size())
+        tma_ok = tma.takes(out_EMN) and tma_stores(out_EMN.device, N * out_EMN.element_size())
         if M % block_m or N % block_n or not tma_ok:
             raise ValueError(f"{config} cannot store a {M} x {N} gradient by TMA here")
         from triton.tools.tensor_descriptor import TensorDescriptor
