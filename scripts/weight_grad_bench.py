@@ -8,7 +8,9 @@ aligns it, then the milliseconds (triton.testing.do_bench, median) of each way o
 computing dW_gate_up (E x 2F x D) and dW_down (E x F x D): torch's grouped GEMM, the
 Triton kernel alone (its best tile; the bandwidth of the bytes it writes), `zero_()` on
 the same bytes (a write ceiling), and the path the backward takes (the tuner's choice of
-the two up to `weight_grad.FEW_ROWS_BLOCK_M` rows per block, else the grouped GEMM).
+the two up to `weight_grad.FEW_ROWS_BLOCK_M` rows per block, else the grouped GEMM). The
+padding rows of `a` are zeros, as the backward's are; the kernel reads each expert's real
+rows alone (`Alignment.rows_E`), and once more all of its padded run ("padded").
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ import torch
 from moebench.presets import PRESETS
 
 
-def time_gradient(
-    rows: int, width: int, D: int, ends_E: torch.Tensor, block_m: int, key: str
-) -> str:
-    """One E x width x D gradient from random rows: the grouped GEMM, the Triton kernel
-    alone (its best tile), `zero_` on the same bytes, and the backward's own choice."""
+def time_gradient(alignment, width: int, D: int, key: str) -> str:
+    """One E x width x D gradient from random rows (zeros at padding): the grouped GEMM,
+    the Triton kernel alone (its best tile) over the real rows and over the padded runs,
+    `zero_` on the same bytes, and the backward's own choice."""
     from triton.testing import do_bench
 
     from moebench.impls.triton.backward import weight_grad
@@ -34,18 +35,25 @@ def time_gradient(
         weight_grad_choice,
     )
 
+    ends_E, block_m, rows_E = alignment.padded_ends_E, alignment.block_m, alignment.rows_E
+    rows = alignment.max_rows
     a_PM = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    a_PM[alignment.sorted_ids_P >= alignment.num_assign] = 0
     b_PD = torch.randn(rows, D, device="cuda", dtype=torch.bfloat16)
     terabytes = ends_E.numel() * width * D * 2 / 1e12
 
-    def kernel_only() -> torch.Tensor:
-        return expert_weight_grad(a_PM, b_PD, ends_E, block_m, key + " kernel only", None)
+    def kernel_only(rows_E=rows_E, suffix: str = "") -> torch.Tensor:
+        only = f"{key} kernel only{suffix}"
+        return expert_weight_grad(a_PM, b_PD, ends_E, block_m, only, None, rows_E)
 
     # the best of the kernel's tiles (on a Hopper card the persistent TMA-store ones too)
     triton_ms = do_bench(kernel_only)
+    padded_ms = do_bench(lambda: kernel_only(None, " padded"))
     grouped_ms = do_bench(lambda: weight_grad(a_PM, b_PD, ends_E))
-    chosen_ms = do_bench(lambda: expert_weight_grad(a_PM, b_PD, ends_E, block_m, key, weight_grad))
-    choice = weight_grad_choice(a_PM, b_PD, ends_E, block_m, key, weight_grad)
+    chosen_ms = do_bench(
+        lambda: expert_weight_grad(a_PM, b_PD, ends_E, block_m, key, weight_grad, rows_E)
+    )
+    choice = weight_grad_choice(a_PM, b_PD, ends_E, block_m, key, weight_grad, rows_E)
     chosen = "grouped" if choice == GROUPED_GEMM else f"triton {choice}"
     # The first 16 experts' gradients in float32 (all of them would need 60 GB here).
     expected = weight_grad(a_PM, b_PD, ends_E)[:16].float()
@@ -54,7 +62,8 @@ def time_gradient(
     got = kernel_only()[:16].float()
     error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
     return (
-        f"{grouped_ms:.3f}, {triton_ms:.3f} ({terabytes / triton_ms * 1e3:.2f}),"
+        f"{grouped_ms:.3f}, {triton_ms:.3f} ({terabytes / triton_ms * 1e3:.2f})"
+        f" padded {padded_ms:.3f},"
         f" {zero_ms:.3f} ({terabytes / zero_ms * 1e3:.2f}) err {error:.1e};"
         f" backward {chosen_ms:.3f} ({chosen})"
     )
@@ -77,7 +86,7 @@ def main() -> None:
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     print(
-        "preset tokens block_m | gradient: grouped_mm ms, triton ms (TB/s written),"
+        "preset tokens block_m | gradient: grouped_mm ms, triton ms (TB/s written) padded ms,"
         " zero_ ms (TB/s), relative error; backward ms (its path)"
     )
     for preset in args.preset:
@@ -89,14 +98,13 @@ def main() -> None:
             expert_ids_TK = scores_TE.topk(K, dim=1).indices.to(torch.int32)
             block_m = tuning.block_m_for(tokens, K, E)
             alignment = align_to_blocks(expert_ids_TK, E, block_m)
-            ends_E, rows = alignment.padded_ends_E, alignment.max_rows
             # the tuning keys read only shapes and the dtype: no memory behind them
             x_TD = torch.empty(tokens, D, device="meta", dtype=dtype)
             w_down_EFD = torch.empty(E, F, D, device="meta", dtype=dtype)
             line = [f"{preset} {tokens} {block_m}"]
             for name, width, layout in (("gate_up", 2 * F, "kmajor"), ("down", F, "nmajor")):
                 key = tuning.key(f"weight_grad_{name}", x_TD, w_down_EFD, K, layout)
-                line.append(f"{name}: " + time_gradient(rows, width, D, ends_E, block_m, key))
+                line.append(f"{name}: " + time_gradient(alignment, width, D, key))
             print(" | ".join(line), flush=True)
             torch.cuda.empty_cache()
 

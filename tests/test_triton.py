@@ -55,12 +55,14 @@ needs_cuda = pytest.mark.skipif(
     ],
 )
 def test_alignment_pads_each_expert_to_whole_blocks(tokens, num_experts, top_k, block_m):
+    from moebench.impls.triton import align
     from moebench.impls.triton.align import align_to_blocks, max_padded_rows
 
     generator = torch.Generator().manual_seed(tokens)
     scores_TE = torch.rand(tokens, num_experts, generator=generator)
     expert_ids_TK = scores_TE.topk(top_k, dim=1).indices.to(KERNEL_DEVICE)
     a = align_to_blocks(expert_ids_TK, num_experts, block_m)
+    rows_E = None if a.rows_E is None else a.rows_E.cpu()
     a, expert_ids_TK = (
         type(a)(*(t.cpu() for t in (a.sorted_ids_P, a.block_expert_B, a.num_padded_1,
                                      a.padded_ends_E, a.row_of_assign_A)),
@@ -90,6 +92,9 @@ def test_alignment_pads_each_expert_to_whole_blocks(tokens, num_experts, top_k, 
         assert (flat_experts[valid] == expert).all()
     # Each expert's run: its real rows first, then padding up to whole blocks.
     counts_E = torch.bincount(flat_experts, minlength=num_experts).tolist()
+    # the real rows of each expert, where the alignment keeps them (all but decode's)
+    assert rows_E is None or rows_E.tolist() == counts_E
+    assert rows_E is not None or tokens * top_k <= align.SMALL_ASSIGNMENTS
     start = 0
     for expert, count in enumerate(counts_E):
         run = ids[start : start + count]
@@ -130,6 +135,44 @@ def test_few_rows_weight_grad_matches_a_per_expert_loop(dtype):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weight_grad_reads_each_experts_real_rows_alone(dtype):
+    """Given each expert's real rows (`rows_E`), every tile (one a program and, where TMA
+    stores run, persistent) sums those alone: the padding rows after them hold NaN here,
+    which any tile reading them would carry into its expert's gradient; and the sums are
+    the bits of the same tiles over zero padding rows without `rows_E`."""
+    from moebench.impls.triton import tma, weight_grad
+
+    if KERNEL_DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter computes in numpy, which has no bfloat16")
+    device = torch.device(KERNEL_DEVICE)
+    gen = torch.Generator().manual_seed(2)
+    rows_E = torch.tensor([0, 5, 0, 17, 1, 40, 64, 0], dtype=torch.int32)
+    padded_E = (rows_E + 63) // 64 * 64  # runs padded to 64-row blocks, as the forward's
+    ends_E = padded_E.cumsum(0).to(torch.int32)
+    M, N, P = 128, 256, int(ends_E[-1])
+    a_PM = torch.randn(P, M, generator=gen).to(dtype)
+    b_PN = torch.randn(P, N, generator=gen).to(dtype)
+    padding_P = torch.ones(P, dtype=torch.bool)
+    for end, padded, rows in zip(ends_E.tolist(), padded_E.tolist(), rows_E.tolist()):
+        padding_P[end - padded : end - padded + rows] = False
+    zero_padded_PM = a_PM.masked_fill(padding_P[:, None], 0.0).to(device)
+    a_PM = a_PM.masked_fill(padding_P[:, None], float("nan")).to(device)
+    b_PN, ends_E, rows_E = b_PN.to(device), ends_E.to(device), rows_E.to(device)
+    configs = weight_grad.candidates(64, False, M, N, store_tma=tma.available(device))
+    for config in configs:
+        outs = []
+        for a, rows in ((a_PM, rows_E), (zero_padded_PM, None)):
+            out_EMN = torch.full((len(padded_E), M, N), float("nan"), dtype=dtype, device=device)
+            weight_grad.launch(a, b_PN, ends_E, out_EMN, config, rows)
+            outs.append(out_EMN)
+        assert torch.equal(outs[0], outs[1]), config
+        start = int(ends_E[4])  # expert 5's 40 real rows
+        expected = a_PM[start : start + 40].float().t() @ b_PN[start : start + 40].float()
+        torch.testing.assert_close(outs[0][5].float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_persistent_weight_grad_tiles_store_the_same_bits_by_tma(dtype):
     """The persistent TMA-store tiles (a Hopper card's or the interpreter's candidates at
     widths they divide): each program walks several tiles (the interpreter launches 3,
@@ -155,7 +198,7 @@ def test_persistent_weight_grad_tiles_store_the_same_bits_by_tma(dtype):
         for config in weight_grad.candidates(block_m, False, M, N, store_tma=True)
         if config.get("PROGRAMS_PER_SM")
     ]
-    assert len(persistent) == 5
+    assert len(persistent) == 7
     for config in persistent:
         plain = {key: value for key, value in config.items() if key != "PROGRAMS_PER_SM"}
         outs = []

@@ -65,6 +65,9 @@ class Alignment:
     row_of_assign_A: torch.Tensor | None  # int32 row of each assignment (inverse of sorted)
     num_assign: int  # A
     block_m: int
+    # int32 assignments of each expert: the real rows that begin its run, the rest padding
+    # (None from the one-program decode alignment, which keeps its counts in registers)
+    rows_E: torch.Tensor | None = None
 
     @property
     def per_assignment(self) -> bool:
@@ -370,7 +373,7 @@ def align_to_blocks(
             BLOCK_E=next_power_of_2(num_experts), BLOCKS_PER_STEP=BLOCKS_PER_STEP,
             PDL=pdl, num_warps=8, launch_pdl=pdl,
         )  # fmt: skip
-        return Alignment(*outputs, num_assign, block_m)
+        return Alignment(*outputs, num_assign, block_m, counts_E)
     counts_E = torch.zeros(num_experts, device=device, dtype=torch.int32)
     rank_A = torch.empty(num_assign, device=device, dtype=torch.int32)
     launch(
@@ -388,7 +391,7 @@ def align_to_blocks(
         BLOCK=COUNT_BLOCK, BLOCK_M=block_m, BLOCK_E=block_e, BLOCKS_PER_STEP=BLOCKS_PER_STEP,
         PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
-    return Alignment(*outputs, num_assign, block_m)
+    return Alignment(*outputs, num_assign, block_m, counts_E)
 
 
 def per_assignment_blocks(expert_ids_TK: torch.Tensor, block_m: int) -> Alignment:

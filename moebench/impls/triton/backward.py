@@ -32,8 +32,8 @@ never read them.
 
 The two weight gradients go through `weight_grad.expert_weight_grad`: where experts see
 a few rows each (the forward's row blocks at most FEW_ROWS_BLOCK_M) they are a streaming
-write rather than FLOPs, and a Triton kernel that writes each tile once races the grouped
-GEMM in the tuner.
+write rather than FLOPs, and a Triton kernel that writes each tile once, from each
+expert's real rows alone (`Alignment.rows_E`), races the grouped GEMM in the tuner.
 
 dh~ and dx go through `rows_times_weights`: the forward's down kernel without its
 scatter (`kernels.launch_rows`: each padded row times its block's expert's weights, in
@@ -326,8 +326,9 @@ def fused_backward(
     def expert_grads(name: str, a_PM: torch.Tensor, b_PD: torch.Tensor, w_EKN: torch.Tensor):
         grouped = weight_grad if _grouped_ok(a_PM, b_PD) else None
         return expert_weight_grad(
-            a_PM, b_PD, ends_E, alignment.block_m, key(f"weight_grad_{name}", w_EKN), grouped
-        )
+            a_PM, b_PD, ends_E, alignment.block_m, key(f"weight_grad_{name}", w_EKN), grouped,
+            alignment.rows_E,
+        )  # fmt: skip
 
     dW_down_EFD = expert_grads("down", h_weighted_PF, dy_rows_PD, w_down_EFD)
     dW_gate_up_E2FD = expert_grads(

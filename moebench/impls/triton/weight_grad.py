@@ -42,27 +42,29 @@ GROUPED_GEMM = {"kernel": "grouped_mm"}
 
 @triton.jit
 def weight_grad_kernel(
-    a_ptr, b_ptr, out_ptr, out_desc, ends_ptr, M, N, stride_a_p, stride_b_p, stride_out_e,
-    stride_out_m, num_tiles, num_programs, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, STORE_TMA: tl.constexpr,
+    a_ptr, b_ptr, out_ptr, out_desc, ends_ptr, rows_ptr, M, N, stride_a_p, stride_b_p,
+    stride_out_e, stride_out_m, num_tiles, num_programs, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STORE_TMA: tl.constexpr,
+    REAL_ROWS: tl.constexpr,
 ):  # fmt: skip
-    """out[e, m, n] = sum over rows r of expert e (ends[e - 1] <= r < ends[e]) of
-    a[r, m] b[r, n], summed in float32; tiles numbered per (expert, M tile, N tile), N
-    tiles fastest so that neighbouring tiles write neighbouring memory. One tile a program
-    stored by pointers, or (STORE_TMA) num_programs programs walking tiles pid, pid +
-    num_programs, ..., each stored through out_desc (boxes of out viewed (E M) x N; M and
-    N whole tiles), so that a tile's store runs under the program's next tile."""
+    """out[e, m, n] = sum over rows r of expert e (ends[e - 1] <= r < ends[e], or with
+    REAL_ROWS the first rows[e] of them) of a[r, m] b[r, n], summed in float32; tiles
+    numbered per (expert, M tile, N tile), N tiles fastest so that neighbouring tiles
+    write neighbouring memory. One tile a program stored by pointers, or (STORE_TMA)
+    num_programs programs walking tiles pid, pid + num_programs, ..., each stored through
+    out_desc (boxes of out viewed (E M) x N; M and N whole tiles), so that a tile's store
+    runs under the program's next tile."""
     if STORE_TMA:
         for tile_id in range(tl.program_id(0), num_tiles, num_programs):
             acc, expert, first_m, first_n = _tile_sum(
-                a_ptr, b_ptr, ends_ptr, tile_id, M, N, stride_a_p, stride_b_p, BLOCK_R,
-                BLOCK_M, BLOCK_N,
+                a_ptr, b_ptr, ends_ptr, rows_ptr, tile_id, M, N, stride_a_p, stride_b_p,
+                BLOCK_R, BLOCK_M, BLOCK_N, REAL_ROWS,
             )  # fmt: skip
             out_desc.store([expert * M + first_m, first_n], acc.to(out_desc.dtype))
     else:
         acc, expert, first_m, first_n = _tile_sum(
-            a_ptr, b_ptr, ends_ptr, tl.program_id(0), M, N, stride_a_p, stride_b_p, BLOCK_R,
-            BLOCK_M, BLOCK_N,
+            a_ptr, b_ptr, ends_ptr, rows_ptr, tl.program_id(0), M, N, stride_a_p, stride_b_p,
+            BLOCK_R, BLOCK_M, BLOCK_N, REAL_ROWS,
         )  # fmt: skip
         offs_m = first_m + tl.arange(0, BLOCK_M)
         offs_n = first_n + tl.arange(0, BLOCK_N)
@@ -78,8 +80,9 @@ def weight_grad_kernel(
 
 @triton.jit
 def _tile_sum(
-    a_ptr, b_ptr, ends_ptr, tile_id, M, N, stride_a_p, stride_b_p, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    a_ptr, b_ptr, ends_ptr, rows_ptr, tile_id, M, N, stride_a_p, stride_b_p,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    REAL_ROWS: tl.constexpr,
 ):  # fmt: skip
     """(tile `tile_id`'s float32 sum, its expert, its first row and first column)."""
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -93,7 +96,8 @@ def _tile_sum(
     m_ok = offs_m < M
     n_ok = offs_n < N
     start = tl.load(ends_ptr + expert - 1, mask=expert > 0, other=0)
-    end = tl.load(ends_ptr + expert)
+    # REAL_ROWS: the run's padding rows (zeros, adding nothing) are not read at all
+    end = start + tl.load(rows_ptr + expert) if REAL_ROWS else tl.load(ends_ptr + expert)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for first in range(start, end, BLOCK_R):
         rows = first + tl.arange(0, BLOCK_R)
@@ -123,7 +127,8 @@ def candidates(
     interpreter), those of the tiles that divide the M x N gradient also persistent,
     PROGRAMS_PER_SM programs a multiprocessor storing by TMA (version 40 on an H100: at
     DeepSeek-V3's 1024 tokens 1-7% faster than one tile a program, at 64 tokens no
-    faster). Then the grouped GEMM,
+    faster; at 64-row blocks steps of 16 rows too since version 41, where the real rows
+    alone are summed). Then the grouped GEMM,
     if it can run: last, because in Triton's interpreter (tests) the first candidate is
     taken untimed."""
     if block_m <= 32:
@@ -134,6 +139,7 @@ def candidates(
         shapes = [(64, 256, 64, 8), (128, 128, 64, 8), (64, 128, 64, 4), (64, 256, 32, 4)]
         shapes += [(128, 256, 32, 8), (64, 256, 16, 4)]
         persistent = [(128, 128, 32, 4), (64, 256, 32, 4), (64, 128, 32, 4)]
+        persistent += [(128, 128, 16, 4), (64, 256, 16, 4)]
     tiles = [
         {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_R": r, "num_warps": warps} for m, n, r, warps in shapes
     ]
@@ -154,10 +160,14 @@ def tma_stores(device: torch.device, row_bytes: int) -> bool:
 
 def launch(
     a_PM: torch.Tensor, b_PN: torch.Tensor, ends_E: torch.Tensor, out_EMN: torch.Tensor,
-    config: dict,
+    config: dict, rows_E: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
     """out_EMN[e] <- a_PM[rows of e]^T @ b_PN[rows of e] (`weight_grad_kernel`): one tile
-    a program, or with PROGRAMS_PER_SM that many a multiprocessor storing by TMA."""
+    a program, or with PROGRAMS_PER_SM that many a multiprocessor storing by TMA. The rows
+    of e run from ends_E[e - 1] to ends_E[e], or where `rows_E` is given only its first
+    rows_E[e] of them (the rest padding rows of zeros in a_PM, which add nothing): at
+    64-row blocks, about half of them padding at DeepSeek-V3's 1024 tokens, reading the
+    real rows alone took 2-7% off both gradients on an H100 (NOTES.md, version 41)."""
     E, M, N = out_EMN.shape
     assert a_PM.stride(1) == 1 and b_PN.stride(1) == 1 and out_EMN.stride(2) == 1
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
@@ -174,10 +184,10 @@ def launch(
         programs = min(num_tiles, per_sm * tma.multiprocessors(out_EMN.device))
     fast_launch.launch(
         weight_grad_kernel, (programs,),
-        a_PM, b_PN, out_EMN, out_desc, ends_E, M, N, a_PM.stride(0), b_PN.stride(0),
-        out_EMN.stride(0), out_EMN.stride(1), num_tiles, programs,
-        BLOCK_R=config["BLOCK_R"], BLOCK_M=block_m, BLOCK_N=block_n,
-        STORE_TMA=bool(per_sm), num_warps=config["num_warps"],
+        a_PM, b_PN, out_EMN, out_desc, ends_E, ends_E if rows_E is None else rows_E, M, N,
+        a_PM.stride(0), b_PN.stride(0), out_EMN.stride(0), out_EMN.stride(1), num_tiles,
+        programs, BLOCK_R=config["BLOCK_R"], BLOCK_M=block_m, BLOCK_N=block_n,
+        STORE_TMA=bool(per_sm), REAL_ROWS=rows_E is not None, num_warps=config["num_warps"],
     )  # fmt: skip
 
 
@@ -191,12 +201,14 @@ def expert_weight_grad(
     block_m: int,
     tuning_key: str,
     grouped_gemm: GroupedGemm | None,
+    rows_E: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per expert e: a_PM[rows of e]^T @ b_PN[rows of e], as E x M x N in a_PM's dtype
     (experts with no rows get zeros), from `weight_grad_kernel` or `grouped_gemm(a_PM,
-    b_PN, ends_E)` (None where it cannot run), whichever `weight_grad_choice` picks."""
-    config = weight_grad_choice(a_PM, b_PN, ends_E, block_m, tuning_key, grouped_gemm)
-    return _run(a_PM, b_PN, ends_E, config, grouped_gemm)
+    b_PN, ends_E)` (None where it cannot run), whichever `weight_grad_choice` picks;
+    `rows_E`: each expert's real rows, read alone by the kernel (`launch`)."""
+    config = weight_grad_choice(a_PM, b_PN, ends_E, block_m, tuning_key, grouped_gemm, rows_E)
+    return _run(a_PM, b_PN, ends_E, config, grouped_gemm, rows_E)
 
 
 def weight_grad_choice(
@@ -206,6 +218,7 @@ def weight_grad_choice(
     block_m: int,
     tuning_key: str,
     grouped_gemm: GroupedGemm | None,
+    rows_E: torch.Tensor | None = None,
 ) -> dict:
     """The path `expert_weight_grad` takes: GROUPED_GEMM above FEW_ROWS_BLOCK_M rows per
     block (untimed), else the faster of the kernel's tiles and the grouped GEMM for
@@ -222,7 +235,7 @@ def weight_grad_choice(
             b_PN.shape[1],
             tma_stores(a_PM.device, b_PN.shape[1] * a_PM.element_size()),
         ),
-        lambda config: _run(a_PM, b_PN, ends_E, config, grouped_gemm),
+        lambda config: _run(a_PM, b_PN, ends_E, config, grouped_gemm, rows_E),
         code=(weight_grad_kernel,),
         precompile=True,
     )
@@ -234,11 +247,12 @@ def _run(
     ends_E: torch.Tensor,
     config: dict,
     grouped_gemm: GroupedGemm | None,
+    rows_E: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if config == GROUPED_GEMM:
         return grouped_gemm(a_PM, b_PN, ends_E)
     # allocated only on this path: the grouped GEMM brings its own (22.5 GB for
     # DeepSeek-V3's two gradients, which a spare buffer would add to the peak)
     out_EMN = a_PM.new_empty(ends_E.numel(), a_PM.shape[1], b_PN.shape[1])
-    launch(a_PM, b_PN, ends_E, out_EMN, config)
+    launch(a_PM, b_PN, ends_E, out_EMN, config, rows_E)
     return out_EMN
