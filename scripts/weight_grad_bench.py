@@ -16,13 +16,17 @@ rows alone (`Alignment.rows_E`), and once more all of its padded run ("padded").
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 import torch
 
 from moebench.presets import PRESETS
 
+if TYPE_CHECKING:  # (the module imports Triton, which main checks for first)
+    from moebench.impls.triton.align import Alignment
 
-def time_gradient(alignment, width: int, D: int, key: str) -> str:
+
+def time_gradient(alignment: Alignment, width: int, D: int, key: str) -> str:
     """One E x width x D gradient from random rows (zeros at padding): the grouped GEMM,
     the Triton kernel alone (its best tile) over the real rows and over the padded runs,
     `zero_` on the same bytes, and the backward's own choice."""
