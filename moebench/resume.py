@@ -2,8 +2,10 @@
 
 `open_for_resume` opens an existing run folder under its lock, removes the temporaries an
 interrupted writer left, refuses a suite whose resolved case list is not the one the run
-was started with (naming the difference), and returns the cases already done (a part that
-cannot be read is not done: a warning says so and the case runs again).
+was started with (naming the difference), or a timing other than the run's (a suite's
+budget edited since, or `run --budget-ms` / `--max-repeats` left out of the resume: its
+cases would be timed two ways under one run.json), and returns the cases already done (a
+part that cannot be read is not done: a warning says so and the case runs again).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ def open_for_resume(
     cases: list[Case],
     suite_name: str,
     warn: Callable[[str], None] | None = None,
+    timing: dict[str, Any] | None = None,
 ) -> tuple[ResultStore, set[str], dict[str, Any]]:
-    """(the run's store, locked; the case ids done; its run.json) or StoreError."""
+    """(the run's store, locked; the case ids done; its run.json) or StoreError; `timing`:
+    how this command times a case (run.json's `timing`), refused if the run's differs."""
     store = ResultStore.open(out_root, run_id)
     store.lock()
     try:
@@ -40,6 +44,7 @@ def open_for_resume(
                 f"{store.parts_dir} (start a new run, or `moebench show {store.run_dir}`)"
             ) from exc
         check_same_cases(store, meta, cases, suite_name)
+        check_same_timing(store, meta, timing)
         if store.read_cases() is None:  # a run from before the list was kept: keep it now
             store.write_cases([(case.case_id, case.label()) for case in cases])
         done = store.done_case_ids(warn)
@@ -47,6 +52,29 @@ def open_for_resume(
         store.unlock()
         raise
     return store, done, meta
+
+
+def check_same_timing(
+    store: ResultStore, meta: dict[str, Any], timing: dict[str, Any] | None
+) -> None:
+    """StoreError unless `timing` agrees with the run's recorded timing on every key both
+    hold (a run from before a key was recorded is not judged on it)."""
+    started = meta.get("timing") or {}
+    differ = sorted(
+        key for key in started.keys() & (timing or {}).keys() if started[key] != timing[key]
+    )
+    if not differ:
+        return
+    was = ", ".join(f"{key} {started[key]:g}" for key in differ)
+    now = ", ".join(f"{key} {timing[key]:g}" for key in differ)
+    how = ""
+    if meta.get("run_argv"):
+        command = resume_command(meta["run_argv"], store.run_id)
+        how = f"; the command that finishes it as it started: `{command}`"
+    raise StoreError(
+        f"cannot resume {store.run_id}: it was timed with {was}, this command times with "
+        f"{now} (its cases would be timed two ways){how}"
+    )
 
 
 def check_same_cases(

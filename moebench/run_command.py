@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from typing import Any
 
@@ -33,6 +34,7 @@ RUN_EXAMPLES = """examples:
   moebench run smoke --filter impl=grouped,reference --filter 'E8k2'
   moebench run smoke --plugin my_moe.py --impls my-moe,reference  # your layer
   moebench run default --shard 2/4                # a quarter (moebench merge)
+  moebench run peers --budget-ms 3000 --max-repeats 400  # time cases longer
   moebench run default --resume default-20261125-182722-9706  # finish a run
 
 """
@@ -44,9 +46,10 @@ RUN_EXITS = """exit codes:
   2    bad input, one line each: a suite that does not load (file, table, key
        and what is allowed), a --filter that matches nothing, an --impls name
        that is no implementation or that leaves no case, a bad --out or
-       --shard, a --resume of another suite's run, of a run in use or of an
-       unknown run id (the known ones are listed), a suite of more than 10,000
-       cases without --yes
+       --shard, a --budget-ms that is not a positive time under the suite's
+       timeout, a --max-repeats below its min_repeats, a --resume of another
+       suite's run, of a run in use or of an unknown run id (the known ones are
+       listed), a suite of more than 10,000 cases without --yes
   130  interrupted (Ctrl-C, SIGTERM, SIGHUP): finished cases are kept, the
        results consolidated, and the exact command that resumes the run is
        printed"""
@@ -166,6 +169,9 @@ def main(args: argparse.Namespace, console: Console) -> int:
     if args.threads is not None and args.threads < 1:
         error(console, f"--threads must be at least 1, got {args.threads}")
         return EXIT_BAD_INPUT
+    if problem := timing_override_problem(args, suite):
+        error(console, problem)
+        return EXIT_BAD_INPUT
     if distributed.is_follower():
         return distributed.follow(tuple(args.plugin))
     if args.resume:  # an unknown run id is said before the run's header, not after it
@@ -196,16 +202,20 @@ def main(args: argparse.Namespace, console: Console) -> int:
         return EXIT_BAD_INPUT
     profile = ProfileOptions(trace=args.profile, nvtx=args.nvtx)
     plan = TimingPlan(
-        budget_ms=suite.budget_ms,
+        budget_ms=suite.budget_ms if args.budget_ms is None else args.budget_ms,
         warmup=suite.warmup,
         warmup_ms=suite.warmup_ms,
         min_repeats=suite.min_repeats,
-        max_repeats=suite.max_repeats,
+        max_repeats=suite.max_repeats if args.max_repeats is None else args.max_repeats,
     )
+    overridden = ""
+    if args.budget_ms is not None or args.max_repeats is not None:
+        overridden = f"; timed {plan.budget_ms:g} ms, at most {plan.max_repeats} calls a case"
     say(
         console,
         (suite.name, "bold"),
-        f": {len(cases)} cases on {suite.device} (timeout {suite.timeout_s:g} s per case)",
+        f": {len(cases)} cases on {suite.device} (timeout {suite.timeout_s:g} s per case"
+        f"{overridden})",
     )
     run_argv = without_resume(getattr(args, "argv", None) or sys.argv[1:])
     progress = None
@@ -294,6 +304,21 @@ def _confirm_size(cases: list[Any], suite: Any, console: Console) -> bool:
     return False
 
 
+def timing_override_problem(args: argparse.Namespace, suite: Any) -> str | None:
+    """What is wrong with `--budget-ms` and `--max-repeats` against `suite`, or None."""
+    budget_ms, max_repeats = args.budget_ms, args.max_repeats
+    if budget_ms is not None and not (math.isfinite(budget_ms) and budget_ms > 0):
+        return f"--budget-ms must be a positive number of milliseconds, got {budget_ms:g}"
+    if budget_ms is not None and budget_ms >= suite.timeout_s * 1e3:
+        return (
+            f"--budget-ms {budget_ms:g} is not under the suite's timeout of "
+            f"{suite.timeout_s:g} s a case: every case would time out"
+        )
+    if max_repeats is not None and max_repeats < suite.min_repeats:
+        return f"--max-repeats {max_repeats} is below the suite's min_repeats ({suite.min_repeats})"
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The suite and run's options."""
     parser.add_argument(
@@ -362,6 +387,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="I/N",
         help="run shard I of N (from 1): a deterministic share of the cases, balanced by "
         "expected cost; join the shards' runs with `moebench merge`",
+    )
+    parser.add_argument(
+        "--budget-ms",
+        type=float,
+        metavar="MS",
+        help="time each case for MS milliseconds instead of the suite's budget_ms (two "
+        "layers a few percent apart need more calls than a sweep); in run.json's timing",
+    )
+    parser.add_argument(
+        "--max-repeats",
+        type=int,
+        metavar="N",
+        help="at most N timed calls a case instead of the suite's max_repeats (at least its "
+        "min_repeats); with --budget-ms, so that the budget is not cut by the suite's cap",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 if any case is not ok")
     parser.add_argument(

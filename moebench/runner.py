@@ -400,7 +400,8 @@ def run_cases(
 
     out_root = Path(out_root)
     if resume:
-        store, done, meta_all = open_for_resume(out_root, resume, cases, suite_name, warn)
+        timing = (meta or {}).get("timing")
+        store, done, meta_all = open_for_resume(out_root, resume, cases, suite_name, warn, timing)
         meta_all.setdefault("resumed_at", []).append(datetime.now(UTC).isoformat())
     else:
         store = ResultStore.create(out_root, new_run_id(suite_name))

@@ -65,7 +65,9 @@
 # (GPU_FILTER="preset=deepseek-v3;mode=train;impl=triton,moe-ops"); a value may be a
 # wildcard (GPU_FILTER="impl=grouped,moe-ops,hf-*:grouped_mm,hf-*:batched_mm": the peers
 # but `reference` and the transformers blocks' slow `eager` loops). GPU_PROFILE=1 adds
-# --profile (where each case's time goes) to every suite step.
+# --profile (where each case's time goes) to every suite step; GPU_BUDGET_MS=MS and
+# GPU_MAX_REPEATS=N time each case for longer than the suite says (--budget-ms,
+# --max-repeats: two layers a few percent apart, GPU_BUDGET_MS=3000 GPU_MAX_REPEATS=400).
 #
 # Steps run in the order given, all inside GPU_DEADLINE_S seconds (default 570, under the
 # device tool's 10-minute call): a step still running at the deadline gets SIGTERM, which
@@ -163,6 +165,8 @@ suite() {  # a suite into this step's results root (GPU_FILTER: --filter for eve
   local options=()
   [ -n "${GPU_RESUME:-}" ] && options+=(--resume "$GPU_RESUME")
   [ -n "${GPU_PROFILE:-}" ] && options+=(--profile)
+  [ -n "${GPU_BUDGET_MS:-}" ] && options+=(--budget-ms "$GPU_BUDGET_MS")
+  [ -n "${GPU_MAX_REPEATS:-}" ] && options+=(--max-repeats "$GPU_MAX_REPEATS")
   timed python3 -m moebench run "$@" "${filters[@]}" --out "$root" --quiet "${options[@]}"
 }
 
