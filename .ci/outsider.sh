@@ -106,6 +106,17 @@ assert plugins["outsider-moe"]["distribution"] == "outsider-moe-moebench", plugi
 assert plugins["outsider-moe"]["version"] == "0.1.0", plugins
 EOF
 
+step "the suite timed longer than it says (--budget-ms, --max-repeats), a bad value refused"
+expect_exit 0 moebench run bench/moebench.toml --budget-ms 40 --max-repeats 60 --out longer --quiet
+python - <<'EOF'
+import json, pathlib
+(run_json,) = pathlib.Path("longer").glob("*/run.json")
+timing = json.loads(run_json.read_text())["timing"]
+assert timing["budget_ms"] == 40 and timing["max_repeats"] == 60, timing
+EOF
+expect_exit 2 moebench run bench/moebench.toml --budget-ms 0 --out longer
+grep -q "must be a positive number of milliseconds" "$work/last.log" || fail "--budget-ms 0 not named"
+
 step "pytest-benchmark against the exported run: passes"
 moebench export base.parquet --format pytest-benchmark --storage .benchmarks >/dev/null
 pytest_compare=(python -m pytest bench -q -p no:cacheprovider -k "$impl"
