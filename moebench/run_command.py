@@ -5,7 +5,6 @@ summary and the exit code (below)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 from typing import Any
@@ -240,7 +239,6 @@ def main(args: argparse.Namespace, console: Console) -> int:
                 "gpus": gpus,
                 "profile": args.profile,
                 "run_argv": run_argv,
-                "timing": dataclasses.asdict(plan),
                 **shard_meta,
             },
             profile=profile,

@@ -21,7 +21,7 @@ import signal
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -391,8 +391,10 @@ def run_cases(
     physical cores this process may use. Recorded in run.json (`cpu_threads`) with the
     machine's load at the start and end (`load_start`, `load_end`).
     warn: told about what is repaired on the way (unreadable parts, stale temporaries).
+    `plan` is recorded in run.json (`timing`), and a resume must time as the run did.
     Raises StoreError when the run folder cannot be made, or `resume` cannot be resumed
-    with `cases` (another suite, a run in use, an unreadable run.json).
+    with `cases` and `plan` (another suite, another timing, a run in use, an unreadable
+    run.json).
     """
     from moebench.env import collect_environment, machine_load, physical_cores
 
@@ -400,8 +402,9 @@ def run_cases(
 
     out_root = Path(out_root)
     if resume:
-        timing = (meta or {}).get("timing")
-        store, done, meta_all = open_for_resume(out_root, resume, cases, suite_name, warn, timing)
+        store, done, meta_all = open_for_resume(
+            out_root, resume, cases, suite_name, warn, asdict(plan)
+        )
         meta_all.setdefault("resumed_at", []).append(datetime.now(UTC).isoformat())
     else:
         store = ResultStore.create(out_root, new_run_id(suite_name))
@@ -413,6 +416,7 @@ def run_cases(
             "suite": suite_name,
             "started_at": datetime.now(UTC).isoformat(),
             "environment": collect_environment(plugins),
+            "timing": asdict(plan),
             **(meta or {}),
         }
     todo = [c for c in cases if c.case_id not in done]

@@ -181,6 +181,7 @@ def launch(
 
         out_desc = TensorDescriptor.from_tensor(out_EMN.view(E * M, N), [block_m, block_n])
         programs = min(num_tiles, per_sm * tma.multiprocessors(out_EMN.device))
+    # without rows_E the kernel reads no rows pointer (REAL_ROWS off): ends_E stands in
     fast_launch.launch(
         weight_grad_kernel, (programs,),
         a_PM, b_PN, out_EMN, out_desc, ends_E, ends_E if rows_E is None else rows_E, M, N,
