@@ -115,6 +115,7 @@ SHOWN_SWITCHES = (
     ("gluon_ws", "off", "Gluon race off"),
     ("merge_tail", "off", "merged-tail race off"),
     ("triton_runoff", "off", "tuner run-off off"),
+    ("shared_stream", "off", "shared experts after the routed ones"),
 )
 
 
@@ -205,6 +206,7 @@ ENV_NONE = {
     "gluon_ws": "n/a (needs CUDA and Triton)",
     "merge_tail": "n/a (needs CUDA and Triton)",
     "triton_runoff": "n/a (needs CUDA and Triton)",
+    "shared_stream": "n/a (needs CUDA and Triton)",
 }
 
 

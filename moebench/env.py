@@ -66,9 +66,17 @@ MERGE_TAIL_SWITCH = "MOEBENCH_MERGE_TAIL"
 # reading (0.900 ms) was 0.973 in the run-off, beside one at 0.911.
 TRITON_RUNOFF_SWITCH = "MOEBENCH_TRITON_RUNOFF"
 
+# Off ("0"): the `triton` layer runs its shared experts (DeepSeek-V3's, say) after its
+# routed experts, where by default calls of at most 64 tokens at inference run them on a
+# side CUDA stream beside the Router and the routed experts (`MoELayer.overlaps_shared`).
+# On since version 42 (triton/NOTES.md): on an H100, DeepSeek-V3's graphed one-token call
+# 7% faster, same bits; at 1024 tokens no faster, and at 8192 27% slower (the shared
+# GEMMs hold multiprocessors the persistent routed tiles wait for), so not past 64.
+SHARED_STREAM_SWITCH = "MOEBENCH_SHARED_STREAM"
+
 # Switches of the `triton` layer that are on unless turned off (the others are off
 # unless turned on).
-ON_BY_DEFAULT = (GLUON_WS_SWITCH, MERGE_TAIL_SWITCH, TRITON_RUNOFF_SWITCH)
+ON_BY_DEFAULT = (GLUON_WS_SWITCH, MERGE_TAIL_SWITCH, TRITON_RUNOFF_SWITCH, SHARED_STREAM_SWITCH)
 
 
 def layer_switch_on(variable: str) -> bool:
@@ -195,6 +203,7 @@ def collect_environment(plugins: Iterable[str] = ()) -> dict[str, Any]:
         "gluon_ws": _switch_state(GLUON_WS_SWITCH),
         "merge_tail": _switch_state(MERGE_TAIL_SWITCH),
         "triton_runoff": _switch_state(TRITON_RUNOFF_SWITCH),
+        "shared_stream": _switch_state(SHARED_STREAM_SWITCH),
     }
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

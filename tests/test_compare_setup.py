@@ -102,6 +102,7 @@ def test_compare_warns_when_the_timed_warm_up_differs(
         ("gluon_ws", "Gluon kernels in the triton tuner's race"),  # $MOEBENCH_GLUON_WS=0
         ("merge_tail", "merged-tail tiles in the triton tuner's race"),  # $MOEBENCH_MERGE_TAIL=0
         ("triton_runoff", "the triton tuner's run-off"),  # $MOEBENCH_TRITON_RUNOFF=0
+        ("shared_stream", "the triton layer's shared experts on a side stream"),
     ],
 )
 def test_compare_warns_when_a_launch_switch_differs(
@@ -161,6 +162,7 @@ def test_compare_names_hosts_of_different_speed(
         ("gluon_ws", "off", "Gluon race off"),
         ("merge_tail", "off", "merged-tail race off"),
         ("triton_runoff", "off", "tuner run-off off"),
+        ("shared_stream", "off", "shared experts after the routed ones"),
     ],
 )
 def test_show_says_when_a_race_switch_was_not_in_its_default_state(

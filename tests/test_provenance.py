@@ -235,11 +235,13 @@ def test_a_switch_of_the_triton_layer(switch, by_default, value, on, monkeypatch
         ("GLUON_WS_SWITCH", "MOEBENCH_GLUON_WS", "gluon_ws"),
         ("MERGE_TAIL_SWITCH", "MOEBENCH_MERGE_TAIL", "merge_tail"),
         ("TRITON_RUNOFF_SWITCH", "MOEBENCH_TRITON_RUNOFF", "triton_runoff"),
+        ("SHARED_STREAM_SWITCH", "MOEBENCH_SHARED_STREAM", "shared_stream"),
     ],
 )
 def test_a_switch_is_recorded_only_where_it_can_act(switch, variable, key, monkeypatch):
-    """run.json's `gluon_ws`, `merge_tail` and `triton_runoff`: None without CUDA (or
-    Triton), so a CPU run never differs from another on it; else "on" or "off"."""
+    """run.json's `gluon_ws`, `merge_tail`, `triton_runoff` and `shared_stream`: None
+    without CUDA (or Triton), so a CPU run never differs from another on it; else "on" or
+    "off"."""
     import torch
 
     from moebench import env as env_module

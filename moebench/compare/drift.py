@@ -142,6 +142,7 @@ ENVIRONMENT_FACTS = (
     ("Gluon kernels in the triton tuner's race", "gluon_ws"),
     ("merged-tail tiles in the triton tuner's race", "merge_tail"),
     ("the triton tuner's run-off", "triton_runoff"),
+    ("the triton layer's shared experts on a side stream", "shared_stream"),
 )
 
 

@@ -38,6 +38,7 @@ from moebench.case import Case
 from moebench.env import (
     GLUON_WS_SWITCH,
     MERGE_TAIL_SWITCH,
+    SHARED_STREAM_SWITCH,
     layer_switch_on,
     switch_on,
 )
@@ -58,6 +59,10 @@ TMA_CODE = {
     "down": (tma.down_tma_kernel, tma.down_persistent_kernel),
 }
 BLOCK_M_CODE = (kernels.gate_up_kernel, kernels.down_kernel, *tma.KERNELS)
+# The most tokens a call runs its shared experts beside the routed ones in (NOTES.md,
+# version 42): past it the routed GEMMs fill the card (persistent tiles at 1024 and 8192
+# tokens), and shared GEMMs beside them only delay their programs.
+SHARED_STREAM_TOKENS = 64
 
 
 def races_gluon(with_tma: bool, x_TD: torch.Tensor) -> bool:
@@ -470,6 +475,12 @@ class TritonMoE(MoELayer):
         self.w_gate_up_E2FD = torch.nn.Parameter(gate_up_E2FD)
         self.w_down_EFD = torch.nn.Parameter(weights.w_down_EFD)
         self._plans: dict[tuple, ForwardPlan] = {}  # `fused_experts`' forward plans
+
+    def overlaps_shared(self, x_TD: torch.Tensor) -> bool:
+        """The shared experts on a side stream in calls of at most SHARED_STREAM_TOKENS
+        tokens, unless `$MOEBENCH_SHARED_STREAM=0` (`env.SHARED_STREAM_SWITCH`, read at
+        each call, so that a graph captures its state then)."""
+        return x_TD.shape[0] <= SHARED_STREAM_TOKENS and layer_switch_on(SHARED_STREAM_SWITCH)
 
     def routed(
         self, x_TD: torch.Tensor, gate_weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor
