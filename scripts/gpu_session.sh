@@ -185,7 +185,7 @@ for step in "$@"; do
         tests/test_gluon_down.py tests/test_gluon_gate_up.py tests/test_forward_plan.py
         tests/test_merge_tail.py tests/test_ceilings.py tests/test_offload_cuda.py
         tests/test_check.py tests/test_profiling.py tests/test_presets_hf.py
-        tests/test_peers.py"
+        tests/test_peers.py tests/test_shared_stream.py"
       whole_card="tests/test_cuda.py::test_latency_agrees_with_independent_timers
         tests/test_cuda.py::test_timed_warm_up_takes_every_sample_at_the_clock_the_card_keeps
         tests/test_ceilings.py::test_cuda_matrix_rate_is_read_after_a_second_of_products
