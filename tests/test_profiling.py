@@ -354,6 +354,46 @@ def test_cuda_trace_counts_kernels_and_syncs_inside_calls_only():
     assert summary.kernels[0]["kernel"] == "gemm_kernel"  # largest first
 
 
+def test_kernels_side_by_side_count_once_in_the_busy_time():
+    """Kernels on two streams (the shared expert beside the routed ones) and a kernel
+    started under its predecessor's tail (dependent launch): device_busy_frac is the
+    time some kernel runs, the kernel table each kernel's own time."""
+    events = [
+        _x(CALL_RANGE, "user_annotation", 0, 100),
+        _x("gate_up_kernel", "kernel", 10, 40, tid=7),
+        _x("down_kernel", "kernel", 45, 20, tid=7),  # starts 5 us under gate_up's tail
+        _x("shared_gemm", "kernel", 20, 30, tid=8),  # another stream, inside gate_up
+        _x("token_sum_kernel", "kernel", 70, 5, tid=7),
+    ]
+    summary = summarize_trace({"traceEvents": events}, on_cuda=True, latency_ms=0.1)
+    assert summary.columns["device_busy_frac"] == pytest.approx((65 - 10 + 5) / 100)
+    table = {k["kernel"]: k["device_ms"] for k in summary.kernels}
+    assert sum(table.values()) == pytest.approx(0.095)  # 40 + 20 + 30 + 5 us
+
+
+@pytest.mark.parametrize(
+    ("device", "kernels_ms", "busy_frac", "side_by_side", "slower"),
+    [
+        ("cuda", 0.431, 0.95, True, False),  # two streams: the sum passes the latency
+        ("cuda", 0.300, 0.300 / 0.285, False, True),  # one stream, the profiled pass slower
+        ("cuda", 0.280, 0.280 / 0.285, False, False),
+        ("cpu", 0.280, 0.5, False, False),  # the CPU's fraction is of its own calls' time
+    ],
+)
+def test_the_floor_line_tells_side_by_side_kernels_from_a_slower_pass(
+    device, kernels_ms, busy_frac, side_by_side, slower
+):
+    from moebench.report.figures_profile import _against_floor
+
+    case = pd.Series(
+        {"device": device, "latency_ms": 0.285, "roofline_frac": 0.9, "device_busy_frac": busy_frac}
+    )
+    line = _against_floor(kernels_ms, case)
+    assert line.startswith(f"; kernels {kernels_ms:.4g} of 0.285 ms a call, floor 0.2565")
+    assert ("side by side: 0.2707 ms with a kernel running" in line) is side_by_side
+    assert ("the profiled pass ran slower" in line) is slower
+
+
 def test_cpu_trace_counts_top_level_ops_of_the_calls():
     events = [
         _x(CALL_RANGE, "user_annotation", 0, 100),

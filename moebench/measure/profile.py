@@ -9,7 +9,10 @@ the harness's own synchronisation at the end is not.
 
 Columns:
 - kernel_launches: device kernels (CPU: top-level aten ops) per call.
-- device_busy_frac: summed kernel time per call / latency. On CUDA the latency is the
+- device_busy_frac: the time per call that at least one kernel runs / latency: the union
+  of the kernels' intervals, so kernels side by side (on two streams, or one started
+  under its predecessor's tail by dependent launch) count once (runs before 2026-12-06
+  summed them, and read over 1 where they overlapped). On CUDA the latency is the
   timed `latency_ms` (kernels run at the same speed under the profiler; the host does
   not); on the CPU it is the profiled calls' own duration (the operators are slowed by the
   profiler as much as the call is). Near 1: the device computes all the time; low: it
@@ -149,6 +152,18 @@ def _top_level_ops(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return top
 
 
+def _covered_us(events: list[dict[str, Any]]) -> float:
+    """Microseconds covered by at least one of the events' [ts, ts + dur) intervals."""
+    covered, reach = 0.0, float("-inf")
+    for start, end in sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in events
+    ):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered
+
+
 def summarize_trace(
     trace: dict[str, Any], on_cuda: bool, latency_ms: float | None
 ) -> KernelSummary:
@@ -194,7 +209,7 @@ def summarize_trace(
         }
         for name in sorted(time_us, key=lambda k: -time_us[k])
     ]
-    busy_ms = total_us / 1e3 / n
+    busy_ms = _covered_us(device_events) / 1e3 / n
     columns = {
         "kernel_launches": launches / n,
         "device_busy_frac": busy_ms / busy_of_ms if busy_of_ms else None,

@@ -241,8 +241,10 @@ def kernels(data: ReportData) -> Section:
         "device busy fraction and host synchronisations per call, and where its time goes "
         "against the floor: all its kernels' time per call beside its latency and its "
         "floor (latency x roofline_frac), so a case whose kernels sit at the floor while "
-        "its latency does not spends the rest outside them (kernels over 2% above the "
-        "latency: the profiled pass, run after the timed calls, was slower). The full "
+        "its latency does not spends the rest outside them (kernels that ran side by "
+        "side, on two streams, also give the time some kernel ran; a device busy over "
+        "2% above the latency: the profiled pass, run after the timed calls, was "
+        "slower). The full "
         "table is "
         "kernels.parquet in the run folder; each case's trace is traces/<case_id>.json.gz "
         "(open it in ui.perfetto.dev or chrome://tracing)."
@@ -295,17 +297,35 @@ def kernels(data: ReportData) -> Section:
 def _against_floor(kernels_ms: float, case: pd.Series) -> str:
     """'; kernels 0.295 of 0.297 ms a call, floor 0.281': a case's kernel time per call
     beside its latency and its floor (latency x roofline_frac; '-' where either is
-    missing). Kernels over the latency by more than PROFILED_SLOWER are said to be so:
-    the profiled pass runs after the timed calls, in another state of the card (its
-    clock under a power cap, say)."""
+    missing). Kernels that ran side by side (summed more than PROFILED_SLOWER times the
+    time some kernel ran, `device_busy_frac`) add that time: their sum may pass the
+    latency without anything being slow. A device busy over the latency by more than
+    PROFILED_SLOWER is said to be so: the profiled pass runs after the timed calls, in
+    another state of the card (its clock under a power cap, say)."""
     latency, fraction = case.get("latency_ms"), case.get("roofline_frac")
     floor = None
     if isinstance(latency, (int, float)) and isinstance(fraction, (int, float)):
         floor = latency * fraction
-    slower = isinstance(latency, (int, float)) and kernels_ms > PROFILED_SLOWER * latency
+    # On CUDA device_busy_frac is of the timed latency (on the CPU, of the profiled
+    # calls' own time, and operators there never overlap)
+    busy_ms, busy_frac = kernels_ms, case.get("device_busy_frac")
+    if (
+        str(case.get("device", "")).startswith("cuda")
+        and isinstance(latency, (int, float))
+        and isinstance(busy_frac, (int, float))
+        and busy_frac * latency < kernels_ms
+    ):
+        busy_ms = busy_frac * latency  # the union of the kernels' intervals
+    side_by_side = kernels_ms > PROFILED_SLOWER * busy_ms
+    slower = isinstance(latency, (int, float)) and busy_ms > PROFILED_SLOWER * latency
     return (
         f"; kernels {_num(kernels_ms, '.4g')} of {_num(latency, '.4g')} ms a call, "
         f"floor {_num(floor, '.4g')}"
+        + (
+            f" (side by side: {_num(busy_ms, '.4g')} ms with a kernel running)"
+            if side_by_side
+            else ""
+        )
         + (" (the profiled pass ran slower than the timed calls)" if slower else "")
     )
 
