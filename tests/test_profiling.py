@@ -383,6 +383,7 @@ def test_kernels_side_by_side_count_once_in_the_busy_time():
 def test_the_floor_line_tells_side_by_side_kernels_from_a_slower_pass(
     device, kernels_ms, busy_frac, side_by_side, slower
 ):
+    pytest.importorskip("plotly")  # the report's figures draw with it
     from moebench.report.figures_profile import _against_floor
 
     case = pd.Series(
