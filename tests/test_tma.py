@@ -156,7 +156,8 @@ def test_tail_probe_runs_every_variant_and_they_agree(gemm, tmp_path, capsys):
     """scripts/tail_probe.py end to end at a small shape: each rows-per-expert count and
     variant timed, and every variant's output equal to the pointer tile's on the real
     rows (the TMA tiles' gather, one dot, half and merged-tail paths included); the Gluon
-    variants (no interpreter) left out on a CPU."""
+    variants (no interpreter) left out on a CPU, run on a card (version 42's CUDA run
+    found this test expecting the CPU's list there)."""
     import json
     import runpy
     from pathlib import Path
@@ -172,7 +173,11 @@ def test_tail_probe_runs_every_variant_and_they_agree(gemm, tmp_path, capsys):
     variants = script["GEMMS"][gemm]
     on_cpu = [name for name, variant in variants.items() if not variant.get("GLUON_WS")]
     assert "pointer" in on_cpu and len(on_cpu) < len(variants)  # (Gluon ones are listed)
-    assert set(found) == {f"{rows} {name}" for rows in (32, 40, 72) for name in on_cpu}
+    ran = {label.split(" ", 1)[1] for label in found}
+    # on a CPU all but the Gluon variants; on a card the Gluon ones too, where it takes them
+    assert set(on_cpu) <= ran <= set(variants)
+    assert KERNEL_DEVICE != "cpu" or ran == set(on_cpu)
+    assert set(found) == {f"{rows} {name}" for rows in (32, 40, 72) for name in ran}
     for label, result in found.items():
         assert result["ms"] > 0, label
         assert result["max_diff"] <= 2e-2, (label, result)  # float16 sums in another order
