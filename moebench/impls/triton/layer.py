@@ -60,8 +60,8 @@ TMA_CODE = {
 }
 BLOCK_M_CODE = (kernels.gate_up_kernel, kernels.down_kernel, *tma.KERNELS)
 # The most tokens a call runs its shared experts beside the routed ones in (NOTES.md,
-# version 42): past it the routed GEMMs fill the card (persistent tiles at 1024 and 8192
-# tokens), and shared GEMMs beside them only delay their programs.
+# version 42): at 1024 and 8192 tokens the routed GEMMs' programs hold every
+# multiprocessor, and shared GEMMs beside them only delay those programs.
 SHARED_STREAM_TOKENS = 64
 
 
