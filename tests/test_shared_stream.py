@@ -76,6 +76,31 @@ def test_triton_shared_experts_on_a_side_stream_give_the_same_bits(tokens, monke
 
 
 @needs_cuda
+def test_the_join_waits_for_a_slow_shared_expert(monkeypatch):
+    """The wrong layer this guards against: one that adds the shared experts' output
+    before the side stream has written it. A shared expert held back ~50 ms on its stream
+    (`torch.cuda._sleep`) must still give the serial output bit for bit: without the join
+    the add would read the output's memory long before it is written."""
+    case = _case("triton", "cuda", "bfloat16", 8)
+    layer = registry.get("triton").build(make_weights(case), case)
+    x_TD = make_inputs(case, 1)[0]
+    with torch.inference_mode():
+        monkeypatch.setenv(SHARED_STREAM_SWITCH, "0")
+        serial = layer(x_TD).clone()
+        monkeypatch.delenv(SHARED_STREAM_SWITCH)
+        original = layer.shared_output
+
+        def held_back(x: torch.Tensor) -> torch.Tensor:
+            torch.cuda._sleep(10**8)  # cycles: 50-70 ms at 1.5-2 GHz, on the side stream
+            return original(x)
+
+        layer.shared_output = held_back
+        overlapped = layer(x_TD)
+        assert list(layer._side_streams) == [x_TD.device]
+        assert torch.equal(overlapped, serial)
+
+
+@needs_cuda
 def test_triton_shared_experts_stay_serial_past_64_tokens():
     """Past SHARED_STREAM_TOKENS the shared experts run after the routed ones: no side
     stream (at 1024 and 8192 tokens on an H100 the side stream gained nothing or cost)."""
